@@ -1,0 +1,21 @@
+//! Schema migrations, written once with sea-query so they run unchanged on SQLite and Postgres.
+//! Applied by `plinth migrate` and at the start of `plinth serve`. A released migration is never edited:
+//! add a new one.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m0001_accounts;
+mod m0002_billing;
+
+#[derive(Debug)]
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m0001_accounts::Migration),
+            Box::new(m0002_billing::Migration),
+        ]
+    }
+}

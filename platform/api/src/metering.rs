@@ -1,0 +1,106 @@
+//! What every metered route shares: rate limiting by plan (and per key where set) before the handler
+//! runs, `RateLimit-*` headers on the way out, and the `Idempotency-Key` that makes retries free.
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
+use actix_web::{FromRequest, HttpRequest, web};
+use futures_util::future::{Ready, ready};
+use plinth_core::ErrorCode;
+use plinth_store::auth::Actor;
+use plinth_store::cache::{Quota, RateDecision};
+use plinth_store::ledger::MAX_IDEMPOTENCY_KEY_LEN;
+
+use crate::auth::authenticate;
+use crate::error::{ApiError, insert_rate_headers};
+use crate::request_id::RequestId;
+use crate::state::AppState;
+
+/// Counts one request against `key`. A cache outage lets the request through (logged and counted):
+/// refusing every paying call because the limiter is down would be the worse failure.
+async fn check(state: &AppState, key: &str, quota: Quota) -> Option<RateDecision> {
+    match state.cache.rate_limit(key, quota).await {
+        Ok(decision) => Some(decision),
+        Err(err) => {
+            metrics::counter!("plinth_rate_limit_errors_total").increment(1);
+            tracing::warn!(error = %err, "rate limiter unavailable; allowing the request");
+            None
+        }
+    }
+}
+
+pub(crate) async fn middleware(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let state = req
+        .app_data::<web::Data<AppState>>()
+        .cloned()
+        .ok_or_else(|| ApiError::internal("application state is not registered"))?;
+    let principal = authenticate(req.request()).await?;
+
+    // The narrower per-key limit first, so a throttled key does not spend its tenant's budget.
+    let mut decision = None;
+    if let Actor::ApiKey {
+        id,
+        rate_limit: Some(quota),
+    } = &principal.actor
+    {
+        decision = check(&state, &format!("key:{id}"), *quota).await;
+        if let Some(refused) = decision.filter(|d| !d.allowed) {
+            return Err(ApiError::rate_limited(refused).into());
+        }
+    }
+    if let Some(tenant) = check(
+        &state,
+        &format!("tenant:{}", principal.tenant_id),
+        principal.tenant_quota,
+    )
+    .await
+    {
+        if !tenant.allowed {
+            return Err(ApiError::rate_limited(tenant).into());
+        }
+        if decision.is_none_or(|key| tenant.remaining < key.remaining) {
+            decision = Some(tenant);
+        }
+    }
+
+    let mut response = next.call(req).await?;
+    if let Some(decision) = &decision {
+        insert_rate_headers(response.headers_mut(), decision);
+    }
+    Ok(response)
+}
+
+/// The client's `Idempotency-Key`, or one derived from the request id when none was sent (then every
+/// request is its own call).
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey(pub String);
+
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+impl FromRequest for IdempotencyKey {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let Some(value) = req.headers().get(IDEMPOTENCY_HEADER) else {
+            let request_id = RequestId::from_request(req, payload).into_inner().map(|id| id.0);
+            return ready(
+                request_id
+                    .map(|id| Self(format!("auto:{id}")))
+                    .map_err(ApiError::internal),
+            );
+        };
+        let valid = value.to_str().ok().filter(|v| {
+            !v.is_empty() && v.len() <= MAX_IDEMPOTENCY_KEY_LEN && v.bytes().all(|b| b.is_ascii_graphic())
+        });
+        ready(valid.map(|v| Self(v.to_owned())).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidHeader,
+                format!("Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"),
+            )
+        }))
+    }
+}

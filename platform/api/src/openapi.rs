@@ -1,0 +1,65 @@
+//! The OpenAPI document, generated from the handlers. `plinth openapi` prints it; the committed copy in
+//! `openapi/openapi.json` is checked against it by the test suite.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::routes::{accounts, api_keys, billing, echo, health, members};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Plinth API",
+        description = "Host ONNX models, sell WebAssembly plugins, bill per call. Errors are always \
+            `{\"error\": {\"code\", \"message\", \"request_id\"}}`; authenticate with `Authorization: Bearer <key>`.",
+        license(name = "Apache-2.0"),
+    ),
+    paths(
+        accounts::signup, accounts::login, accounts::logout, accounts::tenant,
+        api_keys::list, api_keys::create, api_keys::revoke,
+        members::list, members::add, members::update, members::remove,
+        billing::plans, billing::subscription, billing::usage,
+        echo::echo,
+        health::live, health::ready, health::metrics,
+    ),
+    components(schemas(plinth_core::ErrorCode, plinth_core::Scope, plinth_core::Role)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "accounts", description = "Sign-up, login and the caller's tenant"),
+        (name = "api keys", description = "Keys for applications, scoped and revocable"),
+        (name = "members", description = "People in a tenant and their roles"),
+        (name = "billing", description = "Plans, subscription and usage"),
+        (name = "metering", description = "The metered call path"),
+        (name = "operations", description = "Health and metrics"),
+    ),
+)]
+#[derive(Debug)]
+pub struct ApiDoc;
+
+#[derive(Debug)]
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An API key (`plk_live_…`) or a session token from /v1/login (`pls_…`)",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The document as committed: pretty JSON with a trailing newline.
+///
+/// # Errors
+/// Only if serialisation fails, which would be a bug in a schema definition.
+pub fn to_json() -> Result<String, serde_json::Error> {
+    ApiDoc::openapi().to_pretty_json().map(|json| json + "\n")
+}

@@ -1,0 +1,80 @@
+//! Plans, the tenant's subscription, and usage from the ledger.
+
+use actix_web::web;
+use chrono::{DateTime, NaiveDate, Utc};
+use plinth_core::ErrorCode;
+use plinth_core::api::{Plan, Subscription, UsageGrouping, UsageReport};
+use serde::Deserialize;
+
+use crate::auth::{Auth, scope};
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+
+/// The plans on offer. Public: no credentials needed.
+#[utoipa::path(get, path = "/v1/plans", tag = "billing", responses((status = 200, body = Vec<Plan>)))]
+pub async fn plans(state: web::Data<AppState>) -> ApiResult<web::Json<Vec<Plan>>> {
+    Ok(web::Json(state.store.list_plans().await?))
+}
+
+/// The tenant's plan, status and current billing period.
+#[utoipa::path(get, path = "/v1/subscription", tag = "billing", security(("bearer" = ["billing:read"])),
+    responses((status = 200, body = Subscription), (status = 403, body = plinth_core::error::ErrorBody)))]
+pub async fn subscription(
+    state: web::Data<AppState>,
+    auth: Auth<scope::BillingRead>,
+) -> ApiResult<web::Json<Subscription>> {
+    Ok(web::Json(state.store.subscription(&auth.tenant_id).await?))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UsageParams {
+    /// Start, inclusive: RFC 3339 time or `YYYY-MM-DD` (UTC midnight). Default: 30 days before `to`.
+    from: Option<String>,
+    /// End, exclusive: RFC 3339 time or `YYYY-MM-DD`. Default: now.
+    to: Option<String>,
+    /// `day` (default) or `resource`.
+    group_by: Option<UsageGrouping>,
+}
+
+fn parse_time(field: &str, value: &str) -> ApiResult<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(value)
+        .map(|t| t.with_timezone(&Utc))
+        .or_else(|_| {
+            NaiveDate::parse_from_str(value, "%Y-%m-%d").map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc())
+        })
+        .map_err(|_| {
+            ApiError::new(
+                ErrorCode::InvalidQuery,
+                format!("{field}: expected an RFC 3339 time or YYYY-MM-DD"),
+            )
+        })
+}
+
+/// Metered calls, units and amounts in a time range, by UTC day or by resource.
+#[utoipa::path(get, path = "/v1/usage", tag = "billing", security(("bearer" = ["billing:read"])),
+    params(UsageParams),
+    responses((status = 200, body = UsageReport), (status = 400, description = "`invalid_query`", body = plinth_core::error::ErrorBody)))]
+pub async fn usage(
+    state: web::Data<AppState>,
+    auth: Auth<scope::BillingRead>,
+    params: web::Query<UsageParams>,
+) -> ApiResult<web::Json<UsageReport>> {
+    let to = params
+        .to
+        .as_deref()
+        .map(|v| parse_time("to", v))
+        .transpose()?
+        .unwrap_or_else(Utc::now);
+    let from = params
+        .from
+        .as_deref()
+        .map(|v| parse_time("from", v))
+        .transpose()?
+        .unwrap_or(to - chrono::Duration::days(30));
+    let report = state
+        .store
+        .usage_report(&auth.tenant_id, from, to, params.group_by.unwrap_or_default())
+        .await?;
+    Ok(web::Json(report))
+}

@@ -1,0 +1,54 @@
+//! A metered no-op. It runs the whole path of a billable call (key, rate limit, ledger) without doing
+//! any work, so developers can check their integration and operators can measure the platform's own
+//! overhead. Its price is zero; it still appears in usage.
+
+use actix_web::{HttpResponse, web};
+use plinth_core::Micros;
+use plinth_core::api::EchoResponse;
+use plinth_store::ledger::UsageRecord;
+
+use crate::auth::Auth;
+use crate::error::ApiResult;
+use crate::metering::IdempotencyKey;
+use crate::request_id::RequestId;
+use crate::state::AppState;
+
+/// Echo the JSON body back, metered as one call. Retries with the same `Idempotency-Key` are not billed
+/// again and answer `Idempotent-Replayed: true`.
+#[utoipa::path(post, path = "/v1/echo", tag = "metering", security(("bearer" = [])),
+    request_body = serde_json::Value,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries of this call free: 1-255 visible ASCII characters")),
+    responses(
+        (status = 200, body = EchoResponse, headers(
+            ("RateLimit-Limit" = u32), ("RateLimit-Remaining" = u32), ("RateLimit-Reset" = u32),
+            ("Idempotent-Replayed" = bool))),
+        (status = 429, description = "`rate_limited`, with `Retry-After`", body = plinth_core::error::ErrorBody),
+    ))]
+pub async fn echo(
+    state: web::Data<AppState>,
+    auth: Auth,
+    idempotency: IdempotencyKey,
+    request_id: RequestId,
+    body: web::Json<serde_json::Value>,
+) -> ApiResult<HttpResponse> {
+    let recorded = state
+        .meter
+        .record(UsageRecord {
+            tenant_id: auth.tenant_id.clone(),
+            api_key_id: auth.api_key_id().cloned(),
+            resource_kind: "echo".to_owned(),
+            resource_id: "echo".to_owned(),
+            units: 1,
+            unit_price: Micros::ZERO,
+            idempotency_key: idempotency.0,
+            request_id: request_id.0,
+        })
+        .await?;
+    Ok(HttpResponse::Ok()
+        .insert_header(("Idempotent-Replayed", recorded.replayed.to_string()))
+        .json(EchoResponse {
+            echo: body.into_inner(),
+            usage_event_id: recorded.event_id,
+            replayed: recorded.replayed,
+        }))
+}

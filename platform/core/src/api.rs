@@ -1,0 +1,257 @@
+//! Request and response bodies of the public API, shared by the server and the SDK.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::id::{EventId, KeyId, TenantId, UserId};
+use crate::money::Micros;
+use crate::scope::{Role, Scope};
+
+// ---- accounts ----
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SignupRequest {
+    pub email: String,
+    /// At least 10 characters.
+    pub password: String,
+    /// The company or team name shown in the portal.
+    pub tenant_name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct LoginRequest {
+    pub email: String,
+    pub password: String,
+    /// Which tenant to act in when the user belongs to several; defaults to the oldest membership.
+    #[serde(default)]
+    pub tenant_id: Option<TenantId>,
+}
+
+/// A login session. The token is shown once; send it as `Authorization: Bearer <token>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Session {
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+    pub user: User,
+    pub tenant: Tenant,
+    pub role: Role,
+    /// Every tenant the user belongs to, to switch between them at login.
+    pub memberships: Vec<Membership>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct User {
+    pub id: UserId,
+    pub email: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Tenant {
+    pub id: TenantId,
+    pub name: String,
+    /// The id of the current plan.
+    pub plan: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Membership {
+    pub tenant_id: TenantId,
+    pub tenant_name: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Member {
+    pub user_id: UserId,
+    pub email: String,
+    pub role: Role,
+    pub joined_at: DateTime<Utc>,
+}
+
+/// Adds an existing user (who has signed up) to the caller's tenant.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AddMemberRequest {
+    pub email: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UpdateMemberRequest {
+    pub role: Role,
+}
+
+// ---- API keys ----
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CreateApiKeyRequest {
+    /// A label to recognise the key by, e.g. "production backend".
+    pub name: String,
+    /// Defaults to `["inference"]`. A caller cannot grant scopes it does not hold.
+    #[serde(default)]
+    pub scopes: Option<Vec<Scope>>,
+    /// An extra per-key limit, below the plan's tenant-wide limit.
+    #[serde(default)]
+    pub rate_limit_per_minute: Option<u32>,
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ApiKey {
+    pub id: KeyId,
+    pub name: String,
+    /// The first and last characters of the secret, to recognise it: `plk_live_AbC…9xYz`.
+    pub redacted: String,
+    pub scopes: Vec<Scope>,
+    pub rate_limit_per_minute: Option<u32>,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A new key. `secret` is shown only in this response; Plinth stores only its SHA-256.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CreatedApiKey {
+    pub secret: String,
+    #[serde(flatten)]
+    pub key: ApiKey,
+}
+
+// ---- plans and subscription ----
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Plan {
+    /// A stable slug: `free`, `pro`, `enterprise`.
+    pub id: String,
+    pub name: String,
+    /// ISO 4217, lower case.
+    pub currency: String,
+    /// Monthly fee in micro-units of `currency`.
+    pub monthly_fee_micros: Micros,
+    /// Calls included in the monthly fee.
+    pub included_calls: i64,
+    /// Price of each call beyond the included ones, in micro-units.
+    pub price_per_call_micros: Micros,
+    /// When true, calls beyond the included ones are refused rather than billed.
+    pub hard_cap: bool,
+    /// Sustained request rate per tenant.
+    pub rate_limit_per_minute: u32,
+    /// Requests that may arrive at once on top of the sustained rate.
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionStatus {
+    Active,
+    /// A payment failed; the tenant is held to the free plan's limits until it is paid.
+    PastDue,
+    Canceled,
+}
+
+impl SubscriptionStatus {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::PastDue => "past_due",
+            Self::Canceled => "canceled",
+        }
+    }
+
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Active, Self::PastDue, Self::Canceled]
+            .into_iter()
+            .find(|status| status.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Subscription {
+    pub tenant_id: TenantId,
+    pub plan: Plan,
+    pub status: SubscriptionStatus,
+    pub current_period_start: DateTime<Utc>,
+    pub current_period_end: DateTime<Utc>,
+    pub cancel_at_period_end: bool,
+}
+
+// ---- usage ----
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum UsageGrouping {
+    /// One row per UTC day, keyed `YYYY-MM-DD`.
+    #[default]
+    Day,
+    /// One row per billed resource, keyed `kind:id` (e.g. `model:sentiment`).
+    Resource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UsageRow {
+    pub key: String,
+    /// Metered calls (ledger events).
+    pub calls: i64,
+    /// Billed units (e.g. items in a batch).
+    pub units: i64,
+    pub amount_micros: Micros,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UsageReport {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub group_by: UsageGrouping,
+    pub rows: Vec<UsageRow>,
+    pub total: UsageRow,
+}
+
+// ---- the metered no-op ----
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EchoResponse {
+    /// The request body, unchanged.
+    pub echo: serde_json::Value,
+    /// The ledger event that metered this call.
+    pub usage_event_id: EventId,
+    /// True when this call repeated an earlier `Idempotency-Key` and was not billed again.
+    pub replayed: bool,
+}
+
+// ---- health (KServe / Open Inference Protocol v2 shapes) ----
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ServerLive {
+    pub live: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ServerReady {
+    pub ready: bool,
+}

@@ -1,0 +1,116 @@
+//! The error vocabulary of the public API. Every failure a client can see has a stable snake_case code
+//! and an HTTP status; the body is always `{"error": {"code", "message", "request_id"}}`.
+
+use serde::{Deserialize, Serialize};
+
+macro_rules! error_codes {
+    ($($(#[$doc:meta])* $variant:ident = $status:literal,)*) => {
+        /// A stable, documented error code. Clients match on this, never on messages.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+        #[serde(rename_all = "snake_case")]
+        pub enum ErrorCode {
+            $($(#[$doc])* $variant,)*
+            /// A code this version of the client does not know yet.
+            #[serde(other)]
+            Unknown,
+        }
+
+        impl ErrorCode {
+            /// The HTTP status that carries this code.
+            #[must_use]
+            pub const fn status(self) -> u16 {
+                match self {
+                    $(Self::$variant => $status,)*
+                    Self::Unknown => 500,
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The body is not valid JSON.
+    InvalidJson = 400,
+    /// A query-string parameter is missing or malformed.
+    InvalidQuery = 400,
+    /// A header is malformed (for example an over-long `Idempotency-Key`).
+    InvalidHeader = 400,
+    /// No credentials were sent.
+    Unauthenticated = 401,
+    /// The API key or session token is unknown, malformed or expired.
+    InvalidCredentials = 401,
+    /// The API key was revoked.
+    ApiKeyRevoked = 401,
+    /// The email and password do not match.
+    InvalidLogin = 401,
+    /// The credentials are valid but lack the scope or role this call needs.
+    InsufficientScope = 403,
+    /// The resource does not exist, or belongs to another tenant.
+    NotFound = 404,
+    /// No route matches the path.
+    RouteNotFound = 404,
+    /// The route exists but not for this method.
+    MethodNotAllowed = 405,
+    /// An account with this email already exists.
+    EmailTaken = 409,
+    /// The change would leave the tenant without an owner.
+    LastOwner = 409,
+    /// The user is already a member of this tenant.
+    AlreadyMember = 409,
+    /// The body is larger than the route accepts.
+    PayloadTooLarge = 413,
+    /// The body is not `application/json` where JSON is required.
+    UnsupportedMediaType = 415,
+    /// The body is JSON but not of the expected shape.
+    InvalidBody = 422,
+    /// A field failed validation; the message names it.
+    ValidationFailed = 422,
+    /// Too many requests; wait for `Retry-After` seconds.
+    RateLimited = 429,
+    /// Something failed on our side; the request id helps support find it.
+    Internal = 500,
+    /// A dependency is unavailable or the server is overloaded; retry later.
+    Unavailable = 503,
+}
+
+impl ErrorCode {
+    /// Whether a client may retry the same request (with the same idempotency key) and expect it to work.
+    #[must_use]
+    pub const fn is_retryable(self) -> bool {
+        matches!(self, Self::RateLimited | Self::Internal | Self::Unavailable)
+    }
+}
+
+/// The JSON body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    /// A human-readable explanation; may change between versions.
+    pub message: String,
+    /// The id of the request, also in the `X-Request-Id` response header.
+    pub request_id: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_snake_case_and_unknown_codes_survive() {
+        assert_eq!(
+            serde_json::to_value(ErrorCode::ApiKeyRevoked).unwrap(),
+            "api_key_revoked"
+        );
+        let code: ErrorCode = serde_json::from_value("some_future_code".into()).unwrap();
+        assert_eq!(code, ErrorCode::Unknown);
+        assert_eq!(ErrorCode::RateLimited.status(), 429);
+    }
+}

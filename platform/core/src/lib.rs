@@ -1,0 +1,13 @@
+//! Plinth's shared vocabulary: typed ids, money, roles and scopes, error codes and the request and
+//! response shapes of the public API. The server and the SDK both depend on it, so the wire format has
+//! one definition. No I/O lives here.
+
+pub mod api;
+pub mod error;
+pub mod id;
+pub mod money;
+pub mod scope;
+
+pub use error::ErrorCode;
+pub use money::Micros;
+pub use scope::{Role, Scope};

@@ -1,0 +1,194 @@
+//! Configuration, layered: built-in defaults, then an optional TOML file (`--config` or
+//! `PLINTH_CONFIG`), then `PLINTH_*` environment variables. Validated once at start-up, with messages
+//! that name the setting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Every setting, with its environment variable in the doc comment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `PLINTH_HTTP_ADDR`: where the API listens.
+    pub http_addr: SocketAddr,
+    /// `PLINTH_DATA_DIR`: the embedded database and, later, model files.
+    pub data_dir: PathBuf,
+    /// `PLINTH_DATABASE_URL`: `postgres://…` for production; unset means SQLite in the data dir.
+    pub database_url: Option<String>,
+    /// `PLINTH_DATABASE_SCHEMA`: Postgres schema to use (created if missing).
+    pub database_schema: Option<String>,
+    /// `PLINTH_DATABASE_MAX_CONNECTIONS`.
+    pub database_max_connections: u32,
+    /// `PLINTH_REDIS_URL`: `redis://…` for production; unset means in-process cache and limits.
+    pub redis_url: Option<String>,
+    /// `PLINTH_REDIS_PREFIX`: prefix for every Redis key.
+    pub redis_prefix: String,
+    /// `PLINTH_MAX_BODY_BYTES`: largest JSON body accepted.
+    pub max_body_bytes: usize,
+    /// `PLINTH_CREDENTIAL_CACHE_TTL_MS`: how long a verified key is trusted without re-reading it.
+    pub credential_cache_ttl_ms: u64,
+    /// `PLINTH_LEDGER_MAX_BATCH`: most usage events written in one INSERT.
+    pub ledger_max_batch: usize,
+    /// `PLINTH_WORKERS`: HTTP worker threads; 0 means one per CPU core.
+    pub workers: usize,
+    /// `PLINTH_LOG`: a tracing filter, e.g. `info` or `plinth_api=debug,info`.
+    pub log: String,
+    /// `PLINTH_LOG_FORMAT`: `text` or `json`.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("data"),
+            database_url: None,
+            database_schema: None,
+            database_max_connections: 16,
+            redis_url: None,
+            redis_prefix: "plinth:".to_owned(),
+            max_body_bytes: 1024 * 1024,
+            credential_cache_ttl_ms: 1_000,
+            ledger_max_batch: 1_000,
+            workers: 0,
+            log: "info".to_owned(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// A configuration problem, worded for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+/// Environment variables that are read elsewhere, not by this struct.
+const OTHER_VARIABLES: &[&str] = &["config", "test_database_url", "test_redis_url"];
+
+impl Config {
+    /// Loads defaults, the file (if any) and the environment, then validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("PLINTH_CONFIG").map(PathBuf::from));
+        let mut figment = Figment::from(Serialized::defaults(Self::default()));
+        if let Some(file) = &file {
+            if !file.is_file() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment.merge(Env::prefixed("PLINTH_").ignore(OTHER_VARIABLES));
+        let config: Self = figment.extract().map_err(|err| {
+            let messages: Vec<String> = err.into_iter().map(|e| e.to_string()).collect();
+            ConfigError(messages.join("; "))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |message: &str| Err(ConfigError(message.to_owned()));
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("postgres://")
+                || url.starts_with("postgresql://")
+                || url.starts_with("sqlite:"))
+        {
+            return fail("PLINTH_DATABASE_URL must start with postgres://, postgresql:// or sqlite:");
+        }
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://") || url == "memory")
+        {
+            return fail("PLINTH_REDIS_URL must start with redis:// or rediss://");
+        }
+        if self.database_schema.is_some()
+            && !self
+                .database_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("postgres"))
+        {
+            return fail("PLINTH_DATABASE_SCHEMA applies only to a postgres:// PLINTH_DATABASE_URL");
+        }
+        if self.database_max_connections == 0 {
+            return fail("PLINTH_DATABASE_MAX_CONNECTIONS must be at least 1");
+        }
+        if self.max_body_bytes < 1024 {
+            return fail("PLINTH_MAX_BODY_BYTES must be at least 1024");
+        }
+        if !(1..=5_000).contains(&self.ledger_max_batch) {
+            return fail("PLINTH_LEDGER_MAX_BATCH must be between 1 and 5000");
+        }
+        if self.credential_cache_ttl_ms > 60_000 {
+            return fail(
+                "PLINTH_CREDENTIAL_CACHE_TTL_MS must be at most 60000: it bounds how long a revoked key works",
+            );
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log).is_err() {
+            return fail("PLINTH_LOG is not a valid filter (e.g. `info` or `plinth_api=debug,info`)");
+        }
+        Ok(())
+    }
+
+    #[must_use]
+    pub fn credential_cache_ttl(&self) -> Duration {
+        Duration::from_millis(self.credential_cache_ttl_ms)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's test jail returns its own large error type
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_overrides_file_which_overrides_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("plinth.toml", "http_addr = \"0.0.0.0:9000\"\nlog = \"debug\"\n")?;
+            jail.set_env("PLINTH_LOG", "warn");
+            let config = Config::load(Some(Path::new("plinth.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(config.http_addr.port(), 9000);
+            assert_eq!(config.log, "warn");
+            assert_eq!(config.ledger_max_batch, 1_000);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_are_named_in_the_error() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PLINTH_HTTP_ADDR", "not-an-address");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.to_lowercase().contains("http_addr"), "{err}");
+            jail.set_env("PLINTH_HTTP_ADDR", "127.0.0.1:1");
+            jail.set_env("PLINTH_DATABASE_URL", "mysql://x");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("PLINTH_DATABASE_URL"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_settings_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PLINTH_HTTP_ADRR", "127.0.0.1:1");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.to_lowercase().contains("http_adrr"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,135 @@
+//! Wiring: configuration in, a running platform out. The `plinth` binary and the end-to-end tests both
+//! start the platform through [`start`], so the tests exercise exactly what operators run.
+
+pub mod config;
+
+use std::net::SocketAddr;
+
+use actix_web::HttpServer;
+use actix_web::dev::ServerHandle;
+use anyhow::Context;
+use plinth_api::{ApiSettings, AppState};
+use plinth_store::ledger::{LedgerSettings, Meter};
+use plinth_store::{DatabaseSettings, Store, cache};
+use tokio::task::JoinHandle;
+
+pub use crate::config::Config;
+
+/// Connects the database named by the configuration (SQLite in the data dir by default) and migrates it.
+pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let settings = match &config.database_url {
+        Some(url) => DatabaseSettings {
+            url: url.clone(),
+            max_connections: config.database_max_connections,
+            schema: config.database_schema.clone(),
+            credential_cache_ttl: config.credential_cache_ttl(),
+        },
+        None => {
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
+            DatabaseSettings {
+                credential_cache_ttl: config.credential_cache_ttl(),
+                ..DatabaseSettings::sqlite_in(&config.data_dir)
+            }
+        }
+    };
+    let store = Store::connect(&settings)
+        .await
+        .context("cannot connect to the database")?;
+    store
+        .migrate()
+        .await
+        .context("cannot apply database migrations")?;
+    Ok(store)
+}
+
+/// A platform serving HTTP.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// The bound address (useful when configured with port 0).
+    pub addr: SocketAddr,
+    pub store: Store,
+    handle: ServerHandle,
+    server: JoinHandle<std::io::Result<()>>,
+    ledger: JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// Waits until the server stops (on SIGINT/SIGTERM, or [`Self::stop`]), then drains the ledger.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let served = self.server.await.context("the HTTP server task failed")?;
+        // The workers are gone, and with them every `Meter` handle: the writer drains and stops.
+        self.ledger.await.context("the ledger writer failed")?;
+        served.context("the HTTP server failed")
+    }
+
+    /// Asks the server to stop at once, without waiting (for use where nothing can be awaited).
+    pub fn stop_now(self) -> impl std::future::Future<Output = ()> {
+        self.handle.stop(false)
+    }
+
+    /// Stops accepting connections, finishes in-flight requests, and waits for the ledger to drain.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.handle.stop(true).await;
+        self.wait().await
+    }
+}
+
+/// Opens storage, starts the ledger writer and serves the API on `config.http_addr`.
+pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
+    rustls_provider();
+    let store = open_store(config).await?;
+    let cache = cache::connect(config.redis_url.as_deref(), &config.redis_prefix)
+        .await
+        .context("cannot connect to the cache")?;
+    let (meter, ledger) = Meter::start(
+        store.clone(),
+        LedgerSettings {
+            max_batch: config.ledger_max_batch,
+            ..LedgerSettings::default()
+        },
+    );
+    let state = AppState {
+        store: store.clone(),
+        cache,
+        meter,
+        metrics: plinth_api::metrics::handle(),
+        settings: ApiSettings {
+            max_body_bytes: config.max_body_bytes,
+        },
+    };
+    let workers = if config.workers == 0 {
+        std::thread::available_parallelism().map_or(2, usize::from)
+    } else {
+        config.workers
+    };
+    let server = HttpServer::new(move || plinth_api::app(state.clone()))
+        .workers(workers)
+        .bind(config.http_addr)
+        .with_context(|| format!("cannot listen on {}", config.http_addr))?;
+    let addr = server
+        .addrs()
+        .first()
+        .copied()
+        .context("the server bound no address")?;
+    let server = server.run();
+    let handle = server.handle();
+    let server = tokio::spawn(server);
+    tracing::info!(%addr, workers, database = ?store.backend(), "plinth is serving");
+    Ok(RunningServer {
+        addr,
+        store,
+        handle,
+        server,
+        ledger,
+    })
+}
+
+/// TLS clients (Redis over rediss://, and later Stripe) use ring; install it once for the process.
+fn rustls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Another component may have installed the same provider first; either way one is installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}

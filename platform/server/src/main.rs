@@ -1,0 +1,154 @@
+//! `plinth`: the platform's one binary.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use plinth_core::api::Plan;
+use plinth_core::id::TenantId;
+use plinth_server::config::{Config, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(name = "plinth", version, about = "Host models, sell plugins, bill per call.")]
+struct Cli {
+    /// A TOML configuration file (also `PLINTH_CONFIG`); `PLINTH_*` variables override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Apply migrations, then serve the API.
+    Serve,
+    /// Apply database migrations and seed the default plans, then exit.
+    Migrate,
+    /// Print the OpenAPI document.
+    Openapi {
+        /// Write it to this file instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Print the effective configuration, after validation.
+    Config,
+    /// Operator tasks.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Grant platform-operator rights to a user, creating the account if needed. The password is read
+    /// from `PLINTH_ADMIN_PASSWORD` or, if unset, from standard input.
+    CreateAdmin {
+        #[arg(long)]
+        email: String,
+    },
+    /// Insert the default plans that are missing (never overwrites edits).
+    SeedPlans,
+    /// List the plans as JSON.
+    Plans,
+    /// Create or replace a plan from JSON (the shape `GET /v1/plans` returns), e.g. `--json '{...}'`.
+    PutPlan {
+        #[arg(long)]
+        json: String,
+    },
+    /// Move a tenant to another plan.
+    SetPlan {
+        #[arg(long)]
+        tenant: TenantId,
+        #[arg(long)]
+        plan: String,
+    },
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::new(&config.log);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn read_password() -> anyhow::Result<String> {
+    if let Ok(password) = std::env::var("PLINTH_ADMIN_PASSWORD") {
+        return Ok(password);
+    }
+    let mut password = String::new();
+    std::io::stdin()
+        .read_to_string(&mut password)
+        .context("cannot read the password from standard input")?;
+    Ok(password.trim_end_matches(['\r', '\n']).to_owned())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Openapi { output } = &cli.command {
+        let json = plinth_api::openapi::to_json()?;
+        match output {
+            Some(path) => {
+                std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?
+            }
+            None => print!("{json}"),
+        }
+        return Ok(());
+    }
+    let config = Config::load(cli.config.as_deref())?;
+    init_logging(&config);
+    match cli.command {
+        Command::Openapi { .. } => unreachable!("handled above"),
+        Command::Config => println!("{}", serde_json::to_string_pretty(&config)?),
+        Command::Serve => plinth_server::start(&config).await?.wait().await?,
+        Command::Migrate => {
+            plinth_server::open_store(&config).await?;
+            eprintln!("migrations applied");
+        }
+        Command::Admin(admin) => {
+            let store = plinth_server::open_store(&config).await?;
+            match admin {
+                AdminCommand::CreateAdmin { email } => {
+                    let user = store.create_platform_admin(&email, &read_password()?).await?;
+                    println!("{} is a platform admin ({})", user.email, user.id);
+                }
+                AdminCommand::SeedPlans => eprintln!("default plans present"),
+                AdminCommand::Plans => {
+                    println!("{}", serde_json::to_string_pretty(&store.list_plans().await?)?)
+                }
+                AdminCommand::PutPlan { json } => {
+                    let plan: Plan = serde_json::from_str(&json).context("--json is not a plan")?;
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&store.upsert_plan(&plan).await?)?
+                    );
+                }
+                AdminCommand::SetPlan { tenant, plan } => {
+                    let subscription = store.change_plan(&tenant, &plan, "operator").await?;
+                    println!("{}", serde_json::to_string_pretty(&subscription)?);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(err) = run(Cli::parse()).await {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+}

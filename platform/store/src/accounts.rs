@@ -1,0 +1,364 @@
+//! Sign-up, login and sessions. A sign-up creates a tenant, its owner and a free subscription in one
+//! transaction; a login returns a session token for the portal and the API.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use plinth_core::Role;
+use plinth_core::api::{LoginRequest, Membership, Session, SignupRequest, Tenant, User};
+use plinth_core::id::{SessionId, TenantId, UserId};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set,
+    TransactionTrait,
+};
+
+use crate::cache::{Cache, Quota};
+use crate::entity::{TenantScoped, memberships, sessions, tenants, users};
+use crate::{Result, Store, StoreError, secret};
+
+/// How long a login session lasts.
+pub const SESSION_LIFETIME: chrono::Duration = chrono::Duration::days(30);
+/// Login attempts per email: 10 at once, then one every 6 seconds.
+const LOGIN_QUOTA: Quota = Quota {
+    per_minute: 10,
+    burst: 10,
+};
+
+/// Lower-cases and checks an email address. Deliberately loose: the only real check is a confirmation
+/// mail, which comes with invitations.
+pub(crate) fn normalise_email(email: &str) -> Result<String> {
+    let email = email.trim().to_lowercase();
+    let valid = email.len() <= 254
+        && email.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
+        })
+        && !email.chars().any(char::is_whitespace);
+    if valid {
+        Ok(email)
+    } else {
+        Err(StoreError::invalid("email: not a valid email address"))
+    }
+}
+
+fn validate_password(password: &str) -> Result<()> {
+    match password.chars().count() {
+        0..10 => Err(StoreError::invalid("password: must be at least 10 characters")),
+        10..=1024 => Ok(()),
+        _ => Err(StoreError::invalid("password: must be at most 1024 characters")),
+    }
+}
+
+pub(crate) fn validate_name(field: &str, name: &str) -> Result<String> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+        return Err(StoreError::invalid(format!(
+            "{field}: must be 1-100 printable characters"
+        )));
+    }
+    Ok(name.to_owned())
+}
+
+pub(crate) fn to_user(model: &users::Model) -> Result<User> {
+    Ok(User {
+        id: parse_id(&model.id)?,
+        email: model.email.clone(),
+        created_at: model.created_at,
+    })
+}
+
+pub(crate) fn to_tenant(model: tenants::Model, plan: String) -> Result<Tenant> {
+    Ok(Tenant {
+        id: parse_id(&model.id)?,
+        name: model.name,
+        plan,
+        created_at: model.created_at,
+    })
+}
+
+pub(crate) fn parse_id<T: std::str::FromStr>(raw: &str) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    raw.parse()
+        .map_err(|err: T::Err| StoreError::Internal(format!("corrupt id in database: {err}")))
+}
+
+pub(crate) fn parse_role(raw: &str) -> Result<Role> {
+    raw.parse()
+        .map_err(|err: String| StoreError::Internal(format!("corrupt role in database: {err}")))
+}
+
+async fn hash_password(password: String) -> Result<String> {
+    tokio::task::spawn_blocking(move || secret::hash_password(&password))
+        .await
+        .map_err(|err| StoreError::Internal(err.to_string()))?
+        .map_err(StoreError::Internal)
+}
+
+async fn verify_password(password: String, phc: Option<String>) -> bool {
+    // An unknown email still costs one full verification, against a real hash made once, so response
+    // time does not reveal which emails have accounts.
+    static DUMMY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        secret::hash_password("no account has this password").unwrap_or_default()
+    });
+    tokio::task::spawn_blocking(move || {
+        let matched = secret::verify_password(&password, phc.as_deref().unwrap_or(DUMMY.as_str()));
+        matched && phc.is_some()
+    })
+    .await
+    .unwrap_or(false)
+}
+
+impl Store {
+    /// Creates a tenant, its owner and a free subscription, and logs the owner in.
+    pub async fn signup(&self, request: &SignupRequest) -> Result<Session> {
+        let email = normalise_email(&request.email)?;
+        validate_password(&request.password)?;
+        let tenant_name = validate_name("tenant_name", &request.tenant_name)?;
+        if users::Entity::find()
+            .filter(users::Column::Email.eq(&email))
+            .one(self.db())
+            .await?
+            .is_some()
+        {
+            return Err(StoreError::EmailTaken);
+        }
+        let password_hash = hash_password(request.password.clone()).await?;
+        let now = Utc::now();
+        let tenant_id = TenantId::new();
+        let user_id = UserId::new();
+
+        let txn = self.db().begin().await?;
+        tenants::ActiveModel {
+            id: Set(tenant_id.to_string()),
+            name: Set(tenant_name),
+            created_at: Set(now),
+        }
+        .insert(&txn)
+        .await?;
+        let inserted = users::ActiveModel {
+            id: Set(user_id.to_string()),
+            email: Set(email.clone()),
+            password_hash: Set(password_hash),
+            is_platform_admin: Set(false),
+            created_at: Set(now),
+        }
+        .insert(&txn)
+        .await;
+        match inserted {
+            Err(err) if crate::is_unique_violation(&err) => return Err(StoreError::EmailTaken),
+            other => other?,
+        };
+        memberships::ActiveModel {
+            tenant_id: Set(tenant_id.to_string()),
+            user_id: Set(user_id.to_string()),
+            role: Set(Role::Owner.as_str().to_owned()),
+            created_at: Set(now),
+        }
+        .insert(&txn)
+        .await?;
+        Self::create_free_subscription(&txn, &tenant_id, now).await?;
+        crate::audit::record(
+            &txn,
+            Some(&tenant_id),
+            user_id.as_str(),
+            "tenant.signup",
+            None,
+            serde_json::json!({ "email": email }),
+        )
+        .await?;
+        let token = create_session(&txn, &user_id, &tenant_id, now).await?;
+        txn.commit().await?;
+        self.session_view(token, &user_id, &tenant_id).await
+    }
+
+    /// Checks a password and opens a session in the requested tenant (or the user's oldest membership).
+    /// Attempts per email are rate limited through the shared cache, so guessing holds across replicas.
+    pub async fn login(&self, cache: &dyn Cache, request: &LoginRequest) -> Result<Session> {
+        let email = normalise_email(&request.email).map_err(|_| StoreError::InvalidLogin)?;
+        let decision = cache.rate_limit(&format!("login:{email}"), LOGIN_QUOTA).await?;
+        if !decision.allowed {
+            return Err(StoreError::TooManyAttempts(
+                decision.retry_after.max(Duration::from_secs(1)),
+            ));
+        }
+        let user = users::Entity::find()
+            .filter(users::Column::Email.eq(&email))
+            .one(self.db())
+            .await?;
+        let phc = user.as_ref().map(|user| user.password_hash.clone());
+        if !verify_password(request.password.clone(), phc).await {
+            return Err(StoreError::InvalidLogin);
+        }
+        let user = user.ok_or(StoreError::InvalidLogin)?;
+        let mut query = memberships::Entity::find().filter(memberships::Column::UserId.eq(&user.id));
+        if let Some(tenant) = &request.tenant_id {
+            query = query.filter(memberships::Column::TenantId.eq(tenant.as_str()));
+        }
+        let membership = query
+            .order_by_asc(memberships::Column::CreatedAt)
+            .one(self.db())
+            .await?
+            .ok_or(StoreError::NotFound("membership in that tenant"))?;
+        let user_id: UserId = parse_id(&user.id)?;
+        let tenant_id: TenantId = parse_id(&membership.tenant_id)?;
+        let token = create_session(self.db(), &user_id, &tenant_id, Utc::now()).await?;
+        self.session_view(token, &user_id, &tenant_id).await
+    }
+
+    /// Ends the session that `token` belongs to.
+    pub async fn logout(&self, tenant: &TenantId, session: &SessionId) -> Result<()> {
+        let row = sessions::Entity::find_in(tenant)
+            .filter(sessions::Column::Id.eq(session.as_str()))
+            .one(self.db())
+            .await?
+            .ok_or(StoreError::NotFound("session"))?;
+        self.credentials.forget(&row.token_hash).await;
+        let mut model: sessions::ActiveModel = row.into();
+        model.revoked_at = Set(Some(Utc::now()));
+        model.update(self.db()).await?;
+        Ok(())
+    }
+
+    pub async fn tenant(&self, tenant: &TenantId) -> Result<Tenant> {
+        let row = tenants::Entity::find_by_id(tenant.as_str())
+            .one(self.db())
+            .await?
+            .ok_or(StoreError::NotFound("tenant"))?;
+        let plan = self.subscription(tenant).await?.plan.id;
+        to_tenant(row, plan)
+    }
+
+    /// Grants platform-operator rights (marketplace review, plan edits) to a user, creating the account
+    /// with its own tenant if the email is new.
+    pub async fn create_platform_admin(&self, email: &str, password: &str) -> Result<User> {
+        let email = normalise_email(email)?;
+        if users::Entity::find()
+            .filter(users::Column::Email.eq(&email))
+            .one(self.db())
+            .await?
+            .is_none()
+        {
+            self.signup(&SignupRequest {
+                email: email.clone(),
+                password: password.to_owned(),
+                tenant_name: "Platform operators".to_owned(),
+            })
+            .await?;
+        }
+        let user = users::Entity::find()
+            .filter(users::Column::Email.eq(&email))
+            .one(self.db())
+            .await?
+            .ok_or(StoreError::NotFound("user"))?;
+        let mut model: users::ActiveModel = user.into();
+        model.is_platform_admin = Set(true);
+        let user = model.update(self.db()).await?;
+        crate::audit::record(
+            self.db(),
+            None,
+            "system",
+            "user.grant_platform_admin",
+            Some(&user.id),
+            serde_json::Value::Null,
+        )
+        .await?;
+        to_user(&user)
+    }
+
+    async fn session_view(
+        &self,
+        token: (String, DateTime<Utc>),
+        user: &UserId,
+        tenant: &TenantId,
+    ) -> Result<Session> {
+        let user_row = users::Entity::find_by_id(user.as_str())
+            .one(self.db())
+            .await?
+            .ok_or(StoreError::NotFound("user"))?;
+        let rows = memberships::Entity::find()
+            .filter(memberships::Column::UserId.eq(user.as_str()))
+            .order_by_asc(memberships::Column::CreatedAt)
+            .all(self.db())
+            .await?;
+        let tenant_rows = tenants::Entity::find()
+            .filter(tenants::Column::Id.is_in(rows.iter().map(|row| row.tenant_id.clone())))
+            .all(self.db())
+            .await?;
+        let mut memberships = Vec::with_capacity(rows.len());
+        let mut role = None;
+        for row in rows {
+            let tenant_name = tenant_rows
+                .iter()
+                .find(|t| t.id == row.tenant_id)
+                .map(|t| t.name.clone())
+                .unwrap_or_default();
+            let tenant_id: TenantId = parse_id(&row.tenant_id)?;
+            let member_role = parse_role(&row.role)?;
+            if &tenant_id == tenant {
+                role = Some(member_role);
+            }
+            memberships.push(Membership {
+                tenant_id,
+                tenant_name,
+                role: member_role,
+            });
+        }
+        Ok(Session {
+            token: token.0,
+            expires_at: token.1,
+            user: to_user(&user_row)?,
+            tenant: self.tenant(tenant).await?,
+            role: role.ok_or(StoreError::NotFound("membership"))?,
+            memberships,
+        })
+    }
+}
+
+async fn create_session(
+    conn: &impl ConnectionTrait,
+    user: &UserId,
+    tenant: &TenantId,
+    now: DateTime<Utc>,
+) -> Result<(String, DateTime<Utc>)> {
+    let token = secret::new_session_token();
+    let expires_at = now + SESSION_LIFETIME;
+    sessions::ActiveModel {
+        id: Set(SessionId::new().to_string()),
+        token_hash: Set(secret::token_hash(&token)),
+        user_id: Set(user.to_string()),
+        tenant_id: Set(tenant.to_string()),
+        created_at: Set(now),
+        expires_at: Set(expires_at),
+        revoked_at: Set(None),
+    }
+    .insert(conn)
+    .await?;
+    Ok((token, expires_at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_normalised_and_checked() {
+        assert_eq!(normalise_email("  Ada@Example.COM ").unwrap(), "ada@example.com");
+        for bad in [
+            "",
+            "ada",
+            "@example.com",
+            "ada@example",
+            "ada@.com",
+            "a da@example.com",
+        ] {
+            assert!(normalise_email(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn passwords_need_ten_characters() {
+        assert!(validate_password("short").is_err());
+        assert!(validate_password("long enough").is_ok());
+    }
+}

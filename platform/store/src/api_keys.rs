@@ -1,0 +1,154 @@
+//! API keys: created with explicit scopes (never more than the creator holds), shown once, stored as a
+//! SHA-256 hash, revocable.
+
+use chrono::Utc;
+use plinth_core::Scope;
+use plinth_core::api::{ApiKey, CreateApiKeyRequest, CreatedApiKey};
+use plinth_core::id::{KeyId, TenantId};
+use sea_orm::{ActiveModelTrait, ColumnTrait, QueryFilter, QueryOrder, Set, TransactionTrait};
+
+use crate::accounts::{parse_id, validate_name};
+use crate::auth::Principal;
+use crate::entity::{TenantScoped, api_keys};
+use crate::{Result, Store, StoreError, secret};
+
+const MAX_KEYS_PER_TENANT: u64 = 500;
+
+fn to_api_key(model: api_keys::Model) -> Result<ApiKey> {
+    Ok(ApiKey {
+        id: parse_id(&model.id)?,
+        name: model.name,
+        redacted: model.redacted,
+        scopes: model
+            .scopes
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .collect(),
+        rate_limit_per_minute: model.rate_limit_per_minute.and_then(|v| u32::try_from(v).ok()),
+        created_at: model.created_at,
+        last_used_at: model.last_used_at,
+        expires_at: model.expires_at,
+        revoked_at: model.revoked_at,
+    })
+}
+
+impl Store {
+    /// Creates a key for the caller's tenant. The secret is in the result and nowhere else.
+    pub async fn create_api_key(
+        &self,
+        caller: &Principal,
+        request: &CreateApiKeyRequest,
+    ) -> Result<CreatedApiKey> {
+        let name = validate_name("name", &request.name)?;
+        let mut scopes = request.scopes.clone().unwrap_or_else(|| vec![Scope::Inference]);
+        scopes.sort();
+        scopes.dedup();
+        if scopes.is_empty() {
+            return Err(StoreError::invalid("scopes: give at least one scope"));
+        }
+        if let Some(missing) = scopes.iter().find(|scope| !caller.has(**scope)) {
+            return Err(StoreError::Forbidden(format!(
+                "you cannot grant the `{missing}` scope, which you do not hold"
+            )));
+        }
+        let rate_limit = match request.rate_limit_per_minute {
+            None => None,
+            Some(limit @ 1..=1_000_000) => Some(i32::try_from(limit).unwrap_or(i32::MAX)),
+            Some(_) => return Err(StoreError::invalid("rate_limit_per_minute: must be 1 to 1000000")),
+        };
+        let now = Utc::now();
+        if request.expires_at.is_some_and(|expires| expires <= now) {
+            return Err(StoreError::invalid("expires_at: must be in the future"));
+        }
+
+        let txn = self.db().begin().await?;
+        let count = sea_orm::PaginatorTrait::count(
+            api_keys::Entity::find_in(&caller.tenant_id).filter(api_keys::Column::RevokedAt.is_null()),
+            &txn,
+        )
+        .await?;
+        if count >= MAX_KEYS_PER_TENANT {
+            return Err(StoreError::invalid(format!(
+                "a tenant can hold at most {MAX_KEYS_PER_TENANT} active keys"
+            )));
+        }
+        let secret = secret::new_api_key();
+        let id = KeyId::new();
+        let model = api_keys::ActiveModel {
+            id: Set(id.to_string()),
+            tenant_id: Set(caller.tenant_id.to_string()),
+            name: Set(name),
+            token_hash: Set(secret::token_hash(&secret)),
+            redacted: Set(secret::redact(&secret)),
+            scopes: Set(scopes
+                .iter()
+                .map(|scope| scope.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")),
+            rate_limit_per_minute: Set(rate_limit),
+            created_by: Set(Some(caller.actor_id().to_owned())),
+            created_at: Set(now),
+            last_used_at: Set(None),
+            expires_at: Set(request.expires_at),
+            revoked_at: Set(None),
+        }
+        .insert(&txn)
+        .await?;
+        crate::audit::record(
+            &txn,
+            Some(&caller.tenant_id),
+            caller.actor_id(),
+            "api_key.create",
+            Some(id.as_str()),
+            serde_json::json!({ "scopes": scopes }),
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(CreatedApiKey {
+            secret,
+            key: to_api_key(model)?,
+        })
+    }
+
+    /// The tenant's keys, newest first, revoked ones included (they show when they were revoked).
+    pub async fn list_api_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKey>> {
+        api_keys::Entity::find_in(tenant)
+            .order_by_desc(api_keys::Column::CreatedAt)
+            .order_by_desc(api_keys::Column::Id)
+            .all(self.db())
+            .await?
+            .into_iter()
+            .map(to_api_key)
+            .collect()
+    }
+
+    /// Revokes a key of the caller's tenant. Idempotent; takes effect on this replica at once and on
+    /// every other within the credential cache TTL.
+    pub async fn revoke_api_key(&self, caller: &Principal, id: &KeyId) -> Result<ApiKey> {
+        let txn = self.db().begin().await?;
+        let row = api_keys::Entity::find_in(&caller.tenant_id)
+            .filter(api_keys::Column::Id.eq(id.as_str()))
+            .one(&txn)
+            .await?
+            .ok_or(StoreError::NotFound("API key"))?;
+        if row.revoked_at.is_some() {
+            return to_api_key(row);
+        }
+        let hash = row.token_hash.clone();
+        let mut model: api_keys::ActiveModel = row.into();
+        model.revoked_at = Set(Some(Utc::now()));
+        let row = model.update(&txn).await?;
+        crate::audit::record(
+            &txn,
+            Some(&caller.tenant_id),
+            caller.actor_id(),
+            "api_key.revoke",
+            Some(id.as_str()),
+            serde_json::Value::Null,
+        )
+        .await?;
+        txn.commit().await?;
+        self.credentials.forget(&hash).await;
+        to_api_key(row)
+    }
+}

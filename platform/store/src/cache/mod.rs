@@ -1,0 +1,89 @@
+//! Shared fast state: rate limits, and short-lived values. One trait, two backends: in-process memory for
+//! the embedded single-machine mode, Redis in production so that limits hold across replicas.
+
+mod memory;
+mod redis;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use self::memory::MemoryCache;
+pub use self::redis::RedisCache;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CacheError(pub String);
+
+/// A GCRA (token-bucket equivalent) limit: `per_minute` sustained, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Quota {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+impl Quota {
+    /// The time one request "costs": a minute divided by the sustained rate.
+    #[must_use]
+    pub fn emission_interval(self) -> Duration {
+        Duration::from_micros(60_000_000 / u64::from(self.per_minute.max(1)))
+    }
+}
+
+/// The verdict of one rate-limit check, with what the `RateLimit-*` headers report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateDecision {
+    pub allowed: bool,
+    pub limit: u32,
+    /// Requests that could still be made right now.
+    pub remaining: u32,
+    /// Time until the bucket is full again.
+    pub reset_after: Duration,
+    /// When refused: how long until one request would be allowed.
+    pub retry_after: Duration,
+}
+
+#[async_trait::async_trait]
+pub trait Cache: Send + Sync + std::fmt::Debug {
+    /// Counts one request against `key` under `quota`, atomically.
+    async fn rate_limit(&self, key: &str, quota: Quota) -> Result<RateDecision, CacheError>;
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError>;
+    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), CacheError>;
+    async fn delete(&self, key: &str) -> Result<(), CacheError>;
+    /// Whether the backend answers; used by the readiness probe.
+    async fn ping(&self) -> Result<(), CacheError>;
+}
+
+pub type SharedCache = Arc<dyn Cache>;
+
+/// Connects the backend a URL names: `redis://...` or `memory`.
+pub async fn connect(url: Option<&str>, key_prefix: &str) -> Result<SharedCache, CacheError> {
+    match url {
+        None | Some("" | "memory") => Ok(Arc::new(MemoryCache::new())),
+        Some(url) => Ok(Arc::new(RedisCache::connect(url, key_prefix).await?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emission_interval_divides_a_minute() {
+        assert_eq!(
+            Quota {
+                per_minute: 60,
+                burst: 1
+            }
+            .emission_interval(),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            Quota {
+                per_minute: 6_000,
+                burst: 1
+            }
+            .emission_interval(),
+            Duration::from_millis(10)
+        );
+    }
+}

@@ -1,0 +1,243 @@
+//! sea-orm entities, one module per table. Only this crate sees them; the rest of the platform talks in
+//! `plinth_core` types.
+
+use sea_orm::entity::prelude::*;
+
+use plinth_core::id::TenantId;
+
+/// An entity whose rows belong to one tenant. Every query for such rows starts from
+/// [`TenantScoped::find_in`], so forgetting the tenant filter is not expressible through this crate's API.
+pub trait TenantScoped: EntityTrait {
+    fn tenant_column() -> Self::Column;
+
+    fn find_in(tenant: &TenantId) -> Select<Self> {
+        Self::find().filter(Self::tenant_column().eq(tenant.as_str()))
+    }
+}
+
+macro_rules! tenant_scoped {
+    ($($module:ident),*) => {
+        $(impl TenantScoped for $module::Entity {
+            fn tenant_column() -> $module::Column {
+                $module::Column::TenantId
+            }
+        })*
+    };
+}
+
+tenant_scoped!(memberships, sessions, api_keys, subscriptions, usage_events);
+
+pub mod tenants {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "tenants")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub name: String,
+        pub created_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod users {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "users")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        /// Stored lower-cased and trimmed.
+        pub email: String,
+        /// An argon2id PHC string.
+        pub password_hash: String,
+        pub is_platform_admin: bool,
+        pub created_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod memberships {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "memberships")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub user_id: String,
+        pub role: String,
+        pub created_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod sessions {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sessions")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        /// Hex SHA-256 of the bearer token.
+        pub token_hash: String,
+        pub user_id: String,
+        pub tenant_id: String,
+        pub created_at: DateTimeUtc,
+        pub expires_at: DateTimeUtc,
+        pub revoked_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod api_keys {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "api_keys")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        pub name: String,
+        /// Hex SHA-256 of the secret; the secret itself is never stored.
+        pub token_hash: String,
+        pub redacted: String,
+        /// Space-separated scope names.
+        pub scopes: String,
+        pub rate_limit_per_minute: Option<i32>,
+        pub created_by: Option<String>,
+        pub created_at: DateTimeUtc,
+        pub last_used_at: Option<DateTimeUtc>,
+        pub expires_at: Option<DateTimeUtc>,
+        pub revoked_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod audit_log {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "audit_log")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: Option<String>,
+        /// Who acted: a user id, a key id, or `system`.
+        pub actor: String,
+        /// Dotted verb, e.g. `api_key.revoke`.
+        pub action: String,
+        pub target: Option<String>,
+        /// JSON with the details worth keeping.
+        pub detail: Option<String>,
+        pub created_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod plans {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "plans")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub name: String,
+        pub currency: String,
+        pub monthly_fee_micros: i64,
+        pub included_calls: i64,
+        pub price_per_call_micros: i64,
+        pub hard_cap: bool,
+        pub rate_limit_per_minute: i32,
+        pub burst: i32,
+        pub stripe_flat_price_id: Option<String>,
+        pub stripe_metered_price_id: Option<String>,
+        pub created_at: DateTimeUtc,
+        pub updated_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod subscriptions {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "subscriptions")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: String,
+        pub plan_id: String,
+        pub status: String,
+        pub current_period_start: DateTimeUtc,
+        pub current_period_end: DateTimeUtc,
+        pub cancel_at_period_end: bool,
+        pub stripe_customer_id: Option<String>,
+        pub stripe_subscription_id: Option<String>,
+        pub updated_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod usage_events {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "usage_events")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        pub api_key_id: Option<String>,
+        pub resource_kind: String,
+        pub resource_id: String,
+        pub units: i64,
+        pub unit_price_micros: i64,
+        pub amount_micros: i64,
+        pub idempotency_key: String,
+        pub request_id: String,
+        pub occurred_at_us: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

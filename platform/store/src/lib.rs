@@ -1,0 +1,186 @@
+//! Persistence and the domain rules that sit on it: accounts, memberships, API keys, plans and
+//! subscriptions, the usage ledger, and the cache/rate-limiter backends.
+//!
+//! Only this crate knows sea-orm. Every tenant-owned query starts from
+//! [`entity::TenantScoped::find_in`]; functions that touch tenant data take the caller's tenant id and
+//! answer [`StoreError::NotFound`] for another tenant's rows, never "forbidden".
+
+pub mod accounts;
+pub mod api_keys;
+pub mod audit;
+pub mod auth;
+pub mod cache;
+mod entity;
+pub mod ledger;
+pub mod members;
+pub mod plans;
+mod secret;
+
+use std::path::Path;
+use std::time::Duration;
+
+use plinth_core::ErrorCode;
+use plinth_migrations::{Migrator, MigratorTrait};
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, SqlErr};
+
+/// A failure of a store operation. Each variant says what a client did wrong, or that something on our
+/// side failed (`Database`), which the HTTP edge reports as an opaque 500.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("an account with this email already exists")]
+    EmailTaken,
+    #[error("the email and password do not match")]
+    InvalidLogin,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("a tenant must keep at least one owner")]
+    LastOwner,
+    #[error("this user is already a member of the tenant")]
+    AlreadyMember,
+    #[error("too many attempts; retry in {} s", .0.as_secs().max(1))]
+    TooManyAttempts(Duration),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Database(#[from] DbErr),
+    #[error("cache error: {0}")]
+    Cache(#[from] cache::CacheError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl StoreError {
+    /// The public error code this failure maps to.
+    #[must_use]
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::Invalid(_) => ErrorCode::ValidationFailed,
+            Self::EmailTaken => ErrorCode::EmailTaken,
+            Self::InvalidLogin => ErrorCode::InvalidLogin,
+            Self::Forbidden(_) => ErrorCode::InsufficientScope,
+            Self::LastOwner => ErrorCode::LastOwner,
+            Self::AlreadyMember => ErrorCode::AlreadyMember,
+            Self::TooManyAttempts(_) => ErrorCode::RateLimited,
+            Self::Cache(_) | Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::Database(err) if is_connection_error(err) => ErrorCode::Unavailable,
+            Self::Database(_) | Self::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+        Self::Invalid(message.into())
+    }
+}
+
+fn is_connection_error(err: &DbErr) -> bool {
+    matches!(err, DbErr::ConnectionAcquire(_) | DbErr::Conn(_))
+}
+
+pub(crate) fn is_unique_violation(err: &DbErr) -> bool {
+    matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Where the data lives.
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    /// `sqlite://path?mode=rwc` or `postgres://user@host/db`.
+    pub url: String,
+    pub max_connections: u32,
+    /// Postgres only: the schema to use (created if missing). Lets several deployments, or tests,
+    /// share one database.
+    pub schema: Option<String>,
+    /// How long a verified API key or session is trusted without re-reading it: the upper bound on how
+    /// long a revoked key keeps working on another replica.
+    pub credential_cache_ttl: Duration,
+}
+
+impl DatabaseSettings {
+    /// The embedded default: a SQLite file in `data_dir`.
+    #[must_use]
+    pub fn sqlite_in(data_dir: &Path) -> Self {
+        Self {
+            url: format!("sqlite://{}?mode=rwc", data_dir.join("plinth.db").display()),
+            max_connections: 8,
+            schema: None,
+            credential_cache_ttl: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A handle on the database; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+    credentials: auth::CredentialCache,
+}
+
+impl Store {
+    /// Connects and tunes the backend: SQLite gets WAL with full fsync (a usage event acknowledged to a
+    /// client survives power loss) and a busy timeout so concurrent writers queue instead of failing.
+    pub async fn connect(settings: &DatabaseSettings) -> Result<Self> {
+        if let Some(schema) = &settings.schema {
+            if !schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(StoreError::invalid(format!("invalid schema name `{schema}`")));
+            }
+            let admin = Database::connect(settings.url.as_str()).await?;
+            admin
+                .execute_unprepared(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+                .await?;
+            admin.close().await?;
+        }
+        let mut options = ConnectOptions::new(settings.url.as_str());
+        options
+            .max_connections(settings.max_connections)
+            .min_connections(1)
+            .connect_timeout(Duration::from_secs(10))
+            .acquire_timeout(Duration::from_secs(10))
+            .sqlx_logging(false)
+            .map_sqlx_sqlite_opts(|opts| {
+                opts.journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Full)
+                    .busy_timeout(Duration::from_secs(10))
+                    .foreign_keys(true)
+            });
+        if let Some(schema) = &settings.schema {
+            options.set_schema_search_path(schema.as_str());
+        }
+        let db = Database::connect(options).await?;
+        Ok(Self {
+            db,
+            credentials: auth::CredentialCache::new(settings.credential_cache_ttl),
+        })
+    }
+
+    /// Applies pending migrations and seeds the default plans (existing plans are left as operators
+    /// edited them).
+    pub async fn migrate(&self) -> Result<()> {
+        Migrator::up(&self.db, None).await?;
+        self.seed_default_plans().await
+    }
+
+    /// Whether the database answers; used by the readiness probe.
+    pub async fn ping(&self) -> Result<()> {
+        Ok(self.db.ping().await?)
+    }
+
+    #[must_use]
+    pub fn backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+
+    pub async fn close(self) -> Result<()> {
+        Ok(self.db.close().await?)
+    }
+
+    pub(crate) fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+}

@@ -1,0 +1,282 @@
+//! Plans and each tenant's subscription to one. Payment state (Stripe ids, past-due) lives on the same
+//! rows so the payment rail attaches without reshaping them.
+
+use chrono::{DateTime, Months, Utc};
+use plinth_core::Micros;
+use plinth_core::api::{Plan, Subscription, SubscriptionStatus};
+use plinth_core::id::TenantId;
+use sea_orm::{ActiveModelTrait, ConnectionTrait, EntityTrait, QueryOrder, Set};
+
+use crate::entity::{TenantScoped, plans, subscriptions};
+use crate::{Result, Store, StoreError};
+
+/// The plan every tenant starts on, and whose limits apply while a payment is past due.
+pub const FREE_PLAN: &str = "free";
+
+/// The plans a fresh installation offers. Operators edit them afterwards (`plinth admin plan`); seeding
+/// never overwrites an edit.
+#[must_use]
+pub fn default_plans() -> Vec<Plan> {
+    let plan = |id: &str, name: &str, fee: i64, included: i64, price: i64, hard_cap, rate, burst| Plan {
+        id: id.to_owned(),
+        name: name.to_owned(),
+        currency: "usd".to_owned(),
+        monthly_fee_micros: Micros::units(fee),
+        included_calls: included,
+        price_per_call_micros: Micros(price),
+        hard_cap,
+        rate_limit_per_minute: rate,
+        burst,
+    };
+    vec![
+        plan(FREE_PLAN, "Free", 0, 1_000, 0, true, 60, 10),
+        plan("pro", "Pro", 49, 100_000, 400, false, 600, 100),
+        plan(
+            "enterprise",
+            "Enterprise",
+            990,
+            3_000_000,
+            200,
+            false,
+            6_000,
+            1_000,
+        ),
+    ]
+}
+
+fn to_plan(model: plans::Model) -> Plan {
+    Plan {
+        id: model.id,
+        name: model.name,
+        currency: model.currency,
+        monthly_fee_micros: Micros(model.monthly_fee_micros),
+        included_calls: model.included_calls,
+        price_per_call_micros: Micros(model.price_per_call_micros),
+        hard_cap: model.hard_cap,
+        rate_limit_per_minute: u32::try_from(model.rate_limit_per_minute).unwrap_or(0),
+        burst: u32::try_from(model.burst).unwrap_or(0),
+    }
+}
+
+fn plan_model(plan: &Plan, now: DateTime<Utc>) -> Result<plans::ActiveModel> {
+    let int = |value: u32, what: &str| {
+        i32::try_from(value).map_err(|_| StoreError::invalid(format!("{what} is too large")))
+    };
+    Ok(plans::ActiveModel {
+        id: Set(plan.id.clone()),
+        name: Set(plan.name.clone()),
+        currency: Set(plan.currency.clone()),
+        monthly_fee_micros: Set(plan.monthly_fee_micros.0),
+        included_calls: Set(plan.included_calls),
+        price_per_call_micros: Set(plan.price_per_call_micros.0),
+        hard_cap: Set(plan.hard_cap),
+        rate_limit_per_minute: Set(int(plan.rate_limit_per_minute, "rate_limit_per_minute")?),
+        burst: Set(int(plan.burst, "burst")?),
+        stripe_flat_price_id: Set(None),
+        stripe_metered_price_id: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+    })
+}
+
+fn validate_plan(plan: &Plan) -> Result<()> {
+    let slug_ok = !plan.id.is_empty()
+        && plan.id.len() <= 40
+        && plan
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !slug_ok {
+        return Err(StoreError::invalid(
+            "plan id must be 1-40 lower-case letters, digits or dashes",
+        ));
+    }
+    if plan.monthly_fee_micros.0 < 0 || plan.price_per_call_micros.0 < 0 || plan.included_calls < 0 {
+        return Err(StoreError::invalid(
+            "plan prices and included calls cannot be negative",
+        ));
+    }
+    if plan.rate_limit_per_minute == 0 || plan.burst == 0 {
+        return Err(StoreError::invalid(
+            "rate_limit_per_minute and burst must be positive",
+        ));
+    }
+    Ok(())
+}
+
+/// The billing period containing `now` for a subscription anchored at `start`, rolling monthly.
+fn current_period(
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> (DateTime<Utc>, DateTime<Utc>) {
+    let (mut start, mut end) = (start, end);
+    while end <= now {
+        start = end;
+        end = end
+            .checked_add_months(Months::new(1))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+    }
+    (start, end)
+}
+
+impl Store {
+    pub(crate) async fn seed_default_plans(&self) -> Result<()> {
+        let now = Utc::now();
+        for plan in default_plans() {
+            if plans::Entity::find_by_id(plan.id.as_str())
+                .one(self.db())
+                .await?
+                .is_none()
+            {
+                plan_model(&plan, now)?.insert(self.db()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// All plans, cheapest first.
+    pub async fn list_plans(&self) -> Result<Vec<Plan>> {
+        let rows = plans::Entity::find()
+            .order_by_asc(plans::Column::MonthlyFeeMicros)
+            .order_by_asc(plans::Column::Id)
+            .all(self.db())
+            .await?;
+        Ok(rows.into_iter().map(to_plan).collect())
+    }
+
+    pub async fn plan(&self, id: &str) -> Result<Plan> {
+        find_plan(self.db(), id).await
+    }
+
+    /// Creates or replaces a plan (operators).
+    pub async fn upsert_plan(&self, plan: &Plan) -> Result<Plan> {
+        validate_plan(plan)?;
+        let now = Utc::now();
+        let mut model = plan_model(plan, now)?;
+        match plans::Entity::find_by_id(plan.id.as_str()).one(self.db()).await? {
+            Some(existing) => {
+                model.created_at = Set(existing.created_at);
+                model.stripe_flat_price_id = Set(existing.stripe_flat_price_id);
+                model.stripe_metered_price_id = Set(existing.stripe_metered_price_id);
+                Ok(to_plan(model.update(self.db()).await?))
+            }
+            None => Ok(to_plan(model.insert(self.db()).await?)),
+        }
+    }
+
+    pub async fn subscription(&self, tenant: &TenantId) -> Result<Subscription> {
+        let row = subscriptions::Entity::find_in(tenant)
+            .one(self.db())
+            .await?
+            .ok_or(StoreError::NotFound("subscription"))?;
+        let plan = find_plan(self.db(), &row.plan_id).await?;
+        let (start, end) = current_period(row.current_period_start, row.current_period_end, Utc::now());
+        Ok(Subscription {
+            tenant_id: tenant.clone(),
+            plan,
+            status: SubscriptionStatus::parse(&row.status).unwrap_or(SubscriptionStatus::Active),
+            current_period_start: start,
+            current_period_end: end,
+            cancel_at_period_end: row.cancel_at_period_end,
+        })
+    }
+
+    /// Moves a tenant to another plan, starting a new period now (operators; Stripe checkout later).
+    pub async fn change_plan(&self, tenant: &TenantId, plan_id: &str, actor: &str) -> Result<Subscription> {
+        let txn = sea_orm::TransactionTrait::begin(self.db()).await?;
+        find_plan(&txn, plan_id).await?;
+        let row = subscriptions::Entity::find_in(tenant)
+            .one(&txn)
+            .await?
+            .ok_or(StoreError::NotFound("tenant"))?;
+        let previous = row.plan_id.clone();
+        let now = Utc::now();
+        let mut model: subscriptions::ActiveModel = row.into();
+        model.plan_id = Set(plan_id.to_owned());
+        model.status = Set(SubscriptionStatus::Active.as_str().to_owned());
+        model.current_period_start = Set(now);
+        model.current_period_end = Set(now.checked_add_months(Months::new(1)).unwrap_or(now));
+        model.updated_at = Set(now);
+        model.update(&txn).await?;
+        crate::audit::record(
+            &txn,
+            Some(tenant),
+            actor,
+            "subscription.change_plan",
+            Some(plan_id),
+            serde_json::json!({ "from": previous, "to": plan_id }),
+        )
+        .await?;
+        txn.commit().await?;
+        self.credentials.forget_in_tenant(tenant, None);
+        self.subscription(tenant).await
+    }
+
+    pub(crate) async fn create_free_subscription(
+        conn: &impl ConnectionTrait,
+        tenant: &TenantId,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        subscriptions::ActiveModel {
+            tenant_id: Set(tenant.to_string()),
+            plan_id: Set(FREE_PLAN.to_owned()),
+            status: Set(SubscriptionStatus::Active.as_str().to_owned()),
+            current_period_start: Set(now),
+            current_period_end: Set(now.checked_add_months(Months::new(1)).unwrap_or(now)),
+            cancel_at_period_end: Set(false),
+            stripe_customer_id: Set(None),
+            stripe_subscription_id: Set(None),
+            updated_at: Set(now),
+        }
+        .insert(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+pub(crate) async fn find_plan(conn: &impl ConnectionTrait, id: &str) -> Result<Plan> {
+    plans::Entity::find_by_id(id)
+        .one(conn)
+        .await?
+        .map(to_plan)
+        .ok_or(StoreError::NotFound("plan"))
+}
+
+/// The rate-limit quota that applies to a tenant: its plan's, or the free plan's while past due.
+pub(crate) async fn effective_plan(conn: &impl ConnectionTrait, tenant: &TenantId) -> Result<Plan> {
+    let row = subscriptions::Entity::find_in(tenant)
+        .one(conn)
+        .await?
+        .ok_or(StoreError::NotFound("subscription"))?;
+    let plan_id = if row.status == SubscriptionStatus::Active.as_str() {
+        row.plan_id.as_str()
+    } else {
+        FREE_PLAN
+    };
+    find_plan(conn, plan_id).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_roll_forward_monthly() {
+        let start = "2026-01-31T00:00:00Z".parse::<DateTime<Utc>>().unwrap();
+        let end = "2026-02-28T00:00:00Z".parse::<DateTime<Utc>>().unwrap();
+        let now = "2026-04-15T00:00:00Z".parse::<DateTime<Utc>>().unwrap();
+        let (s, e) = current_period(start, end, now);
+        assert!(s <= now && now < e);
+        assert_eq!(s.to_rfc3339(), "2026-03-28T00:00:00+00:00");
+    }
+
+    #[test]
+    fn default_plans_are_valid_and_free_is_first() {
+        let plans = default_plans();
+        assert_eq!(plans[0].id, FREE_PLAN);
+        for plan in &plans {
+            validate_plan(plan).unwrap();
+        }
+    }
+}

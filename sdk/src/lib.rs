@@ -1,0 +1,434 @@
+//! `plinth-sdk`: a typed Rust client for the Plinth API.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), plinth_sdk::Error> {
+//! let client = plinth_sdk::Client::new("http://127.0.0.1:8080")?.with_token("plk_live_…");
+//! let usage = client.usage(&plinth_sdk::UsageQuery::default()).await?;
+//! println!("{} calls this month", usage.total.calls);
+//! # Ok(()) }
+//! ```
+//!
+//! Every call that can be billed carries an `Idempotency-Key`, so the client retries transient failures
+//! (connection errors, 429 with `Retry-After`, 5xx) without ever being billed twice.
+
+use std::time::Duration;
+
+use plinth_core::error::ErrorBody;
+use reqwest::{Method, StatusCode, header};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use url::Url;
+
+pub use plinth_core::api::*;
+pub use plinth_core::id::{EventId, KeyId, TenantId, UserId};
+pub use plinth_core::{ErrorCode, Micros, Role, Scope};
+
+/// What can go wrong calling Plinth.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API answered with an error body.
+    #[error("{status} {code:?}: {message} (request {request_id})")]
+    Api {
+        status: u16,
+        code: ErrorCode,
+        message: String,
+        request_id: String,
+        /// From `Retry-After`, when the server sent one.
+        retry_after: Option<Duration>,
+    },
+    /// The request did not complete (connection refused, timeout, TLS…).
+    #[error("transport: {0}")]
+    Transport(#[from] reqwest::Error),
+    /// The response was not what this version of the SDK expects.
+    #[error("unexpected response ({status}): {detail}")]
+    Decode { status: u16, detail: String },
+    #[error("invalid base URL: {0}")]
+    InvalidUrl(String),
+}
+
+impl Error {
+    /// The API error code, if the server answered with one.
+    #[must_use]
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Api { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// When to try again.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt; 0 disables retrying.
+    pub max_retries: u32,
+    /// First back-off; doubles on each retry.
+    pub initial_backoff: Duration,
+    /// A `Retry-After` longer than this is returned as an error rather than waited out.
+    pub max_wait: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_retries: 3,
+            initial_backoff: Duration::from_millis(100),
+            max_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Parameters of [`Client::usage`].
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UsageQuery {
+    /// RFC 3339 time or `YYYY-MM-DD`; the server defaults to 30 days before `to`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_by: Option<UsageGrouping>,
+}
+
+/// A Plinth API client. Cheap to clone; clones share the connection pool.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    token: Option<String>,
+    retry: RetryPolicy,
+}
+
+/// Whether a request may be sent again after an ambiguous failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    /// GET, DELETE, and POSTs carrying an idempotency key.
+    Safe,
+    /// Only retried when it surely never reached the server (connection refused).
+    Unsafe,
+}
+
+impl Client {
+    /// A client for the API at `base_url` (e.g. `https://api.plinth.example`).
+    pub fn new(base_url: &str) -> Result<Self> {
+        // reqwest is built without a bundled crypto provider; use ring unless the application chose one.
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            // Losing this race to another thread installing a provider is fine.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let base = Url::parse(base_url).map_err(|err| Error::InvalidUrl(err.to_string()))?;
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("plinth-sdk-rust/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Self {
+            http,
+            base,
+            token: None,
+            retry: RetryPolicy::default(),
+        })
+    }
+
+    /// Authenticates every call with an API key or a session token.
+    #[must_use]
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    #[must_use]
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    // ---- accounts ----
+
+    /// Creates a tenant and its owner; the returned session's token can be passed to [`Self::with_token`].
+    pub async fn signup(&self, request: &SignupRequest) -> Result<Session> {
+        self.call(Method::POST, "/v1/signup", Some(request), None, Replay::Unsafe)
+            .await
+    }
+
+    pub async fn login(&self, request: &LoginRequest) -> Result<Session> {
+        self.call(Method::POST, "/v1/login", Some(request), None, Replay::Unsafe)
+            .await
+    }
+
+    pub async fn logout(&self) -> Result<()> {
+        self.call_empty(Method::POST, "/v1/logout", Replay::Safe).await
+    }
+
+    pub async fn tenant(&self) -> Result<Tenant> {
+        self.get("/v1/tenant").await
+    }
+
+    // ---- API keys ----
+
+    pub async fn api_keys(&self) -> Result<Vec<ApiKey>> {
+        self.get("/v1/api-keys").await
+    }
+
+    pub async fn create_api_key(&self, request: &CreateApiKeyRequest) -> Result<CreatedApiKey> {
+        self.call(Method::POST, "/v1/api-keys", Some(request), None, Replay::Unsafe)
+            .await
+    }
+
+    pub async fn revoke_api_key(&self, id: &KeyId) -> Result<ApiKey> {
+        self.call(
+            Method::DELETE,
+            &format!("/v1/api-keys/{id}"),
+            None::<&()>,
+            None,
+            Replay::Safe,
+        )
+        .await
+    }
+
+    // ---- members ----
+
+    pub async fn members(&self) -> Result<Vec<Member>> {
+        self.get("/v1/members").await
+    }
+
+    pub async fn add_member(&self, request: &AddMemberRequest) -> Result<Member> {
+        self.call(Method::POST, "/v1/members", Some(request), None, Replay::Unsafe)
+            .await
+    }
+
+    pub async fn update_member(&self, user: &UserId, role: Role) -> Result<Member> {
+        let body = UpdateMemberRequest { role };
+        self.call(
+            Method::PATCH,
+            &format!("/v1/members/{user}"),
+            Some(&body),
+            None,
+            Replay::Safe,
+        )
+        .await
+    }
+
+    pub async fn remove_member(&self, user: &UserId) -> Result<()> {
+        self.call_empty(Method::DELETE, &format!("/v1/members/{user}"), Replay::Safe)
+            .await
+    }
+
+    // ---- billing ----
+
+    pub async fn plans(&self) -> Result<Vec<Plan>> {
+        self.get("/v1/plans").await
+    }
+
+    pub async fn subscription(&self) -> Result<Subscription> {
+        self.get("/v1/subscription").await
+    }
+
+    pub async fn usage(&self, query: &UsageQuery) -> Result<UsageReport> {
+        let query = usage_query_string(query)?;
+        self.get(&format!("/v1/usage{query}")).await
+    }
+
+    // ---- metering ----
+
+    /// The metered no-op: checks a key, its limits and metering end to end. A fresh idempotency key makes
+    /// retries of this one call free.
+    pub async fn echo(&self, body: &serde_json::Value) -> Result<EchoResponse> {
+        self.echo_with_key(body, &new_idempotency_key()).await
+    }
+
+    /// [`Self::echo`] with the caller's own idempotency key, to tie retries across processes together.
+    pub async fn echo_with_key(
+        &self,
+        body: &serde_json::Value,
+        idempotency_key: &str,
+    ) -> Result<EchoResponse> {
+        self.call(
+            Method::POST,
+            "/v1/echo",
+            Some(body),
+            Some(idempotency_key),
+            Replay::Safe,
+        )
+        .await
+    }
+
+    // ---- operations ----
+
+    /// Whether the server reports itself ready (database and cache reachable).
+    pub async fn ready(&self) -> Result<bool> {
+        match self.get::<ServerReady>("/v2/health/ready").await {
+            Ok(ready) => Ok(ready.ready),
+            Err(Error::Decode { status: 503, .. }) => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
+    // ---- plumbing ----
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call(Method::GET, path, None::<&()>, None, Replay::Safe)
+            .await
+    }
+
+    async fn call_empty(&self, method: Method, path: &str, replay: Replay) -> Result<()> {
+        let response = self.send(method, path, None::<&()>, None, replay).await?;
+        let status = response.status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(error_from(response).await)
+        }
+    }
+
+    async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        idempotency_key: Option<&str>,
+        replay: Replay,
+    ) -> Result<T> {
+        let response = self.send(method, path, body, idempotency_key, replay).await?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(error_from(response).await);
+        }
+        let bytes = response.bytes().await?;
+        serde_json::from_slice(&bytes).map_err(|err| Error::Decode {
+            status: status.as_u16(),
+            detail: err.to_string(),
+        })
+    }
+
+    /// Sends with retries: transient failures are retried with exponential back-off, or after the
+    /// server's `Retry-After`.
+    async fn send<B: Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        idempotency_key: Option<&str>,
+        replay: Replay,
+    ) -> Result<reqwest::Response> {
+        let url = self
+            .base
+            .join(path)
+            .map_err(|err| Error::InvalidUrl(err.to_string()))?;
+        let mut backoff = self.retry.initial_backoff;
+        let mut attempt = 0;
+        loop {
+            let mut request = self.http.request(method.clone(), url.clone());
+            if let Some(token) = &self.token {
+                request = request.bearer_auth(token);
+            }
+            if let Some(key) = idempotency_key {
+                request = request.header("Idempotency-Key", key);
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let outcome = request.send().await;
+            let wait = match &outcome {
+                Ok(response) if retryable_status(response.status()) && replay == Replay::Safe => {
+                    Some(retry_after(response).unwrap_or(backoff))
+                }
+                Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
+                    Some(retry_after(response).unwrap_or(backoff))
+                }
+                Err(err)
+                    if err.is_connect()
+                        || (replay == Replay::Safe && (err.is_timeout() || err.is_request())) =>
+                {
+                    Some(backoff)
+                }
+                Ok(_) | Err(_) => None,
+            };
+            match wait {
+                Some(wait) if attempt < self.retry.max_retries && wait <= self.retry.max_wait => {
+                    attempt += 1;
+                    tokio::time::sleep(wait).await;
+                    backoff = backoff.saturating_mul(2);
+                }
+                _ => return Ok(outcome?),
+            }
+        }
+    }
+}
+
+fn retryable_status(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 429 | 500 | 502 | 503 | 504)
+}
+
+fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    let seconds = response
+        .headers()
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .parse::<u64>()
+        .ok()?;
+    Some(Duration::from_secs(seconds))
+}
+
+async fn error_from(response: reqwest::Response) -> Error {
+    let status = response.status().as_u16();
+    let retry_after = retry_after(&response);
+    let request_id = response
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    match response.bytes().await {
+        Ok(bytes) => match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => Error::Api {
+                status,
+                code: body.error.code,
+                message: body.error.message,
+                request_id: body.error.request_id,
+                retry_after,
+            },
+            Err(_) => Error::Decode {
+                status,
+                detail: format!("{} (request {request_id})", String::from_utf8_lossy(&bytes)),
+            },
+        },
+        Err(err) => Error::Transport(err),
+    }
+}
+
+/// A fresh key for one logical call.
+#[must_use]
+pub fn new_idempotency_key() -> String {
+    format!("sdk_{}", ulid::Ulid::new().to_string().to_ascii_lowercase())
+}
+
+fn usage_query_string(query: &UsageQuery) -> Result<String> {
+    let mut url = Url::parse("http://query.invalid/").map_err(|err| Error::InvalidUrl(err.to_string()))?;
+    {
+        let mut pairs = url.query_pairs_mut();
+        if let Some(from) = &query.from {
+            pairs.append_pair("from", from);
+        }
+        if let Some(to) = &query.to {
+            pairs.append_pair("to", to);
+        }
+        if let Some(group_by) = query.group_by {
+            pairs.append_pair(
+                "group_by",
+                match group_by {
+                    UsageGrouping::Day => "day",
+                    UsageGrouping::Resource => "resource",
+                },
+            );
+        }
+    }
+    Ok(url
+        .query()
+        .filter(|q| !q.is_empty())
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default())
+}

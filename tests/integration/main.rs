@@ -1,0 +1,13 @@
+//! End-to-end tests: a real server per test, the SDK (or raw HTTP, for what the SDK never sends) as the
+//! client. One binary, a module per feature.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test, with its location
+
+mod accounts;
+mod auth;
+mod errors;
+mod members;
+mod openapi;
+mod operations;
+mod rate_limit;
+mod usage;
