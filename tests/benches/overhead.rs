@@ -40,7 +40,15 @@ struct Latency {
 async fn measure(concurrency: usize, request: impl Fn() -> reqwest::RequestBuilder + Sync) -> Latency {
     let per_task = LATENCY_REQUESTS / concurrency;
     // Warm up connections and caches.
-    join_all((0..concurrency).map(|_| async { request().send().await.expect("request").error_for_status().expect("2xx") })).await;
+    join_all((0..concurrency).map(|_| async {
+        request()
+            .send()
+            .await
+            .expect("request")
+            .error_for_status()
+            .expect("2xx")
+    }))
+    .await;
     let started = Instant::now();
     let samples = join_all((0..concurrency).map(|_| async {
         let mut samples = Vec::with_capacity(per_task);
@@ -57,22 +65,44 @@ async fn measure(concurrency: usize, request: impl Fn() -> reqwest::RequestBuild
     let elapsed = started.elapsed();
     let mut all: Vec<Duration> = samples.into_iter().flatten().collect();
     all.sort();
-    Latency { p50: percentile(&all, 0.5), p99: percentile(&all, 0.99), per_second: all.len() as f64 / elapsed.as_secs_f64() }
+    Latency {
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
+        per_second: all.len() as f64 / elapsed.as_secs_f64(),
+    }
 }
 
 async fn http_overhead(app: &TestApp, key: &str) {
-    let http = reqwest::Client::builder().pool_max_idle_per_host(128).build().expect("client");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(128)
+        .build()
+        .expect("client");
     let live = app.url("/v2/health/live");
     let echo = app.url("/v1/echo");
-    println!("  {:<28} {:>10} {:>10} {:>10}", "request (concurrency)", "p50 µs", "p99 µs", "req/s");
+    println!(
+        "  {:<28} {:>10} {:>10} {:>10}",
+        "request (concurrency)", "p50 µs", "p99 µs", "req/s"
+    );
     for concurrency in [1, 64] {
         let baseline = measure(concurrency, || http.get(&live)).await;
         let metered = measure(concurrency, || {
-            http.post(&echo).bearer_auth(key).header("content-type", "application/json").body("{\"ping\":1}")
+            http.post(&echo)
+                .bearer_auth(key)
+                .header("content-type", "application/json")
+                .body("{\"ping\":1}")
         })
         .await;
-        for (name, l) in [("health/live (baseline)", &baseline), ("echo (metered)", &metered)] {
-            println!("  {:<28} {:>10.0} {:>10.0} {:>10.0}", format!("{name} ({concurrency})"), us(l.p50), us(l.p99), l.per_second);
+        for (name, l) in [
+            ("health/live (baseline)", &baseline),
+            ("echo (metered)", &metered),
+        ] {
+            println!(
+                "  {:<28} {:>10.0} {:>10.0} {:>10.0}",
+                format!("{name} ({concurrency})"),
+                us(l.p50),
+                us(l.p99),
+                l.per_second
+            );
         }
         println!(
             "  => added by auth + rate limit + ledger at concurrency {concurrency}: p50 {:+.0} µs, p99 {:+.0} µs; throughput {:.2}x of baseline",
@@ -81,6 +111,19 @@ async fn http_overhead(app: &TestApp, key: &str) {
             metered.per_second / baseline.per_second
         );
     }
+}
+
+/// A verified key is served from the in-process cache: a SHA-256 and a map lookup.
+async fn key_verification(app: &TestApp, key: &str) {
+    let store = app.store();
+    store.authenticate(key).await.expect("valid key");
+    let rounds = 200_000;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        store.authenticate(key).await.expect("valid key");
+    }
+    let per_call = started.elapsed() / rounds;
+    println!("  key verification, cached: {:.2} µs per call", us(per_call));
 }
 
 fn event(tenant: &plinth_sdk::TenantId, i: usize) -> UsageRecord {
@@ -115,7 +158,10 @@ async fn ledger_throughput(app: &TestApp, tenant: &plinth_sdk::TenantId) {
         let tenant = tenant.clone();
         tokio::spawn(async move {
             for i in 0..per_recorder {
-                meter.record(event(&tenant, r * per_recorder + i)).await.expect("record");
+                meter
+                    .record(event(&tenant, r * per_recorder + i))
+                    .await
+                    .expect("record");
             }
         })
     }))
@@ -124,7 +170,10 @@ async fn ledger_throughput(app: &TestApp, tenant: &plinth_sdk::TenantId) {
     drop(meter);
     writer.await.expect("writer");
     println!("  ledger, one event at a time:          {one_by_one:>9.0} events/s");
-    println!("  ledger, {LEDGER_RECORDERS} concurrent recorders:     {grouped:>9.0} events/s  ({:.1}x)", grouped / one_by_one);
+    println!(
+        "  ledger, {LEDGER_RECORDERS} concurrent recorders:     {grouped:>9.0} events/s  ({:.1}x)",
+        grouped / one_by_one
+    );
 }
 
 async fn run(backend: Backend) {
@@ -145,20 +194,30 @@ async fn run(backend: Backend) {
     app.store().upsert_plan(&unlimited).await.expect("plan");
     app.set_plan(&tenant.session.tenant.id, "bench").await;
     println!("\n{backend:?}");
+    key_verification(&app, &tenant.key.secret).await;
     http_overhead(&app, &tenant.key.secret).await;
     ledger_throughput(&app, &tenant.session.tenant.id).await;
     app.stop().await;
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async {
-        println!("Plinth metering overhead ({LATENCY_REQUESTS} requests per row, {} cores)", std::thread::available_parallelism().map_or(0, usize::from));
+        println!(
+            "Plinth metering overhead ({LATENCY_REQUESTS} requests per row, {} cores)",
+            std::thread::available_parallelism().map_or(0, usize::from)
+        );
         run(Backend::SqliteMemory).await;
         if postgres_and_redis().is_some() {
             run(Backend::PostgresRedis).await;
         } else {
-            println!("\n(set PLINTH_TEST_DATABASE_URL and PLINTH_TEST_REDIS_URL to measure Postgres + Redis too)");
+            println!(
+                "\n(set PLINTH_TEST_DATABASE_URL and PLINTH_TEST_REDIS_URL to measure Postgres + Redis too)"
+            );
         }
     });
 }

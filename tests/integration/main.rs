@@ -10,4 +10,5 @@ mod members;
 mod openapi;
 mod operations;
 mod rate_limit;
+mod sdk;
 mod usage;

@@ -42,8 +42,12 @@ pub struct TestTenant {
 /// The production-mode services named by `PLINTH_TEST_DATABASE_URL` and `PLINTH_TEST_REDIS_URL`, if set.
 #[must_use]
 pub fn postgres_and_redis() -> Option<(String, String)> {
-    let database = std::env::var("PLINTH_TEST_DATABASE_URL").ok().filter(|v| !v.is_empty())?;
-    let redis = std::env::var("PLINTH_TEST_REDIS_URL").ok().filter(|v| !v.is_empty())?;
+    let database = std::env::var("PLINTH_TEST_DATABASE_URL")
+        .ok()
+        .filter(|v| !v.is_empty())?;
+    let redis = std::env::var("PLINTH_TEST_REDIS_URL")
+        .ok()
+        .filter(|v| !v.is_empty())?;
     Some((database, redis))
 }
 
@@ -59,7 +63,11 @@ impl TestApp {
 
     /// Starts a server after `adjust` has edited the configuration.
     pub async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> Self {
-        let backend = if postgres_and_redis().is_some() { Backend::PostgresRedis } else { Backend::SqliteMemory };
+        let backend = if postgres_and_redis().is_some() {
+            Backend::PostgresRedis
+        } else {
+            Backend::SqliteMemory
+        };
         Self::spawn_on(backend, adjust).await
     }
 

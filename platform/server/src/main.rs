@@ -91,7 +91,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let json = plinth_api::openapi::to_json()?;
         match output {
             Some(path) => {
-                std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?
+                std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
             }
             None => print!("{json}"),
         }
@@ -116,7 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 AdminCommand::SeedPlans => eprintln!("default plans present"),
                 AdminCommand::Plans => {
-                    println!("{}", serde_json::to_string_pretty(&store.list_plans().await?)?)
+                    println!("{}", serde_json::to_string_pretty(&store.list_plans().await?)?);
                 }
                 AdminCommand::PutPlan { json } => {
                     let plan: Plan = serde_json::from_str(&json).context("--json is not a plan")?;

@@ -4,9 +4,10 @@
 //! unbilled. Each event carries an idempotency key, unique per tenant: a retried call (same
 //! `Idempotency-Key`) finds the first event and is not billed again, even when both attempts race.
 //!
-//! Writes use group commit: one writer task drains every event queued while the previous write was in
+//! Writes use group commit: one writer task drains every event queued while earlier writes were in
 //! flight and stores them with a single multi-row `INSERT … ON CONFLICT DO NOTHING`, so the database sees
-//! one transaction per batch rather than one per call.
+//! one transaction per batch rather than one per call. On Postgres a few batch commits may overlap, so
+//! the commit round trip does not leave the next batch waiting.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -19,7 +20,9 @@ use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, Condition, EntityTrait, FromQueryResult, QueryFilter, QuerySelect, Set, TryInsertResult,
 };
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::entity::{TenantScoped, usage_events};
@@ -56,6 +59,9 @@ pub struct LedgerSettings {
     pub max_batch: usize,
     /// Events waiting for the writer before callers wait to enqueue (back-pressure).
     pub queue_capacity: usize,
+    /// Batches whose commit may overlap. `None` picks per backend: 1 for SQLite (one writer at a
+    /// time anyway), 4 for Postgres (so a commit's round trip does not stall the next batch).
+    pub in_flight: Option<usize>,
 }
 
 impl Default for LedgerSettings {
@@ -63,6 +69,7 @@ impl Default for LedgerSettings {
         Self {
             max_batch: 1_000,
             queue_capacity: 65_536,
+            in_flight: None,
         }
     }
 }
@@ -109,7 +116,11 @@ impl Meter {
     #[must_use]
     pub fn start(store: Store, settings: LedgerSettings) -> (Self, JoinHandle<()>) {
         let (queue, receiver) = mpsc::channel(settings.queue_capacity.max(1));
-        let writer = tokio::spawn(write_loop(store, receiver, settings.max_batch.max(1)));
+        let in_flight = settings.in_flight.unwrap_or(match store.backend() {
+            sea_orm::DbBackend::Sqlite => 1,
+            _ => 4,
+        });
+        let writer = tokio::spawn(write_loop(store, receiver, settings.max_batch.max(1), in_flight));
         (Self { queue }, writer)
     }
 
@@ -136,31 +147,53 @@ impl Meter {
     }
 }
 
-async fn write_loop(store: Store, mut receiver: mpsc::Receiver<Pending>, max_batch: usize) {
-    let mut batch = Vec::with_capacity(max_batch);
-    while receiver.recv_many(&mut batch, max_batch).await > 0 {
-        let started = Instant::now();
-        let size = batch.len();
-        let outcome = write_batch(&store, &batch).await;
-        metrics::histogram!("plinth_ledger_batch_size").record(size as f64);
-        metrics::histogram!("plinth_ledger_write_duration_seconds").record(started.elapsed().as_secs_f64());
-        match outcome {
-            Ok(results) => {
-                let replays = results.iter().filter(|r| r.replayed).count();
-                metrics::counter!("plinth_ledger_events_total").increment((size - replays) as u64);
-                metrics::counter!("plinth_ledger_replays_total").increment(replays as u64);
-                for (pending, result) in batch.drain(..).zip(results) {
-                    // A caller that gave up (client disconnected) is fine: its event is stored either way.
-                    let _ = pending.reply.send(Ok(result));
-                }
+/// Gathers batches and writes them, with up to `in_flight` commits overlapping: while one batch waits
+/// for its commit, the next gathers every event that arrived meanwhile. On Postgres this keeps batches
+/// large under load (and the database merges concurrent WAL flushes); SQLite has one writer anyway.
+async fn write_loop(store: Store, mut receiver: mpsc::Receiver<Pending>, max_batch: usize, in_flight: usize) {
+    let permits = Arc::new(Semaphore::new(in_flight.max(1)));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = Vec::with_capacity(max_batch);
+        if receiver.recv_many(&mut batch, max_batch).await == 0 {
+            break;
+        }
+        let store = store.clone();
+        tokio::spawn(async move {
+            commit_batch(&store, batch).await;
+            drop(permit);
+        });
+    }
+    // Every sender is gone: wait for the batches still being written.
+    let _ = permits
+        .acquire_many(u32::try_from(in_flight.max(1)).unwrap_or(1))
+        .await;
+}
+
+async fn commit_batch(store: &Store, batch: Vec<Pending>) {
+    let started = Instant::now();
+    let size = batch.len();
+    let outcome = write_batch(store, &batch).await;
+    metrics::histogram!("plinth_ledger_batch_size").record(size as f64);
+    metrics::histogram!("plinth_ledger_write_duration_seconds").record(started.elapsed().as_secs_f64());
+    match outcome {
+        Ok(results) => {
+            let replays = results.iter().filter(|r| r.replayed).count();
+            metrics::counter!("plinth_ledger_events_total").increment((size - replays) as u64);
+            metrics::counter!("plinth_ledger_replays_total").increment(replays as u64);
+            for (pending, result) in batch.into_iter().zip(results) {
+                // A caller that gave up (client disconnected) is fine: its event is stored either way.
+                let _ = pending.reply.send(Ok(result));
             }
-            Err(err) => {
-                tracing::error!(error = %err, events = size, "usage ledger write failed");
-                for pending in batch.drain(..) {
-                    let _ = pending.reply.send(Err(StoreError::Unavailable(
-                        "the usage ledger could not be written".into(),
-                    )));
-                }
+        }
+        Err(err) => {
+            tracing::error!(error = %err, events = size, "usage ledger write failed");
+            for pending in batch {
+                let _ = pending.reply.send(Err(StoreError::Unavailable(
+                    "the usage ledger could not be written".into(),
+                )));
             }
         }
     }

@@ -1,0 +1,30 @@
+# The two commands a new user needs: `make run` and `make test`. See README.md.
+# Build outputs live outside the checkout so fresh clones (and CI) reuse them.
+CARGO_TARGET_DIR ?= $(HOME)/.cache/plinth/target
+export CARGO_TARGET_DIR
+
+.PHONY: run test lint bench openapi setup
+
+## Start the platform in embedded mode (SQLite + in-process cache) on http://127.0.0.1:8080.
+run: setup
+	cargo run --release -p plinth-server --bin plinth -- serve
+
+## Run the whole suite: unit tests, then the end-to-end tests on SQLite + memory, and again on
+## Postgres + Redis when PLINTH_TEST_DATABASE_URL and PLINTH_TEST_REDIS_URL are set.
+test: setup
+	scripts/test.sh
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+## Metering overhead and ledger throughput (and Postgres + Redis with the variables above).
+bench: setup
+	cargo bench -p plinth-tests --bench overhead
+
+## Regenerate the committed OpenAPI document after changing a route.
+openapi:
+	cargo run -q -p plinth-server --bin plinth -- openapi --output openapi/openapi.json
+
+setup:
+	@scripts/setup.sh

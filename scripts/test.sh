@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite. Unit tests and the end-to-end suite on SQLite + in-process cache always; the
+# end-to-end suite again on Postgres + Redis when PLINTH_TEST_DATABASE_URL and PLINTH_TEST_REDIS_URL are
+# set (each test then creates its own schema in that database and its own Redis key prefix).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+production_mode=("${PLINTH_TEST_DATABASE_URL:-}" "${PLINTH_TEST_REDIS_URL:-}")
+
+echo "== unit tests and end-to-end tests: SQLite + in-process cache"
+env -u PLINTH_TEST_DATABASE_URL -u PLINTH_TEST_REDIS_URL cargo test --workspace --locked
+
+if [ -n "${production_mode[0]}" ] && [ -n "${production_mode[1]}" ]; then
+  echo "== end-to-end tests: Postgres + Redis"
+  cargo test --locked -p plinth-tests --test integration
+else
+  echo "== Postgres + Redis skipped: set PLINTH_TEST_DATABASE_URL and PLINTH_TEST_REDIS_URL to run them"
+fi

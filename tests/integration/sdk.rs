@@ -1,0 +1,100 @@
+//! The SDK against the real server: the README's quick start, typed errors, and retry behaviour.
+
+use std::time::{Duration, Instant};
+
+use plinth_sdk::{
+    Client, CreateApiKeyRequest, Error, ErrorCode, RetryPolicy, Scope, SignupRequest, UsageGrouping,
+    UsageQuery,
+};
+use plinth_tests::{PASSWORD, TestApp};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quick_start_works_through_the_sdk() {
+    let app = TestApp::spawn().await;
+    let session = app
+        .client()
+        .signup(&SignupRequest {
+            email: "quick@example.com".into(),
+            password: PASSWORD.into(),
+            tenant_name: "Quick".into(),
+        })
+        .await
+        .unwrap();
+    let owner = app.client().with_token(&session.token);
+    let key = owner
+        .create_api_key(&CreateApiKeyRequest {
+            name: "backend".into(),
+            scopes: Some(vec![Scope::Inference, Scope::BillingRead]),
+            rate_limit_per_minute: None,
+            expires_at: None,
+        })
+        .await
+        .unwrap();
+    assert!(key.secret.starts_with("plk_live_"));
+    assert_eq!(key.key.scopes, vec![Scope::Inference, Scope::BillingRead]);
+
+    let client = app.client().with_token(&key.secret);
+    let plans = client.plans().await.unwrap();
+    assert_eq!(
+        plans.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+        ["free", "pro", "enterprise"]
+    );
+    assert_eq!(client.subscription().await.unwrap().plan, plans[0]);
+    let echoed = client.echo(&json!({"hello": "world"})).await.unwrap();
+    assert_eq!(echoed.echo, json!({"hello": "world"}));
+    let usage = client
+        .usage(&UsageQuery {
+            group_by: Some(UsageGrouping::Resource),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(usage.total.calls, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_arrive_typed() {
+    let app = TestApp::spawn().await;
+    let err = app
+        .client()
+        .with_token("plk_live_bogus")
+        .tenant()
+        .await
+        .unwrap_err();
+    let Error::Api {
+        status,
+        code,
+        request_id,
+        retry_after,
+        ..
+    } = err
+    else {
+        panic!("expected an API error, got {err:?}");
+    };
+    assert_eq!((status, code), (401, ErrorCode::InvalidCredentials));
+    assert!(request_id.starts_with("req_"));
+    assert_eq!(retry_after, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_servers_are_retried_then_reported() {
+    // Bind and drop a listener to find a port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let client = Client::new(&format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .with_retry(RetryPolicy {
+            max_retries: 2,
+            initial_backoff: Duration::from_millis(50),
+            max_wait: Duration::from_secs(1),
+        });
+    let started = Instant::now();
+    let err = client.plans().await.unwrap_err();
+    assert!(matches!(err, Error::Transport(_)), "{err:?}");
+    // Two retries after 50 ms and 100 ms of back-off.
+    assert!(started.elapsed() >= Duration::from_millis(150));
+}
