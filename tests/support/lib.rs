@@ -81,6 +81,8 @@ impl TestApp {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.path().to_path_buf(),
             workers: 2,
+            // One session per model keeps start-up quick; batching still joins concurrent calls.
+            inference_sessions: 1,
             log: "warn".to_owned(),
             ..Config::default()
         };

@@ -11,7 +11,7 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, ResponseError};
 use plinth_core::ErrorCode;
-use plinth_core::error::{ErrorBody, ErrorDetail};
+use plinth_core::error::{ErrorBody, ErrorDetail, ProtocolErrorBody};
 use plinth_store::StoreError;
 use plinth_store::auth::AuthError;
 use plinth_store::cache::RateDecision;
@@ -97,18 +97,27 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code,
-                message: self.message.clone(),
-                request_id: request_id::current(),
-            },
-        };
         let mut response = HttpResponse::build(self.status_code());
         if let Some(wait) = self.retry_after {
             response.insert_header((header::RETRY_AFTER, wait.as_secs().max(1)));
         }
-        let mut response = response.json(body);
+        let mut response = if request_id::is_inference_protocol() {
+            // The protocol's clients (tritonclient, KServe) read `error` as the message string; the
+            // code and request id ride alongside.
+            response.json(ProtocolErrorBody {
+                error: self.message.clone(),
+                code: self.code,
+                request_id: request_id::current(),
+            })
+        } else {
+            response.json(ErrorBody {
+                error: ErrorDetail {
+                    code: self.code,
+                    message: self.message.clone(),
+                    request_id: request_id::current(),
+                },
+            })
+        };
         if let Some(decision) = &self.rate {
             insert_rate_headers(response.headers_mut(), decision);
         }
@@ -152,6 +161,26 @@ impl From<AuthError> for ApiError {
             ),
             AuthError::Revoked => Self::new(ErrorCode::ApiKeyRevoked, "this API key was revoked"),
             AuthError::Store(err) => err.into(),
+        }
+    }
+}
+
+impl From<plinth_inference::InferenceError> for ApiError {
+    #[track_caller]
+    fn from(err: plinth_inference::InferenceError) -> Self {
+        use plinth_inference::InferenceError as E;
+        let code = match &err {
+            E::InvalidInput(_) => ErrorCode::InvalidInput,
+            E::WrongTask(_) => ErrorCode::UnsupportedTask,
+            E::InvalidModel(_) => ErrorCode::InvalidModel,
+            E::Overloaded => ErrorCode::Overloaded,
+            E::Timeout => ErrorCode::InferenceTimeout,
+            E::Runtime(_) => return Self::internal(err),
+        };
+        let retry_after = matches!(code, ErrorCode::Overloaded).then_some(Duration::from_secs(1));
+        Self {
+            retry_after,
+            ..Self::new(code, err.to_string())
         }
     }
 }

@@ -7,9 +7,10 @@ use actix_web::middleware::Next;
 use actix_web::{FromRequest, HttpRequest, web};
 use futures_util::future::{Ready, ready};
 use plinth_core::ErrorCode;
-use plinth_store::auth::Actor;
+use plinth_store::auth::{Actor, Principal};
 use plinth_store::cache::{Quota, RateDecision};
 use plinth_store::ledger::MAX_IDEMPOTENCY_KEY_LEN;
+use plinth_store::ledger::UsageRecord;
 
 use crate::auth::authenticate;
 use crate::error::{ApiError, insert_rate_headers};
@@ -71,6 +72,31 @@ pub(crate) async fn middleware(
         insert_rate_headers(response.headers_mut(), decision);
     }
     Ok(response)
+}
+
+/// Records one billable call of `units` items at the plan's list price, and returns once it is durable.
+pub(crate) async fn record_usage(
+    state: &AppState,
+    auth: &Principal,
+    idempotency: IdempotencyKey,
+    request_id: RequestId,
+    kind: &str,
+    resource: &str,
+    units: usize,
+) -> Result<plinth_store::ledger::Recorded, ApiError> {
+    Ok(state
+        .meter
+        .record(UsageRecord {
+            tenant_id: auth.tenant_id.clone(),
+            api_key_id: auth.api_key_id().cloned(),
+            resource_kind: kind.to_owned(),
+            resource_id: resource.to_owned(),
+            units: i64::try_from(units).unwrap_or(i64::MAX),
+            unit_price: auth.price_per_call,
+            idempotency_key: idempotency.0,
+            request_id: request_id.0,
+        })
+        .await?)
 }
 
 /// The client's `Idempotency-Key`, or one derived from the request id when none was sent (then every

@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{accounts, api_keys, billing, echo, health, members};
+use crate::routes::{accounts, api_keys, billing, echo, health, inference, members, models};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,6 +20,8 @@ use crate::routes::{accounts, api_keys, billing, echo, health, members};
         members::list, members::add, members::update, members::remove,
         billing::plans, billing::subscription, billing::usage,
         echo::echo,
+        models::list, models::get, models::classify, models::embed,
+        inference::metadata, inference::ready, inference::statistics, inference::infer,
         health::live, health::ready, health::metrics,
     ),
     components(schemas(plinth_core::ErrorCode, plinth_core::Scope, plinth_core::Role)),
@@ -30,6 +32,8 @@ use crate::routes::{accounts, api_keys, billing, echo, health, members};
         (name = "members", description = "People in a tenant and their roles"),
         (name = "billing", description = "Plans, subscription and usage"),
         (name = "metering", description = "The metered call path"),
+        (name = "models", description = "Models and the task endpoints that take text"),
+        (name = "inference protocol", description = "Open Inference Protocol v2 (KServe / Triton compatible)"),
         (name = "operations", description = "Health and metrics"),
     ),
 )]

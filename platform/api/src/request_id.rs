@@ -15,7 +15,15 @@ use futures_util::future::{Ready, ready};
 use tracing::Instrument;
 
 tokio::task_local! {
-    static REQUEST_ID: String;
+    static REQUEST_ID: RequestContext;
+}
+
+/// What error bodies need to know about the request being handled.
+#[derive(Debug, Clone)]
+struct RequestContext {
+    id: String,
+    /// Open Inference Protocol routes, whose clients expect `error` to be a string.
+    inference_protocol: bool,
 }
 
 pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
@@ -41,8 +49,16 @@ impl FromRequest for RequestId {
 #[must_use]
 pub fn current() -> String {
     REQUEST_ID
-        .try_with(Clone::clone)
+        .try_with(|context| context.id.clone())
         .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Whether the request being handled is on the Open Inference Protocol's `/v2/models` paths.
+#[must_use]
+pub fn is_inference_protocol() -> bool {
+    REQUEST_ID
+        .try_with(|context| context.inference_protocol)
+        .unwrap_or(false)
 }
 
 fn incoming_id(req: &ServiceRequest) -> Option<String> {
@@ -61,8 +77,12 @@ pub(crate) async fn middleware(
     let method = req.method().to_string();
     let span = tracing::info_span!("request", request_id = %id, %method, path = %req.path());
     let started = Instant::now();
+    let context = RequestContext {
+        id: id.clone(),
+        inference_protocol: req.path().starts_with("/v2/models"),
+    };
     let result = REQUEST_ID
-        .scope(id.clone(), next.call(req))
+        .scope(context, next.call(req))
         .instrument(span.clone())
         .await;
     let mut response = result?;

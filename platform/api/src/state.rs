@@ -1,6 +1,9 @@
 //! What handlers share.
 
+use std::sync::Arc;
+
 use metrics_exporter_prometheus::PrometheusHandle;
+use plinth_inference::Catalog;
 use plinth_store::Store;
 use plinth_store::cache::SharedCache;
 use plinth_store::ledger::Meter;
@@ -10,6 +13,7 @@ pub struct AppState {
     pub store: Store,
     pub cache: SharedCache,
     pub meter: Meter,
+    pub models: Arc<Catalog>,
     pub metrics: PrometheusHandle,
     pub settings: ApiSettings,
 }

@@ -58,6 +58,16 @@ error_codes! {
     LastOwner = 409,
     /// The user is already a member of this tenant.
     AlreadyMember = 409,
+    /// The model or input is not of the kind this call needs (e.g. classify with an embedding model).
+    UnsupportedTask = 422,
+    /// An uploaded model or manifest is unusable; the message says why.
+    InvalidModel = 422,
+    /// Inference inputs do not fit the model (names, datatypes, shapes, counts).
+    InvalidInput = 400,
+    /// The model's queue is full; retry after `Retry-After`.
+    Overloaded = 503,
+    /// The call did not finish within the server's inference timeout.
+    InferenceTimeout = 504,
     /// The body is larger than the route accepts.
     PayloadTooLarge = 413,
     /// The body is not `application/json` where JSON is required.
@@ -78,7 +88,14 @@ impl ErrorCode {
     /// Whether a client may retry the same request (with the same idempotency key) and expect it to work.
     #[must_use]
     pub const fn is_retryable(self) -> bool {
-        matches!(self, Self::RateLimited | Self::Internal | Self::Unavailable)
+        matches!(
+            self,
+            Self::RateLimited
+                | Self::Internal
+                | Self::Unavailable
+                | Self::Overloaded
+                | Self::InferenceTimeout
+        )
     }
 }
 
@@ -87,6 +104,16 @@ impl ErrorCode {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: ErrorDetail,
+}
+
+/// The error body on the Open Inference Protocol's `/v2/models` routes: the protocol's `error` string,
+/// with Plinth's code and request id beside it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ProtocolErrorBody {
+    pub error: String,
+    pub code: ErrorCode,
+    pub request_id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

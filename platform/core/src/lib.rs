@@ -5,6 +5,7 @@
 pub mod api;
 pub mod error;
 pub mod id;
+pub mod inference;
 pub mod money;
 pub mod scope;
 

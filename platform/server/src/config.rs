@@ -43,6 +43,24 @@ pub struct Config {
     pub ledger_max_batch: usize,
     /// `PLINTH_WORKERS`: HTTP worker threads; 0 means one per CPU core.
     pub workers: usize,
+    /// `PLINTH_ORT_DYLIB`: the ONNX Runtime shared library (`scripts/fetch-models.sh` fetches it).
+    pub ort_dylib: PathBuf,
+    /// `PLINTH_MODELS_DIR`: where the built-in models were prepared.
+    pub models_dir: PathBuf,
+    /// `PLINTH_EXECUTION_PROVIDER`: `cpu`, `cuda` (refuse to start without it) or `auto` (CUDA, else CPU).
+    pub execution_provider: String,
+    /// `PLINTH_INFERENCE_THREADS`: ONNX Runtime intra-op threads per session.
+    pub inference_threads: usize,
+    /// `PLINTH_INFERENCE_SESSIONS`: sessions (and batch workers) per model.
+    pub inference_sessions: usize,
+    /// `PLINTH_MAX_BATCH`: most items in one model run; 1 turns batching off.
+    pub max_batch: usize,
+    /// `PLINTH_MAX_QUEUE_DELAY_US`: how long a call waits for others to join its batch.
+    pub max_queue_delay_us: u64,
+    /// `PLINTH_INFERENCE_QUEUE`: calls queued per model before 503.
+    pub inference_queue: usize,
+    /// `PLINTH_INFERENCE_TIMEOUT_MS`: longest an inference call may take.
+    pub inference_timeout_ms: u64,
     /// `PLINTH_LOG`: a tracing filter, e.g. `info` or `plinth_api=debug,info`.
     pub log: String,
     /// `PLINTH_LOG_FORMAT`: `text` or `json`.
@@ -63,10 +81,33 @@ impl Default for Config {
             credential_cache_ttl_ms: 1_000,
             ledger_max_batch: 1_000,
             workers: 0,
+            ort_dylib: cache_dir().join("onnxruntime/libonnxruntime.so.1.31.1"),
+            models_dir: cache_dir().join("models"),
+            execution_provider: "cpu".to_owned(),
+            inference_threads: 1,
+            inference_sessions: 2,
+            max_batch: 32,
+            max_queue_delay_us: 500,
+            inference_queue: 1_024,
+            inference_timeout_ms: 30_000,
             log: "info".to_owned(),
             log_format: LogFormat::Text,
         }
     }
+}
+
+/// Where `scripts/fetch-models.sh` puts ONNX Runtime and the built-in models: `PLINTH_CACHE_DIR`, else
+/// `~/.cache/plinth`.
+#[must_use]
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("PLINTH_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("HOME").map_or_else(
+                || PathBuf::from(".cache/plinth"),
+                |home| PathBuf::from(home).join(".cache/plinth"),
+            )
+        })
 }
 
 /// A configuration problem, worded for the operator.
@@ -75,7 +116,14 @@ impl Default for Config {
 pub struct ConfigError(String);
 
 /// Environment variables that are read elsewhere, not by this struct.
-const OTHER_VARIABLES: &[&str] = &["config", "test_database_url", "test_redis_url"];
+const OTHER_VARIABLES: &[&str] = &[
+    "config",
+    "cache_dir",
+    "admin_password",
+    "test_database_url",
+    "test_redis_url",
+    "test_python",
+];
 
 impl Config {
     /// Loads defaults, the file (if any) and the environment, then validates.
@@ -138,10 +186,45 @@ impl Config {
                 "PLINTH_CREDENTIAL_CACHE_TTL_MS must be at most 60000: it bounds how long a revoked key works",
             );
         }
+        if self
+            .execution_provider
+            .parse::<plinth_inference::ExecutionProvider>()
+            .is_err()
+        {
+            return fail("PLINTH_EXECUTION_PROVIDER must be cpu, cuda or auto");
+        }
+        if self.inference_threads == 0
+            || self.inference_sessions == 0
+            || self.max_batch == 0
+            || self.inference_queue == 0
+        {
+            return fail(
+                "PLINTH_INFERENCE_THREADS, PLINTH_INFERENCE_SESSIONS, PLINTH_MAX_BATCH and PLINTH_INFERENCE_QUEUE must be at least 1",
+            );
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log).is_err() {
             return fail("PLINTH_LOG is not a valid filter (e.g. `info` or `plinth_api=debug,info`)");
         }
         Ok(())
+    }
+
+    /// The inference engine's settings.
+    #[must_use]
+    pub fn engine_settings(&self) -> plinth_inference::EngineSettings {
+        plinth_inference::EngineSettings {
+            ort_dylib: self.ort_dylib.clone(),
+            provider: self
+                .execution_provider
+                .parse()
+                .unwrap_or(plinth_inference::ExecutionProvider::Cpu),
+            intra_threads: self.inference_threads,
+            sessions_per_model: self.inference_sessions,
+            max_batch: self.max_batch,
+            max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
+            queue_capacity: self.inference_queue,
+            timeout: Duration::from_millis(self.inference_timeout_ms),
+            ..plinth_inference::EngineSettings::default()
+        }
     }
 
     #[must_use]

@@ -4,6 +4,7 @@
 pub mod config;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use actix_web::HttpServer;
 use actix_web::dev::ServerHandle;
@@ -89,10 +90,15 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             ..LedgerSettings::default()
         },
     );
+    let engine = plinth_inference::Engine::new(config.engine_settings()).context("cannot start inference")?;
+    let models = Arc::new(plinth_inference::Catalog::default());
+    plinth_inference::load_builtin(&engine, &config.models_dir, &models)
+        .context("cannot load the built-in models")?;
     let state = AppState {
         store: store.clone(),
         cache,
         meter,
+        models,
         metrics: plinth_api::metrics::handle(),
         settings: ApiSettings {
             max_body_bytes: config.max_body_bytes,

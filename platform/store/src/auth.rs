@@ -41,6 +41,8 @@ pub struct Principal {
     pub scopes: Vec<Scope>,
     /// The tenant's plan limit (the free plan's while a payment is past due).
     pub tenant_quota: Quota,
+    /// The plan's list price per metered unit, recorded with each usage event.
+    pub price_per_call: plinth_core::Micros,
     pub expires_at: Option<DateTime<Utc>>,
 }
 
@@ -213,6 +215,7 @@ impl Store {
                 per_minute: plan.rate_limit_per_minute,
                 burst: plan.burst,
             },
+            price_per_call: plan.price_per_call_micros,
             expires_at: key.expires_at,
         })
     }
@@ -271,6 +274,7 @@ impl Store {
                 per_minute: plan.rate_limit_per_minute,
                 burst: plan.burst,
             },
+            price_per_call: plan.price_per_call_micros,
             expires_at: Some(session.expires_at),
         })
     }

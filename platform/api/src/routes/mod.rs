@@ -5,7 +5,9 @@ pub mod api_keys;
 pub mod billing;
 pub mod echo;
 pub mod health;
+pub mod inference;
 pub mod members;
+pub mod models;
 
 use actix_web::middleware::from_fn;
 use actix_web::{Resource, web};
@@ -14,6 +16,32 @@ use crate::{error, metering};
 
 fn resource(path: &str) -> Resource {
     web::resource(path).default_service(web::to(error::method_not_allowed))
+}
+
+/// A billable route: authenticated and rate limited before the handler runs.
+fn metered(
+    path: &str,
+) -> Resource<
+    impl actix_web::dev::ServiceFactory<
+        actix_web::dev::ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    resource(path).wrap(from_fn(metering::middleware))
+}
+
+/// The largest inference-protocol body: 16 MiB of JSON tensors.
+const TENSOR_BODY_LIMIT: usize = 16 * 1024 * 1024;
+
+fn tensor_limits() -> web::JsonConfig {
+    // Triton's client sends JSON tensors without a Content-Type.
+    web::JsonConfig::default()
+        .limit(TENSOR_BODY_LIMIT)
+        .content_type_required(false)
+        .error_handler(error::json_error)
 }
 
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
@@ -40,10 +68,27 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/plans").route(web::get().to(billing::plans)))
         .service(resource("/v1/subscription").route(web::get().to(billing::subscription)))
         .service(resource("/v1/usage").route(web::get().to(billing::usage)))
+        .service(metered("/v1/echo").route(web::post().to(echo::echo)))
+        .service(resource("/v1/models").route(web::get().to(models::list)))
+        .service(resource("/v1/models/{name}").route(web::get().to(models::get)))
+        .service(metered("/v1/models/{name}/classify").route(web::post().to(models::classify)))
+        .service(metered("/v1/models/{name}/embed").route(web::post().to(models::embed)))
+        .service(resource("/v2/models/{name}").route(web::get().to(inference::metadata)))
+        .service(resource("/v2/models/{name}/versions/{version}").route(web::get().to(inference::metadata)))
+        .service(resource("/v2/models/{name}/ready").route(web::get().to(inference::ready)))
+        .service(resource("/v2/models/{name}/stats").route(web::get().to(inference::statistics)))
         .service(
-            resource("/v1/echo")
-                .wrap(from_fn(metering::middleware))
-                .route(web::post().to(echo::echo)),
+            resource("/v2/models/{name}/versions/{version}/ready").route(web::get().to(inference::ready)),
+        )
+        .service(
+            metered("/v2/models/{name}/infer")
+                .app_data(tensor_limits())
+                .route(web::post().to(inference::infer)),
+        )
+        .service(
+            metered("/v2/models/{name}/versions/{version}/infer")
+                .app_data(tensor_limits())
+                .route(web::post().to(inference::infer)),
         )
         .service(resource("/v2/health/live").route(web::get().to(health::live)))
         .service(resource("/v2/health/ready").route(web::get().to(health::ready)))

@@ -1,0 +1,107 @@
+//! Models as people use them: list what is callable, and the task endpoints that take text.
+
+use std::sync::Arc;
+
+use actix_web::{HttpResponse, web};
+use plinth_core::ErrorCode;
+use plinth_core::inference::{ClassifyResponse, EmbedResponse, Model, TextRequest};
+use plinth_inference::LoadedModel;
+
+use crate::auth::{Auth, scope};
+use crate::error::{ApiError, ApiResult};
+use crate::metering::{IdempotencyKey, record_usage};
+use crate::request_id::RequestId;
+use crate::state::AppState;
+
+/// The model `name` as the caller's tenant sees it, or 404.
+pub(crate) fn find_model(
+    state: &AppState,
+    auth: &plinth_store::auth::Principal,
+    name: &str,
+) -> ApiResult<Arc<LoadedModel>> {
+    state
+        .models
+        .find(&auth.tenant_id, name)
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no model named `{name}`")))
+}
+
+/// Models the caller can use: the platform's and the tenant's own.
+#[utoipa::path(get, path = "/v1/models", tag = "models", security(("bearer" = [])),
+    responses((status = 200, body = Vec<Model>)))]
+pub async fn list(state: web::Data<AppState>, auth: Auth) -> web::Json<Vec<Model>> {
+    web::Json(state.models.visible_to(&auth.tenant_id))
+}
+
+/// One model: task, labels, tensors and the execution provider serving it.
+#[utoipa::path(get, path = "/v1/models/{name}", tag = "models", security(("bearer" = [])),
+    params(("name" = String, Path)),
+    responses((status = 200, body = Model), (status = 404, body = plinth_core::error::ErrorBody)))]
+pub async fn get(
+    state: web::Data<AppState>,
+    auth: Auth,
+    name: web::Path<String>,
+) -> ApiResult<web::Json<Model>> {
+    Ok(web::Json(find_model(&state, &auth, &name)?.info().clone()))
+}
+
+/// Classify texts: each gets every label's probability and the most likely label. Billed per text.
+#[utoipa::path(post, path = "/v1/models/{name}/classify", tag = "models", security(("bearer" = ["inference"])),
+    params(("name" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
+    request_body = TextRequest,
+    responses(
+        (status = 200, body = ClassifyResponse),
+        (status = 400, description = "`invalid_input`", body = plinth_core::error::ErrorBody),
+        (status = 422, description = "`unsupported_task`: not a classification model", body = plinth_core::error::ErrorBody),
+        (status = 503, description = "`overloaded`, with `Retry-After`", body = plinth_core::error::ErrorBody),
+    ))]
+pub async fn classify(
+    state: web::Data<AppState>,
+    auth: Auth<scope::Inference>,
+    idempotency: IdempotencyKey,
+    request_id: RequestId,
+    name: web::Path<String>,
+    body: web::Json<TextRequest>,
+) -> ApiResult<HttpResponse> {
+    let model = find_model(&state, &auth, &name)?;
+    let TextRequest { inputs } = body.into_inner();
+    let units = inputs.len();
+    let results = model.classify(inputs).await?;
+    let recorded = record_usage(&state, &auth, idempotency, request_id, "model", &name, units).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header(("Idempotent-Replayed", recorded.replayed.to_string()))
+        .json(ClassifyResponse {
+            model: model.info().name.clone(),
+            results,
+        }))
+}
+
+/// Embed texts as vectors (normalised for the built-in model). Billed per text.
+#[utoipa::path(post, path = "/v1/models/{name}/embed", tag = "models", security(("bearer" = ["inference"])),
+    params(("name" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
+    request_body = TextRequest,
+    responses(
+        (status = 200, body = EmbedResponse),
+        (status = 400, description = "`invalid_input`", body = plinth_core::error::ErrorBody),
+        (status = 422, description = "`unsupported_task`: not an embedding model", body = plinth_core::error::ErrorBody),
+    ))]
+pub async fn embed(
+    state: web::Data<AppState>,
+    auth: Auth<scope::Inference>,
+    idempotency: IdempotencyKey,
+    request_id: RequestId,
+    name: web::Path<String>,
+    body: web::Json<TextRequest>,
+) -> ApiResult<HttpResponse> {
+    let model = find_model(&state, &auth, &name)?;
+    let TextRequest { inputs } = body.into_inner();
+    let units = inputs.len();
+    let embeddings = model.embed(inputs).await?;
+    let recorded = record_usage(&state, &auth, idempotency, request_id, "model", &name, units).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header(("Idempotent-Replayed", recorded.replayed.to_string()))
+        .json(EmbedResponse {
+            model: model.info().name.clone(),
+            dimensions: embeddings.first().map_or(0, Vec::len),
+            embeddings,
+        }))
+}

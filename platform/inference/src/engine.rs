@@ -1,0 +1,476 @@
+//! Loading models into sessions and answering calls through their batchers.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use plinth_core::inference::{Classification, LabelScore, Model, ModelStatistics, Task, TensorMetadata};
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::InferenceError;
+use crate::batcher::{self, TextOutput, Work};
+use crate::tensor::{DataType, Tensor};
+
+/// Where models run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecutionProvider {
+    Cpu,
+    /// CUDA or refuse to load.
+    Cuda,
+    /// CUDA when it registers, else CPU, said loudly in the log and the model's metadata.
+    Auto,
+}
+
+impl FromStr for ExecutionProvider {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda),
+            "auto" => Ok(Self::Auto),
+            other => Err(format!(
+                "unknown execution provider `{other}` (expected cpu, cuda or auto)"
+            )),
+        }
+    }
+}
+
+/// Serving knobs.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// `libonnxruntime.so` to load.
+    pub ort_dylib: PathBuf,
+    pub provider: ExecutionProvider,
+    /// ONNX Runtime intra-op threads per session. 1 suits small shared machines: spinning threads hurt.
+    pub intra_threads: usize,
+    /// Sessions per model, each with its own batcher worker.
+    pub sessions_per_model: usize,
+    /// Most items in one run; 1 turns batching off.
+    pub max_batch: usize,
+    /// How long the first call of a batch waits for company.
+    pub max_queue_delay: Duration,
+    /// Calls queued per model before new ones are refused with 503.
+    pub queue_capacity: usize,
+    /// Longest a call may wait for its result.
+    pub timeout: Duration,
+    /// Longest text, in tokens; longer inputs are truncated.
+    pub max_tokens: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            ort_dylib: PathBuf::from("libonnxruntime.so"),
+            provider: ExecutionProvider::Cpu,
+            intra_threads: 1,
+            sessions_per_model: 2,
+            max_batch: 32,
+            max_queue_delay: Duration::from_micros(500),
+            queue_capacity: 1_024,
+            timeout: Duration::from_secs(30),
+            max_tokens: 128,
+        }
+    }
+}
+
+/// A model to load: its files and what it is for.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub name: String,
+    pub version: u32,
+    pub task: Task,
+    pub labels: Vec<String>,
+    pub model: PathBuf,
+    pub tokenizer: Option<PathBuf>,
+    pub platform: bool,
+}
+
+/// ONNX Runtime, loaded once per process.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    environment: Arc<Environment>,
+    settings: EngineSettings,
+}
+
+fn runtime_error(context: &str, err: impl std::fmt::Display) -> InferenceError {
+    InferenceError::Runtime(format!("{context}: {err}"))
+}
+
+impl Engine {
+    /// Loads the ONNX Runtime library named in the settings.
+    ///
+    /// # Errors
+    /// When the library is missing or unusable, with a message saying how to get it.
+    pub fn new(settings: EngineSettings) -> Result<Self, InferenceError> {
+        if !settings.ort_dylib.is_file() {
+            return Err(InferenceError::Runtime(format!(
+                "ONNX Runtime not found at {} (set PLINTH_ORT_DYLIB, or run scripts/fetch-models.sh)",
+                settings.ort_dylib.display()
+            )));
+        }
+        // ONNX Runtime has one environment per process; the first engine's library wins.
+        static ENVIRONMENT: OnceLock<Result<Arc<Environment>, String>> = OnceLock::new();
+        let environment = ENVIRONMENT
+            .get_or_init(|| {
+                let environment = ort::init_from(&settings.ort_dylib)
+                    .map_err(|err| format!("cannot load {}: {err}", settings.ort_dylib.display()))?
+                    .with_name("plinth")
+                    .build()
+                    .map_err(|err| format!("cannot create the ONNX Runtime environment: {err}"))?;
+                Ok(Arc::new(environment))
+            })
+            .clone()
+            .map_err(InferenceError::Runtime)?;
+        Ok(Self {
+            environment,
+            settings,
+        })
+    }
+
+    #[must_use]
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    fn session(&self, files: &ModelFiles, provider: ExecutionProvider) -> Result<Session, InferenceError> {
+        let mut builder = Session::builder(&self.environment)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(|err| runtime_error("session options", err))?
+            .with_intra_threads(self.settings.intra_threads.max(1))
+            .map_err(|err| runtime_error("session options", err))?
+            .with_intra_op_spinning(false)
+            .map_err(|err| runtime_error("session options", err))?;
+        if provider == ExecutionProvider::Cuda {
+            builder = builder
+                .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+                .map_err(|err| runtime_error("the CUDA execution provider did not register", err))?;
+        }
+        builder
+            .commit_from_file(&files.model)
+            .map_err(|err| InferenceError::InvalidModel(format!("ONNX Runtime cannot load the model: {err}")))
+    }
+
+    /// Loads a model: creates its sessions (checking that the file is a valid model whose inputs fit its
+    /// task), runs a warm-up, and starts its batcher.
+    ///
+    /// # Errors
+    /// [`InferenceError::InvalidModel`] for unusable files; [`InferenceError::Runtime`] when a required
+    /// execution provider is unavailable.
+    pub fn load(&self, files: &ModelFiles) -> Result<Arc<LoadedModel>, InferenceError> {
+        let (mut sessions, provider) = match self.settings.provider {
+            ExecutionProvider::Cpu => (vec![self.session(files, ExecutionProvider::Cpu)?], "cpu"),
+            ExecutionProvider::Cuda => (vec![self.session(files, ExecutionProvider::Cuda)?], "cuda"),
+            ExecutionProvider::Auto => match self.session(files, ExecutionProvider::Cuda) {
+                Ok(session) => (vec![session], "cuda"),
+                Err(err) => {
+                    tracing::warn!(model = %files.name, error = %err, "CUDA unavailable: serving this model on CPU");
+                    (vec![self.session(files, ExecutionProvider::Cpu)?], "cpu")
+                }
+            },
+        };
+        let tokenizer = match (&files.tokenizer, files.task) {
+            (Some(path), _) => Some(Arc::new(load_tokenizer(path, self.settings.max_tokens)?)),
+            (None, Task::Raw) => None,
+            (None, _) => {
+                return Err(InferenceError::InvalidModel(
+                    "text models need a tokenizer.json".into(),
+                ));
+            }
+        };
+        let first = &sessions[0];
+        let inputs = metadata(first.inputs().iter().map(|o| (o.name(), o.dtype())));
+        let outputs = metadata(first.outputs().iter().map(|o| (o.name(), o.dtype())));
+        let text = match files.task {
+            Task::Raw => None,
+            task => Some(batcher::TextPlan::new(
+                task,
+                &inputs,
+                &outputs,
+                files.labels.len(),
+            )?),
+        };
+        for _ in 1..self.settings.sessions_per_model.max(1) {
+            let session_provider = if provider == "cuda" {
+                ExecutionProvider::Cuda
+            } else {
+                ExecutionProvider::Cpu
+            };
+            sessions.push(self.session(files, session_provider)?);
+        }
+
+        let info = Model {
+            name: files.name.clone(),
+            task: files.task,
+            labels: files.labels.clone(),
+            version: files.version,
+            platform: files.platform,
+            execution_provider: provider.to_owned(),
+            inputs,
+            outputs,
+        };
+        metrics::gauge!("plinth_model_info", "model" => info.name.clone(), "execution_provider" => provider)
+            .set(1.0);
+
+        let (queue, receiver) = mpsc::channel(self.settings.queue_capacity.max(1));
+        let receiver = Arc::new(Mutex::new(receiver));
+        let stats = Arc::new(batcher::Stats::default());
+        let model = Arc::new(LoadedModel {
+            info,
+            queue,
+            timeout: self.settings.timeout,
+            stats: stats.clone(),
+        });
+        for session in sessions {
+            let worker = batcher::Worker {
+                session,
+                receiver: receiver.clone(),
+                tokenizer: tokenizer.clone(),
+                text: text.clone(),
+                max_batch: self.settings.max_batch.max(1),
+                max_delay: self.settings.max_queue_delay,
+                model: files.name.clone(),
+                stats: stats.clone(),
+            };
+            let mut worker = worker;
+            worker.warm_up()?;
+            tokio::spawn(worker.run());
+        }
+        Ok(model)
+    }
+}
+
+fn load_tokenizer(path: &std::path::Path, max_tokens: usize) -> Result<Tokenizer, InferenceError> {
+    let mut tokenizer = Tokenizer::from_file(path)
+        .map_err(|err| InferenceError::InvalidModel(format!("tokenizer.json is not usable: {err}")))?;
+    // Pad to the longest text in each batch, not to a fixed length: short texts stay cheap.
+    tokenizer.with_padding(Some(PaddingParams {
+        strategy: PaddingStrategy::BatchLongest,
+        ..PaddingParams::default()
+    }));
+    tokenizer
+        .with_truncation(Some(TruncationParams {
+            max_length: max_tokens,
+            ..TruncationParams::default()
+        }))
+        .map_err(|err| InferenceError::InvalidModel(format!("tokenizer truncation: {err}")))?;
+    Ok(tokenizer)
+}
+
+fn metadata<'a>(outlets: impl Iterator<Item = (&'a str, &'a ort::value::ValueType)>) -> Vec<TensorMetadata> {
+    outlets
+        .map(|(name, dtype)| TensorMetadata {
+            name: name.to_owned(),
+            datatype: DataType::name_of(dtype),
+            shape: match dtype {
+                ort::value::ValueType::Tensor { shape, .. } => shape.iter().copied().collect(),
+                _ => Vec::new(),
+            },
+        })
+        .collect()
+}
+
+/// A model ready to answer calls.
+#[derive(Debug)]
+pub struct LoadedModel {
+    info: Model,
+    queue: mpsc::Sender<Work>,
+    timeout: Duration,
+    stats: Arc<batcher::Stats>,
+}
+
+/// Most texts in one call.
+pub const MAX_TEXTS: usize = 256;
+/// Longest text accepted, in bytes (longer token sequences are truncated anyway).
+pub const MAX_TEXT_BYTES: usize = 32 * 1024;
+
+impl LoadedModel {
+    #[must_use]
+    pub fn info(&self) -> &Model {
+        &self.info
+    }
+
+    /// Counters since load.
+    #[must_use]
+    pub fn statistics(&self) -> ModelStatistics {
+        use std::sync::atomic::Ordering::Relaxed;
+        ModelStatistics {
+            name: self.info.name.clone(),
+            version: self.info.version.to_string(),
+            success_count: self.stats.success.load(Relaxed),
+            failure_count: self.stats.failure.load(Relaxed),
+            inference_count: self.stats.items.load(Relaxed),
+            execution_count: self.stats.executions.load(Relaxed),
+        }
+    }
+
+    async fn submit<T>(
+        &self,
+        work: Work,
+        response: oneshot::Receiver<Result<T, InferenceError>>,
+    ) -> Result<T, InferenceError> {
+        self.queue.try_send(work).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(_) => InferenceError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => InferenceError::Runtime("the model was unloaded".into()),
+        })?;
+        match tokio::time::timeout(self.timeout, response).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(InferenceError::Runtime("the model's worker stopped".into())),
+            Err(_) => Err(InferenceError::Timeout),
+        }
+    }
+
+    async fn run_text(&self, texts: Vec<String>, want: Task) -> Result<TextOutput, InferenceError> {
+        if self.info.task != want {
+            return Err(InferenceError::WrongTask(format!(
+                "model `{}` is a {:?} model and cannot serve this task",
+                self.info.name, self.info.task
+            )));
+        }
+        if texts.is_empty() || texts.len() > MAX_TEXTS {
+            return Err(InferenceError::InvalidInput(format!(
+                "inputs: give 1 to {MAX_TEXTS} texts"
+            )));
+        }
+        if let Some(i) = texts.iter().position(|t| t.len() > MAX_TEXT_BYTES) {
+            return Err(InferenceError::InvalidInput(format!(
+                "inputs[{i}]: longer than {MAX_TEXT_BYTES} bytes"
+            )));
+        }
+        let (reply, response) = oneshot::channel();
+        self.submit(
+            Work::Text {
+                texts,
+                reply,
+                queued: std::time::Instant::now(),
+            },
+            response,
+        )
+        .await
+    }
+
+    /// Scores each text against the model's labels.
+    ///
+    /// # Errors
+    /// Wrong task, bad input, overload or timeout.
+    pub async fn classify(&self, texts: Vec<String>) -> Result<Vec<Classification>, InferenceError> {
+        let output = self.run_text(texts, Task::TextClassification).await?;
+        Ok(output
+            .rows()
+            .map(|scores| {
+                let scores: Vec<LabelScore> = self
+                    .info
+                    .labels
+                    .iter()
+                    .zip(scores)
+                    .map(|(label, score)| LabelScore {
+                        label: label.clone(),
+                        score: *score,
+                    })
+                    .collect();
+                let best = scores.iter().max_by(|a, b| a.score.total_cmp(&b.score)).cloned();
+                let best = best.unwrap_or(LabelScore {
+                    label: String::new(),
+                    score: 0.0,
+                });
+                Classification {
+                    label: best.label,
+                    score: best.score,
+                    scores,
+                }
+            })
+            .collect())
+    }
+
+    /// One vector per text.
+    ///
+    /// # Errors
+    /// Wrong task, bad input, overload or timeout.
+    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, InferenceError> {
+        let output = self.run_text(texts, Task::Embedding).await?;
+        Ok(output.rows().map(<[f32]>::to_vec).collect())
+    }
+
+    /// Runs the model on protocol tensors, returning the requested outputs (all when `None`).
+    ///
+    /// # Errors
+    /// Inputs that do not match the model's names, datatypes or ranks; overload or timeout.
+    pub async fn infer(
+        &self,
+        inputs: Vec<Tensor>,
+        outputs: Option<Vec<String>>,
+    ) -> Result<Vec<Tensor>, InferenceError> {
+        for expected in &self.info.inputs {
+            let Some(given) = inputs.iter().find(|t| t.name == expected.name) else {
+                return Err(InferenceError::InvalidInput(format!(
+                    "missing input `{}`",
+                    expected.name
+                )));
+            };
+            if given.data.datatype().as_str() != expected.datatype {
+                return Err(InferenceError::InvalidInput(format!(
+                    "input `{}`: datatype {} given, the model expects {}",
+                    expected.name,
+                    given.data.datatype().as_str(),
+                    expected.datatype
+                )));
+            }
+            let fits = given.shape.len() == expected.shape.len()
+                && given
+                    .shape
+                    .iter()
+                    .zip(&expected.shape)
+                    .all(|(g, e)| *e < 0 || g == e);
+            if !fits {
+                return Err(InferenceError::InvalidInput(format!(
+                    "input `{}`: shape {:?} does not fit the model's {:?}",
+                    expected.name, given.shape, expected.shape
+                )));
+            }
+        }
+        if let Some(extra) = inputs
+            .iter()
+            .find(|t| !self.info.inputs.iter().any(|e| e.name == t.name))
+        {
+            return Err(InferenceError::InvalidInput(format!(
+                "the model has no input `{}`",
+                extra.name
+            )));
+        }
+        if let Some(unknown) = outputs
+            .iter()
+            .flatten()
+            .find(|o| !self.info.outputs.iter().any(|e| &e.name == *o))
+        {
+            return Err(InferenceError::InvalidInput(format!(
+                "the model has no output `{unknown}`"
+            )));
+        }
+        let (reply, response) = oneshot::channel();
+        self.submit(
+            Work::Raw {
+                inputs,
+                outputs,
+                reply,
+                queued: std::time::Instant::now(),
+            },
+            response,
+        )
+        .await
+    }
+
+    /// Items in a protocol request, for metering: the first dimension of the first input.
+    #[must_use]
+    pub fn batch_size(inputs: &[Tensor]) -> i64 {
+        inputs
+            .first()
+            .and_then(|t| t.shape.first().copied())
+            .unwrap_or(1)
+            .max(1)
+    }
+}

@@ -1,0 +1,43 @@
+//! Model serving. Loads ONNX models into ONNX Runtime sessions (through `ort`, with the runtime library
+//! loaded from a path, never downloaded), tokenizes text off the async runtime, and feeds each model's
+//! sessions from a batcher so that concurrent calls share one run.
+//!
+//! Only this crate knows ort.
+
+mod batcher;
+mod catalog;
+mod engine;
+mod tensor;
+
+pub use catalog::{Catalog, load_builtin};
+pub use engine::{Engine, EngineSettings, ExecutionProvider, LoadedModel, MAX_TEXTS, ModelFiles};
+pub use tensor::{DataType, Tensor, TensorData};
+
+/// Why an inference call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InferenceError {
+    /// The caller's input does not fit the model (shape, datatype, count, length).
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The model cannot do what was asked (e.g. classify with an embedding model).
+    #[error("{0}")]
+    WrongTask(String),
+    /// Too many calls queued for this model; retry shortly.
+    #[error("the model's queue is full; retry shortly")]
+    Overloaded,
+    /// The call waited longer than the configured timeout.
+    #[error("inference timed out")]
+    Timeout,
+    /// The model file or manifest is unusable.
+    #[error("{0}")]
+    InvalidModel(String),
+    /// ONNX Runtime or the runtime environment failed.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl From<ort::Error> for InferenceError {
+    fn from(err: ort::Error) -> Self {
+        Self::Runtime(err.to_string())
+    }
+}

@@ -1,0 +1,302 @@
+//! Tensors as the Open Inference Protocol carries them, validated and converted to and from ort values.
+
+use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
+use serde_json::Value;
+
+use crate::InferenceError;
+
+/// The protocol's datatypes that Plinth serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataType {
+    Fp32,
+    Fp16,
+    Int64,
+    Int32,
+    Bool,
+    Bytes,
+}
+
+impl DataType {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Fp32 => "FP32",
+            Self::Fp16 => "FP16",
+            Self::Int64 => "INT64",
+            Self::Int32 => "INT32",
+            Self::Bool => "BOOL",
+            Self::Bytes => "BYTES",
+        }
+    }
+
+    /// Parses a protocol datatype name.
+    ///
+    /// # Errors
+    /// For names the protocol does not define or Plinth does not serve.
+    pub fn parse(name: &str) -> Result<Self, InferenceError> {
+        [
+            Self::Fp32,
+            Self::Fp16,
+            Self::Int64,
+            Self::Int32,
+            Self::Bool,
+            Self::Bytes,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == name)
+        .ok_or_else(|| InferenceError::InvalidInput(format!("unsupported datatype `{name}`")))
+    }
+
+    pub(crate) fn of(element: TensorElementType) -> Option<Self> {
+        Some(match element {
+            TensorElementType::Float32 => Self::Fp32,
+            TensorElementType::Float16 => Self::Fp16,
+            TensorElementType::Int64 => Self::Int64,
+            TensorElementType::Int32 => Self::Int32,
+            TensorElementType::Bool => Self::Bool,
+            TensorElementType::String => Self::Bytes,
+            _ => return None,
+        })
+    }
+
+    /// The protocol name for an ONNX element type, or the ONNX name when the protocol has none here.
+    pub(crate) fn name_of(value_type: &ValueType) -> String {
+        match value_type {
+            ValueType::Tensor { ty, .. } => {
+                Self::of(*ty).map_or_else(|| format!("{ty:?}").to_uppercase(), |t| t.as_str().to_owned())
+            }
+            other => format!("{other:?}"),
+        }
+    }
+}
+
+/// Flat, row-major tensor contents.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TensorData {
+    Fp32(Vec<f32>),
+    Fp16(Vec<half::f16>),
+    Int64(Vec<i64>),
+    Int32(Vec<i32>),
+    Bool(Vec<bool>),
+    Bytes(Vec<String>),
+}
+
+impl TensorData {
+    #[must_use]
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Fp32(v) => v.len(),
+            Self::Fp16(v) => v.len(),
+            Self::Int64(v) => v.len(),
+            Self::Int32(v) => v.len(),
+            Self::Bool(v) => v.len(),
+            Self::Bytes(v) => v.len(),
+        }
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    #[must_use]
+    pub fn datatype(&self) -> DataType {
+        match self {
+            Self::Fp32(_) => DataType::Fp32,
+            Self::Fp16(_) => DataType::Fp16,
+            Self::Int64(_) => DataType::Int64,
+            Self::Int32(_) => DataType::Int32,
+            Self::Bool(_) => DataType::Bool,
+            Self::Bytes(_) => DataType::Bytes,
+        }
+    }
+
+    /// As protocol JSON: a flat array.
+    #[must_use]
+    pub fn to_json(&self) -> Value {
+        match self {
+            Self::Fp32(v) => v.iter().map(|x| Value::from(f64::from(*x))).collect(),
+            Self::Fp16(v) => v.iter().map(|x| Value::from(f64::from(x.to_f32()))).collect(),
+            Self::Int64(v) => v.iter().copied().map(Value::from).collect(),
+            Self::Int32(v) => v.iter().copied().map(Value::from).collect(),
+            Self::Bool(v) => v.iter().copied().map(Value::from).collect(),
+            Self::Bytes(v) => v.iter().cloned().map(Value::from).collect(),
+        }
+    }
+}
+
+/// A named tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub data: TensorData,
+}
+
+fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
+    match value {
+        Value::Array(items) => items.iter().for_each(|item| flatten(item, out)),
+        other => out.push(other),
+    }
+}
+
+fn invalid(name: &str, detail: &str) -> InferenceError {
+    InferenceError::InvalidInput(format!("input `{name}`: {detail}"))
+}
+
+impl Tensor {
+    /// Builds a tensor from protocol JSON, checking that the data holds exactly `product(shape)`
+    /// elements of `datatype`.
+    ///
+    /// # Errors
+    /// A clear [`InferenceError::InvalidInput`] naming the input.
+    pub fn from_json(
+        name: &str,
+        datatype: &str,
+        shape: &[i64],
+        data: &Value,
+    ) -> Result<Self, InferenceError> {
+        let datatype = DataType::parse(datatype)
+            .map_err(|_| invalid(name, &format!("unsupported datatype `{datatype}`")))?;
+        if shape.iter().any(|d| *d < 0) {
+            return Err(invalid(name, "shape dimensions must be non-negative"));
+        }
+        let expected = shape
+            .iter()
+            .try_fold(1usize, |acc, d| acc.checked_mul(usize::try_from(*d).ok()?))
+            .ok_or_else(|| invalid(name, "shape is too large"))?;
+        let mut flat = Vec::with_capacity(expected);
+        flatten(data, &mut flat);
+        if flat.len() != expected {
+            return Err(invalid(
+                name,
+                &format!(
+                    "shape {shape:?} needs {expected} elements, data has {}",
+                    flat.len()
+                ),
+            ));
+        }
+        let wrong = |what: &str| {
+            invalid(
+                name,
+                &format!("data must be {what} for datatype {}", datatype.as_str()),
+            )
+        };
+        let data = match datatype {
+            DataType::Fp32 => TensorData::Fp32(
+                flat.iter()
+                    .map(|v| v.as_f64().map(|x| x as f32))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| wrong("numbers"))?,
+            ),
+            DataType::Fp16 => TensorData::Fp16(
+                flat.iter()
+                    .map(|v| v.as_f64().map(half::f16::from_f64))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| wrong("numbers"))?,
+            ),
+            DataType::Int64 => TensorData::Int64(
+                flat.iter()
+                    .map(|v| v.as_i64())
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| wrong("integers"))?,
+            ),
+            DataType::Int32 => TensorData::Int32(
+                flat.iter()
+                    .map(|v| v.as_i64().and_then(|x| i32::try_from(x).ok()))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| wrong("32-bit integers"))?,
+            ),
+            DataType::Bool => TensorData::Bool(
+                flat.iter()
+                    .map(|v| v.as_bool())
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| wrong("booleans"))?,
+            ),
+            DataType::Bytes => TensorData::Bytes(
+                flat.iter()
+                    .map(|v| v.as_str().map(ToOwned::to_owned))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| wrong("strings"))?,
+            ),
+        };
+        Ok(Self {
+            name: name.to_owned(),
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+
+    pub(crate) fn to_ort(&self) -> Result<DynValue, InferenceError> {
+        let shape = self.shape.clone();
+        Ok(match &self.data {
+            TensorData::Fp32(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
+            TensorData::Fp16(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
+            TensorData::Int64(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
+            TensorData::Int32(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
+            TensorData::Bool(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
+            TensorData::Bytes(v) => OrtTensor::from_string_array((shape, v.as_slice()))?.into_dyn(),
+        })
+    }
+
+    pub(crate) fn from_ort(name: &str, value: &DynValue) -> Result<Self, InferenceError> {
+        let ValueType::Tensor { ty, shape, .. } = value.dtype() else {
+            return Err(InferenceError::Runtime(format!(
+                "output `{name}` is not a tensor"
+            )));
+        };
+        let shape: Vec<i64> = shape.iter().copied().collect();
+        let data = match ty {
+            TensorElementType::Float32 => TensorData::Fp32(value.try_extract_tensor::<f32>()?.1.to_vec()),
+            TensorElementType::Float16 => {
+                TensorData::Fp16(value.try_extract_tensor::<half::f16>()?.1.to_vec())
+            }
+            TensorElementType::Int64 => TensorData::Int64(value.try_extract_tensor::<i64>()?.1.to_vec()),
+            TensorElementType::Int32 => TensorData::Int32(value.try_extract_tensor::<i32>()?.1.to_vec()),
+            TensorElementType::Bool => TensorData::Bool(value.try_extract_tensor::<bool>()?.1.to_vec()),
+            TensorElementType::String => TensorData::Bytes(value.try_extract_strings()?.1),
+            other => {
+                return Err(InferenceError::Runtime(format!(
+                    "output `{name}` has unsupported type {other:?}"
+                )));
+            }
+        };
+        Ok(Self {
+            name: name.to_owned(),
+            shape,
+            data,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn nested_and_flat_data_are_accepted_when_the_shape_matches() {
+        let nested = Tensor::from_json("x", "INT64", &[2, 2], &json!([[1, 2], [3, 4]])).unwrap();
+        let flat = Tensor::from_json("x", "INT64", &[2, 2], &json!([1, 2, 3, 4])).unwrap();
+        assert_eq!(nested, flat);
+        assert_eq!(nested.data, TensorData::Int64(vec![1, 2, 3, 4]));
+    }
+
+    #[test]
+    fn mismatches_are_named() {
+        let err = Tensor::from_json("ids", "INT64", &[2, 3], &json!([1, 2, 3]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ids") && err.contains("6 elements"), "{err}");
+        let err = Tensor::from_json("ids", "INT64", &[1], &json!(["a"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("integers"), "{err}");
+        let err = Tensor::from_json("ids", "COMPLEX", &[1], &json!([1]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("COMPLEX"), "{err}");
+        assert!(Tensor::from_json("x", "FP32", &[-1], &json!([])).is_err());
+    }
+}

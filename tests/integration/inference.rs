@@ -1,0 +1,433 @@
+//! Model serving through the API: built-in models, task endpoints, the v2 protocol, metering, batching.
+
+use futures_util::future::join_all;
+use plinth_sdk::{
+    ErrorCode, InferInput, InferRequest, RequestedOutput, Scope, Task, UsageGrouping, UsageQuery,
+};
+use plinth_tests::TestApp;
+use serde_json::{Value, json};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_built_in_models_are_served_to_every_tenant() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    let models = tenant.client.models().await.unwrap();
+    let names: Vec<_> = models.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["minilm-embed", "sentiment"]);
+    let sentiment = tenant.client.model("sentiment").await.unwrap();
+    assert_eq!(sentiment.task, Task::TextClassification);
+    assert_eq!(sentiment.labels, ["negative", "neutral", "positive"]);
+    assert_eq!(sentiment.execution_provider, "cpu");
+    assert!(sentiment.platform);
+    assert_eq!(
+        tenant.client.model("nope").await.unwrap_err().code(),
+        Some(ErrorCode::NotFound)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentiment_is_sensible() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    let reply = tenant
+        .client
+        .classify("sentiment", &["I love this product", "this is terrible"])
+        .await
+        .unwrap();
+    assert_eq!(reply.results[0].label, "positive");
+    assert_eq!(reply.results[1].label, "negative");
+    for result in &reply.results {
+        let total: f32 = result.scores.iter().map(|s| s.score).sum();
+        assert!((total - 1.0).abs() < 1e-4, "probabilities sum to {total}");
+        assert!(result.score > 0.8);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_are_normalised_and_similar_texts_are_close() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    let reply = tenant
+        .client
+        .embed(
+            "minilm-embed",
+            &[
+                "How do I reset my password?",
+                "I forgot my password",
+                "The weather is sunny",
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.dimensions, 384);
+    let e = &reply.embeddings;
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    for v in e {
+        assert!((dot(v, v) - 1.0).abs() < 1e-3);
+    }
+    assert!(
+        dot(&e[0], &e[1]) > dot(&e[0], &e[2]) + 0.2,
+        "paraphrases should be closer than unrelated text"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_endpoints_refuse_what_they_cannot_do() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    let wrong_task = tenant.client.classify("minilm-embed", &["hi"]).await.unwrap_err();
+    assert_eq!(wrong_task.code(), Some(ErrorCode::UnsupportedTask));
+    let empty = tenant.client.classify("sentiment", &[]).await.unwrap_err();
+    assert_eq!(empty.code(), Some(ErrorCode::InvalidInput));
+    let too_many: Vec<&str> = vec!["x"; 257];
+    assert_eq!(
+        tenant
+            .client
+            .embed("minilm-embed", &too_many)
+            .await
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::InvalidInput)
+    );
+    // A key without the inference scope cannot call models.
+    let billing = app
+        .client()
+        .with_token(&app.tenant_with_scopes(&[Scope::BillingRead]).await.key.secret);
+    assert_eq!(
+        billing.classify("sentiment", &["hi"]).await.unwrap_err().code(),
+        Some(ErrorCode::InsufficientScope)
+    );
+    // None of the refused calls was billed.
+    assert_eq!(
+        tenant
+            .client
+            .usage(&UsageQuery::default())
+            .await
+            .unwrap()
+            .total
+            .calls,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_is_metered_once_with_units_equal_to_the_batch() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    app.set_plan(&tenant.session.tenant.id, "pro").await;
+    tenant
+        .client
+        .classify("sentiment", &["a", "b", "c"])
+        .await
+        .unwrap();
+    tenant.client.embed("minilm-embed", &["d", "e"]).await.unwrap();
+    let usage = tenant
+        .client
+        .usage(&UsageQuery {
+            group_by: Some(UsageGrouping::Resource),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let row = |key: &str| usage.rows.iter().find(|r| r.key == key).cloned().unwrap();
+    assert_eq!(
+        (row("model:sentiment").calls, row("model:sentiment").units),
+        (1, 3)
+    );
+    assert_eq!(
+        (row("model:minilm-embed").calls, row("model:minilm-embed").units),
+        (1, 2)
+    );
+    // The pro plan's list price (400 micro-dollars per unit) is on each event.
+    assert_eq!(usage.total.amount_micros.0, 5 * 400);
+
+    // A retried call with the same key is answered again but not billed again.
+    let http = app.http();
+    for _ in 0..2 {
+        let response = http
+            .post(app.url("/v1/models/sentiment/classify"))
+            .bearer_auth(&tenant.key.secret)
+            .header("idempotency-key", "batch-7")
+            .json(&json!({ "inputs": ["fine", "great"] }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(
+        app.store()
+            .usage_event_count(&tenant.session.tenant.id)
+            .await
+            .unwrap(),
+        3
+    );
+}
+
+fn token_inputs() -> Vec<InferInput> {
+    // "[CLS] love this [SEP]" in the MiniLM vocabulary.
+    let tensor = |name: &str, data: Value| InferInput {
+        name: name.into(),
+        shape: vec![1, 4],
+        datatype: "INT64".into(),
+        parameters: None,
+        data,
+    };
+    vec![
+        tensor("input_ids", json!([[101, 2293, 2023, 102]])),
+        tensor("attention_mask", json!([1, 1, 1, 1])),
+        tensor("token_type_ids", json!([0, 0, 0, 0])),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_v2_protocol_serves_metadata_and_tensors() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    let metadata = tenant.client.model_metadata("sentiment").await.unwrap();
+    assert_eq!(metadata.versions, ["1"]);
+    assert_eq!(
+        metadata
+            .inputs
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect::<Vec<_>>(),
+        ["input_ids", "attention_mask", "token_type_ids"]
+    );
+    assert!(
+        metadata
+            .outputs
+            .iter()
+            .any(|o| o.name == "probs" && o.shape == [-1, 3])
+    );
+
+    let reply = tenant
+        .client
+        .infer(
+            "sentiment",
+            &InferRequest {
+                id: Some("req-1".into()),
+                parameters: None,
+                inputs: token_inputs(),
+                outputs: Some(vec![RequestedOutput {
+                    name: "probs".into(),
+                    parameters: None,
+                }]),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.id.as_deref(), Some("req-1"));
+    assert_eq!(reply.outputs.len(), 1);
+    assert_eq!(reply.outputs[0].shape, [1, 3]);
+    let probs: Vec<f64> = reply.outputs[0]
+        .data
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-4);
+
+    let http = app.http();
+    let ready = http
+        .get(app.url("/v2/models/sentiment/versions/1/ready"))
+        .bearer_auth(&tenant.key.secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let missing = http
+        .get(app.url("/v2/models/sentiment/versions/9"))
+        .bearer_auth(&tenant.key.secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_tensors_are_refused_clearly() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    let infer = |mutate: fn(&mut Vec<InferInput>)| {
+        let client = tenant.client.clone();
+        async move {
+            let mut inputs = token_inputs();
+            mutate(&mut inputs);
+            client
+                .infer(
+                    "sentiment",
+                    &InferRequest {
+                        id: None,
+                        parameters: None,
+                        inputs,
+                        outputs: None,
+                    },
+                )
+                .await
+                .unwrap_err()
+        }
+    };
+    let cases: [(fn(&mut Vec<InferInput>), &str); 6] = [
+        (|i| i[0].shape = vec![1, 5], "5 elements"),
+        (|i| i[0].datatype = "FP32".into(), "datatype FP32"),
+        (|i| i[0].datatype = "STRINGS".into(), "STRINGS"),
+        (|i| i[0].data = json!(["a", "b", "c", "d"]), "integers"),
+        (|i| drop(i.remove(2)), "missing input `token_type_ids`"),
+        (
+            |i| {
+                let mut extra = i[2].clone();
+                extra.name = "segment_ids".into();
+                i.push(extra);
+            },
+            "no input `segment_ids`",
+        ),
+    ];
+    for (mutate, expected) in cases {
+        let err = infer(mutate).await;
+        let plinth_sdk::Error::Api {
+            status,
+            code,
+            message,
+            ..
+        } = &err
+        else {
+            panic!("{err:?}")
+        };
+        assert_eq!((*status, *code), (400, ErrorCode::InvalidInput), "{message}");
+        assert!(
+            message.contains(expected),
+            "`{message}` should mention `{expected}`"
+        );
+    }
+    let unknown_output = tenant
+        .client
+        .infer(
+            "sentiment",
+            &InferRequest {
+                id: None,
+                parameters: None,
+                inputs: token_inputs(),
+                outputs: Some(vec![RequestedOutput {
+                    name: "logits".into(),
+                    parameters: None,
+                }]),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(unknown_output.code(), Some(ErrorCode::InvalidInput));
+    assert_eq!(
+        tenant
+            .client
+            .usage(&UsageQuery::default())
+            .await
+            .unwrap()
+            .total
+            .calls,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_share_batches_and_get_their_own_answers() {
+    let app = TestApp::spawn_with(|config| config.max_queue_delay_us = 20_000).await;
+    let tenant = app.tenant().await;
+    app.set_plan(&tenant.session.tenant.id, "enterprise").await;
+    let texts = ["I love this product", "this is terrible"];
+    let calls = (0..24).map(|i| {
+        let client = tenant.client.clone();
+        async move { (i, client.classify("sentiment", &[texts[i % 2]]).await.unwrap()) }
+    });
+    for (i, reply) in join_all(calls).await {
+        assert_eq!(reply.results.len(), 1);
+        assert_eq!(
+            reply.results[0].label,
+            if i % 2 == 0 { "positive" } else { "negative" }
+        );
+    }
+    let stats = tenant.client.model_statistics("sentiment").await.unwrap();
+    assert_eq!(
+        (stats.success_count, stats.failure_count, stats.inference_count),
+        (24, 0, 24)
+    );
+    assert!(
+        stats.execution_count < 20,
+        "24 calls ran in {} executions",
+        stats.execution_count
+    );
+    let metrics = app
+        .http()
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("nv_inference_exec_count{model=\"sentiment\"}"));
+    assert!(metrics.contains("plinth_model_info{model=\"sentiment\",execution_provider=\"cpu\"} 1"));
+}
+
+/// The Python interpreter with `tritonclient[http]` (made by `scripts/test.sh`).
+fn client_python() -> std::path::PathBuf {
+    if let Some(python) = std::env::var_os("PLINTH_TEST_PYTHON") {
+        return python.into();
+    }
+    let home = std::env::var_os("HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_default();
+    let venv = home.join(".cache/plinth/venv-clients/bin/python");
+    assert!(
+        venv.is_file(),
+        "no Python with tritonclient: run `make test` (scripts/test.sh makes {})",
+        venv.display()
+    );
+    venv
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_triton_client_works_unchanged() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/triton_infer.py");
+    let output = tokio::process::Command::new(client_python())
+        .arg(script)
+        .arg(app.addr.to_string())
+        .arg(&tenant.key.secret)
+        .output()
+        .await
+        .expect("python runs");
+    assert!(
+        output.status.success(),
+        "tritonclient failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let reply: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        reply,
+        json!({ "labels": ["positive", "negative"], "id": "triton-1" })
+    );
+    // Its inference was metered like any other: one call, two items.
+    let usage = tenant.client.usage(&UsageQuery::default()).await.unwrap();
+    assert_eq!((usage.total.calls, usage.total.units), (1, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_errors_carry_a_string_message_for_protocol_clients() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    let response = app
+        .http()
+        .post(app.url("/v2/models/sentiment/infer"))
+        .bearer_auth(&tenant.key.secret)
+        .json(&json!({ "inputs": [{ "name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [1] }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("input_ids"), "{body}");
+    assert_eq!(body["code"], "invalid_input");
+    assert!(body["request_id"].as_str().unwrap().starts_with("req_"));
+}
