@@ -268,7 +268,8 @@ async fn malformed_tensors_are_refused_clearly() {
                 .unwrap_err()
         }
     };
-    let cases: [(fn(&mut Vec<InferInput>), &str); 6] = [
+    type Mutation = fn(&mut Vec<InferInput>);
+    let cases: [(Mutation, &str); 6] = [
         (|i| i[0].shape = vec![1, 5], "5 elements"),
         (|i| i[0].datatype = "FP32".into(), "datatype FP32"),
         (|i| i[0].datatype = "STRINGS".into(), "STRINGS"),

@@ -100,14 +100,13 @@ impl Default for Config {
 /// `~/.cache/plinth`.
 #[must_use]
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("PLINTH_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("HOME").map_or_else(
-                || PathBuf::from(".cache/plinth"),
-                |home| PathBuf::from(home).join(".cache/plinth"),
-            )
-        })
+    if let Some(dir) = std::env::var_os("PLINTH_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    std::env::var_os("HOME").map_or_else(
+        || PathBuf::from(".cache/plinth"),
+        |home| PathBuf::from(home).join(".cache/plinth"),
+    )
 }
 
 /// A configuration problem, worded for the operator.
