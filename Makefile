@@ -18,9 +18,11 @@ lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 
-## Metering overhead and ledger throughput (and Postgres + Redis with the variables above).
+## Benchmarks: metering overhead and ledger throughput (and Postgres + Redis with the variables
+## above); inference throughput against ONNX Runtime in-process and a FastAPI baseline.
 bench: setup
-	cargo bench -p plinth-tests --bench overhead
+	scripts/bench-setup.sh
+	cargo bench -p plinth-tests
 
 ## Regenerate the committed OpenAPI document after changing a route.
 openapi:

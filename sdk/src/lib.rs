@@ -267,6 +267,52 @@ impl Client {
         self.get(&format!("/v1/models/{name}")).await
     }
 
+    /// Uploads a model (a new version if the name exists): the ONNX file, its manifest and, for text
+    /// models, its `tokenizer.json`. The server loads it to validate it before accepting.
+    pub async fn upload_model(
+        &self,
+        manifest: &serde_json::Value,
+        model: Vec<u8>,
+        tokenizer: Option<Vec<u8>>,
+    ) -> Result<Model> {
+        let url = self
+            .base
+            .join("/v1/models")
+            .map_err(|err| Error::InvalidUrl(err.to_string()))?;
+        let mut form = reqwest::multipart::Form::new()
+            .text("manifest", manifest.to_string())
+            .part(
+                "model",
+                reqwest::multipart::Part::bytes(model).file_name("model.onnx"),
+            );
+        if let Some(tokenizer) = tokenizer {
+            form = form.part(
+                "tokenizer",
+                reqwest::multipart::Part::bytes(tokenizer).file_name("tokenizer.json"),
+            );
+        }
+        let mut request = self.http.post(url).multipart(form);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(error_from(response).await);
+        }
+        let bytes = response.bytes().await?;
+        serde_json::from_slice(&bytes).map_err(|err| Error::Decode {
+            status: status.as_u16(),
+            detail: err.to_string(),
+        })
+    }
+
+    /// Deletes a tenant model (every version).
+    pub async fn delete_model(&self, name: &str) -> Result<()> {
+        self.call_empty(Method::DELETE, &format!("/v1/models/{name}"), Replay::Safe)
+            .await
+    }
+
     /// Classifies texts with a text-classification model (e.g. the built-in `sentiment`).
     pub async fn classify(&self, model: &str, inputs: &[&str]) -> Result<ClassifyResponse> {
         let body = TextRequest {

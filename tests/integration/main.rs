@@ -8,6 +8,7 @@ mod auth;
 mod errors;
 mod inference;
 mod members;
+mod models;
 mod openapi;
 mod operations;
 mod rate_limit;

@@ -10,6 +10,7 @@ pub mod openapi;
 pub mod request_id;
 mod routes;
 pub mod state;
+mod uploads;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
@@ -20,6 +21,29 @@ use utoipa_swagger_ui::SwaggerUi;
 
 pub use crate::error::{ApiError, ApiResult};
 pub use crate::state::{ApiSettings, AppState};
+
+/// Starts serving every tenant's newest model versions (at start-up). A model whose files are gone
+/// is logged and skipped rather than keeping the platform down.
+///
+/// # Errors
+/// Only when the registry cannot be read.
+pub async fn load_tenant_models(state: &AppState) -> Result<(), plinth_store::StoreError> {
+    for record in state.store.live_models().await? {
+        let Some(files) = uploads::files_of(&state.model_files, &record) else {
+            tracing::error!(model = %record.name, tenant = %record.tenant_id, "unknown task in the model registry");
+            continue;
+        };
+        let engine = state.engine.clone();
+        match tokio::task::spawn_blocking(move || engine.load(&files)).await {
+            Ok(Ok(model)) => state.models.add_tenant(&record.tenant_id, model),
+            Ok(Err(err)) => {
+                tracing::error!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot load a tenant model");
+            }
+            Err(err) => tracing::error!(error = %err, "model loading panicked"),
+        }
+    }
+    Ok(())
+}
 
 /// Builds the application: routes, body limits, error shapes, request ids and metrics.
 pub fn app(

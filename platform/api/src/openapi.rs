@@ -20,11 +20,11 @@ use crate::routes::{accounts, api_keys, billing, echo, health, inference, member
         members::list, members::add, members::update, members::remove,
         billing::plans, billing::subscription, billing::usage,
         echo::echo,
-        models::list, models::get, models::classify, models::embed,
+        models::list, models::get, models::upload, models::delete, models::classify, models::embed,
         inference::metadata, inference::ready, inference::statistics, inference::infer,
         health::live, health::ready, health::metrics,
     ),
-    components(schemas(plinth_core::ErrorCode, plinth_core::Scope, plinth_core::Role)),
+    components(schemas(plinth_core::ErrorCode, plinth_core::Scope, plinth_core::Role, crate::uploads::Manifest)),
     modifiers(&BearerAuth),
     tags(
         (name = "accounts", description = "Sign-up, login and the caller's tenant"),

@@ -1,9 +1,10 @@
 //! What handlers share.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use plinth_inference::Catalog;
+use plinth_inference::{Catalog, Engine};
 use plinth_store::Store;
 use plinth_store::cache::SharedCache;
 use plinth_store::ledger::Meter;
@@ -14,6 +15,10 @@ pub struct AppState {
     pub cache: SharedCache,
     pub meter: Meter,
     pub models: Arc<Catalog>,
+    /// Loads uploaded models.
+    pub engine: Engine,
+    /// Where uploaded model files live, named by their SHA-256.
+    pub model_files: PathBuf,
     pub metrics: PrometheusHandle,
     pub settings: ApiSettings,
 }
@@ -23,12 +28,15 @@ pub struct AppState {
 pub struct ApiSettings {
     /// The largest JSON body accepted.
     pub max_body_bytes: usize,
+    /// The largest model file a tenant may upload.
+    pub max_model_bytes: u64,
 }
 
 impl Default for ApiSettings {
     fn default() -> Self {
         Self {
             max_body_bytes: 1024 * 1024,
+            max_model_bytes: 256 * 1024 * 1024,
         }
     }
 }

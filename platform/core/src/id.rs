@@ -121,6 +121,10 @@ typed_id!(
     EventId, "evt", "usage event"
 );
 typed_id!(
+    /// A version of a tenant's uploaded model.
+    ModelId, "mdl", "model"
+);
+typed_id!(
     /// An entry in the audit log.
     AuditId, "aud", "audit entry"
 );

@@ -34,6 +34,23 @@ impl Catalog {
             .insert((tenant.clone(), name), model);
     }
 
+    /// Stops serving a tenant's model.
+    pub fn remove_tenant(&self, tenant: &TenantId, name: &str) {
+        self.tenants
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&(tenant.clone(), name.to_owned()));
+    }
+
+    /// Whether `name` is a platform model's (tenants cannot shadow those).
+    #[must_use]
+    pub fn is_platform(&self, name: &str) -> bool {
+        self.platform
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(name)
+    }
+
     /// The model `name` as `tenant` sees it: its own model of that name, else the platform's.
     #[must_use]
     pub fn find(&self, tenant: &TenantId, name: &str) -> Option<Arc<LoadedModel>> {

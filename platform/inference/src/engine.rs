@@ -53,7 +53,8 @@ pub struct EngineSettings {
     pub sessions_per_model: usize,
     /// Most items in one run; 1 turns batching off.
     pub max_batch: usize,
-    /// How long the first call of a batch waits for company.
+    /// How long the first call of a batch waits for company. Zero (the default) never waits: a batch is
+    /// whatever queued while the sessions were busy, which batches under load and adds nothing at low load.
     pub max_queue_delay: Duration,
     /// Calls queued per model before new ones are refused with 503.
     pub queue_capacity: usize,
@@ -71,7 +72,7 @@ impl Default for EngineSettings {
             intra_threads: 1,
             sessions_per_model: 2,
             max_batch: 32,
-            max_queue_delay: Duration::from_micros(500),
+            max_queue_delay: Duration::ZERO,
             queue_capacity: 1_024,
             timeout: Duration::from_secs(30),
             max_tokens: 128,

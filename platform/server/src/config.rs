@@ -37,6 +37,8 @@ pub struct Config {
     pub redis_prefix: String,
     /// `PLINTH_MAX_BODY_BYTES`: largest JSON body accepted.
     pub max_body_bytes: usize,
+    /// `PLINTH_MAX_MODEL_BYTES`: largest model file a tenant may upload.
+    pub max_model_bytes: u64,
     /// `PLINTH_CREDENTIAL_CACHE_TTL_MS`: how long a verified key is trusted without re-reading it.
     pub credential_cache_ttl_ms: u64,
     /// `PLINTH_LEDGER_MAX_BATCH`: most usage events written in one INSERT.
@@ -78,6 +80,7 @@ impl Default for Config {
             redis_url: None,
             redis_prefix: "plinth:".to_owned(),
             max_body_bytes: 1024 * 1024,
+            max_model_bytes: 256 * 1024 * 1024,
             credential_cache_ttl_ms: 1_000,
             ledger_max_batch: 1_000,
             workers: 0,
@@ -87,7 +90,7 @@ impl Default for Config {
             inference_threads: 1,
             inference_sessions: 2,
             max_batch: 32,
-            max_queue_delay_us: 500,
+            max_queue_delay_us: 0,
             inference_queue: 1_024,
             inference_timeout_ms: 30_000,
             log: "info".to_owned(),

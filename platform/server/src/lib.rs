@@ -94,16 +94,25 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let models = Arc::new(plinth_inference::Catalog::default());
     plinth_inference::load_builtin(&engine, &config.models_dir, &models)
         .context("cannot load the built-in models")?;
+    let model_files = config.data_dir.join("models");
+    std::fs::create_dir_all(&model_files)
+        .with_context(|| format!("cannot create {}", model_files.display()))?;
     let state = AppState {
         store: store.clone(),
         cache,
         meter,
         models,
+        engine,
+        model_files,
         metrics: plinth_api::metrics::handle(),
         settings: ApiSettings {
             max_body_bytes: config.max_body_bytes,
+            max_model_bytes: config.max_model_bytes,
         },
     };
+    plinth_api::load_tenant_models(&state)
+        .await
+        .context("cannot load tenants' models")?;
     let workers = if config.workers == 0 {
         std::thread::available_parallelism().map_or(2, usize::from)
     } else {

@@ -25,7 +25,14 @@ macro_rules! tenant_scoped {
     };
 }
 
-tenant_scoped!(memberships, sessions, api_keys, subscriptions, usage_events);
+tenant_scoped!(
+    memberships,
+    sessions,
+    api_keys,
+    subscriptions,
+    usage_events,
+    models
+);
 
 pub mod tenants {
     use sea_orm::entity::prelude::*;
@@ -234,6 +241,33 @@ pub mod usage_events {
         pub idempotency_key: String,
         pub request_id: String,
         pub occurred_at_us: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod models {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "models")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        pub name: String,
+        pub version: i32,
+        pub task: String,
+        /// JSON array of label strings.
+        pub labels: String,
+        pub sha256: String,
+        pub size_bytes: i64,
+        pub tokenizer_sha256: Option<String>,
+        pub created_at: DateTimeUtc,
+        pub deleted_at: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

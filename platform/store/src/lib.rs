@@ -13,6 +13,7 @@ pub mod cache;
 mod entity;
 pub mod ledger;
 pub mod members;
+pub mod models;
 pub mod plans;
 mod secret;
 

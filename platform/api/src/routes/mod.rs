@@ -69,8 +69,16 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/subscription").route(web::get().to(billing::subscription)))
         .service(resource("/v1/usage").route(web::get().to(billing::usage)))
         .service(metered("/v1/echo").route(web::post().to(echo::echo)))
-        .service(resource("/v1/models").route(web::get().to(models::list)))
-        .service(resource("/v1/models/{name}").route(web::get().to(models::get)))
+        .service(
+            resource("/v1/models")
+                .route(web::get().to(models::list))
+                .route(web::post().to(models::upload)),
+        )
+        .service(
+            resource("/v1/models/{name}")
+                .route(web::get().to(models::get))
+                .route(web::delete().to(models::delete)),
+        )
         .service(metered("/v1/models/{name}/classify").route(web::post().to(models::classify)))
         .service(metered("/v1/models/{name}/embed").route(web::post().to(models::embed)))
         .service(resource("/v2/models/{name}").route(web::get().to(inference::metadata)))

@@ -105,3 +105,45 @@ pub async fn embed(
             embeddings,
         }))
 }
+
+/// Upload a model: multipart parts `model` (the .onnx file), `manifest` (JSON: name, task, labels) and,
+/// for text models, `tokenizer` (tokenizer.json). The model is loaded to validate it; each upload of a
+/// name adds a version. Private to the tenant.
+#[utoipa::path(post, path = "/v1/models", tag = "models", security(("bearer" = ["admin"])),
+    request_body(content_type = "multipart/form-data", description = "parts: model, manifest, tokenizer"),
+    responses(
+        (status = 201, body = Model),
+        (status = 413, description = "`payload_too_large`", body = plinth_core::error::ErrorBody),
+        (status = 422, description = "`invalid_model` or `validation_failed`", body = plinth_core::error::ErrorBody),
+    ))]
+pub async fn upload(
+    state: web::Data<AppState>,
+    auth: Auth<scope::Admin>,
+    form: actix_multipart::Multipart,
+) -> ApiResult<HttpResponse> {
+    let model = crate::uploads::upload(&state, &auth, form).await?;
+    Ok(HttpResponse::Created().json(model))
+}
+
+/// Delete a tenant model (every version). It stops serving at once; usage history keeps its name.
+#[utoipa::path(delete, path = "/v1/models/{name}", tag = "models", security(("bearer" = ["admin"])),
+    params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = plinth_core::error::ErrorBody)))]
+pub async fn delete(
+    state: web::Data<AppState>,
+    auth: Auth<scope::Admin>,
+    name: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    if state.models.is_platform(&name) {
+        return Err(ApiError::new(
+            ErrorCode::InsufficientScope,
+            "platform models cannot be deleted by tenants",
+        ));
+    }
+    state
+        .store
+        .delete_model(&auth.tenant_id, auth.actor_id(), &name)
+        .await?;
+    state.models.remove_tenant(&auth.tenant_id, &name);
+    Ok(HttpResponse::NoContent().finish())
+}

@@ -1,0 +1,154 @@
+//! The registry of tenants' uploaded models: immutable, numbered versions of content-addressed files.
+
+use chrono::Utc;
+use plinth_core::id::{ModelId, TenantId};
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set, TransactionTrait};
+
+use crate::accounts::parse_id;
+use crate::entity::{TenantScoped, models};
+use crate::{Result, Store, StoreError};
+
+/// One stored version of a tenant's model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelRecord {
+    pub id: ModelId,
+    pub tenant_id: TenantId,
+    pub name: String,
+    pub version: u32,
+    /// `text-classification`, `embedding` or `raw`.
+    pub task: String,
+    pub labels: Vec<String>,
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub tokenizer_sha256: Option<String>,
+}
+
+/// What an upload registers.
+#[derive(Debug, Clone)]
+pub struct NewModel {
+    pub name: String,
+    pub task: String,
+    pub labels: Vec<String>,
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub tokenizer_sha256: Option<String>,
+}
+
+fn to_record(row: models::Model) -> Result<ModelRecord> {
+    Ok(ModelRecord {
+        id: parse_id(&row.id)?,
+        tenant_id: parse_id(&row.tenant_id)?,
+        labels: serde_json::from_str(&row.labels)
+            .map_err(|err| StoreError::Internal(format!("corrupt labels: {err}")))?,
+        version: u32::try_from(row.version).unwrap_or(0),
+        size_bytes: u64::try_from(row.size_bytes).unwrap_or(0),
+        name: row.name,
+        task: row.task,
+        sha256: row.sha256,
+        tokenizer_sha256: row.tokenizer_sha256,
+    })
+}
+
+impl Store {
+    /// Records a new version of `model.name` for the tenant (1 for a new name).
+    pub async fn register_model(
+        &self,
+        tenant: &TenantId,
+        actor: &str,
+        model: &NewModel,
+    ) -> Result<ModelRecord> {
+        let txn = self.db().begin().await?;
+        let latest = models::Entity::find_in(tenant)
+            .filter(models::Column::Name.eq(&model.name))
+            .order_by_desc(models::Column::Version)
+            .one(&txn)
+            .await?;
+        let version = latest.map_or(1, |row| row.version + 1);
+        let id = ModelId::new();
+        let inserted = models::ActiveModel {
+            id: Set(id.to_string()),
+            tenant_id: Set(tenant.to_string()),
+            name: Set(model.name.clone()),
+            version: Set(version),
+            task: Set(model.task.clone()),
+            labels: Set(serde_json::to_string(&model.labels).unwrap_or_else(|_| "[]".to_owned())),
+            sha256: Set(model.sha256.clone()),
+            size_bytes: Set(i64::try_from(model.size_bytes).unwrap_or(i64::MAX)),
+            tokenizer_sha256: Set(model.tokenizer_sha256.clone()),
+            created_at: Set(Utc::now()),
+            deleted_at: Set(None),
+        }
+        .insert(&txn)
+        .await;
+        let row = match inserted {
+            Err(err) if crate::is_unique_violation(&err) => {
+                return Err(StoreError::invalid(
+                    "another upload of this model finished first; retry",
+                ));
+            }
+            other => other?,
+        };
+        crate::audit::record(
+            &txn,
+            Some(tenant),
+            actor,
+            "model.upload",
+            Some(id.as_str()),
+            serde_json::json!({ "name": model.name, "version": version, "sha256": model.sha256 }),
+        )
+        .await?;
+        txn.commit().await?;
+        to_record(row)
+    }
+
+    /// The newest live version of every tenant model, to load at start-up.
+    pub async fn live_models(&self) -> Result<Vec<ModelRecord>> {
+        let rows = models::Entity::find()
+            .filter(models::Column::DeletedAt.is_null())
+            .order_by_asc(models::Column::TenantId)
+            .order_by_asc(models::Column::Name)
+            .order_by_desc(models::Column::Version)
+            .all(self.db())
+            .await?;
+        let mut latest: Vec<models::Model> = Vec::new();
+        for row in rows {
+            if !latest
+                .last()
+                .is_some_and(|last| last.tenant_id == row.tenant_id && last.name == row.name)
+            {
+                latest.push(row);
+            }
+        }
+        latest.into_iter().map(to_record).collect()
+    }
+
+    /// Deletes every version of a tenant's model (kept as history, no longer served).
+    pub async fn delete_model(&self, tenant: &TenantId, actor: &str, name: &str) -> Result<()> {
+        let txn = self.db().begin().await?;
+        let rows = models::Entity::find_in(tenant)
+            .filter(models::Column::Name.eq(name))
+            .filter(models::Column::DeletedAt.is_null())
+            .all(&txn)
+            .await?;
+        if rows.is_empty() {
+            return Err(StoreError::NotFound("model"));
+        }
+        let now = Utc::now();
+        for row in rows {
+            let mut model: models::ActiveModel = row.into();
+            model.deleted_at = Set(Some(now));
+            model.update(&txn).await?;
+        }
+        crate::audit::record(
+            &txn,
+            Some(tenant),
+            actor,
+            "model.delete",
+            Some(name),
+            serde_json::Value::Null,
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,206 @@
+//! Tenants' own models: upload validation, versions, privacy, deletion, and survival across restarts.
+
+use plinth_sdk::{ErrorCode, Task};
+use plinth_tests::{TestApp, TestTenant};
+use reqwest::multipart::{Form, Part};
+use serde_json::{Value, json};
+
+fn built_in(file: &str) -> Vec<u8> {
+    let path = plinth_server::config::cache_dir().join("models").join(file);
+    std::fs::read(&path)
+        .unwrap_or_else(|err| panic!("{}: {err} (run scripts/fetch-models.sh)", path.display()))
+}
+
+fn form(model: Vec<u8>, manifest: &Value, tokenizer: bool) -> Form {
+    let mut form = Form::new()
+        .part(
+            "manifest",
+            Part::text(manifest.to_string())
+                .mime_str("application/json")
+                .unwrap(),
+        )
+        .part("model", Part::bytes(model).file_name("model.onnx"));
+    if tokenizer {
+        form = form.part(
+            "tokenizer",
+            Part::bytes(built_in("tokenizer.json")).file_name("tokenizer.json"),
+        );
+    }
+    form
+}
+
+async fn upload(app: &TestApp, tenant: &TestTenant, form: Form) -> (u16, Value) {
+    let response = app
+        .http()
+        .post(app.url("/v1/models"))
+        .bearer_auth(&tenant.key.secret)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+fn sentiment_manifest(name: &str) -> Value {
+    json!({ "name": name, "task": "text-classification", "labels": ["bad", "meh", "good"] })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_serves_its_own_fine_tuned_model_privately() {
+    let app = TestApp::spawn().await;
+    let acme = app.tenant().await;
+    let rival = app.tenant().await;
+
+    let (status, model) = upload(
+        &app,
+        &acme,
+        form(built_in("sentiment.onnx"), &sentiment_manifest("acme-tone"), true),
+    )
+    .await;
+    assert_eq!(status, 201, "{model}");
+    assert_eq!(model["version"], 1);
+    assert_eq!(model["platform"], false);
+    let reply = acme
+        .client
+        .classify("acme-tone", &["I love this product"])
+        .await
+        .unwrap();
+    assert_eq!(reply.results[0].label, "good");
+    assert!(
+        acme.client
+            .models()
+            .await
+            .unwrap()
+            .iter()
+            .any(|m| m.name == "acme-tone" && m.task == Task::TextClassification)
+    );
+
+    // Invisible to another tenant, whatever the route.
+    assert_eq!(
+        rival
+            .client
+            .classify("acme-tone", &["hi"])
+            .await
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::NotFound)
+    );
+    assert_eq!(
+        rival.client.model_metadata("acme-tone").await.unwrap_err().code(),
+        Some(ErrorCode::NotFound)
+    );
+    assert!(
+        rival
+            .client
+            .models()
+            .await
+            .unwrap()
+            .iter()
+            .all(|m| m.name != "acme-tone")
+    );
+    let (status, _) = (
+        app.http()
+            .delete(app.url("/v1/models/acme-tone"))
+            .bearer_auth(&rival.key.secret)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        (),
+    );
+    assert_eq!(status, 404);
+
+    // A second upload is version 2; a replica (or a restart) serves the newest version from the registry.
+    let (status, model) = upload(
+        &app,
+        &acme,
+        form(built_in("sentiment.onnx"), &sentiment_manifest("acme-tone"), true),
+    )
+    .await;
+    assert_eq!((status, model["version"].clone()), (201, json!(2)));
+    let replica = app.replica().await;
+    let on_replica = replica.client().with_token(&acme.key.secret);
+    assert_eq!(on_replica.model("acme-tone").await.unwrap().version, 2);
+
+    // Deleted: gone at once.
+    let deleted = app
+        .http()
+        .delete(app.url("/v1/models/acme-tone"))
+        .bearer_auth(&acme.key.secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(
+        acme.client.model("acme-tone").await.unwrap_err().code(),
+        Some(ErrorCode::NotFound)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_uploads_are_refused_with_a_reason() {
+    let app = TestApp::spawn_with(|config| config.max_model_bytes = 30 * 1024 * 1024).await;
+    let tenant = app.tenant().await;
+
+    let garbage = form(
+        b"this is not an onnx file".to_vec(),
+        &sentiment_manifest("junk"),
+        true,
+    );
+    let (status, body) = upload(&app, &tenant, garbage).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("invalid_model")),
+        "{body}"
+    );
+
+    // An embedding model declared as a three-label classifier does not fit its task.
+    let wrong_task = form(
+        built_in("minilm-embed.onnx"),
+        &sentiment_manifest("not-a-classifier"),
+        true,
+    );
+    let (status, body) = upload(&app, &tenant, wrong_task).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("invalid_model")),
+        "{body}"
+    );
+
+    let huge = form(vec![0u8; 31 * 1024 * 1024], &sentiment_manifest("huge"), true);
+    let (status, body) = upload(&app, &tenant, huge).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (413, Some("payload_too_large")),
+        "{body}"
+    );
+
+    for (manifest, tokenizer) in [
+        (
+            json!({ "name": "sentiment", "task": "text-classification", "labels": ["a", "b"] }),
+            true,
+        ),
+        (json!({ "name": "Bad Name!", "task": "embedding" }), true),
+        (
+            json!({ "name": "one-label", "task": "text-classification", "labels": ["only"] }),
+            true,
+        ),
+        (json!({ "name": "no-tokenizer", "task": "embedding" }), false),
+        (json!({ "name": "x", "task": "translation" }), true),
+    ] {
+        let (status, body) = upload(
+            &app,
+            &tenant,
+            form(built_in("minilm-embed.onnx"), &manifest, tokenizer),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (422, Some("validation_failed")),
+            "{manifest}: {body}"
+        );
+    }
+    // Nothing was registered.
+    assert!(tenant.client.models().await.unwrap().iter().all(|m| m.platform));
+}
