@@ -432,3 +432,51 @@ async fn protocol_errors_carry_a_string_message_for_protocol_clients() {
     assert_eq!(body["code"], "invalid_input");
     assert!(body["request_id"].as_str().unwrap().starts_with("req_"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_503_with_retry_after_and_recovers() {
+    let app = TestApp::spawn_with(|config| {
+        config.inference_queue = 1;
+        config.max_batch = 1;
+    })
+    .await;
+    let tenant = app.tenant().await;
+    app.set_plan(&tenant.session.tenant.id, "enterprise").await;
+    let http = app.http();
+    let texts = vec!["the market rallied on strong earnings ".repeat(12); 8];
+    let calls = (0..24).map(|_| {
+        http.post(app.url("/v1/models/sentiment/classify"))
+            .bearer_auth(&tenant.key.secret)
+            .json(&json!({ "inputs": texts }))
+            .send()
+    });
+    let responses: Vec<_> = join_all(calls).await.into_iter().map(Result::unwrap).collect();
+    let overloaded: Vec<_> = responses.iter().filter(|r| r.status() == 503).collect();
+    assert!(
+        !overloaded.is_empty(),
+        "a queue of one should overflow under 24 concurrent calls"
+    );
+    assert!(
+        overloaded
+            .iter()
+            .all(|r| r.headers().get("retry-after").is_some())
+    );
+    assert!(responses.iter().all(|r| r.status() == 200 || r.status() == 503));
+    let served = i64::try_from(responses.iter().filter(|r| r.status() == 200).count()).unwrap();
+    // Refused calls were not billed; the model serves again once the queue drains.
+    assert_eq!(
+        tenant
+            .client
+            .usage(&UsageQuery::default())
+            .await
+            .unwrap()
+            .total
+            .calls,
+        served
+    );
+    tenant
+        .client
+        .classify("sentiment", &["fine again"])
+        .await
+        .unwrap();
+}
