@@ -45,7 +45,9 @@ async fn in_process(batch: usize) -> Measured {
     let started = Instant::now();
     for round in 0..rounds {
         // The same rotation of texts as the HTTP runs send, so both do the same work.
-        let texts: Vec<String> = (0..batch).map(|i| TEXTS[(round + i) % TEXTS.len()].to_owned()).collect();
+        let texts: Vec<String> = (0..batch)
+            .map(|i| TEXTS[(round + i) % TEXTS.len()].to_owned())
+            .collect();
         let t = Instant::now();
         model.classify(texts).await.expect("classify");
         samples.push(t.elapsed());

@@ -115,6 +115,9 @@ impl Engine {
                 settings.ort_dylib.display()
             )));
         }
+        // Tokenize each batch on its own blocking thread: the batches are small, and rayon's spinning
+        // workers would take cores from ONNX Runtime on small machines.
+        tokenizers::utils::parallelism::set_parallelism(false);
         // ONNX Runtime has one environment per process; the first engine's library wins.
         static ENVIRONMENT: OnceLock<Result<Arc<Environment>, String>> = OnceLock::new();
         let environment = ENVIRONMENT
