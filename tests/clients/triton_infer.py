@@ -1,5 +1,6 @@
 """Drives a Plinth server with NVIDIA's own Triton HTTP client (PyPI tritonclient[http]), unchanged: proof
-that the Open Inference Protocol v2 endpoints are compatible. Run by the integration test
+that the Open Inference Protocol v2 endpoints are compatible, with JSON tensors and with the binary
+tensor extension (the client's default). Run by the integration test
 `inference::the_triton_client_works_unchanged`; prints the sentiment labels it got as JSON.
 
 Usage: python triton_infer.py HOST:PORT API_KEY
@@ -31,16 +32,21 @@ def main(url, key):
         "attention_mask": np.array(ATTENTION, dtype=np.int64),
         "token_type_ids": np.zeros((2, 6), dtype=np.int64),
     }
-    inputs = []
-    for name, array in arrays.items():
-        tensor = triton.InferInput(name, list(array.shape), "INT64")
-        tensor.set_data_from_numpy(array, binary_data=False)
-        inputs.append(tensor)
-    outputs = [triton.InferRequestedOutput("probs", binary_data=False)]
-    result = client.infer("sentiment", inputs, outputs=outputs, headers=headers, request_id="triton-1")
-    probs = result.as_numpy("probs")
-    assert probs.shape == (2, 3), probs.shape
-    print(json.dumps({"labels": [LABELS[int(row.argmax())] for row in probs], "id": result.get_response()["id"]}))
+    labels = {}
+    # JSON tensors, then the client's default: the binary tensor extension both ways.
+    for mode, binary in (("json", False), ("binary", True)):
+        inputs = []
+        for name, array in arrays.items():
+            tensor = triton.InferInput(name, list(array.shape), "INT64")
+            tensor.set_data_from_numpy(array, binary_data=binary)
+            inputs.append(tensor)
+        outputs = [triton.InferRequestedOutput("probs", binary_data=binary)]
+        result = client.infer("sentiment", inputs, outputs=outputs, headers=headers, request_id=f"triton-{mode}")
+        probs = result.as_numpy("probs")
+        assert probs.shape == (2, 3), probs.shape
+        assert result.get_response()["id"] == f"triton-{mode}"
+        labels[mode] = [LABELS[int(row.argmax())] for row in probs]
+    print(json.dumps(labels))
 
 
 if __name__ == "__main__":

@@ -405,13 +405,11 @@ async fn the_triton_client_works_unchanged() {
         String::from_utf8_lossy(&output.stderr)
     );
     let reply: Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(
-        reply,
-        json!({ "labels": ["positive", "negative"], "id": "triton-1" })
-    );
-    // Its inference was metered like any other: one call, two items.
+    let expected = json!(["positive", "negative"]);
+    assert_eq!(reply, json!({ "json": expected, "binary": expected }));
+    // Its inferences were metered like any other: two calls of two items.
     let usage = tenant.client.usage(&UsageQuery::default()).await.unwrap();
-    assert_eq!((usage.total.calls, usage.total.units), (1, 2));
+    assert_eq!((usage.total.calls, usage.total.units), (2, 4));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -158,6 +158,11 @@ pub struct InferOutput {
     pub name: String,
     pub shape: Vec<i64>,
     pub datatype: String,
+    /// `binary_data_size` when the tensor follows the JSON in binary (the protocol's binary extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Row-major values; absent when the tensor is sent in binary.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub data: serde_json::Value,
 }
 

@@ -111,6 +111,28 @@ impl TensorData {
         }
     }
 
+    /// As the protocol's binary extension lays it out (see [`Tensor::from_binary`]).
+    #[must_use]
+    pub fn to_binary(&self) -> Vec<u8> {
+        match self {
+            Self::Fp32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Self::Fp16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Self::Int64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Self::Int32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Self::Bool(v) => v.iter().map(|x| u8::from(*x)).collect(),
+            Self::Bytes(v) => v
+                .iter()
+                .flat_map(|s| {
+                    u32::try_from(s.len())
+                        .unwrap_or(u32::MAX)
+                        .to_le_bytes()
+                        .into_iter()
+                        .chain(s.bytes())
+                })
+                .collect(),
+        }
+    }
+
     /// As protocol JSON: a flat array.
     #[must_use]
     pub fn to_json(&self) -> Value {
@@ -227,6 +249,90 @@ impl Tensor {
         })
     }
 
+    /// Decodes a tensor sent with the protocol's binary extension: little-endian values, or for BYTES
+    /// each element as a 4-byte little-endian length and its bytes.
+    ///
+    /// # Errors
+    /// When the bytes do not hold exactly `product(shape)` elements of `datatype`.
+    pub fn from_binary(
+        name: &str,
+        datatype: &str,
+        shape: &[i64],
+        bytes: &[u8],
+    ) -> Result<Self, InferenceError> {
+        let datatype = DataType::parse(datatype)
+            .map_err(|_| invalid(name, &format!("unsupported datatype `{datatype}`")))?;
+        let count = shape
+            .iter()
+            .try_fold(1usize, |acc, d| acc.checked_mul(usize::try_from(*d).ok()?))
+            .ok_or_else(|| invalid(name, "shape dimensions must be non-negative"))?;
+        let sized = |width: usize| {
+            if bytes.len() == count * width {
+                Ok(bytes.chunks_exact(width))
+            } else {
+                Err(invalid(
+                    name,
+                    &format!(
+                        "shape {shape:?} needs {} bytes of {}, got {}",
+                        count * width,
+                        datatype.as_str(),
+                        bytes.len()
+                    ),
+                ))
+            }
+        };
+        let data = match datatype {
+            DataType::Fp32 => TensorData::Fp32(
+                sized(4)?
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            DataType::Fp16 => TensorData::Fp16(
+                sized(2)?
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
+            DataType::Int64 => TensorData::Int64(
+                sized(8)?
+                    .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                    .collect(),
+            ),
+            DataType::Int32 => TensorData::Int32(
+                sized(4)?
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            DataType::Bool => TensorData::Bool(sized(1)?.map(|c| c[0] != 0).collect()),
+            DataType::Bytes => {
+                let mut strings = Vec::with_capacity(count);
+                let mut rest = bytes;
+                while rest.len() >= 4 {
+                    let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                    let item = rest
+                        .get(4..4 + len)
+                        .ok_or_else(|| invalid(name, "a BYTES element runs past the data"))?;
+                    strings.push(
+                        String::from_utf8(item.to_vec())
+                            .map_err(|_| invalid(name, "BYTES elements must be UTF-8"))?,
+                    );
+                    rest = &rest[4 + len..];
+                }
+                if !rest.is_empty() || strings.len() != count {
+                    return Err(invalid(
+                        name,
+                        &format!("shape {shape:?} needs {count} BYTES elements"),
+                    ));
+                }
+                TensorData::Bytes(strings)
+            }
+        };
+        Ok(Self {
+            name: name.to_owned(),
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+
     pub(crate) fn to_ort(&self) -> Result<DynValue, InferenceError> {
         let shape = self.shape.clone();
         Ok(match &self.data {
@@ -281,6 +387,24 @@ mod tests {
         let flat = Tensor::from_json("x", "INT64", &[2, 2], &json!([1, 2, 3, 4])).unwrap();
         assert_eq!(nested, flat);
         assert_eq!(nested.data, TensorData::Int64(vec![1, 2, 3, 4]));
+    }
+
+    #[test]
+    fn binary_tensors_round_trip() {
+        let ints = TensorData::Int64(vec![1, -2, 3]);
+        let decoded = Tensor::from_binary("x", "INT64", &[3], &ints.to_binary()).unwrap();
+        assert_eq!(decoded.data, ints);
+        let strings = TensorData::Bytes(vec!["hé".into(), String::new()]);
+        assert_eq!(
+            Tensor::from_binary("s", "BYTES", &[2], &strings.to_binary())
+                .unwrap()
+                .data,
+            strings
+        );
+        let err = Tensor::from_binary("x", "FP32", &[2], &[0; 7])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("8 bytes"), "{err}");
     }
 
     #[test]

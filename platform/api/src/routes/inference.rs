@@ -1,7 +1,7 @@
 //! The Open Inference Protocol v2 (KServe, Triton): model metadata, readiness and tensor inference, so
 //! Triton and KServe clients work unchanged. Calls carry `Authorization: Bearer <key>` like every other.
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use plinth_core::ErrorCode;
 use plinth_core::inference::{
     InferOutput, InferRequest, InferResponse, ModelMetadata, ModelReady, ModelStatistics,
@@ -100,48 +100,163 @@ pub async fn infer(
     idempotency: IdempotencyKey,
     request_id: RequestId,
     path: web::Path<ModelPath>,
-    body: web::Json<InferRequest>,
+    req: HttpRequest,
+    payload: web::Payload,
 ) -> ApiResult<HttpResponse> {
     let model = versioned(&state, &auth, &path)?;
-    let request = body.into_inner();
-    let binary = request.inputs.iter().any(|input| {
-        input
-            .parameters
-            .as_ref()
-            .is_some_and(|p| p.contains_key("binary_data_size"))
-    });
-    if binary {
-        return Err(ApiError::new(
-            ErrorCode::InvalidInput,
-            "the binary tensor extension is not supported yet: send JSON data",
-        ));
-    }
+    let body = read_body(payload, TENSOR_BODY_LIMIT).await?;
+    let (request, mut binary) = split_binary(&req, &body)?;
     let inputs = request
         .inputs
         .iter()
-        .map(|input| Tensor::from_json(&input.name, &input.datatype, &input.shape, &input.data))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|input| match binary_size(input.parameters.as_ref()) {
+            Some(size) => {
+                let bytes = take(&mut binary, size, &input.name)?;
+                Tensor::from_binary(&input.name, &input.datatype, &input.shape, bytes).map_err(ApiError::from)
+            }
+            None => Tensor::from_json(&input.name, &input.datatype, &input.shape, &input.data)
+                .map_err(ApiError::from),
+        })
+        .collect::<ApiResult<Vec<_>>>()?;
+    if !binary.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidInput,
+            "the body has binary data that no input claims",
+        ));
+    }
     let units = usize::try_from(LoadedModel::batch_size(&inputs)).unwrap_or(1);
-    let wanted = request
-        .outputs
-        .map(|outputs| outputs.into_iter().map(|o| o.name).collect());
-    let outputs = model.infer(inputs, wanted).await?;
+    // Outputs go back in binary when the request asks for it, per output or for all.
+    let all_binary = flag(request.parameters.as_ref(), "binary_data_output");
+    let wanted: Option<Vec<(String, bool)>> = request.outputs.map(|outputs| {
+        outputs
+            .into_iter()
+            .map(|o| (o.name, flag(o.parameters.as_ref(), "binary_data") || all_binary))
+            .collect()
+    });
+    let names = wanted
+        .as_ref()
+        .map(|w| w.iter().map(|(name, _)| name.clone()).collect());
+    let outputs = model.infer(inputs, names).await?;
     let recorded = record_usage(&state, &auth, idempotency, request_id, "model", &path.name, units).await?;
-    let info = model.info();
-    Ok(HttpResponse::Ok()
-        .insert_header(("Idempotent-Replayed", recorded.replayed.to_string()))
-        .json(InferResponse {
-            model_name: info.name.clone(),
-            model_version: info.version.to_string(),
-            id: request.id,
-            outputs: outputs
-                .into_iter()
-                .map(|t| InferOutput {
-                    data: t.data.to_json(),
-                    datatype: t.data.datatype().as_str().to_owned(),
-                    shape: t.shape,
+
+    let mut blobs = Vec::new();
+    let outputs = outputs
+        .into_iter()
+        .map(|t| {
+            let as_binary = wanted
+                .as_ref()
+                .map_or(all_binary, |w| w.iter().any(|(name, b)| *name == t.name && *b));
+            let datatype = t.data.datatype().as_str().to_owned();
+            if as_binary {
+                let bytes = t.data.to_binary();
+                let mut parameters = serde_json::Map::new();
+                parameters.insert("binary_data_size".to_owned(), bytes.len().into());
+                blobs.extend_from_slice(&bytes);
+                InferOutput {
                     name: t.name,
-                })
-                .collect(),
-        }))
+                    shape: t.shape,
+                    datatype,
+                    parameters: Some(parameters),
+                    data: serde_json::Value::Null,
+                }
+            } else {
+                InferOutput {
+                    data: t.data.to_json(),
+                    name: t.name,
+                    shape: t.shape,
+                    datatype,
+                    parameters: None,
+                }
+            }
+        })
+        .collect();
+    let info = model.info();
+    let response = InferResponse {
+        model_name: info.name.clone(),
+        model_version: info.version.to_string(),
+        id: request.id,
+        outputs,
+    };
+    let mut reply = HttpResponse::Ok();
+    reply.insert_header(("Idempotent-Replayed", recorded.replayed.to_string()));
+    if blobs.is_empty() {
+        return Ok(reply.json(response));
+    }
+    let mut bytes = serde_json::to_vec(&response).map_err(ApiError::internal)?;
+    reply.insert_header((HEADER_LENGTH, bytes.len().to_string()));
+    bytes.extend_from_slice(&blobs);
+    Ok(reply.content_type("application/octet-stream").body(bytes))
+}
+
+/// The binary extension's header: how many leading bytes of the body are the JSON request.
+const HEADER_LENGTH: &str = "Inference-Header-Content-Length";
+/// The largest inference-protocol body: 16 MiB.
+const TENSOR_BODY_LIMIT: usize = 16 * 1024 * 1024;
+
+async fn read_body(mut payload: web::Payload, limit: usize) -> ApiResult<web::BytesMut> {
+    use futures_util::StreamExt;
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|err| ApiError::new(ErrorCode::InvalidJson, err.to_string()))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("the body is larger than {limit} bytes"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Splits a body into the JSON request and the binary tensor data after it (if any).
+fn split_binary<'b>(req: &HttpRequest, body: &'b [u8]) -> ApiResult<(InferRequest, &'b [u8])> {
+    let json_length = match req.headers().get(HEADER_LENGTH) {
+        None => body.len(),
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|length| *length <= body.len())
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidHeader,
+                    format!("{HEADER_LENGTH} must be a length within the body"),
+                )
+            })?,
+    };
+    let (json, binary) = body.split_at(json_length);
+    let request = serde_json::from_slice(json).map_err(|err| {
+        let code = if err.is_data() {
+            ErrorCode::InvalidBody
+        } else {
+            ErrorCode::InvalidJson
+        };
+        ApiError::new(code, format!("the inference request is not valid: {err}"))
+    })?;
+    Ok((request, binary))
+}
+
+fn binary_size(parameters: Option<&serde_json::Map<String, serde_json::Value>>) -> Option<u64> {
+    parameters?.get("binary_data_size")?.as_u64()
+}
+
+fn flag(parameters: Option<&serde_json::Map<String, serde_json::Value>>, name: &str) -> bool {
+    parameters
+        .and_then(|p| p.get(name))
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false)
+}
+
+fn take<'b>(binary: &mut &'b [u8], size: u64, name: &str) -> ApiResult<&'b [u8]> {
+    let size = usize::try_from(size).unwrap_or(usize::MAX);
+    if size > binary.len() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidInput,
+            format!("input `{name}`: binary_data_size runs past the body"),
+        ));
+    }
+    let (head, rest) = binary.split_at(size);
+    *binary = rest;
+    Ok(head)
 }

@@ -33,17 +33,6 @@ fn metered(
     resource(path).wrap(from_fn(metering::middleware))
 }
 
-/// The largest inference-protocol body: 16 MiB of JSON tensors.
-const TENSOR_BODY_LIMIT: usize = 16 * 1024 * 1024;
-
-fn tensor_limits() -> web::JsonConfig {
-    // Triton's client sends JSON tensors without a Content-Type.
-    web::JsonConfig::default()
-        .limit(TENSOR_BODY_LIMIT)
-        .content_type_required(false)
-        .error_handler(error::json_error)
-}
-
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/v1/signup").route(web::post().to(accounts::signup)))
         .service(resource("/v1/login").route(web::post().to(accounts::login)))
@@ -88,15 +77,9 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
         .service(
             resource("/v2/models/{name}/versions/{version}/ready").route(web::get().to(inference::ready)),
         )
+        .service(metered("/v2/models/{name}/infer").route(web::post().to(inference::infer)))
         .service(
-            metered("/v2/models/{name}/infer")
-                .app_data(tensor_limits())
-                .route(web::post().to(inference::infer)),
-        )
-        .service(
-            metered("/v2/models/{name}/versions/{version}/infer")
-                .app_data(tensor_limits())
-                .route(web::post().to(inference::infer)),
+            metered("/v2/models/{name}/versions/{version}/infer").route(web::post().to(inference::infer)),
         )
         .service(resource("/v2/health/live").route(web::get().to(health::live)))
         .service(resource("/v2/health/ready").route(web::get().to(health::ready)))
