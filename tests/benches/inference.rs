@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use plinth_inference::{Catalog, Engine, load_builtin};
-use plinth_sdk::{Micros, Plan, TenantId};
+use plinth_sdk::TenantId;
 use plinth_tests::TestApp;
 
 const TEXTS: [&str; 4] = [
@@ -123,19 +123,7 @@ async fn plinth_api(max_batch: usize) -> (TestApp, String) {
     })
     .await;
     let tenant = app.tenant().await;
-    let unlimited = Plan {
-        id: "bench".into(),
-        name: "Benchmark".into(),
-        currency: "usd".into(),
-        monthly_fee_micros: Micros(0),
-        included_calls: 0,
-        price_per_call_micros: Micros(0),
-        hard_cap: false,
-        rate_limit_per_minute: 100_000_000,
-        burst: 1_000_000,
-    };
-    app.store().upsert_plan(&unlimited).await.expect("plan");
-    app.set_plan(&tenant.session.tenant.id, "bench").await;
+    app.lift_rate_limits(&tenant.session.tenant.id).await;
     (app, tenant.key.secret)
 }
 

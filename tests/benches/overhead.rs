@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use plinth_sdk::{Micros, Plan};
+use plinth_sdk::Micros;
 use plinth_store::ledger::{LedgerSettings, Meter, UsageRecord};
 use plinth_tests::{Backend, TestApp, postgres_and_redis};
 
@@ -180,19 +180,7 @@ async fn run(backend: Backend) {
     let app = TestApp::spawn_on(backend, |config| config.workers = 2).await;
     let tenant = app.tenant().await;
     // A plan whose limit is never reached: the limiter still runs on every call, which is what we measure.
-    let unlimited = Plan {
-        id: "bench".to_owned(),
-        name: "Benchmark".to_owned(),
-        currency: "usd".to_owned(),
-        monthly_fee_micros: Micros(0),
-        included_calls: 0,
-        price_per_call_micros: Micros(0),
-        hard_cap: false,
-        rate_limit_per_minute: 100_000_000,
-        burst: 1_000_000,
-    };
-    app.store().upsert_plan(&unlimited).await.expect("plan");
-    app.set_plan(&tenant.session.tenant.id, "bench").await;
+    app.lift_rate_limits(&tenant.session.tenant.id).await;
     println!("\n{backend:?}");
     key_verification(&app, &tenant.key.secret).await;
     http_overhead(&app, &tenant.key.secret).await;

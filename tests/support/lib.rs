@@ -190,6 +190,24 @@ impl TestApp {
             .expect("plan change");
     }
 
+    /// Moves a tenant to a plan whose rate limit is never reached (benchmarks: the limiter still runs
+    /// on every call, which is part of what they measure).
+    pub async fn lift_rate_limits(&self, tenant: &plinth_sdk::TenantId) {
+        let unlimited = plinth_sdk::Plan {
+            id: "unlimited".to_owned(),
+            name: "Unlimited (benchmarks)".to_owned(),
+            currency: "usd".to_owned(),
+            monthly_fee_micros: plinth_sdk::Micros(0),
+            included_calls: 0,
+            price_per_call_micros: plinth_sdk::Micros(0),
+            hard_cap: false,
+            rate_limit_per_minute: 100_000_000,
+            burst: 1_000_000,
+        };
+        self.store().upsert_plan(&unlimited).await.expect("plan");
+        self.set_plan(tenant, "unlimited").await;
+    }
+
     /// Stops the server gracefully, draining the ledger.
     pub async fn stop(mut self) {
         if let Some(server) = self.server.take() {

@@ -99,6 +99,25 @@ pub(crate) async fn record_usage(
         .await?)
 }
 
+/// Records the call's usage, then answers with `body`; a replayed idempotency key is marked with
+/// `Idempotent-Replayed: true` (served again, not billed again).
+#[allow(clippy::too_many_arguments)] // one per part of a billed answer, all needed
+pub(crate) async fn billed_json(
+    state: &AppState,
+    auth: &Principal,
+    idempotency: IdempotencyKey,
+    request_id: RequestId,
+    kind: &str,
+    resource: &str,
+    units: usize,
+    body: &impl serde::Serialize,
+) -> Result<actix_web::HttpResponse, ApiError> {
+    let recorded = record_usage(state, auth, idempotency, request_id, kind, resource, units).await?;
+    Ok(actix_web::HttpResponse::Ok()
+        .insert_header(("Idempotent-Replayed", recorded.replayed.to_string()))
+        .json(body))
+}
+
 /// The client's `Idempotency-Key`, or one derived from the request id when none was sent (then every
 /// request is its own call).
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@ use plinth_inference::LoadedModel;
 
 use crate::auth::{Auth, scope};
 use crate::error::{ApiError, ApiResult};
-use crate::metering::{IdempotencyKey, record_usage};
+use crate::metering::{IdempotencyKey, billed_json};
 use crate::request_id::RequestId;
 use crate::state::AppState;
 
@@ -66,13 +66,21 @@ pub async fn classify(
     let TextRequest { inputs } = body.into_inner();
     let units = inputs.len();
     let results = model.classify(inputs).await?;
-    let recorded = record_usage(&state, &auth, idempotency, request_id, "model", &name, units).await?;
-    Ok(HttpResponse::Ok()
-        .insert_header(("Idempotent-Replayed", recorded.replayed.to_string()))
-        .json(ClassifyResponse {
-            model: model.info().name.clone(),
-            results,
-        }))
+    let reply = ClassifyResponse {
+        model: model.info().name.clone(),
+        results,
+    };
+    billed_json(
+        &state,
+        &auth,
+        idempotency,
+        request_id,
+        "model",
+        &name,
+        units,
+        &reply,
+    )
+    .await
 }
 
 /// Embed texts as vectors (normalised for the built-in model). Billed per text.
@@ -96,14 +104,22 @@ pub async fn embed(
     let TextRequest { inputs } = body.into_inner();
     let units = inputs.len();
     let embeddings = model.embed(inputs).await?;
-    let recorded = record_usage(&state, &auth, idempotency, request_id, "model", &name, units).await?;
-    Ok(HttpResponse::Ok()
-        .insert_header(("Idempotent-Replayed", recorded.replayed.to_string()))
-        .json(EmbedResponse {
-            model: model.info().name.clone(),
-            dimensions: embeddings.first().map_or(0, Vec::len),
-            embeddings,
-        }))
+    let reply = EmbedResponse {
+        model: model.info().name.clone(),
+        dimensions: embeddings.first().map_or(0, Vec::len),
+        embeddings,
+    };
+    billed_json(
+        &state,
+        &auth,
+        idempotency,
+        request_id,
+        "model",
+        &name,
+        units,
+        &reply,
+    )
+    .await
 }
 
 /// Upload a model: multipart parts `model` (the .onnx file), `manifest` (JSON: name, task, labels) and,
