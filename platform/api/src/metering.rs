@@ -6,7 +6,7 @@ use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
 use actix_web::{FromRequest, HttpRequest, web};
 use futures_util::future::{Ready, ready};
-use plinth_core::ErrorCode;
+use plinth_core::{ErrorCode, Micros};
 use plinth_store::auth::{Actor, Principal};
 use plinth_store::cache::{Quota, RateDecision};
 use plinth_store::ledger::MAX_IDEMPOTENCY_KEY_LEN;
@@ -74,25 +74,44 @@ pub(crate) async fn middleware(
     Ok(response)
 }
 
-/// Records one billable call of `units` items at the plan's list price, and returns once it is durable.
+/// What one call bills: `units` of a resource at `unit_price` each.
+#[derive(Debug, Clone)]
+pub(crate) struct Billable<'a> {
+    pub kind: &'a str,
+    pub resource: &'a str,
+    pub units: usize,
+    pub unit_price: Micros,
+}
+
+impl<'a> Billable<'a> {
+    /// A model call: one unit per item, at the plan's per-call price.
+    pub(crate) fn model(auth: &Principal, name: &'a str, units: usize) -> Self {
+        Self {
+            kind: "model",
+            resource: name,
+            units,
+            unit_price: auth.price_per_call,
+        }
+    }
+}
+
+/// Records one billable call and returns once it is durable.
 pub(crate) async fn record_usage(
     state: &AppState,
     auth: &Principal,
     idempotency: IdempotencyKey,
     request_id: RequestId,
-    kind: &str,
-    resource: &str,
-    units: usize,
+    billable: Billable<'_>,
 ) -> Result<plinth_store::ledger::Recorded, ApiError> {
     Ok(state
         .meter
         .record(UsageRecord {
             tenant_id: auth.tenant_id.clone(),
             api_key_id: auth.api_key_id().cloned(),
-            resource_kind: kind.to_owned(),
-            resource_id: resource.to_owned(),
-            units: i64::try_from(units).unwrap_or(i64::MAX),
-            unit_price: auth.price_per_call,
+            resource_kind: billable.kind.to_owned(),
+            resource_id: billable.resource.to_owned(),
+            units: i64::try_from(billable.units).unwrap_or(i64::MAX),
+            unit_price: billable.unit_price,
             idempotency_key: idempotency.0,
             request_id: request_id.0,
         })
@@ -101,18 +120,15 @@ pub(crate) async fn record_usage(
 
 /// Records the call's usage, then answers with `body`; a replayed idempotency key is marked with
 /// `Idempotent-Replayed: true` (served again, not billed again).
-#[allow(clippy::too_many_arguments)] // one per part of a billed answer, all needed
 pub(crate) async fn billed_json(
     state: &AppState,
     auth: &Principal,
     idempotency: IdempotencyKey,
     request_id: RequestId,
-    kind: &str,
-    resource: &str,
-    units: usize,
+    billable: Billable<'_>,
     body: &impl serde::Serialize,
 ) -> Result<actix_web::HttpResponse, ApiError> {
-    let recorded = record_usage(state, auth, idempotency, request_id, kind, resource, units).await?;
+    let recorded = record_usage(state, auth, idempotency, request_id, billable).await?;
     Ok(actix_web::HttpResponse::Ok()
         .insert_header(("Idempotent-Replayed", recorded.replayed.to_string()))
         .json(body))

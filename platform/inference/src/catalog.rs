@@ -91,15 +91,6 @@ impl Catalog {
             .map(|model| model.info().clone())
             .collect()
     }
-
-    /// Whether every platform model is loaded.
-    #[must_use]
-    pub fn platform_count(&self) -> usize {
-        self.platform
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len()
-    }
 }
 
 /// Loads the built-in models that `scripts/fetch-models.sh` prepared in `dir`.

@@ -10,7 +10,7 @@
 //! the commit round trip does not leave the next batch waiting.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use plinth_core::Micros;
@@ -381,9 +381,6 @@ fn day_label(day: i64) -> String {
         .map_or(NaiveDate::MIN, |t| t.date_naive());
     date.format("%Y-%m-%d").to_string()
 }
-
-/// How long a caller should wait before retrying after the ledger refused a write.
-pub const RETRY_AFTER_LEDGER_FAILURE: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {

@@ -177,10 +177,6 @@ impl Store {
         self.db.get_database_backend()
     }
 
-    pub async fn close(self) -> Result<()> {
-        Ok(self.db.close().await?)
-    }
-
     pub(crate) fn db(&self) -> &DatabaseConnection {
         &self.db
     }

@@ -5,11 +5,10 @@
 use actix_web::{HttpResponse, web};
 use plinth_core::Micros;
 use plinth_core::api::EchoResponse;
-use plinth_store::ledger::UsageRecord;
 
 use crate::auth::Auth;
 use crate::error::ApiResult;
-use crate::metering::IdempotencyKey;
+use crate::metering::{Billable, IdempotencyKey, record_usage};
 use crate::request_id::RequestId;
 use crate::state::AppState;
 
@@ -31,19 +30,13 @@ pub async fn echo(
     request_id: RequestId,
     body: web::Json<serde_json::Value>,
 ) -> ApiResult<HttpResponse> {
-    let recorded = state
-        .meter
-        .record(UsageRecord {
-            tenant_id: auth.tenant_id.clone(),
-            api_key_id: auth.api_key_id().cloned(),
-            resource_kind: "echo".to_owned(),
-            resource_id: "echo".to_owned(),
-            units: 1,
-            unit_price: Micros::ZERO,
-            idempotency_key: idempotency.0,
-            request_id: request_id.0,
-        })
-        .await?;
+    let free = Billable {
+        kind: "echo",
+        resource: "echo",
+        units: 1,
+        unit_price: Micros::ZERO,
+    };
+    let recorded = record_usage(&state, &auth, idempotency, request_id, free).await?;
     Ok(HttpResponse::Ok()
         .insert_header(("Idempotent-Replayed", recorded.replayed.to_string()))
         .json(EchoResponse {

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::auth::{Auth, scope};
 use crate::error::{ApiError, ApiResult};
-use crate::metering::{IdempotencyKey, record_usage};
+use crate::metering::{Billable, IdempotencyKey, record_usage};
 use crate::request_id::RequestId;
 use crate::routes::models::find_model;
 use crate::state::AppState;
@@ -137,7 +137,14 @@ pub async fn infer(
         .as_ref()
         .map(|w| w.iter().map(|(name, _)| name.clone()).collect());
     let outputs = model.infer(inputs, names).await?;
-    let recorded = record_usage(&state, &auth, idempotency, request_id, "model", &path.name, units).await?;
+    let recorded = record_usage(
+        &state,
+        &auth,
+        idempotency,
+        request_id,
+        Billable::model(&auth, &path.name, units),
+    )
+    .await?;
 
     let mut blobs = Vec::new();
     let outputs = outputs

@@ -9,7 +9,7 @@ use plinth_inference::LoadedModel;
 
 use crate::auth::{Auth, scope};
 use crate::error::{ApiError, ApiResult};
-use crate::metering::{IdempotencyKey, billed_json};
+use crate::metering::{Billable, IdempotencyKey, billed_json};
 use crate::request_id::RequestId;
 use crate::state::AppState;
 
@@ -75,9 +75,7 @@ pub async fn classify(
         &auth,
         idempotency,
         request_id,
-        "model",
-        &name,
-        units,
+        Billable::model(&auth, &name, units),
         &reply,
     )
     .await
@@ -114,9 +112,7 @@ pub async fn embed(
         &auth,
         idempotency,
         request_id,
-        "model",
-        &name,
-        units,
+        Billable::model(&auth, &name, units),
         &reply,
     )
     .await
