@@ -478,3 +478,17 @@ async fn a_full_queue_answers_503_with_retry_after_and_recovers() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_time_out_are_not_billed() {
+    // The usage event is written while the model runs; a call that then fails must not keep it.
+    let app = TestApp::spawn_with(|config| config.inference_timeout_ms = 1).await;
+    let tenant = app.tenant().await;
+    app.set_plan(&tenant.session.tenant.id, "enterprise").await;
+    let texts = vec!["the market rallied on strong earnings ".repeat(12); 32];
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let err = tenant.client.classify("sentiment", &texts).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InferenceTimeout));
+    let usage = tenant.client.usage(&UsageQuery::default()).await.unwrap();
+    assert_eq!(usage.total.calls, 0, "{usage:?}");
+}

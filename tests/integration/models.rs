@@ -204,3 +204,78 @@ async fn broken_uploads_are_refused_with_a_reason() {
     // Nothing was registered.
     assert!(tenant.client.models().await.unwrap().iter().all(|m| m.platform));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_versions_stay_callable_by_number_until_deleted() {
+    let app = TestApp::spawn().await;
+    let acme = app.tenant().await;
+    let manifest =
+        |labels: [&str; 3]| json!({ "name": "tone", "task": "text-classification", "labels": labels });
+    for labels in [["bad", "meh", "good"], ["neg", "neu", "pos"]] {
+        let (status, model) = upload(
+            &app,
+            &acme,
+            form(built_in("sentiment.onnx"), &manifest(labels), true),
+        )
+        .await;
+        assert_eq!(status, 201, "{model}");
+    }
+    // The newest version answers unpinned calls.
+    let reply = acme
+        .client
+        .classify("tone", &["I love this product"])
+        .await
+        .unwrap();
+    assert_eq!(reply.results[0].label, "pos");
+
+    let get = |path: String| {
+        let request = app.http().get(app.url(&path)).bearer_auth(&acme.key.secret);
+        async move {
+            let response = request.send().await.unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    let (status, metadata) = get("/v2/models/tone".into()).await;
+    assert_eq!((status, metadata["versions"].clone()), (200, json!(["1", "2"])));
+    // Version 1 is loaded on first use and runs as version 1.
+    let (status, ready) = get("/v2/models/tone/versions/1/ready".into()).await;
+    assert_eq!((status, ready["ready"].clone()), (200, json!(true)));
+    let tokens = json!({ "inputs": [
+        { "name": "input_ids", "shape": [1, 4], "datatype": "INT64", "data": [101, 2293, 2023, 102] },
+        { "name": "attention_mask", "shape": [1, 4], "datatype": "INT64", "data": [1, 1, 1, 1] },
+        { "name": "token_type_ids", "shape": [1, 4], "datatype": "INT64", "data": [0, 0, 0, 0] },
+    ]});
+    for version in ["1", "2"] {
+        let response = app
+            .http()
+            .post(app.url(&format!("/v2/models/tone/versions/{version}/infer")))
+            .bearer_auth(&acme.key.secret)
+            .json(&tokens)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["model_version"], version, "{body}");
+    }
+    for missing in ["3", "0", "one"] {
+        let (status, body) = get(format!("/v2/models/tone/versions/{missing}")).await;
+        assert_eq!(status, 404, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("no version"), "{body}");
+    }
+
+    // Deleting the model retires every version, pinned ones included.
+    let deleted = app
+        .http()
+        .delete(app.url("/v1/models/tone"))
+        .bearer_auth(&acme.key.secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    let (status, _) = get("/v2/models/tone/versions/1/ready".into()).await;
+    assert_eq!(status, 404);
+}

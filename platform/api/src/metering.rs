@@ -5,6 +5,8 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
 use actix_web::{FromRequest, HttpRequest, web};
+use std::task::Poll;
+
 use futures_util::future::{Ready, ready};
 use plinth_core::{ErrorCode, Micros};
 use plinth_store::auth::{Actor, Principal};
@@ -118,20 +120,59 @@ pub(crate) async fn record_usage(
         .await?)
 }
 
-/// Records the call's usage, then answers with `body`; a replayed idempotency key is marked with
-/// `Idempotent-Replayed: true` (served again, not billed again).
-pub(crate) async fn billed_json(
+/// Runs `work` and records its usage; returns when both are done, so the answer still waits for a
+/// durable event, but the event's commit (an fsync) overlaps the work instead of following it.
+///
+/// Work that fails before it waits for anything (bad input, a full queue) is refused without touching
+/// the ledger. Work that fails later has its event withdrawn, so only served calls are billed; a replay
+/// never withdraws the event of the call it repeats. One race is resolved in the client's favour: when
+/// two attempts with the same key run at once and the one that wrote the event fails while the other
+/// succeeds, that call goes unbilled.
+pub(crate) async fn metered<T>(
     state: &AppState,
     auth: &Principal,
     idempotency: IdempotencyKey,
     request_id: RequestId,
     billable: Billable<'_>,
+    work: impl Future<Output = Result<T, ApiError>>,
+) -> Result<(T, plinth_store::ledger::Recorded), ApiError> {
+    let mut work = std::pin::pin!(work);
+    // One poll: does the work finish (or fail) without waiting?
+    let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
+    if let Poll::Ready(outcome) = first {
+        let value = outcome?;
+        let recorded = record_usage(state, auth, idempotency, request_id, billable).await?;
+        return Ok((value, recorded));
+    }
+    let (outcome, recorded) =
+        tokio::join!(work, record_usage(state, auth, idempotency, request_id, billable));
+    match (outcome, recorded) {
+        (Ok(value), Ok(recorded)) => Ok((value, recorded)),
+        (Err(err), Ok(recorded)) => {
+            if !recorded.replayed
+                && let Err(withdraw) = state
+                    .store
+                    .withdraw_usage_event(&auth.tenant_id, &recorded.event_id)
+                    .await
+            {
+                tracing::error!(error = %withdraw, event = %recorded.event_id,
+                    "a failed call's usage event could not be withdrawn");
+            }
+            Err(err)
+        }
+        (_, Err(err)) => Err(err),
+    }
+}
+
+/// Answers a metered call with `body`; a replayed idempotency key is marked with
+/// `Idempotent-Replayed: true` (served again, not billed again).
+pub(crate) fn billed_json(
+    recorded: &plinth_store::ledger::Recorded,
     body: &impl serde::Serialize,
-) -> Result<actix_web::HttpResponse, ApiError> {
-    let recorded = record_usage(state, auth, idempotency, request_id, billable).await?;
-    Ok(actix_web::HttpResponse::Ok()
+) -> actix_web::HttpResponse {
+    actix_web::HttpResponse::Ok()
         .insert_header(("Idempotent-Replayed", recorded.replayed.to_string()))
-        .json(body))
+        .json(body)
 }
 
 /// The client's `Idempotency-Key`, or one derived from the request id when none was sent (then every

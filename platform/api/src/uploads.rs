@@ -163,7 +163,7 @@ pub(crate) fn files_of(dir: &Path, record: &ModelRecord) -> Option<ModelFiles> {
     })
 }
 
-async fn load(state: &AppState, files: ModelFiles) -> ApiResult<Arc<LoadedModel>> {
+pub(crate) async fn load(state: &AppState, files: ModelFiles) -> ApiResult<Arc<LoadedModel>> {
     let engine = state.engine.clone();
     tokio::task::spawn_blocking(move || engine.load(&files))
         .await

@@ -1,5 +1,6 @@
-//! Which models each tenant can call: the platform's built-in models, visible to all, and (later) each
-//! tenant's own uploads, visible only to that tenant.
+//! Which models each tenant can call: the platform's built-in models, visible to all, and each tenant's
+//! own uploads, visible only to that tenant. A tenant model is served at its newest version; older
+//! versions that clients pin (`/v2/models/{m}/versions/{v}`) are loaded on first use and kept here.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,6 +16,7 @@ use crate::engine::{Engine, LoadedModel, ModelFiles};
 pub struct Catalog {
     platform: RwLock<BTreeMap<String, Arc<LoadedModel>>>,
     tenants: RwLock<BTreeMap<(TenantId, String), Arc<LoadedModel>>>,
+    pinned: RwLock<BTreeMap<(TenantId, String, u32), Arc<LoadedModel>>>,
 }
 
 impl Catalog {
@@ -34,12 +36,39 @@ impl Catalog {
             .insert((tenant.clone(), name), model);
     }
 
-    /// Stops serving a tenant's model.
+    /// Keeps an older version of a tenant's model that a client asked for by number.
+    pub fn add_pinned(&self, tenant: &TenantId, model: Arc<LoadedModel>) {
+        let key = (tenant.clone(), model.info().name.clone(), model.info().version);
+        self.pinned
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key, model);
+    }
+
+    /// A specific version of a tenant's model, if it is loaded (the newest, or a pinned one).
+    #[must_use]
+    pub fn find_version(&self, tenant: &TenantId, name: &str, version: u32) -> Option<Arc<LoadedModel>> {
+        self.find(tenant, name)
+            .filter(|model| model.info().version == version)
+            .or_else(|| {
+                self.pinned
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(&(tenant.clone(), name.to_owned(), version))
+                    .cloned()
+            })
+    }
+
+    /// Stops serving a tenant's model, every version of it.
     pub fn remove_tenant(&self, tenant: &TenantId, name: &str) {
         self.tenants
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&(tenant.clone(), name.to_owned()));
+        self.pinned
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|(owner, model, _), _| !(owner == tenant && model == name));
     }
 
     /// Whether `name` is a platform model's (tenants cannot shadow those).

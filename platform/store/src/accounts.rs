@@ -7,10 +7,7 @@ use chrono::{DateTime, Utc};
 use plinth_core::Role;
 use plinth_core::api::{LoginRequest, Membership, Session, SignupRequest, Tenant, User};
 use plinth_core::id::{SessionId, TenantId, UserId};
-use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set,
-    TransactionTrait,
-};
+use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set};
 
 use crate::cache::{Cache, Quota};
 use crate::entity::{TenantScoped, memberships, sessions, tenants, users};
@@ -128,7 +125,7 @@ impl Store {
         let tenant_id = TenantId::new();
         let user_id = UserId::new();
 
-        let txn = self.db().begin().await?;
+        let txn = self.write_transaction().await?;
         tenants::ActiveModel {
             id: Set(tenant_id.to_string()),
             name: Set(tenant_name),

@@ -5,7 +5,7 @@ use chrono::Utc;
 use plinth_core::Scope;
 use plinth_core::api::{ApiKey, CreateApiKeyRequest, CreatedApiKey};
 use plinth_core::id::{KeyId, TenantId};
-use sea_orm::{ActiveModelTrait, ColumnTrait, QueryFilter, QueryOrder, Set, TransactionTrait};
+use sea_orm::{ActiveModelTrait, ColumnTrait, QueryFilter, QueryOrder, Set};
 
 use crate::accounts::{parse_id, validate_name};
 use crate::auth::Principal;
@@ -61,7 +61,7 @@ impl Store {
             return Err(StoreError::invalid("expires_at: must be in the future"));
         }
 
-        let txn = self.db().begin().await?;
+        let txn = self.write_transaction().await?;
         let count = sea_orm::PaginatorTrait::count(
             api_keys::Entity::find_in(&caller.tenant_id).filter(api_keys::Column::RevokedAt.is_null()),
             &txn,
@@ -125,7 +125,7 @@ impl Store {
     /// Revokes a key of the caller's tenant. Idempotent; takes effect on this replica at once and on
     /// every other within the credential cache TTL.
     pub async fn revoke_api_key(&self, caller: &Principal, id: &KeyId) -> Result<ApiKey> {
-        let txn = self.db().begin().await?;
+        let txn = self.write_transaction().await?;
         let row = api_keys::Entity::find_in(&caller.tenant_id)
             .filter(api_keys::Column::Id.eq(id.as_str()))
             .one(&txn)

@@ -1,7 +1,8 @@
 //! The usage ledger: one durable event per billable call, exactly once.
 //!
 //! Handlers call [`Meter::record`] and answer the client only after it returns, so no call is served
-//! unbilled. Each event carries an idempotency key, unique per tenant: a retried call (same
+//! unbilled. A handler may record while its work runs (hiding the durable commit behind it) and
+//! withdraw the event with [`Store::withdraw_usage_event`] if the work then fails. Each event carries an idempotency key, unique per tenant: a retried call (same
 //! `Idempotency-Key`) finds the first event and is not billed again, even when both attempts race.
 //!
 //! Writes use group commit: one writer task drains every event queued while earlier writes were in
@@ -366,6 +367,18 @@ impl Store {
             rows,
             total,
         })
+    }
+
+    /// Withdraws an event whose call was not served after all (its work failed after the event was
+    /// written). Only the call that inserted the event may withdraw it: a replay never does.
+    pub async fn withdraw_usage_event(&self, tenant: &TenantId, event: &EventId) -> Result<()> {
+        usage_events::Entity::delete_many()
+            .filter(usage_events::Column::TenantId.eq(tenant.as_str()))
+            .filter(usage_events::Column::Id.eq(event.as_str()))
+            .exec(self.db())
+            .await?;
+        metrics::counter!("plinth_ledger_withdrawn_total").increment(1);
+        Ok(())
     }
 
     /// How many ledger events a tenant has in total; for tests and reconciliation.

@@ -23,7 +23,10 @@ use std::time::Duration;
 use plinth_core::ErrorCode;
 use plinth_migrations::{Migrator, MigratorTrait};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, SqlErr};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
+    SqlErr, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+};
 
 /// A failure of a store operation. Each variant says what a client did wrong, or that something on our
 /// side failed (`Database`), which the HTTP edge reports as an opaque 500.
@@ -179,5 +182,16 @@ impl Store {
 
     pub(crate) fn db(&self) -> &DatabaseConnection {
         &self.db
+    }
+
+    /// Begins a transaction that will write. On SQLite it takes the write lock up front (`BEGIN
+    /// IMMEDIATE`): a deferred transaction that reads first cannot wait for the lock when it later
+    /// writes and fails with `SQLITE_BUSY` if another writer got in between. Postgres ignores the mode.
+    pub(crate) async fn write_transaction(&self) -> Result<DatabaseTransaction> {
+        let options = TransactionOptions {
+            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+            ..TransactionOptions::default()
+        };
+        Ok(self.db.begin_with_options(options).await?)
     }
 }

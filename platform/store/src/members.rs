@@ -7,7 +7,7 @@ use plinth_core::api::{AddMemberRequest, Member};
 use plinth_core::id::{TenantId, UserId};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, ModelTrait, PaginatorTrait, QueryFilter,
-    QueryOrder, Set, TransactionTrait,
+    QueryOrder, Set,
 };
 
 use crate::accounts::{normalise_email, parse_id, parse_role};
@@ -87,7 +87,7 @@ impl Store {
     pub async fn add_member(&self, caller: &Principal, request: &AddMemberRequest) -> Result<Member> {
         require_owner_for(caller, request.role)?;
         let email = normalise_email(&request.email)?;
-        let txn = self.db().begin().await?;
+        let txn = self.write_transaction().await?;
         let user = users::Entity::find()
             .filter(users::Column::Email.eq(&email))
             .one(&txn)
@@ -125,7 +125,7 @@ impl Store {
 
     pub async fn update_member(&self, caller: &Principal, user: &UserId, role: Role) -> Result<Member> {
         require_owner_for(caller, role)?;
-        let txn = self.db().begin().await?;
+        let txn = self.write_transaction().await?;
         let row = find_membership(&txn, &caller.tenant_id, user).await?;
         let current = parse_role(&row.role)?;
         require_owner_for(caller, current)?;
@@ -151,7 +151,7 @@ impl Store {
     }
 
     pub async fn remove_member(&self, caller: &Principal, user: &UserId) -> Result<()> {
-        let txn = self.db().begin().await?;
+        let txn = self.write_transaction().await?;
         let row = find_membership(&txn, &caller.tenant_id, user).await?;
         let current = parse_role(&row.role)?;
         require_owner_for(caller, current)?;

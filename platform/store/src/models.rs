@@ -2,7 +2,7 @@
 
 use chrono::Utc;
 use plinth_core::id::{ModelId, TenantId};
-use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set, TransactionTrait};
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
 
 use crate::accounts::parse_id;
 use crate::entity::{TenantScoped, models};
@@ -57,7 +57,7 @@ impl Store {
         actor: &str,
         model: &NewModel,
     ) -> Result<ModelRecord> {
-        let txn = self.db().begin().await?;
+        let txn = self.write_transaction().await?;
         let latest = models::Entity::find_in(tenant)
             .filter(models::Column::Name.eq(&model.name))
             .order_by_desc(models::Column::Version)
@@ -122,9 +122,35 @@ impl Store {
         latest.into_iter().map(to_record).collect()
     }
 
+    /// One live version of a tenant's model.
+    pub async fn model_version(&self, tenant: &TenantId, name: &str, version: u32) -> Result<ModelRecord> {
+        let row = models::Entity::find_in(tenant)
+            .filter(models::Column::Name.eq(name))
+            .filter(models::Column::Version.eq(i32::try_from(version).unwrap_or(i32::MAX)))
+            .filter(models::Column::DeletedAt.is_null())
+            .one(self.db())
+            .await?
+            .ok_or(StoreError::NotFound("model version"))?;
+        to_record(row)
+    }
+
+    /// The live version numbers of a tenant's model, oldest first.
+    pub async fn model_versions(&self, tenant: &TenantId, name: &str) -> Result<Vec<u32>> {
+        let rows = models::Entity::find_in(tenant)
+            .filter(models::Column::Name.eq(name))
+            .filter(models::Column::DeletedAt.is_null())
+            .order_by_asc(models::Column::Version)
+            .all(self.db())
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| u32::try_from(row.version).ok())
+            .collect())
+    }
+
     /// Deletes every version of a tenant's model (kept as history, no longer served).
     pub async fn delete_model(&self, tenant: &TenantId, actor: &str, name: &str) -> Result<()> {
-        let txn = self.db().begin().await?;
+        let txn = self.write_transaction().await?;
         let rows = models::Entity::find_in(tenant)
             .filter(models::Column::Name.eq(name))
             .filter(models::Column::DeletedAt.is_null())

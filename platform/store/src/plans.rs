@@ -184,7 +184,7 @@ impl Store {
 
     /// Moves a tenant to another plan, starting a new period now (operators; Stripe checkout later).
     pub async fn change_plan(&self, tenant: &TenantId, plan_id: &str, actor: &str) -> Result<Subscription> {
-        let txn = sea_orm::TransactionTrait::begin(self.db()).await?;
+        let txn = self.write_transaction().await?;
         find_plan(&txn, plan_id).await?;
         let row = subscriptions::Entity::find_in(tenant)
             .one(&txn)

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::auth::{Auth, scope};
 use crate::error::{ApiError, ApiResult};
-use crate::metering::{Billable, IdempotencyKey, record_usage};
+use crate::metering::{Billable, IdempotencyKey, metered};
 use crate::request_id::RequestId;
 use crate::routes::models::find_model;
 use crate::state::AppState;
@@ -22,19 +22,44 @@ pub struct ModelPath {
     version: Option<String>,
 }
 
-fn versioned(
+async fn versioned(
     state: &AppState,
     auth: &plinth_store::auth::Principal,
     path: &ModelPath,
 ) -> ApiResult<std::sync::Arc<LoadedModel>> {
-    let model = find_model(state, auth, &path.name)?;
-    match &path.version {
-        Some(version) if *version != model.info().version.to_string() => Err(ApiError::new(
+    let latest = find_model(state, auth, &path.name)?;
+    let Some(asked) = &path.version else {
+        return Ok(latest);
+    };
+    let no_such_version = || {
+        ApiError::new(
             ErrorCode::NotFound,
-            format!("model `{}` has no version {version}", path.name),
-        )),
-        _ => Ok(model),
+            format!("model `{}` has no version {asked}", path.name),
+        )
+    };
+    let version: u32 = asked.parse().map_err(|_| no_such_version())?;
+    if latest.info().version == version {
+        return Ok(latest);
     }
+    if latest.info().platform {
+        return Err(no_such_version());
+    }
+    if let Some(model) = state.models.find_version(&auth.tenant_id, &path.name, version) {
+        return Ok(model);
+    }
+    let record = match state
+        .store
+        .model_version(&auth.tenant_id, &path.name, version)
+        .await
+    {
+        Err(plinth_store::StoreError::NotFound(_)) => return Err(no_such_version()),
+        other => other?,
+    };
+    let files = crate::uploads::files_of(&state.model_files, &record)
+        .ok_or_else(|| ApiError::internal("unknown task in the model registry"))?;
+    let model = crate::uploads::load(state, files).await?;
+    state.models.add_pinned(&auth.tenant_id, model.clone());
+    Ok(model)
 }
 
 /// Model metadata: versions, inputs and outputs with datatypes and shapes (-1 = dynamic).
@@ -46,11 +71,17 @@ pub async fn metadata(
     auth: Auth,
     path: web::Path<ModelPath>,
 ) -> ApiResult<web::Json<ModelMetadata>> {
-    let model = versioned(&state, &auth, &path)?;
+    let model = versioned(&state, &auth, &path).await?;
     let info = model.info();
+    let versions = if info.platform {
+        vec![info.version.to_string()]
+    } else {
+        let live = state.store.model_versions(&auth.tenant_id, &info.name).await?;
+        live.iter().map(ToString::to_string).collect()
+    };
     Ok(web::Json(ModelMetadata {
         name: info.name.clone(),
-        versions: vec![info.version.to_string()],
+        versions,
         platform: "onnxruntime_onnx".to_owned(),
         inputs: info.inputs.clone(),
         outputs: info.outputs.clone(),
@@ -66,7 +97,7 @@ pub async fn ready(
     auth: Auth,
     path: web::Path<ModelPath>,
 ) -> ApiResult<web::Json<ModelReady>> {
-    let model = versioned(&state, &auth, &path)?;
+    let model = versioned(&state, &auth, &path).await?;
     Ok(web::Json(ModelReady {
         name: model.info().name.clone(),
         ready: true,
@@ -82,7 +113,7 @@ pub async fn statistics(
     auth: Auth,
     path: web::Path<ModelPath>,
 ) -> ApiResult<web::Json<ModelStatistics>> {
-    Ok(web::Json(versioned(&state, &auth, &path)?.statistics()))
+    Ok(web::Json(versioned(&state, &auth, &path).await?.statistics()))
 }
 
 /// Run the model on tensors. Datatypes FP32, FP16, INT64, INT32, BOOL and BYTES; the data must hold
@@ -103,7 +134,7 @@ pub async fn infer(
     req: HttpRequest,
     payload: web::Payload,
 ) -> ApiResult<HttpResponse> {
-    let model = versioned(&state, &auth, &path)?;
+    let model = versioned(&state, &auth, &path).await?;
     let body = read_body(payload, TENSOR_BODY_LIMIT).await?;
     let (request, mut binary) = split_binary(&req, &body)?;
     let inputs = request
@@ -136,15 +167,9 @@ pub async fn infer(
     let names = wanted
         .as_ref()
         .map(|w| w.iter().map(|(name, _)| name.clone()).collect());
-    let outputs = model.infer(inputs, names).await?;
-    let recorded = record_usage(
-        &state,
-        &auth,
-        idempotency,
-        request_id,
-        Billable::model(&auth, &path.name, units),
-    )
-    .await?;
+    let billable = Billable::model(&auth, &path.name, units);
+    let work = async { Ok(model.infer(inputs, names).await?) };
+    let (outputs, recorded) = metered(&state, &auth, idempotency, request_id, billable, work).await?;
 
     let mut blobs = Vec::new();
     let outputs = outputs

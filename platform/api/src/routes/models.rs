@@ -9,7 +9,7 @@ use plinth_inference::LoadedModel;
 
 use crate::auth::{Auth, scope};
 use crate::error::{ApiError, ApiResult};
-use crate::metering::{Billable, IdempotencyKey, billed_json};
+use crate::metering::{Billable, IdempotencyKey, billed_json, metered};
 use crate::request_id::RequestId;
 use crate::state::AppState;
 
@@ -65,20 +65,14 @@ pub async fn classify(
     let model = find_model(&state, &auth, &name)?;
     let TextRequest { inputs } = body.into_inner();
     let units = inputs.len();
-    let results = model.classify(inputs).await?;
+    let billable = Billable::model(&auth, &name, units);
+    let work = async { Ok(model.classify(inputs).await?) };
+    let (results, recorded) = metered(&state, &auth, idempotency, request_id, billable, work).await?;
     let reply = ClassifyResponse {
         model: model.info().name.clone(),
         results,
     };
-    billed_json(
-        &state,
-        &auth,
-        idempotency,
-        request_id,
-        Billable::model(&auth, &name, units),
-        &reply,
-    )
-    .await
+    Ok(billed_json(&recorded, &reply))
 }
 
 /// Embed texts as vectors (normalised for the built-in model). Billed per text.
@@ -101,21 +95,15 @@ pub async fn embed(
     let model = find_model(&state, &auth, &name)?;
     let TextRequest { inputs } = body.into_inner();
     let units = inputs.len();
-    let embeddings = model.embed(inputs).await?;
+    let billable = Billable::model(&auth, &name, units);
+    let work = async { Ok(model.embed(inputs).await?) };
+    let (embeddings, recorded) = metered(&state, &auth, idempotency, request_id, billable, work).await?;
     let reply = EmbedResponse {
         model: model.info().name.clone(),
         dimensions: embeddings.first().map_or(0, Vec::len),
         embeddings,
     };
-    billed_json(
-        &state,
-        &auth,
-        idempotency,
-        request_id,
-        Billable::model(&auth, &name, units),
-        &reply,
-    )
-    .await
+    Ok(billed_json(&recorded, &reply))
 }
 
 /// Upload a model: multipart parts `model` (the .onnx file), `manifest` (JSON: name, task, labels) and,
