@@ -17,6 +17,9 @@ if ! "$clients/bin/python" -c 'import tritonclient.http' 2>/dev/null; then
 fi
 export PLINTH_TEST_PYTHON="$clients/bin/python"
 
+# The plugins the end-to-end tests publish, built as WebAssembly components.
+"$(dirname "$0")/build-plugins.sh"
+
 echo "== unit tests and end-to-end tests: SQLite + in-process cache"
 env -u PLINTH_TEST_DATABASE_URL -u PLINTH_TEST_REDIS_URL cargo test --workspace --locked
 

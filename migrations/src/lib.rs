@@ -7,6 +7,7 @@ pub use sea_orm_migration::prelude::*;
 mod m0001_accounts;
 mod m0002_billing;
 mod m0003_models;
+mod m0004_plugins;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0001_accounts::Migration),
             Box::new(m0002_billing::Migration),
             Box::new(m0003_models::Migration),
+            Box::new(m0004_plugins::Migration),
         ]
     }
 }

@@ -20,8 +20,9 @@ use serde::de::DeserializeOwned;
 use url::Url;
 
 pub use plinth_core::api::*;
-pub use plinth_core::id::{EventId, KeyId, TenantId, UserId};
+pub use plinth_core::id::{EventId, InstallationId, KeyId, PluginId, PluginVersionId, TenantId, UserId};
 pub use plinth_core::inference::*;
+pub use plinth_core::plugins::*;
 pub use plinth_core::{ErrorCode, Micros, Role, Scope};
 
 /// What can go wrong calling Plinth.
@@ -291,6 +292,14 @@ impl Client {
                 reqwest::multipart::Part::bytes(tokenizer).file_name("tokenizer.json"),
             );
         }
+        self.send_multipart(url, form).await
+    }
+
+    async fn send_multipart<T: DeserializeOwned>(
+        &self,
+        url: url::Url,
+        form: reqwest::multipart::Form,
+    ) -> Result<T> {
         let mut request = self.http.post(url).multipart(form);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
@@ -366,6 +375,146 @@ impl Client {
             Replay::Safe,
         )
         .await
+    }
+
+    // ---- plugins ----
+
+    /// Creates a marketplace listing authored by the caller's tenant.
+    pub async fn create_plugin(&self, name: &str, description: &str) -> Result<Plugin> {
+        let body = CreatePluginRequest {
+            name: name.to_owned(),
+            description: description.to_owned(),
+        };
+        self.call(Method::POST, "/v1/plugins", Some(&body), None, Replay::Unsafe)
+            .await
+    }
+
+    /// One of the caller's listings, with every version and its review state.
+    pub async fn plugin(&self, name: &str) -> Result<Plugin> {
+        self.get(&format!("/v1/plugins/{name}")).await
+    }
+
+    /// Publishes a version: the manifest (`plugin.json`) and the component (`.wasm`).
+    pub async fn publish_plugin_version(
+        &self,
+        manifest: &PluginManifest,
+        component: Vec<u8>,
+    ) -> Result<PluginVersion> {
+        let url = self
+            .base
+            .join(&format!("/v1/plugins/{}/versions", manifest.name))
+            .map_err(|err| Error::InvalidUrl(err.to_string()))?;
+        let manifest = serde_json::to_string(manifest).map_err(|err| Error::Decode {
+            status: 0,
+            detail: err.to_string(),
+        })?;
+        let form = reqwest::multipart::Form::new().text("manifest", manifest).part(
+            "component",
+            reqwest::multipart::Part::bytes(component).file_name("plugin.wasm"),
+        );
+        self.send_multipart(url, form).await
+    }
+
+    /// Listings with approved versions, optionally matching words in their name or description.
+    pub async fn marketplace(&self, query: Option<&str>) -> Result<Vec<Plugin>> {
+        let mut url = self
+            .base
+            .join("/v1/marketplace/plugins")
+            .map_err(|err| Error::InvalidUrl(err.to_string()))?;
+        if let Some(query) = query {
+            url.query_pairs_mut().append_pair("q", query);
+        }
+        self.get(&format!("{}?{}", url.path(), url.query().unwrap_or_default()))
+            .await
+    }
+
+    /// Versions waiting for review (platform admins).
+    pub async fn pending_plugin_versions(&self) -> Result<Vec<PluginVersion>> {
+        self.get("/v1/admin/plugin-versions").await
+    }
+
+    /// Approves or rejects a version (platform admins).
+    pub async fn review_plugin_version(
+        &self,
+        version: &PluginVersionId,
+        approve: bool,
+        note: Option<&str>,
+    ) -> Result<PluginVersion> {
+        let body = ReviewRequest {
+            approve,
+            note: note.map(ToOwned::to_owned),
+        };
+        self.call(
+            Method::POST,
+            &format!("/v1/admin/plugin-versions/{version}/review"),
+            Some(&body),
+            None,
+            Replay::Safe,
+        )
+        .await
+    }
+
+    /// Installs a plugin in the caller's tenant, approving what it asks for.
+    pub async fn install_plugin(&self, request: &InstallRequest) -> Result<Installation> {
+        self.call(
+            Method::POST,
+            "/v1/installations",
+            Some(request),
+            None,
+            Replay::Unsafe,
+        )
+        .await
+    }
+
+    pub async fn installations(&self) -> Result<Vec<Installation>> {
+        self.get("/v1/installations").await
+    }
+
+    /// Upgrades an installation, or replaces its settings or secrets.
+    pub async fn update_installation(
+        &self,
+        installation: &InstallationId,
+        request: &UpdateInstallationRequest,
+    ) -> Result<Installation> {
+        self.call(
+            Method::PATCH,
+            &format!("/v1/installations/{installation}"),
+            Some(request),
+            None,
+            Replay::Safe,
+        )
+        .await
+    }
+
+    pub async fn uninstall_plugin(&self, installation: &InstallationId) -> Result<()> {
+        self.call_empty(
+            Method::DELETE,
+            &format!("/v1/installations/{installation}"),
+            Replay::Safe,
+        )
+        .await
+    }
+
+    /// Invokes an installed plugin; retried safely with one idempotency key (billed once).
+    pub async fn invoke(
+        &self,
+        installation: &InstallationId,
+        request: &serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        let key = new_idempotency_key();
+        self.call(
+            Method::POST,
+            &format!("/v1/installations/{installation}/invoke"),
+            Some(request),
+            Some(&key),
+            Replay::Safe,
+        )
+        .await
+    }
+
+    /// What the caller's plugins earned in the last 30 days.
+    pub async fn author_earnings(&self) -> Result<Earnings> {
+        self.get("/v1/author/earnings").await
     }
 
     // ---- operations ----

@@ -11,6 +11,7 @@ mod members;
 mod models;
 mod openapi;
 mod operations;
+mod plugins;
 mod rate_limit;
 mod sdk;
 mod usage;

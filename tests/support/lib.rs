@@ -182,6 +182,26 @@ impl TestApp {
         self.tenant_with_scopes(&Scope::ALL).await
     }
 
+    /// A logged-in platform admin (operators make one with `plinth admin create-admin`).
+    pub async fn platform_admin(&self) -> Client {
+        let email = format!("{}@example.com", unique("admin-"));
+        let password = "correct horse battery staple";
+        self.store()
+            .create_platform_admin(&email, password)
+            .await
+            .expect("platform admin");
+        let session = self
+            .client()
+            .login(&plinth_sdk::LoginRequest {
+                email,
+                password: password.to_owned(),
+                tenant_id: None,
+            })
+            .await
+            .expect("admin login");
+        self.client().with_token(&session.token)
+    }
+
     /// Moves a tenant to `plan` directly in the store (operators do this with `plinth admin set-plan`).
     pub async fn set_plan(&self, tenant: &plinth_sdk::TenantId, plan: &str) {
         self.store()
@@ -222,5 +242,66 @@ impl Drop for TestApp {
             // Asks the workers to stop; the request is sent now, completion is not awaited.
             drop(server.stop_now());
         }
+    }
+}
+
+/// A plugin built by `scripts/build-plugins.sh`: its manifest and component.
+///
+/// # Panics
+/// If the plugins were not built (`make test` builds them).
+#[must_use]
+pub fn built_plugin(name: &str) -> (plinth_sdk::PluginManifest, Vec<u8>) {
+    let dir = plinth_server::config::cache_dir().join("plugins");
+    let read = |file: String| {
+        let path = dir.join(file);
+        std::fs::read(&path).unwrap_or_else(|err| {
+            panic!(
+                "{}: {err} (run scripts/build-plugins.sh; `make test` does)",
+                path.display()
+            )
+        })
+    };
+    let manifest = serde_json::from_slice(&read(format!("{name}.json"))).expect("plugin manifest");
+    (manifest, read(format!("{name}.wasm")))
+}
+
+impl TestApp {
+    /// Publishes a built plugin from `author`, approves it as a platform admin, and installs it in
+    /// `tenant` with everything it asks for approved and `settings`.
+    pub async fn install_plugin(
+        &self,
+        author: &TestTenant,
+        tenant: &TestTenant,
+        name: &str,
+        settings: serde_json::Value,
+    ) -> plinth_sdk::Installation {
+        let (manifest, component) = built_plugin(name);
+        author
+            .owner
+            .create_plugin(&manifest.name, &manifest.description)
+            .await
+            .expect("listing");
+        let version = author
+            .owner
+            .publish_plugin_version(&manifest, component)
+            .await
+            .expect("publish");
+        self.platform_admin()
+            .await
+            .review_plugin_version(&version.id, true, None)
+            .await
+            .expect("approve");
+        tenant
+            .owner
+            .install_plugin(&plinth_sdk::InstallRequest {
+                plugin: manifest.name.clone(),
+                version: None,
+                approve_capabilities: manifest.capabilities.clone(),
+                approve_models: manifest.models.clone(),
+                settings: settings.as_object().cloned().unwrap_or_default(),
+                secrets: std::collections::BTreeMap::new(),
+            })
+            .await
+            .expect("install")
     }
 }

@@ -7,6 +7,7 @@ pub mod error;
 mod metering;
 pub mod metrics;
 pub mod openapi;
+mod plugins;
 pub mod request_id;
 mod routes;
 pub mod state;

@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{accounts, api_keys, billing, echo, health, inference, members, models};
+use crate::routes::{accounts, api_keys, billing, echo, health, inference, members, models, plugins};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -22,6 +22,8 @@ use crate::routes::{accounts, api_keys, billing, echo, health, inference, member
         echo::echo,
         models::list, models::get, models::upload, models::delete, models::classify, models::embed,
         inference::metadata, inference::ready, inference::statistics, inference::infer,
+        plugins::create, plugins::get, plugins::publish, plugins::marketplace, plugins::pending, plugins::review,
+        plugins::install, plugins::list, plugins::update, plugins::uninstall, plugins::invoke, plugins::earnings,
         health::live, health::ready, health::metrics,
     ),
     components(schemas(plinth_core::ErrorCode, plinth_core::Scope, plinth_core::Role, crate::uploads::Manifest)),
@@ -34,6 +36,7 @@ use crate::routes::{accounts, api_keys, billing, echo, health, inference, member
         (name = "metering", description = "The metered call path"),
         (name = "models", description = "Models and the task endpoints that take text"),
         (name = "inference protocol", description = "Open Inference Protocol v2 (KServe / Triton compatible)"),
+        (name = "plugins", description = "The plugin marketplace: publish, review, install, invoke, earnings"),
         (name = "operations", description = "Health and metrics"),
     ),
 )]

@@ -68,6 +68,18 @@ error_codes! {
     Overloaded = 503,
     /// The call did not finish within the server's inference timeout.
     InferenceTimeout = 504,
+    /// A plugin component or manifest is unusable, or failed the publishing checks; the message says why.
+    InvalidPlugin = 422,
+    /// The plugin version is not approved for installation (pending review or rejected).
+    PluginNotApproved = 409,
+    /// The plugin refused the request as malformed; the message is the plugin's.
+    PluginRejectedRequest = 400,
+    /// The plugin failed: it trapped (a panic, a stack overflow) or reported an error.
+    PluginFailed = 502,
+    /// The plugin broke a limit of its sandbox (memory, output size, logs, host calls).
+    PluginLimitExceeded = 422,
+    /// The plugin ran past its deadline and was stopped.
+    PluginTimeout = 504,
     /// The body is larger than the route accepts.
     PayloadTooLarge = 413,
     /// The body is not `application/json` where JSON is required.

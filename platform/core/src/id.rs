@@ -128,6 +128,18 @@ typed_id!(
     /// An entry in the audit log.
     AuditId, "aud", "audit entry"
 );
+typed_id!(
+    /// A plugin listing in the marketplace.
+    PluginId, "plg", "plugin"
+);
+typed_id!(
+    /// A published version of a plugin.
+    PluginVersionId, "plv", "plugin version"
+);
+typed_id!(
+    /// A plugin installed in a tenant.
+    InstallationId, "ins", "installation"
+);
 
 #[cfg(test)]
 mod tests {

@@ -7,6 +7,7 @@ pub mod error;
 pub mod id;
 pub mod inference;
 pub mod money;
+pub mod plugins;
 pub mod scope;
 
 pub use error::ErrorCode;

@@ -39,6 +39,17 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// `PLINTH_MAX_MODEL_BYTES`: largest model file a tenant may upload.
     pub max_model_bytes: u64,
+    /// `PLINTH_SECRET_KEY`: 64 hex digits, the key that seals plugin secrets at rest. Unset, the
+    /// embedded mode keeps a generated key in `<data_dir>/secret.key`; replicas must share one key.
+    pub secret_key: Option<String>,
+    /// `PLINTH_PLUGIN_AUTHOR_SHARE_BPS`: plugin authors' share of plugin fees, in basis points.
+    pub plugin_author_share_bps: u32,
+    /// `PLINTH_PLUGIN_DEADLINE_MS`: how long one plugin invocation may run.
+    pub plugin_deadline_ms: u64,
+    /// `PLINTH_PLUGIN_MEMORY_MIB`: linear memory one plugin instance may use.
+    pub plugin_memory_mib: usize,
+    /// `PLINTH_PLUGIN_KV_KEYS`: keys one installation may keep in its key-value store.
+    pub plugin_kv_keys: u64,
     /// `PLINTH_CREDENTIAL_CACHE_TTL_MS`: how long a verified key is trusted without re-reading it.
     pub credential_cache_ttl_ms: u64,
     /// `PLINTH_LEDGER_MAX_BATCH`: most usage events written in one INSERT.
@@ -81,6 +92,11 @@ impl Default for Config {
             redis_prefix: "plinth:".to_owned(),
             max_body_bytes: 1024 * 1024,
             max_model_bytes: 256 * 1024 * 1024,
+            secret_key: None,
+            plugin_author_share_bps: 8_000,
+            plugin_deadline_ms: 2_000,
+            plugin_memory_mib: 64,
+            plugin_kv_keys: 1_000,
             credential_cache_ttl_ms: 1_000,
             ledger_max_batch: 1_000,
             workers: 0,
@@ -176,6 +192,22 @@ impl Config {
         }
         if self.database_max_connections == 0 {
             return fail("PLINTH_DATABASE_MAX_CONNECTIONS must be at least 1");
+        }
+        if let Some(key) = &self.secret_key
+            && !(key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return fail(
+                "PLINTH_SECRET_KEY must be 64 hex digits (32 bytes), e.g. from `openssl rand -hex 32`",
+            );
+        }
+        if self.plugin_author_share_bps > 10_000 {
+            return fail("PLINTH_PLUGIN_AUTHOR_SHARE_BPS must be at most 10000 (100%)");
+        }
+        if !(10..=60_000).contains(&self.plugin_deadline_ms) {
+            return fail("PLINTH_PLUGIN_DEADLINE_MS must be between 10 and 60000");
+        }
+        if !(1..=4_096).contains(&self.plugin_memory_mib) {
+            return fail("PLINTH_PLUGIN_MEMORY_MIB must be between 1 and 4096");
         }
         if self.max_body_bytes < 1024 {
             return fail("PLINTH_MAX_BODY_BYTES must be at least 1024");

@@ -97,6 +97,19 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let model_files = config.data_dir.join("models");
     std::fs::create_dir_all(&model_files)
         .with_context(|| format!("cannot create {}", model_files.display()))?;
+    let plugin_files = config.data_dir.join("plugins");
+    std::fs::create_dir_all(&plugin_files)
+        .with_context(|| format!("cannot create {}", plugin_files.display()))?;
+    let plugins = plinth_plugin_host::PluginHost::new(&plinth_plugin_host::HostSettings {
+        limits: plinth_plugin_host::Limits {
+            deadline: std::time::Duration::from_millis(config.plugin_deadline_ms),
+            memory_bytes: config.plugin_memory_mib << 20,
+            kv_keys: config.plugin_kv_keys,
+            ..plinth_plugin_host::Limits::default()
+        },
+        cache_dir: Some(config.data_dir.join("plugin-cache")),
+    })
+    .context("cannot start the plugin host")?;
     let state = AppState {
         store: store.clone(),
         cache,
@@ -108,7 +121,11 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         settings: ApiSettings {
             max_body_bytes: config.max_body_bytes,
             max_model_bytes: config.max_model_bytes,
+            author_share_bps: config.plugin_author_share_bps,
         },
+        plugins: Arc::new(plugins),
+        plugin_files,
+        secrets: plinth_store::SecretBox::new(&secret_key(config)?),
     };
     plinth_api::load_tenant_models(&state)
         .await
@@ -147,4 +164,35 @@ fn rustls_provider() {
         // Another component may have installed the same provider first; either way one is installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
+}
+
+/// The key that seals secrets at rest: configured, or generated once into the data directory.
+fn secret_key(config: &Config) -> anyhow::Result<[u8; 32]> {
+    let parse = |hex_key: &str| -> anyhow::Result<[u8; 32]> {
+        let bytes = hex::decode(hex_key.trim()).context("the secret key is not hex")?;
+        bytes
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("the secret key must be 32 bytes (64 hex digits)"))
+    };
+    if let Some(key) = &config.secret_key {
+        return parse(key);
+    }
+    let path = config.data_dir.join("secret.key");
+    match std::fs::read_to_string(&path) {
+        Ok(key) => parse(&key).with_context(|| format!("in {}", path.display())),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let key = plinth_store::SecretBox::generate_key();
+            let mut file = std::fs::OpenOptions::new();
+            file.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+            let mut file = file
+                .open(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            std::io::Write::write_all(&mut file, hex::encode(key).as_bytes())?;
+            tracing::info!(path = %path.display(), "generated the key that seals secrets at rest");
+            Ok(key)
+        }
+        Err(err) => Err(err).with_context(|| format!("cannot read {}", path.display())),
+    }
 }

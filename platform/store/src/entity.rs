@@ -31,7 +31,8 @@ tenant_scoped!(
     api_keys,
     subscriptions,
     usage_events,
-    models
+    models,
+    installations
 );
 
 pub mod tenants {
@@ -268,6 +269,105 @@ pub mod models {
         pub tokenizer_sha256: Option<String>,
         pub created_at: DateTimeUtc,
         pub deleted_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod plugins {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "plugins")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub author_tenant_id: String,
+        pub name: String,
+        pub description: String,
+        pub created_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod plugin_versions {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "plugin_versions")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub plugin_id: String,
+        pub version: String,
+        pub wit_version: String,
+        /// Space-separated capabilities the manifest declares.
+        pub capabilities: String,
+        /// JSON array of model names.
+        pub models: String,
+        pub price_per_call_micros: i64,
+        pub sha256: String,
+        pub size_bytes: i64,
+        /// `pending`, `approved` or `rejected`.
+        pub status: String,
+        /// JSON: what the publishing checks found.
+        pub checks: String,
+        pub review_note: Option<String>,
+        pub created_at: DateTimeUtc,
+        pub reviewed_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod installations {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "installations")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        pub plugin_id: String,
+        pub version_id: String,
+        /// JSON object of settings.
+        pub settings: String,
+        /// Secrets as one sealed (encrypted) JSON object, hex.
+        pub secrets: String,
+        pub created_at: DateTimeUtc,
+        pub updated_at: DateTimeUtc,
+        pub deleted_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod plugin_kv {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "plugin_kv")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub installation_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub key: String,
+        pub value: Vec<u8>,
+        pub updated_at: DateTimeUtc,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

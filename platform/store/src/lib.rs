@@ -15,7 +15,10 @@ pub mod ledger;
 pub mod members;
 pub mod models;
 pub mod plans;
+pub mod plugins;
 mod secret;
+
+pub use secret::SecretBox;
 
 use std::path::Path;
 use std::time::Duration;
@@ -54,6 +57,9 @@ pub enum StoreError {
     Database(#[from] DbErr),
     #[error("cache error: {0}")]
     Cache(#[from] cache::CacheError),
+    /// A domain rule refused the request, with the code that names the rule.
+    #[error("{1}")]
+    Refused(ErrorCode, String),
     #[error("{0}")]
     Internal(String),
 }
@@ -71,6 +77,7 @@ impl StoreError {
             Self::LastOwner => ErrorCode::LastOwner,
             Self::AlreadyMember => ErrorCode::AlreadyMember,
             Self::TooManyAttempts(_) => ErrorCode::RateLimited,
+            Self::Refused(code, _) => *code,
             Self::Cache(_) | Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::Database(err) if is_connection_error(err) => ErrorCode::Unavailable,
             Self::Database(_) | Self::Internal(_) => ErrorCode::Internal,

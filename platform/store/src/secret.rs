@@ -138,3 +138,60 @@ mod tests {
         assert!(!verify_password("anything", "not a phc string"));
     }
 }
+
+/// Seals secrets at rest (plugin settings' secrets): XChaCha20-Poly1305 under a 32-byte key from the
+/// configuration. A sealed value is hex of `nonce || ciphertext`.
+#[derive(Clone)]
+pub struct SecretBox {
+    cipher: chacha20poly1305::XChaCha20Poly1305,
+}
+
+impl std::fmt::Debug for SecretBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretBox(..)")
+    }
+}
+
+impl SecretBox {
+    #[must_use]
+    pub fn new(key: &[u8; 32]) -> Self {
+        use chacha20poly1305::KeyInit;
+        Self {
+            cipher: chacha20poly1305::XChaCha20Poly1305::new(key.into()),
+        }
+    }
+
+    /// A fresh random key.
+    #[must_use]
+    pub fn generate_key() -> [u8; 32] {
+        rand::random()
+    }
+
+    /// # Errors
+    /// Only if encryption itself fails (it does not for in-memory buffers).
+    pub fn seal(&self, plaintext: &[u8]) -> crate::Result<String> {
+        use chacha20poly1305::aead::{Aead, AeadCore, OsRng};
+        let nonce = chacha20poly1305::XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let sealed = self
+            .cipher
+            .encrypt(&nonce, plaintext)
+            .map_err(|_| crate::StoreError::Internal("could not seal a secret".into()))?;
+        Ok(hex::encode([nonce.as_slice(), &sealed].concat()))
+    }
+
+    /// # Errors
+    /// When the value was not sealed under this key, or was altered.
+    pub fn open(&self, sealed: &str) -> crate::Result<Vec<u8>> {
+        use chacha20poly1305::aead::Aead;
+        let corrupt =
+            || crate::StoreError::Internal("a sealed secret cannot be opened with the configured key".into());
+        let bytes = hex::decode(sealed).map_err(|_| corrupt())?;
+        if bytes.len() < 24 {
+            return Err(corrupt());
+        }
+        let (nonce, ciphertext) = bytes.split_at(24);
+        self.cipher
+            .decrypt(chacha20poly1305::XNonce::from_slice(nonce), ciphertext)
+            .map_err(|_| corrupt())
+    }
+}

@@ -37,7 +37,7 @@ pub struct UsageParams {
     group_by: Option<UsageGrouping>,
 }
 
-fn parse_time(field: &str, value: &str) -> ApiResult<DateTime<Utc>> {
+pub(crate) fn parse_time(field: &str, value: &str) -> ApiResult<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(value)
         .map(|t| t.with_timezone(&Utc))
         .or_else(|_| {

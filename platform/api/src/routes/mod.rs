@@ -8,6 +8,7 @@ pub mod health;
 pub mod inference;
 pub mod members;
 pub mod models;
+pub mod plugins;
 
 use actix_web::middleware::from_fn;
 use actix_web::{Resource, web};
@@ -81,6 +82,24 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
         .service(
             metered("/v2/models/{name}/versions/{version}/infer").route(web::post().to(inference::infer)),
         )
+        .service(resource("/v1/plugins").route(web::post().to(plugins::create)))
+        .service(resource("/v1/plugins/{name}").route(web::get().to(plugins::get)))
+        .service(resource("/v1/plugins/{name}/versions").route(web::post().to(plugins::publish)))
+        .service(resource("/v1/marketplace/plugins").route(web::get().to(plugins::marketplace)))
+        .service(resource("/v1/admin/plugin-versions").route(web::get().to(plugins::pending)))
+        .service(resource("/v1/admin/plugin-versions/{id}/review").route(web::post().to(plugins::review)))
+        .service(
+            resource("/v1/installations")
+                .route(web::get().to(plugins::list))
+                .route(web::post().to(plugins::install)),
+        )
+        .service(
+            resource("/v1/installations/{id}")
+                .route(web::patch().to(plugins::update))
+                .route(web::delete().to(plugins::uninstall)),
+        )
+        .service(metered("/v1/installations/{id}/invoke").route(web::post().to(plugins::invoke)))
+        .service(resource("/v1/author/earnings").route(web::get().to(plugins::earnings)))
         .service(resource("/v2/health/live").route(web::get().to(health::live)))
         .service(resource("/v2/health/ready").route(web::get().to(health::ready)))
         .service(resource("/metrics").route(web::get().to(health::metrics)));

@@ -1,0 +1,475 @@
+//! Plugins on the platform side: publishing checks, the services a running plugin may use (metered
+//! model calls, its key-value store), and invocation.
+
+use std::sync::Arc;
+
+use actix_multipart::Multipart;
+use futures_util::TryStreamExt;
+use plinth_core::ErrorCode;
+use plinth_core::id::InstallationId;
+use plinth_core::inference::Classification;
+use plinth_core::plugins::{Capability, PluginManifest, PluginVersion};
+use plinth_plugin_host::{CallContext, Compiled, InvokeError, Outcome, ServiceError, Services, WIT_VERSIONS};
+use plinth_store::auth::Principal;
+use plinth_store::ledger::Recorded;
+use sha2::{Digest, Sha256};
+
+use crate::error::{ApiError, ApiResult};
+use crate::metering::{Billable, IdempotencyKey, metered};
+use crate::request_id::RequestId;
+use crate::routes::models::find_model;
+use crate::state::AppState;
+
+const MAX_MANIFEST_BYTES: usize = 64 << 10;
+
+fn invalid_plugin(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::InvalidPlugin, message)
+}
+
+impl From<InvokeError> for ApiError {
+    fn from(err: InvokeError) -> Self {
+        let code = err.code();
+        Self::new(code, err.to_string())
+    }
+}
+
+/// Reads a multipart part into memory, refusing it past `limit` bytes.
+async fn read_part(field: &mut actix_multipart::Field, limit: usize, what: &str) -> ApiResult<Vec<u8>> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = field
+        .try_next()
+        .await
+        .map_err(|err| ApiError::new(ErrorCode::InvalidBody, format!("malformed multipart body: {err}")))?
+    {
+        if bytes.len() + chunk.len() > limit {
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("{what} is larger than {} KiB", limit >> 10),
+            ));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+/// `POST /v1/plugins/{name}/versions`: parts `manifest` (plugin.json) and `component` (.wasm). Runs
+/// the automatic checks, stores the component by SHA-256 and records the version for review.
+pub(crate) async fn publish(
+    state: &AppState,
+    auth: &Principal,
+    plugin: &str,
+    mut form: Multipart,
+) -> ApiResult<PluginVersion> {
+    let limit = state.plugins.limits().component_bytes;
+    let (mut manifest, mut component) = (None, None);
+    while let Some(mut field) = form
+        .try_next()
+        .await
+        .map_err(|err| ApiError::new(ErrorCode::InvalidBody, format!("malformed multipart body: {err}")))?
+    {
+        match field.name().unwrap_or_default() {
+            "manifest" => manifest = Some(read_part(&mut field, MAX_MANIFEST_BYTES, "the manifest").await?),
+            "component" => component = Some(read_part(&mut field, limit, "the component").await?),
+            other => {
+                return Err(invalid_plugin(format!(
+                    "unexpected part `{other}`: send `manifest` and `component`"
+                )));
+            }
+        }
+    }
+    let manifest: PluginManifest =
+        serde_json::from_slice(&manifest.ok_or_else(|| invalid_plugin("the `manifest` part is missing"))?)
+            .map_err(|err| invalid_plugin(format!("manifest: {err}")))?;
+    let component = component.ok_or_else(|| invalid_plugin("the `component` part is missing"))?;
+    if manifest.name != plugin {
+        return Err(invalid_plugin(format!(
+            "manifest.name is `{}` but this is `{plugin}`",
+            manifest.name
+        )));
+    }
+    plinth_store::plugins::validate_manifest(&manifest)?;
+    if !WIT_VERSIONS.contains(&manifest.wit_version.as_str()) {
+        return Err(invalid_plugin(format!(
+            "manifest.wit_version: {} is not supported (this host runs {})",
+            manifest.wit_version,
+            WIT_VERSIONS.join(", ")
+        )));
+    }
+    // The author must own the listing before anything expensive happens.
+    state.store.authored_plugin(&auth.tenant_id, plugin).await?;
+    if let Some(unknown) = manifest.models.iter().find(|m| !state.models.is_platform(m)) {
+        return Err(invalid_plugin(format!(
+            "manifest.models: `{unknown}` is not a platform model; plugins may call platform models"
+        )));
+    }
+
+    let sha256 = hex::encode(Sha256::digest(&component));
+    let compiled = compile(state, &sha256, component.clone()).await?;
+    if let Some(undeclared) = compiled
+        .capabilities
+        .iter()
+        .find(|c| !manifest.capabilities.contains(c))
+    {
+        return Err(invalid_plugin(format!(
+            "the component imports `plinth:plugin/{}` but the manifest does not declare the `{}` capability",
+            undeclared.interface(),
+            undeclared.interface()
+        )));
+    }
+    let smoke = smoke_run(state, &compiled, &manifest).await?;
+    let path = state.plugin_files.join(format!("{sha256}.wasm"));
+    if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
+        tokio::fs::write(&path, &component)
+            .await
+            .map_err(ApiError::internal)?;
+    }
+    let checks = serde_json::json!({
+        "imports": compiled.capabilities,
+        "smoke_run": smoke,
+        "size_bytes": component.len(),
+    });
+    Ok(state
+        .store
+        .publish_version(
+            &auth.tenant_id,
+            auth.actor_id(),
+            &manifest,
+            &sha256,
+            component.len() as u64,
+            &checks,
+        )
+        .await?)
+}
+
+/// Compiles off the async runtime (large components take seconds).
+async fn compile(state: &AppState, sha256: &str, bytes: Vec<u8>) -> ApiResult<Arc<Compiled>> {
+    let host = state.plugins.clone();
+    let sha256 = sha256.to_owned();
+    tokio::task::spawn_blocking(move || host.compile(&sha256, &bytes))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|err| invalid_plugin(err.to_string()))
+}
+
+/// Runs the new component once, with an empty request, no grants and no state: it must answer (an
+/// error answer is fine) without trapping, timing out or breaking a limit.
+async fn smoke_run(
+    state: &AppState,
+    compiled: &Compiled,
+    manifest: &PluginManifest,
+) -> ApiResult<serde_json::Value> {
+    let call = Arc::new(CallContext {
+        tenant_id: plinth_core::id::TenantId::new(),
+        installation_id: "smoke-run".to_owned(),
+        plugin: manifest.name.clone(),
+        granted_models: Vec::new(),
+        settings: serde_json::Map::new(),
+        secrets: std::collections::BTreeMap::new(),
+        idempotency_key: "smoke-run".to_owned(),
+    });
+    let outcome = state
+        .plugins
+        .invoke(compiled, call, Arc::new(NoServices), "{}")
+        .await;
+    match outcome {
+        Ok(outcome) => {
+            Ok(serde_json::json!({ "result": "answered", "compute_units": outcome.compute_units }))
+        }
+        Err(InvokeError::Rejected(message) | InvokeError::Failed(message))
+            if !message.starts_with("the plugin trapped") =>
+        {
+            Ok(serde_json::json!({ "result": "refused the empty request", "message": message }))
+        }
+        Err(err) => Err(invalid_plugin(format!("the smoke run failed: {err}"))),
+    }
+}
+
+/// The services of a smoke run: none.
+#[derive(Debug)]
+struct NoServices;
+
+#[async_trait::async_trait]
+impl Services for NoServices {
+    async fn classify(
+        &self,
+        _: &CallContext,
+        _: u32,
+        _: &str,
+        _: Vec<String>,
+    ) -> Result<Vec<Classification>, ServiceError> {
+        Err(ServiceError::Unavailable("no models in a smoke run".into()))
+    }
+    async fn embed(
+        &self,
+        _: &CallContext,
+        _: u32,
+        _: &str,
+        _: Vec<String>,
+    ) -> Result<Vec<Vec<f32>>, ServiceError> {
+        Err(ServiceError::Unavailable("no models in a smoke run".into()))
+    }
+    async fn infer(&self, _: &CallContext, _: u32, _: &str, _: String) -> Result<String, ServiceError> {
+        Err(ServiceError::Unavailable("no models in a smoke run".into()))
+    }
+    async fn kv_get(&self, _: &CallContext, _: &str) -> Result<Option<Vec<u8>>, ServiceError> {
+        Ok(None)
+    }
+    async fn kv_set(&self, _: &CallContext, _: &str, _: Vec<u8>, _: u64) -> Result<(), ServiceError> {
+        Err(ServiceError::Unavailable("no storage in a smoke run".into()))
+    }
+    async fn kv_delete(&self, _: &CallContext, _: &str) -> Result<bool, ServiceError> {
+        Ok(false)
+    }
+    async fn kv_list(&self, _: &CallContext, _: &str) -> Result<Vec<String>, ServiceError> {
+        Ok(Vec::new())
+    }
+}
+
+/// What a running plugin may use on behalf of the invoking tenant: its models (each call metered like
+/// a direct API call, with an idempotency key derived from the invocation's) and its key-value store.
+#[derive(Debug)]
+struct TenantServices {
+    state: AppState,
+    auth: Principal,
+    request_id: String,
+}
+
+fn service_error(err: &ApiError) -> ServiceError {
+    match err.code() {
+        ErrorCode::InvalidInput | ErrorCode::UnsupportedTask | ErrorCode::NotFound => {
+            ServiceError::InvalidInput(err.message().to_owned())
+        }
+        ErrorCode::PluginLimitExceeded => ServiceError::QuotaExceeded(err.message().to_owned()),
+        _ => ServiceError::Unavailable(err.message().to_owned()),
+    }
+}
+
+impl TenantServices {
+    async fn model_call<T>(
+        &self,
+        call: &CallContext,
+        sequence: u32,
+        model: &str,
+        units: usize,
+        work: impl Future<Output = ApiResult<T>>,
+    ) -> Result<T, ServiceError> {
+        let idempotency = IdempotencyKey(format!("{}:model:{sequence}", call.idempotency_key));
+        let billable = Billable::model(&self.auth, model, units);
+        let request_id = RequestId(self.request_id.clone());
+        metered(&self.state, &self.auth, idempotency, request_id, billable, work)
+            .await
+            .map(|(value, _)| value)
+            .map_err(|err| service_error(&err))
+    }
+}
+
+#[async_trait::async_trait]
+impl Services for TenantServices {
+    async fn classify(
+        &self,
+        call: &CallContext,
+        sequence: u32,
+        model: &str,
+        texts: Vec<String>,
+    ) -> Result<Vec<Classification>, ServiceError> {
+        let loaded = find_model(&self.state, &self.auth, model).map_err(|err| service_error(&err))?;
+        let units = texts.len();
+        self.model_call(call, sequence, model, units, async {
+            Ok(loaded.classify(texts).await?)
+        })
+        .await
+    }
+
+    async fn embed(
+        &self,
+        call: &CallContext,
+        sequence: u32,
+        model: &str,
+        texts: Vec<String>,
+    ) -> Result<Vec<Vec<f32>>, ServiceError> {
+        let loaded = find_model(&self.state, &self.auth, model).map_err(|err| service_error(&err))?;
+        let units = texts.len();
+        self.model_call(call, sequence, model, units, async {
+            Ok(loaded.embed(texts).await?)
+        })
+        .await
+    }
+
+    async fn infer(
+        &self,
+        call: &CallContext,
+        sequence: u32,
+        model: &str,
+        request: String,
+    ) -> Result<String, ServiceError> {
+        let loaded = find_model(&self.state, &self.auth, model).map_err(|err| service_error(&err))?;
+        let request: plinth_core::inference::InferRequest = serde_json::from_str(&request)
+            .map_err(|err| ServiceError::InvalidInput(format!("request: {err}")))?;
+        let inputs = request
+            .inputs
+            .iter()
+            .map(|i| plinth_inference::Tensor::from_json(&i.name, &i.datatype, &i.shape, &i.data))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| ServiceError::InvalidInput(err.to_string()))?;
+        let units = usize::try_from(plinth_inference::LoadedModel::batch_size(&inputs)).unwrap_or(1);
+        let wanted = request.outputs.map(|o| o.into_iter().map(|o| o.name).collect());
+        let outputs = self
+            .model_call(call, sequence, model, units, async {
+                Ok(loaded.infer(inputs, wanted).await?)
+            })
+            .await?;
+        let response = plinth_core::inference::InferResponse {
+            model_name: loaded.info().name.clone(),
+            model_version: loaded.info().version.to_string(),
+            id: request.id,
+            outputs: outputs
+                .into_iter()
+                .map(|t| plinth_core::inference::InferOutput {
+                    datatype: t.data.datatype().as_str().to_owned(),
+                    data: t.data.to_json(),
+                    name: t.name,
+                    shape: t.shape,
+                    parameters: None,
+                })
+                .collect(),
+        };
+        serde_json::to_string(&response).map_err(|err| ServiceError::Unavailable(err.to_string()))
+    }
+
+    async fn kv_get(&self, call: &CallContext, key: &str) -> Result<Option<Vec<u8>>, ServiceError> {
+        self.state
+            .store
+            .kv_get(&call.installation_id, key)
+            .await
+            .map_err(|err| ServiceError::Unavailable(err.to_string()))
+    }
+
+    async fn kv_set(
+        &self,
+        call: &CallContext,
+        key: &str,
+        value: Vec<u8>,
+        max_keys: u64,
+    ) -> Result<(), ServiceError> {
+        match self
+            .state
+            .store
+            .kv_set(&call.installation_id, key, value, max_keys)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(plinth_store::StoreError::Refused(_, message)) => Err(ServiceError::QuotaExceeded(message)),
+            Err(err) => Err(ServiceError::Unavailable(err.to_string())),
+        }
+    }
+
+    async fn kv_delete(&self, call: &CallContext, key: &str) -> Result<bool, ServiceError> {
+        self.state
+            .store
+            .kv_delete(&call.installation_id, key)
+            .await
+            .map_err(|err| ServiceError::Unavailable(err.to_string()))
+    }
+
+    async fn kv_list(&self, call: &CallContext, prefix: &str) -> Result<Vec<String>, ServiceError> {
+        self.state
+            .store
+            .kv_list(&call.installation_id, prefix)
+            .await
+            .map_err(|err| ServiceError::Unavailable(err.to_string()))
+    }
+}
+
+/// Seals an installation's secrets for storage.
+pub(crate) fn seal_secrets(
+    state: &AppState,
+    secrets: &std::collections::BTreeMap<String, String>,
+) -> ApiResult<String> {
+    if secrets.is_empty() {
+        return Ok(String::new());
+    }
+    let plain = serde_json::to_vec(secrets).map_err(ApiError::internal)?;
+    Ok(state.secrets.seal(&plain)?)
+}
+
+fn open_secrets(state: &AppState, sealed: &str) -> ApiResult<std::collections::BTreeMap<String, String>> {
+    if sealed.is_empty() {
+        return Ok(std::collections::BTreeMap::new());
+    }
+    let plain = state.secrets.open(sealed)?;
+    serde_json::from_slice(&plain).map_err(ApiError::internal)
+}
+
+/// Checks that what the tenant approves covers what the version asks for.
+pub(crate) fn check_grants(
+    version: &PluginVersion,
+    capabilities: &[Capability],
+    models: &[String],
+) -> ApiResult<()> {
+    if let Some(missing) = version.capabilities.iter().find(|c| !capabilities.contains(c)) {
+        return Err(ApiError::new(
+            ErrorCode::ValidationFailed,
+            format!(
+                "approve_capabilities: {} {} needs `{}`; approve it to install",
+                version.plugin,
+                version.version,
+                missing.interface()
+            ),
+        ));
+    }
+    if let Some(missing) = version.models.iter().find(|m| !models.contains(m)) {
+        return Err(ApiError::new(
+            ErrorCode::ValidationFailed,
+            format!(
+                "approve_models: {} {} calls the model `{missing}`; approve it to install",
+                version.plugin, version.version
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /v1/installations/{id}/invoke`: runs the plugin on the request, metered once at the plugin's
+/// price (its model calls are metered on their own).
+pub(crate) async fn invoke(
+    state: &AppState,
+    auth: &Principal,
+    idempotency: IdempotencyKey,
+    request_id: RequestId,
+    installation: &InstallationId,
+    request: &serde_json::Value,
+) -> ApiResult<(Outcome, Recorded)> {
+    let runnable = state.store.runnable(&auth.tenant_id, installation).await?;
+    let compiled = match state.plugins.cached(&runnable.sha256) {
+        Some(compiled) => compiled,
+        None => {
+            let path = state.plugin_files.join(format!("{}.wasm", runnable.sha256));
+            let bytes = tokio::fs::read(&path).await.map_err(ApiError::internal)?;
+            compile(state, &runnable.sha256, bytes).await?
+        }
+    };
+    let installed = &runnable.installation;
+    let call = Arc::new(CallContext {
+        tenant_id: auth.tenant_id.clone(),
+        installation_id: installed.id.to_string(),
+        plugin: installed.plugin.clone(),
+        granted_models: installed.models.clone(),
+        settings: installed.settings.clone(),
+        secrets: open_secrets(state, &runnable.sealed_secrets)?,
+        idempotency_key: idempotency.0.clone(),
+    });
+    let services = Arc::new(TenantServices {
+        state: state.clone(),
+        auth: auth.clone(),
+        request_id: request_id.0.clone(),
+    });
+    let billable = Billable {
+        kind: plinth_store::plugins::USAGE_KIND,
+        resource: installed.version_id.as_str(),
+        units: 1,
+        unit_price: installed.price_per_call,
+    };
+    let request = request.to_string();
+    let work = async { Ok(state.plugins.invoke(&compiled, call, services, &request).await?) };
+    metered(state, auth, idempotency, request_id, billable, work).await
+}

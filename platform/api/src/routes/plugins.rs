@@ -1,0 +1,306 @@
+//! The plugin marketplace: authors publish, platform admins review, tenants install and invoke.
+
+use actix_web::{HttpResponse, web};
+use chrono::Utc;
+use plinth_core::ErrorCode;
+use plinth_core::id::{InstallationId, PluginVersionId};
+use plinth_core::plugins::{
+    CreatePluginRequest, Earnings, InstallRequest, Installation, Plugin, PluginVersion, ReviewRequest,
+    UpdateInstallationRequest,
+};
+use plinth_store::auth::{Actor, Principal};
+use serde::Deserialize;
+
+use crate::auth::{Auth, scope};
+use crate::error::{ApiError, ApiResult};
+use crate::metering::IdempotencyKey;
+use crate::request_id::RequestId;
+use crate::routes::billing::parse_time;
+use crate::state::AppState;
+
+fn require_platform_admin(auth: &Principal) -> ApiResult<()> {
+    match auth.actor {
+        Actor::User {
+            platform_admin: true, ..
+        } => Ok(()),
+        _ => Err(ApiError::new(
+            ErrorCode::InsufficientScope,
+            "only a platform admin (logged in) may review plugins",
+        )),
+    }
+}
+
+/// Create a listing; the caller's tenant is its author.
+#[utoipa::path(post, path = "/v1/plugins", tag = "plugins", security(("bearer" = ["admin"])),
+    request_body = CreatePluginRequest,
+    responses((status = 201, body = Plugin), (status = 422, description = "`validation_failed`: bad or taken name", body = plinth_core::error::ErrorBody)))]
+pub async fn create(
+    state: web::Data<AppState>,
+    auth: Auth<scope::Admin>,
+    body: web::Json<CreatePluginRequest>,
+) -> ApiResult<HttpResponse> {
+    let plugin = state
+        .store
+        .create_plugin(&auth.tenant_id, auth.actor_id(), &body.name, &body.description)
+        .await?;
+    Ok(HttpResponse::Created().json(plugin))
+}
+
+/// One of the caller's listings with every version and its review state.
+#[utoipa::path(get, path = "/v1/plugins/{name}", tag = "plugins", security(("bearer" = [])),
+    params(("name" = String, Path)),
+    responses((status = 200, body = Plugin), (status = 404, body = plinth_core::error::ErrorBody)))]
+pub async fn get(
+    state: web::Data<AppState>,
+    auth: Auth,
+    name: web::Path<String>,
+) -> ApiResult<web::Json<Plugin>> {
+    Ok(web::Json(
+        state.store.authored_plugin(&auth.tenant_id, &name).await?,
+    ))
+}
+
+/// Publish a version: multipart parts `manifest` (plugin.json) and `component` (the .wasm). Checked at
+/// once (valid component, world version, size, imports within the declared capabilities, models, a
+/// smoke run under limits); then it waits for a platform admin's review.
+#[utoipa::path(post, path = "/v1/plugins/{name}/versions", tag = "plugins", security(("bearer" = ["admin"])),
+    params(("name" = String, Path)),
+    request_body(content_type = "multipart/form-data", description = "parts: manifest, component"),
+    responses(
+        (status = 201, body = PluginVersion),
+        (status = 413, description = "`payload_too_large`", body = plinth_core::error::ErrorBody),
+        (status = 422, description = "`invalid_plugin`: the checks failed; the message says which", body = plinth_core::error::ErrorBody),
+    ))]
+pub async fn publish(
+    state: web::Data<AppState>,
+    auth: Auth<scope::Admin>,
+    name: web::Path<String>,
+    form: actix_multipart::Multipart,
+) -> ApiResult<HttpResponse> {
+    let version = crate::plugins::publish(&state, &auth, &name, form).await?;
+    Ok(HttpResponse::Created().json(version))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct SearchParams {
+    /// Words to find in names and descriptions.
+    q: Option<String>,
+}
+
+/// The marketplace: listings with approved versions.
+#[utoipa::path(get, path = "/v1/marketplace/plugins", tag = "plugins", security(("bearer" = [])),
+    params(SearchParams),
+    responses((status = 200, body = Vec<Plugin>)))]
+pub async fn marketplace(
+    state: web::Data<AppState>,
+    _auth: Auth,
+    params: web::Query<SearchParams>,
+) -> ApiResult<web::Json<Vec<Plugin>>> {
+    Ok(web::Json(state.store.marketplace(params.q.as_deref()).await?))
+}
+
+/// Versions waiting for review (platform admins).
+#[utoipa::path(get, path = "/v1/admin/plugin-versions", tag = "plugins", security(("bearer" = [])),
+    responses((status = 200, body = Vec<PluginVersion>), (status = 403, body = plinth_core::error::ErrorBody)))]
+pub async fn pending(state: web::Data<AppState>, auth: Auth) -> ApiResult<web::Json<Vec<PluginVersion>>> {
+    require_platform_admin(&auth)?;
+    Ok(web::Json(state.store.pending_versions().await?))
+}
+
+/// Approve or reject a version (platform admins).
+#[utoipa::path(post, path = "/v1/admin/plugin-versions/{id}/review", tag = "plugins", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    request_body = ReviewRequest,
+    responses((status = 200, body = PluginVersion), (status = 403, body = plinth_core::error::ErrorBody), (status = 404, body = plinth_core::error::ErrorBody)))]
+pub async fn review(
+    state: web::Data<AppState>,
+    auth: Auth,
+    id: web::Path<PluginVersionId>,
+    body: web::Json<ReviewRequest>,
+) -> ApiResult<web::Json<PluginVersion>> {
+    require_platform_admin(&auth)?;
+    let ReviewRequest { approve, note } = body.into_inner();
+    Ok(web::Json(
+        state
+            .store
+            .review_version(auth.actor_id(), &id, approve, note)
+            .await?,
+    ))
+}
+
+fn with_secret_names(mut installation: Installation, names: Vec<String>) -> Installation {
+    installation.secret_names = names;
+    installation
+}
+
+/// Install an approved version, approving the capabilities and models it asks for.
+#[utoipa::path(post, path = "/v1/installations", tag = "plugins", security(("bearer" = ["admin"])),
+    request_body = InstallRequest,
+    responses(
+        (status = 201, body = Installation),
+        (status = 409, description = "`plugin_not_approved`", body = plinth_core::error::ErrorBody),
+        (status = 422, description = "`validation_failed`: grants do not cover the manifest", body = plinth_core::error::ErrorBody),
+    ))]
+pub async fn install(
+    state: web::Data<AppState>,
+    auth: Auth<scope::Admin>,
+    body: web::Json<InstallRequest>,
+) -> ApiResult<HttpResponse> {
+    let request = body.into_inner();
+    let version = state
+        .store
+        .approved_version(&request.plugin, request.version.as_deref())
+        .await?;
+    crate::plugins::check_grants(&version, &request.approve_capabilities, &request.approve_models)?;
+    let sealed = crate::plugins::seal_secrets(&state, &request.secrets)?;
+    let installation = state
+        .store
+        .install(
+            &auth.tenant_id,
+            auth.actor_id(),
+            &version,
+            &request.settings,
+            &sealed,
+        )
+        .await?;
+    let names = request.secrets.into_keys().collect();
+    Ok(HttpResponse::Created().json(with_secret_names(installation, names)))
+}
+
+/// The tenant's installations.
+#[utoipa::path(get, path = "/v1/installations", tag = "plugins", security(("bearer" = [])),
+    responses((status = 200, body = Vec<Installation>)))]
+pub async fn list(state: web::Data<AppState>, auth: Auth) -> ApiResult<web::Json<Vec<Installation>>> {
+    Ok(web::Json(state.store.installations(&auth.tenant_id).await?))
+}
+
+/// Upgrade (or move to another approved version), or replace settings or secrets.
+#[utoipa::path(patch, path = "/v1/installations/{id}", tag = "plugins", security(("bearer" = ["admin"])),
+    params(("id" = String, Path)),
+    request_body = UpdateInstallationRequest,
+    responses((status = 200, body = Installation), (status = 404, body = plinth_core::error::ErrorBody)))]
+pub async fn update(
+    state: web::Data<AppState>,
+    auth: Auth<scope::Admin>,
+    id: web::Path<InstallationId>,
+    body: web::Json<UpdateInstallationRequest>,
+) -> ApiResult<web::Json<Installation>> {
+    let request = body.into_inner();
+    let current = state.store.runnable(&auth.tenant_id, &id).await?.installation;
+    let version = match &request.version {
+        Some(wanted) => {
+            let version = state
+                .store
+                .approved_version(&current.plugin, Some(wanted))
+                .await?;
+            let capabilities = request
+                .approve_capabilities
+                .as_ref()
+                .unwrap_or(&current.capabilities);
+            let models = request.approve_models.as_ref().unwrap_or(&current.models);
+            crate::plugins::check_grants(&version, capabilities, models)?;
+            Some(version)
+        }
+        None => None,
+    };
+    let sealed = request
+        .secrets
+        .as_ref()
+        .map(|secrets| crate::plugins::seal_secrets(&state, secrets))
+        .transpose()?;
+    let installation = state
+        .store
+        .update_installation(
+            &auth.tenant_id,
+            auth.actor_id(),
+            &id,
+            version.as_ref(),
+            request.settings.as_ref(),
+            sealed.as_deref(),
+        )
+        .await?;
+    Ok(web::Json(installation))
+}
+
+/// Uninstall: the installation and its stored state are removed.
+#[utoipa::path(delete, path = "/v1/installations/{id}", tag = "plugins", security(("bearer" = ["admin"])),
+    params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = plinth_core::error::ErrorBody)))]
+pub async fn uninstall(
+    state: web::Data<AppState>,
+    auth: Auth<scope::Admin>,
+    id: web::Path<InstallationId>,
+) -> ApiResult<HttpResponse> {
+    state
+        .store
+        .uninstall(&auth.tenant_id, auth.actor_id(), &id)
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Invoke an installed plugin: the JSON body is its request, its JSON answer is the response. Billed
+/// once at the plugin's price (plus the model calls it makes); `Plinth-Compute-Units` reports the
+/// compute it used.
+#[utoipa::path(post, path = "/v1/installations/{id}/invoke", tag = "plugins", security(("bearer" = ["plugins"])),
+    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
+    request_body = serde_json::Value,
+    responses(
+        (status = 200, description = "The plugin's answer", body = serde_json::Value),
+        (status = 400, description = "`plugin_rejected_request`", body = plinth_core::error::ErrorBody),
+        (status = 422, description = "`plugin_limit_exceeded`", body = plinth_core::error::ErrorBody),
+        (status = 502, description = "`plugin_failed`", body = plinth_core::error::ErrorBody),
+        (status = 504, description = "`plugin_timeout`", body = plinth_core::error::ErrorBody),
+    ))]
+pub async fn invoke(
+    state: web::Data<AppState>,
+    auth: Auth<scope::Plugins>,
+    idempotency: IdempotencyKey,
+    request_id: RequestId,
+    id: web::Path<InstallationId>,
+    body: web::Json<serde_json::Value>,
+) -> ApiResult<HttpResponse> {
+    let (outcome, recorded) =
+        crate::plugins::invoke(&state, &auth, idempotency, request_id, &id, &body).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header(("Idempotent-Replayed", recorded.replayed.to_string()))
+        .insert_header(("Plinth-Compute-Units", outcome.compute_units.to_string()))
+        .content_type("application/json")
+        .body(outcome.response))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct EarningsParams {
+    /// Start (RFC 3339 or YYYY-MM-DD); 30 days before `to` by default.
+    from: Option<String>,
+    /// End, exclusive; now by default.
+    to: Option<String>,
+}
+
+/// What the caller's plugins earned: invocations, what tenants paid, and the author's share.
+#[utoipa::path(get, path = "/v1/author/earnings", tag = "plugins", security(("bearer" = ["billing:read"])),
+    params(EarningsParams),
+    responses((status = 200, body = Earnings)))]
+pub async fn earnings(
+    state: web::Data<AppState>,
+    auth: Auth<scope::BillingRead>,
+    params: web::Query<EarningsParams>,
+) -> ApiResult<web::Json<Earnings>> {
+    let to = params
+        .to
+        .as_deref()
+        .map(|v| parse_time("to", v))
+        .transpose()?
+        .unwrap_or_else(Utc::now);
+    let from = params
+        .from
+        .as_deref()
+        .map(|v| parse_time("from", v))
+        .transpose()?
+        .unwrap_or(to - chrono::Duration::days(30));
+    Ok(web::Json(
+        state
+            .store
+            .author_earnings(&auth.tenant_id, from, to, state.settings.author_share_bps)
+            .await?,
+    ))
+}

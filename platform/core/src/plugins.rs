@@ -1,0 +1,212 @@
+//! Shapes of the plugin marketplace: listings, published versions and their review, installations,
+//! and authors' earnings.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::Micros;
+use crate::id::{InstallationId, PluginId, PluginVersionId};
+
+/// A host interface a plugin may import: declared in its manifest, approved by the installing tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum Capability {
+    /// Call hosted models (each call metered to the tenant).
+    Inference,
+    /// A key-value store private to the installation.
+    Kv,
+    /// Read the installation's settings and secrets.
+    Config,
+    /// Write log lines.
+    Log,
+}
+
+impl Capability {
+    pub const ALL: [Self; 4] = [Self::Inference, Self::Kv, Self::Config, Self::Log];
+
+    /// The WIT interface name (`plinth:plugin/<name>`).
+    #[must_use]
+    pub const fn interface(self) -> &'static str {
+        match self {
+            Self::Inference => "inference",
+            Self::Kv => "kv",
+            Self::Config => "config",
+            Self::Log => "log",
+        }
+    }
+
+    #[must_use]
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.interface() == name)
+    }
+}
+
+/// `POST /v1/plugins`: a new listing, owned by the caller's tenant (its author).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CreatePluginRequest {
+    /// Lowercase letters, digits and `-`; unique in the marketplace.
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// The manifest published with each component (`plugin.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PluginManifest {
+    pub name: String,
+    /// Semantic version, e.g. `1.2.0`; unique per plugin.
+    pub version: String,
+    /// The `plinth:plugin` world version it was built against.
+    pub wit_version: String,
+    #[serde(default)]
+    pub description: String,
+    /// The host interfaces the component imports; it may import no others.
+    #[serde(default)]
+    pub capabilities: Vec<Capability>,
+    /// Hosted models it calls.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// The author's price per invocation, in micro-units of the currency.
+    #[serde(default)]
+    pub price_per_call_micros: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ReviewStatus {
+    /// Passed the automatic checks; waiting for a platform admin.
+    Pending,
+    /// Installable.
+    Approved,
+    Rejected,
+}
+
+/// A published version and where it stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PluginVersion {
+    pub id: PluginVersionId,
+    pub plugin: String,
+    pub version: String,
+    pub wit_version: String,
+    pub capabilities: Vec<Capability>,
+    pub models: Vec<String>,
+    pub price_per_call: Micros,
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub status: ReviewStatus,
+    /// What the automatic checks found (imports, smoke run).
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub checks: serde_json::Value,
+    pub review_note: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A listing with its versions (all of them for its author; approved ones in the marketplace).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Plugin {
+    pub id: PluginId,
+    pub name: String,
+    pub description: String,
+    pub versions: Vec<PluginVersion>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `POST /v1/admin/plugin-versions/{id}/review`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ReviewRequest {
+    pub approve: bool,
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// `POST /v1/installations`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct InstallRequest {
+    pub plugin: String,
+    /// A specific version; the newest approved one when omitted.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// The capabilities the tenant approves: must cover the version's manifest.
+    pub approve_capabilities: Vec<Capability>,
+    /// The models the tenant lets it call: must cover the version's manifest.
+    #[serde(default)]
+    pub approve_models: Vec<String>,
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub settings: serde_json::Map<String, serde_json::Value>,
+    /// Stored encrypted; never returned.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, String>,
+}
+
+/// `PATCH /v1/installations/{id}`: upgrade (or pin) the version, or replace settings or secrets.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UpdateInstallationRequest {
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Needed when the new version asks for more than was approved.
+    #[serde(default)]
+    pub approve_capabilities: Option<Vec<Capability>>,
+    #[serde(default)]
+    pub approve_models: Option<Vec<String>>,
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub settings: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    pub secrets: Option<BTreeMap<String, String>>,
+}
+
+/// A plugin installed in the caller's tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Installation {
+    pub id: InstallationId,
+    pub plugin: String,
+    pub version: String,
+    pub version_id: PluginVersionId,
+    pub capabilities: Vec<Capability>,
+    pub models: Vec<String>,
+    pub price_per_call: Micros,
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub settings: serde_json::Map<String, serde_json::Value>,
+    /// Names of the secrets set (values are never shown).
+    pub secret_names: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One plugin's invocations and the author's share, in a period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EarningsRow {
+    pub plugin: String,
+    pub calls: i64,
+    /// What tenants were charged for the plugin.
+    pub gross: Micros,
+    /// The author's share of it.
+    pub earnings: Micros,
+}
+
+/// `GET /v1/author/earnings`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Earnings {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    /// The author's share, in basis points (8000 = 80%).
+    pub share_bps: u32,
+    pub rows: Vec<EarningsRow>,
+    pub total: Micros,
+}

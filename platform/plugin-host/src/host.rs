@@ -1,0 +1,192 @@
+//! The world's host interfaces, one binding module per released WIT version (frozen like the WIT).
+
+use crate::runtime::Invocation;
+use crate::{LogLine, ServiceError};
+
+pub mod v0_1_0 {
+    wasmtime::component::bindgen!({
+        path: "../../plugins/wit/0.1.0",
+        world: "plinth:plugin/plugin@0.1.0",
+        imports: { default: async | trappable },
+        exports: { default: async },
+    });
+}
+
+use v0_1_0::plinth::plugin::{config, inference, kv, log};
+
+impl Invocation {
+    /// Counts a model call against the per-invocation limit and checks the model was granted.
+    fn admit_model_call(&mut self, model: &str) -> Result<u32, inference::InferenceError> {
+        if !self.call.granted_models.iter().any(|m| m == model) {
+            return Err(inference::InferenceError::NotGranted(format!(
+                "this installation was not granted the model `{model}`"
+            )));
+        }
+        if self.inference_calls >= self.limits.inference_calls {
+            return Err(inference::InferenceError::LimitExceeded(format!(
+                "a plugin may make {} model calls per invocation",
+                self.limits.inference_calls
+            )));
+        }
+        self.inference_calls += 1;
+        Ok(self.inference_calls)
+    }
+
+    fn check_key(&self, key: &str) -> Result<(), kv::KvError> {
+        if key.is_empty() || key.len() > self.limits.kv_key_bytes {
+            return Err(kv::KvError::InvalidKey(format!(
+                "keys are 1 to {} bytes",
+                self.limits.kv_key_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn inference_error(err: ServiceError) -> inference::InferenceError {
+    match err {
+        ServiceError::InvalidInput(message) => inference::InferenceError::InvalidInput(message),
+        ServiceError::QuotaExceeded(message) => inference::InferenceError::LimitExceeded(message),
+        ServiceError::Unavailable(message) => inference::InferenceError::Unavailable(message),
+    }
+}
+
+fn kv_error(err: ServiceError) -> kv::KvError {
+    match err {
+        ServiceError::InvalidInput(message) => kv::KvError::InvalidKey(message),
+        ServiceError::QuotaExceeded(message) => kv::KvError::QuotaExceeded(message),
+        ServiceError::Unavailable(message) => kv::KvError::Unavailable(message),
+    }
+}
+
+impl inference::Host for Invocation {
+    async fn classify(
+        &mut self,
+        model: String,
+        texts: Vec<String>,
+    ) -> wasmtime::Result<Result<Vec<inference::Classification>, inference::InferenceError>> {
+        let sequence = match self.admit_model_call(&model) {
+            Ok(sequence) => sequence,
+            Err(err) => return Ok(Err(err)),
+        };
+        let results = self.services.classify(&self.call, sequence, &model, texts).await;
+        Ok(results
+            .map(|results| {
+                results
+                    .into_iter()
+                    .map(|c| inference::Classification {
+                        label: c.label,
+                        score: c.score,
+                        scores: c
+                            .scores
+                            .into_iter()
+                            .map(|s| inference::LabelScore {
+                                label: s.label,
+                                score: s.score,
+                            })
+                            .collect(),
+                    })
+                    .collect()
+            })
+            .map_err(inference_error))
+    }
+
+    async fn embed(
+        &mut self,
+        model: String,
+        texts: Vec<String>,
+    ) -> wasmtime::Result<Result<Vec<Vec<f32>>, inference::InferenceError>> {
+        let sequence = match self.admit_model_call(&model) {
+            Ok(sequence) => sequence,
+            Err(err) => return Ok(Err(err)),
+        };
+        Ok(self
+            .services
+            .embed(&self.call, sequence, &model, texts)
+            .await
+            .map_err(inference_error))
+    }
+
+    async fn infer(
+        &mut self,
+        model: String,
+        request: String,
+    ) -> wasmtime::Result<Result<String, inference::InferenceError>> {
+        let sequence = match self.admit_model_call(&model) {
+            Ok(sequence) => sequence,
+            Err(err) => return Ok(Err(err)),
+        };
+        Ok(self
+            .services
+            .infer(&self.call, sequence, &model, request)
+            .await
+            .map_err(inference_error))
+    }
+}
+
+impl kv::Host for Invocation {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, kv::KvError>> {
+        if let Err(err) = self.check_key(&key) {
+            return Ok(Err(err));
+        }
+        Ok(self.services.kv_get(&self.call, &key).await.map_err(kv_error))
+    }
+
+    async fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), kv::KvError>> {
+        if let Err(err) = self.check_key(&key) {
+            return Ok(Err(err));
+        }
+        if value.len() > self.limits.kv_value_bytes {
+            return Ok(Err(kv::KvError::QuotaExceeded(format!(
+                "values are at most {} KiB",
+                self.limits.kv_value_bytes >> 10
+            ))));
+        }
+        let max_keys = self.limits.kv_keys;
+        Ok(self
+            .services
+            .kv_set(&self.call, &key, value, max_keys)
+            .await
+            .map_err(kv_error))
+    }
+
+    async fn delete(&mut self, key: String) -> wasmtime::Result<Result<bool, kv::KvError>> {
+        if let Err(err) = self.check_key(&key) {
+            return Ok(Err(err));
+        }
+        Ok(self.services.kv_delete(&self.call, &key).await.map_err(kv_error))
+    }
+
+    async fn list_keys(&mut self, prefix: String) -> wasmtime::Result<Result<Vec<String>, kv::KvError>> {
+        Ok(self.services.kv_list(&self.call, &prefix).await.map_err(kv_error))
+    }
+}
+
+impl config::Host for Invocation {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.call.settings.get(&key).map(ToString::to_string))
+    }
+
+    async fn secret(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.call.secrets.get(&key).cloned())
+    }
+}
+
+impl log::Host for Invocation {
+    async fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
+        self.log_bytes += message.len();
+        if self.log_bytes > self.limits.log_bytes {
+            let breach = format!("the plugin logged more than {} KiB", self.limits.log_bytes >> 10);
+            self.breach = Some(breach.clone());
+            return Err(wasmtime::Error::msg(breach));
+        }
+        let level = match level {
+            log::Level::Debug => "debug",
+            log::Level::Info => "info",
+            log::Level::Warn => "warn",
+            log::Level::Error => "error",
+        };
+        self.logs.push(LogLine { level, message });
+        Ok(())
+    }
+}

@@ -1,0 +1,64 @@
+//! Runs plugins: WebAssembly components bound to the `plinth:plugin` WIT world, each invocation in a
+//! fresh, sandboxed instance.
+//!
+//! The host owns everything a plugin can reach. Hosted models and key-value state come through
+//! [`Services`], which the API implements (metering, tenancy, quotas); configuration and logs stay
+//! in the invocation. Every limit breach ends the invocation with an [`InvokeError`] that names the
+//! limit; nothing a plugin does outlives its call or reaches another tenant.
+
+mod host;
+mod limits;
+mod runtime;
+mod services;
+
+pub use limits::Limits;
+pub use runtime::{Compiled, HostSettings, Invocation, Outcome, PluginHost, WIT_VERSIONS};
+pub use services::{CallContext, Capability, LogLine, ServiceError, Services};
+
+/// Why a component cannot be published or run.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// Not a valid component, or too large.
+    #[error("{0}")]
+    Invalid(String),
+    /// It imports something the world or its manifest does not allow.
+    #[error("{0}")]
+    Incompatible(String),
+    /// The engine could not be set up.
+    #[error("plugin engine: {0}")]
+    Engine(String),
+}
+
+/// Why an invocation ended without a response.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvokeError {
+    /// The plugin judged the request invalid; its message.
+    #[error("{0}")]
+    Rejected(String),
+    /// The plugin reported a failure, or trapped (a panic, a stack overflow).
+    #[error("{0}")]
+    Failed(String),
+    /// The plugin broke a sandbox limit (memory, output, logs, host calls, compute).
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// The plugin ran past its deadline.
+    #[error("{0}")]
+    Timeout(String),
+    /// The host could not run it now (instance pool full, a dependency down).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl InvokeError {
+    #[must_use]
+    pub fn code(&self) -> plinth_core::ErrorCode {
+        use plinth_core::ErrorCode;
+        match self {
+            Self::Rejected(_) => ErrorCode::PluginRejectedRequest,
+            Self::Failed(_) => ErrorCode::PluginFailed,
+            Self::LimitExceeded(_) => ErrorCode::PluginLimitExceeded,
+            Self::Timeout(_) => ErrorCode::PluginTimeout,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+        }
+    }
+}

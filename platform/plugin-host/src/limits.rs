@@ -1,0 +1,48 @@
+//! The sandbox's limits, per invocation unless noted.
+
+use std::time::Duration;
+
+/// Defaults follow the platform design; a plan may raise them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest component accepted at publishing.
+    pub component_bytes: usize,
+    /// Linear memory per instance.
+    pub memory_bytes: usize,
+    /// Wall-clock deadline, enforced by epoch interruption.
+    pub deadline: Duration,
+    /// Fuel per invocation: the compute budget, and what is reported as compute units.
+    pub fuel: u64,
+    pub input_bytes: usize,
+    pub output_bytes: usize,
+    /// Calls to hosted models per invocation.
+    pub inference_calls: u32,
+    /// Log bytes kept per invocation; a plugin that logs more is stopped.
+    pub log_bytes: usize,
+    pub kv_key_bytes: usize,
+    pub kv_value_bytes: usize,
+    /// Keys per installation.
+    pub kv_keys: u64,
+    /// Instances running at once across all plugins (the pooling allocator's size).
+    pub concurrent_instances: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            component_bytes: 16 << 20,
+            memory_bytes: 64 << 20,
+            deadline: Duration::from_secs(2),
+            // About a minute of busy compute: the deadline normally stops a plugin first.
+            fuel: 100_000_000_000,
+            input_bytes: 1 << 20,
+            output_bytes: 1 << 20,
+            inference_calls: 8,
+            log_bytes: 64 << 10,
+            kv_key_bytes: 256,
+            kv_value_bytes: 256 << 10,
+            kv_keys: 1_000,
+            concurrent_instances: 64,
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! What the host asks of the platform on a plugin's behalf, and the facts of one invocation.
+
+use std::collections::BTreeMap;
+
+use plinth_core::id::TenantId;
+use plinth_core::inference::Classification;
+
+pub use plinth_core::plugins::Capability;
+
+/// Who is invoking which installation, and what it may use.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    pub tenant_id: TenantId,
+    pub installation_id: String,
+    /// The plugin's name, for logs and metrics.
+    pub plugin: String,
+    /// Models the manifest declared and the tenant approved.
+    pub granted_models: Vec<String>,
+    /// Settings (JSON values) and decrypted secrets of the installation.
+    pub settings: serde_json::Map<String, serde_json::Value>,
+    pub secrets: BTreeMap<String, String>,
+    /// The invocation's idempotency key: host calls derive theirs from it, so a retried invocation
+    /// bills its model calls once.
+    pub idempotency_key: String,
+}
+
+/// A failed host service call, as the plugin will see it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("{0}")]
+    QuotaExceeded(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The platform side of the host interfaces. `sequence` numbers a plugin's model calls within one
+/// invocation (1, 2, …), for their idempotency keys.
+#[async_trait::async_trait]
+pub trait Services: Send + Sync + std::fmt::Debug {
+    async fn classify(
+        &self,
+        call: &CallContext,
+        sequence: u32,
+        model: &str,
+        texts: Vec<String>,
+    ) -> Result<Vec<Classification>, ServiceError>;
+
+    async fn embed(
+        &self,
+        call: &CallContext,
+        sequence: u32,
+        model: &str,
+        texts: Vec<String>,
+    ) -> Result<Vec<Vec<f32>>, ServiceError>;
+
+    /// An Open Inference Protocol request and response, as JSON text.
+    async fn infer(
+        &self,
+        call: &CallContext,
+        sequence: u32,
+        model: &str,
+        request: String,
+    ) -> Result<String, ServiceError>;
+
+    async fn kv_get(&self, call: &CallContext, key: &str) -> Result<Option<Vec<u8>>, ServiceError>;
+
+    /// Stores a value; refuses a new key beyond `max_keys` for the installation.
+    async fn kv_set(
+        &self,
+        call: &CallContext,
+        key: &str,
+        value: Vec<u8>,
+        max_keys: u64,
+    ) -> Result<(), ServiceError>;
+
+    async fn kv_delete(&self, call: &CallContext, key: &str) -> Result<bool, ServiceError>;
+
+    async fn kv_list(&self, call: &CallContext, prefix: &str) -> Result<Vec<String>, ServiceError>;
+}
+
+/// One line a plugin logged.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LogLine {
+    pub level: &'static str,
+    pub message: String,
+}

@@ -1,0 +1,712 @@
+//! The plugin marketplace: authors' listings and immutable versions, admin review, tenants'
+//! installations (with the capabilities and models they approved), each installation's key-value
+//! store, and what authors earned from the ledger.
+
+use chrono::{DateTime, Utc};
+use plinth_core::ErrorCode;
+use plinth_core::Micros;
+use plinth_core::id::{InstallationId, PluginId, PluginVersionId, TenantId};
+use plinth_core::plugins::{
+    Capability, Earnings, EarningsRow, Installation, Plugin, PluginManifest, PluginVersion, ReviewStatus,
+};
+use sea_orm::sea_query::{Expr, ExprTrait, Func, OnConflict};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, Condition, EntityTrait, FromQueryResult, PaginatorTrait, QueryFilter,
+    QueryOrder, QuerySelect, Set,
+};
+
+use crate::accounts::parse_id;
+use crate::entity::{TenantScoped, installations, plugin_kv, plugin_versions, plugins, usage_events};
+use crate::{Result, Store, StoreError};
+
+/// The usage-event kind of a plugin invocation; its resource id is the plugin version id.
+pub const USAGE_KIND: &str = "plugin";
+
+fn status_str(status: ReviewStatus) -> &'static str {
+    match status {
+        ReviewStatus::Pending => "pending",
+        ReviewStatus::Approved => "approved",
+        ReviewStatus::Rejected => "rejected",
+    }
+}
+
+fn parse_status(raw: &str) -> ReviewStatus {
+    match raw {
+        "approved" => ReviewStatus::Approved,
+        "rejected" => ReviewStatus::Rejected,
+        _ => ReviewStatus::Pending,
+    }
+}
+
+fn capabilities_str(capabilities: &[Capability]) -> String {
+    capabilities
+        .iter()
+        .map(|c| c.interface())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn parse_capabilities(raw: &str) -> Vec<Capability> {
+    raw.split_whitespace().filter_map(Capability::parse).collect()
+}
+
+fn to_version(plugin: &str, row: plugin_versions::Model) -> Result<PluginVersion> {
+    Ok(PluginVersion {
+        id: parse_id(&row.id)?,
+        plugin: plugin.to_owned(),
+        capabilities: parse_capabilities(&row.capabilities),
+        models: serde_json::from_str(&row.models).unwrap_or_default(),
+        price_per_call: Micros(row.price_per_call_micros),
+        size_bytes: u64::try_from(row.size_bytes).unwrap_or(0),
+        status: parse_status(&row.status),
+        checks: serde_json::from_str(&row.checks).unwrap_or_default(),
+        version: row.version,
+        wit_version: row.wit_version,
+        sha256: row.sha256,
+        review_note: row.review_note,
+        created_at: row.created_at,
+    })
+}
+
+/// Plugin names: lowercase letters, digits and `-`, 2 to 64 characters.
+fn validate_plugin_name(name: &str) -> Result<()> {
+    let valid = (2..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if valid {
+        Ok(())
+    } else {
+        Err(StoreError::invalid(
+            "name: 2-64 lowercase letters, digits and `-`",
+        ))
+    }
+}
+
+/// `major.minor.patch`, digits only (pre-release tags are not accepted in the marketplace).
+fn parse_semver(version: &str) -> Option<(u64, u64, u64)> {
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().ok());
+    let parsed = (parts.next()??, parts.next()??, parts.next()??);
+    parts.next().is_none().then_some(parsed)
+}
+
+/// What an installation needs to run: its version's component and the grants.
+#[derive(Debug, Clone)]
+pub struct Runnable {
+    pub installation: Installation,
+    pub sha256: String,
+    /// The installation's sealed secrets, as stored.
+    pub sealed_secrets: String,
+}
+
+impl Store {
+    /// Creates a listing owned by the author's tenant.
+    pub async fn create_plugin(
+        &self,
+        author: &TenantId,
+        actor: &str,
+        name: &str,
+        description: &str,
+    ) -> Result<Plugin> {
+        validate_plugin_name(name)?;
+        if description.len() > 2_000 {
+            return Err(StoreError::invalid("description: at most 2000 bytes"));
+        }
+        let txn = self.write_transaction().await?;
+        let id = PluginId::new();
+        let now = Utc::now();
+        let inserted = plugins::ActiveModel {
+            id: Set(id.to_string()),
+            author_tenant_id: Set(author.to_string()),
+            name: Set(name.to_owned()),
+            description: Set(description.to_owned()),
+            created_at: Set(now),
+        }
+        .insert(&txn)
+        .await;
+        match inserted {
+            Err(err) if crate::is_unique_violation(&err) => {
+                return Err(StoreError::Refused(
+                    ErrorCode::ValidationFailed,
+                    format!("name: a plugin named `{name}` already exists"),
+                ));
+            }
+            other => other?,
+        };
+        crate::audit::record(
+            &txn,
+            Some(author),
+            actor,
+            "plugin.create",
+            Some(id.as_str()),
+            serde_json::Value::Null,
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(Plugin {
+            id,
+            name: name.to_owned(),
+            description: description.to_owned(),
+            versions: Vec::new(),
+            created_at: now,
+        })
+    }
+
+    async fn plugin_named(&self, name: &str) -> Result<plugins::Model> {
+        plugins::Entity::find()
+            .filter(plugins::Column::Name.eq(name))
+            .one(self.db())
+            .await?
+            .ok_or(StoreError::NotFound("plugin"))
+    }
+
+    /// The listing `name` if the caller's tenant authored it (another author's is not found).
+    pub async fn authored_plugin(&self, author: &TenantId, name: &str) -> Result<Plugin> {
+        let row = self.plugin_named(name).await?;
+        if row.author_tenant_id != author.as_str() {
+            return Err(StoreError::NotFound("plugin"));
+        }
+        self.with_versions(row, false).await
+    }
+
+    async fn with_versions(&self, row: plugins::Model, approved_only: bool) -> Result<Plugin> {
+        let mut query = plugin_versions::Entity::find().filter(plugin_versions::Column::PluginId.eq(&row.id));
+        if approved_only {
+            query = query.filter(plugin_versions::Column::Status.eq("approved"));
+        }
+        let mut versions = query
+            .all(self.db())
+            .await?
+            .into_iter()
+            .map(|v| to_version(&row.name, v))
+            .collect::<Result<Vec<_>>>()?;
+        versions.sort_by_key(|v| std::cmp::Reverse(parse_semver(&v.version)));
+        Ok(Plugin {
+            id: parse_id(&row.id)?,
+            name: row.name,
+            description: row.description,
+            versions,
+            created_at: row.created_at,
+        })
+    }
+
+    /// Records a version that passed the automatic checks; it waits for review.
+    pub async fn publish_version(
+        &self,
+        author: &TenantId,
+        actor: &str,
+        manifest: &PluginManifest,
+        sha256: &str,
+        size_bytes: u64,
+        checks: &serde_json::Value,
+    ) -> Result<PluginVersion> {
+        let plugin = self.authored_plugin(author, &manifest.name).await?;
+        let txn = self.write_transaction().await?;
+        let id = PluginVersionId::new();
+        let inserted = plugin_versions::ActiveModel {
+            id: Set(id.to_string()),
+            plugin_id: Set(plugin.id.to_string()),
+            version: Set(manifest.version.clone()),
+            wit_version: Set(manifest.wit_version.clone()),
+            capabilities: Set(capabilities_str(&manifest.capabilities)),
+            models: Set(serde_json::to_string(&manifest.models).unwrap_or_else(|_| "[]".into())),
+            price_per_call_micros: Set(manifest.price_per_call_micros),
+            sha256: Set(sha256.to_owned()),
+            size_bytes: Set(i64::try_from(size_bytes).unwrap_or(i64::MAX)),
+            status: Set(status_str(ReviewStatus::Pending).to_owned()),
+            checks: Set(checks.to_string()),
+            review_note: Set(None),
+            created_at: Set(Utc::now()),
+            reviewed_at: Set(None),
+        }
+        .insert(&txn)
+        .await;
+        let row = match inserted {
+            Err(err) if crate::is_unique_violation(&err) => {
+                return Err(StoreError::Refused(
+                    ErrorCode::ValidationFailed,
+                    format!(
+                        "version: {} {} is already published; versions are immutable",
+                        manifest.name, manifest.version
+                    ),
+                ));
+            }
+            other => other?,
+        };
+        crate::audit::record(
+            &txn,
+            Some(author),
+            actor,
+            "plugin.publish",
+            Some(id.as_str()),
+            serde_json::json!({ "plugin": manifest.name, "version": manifest.version, "sha256": sha256 }),
+        )
+        .await?;
+        txn.commit().await?;
+        to_version(&manifest.name, row)
+    }
+
+    /// A platform admin approves or rejects a version.
+    pub async fn review_version(
+        &self,
+        actor: &str,
+        version: &PluginVersionId,
+        approve: bool,
+        note: Option<String>,
+    ) -> Result<PluginVersion> {
+        let txn = self.write_transaction().await?;
+        let row = plugin_versions::Entity::find_by_id(version.as_str())
+            .one(&txn)
+            .await?
+            .ok_or(StoreError::NotFound("plugin version"))?;
+        let plugin = plugins::Entity::find_by_id(row.plugin_id.as_str())
+            .one(&txn)
+            .await?
+            .ok_or(StoreError::NotFound("plugin"))?;
+        let status = if approve {
+            ReviewStatus::Approved
+        } else {
+            ReviewStatus::Rejected
+        };
+        let mut model: plugin_versions::ActiveModel = row.into();
+        model.status = Set(status_str(status).to_owned());
+        model.review_note = Set(note);
+        model.reviewed_at = Set(Some(Utc::now()));
+        let row = model.update(&txn).await?;
+        crate::audit::record(
+            &txn,
+            None,
+            actor,
+            if approve {
+                "plugin.approve"
+            } else {
+                "plugin.reject"
+            },
+            Some(version.as_str()),
+            serde_json::Value::Null,
+        )
+        .await?;
+        txn.commit().await?;
+        to_version(&plugin.name, row)
+    }
+
+    /// Versions waiting for review, oldest first (platform admins).
+    pub async fn pending_versions(&self) -> Result<Vec<PluginVersion>> {
+        let rows = plugin_versions::Entity::find()
+            .filter(plugin_versions::Column::Status.eq("pending"))
+            .order_by_asc(plugin_versions::Column::CreatedAt)
+            .all(self.db())
+            .await?;
+        let mut versions = Vec::with_capacity(rows.len());
+        for row in rows {
+            let plugin = plugins::Entity::find_by_id(row.plugin_id.as_str())
+                .one(self.db())
+                .await?
+                .ok_or(StoreError::NotFound("plugin"))?;
+            versions.push(to_version(&plugin.name, row)?);
+        }
+        Ok(versions)
+    }
+
+    /// The marketplace: listings with at least one approved version, matching `query` in the name or
+    /// description, with their approved versions (newest first).
+    pub async fn marketplace(&self, query: Option<&str>) -> Result<Vec<Plugin>> {
+        let mut select = plugins::Entity::find().order_by_asc(plugins::Column::Name);
+        if let Some(query) = query.map(str::trim).filter(|q| !q.is_empty()) {
+            let pattern = format!("%{}%", query.to_lowercase().replace(['%', '_'], ""));
+            let lower = |column: plugins::Column| Expr::expr(Func::lower(Expr::col(column)));
+            select = select.filter(
+                Condition::any()
+                    .add(lower(plugins::Column::Name).like(pattern.clone()))
+                    .add(lower(plugins::Column::Description).like(pattern)),
+            );
+        }
+        let mut listed = Vec::new();
+        for row in select.limit(200).all(self.db()).await? {
+            let plugin = self.with_versions(row, true).await?;
+            if !plugin.versions.is_empty() {
+                listed.push(plugin);
+            }
+        }
+        Ok(listed)
+    }
+
+    /// An approved version of a listing: the one named, or the newest.
+    pub async fn approved_version(&self, plugin: &str, version: Option<&str>) -> Result<PluginVersion> {
+        let row = self.plugin_named(plugin).await?;
+        let all = self.with_versions(row, false).await?;
+        let wanted = match version {
+            Some(version) => all
+                .versions
+                .into_iter()
+                .find(|v| v.version == version)
+                .ok_or(StoreError::NotFound("plugin version"))?,
+            None => all
+                .versions
+                .into_iter()
+                .find(|v| v.status == ReviewStatus::Approved)
+                .ok_or_else(|| {
+                    StoreError::Refused(
+                        ErrorCode::PluginNotApproved,
+                        format!("`{plugin}` has no approved version yet"),
+                    )
+                })?,
+        };
+        if wanted.status != ReviewStatus::Approved {
+            return Err(StoreError::Refused(
+                ErrorCode::PluginNotApproved,
+                format!("{plugin} {} is not approved for installation", wanted.version),
+            ));
+        }
+        Ok(wanted)
+    }
+
+    /// Installs an approved version in a tenant. The grants must cover what the manifest asks for.
+    pub async fn install(
+        &self,
+        tenant: &TenantId,
+        actor: &str,
+        version: &PluginVersion,
+        settings: &serde_json::Map<String, serde_json::Value>,
+        sealed_secrets: &str,
+    ) -> Result<Installation> {
+        let txn = self.write_transaction().await?;
+        let plugin = self.plugin_named(&version.plugin).await?;
+        let existing = installations::Entity::find_in(tenant)
+            .filter(installations::Column::PluginId.eq(&plugin.id))
+            .filter(installations::Column::DeletedAt.is_null())
+            .count(&txn)
+            .await?;
+        if existing > 0 {
+            return Err(StoreError::Refused(
+                ErrorCode::ValidationFailed,
+                format!(
+                    "plugin: `{}` is already installed; upgrade that installation instead",
+                    version.plugin
+                ),
+            ));
+        }
+        let id = InstallationId::new();
+        let now = Utc::now();
+        installations::ActiveModel {
+            id: Set(id.to_string()),
+            tenant_id: Set(tenant.to_string()),
+            plugin_id: Set(plugin.id.clone()),
+            version_id: Set(version.id.to_string()),
+            settings: Set(serde_json::Value::Object(settings.clone()).to_string()),
+            secrets: Set(sealed_secrets.to_owned()),
+            created_at: Set(now),
+            updated_at: Set(now),
+            deleted_at: Set(None),
+        }
+        .insert(&txn)
+        .await?;
+        crate::audit::record(
+            &txn,
+            Some(tenant),
+            actor,
+            "plugin.install",
+            Some(id.as_str()),
+            serde_json::json!({ "plugin": version.plugin, "version": version.version,
+                "capabilities": version.capabilities, "models": version.models }),
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(self.runnable(tenant, &id).await?.installation)
+    }
+
+    /// Changes an installation's version, settings or secrets (each when given).
+    pub async fn update_installation(
+        &self,
+        tenant: &TenantId,
+        actor: &str,
+        installation: &InstallationId,
+        version: Option<&PluginVersion>,
+        settings: Option<&serde_json::Map<String, serde_json::Value>>,
+        sealed_secrets: Option<&str>,
+    ) -> Result<Installation> {
+        let txn = self.write_transaction().await?;
+        let row = installations::Entity::find_in(tenant)
+            .filter(installations::Column::Id.eq(installation.as_str()))
+            .filter(installations::Column::DeletedAt.is_null())
+            .one(&txn)
+            .await?
+            .ok_or(StoreError::NotFound("installation"))?;
+        let mut model: installations::ActiveModel = row.into();
+        if let Some(version) = version {
+            model.version_id = Set(version.id.to_string());
+        }
+        if let Some(settings) = settings {
+            model.settings = Set(serde_json::Value::Object(settings.clone()).to_string());
+        }
+        if let Some(sealed) = sealed_secrets {
+            model.secrets = Set(sealed.to_owned());
+        }
+        model.updated_at = Set(Utc::now());
+        model.update(&txn).await?;
+        crate::audit::record(
+            &txn,
+            Some(tenant),
+            actor,
+            "plugin.update",
+            Some(installation.as_str()),
+            serde_json::json!({ "version": version.map(|v| v.version.clone()) }),
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(self.runnable(tenant, installation).await?.installation)
+    }
+
+    /// Removes an installation and its key-value state.
+    pub async fn uninstall(
+        &self,
+        tenant: &TenantId,
+        actor: &str,
+        installation: &InstallationId,
+    ) -> Result<()> {
+        let txn = self.write_transaction().await?;
+        let row = installations::Entity::find_in(tenant)
+            .filter(installations::Column::Id.eq(installation.as_str()))
+            .filter(installations::Column::DeletedAt.is_null())
+            .one(&txn)
+            .await?
+            .ok_or(StoreError::NotFound("installation"))?;
+        plugin_kv::Entity::delete_many()
+            .filter(plugin_kv::Column::InstallationId.eq(&row.id))
+            .exec(&txn)
+            .await?;
+        let mut model: installations::ActiveModel = row.into();
+        model.deleted_at = Set(Some(Utc::now()));
+        model.secrets = Set(String::new());
+        model.update(&txn).await?;
+        crate::audit::record(
+            &txn,
+            Some(tenant),
+            actor,
+            "plugin.uninstall",
+            Some(installation.as_str()),
+            serde_json::Value::Null,
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// The tenant's installations.
+    pub async fn installations(&self, tenant: &TenantId) -> Result<Vec<Installation>> {
+        let rows = installations::Entity::find_in(tenant)
+            .filter(installations::Column::DeletedAt.is_null())
+            .order_by_asc(installations::Column::CreatedAt)
+            .all(self.db())
+            .await?;
+        let mut listed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: InstallationId = parse_id(&row.id)?;
+            listed.push(self.runnable(tenant, &id).await?.installation);
+        }
+        Ok(listed)
+    }
+
+    /// An installation with what running it needs.
+    pub async fn runnable(&self, tenant: &TenantId, installation: &InstallationId) -> Result<Runnable> {
+        let row = installations::Entity::find_in(tenant)
+            .filter(installations::Column::Id.eq(installation.as_str()))
+            .filter(installations::Column::DeletedAt.is_null())
+            .one(self.db())
+            .await?
+            .ok_or(StoreError::NotFound("installation"))?;
+        let version = plugin_versions::Entity::find_by_id(row.version_id.as_str())
+            .one(self.db())
+            .await?
+            .ok_or(StoreError::NotFound("plugin version"))?;
+        let plugin = plugins::Entity::find_by_id(version.plugin_id.as_str())
+            .one(self.db())
+            .await?
+            .ok_or(StoreError::NotFound("plugin"))?;
+        let sha256 = version.sha256.clone();
+        let version = to_version(&plugin.name, version)?;
+        let settings = match serde_json::from_str(&row.settings) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        Ok(Runnable {
+            installation: Installation {
+                id: parse_id(&row.id)?,
+                plugin: plugin.name,
+                version: version.version,
+                version_id: version.id,
+                capabilities: version.capabilities,
+                models: version.models,
+                price_per_call: version.price_per_call,
+                settings,
+                secret_names: Vec::new(),
+                created_at: row.created_at,
+                updated_at: row.updated_at,
+            },
+            sha256,
+            sealed_secrets: row.secrets,
+        })
+    }
+
+    /// The component hash of every version (to compile approved ones at start-up).
+    pub async fn plugin_components(&self) -> Result<Vec<(PluginVersionId, String)>> {
+        let rows = plugin_versions::Entity::find().all(self.db()).await?;
+        rows.into_iter()
+            .map(|row| Ok((parse_id(&row.id)?, row.sha256)))
+            .collect()
+    }
+
+    pub async fn kv_get(&self, installation: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(
+            plugin_kv::Entity::find_by_id((installation.to_owned(), key.to_owned()))
+                .one(self.db())
+                .await?
+                .map(|row| row.value),
+        )
+    }
+
+    /// Stores a value, refusing a new key once the installation holds `max_keys`.
+    pub async fn kv_set(&self, installation: &str, key: &str, value: Vec<u8>, max_keys: u64) -> Result<()> {
+        let txn = self.write_transaction().await?;
+        let exists = plugin_kv::Entity::find_by_id((installation.to_owned(), key.to_owned()))
+            .count(&txn)
+            .await?
+            > 0;
+        if !exists {
+            let held = plugin_kv::Entity::find()
+                .filter(plugin_kv::Column::InstallationId.eq(installation))
+                .count(&txn)
+                .await?;
+            if held >= max_keys {
+                return Err(StoreError::Refused(
+                    ErrorCode::PluginLimitExceeded,
+                    format!("the installation already holds {max_keys} keys"),
+                ));
+            }
+        }
+        plugin_kv::Entity::insert(plugin_kv::ActiveModel {
+            installation_id: Set(installation.to_owned()),
+            key: Set(key.to_owned()),
+            value: Set(value),
+            updated_at: Set(Utc::now()),
+        })
+        .on_conflict(
+            OnConflict::columns([plugin_kv::Column::InstallationId, plugin_kv::Column::Key])
+                .update_columns([plugin_kv::Column::Value, plugin_kv::Column::UpdatedAt])
+                .to_owned(),
+        )
+        .exec(&txn)
+        .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    pub async fn kv_delete(&self, installation: &str, key: &str) -> Result<bool> {
+        let deleted = plugin_kv::Entity::delete_by_id((installation.to_owned(), key.to_owned()))
+            .exec(self.db())
+            .await?;
+        Ok(deleted.rows_affected > 0)
+    }
+
+    pub async fn kv_list(&self, installation: &str, prefix: &str) -> Result<Vec<String>> {
+        let rows = plugin_kv::Entity::find()
+            .filter(plugin_kv::Column::InstallationId.eq(installation))
+            .filter(plugin_kv::Column::Key.starts_with(prefix))
+            .order_by_asc(plugin_kv::Column::Key)
+            .limit(1_000)
+            .all(self.db())
+            .await?;
+        Ok(rows.into_iter().map(|row| row.key).collect())
+    }
+
+    /// What the author's plugins earned in `[from, to)`: the ledger's plugin charges times the share.
+    pub async fn author_earnings(
+        &self,
+        author: &TenantId,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        share_bps: u32,
+    ) -> Result<Earnings> {
+        #[derive(Debug, FromQueryResult)]
+        struct Sums {
+            calls: i64,
+            gross: i64,
+        }
+        let authored = plugins::Entity::find()
+            .filter(plugins::Column::AuthorTenantId.eq(author.as_str()))
+            .all(self.db())
+            .await?;
+        let mut rows = Vec::new();
+        for plugin in authored {
+            let versions: Vec<String> = plugin_versions::Entity::find()
+                .filter(plugin_versions::Column::PluginId.eq(&plugin.id))
+                .all(self.db())
+                .await?
+                .into_iter()
+                .map(|v| v.id)
+                .collect();
+            if versions.is_empty() {
+                continue;
+            }
+            let sums = usage_events::Entity::find()
+                .filter(usage_events::Column::ResourceKind.eq(USAGE_KIND))
+                .filter(usage_events::Column::ResourceId.is_in(versions))
+                .filter(usage_events::Column::OccurredAtUs.gte(from.timestamp_micros()))
+                .filter(usage_events::Column::OccurredAtUs.lt(to.timestamp_micros()))
+                .select_only()
+                .column_as(Expr::cust("COUNT(*)"), "calls")
+                .column_as(
+                    Expr::cust("CAST(COALESCE(SUM(amount_micros), 0) AS BIGINT)"),
+                    "gross",
+                )
+                .into_model::<Sums>()
+                .one(self.db())
+                .await?
+                .unwrap_or(Sums { calls: 0, gross: 0 });
+            let (calls, gross) = (sums.calls, sums.gross);
+            rows.push(EarningsRow {
+                plugin: plugin.name,
+                calls,
+                gross: Micros(gross),
+                // Rounded down to the micro-unit: the platform keeps the remainder.
+                earnings: Micros(gross.saturating_mul(i64::from(share_bps)) / 10_000),
+            });
+        }
+        let total = rows.iter().map(|r| r.earnings).sum();
+        Ok(Earnings {
+            from,
+            to,
+            share_bps,
+            rows,
+            total,
+        })
+    }
+}
+
+/// Checks a manifest's own fields (the component is checked by the host).
+///
+/// # Errors
+/// The first field that is wrong, by name.
+pub fn validate_manifest(manifest: &PluginManifest) -> Result<()> {
+    validate_plugin_name(&manifest.name)?;
+    if parse_semver(&manifest.version).is_none() {
+        return Err(StoreError::invalid(
+            "version: must be a semantic version like 1.2.0",
+        ));
+    }
+    if manifest.price_per_call_micros < 0 || manifest.price_per_call_micros > 100_000_000 {
+        return Err(StoreError::invalid(
+            "price_per_call_micros: must be 0 to 100000000 (100 currency units)",
+        ));
+    }
+    if manifest.models.len() > 16 || manifest.models.iter().any(|m| m.is_empty() || m.len() > 100) {
+        return Err(StoreError::invalid("models: at most 16 names of 1-100 bytes"));
+    }
+    if !manifest.models.is_empty() && !manifest.capabilities.contains(&Capability::Inference) {
+        return Err(StoreError::invalid(
+            "models: a plugin that calls models must declare the `inference` capability",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! A deliberately badly behaved plugin for the host's containment tests. `{"do": "<mode>"}` picks the
+//! misbehaviour; `{"do": "echo"}` behaves, so the same component proves the host still serves.
+
+use plinth_plugin::{Error, Plugin, Value, inference, json, kv, log};
+
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    // Enough frame per level that the optimiser cannot turn this into a loop.
+    let frame = std::hint::black_box([depth; 16]);
+    frame[(depth % 16) as usize] + recurse(depth + 1)
+}
+
+struct Hostile;
+
+impl Plugin for Hostile {
+    fn handle(request: Value) -> Result<Value, Error> {
+        match request["do"].as_str().unwrap_or_default() {
+            "echo" => Ok(request),
+            "loop" => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            "alloc" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "recurse" => Ok(json!(recurse(0))),
+            "big-output" => Ok(Value::String("x".repeat(8 << 20))),
+            "panic" => panic!("the plugin gave up"),
+            "log-flood" => {
+                for i in 0..100_000 {
+                    log::info(&format!("line {i}: {}", "y".repeat(100)));
+                }
+                Ok(json!("logged"))
+            }
+            "kv-flood" => {
+                for i in 0..100_000 {
+                    kv::set(&format!("key-{i}"), &[0; 1024])?;
+                }
+                Ok(json!("flooded"))
+            }
+            "kv-huge-value" => {
+                kv::set("huge", &vec![0; 4 << 20])?;
+                Ok(json!("stored"))
+            }
+            "model" => {
+                let model = request["model"].as_str().unwrap_or("sentiment");
+                let result = inference::classify(model, &["is this allowed?"])?;
+                Ok(json!(result[0].label))
+            }
+            "many-calls" => {
+                for _ in 0..100 {
+                    inference::classify("sentiment", &["again"])?;
+                }
+                Ok(json!("called"))
+            }
+            other => Err(Error::invalid(format!("unknown mode `{other}`"))),
+        }
+    }
+}
+
+plinth_plugin::register!(Hostile);

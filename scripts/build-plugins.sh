@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds every Rust plugin in plugins/ into a WebAssembly component (wasm32-wasip2) and copies each,
+# with its manifest, to $PLINTH_CACHE_DIR/plugins/<name>.wasm and <name>.json.
+#
+# With rustup and `rustup target add wasm32-wasip2` this is a plain cargo build. Where rustup has no
+# wasm target (offline mirrors), Debian's rustc-web toolchain (1.96, with std sources) builds std for
+# the target itself; the packages are installed when missing and we are root.
+set -euo pipefail
+cd "$(dirname "$0")/../plugins"
+cache="${PLINTH_CACHE_DIR:-$HOME/.cache/plinth}"
+out="$cache/plugins"
+target_dir="$cache/plugins-target"
+mkdir -p "$out"
+
+if rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+  CARGO_TARGET_DIR="$target_dir/rustup" cargo build -q --release --target wasm32-wasip2
+  built="$target_dir/rustup/wasm32-wasip2/release"
+else
+  if [ ! -x /usr/bin/cargo ] || [ ! -d /usr/lib/wasm32-wasi ] || ! command -v ld.lld-22 >/dev/null 2>&1; then
+    packages=(rustc-web cargo-web rust-web-src rust-web-llvm lld-22 wasi-libc)
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "== installing the wasm toolchain: ${packages[*]}"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
+    else
+      echo "No wasm32-wasip2 target: run \`rustup target add wasm32-wasip2\`, or install ${packages[*]} (Debian)." >&2
+      exit 1
+    fi
+  fi
+  # Debian's toolchain with its own cargo home and target dir, so it never mixes with the host build.
+  env -u RUSTUP_TOOLCHAIN -u CARGO -u RUSTC -u RUSTDOC -u CARGO_TARGET_DIR \
+    PATH=/usr/bin:/bin CARGO_HOME="$cache/cargo-web" RUSTC_BOOTSTRAP=1 \
+    RUSTFLAGS="-C link-self-contained=no -L native=/usr/lib/wasm32-wasi" \
+    /usr/bin/cargo build -q --release -Zbuild-std=std,panic_abort --target wasm32-wasip2 \
+    --target-dir "$target_dir/debian"
+  built="$target_dir/debian/wasm32-wasip2/release"
+fi
+
+for manifest in template/plugin.json examples/*/plugin.json testing/*/plugin.json; do
+  name=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["name"])' "$manifest")
+  crate=$(basename "$(dirname "$manifest")")
+  [ "$crate" = template ] && crate=hello
+  cp "$built/${crate//-/_}.wasm" "$out/$name.wasm"
+  cp "$manifest" "$out/$name.json"
+done
+echo "plugins built into $out: $(cd "$out" && ls *.wasm | tr '\n' ' ')"

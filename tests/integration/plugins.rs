@@ -1,0 +1,383 @@
+//! Plugins end to end: publishing checks, review, installation, real plugins doing real work with the
+//! hosted models, metering and earnings, and hostile plugins contained by the sandbox.
+
+use std::time::Duration;
+
+use plinth_sdk::{ErrorCode, InstallRequest, PluginManifest, ReviewStatus, UsageGrouping, UsageQuery};
+use plinth_tests::{TestApp, built_plugin};
+use serde_json::{Value, json};
+
+fn faq() -> Value {
+    json!([
+        { "question": "How do I reset my password?", "answer": "Use 'Forgot password' on the sign-in page; the link arrives by email." },
+        { "question": "When will my order arrive?", "answer": "Orders ship within 2 business days; tracking is in your account." },
+        { "question": "Can I get a refund?", "answer": "Refunds are available within 30 days of purchase from the Orders page." },
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_customer_service_plugin_answers_from_the_faq_and_escalates_upset_customers() {
+    let app = TestApp::spawn().await;
+    let author = app.tenant().await;
+    let shop = app.tenant().await;
+    app.set_plan(&shop.session.tenant.id, "enterprise").await;
+
+    // Published but not yet reviewed: not listed, not installable.
+    let (manifest, component) = built_plugin("customer-service");
+    author
+        .owner
+        .create_plugin(&manifest.name, &manifest.description)
+        .await
+        .unwrap();
+    let version = author
+        .owner
+        .publish_plugin_version(&manifest, component)
+        .await
+        .unwrap();
+    assert_eq!(version.status, ReviewStatus::Pending);
+    assert_eq!(
+        version.checks["imports"],
+        json!(["inference", "kv", "config", "log"])
+    );
+    assert!(shop.client.marketplace(Some("faq")).await.unwrap().is_empty());
+    let install = InstallRequest {
+        plugin: manifest.name.clone(),
+        version: None,
+        approve_capabilities: manifest.capabilities.clone(),
+        approve_models: manifest.models.clone(),
+        settings: json!({ "faq": faq() }).as_object().cloned().unwrap(),
+        secrets: Default::default(),
+    };
+    let err = shop.owner.install_plugin(&install).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::PluginNotApproved));
+    // Only a platform admin reviews.
+    let err = author
+        .owner
+        .review_plugin_version(&version.id, true, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InsufficientScope));
+    let admin = app.platform_admin().await;
+    assert!(
+        admin
+            .pending_plugin_versions()
+            .await
+            .unwrap()
+            .iter()
+            .any(|v| v.id == version.id)
+    );
+    admin
+        .review_plugin_version(&version.id, true, Some("looks good"))
+        .await
+        .unwrap();
+    let listed = shop.client.marketplace(Some("FAQ")).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].versions[0].version, "1.0.0");
+
+    // The tenant must approve every capability and model the plugin asks for.
+    let mut partial = install.clone();
+    partial.approve_models = vec!["sentiment".into()];
+    let err = shop.owner.install_plugin(&partial).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::ValidationFailed));
+    let installed = shop.owner.install_plugin(&install).await.unwrap();
+
+    let reply = shop
+        .client
+        .invoke(
+            &installed.id,
+            &json!({ "message": "Hello! When will my order arrive? Thanks" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply["matched_question"], "When will my order arrive?", "{reply}");
+    assert!(
+        reply["answer"]
+            .as_str()
+            .unwrap()
+            .contains("ship within 2 business days"),
+        "{reply}"
+    );
+    assert_eq!(reply["escalate"], false, "{reply}");
+
+    let reply = shop
+        .client
+        .invoke(
+            &installed.id,
+            &json!({ "message": "This is terrible, you people are useless and I am furious!" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply["escalate"], true, "{reply}");
+    assert_eq!(reply["sentiment"]["label"], "negative", "{reply}");
+
+    // Billing: each invocation once at the plugin's price; its model calls on their own. The FAQ was
+    // embedded once (3 questions) and cached in kv; each message was embedded once more.
+    let usage = shop
+        .client
+        .usage(&UsageQuery {
+            group_by: Some(UsageGrouping::Resource),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let row = |key: &str| usage.rows.iter().find(|r| r.key.starts_with(key)).cloned();
+    let plugin_row = row("plugin:").expect("plugin usage");
+    assert_eq!((plugin_row.calls, plugin_row.amount_micros.0), (2, 4_000));
+    assert_eq!(row("model:minilm-embed").expect("embeddings").units, 3 + 2);
+    assert_eq!(row("model:sentiment").expect("sentiment").units, 2);
+
+    // The author earns their share (80%) of the plugin fees.
+    let earnings = author.owner.author_earnings().await.unwrap();
+    assert_eq!(earnings.rows[0].calls, 2);
+    assert_eq!(earnings.total.0, 3_200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sentiment_monitor_alerts_when_negative_news_builds_up() {
+    let app = TestApp::spawn().await;
+    let author = app.tenant().await;
+    let fund = app.tenant().await;
+    app.set_plan(&fund.session.tenant.id, "enterprise").await;
+    let installed = app
+        .install_plugin(
+            &author,
+            &fund,
+            "sentiment-monitor",
+            json!({ "window": 6, "negative_share_alert": 0.5, "min_samples": 4 }),
+        )
+        .await;
+
+    let good = json!({ "topic": "ACME", "texts": [
+        "Great news: ACME delivers wonderful record profits",
+        "I love ACME, the results are fantastic",
+        "ACME shares soar as investors celebrate excellent results",
+    ]});
+    let reply = fund.client.invoke(&installed.id, &good).await.unwrap();
+    assert_eq!(reply["alert"], Value::Null, "{reply}");
+    assert_eq!(reply["scored"].as_array().unwrap().len(), 3);
+    assert_eq!(reply["scored"][0]["label"], "positive", "{reply}");
+
+    let bad = json!({ "topic": "ACME", "texts": [
+        "ACME shares plunge after a terrible profit warning",
+        "Regulators fine ACME over fraud; investors are furious",
+        "ACME recalls faulty products, this is a disaster",
+        "ACME cuts jobs as losses widen badly",
+    ]});
+    let reply = fund.client.invoke(&installed.id, &bad).await.unwrap();
+    assert_eq!(reply["window"]["size"], 6, "{reply}");
+    assert!(
+        reply["alert"]["negative_share"].as_f64().unwrap() >= 0.5,
+        "{reply}"
+    );
+
+    // Windows are per topic.
+    let other = json!({ "topic": "GLOBEX", "texts": ["GLOBEX opens a new office"] });
+    let reply = fund.client.invoke(&installed.id, &other).await.unwrap();
+    assert_eq!(reply["window"]["size"], 1, "{reply}");
+    // A malformed request is the plugin's to refuse.
+    let err = fund
+        .client
+        .invoke(&installed.id, &json!({ "texts": [] }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::PluginRejectedRequest));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_plugins_are_contained_and_the_host_keeps_serving() {
+    let app = TestApp::spawn_with(|config| {
+        config.plugin_kv_keys = 20;
+        // Long enough that the other tenant's calls below surely finish while the loop still runs.
+        config.plugin_deadline_ms = 5_000;
+    })
+    .await;
+    let author = app.tenant().await;
+    let victim = app.tenant().await;
+    let bystander = app.tenant().await;
+    app.set_plan(&victim.session.tenant.id, "enterprise").await;
+    let hostile = app.install_plugin(&author, &victim, "hostile", json!({})).await;
+    let (manifest, _) = built_plugin("hostile");
+    let neighbour = bystander
+        .owner
+        .install_plugin(&InstallRequest {
+            plugin: "hostile".into(),
+            version: None,
+            approve_capabilities: manifest.capabilities.clone(),
+            approve_models: manifest.models.clone(),
+            settings: Default::default(),
+            secrets: Default::default(),
+        })
+        .await
+        .unwrap();
+
+    let invoke = |mode: &str| {
+        let client = victim.client.clone();
+        let id = hostile.id.clone();
+        let request = json!({ "do": mode, "model": "minilm-embed" });
+        async move { client.invoke(&id, &request).await.unwrap_err() }
+    };
+
+    // An infinite loop is stopped at the deadline; meanwhile another tenant is served promptly.
+    let looping = tokio::spawn(invoke("loop"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..5 {
+        let echoed = bystander
+            .client
+            .invoke(&neighbour.id, &json!({ "do": "echo", "n": 1 }))
+            .await
+            .unwrap();
+        assert_eq!(echoed["n"], 1);
+    }
+    bystander
+        .client
+        .classify("sentiment", &["still fine"])
+        .await
+        .unwrap();
+    // All of that was served while the loop was still running.
+    assert!(!looping.is_finished(), "other work waited for the loop");
+    let err = looping.await.unwrap();
+    assert_eq!(err.code(), Some(ErrorCode::PluginTimeout), "{err:?}");
+
+    let cases = [
+        ("alloc", ErrorCode::PluginLimitExceeded, "memory"),
+        // Rust keeps its stack in linear memory: runaway recursion runs off its end and traps.
+        ("recurse", ErrorCode::PluginFailed, "the plugin trapped"),
+        ("big-output", ErrorCode::PluginLimitExceeded, "answered"),
+        ("panic", ErrorCode::PluginFailed, "the plugin gave up"),
+        ("log-flood", ErrorCode::PluginLimitExceeded, "logged more than"),
+        ("kv-flood", ErrorCode::PluginFailed, "holds 20 keys"),
+        ("kv-huge-value", ErrorCode::PluginFailed, "at most 256 KiB"),
+        (
+            "model",
+            ErrorCode::PluginFailed,
+            "not granted the model `minilm-embed`",
+        ),
+        (
+            "many-calls",
+            ErrorCode::PluginFailed,
+            "8 model calls per invocation",
+        ),
+    ];
+    for (mode, code, says) in cases {
+        let err = invoke(mode).await;
+        assert_eq!(err.code(), Some(code), "{mode}: {err:?}");
+        assert!(err.to_string().contains(says), "{mode}: {err}");
+    }
+
+    // Nothing leaked: the same installation and its neighbour still answer.
+    let echoed = victim
+        .client
+        .invoke(&hostile.id, &json!({ "do": "echo" }))
+        .await
+        .unwrap();
+    assert_eq!(echoed["do"], "echo");
+    bystander
+        .client
+        .invoke(&neighbour.id, &json!({ "do": "echo" }))
+        .await
+        .unwrap();
+    // Failed invocations are not billed; the successful ones and the model calls made are.
+    let usage = victim
+        .client
+        .usage(&UsageQuery {
+            group_by: Some(UsageGrouping::Resource),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let plugin_calls = usage
+        .rows
+        .iter()
+        .find(|r| r.key.starts_with("plugin:"))
+        .map(|r| r.calls);
+    assert_eq!(plugin_calls, Some(1), "{usage:?}");
+    let model_calls = usage
+        .rows
+        .iter()
+        .find(|r| r.key == "model:sentiment")
+        .map(|r| r.calls);
+    assert_eq!(model_calls, Some(8), "{usage:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_refuses_components_that_fail_the_checks() {
+    let app = TestApp::spawn().await;
+    let author = app.tenant().await;
+    let rival = app.tenant().await;
+    let (manifest, component) = built_plugin("hostile");
+    author.owner.create_plugin("hostile", "").await.unwrap();
+    let publish = |manifest: PluginManifest, component: Vec<u8>| {
+        let owner = author.owner.clone();
+        async move {
+            owner
+                .publish_plugin_version(&manifest, component)
+                .await
+                .unwrap_err()
+        }
+    };
+    let refused = |err: plinth_sdk::Error, code: ErrorCode, says: &str| {
+        assert_eq!(err.code(), Some(code), "{err:?}");
+        assert!(err.to_string().contains(says), "{err}");
+    };
+
+    refused(
+        publish(manifest.clone(), b"\0asm garbage".to_vec()).await,
+        ErrorCode::InvalidPlugin,
+        "not a valid WebAssembly component",
+    );
+    refused(
+        publish(manifest.clone(), vec![0; 17 << 20]).await,
+        ErrorCode::PayloadTooLarge,
+        "larger than",
+    );
+    let mut undeclared = manifest.clone();
+    undeclared
+        .capabilities
+        .retain(|c| *c == plinth_sdk::Capability::Inference);
+    refused(
+        publish(undeclared, component.clone()).await,
+        ErrorCode::InvalidPlugin,
+        "does not declare the `kv` capability",
+    );
+    let mut future_world = manifest.clone();
+    future_world.wit_version = "9.0.0".into();
+    refused(
+        publish(future_world, component.clone()).await,
+        ErrorCode::InvalidPlugin,
+        "not supported",
+    );
+    let mut unknown_model = manifest.clone();
+    unknown_model.models = vec!["gpt-17".into()];
+    refused(
+        publish(unknown_model, component.clone()).await,
+        ErrorCode::InvalidPlugin,
+        "gpt-17",
+    );
+    let mut bad_version = manifest.clone();
+    bad_version.version = "one".into();
+    refused(
+        publish(bad_version, component.clone()).await,
+        ErrorCode::ValidationFailed,
+        "semantic version",
+    );
+
+    // Another tenant cannot publish to this listing; a version is published once.
+    let err = rival
+        .owner
+        .publish_plugin_version(&manifest, component.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    author
+        .owner
+        .publish_plugin_version(&manifest, component.clone())
+        .await
+        .unwrap();
+    refused(
+        publish(manifest.clone(), component).await,
+        ErrorCode::ValidationFailed,
+        "immutable",
+    );
+    let listing = author.owner.plugin("hostile").await.unwrap();
+    assert_eq!(listing.versions.len(), 1);
+}
