@@ -11,52 +11,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use plinth_core::inference::Classification;
-use plinth_plugin_host::{CallContext, HostSettings, PluginHost, ServiceError, Services};
+use plinth_plugin_host::{CallContext, HostSettings, NoServices, PluginHost, Services};
 use plinth_tests::{TestApp, built_plugin};
 use serde_json::json;
 
 const ROUNDS: usize = 2_000;
-
-#[derive(Debug)]
-struct NoServices;
-
-#[async_trait::async_trait]
-impl Services for NoServices {
-    async fn classify(
-        &self,
-        _: &CallContext,
-        _: u32,
-        _: &str,
-        _: Vec<String>,
-    ) -> Result<Vec<Classification>, ServiceError> {
-        Err(ServiceError::Unavailable("none".into()))
-    }
-    async fn embed(
-        &self,
-        _: &CallContext,
-        _: u32,
-        _: &str,
-        _: Vec<String>,
-    ) -> Result<Vec<Vec<f32>>, ServiceError> {
-        Err(ServiceError::Unavailable("none".into()))
-    }
-    async fn infer(&self, _: &CallContext, _: u32, _: &str, _: String) -> Result<String, ServiceError> {
-        Err(ServiceError::Unavailable("none".into()))
-    }
-    async fn kv_get(&self, _: &CallContext, _: &str) -> Result<Option<Vec<u8>>, ServiceError> {
-        Ok(None)
-    }
-    async fn kv_set(&self, _: &CallContext, _: &str, _: Vec<u8>, _: u64) -> Result<(), ServiceError> {
-        Ok(())
-    }
-    async fn kv_delete(&self, _: &CallContext, _: &str) -> Result<bool, ServiceError> {
-        Ok(false)
-    }
-    async fn kv_list(&self, _: &CallContext, _: &str) -> Result<Vec<String>, ServiceError> {
-        Ok(Vec::new())
-    }
-}
 
 fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
     samples.sort();

@@ -9,7 +9,9 @@ use plinth_core::ErrorCode;
 use plinth_core::id::InstallationId;
 use plinth_core::inference::Classification;
 use plinth_core::plugins::{Capability, PluginManifest, PluginVersion};
-use plinth_plugin_host::{CallContext, Compiled, InvokeError, Outcome, ServiceError, Services, WIT_VERSIONS};
+use plinth_plugin_host::{
+    CallContext, Compiled, InvokeError, NoServices, Outcome, ServiceError, Services, WIT_VERSIONS,
+};
 use plinth_store::auth::Principal;
 use plinth_store::ledger::Recorded;
 use sha2::{Digest, Sha256};
@@ -181,47 +183,6 @@ async fn smoke_run(
             Ok(serde_json::json!({ "result": "refused the empty request", "message": message }))
         }
         Err(err) => Err(invalid_plugin(format!("the smoke run failed: {err}"))),
-    }
-}
-
-/// The services of a smoke run: none.
-#[derive(Debug)]
-struct NoServices;
-
-#[async_trait::async_trait]
-impl Services for NoServices {
-    async fn classify(
-        &self,
-        _: &CallContext,
-        _: u32,
-        _: &str,
-        _: Vec<String>,
-    ) -> Result<Vec<Classification>, ServiceError> {
-        Err(ServiceError::Unavailable("no models in a smoke run".into()))
-    }
-    async fn embed(
-        &self,
-        _: &CallContext,
-        _: u32,
-        _: &str,
-        _: Vec<String>,
-    ) -> Result<Vec<Vec<f32>>, ServiceError> {
-        Err(ServiceError::Unavailable("no models in a smoke run".into()))
-    }
-    async fn infer(&self, _: &CallContext, _: u32, _: &str, _: String) -> Result<String, ServiceError> {
-        Err(ServiceError::Unavailable("no models in a smoke run".into()))
-    }
-    async fn kv_get(&self, _: &CallContext, _: &str) -> Result<Option<Vec<u8>>, ServiceError> {
-        Ok(None)
-    }
-    async fn kv_set(&self, _: &CallContext, _: &str, _: Vec<u8>, _: u64) -> Result<(), ServiceError> {
-        Err(ServiceError::Unavailable("no storage in a smoke run".into()))
-    }
-    async fn kv_delete(&self, _: &CallContext, _: &str) -> Result<bool, ServiceError> {
-        Ok(false)
-    }
-    async fn kv_list(&self, _: &CallContext, _: &str) -> Result<Vec<String>, ServiceError> {
-        Ok(Vec::new())
     }
 }
 

@@ -13,7 +13,7 @@ mod services;
 
 pub use limits::Limits;
 pub use runtime::{Compiled, HostSettings, Invocation, Outcome, PluginHost, WIT_VERSIONS};
-pub use services::{CallContext, Capability, LogLine, ServiceError, Services};
+pub use services::{CallContext, Capability, LogLine, NoServices, ServiceError, Services};
 
 /// Why a component cannot be published or run.
 #[derive(Debug, thiserror::Error)]

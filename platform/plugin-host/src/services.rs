@@ -86,3 +86,59 @@ pub struct LogLine {
     pub level: &'static str,
     pub message: String,
 }
+
+/// Services that grant nothing: no models, an empty store that keeps nothing. What a component gets
+/// when it runs outside any installation (the publishing smoke run, benchmarks of the host alone).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoServices;
+
+#[async_trait::async_trait]
+impl Services for NoServices {
+    async fn classify(
+        &self,
+        _: &CallContext,
+        _: u32,
+        _: &str,
+        _: Vec<String>,
+    ) -> Result<Vec<Classification>, ServiceError> {
+        Err(ServiceError::Unavailable(
+            "no models outside an installation".into(),
+        ))
+    }
+
+    async fn embed(
+        &self,
+        _: &CallContext,
+        _: u32,
+        _: &str,
+        _: Vec<String>,
+    ) -> Result<Vec<Vec<f32>>, ServiceError> {
+        Err(ServiceError::Unavailable(
+            "no models outside an installation".into(),
+        ))
+    }
+
+    async fn infer(&self, _: &CallContext, _: u32, _: &str, _: String) -> Result<String, ServiceError> {
+        Err(ServiceError::Unavailable(
+            "no models outside an installation".into(),
+        ))
+    }
+
+    async fn kv_get(&self, _: &CallContext, _: &str) -> Result<Option<Vec<u8>>, ServiceError> {
+        Ok(None)
+    }
+
+    async fn kv_set(&self, _: &CallContext, _: &str, _: Vec<u8>, _: u64) -> Result<(), ServiceError> {
+        Err(ServiceError::Unavailable(
+            "no storage outside an installation".into(),
+        ))
+    }
+
+    async fn kv_delete(&self, _: &CallContext, _: &str) -> Result<bool, ServiceError> {
+        Ok(false)
+    }
+
+    async fn kv_list(&self, _: &CallContext, _: &str) -> Result<Vec<String>, ServiceError> {
+        Ok(Vec::new())
+    }
+}

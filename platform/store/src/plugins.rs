@@ -11,8 +11,8 @@ use plinth_core::plugins::{
 };
 use sea_orm::sea_query::{Expr, ExprTrait, Func, OnConflict};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, EntityTrait, FromQueryResult, PaginatorTrait, QueryFilter,
-    QueryOrder, QuerySelect, Set,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, EntityTrait, FromQueryResult, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, Set,
 };
 
 use crate::accounts::parse_id;
@@ -89,6 +89,20 @@ fn parse_semver(version: &str) -> Option<(u64, u64, u64)> {
     let mut parts = version.split('.').map(|p| p.parse::<u64>().ok());
     let parsed = (parts.next()??, parts.next()??, parts.next()??);
     parts.next().is_none().then_some(parsed)
+}
+
+/// A tenant's installation that has not been uninstalled, or not found.
+async fn live_installation(
+    conn: &impl ConnectionTrait,
+    tenant: &TenantId,
+    installation: &InstallationId,
+) -> Result<installations::Model> {
+    installations::Entity::find_in(tenant)
+        .filter(installations::Column::Id.eq(installation.as_str()))
+        .filter(installations::Column::DeletedAt.is_null())
+        .one(conn)
+        .await?
+        .ok_or(StoreError::NotFound("installation"))
 }
 
 /// What an installation needs to run: its version's component and the grants.
@@ -427,12 +441,7 @@ impl Store {
         sealed_secrets: Option<&str>,
     ) -> Result<Installation> {
         let txn = self.write_transaction().await?;
-        let row = installations::Entity::find_in(tenant)
-            .filter(installations::Column::Id.eq(installation.as_str()))
-            .filter(installations::Column::DeletedAt.is_null())
-            .one(&txn)
-            .await?
-            .ok_or(StoreError::NotFound("installation"))?;
+        let row = live_installation(&txn, tenant, installation).await?;
         let mut model: installations::ActiveModel = row.into();
         if let Some(version) = version {
             model.version_id = Set(version.id.to_string());
@@ -466,12 +475,7 @@ impl Store {
         installation: &InstallationId,
     ) -> Result<()> {
         let txn = self.write_transaction().await?;
-        let row = installations::Entity::find_in(tenant)
-            .filter(installations::Column::Id.eq(installation.as_str()))
-            .filter(installations::Column::DeletedAt.is_null())
-            .one(&txn)
-            .await?
-            .ok_or(StoreError::NotFound("installation"))?;
+        let row = live_installation(&txn, tenant, installation).await?;
         plugin_kv::Entity::delete_many()
             .filter(plugin_kv::Column::InstallationId.eq(&row.id))
             .exec(&txn)
@@ -502,20 +506,19 @@ impl Store {
             .await?;
         let mut listed = Vec::with_capacity(rows.len());
         for row in rows {
-            let id: InstallationId = parse_id(&row.id)?;
-            listed.push(self.runnable(tenant, &id).await?.installation);
+            listed.push(self.resolve(row).await?.installation);
         }
         Ok(listed)
     }
 
     /// An installation with what running it needs.
     pub async fn runnable(&self, tenant: &TenantId, installation: &InstallationId) -> Result<Runnable> {
-        let row = installations::Entity::find_in(tenant)
-            .filter(installations::Column::Id.eq(installation.as_str()))
-            .filter(installations::Column::DeletedAt.is_null())
-            .one(self.db())
-            .await?
-            .ok_or(StoreError::NotFound("installation"))?;
+        let row = live_installation(self.db(), tenant, installation).await?;
+        self.resolve(row).await
+    }
+
+    /// An installation row with its version and listing.
+    async fn resolve(&self, row: installations::Model) -> Result<Runnable> {
         let version = plugin_versions::Entity::find_by_id(row.version_id.as_str())
             .one(self.db())
             .await?

@@ -37,7 +37,7 @@ pub struct UsageParams {
     group_by: Option<UsageGrouping>,
 }
 
-pub(crate) fn parse_time(field: &str, value: &str) -> ApiResult<DateTime<Utc>> {
+fn parse_time(field: &str, value: &str) -> ApiResult<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(value)
         .map(|t| t.with_timezone(&Utc))
         .or_else(|_| {
@@ -51,6 +51,20 @@ pub(crate) fn parse_time(field: &str, value: &str) -> ApiResult<DateTime<Utc>> {
         })
 }
 
+/// A reporting period `[from, to)` from query parameters: `to` defaults to now, `from` to 30 days
+/// before `to`.
+pub(crate) fn period(from: Option<&str>, to: Option<&str>) -> ApiResult<(DateTime<Utc>, DateTime<Utc>)> {
+    let to = to
+        .map(|v| parse_time("to", v))
+        .transpose()?
+        .unwrap_or_else(Utc::now);
+    let from = from
+        .map(|v| parse_time("from", v))
+        .transpose()?
+        .unwrap_or(to - chrono::Duration::days(30));
+    Ok((from, to))
+}
+
 /// Metered calls, units and amounts in a time range, by UTC day or by resource.
 #[utoipa::path(get, path = "/v1/usage", tag = "billing", security(("bearer" = ["billing:read"])),
     params(UsageParams),
@@ -60,18 +74,7 @@ pub async fn usage(
     auth: Auth<scope::BillingRead>,
     params: web::Query<UsageParams>,
 ) -> ApiResult<web::Json<UsageReport>> {
-    let to = params
-        .to
-        .as_deref()
-        .map(|v| parse_time("to", v))
-        .transpose()?
-        .unwrap_or_else(Utc::now);
-    let from = params
-        .from
-        .as_deref()
-        .map(|v| parse_time("from", v))
-        .transpose()?
-        .unwrap_or(to - chrono::Duration::days(30));
+    let (from, to) = period(params.from.as_deref(), params.to.as_deref())?;
     let report = state
         .store
         .usage_report(&auth.tenant_id, from, to, params.group_by.unwrap_or_default())

@@ -1,7 +1,6 @@
 //! The plugin marketplace: authors publish, platform admins review, tenants install and invoke.
 
 use actix_web::{HttpResponse, web};
-use chrono::Utc;
 use plinth_core::ErrorCode;
 use plinth_core::id::{InstallationId, PluginVersionId};
 use plinth_core::plugins::{
@@ -15,7 +14,7 @@ use crate::auth::{Auth, scope};
 use crate::error::{ApiError, ApiResult};
 use crate::metering::IdempotencyKey;
 use crate::request_id::RequestId;
-use crate::routes::billing::parse_time;
+use crate::routes::billing::period;
 use crate::state::AppState;
 
 fn require_platform_admin(auth: &Principal) -> ApiResult<()> {
@@ -285,18 +284,7 @@ pub async fn earnings(
     auth: Auth<scope::BillingRead>,
     params: web::Query<EarningsParams>,
 ) -> ApiResult<web::Json<Earnings>> {
-    let to = params
-        .to
-        .as_deref()
-        .map(|v| parse_time("to", v))
-        .transpose()?
-        .unwrap_or_else(Utc::now);
-    let from = params
-        .from
-        .as_deref()
-        .map(|v| parse_time("from", v))
-        .transpose()?
-        .unwrap_or(to - chrono::Duration::days(30));
+    let (from, to) = period(params.from.as_deref(), params.to.as_deref())?;
     Ok(web::Json(
         state
             .store
