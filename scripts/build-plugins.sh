@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds every Rust plugin in plugins/ into a WebAssembly component (wasm32-wasip2) and copies each,
-# with its manifest, to $PLINTH_CACHE_DIR/plugins/<name>.wasm and <name>.json.
+# Builds every plugin in plugins/ into a WebAssembly component and copies each, with its manifest, to
+# $PLINTH_CACHE_DIR/plugins/<name>.wasm and <name>.json: Rust crates for wasm32-wasip2, Python apps
+# (app.py) with componentize-py.
 #
 # With rustup and `rustup target add wasm32-wasip2` this is a plain cargo build. Where rustup has no
 # wasm target (offline mirrors), Debian's rustc-web toolchain (1.96, with std sources) builds std for
@@ -36,11 +37,32 @@ else
   built="$target_dir/debian/wasm32-wasip2/release"
 fi
 
-for manifest in template/plugin.json examples/*/plugin.json testing/*/plugin.json; do
+for dir in template examples/* testing/*; do
+  [ -f "$dir/Cargo.toml" ] || continue
+  manifest="$dir/plugin.json"
   name=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["name"])' "$manifest")
-  crate=$(basename "$(dirname "$manifest")")
+  crate=$(basename "$dir")
   [ "$crate" = template ] && crate=hello
   cp "$built/${crate//-/_}.wasm" "$out/$name.wasm"
   cp "$manifest" "$out/$name.json"
+done
+
+# Python plugins (an app.py beside plugin.json), with componentize-py in its own virtualenv.
+venv="$cache/venv-plugins"
+if ! "$venv/bin/componentize-py" --version >/dev/null 2>&1; then
+  echo "== installing componentize-py into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "componentize-py==0.25.*"
+fi
+for app in examples/*/app.py; do
+  dir=$(dirname "$app")
+  name=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["name"])' "$dir/plugin.json")
+  cp "$dir/plugin.json" "$out/$name.json"
+  # Rebuilding takes ~15 s: only when the source or the world changed.
+  if [ ! "$out/$name.wasm" -nt "$app" ] || [ ! "$out/$name.wasm" -nt wit/0.1.0/plugin.wit ]; then
+    (cd "$dir" && "$venv/bin/componentize-py" -d ../../wit/0.1.0 -w plinth:plugin/plugin@0.1.0 \
+      componentize app -o "$out/$name.wasm" >/dev/null)
+  fi
 done
 echo "plugins built into $out: $(cd "$out" && ls *.wasm | tr '\n' ' ')"

@@ -1,6 +1,6 @@
 //! Plugin overhead, in one run on this machine:
-//! (a) inside the host: a fresh instance + call of the trivial Rust plugin (`hello`), p50/p99, against
-//!     the same host running nothing (an empty async call) as the baseline;
+//! (a) inside the host: a fresh instance + call of the trivial Rust plugin (`hello`) and of the Python
+//!     one (`ticket-triage`), p50/p99, against the same host running nothing (an empty async call);
 //! (b) over HTTP at concurrency 1: invoking `hello` against the metered no-op `/v1/echo`, i.e. what a
 //!     plugin adds to a billed call;
 //! (c) a plugin making one model call (`hostile` in its `model` mode) against calling the model
@@ -64,11 +64,29 @@ async fn in_host() {
         }
     })
     .await;
+    // The Python plugin, answering an empty request with its typed error (no model call).
+    let (_, component) = built_plugin("ticket-triage");
+    let python = host.compile("ticket-triage", &component).expect("compile");
+    let python_invocations = timed(ROUNDS / 4, |_| {
+        let (host, python, call, services) = (&host, &python, call.clone(), services.clone());
+        async move {
+            let refused = host.invoke(python, call, services, "{}").await;
+            assert!(
+                matches!(refused, Err(plinth_plugin_host::InvokeError::Rejected(_))),
+                "{refused:?}"
+            );
+        }
+    })
+    .await;
     println!("(a) inside the host                                      p50 (us)  p99 (us)");
     row("baseline: an empty async call", percentiles(baseline));
     row(
-        "hello: new instance + call (fuel, epoch, limits)",
+        "hello (Rust): new instance + call (fuel, epoch, limits)",
         percentiles(invocations),
+    );
+    row(
+        "ticket-triage (Python): new instance + call",
+        percentiles(python_invocations),
     );
 }
 

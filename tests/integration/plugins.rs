@@ -326,7 +326,7 @@ async fn publishing_refuses_components_that_fail_the_checks() {
         "not a valid WebAssembly component",
     );
     refused(
-        publish(manifest.clone(), vec![0; 17 << 20]).await,
+        publish(manifest.clone(), vec![0; 33 << 20]).await,
         ErrorCode::PayloadTooLarge,
         "larger than",
     );
@@ -380,4 +380,55 @@ async fn publishing_refuses_components_that_fail_the_checks() {
     );
     let listing = author.owner.plugin("hostile").await.unwrap();
     assert_eq!(listing.versions.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_plugin_runs_under_the_same_contract() {
+    let app = TestApp::spawn().await;
+    let author = app.tenant().await;
+    let desk = app.tenant().await;
+    app.set_plan(&desk.session.tenant.id, "enterprise").await;
+    let installed = app
+        .install_plugin(
+            &author,
+            &desk,
+            "ticket-triage",
+            json!({ "default_team": "front-desk" }),
+        )
+        .await;
+
+    let reply = desk
+        .client
+        .invoke(
+            &installed.id,
+            &json!({
+                "subject": "Refund for a double charge",
+                "body": "This is terrible: you charged my card twice and I want a refund now!",
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply["team"], "billing", "{reply}");
+    assert_eq!(reply["priority"], "urgent", "{reply}");
+    assert_eq!(reply["matched_keywords"], json!(["refund", "charge"]), "{reply}");
+
+    let reply = desk
+        .client
+        .invoke(
+            &installed.id,
+            &json!({ "subject": "Thanks", "body": "I love the new design, great work!" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (reply["team"].as_str(), reply["priority"].as_str()),
+        (Some("front-desk"), Some("normal")),
+        "{reply}"
+    );
+
+    let err = desk.client.invoke(&installed.id, &json!({})).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::PluginRejectedRequest));
+    let usage = desk.client.usage(&UsageQuery::default()).await.unwrap();
+    // Two invocations at 500 micro-units, two sentiment calls at the enterprise plan's price.
+    assert_eq!(usage.total.calls, 4, "{usage:?}");
 }

@@ -30,7 +30,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            component_bytes: 16 << 20,
+            // 32 MiB, not 16: a Python component (componentize-py bundles the interpreter) is ~18 MB.
+            component_bytes: 32 << 20,
             memory_bytes: 64 << 20,
             deadline: Duration::from_secs(2),
             // About a minute of busy compute: the deadline normally stops a plugin first.
