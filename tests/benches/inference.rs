@@ -6,7 +6,7 @@
 //!     (`make bench` creates it).
 //!
 //! Run: `make bench` (or `cargo bench -p plinth-tests --bench inference`). Numbers are for comparing
-//! within one run: the client shares the machine with the servers.
+//! within one run: the client (on its own thread and runtime) shares the machine with the servers.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -65,7 +65,22 @@ fn summarise(mut samples: Vec<Duration>, per_second: f64) -> Measured {
     }
 }
 
+/// Drives `url` from a thread and runtime of its own, as an external client would: running the client
+/// on the server's runtime would charge the client's work to the server.
 async fn over_http(url: &str, key: Option<&str>, concurrency: usize) -> Measured {
+    let (url, key) = (url.to_owned(), key.map(ToOwned::to_owned));
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("client runtime")
+            .block_on(load(&url, key.as_deref(), concurrency))
+    })
+    .await
+    .expect("client thread")
+}
+
+async fn load(url: &str, key: Option<&str>, concurrency: usize) -> Measured {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(128)
         .build()
