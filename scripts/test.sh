@@ -25,6 +25,8 @@ env -u PLINTH_TEST_DATABASE_URL -u PLINTH_TEST_REDIS_URL cargo test --workspace 
 
 if [ -n "${production_mode[0]}" ] && [ -n "${production_mode[1]}" ]; then
   echo "== end-to-end tests: Postgres + Redis"
+  # The chaos test starts the `plinth` binary itself: make sure it is the current one.
+  cargo build --locked -p plinth-server --bin plinth
   cargo test --locked -p plinth-tests --test integration
 else
   echo "== Postgres + Redis skipped: set PLINTH_TEST_DATABASE_URL and PLINTH_TEST_REDIS_URL to run them"

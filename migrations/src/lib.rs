@@ -8,6 +8,7 @@ mod m0001_accounts;
 mod m0002_billing;
 mod m0003_models;
 mod m0004_plugins;
+mod m0005_payments;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0002_billing::Migration),
             Box::new(m0003_models::Migration),
             Box::new(m0004_plugins::Migration),
+            Box::new(m0005_payments::Migration),
         ]
     }
 }

@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 use url::Url;
 
 pub use plinth_core::api::*;
+pub use plinth_core::billing::*;
 pub use plinth_core::id::{EventId, InstallationId, KeyId, PluginId, PluginVersionId, TenantId, UserId};
 pub use plinth_core::inference::*;
 pub use plinth_core::plugins::*;
@@ -231,6 +232,82 @@ impl Client {
     pub async fn usage(&self, query: &UsageQuery) -> Result<UsageReport> {
         let query = usage_query_string(query)?;
         self.get(&format!("/v1/usage{query}")).await
+    }
+
+    /// Subscribes to or moves to a plan. With Stripe, a first paid plan answers with a Checkout URL to
+    /// send the customer to; the plan changes once Stripe confirms.
+    pub async fn change_plan(&self, plan: &str) -> Result<PlanChange> {
+        let body = ChangePlanRequest {
+            plan: plan.to_owned(),
+        };
+        self.call(Method::POST, "/v1/subscription", Some(&body), None, Replay::Safe)
+            .await
+    }
+
+    /// Cancels at the end of the current period.
+    pub async fn cancel_subscription(&self) -> Result<Subscription> {
+        self.call(
+            Method::DELETE,
+            "/v1/subscription",
+            None::<&()>,
+            None,
+            Replay::Safe,
+        )
+        .await
+    }
+
+    /// Statements of closed periods, newest first.
+    pub async fn invoices(&self) -> Result<InvoiceList> {
+        self.get("/v1/invoices").await
+    }
+
+    /// The current period so far.
+    pub async fn upcoming_invoice(&self) -> Result<Statement> {
+        self.get("/v1/invoices/upcoming").await
+    }
+
+    // ---- plugin authors' payouts ----
+
+    /// Creates (once) the author's Stripe connected account and returns a fresh onboarding link.
+    pub async fn connect_payouts(&self) -> Result<ConnectOnboarding> {
+        self.call(
+            Method::POST,
+            "/v1/author/connect",
+            None::<&()>,
+            None,
+            Replay::Safe,
+        )
+        .await
+    }
+
+    pub async fn payouts(&self) -> Result<Vec<Payout>> {
+        self.get("/v1/author/payouts").await
+    }
+
+    /// Pays authors for a month that has ended (platform admins); safe to repeat.
+    pub async fn run_payouts(&self, period: &str) -> Result<PayoutRun> {
+        let body = PayoutRequest {
+            period: period.to_owned(),
+        };
+        self.call(Method::POST, "/v1/admin/payouts", Some(&body), None, Replay::Safe)
+            .await
+    }
+
+    /// Pushes settled usage to Stripe now (platform admins).
+    pub async fn sync_usage(&self) -> Result<SyncReport> {
+        self.call(
+            Method::POST,
+            "/v1/admin/billing/sync",
+            None::<&()>,
+            None,
+            Replay::Safe,
+        )
+        .await
+    }
+
+    /// The ledger against what Stripe's meters received (platform admins).
+    pub async fn reconciliation(&self) -> Result<Reconciliation> {
+        self.get("/v1/admin/billing/reconciliation").await
     }
 
     // ---- metering ----

@@ -134,6 +134,7 @@ fn event(tenant: &plinth_sdk::TenantId, i: usize) -> UsageRecord {
         resource_id: "ledger".to_owned(),
         units: 1,
         unit_price: Micros(400),
+        author_share: Micros::ZERO,
         idempotency_key: format!("bench-{}-{i}", ulid::Ulid::new()),
         request_id: format!("req_bench_{i}"),
     }

@@ -5,6 +5,8 @@
 
 mod accounts;
 mod auth;
+mod billing;
+mod chaos;
 mod errors;
 mod inference;
 mod members;

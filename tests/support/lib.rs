@@ -3,6 +3,8 @@
 //! [`TestApp`] gets a fresh database (a temporary SQLite file, or its own Postgres schema) and its own
 //! Redis key prefix, so tests run in parallel without seeing each other.
 
+pub mod stripe_double;
+
 use std::net::SocketAddr;
 
 use plinth_sdk::{Client, CreateApiKeyRequest, CreatedApiKey, Scope, Session, SignupRequest};
@@ -276,6 +278,19 @@ impl TestApp {
         settings: serde_json::Value,
     ) -> plinth_sdk::Installation {
         let (manifest, component) = built_plugin(name);
+        self.install_manifest(author, tenant, manifest, component, settings)
+            .await
+    }
+
+    /// As [`Self::install_plugin`], with the manifest given (e.g. at another price).
+    pub async fn install_manifest(
+        &self,
+        author: &TestTenant,
+        tenant: &TestTenant,
+        manifest: plinth_sdk::PluginManifest,
+        component: Vec<u8>,
+        settings: serde_json::Value,
+    ) -> plinth_sdk::Installation {
         author
             .owner
             .create_plugin(&manifest.name, &manifest.description)

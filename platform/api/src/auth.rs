@@ -119,3 +119,16 @@ impl<S: scope::Policy + 'static> FromRequest for Auth<S> {
         })
     }
 }
+
+/// Refuses anyone but a logged-in platform operator.
+pub(crate) fn require_platform_admin(auth: &Principal, what: &str) -> Result<(), ApiError> {
+    match auth.actor {
+        plinth_store::auth::Actor::User {
+            platform_admin: true, ..
+        } => Ok(()),
+        _ => Err(ApiError::new(
+            ErrorCode::InsufficientScope,
+            format!("only a platform admin (logged in) may {what}"),
+        )),
+    }
+}

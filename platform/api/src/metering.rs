@@ -83,6 +83,8 @@ pub(crate) struct Billable<'a> {
     pub resource: &'a str,
     pub units: usize,
     pub unit_price: Micros,
+    /// What of the amount accrues to a plugin's author.
+    pub author_share: Micros,
 }
 
 impl<'a> Billable<'a> {
@@ -93,6 +95,7 @@ impl<'a> Billable<'a> {
             resource: name,
             units,
             unit_price: auth.price_per_call,
+            author_share: Micros::ZERO,
         }
     }
 }
@@ -114,6 +117,7 @@ pub(crate) async fn record_usage(
             resource_id: billable.resource.to_owned(),
             units: i64::try_from(billable.units).unwrap_or(i64::MAX),
             unit_price: billable.unit_price,
+            author_share: billable.author_share,
             idempotency_key: idempotency.0,
             request_id: request_id.0,
         })

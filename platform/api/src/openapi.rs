@@ -4,7 +4,9 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{accounts, api_keys, billing, echo, health, inference, members, models, plugins};
+use crate::routes::{
+    accounts, api_keys, billing, echo, health, inference, members, models, payments, plugins,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,7 +20,10 @@ use crate::routes::{accounts, api_keys, billing, echo, health, inference, member
         accounts::signup, accounts::login, accounts::logout, accounts::tenant,
         api_keys::list, api_keys::create, api_keys::revoke,
         members::list, members::add, members::update, members::remove,
-        billing::plans, billing::subscription, billing::usage,
+        billing::plans, billing::subscription, billing::usage, billing::change_plan, billing::cancel,
+        billing::invoices, billing::upcoming,
+        payments::stripe_webhook, payments::connect, payments::payouts, payments::run_payouts, payments::sync,
+        payments::reconciliation,
         echo::echo,
         models::list, models::get, models::upload, models::delete, models::classify, models::embed,
         inference::metadata, inference::ready, inference::statistics, inference::infer,
@@ -32,7 +37,8 @@ use crate::routes::{accounts, api_keys, billing, echo, health, inference, member
         (name = "accounts", description = "Sign-up, login and the caller's tenant"),
         (name = "api keys", description = "Keys for applications, scoped and revocable"),
         (name = "members", description = "People in a tenant and their roles"),
-        (name = "billing", description = "Plans, subscription and usage"),
+        (name = "billing", description = "Plans, subscription, usage, statements and invoices"),
+        (name = "payments", description = "Stripe webhooks, author payouts through Connect, billing operations"),
         (name = "metering", description = "The metered call path"),
         (name = "models", description = "Models and the task endpoints that take text"),
         (name = "inference protocol", description = "Open Inference Protocol v2 (KServe / Triton compatible)"),

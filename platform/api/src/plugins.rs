@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use actix_multipart::Multipart;
 use futures_util::TryStreamExt;
-use plinth_core::ErrorCode;
 use plinth_core::id::InstallationId;
 use plinth_core::inference::Classification;
 use plinth_core::plugins::{Capability, PluginManifest, PluginVersion};
+use plinth_core::{ErrorCode, Micros};
 use plinth_plugin_host::{
     CallContext, Compiled, InvokeError, NoServices, Outcome, ServiceError, Services, WIT_VERSIONS,
 };
@@ -429,6 +429,14 @@ pub(crate) async fn invoke(
         resource: installed.version_id.as_str(),
         units: 1,
         unit_price: installed.price_per_call,
+        // Rounded down to the micro-unit: the platform keeps the remainder.
+        author_share: Micros(
+            installed
+                .price_per_call
+                .0
+                .saturating_mul(i64::from(state.settings.author_share_bps))
+                / 10_000,
+        ),
     };
     let request = request.to_string();
     let work = async { Ok(state.plugins.invoke(&compiled, call, services, &request).await?) };

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
+use plinth_billing::Billing;
 use plinth_inference::{Catalog, Engine};
 use plinth_plugin_host::PluginHost;
 use plinth_store::cache::SharedCache;
@@ -28,6 +29,8 @@ pub struct AppState {
     pub plugin_files: PathBuf,
     /// Seals installation secrets at rest.
     pub secrets: SecretBox,
+    /// Statements, plan changes, Stripe.
+    pub billing: Billing,
 }
 
 /// Edge limits, set from the server's configuration.

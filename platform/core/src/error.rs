@@ -88,6 +88,14 @@ error_codes! {
     InvalidBody = 422,
     /// A field failed validation; the message names it.
     ValidationFailed = 422,
+    /// The operation needs a payment provider and the platform runs in local billing mode.
+    PaymentsNotConfigured = 409,
+    /// The plan has no Stripe prices configured, so it cannot be bought through Stripe.
+    PlanNotPurchasable = 409,
+    /// A webhook's signature is missing, malformed, outside the tolerance window or wrong.
+    InvalidSignature = 400,
+    /// The payment provider refused or failed the request; the message says what it said.
+    PaymentProviderError = 502,
     /// Too many requests; wait for `Retry-After` seconds.
     RateLimited = 429,
     /// Something failed on our side; the request id helps support find it.
@@ -107,6 +115,7 @@ impl ErrorCode {
                 | Self::Unavailable
                 | Self::Overloaded
                 | Self::InferenceTimeout
+                | Self::PaymentProviderError
         )
     }
 }

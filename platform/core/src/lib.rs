@@ -3,6 +3,7 @@
 //! one definition. No I/O lives here.
 
 pub mod api;
+pub mod billing;
 pub mod error;
 pub mod id;
 pub mod inference;

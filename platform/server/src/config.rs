@@ -2,12 +2,14 @@
 //! `PLINTH_CONFIG`), then `PLINTH_*` environment variables. Validated once at start-up, with messages
 //! that name the setting.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use plinth_billing::{PlanPrices, StripeSettings, SyncSettings};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +76,33 @@ pub struct Config {
     pub inference_queue: usize,
     /// `PLINTH_INFERENCE_TIMEOUT_MS`: longest an inference call may take.
     pub inference_timeout_ms: u64,
+    /// `PLINTH_PUBLIC_URL`: where users reach the platform; Stripe Checkout and Connect onboarding
+    /// send them back here.
+    pub public_url: String,
+    /// `PLINTH_STRIPE_SECRET_KEY`: turns on Stripe mode. Unset, the platform bills locally.
+    pub stripe_secret_key: Option<String>,
+    /// `PLINTH_STRIPE_WEBHOOK_SECRET`: the signing secret (`whsec_…`) of the endpoint Stripe posts
+    /// to at `/v1/webhooks/stripe`. Required with the secret key.
+    pub stripe_webhook_secret: Option<String>,
+    /// `PLINTH_STRIPE_API_BASE`: Stripe's API address; unset means `https://api.stripe.com/`.
+    pub stripe_api_base: Option<String>,
+    /// `PLINTH_STRIPE_PLAN_PRICES`: each paid plan's Stripe prices, `plan=flat_price/metered_price`,
+    /// comma-separated (e.g. `pro=price_1A/price_1B`). The metered price is on the calls meter,
+    /// graduated so the plan's included calls cost nothing.
+    pub stripe_plan_prices: String,
+    /// `PLINTH_STRIPE_PLUGIN_FEES_PRICE`: the metered price on the plugin-fees meter (0.0001 cents per
+    /// unit: one unit is one micro-dollar).
+    pub stripe_plugin_fees_price: Option<String>,
+    /// `PLINTH_STRIPE_CALLS_METER`: the event name of the Stripe meter counting model calls.
+    pub stripe_calls_meter: String,
+    /// `PLINTH_STRIPE_PLUGIN_FEES_METER`: the event name of the Stripe meter summing plugin fees.
+    pub stripe_plugin_fees_meter: String,
+    /// `PLINTH_BILLING_SYNC_INTERVAL_SECS`: pause between usage syncs to Stripe.
+    pub billing_sync_interval_secs: u64,
+    /// `PLINTH_BILLING_SYNC_BUCKET_SECS`: usage is sent per tenant per bucket of this many seconds.
+    pub billing_sync_bucket_secs: u64,
+    /// `PLINTH_BILLING_SYNC_SETTLE_SECS`: how long after a bucket ends it is closed and sent.
+    pub billing_sync_settle_secs: u64,
     /// `PLINTH_LOG`: a tracing filter, e.g. `info` or `plinth_api=debug,info`.
     pub log: String,
     /// `PLINTH_LOG_FORMAT`: `text` or `json`.
@@ -109,6 +138,17 @@ impl Default for Config {
             max_queue_delay_us: 0,
             inference_queue: 1_024,
             inference_timeout_ms: 30_000,
+            public_url: "http://127.0.0.1:8080".to_owned(),
+            stripe_secret_key: None,
+            stripe_webhook_secret: None,
+            stripe_api_base: None,
+            stripe_plan_prices: String::new(),
+            stripe_plugin_fees_price: None,
+            stripe_calls_meter: "plinth_calls".to_owned(),
+            stripe_plugin_fees_meter: "plinth_plugin_fees".to_owned(),
+            billing_sync_interval_secs: 60,
+            billing_sync_bucket_secs: 3_600,
+            billing_sync_settle_secs: 300,
             log: "info".to_owned(),
             log_format: LogFormat::Text,
         }
@@ -236,6 +276,20 @@ impl Config {
                 "PLINTH_INFERENCE_THREADS, PLINTH_INFERENCE_SESSIONS, PLINTH_MAX_BATCH and PLINTH_INFERENCE_QUEUE must be at least 1",
             );
         }
+        if self.stripe_secret_key.is_some() != self.stripe_webhook_secret.is_some() {
+            return fail(
+                "PLINTH_STRIPE_SECRET_KEY and PLINTH_STRIPE_WEBHOOK_SECRET go together: set both for Stripe, neither for local billing",
+            );
+        }
+        self.plan_prices()?;
+        if !(1..=86_400).contains(&self.billing_sync_bucket_secs) || self.billing_sync_interval_secs == 0 {
+            return fail(
+                "PLINTH_BILLING_SYNC_BUCKET_SECS must be 1 to 86400 and PLINTH_BILLING_SYNC_INTERVAL_SECS at least 1",
+            );
+        }
+        if self.billing_sync_settle_secs > 86_400 {
+            return fail("PLINTH_BILLING_SYNC_SETTLE_SECS must be at most 86400");
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log).is_err() {
             return fail("PLINTH_LOG is not a valid filter (e.g. `info` or `plinth_api=debug,info`)");
         }
@@ -258,6 +312,85 @@ impl Config {
             queue_capacity: self.inference_queue,
             timeout: Duration::from_millis(self.inference_timeout_ms),
             ..plinth_inference::EngineSettings::default()
+        }
+    }
+
+    fn plan_prices(&self) -> Result<BTreeMap<String, PlanPrices>, ConfigError> {
+        let mut plans = BTreeMap::new();
+        for entry in self
+            .stripe_plan_prices
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+        {
+            let parsed = entry.split_once('=').and_then(|(plan, prices)| {
+                let (flat, metered) = prices.split_once('/')?;
+                Some((plan.trim(), flat.trim(), metered.trim()))
+            });
+            match parsed {
+                Some((plan, flat, metered))
+                    if !plan.is_empty() && !flat.is_empty() && !metered.is_empty() =>
+                {
+                    plans.insert(
+                        plan.to_owned(),
+                        PlanPrices {
+                            flat: flat.to_owned(),
+                            metered: metered.to_owned(),
+                        },
+                    );
+                }
+                _ => {
+                    return Err(ConfigError(format!(
+                        "PLINTH_STRIPE_PLAN_PRICES: `{entry}` is not `plan=flat_price/metered_price`"
+                    )));
+                }
+            }
+        }
+        Ok(plans)
+    }
+
+    /// Stripe's settings, when Stripe mode is configured.
+    #[must_use]
+    pub fn stripe_settings(&self) -> Option<StripeSettings> {
+        let (Some(secret_key), Some(webhook_secret)) = (&self.stripe_secret_key, &self.stripe_webhook_secret)
+        else {
+            return None;
+        };
+        let public = self.public_url.trim_end_matches('/');
+        Some(StripeSettings {
+            secret_key: secret_key.clone(),
+            webhook_secret: webhook_secret.clone(),
+            api_base: self.stripe_api_base.clone(),
+            plans: self.plan_prices().unwrap_or_default(),
+            plugin_fees_price: self.stripe_plugin_fees_price.clone(),
+            calls_meter_event: self.stripe_calls_meter.clone(),
+            plugin_fees_meter_event: self.stripe_plugin_fees_meter.clone(),
+            success_url: format!("{public}/portal/billing?checkout=success"),
+            cancel_url: format!("{public}/portal/billing?checkout=canceled"),
+            connect_return_url: format!("{public}/portal/author?connect=done"),
+            connect_refresh_url: format!("{public}/portal/author?connect=refresh"),
+        })
+    }
+
+    /// How the usage sync to Stripe runs.
+    #[must_use]
+    pub fn sync_settings(&self) -> SyncSettings {
+        SyncSettings {
+            interval: Duration::from_secs(self.billing_sync_interval_secs),
+            bucket: Duration::from_secs(self.billing_sync_bucket_secs),
+            settle: Duration::from_secs(self.billing_sync_settle_secs),
+        }
+    }
+
+    /// The configuration with secrets replaced, for printing.
+    #[must_use]
+    pub fn redacted(&self) -> Self {
+        let hide = |secret: &Option<String>| secret.as_ref().map(|_| "<redacted>".to_owned());
+        Self {
+            secret_key: hide(&self.secret_key),
+            stripe_secret_key: hide(&self.stripe_secret_key),
+            stripe_webhook_secret: hide(&self.stripe_webhook_secret),
+            ..self.clone()
         }
     }
 
@@ -295,6 +428,29 @@ mod tests {
             jail.set_env("PLINTH_DATABASE_URL", "mysql://x");
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("PLINTH_DATABASE_URL"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn stripe_settings_parse_and_pair_up() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PLINTH_STRIPE_SECRET_KEY", "sk_test_1");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("PLINTH_STRIPE_WEBHOOK_SECRET"), "{err}");
+            jail.set_env("PLINTH_STRIPE_WEBHOOK_SECRET", "whsec_1");
+            jail.set_env(
+                "PLINTH_STRIPE_PLAN_PRICES",
+                "pro=price_a/price_b, enterprise=price_c/price_d",
+            );
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let stripe = config.stripe_settings().expect("stripe mode");
+            assert_eq!(stripe.plans["pro"].metered, "price_b");
+            assert_eq!(stripe.plan_of_price("price_c"), Some("enterprise"));
+            assert_eq!(config.redacted().stripe_secret_key.as_deref(), Some("<redacted>"));
+            jail.set_env("PLINTH_STRIPE_PLAN_PRICES", "pro=price_a");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("PLINTH_STRIPE_PLAN_PRICES"), "{err}");
             Ok(())
         });
     }

@@ -53,12 +53,17 @@ pub struct RunningServer {
     handle: ServerHandle,
     server: JoinHandle<std::io::Result<()>>,
     ledger: JoinHandle<()>,
+    /// The usage sync to Stripe (Stripe mode only); stopped with the server.
+    usage_sync: Option<JoinHandle<()>>,
 }
 
 impl RunningServer {
     /// Waits until the server stops (on SIGINT/SIGTERM, or [`Self::stop`]), then drains the ledger.
     pub async fn wait(self) -> anyhow::Result<()> {
         let served = self.server.await.context("the HTTP server task failed")?;
+        if let Some(sync) = &self.usage_sync {
+            sync.abort();
+        }
         // The workers are gone, and with them every `Meter` handle: the writer drains and stops.
         self.ledger.await.context("the ledger writer failed")?;
         served.context("the HTTP server failed")
@@ -126,7 +131,9 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         plugins: Arc::new(plugins),
         plugin_files,
         secrets: plinth_store::SecretBox::new(&secret_key(config)?),
+        billing: billing(config, store.clone())?,
     };
+    let usage_sync = state.billing.spawn_sync();
     plinth_api::load_tenant_models(&state)
         .await
         .context("cannot load tenants' models")?;
@@ -147,17 +154,33 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let server = server.run();
     let handle = server.handle();
     let server = tokio::spawn(server);
-    tracing::info!(%addr, workers, database = ?store.backend(), "plinth is serving");
+    tracing::info!(%addr, workers, database = ?store.backend(), payments = ?payment_mode(config), "plinth is serving");
     Ok(RunningServer {
         addr,
         store,
         handle,
         server,
         ledger,
+        usage_sync,
     })
 }
 
-/// TLS clients (Redis over rediss://, and later Stripe) use ring; install it once for the process.
+fn payment_mode(config: &Config) -> plinth_core::billing::PaymentMode {
+    if config.stripe_settings().is_some() {
+        plinth_core::billing::PaymentMode::Stripe
+    } else {
+        plinth_core::billing::PaymentMode::Local
+    }
+}
+
+/// The money side, in Stripe mode when the configuration names a Stripe key.
+pub fn billing(config: &Config, store: Store) -> anyhow::Result<plinth_billing::Billing> {
+    rustls_provider();
+    plinth_billing::Billing::new(store, config.stripe_settings(), config.sync_settings())
+        .context("cannot set up billing")
+}
+
+/// TLS clients (Redis over rediss://, Stripe) use ring; install it once for the process.
 fn rustls_provider() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {

@@ -36,6 +36,23 @@ enum Command {
     /// Operator tasks.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Money: usage sync to Stripe, reconciliation, author payouts.
+    #[command(subcommand)]
+    Billing(BillingCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BillingCommand {
+    /// Push settled usage to Stripe's meters now (the server also does this every interval).
+    Sync,
+    /// Compare the ledger with what Stripe's meters were sent; exits 2 when they differ.
+    Reconcile,
+    /// Pay onboarded plugin authors their earnings for a month that has ended (safe to rerun).
+    Payouts {
+        /// `YYYY-MM`.
+        #[arg(long)]
+        period: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -101,12 +118,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     init_logging(&config);
     match cli.command {
         Command::Openapi { .. } => unreachable!("handled above"),
-        Command::Config => println!("{}", serde_json::to_string_pretty(&config)?),
+        Command::Config => println!("{}", serde_json::to_string_pretty(&config.redacted())?),
         Command::Serve => plinth_server::start(&config).await?.wait().await?,
         Command::Migrate => {
             plinth_server::open_store(&config).await?;
             eprintln!("migrations applied");
         }
+        Command::Billing(command) => billing(&config, command).await?,
         Command::Admin(admin) => {
             let store = plinth_server::open_store(&config).await?;
             match admin {
@@ -130,6 +148,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string_pretty(&subscription)?);
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+async fn billing(config: &Config, command: BillingCommand) -> anyhow::Result<()> {
+    let store = plinth_server::open_store(config).await?;
+    let billing = plinth_server::billing(config, store)?;
+    match command {
+        BillingCommand::Sync => {
+            let report = billing.sync_once(chrono::Utc::now()).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        BillingCommand::Reconcile => {
+            let report = billing.reconcile().await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.balanced {
+                std::process::exit(2);
+            }
+        }
+        BillingCommand::Payouts { period } => {
+            let run = billing.run_payouts(&period, chrono::Utc::now()).await?;
+            println!("{}", serde_json::to_string_pretty(&run)?);
         }
     }
     Ok(())

@@ -32,7 +32,11 @@ tenant_scoped!(
     subscriptions,
     usage_events,
     models,
-    installations
+    installations,
+    meter_pushes,
+    invoices,
+    author_accounts,
+    payouts
 );
 
 pub mod tenants {
@@ -216,6 +220,9 @@ pub mod subscriptions {
         pub stripe_customer_id: Option<String>,
         pub stripe_subscription_id: Option<String>,
         pub updated_at: DateTimeUtc,
+        pub stripe_event_at: Option<i64>,
+        pub status_event_at: Option<i64>,
+        pub meter_synced_until_us: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -242,6 +249,7 @@ pub mod usage_events {
         pub idempotency_key: String,
         pub request_id: String,
         pub occurred_at_us: i64,
+        pub author_share_micros: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -368,6 +376,123 @@ pub mod plugin_kv {
         pub key: String,
         pub value: Vec<u8>,
         pub updated_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod stripe_events {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "stripe_events")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub kind: String,
+        pub created: i64,
+        pub received_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod meter_pushes {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "meter_pushes")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub identifier: String,
+        pub tenant_id: String,
+        pub stripe_customer_id: String,
+        pub meter: String,
+        pub bucket_start_us: i64,
+        pub bucket_end_us: i64,
+        pub value: i64,
+        pub created_at: DateTimeUtc,
+        pub sent_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod invoices {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "invoices")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub stripe_invoice_id: String,
+        pub tenant_id: String,
+        pub period_start_us: i64,
+        pub period_end_us: i64,
+        pub status: String,
+        pub currency: String,
+        pub total_cents: i64,
+        pub amount_paid_cents: i64,
+        pub hosted_url: Option<String>,
+        pub stripe_event_at: i64,
+        pub updated_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod author_accounts {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "author_accounts")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: String,
+        pub stripe_account_id: String,
+        pub payouts_enabled: bool,
+        pub stripe_event_at: i64,
+        pub updated_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod payouts {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "payouts")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        /// `YYYY-MM`.
+        pub period: String,
+        pub earnings_micros: i64,
+        pub amount_cents: i64,
+        pub currency: String,
+        pub stripe_account_id: String,
+        pub stripe_transfer_id: Option<String>,
+        /// `pending` (sent or about to be) or `paid`.
+        pub status: String,
+        pub created_at: DateTimeUtc,
+        pub paid_at: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

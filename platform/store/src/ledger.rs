@@ -41,6 +41,9 @@ pub struct UsageRecord {
     /// Billed units, e.g. items in a batch.
     pub units: i64,
     pub unit_price: Micros,
+    /// The part of the amount owed to a plugin's author (zero for platform resources), fixed now so a
+    /// later change of the share applies to later calls only.
+    pub author_share: Micros,
     /// Unique per tenant; a second record with the same key is a replay, not a new charge.
     pub idempotency_key: String,
     pub request_id: String,
@@ -56,7 +59,7 @@ pub struct Recorded {
 /// Tuning for the ledger writer.
 #[derive(Debug, Clone, Copy)]
 pub struct LedgerSettings {
-    /// Most events in one INSERT (11 parameters each: well inside SQLite's and Postgres's limits).
+    /// Most events in one INSERT (12 parameters each: well inside SQLite's and Postgres's limits).
     pub max_batch: usize,
     /// Events waiting for the writer before callers wait to enqueue (back-pressure).
     pub queue_capacity: usize,
@@ -102,8 +105,8 @@ fn validate(record: &UsageRecord) -> Result<()> {
             "Idempotency-Key: must be 1-{MAX_IDEMPOTENCY_KEY_LEN} bytes"
         )));
     }
-    if record.units < 0 || record.unit_price.0 < 0 {
-        return Err(StoreError::invalid("usage: units and price cannot be negative"));
+    if record.units < 0 || record.unit_price.0 < 0 || record.author_share.0 < 0 {
+        return Err(StoreError::invalid("usage: units and prices cannot be negative"));
     }
     Ok(())
 }
@@ -228,6 +231,7 @@ async fn write_batch(store: &Store, batch: &[Pending]) -> Result<Vec<Recorded>> 
             idempotency_key: Set(record.idempotency_key.clone()),
             request_id: Set(record.request_id.clone()),
             occurred_at_us: Set(pending.occurred_at_us),
+            author_share_micros: Set(record.author_share.0),
         });
     }
 

@@ -14,6 +14,7 @@ mod entity;
 pub mod ledger;
 pub mod members;
 pub mod models;
+pub mod payments;
 pub mod plans;
 pub mod plugins;
 mod secret;

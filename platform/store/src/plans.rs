@@ -105,7 +105,7 @@ fn validate_plan(plan: &Plan) -> Result<()> {
 }
 
 /// The billing period containing `now` for a subscription anchored at `start`, rolling monthly.
-fn current_period(
+pub(crate) fn current_period(
     start: DateTime<Utc>,
     end: DateTime<Utc>,
     now: DateTime<Utc>,
@@ -170,15 +170,21 @@ impl Store {
             .one(self.db())
             .await?
             .ok_or(StoreError::NotFound("subscription"))?;
-        let plan = find_plan(self.db(), &row.plan_id).await?;
-        let (start, end) = current_period(row.current_period_start, row.current_period_end, Utc::now());
+        let now = Utc::now();
+        let plan_id = if lapsed(&row, now) {
+            FREE_PLAN
+        } else {
+            row.plan_id.as_str()
+        };
+        let plan = find_plan(self.db(), plan_id).await?;
+        let (start, end) = current_period(row.current_period_start, row.current_period_end, now);
         Ok(Subscription {
             tenant_id: tenant.clone(),
             plan,
             status: SubscriptionStatus::parse(&row.status).unwrap_or(SubscriptionStatus::Active),
             current_period_start: start,
             current_period_end: end,
-            cancel_at_period_end: row.cancel_at_period_end,
+            cancel_at_period_end: row.cancel_at_period_end && plan_id != FREE_PLAN,
         })
     }
 
@@ -197,6 +203,7 @@ impl Store {
         model.status = Set(SubscriptionStatus::Active.as_str().to_owned());
         model.current_period_start = Set(now);
         model.current_period_end = Set(now.checked_add_months(Months::new(1)).unwrap_or(now));
+        model.cancel_at_period_end = Set(false);
         model.updated_at = Set(now);
         model.update(&txn).await?;
         crate::audit::record(
@@ -228,6 +235,9 @@ impl Store {
             stripe_customer_id: Set(None),
             stripe_subscription_id: Set(None),
             updated_at: Set(now),
+            stripe_event_at: Set(None),
+            status_event_at: Set(None),
+            meter_synced_until_us: Set(None),
         }
         .insert(conn)
         .await?;
@@ -243,18 +253,30 @@ pub(crate) async fn find_plan(conn: &impl ConnectionTrait, id: &str) -> Result<P
         .ok_or(StoreError::NotFound("plan"))
 }
 
-/// The rate-limit quota that applies to a tenant: its plan's, or the free plan's while past due.
+/// Whether a subscription canceled at period end has reached that end without a payment provider to
+/// end it (local billing): the tenant is back on the free plan.
+pub(crate) fn lapsed(row: &subscriptions::Model, now: DateTime<Utc>) -> bool {
+    row.cancel_at_period_end && row.stripe_subscription_id.is_none() && row.current_period_end <= now
+}
+
+/// The terms a tenant's calls run under: its plan's limits and price, or, while a payment is past due,
+/// the free plan's limits (at the subscribed plan's price: usage is still owed).
 pub(crate) async fn effective_plan(conn: &impl ConnectionTrait, tenant: &TenantId) -> Result<Plan> {
     let row = subscriptions::Entity::find_in(tenant)
         .one(conn)
         .await?
         .ok_or(StoreError::NotFound("subscription"))?;
-    let plan_id = if row.status == SubscriptionStatus::Active.as_str() {
-        row.plan_id.as_str()
-    } else {
-        FREE_PLAN
-    };
-    find_plan(conn, plan_id).await
+    if lapsed(&row, Utc::now()) {
+        return find_plan(conn, FREE_PLAN).await;
+    }
+    let subscribed = find_plan(conn, &row.plan_id).await?;
+    if row.status == SubscriptionStatus::Active.as_str() {
+        return Ok(subscribed);
+    }
+    Ok(Plan {
+        price_per_call_micros: subscribed.price_per_call_micros,
+        ..find_plan(conn, FREE_PLAN).await?
+    })
 }
 
 #[cfg(test)]

@@ -623,7 +623,8 @@ impl Store {
         Ok(rows.into_iter().map(|row| row.key).collect())
     }
 
-    /// What the author's plugins earned in `[from, to)`: the ledger's plugin charges times the share.
+    /// What the author's plugins earned in `[from, to)`: the shares the ledger recorded per call.
+    /// `share_bps` is the share new calls get, reported alongside.
     pub async fn author_earnings(
         &self,
         author: &TenantId,
@@ -635,6 +636,7 @@ impl Store {
         struct Sums {
             calls: i64,
             gross: i64,
+            share: i64,
         }
         let authored = plugins::Entity::find()
             .filter(plugins::Column::AuthorTenantId.eq(author.as_str()))
@@ -663,17 +665,24 @@ impl Store {
                     Expr::cust("CAST(COALESCE(SUM(amount_micros), 0) AS BIGINT)"),
                     "gross",
                 )
+                .column_as(
+                    Expr::cust("CAST(COALESCE(SUM(author_share_micros), 0) AS BIGINT)"),
+                    "share",
+                )
                 .into_model::<Sums>()
                 .one(self.db())
                 .await?
-                .unwrap_or(Sums { calls: 0, gross: 0 });
-            let (calls, gross) = (sums.calls, sums.gross);
+                .unwrap_or(Sums {
+                    calls: 0,
+                    gross: 0,
+                    share: 0,
+                });
             rows.push(EarningsRow {
                 plugin: plugin.name,
-                calls,
-                gross: Micros(gross),
-                // Rounded down to the micro-unit: the platform keeps the remainder.
-                earnings: Micros(gross.saturating_mul(i64::from(share_bps)) / 10_000),
+                calls: sums.calls,
+                gross: Micros(sums.gross),
+                // Each call's share was fixed when it was recorded.
+                earnings: Micros(sums.share),
             });
         }
         let total = rows.iter().map(|r| r.earnings).sum();

@@ -4,6 +4,7 @@ use actix_web::web;
 use chrono::{DateTime, NaiveDate, Utc};
 use plinth_core::ErrorCode;
 use plinth_core::api::{Plan, Subscription, UsageGrouping, UsageReport};
+use plinth_core::billing::{ChangePlanRequest, InvoiceList, PlanChange, Statement};
 use serde::Deserialize;
 
 use crate::auth::{Auth, scope};
@@ -80,4 +81,58 @@ pub async fn usage(
         .usage_report(&auth.tenant_id, from, to, params.group_by.unwrap_or_default())
         .await?;
     Ok(web::Json(report))
+}
+
+/// Subscribe to a plan or change plans. In local billing the change is immediate. With Stripe, a
+/// first paid plan answers with a Checkout URL (the plan changes when Stripe confirms payment); a
+/// tenant already paying moves at once, starting a new period; `free` cancels at period end.
+#[utoipa::path(post, path = "/v1/subscription", tag = "billing", security(("bearer" = ["admin"])),
+    request_body = ChangePlanRequest,
+    responses((status = 200, body = PlanChange),
+        (status = 404, description = "`not_found`: no such plan", body = plinth_core::error::ErrorBody),
+        (status = 409, description = "`plan_not_purchasable`", body = plinth_core::error::ErrorBody),
+        (status = 502, description = "`payment_provider_error`", body = plinth_core::error::ErrorBody)))]
+pub async fn change_plan(
+    state: web::Data<AppState>,
+    auth: Auth<scope::Admin>,
+    body: web::Json<ChangePlanRequest>,
+) -> ApiResult<web::Json<PlanChange>> {
+    Ok(web::Json(
+        state
+            .billing
+            .change_plan(&auth.tenant_id, &body.plan, auth.actor_id())
+            .await?,
+    ))
+}
+
+/// Cancel at the end of the current period; the plan stays until then, then the tenant is on `free`.
+#[utoipa::path(delete, path = "/v1/subscription", tag = "billing", security(("bearer" = ["admin"])),
+    responses((status = 200, body = Subscription), (status = 502, body = plinth_core::error::ErrorBody)))]
+pub async fn cancel(
+    state: web::Data<AppState>,
+    auth: Auth<scope::Admin>,
+) -> ApiResult<web::Json<Subscription>> {
+    Ok(web::Json(
+        state.billing.cancel(&auth.tenant_id, auth.actor_id()).await?,
+    ))
+}
+
+/// Statements of the tenant's closed periods, newest first, with Stripe's invoice where there is one.
+#[utoipa::path(get, path = "/v1/invoices", tag = "billing", security(("bearer" = ["billing:read"])),
+    responses((status = 200, body = InvoiceList)))]
+pub async fn invoices(
+    state: web::Data<AppState>,
+    auth: Auth<scope::BillingRead>,
+) -> ApiResult<web::Json<InvoiceList>> {
+    Ok(web::Json(state.billing.invoices(&auth.tenant_id).await?))
+}
+
+/// The current period so far: subscription fee, included calls, overage and plugin fees, itemised.
+#[utoipa::path(get, path = "/v1/invoices/upcoming", tag = "billing", security(("bearer" = ["billing:read"])),
+    responses((status = 200, body = Statement)))]
+pub async fn upcoming(
+    state: web::Data<AppState>,
+    auth: Auth<scope::BillingRead>,
+) -> ApiResult<web::Json<Statement>> {
+    Ok(web::Json(state.billing.upcoming(&auth.tenant_id).await?))
 }

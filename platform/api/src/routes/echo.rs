@@ -35,6 +35,7 @@ pub async fn echo(
         resource: "echo",
         units: 1,
         unit_price: Micros::ZERO,
+        author_share: Micros::ZERO,
     };
     let recorded = record_usage(&state, &auth, idempotency, request_id, free).await?;
     Ok(HttpResponse::Ok()

@@ -8,6 +8,7 @@ pub mod health;
 pub mod inference;
 pub mod members;
 pub mod models;
+pub mod payments;
 pub mod plugins;
 
 use actix_web::middleware::from_fn;
@@ -56,7 +57,20 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
                 .route(web::delete().to(members::remove)),
         )
         .service(resource("/v1/plans").route(web::get().to(billing::plans)))
-        .service(resource("/v1/subscription").route(web::get().to(billing::subscription)))
+        .service(
+            resource("/v1/subscription")
+                .route(web::get().to(billing::subscription))
+                .route(web::post().to(billing::change_plan))
+                .route(web::delete().to(billing::cancel)),
+        )
+        .service(resource("/v1/invoices").route(web::get().to(billing::invoices)))
+        .service(resource("/v1/invoices/upcoming").route(web::get().to(billing::upcoming)))
+        .service(resource("/v1/webhooks/stripe").route(web::post().to(payments::stripe_webhook)))
+        .service(resource("/v1/author/connect").route(web::post().to(payments::connect)))
+        .service(resource("/v1/author/payouts").route(web::get().to(payments::payouts)))
+        .service(resource("/v1/admin/payouts").route(web::post().to(payments::run_payouts)))
+        .service(resource("/v1/admin/billing/sync").route(web::post().to(payments::sync)))
+        .service(resource("/v1/admin/billing/reconciliation").route(web::get().to(payments::reconciliation)))
         .service(resource("/v1/usage").route(web::get().to(billing::usage)))
         .service(metered("/v1/echo").route(web::post().to(echo::echo)))
         .service(

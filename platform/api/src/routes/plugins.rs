@@ -1,33 +1,19 @@
 //! The plugin marketplace: authors publish, platform admins review, tenants install and invoke.
 
 use actix_web::{HttpResponse, web};
-use plinth_core::ErrorCode;
 use plinth_core::id::{InstallationId, PluginVersionId};
 use plinth_core::plugins::{
     CreatePluginRequest, Earnings, InstallRequest, Installation, Plugin, PluginVersion, ReviewRequest,
     UpdateInstallationRequest,
 };
-use plinth_store::auth::{Actor, Principal};
 use serde::Deserialize;
 
-use crate::auth::{Auth, scope};
-use crate::error::{ApiError, ApiResult};
+use crate::auth::{Auth, require_platform_admin, scope};
+use crate::error::ApiResult;
 use crate::metering::IdempotencyKey;
 use crate::request_id::RequestId;
 use crate::routes::billing::period;
 use crate::state::AppState;
-
-fn require_platform_admin(auth: &Principal) -> ApiResult<()> {
-    match auth.actor {
-        Actor::User {
-            platform_admin: true, ..
-        } => Ok(()),
-        _ => Err(ApiError::new(
-            ErrorCode::InsufficientScope,
-            "only a platform admin (logged in) may review plugins",
-        )),
-    }
-}
 
 /// Create a listing; the caller's tenant is its author.
 #[utoipa::path(post, path = "/v1/plugins", tag = "plugins", security(("bearer" = ["admin"])),
@@ -102,7 +88,7 @@ pub async fn marketplace(
 #[utoipa::path(get, path = "/v1/admin/plugin-versions", tag = "plugins", security(("bearer" = [])),
     responses((status = 200, body = Vec<PluginVersion>), (status = 403, body = plinth_core::error::ErrorBody)))]
 pub async fn pending(state: web::Data<AppState>, auth: Auth) -> ApiResult<web::Json<Vec<PluginVersion>>> {
-    require_platform_admin(&auth)?;
+    require_platform_admin(&auth, "review plugins")?;
     Ok(web::Json(state.store.pending_versions().await?))
 }
 
@@ -117,7 +103,7 @@ pub async fn review(
     id: web::Path<PluginVersionId>,
     body: web::Json<ReviewRequest>,
 ) -> ApiResult<web::Json<PluginVersion>> {
-    require_platform_admin(&auth)?;
+    require_platform_admin(&auth, "review plugins")?;
     let ReviewRequest { approve, note } = body.into_inner();
     Ok(web::Json(
         state

@@ -1,0 +1,171 @@
+//! Stripe webhook events, read into the store's [`ProviderEvent`]. Only the fields Plinth acts on are
+//! read; an event of another type is recorded as seen and otherwise ignored.
+
+use chrono::{DateTime, Utc};
+use plinth_core::ErrorCode;
+use plinth_core::api::SubscriptionStatus;
+use plinth_core::billing::ProviderInvoice;
+use plinth_store::StoreError;
+use plinth_store::payments::{ProviderChange, ProviderEvent};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::stripe::StripeSettings;
+
+#[derive(Debug, Deserialize)]
+struct Envelope {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    created: i64,
+    data: Data,
+}
+
+#[derive(Debug, Deserialize)]
+struct Data {
+    object: Value,
+}
+
+fn text(object: &Value, field: &str) -> Option<String> {
+    match object.get(field)? {
+        Value::String(s) => Some(s.clone()),
+        // Expanded objects carry their id.
+        Value::Object(inner) => inner.get("id").and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    }
+}
+
+fn time(object: &Value, field: &str) -> Option<DateTime<Utc>> {
+    object
+        .get(field)
+        .and_then(Value::as_i64)
+        .and_then(|secs| DateTime::from_timestamp(secs, 0))
+}
+
+fn required(object: &Value, field: &str) -> Result<String, StoreError> {
+    text(object, field).ok_or_else(|| malformed(&format!("data.object.{field} is missing")))
+}
+
+fn malformed(message: &str) -> StoreError {
+    StoreError::Refused(ErrorCode::InvalidBody, format!("not a Stripe event: {message}"))
+}
+
+/// Stripe's subscription statuses, in Plinth's terms: anything that is not paid up is past due.
+fn subscription_status(status: &str) -> SubscriptionStatus {
+    match status {
+        "active" | "trialing" => SubscriptionStatus::Active,
+        "canceled" | "incomplete_expired" => SubscriptionStatus::Canceled,
+        _ => SubscriptionStatus::PastDue,
+    }
+}
+
+/// Reads a verified webhook body.
+///
+/// # Errors
+/// `invalid_body` when the JSON is not a Stripe event or lacks a field its type needs.
+pub fn parse(body: &[u8], settings: &StripeSettings) -> Result<ProviderEvent, StoreError> {
+    let envelope: Envelope = serde_json::from_slice(body).map_err(|err| malformed(&err.to_string()))?;
+    let object = &envelope.data.object;
+    let change = match envelope.kind.as_str() {
+        "checkout.session.completed" => {
+            if object.get("mode").and_then(Value::as_str) != Some("subscription") {
+                ProviderChange::Ignored
+            } else {
+                ProviderChange::CheckoutCompleted {
+                    tenant: text(object, "client_reference_id").and_then(|t| t.parse().ok()),
+                    customer: required(object, "customer")?,
+                    subscription: required(object, "subscription")?,
+                    plan: object
+                        .get("metadata")
+                        .and_then(|m| m.get("plan_id"))
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
+                }
+            }
+        }
+        "customer.subscription.created"
+        | "customer.subscription.updated"
+        | "customer.subscription.deleted" => {
+            let items = object
+                .get("items")
+                .and_then(|i| i.get("data"))
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let plan = items
+                .iter()
+                .filter_map(|item| {
+                    item.get("price")
+                        .and_then(|p| text(p, "id").or_else(|| p.as_str().map(str::to_owned)))
+                })
+                .find_map(|price| settings.plan_of_price(&price).map(str::to_owned))
+                .or_else(|| {
+                    object
+                        .get("metadata")
+                        .and_then(|m| m.get("plan_id"))
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                });
+            // Current API versions keep the period on each item; older ones on the subscription.
+            let period_of = |field: &str| {
+                items
+                    .iter()
+                    .find_map(|item| time(item, field))
+                    .or_else(|| time(object, field))
+            };
+            ProviderChange::Subscription {
+                customer: required(object, "customer")?,
+                subscription: required(object, "id")?,
+                plan,
+                status: subscription_status(object.get("status").and_then(Value::as_str).unwrap_or("active")),
+                period_start: period_of("current_period_start"),
+                period_end: period_of("current_period_end"),
+                cancel_at_period_end: object
+                    .get("cancel_at_period_end")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+                deleted: envelope.kind == "customer.subscription.deleted",
+            }
+        }
+        "invoice.finalized" | "invoice.paid" | "invoice.payment_failed" => {
+            let cents = |field: &str| object.get(field).and_then(Value::as_i64).unwrap_or(0);
+            let (Some(period_start), Some(period_end)) =
+                (time(object, "period_start"), time(object, "period_end"))
+            else {
+                return Err(malformed("data.object.period_start and period_end are required"));
+            };
+            ProviderChange::Invoice {
+                customer: required(object, "customer")?,
+                invoice: ProviderInvoice {
+                    id: required(object, "id")?,
+                    status: text(object, "status").unwrap_or_else(|| "open".to_owned()),
+                    total_cents: cents("total"),
+                    amount_paid_cents: cents("amount_paid"),
+                    hosted_url: text(object, "hosted_invoice_url"),
+                },
+                currency: text(object, "currency").unwrap_or_else(|| "usd".to_owned()),
+                period_start,
+                period_end,
+                settled: match envelope.kind.as_str() {
+                    "invoice.paid" => Some(true),
+                    "invoice.payment_failed" => Some(false),
+                    _ => None,
+                },
+            }
+        }
+        "account.updated" => ProviderChange::Account {
+            account: required(object, "id")?,
+            payouts_enabled: object
+                .get("payouts_enabled")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        },
+        _ => ProviderChange::Ignored,
+    };
+    Ok(ProviderEvent {
+        id: envelope.id,
+        kind: envelope.kind,
+        created: envelope.created,
+        change,
+    })
+}

@@ -1,0 +1,566 @@
+//! Money. The ledger is the source of truth; this crate turns it into statements, keeps Stripe in step
+//! with it, and pays plugin authors.
+//!
+//! - **Local mode** (no Stripe key): plan changes apply at once and statements are computed from the
+//!   ledger, so the embedded platform shows real numbers.
+//! - **Stripe mode**: a customer per tenant, Checkout to subscribe, a subscription with the plan's flat
+//!   price plus metered prices; usage is pushed to Stripe meters per tenant per bucket (an hour by
+//!   default) by [`Billing::sync_once`]; webhooks update subscription state; authors are paid through
+//!   Connect. Statements are computed the same way, so both modes show the same numbers.
+
+pub mod events;
+pub mod signature;
+pub mod stripe;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Months, NaiveDate, Utc};
+use plinth_core::ErrorCode;
+use plinth_core::Micros;
+use plinth_core::api::{Plan, Subscription};
+use plinth_core::billing::{
+    ConnectOnboarding, InvoiceList, PaymentMode, Payout, PayoutRun, PlanChange, ProviderInvoice,
+    Reconciliation, Statement, StatementItem, SyncReport,
+};
+use plinth_core::id::TenantId;
+use plinth_store::payments::{METER_CALLS, MODEL_KIND};
+use plinth_store::plans::FREE_PLAN;
+use plinth_store::{Store, StoreError};
+use tokio::task::JoinHandle;
+
+pub use crate::stripe::{PlanPrices, StripeGateway, StripeSettings};
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// How the usage sync runs.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncSettings {
+    /// Pause between sync runs.
+    pub interval: Duration,
+    /// Usage is aggregated per tenant per bucket of this width (an hour in production).
+    pub bucket: Duration,
+    /// A bucket is closed only this long after it ends, so calls still being served (and possibly
+    /// withdrawn) when it ends are settled first.
+    pub settle: Duration,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(60),
+            bucket: Duration::from_secs(3_600),
+            settle: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The money side of the platform; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Billing {
+    store: Store,
+    stripe: Option<Arc<StripeGateway>>,
+    sync: SyncSettings,
+}
+
+/// Most buckets one tenant's sync closes in one transaction.
+const BUCKETS_PER_TRANSACTION: usize = 500;
+/// Most meter events sent per batch.
+const SEND_BATCH: u64 = 200;
+/// Previous periods `GET /v1/invoices` lists.
+const INVOICE_HISTORY: usize = 12;
+
+fn refused(code: ErrorCode, message: impl Into<String>) -> StoreError {
+    StoreError::Refused(code, message.into())
+}
+
+/// A statement from a plan and a period's usage. Each line is rounded to the cent once (half away from
+/// zero), as Stripe rounds an invoice line, so the totals agree to the cent.
+#[must_use]
+pub fn statement(
+    plan: &Plan,
+    (period_start, period_end): (DateTime<Utc>, DateTime<Utc>),
+    open: bool,
+    items: Vec<StatementItem>,
+    invoice: Option<ProviderInvoice>,
+) -> Statement {
+    let calls: i64 = items
+        .iter()
+        .filter(|i| i.kind == MODEL_KIND)
+        .map(|i| i.units)
+        .sum();
+    let plugin_fees: Micros = items
+        .iter()
+        .filter(|i| i.kind == plinth_store::plugins::USAGE_KIND)
+        .map(|i| i.amount_micros)
+        .sum();
+    let overage_calls = (calls - plan.included_calls).max(0);
+    let overage = Micros(overage_calls.saturating_mul(plan.price_per_call_micros.0));
+    let subscription_fee_cents = plan.monthly_fee_micros.to_cents();
+    let overage_cents = overage.to_cents();
+    let plugin_fees_cents = plugin_fees.to_cents();
+    Statement {
+        period_start,
+        period_end,
+        open,
+        plan: plan.id.clone(),
+        currency: plan.currency.clone(),
+        subscription_fee_cents,
+        calls,
+        included_calls: plan.included_calls,
+        overage_calls,
+        price_per_call_micros: plan.price_per_call_micros,
+        overage_cents,
+        plugin_fees_micros: plugin_fees,
+        plugin_fees_cents,
+        total_cents: subscription_fee_cents + overage_cents + plugin_fees_cents,
+        items,
+        invoice,
+    }
+}
+
+/// `[start, end)` of a `YYYY-MM` month in UTC.
+fn month(period: &str) -> Result<(DateTime<Utc>, DateTime<Utc>)> {
+    let start = NaiveDate::parse_from_str(&format!("{period}-01"), "%Y-%m-%d")
+        .ok()
+        .filter(|_| period.len() == 7)
+        .ok_or_else(|| refused(ErrorCode::ValidationFailed, "period: expected YYYY-MM"))?;
+    let end = start
+        .checked_add_months(Months::new(1))
+        .ok_or_else(|| refused(ErrorCode::ValidationFailed, "period: out of range"))?;
+    Ok((
+        start.and_time(chrono::NaiveTime::MIN).and_utc(),
+        end.and_time(chrono::NaiveTime::MIN).and_utc(),
+    ))
+}
+
+/// `t` rounded down to a multiple of `width` since the epoch.
+fn floor_to(t: DateTime<Utc>, width: Duration) -> DateTime<Utc> {
+    let width_us = i64::try_from(width.as_micros()).unwrap_or(i64::MAX).max(1);
+    let us = t.timestamp_micros();
+    DateTime::from_timestamp_micros(us - us.rem_euclid(width_us)).unwrap_or(t)
+}
+
+impl Billing {
+    /// # Errors
+    /// When the Stripe client cannot be built from `stripe`.
+    pub fn new(store: Store, stripe: Option<StripeSettings>, sync: SyncSettings) -> Result<Self> {
+        let stripe = stripe.map(StripeGateway::new).transpose()?.map(Arc::new);
+        Ok(Self { store, stripe, sync })
+    }
+
+    #[must_use]
+    pub fn mode(&self) -> PaymentMode {
+        if self.stripe.is_some() {
+            PaymentMode::Stripe
+        } else {
+            PaymentMode::Local
+        }
+    }
+
+    fn stripe(&self) -> Result<&StripeGateway> {
+        self.stripe.as_deref().ok_or_else(|| {
+            refused(
+                ErrorCode::PaymentsNotConfigured,
+                "payments are not configured: the platform runs in local billing mode (set PLINTH_STRIPE_SECRET_KEY)",
+            )
+        })
+    }
+
+    /// Subscribes the tenant to `plan`, or moves it there. Locally the change is immediate; with Stripe
+    /// a first paid plan goes through Checkout (the answer carries its URL) and later changes update
+    /// the Stripe subscription, starting a new period now as local changes do.
+    pub async fn change_plan(&self, tenant: &TenantId, plan: &str, actor: &str) -> Result<PlanChange> {
+        let target = self.store.plan(plan).await?;
+        let Some(stripe) = self.stripe.as_deref() else {
+            let subscription = self.store.change_plan(tenant, &target.id, actor).await?;
+            return Ok(self.answer(subscription, None));
+        };
+        let account = self.store.billing_account(tenant).await?;
+        if target.id == FREE_PLAN {
+            let subscription = match &account.stripe_subscription_id {
+                Some(_) => self.cancel(tenant, actor).await?,
+                None => self.store.change_plan(tenant, FREE_PLAN, actor).await?,
+            };
+            return Ok(self.answer(subscription, None));
+        }
+        let prices = stripe.settings.plans.get(&target.id).ok_or_else(|| {
+            refused(
+                ErrorCode::PlanNotPurchasable,
+                format!("plan `{}` has no Stripe prices configured", target.id),
+            )
+        })?;
+        if let Some(subscription_id) = &account.stripe_subscription_id {
+            if account.plan.id != target.id || account.cancel_at_period_end {
+                stripe.change_plan(subscription_id, &target.id, prices).await?;
+                self.store.change_plan(tenant, &target.id, actor).await?;
+            }
+            return Ok(self.answer(self.store.subscription(tenant).await?, None));
+        }
+        let customer = match account.stripe_customer_id {
+            Some(customer) => customer,
+            None => {
+                let customer = stripe.create_customer(tenant, &account.tenant_name).await?;
+                self.store.set_stripe_customer(tenant, &customer).await?;
+                customer
+            }
+        };
+        let (session, url) = stripe
+            .create_checkout(tenant, &customer, &target.id, prices)
+            .await?;
+        tracing::info!(%tenant, plan = %target.id, %session, "checkout session created");
+        Ok(self.answer(self.store.subscription(tenant).await?, Some(url)))
+    }
+
+    fn answer(&self, subscription: Subscription, checkout_url: Option<String>) -> PlanChange {
+        PlanChange {
+            mode: self.mode(),
+            subscription,
+            checkout_url,
+        }
+    }
+
+    /// Cancels the subscription at the end of its period; the tenant keeps its plan until then.
+    pub async fn cancel(&self, tenant: &TenantId, actor: &str) -> Result<Subscription> {
+        let account = self.store.billing_account(tenant).await?;
+        if account.plan.id == FREE_PLAN {
+            return self.store.subscription(tenant).await;
+        }
+        if let (Some(stripe), Some(subscription)) = (self.stripe.as_deref(), &account.stripe_subscription_id)
+        {
+            stripe.cancel_at_period_end(subscription, true).await?;
+        }
+        self.store.set_cancel_at_period_end(tenant, true, actor).await?;
+        self.store.subscription(tenant).await
+    }
+
+    async fn statement_for(
+        &self,
+        tenant: &TenantId,
+        plan: &Plan,
+        period: (DateTime<Utc>, DateTime<Utc>),
+        open: bool,
+        invoices: &[(i64, i64, ProviderInvoice)],
+    ) -> Result<Statement> {
+        let items = self.store.statement_items(tenant, period.0, period.1).await?;
+        let invoice = invoices
+            .iter()
+            .find(|(start, end, _)| {
+                *start == period.0.timestamp_micros() && *end == period.1.timestamp_micros()
+            })
+            .map(|(_, _, invoice)| invoice.clone());
+        Ok(statement(plan, period, open, items, invoice))
+    }
+
+    /// The current period so far: what the next invoice will say if nothing else is used.
+    pub async fn upcoming(&self, tenant: &TenantId) -> Result<Statement> {
+        let account = self.store.billing_account(tenant).await?;
+        let invoices = self.store.provider_invoices(tenant).await?;
+        self.statement_for(
+            tenant,
+            &account.plan,
+            (account.period_start, account.period_end),
+            true,
+            &invoices,
+        )
+        .await
+    }
+
+    /// Statements of the closed periods on the current plan (the last twelve), newest first, each with
+    /// its Stripe invoice where Stripe has issued one. Periods under earlier plans are not restated:
+    /// plan history is not kept (Stripe keeps those invoices).
+    pub async fn invoices(&self, tenant: &TenantId) -> Result<InvoiceList> {
+        let account = self.store.billing_account(tenant).await?;
+        let invoices = self.store.provider_invoices(tenant).await?;
+        let mut closed = Vec::new();
+        let (mut start, mut end) = account.first_period;
+        while end <= account.period_start {
+            closed.push((start, end));
+            let Some(next) = end.checked_add_months(Months::new(1)) else {
+                break;
+            };
+            (start, end) = (end, next);
+        }
+        let mut statements = Vec::new();
+        for period in closed.into_iter().rev().take(INVOICE_HISTORY) {
+            statements.push(
+                self.statement_for(tenant, &account.plan, period, false, &invoices)
+                    .await?,
+            );
+        }
+        Ok(InvoiceList {
+            mode: self.mode(),
+            invoices: statements,
+        })
+    }
+
+    /// Verifies and applies one webhook delivery. Returns whether the event was new (a duplicate
+    /// delivery is acknowledged and changes nothing).
+    pub async fn receive_webhook(&self, signature: Option<&str>, body: &[u8]) -> Result<bool> {
+        let stripe = self.stripe()?;
+        signature::verify(
+            &stripe.settings.webhook_secret,
+            signature,
+            body,
+            Utc::now().timestamp(),
+        )
+        .map_err(|err| {
+            metrics::counter!("plinth_stripe_webhooks_refused_total").increment(1);
+            refused(ErrorCode::InvalidSignature, err.to_string())
+        })?;
+        let event = events::parse(body, &stripe.settings)?;
+        let new = self.store.apply_provider_event(&event).await?;
+        metrics::counter!("plinth_stripe_webhooks_total", "new" => new.to_string()).increment(1);
+        tracing::info!(event = %event.id, kind = %event.kind, new, "Stripe event received");
+        Ok(new)
+    }
+
+    /// One usage sync: closes every metered tenant's settled buckets up to `now - settle`, then sends
+    /// every closed bucket Stripe has not acknowledged (including ones a crashed run left behind).
+    pub async fn sync_once(&self, now: DateTime<Utc>) -> Result<SyncReport> {
+        let stripe = self.stripe()?;
+        let settle = chrono::Duration::from_std(self.sync.settle).unwrap_or_default();
+        let until = floor_to(now - settle, self.sync.bucket);
+        let mut report = SyncReport::default();
+        for tenant in self.store.metered_tenants().await? {
+            loop {
+                let closed = self
+                    .store
+                    .close_meter_buckets(&tenant, until, self.sync.bucket, BUCKETS_PER_TRANSACTION)
+                    .await?;
+                report.buckets_closed += closed;
+                if closed < BUCKETS_PER_TRANSACTION as u64 {
+                    break;
+                }
+            }
+        }
+        loop {
+            let pending = self.store.unsent_meter_pushes(SEND_BATCH).await?;
+            if pending.is_empty() {
+                break;
+            }
+            let batch = pending.len() as u64;
+            let mut failed = 0;
+            for push in pending {
+                let event_name = if push.meter == METER_CALLS {
+                    &stripe.settings.calls_meter_event
+                } else {
+                    &stripe.settings.plugin_fees_meter_event
+                };
+                let sent = stripe
+                    .send_meter_event(
+                        event_name,
+                        &push.stripe_customer_id,
+                        push.value,
+                        &push.identifier,
+                        push.bucket_start.timestamp(),
+                    )
+                    .await;
+                match sent {
+                    Ok(()) => {
+                        self.store.mark_meter_push_sent(&push.identifier).await?;
+                        report.events_sent += 1;
+                    }
+                    Err(err) => {
+                        tracing::warn!(identifier = %push.identifier, error = %err, "meter event not sent; will retry");
+                        failed += 1;
+                    }
+                }
+            }
+            if failed > 0 || batch < SEND_BATCH {
+                report.events_pending = failed;
+                break;
+            }
+        }
+        metrics::counter!("plinth_meter_events_sent_total").increment(report.events_sent);
+        Ok(report)
+    }
+
+    /// Runs [`Self::sync_once`] every interval until the process stops. Stripe mode only.
+    #[must_use]
+    pub fn spawn_sync(&self) -> Option<JoinHandle<()>> {
+        self.stripe.as_ref()?;
+        let billing = self.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(billing.sync.interval).await;
+                match billing.sync_once(Utc::now()).await {
+                    Ok(report) if report.buckets_closed + report.events_sent > 0 => {
+                        tracing::info!(?report, "usage synced to Stripe");
+                    }
+                    Ok(_) => {}
+                    Err(err) => tracing::warn!(error = %err, "usage sync failed; will retry"),
+                }
+            }
+        }))
+    }
+
+    /// Ledger totals against what was handed to Stripe.
+    pub async fn reconcile(&self) -> Result<Reconciliation> {
+        let rows = self.store.reconciliation().await?;
+        let balanced = rows.iter().all(|r| r.ledger == r.sent + r.pending);
+        Ok(Reconciliation { rows, balanced })
+    }
+
+    /// Creates the author's connected account on first use and returns a fresh onboarding link.
+    pub async fn connect(&self, tenant: &TenantId) -> Result<ConnectOnboarding> {
+        let stripe = self.stripe()?;
+        let (account, payouts_enabled) = match self.store.author_account(tenant).await? {
+            Some(existing) => existing,
+            None => {
+                let account = stripe.create_connected_account(tenant).await?;
+                self.store.save_author_account(tenant, &account).await?;
+                self.store
+                    .author_account(tenant)
+                    .await?
+                    .ok_or(StoreError::NotFound("connected account"))?
+            }
+        };
+        let url = stripe.onboarding_link(&account).await?;
+        Ok(ConnectOnboarding {
+            account_id: account,
+            url,
+            payouts_enabled,
+        })
+    }
+
+    pub async fn payouts(&self, tenant: &TenantId) -> Result<Vec<Payout>> {
+        self.store.payouts(tenant).await
+    }
+
+    /// Pays every connected author their earnings for a month that has ended. Each payout is recorded
+    /// before its transfer is requested, and the transfer's Idempotency-Key is the payout's id, so a
+    /// rerun (after a crash or to pick up newly onboarded authors) never pays twice.
+    pub async fn run_payouts(&self, period: &str, now: DateTime<Utc>) -> Result<PayoutRun> {
+        let stripe = self.stripe()?;
+        let (from, to) = month(period)?;
+        if to > now {
+            return Err(refused(
+                ErrorCode::ValidationFailed,
+                format!("period: {period} has not ended yet"),
+            ));
+        }
+        let mut run = PayoutRun {
+            period: period.to_owned(),
+            payouts: Vec::new(),
+            waiting_for_onboarding: 0,
+        };
+        for (author, earnings) in self.store.earnings_by_author(from, to).await? {
+            if earnings.0 < 10_000 {
+                continue; // Less than a cent: carried by the platform.
+            }
+            let Some((account, true)) = self.store.author_account(&author).await? else {
+                run.waiting_for_onboarding += 1;
+                continue;
+            };
+            let record = self
+                .store
+                .open_payout(&author, period, earnings, "usd", &account)
+                .await?;
+            if record.payout.status == "paid" {
+                run.payouts.push(record.payout);
+                continue;
+            }
+            let transfer = stripe
+                .transfer(
+                    record.payout.amount_cents,
+                    &record.payout.currency,
+                    &record.stripe_account_id,
+                    &format!("payouts-{period}"),
+                    &record.payout.id,
+                )
+                .await?;
+            run.payouts
+                .push(self.store.complete_payout(&record.payout.id, &transfer).await?);
+        }
+        Ok(run)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Plan {
+        Plan {
+            id: "pro".into(),
+            name: "Pro".into(),
+            currency: "usd".into(),
+            monthly_fee_micros: Micros::units(49),
+            included_calls: 10,
+            price_per_call_micros: Micros(1_234),
+            hard_cap: false,
+            rate_limit_per_minute: 600,
+            burst: 100,
+        }
+    }
+
+    fn item(kind: &str, name: &str, units: i64, amount: i64) -> StatementItem {
+        StatementItem {
+            kind: kind.into(),
+            name: name.into(),
+            units,
+            amount_micros: Micros(amount),
+        }
+    }
+
+    #[test]
+    fn statements_charge_overage_and_plugin_fees_rounded_once_per_line() {
+        let now = Utc::now();
+        let s = statement(
+            &plan(),
+            (now, now),
+            true,
+            vec![
+                item("model", "sentiment", 20, 20 * 1_234),
+                item("model", "minilm", 7, 7 * 1_234),
+                item("plugin", "triage", 3, 3 * 2_505),
+            ],
+            None,
+        );
+        assert_eq!(s.calls, 27);
+        assert_eq!(s.overage_calls, 17);
+        // 17 x 1234 = 20978 micro-dollars = 2.0978 cents -> 2 cents.
+        assert_eq!(s.overage_cents, 2);
+        // 3 x 2505 = 7515 micro-dollars = 0.7515 cents -> 1 cent.
+        assert_eq!(s.plugin_fees_cents, 1);
+        assert_eq!(s.subscription_fee_cents, 4_900);
+        assert_eq!(s.total_cents, 4_903);
+    }
+
+    #[test]
+    fn included_calls_cost_nothing() {
+        let now = Utc::now();
+        let s = statement(
+            &plan(),
+            (now, now),
+            true,
+            vec![item("model", "m", 10, 12_340)],
+            None,
+        );
+        assert_eq!((s.overage_calls, s.overage_cents, s.total_cents), (0, 0, 4_900));
+    }
+
+    #[test]
+    fn months_parse_strictly() {
+        let (from, to) = month("2026-02").unwrap();
+        assert_eq!(from.to_rfc3339(), "2026-02-01T00:00:00+00:00");
+        assert_eq!(to.to_rfc3339(), "2026-03-01T00:00:00+00:00");
+        assert!(month("2026-2").is_err());
+        assert!(month("2026-13").is_err());
+        assert!(month("soon").is_err());
+    }
+
+    #[test]
+    fn sync_ranges_end_on_the_bucket_grid() {
+        let t = "2026-11-23T10:07:31Z".parse::<DateTime<Utc>>().unwrap();
+        assert_eq!(
+            floor_to(t, Duration::from_secs(3_600)).to_rfc3339(),
+            "2026-11-23T10:00:00+00:00"
+        );
+        assert_eq!(
+            floor_to(t, Duration::from_secs(1)).to_rfc3339(),
+            "2026-11-23T10:07:31+00:00"
+        );
+    }
+}

@@ -1,0 +1,470 @@
+//! The Stripe gateway: every call Plinth makes to Stripe, through async-stripe's client (auth, API
+//! version, timeouts, `Idempotency-Key`, Stripe's error shape).
+//!
+//! Requests are form bodies built from the small structs below, and responses are read leniently into
+//! structs holding only the fields Plinth uses. async-stripe's generated resource crates would type
+//! every field of every object, at the price of a very large build and of failing on any response that
+//! lacks a field the generator marked required; the handful of calls here do not need that.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use plinth_core::ErrorCode;
+use plinth_core::id::TenantId;
+use plinth_store::StoreError;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy};
+use stripe_client_core::{RequestBuilder, StripeMethod};
+
+/// The Stripe prices a plan is sold at: its monthly fee, and its per-call price (a metered price on
+/// the calls meter, tiered so the plan's included calls cost nothing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanPrices {
+    pub flat: String,
+    pub metered: String,
+}
+
+/// Everything the gateway needs from configuration.
+#[derive(Debug, Clone)]
+pub struct StripeSettings {
+    pub secret_key: String,
+    pub webhook_secret: String,
+    /// `None` for `https://api.stripe.com/`.
+    pub api_base: Option<String>,
+    /// Plan id to prices.
+    pub plans: BTreeMap<String, PlanPrices>,
+    /// The metered price on the plugin-fees meter (one micro-unit per meter unit).
+    pub plugin_fees_price: Option<String>,
+    /// Event names of the two Stripe billing meters.
+    pub calls_meter_event: String,
+    pub plugin_fees_meter_event: String,
+    /// Where Checkout sends the customer back to.
+    pub success_url: String,
+    pub cancel_url: String,
+    /// Where Connect onboarding sends the author back to (and where an expired link refreshes).
+    pub connect_return_url: String,
+    pub connect_refresh_url: String,
+}
+
+impl StripeSettings {
+    /// The plan a price belongs to.
+    #[must_use]
+    pub fn plan_of_price(&self, price: &str) -> Option<&str> {
+        self.plans
+            .iter()
+            .find(|(_, prices)| prices.flat == price || prices.metered == price)
+            .map(|(plan, _)| plan.as_str())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StripeGateway {
+    client: Client,
+    pub settings: StripeSettings,
+}
+
+/// A Stripe object's id, and whatever else the caller reads.
+#[derive(Debug, Deserialize)]
+pub struct Created {
+    pub id: String,
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SubscriptionItems {
+    pub items: ItemList,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ItemList {
+    pub data: Vec<Item>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Item {
+    pub id: String,
+}
+
+#[derive(Serialize)]
+struct CustomerForm<'a> {
+    name: &'a str,
+    metadata: BTreeMap<&'a str, &'a str>,
+}
+
+#[derive(Serialize)]
+struct LineItem<'a> {
+    price: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quantity: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct SubscriptionData<'a> {
+    metadata: BTreeMap<&'a str, &'a str>,
+}
+
+#[derive(Serialize)]
+struct CheckoutForm<'a> {
+    mode: &'a str,
+    customer: &'a str,
+    client_reference_id: &'a str,
+    success_url: &'a str,
+    cancel_url: &'a str,
+    line_items: Vec<LineItem<'a>>,
+    metadata: BTreeMap<&'a str, &'a str>,
+    subscription_data: SubscriptionData<'a>,
+}
+
+#[derive(Serialize)]
+struct ItemChange<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deleted: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    price: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct PlanChangeForm<'a> {
+    items: Vec<ItemChange<'a>>,
+    /// A plan change starts a new period now, as in local billing, without proration.
+    billing_cycle_anchor: &'a str,
+    proration_behavior: &'a str,
+    cancel_at_period_end: bool,
+    metadata: BTreeMap<&'a str, &'a str>,
+}
+
+#[derive(Serialize)]
+struct CancelForm {
+    cancel_at_period_end: bool,
+}
+
+#[derive(Serialize)]
+struct MeterEventForm<'a> {
+    event_name: &'a str,
+    identifier: &'a str,
+    timestamp: i64,
+    payload: BTreeMap<&'a str, String>,
+}
+
+#[derive(Serialize)]
+struct AccountForm<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    metadata: BTreeMap<&'a str, &'a str>,
+}
+
+#[derive(Serialize)]
+struct AccountLinkForm<'a> {
+    account: &'a str,
+    refresh_url: &'a str,
+    return_url: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+}
+
+#[derive(Serialize)]
+struct TransferForm<'a> {
+    amount: i64,
+    currency: &'a str,
+    destination: &'a str,
+    transfer_group: &'a str,
+    metadata: BTreeMap<&'a str, &'a str>,
+}
+
+fn provider_error(err: &stripe::StripeError) -> StoreError {
+    let message = match err {
+        stripe::StripeError::Stripe(body, status) => format!(
+            "Stripe answered {status}: {}",
+            body.message.as_deref().unwrap_or("no message")
+        ),
+        other => format!("Stripe could not be reached: {other}"),
+    };
+    tracing::warn!(error = %err, "Stripe request failed");
+    metrics::counter!("plinth_stripe_errors_total").increment(1);
+    StoreError::Refused(ErrorCode::PaymentProviderError, message)
+}
+
+impl StripeGateway {
+    /// # Errors
+    /// When the secret key cannot be sent as a header.
+    pub fn new(settings: StripeSettings) -> Result<Self, StoreError> {
+        let mut builder = ClientBuilder::new(settings.secret_key.clone())
+            .timeout(Duration::from_secs(20))
+            .app_info("plinth", Some(env!("CARGO_PKG_VERSION").to_owned()), None);
+        if let Some(base) = &settings.api_base {
+            // The client appends `v1/...` to the base.
+            let base = if base.ends_with('/') {
+                base.clone()
+            } else {
+                format!("{base}/")
+            };
+            builder = builder.url(base);
+        }
+        let client = builder
+            .build()
+            .map_err(|err| StoreError::Internal(format!("cannot build the Stripe client: {err}")))?;
+        Ok(Self { client, settings })
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: StripeMethod,
+        path: &str,
+        form: Option<&impl Serialize>,
+        idempotency_key: Option<&str>,
+    ) -> Result<T, StoreError> {
+        let mut request = RequestBuilder::new(method, path);
+        if let Some(form) = form {
+            request = request.form(form);
+        }
+        let strategy = match idempotency_key {
+            Some(key) => RequestStrategy::Idempotent(
+                IdempotencyKey::new(key).map_err(|err| StoreError::Internal(err.to_string()))?,
+            ),
+            None => RequestStrategy::Once,
+        };
+        let started = std::time::Instant::now();
+        let value: miniserde::json::Value = request
+            .customize()
+            .request_strategy(strategy)
+            .send(&self.client)
+            .await
+            .map_err(|err| provider_error(&err))?;
+        metrics::histogram!("plinth_stripe_request_seconds").record(started.elapsed().as_secs_f64());
+        serde_json::from_str(&miniserde::json::to_string(&value)).map_err(|err| {
+            StoreError::Refused(
+                ErrorCode::PaymentProviderError,
+                format!("Stripe's answer to {path} was not understood: {err}"),
+            )
+        })
+    }
+
+    /// Creates the tenant's Stripe customer. The idempotency key is the tenant's, so two racing first
+    /// checkouts get one customer.
+    pub async fn create_customer(&self, tenant: &TenantId, name: &str) -> Result<String, StoreError> {
+        let form = CustomerForm {
+            name,
+            metadata: BTreeMap::from([("tenant_id", tenant.as_str())]),
+        };
+        let customer: Created = self
+            .call(
+                StripeMethod::Post,
+                "/customers",
+                Some(&form),
+                Some(&format!("customer-{tenant}")),
+            )
+            .await?;
+        Ok(customer.id)
+    }
+
+    /// A Checkout Session that subscribes `customer` to `plan`; returns its id and URL.
+    pub async fn create_checkout(
+        &self,
+        tenant: &TenantId,
+        customer: &str,
+        plan: &str,
+        prices: &PlanPrices,
+    ) -> Result<(String, String), StoreError> {
+        let mut line_items = vec![
+            LineItem {
+                price: &prices.flat,
+                quantity: Some(1),
+            },
+            LineItem {
+                price: &prices.metered,
+                quantity: None,
+            },
+        ];
+        if let Some(plugin_fees) = &self.settings.plugin_fees_price {
+            line_items.push(LineItem {
+                price: plugin_fees,
+                quantity: None,
+            });
+        }
+        let metadata = BTreeMap::from([("tenant_id", tenant.as_str()), ("plan_id", plan)]);
+        let form = CheckoutForm {
+            mode: "subscription",
+            customer,
+            client_reference_id: tenant.as_str(),
+            success_url: &self.settings.success_url,
+            cancel_url: &self.settings.cancel_url,
+            line_items,
+            metadata: metadata.clone(),
+            subscription_data: SubscriptionData { metadata },
+        };
+        let session: Created = self
+            .call(StripeMethod::Post, "/checkout/sessions", Some(&form), None)
+            .await?;
+        let url = session.url.ok_or_else(|| {
+            StoreError::Refused(
+                ErrorCode::PaymentProviderError,
+                "Stripe returned no Checkout URL".into(),
+            )
+        })?;
+        Ok((session.id, url))
+    }
+
+    /// Moves a live subscription to another plan's prices, starting a new period now.
+    pub async fn change_plan(
+        &self,
+        subscription: &str,
+        plan: &str,
+        prices: &PlanPrices,
+    ) -> Result<(), StoreError> {
+        let current: SubscriptionItems = self
+            .call(
+                StripeMethod::Get,
+                &format!("/subscriptions/{subscription}"),
+                None::<&()>,
+                None,
+            )
+            .await?;
+        let plugin_fees = self.settings.plugin_fees_price.as_deref();
+        let mut items: Vec<ItemChange<'_>> = current
+            .items
+            .data
+            .iter()
+            .map(|item| ItemChange {
+                id: Some(&item.id),
+                deleted: Some(true),
+                price: None,
+            })
+            .collect();
+        for price in [
+            Some(prices.flat.as_str()),
+            Some(prices.metered.as_str()),
+            plugin_fees,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            items.push(ItemChange {
+                id: None,
+                deleted: None,
+                price: Some(price),
+            });
+        }
+        let form = PlanChangeForm {
+            items,
+            billing_cycle_anchor: "now",
+            proration_behavior: "none",
+            cancel_at_period_end: false,
+            metadata: BTreeMap::from([("plan_id", plan)]),
+        };
+        let _: Created = self
+            .call(
+                StripeMethod::Post,
+                &format!("/subscriptions/{subscription}"),
+                Some(&form),
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Cancels (or resumes) a subscription at the end of its period.
+    pub async fn cancel_at_period_end(&self, subscription: &str, cancel: bool) -> Result<(), StoreError> {
+        let _: Created = self
+            .call(
+                StripeMethod::Post,
+                &format!("/subscriptions/{subscription}"),
+                Some(&CancelForm {
+                    cancel_at_period_end: cancel,
+                }),
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Reports one bucket of usage. `identifier` makes Stripe count it once however often it is sent;
+    /// it is also the request's Idempotency-Key.
+    pub async fn send_meter_event(
+        &self,
+        event_name: &str,
+        customer: &str,
+        value: i64,
+        identifier: &str,
+        timestamp: i64,
+    ) -> Result<(), StoreError> {
+        let form = MeterEventForm {
+            event_name,
+            identifier,
+            timestamp,
+            payload: BTreeMap::from([
+                ("stripe_customer_id", customer.to_owned()),
+                ("value", value.to_string()),
+            ]),
+        };
+        let _: serde_json::Value = self
+            .call(
+                StripeMethod::Post,
+                "/billing/meter_events",
+                Some(&form),
+                Some(identifier),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// An Express connected account for a plugin author (one per author, by idempotency key).
+    pub async fn create_connected_account(&self, tenant: &TenantId) -> Result<String, StoreError> {
+        let form = AccountForm {
+            kind: "express",
+            metadata: BTreeMap::from([("tenant_id", tenant.as_str())]),
+        };
+        let account: Created = self
+            .call(
+                StripeMethod::Post,
+                "/accounts",
+                Some(&form),
+                Some(&format!("account-{tenant}")),
+            )
+            .await?;
+        Ok(account.id)
+    }
+
+    /// A fresh onboarding link for a connected account.
+    pub async fn onboarding_link(&self, account: &str) -> Result<String, StoreError> {
+        let form = AccountLinkForm {
+            account,
+            refresh_url: &self.settings.connect_refresh_url,
+            return_url: &self.settings.connect_return_url,
+            kind: "account_onboarding",
+        };
+        #[derive(Deserialize)]
+        struct Link {
+            url: String,
+        }
+        let link: Link = self
+            .call(StripeMethod::Post, "/account_links", Some(&form), None)
+            .await?;
+        Ok(link.url)
+    }
+
+    /// Transfers `amount_cents` to a connected account; `key` makes a retried payout one transfer.
+    pub async fn transfer(
+        &self,
+        amount_cents: i64,
+        currency: &str,
+        destination: &str,
+        group: &str,
+        key: &str,
+    ) -> Result<String, StoreError> {
+        let form = TransferForm {
+            amount: amount_cents,
+            currency,
+            destination,
+            transfer_group: group,
+            metadata: BTreeMap::from([("payout", key)]),
+        };
+        let transfer: Created = self
+            .call(StripeMethod::Post, "/transfers", Some(&form), Some(key))
+            .await?;
+        Ok(transfer.id)
+    }
+}

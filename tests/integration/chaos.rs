@@ -1,0 +1,256 @@
+//! The platform is killed (SIGKILL) and restarted over and over while clients make metered calls, each
+//! retried with its Idempotency-Key until it succeeds, and while the usage sync pushes to Stripe.
+//! Afterwards the ledger holds exactly one event per logical call, and Stripe's meters hold exactly the
+//! ledger's totals.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use plinth_sdk::{Client, CreateApiKeyRequest, Scope, SignupRequest};
+use plinth_server::Config;
+use plinth_tests::stripe_double::{CALLS_METER, PLUGIN_FEES_PRICE, SECRET_KEY, StripeDouble, WEBHOOK_SECRET};
+use plinth_tests::{PASSWORD, postgres_and_redis};
+use tokio::process::{Child, Command};
+
+use crate::billing::{metered_plan, stripe_prices};
+
+/// The `plinth` binary `cargo test` built next to this test binary.
+fn plinth_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("plinth");
+    assert!(
+        bin.is_file(),
+        "{} is missing: `cargo test --workspace` builds it (plinth-server has integration tests)",
+        bin.display()
+    );
+    bin
+}
+
+struct Platform {
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Platform {
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(plinth_binary())
+            .arg("serve")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no draining, no shutdown hooks.
+    async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+}
+
+async fn wait_ready(http: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(response) = http.get(format!("{base}/v2/health/ready")).send().await
+            && response.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the platform did not become ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_and_restarted_under_load_it_bills_each_call_once_and_stripe_gets_the_ledger() {
+    const CLIENTS: usize = 3;
+    const CALLS_PER_CLIENT: usize = 60;
+    /// At least this many kills, and kills go on until the clients are done.
+    const MIN_KILLS: usize = 6;
+
+    let double = StripeDouble::start(stripe_prices()).await;
+    let data = tempfile::tempdir().unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut config = Config {
+        data_dir: data.path().to_path_buf(),
+        ..Config::default()
+    };
+    let mut env: Vec<(String, String)> = vec![
+        ("PLINTH_HTTP_ADDR".into(), format!("127.0.0.1:{port}")),
+        ("PLINTH_DATA_DIR".into(), data.path().display().to_string()),
+        ("PLINTH_WORKERS".into(), "2".into()),
+        ("PLINTH_INFERENCE_SESSIONS".into(), "1".into()),
+        ("PLINTH_LOG".into(), "warn".into()),
+        ("PLINTH_STRIPE_SECRET_KEY".into(), SECRET_KEY.into()),
+        ("PLINTH_STRIPE_WEBHOOK_SECRET".into(), WEBHOOK_SECRET.into()),
+        (
+            "PLINTH_STRIPE_API_BASE".into(),
+            format!("http://{}/", double.addr),
+        ),
+        (
+            "PLINTH_STRIPE_PLAN_PRICES".into(),
+            "metered=price_metered_flat/price_metered_calls".into(),
+        ),
+        ("PLINTH_STRIPE_PLUGIN_FEES_PRICE".into(), PLUGIN_FEES_PRICE.into()),
+        ("PLINTH_BILLING_SYNC_INTERVAL_SECS".into(), "1".into()),
+        ("PLINTH_BILLING_SYNC_BUCKET_SECS".into(), "1".into()),
+        ("PLINTH_BILLING_SYNC_SETTLE_SECS".into(), "1".into()),
+    ];
+    if let Some((database, redis)) = postgres_and_redis() {
+        let schema = format!("chaos_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
+        env.push(("PLINTH_DATABASE_URL".into(), database.clone()));
+        env.push(("PLINTH_DATABASE_SCHEMA".into(), schema.clone()));
+        env.push(("PLINTH_REDIS_URL".into(), redis));
+        env.push(("PLINTH_REDIS_PREFIX".into(), format!("plinth:{schema}:")));
+        config.database_url = Some(database);
+        config.database_schema = Some(schema);
+        config.database_max_connections = 4;
+    }
+    let mut platform = Platform {
+        env,
+        log: data.path().join("plinth.log"),
+        child: None,
+    };
+    platform.spawn();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    wait_ready(&http, &base).await;
+
+    // The operator's plan, and a tenant subscribed to it through Checkout.
+    let store = plinth_server::open_store(&config).await.unwrap();
+    store.upsert_plan(&metered_plan()).await.unwrap();
+    let client = Client::new(&base).unwrap();
+    let session = client
+        .signup(&SignupRequest {
+            email: format!("chaos-{}@example.com", ulid::Ulid::new()),
+            password: PASSWORD.into(),
+            tenant_name: "Chaos".into(),
+        })
+        .await
+        .unwrap();
+    let owner = client.clone().with_token(&session.token);
+    let key = owner
+        .create_api_key(&CreateApiKeyRequest {
+            name: "load".into(),
+            scopes: Some(vec![Scope::Inference]),
+            rate_limit_per_minute: None,
+            expires_at: None,
+        })
+        .await
+        .unwrap();
+    let checkout = owner.change_plan("metered").await.unwrap().checkout_url.unwrap();
+    let subscription = double.complete_checkout(&base, &checkout).await;
+    let customer = double.subscription(&subscription).unwrap().customer;
+
+    // Clients: each logical call has one Idempotency-Key and is retried until it gets a 2xx.
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let (http, base, secret) = (http.clone(), base.clone(), key.secret.clone());
+        clients.push(tokio::spawn(async move {
+            let (mut units, mut attempts) = (0_i64, 0_u64);
+            for i in 0..CALLS_PER_CLIENT {
+                let idempotency_key = format!("chaos-{c}-{i}-{}", ulid::Ulid::new());
+                let items = 1 + (c + i) % 3;
+                let body = serde_json::json!({ "inputs": vec!["steady as she goes"; items] });
+                loop {
+                    attempts += 1;
+                    let sent = http
+                        .post(format!("{base}/v1/models/sentiment/classify"))
+                        .bearer_auth(&secret)
+                        .header("Idempotency-Key", &idempotency_key)
+                        .json(&body)
+                        .send()
+                        .await;
+                    if sent.is_ok_and(|r| r.status().is_success()) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                units += i64::try_from(items).unwrap();
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            (units, attempts)
+        }));
+    }
+
+    // Meanwhile: SIGKILL and restart at uneven intervals, for as long as the clients run.
+    let started = Instant::now();
+    let mut kills = 0;
+    while kills < MIN_KILLS || clients.iter().any(|c| !c.is_finished()) {
+        tokio::time::sleep(Duration::from_millis(900 + 350 * (kills as u64 % 3))).await;
+        platform.kill().await;
+        kills += 1;
+        platform.spawn();
+        wait_ready(&http, &base).await;
+    }
+    let mut units = 0;
+    let mut attempts = 0;
+    for client in clients {
+        let (u, a) = client.await.unwrap();
+        units += u;
+        attempts += a;
+    }
+
+    // The running platform's sync catches up with the ledger.
+    let tenant = session.tenant.id.clone();
+    let billing = plinth_server::billing(&config, store.clone()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reconciliation = loop {
+        let reconciliation = billing.reconcile().await.unwrap();
+        let calls = reconciliation
+            .rows
+            .iter()
+            .find(|r| r.tenant_id == tenant.as_str() && r.meter == "calls")
+            .cloned();
+        if calls.as_ref().is_some_and(|r| r.sent == units && r.pending == 0) || Instant::now() > deadline {
+            break reconciliation;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let logical_calls = (CLIENTS * CALLS_PER_CLIENT) as u64;
+    let events = store.usage_event_count(&tenant).await.unwrap();
+    let stripe_total = double.meter_total(CALLS_METER, &customer);
+    let meter_events = double.meter_events().len();
+    println!(
+        "chaos: {logical_calls} logical calls ({attempts} attempts) over {:.1} s, {kills} kills; ledger {events} events \
+         ({units} units); Stripe {meter_events} meter events totalling {stripe_total} units; \
+         {} duplicate identifiers",
+        started.elapsed().as_secs_f64(),
+        double.duplicate_identifiers()
+    );
+    platform.kill().await;
+
+    assert_eq!(events, logical_calls, "one ledger event per logical call");
+    assert!(reconciliation.balanced, "{reconciliation:?}");
+    assert_eq!(
+        stripe_total, units,
+        "Stripe's meter holds exactly the ledger's units"
+    );
+    assert_eq!(double.duplicate_identifiers(), 0);
+    let statement_calls = billing.upcoming(&tenant).await.unwrap().calls;
+    assert_eq!(statement_calls, units);
+}
