@@ -30,6 +30,19 @@ enum Subscriptions {
     MeterSyncedUntilUs,
 }
 
+/// A tenant's past spans on one plan and billing anchor: statements of closed periods are priced at the
+/// plan of their span.
+#[derive(DeriveIden)]
+enum PlanEras {
+    Table,
+    Id,
+    TenantId,
+    PlanId,
+    FirstPeriodStart,
+    FirstPeriodEnd,
+    EndedAt,
+}
+
 #[derive(DeriveIden)]
 enum StripeEvents {
     Table,
@@ -130,6 +143,29 @@ impl MigrationTrait for Migration {
                 Table::alter()
                     .table(Subscriptions::Table)
                     .add_column(big_integer_null(Subscriptions::MeterSyncedUntilUs))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(PlanEras::Table)
+                    .col(string(PlanEras::Id).primary_key())
+                    .col(string(PlanEras::TenantId))
+                    .col(string(PlanEras::PlanId))
+                    .col(timestamp_with_time_zone(PlanEras::FirstPeriodStart))
+                    .col(timestamp_with_time_zone(PlanEras::FirstPeriodEnd))
+                    .col(timestamp_with_time_zone(PlanEras::EndedAt))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("idx_plan_eras_tenant")
+                    .table(PlanEras::Table)
+                    .col(PlanEras::TenantId)
+                    .col(PlanEras::EndedAt)
                     .to_owned(),
             )
             .await?;

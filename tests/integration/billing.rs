@@ -159,10 +159,15 @@ async fn local_billing_changes_plans_at_once_and_states_usage() {
     assert_eq!(by_model, BTreeMap::from([("minilm-embed", 1), ("sentiment", 5)]));
     assert_eq!(statement.invoice, None);
 
-    // A new tenant has no closed periods yet.
+    // Nothing has closed yet: the free period ended with the change, and is all there is.
     let history = tenant.owner.invoices().await.unwrap();
     assert_eq!(history.mode, PaymentMode::Local);
-    assert!(history.invoices.is_empty());
+    let plans: Vec<(&str, i64)> = history
+        .invoices
+        .iter()
+        .map(|s| (s.plan.as_str(), s.total_cents))
+        .collect();
+    assert_eq!(plans, [("free", 0)]);
 
     let canceled = tenant.owner.cancel_subscription().await.unwrap();
     assert!(canceled.cancel_at_period_end);
@@ -170,9 +175,23 @@ async fn local_billing_changes_plans_at_once_and_states_usage() {
         canceled.plan.id, "metered",
         "the plan runs to the end of the period"
     );
-    // Moving to a paid plan again resumes it.
-    let resumed = tenant.owner.change_plan("metered").await.unwrap();
+    // Moving to a plan starts a new period (and resumes a canceled one); the one it ends is closed
+    // and stated at the plan it ran on.
+    let resumed = tenant.owner.change_plan("pro").await.unwrap();
     assert!(!resumed.subscription.cancel_at_period_end);
+    let history = tenant.owner.invoices().await.unwrap();
+    let closed: Vec<(&str, i64, i64)> = history
+        .invoices
+        .iter()
+        .map(|s| (s.plan.as_str(), s.calls, s.total_cents))
+        .collect();
+    assert_eq!(closed, [("metered", 6, 4_900), ("free", 0, 0)]);
+    assert_eq!(
+        history.invoices[0].period_end,
+        resumed.subscription.current_period_start
+    );
+    let upcoming = tenant.owner.upcoming_invoice().await.unwrap();
+    assert_eq!((upcoming.plan.as_str(), upcoming.calls), ("pro", 0));
 
     // Stripe's endpoints answer that payments are not configured.
     let (status, body) = post_webhook(&app, Some("t=1,v1=00".into()), "{}").await;
@@ -288,8 +307,15 @@ async fn stripe_plan_changes_cancellation_and_unpriced_plans() {
     assert_eq!(api_code(&unpriced), Some(ErrorCode::PlanNotPurchasable));
     let (_, subscription) = subscribe(&app, &double, &tenant, "metered").await;
 
-    // A paying tenant moves plans without Checkout: Stripe's items are replaced, a new period starts.
+    // A paying tenant moves plans without Checkout: Stripe's items are replaced, a new period starts
+    // (Stripe's, to the second), and the period it ends is closed at the plan it ran on.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
     let change = tenant.owner.change_plan("pro").await.unwrap();
+    let stripe_start = double.subscription(&subscription).unwrap().period_start;
+    assert_eq!(change.subscription.current_period_start.timestamp(), stripe_start);
+    let history = tenant.owner.invoices().await.unwrap();
+    assert_eq!(history.invoices[0].plan, "metered");
+    assert_eq!(history.invoices[0].period_end.timestamp(), stripe_start);
     assert_eq!(
         (change.checkout_url, change.subscription.plan.id.as_str()),
         (None, "pro")
@@ -585,4 +611,34 @@ async fn authors_are_paid_their_share_once_through_connect() {
     assert_eq!(double.transfers().len(), 1);
     assert_eq!(author.owner.payouts().await.unwrap(), run.payouts);
     assert!(customer.owner.payouts().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_free_plan_stops_at_its_included_calls_until_the_tenant_upgrades() {
+    let app = TestApp::spawn().await;
+    let mut free = app.store().plan("free").await.unwrap();
+    free.included_calls = 3;
+    app.store().upsert_plan(&free).await.unwrap();
+    app.store().upsert_plan(&metered_plan()).await.unwrap();
+    let tenant = app.tenant().await;
+    for _ in 0..3 {
+        tenant.client.classify("sentiment", &["fine"]).await.unwrap();
+    }
+    // The count is read from the ledger at most every two seconds.
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    let refused = tenant
+        .client
+        .classify("sentiment", &["one more"])
+        .await
+        .unwrap_err();
+    assert_eq!(api_code(&refused), Some(ErrorCode::QuotaExceeded));
+    assert!(matches!(refused, plinth_sdk::Error::Api { status: 402, .. }));
+    assert_eq!(
+        tenant.owner.upcoming_invoice().await.unwrap().calls,
+        3,
+        "refused calls are not billed"
+    );
+
+    tenant.owner.change_plan("metered").await.unwrap();
+    tenant.client.classify("sentiment", &["paid for"]).await.unwrap();
 }

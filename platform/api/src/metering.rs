@@ -69,11 +69,52 @@ pub(crate) async fn middleware(
         }
     }
 
+    if let Some(cap) = principal.call_cap {
+        enforce_cap(&state, &principal.tenant_id, cap).await?;
+    }
+
     let mut response = next.call(req).await?;
     if let Some(decision) = &decision {
         insert_rate_headers(response.headers_mut(), decision);
     }
     Ok(response)
+}
+
+/// How long a tenant's count of units this period is reused before it is read from the ledger again.
+/// A capped tenant can overshoot its cap by what its rate limit lets through in this window.
+const CAP_COUNT_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Refuses a call once a capped plan's included calls for the period are used. The count comes from
+/// the ledger, cached briefly (in Redis in production, so replicas share it). A cache or database
+/// hiccup lets the call through, as the rate limiter does.
+async fn enforce_cap(state: &AppState, tenant: &plinth_core::id::TenantId, cap: i64) -> Result<(), ApiError> {
+    let key = format!("cap:{tenant}");
+    let cached = match state.cache.get(&key).await {
+        Ok(Some(bytes)) => bytes.try_into().ok().map(i64::from_le_bytes),
+        _ => None,
+    };
+    let used = match cached {
+        Some(used) => used,
+        None => match state.store.units_this_period(tenant).await {
+            Ok(used) => {
+                let _ = state.cache.set(&key, &used.to_le_bytes(), CAP_COUNT_TTL).await;
+                used
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot count usage against the plan's cap; allowing the call");
+                return Ok(());
+            }
+        },
+    };
+    if used >= cap {
+        return Err(ApiError::new(
+            ErrorCode::QuotaExceeded,
+            format!(
+                "the plan's {cap} included calls for this period are used; upgrade the plan (POST /v1/subscription) to continue"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// What one call bills: `units` of a resource at `unit_price` each.

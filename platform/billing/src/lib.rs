@@ -192,8 +192,11 @@ impl Billing {
         })?;
         if let Some(subscription_id) = &account.stripe_subscription_id {
             if account.plan.id != target.id || account.cancel_at_period_end {
-                stripe.change_plan(subscription_id, &target.id, prices).await?;
-                self.store.change_plan(tenant, &target.id, actor).await?;
+                // The new period is Stripe's, so its webhook about this change finds nothing to move.
+                let period = stripe.change_plan(subscription_id, &target.id, prices).await?;
+                self.store
+                    .change_plan_in(tenant, &target.id, period, actor)
+                    .await?;
             }
             return Ok(self.answer(self.store.subscription(tenant).await?, None));
         }
@@ -230,7 +233,7 @@ impl Billing {
         {
             stripe.cancel_at_period_end(subscription, true).await?;
         }
-        self.store.set_cancel_at_period_end(tenant, true, actor).await?;
+        self.store.cancel_at_period_end(tenant, actor).await?;
         self.store.subscription(tenant).await
     }
 
@@ -266,25 +269,32 @@ impl Billing {
         .await
     }
 
-    /// Statements of the closed periods on the current plan (the last twelve), newest first, each with
-    /// its Stripe invoice where Stripe has issued one. Periods under earlier plans are not restated:
-    /// plan history is not kept (Stripe keeps those invoices).
+    /// Statements of the tenant's closed periods (the last twelve), newest first, each priced at the
+    /// plan it ran on and with its Stripe invoice where Stripe has issued one. A period cut short by a
+    /// plan change ends at the change.
     pub async fn invoices(&self, tenant: &TenantId) -> Result<InvoiceList> {
-        let account = self.store.billing_account(tenant).await?;
+        let now = Utc::now();
         let invoices = self.store.provider_invoices(tenant).await?;
         let mut closed = Vec::new();
-        let (mut start, mut end) = account.first_period;
-        while end <= account.period_start {
-            closed.push((start, end));
-            let Some(next) = end.checked_add_months(Months::new(1)) else {
-                break;
-            };
-            (start, end) = (end, next);
+        for era in self.store.plan_eras(tenant).await? {
+            let stop = era.ended_at.unwrap_or(now);
+            let (mut start, mut end) = era.first_period;
+            while start < stop {
+                let cut = end.min(stop);
+                // The current span's open period is the upcoming invoice, not a closed one.
+                if era.ended_at.is_some() || end <= now {
+                    closed.push((era.plan.clone(), (start, cut)));
+                }
+                let Some(next) = end.checked_add_months(Months::new(1)) else {
+                    break;
+                };
+                (start, end) = (end, next);
+            }
         }
         let mut statements = Vec::new();
-        for period in closed.into_iter().rev().take(INVOICE_HISTORY) {
+        for (plan, period) in closed.into_iter().rev().take(INVOICE_HISTORY) {
             statements.push(
-                self.statement_for(tenant, &account.plan, period, false, &invoices)
+                self.statement_for(tenant, &plan, period, false, &invoices)
                     .await?,
             );
         }

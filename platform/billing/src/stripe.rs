@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use plinth_core::ErrorCode;
 use plinth_core::id::TenantId;
 use plinth_store::StoreError;
@@ -85,6 +86,10 @@ pub struct ItemList {
 #[derive(Debug, Deserialize)]
 pub struct Item {
     pub id: String,
+    #[serde(default)]
+    pub current_period_start: Option<i64>,
+    #[serde(default)]
+    pub current_period_end: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -308,13 +313,14 @@ impl StripeGateway {
         Ok((session.id, url))
     }
 
-    /// Moves a live subscription to another plan's prices, starting a new period now.
+    /// Moves a live subscription to another plan's prices, starting a new period now. Returns the new
+    /// period as Stripe set it.
     pub async fn change_plan(
         &self,
         subscription: &str,
         plan: &str,
         prices: &PlanPrices,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<(DateTime<Utc>, DateTime<Utc>)>, StoreError> {
         let current: SubscriptionItems = self
             .call(
                 StripeMethod::Get,
@@ -355,7 +361,7 @@ impl StripeGateway {
             cancel_at_period_end: false,
             metadata: BTreeMap::from([("plan_id", plan)]),
         };
-        let _: Created = self
+        let updated: SubscriptionItems = self
             .call(
                 StripeMethod::Post,
                 &format!("/subscriptions/{subscription}"),
@@ -363,7 +369,11 @@ impl StripeGateway {
                 None,
             )
             .await?;
-        Ok(())
+        Ok(updated.items.data.iter().find_map(|item| {
+            let start = DateTime::from_timestamp(item.current_period_start?, 0)?;
+            let end = DateTime::from_timestamp(item.current_period_end?, 0)?;
+            Some((start, end))
+        }))
     }
 
     /// Cancels (or resumes) a subscription at the end of its period.

@@ -96,6 +96,9 @@ error_codes! {
     InvalidSignature = 400,
     /// The payment provider refused or failed the request; the message says what it said.
     PaymentProviderError = 502,
+    /// The plan's included calls for this period are used up and the plan stops there (the free plan,
+    /// or any plan while a payment is past due): upgrade, pay, or wait for the next period.
+    QuotaExceeded = 402,
     /// Too many requests; wait for `Retry-After` seconds.
     RateLimited = 429,
     /// Something failed on our side; the request id helps support find it.

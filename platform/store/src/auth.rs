@@ -43,6 +43,8 @@ pub struct Principal {
     pub tenant_quota: Quota,
     /// The plan's list price per metered unit, recorded with each usage event.
     pub price_per_call: plinth_core::Micros,
+    /// Model units the tenant may use per period, on plans that stop at their included calls.
+    pub call_cap: Option<i64>,
     pub expires_at: Option<DateTime<Utc>>,
 }
 
@@ -216,6 +218,7 @@ impl Store {
                 burst: plan.burst,
             },
             price_per_call: plan.price_per_call_micros,
+            call_cap: plan.hard_cap.then_some(plan.included_calls),
             expires_at: key.expires_at,
         })
     }
@@ -275,6 +278,7 @@ impl Store {
                 burst: plan.burst,
             },
             price_per_call: plan.price_per_call_micros,
+            call_cap: plan.hard_cap.then_some(plan.included_calls),
             expires_at: Some(session.expires_at),
         })
     }

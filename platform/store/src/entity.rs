@@ -34,6 +34,7 @@ tenant_scoped!(
     models,
     installations,
     meter_pushes,
+    plan_eras,
     invoices,
     author_accounts,
     payouts
@@ -493,6 +494,27 @@ pub mod payouts {
         pub status: String,
         pub created_at: DateTimeUtc,
         pub paid_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod plan_eras {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "plan_eras")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        pub plan_id: String,
+        pub first_period_start: DateTimeUtc,
+        pub first_period_end: DateTimeUtc,
+        pub ended_at: DateTimeUtc,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

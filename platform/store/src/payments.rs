@@ -21,7 +21,7 @@ use crate::entity::{
     TenantScoped, author_accounts, invoices, meter_pushes, payouts, plugin_versions, plugins, stripe_events,
     subscriptions, tenants, usage_events,
 };
-use crate::plans::{FREE_PLAN, find_plan};
+use crate::plans::{FREE_PLAN, find_plan, month_after};
 use crate::{Result, Store, StoreError};
 
 /// The meter for model units at the plan's per-call price (included calls come off in Stripe's tiers).
@@ -41,9 +41,6 @@ pub struct BillingAccount {
     /// The current billing period (the stored one rolled forward monthly).
     pub period_start: DateTime<Utc>,
     pub period_end: DateTime<Utc>,
-    /// The first period on the current plan (set when the plan last changed); periods roll monthly
-    /// from it. Earlier periods belonged to earlier plans.
-    pub first_period: (DateTime<Utc>, DateTime<Utc>),
     pub cancel_at_period_end: bool,
     pub stripe_customer_id: Option<String>,
     pub stripe_subscription_id: Option<String>,
@@ -230,30 +227,47 @@ impl Store {
         Ok(())
     }
 
-    /// Marks the subscription to be canceled (or no longer canceled) at the end of its period.
-    pub async fn set_cancel_at_period_end(&self, tenant: &TenantId, cancel: bool, actor: &str) -> Result<()> {
+    /// Marks the subscription to be canceled at the end of its current period. The stored period is
+    /// rolled forward to the current one first, so "the end" is this period's.
+    pub async fn cancel_at_period_end(&self, tenant: &TenantId, actor: &str) -> Result<()> {
         let txn = self.write_transaction().await?;
-        subscriptions::Entity::update_many()
-            .col_expr(subscriptions::Column::CancelAtPeriodEnd, Expr::value(cancel))
-            .col_expr(subscriptions::Column::UpdatedAt, Expr::value(Utc::now()))
-            .filter(subscriptions::Column::TenantId.eq(tenant.as_str()))
-            .exec(&txn)
-            .await?;
+        let row = subscriptions::Entity::find_in(tenant)
+            .one(&txn)
+            .await?
+            .ok_or(StoreError::NotFound("subscription"))?;
+        let now = Utc::now();
+        let current = crate::plans::current_period(row.current_period_start, row.current_period_end, now);
+        let mut model: subscriptions::ActiveModel = row.clone().into();
+        crate::plans::reanchor(&txn, &row, &mut model, &row.plan_id, current).await?;
+        model.cancel_at_period_end = Set(true);
+        model.updated_at = Set(now);
+        model.update(&txn).await?;
         crate::audit::record(
             &txn,
             Some(tenant),
             actor,
-            if cancel {
-                "subscription.cancel"
-            } else {
-                "subscription.resume"
-            },
-            None,
-            serde_json::json!({ "cancel_at_period_end": cancel }),
+            "subscription.cancel",
+            Some(&row.plan_id),
+            serde_json::json!({ "cancel_at_period_end": true, "period_end": current.1 }),
         )
         .await?;
         txn.commit().await?;
         Ok(())
+    }
+
+    /// Model units the tenant has used in its current billing period.
+    pub async fn units_this_period(&self, tenant: &TenantId) -> Result<i64> {
+        let row = subscriptions::Entity::find_in(tenant)
+            .one(self.db())
+            .await?
+            .ok_or(StoreError::NotFound("subscription"))?;
+        let now = Utc::now();
+        let (start, _) = crate::plans::current_period(row.current_period_start, row.current_period_end, now);
+        Ok(
+            meter_totals(self.db(), tenant, start.timestamp_micros(), i64::MAX)
+                .await?
+                .calls,
+        )
     }
 
     /// Model units and plugin fees of a tenant in `[from, to)`.
@@ -764,7 +778,6 @@ async fn billing_account(conn: &impl ConnectionTrait, tenant: &TenantId) -> Resu
         status: SubscriptionStatus::parse(&row.status).unwrap_or(SubscriptionStatus::Active),
         period_start,
         period_end,
-        first_period: (row.current_period_start, row.current_period_end),
         cancel_at_period_end: row.cancel_at_period_end,
         stripe_customer_id: row.stripe_customer_id,
         stripe_subscription_id: row.stripe_subscription_id,
@@ -823,13 +836,12 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
             model.stripe_event_at = Set(Some(event.created));
             model.updated_at = Set(now);
             if !same_subscription {
-                model.plan_id = Set(plan_id);
+                crate::plans::reanchor(conn, &row, &mut model, &plan_id, (started, month_after(started)))
+                    .await?;
                 if fresh(row.status_event_at) {
                     model.status = Set(status_text(SubscriptionStatus::Active));
                     model.status_event_at = Set(Some(event.created));
                 }
-                model.current_period_start = Set(started);
-                model.current_period_end = Set(started.checked_add_months(Months::new(1)).unwrap_or(started));
                 model.cancel_at_period_end = Set(false);
                 model.meter_synced_until_us = Set(Some(
                     row.meter_synced_until_us
@@ -871,28 +883,28 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
             model.stripe_event_at = Set(Some(event.created));
             model.updated_at = Set(now);
             if *deleted {
-                model.plan_id = Set(FREE_PLAN.to_owned());
+                crate::plans::reanchor(conn, &row, &mut model, FREE_PLAN, (now, month_after(now))).await?;
                 model.status = Set(status_text(SubscriptionStatus::Active));
                 model.status_event_at = Set(Some(event.created));
                 model.stripe_subscription_id = Set(None);
                 model.cancel_at_period_end = Set(false);
-                model.current_period_start = Set(now);
-                model.current_period_end = Set(now.checked_add_months(Months::new(1)).unwrap_or(now));
             } else {
                 model.stripe_subscription_id = Set(Some(subscription.clone()));
-                if let Some(plan) = plan
-                    && find_plan(conn, plan).await.is_ok()
-                {
-                    model.plan_id = Set(plan.clone());
-                }
+                let plan_id = match plan {
+                    Some(plan) if find_plan(conn, plan).await.is_ok() => plan.clone(),
+                    _ => row.plan_id.clone(),
+                };
+                let period = match (period_start, period_end) {
+                    (Some(start), Some(end)) => (*start, *end),
+                    _ => (row.current_period_start, row.current_period_end),
+                };
+                crate::plans::reanchor(conn, &row, &mut model, &plan_id, period).await?;
                 if fresh(row.status_event_at) {
                     model.status = Set(status_text(*status));
                     model.status_event_at = Set(Some(event.created));
                 }
                 model.cancel_at_period_end = Set(*cancel_at_period_end);
-                if let (Some(start), Some(end)) = (period_start, period_end) {
-                    model.current_period_start = Set(*start);
-                    model.current_period_end = Set(*end);
+                if let Some(start) = period_start {
                     let has_pushes = meter_pushes::Entity::find_in(&tenant).one(conn).await?.is_some();
                     let cursor = row.meter_synced_until_us;
                     // The first period decides where metering starts; once buckets are closed the

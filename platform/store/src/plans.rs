@@ -7,7 +7,7 @@ use plinth_core::api::{Plan, Subscription, SubscriptionStatus};
 use plinth_core::id::TenantId;
 use sea_orm::{ActiveModelTrait, ConnectionTrait, EntityTrait, QueryOrder, Set};
 
-use crate::entity::{TenantScoped, plans, subscriptions};
+use crate::entity::{TenantScoped, plan_eras, plans, subscriptions};
 use crate::{Result, Store, StoreError};
 
 /// The plan every tenant starts on, and whose limits apply while a payment is past due.
@@ -188,8 +188,20 @@ impl Store {
         })
     }
 
-    /// Moves a tenant to another plan, starting a new period now (operators; Stripe checkout later).
+    /// Moves a tenant to another plan, starting a new period now.
     pub async fn change_plan(&self, tenant: &TenantId, plan_id: &str, actor: &str) -> Result<Subscription> {
+        self.change_plan_in(tenant, plan_id, None, actor).await
+    }
+
+    /// Moves a tenant to another plan, starting the given period (the payment provider's), or a
+    /// month from now.
+    pub async fn change_plan_in(
+        &self,
+        tenant: &TenantId,
+        plan_id: &str,
+        period: Option<(DateTime<Utc>, DateTime<Utc>)>,
+        actor: &str,
+    ) -> Result<Subscription> {
         let txn = self.write_transaction().await?;
         find_plan(&txn, plan_id).await?;
         let row = subscriptions::Entity::find_in(tenant)
@@ -198,11 +210,16 @@ impl Store {
             .ok_or(StoreError::NotFound("tenant"))?;
         let previous = row.plan_id.clone();
         let now = Utc::now();
-        let mut model: subscriptions::ActiveModel = row.into();
-        model.plan_id = Set(plan_id.to_owned());
+        let mut model: subscriptions::ActiveModel = row.clone().into();
+        reanchor(
+            &txn,
+            &row,
+            &mut model,
+            plan_id,
+            period.unwrap_or((now, month_after(now))),
+        )
+        .await?;
         model.status = Set(SubscriptionStatus::Active.as_str().to_owned());
-        model.current_period_start = Set(now);
-        model.current_period_end = Set(now.checked_add_months(Months::new(1)).unwrap_or(now));
         model.cancel_at_period_end = Set(false);
         model.updated_at = Set(now);
         model.update(&txn).await?;
@@ -218,6 +235,35 @@ impl Store {
         txn.commit().await?;
         self.credentials.forget_in_tenant(tenant, None);
         self.subscription(tenant).await
+    }
+
+    /// The tenant's spans on its plans, oldest first; the last is the current one.
+    pub async fn plan_eras(&self, tenant: &TenantId) -> Result<Vec<PlanEra>> {
+        let row = subscriptions::Entity::find_in(tenant)
+            .one(self.db())
+            .await?
+            .ok_or(StoreError::NotFound("subscription"))?;
+        let mut spans: Vec<Span> = plan_eras::Entity::find_in(tenant)
+            .order_by_asc(plan_eras::Column::EndedAt)
+            .all(self.db())
+            .await?
+            .into_iter()
+            .map(|era| Span {
+                plan_id: era.plan_id,
+                first: (era.first_period_start, era.first_period_end),
+                ended_at: Some(era.ended_at),
+            })
+            .collect();
+        spans.extend(row_eras(&row, Utc::now()));
+        let mut eras = Vec::with_capacity(spans.len());
+        for span in spans {
+            eras.push(PlanEra {
+                plan: find_plan(self.db(), &span.plan_id).await?,
+                first_period: span.first,
+                ended_at: span.ended_at,
+            });
+        }
+        Ok(eras)
     }
 
     pub(crate) async fn create_free_subscription(
@@ -251,6 +297,89 @@ pub(crate) async fn find_plan(conn: &impl ConnectionTrait, id: &str) -> Result<P
         .await?
         .map(to_plan)
         .ok_or(StoreError::NotFound("plan"))
+}
+
+/// A span of a tenant's history on one plan, billed in monthly periods from its first period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanEra {
+    pub plan: Plan,
+    pub first_period: (DateTime<Utc>, DateTime<Utc>),
+    /// When the span ended (its last period is cut there); `None` for the current one.
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+pub(crate) fn month_after(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.checked_add_months(Months::new(1)).unwrap_or(t)
+}
+
+/// A span as stored: the plan's id, its first period, and when it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Span {
+    plan_id: String,
+    first: Period,
+    ended_at: Option<DateTime<Utc>>,
+}
+
+type Period = (DateTime<Utc>, DateTime<Utc>);
+
+/// The spans the stored subscription row stands for: its plan from its anchor, and for a plan canceled
+/// at period end without a payment provider, the free plan from that end on. The last one is current.
+fn row_eras(row: &subscriptions::Model, now: DateTime<Utc>) -> Vec<Span> {
+    let span = |plan_id: &str, first: Period, ended_at| Span {
+        plan_id: plan_id.to_owned(),
+        first,
+        ended_at,
+    };
+    let anchor = (row.current_period_start, row.current_period_end);
+    if lapsed(row, now) {
+        let end = row.current_period_end;
+        vec![
+            span(&row.plan_id, anchor, Some(end)),
+            span(FREE_PLAN, (end, month_after(end)), None),
+        ]
+    } else {
+        vec![span(&row.plan_id, anchor, None)]
+    }
+}
+
+/// Ends the row's current span(s) at the new anchor's start, archiving them for statements of their
+/// closed periods, and sets `model` to `plan` anchored at `period`.
+pub(crate) async fn reanchor(
+    conn: &impl ConnectionTrait,
+    row: &subscriptions::Model,
+    model: &mut subscriptions::ActiveModel,
+    plan: &str,
+    period: (DateTime<Utc>, DateTime<Utc>),
+) -> Result<()> {
+    if plan == row.plan_id && period.0 == row.current_period_start {
+        model.current_period_end = Set(period.1);
+        return Ok(());
+    }
+    for Span {
+        plan_id,
+        first,
+        ended_at: ended,
+    } in row_eras(row, period.0)
+    {
+        let ended_at = ended.unwrap_or(period.0);
+        if ended_at <= first.0 {
+            continue;
+        }
+        plan_eras::ActiveModel {
+            id: Set(format!("{}-{}", row.tenant_id, first.0.timestamp_micros())),
+            tenant_id: Set(row.tenant_id.clone()),
+            plan_id: Set(plan_id),
+            first_period_start: Set(first.0),
+            first_period_end: Set(first.1),
+            ended_at: Set(ended_at),
+        }
+        .insert(conn)
+        .await?;
+    }
+    model.plan_id = Set(plan.to_owned());
+    model.current_period_start = Set(period.0);
+    model.current_period_end = Set(period.1);
+    Ok(())
 }
 
 /// Whether a subscription canceled at period end has reached that end without a payment provider to
@@ -291,6 +420,39 @@ mod tests {
         let (s, e) = current_period(start, end, now);
         assert!(s <= now && now < e);
         assert_eq!(s.to_rfc3339(), "2026-03-28T00:00:00+00:00");
+    }
+
+    #[test]
+    fn a_plan_canceled_at_period_end_gives_way_to_free_there() {
+        let at = |t: &str| t.parse::<DateTime<Utc>>().unwrap();
+        let row = subscriptions::Model {
+            tenant_id: "ten_1".into(),
+            plan_id: "pro".into(),
+            status: "active".into(),
+            current_period_start: at("2026-01-10T00:00:00Z"),
+            current_period_end: at("2026-02-10T00:00:00Z"),
+            cancel_at_period_end: true,
+            stripe_customer_id: None,
+            stripe_subscription_id: None,
+            updated_at: at("2026-01-10T00:00:00Z"),
+            stripe_event_at: None,
+            status_event_at: None,
+            meter_synced_until_us: None,
+        };
+        assert_eq!(row_eras(&row, at("2026-02-01T00:00:00Z")).len(), 1, "not yet");
+        let eras = row_eras(&row, at("2026-03-01T00:00:00Z"));
+        assert_eq!(eras[0].plan_id, "pro");
+        assert_eq!(eras[0].ended_at, Some(at("2026-02-10T00:00:00Z")));
+        assert_eq!(
+            (eras[1].plan_id.as_str(), eras[1].first.0, eras[1].ended_at),
+            (FREE_PLAN, at("2026-02-10T00:00:00Z"), None)
+        );
+        // With Stripe, Stripe ends the subscription; nothing lapses here.
+        let stripe = subscriptions::Model {
+            stripe_subscription_id: Some("sub_1".into()),
+            ..row
+        };
+        assert_eq!(row_eras(&stripe, at("2026-03-01T00:00:00Z")).len(), 1);
     }
 
     #[test]
