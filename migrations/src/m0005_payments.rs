@@ -110,42 +110,33 @@ enum Payouts {
     PaidAt,
 }
 
+/// One column per ALTER: SQLite cannot add several in one statement.
+async fn add_column(
+    manager: &SchemaManager<'_>,
+    table: impl IntoIden,
+    column: ColumnDef,
+) -> Result<(), DbErr> {
+    manager
+        .alter_table(Table::alter().table(table).add_column(column).to_owned())
+        .await
+}
+
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        // One column per ALTER: SQLite cannot add several in one statement.
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(UsageEvents::Table)
-                    .add_column(big_integer(UsageEvents::AuthorShareMicros).default(0))
-                    .to_owned(),
-            )
-            .await?;
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(Subscriptions::Table)
-                    .add_column(big_integer_null(Subscriptions::StripeEventAt))
-                    .to_owned(),
-            )
-            .await?;
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(Subscriptions::Table)
-                    .add_column(big_integer_null(Subscriptions::StatusEventAt))
-                    .to_owned(),
-            )
-            .await?;
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(Subscriptions::Table)
-                    .add_column(big_integer_null(Subscriptions::MeterSyncedUntilUs))
-                    .to_owned(),
-            )
-            .await?;
+        add_column(
+            manager,
+            UsageEvents::Table,
+            big_integer(UsageEvents::AuthorShareMicros).default(0).to_owned(),
+        )
+        .await?;
+        for column in [
+            Subscriptions::StripeEventAt,
+            Subscriptions::StatusEventAt,
+            Subscriptions::MeterSyncedUntilUs,
+        ] {
+            add_column(manager, Subscriptions::Table, big_integer_null(column)).await?;
+        }
         manager
             .create_table(
                 Table::create()

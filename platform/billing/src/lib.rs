@@ -25,7 +25,7 @@ use plinth_core::billing::{
 };
 use plinth_core::id::TenantId;
 use plinth_store::payments::{METER_CALLS, MODEL_KIND};
-use plinth_store::plans::FREE_PLAN;
+use plinth_store::plans::{FREE_PLAN, monthly_periods};
 use plinth_store::{Store, StoreError};
 use tokio::task::JoinHandle;
 
@@ -278,17 +278,11 @@ impl Billing {
         let mut closed = Vec::new();
         for era in self.store.plan_eras(tenant).await? {
             let stop = era.ended_at.unwrap_or(now);
-            let (mut start, mut end) = era.first_period;
-            while start < stop {
-                let cut = end.min(stop);
+            for (start, end) in monthly_periods(era.first_period).take_while(|&(start, _)| start < stop) {
                 // The current span's open period is the upcoming invoice, not a closed one.
                 if era.ended_at.is_some() || end <= now {
-                    closed.push((era.plan.clone(), (start, cut)));
+                    closed.push((era.plan.clone(), (start, end.min(stop))));
                 }
-                let Some(next) = end.checked_add_months(Months::new(1)) else {
-                    break;
-                };
-                (start, end) = (end, next);
             }
         }
         let mut statements = Vec::new();

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Months, TimeZone, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use plinth_core::Micros;
 use plinth_core::api::{Plan, SubscriptionStatus};
 use plinth_core::billing::{Payout, ProviderInvoice, ReconciliationRow, StatementItem};
@@ -190,32 +190,21 @@ fn bucket_end(start: i64, width: i64, until: i64, boundaries: &[i64]) -> i64 {
 }
 
 /// Period boundaries (microseconds) around the stored period, which rolls monthly.
-fn period_boundaries(start: DateTime<Utc>, end: DateTime<Utc>, until_us: i64) -> Vec<i64> {
-    let mut boundaries = vec![start.timestamp_micros()];
-    let mut next = end;
-    while next.timestamp_micros() <= until_us {
-        boundaries.push(next.timestamp_micros());
-        match next.checked_add_months(Months::new(1)) {
-            Some(later) => next = later,
-            None => break,
+fn period_boundaries(first: crate::plans::Period, until_us: i64) -> Vec<i64> {
+    let mut boundaries = Vec::new();
+    for (start, end) in crate::plans::monthly_periods(first) {
+        boundaries.push(start.timestamp_micros());
+        if end.timestamp_micros() > until_us {
+            boundaries.push(end.timestamp_micros());
+            break;
         }
     }
-    boundaries.push(next.timestamp_micros());
     boundaries
 }
 
 impl Store {
     pub async fn billing_account(&self, tenant: &TenantId) -> Result<BillingAccount> {
         billing_account(self.db(), tenant).await
-    }
-
-    /// The tenant whose Stripe customer this is.
-    pub async fn tenant_by_customer(&self, customer: &str) -> Result<Option<TenantId>> {
-        let row = subscriptions::Entity::find()
-            .filter(subscriptions::Column::StripeCustomerId.eq(customer))
-            .one(self.db())
-            .await?;
-        row.map(|r| crate::accounts::parse_id(&r.tenant_id)).transpose()
     }
 
     pub async fn set_stripe_customer(&self, tenant: &TenantId, customer: &str) -> Result<()> {
@@ -268,16 +257,6 @@ impl Store {
                 .await?
                 .calls,
         )
-    }
-
-    /// Model units and plugin fees of a tenant in `[from, to)`.
-    pub async fn meter_totals(
-        &self,
-        tenant: &TenantId,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-    ) -> Result<MeterTotals> {
-        meter_totals(self.db(), tenant, from.timestamp_micros(), to.timestamp_micros()).await
     }
 
     /// Usage in `[from, to)` by model and by plugin (named), largest amount first.
@@ -464,7 +443,7 @@ impl Store {
         if cursor >= until_us {
             return Ok(0);
         }
-        let boundaries = period_boundaries(row.current_period_start, row.current_period_end, until_us);
+        let boundaries = period_boundaries((row.current_period_start, row.current_period_end), until_us);
         let mut closed = 0_u64;
         let now = Utc::now();
         while cursor < until_us && closed < max_buckets as u64 {
@@ -1027,7 +1006,7 @@ mod tests {
         let start = "2026-01-15T10:30:00Z".parse::<DateTime<Utc>>().unwrap();
         let end = "2026-02-15T10:30:00Z".parse::<DateTime<Utc>>().unwrap();
         let until = "2026-03-20T00:00:00Z".parse::<DateTime<Utc>>().unwrap();
-        let b = period_boundaries(start, end, until.timestamp_micros());
+        let b = period_boundaries((start, end), until.timestamp_micros());
         assert_eq!(b.first(), Some(&start.timestamp_micros()));
         assert!(
             b.contains(

@@ -105,19 +105,17 @@ fn validate_plan(plan: &Plan) -> Result<()> {
 }
 
 /// The billing period containing `now` for a subscription anchored at `start`, rolling monthly.
-pub(crate) fn current_period(
-    start: DateTime<Utc>,
-    end: DateTime<Utc>,
-    now: DateTime<Utc>,
-) -> (DateTime<Utc>, DateTime<Utc>) {
-    let (mut start, mut end) = (start, end);
-    while end <= now {
-        start = end;
-        end = end
-            .checked_add_months(Months::new(1))
-            .unwrap_or(DateTime::<Utc>::MAX_UTC);
-    }
-    (start, end)
+pub(crate) fn current_period(start: DateTime<Utc>, end: DateTime<Utc>, now: DateTime<Utc>) -> Period {
+    monthly_periods((start, end))
+        .find(|&(_, end)| end > now)
+        .unwrap_or((start, DateTime::<Utc>::MAX_UTC))
+}
+
+/// The periods that roll monthly from `first`, end to end.
+pub fn monthly_periods(first: Period) -> impl Iterator<Item = Period> {
+    std::iter::successors(Some(first), |&(_, end)| {
+        end.checked_add_months(Months::new(1)).map(|next| (end, next))
+    })
 }
 
 impl Store {
@@ -320,7 +318,8 @@ struct Span {
     ended_at: Option<DateTime<Utc>>,
 }
 
-type Period = (DateTime<Utc>, DateTime<Utc>);
+/// `[start, end)` of a billing period.
+pub type Period = (DateTime<Utc>, DateTime<Utc>);
 
 /// The spans the stored subscription row stands for: its plan from its anchor, and for a plan canceled
 /// at period end without a payment provider, the free plan from that end on. The last one is current.
