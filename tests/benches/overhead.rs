@@ -2,14 +2,18 @@
 //!
 //! For each backend (SQLite + memory always; Postgres + Redis when `PLINTH_TEST_DATABASE_URL` and
 //! `PLINTH_TEST_REDIS_URL` are set) it starts a real server and measures, in one run:
+//! - each part of the metered path called directly (cached key verification, the rate limiter, a
+//!   database round trip, one durable ledger event) beside the database's own floor, a one-column
+//!   insert committed alone: the ledger cannot be faster than the disk's sync;
 //! - latency of `GET /v2/health/live` (no auth, no limit, no ledger: the HTTP baseline) and of
 //!   `POST /v1/echo` (key verification + rate limit + durable usage event) at concurrency 1 and 64;
 //!   the difference is the metering path's added latency;
 //! - the ledger writer's throughput with many concurrent recorders (group commit), against the same
 //!   events written one at a time (the baseline a naive ledger would have).
 //!
-//! Run: `cargo bench -p plinth-tests --bench overhead` (or `make bench`). The client runs in the same
-//! process as the server, on the same cores; numbers are for comparison within one run.
+//! Run: `cargo bench -p plinth-tests --bench overhead` (or `make bench`). The HTTP client runs in the
+//! same process on a thread and runtime of its own, sharing the cores with the server (and, here, with
+//! the databases); numbers are for comparison within one run.
 
 use std::time::{Duration, Instant};
 
@@ -37,11 +41,54 @@ struct Latency {
     per_second: f64,
 }
 
-async fn measure(concurrency: usize, request: impl Fn() -> reqwest::RequestBuilder + Sync) -> Latency {
+/// One request of the load: `GET url`, or `POST url` with a JSON body and a bearer key.
+#[derive(Clone)]
+struct Call {
+    url: String,
+    key: Option<String>,
+    body: Option<&'static str>,
+}
+
+impl Call {
+    fn request(&self, http: &reqwest::Client) -> reqwest::RequestBuilder {
+        let Some(body) = self.body else {
+            return http.get(&self.url);
+        };
+        let mut request = http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(key) = &self.key {
+            request = request.bearer_auth(key);
+        }
+        request
+    }
+}
+
+/// Drives `call` from a thread and runtime of its own, as an external client would: on the server's
+/// runtime the client's work would be charged to the server and its wake-ups would mix with the
+/// server's.
+async fn measure(concurrency: usize, call: Call) -> Latency {
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("client runtime")
+            .block_on(load(concurrency, &call))
+    })
+    .await
+    .expect("client thread")
+}
+
+async fn load(concurrency: usize, call: &Call) -> Latency {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(128)
+        .build()
+        .expect("client");
     let per_task = LATENCY_REQUESTS / concurrency;
     // Warm up connections and caches.
     join_all((0..concurrency).map(|_| async {
-        request()
+        call.request(&http)
             .send()
             .await
             .expect("request")
@@ -54,7 +101,7 @@ async fn measure(concurrency: usize, request: impl Fn() -> reqwest::RequestBuild
         let mut samples = Vec::with_capacity(per_task);
         for _ in 0..per_task {
             let t = Instant::now();
-            let response = request().send().await.expect("request");
+            let response = call.request(&http).send().await.expect("request");
             assert!(response.status().is_success(), "status {}", response.status());
             response.bytes().await.expect("body");
             samples.push(t.elapsed());
@@ -73,25 +120,23 @@ async fn measure(concurrency: usize, request: impl Fn() -> reqwest::RequestBuild
 }
 
 async fn http_overhead(app: &TestApp, key: &str) {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(128)
-        .build()
-        .expect("client");
-    let live = app.url("/v2/health/live");
-    let echo = app.url("/v1/echo");
+    let live = Call {
+        url: app.url("/v2/health/live"),
+        key: None,
+        body: None,
+    };
+    let echo = Call {
+        url: app.url("/v1/echo"),
+        key: Some(key.to_owned()),
+        body: Some("{\"ping\":1}"),
+    };
     println!(
         "  {:<28} {:>10} {:>10} {:>10}",
         "request (concurrency)", "p50 µs", "p99 µs", "req/s"
     );
     for concurrency in [1, 64] {
-        let baseline = measure(concurrency, || http.get(&live)).await;
-        let metered = measure(concurrency, || {
-            http.post(&echo)
-                .bearer_auth(key)
-                .header("content-type", "application/json")
-                .body("{\"ping\":1}")
-        })
-        .await;
+        let baseline = measure(concurrency, live.clone()).await;
+        let metered = measure(concurrency, echo.clone()).await;
         for (name, l) in [
             ("health/live (baseline)", &baseline),
             ("echo (metered)", &metered),
@@ -113,17 +158,100 @@ async fn http_overhead(app: &TestApp, key: &str) {
     }
 }
 
-/// A verified key is served from the in-process cache: a SHA-256 and a map lookup.
-async fn key_verification(app: &TestApp, key: &str) {
-    let store = app.store();
-    store.authenticate(key).await.expect("valid key");
-    let rounds = 200_000;
-    let started = Instant::now();
-    for _ in 0..rounds {
-        store.authenticate(key).await.expect("valid key");
+/// Median of `rounds` sequential calls of `call`, after one warm-up call.
+async fn median_of<F: Future<Output = ()>>(rounds: usize, mut call: impl FnMut(usize) -> F) -> Duration {
+    call(usize::MAX).await;
+    let mut samples = Vec::with_capacity(rounds);
+    for i in 0..rounds {
+        let t = Instant::now();
+        call(i).await;
+        samples.push(t.elapsed());
     }
-    let per_call = started.elapsed() / rounds;
-    println!("  key verification, cached: {:.2} µs per call", us(per_call));
+    samples.sort();
+    percentile(&samples, 0.5)
+}
+
+/// Where the metered path's time goes, one part at a time, each called directly (no HTTP) at
+/// concurrency 1: key verification (cached), the rate limiter, a database round trip and the ledger's
+/// durable write of one event.
+async fn components(app: &TestApp, key: &str, tenant: &plinth_sdk::TenantId) {
+    let store = app.store();
+    let verify = median_of(20_000, |_| async {
+        store.authenticate(key).await.expect("valid key");
+    })
+    .await;
+    let config = &app.config;
+    let cache = plinth_store::cache::connect(config.redis_url.as_deref(), &config.redis_prefix)
+        .await
+        .expect("cache");
+    let quota = plinth_store::cache::Quota {
+        per_minute: 100_000_000,
+        burst: 1_000_000,
+    };
+    let limit = median_of(2_000, |_| async {
+        cache.rate_limit("bench", quota).await.expect("rate limit");
+    })
+    .await;
+    let round_trip = median_of(2_000, |_| async { store.ping().await.expect("ping") }).await;
+    let (meter, writer) = Meter::start(store.clone(), LedgerSettings::default());
+    let ledger = median_of(1_000, |i| {
+        let meter = meter.clone();
+        let event = event(tenant, i);
+        async move {
+            meter.record(event).await.expect("record");
+        }
+    })
+    .await;
+    drop(meter);
+    writer.await.expect("writer");
+    let floor = commit_floor(app).await;
+    println!("  p50 of each part, called directly at concurrency 1:");
+    println!("    key verification (cached)      {:>9.1} µs", us(verify));
+    println!("    rate limit check               {:>9.1} µs", us(limit));
+    println!("    database round trip (ping)     {:>9.1} µs", us(round_trip));
+    println!("    ledger, one durable event      {:>9.1} µs", us(ledger));
+    println!(
+        "    (the database's own floor: a one-column INSERT committed on its own connection {:.1} µs)",
+        us(floor)
+    );
+}
+
+/// What one durable commit costs on this database and disk, whatever the platform does: a one-column
+/// `INSERT` committed alone, over a connection of its own, with the platform's durability settings.
+async fn commit_floor(app: &TestApp) -> Duration {
+    use sea_orm::ConnectionTrait;
+    let config = &app.config;
+    let (url, table) = match (&config.database_url, &config.database_schema) {
+        (Some(url), Some(schema)) => (url.clone(), format!("\"{schema}\".commit_floor")),
+        (Some(url), None) => (url.clone(), "commit_floor".to_owned()),
+        (None, _) => (
+            format!("sqlite://{}", config.data_dir.join("plinth.db").display()),
+            "commit_floor".to_owned(),
+        ),
+    };
+    let db = sea_orm::Database::connect(url).await.expect("database");
+    if db.get_database_backend() == sea_orm::DbBackend::Sqlite {
+        // As the store opens SQLite: WAL, and every commit synced.
+        db.execute_unprepared("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL")
+            .await
+            .expect("pragmas");
+    }
+    db.execute_unprepared(&format!("CREATE TABLE {table} (n BIGINT)"))
+        .await
+        .expect("table");
+    let insert = format!("INSERT INTO {table} (n) VALUES (1)");
+    let floor = median_of(1_000, |_| {
+        let (db, insert) = (&db, &insert);
+        async move {
+            db.execute_unprepared(insert).await.expect("insert");
+        }
+    })
+    .await;
+    db.execute_unprepared(&format!("DROP TABLE {table}"))
+        .await
+        .expect("drop");
+    db.close().await.expect("close");
+    floor
 }
 
 fn event(tenant: &plinth_sdk::TenantId, i: usize) -> UsageRecord {
@@ -183,7 +311,7 @@ async fn run(backend: Backend) {
     // A plan whose limit is never reached: the limiter still runs on every call, which is what we measure.
     app.lift_rate_limits(&tenant.session.tenant.id).await;
     println!("\n{backend:?}");
-    key_verification(&app, &tenant.key.secret).await;
+    components(&app, &tenant.key.secret, &tenant.session.tenant.id).await;
     http_overhead(&app, &tenant.key.secret).await;
     ledger_throughput(&app, &tenant.session.tenant.id).await;
     app.stop().await;
