@@ -537,6 +537,97 @@ async fn a_sync_cut_short_resumes_without_losing_or_doubling_usage() {
 }
 
 #[tokio::test]
+async fn two_replicas_syncing_at_once_push_each_bucket_once() {
+    let double = StripeDouble::start(stripe_prices()).await;
+    let app = stripe_app(&double).await;
+    let replica = app.replica().await;
+    let tenant = app.tenant().await;
+    let (customer, _) = subscribe(&app, &double, &tenant, "metered").await;
+    let mut units = 0;
+    for round in 0..3 {
+        let batch = vec!["text"; round + 1];
+        tenant.client.classify("sentiment", &batch).await.unwrap();
+        units += i64::try_from(batch.len()).unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+
+    // Both replicas close the same tenant's buckets at the same moment, each through its own pool.
+    let tenant_id = &tenant.session.tenant.id;
+    let until = Utc::now();
+    let bucket = Duration::from_secs(1);
+    let (a, b) = tokio::join!(
+        app.store().close_meter_buckets(tenant_id, until, bucket, 1_000),
+        replica
+            .store()
+            .close_meter_buckets(tenant_id, until, bucket, 1_000)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(a + b >= 1, "the usage spans at least one bucket");
+    assert!(
+        a == 0 || b == 0,
+        "one replica closed the buckets, the other found them closed: {a}, {b}"
+    );
+
+    let (here, there) = (app.platform_admin().await, replica.platform_admin().await);
+    for _ in 0..3 {
+        let (a, b) = tokio::join!(here.sync_usage(), there.sync_usage());
+        a.unwrap();
+        b.unwrap();
+    }
+    assert_eq!(double.meter_total(CALLS_METER, &customer), units);
+    assert_eq!(double.duplicate_identifiers(), 0);
+    let reconciliation = here.reconciliation().await.unwrap();
+    assert!(reconciliation.balanced, "{reconciliation:?}");
+}
+
+#[tokio::test]
+async fn stripe_prices_are_checked_against_the_plans_they_sell() {
+    let double = StripeDouble::start(stripe_prices()).await;
+    let app = stripe_app(&double).await;
+    let billing = plinth_server::billing(&app.config, app.store().clone()).unwrap();
+    assert_eq!(billing.check_prices().await.unwrap(), Vec::<String>::new());
+
+    // Someone edits prices in the dashboard: a fee, the included calls, the plugin-fees unit.
+    double.set_price("price_pro_flat", Price::Flat { cents: 5_900 });
+    double.set_price(
+        "price_metered_calls",
+        Price::Metered {
+            meter: CALLS_METER.to_owned(),
+            free_units: 10,
+            unit_decimal: "0.1234".to_owned(),
+        },
+    );
+    double.set_price(
+        PLUGIN_FEES_PRICE,
+        Price::Metered {
+            meter: PLUGIN_FEES_METER.to_owned(),
+            free_units: 0,
+            unit_decimal: "0.01".to_owned(),
+        },
+    );
+    let problems = billing.check_prices().await.unwrap();
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    for price in ["price_pro_flat", "price_metered_calls", PLUGIN_FEES_PRICE] {
+        assert!(
+            problems.iter().any(|p| p.contains(price)),
+            "{price} in {problems:?}"
+        );
+    }
+
+    // A plan whose numbers change without its prices is caught the same way.
+    double.set_price("price_pro_flat", Price::Flat { cents: 4_900 });
+    let mut pro = app.store().plan("pro").await.unwrap();
+    pro.price_per_call_micros = Micros(500);
+    app.store().upsert_plan(&pro).await.unwrap();
+    let problems = billing.check_prices().await.unwrap();
+    assert!(
+        problems.iter().any(|p| p.contains("price_pro_calls")),
+        "{problems:?}"
+    );
+}
+
+#[tokio::test]
 async fn authors_are_paid_their_share_once_through_connect() {
     let double = StripeDouble::start(stripe_prices()).await;
     let app = stripe_app(&double).await;

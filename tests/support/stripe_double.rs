@@ -320,6 +320,15 @@ impl State {
                 )
             }
             _ => {
+                if let (Some(id), "GET") = (path.strip_prefix("/v1/prices/"), method) {
+                    let expand_tiers = form
+                        .iter()
+                        .any(|(key, value)| key.starts_with("expand") && value == "tiers");
+                    return match self.prices.get(id) {
+                        Some(price) => (200, price_json(id, price, expand_tiers)),
+                        None => error(404, "invalid_request_error", &format!("No such price: '{id}'")),
+                    };
+                }
                 if let Some(id) = path.strip_prefix("/v1/subscriptions/") {
                     let Some(mut sub) = self.subscriptions.get(id).cloned() else {
                         return error(
@@ -359,10 +368,50 @@ impl State {
     }
 }
 
+/// A price as Stripe's API shows it; tiers only when expanded, as Stripe does.
+fn price_json(id: &str, price: &Price, expand_tiers: bool) -> Value {
+    match price {
+        Price::Flat { cents } => json!({
+            "id": id, "object": "price", "active": true, "currency": "usd", "type": "recurring",
+            "billing_scheme": "per_unit", "unit_amount": cents, "unit_amount_decimal": cents.to_string(),
+            "recurring": { "interval": "month", "interval_count": 1, "usage_type": "licensed", "meter": null },
+            "tiers_mode": null, "livemode": false,
+        }),
+        Price::Metered {
+            meter,
+            free_units,
+            unit_decimal,
+        } => {
+            let open = json!({ "up_to": null, "unit_amount": null, "unit_amount_decimal": unit_decimal, "flat_amount": null, "flat_amount_decimal": null });
+            let tiers = if *free_units > 0 {
+                json!([{ "up_to": free_units, "unit_amount": 0, "unit_amount_decimal": "0", "flat_amount": null, "flat_amount_decimal": null }, open])
+            } else {
+                json!([open])
+            };
+            let mut body = json!({
+                "id": id, "object": "price", "active": true, "currency": "usd", "type": "recurring",
+                "billing_scheme": "tiered", "tiers_mode": "graduated", "unit_amount": null, "unit_amount_decimal": null,
+                "recurring": { "interval": "month", "interval_count": 1, "usage_type": "metered", "meter": format!("mtr_{meter}") },
+                "livemode": false,
+            });
+            if expand_tiers {
+                body["tiers"] = tiers;
+            }
+            body
+        }
+    }
+}
+
 async fn serve(state: web::Data<Arc<Mutex<State>>>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
     let method = req.method().as_str().to_owned();
     let path = req.path().to_owned();
-    let form: BTreeMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+    // Stripe reads parameters from the query of a GET and from the form body of anything else.
+    let parameters: &[u8] = if method == "GET" {
+        req.query_string().as_bytes()
+    } else {
+        &body
+    };
+    let form: BTreeMap<String, String> = url::form_urlencoded::parse(parameters).into_owned().collect();
     let key = req
         .headers()
         .get("Idempotency-Key")
@@ -495,6 +544,11 @@ impl StripeDouble {
     #[must_use]
     pub fn duplicate_identifiers(&self) -> usize {
         self.state().duplicate_identifiers
+    }
+
+    /// Changes a price, as an operator editing it in the dashboard would.
+    pub fn set_price(&self, id: &str, price: Price) {
+        self.state().prices.insert(id.to_owned(), price);
     }
 
     pub fn fail_meter_events(&self, failure: Failure) {

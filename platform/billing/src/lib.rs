@@ -9,6 +9,7 @@
 //!   Connect. Statements are computed the same way, so both modes show the same numbers.
 
 pub mod events;
+pub mod prices;
 pub mod signature;
 pub mod stripe;
 
@@ -394,6 +395,55 @@ impl Billing {
                     }
                     Ok(_) => {}
                     Err(err) => tracing::warn!(error = %err, "usage sync failed; will retry"),
+                }
+            }
+        }))
+    }
+
+    /// Compares every configured Stripe price with the plan it sells (fee, included calls, per-call
+    /// price, currency, monthly recurrence) and the plugin-fees price with its micro-unit; returns one
+    /// line per difference, none when Stripe charges what the plans say.
+    pub async fn check_prices(&self) -> Result<Vec<String>> {
+        let stripe = self.stripe()?;
+        let mut problems = Vec::new();
+        for (plan_id, ids) in &stripe.settings.plans {
+            let plan = match self.store.plan(plan_id).await {
+                Ok(plan) => plan,
+                Err(StoreError::NotFound(_)) => {
+                    problems.push(format!(
+                        "PLINTH_STRIPE_PLAN_PRICES names `{plan_id}`, which is not a plan"
+                    ));
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+            let flat = stripe.price(&ids.flat).await?;
+            problems.extend(prices::flat_price_problems(&plan, &ids.flat, &flat));
+            let metered = stripe.price(&ids.metered).await?;
+            problems.extend(prices::metered_price_problems(&plan, &ids.metered, &metered));
+        }
+        if let Some(id) = &stripe.settings.plugin_fees_price {
+            let price = stripe.price(id).await?;
+            problems.extend(prices::plugin_fees_price_problems(id, &price));
+        }
+        Ok(problems)
+    }
+
+    /// Checks the prices once in the background (at start-up) and logs each difference as an error;
+    /// the platform keeps serving, since Stripe being slow to answer must not stop it.
+    pub fn spawn_price_check(&self) -> Option<JoinHandle<()>> {
+        self.stripe.as_ref()?;
+        let billing = self.clone();
+        Some(tokio::spawn(async move {
+            match billing.check_prices().await {
+                Ok(problems) => {
+                    metrics::gauge!("plinth_stripe_price_mismatches").set(problems.len() as f64);
+                    for problem in &problems {
+                        tracing::error!(%problem, "a Stripe price does not match its plan; run `plinth billing check-prices`");
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not compare the Stripe prices with the plans");
                 }
             }
         }))

@@ -73,6 +73,43 @@ pub struct Created {
     pub url: Option<String>,
 }
 
+/// A Stripe price, as far as the price check reads it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PriceInfo {
+    pub currency: String,
+    /// Per-unit prices: the amount in cents, as a decimal string.
+    #[serde(default)]
+    pub unit_amount_decimal: Option<String>,
+    #[serde(default)]
+    pub recurring: Option<Recurring>,
+    #[serde(default)]
+    pub tiers_mode: Option<String>,
+    /// Present when expanded.
+    #[serde(default)]
+    pub tiers: Option<Vec<PriceTier>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Recurring {
+    pub interval: String,
+    #[serde(default)]
+    pub interval_count: Option<i64>,
+    /// `licensed` or `metered`.
+    #[serde(default)]
+    pub usage_type: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PriceTier {
+    /// `None` for the last, open-ended tier.
+    #[serde(default)]
+    pub up_to: Option<i64>,
+    #[serde(default)]
+    pub unit_amount_decimal: Option<String>,
+    #[serde(default)]
+    pub flat_amount: Option<i64>,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct SubscriptionItems {
     pub items: ItemList,
@@ -223,9 +260,12 @@ impl StripeGateway {
         idempotency_key: Option<&str>,
     ) -> Result<T, StoreError> {
         let mut request = RequestBuilder::new(method, path);
-        if let Some(form) = form {
-            request = request.form(form);
-        }
+        // Parameters go in the query of a GET and in the form body of anything else, as Stripe reads them.
+        request = match (form, method) {
+            (Some(params), StripeMethod::Get) => request.query(params),
+            (Some(form), _) => request.form(form),
+            (None, _) => request,
+        };
         let strategy = match idempotency_key {
             Some(key) => RequestStrategy::Idempotent(
                 IdempotencyKey::new(key).map_err(|err| StoreError::Internal(err.to_string()))?,
@@ -374,6 +414,21 @@ impl StripeGateway {
             let end = DateTime::from_timestamp(item.current_period_end?, 0)?;
             Some((start, end))
         }))
+    }
+
+    /// A price with its tiers.
+    pub async fn price(&self, id: &str) -> Result<PriceInfo, StoreError> {
+        #[derive(Serialize)]
+        struct Expand {
+            expand: [&'static str; 1],
+        }
+        self.call(
+            StripeMethod::Get,
+            &format!("/prices/{id}"),
+            Some(&Expand { expand: ["tiers"] }),
+            None,
+        )
+        .await
     }
 
     /// Cancels (or resumes) a subscription at the end of its period.

@@ -134,6 +134,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         billing: billing(config, store.clone())?,
     };
     let usage_sync = state.billing.spawn_sync();
+    state.billing.spawn_price_check();
     plinth_api::load_tenant_models(&state)
         .await
         .context("cannot load tenants' models")?;

@@ -47,6 +47,8 @@ enum BillingCommand {
     Sync,
     /// Compare the ledger with what Stripe's meters were sent; exits 2 when they differ.
     Reconcile,
+    /// Compare the Stripe prices with the plans they sell; prints each difference, exits 2 if any.
+    CheckPrices,
     /// Pay onboarded plugin authors their earnings for a month that has ended (safe to rerun).
     Payouts {
         /// `YYYY-MM`.
@@ -167,6 +169,16 @@ async fn billing(config: &Config, command: BillingCommand) -> anyhow::Result<()>
             if !report.balanced {
                 std::process::exit(2);
             }
+        }
+        BillingCommand::CheckPrices => {
+            let problems = billing.check_prices().await?;
+            for problem in &problems {
+                println!("{problem}");
+            }
+            if !problems.is_empty() {
+                std::process::exit(2);
+            }
+            println!("every Stripe price matches its plan");
         }
         BillingCommand::Payouts { period } => {
             let run = billing.run_payouts(&period, chrono::Utc::now()).await?;

@@ -429,7 +429,10 @@ impl Store {
         let width_us = i64::try_from(width.as_micros()).unwrap_or(i64::MAX).max(1);
         let until_us = until.timestamp_micros();
         let txn = self.write_transaction().await?;
+        // Another replica's sync may be closing the same tenant: the row lock makes it wait, then read
+        // the cursor this one moved (SQLite's write transaction already serialises them).
         let row = subscriptions::Entity::find_in(tenant)
+            .lock_exclusive()
             .one(&txn)
             .await?
             .ok_or(StoreError::NotFound("subscription"))?;
