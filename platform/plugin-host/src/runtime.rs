@@ -186,6 +186,11 @@ impl PluginHost {
             .max_unused_warm_slots(slots / 4);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         if let Some(dir) = &settings.cache_dir {
+            // wasmtime's cache takes only an absolute directory; a relative one (the default data
+            // directory is `./data`) is resolved against the working directory, as every other path is.
+            let dir = std::path::absolute(dir).map_err(|err| {
+                PluginError::Engine(format!("plugin cache directory {}: {err}", dir.display()))
+            })?;
             let mut cache = CacheConfig::new();
             cache.with_directory(dir);
             config.cache(Some(Cache::new(cache).map_err(engine_error)?));

@@ -1,7 +1,10 @@
 //! The `plinth` binary as operators run it. (Being here also makes `cargo test --workspace` build the
 //! binary, which the end-to-end chaos test starts and kills.)
 
-use std::process::Command;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 fn plinth() -> Command {
     Command::new(env!("CARGO_BIN_EXE_plinth"))
@@ -40,4 +43,59 @@ fn invalid_configuration_is_refused_with_the_setting_named() {
     assert!(!output.status.success());
     let message = String::from_utf8(output.stderr).unwrap();
     assert!(message.contains("PLINTH_STRIPE_WEBHOOK_SECRET"), "{message}");
+}
+
+/// What a new user runs: `plinth serve` with every default, so the data directory is the relative
+/// `./data` under the working directory.
+#[test]
+fn serve_starts_with_the_default_relative_data_directory() {
+    let workdir = tempfile::tempdir().unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = plinth()
+        .arg("serve")
+        .current_dir(workdir.path())
+        .env_remove("PLINTH_DATA_DIR")
+        .env_remove("PLINTH_DATABASE_URL")
+        .env_remove("PLINTH_REDIS_URL")
+        .env("PLINTH_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ready = |port: u16| -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "GET /v2/health/ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).ok()?;
+        Some(answer)
+    };
+    let started = Instant::now();
+    let answer = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            let mut stderr = String::new();
+            server.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+            panic!("plinth serve exited with {status}: {stderr}");
+        }
+        if let Some(answer) = ready(port) {
+            break answer;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "not ready within two minutes"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(workdir.path().join("data").join("plinth.db").exists());
 }
