@@ -535,7 +535,7 @@ impl Billing {
 mod tests {
     use super::*;
 
-    fn plan() -> Plan {
+    pub(crate) fn plan() -> Plan {
         Plan {
             id: "pro".into(),
             name: "Pro".into(),

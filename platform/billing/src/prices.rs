@@ -5,7 +5,7 @@
 use plinth_core::Micros;
 use plinth_core::api::Plan;
 
-use crate::stripe::PriceInfo;
+use crate::stripe::{PriceInfo, PriceTier};
 
 /// Micro-units per cent.
 const MICROS_PER_CENT: i64 = 10_000;
@@ -56,6 +56,16 @@ fn currency(plan: &Plan, price: &PriceInfo, id: &str, problems: &mut Vec<String>
     }
 }
 
+/// Whether a tier charges exactly `per_unit` for each unit, and nothing flat.
+fn tier_charges(tier: &PriceTier, per_unit: Micros) -> bool {
+    tier.flat_amount.unwrap_or(0) == 0
+        && tier
+            .unit_amount_decimal
+            .as_deref()
+            .and_then(cents_decimal_to_micros)
+            == Some(per_unit)
+}
+
 /// What is wrong with `price` as the monthly fee of `plan` (nothing when it matches).
 #[must_use]
 pub fn flat_price_problems(plan: &Plan, id: &str, price: &PriceInfo) -> Vec<String> {
@@ -84,22 +94,8 @@ pub fn metered_price_problems(plan: &Plan, id: &str, price: &PriceInfo) -> Vec<S
     let mut problems = Vec::new();
     currency(plan, price, id, &mut problems);
     monthly(price, "metered", id, &mut problems);
-    let free = |tier: &crate::stripe::PriceTier| {
-        tier.flat_amount.unwrap_or(0) == 0
-            && tier
-                .unit_amount_decimal
-                .as_deref()
-                .and_then(cents_decimal_to_micros)
-                .is_some_and(|m| m == Micros::ZERO)
-    };
-    let per_call = |tier: &crate::stripe::PriceTier| {
-        tier.flat_amount.unwrap_or(0) == 0
-            && tier
-                .unit_amount_decimal
-                .as_deref()
-                .and_then(cents_decimal_to_micros)
-                == Some(plan.price_per_call_micros)
-    };
+    let free = |tier: &PriceTier| tier_charges(tier, Micros::ZERO);
+    let per_call = |tier: &PriceTier| tier_charges(tier, plan.price_per_call_micros);
     let tiers = price.tiers.as_deref().unwrap_or_default();
     let matches = price.tiers_mode.as_deref() == Some("graduated")
         && match tiers {
@@ -142,10 +138,9 @@ pub fn plugin_fees_price_problems(id: &str, price: &PriceInfo) -> Vec<String> {
         .unit_amount_decimal
         .as_deref()
         .and_then(cents_decimal_to_micros);
-    let tiered = price
-        .tiers
-        .as_deref()
-        .is_some_and(|tiers| matches!(tiers, [only] if only.up_to.is_none() && only.unit_amount_decimal.as_deref().and_then(cents_decimal_to_micros) == one_micro));
+    let tiered = price.tiers.as_deref().is_some_and(
+        |tiers| matches!(tiers, [only] if only.up_to.is_none() && tier_charges(only, Micros(1))),
+    );
     if per_unit != one_micro && !tiered {
         problems.push(format!(
             "price {id}: plugin fees are metered in micro-units, so it must charge 0.0001 cents per unit"
@@ -157,19 +152,12 @@ pub fn plugin_fees_price_problems(id: &str, price: &PriceInfo) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stripe::{PriceTier, Recurring};
+    use crate::stripe::Recurring;
 
     fn plan() -> Plan {
         Plan {
-            id: "pro".into(),
-            name: "Pro".into(),
-            currency: "usd".into(),
-            monthly_fee_micros: Micros::units(49),
             included_calls: 100,
-            price_per_call_micros: Micros(1_234),
-            hard_cap: false,
-            rate_limit_per_minute: 600,
-            burst: 100,
+            ..crate::tests::plan()
         }
     }
 
