@@ -59,11 +59,25 @@ fn currency(plan: &Plan, price: &PriceInfo, id: &str, problems: &mut Vec<String>
 /// Whether a tier charges exactly `per_unit` for each unit, and nothing flat.
 fn tier_charges(tier: &PriceTier, per_unit: Micros) -> bool {
     tier.flat_amount.unwrap_or(0) == 0
-        && tier
-            .unit_amount_decimal
-            .as_deref()
-            .and_then(cents_decimal_to_micros)
-            == Some(per_unit)
+        && amount(tier.unit_amount_decimal.as_deref(), tier.unit_amount) == Some(per_unit)
+}
+
+/// An amount Stripe gives both ways, in cents: the decimal string when present (it carries sub-cent
+/// prices), else the integer.
+fn amount(decimal: Option<&str>, integer: Option<i64>) -> Option<Micros> {
+    match decimal {
+        Some(decimal) => cents_decimal_to_micros(decimal),
+        None => integer?.checked_mul(MICROS_PER_CENT).map(Micros),
+    }
+}
+
+/// An amount in cents for a message: `4900`, `0.1234`.
+fn cents(amount: Micros) -> String {
+    (amount.0 as f64 / MICROS_PER_CENT as f64).to_string()
+}
+
+fn unit_amount(price: &PriceInfo) -> Option<Micros> {
+    amount(price.unit_amount_decimal.as_deref(), price.unit_amount)
 }
 
 /// What is wrong with `price` as the monthly fee of `plan` (nothing when it matches).
@@ -72,14 +86,11 @@ pub fn flat_price_problems(plan: &Plan, id: &str, price: &PriceInfo) -> Vec<Stri
     let mut problems = Vec::new();
     currency(plan, price, id, &mut problems);
     monthly(price, "licensed", id, &mut problems);
-    let amount = price
-        .unit_amount_decimal
-        .as_deref()
-        .and_then(cents_decimal_to_micros);
+    let amount = unit_amount(price);
     if amount != Some(plan.monthly_fee_micros) {
         problems.push(format!(
             "price {id}: charges {} cents a month but plan `{}` costs {} cents",
-            price.unit_amount_decimal.as_deref().unwrap_or("no amount"),
+            unit_amount(price).map_or_else(|| "no".to_owned(), cents),
             plan.id,
             plan.monthly_fee_micros.to_cents()
         ));
@@ -111,16 +122,12 @@ pub fn metered_price_problems(plan: &Plan, id: &str, price: &PriceInfo) -> Vec<S
         };
     let flat_per_unit = price.tiers.is_none()
         && plan.included_calls == 0
-        && price
-            .unit_amount_decimal
-            .as_deref()
-            .and_then(cents_decimal_to_micros)
-            == Some(plan.price_per_call_micros);
+        && unit_amount(price) == Some(plan.price_per_call_micros);
     if !matches && !flat_per_unit {
         problems.push(format!(
             "price {id}: must be graduated with the first {} calls free and {} cents per call after, as plan `{}` states",
             plan.included_calls,
-            plan.price_per_call_micros.0 as f64 / MICROS_PER_CENT as f64,
+            cents(plan.price_per_call_micros),
             plan.id
         ));
     }
@@ -134,10 +141,7 @@ pub fn plugin_fees_price_problems(id: &str, price: &PriceInfo) -> Vec<String> {
     let mut problems = Vec::new();
     monthly(price, "metered", id, &mut problems);
     let one_micro = Some(Micros(1));
-    let per_unit = price
-        .unit_amount_decimal
-        .as_deref()
-        .and_then(cents_decimal_to_micros);
+    let per_unit = unit_amount(price);
     let tiered = price.tiers.as_deref().is_some_and(
         |tiers| matches!(tiers, [only] if only.up_to.is_none() && tier_charges(only, Micros(1))),
     );
@@ -164,6 +168,7 @@ mod tests {
     fn price(usage_type: &str, amount: Option<&str>, tiers: Option<Vec<PriceTier>>) -> PriceInfo {
         PriceInfo {
             currency: "usd".into(),
+            unit_amount: None,
             unit_amount_decimal: amount.map(Into::into),
             recurring: Some(Recurring {
                 interval: "month".into(),
@@ -178,6 +183,7 @@ mod tests {
     fn tier(up_to: Option<i64>, amount: &str) -> PriceTier {
         PriceTier {
             up_to,
+            unit_amount: None,
             unit_amount_decimal: Some(amount.into()),
             flat_amount: None,
         }
@@ -221,6 +227,13 @@ mod tests {
             Some(vec![tier(Some(100), "0"), tier(None, "0.1234")]),
         );
         assert!(metered_price_problems(&plan, "p_calls", &good).is_empty());
+        // Whole-cent amounts may come as integers only.
+        let mut integer_tiers = good.clone();
+        if let Some(tiers) = &mut integer_tiers.tiers {
+            tiers[0].unit_amount_decimal = None;
+            tiers[0].unit_amount = Some(0);
+        }
+        assert!(metered_price_problems(&plan, "p_calls", &integer_tiers).is_empty());
         for drifted in [
             vec![tier(Some(50), "0"), tier(None, "0.1234")],
             vec![tier(Some(100), "0"), tier(None, "0.2")],

@@ -77,7 +77,9 @@ pub struct Created {
 #[derive(Debug, Clone, Deserialize)]
 pub struct PriceInfo {
     pub currency: String,
-    /// Per-unit prices: the amount in cents, as a decimal string.
+    /// Per-unit prices: the amount in cents, as an integer and as a decimal string.
+    #[serde(default)]
+    pub unit_amount: Option<i64>,
     #[serde(default)]
     pub unit_amount_decimal: Option<String>,
     #[serde(default)]
@@ -104,6 +106,8 @@ pub struct PriceTier {
     /// `None` for the last, open-ended tier.
     #[serde(default)]
     pub up_to: Option<i64>,
+    #[serde(default)]
+    pub unit_amount: Option<i64>,
     #[serde(default)]
     pub unit_amount_decimal: Option<String>,
     #[serde(default)]
