@@ -606,17 +606,36 @@ async fn stripe_prices_are_checked_against_the_plans_they_sell() {
             unit_decimal: "0.01".to_owned(),
         },
     );
+    // ...and one metered price is moved to a meter the platform does not send to.
+    double.set_price(
+        "price_pro_calls",
+        Price::Metered {
+            meter: "api_requests".to_owned(),
+            free_units: 100_000,
+            unit_decimal: "0.04".to_owned(),
+        },
+    );
     let problems = billing.check_prices().await.unwrap();
-    assert_eq!(problems.len(), 3, "{problems:?}");
-    for price in ["price_pro_flat", "price_metered_calls", PLUGIN_FEES_PRICE] {
+    assert_eq!(problems.len(), 4, "{problems:?}");
+    for price in [
+        "price_pro_flat",
+        "price_metered_calls",
+        PLUGIN_FEES_PRICE,
+        "price_pro_calls",
+    ] {
         assert!(
             problems.iter().any(|p| p.contains(price)),
             "{price} in {problems:?}"
         );
     }
+    assert!(
+        problems.iter().any(|p| p.contains("api_requests")),
+        "{problems:?}"
+    );
 
     // A plan whose numbers change without its prices is caught the same way.
     double.set_price("price_pro_flat", Price::Flat { cents: 4_900 });
+    double.set_price("price_pro_calls", stripe_prices()["price_pro_calls"].clone());
     let mut pro = app.store().plan("pro").await.unwrap();
     pro.price_per_call_micros = Micros(500);
     app.store().upsert_plan(&pro).await.unwrap();

@@ -329,6 +329,16 @@ impl State {
                         None => error(404, "invalid_request_error", &format!("No such price: '{id}'")),
                     };
                 }
+                // The double's meters are named after the event they count: `mtr_<event name>`.
+                if let (Some(id), "GET") = (path.strip_prefix("/v1/billing/meters/"), method) {
+                    return match id.strip_prefix("mtr_") {
+                        Some(event_name) => (
+                            200,
+                            json!({ "id": id, "object": "billing.meter", "event_name": event_name, "status": "active", "livemode": false }),
+                        ),
+                        None => error(404, "invalid_request_error", &format!("No such meter: '{id}'")),
+                    };
+                }
                 if let Some(id) = path.strip_prefix("/v1/subscriptions/") {
                     let Some(mut sub) = self.subscriptions.get(id).cloned() else {
                         return error(

@@ -401,11 +401,13 @@ impl Billing {
     }
 
     /// Compares every configured Stripe price with the plan it sells (fee, included calls, per-call
-    /// price, currency, monthly recurrence) and the plugin-fees price with its micro-unit; returns one
-    /// line per difference, none when Stripe charges what the plans say.
+    /// price, currency, monthly recurrence) and the plugin-fees price with its micro-unit, and checks
+    /// each metered price counts the meter usage is sent to; returns one line per difference, none
+    /// when Stripe charges what the plans say.
     pub async fn check_prices(&self) -> Result<Vec<String>> {
         let stripe = self.stripe()?;
         let mut problems = Vec::new();
+        let mut meters = MeterNames::default();
         for (plan_id, ids) in &stripe.settings.plans {
             let plan = match self.store.plan(plan_id).await {
                 Ok(plan) => plan,
@@ -421,10 +423,22 @@ impl Billing {
             problems.extend(prices::flat_price_problems(&plan, &ids.flat, &flat));
             let metered = stripe.price(&ids.metered).await?;
             problems.extend(prices::metered_price_problems(&plan, &ids.metered, &metered));
+            let counted = meters.event_name(stripe, &metered).await?;
+            problems.extend(prices::meter_problem(
+                &ids.metered,
+                counted.as_deref(),
+                &stripe.settings.calls_meter_event,
+            ));
         }
         if let Some(id) = &stripe.settings.plugin_fees_price {
             let price = stripe.price(id).await?;
             problems.extend(prices::plugin_fees_price_problems(id, &price));
+            let counted = meters.event_name(stripe, &price).await?;
+            problems.extend(prices::meter_problem(
+                id,
+                counted.as_deref(),
+                &stripe.settings.plugin_fees_meter_event,
+            ));
         }
         Ok(problems)
     }
@@ -528,6 +542,28 @@ impl Billing {
                 .push(self.store.complete_payout(&record.payout.id, &transfer).await?);
         }
         Ok(run)
+    }
+}
+
+/// The event names of the meters the checked prices count, each looked up once.
+#[derive(Default)]
+struct MeterNames(std::collections::HashMap<String, String>);
+
+impl MeterNames {
+    /// The event name of the meter `price` counts; `None` when it counts none.
+    async fn event_name(
+        &mut self,
+        stripe: &StripeGateway,
+        price: &stripe::PriceInfo,
+    ) -> Result<Option<String>> {
+        let Some(meter) = price.recurring.as_ref().and_then(|r| r.meter.as_ref()) else {
+            return Ok(None);
+        };
+        if !self.0.contains_key(meter) {
+            let name = stripe.meter_event_name(meter).await?;
+            self.0.insert(meter.clone(), name);
+        }
+        Ok(self.0.get(meter).cloned())
     }
 }
 

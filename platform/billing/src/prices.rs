@@ -153,6 +153,21 @@ pub fn plugin_fees_price_problems(id: &str, price: &PriceInfo) -> Vec<String> {
     problems
 }
 
+/// What is wrong with the meter a metered price counts: it must be the meter the platform sends
+/// `expected` events to, or the usage pushed never reaches the invoice.
+#[must_use]
+pub fn meter_problem(id: &str, counted: Option<&str>, expected: &str) -> Option<String> {
+    match counted {
+        Some(name) if name == expected => None,
+        Some(name) => Some(format!(
+            "price {id}: counts the meter of `{name}` events, but usage is sent as `{expected}`"
+        )),
+        None => Some(format!(
+            "price {id}: is not attached to a billing meter (usage is sent as `{expected}` events)"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +189,7 @@ mod tests {
                 interval: "month".into(),
                 interval_count: Some(1),
                 usage_type: Some(usage_type.into()),
+                meter: None,
             }),
             tiers_mode: tiers.as_ref().map(|_| "graduated".into()),
             tiers,
@@ -252,5 +268,16 @@ mod tests {
             plugin_fees_price_problems("p_fees", &price("metered", Some("0.01"), None)).len(),
             1
         );
+    }
+
+    #[test]
+    fn a_metered_price_must_count_the_meter_usage_is_sent_to() {
+        assert_eq!(meter_problem("p", Some("plinth_calls"), "plinth_calls"), None);
+        let wrong = meter_problem("p", Some("api_calls"), "plinth_calls").unwrap_or_default();
+        assert!(
+            wrong.contains("api_calls") && wrong.contains("plinth_calls"),
+            "{wrong}"
+        );
+        assert!(meter_problem("p", None, "plinth_calls").is_some());
     }
 }

@@ -99,6 +99,9 @@ pub struct Recurring {
     /// `licensed` or `metered`.
     #[serde(default)]
     pub usage_type: Option<String>,
+    /// The billing meter a metered price counts (`mtr_...`).
+    #[serde(default)]
+    pub meter: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -433,6 +436,23 @@ impl StripeGateway {
             None,
         )
         .await
+    }
+
+    /// The event name a billing meter counts.
+    pub async fn meter_event_name(&self, meter: &str) -> Result<String, StoreError> {
+        #[derive(Deserialize)]
+        struct Meter {
+            event_name: String,
+        }
+        let meter: Meter = self
+            .call(
+                StripeMethod::Get,
+                &format!("/billing/meters/{meter}"),
+                None::<&()>,
+                None,
+            )
+            .await?;
+        Ok(meter.event_name)
     }
 
     /// Cancels (or resumes) a subscription at the end of its period.
