@@ -334,7 +334,12 @@ impl State {
                     return match id.strip_prefix("mtr_") {
                         Some(event_name) => (
                             200,
-                            json!({ "id": id, "object": "billing.meter", "event_name": event_name, "status": "active", "livemode": false }),
+                            json!({
+                                "id": id, "object": "billing.meter", "event_name": event_name, "status": "active",
+                                "default_aggregation": { "formula": "sum" },
+                                "customer_mapping": { "event_payload_key": "stripe_customer_id", "type": "by_id" },
+                                "value_settings": { "event_payload_key": "value" }, "livemode": false,
+                            }),
                         ),
                         None => error(404, "invalid_request_error", &format!("No such meter: '{id}'")),
                     };

@@ -407,7 +407,7 @@ impl Billing {
     pub async fn check_prices(&self) -> Result<Vec<String>> {
         let stripe = self.stripe()?;
         let mut problems = Vec::new();
-        let mut meters = MeterNames::default();
+        let mut meters = Meters::default();
         for (plan_id, ids) in &stripe.settings.plans {
             let plan = match self.store.plan(plan_id).await {
                 Ok(plan) => plan,
@@ -423,20 +423,20 @@ impl Billing {
             problems.extend(prices::flat_price_problems(&plan, &ids.flat, &flat));
             let metered = stripe.price(&ids.metered).await?;
             problems.extend(prices::metered_price_problems(&plan, &ids.metered, &metered));
-            let counted = meters.event_name(stripe, &metered).await?;
-            problems.extend(prices::meter_problem(
+            let counted = meters.of(stripe, &metered).await?;
+            problems.extend(prices::meter_problems(
                 &ids.metered,
-                counted.as_deref(),
+                counted,
                 &stripe.settings.calls_meter_event,
             ));
         }
         if let Some(id) = &stripe.settings.plugin_fees_price {
             let price = stripe.price(id).await?;
             problems.extend(prices::plugin_fees_price_problems(id, &price));
-            let counted = meters.event_name(stripe, &price).await?;
-            problems.extend(prices::meter_problem(
+            let counted = meters.of(stripe, &price).await?;
+            problems.extend(prices::meter_problems(
                 id,
-                counted.as_deref(),
+                counted,
                 &stripe.settings.plugin_fees_meter_event,
             ));
         }
@@ -545,25 +545,25 @@ impl Billing {
     }
 }
 
-/// The event names of the meters the checked prices count, each looked up once.
+/// The meters the checked prices count, each looked up once.
 #[derive(Default)]
-struct MeterNames(std::collections::HashMap<String, String>);
+struct Meters(std::collections::HashMap<String, stripe::MeterInfo>);
 
-impl MeterNames {
-    /// The event name of the meter `price` counts; `None` when it counts none.
-    async fn event_name(
+impl Meters {
+    /// The meter `price` counts; `None` when it counts none.
+    async fn of(
         &mut self,
         stripe: &StripeGateway,
         price: &stripe::PriceInfo,
-    ) -> Result<Option<String>> {
-        let Some(meter) = price.recurring.as_ref().and_then(|r| r.meter.as_ref()) else {
+    ) -> Result<Option<&stripe::MeterInfo>> {
+        let Some(id) = price.recurring.as_ref().and_then(|r| r.meter.as_ref()) else {
             return Ok(None);
         };
-        if !self.0.contains_key(meter) {
-            let name = stripe.meter_event_name(meter).await?;
-            self.0.insert(meter.clone(), name);
+        if !self.0.contains_key(id) {
+            let meter = stripe.meter(id).await?;
+            self.0.insert(id.clone(), meter);
         }
-        Ok(self.0.get(meter).cloned())
+        Ok(self.0.get(id))
     }
 }
 

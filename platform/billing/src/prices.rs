@@ -5,7 +5,7 @@
 use plinth_core::Micros;
 use plinth_core::api::Plan;
 
-use crate::stripe::{PriceInfo, PriceTier};
+use crate::stripe::{METER_CUSTOMER_KEY, METER_VALUE_KEY, MeterInfo, PayloadKey, PriceInfo, PriceTier};
 
 /// Micro-units per cent.
 const MICROS_PER_CENT: i64 = 10_000;
@@ -154,18 +154,38 @@ pub fn plugin_fees_price_problems(id: &str, price: &PriceInfo) -> Vec<String> {
 }
 
 /// What is wrong with the meter a metered price counts: it must be the meter the platform sends
-/// `expected` events to, or the usage pushed never reaches the invoice.
+/// `expected` events to, summing their values per customer as Plinth's events carry them, or the
+/// usage pushed never reaches the invoice (or reaches it miscounted).
 #[must_use]
-pub fn meter_problem(id: &str, counted: Option<&str>, expected: &str) -> Option<String> {
-    match counted {
-        Some(name) if name == expected => None,
-        Some(name) => Some(format!(
-            "price {id}: counts the meter of `{name}` events, but usage is sent as `{expected}`"
-        )),
-        None => Some(format!(
+pub fn meter_problems(id: &str, meter: Option<&MeterInfo>, expected: &str) -> Vec<String> {
+    let Some(meter) = meter else {
+        return vec![format!(
             "price {id}: is not attached to a billing meter (usage is sent as `{expected}` events)"
-        )),
+        )];
+    };
+    let mut problems = Vec::new();
+    if meter.event_name != expected {
+        problems.push(format!(
+            "price {id}: counts the meter of `{}` events, but usage is sent as `{expected}`",
+            meter.event_name
+        ));
     }
+    let formula = meter.default_aggregation.as_ref().map(|a| a.formula.as_str());
+    if formula != Some("sum") {
+        problems.push(format!(
+            "price {id}: its meter must sum event values, not `{}`",
+            formula.unwrap_or("unset")
+        ));
+    }
+    let reads = |setting: &Option<PayloadKey>, key: &str| {
+        setting.as_ref().is_some_and(|s| s.event_payload_key == key)
+    };
+    if !reads(&meter.customer_mapping, METER_CUSTOMER_KEY) || !reads(&meter.value_settings, METER_VALUE_KEY) {
+        problems.push(format!(
+            "price {id}: its meter must read the customer from `{METER_CUSTOMER_KEY}` and the value from `{METER_VALUE_KEY}`"
+        ));
+    }
+    problems
 }
 
 #[cfg(test)]
@@ -272,12 +292,45 @@ mod tests {
 
     #[test]
     fn a_metered_price_must_count_the_meter_usage_is_sent_to() {
-        assert_eq!(meter_problem("p", Some("plinth_calls"), "plinth_calls"), None);
-        let wrong = meter_problem("p", Some("api_calls"), "plinth_calls").unwrap_or_default();
-        assert!(
-            wrong.contains("api_calls") && wrong.contains("plinth_calls"),
-            "{wrong}"
+        let meter = |name: &str, formula: &str, customer: &str| MeterInfo {
+            event_name: name.into(),
+            default_aggregation: Some(crate::stripe::MeterAggregation {
+                formula: formula.into(),
+            }),
+            customer_mapping: Some(PayloadKey {
+                event_payload_key: customer.into(),
+            }),
+            value_settings: Some(PayloadKey {
+                event_payload_key: "value".into(),
+            }),
+        };
+        let good = meter("plinth_calls", "sum", "stripe_customer_id");
+        assert!(meter_problems("p", Some(&good), "plinth_calls").is_empty());
+        let wrong = meter_problems(
+            "p",
+            Some(&meter("api_calls", "sum", "stripe_customer_id")),
+            "plinth_calls",
         );
-        assert!(meter_problem("p", None, "plinth_calls").is_some());
+        assert!(wrong.len() == 1 && wrong[0].contains("api_calls"), "{wrong:?}");
+        assert_eq!(
+            meter_problems(
+                "p",
+                Some(&meter("plinth_calls", "count", "stripe_customer_id")),
+                "plinth_calls"
+            )
+            .len(),
+            1,
+            "a meter counting events bills one unit per bucket"
+        );
+        assert_eq!(
+            meter_problems(
+                "p",
+                Some(&meter("plinth_calls", "sum", "customer")),
+                "plinth_calls"
+            )
+            .len(),
+            1
+        );
+        assert_eq!(meter_problems("p", None, "plinth_calls").len(), 1);
     }
 }

@@ -104,6 +104,33 @@ pub struct Recurring {
     pub meter: Option<String>,
 }
 
+/// A Stripe billing meter, as far as the price check reads it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MeterInfo {
+    pub event_name: String,
+    #[serde(default)]
+    pub default_aggregation: Option<MeterAggregation>,
+    #[serde(default)]
+    pub customer_mapping: Option<PayloadKey>,
+    #[serde(default)]
+    pub value_settings: Option<PayloadKey>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MeterAggregation {
+    /// `sum`, `count` or `last`.
+    pub formula: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PayloadKey {
+    pub event_payload_key: String,
+}
+
+/// The payload keys of the meter events Plinth sends: the customer, and the value to sum.
+pub const METER_CUSTOMER_KEY: &str = "stripe_customer_id";
+pub const METER_VALUE_KEY: &str = "value";
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct PriceTier {
     /// `None` for the last, open-ended tier.
@@ -438,21 +465,15 @@ impl StripeGateway {
         .await
     }
 
-    /// The event name a billing meter counts.
-    pub async fn meter_event_name(&self, meter: &str) -> Result<String, StoreError> {
-        #[derive(Deserialize)]
-        struct Meter {
-            event_name: String,
-        }
-        let meter: Meter = self
-            .call(
-                StripeMethod::Get,
-                &format!("/billing/meters/{meter}"),
-                None::<&()>,
-                None,
-            )
-            .await?;
-        Ok(meter.event_name)
+    /// A billing meter.
+    pub async fn meter(&self, meter: &str) -> Result<MeterInfo, StoreError> {
+        self.call(
+            StripeMethod::Get,
+            &format!("/billing/meters/{meter}"),
+            None::<&()>,
+            None,
+        )
+        .await
     }
 
     /// Cancels (or resumes) a subscription at the end of its period.
@@ -485,8 +506,8 @@ impl StripeGateway {
             identifier,
             timestamp,
             payload: BTreeMap::from([
-                ("stripe_customer_id", customer.to_owned()),
-                ("value", value.to_string()),
+                (METER_CUSTOMER_KEY, customer.to_owned()),
+                (METER_VALUE_KEY, value.to_string()),
             ]),
         };
         let _: serde_json::Value = self
