@@ -9,6 +9,7 @@ mod m0002_billing;
 mod m0003_models;
 mod m0004_plugins;
 mod m0005_payments;
+mod m0006_trust;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0003_models::Migration),
             Box::new(m0004_plugins::Migration),
             Box::new(m0005_payments::Migration),
+            Box::new(m0006_trust::Migration),
         ]
     }
 }

@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Every call that can be billed carries an `Idempotency-Key`, so the client retries transient failures
-//! (connection errors, 429 with `Retry-After`, 5xx) without ever being billed twice.
+//! (connection errors, 429 with `Retry-After`, 5xx, and `409 idempotency_in_flight` while a first
+//! attempt still runs) without ever being billed twice: a retry gets the first answer back.
 
 use std::time::Duration;
 
@@ -93,6 +94,19 @@ pub struct UsageQuery {
     pub to: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub group_by: Option<UsageGrouping>,
+}
+
+/// Parameters of [`Client::audit_log`].
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// The previous page's `next_before`.
+    pub before: Option<String>,
+    /// 1 to 200; the server's default is 50.
+    pub limit: Option<u64>,
+    /// Only actions starting with this, e.g. `login`.
+    pub action: Option<String>,
+    /// Platform admins: only this tenant.
+    pub tenant: Option<TenantId>,
 }
 
 /// A Plinth API client. Cheap to clone; clones share the connection pool.
@@ -291,6 +305,27 @@ impl Client {
         };
         self.call(Method::POST, "/v1/admin/payouts", Some(&body), None, Replay::Safe)
             .await
+    }
+
+    /// Local billing: records that a tenant paid the statement of its closed period starting at
+    /// `period_start` (platform admins).
+    pub async fn mark_statement_paid(
+        &self,
+        tenant: &TenantId,
+        period_start: chrono::DateTime<chrono::Utc>,
+    ) -> Result<ProviderInvoice> {
+        let body = MarkPaidRequest {
+            tenant_id: tenant.clone(),
+            period_start,
+        };
+        self.call(
+            Method::POST,
+            "/v1/admin/statements/paid",
+            Some(&body),
+            None,
+            Replay::Safe,
+        )
+        .await
     }
 
     /// Pushes settled usage to Stripe now (platform admins).
@@ -531,6 +566,25 @@ impl Client {
         .await
     }
 
+    /// Revokes a version (platform admins): installations running it stop at once.
+    pub async fn revoke_plugin_version(
+        &self,
+        version: &PluginVersionId,
+        reason: &str,
+    ) -> Result<PluginVersion> {
+        let body = RevokeRequest {
+            reason: reason.to_owned(),
+        };
+        self.call(
+            Method::POST,
+            &format!("/v1/admin/plugin-versions/{version}/revoke"),
+            Some(&body),
+            None,
+            Replay::Safe,
+        )
+        .await
+    }
+
     /// Installs a plugin in the caller's tenant, approving what it asks for.
     pub async fn install_plugin(&self, request: &InstallRequest) -> Result<Installation> {
         self.call(
@@ -589,9 +643,34 @@ impl Client {
         .await
     }
 
-    /// What the caller's plugins earned in the last 30 days.
+    /// What the caller's plugins earned in the last 30 days, how much of it was collected, and the
+    /// author's balance.
     pub async fn author_earnings(&self) -> Result<Earnings> {
         self.get("/v1/author/earnings").await
+    }
+
+    // ---- audit log ----
+
+    /// A page of the audit log, newest first: the caller's tenant's (tenant admins), or every entry
+    /// (platform admins).
+    pub async fn audit_log(&self, query: &AuditQuery) -> Result<AuditPage> {
+        let mut url =
+            Url::parse("http://query.invalid/").map_err(|err| Error::InvalidUrl(err.to_string()))?;
+        {
+            let mut pairs = url.query_pairs_mut();
+            for (name, value) in [
+                ("before", query.before.clone()),
+                ("limit", query.limit.map(|l| l.to_string())),
+                ("action", query.action.clone()),
+                ("tenant", query.tenant.as_ref().map(ToString::to_string)),
+            ] {
+                if let Some(value) = value {
+                    pairs.append_pair(name, &value);
+                }
+            }
+        }
+        let query = url.query().map(|q| format!("?{q}")).unwrap_or_default();
+        self.get(&format!("/v1/audit-log{query}")).await
     }
 
     // ---- operations ----
@@ -675,6 +754,14 @@ impl Client {
                     Some(retry_after(response).unwrap_or(backoff))
                 }
                 Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
+                    Some(retry_after(response).unwrap_or(backoff))
+                }
+                // The same keyed request is still running elsewhere: its answer is coming.
+                Ok(response)
+                    if response.status() == StatusCode::CONFLICT
+                        && idempotency_key.is_some()
+                        && response.headers().contains_key(header::RETRY_AFTER) =>
+                {
                     Some(retry_after(response).unwrap_or(backoff))
                 }
                 Err(err)

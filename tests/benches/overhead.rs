@@ -7,7 +7,9 @@
 //!   insert committed alone: the ledger cannot be faster than the disk's sync;
 //! - latency of `GET /v2/health/live` (no auth, no limit, no ledger: the HTTP baseline) and of
 //!   `POST /v1/echo` (key verification + rate limit + durable usage event) at concurrency 1 and 64;
-//!   the difference is the metering path's added latency;
+//!   the difference is the metering path's added latency; then echo with a fresh `Idempotency-Key`
+//!   per call (the request is claimed and its answer stored) and with one key repeated (every call
+//!   after the first is a stored replay);
 //! - the ledger writer's throughput with many concurrent recorders (group commit), against the same
 //!   events written one at a time (the baseline a naive ledger would have).
 //!
@@ -41,12 +43,23 @@ struct Latency {
     per_second: f64,
 }
 
+/// How a call uses `Idempotency-Key`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keyed {
+    No,
+    /// A fresh key per call: each is claimed, run and its answer stored.
+    Fresh,
+    /// One key for every call: the first runs, the rest are stored replays.
+    Repeated,
+}
+
 /// One request of the load: `GET url`, or `POST url` with a JSON body and a bearer key.
 #[derive(Clone)]
 struct Call {
     url: String,
     key: Option<String>,
     body: Option<&'static str>,
+    keyed: Keyed,
 }
 
 impl Call {
@@ -61,7 +74,11 @@ impl Call {
         if let Some(key) = &self.key {
             request = request.bearer_auth(key);
         }
-        request
+        match self.keyed {
+            Keyed::No => request,
+            Keyed::Fresh => request.header("Idempotency-Key", ulid::Ulid::new().to_string()),
+            Keyed::Repeated => request.header("Idempotency-Key", "bench-replayed"),
+        }
     }
 }
 
@@ -124,11 +141,21 @@ async fn http_overhead(app: &TestApp, key: &str) {
         url: app.url("/v2/health/live"),
         key: None,
         body: None,
+        keyed: Keyed::No,
     };
     let echo = Call {
         url: app.url("/v1/echo"),
         key: Some(key.to_owned()),
         body: Some("{\"ping\":1}"),
+        keyed: Keyed::No,
+    };
+    let keyed = Call {
+        keyed: Keyed::Fresh,
+        ..echo.clone()
+    };
+    let replayed = Call {
+        keyed: Keyed::Repeated,
+        ..echo.clone()
     };
     println!(
         "  {:<28} {:>10} {:>10} {:>10}",
@@ -154,6 +181,24 @@ async fn http_overhead(app: &TestApp, key: &str) {
             us(metered.p50) - us(baseline.p50),
             us(metered.p99) - us(baseline.p99),
             metered.per_second / baseline.per_second
+        );
+        let stored = measure(concurrency, keyed.clone()).await;
+        let replay = measure(concurrency, replayed.clone()).await;
+        for (name, l) in [("echo, keyed (stored)", &stored), ("echo, replayed", &replay)] {
+            println!(
+                "  {:<28} {:>10.0} {:>10.0} {:>10.0}",
+                format!("{name} ({concurrency})"),
+                us(l.p50),
+                us(l.p99),
+                l.per_second
+            );
+        }
+        println!(
+            "  => a keyed call (claim + stored answer) adds p50 {:+.0} µs to an unkeyed one ({:.2}x its throughput); a replay costs p50 {:+.0} µs against an unkeyed call ({:.2}x its throughput)",
+            us(stored.p50) - us(metered.p50),
+            stored.per_second / metered.per_second,
+            us(replay.p50) - us(metered.p50),
+            replay.per_second / metered.per_second
         );
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{Datelike, TimeZone, Utc};
-use plinth_sdk::{ErrorCode, Micros, PaymentMode, Plan, Scope, SubscriptionStatus};
+use plinth_sdk::{ErrorCode, Micros, PaymentMode, PayoutStatus, Plan, Scope, SubscriptionStatus};
 use plinth_tests::stripe_double::{
     CALLS_METER, Failure, PLUGIN_FEES_METER, PLUGIN_FEES_PRICE, Price, StripeDouble, WEBHOOK_SECRET,
     signature,
@@ -60,7 +60,7 @@ pub const STRIPE_PLANS: &[(&str, &str, &str)] = &[
 ];
 
 /// A platform in Stripe mode against `double`, syncing one-second buckets on demand.
-async fn stripe_app(double: &StripeDouble) -> TestApp {
+pub async fn stripe_app(double: &StripeDouble) -> TestApp {
     let app = TestApp::spawn_with(|config| {
         double.configure(config, STRIPE_PLANS);
         config.billing_sync_bucket_secs = 1;
@@ -73,7 +73,7 @@ async fn stripe_app(double: &StripeDouble) -> TestApp {
 }
 
 /// Subscribes through Checkout and the double's webhooks; returns (customer, subscription).
-async fn subscribe(
+pub async fn subscribe(
     app: &TestApp,
     double: &StripeDouble,
     tenant: &TestTenant,
@@ -100,7 +100,7 @@ fn api_code(err: &plinth_sdk::Error) -> Option<ErrorCode> {
     err.code()
 }
 
-async fn post_webhook(app: &TestApp, header: Option<String>, body: &str) -> (u16, Value) {
+pub async fn post_webhook(app: &TestApp, header: Option<String>, body: &str) -> (u16, Value) {
     let mut request = app
         .http()
         .post(app.url("/v1/webhooks/stripe"))
@@ -647,11 +647,12 @@ async fn stripe_prices_are_checked_against_the_plans_they_sell() {
 }
 
 #[tokio::test]
-async fn authors_are_paid_their_share_once_through_connect() {
+async fn authors_are_paid_their_collected_share_once_through_connect() {
     let double = StripeDouble::start(stripe_prices()).await;
     let app = stripe_app(&double).await;
     let author = app.tenant().await;
     let customer = app.tenant().await;
+    let (_, subscription) = subscribe(&app, &double, &customer, "metered").await;
     let (mut manifest, component) = built_plugin("hello");
     manifest.name = "paid-hello".into();
     manifest.price_per_call_micros = 125_000; // 12.5 cents; the author's 80% is 10 cents
@@ -665,9 +666,16 @@ async fn authors_are_paid_their_share_once_through_connect() {
             .await
             .unwrap();
     }
+    // Earned, but nobody has paid for it yet.
+    let earnings = author.owner.author_earnings().await.unwrap();
     assert_eq!(
-        author.owner.author_earnings().await.unwrap().total,
-        Micros(1_000_000)
+        (
+            earnings.total,
+            earnings.payable,
+            earnings.pending,
+            earnings.balance
+        ),
+        (Micros(1_000_000), Micros(0), Micros(1_000_000), Micros(0))
     );
 
     let onboarding = author.owner.connect_payouts().await.unwrap();
@@ -695,17 +703,30 @@ async fn authors_are_paid_their_share_once_through_connect() {
     let early = admin.run_payouts(&period).await.unwrap_err();
     assert_eq!(api_code(&early), Some(ErrorCode::ValidationFailed));
     let billing = plinth_server::billing(&app.config, app.store().clone()).unwrap();
+    let operator = plinth_tests::operator();
 
-    // Not onboarded yet: nothing is sent.
-    let run = billing.run_payouts(&period, next_month).await.unwrap();
-    assert_eq!((run.payouts.len(), run.waiting_for_onboarding), (0, 1));
+    // Uncollected earnings pay nothing, onboarded or not.
+    double.enable_payouts(&app.url(""), &onboarding.account_id).await;
+    let run = billing.run_payouts(&period, next_month, &operator).await.unwrap();
+    assert_eq!((run.payouts.len(), run.waiting_for_onboarding), (0, 0));
     assert!(double.transfers().is_empty());
 
-    double.enable_payouts(&app.url(""), &onboarding.account_id).await;
-    let run = billing.run_payouts(&period, next_month).await.unwrap();
+    // Stripe collects the customer's invoice: the share becomes payable and is paid, once.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    admin.sync_usage().await.unwrap();
+    double.invoice_period(&app.url(""), &subscription, true).await;
+    let earnings = author.owner.author_earnings().await.unwrap();
+    assert_eq!(
+        (earnings.payable, earnings.pending, earnings.balance),
+        (Micros(1_000_000), Micros(0), Micros(1_000_000))
+    );
+    let run = billing.run_payouts(&period, next_month, &operator).await.unwrap();
     assert_eq!(run.payouts.len(), 1);
     let payout = &run.payouts[0];
-    assert_eq!((payout.amount_cents, payout.status.as_str()), (100, "paid"));
+    assert_eq!(
+        (payout.amount_cents, payout.status, payout.currency.as_str()),
+        (100, PayoutStatus::Paid, "usd")
+    );
     assert_eq!(
         double.transfers(),
         [(
@@ -716,11 +737,16 @@ async fn authors_are_paid_their_share_once_through_connect() {
     );
 
     // A rerun pays nobody twice.
-    let rerun = billing.run_payouts(&period, next_month).await.unwrap();
+    let rerun = billing.run_payouts(&period, next_month, &operator).await.unwrap();
     assert_eq!(rerun.payouts, run.payouts);
     assert_eq!(double.transfers().len(), 1);
     assert_eq!(author.owner.payouts().await.unwrap(), run.payouts);
     assert!(customer.owner.payouts().await.unwrap().is_empty());
+    let earnings = author.owner.author_earnings().await.unwrap();
+    assert_eq!(
+        (earnings.balance, earnings.paid_out),
+        (Micros(0), Micros(1_000_000))
+    );
 }
 
 #[tokio::test]

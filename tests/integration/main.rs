@@ -3,7 +3,9 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test, with its location
 
+mod abuse;
 mod accounts;
+mod audit;
 mod auth;
 mod billing;
 mod chaos;

@@ -53,6 +53,21 @@ pub fn postgres_and_redis() -> Option<(String, String)> {
     Some((database, redis))
 }
 
+/// The operator, acting through the store (as the `plinth` command line does).
+#[must_use]
+pub fn operator() -> plinth_store::audit::Who {
+    plinth_store::audit::Who::internal(plinth_store::audit::Who::OPERATOR)
+}
+
+/// Puts the production defaults of the abuse limits back into a test configuration.
+pub fn production_limits(config: &mut Config) {
+    let defaults = Config::default();
+    config.signups_per_address_per_minute = defaults.signups_per_address_per_minute;
+    config.logins_per_address_per_minute = defaults.logins_per_address_per_minute;
+    config.unauthenticated_per_minute = defaults.unauthenticated_per_minute;
+    config.unmetered_per_tenant_per_minute = defaults.unmetered_per_tenant_per_minute;
+}
+
 fn unique(prefix: &str) -> String {
     format!("{prefix}{}", ulid::Ulid::new().to_string().to_ascii_lowercase())
 }
@@ -86,6 +101,10 @@ impl TestApp {
             // One session per model keeps start-up quick; batching still joins concurrent calls.
             inference_sessions: 1,
             log: "warn".to_owned(),
+            // Every test signs its tenants up and logs them in from 127.0.0.1; the abuse tests put the
+            // production limits back (see `production_limits`).
+            signups_per_address_per_minute: 1_000,
+            logins_per_address_per_minute: 1_000,
             ..Config::default()
         };
         if backend == Backend::PostgresRedis {
@@ -189,7 +208,7 @@ impl TestApp {
         let email = format!("{}@example.com", unique("admin-"));
         let password = "correct horse battery staple";
         self.store()
-            .create_platform_admin(&email, password)
+            .create_platform_admin(&email, password, false, &operator())
             .await
             .expect("platform admin");
         let session = self
@@ -207,7 +226,7 @@ impl TestApp {
     /// Moves a tenant to `plan` directly in the store (operators do this with `plinth admin set-plan`).
     pub async fn set_plan(&self, tenant: &plinth_sdk::TenantId, plan: &str) {
         self.store()
-            .change_plan(tenant, plan, "test")
+            .change_plan(tenant, plan, &operator())
             .await
             .expect("plan change");
     }

@@ -1,9 +1,10 @@
 //! A local stand-in for the Stripe endpoints Plinth calls, speaking Stripe's wire format: form-encoded
 //! requests with `Authorization: Bearer sk_…` and `Idempotency-Key`, JSON objects with `id` and
 //! `object`, Stripe's error shape. It records every request, honours idempotency keys (a repeated key
-//! replays the first answer), counts meter events once per identifier, prices invoices from its own
-//! price table as Stripe would, and delivers webhooks signed as Stripe signs them. Failures can be
-//! injected to play an outage or a lost response.
+//! replays the first answer, for as long as Stripe keeps keys: see [`StripeDouble::forget_idempotency_keys`]),
+//! counts meter events once per identifier, prices invoices from its own price table as Stripe would,
+//! lists transfers by `transfer_group`, and delivers webhooks signed as Stripe signs them. Failures can
+//! be injected to play an outage or a lost response.
 //!
 //! The platform reaches it through `PLINTH_STRIPE_API_BASE`; nothing in the platform knows it is not
 //! Stripe.
@@ -93,8 +94,19 @@ struct State {
     meter_events: BTreeMap<String, MeterEvent>,
     duplicate_identifiers: usize,
     accounts: BTreeMap<String, bool>,
-    transfers: Vec<(String, i64, String)>,
+    transfers: Vec<Transfer>,
+    invoices: Vec<String>,
     failure: Failure,
+    transfer_failure: Failure,
+}
+
+/// A transfer Stripe made.
+#[derive(Debug, Clone)]
+struct Transfer {
+    id: String,
+    amount: i64,
+    destination: String,
+    group: String,
 }
 
 /// The running double.
@@ -313,10 +325,31 @@ impl State {
                 }
                 let amount: i64 = form.get("amount").and_then(|a| a.parse().ok()).unwrap_or(0);
                 let id = self.id("tr");
-                self.transfers.push((id.clone(), amount, destination.clone()));
+                self.transfers.push(Transfer {
+                    id: id.clone(),
+                    amount,
+                    destination: destination.clone(),
+                    group: form.get("transfer_group").cloned().unwrap_or_default(),
+                });
                 (
                     200,
                     json!({ "id": id, "object": "transfer", "amount": amount, "currency": form.get("currency"), "destination": destination, "transfer_group": form.get("transfer_group"), "created": created, "livemode": false }),
+                )
+            }
+            ("GET", "/v1/transfers") => {
+                let group = form.get("transfer_group");
+                let data: Vec<Value> = self
+                    .transfers
+                    .iter()
+                    .filter(|t| group.is_none_or(|g| *g == t.group))
+                    .map(|t| {
+                        json!({ "id": t.id, "object": "transfer", "amount": t.amount,
+                            "destination": t.destination, "transfer_group": t.group })
+                    })
+                    .collect();
+                (
+                    200,
+                    json!({ "object": "list", "url": "/v1/transfers", "has_more": false, "data": data }),
                 )
             }
             _ => {
@@ -469,7 +502,10 @@ async fn serve(state: web::Data<Arc<Mutex<State>>>, req: HttpRequest, body: web:
                 {
                     state.idempotent.insert(key.clone(), answer.clone());
                 }
-                if meter_event && state.failure == Failure::LoseResponses {
+                let transfer = path == "/v1/transfers" && method == "POST";
+                if (meter_event && state.failure == Failure::LoseResponses)
+                    || (transfer && state.transfer_failure == Failure::LoseResponses)
+                {
                     error(500, "api_error", "the connection was reset")
                 } else {
                     answer
@@ -497,7 +533,9 @@ impl StripeDouble {
             duplicate_identifiers: 0,
             accounts: BTreeMap::new(),
             transfers: Vec::new(),
+            invoices: Vec::new(),
             failure: Failure::None,
+            transfer_failure: Failure::None,
         }));
         let data = web::Data::new(state.clone());
         let server = actix_web::HttpServer::new(move || {
@@ -580,9 +618,42 @@ impl StripeDouble {
         self.state().subscriptions.get(id).cloned()
     }
 
+    /// Transfers made: id, amount in cents, destination account.
     #[must_use]
     pub fn transfers(&self) -> Vec<(String, i64, String)> {
-        self.state().transfers.clone()
+        self.state()
+            .transfers
+            .iter()
+            .map(|t| (t.id.clone(), t.amount, t.destination.clone()))
+            .collect()
+    }
+
+    /// How the next transfer requests fail (`LoseResponses`: made, but the answer is lost).
+    pub fn fail_transfers(&self, failure: Failure) {
+        self.state().transfer_failure = failure;
+    }
+
+    /// Stripe keeps idempotency keys for 24 hours; this plays that time passing: a repeated key is a
+    /// new request again.
+    pub fn forget_idempotency_keys(&self) {
+        self.state().idempotent.clear();
+    }
+
+    /// The customer gets the money of the last invoice back: Stripe refunds its charge and says so.
+    pub async fn refund_last_invoice(&self, platform: &str) {
+        let invoice = self
+            .state()
+            .invoices
+            .last()
+            .cloned()
+            .expect("an invoice to refund");
+        let event = self.event(
+            "charge.refunded",
+            now(),
+            json!({ "id": format!("ch_{invoice}"), "object": "charge", "invoice": invoice,
+                    "refunded": true, "amount_refunded": 1 }),
+        );
+        assert!(self.deliver(platform, &event).await.status().is_success());
     }
 
     /// Signs and posts an event to the platform's webhook endpoint, as Stripe does.
@@ -653,7 +724,7 @@ impl StripeDouble {
             created,
             json!({
                 "id": session_id, "object": "checkout.session", "mode": "subscription", "status": "complete",
-                "customer": session["customer"], "subscription": subscription.id,
+                "customer": session["customer"], "subscription": subscription.id, "payment_status": "paid",
                 "client_reference_id": session["client_reference_id"],
                 "metadata": { "tenant_id": session.get("tenant_id"), "plan_id": session.get("plan_id") },
             }),
@@ -712,8 +783,10 @@ impl StripeDouble {
         let total = self.invoice_total(subscription);
         let (id, sub) = {
             let mut state = self.state();
+            let id = state.id("in");
+            state.invoices.push(id.clone());
             (
-                state.id("in"),
+                id,
                 state
                     .subscriptions
                     .get(subscription)

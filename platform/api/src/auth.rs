@@ -10,7 +10,10 @@ use actix_web::http::header;
 use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
 use futures_util::future::LocalBoxFuture;
 use plinth_core::{ErrorCode, Scope};
+use plinth_store::audit::Who;
 use plinth_store::auth::Principal;
+
+use crate::client::Origin;
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -45,11 +48,51 @@ pub mod scope {
     );
 }
 
-/// A verified caller holding the scope `S` requires.
+/// A verified caller holding the scope `S` requires, and where it calls from.
 #[derive(Debug)]
 pub struct Auth<S: scope::Policy = scope::Any> {
     principal: Arc<Principal>,
+    origin: Origin,
     policy: PhantomData<S>,
+}
+
+impl<S: scope::Policy> Auth<S> {
+    /// The caller as the audit log records it.
+    #[must_use]
+    pub fn who(&self) -> Who {
+        self.origin.who(self.principal.actor_id())
+    }
+}
+
+/// Marks a request already counted against a rate limit (metered routes count in their middleware).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RateCounted;
+
+/// Counts an authenticated, unmetered request against its tenant's limit for such routes, so a flood
+/// of listings or uploads from one tenant cannot take the database from the others. A cache outage
+/// lets the request through, as on metered routes.
+async fn count_unmetered(req: &HttpRequest, principal: &Principal) -> Result<(), ApiError> {
+    if req.extensions().get::<RateCounted>().is_some() {
+        return Ok(());
+    }
+    req.extensions_mut().insert(RateCounted);
+    let Some(state) = req.app_data::<web::Data<AppState>>() else {
+        return Ok(());
+    };
+    let quota = state.settings.limits.unmetered_per_tenant;
+    match state
+        .cache
+        .rate_limit(&format!("tenant-api:{}", principal.tenant_id), quota)
+        .await
+    {
+        Ok(decision) if !decision.allowed => Err(ApiError::rate_limited(decision)),
+        Ok(_) => Ok(()),
+        Err(err) => {
+            metrics::counter!("plinth_rate_limit_errors_total").increment(1);
+            tracing::warn!(error = %err, "rate limiter unavailable; allowing the request");
+            Ok(())
+        }
+    }
 }
 
 impl<S: scope::Policy> Deref for Auth<S> {
@@ -112,8 +155,10 @@ impl<S: scope::Policy + 'static> FromRequest for Auth<S> {
         Box::pin(async move {
             let principal = authenticate(&req).await?;
             check_scope(&principal, S::REQUIRED)?;
+            count_unmetered(&req, &principal).await?;
             Ok(Self {
                 principal,
+                origin: crate::client::origin(&req),
                 policy: PhantomData,
             })
         })

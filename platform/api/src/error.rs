@@ -64,6 +64,13 @@ impl ApiError {
         }
     }
 
+    /// Tells the client when to retry (`Retry-After`).
+    #[must_use]
+    pub fn retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
+    }
+
     #[must_use]
     pub fn code(&self) -> ErrorCode {
         self.code

@@ -3,7 +3,9 @@
 //! Only this crate knows actix.
 
 pub mod auth;
+pub mod client;
 pub mod error;
+mod limits;
 mod metering;
 pub mod metrics;
 pub mod openapi;
@@ -21,7 +23,7 @@ use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
 pub use crate::error::{ApiError, ApiResult};
-pub use crate::state::{ApiSettings, AppState};
+pub use crate::state::{AbuseLimits, ApiSettings, AppState};
 
 /// Starts serving every tenant's newest model versions (at start-up). A model whose files are gone
 /// is logged and skipped rather than keeping the platform down.

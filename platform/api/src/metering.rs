@@ -1,20 +1,36 @@
 //! What every metered route shares: rate limiting by plan (and per key where set) before the handler
-//! runs, `RateLimit-*` headers on the way out, and the `Idempotency-Key` that makes retries free.
+//! runs, `RateLimit-*` headers on the way out, and idempotency as Stripe defines it.
+//!
+//! A request with an `Idempotency-Key` is fingerprinted (method, path, body). The first attempt claims
+//! the key and runs; its successful answer is stored, and every retry of the same request within the
+//! retention window gets those bytes back (`Idempotent-Replayed: true`) without running anything. The
+//! same key with a different request is refused (`422 idempotency_key_reused`); a retry while the first
+//! attempt still runs is told to come back (`409 idempotency_in_flight`, `Retry-After`). A failed
+//! attempt is not stored: retrying the same request runs it again, under the same ledger key.
+//!
+//! Ledger keys are the server's own (`req:<id>` for keyed requests, `auto:<ulid>` otherwise): nothing a
+//! client sends, `X-Request-Id` included, can make two calls share one charge.
 
-use actix_web::body::MessageBody;
+use std::time::Duration;
+
+use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::http::StatusCode;
+use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
-use actix_web::{FromRequest, HttpRequest, web};
+use actix_web::{FromRequest, HttpMessage, HttpRequest, HttpResponse, ResponseError, web};
 use std::task::Poll;
 
+use futures_util::StreamExt;
 use futures_util::future::{Ready, ready};
 use plinth_core::{ErrorCode, Micros};
 use plinth_store::auth::{Actor, Principal};
 use plinth_store::cache::{Quota, RateDecision};
-use plinth_store::ledger::MAX_IDEMPOTENCY_KEY_LEN;
-use plinth_store::ledger::UsageRecord;
+use plinth_store::idempotency::{Attempt, Claim, StoredResponse};
+use plinth_store::ledger::{MAX_IDEMPOTENCY_KEY_LEN, UsageRecord, automatic_key};
+use sha2::{Digest, Sha256};
 
-use crate::auth::authenticate;
+use crate::auth::{RateCounted, authenticate};
 use crate::error::{ApiError, insert_rate_headers};
 use crate::request_id::RequestId;
 use crate::state::AppState;
@@ -32,16 +48,8 @@ async fn check(state: &AppState, key: &str, quota: Quota) -> Option<RateDecision
     }
 }
 
-pub(crate) async fn middleware(
-    req: ServiceRequest,
-    next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let state = req
-        .app_data::<web::Data<AppState>>()
-        .cloned()
-        .ok_or_else(|| ApiError::internal("application state is not registered"))?;
-    let principal = authenticate(req.request()).await?;
-
+/// The plan's (and the key's) rate limits; the decision with the least room left, for the headers.
+async fn rate_limit(state: &AppState, principal: &Principal) -> Result<Option<RateDecision>, ApiError> {
     // The narrower per-key limit first, so a throttled key does not spend its tenant's budget.
     let mut decision = None;
     if let Actor::ApiKey {
@@ -49,31 +57,278 @@ pub(crate) async fn middleware(
         rate_limit: Some(quota),
     } = &principal.actor
     {
-        decision = check(&state, &format!("key:{id}"), *quota).await;
+        decision = check(state, &format!("key:{id}"), *quota).await;
         if let Some(refused) = decision.filter(|d| !d.allowed) {
-            return Err(ApiError::rate_limited(refused).into());
+            return Err(ApiError::rate_limited(refused));
         }
     }
     if let Some(tenant) = check(
-        &state,
+        state,
         &format!("tenant:{}", principal.tenant_id),
         principal.tenant_quota,
     )
     .await
     {
         if !tenant.allowed {
-            return Err(ApiError::rate_limited(tenant).into());
+            return Err(ApiError::rate_limited(tenant));
         }
         if decision.is_none_or(|key| tenant.remaining < key.remaining) {
             decision = Some(tenant);
         }
     }
+    Ok(decision)
+}
 
-    if let Some(cap) = principal.call_cap {
-        enforce_cap(&state, &principal.tenant_id, cap).await?;
+/// The ledger key the middleware chose for this request, for [`IdempotencyKey`].
+#[derive(Debug, Clone)]
+struct LedgerKey(String);
+
+/// The client's `Idempotency-Key`, if it sent one.
+fn client_key(req: &ServiceRequest) -> Result<Option<String>, ApiError> {
+    let Some(value) = req.headers().get(IDEMPOTENCY_HEADER) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .filter(|v| {
+            !v.is_empty() && v.len() <= MAX_IDEMPOTENCY_KEY_LEN && v.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .map(|v| Some(v.to_owned()))
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidHeader,
+                format!("Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"),
+            )
+        })
+}
+
+/// Reads the request body (up to `limit` bytes) and puts it back for the handler.
+async fn take_body(req: &mut ServiceRequest, limit: usize) -> Result<web::Bytes, ApiError> {
+    let mut payload = req.take_payload();
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|err| ApiError::new(ErrorCode::InvalidBody, err.to_string()))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("the body is larger than {limit} bytes"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
     }
+    let body = body.freeze();
+    req.set_payload(Payload::from(body.clone()));
+    Ok(body)
+}
 
-    let mut response = next.call(req).await?;
+/// What makes two requests the same request: method, path with query, and body.
+fn fingerprint(req: &ServiceRequest, body: &[u8]) -> String {
+    let mut hash = Sha256::new();
+    hash.update(req.method().as_str().as_bytes());
+    hash.update([0]);
+    hash.update(req.path().as_bytes());
+    hash.update([b'?']);
+    hash.update(req.query_string().as_bytes());
+    hash.update([0]);
+    hash.update(body);
+    hex::encode(hash.finalize())
+}
+
+/// Response headers that belong to the answer (and come back with a replay).
+const KEPT_HEADERS: &[&str] = &[
+    "content-type",
+    "plinth-compute-units",
+    "inference-header-content-length",
+];
+
+const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+fn replay(stored: StoredResponse) -> HttpResponse {
+    let mut response = HttpResponse::build(StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK));
+    for (name, value) in &stored.headers {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
+            response.insert_header((name, value));
+        }
+    }
+    response.insert_header((REPLAYED, HeaderValue::from_static("true")));
+    metrics::counter!("plinth_idempotent_replays_total").increment(1);
+    response.body(stored.body)
+}
+
+fn now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// Stops the lease renewal when the request ends, however it ends (a dropped connection included).
+struct Renewal(tokio::task::JoinHandle<()>);
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn keep_claimed(state: &AppState, claim: &Claim) -> Renewal {
+    let (store, claim) = (state.store.clone(), claim.clone());
+    let lease = state.settings.idempotency.lease;
+    Renewal(tokio::spawn(async move {
+        let mut tick = tokio::time::interval((lease / 3).max(Duration::from_millis(100)));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match store.renew_request(&claim, lease, now_us()).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(err) => tracing::warn!(error = %err, "cannot renew an idempotent request's lease"),
+            }
+        }
+    }))
+}
+
+/// Runs the handler for a claimed request; stores its answer if it succeeded, gives the claim up if
+/// it did not.
+async fn run_claimed<B: MessageBody + 'static>(
+    state: &AppState,
+    claim: Claim,
+    req: ServiceRequest,
+    next: Next<B>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let renewal = keep_claimed(state, &claim);
+    let outcome = next.call(req).await;
+    drop(renewal);
+    let response = match outcome {
+        Ok(response) if response.status().is_success() => response.map_into_boxed_body(),
+        other => {
+            if let Err(err) = state.store.release_request(&claim).await {
+                tracing::warn!(error = %err, "cannot release an idempotent request; its lease will lapse");
+            }
+            return other.map(ServiceResponse::map_into_boxed_body);
+        }
+    };
+    let (request, response) = response.into_parts();
+    let (response, body) = response.into_parts();
+    let body = match actix_web::body::to_bytes(body).await {
+        Ok(body) => body,
+        Err(err) => {
+            let _ = state.store.release_request(&claim).await;
+            return Err(ApiError::internal(format!("cannot read the response: {err}")).into());
+        }
+    };
+    let stored = StoredResponse {
+        status: response.status().as_u16(),
+        headers: KEPT_HEADERS
+            .iter()
+            .filter_map(|name| {
+                let value = response.headers().get(*name)?.to_str().ok()?;
+                Some(((*name).to_owned(), value.to_owned()))
+            })
+            .collect(),
+        body: body.to_vec(),
+    };
+    // Not stored (the database failed): a retry runs the request again, under the same ledger key,
+    // so it is still billed once.
+    if let Err(err) = state.store.complete_request(&claim, &stored).await {
+        tracing::warn!(error = %err, "cannot store an idempotent request's answer");
+    }
+    Ok(ServiceResponse::new(
+        request,
+        response.set_body(BoxBody::new(body)),
+    ))
+}
+
+/// What the gate decided about a metered request.
+enum Admission {
+    /// No `Idempotency-Key`: run it under a fresh ledger key.
+    Unkeyed,
+    /// Answer with the stored response of the request's first run.
+    Replay(StoredResponse),
+    /// Run it under the claim.
+    Claimed(Claim),
+}
+
+/// Authentication, rate limits, the idempotency claim and the plan's cap, before the handler.
+async fn admit(
+    state: &AppState,
+    req: &mut ServiceRequest,
+    max_body: Option<usize>,
+) -> Result<(Admission, Option<RateDecision>), ApiError> {
+    let principal = authenticate(req.request()).await?;
+    req.extensions_mut().insert(RateCounted);
+    let decision = rate_limit(state, &principal).await?;
+    let Some(key) = client_key(req)? else {
+        if let Some(cap) = principal.call_cap {
+            enforce_cap(state, &principal.tenant_id, cap).await?;
+        }
+        return Ok((Admission::Unkeyed, decision));
+    };
+    let body = take_body(req, max_body.unwrap_or(state.settings.max_body_bytes)).await?;
+    let fingerprint = fingerprint(req, &body);
+    let attempt = state
+        .store
+        .attempt_request(
+            &principal.tenant_id,
+            &key,
+            &fingerprint,
+            state.settings.idempotency,
+            now_us(),
+        )
+        .await?;
+    let claim = match attempt {
+        Attempt::Run(claim) => claim,
+        // Replays are served even past a cap: the call was billed when it ran.
+        Attempt::Replay(stored) => return Ok((Admission::Replay(stored), decision)),
+        Attempt::InFlight => {
+            return Err(ApiError::new(
+                ErrorCode::IdempotencyInFlight,
+                "a request with this Idempotency-Key is still being processed; retry to get its answer",
+            )
+            .retry_after(Duration::from_secs(1)));
+        }
+        Attempt::Mismatch => {
+            metrics::counter!("plinth_idempotency_key_reuse_total").increment(1);
+            return Err(ApiError::new(
+                ErrorCode::IdempotencyKeyReused,
+                "this Idempotency-Key was used for a different request (method, path or body); use a new key for a new request",
+            ));
+        }
+    };
+    if let Some(cap) = principal.call_cap
+        && let Err(refused) = enforce_cap(state, &principal.tenant_id, cap).await
+    {
+        let _ = state.store.release_request(&claim).await;
+        return Err(refused);
+    }
+    Ok((Admission::Claimed(claim), decision))
+}
+
+/// Middleware of a metered route. `max_body` is the largest body the route takes (the JSON limit when
+/// `None`); a keyed request's body is read up to it to fingerprint the request.
+pub(crate) async fn middleware(
+    max_body: Option<usize>,
+    mut req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let state = req
+        .app_data::<web::Data<AppState>>()
+        .cloned()
+        .ok_or_else(|| ApiError::internal("application state is not registered"))?;
+    // A refusal is answered here, inside the request's scope, so its body carries the request id.
+    let (admission, decision) = match admit(&state, &mut req, max_body).await {
+        Ok(admitted) => admitted,
+        Err(refused) => return Ok(req.into_response(refused.error_response())),
+    };
+    let mut response = match admission {
+        Admission::Unkeyed => {
+            req.extensions_mut().insert(LedgerKey(automatic_key()));
+            next.call(req).await?.map_into_boxed_body()
+        }
+        Admission::Replay(stored) => req.into_response(replay(stored)),
+        Admission::Claimed(claim) => {
+            req.extensions_mut().insert(LedgerKey(claim.ledger_key()));
+            run_claimed(&state, claim, req, next).await?
+        }
+    };
     if let Some(decision) = &decision {
         insert_rate_headers(response.headers_mut(), decision);
     }
@@ -209,8 +464,8 @@ pub(crate) async fn metered<T>(
     }
 }
 
-/// Answers a metered call with `body`; a replayed idempotency key is marked with
-/// `Idempotent-Replayed: true` (served again, not billed again).
+/// Answers a metered call with `body`. `Idempotent-Replayed` says whether the ledger already held the
+/// call's event (a retry whose first answer was lost: served again, not billed again).
 pub(crate) fn billed_json(
     recorded: &plinth_store::ledger::Recorded,
     body: &impl serde::Serialize,
@@ -220,8 +475,7 @@ pub(crate) fn billed_json(
         .json(body)
 }
 
-/// The client's `Idempotency-Key`, or one derived from the request id when none was sent (then every
-/// request is its own call).
+/// The ledger key of this call: chosen by the metering middleware, never by the client.
 #[derive(Debug, Clone)]
 pub struct IdempotencyKey(pub String);
 
@@ -231,23 +485,12 @@ impl FromRequest for IdempotencyKey {
     type Error = ApiError;
     type Future = Ready<Result<Self, ApiError>>;
 
-    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        let Some(value) = req.headers().get(IDEMPOTENCY_HEADER) else {
-            let request_id = RequestId::from_request(req, payload).into_inner().map(|id| id.0);
-            return ready(
-                request_id
-                    .map(|id| Self(format!("auto:{id}")))
-                    .map_err(ApiError::internal),
-            );
-        };
-        let valid = value.to_str().ok().filter(|v| {
-            !v.is_empty() && v.len() <= MAX_IDEMPOTENCY_KEY_LEN && v.bytes().all(|b| b.is_ascii_graphic())
-        });
-        ready(valid.map(|v| Self(v.to_owned())).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::InvalidHeader,
-                format!("Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"),
-            )
-        }))
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(
+            req.extensions()
+                .get::<LedgerKey>()
+                .map(|key| Self(key.0.clone()))
+                .ok_or_else(|| ApiError::internal("a metered handler runs outside the metering middleware")),
+        )
     }
 }

@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::routes::{
-    accounts, api_keys, billing, echo, health, inference, members, models, payments, plugins,
+    accounts, api_keys, audit, billing, echo, health, inference, members, models, payments, plugins,
 };
 
 #[derive(OpenApi)]
@@ -13,21 +13,25 @@ use crate::routes::{
     info(
         title = "Plinth API",
         description = "Host ONNX models, sell WebAssembly plugins, bill per call. Errors are always \
-            `{\"error\": {\"code\", \"message\", \"request_id\"}}`; authenticate with `Authorization: Bearer <key>`.",
+            `{\"error\": {\"code\", \"message\", \"request_id\"}}`; authenticate with `Authorization: Bearer <key>`. \
+            Metered calls take an `Idempotency-Key`: within 24 hours, a retry of the same request gets the \
+            first answer back (`Idempotent-Replayed: true`) and is not billed again; the same key with a \
+            different request is refused (`422 idempotency_key_reused`).",
         license(name = "Apache-2.0"),
     ),
     paths(
-        accounts::signup, accounts::login, accounts::logout, accounts::tenant,
+        accounts::signup, accounts::login, accounts::logout, accounts::tenant, audit::list,
         api_keys::list, api_keys::create, api_keys::revoke,
         members::list, members::add, members::update, members::remove,
         billing::plans, billing::subscription, billing::usage, billing::change_plan, billing::cancel,
         billing::invoices, billing::upcoming,
         payments::stripe_webhook, payments::connect, payments::payouts, payments::run_payouts, payments::sync,
-        payments::reconciliation,
+        payments::reconciliation, payments::mark_paid,
         echo::echo,
         models::list, models::get, models::upload, models::delete, models::classify, models::embed,
         inference::metadata, inference::ready, inference::statistics, inference::infer,
         plugins::create, plugins::get, plugins::publish, plugins::marketplace, plugins::pending, plugins::review,
+        plugins::revoke,
         plugins::install, plugins::list, plugins::update, plugins::uninstall, plugins::invoke, plugins::earnings,
         health::live, health::ready, health::metrics,
     ),

@@ -7,13 +7,15 @@ use actix_multipart::Multipart;
 use futures_util::TryStreamExt;
 use plinth_core::id::InstallationId;
 use plinth_core::inference::Classification;
-use plinth_core::plugins::{Capability, PluginManifest, PluginVersion};
+use plinth_core::plugins::{Capability, PluginManifest, PluginVersion, ReviewStatus};
 use plinth_core::{ErrorCode, Micros};
 use plinth_plugin_host::{
     CallContext, Compiled, InvokeError, NoServices, Outcome, ServiceError, Services, WIT_VERSIONS,
 };
+use plinth_store::audit::Who;
 use plinth_store::auth::Principal;
-use plinth_store::ledger::Recorded;
+use plinth_store::ledger::{Recorded, derived_key};
+use plinth_store::plugins::SealedSecrets;
 use sha2::{Digest, Sha256};
 
 use crate::error::{ApiError, ApiResult};
@@ -59,6 +61,7 @@ async fn read_part(field: &mut actix_multipart::Field, limit: usize, what: &str)
 pub(crate) async fn publish(
     state: &AppState,
     auth: &Principal,
+    who: &Who,
     plugin: &str,
     mut form: Multipart,
 ) -> ApiResult<PluginVersion> {
@@ -134,7 +137,7 @@ pub(crate) async fn publish(
         .store
         .publish_version(
             &auth.tenant_id,
-            auth.actor_id(),
+            who,
             &manifest,
             &sha256,
             component.len() as u64,
@@ -214,7 +217,7 @@ impl TenantServices {
         units: usize,
         work: impl Future<Output = ApiResult<T>>,
     ) -> Result<T, ServiceError> {
-        let idempotency = IdempotencyKey(format!("{}:model:{sequence}", call.idempotency_key));
+        let idempotency = IdempotencyKey(derived_key(&call.idempotency_key, sequence));
         let billable = Billable::model(&self.auth, model, units);
         let request_id = RequestId(self.request_id.clone());
         metered(&self.state, &self.auth, idempotency, request_id, billable, work)
@@ -272,7 +275,9 @@ impl Services for TenantServices {
             .map(|i| plinth_inference::Tensor::from_json(&i.name, &i.datatype, &i.shape, &i.data))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|err| ServiceError::InvalidInput(err.to_string()))?;
-        let units = usize::try_from(plinth_inference::LoadedModel::batch_size(&inputs)).unwrap_or(1);
+        let units = plinth_inference::LoadedModel::batch_size(&inputs)
+            .map_err(|err| ServiceError::InvalidInput(err.to_string()))?;
+        let units = usize::try_from(units).unwrap_or(1);
         let wanted = request.outputs.map(|o| o.into_iter().map(|o| o.name).collect());
         let outputs = self
             .model_call(call, sequence, model, units, async {
@@ -345,12 +350,16 @@ impl Services for TenantServices {
 pub(crate) fn seal_secrets(
     state: &AppState,
     secrets: &std::collections::BTreeMap<String, String>,
-) -> ApiResult<String> {
+) -> ApiResult<SealedSecrets> {
+    let names = secrets.keys().cloned().collect();
     if secrets.is_empty() {
-        return Ok(String::new());
+        return Ok(SealedSecrets::default());
     }
     let plain = serde_json::to_vec(secrets).map_err(ApiError::internal)?;
-    Ok(state.secrets.seal(&plain)?)
+    Ok(SealedSecrets {
+        sealed: state.secrets.seal(&plain)?,
+        names,
+    })
 }
 
 fn open_secrets(state: &AppState, sealed: &str) -> ApiResult<std::collections::BTreeMap<String, String>> {
@@ -390,8 +399,51 @@ pub(crate) fn check_grants(
     Ok(())
 }
 
+/// Whether the tenant has a bill that a priced call can go on: a paid plan in good standing (in Stripe
+/// mode, a Stripe subscription, since that is what Stripe invoices).
+fn can_be_charged(state: &AppState, auth: &Principal) -> bool {
+    auth.paid_subscription
+        && (state.billing.mode() == plinth_core::billing::PaymentMode::Local || auth.provider_subscription)
+}
+
+/// What one invocation bills. The author's own tenant neither pays for its plugin nor earns from it,
+/// so an author cannot pay itself; anyone else pays the plugin's price, and only from a bill that will
+/// be collected.
+fn plugin_charge<'a>(
+    state: &AppState,
+    auth: &Principal,
+    runnable: &'a plinth_store::plugins::Runnable,
+) -> ApiResult<Billable<'a>> {
+    let installed = &runnable.installation;
+    let own = runnable.author == auth.tenant_id;
+    let price = if own {
+        Micros::ZERO
+    } else {
+        installed.price_per_call
+    };
+    if price > Micros::ZERO && !can_be_charged(state, auth) {
+        return Err(ApiError::new(
+            ErrorCode::PaymentRequired,
+            format!(
+                "`{}` costs {} micro-units per call, and this tenant has no paid subscription to charge it to; subscribe to a paid plan (POST /v1/subscription)",
+                installed.plugin, price.0
+            ),
+        ));
+    }
+    Ok(Billable {
+        kind: plinth_store::plugins::USAGE_KIND,
+        resource: installed.version_id.as_str(),
+        units: 1,
+        unit_price: price,
+        // Rounded down to the micro-unit: the platform keeps the remainder.
+        author_share: price
+            .share_bps(state.settings.author_share_bps)
+            .unwrap_or(Micros::ZERO),
+    })
+}
+
 /// `POST /v1/installations/{id}/invoke`: runs the plugin on the request, metered once at the plugin's
-/// price (its model calls are metered on their own).
+/// price (its model calls are metered on their own). A revoked version does not run.
 pub(crate) async fn invoke(
     state: &AppState,
     auth: &Principal,
@@ -401,6 +453,23 @@ pub(crate) async fn invoke(
     request: &serde_json::Value,
 ) -> ApiResult<(Outcome, Recorded)> {
     let runnable = state.store.runnable(&auth.tenant_id, installation).await?;
+    let installed = &runnable.installation;
+    if installed.version_status != ReviewStatus::Approved {
+        return Err(ApiError::new(
+            ErrorCode::PluginRevoked,
+            format!(
+                "{} {} was withdrawn by the platform{}; move this installation to another approved version (PATCH /v1/installations/{{id}}) or uninstall it",
+                installed.plugin,
+                installed.version,
+                installed
+                    .version_note
+                    .as_deref()
+                    .map(|note| format!(": {note}"))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    let billable = plugin_charge(state, auth, &runnable)?;
     let compiled = match state.plugins.cached(&runnable.sha256) {
         Some(compiled) => compiled,
         None => {
@@ -409,7 +478,6 @@ pub(crate) async fn invoke(
             compile(state, &runnable.sha256, bytes).await?
         }
     };
-    let installed = &runnable.installation;
     let call = Arc::new(CallContext {
         tenant_id: auth.tenant_id.clone(),
         installation_id: installed.id.to_string(),
@@ -424,20 +492,6 @@ pub(crate) async fn invoke(
         auth: auth.clone(),
         request_id: request_id.0.clone(),
     });
-    let billable = Billable {
-        kind: plinth_store::plugins::USAGE_KIND,
-        resource: installed.version_id.as_str(),
-        units: 1,
-        unit_price: installed.price_per_call,
-        // Rounded down to the micro-unit: the platform keeps the remainder.
-        author_share: Micros(
-            installed
-                .price_per_call
-                .0
-                .saturating_mul(i64::from(state.settings.author_share_bps))
-                / 10_000,
-        ),
-    };
     let request = request.to_string();
     let work = async { Ok(state.plugins.invoke(&compiled, call, services, &request).await?) };
     metered(state, auth, idempotency, request_id, billable, work).await

@@ -7,7 +7,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use plinth_billing::Billing;
 use plinth_inference::{Catalog, Engine};
 use plinth_plugin_host::PluginHost;
-use plinth_store::cache::SharedCache;
+use plinth_store::cache::{Quota, SharedCache};
+use plinth_store::idempotency::IdempotencySettings;
 use plinth_store::ledger::Meter;
 use plinth_store::{SecretBox, Store};
 
@@ -42,6 +43,39 @@ pub struct ApiSettings {
     pub max_model_bytes: u64,
     /// Plugin authors' share of their plugins' revenue, in basis points (8000 = 80%).
     pub author_share_bps: u32,
+    /// How keyed requests are held and how long their answers are kept.
+    pub idempotency: IdempotencySettings,
+    /// Proxies whose `X-Forwarded-For` is believed (see [`crate::client`]).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub limits: AbuseLimits,
+}
+
+/// Limits on the routes an attacker pushes hardest, beside each plan's limit on metered calls.
+#[derive(Debug, Clone, Copy)]
+pub struct AbuseLimits {
+    /// Sign-ups per client address.
+    pub signups_per_address: Quota,
+    /// Login attempts per client address (each email is limited on its own too).
+    pub logins_per_address: Quota,
+    /// Sign-ups and logins from everywhere together: the password hashers' budget.
+    pub unauthenticated_global: Quota,
+    /// Authenticated calls to unmetered routes (keys, members, models, installations...) per tenant.
+    pub unmetered_per_tenant: Quota,
+}
+
+impl Default for AbuseLimits {
+    fn default() -> Self {
+        let per_minute = |n: u32| Quota {
+            per_minute: n,
+            burst: n,
+        };
+        Self {
+            signups_per_address: per_minute(5),
+            logins_per_address: per_minute(20),
+            unauthenticated_global: per_minute(600),
+            unmetered_per_tenant: per_minute(1_200),
+        }
+    }
 }
 
 impl Default for ApiSettings {
@@ -50,6 +84,9 @@ impl Default for ApiSettings {
             max_body_bytes: 1024 * 1024,
             max_model_bytes: 256 * 1024 * 1024,
             author_share_bps: 8_000,
+            idempotency: IdempotencySettings::default(),
+            trusted_proxies: Vec::new(),
+            limits: AbuseLimits::default(),
         }
     }
 }

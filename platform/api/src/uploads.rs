@@ -172,7 +172,12 @@ pub(crate) async fn load(state: &AppState, files: ModelFiles) -> ApiResult<Arc<L
 }
 
 /// Handles `POST /v1/models`.
-pub(crate) async fn upload(state: &AppState, auth: &Principal, mut form: Multipart) -> ApiResult<Model> {
+pub(crate) async fn upload(
+    state: &AppState,
+    auth: &Principal,
+    who: &plinth_store::audit::Who,
+    mut form: Multipart,
+) -> ApiResult<Model> {
     let dir = state.model_files.clone();
     let staging = dir.join("staging");
     tokio::fs::create_dir_all(&staging)
@@ -242,7 +247,7 @@ pub(crate) async fn upload(state: &AppState, auth: &Principal, mut form: Multipa
         .store
         .register_model(
             &auth.tenant_id,
-            auth.actor_id(),
+            who,
             &NewModel {
                 name: manifest.name,
                 task: task_name(manifest.task).to_owned(),

@@ -67,8 +67,14 @@ pub fn parse(body: &[u8], settings: &StripeSettings) -> Result<ProviderEvent, St
     let envelope: Envelope = serde_json::from_slice(body).map_err(|err| malformed(&err.to_string()))?;
     let object = &envelope.data.object;
     let change = match envelope.kind.as_str() {
-        "checkout.session.completed" => {
-            if object.get("mode").and_then(Value::as_str) != Some("subscription") {
+        // A Checkout completed with a delayed payment method is not paid yet: the plan starts when
+        // `checkout.session.async_payment_succeeded` says the money arrived.
+        "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
+            let paid = matches!(
+                object.get("payment_status").and_then(Value::as_str),
+                Some("paid" | "no_payment_required")
+            );
+            if object.get("mode").and_then(Value::as_str) != Some("subscription") || !paid {
                 ProviderChange::Ignored
             } else {
                 ProviderChange::CheckoutCompleted {
@@ -127,7 +133,11 @@ pub fn parse(body: &[u8], settings: &StripeSettings) -> Result<ProviderEvent, St
                 deleted: envelope.kind == "customer.subscription.deleted",
             }
         }
-        "invoice.finalized" | "invoice.paid" | "invoice.payment_failed" => {
+        "invoice.finalized"
+        | "invoice.paid"
+        | "invoice.payment_failed"
+        | "invoice.voided"
+        | "invoice.marked_uncollectible" => {
             let cents = |field: &str| object.get(field).and_then(Value::as_i64).unwrap_or(0);
             let (Some(period_start), Some(period_end)) =
                 (time(object, "period_start"), time(object, "period_end"))
@@ -153,6 +163,11 @@ pub fn parse(body: &[u8], settings: &StripeSettings) -> Result<ProviderEvent, St
                 },
             }
         }
+        // Money given back on an invoice: a refund of its charge, or a credit note against it.
+        "charge.refunded" | "credit_note.created" => match text(object, "invoice") {
+            Some(invoice) => ProviderChange::Refunded { invoice },
+            None => ProviderChange::Ignored,
+        },
         "account.updated" => ProviderChange::Account {
             account: required(object, "id")?,
             payouts_enabled: object
@@ -168,4 +183,64 @@ pub fn parse(body: &[u8], settings: &StripeSettings) -> Result<ProviderEvent, St
         created: envelope.created,
         change,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> StripeSettings {
+        StripeSettings {
+            secret_key: "sk".into(),
+            webhook_secret: "whsec".into(),
+            api_base: None,
+            plans: std::collections::BTreeMap::new(),
+            plugin_fees_price: None,
+            calls_meter_event: "calls".into(),
+            plugin_fees_meter_event: "fees".into(),
+            success_url: String::new(),
+            cancel_url: String::new(),
+            connect_return_url: String::new(),
+            connect_refresh_url: String::new(),
+        }
+    }
+
+    fn checkout(kind: &str, payment_status: &str) -> ProviderChange {
+        let body = serde_json::json!({
+            "id": "evt_1", "type": kind, "created": 1,
+            "data": { "object": { "mode": "subscription", "payment_status": payment_status,
+                "customer": "cus_1", "subscription": "sub_1", "metadata": { "plan_id": "pro" } } },
+        });
+        parse(body.to_string().as_bytes(), &settings()).unwrap().change
+    }
+
+    #[test]
+    fn only_a_paid_checkout_starts_a_plan() {
+        assert!(matches!(
+            checkout("checkout.session.completed", "paid"),
+            ProviderChange::CheckoutCompleted { .. }
+        ));
+        assert_eq!(
+            checkout("checkout.session.completed", "unpaid"),
+            ProviderChange::Ignored
+        );
+        assert!(matches!(
+            checkout("checkout.session.async_payment_succeeded", "paid"),
+            ProviderChange::CheckoutCompleted { .. }
+        ));
+    }
+
+    #[test]
+    fn refunds_name_the_invoice_they_give_money_back_on() {
+        let body = serde_json::json!({
+            "id": "evt_2", "type": "charge.refunded", "created": 1,
+            "data": { "object": { "id": "ch_1", "invoice": "in_1", "amount_refunded": 100 } },
+        });
+        assert_eq!(
+            parse(body.to_string().as_bytes(), &settings()).unwrap().change,
+            ProviderChange::Refunded {
+                invoice: "in_1".into()
+            }
+        );
+    }
 }

@@ -21,16 +21,17 @@ use plinth_core::ErrorCode;
 use plinth_core::Micros;
 use plinth_core::api::{Plan, Subscription};
 use plinth_core::billing::{
-    ConnectOnboarding, InvoiceList, PaymentMode, Payout, PayoutRun, PlanChange, ProviderInvoice,
-    Reconciliation, Statement, StatementItem, SyncReport,
+    ConnectOnboarding, InvoiceList, PaymentMode, Payout, PayoutRun, PayoutStatus, PlanChange,
+    ProviderInvoice, Reconciliation, Statement, StatementItem, SyncReport,
 };
 use plinth_core::id::TenantId;
-use plinth_store::payments::{METER_CALLS, MODEL_KIND};
+use plinth_store::audit::Who;
+use plinth_store::payments::{METER_CALLS, MODEL_KIND, PayoutClaim};
 use plinth_store::plans::{FREE_PLAN, monthly_periods};
 use plinth_store::{Store, StoreError};
 use tokio::task::JoinHandle;
 
-pub use crate::stripe::{PlanPrices, StripeGateway, StripeSettings};
+pub use crate::stripe::{PlanPrices, StripeGateway, StripeSettings, TransferError};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
@@ -77,30 +78,42 @@ fn refused(code: ErrorCode, message: impl Into<String>) -> StoreError {
 
 /// A statement from a plan and a period's usage. Each line is rounded to the cent once (half away from
 /// zero), as Stripe rounds an invoice line, so the totals agree to the cent.
-#[must_use]
+///
+/// # Errors
+/// An internal error when a total overflows (the ledger would have to hold absurd amounts).
 pub fn statement(
     plan: &Plan,
     (period_start, period_end): (DateTime<Utc>, DateTime<Utc>),
     open: bool,
     items: Vec<StatementItem>,
     invoice: Option<ProviderInvoice>,
-) -> Statement {
-    let calls: i64 = items
+) -> Result<Statement> {
+    let overflow = || StoreError::Internal(format!("the statement of {period_start} overflows"));
+    let calls = items
         .iter()
         .filter(|i| i.kind == MODEL_KIND)
-        .map(|i| i.units)
-        .sum();
-    let plugin_fees: Micros = items
-        .iter()
-        .filter(|i| i.kind == plinth_store::plugins::USAGE_KIND)
-        .map(|i| i.amount_micros)
-        .sum();
-    let overage_calls = (calls - plan.included_calls).max(0);
-    let overage = Micros(overage_calls.saturating_mul(plan.price_per_call_micros.0));
+        .try_fold(0_i64, |sum, i| sum.checked_add(i.units))
+        .ok_or_else(overflow)?;
+    let plugin_fees = Micros::checked_sum(
+        items
+            .iter()
+            .filter(|i| i.kind == plinth_store::plugins::USAGE_KIND)
+            .map(|i| i.amount_micros),
+    )
+    .ok_or_else(overflow)?;
+    let overage_calls = calls.saturating_sub(plan.included_calls).max(0);
+    let overage = plan
+        .price_per_call_micros
+        .checked_mul(overage_calls)
+        .ok_or_else(overflow)?;
     let subscription_fee_cents = plan.monthly_fee_micros.to_cents();
     let overage_cents = overage.to_cents();
     let plugin_fees_cents = plugin_fees.to_cents();
-    Statement {
+    let total_cents = subscription_fee_cents
+        .checked_add(overage_cents)
+        .and_then(|t| t.checked_add(plugin_fees_cents))
+        .ok_or_else(overflow)?;
+    Ok(Statement {
         period_start,
         period_end,
         open,
@@ -114,10 +127,10 @@ pub fn statement(
         overage_cents,
         plugin_fees_micros: plugin_fees,
         plugin_fees_cents,
-        total_cents: subscription_fee_cents + overage_cents + plugin_fees_cents,
+        total_cents,
         items,
         invoice,
-    }
+    })
 }
 
 /// `[start, end)` of a `YYYY-MM` month in UTC.
@@ -171,17 +184,17 @@ impl Billing {
     /// Subscribes the tenant to `plan`, or moves it there. Locally the change is immediate; with Stripe
     /// a first paid plan goes through Checkout (the answer carries its URL) and later changes update
     /// the Stripe subscription, starting a new period now as local changes do.
-    pub async fn change_plan(&self, tenant: &TenantId, plan: &str, actor: &str) -> Result<PlanChange> {
+    pub async fn change_plan(&self, tenant: &TenantId, plan: &str, who: &Who) -> Result<PlanChange> {
         let target = self.store.plan(plan).await?;
         let Some(stripe) = self.stripe.as_deref() else {
-            let subscription = self.store.change_plan(tenant, &target.id, actor).await?;
+            let subscription = self.store.change_plan(tenant, &target.id, who).await?;
             return Ok(self.answer(subscription, None));
         };
         let account = self.store.billing_account(tenant).await?;
         if target.id == FREE_PLAN {
             let subscription = match &account.stripe_subscription_id {
-                Some(_) => self.cancel(tenant, actor).await?,
-                None => self.store.change_plan(tenant, FREE_PLAN, actor).await?,
+                Some(_) => self.cancel(tenant, who).await?,
+                None => self.store.change_plan(tenant, FREE_PLAN, who).await?,
             };
             return Ok(self.answer(subscription, None));
         }
@@ -195,9 +208,7 @@ impl Billing {
             if account.plan.id != target.id || account.cancel_at_period_end {
                 // The new period is Stripe's, so its webhook about this change finds nothing to move.
                 let period = stripe.change_plan(subscription_id, &target.id, prices).await?;
-                self.store
-                    .change_plan_in(tenant, &target.id, period, actor)
-                    .await?;
+                self.store.change_plan_in(tenant, &target.id, period, who).await?;
             }
             return Ok(self.answer(self.store.subscription(tenant).await?, None));
         }
@@ -225,7 +236,7 @@ impl Billing {
     }
 
     /// Cancels the subscription at the end of its period; the tenant keeps its plan until then.
-    pub async fn cancel(&self, tenant: &TenantId, actor: &str) -> Result<Subscription> {
+    pub async fn cancel(&self, tenant: &TenantId, who: &Who) -> Result<Subscription> {
         let account = self.store.billing_account(tenant).await?;
         if account.plan.id == FREE_PLAN {
             return self.store.subscription(tenant).await;
@@ -234,7 +245,7 @@ impl Billing {
         {
             stripe.cancel_at_period_end(subscription, true).await?;
         }
-        self.store.cancel_at_period_end(tenant, actor).await?;
+        self.store.cancel_at_period_end(tenant, who).await?;
         self.store.subscription(tenant).await
     }
 
@@ -253,7 +264,7 @@ impl Billing {
                 *start == period.0.timestamp_micros() && *end == period.1.timestamp_micros()
             })
             .map(|(_, _, invoice)| invoice.clone());
-        Ok(statement(plan, period, open, items, invoice))
+        statement(plan, period, open, items, invoice)
     }
 
     /// The current period so far: what the next invoice will say if nothing else is used.
@@ -496,13 +507,17 @@ impl Billing {
         self.store.payouts(tenant).await
     }
 
-    /// Pays every connected author their earnings for a month that has ended. Each payout is recorded
-    /// before its transfer is requested, and the transfer's Idempotency-Key is the payout's id, so a
-    /// rerun (after a crash or to pick up newly onboarded authors) never pays twice.
-    pub async fn run_payouts(&self, period: &str, now: DateTime<Utc>) -> Result<PayoutRun> {
+    /// Pays every connected author what tenants paid for their plugins up to the end of `period` (a
+    /// month that has ended), less what earlier payouts paid: one payout per author, run and currency.
+    ///
+    /// Each payout is recorded with its amount before any transfer, then claimed for an attempt. An
+    /// attempt whose outcome was lost (a crash, a timeout) leaves the payout `transferring`; the next
+    /// run looks the transfer up on Stripe by the payout's id before trying again, so a rerun a minute
+    /// or a month later never pays twice.
+    pub async fn run_payouts(&self, period: &str, now: DateTime<Utc>, who: &Who) -> Result<PayoutRun> {
         let stripe = self.stripe()?;
-        let (from, to) = month(period)?;
-        if to > now {
+        let (_, until) = month(period)?;
+        if until > now {
             return Err(refused(
                 ErrorCode::ValidationFailed,
                 format!("period: {period} has not ended yet"),
@@ -513,37 +528,131 @@ impl Billing {
             payouts: Vec::new(),
             waiting_for_onboarding: 0,
         };
-        for (author, earnings) in self.store.earnings_by_author(from, to).await? {
-            if earnings.0 < 10_000 {
-                continue; // Less than a cent: carried by the platform.
+        for author in self.store.plugin_authors().await? {
+            let mut currencies: Vec<String> = self
+                .store
+                .author_balances(&author, until)
+                .await?
+                .into_iter()
+                .filter(|b| b.available().whole_cents() >= 1)
+                .map(|b| b.currency)
+                .collect();
+            // Payouts of this run already recorded (some perhaps still transferring) are settled too.
+            let recorded = self.store.payouts(&author).await?;
+            currencies.extend(
+                recorded
+                    .iter()
+                    .filter(|p| p.period == period)
+                    .map(|p| p.currency.clone()),
+            );
+            currencies.sort();
+            currencies.dedup();
+            if currencies.is_empty() {
+                continue;
             }
-            let Some((account, true)) = self.store.author_account(&author).await? else {
+            if !matches!(self.store.author_account(&author).await?, Some((_, true))) {
                 run.waiting_for_onboarding += 1;
                 continue;
-            };
-            let record = self
-                .store
-                .open_payout(&author, period, earnings, "usd", &account)
-                .await?;
-            if record.payout.status == "paid" {
-                run.payouts.push(record.payout);
-                continue;
             }
-            let transfer = stripe
-                .transfer(
-                    record.payout.amount_cents,
-                    &record.payout.currency,
-                    &record.stripe_account_id,
-                    &format!("payouts-{period}"),
-                    &record.payout.id,
-                )
-                .await?;
-            run.payouts
-                .push(self.store.complete_payout(&record.payout.id, &transfer).await?);
+            for currency in currencies {
+                let Some(claim) = self
+                    .store
+                    .open_payout(&author, who, period, &currency, until)
+                    .await?
+                else {
+                    continue;
+                };
+                run.payouts.push(self.settle(stripe, claim, now, who).await?);
+            }
         }
         Ok(run)
     }
+
+    /// Takes one payout as far as it can go now.
+    async fn settle(
+        &self,
+        stripe: &StripeGateway,
+        claim: PayoutClaim,
+        now: DateTime<Utc>,
+        who: &Who,
+    ) -> Result<Payout> {
+        if matches!(claim.payout.status, PayoutStatus::Paid | PayoutStatus::Failed) {
+            return Ok(claim.payout);
+        }
+        let stale_before = now - TRANSFER_SETTLES;
+        let Some(claim) = self
+            .store
+            .begin_transfer(
+                &claim.payout.id,
+                now.timestamp_micros(),
+                stale_before.timestamp_micros(),
+            )
+            .await?
+        else {
+            // Settled meanwhile, or an attempt that may still be running: leave it to the next run.
+            return self.store.payout(&claim.payout.id).await;
+        };
+        if claim.attempts > 1
+            && let Some(transfer) = stripe.find_transfer(&claim.payout.id).await?
+        {
+            tracing::info!(payout = %claim.payout.id, %transfer, "an earlier attempt had paid; recorded");
+            return self.store.finish_payout(&claim, who, Ok(&transfer)).await;
+        }
+        let sent = stripe
+            .transfer(
+                claim.payout.amount_cents,
+                &claim.payout.currency,
+                &claim.stripe_account_id,
+                &claim.payout.id,
+                &claim.attempt_key(),
+            )
+            .await;
+        match sent {
+            Ok(transfer) => self.store.finish_payout(&claim, who, Ok(&transfer)).await,
+            Err(TransferError::Refused(reason)) => self.store.finish_payout(&claim, who, Err(&reason)).await,
+            Err(TransferError::Unknown(err)) => {
+                tracing::warn!(payout = %claim.payout.id, error = %err,
+                    "the transfer's outcome is unknown; the next run looks it up before trying again");
+                self.store.payout(&claim.payout.id).await
+            }
+        }
+    }
+
+    /// Local billing: records that a tenant paid the statement of its closed period starting at
+    /// `period_start`, so the plugin fees on it become payable to their authors.
+    pub async fn mark_statement_paid(
+        &self,
+        tenant: &TenantId,
+        period_start: DateTime<Utc>,
+        who: &Who,
+    ) -> Result<ProviderInvoice> {
+        if self.stripe.is_some() {
+            return Err(refused(
+                ErrorCode::ManagedByPaymentProvider,
+                "Stripe reports which invoices are paid; statements cannot be marked paid by hand",
+            ));
+        }
+        let closed = self.invoices(tenant).await?;
+        let statement = closed
+            .invoices
+            .iter()
+            .find(|s| s.period_start == period_start)
+            .ok_or(StoreError::NotFound("closed statement starting then"))?;
+        self.store
+            .mark_statement_paid(
+                tenant,
+                who,
+                (statement.period_start, statement.period_end),
+                statement.total_cents,
+                &statement.currency,
+            )
+            .await
+    }
 }
+
+/// How long after a transfer attempt began its request has surely ended (Stripe's client gives up
+/// after 20 seconds): only then is a `transferring` payout looked up and retried.
+const TRANSFER_SETTLES: chrono::Duration = chrono::Duration::minutes(10);
 
 /// The meters the checked prices count, each looked up once.
 #[derive(Default)]
@@ -607,7 +716,8 @@ mod tests {
                 item("plugin", "triage", 3, 3 * 2_505),
             ],
             None,
-        );
+        )
+        .unwrap();
         assert_eq!(s.calls, 27);
         assert_eq!(s.overage_calls, 17);
         // 17 x 1234 = 20978 micro-dollars = 2.0978 cents -> 2 cents.
@@ -627,8 +737,20 @@ mod tests {
             true,
             vec![item("model", "m", 10, 12_340)],
             None,
-        );
+        )
+        .unwrap();
         assert_eq!((s.overage_calls, s.overage_cents, s.total_cents), (0, 0, 4_900));
+    }
+
+    #[test]
+    fn absurd_amounts_are_an_error_not_a_wrapped_total() {
+        let now = Utc::now();
+        let huge = vec![item("plugin", "a", 1, i64::MAX), item("plugin", "b", 1, i64::MAX)];
+        assert!(statement(&plan(), (now, now), true, huge, None).is_err());
+        let mut costly = plan();
+        costly.price_per_call_micros = Micros(i64::MAX / 2);
+        let calls = vec![item("model", "m", 1_000, 0)];
+        assert!(statement(&costly, (now, now), true, calls, None).is_err());
     }
 
     #[test]

@@ -251,17 +251,59 @@ struct TransferForm<'a> {
     metadata: BTreeMap<&'a str, &'a str>,
 }
 
-fn provider_error(err: &stripe::StripeError) -> StoreError {
-    let message = match err {
-        stripe::StripeError::Stripe(body, status) => format!(
-            "Stripe answered {status}: {}",
-            body.message.as_deref().unwrap_or("no message")
-        ),
-        other => format!("Stripe could not be reached: {other}"),
-    };
-    tracing::warn!(error = %err, "Stripe request failed");
-    metrics::counter!("plinth_stripe_errors_total").increment(1);
-    StoreError::Refused(ErrorCode::PaymentProviderError, message)
+/// Why a Stripe request did not succeed.
+#[derive(Debug)]
+enum CallError {
+    /// Stripe answered with an error status: for a 4xx other than 409 and 429, it did nothing.
+    Answered { status: u16, message: String },
+    /// No usable answer (timeout, connection lost, 5xx, unreadable body): it may or may not have acted.
+    Unknown(String),
+}
+
+impl CallError {
+    fn from_stripe(err: &stripe::StripeError) -> Self {
+        tracing::warn!(error = %err, "Stripe request failed");
+        metrics::counter!("plinth_stripe_errors_total").increment(1);
+        match err {
+            stripe::StripeError::Stripe(body, status) if *status < 500 => Self::Answered {
+                status: *status,
+                message: body.message.clone().unwrap_or_else(|| "no message".to_owned()),
+            },
+            stripe::StripeError::Stripe(body, status) => Self::Unknown(format!(
+                "Stripe answered {status}: {}",
+                body.message.as_deref().unwrap_or("no message")
+            )),
+            other => Self::Unknown(format!("Stripe could not be reached: {other}")),
+        }
+    }
+
+    /// Whether Stripe certainly did nothing: a refusal of the request itself, not a conflict with a
+    /// request still running under the same key (409) nor a throttle (429).
+    fn refused(&self) -> Option<&str> {
+        match self {
+            Self::Answered { status, message } if *status != 409 && *status != 429 => Some(message),
+            _ => None,
+        }
+    }
+}
+
+impl From<CallError> for StoreError {
+    fn from(err: CallError) -> Self {
+        let message = match err {
+            CallError::Answered { status, message } => format!("Stripe answered {status}: {message}"),
+            CallError::Unknown(message) => message,
+        };
+        StoreError::Refused(ErrorCode::PaymentProviderError, message)
+    }
+}
+
+/// A transfer that did not go through.
+#[derive(Debug)]
+pub enum TransferError {
+    /// Stripe refused it (e.g. the account cannot receive transfers): no money moved.
+    Refused(String),
+    /// Its outcome is unknown: look it up before trying again.
+    Unknown(StoreError),
 }
 
 impl StripeGateway {
@@ -293,6 +335,16 @@ impl StripeGateway {
         form: Option<&impl Serialize>,
         idempotency_key: Option<&str>,
     ) -> Result<T, StoreError> {
+        Ok(self.request(method, path, form, idempotency_key).await?)
+    }
+
+    async fn request<T: DeserializeOwned>(
+        &self,
+        method: StripeMethod,
+        path: &str,
+        form: Option<&impl Serialize>,
+        idempotency_key: Option<&str>,
+    ) -> Result<T, CallError> {
         let mut request = RequestBuilder::new(method, path);
         // Parameters go in the query of a GET and in the form body of anything else, as Stripe reads them.
         request = match (form, method) {
@@ -302,7 +354,7 @@ impl StripeGateway {
         };
         let strategy = match idempotency_key {
             Some(key) => RequestStrategy::Idempotent(
-                IdempotencyKey::new(key).map_err(|err| StoreError::Internal(err.to_string()))?,
+                IdempotencyKey::new(key).map_err(|err| CallError::Unknown(err.to_string()))?,
             ),
             None => RequestStrategy::Once,
         };
@@ -312,14 +364,10 @@ impl StripeGateway {
             .request_strategy(strategy)
             .send(&self.client)
             .await
-            .map_err(|err| provider_error(&err))?;
+            .map_err(|err| CallError::from_stripe(&err))?;
         metrics::histogram!("plinth_stripe_request_seconds").record(started.elapsed().as_secs_f64());
-        serde_json::from_str(&miniserde::json::to_string(&value)).map_err(|err| {
-            StoreError::Refused(
-                ErrorCode::PaymentProviderError,
-                format!("Stripe's answer to {path} was not understood: {err}"),
-            )
-        })
+        serde_json::from_str(&miniserde::json::to_string(&value))
+            .map_err(|err| CallError::Unknown(format!("Stripe's answer to {path} was not understood: {err}")))
     }
 
     /// Creates the tenant's Stripe customer. The idempotency key is the tenant's, so two racing first
@@ -556,7 +604,8 @@ impl StripeGateway {
         Ok(link.url)
     }
 
-    /// Transfers `amount_cents` to a connected account; `key` makes a retried payout one transfer.
+    /// Transfers `amount_cents` to a connected account, in `group` (the payout's id, by which it can be
+    /// found again); `key` makes retries of one attempt one transfer (for 24 hours, on Stripe's side).
     pub async fn transfer(
         &self,
         amount_cents: i64,
@@ -564,17 +613,52 @@ impl StripeGateway {
         destination: &str,
         group: &str,
         key: &str,
-    ) -> Result<String, StoreError> {
+    ) -> Result<String, TransferError> {
         let form = TransferForm {
             amount: amount_cents,
             currency,
             destination,
             transfer_group: group,
-            metadata: BTreeMap::from([("payout", key)]),
+            metadata: BTreeMap::from([("payout", group)]),
         };
-        let transfer: Created = self
-            .call(StripeMethod::Post, "/transfers", Some(&form), Some(key))
+        match self
+            .request::<Created>(StripeMethod::Post, "/transfers", Some(&form), Some(key))
+            .await
+        {
+            Ok(transfer) => Ok(transfer.id),
+            Err(err) => match err.refused() {
+                Some(message) => Err(TransferError::Refused(message.to_owned())),
+                None => Err(TransferError::Unknown(err.into())),
+            },
+        }
+    }
+
+    /// The transfer made for `group`, if any: what a payout whose last attempt's outcome is unknown
+    /// looks up before trying again, at any age.
+    pub async fn find_transfer(&self, group: &str) -> Result<Option<String>, StoreError> {
+        #[derive(Serialize)]
+        struct Query<'a> {
+            transfer_group: &'a str,
+            limit: u32,
+        }
+        #[derive(Deserialize)]
+        struct List {
+            data: Vec<Created>,
+        }
+        let found: List = self
+            .call(
+                StripeMethod::Get,
+                "/transfers",
+                Some(&Query {
+                    transfer_group: group,
+                    limit: 10,
+                }),
+                None,
+            )
             .await?;
-        Ok(transfer.id)
+        if found.data.len() > 1 {
+            tracing::error!(%group, transfers = found.data.len(), "more than one transfer for one payout");
+        }
+        Ok(found.data.into_iter().next().map(|t| t.id))
     }
 }

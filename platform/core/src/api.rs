@@ -231,15 +231,49 @@ pub struct UsageReport {
 
 // ---- the metered no-op ----
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EchoResponse {
     /// The request body, unchanged.
     pub echo: serde_json::Value,
     /// The ledger event that metered this call.
     pub usage_event_id: EventId,
-    /// True when this call repeated an earlier `Idempotency-Key` and was not billed again.
+    /// True when the ledger already held this call's event (a retry whose first answer was lost), so
+    /// it was not billed again. A stored replay repeats the first answer byte for byte and says so in
+    /// the `Idempotent-Replayed` header instead.
     pub replayed: bool,
+}
+
+// ---- audit log ----
+
+/// One security-relevant act: who did what to which thing, from where.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AuditEntry {
+    pub id: String,
+    /// The tenant it concerns; `None` for platform-wide acts (seen by platform admins only).
+    pub tenant_id: Option<TenantId>,
+    /// A user id, an API key id, `stripe` (webhooks), `operator` (the CLI) or `system`.
+    pub actor: String,
+    /// A dotted verb, e.g. `api_key.create`, `login.failed`, `plugin.revoke`.
+    pub action: String,
+    pub target: Option<String>,
+    /// What changed (never a secret's value).
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub detail: serde_json::Value,
+    /// The client's address, as the platform determined it (see `PLINTH_TRUSTED_PROXIES`).
+    pub client_address: Option<String>,
+    pub user_agent: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `GET /v1/audit-log`: newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AuditPage {
+    pub entries: Vec<AuditEntry>,
+    /// Pass as `before` for the next (older) page; `None` on the last page.
+    pub next_before: Option<String>,
 }
 
 // ---- health (KServe / Open Inference Protocol v2 shapes) ----

@@ -113,20 +113,56 @@ pub struct ConnectOnboarding {
     pub payouts_enabled: bool,
 }
 
-/// One transfer of an author's earnings for a month.
+/// Where a payout stands. `pending` -> `transferring` -> `paid` | `failed`; a transfer that may have
+/// reached Stripe stays `transferring` until Stripe is asked, so it is never sent twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum PayoutStatus {
+    /// Recorded, not sent yet.
+    Pending,
+    /// Sent (or being sent) to Stripe; its outcome is not known yet.
+    Transferring,
+    Paid,
+    /// Stripe refused the transfer; nothing moved, and a later run retries it.
+    Failed,
+}
+
+impl PayoutStatus {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Transferring => "transferring",
+            Self::Paid => "paid",
+            Self::Failed => "failed",
+        }
+    }
+
+    #[must_use]
+    pub fn parse(raw: &str) -> Option<Self> {
+        [Self::Pending, Self::Transferring, Self::Paid, Self::Failed]
+            .into_iter()
+            .find(|s| s.as_str() == raw)
+    }
+}
+
+/// One transfer of an author's collected earnings, made by the payout run for a month.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Payout {
     pub id: String,
-    /// `YYYY-MM` (UTC).
+    /// `YYYY-MM` (UTC): the run that made it; it pays what was collected up to that month's end and
+    /// not paid before.
     pub period: String,
+    /// What this payout pays: whole cents of the author's balance (the sub-cent rest carries over).
     pub earnings_micros: Micros,
-    /// What was transferred: the earnings rounded down to the cent.
     pub amount_cents: i64,
     pub currency: String,
-    /// `pending` (being transferred) or `paid`.
-    pub status: String,
+    pub status: PayoutStatus,
     pub stripe_transfer_id: Option<String>,
+    /// Why the last attempt failed, when it did.
+    pub failure: Option<String>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -137,6 +173,17 @@ pub struct Payout {
 pub struct PayoutRequest {
     /// `YYYY-MM`, a month that has ended.
     pub period: String,
+}
+
+/// `POST /v1/admin/statements/paid`: in local billing, an operator records that a tenant paid the
+/// statement of a closed period (Stripe mode learns this from Stripe).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct MarkPaidRequest {
+    pub tenant_id: crate::id::TenantId,
+    /// The `period_start` of one of the tenant's closed statements (`GET /v1/invoices`).
+    pub period_start: DateTime<Utc>,
 }
 
 /// What a payout run did.

@@ -58,6 +58,14 @@ error_codes! {
     LastOwner = 409,
     /// The user is already a member of this tenant.
     AlreadyMember = 409,
+    /// A request with this `Idempotency-Key` is still being processed; retry after `Retry-After` to get
+    /// its stored answer.
+    IdempotencyInFlight = 409,
+    /// The `Idempotency-Key` was already used for a different request (another method, path or body)
+    /// within the retention window; use a fresh key for a new request.
+    IdempotencyKeyReused = 422,
+    /// Stripe manages this state: change it in Stripe, which tells the platform through its webhooks.
+    ManagedByPaymentProvider = 409,
     /// The model or input is not of the kind this call needs (e.g. classify with an embedding model).
     UnsupportedTask = 422,
     /// An uploaded model or manifest is unusable; the message says why.
@@ -80,6 +88,9 @@ error_codes! {
     PluginLimitExceeded = 422,
     /// The plugin ran past its deadline and was stopped.
     PluginTimeout = 504,
+    /// The platform revoked the plugin version this installation runs (a kill switch for a harmful
+    /// plugin); move the installation to another approved version, or uninstall it.
+    PluginRevoked = 410,
     /// The body is larger than the route accepts.
     PayloadTooLarge = 413,
     /// The body is not `application/json` where JSON is required.
@@ -99,6 +110,9 @@ error_codes! {
     /// The plan's included calls for this period are used up and the plan stops there (the free plan,
     /// or any plan while a payment is past due): upgrade, pay, or wait for the next period.
     QuotaExceeded = 402,
+    /// The call costs money (a priced plugin) and the tenant has no paid, active subscription to
+    /// charge it to: subscribe to a paid plan first.
+    PaymentRequired = 402,
     /// Too many requests; wait for `Retry-After` seconds.
     RateLimited = 429,
     /// Something failed on our side; the request id helps support find it.

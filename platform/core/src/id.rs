@@ -15,6 +15,17 @@ pub struct InvalidId {
     pub value: String,
 }
 
+/// A ULID greater than every one this process made before, so ids made one after another sort in
+/// that order even within a millisecond (the audit log pages by id).
+fn next_ulid() -> ulid::Ulid {
+    static GENERATOR: std::sync::Mutex<ulid::Generator> = std::sync::Mutex::new(ulid::Generator::new());
+    GENERATOR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .generate()
+        .unwrap_or_else(|_| ulid::Ulid::new())
+}
+
 macro_rules! typed_id {
     ($(#[$doc:meta])* $name:ident, $prefix:literal, $kind:literal) => {
         $(#[$doc])*
@@ -28,7 +39,7 @@ macro_rules! typed_id {
             /// A fresh, time-ordered id.
             #[must_use]
             pub fn new() -> Self {
-                Self(format!("{}_{}", $prefix, ulid::Ulid::new().to_string().to_ascii_lowercase()))
+                Self(format!("{}_{}", $prefix, next_ulid().to_string().to_ascii_lowercase()))
             }
 
             #[must_use]

@@ -86,6 +86,8 @@ pub enum ReviewStatus {
     /// Installable.
     Approved,
     Rejected,
+    /// Pulled by the platform after approval (a kill switch): installations running it stop at once.
+    Revoked,
 }
 
 /// A published version and where it stands.
@@ -127,6 +129,15 @@ pub struct ReviewRequest {
     pub approve: bool,
     #[serde(default)]
     pub note: Option<String>,
+}
+
+/// `POST /v1/admin/plugin-versions/{id}/revoke`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// Shown to the author and to tenants whose installations run the version.
+    pub reason: String,
 }
 
 /// `POST /v1/installations`.
@@ -179,6 +190,11 @@ pub struct Installation {
     pub capabilities: Vec<Capability>,
     pub models: Vec<String>,
     pub price_per_call: Micros,
+    /// Where the installed version stands: `approved` runs; `revoked` (or `rejected`) answers
+    /// `plugin_revoked` until the installation moves to another approved version.
+    pub version_status: ReviewStatus,
+    /// Why the version was revoked or rejected, when it was.
+    pub version_note: Option<String>,
     #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub settings: serde_json::Map<String, serde_json::Value>,
     /// Names of the secrets set (values are never shown).
@@ -195,8 +211,13 @@ pub struct EarningsRow {
     pub calls: i64,
     /// What tenants were charged for the plugin.
     pub gross: Micros,
-    /// The author's share of it.
+    /// The author's share of it, collected or not.
     pub earnings: Micros,
+    /// The part whose invoice was paid: it can be paid out.
+    pub payable: Micros,
+    /// The part still waiting for its invoice to be paid (or whose invoice was refunded, voided or
+    /// not paid: it is never paid out).
+    pub pending: Micros,
 }
 
 /// `GET /v1/author/earnings`.
@@ -208,5 +229,15 @@ pub struct Earnings {
     /// The author's share, in basis points (8000 = 80%).
     pub share_bps: u32,
     pub rows: Vec<EarningsRow>,
+    /// The author's share in the period, collected or not.
     pub total: Micros,
+    /// Of `total`, what tenants have paid for.
+    pub payable: Micros,
+    /// Of `total`, what is not collected (yet).
+    pub pending: Micros,
+    /// All time: collected earnings not yet paid out (negative after a refund of paid-out revenue:
+    /// the next payouts withhold it).
+    pub balance: Micros,
+    /// All time: what payouts have transferred or are transferring.
+    pub paid_out: Micros,
 }

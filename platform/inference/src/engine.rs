@@ -468,13 +468,29 @@ impl LoadedModel {
         .await
     }
 
-    /// Items in a protocol request, for metering: the first dimension of the first input.
-    #[must_use]
-    pub fn batch_size(inputs: &[Tensor]) -> i64 {
-        inputs
-            .first()
-            .and_then(|t| t.shape.first().copied())
-            .unwrap_or(1)
-            .max(1)
+    /// Items in a protocol request, for metering: the batch dimension (the first) that every input
+    /// with a dimension shares. Inputs that disagree are refused, or a request could run a large
+    /// batch through one input and be billed for the small one of another.
+    ///
+    /// # Errors
+    /// `InvalidInput` when two inputs have different first dimensions.
+    pub fn batch_size(inputs: &[Tensor]) -> Result<i64, InferenceError> {
+        let mut batch: Option<(&str, i64)> = None;
+        for tensor in inputs {
+            let Some(&first) = tensor.shape.first() else {
+                continue;
+            };
+            match batch {
+                None => batch = Some((&tensor.name, first)),
+                Some((name, size)) if size != first => {
+                    return Err(InferenceError::InvalidInput(format!(
+                        "inputs must agree on the batch (first) dimension: `{name}` has {size}, `{}` has {first}",
+                        tensor.name
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(batch.map_or(1, |(_, size)| size).max(1))
     }
 }

@@ -302,6 +302,15 @@ impl PluginHost {
             .cloned()
     }
 
+    /// Drops a compiled component from this process's cache (a revoked version's: the next
+    /// installation to run the same bytes, if any, compiles them again).
+    pub fn forget(&self, sha256: &str) {
+        self.compiled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(sha256);
+    }
+
     /// Runs one invocation in a fresh instance under every limit.
     ///
     /// # Errors

@@ -103,6 +103,23 @@ pub struct Config {
     pub billing_sync_bucket_secs: u64,
     /// `PLINTH_BILLING_SYNC_SETTLE_SECS`: how long after a bucket ends it is closed and sent.
     pub billing_sync_settle_secs: u64,
+    /// `PLINTH_IDEMPOTENCY_RETENTION_SECS`: how long an `Idempotency-Key` names its request and its
+    /// answer is replayed.
+    pub idempotency_retention_secs: u64,
+    /// `PLINTH_AUDIT_RETENTION_DAYS`: how long audit log entries are kept.
+    pub audit_retention_days: u64,
+    /// `PLINTH_TRUSTED_PROXIES`: comma-separated addresses or CIDR ranges of the proxies in front of the
+    /// platform whose `X-Forwarded-For` is believed; empty trusts none (the TCP peer is the client).
+    pub trusted_proxies: String,
+    /// `PLINTH_SIGNUPS_PER_ADDRESS_PER_MINUTE`: sign-ups one client address may make in a minute.
+    pub signups_per_address_per_minute: u32,
+    /// `PLINTH_LOGINS_PER_ADDRESS_PER_MINUTE`: login attempts one client address may make in a minute.
+    pub logins_per_address_per_minute: u32,
+    /// `PLINTH_UNAUTHENTICATED_PER_MINUTE`: sign-ups and logins from all addresses together per minute.
+    pub unauthenticated_per_minute: u32,
+    /// `PLINTH_UNMETERED_PER_TENANT_PER_MINUTE`: calls one tenant may make per minute to authenticated
+    /// routes that are not metered (keys, members, models, installations, usage...).
+    pub unmetered_per_tenant_per_minute: u32,
     /// `PLINTH_LOG`: a tracing filter, e.g. `info` or `plinth_api=debug,info`.
     pub log: String,
     /// `PLINTH_LOG_FORMAT`: `text` or `json`.
@@ -149,6 +166,13 @@ impl Default for Config {
             billing_sync_interval_secs: 60,
             billing_sync_bucket_secs: 3_600,
             billing_sync_settle_secs: 300,
+            idempotency_retention_secs: 86_400,
+            audit_retention_days: 400,
+            trusted_proxies: String::new(),
+            signups_per_address_per_minute: 5,
+            logins_per_address_per_minute: 20,
+            unauthenticated_per_minute: 600,
+            unmetered_per_tenant_per_minute: 1_200,
             log: "info".to_owned(),
             log_format: LogFormat::Text,
         }
@@ -290,10 +314,76 @@ impl Config {
         if self.billing_sync_settle_secs > 86_400 {
             return fail("PLINTH_BILLING_SYNC_SETTLE_SECS must be at most 86400");
         }
+        if !(60..=30 * 86_400).contains(&self.idempotency_retention_secs) {
+            return fail("PLINTH_IDEMPOTENCY_RETENTION_SECS must be between 60 and 2592000 (30 days)");
+        }
+        if self.audit_retention_days == 0 {
+            return fail("PLINTH_AUDIT_RETENTION_DAYS must be at least 1");
+        }
+        self.trusted_proxy_ranges()?;
+        if [
+            self.signups_per_address_per_minute,
+            self.logins_per_address_per_minute,
+            self.unauthenticated_per_minute,
+            self.unmetered_per_tenant_per_minute,
+        ]
+        .contains(&0)
+        {
+            return fail(
+                "PLINTH_SIGNUPS_PER_ADDRESS_PER_MINUTE, PLINTH_LOGINS_PER_ADDRESS_PER_MINUTE, PLINTH_UNAUTHENTICATED_PER_MINUTE and PLINTH_UNMETERED_PER_TENANT_PER_MINUTE must be at least 1",
+            );
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log).is_err() {
             return fail("PLINTH_LOG is not a valid filter (e.g. `info` or `plinth_api=debug,info`)");
         }
         Ok(())
+    }
+
+    /// The proxies whose `X-Forwarded-For` is believed.
+    ///
+    /// # Errors
+    /// When an entry is neither an address nor a CIDR range.
+    pub fn trusted_proxy_ranges(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        self.trusted_proxies
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(|entry| {
+                entry
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        ConfigError(format!(
+                            "PLINTH_TRUSTED_PROXIES: `{entry}` is not an address or CIDR range"
+                        ))
+                    })
+            })
+            .collect()
+    }
+
+    /// The HTTP edge's settings.
+    #[must_use]
+    pub fn api_settings(&self) -> plinth_api::ApiSettings {
+        let per_minute = |n: u32| plinth_store::cache::Quota {
+            per_minute: n,
+            burst: n,
+        };
+        plinth_api::ApiSettings {
+            max_body_bytes: self.max_body_bytes,
+            max_model_bytes: self.max_model_bytes,
+            author_share_bps: self.plugin_author_share_bps,
+            idempotency: plinth_store::idempotency::IdempotencySettings {
+                retention: Duration::from_secs(self.idempotency_retention_secs),
+                ..plinth_store::idempotency::IdempotencySettings::default()
+            },
+            trusted_proxies: self.trusted_proxy_ranges().unwrap_or_default(),
+            limits: plinth_api::AbuseLimits {
+                signups_per_address: per_minute(self.signups_per_address_per_minute),
+                logins_per_address: per_minute(self.logins_per_address_per_minute),
+                unauthenticated_global: per_minute(self.unauthenticated_per_minute),
+                unmetered_per_tenant: per_minute(self.unmetered_per_tenant_per_minute),
+            },
+        }
     }
 
     /// The inference engine's settings.
@@ -451,6 +541,19 @@ mod tests {
             jail.set_env("PLINTH_STRIPE_PLAN_PRICES", "pro=price_a");
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("PLINTH_STRIPE_PLAN_PRICES"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_ranges() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PLINTH_TRUSTED_PROXIES", "10.0.0.0/8, 192.0.2.7,::1");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.trusted_proxy_ranges().map_err(|e| e.to_string())?.len(), 3);
+            jail.set_env("PLINTH_TRUSTED_PROXIES", "10.0.0.0/8,proxy.internal");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("proxy.internal"), "{err}");
             Ok(())
         });
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use actix_web::HttpServer;
 use actix_web::dev::ServerHandle;
 use anyhow::Context;
-use plinth_api::{ApiSettings, AppState};
+use plinth_api::AppState;
 use plinth_store::ledger::{LedgerSettings, Meter};
 use plinth_store::{DatabaseSettings, Store, cache};
 use tokio::task::JoinHandle;
@@ -55,6 +55,8 @@ pub struct RunningServer {
     ledger: JoinHandle<()>,
     /// The usage sync to Stripe (Stripe mode only); stopped with the server.
     usage_sync: Option<JoinHandle<()>>,
+    /// Removes expired idempotent requests and old audit entries; stopped with the server.
+    retention: JoinHandle<()>,
 }
 
 impl RunningServer {
@@ -64,6 +66,7 @@ impl RunningServer {
         if let Some(sync) = &self.usage_sync {
             sync.abort();
         }
+        self.retention.abort();
         // The workers are gone, and with them every `Meter` handle: the writer drains and stops.
         self.ledger.await.context("the ledger writer failed")?;
         served.context("the HTTP server failed")
@@ -123,17 +126,14 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         engine,
         model_files,
         metrics: plinth_api::metrics::handle(),
-        settings: ApiSettings {
-            max_body_bytes: config.max_body_bytes,
-            max_model_bytes: config.max_model_bytes,
-            author_share_bps: config.plugin_author_share_bps,
-        },
+        settings: config.api_settings(),
         plugins: Arc::new(plugins),
         plugin_files,
         secrets: plinth_store::SecretBox::new(&secret_key(config)?),
         billing: billing(config, store.clone())?,
     };
     let usage_sync = state.billing.spawn_sync();
+    let retention = spawn_retention(store.clone(), config);
     state.billing.spawn_price_check();
     plinth_api::load_tenant_models(&state)
         .await
@@ -163,6 +163,34 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         server,
         ledger,
         usage_sync,
+        retention,
+    })
+}
+
+/// How often expired idempotent requests and old audit entries are removed.
+const RETENTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Removes, now and every [`RETENTION_INTERVAL`], idempotent requests whose window has passed and
+/// audit entries older than their retention. Replicas may run it at once: deletes are idempotent.
+fn spawn_retention(store: Store, config: &Config) -> JoinHandle<()> {
+    let audit_retention =
+        chrono::Duration::days(i64::try_from(config.audit_retention_days).unwrap_or(i64::MAX / 86_400_000));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RETENTION_INTERVAL);
+        loop {
+            tick.tick().await;
+            let now = chrono::Utc::now();
+            match store.purge_idempotent_requests(now.timestamp_micros()).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "expired idempotent requests removed"),
+                Err(err) => tracing::warn!(error = %err, "cannot remove expired idempotent requests"),
+            }
+            match store.purge_audit_log(now - audit_retention).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "audit entries past their retention removed"),
+                Err(err) => tracing::warn!(error = %err, "cannot remove old audit entries"),
+            }
+        }
     })
 }
 

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use plinth_core::api::Plan;
 use plinth_core::id::TenantId;
 use plinth_server::config::{Config, LogFormat};
+use plinth_store::audit::Who;
 
 #[derive(Debug, Parser)]
 #[command(name = "plinth", version, about = "Host models, sell plugins, bill per call.")]
@@ -49,19 +50,38 @@ enum BillingCommand {
     Reconcile,
     /// Compare the Stripe prices with the plans they sell; prints each difference, exits 2 if any.
     CheckPrices,
-    /// Pay onboarded plugin authors their earnings for a month that has ended (safe to rerun).
+    /// Pay onboarded plugin authors what tenants paid for their plugins up to the end of a month that
+    /// has ended (safe to rerun, at any age).
     Payouts {
         /// `YYYY-MM`.
         #[arg(long)]
         period: String,
     },
+    /// Local billing: record that a tenant paid the statement of a closed period, so the plugin fees
+    /// on it become payable to their authors.
+    MarkPaid {
+        #[arg(long)]
+        tenant: TenantId,
+        /// The statement's `period_start` (RFC 3339), as `GET /v1/invoices` shows it.
+        #[arg(long)]
+        period_start: chrono::DateTime<chrono::Utc>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum AdminCommand {
-    /// Grant platform-operator rights to a user, creating the account if needed. The password is read
-    /// from `PLINTH_ADMIN_PASSWORD` or, if unset, from standard input.
+    /// Create a platform operator account with this email. The password is read from
+    /// `PLINTH_ADMIN_PASSWORD` or, if unset, from standard input. An existing account is refused: with
+    /// `--promote-existing`, it is promoted only if the password is that account's own.
     CreateAdmin {
+        #[arg(long)]
+        email: String,
+        /// Promote an account that already exists (the password must be its password).
+        #[arg(long)]
+        promote_existing: bool,
+    },
+    /// Take platform-operator rights away from a user.
+    RevokeAdmin {
         #[arg(long)]
         email: String,
     },
@@ -129,10 +149,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Billing(command) => billing(&config, command).await?,
         Command::Admin(admin) => {
             let store = plinth_server::open_store(&config).await?;
+            let operator = Who::internal(Who::OPERATOR);
             match admin {
-                AdminCommand::CreateAdmin { email } => {
-                    let user = store.create_platform_admin(&email, &read_password()?).await?;
+                AdminCommand::CreateAdmin {
+                    email,
+                    promote_existing,
+                } => {
+                    let user = store
+                        .create_platform_admin(&email, &read_password()?, promote_existing, &operator)
+                        .await?;
                     println!("{} is a platform admin ({})", user.email, user.id);
+                }
+                AdminCommand::RevokeAdmin { email } => {
+                    let user = store.revoke_platform_admin(&email, &operator).await?;
+                    println!("{} is no longer a platform admin ({})", user.email, user.id);
                 }
                 AdminCommand::SeedPlans => eprintln!("default plans present"),
                 AdminCommand::Plans => {
@@ -140,13 +170,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 AdminCommand::PutPlan { json } => {
                     let plan: Plan = serde_json::from_str(&json).context("--json is not a plan")?;
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&store.upsert_plan(&plan).await?)?
-                    );
+                    let saved = store.upsert_plan(&plan).await?;
+                    store
+                        .audit(
+                            None,
+                            &operator,
+                            "plan.put",
+                            Some(&saved.id),
+                            serde_json::to_value(&saved)?,
+                        )
+                        .await?;
+                    println!("{}", serde_json::to_string_pretty(&saved)?);
                 }
                 AdminCommand::SetPlan { tenant, plan } => {
-                    let subscription = store.change_plan(&tenant, &plan, "operator").await?;
+                    let subscription = store.change_plan(&tenant, &plan, &operator).await?;
                     println!("{}", serde_json::to_string_pretty(&subscription)?);
                 }
             }
@@ -157,10 +194,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn billing(config: &Config, command: BillingCommand) -> anyhow::Result<()> {
     let store = plinth_server::open_store(config).await?;
-    let billing = plinth_server::billing(config, store)?;
+    let billing = plinth_server::billing(config, store.clone())?;
     match command {
         BillingCommand::Sync => {
             let report = billing.sync_once(chrono::Utc::now()).await?;
+            store
+                .audit(
+                    None,
+                    &Who::internal(Who::OPERATOR),
+                    "billing.sync",
+                    None,
+                    serde_json::to_value(report)?,
+                )
+                .await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         BillingCommand::Reconcile => {
@@ -181,8 +227,16 @@ async fn billing(config: &Config, command: BillingCommand) -> anyhow::Result<()>
             println!("every Stripe price matches its plan");
         }
         BillingCommand::Payouts { period } => {
-            let run = billing.run_payouts(&period, chrono::Utc::now()).await?;
+            let run = billing
+                .run_payouts(&period, chrono::Utc::now(), &Who::internal(Who::OPERATOR))
+                .await?;
             println!("{}", serde_json::to_string_pretty(&run)?);
+        }
+        BillingCommand::MarkPaid { tenant, period_start } => {
+            let invoice = billing
+                .mark_statement_paid(&tenant, period_start, &Who::internal(Who::OPERATOR))
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&invoice)?);
         }
     }
     Ok(())

@@ -99,3 +99,63 @@ fn serve_starts_with_the_default_relative_data_directory() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(workdir.path().join("data").join("plinth.db").exists());
 }
+
+/// `plinth admin create-admin` and `revoke-admin` on an embedded database in `dir`.
+fn admin(dir: &std::path::Path, args: &[&str], password: &str) -> std::process::Output {
+    plinth()
+        .arg("admin")
+        .args(args)
+        .env("PLINTH_DATA_DIR", dir)
+        .env_remove("PLINTH_DATABASE_URL")
+        .env("PLINTH_ADMIN_PASSWORD", password)
+        .env("PLINTH_LOG", "warn")
+        .output()
+        .expect("plinth runs")
+}
+
+#[test]
+fn create_admin_never_promotes_an_account_it_cannot_prove_is_the_operators() {
+    let dir = tempfile::tempdir().unwrap();
+    // The operator's own account: created, then promoted by name again only with its password.
+    let created = admin(
+        dir.path(),
+        &["create-admin", "--email", "ops@example.com"],
+        "operator password 1",
+    );
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let again = admin(
+        dir.path(),
+        &["create-admin", "--email", "ops@example.com"],
+        "operator password 1",
+    );
+    assert!(!again.status.success());
+    let message = String::from_utf8_lossy(&again.stderr);
+    assert!(message.contains("--promote-existing"), "{message}");
+    let wrong = admin(
+        dir.path(),
+        &["create-admin", "--email", "ops@example.com", "--promote-existing"],
+        "a guess at the password",
+    );
+    assert!(!wrong.status.success());
+    let right = admin(
+        dir.path(),
+        &["create-admin", "--email", "ops@example.com", "--promote-existing"],
+        "operator password 1",
+    );
+    assert!(
+        right.status.success(),
+        "{}",
+        String::from_utf8_lossy(&right.stderr)
+    );
+    let revoked = admin(dir.path(), &["revoke-admin", "--email", "ops@example.com"], "");
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    assert!(String::from_utf8_lossy(&revoked.stdout).contains("no longer a platform admin"));
+}

@@ -9,6 +9,7 @@ use plinth_core::api::{LoginRequest, Membership, Session, SignupRequest, Tenant,
 use plinth_core::id::{SessionId, TenantId, UserId};
 use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set};
 
+use crate::audit::Who;
 use crate::cache::{Cache, Quota};
 use crate::entity::{TenantScoped, memberships, sessions, tenants, users};
 use crate::{Result, Store, StoreError, secret};
@@ -86,29 +87,27 @@ pub(crate) fn parse_role(raw: &str) -> Result<Role> {
 }
 
 async fn hash_password(password: String) -> Result<String> {
-    tokio::task::spawn_blocking(move || secret::hash_password(&password))
-        .await
-        .map_err(|err| StoreError::Internal(err.to_string()))?
+    crate::passwords::run(move || secret::hash_password(&password))
+        .await?
         .map_err(StoreError::Internal)
 }
 
-async fn verify_password(password: String, phc: Option<String>) -> bool {
+async fn verify_password(password: String, phc: Option<String>) -> Result<bool> {
     // An unknown email still costs one full verification, against a real hash made once, so response
     // time does not reveal which emails have accounts.
     static DUMMY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         secret::hash_password("no account has this password").unwrap_or_default()
     });
-    tokio::task::spawn_blocking(move || {
+    crate::passwords::run(move || {
         let matched = secret::verify_password(&password, phc.as_deref().unwrap_or(DUMMY.as_str()));
         matched && phc.is_some()
     })
     .await
-    .unwrap_or(false)
 }
 
 impl Store {
     /// Creates a tenant, its owner and a free subscription, and logs the owner in.
-    pub async fn signup(&self, request: &SignupRequest) -> Result<Session> {
+    pub async fn signup(&self, request: &SignupRequest, who: &Who) -> Result<Session> {
         let email = normalise_email(&request.email)?;
         validate_password(&request.password)?;
         let tenant_name = validate_name("tenant_name", &request.tenant_name)?;
@@ -158,7 +157,7 @@ impl Store {
         crate::audit::record(
             &txn,
             Some(&tenant_id),
-            user_id.as_str(),
+            &who.as_actor(user_id.as_str()),
             "tenant.signup",
             None,
             serde_json::json!({ "email": email }),
@@ -170,8 +169,10 @@ impl Store {
     }
 
     /// Checks a password and opens a session in the requested tenant (or the user's oldest membership).
-    /// Attempts per email are rate limited through the shared cache, so guessing holds across replicas.
-    pub async fn login(&self, cache: &dyn Cache, request: &LoginRequest) -> Result<Session> {
+    /// Attempts per email are rate limited through the shared cache, so guessing holds across replicas
+    /// (the HTTP edge also limits attempts per client address). Every attempt is audited: a failure in
+    /// the log of each tenant the user belongs to (or, for an unknown email, the platform's).
+    pub async fn login(&self, cache: &dyn Cache, request: &LoginRequest, who: &Who) -> Result<Session> {
         let email = normalise_email(&request.email).map_err(|_| StoreError::InvalidLogin)?;
         let decision = cache.rate_limit(&format!("login:{email}"), LOGIN_QUOTA).await?;
         if !decision.allowed {
@@ -184,7 +185,8 @@ impl Store {
             .one(self.db())
             .await?;
         let phc = user.as_ref().map(|user| user.password_hash.clone());
-        if !verify_password(request.password.clone(), phc).await {
+        if !verify_password(request.password.clone(), phc).await? {
+            self.audit_failed_login(user.as_ref(), &email, who).await?;
             return Err(StoreError::InvalidLogin);
         }
         let user = user.ok_or(StoreError::InvalidLogin)?;
@@ -199,8 +201,45 @@ impl Store {
             .ok_or(StoreError::NotFound("membership in that tenant"))?;
         let user_id: UserId = parse_id(&user.id)?;
         let tenant_id: TenantId = parse_id(&membership.tenant_id)?;
-        let token = create_session(self.db(), &user_id, &tenant_id, Utc::now()).await?;
+        let txn = self.write_transaction().await?;
+        let token = create_session(&txn, &user_id, &tenant_id, Utc::now()).await?;
+        crate::audit::record(
+            &txn,
+            Some(&tenant_id),
+            &who.as_actor(user_id.as_str()),
+            "login.succeeded",
+            Some(user_id.as_str()),
+            serde_json::json!({ "email": email }),
+        )
+        .await?;
+        txn.commit().await?;
         self.session_view(token, &user_id, &tenant_id).await
+    }
+
+    async fn audit_failed_login(&self, user: Option<&users::Model>, email: &str, who: &Who) -> Result<()> {
+        let detail = serde_json::json!({ "email": email });
+        let Some(user) = user else {
+            return self.audit(None, who, "login.failed", None, detail).await;
+        };
+        let tenants = memberships::Entity::find()
+            .filter(memberships::Column::UserId.eq(&user.id))
+            .all(self.db())
+            .await?;
+        let txn = self.write_transaction().await?;
+        for membership in tenants {
+            let tenant: TenantId = parse_id(&membership.tenant_id)?;
+            crate::audit::record(
+                &txn,
+                Some(&tenant),
+                who,
+                "login.failed",
+                Some(&user.id),
+                detail.clone(),
+            )
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(())
     }
 
     /// Ends the session that `token` belongs to.
@@ -226,40 +265,119 @@ impl Store {
         to_tenant(row, plan)
     }
 
-    /// Grants platform-operator rights (marketplace review, plan edits) to a user, creating the account
-    /// with its own tenant if the email is new.
-    pub async fn create_platform_admin(&self, email: &str, password: &str) -> Result<User> {
+    /// Makes `email` a platform operator (marketplace review, payouts, every tenant's audit log).
+    ///
+    /// A new email gets a new account with `password` (and a tenant of its own). An existing account is
+    /// refused unless `promote_existing` is set *and* `password` is that account's password: signup is
+    /// open, so whoever registered an email first must not become an operator because someone later
+    /// ran this command with it.
+    pub async fn create_platform_admin(
+        &self,
+        email: &str,
+        password: &str,
+        promote_existing: bool,
+        who: &Who,
+    ) -> Result<User> {
         let email = normalise_email(email)?;
-        if users::Entity::find()
+        let existing = users::Entity::find()
             .filter(users::Column::Email.eq(&email))
             .one(self.db())
-            .await?
-            .is_none()
-        {
-            self.signup(&SignupRequest {
-                email: email.clone(),
-                password: password.to_owned(),
-                tenant_name: "Platform operators".to_owned(),
-            })
             .await?;
-        }
+        let user = match existing {
+            None => {
+                let session = self
+                    .signup(
+                        &SignupRequest {
+                            email: email.clone(),
+                            password: password.to_owned(),
+                            tenant_name: "Platform operators".to_owned(),
+                        },
+                        who,
+                    )
+                    .await?;
+                users::Entity::find_by_id(session.user.id.as_str())
+                    .one(self.db())
+                    .await?
+                    .ok_or(StoreError::NotFound("user"))?
+            }
+            Some(user) if !promote_existing => {
+                self.audit(
+                    None,
+                    who,
+                    "platform_admin.refused",
+                    Some(&user.id),
+                    serde_json::json!({
+                    "email": email, "reason": "the account exists and promotion was not asked for" }),
+                )
+                .await?;
+                return Err(StoreError::Refused(
+                    plinth_core::ErrorCode::EmailTaken,
+                    format!(
+                        "an account with {email} already exists; to make it a platform admin, pass \
+                         --promote-existing with that account's password"
+                    ),
+                ));
+            }
+            Some(user) => {
+                if !verify_password(password.to_owned(), Some(user.password_hash.clone())).await? {
+                    self.audit(
+                        None,
+                        who,
+                        "platform_admin.refused",
+                        Some(&user.id),
+                        serde_json::json!({
+                        "email": email, "reason": "wrong password for the existing account" }),
+                    )
+                    .await?;
+                    return Err(StoreError::InvalidLogin);
+                }
+                user
+            }
+        };
+        self.set_platform_admin(user, true, who).await
+    }
+
+    /// Takes platform-operator rights away from `email`. Its sessions lose them at once on this
+    /// replica and within the credential cache TTL on the others.
+    pub async fn revoke_platform_admin(&self, email: &str, who: &Who) -> Result<User> {
+        let email = normalise_email(email)?;
         let user = users::Entity::find()
             .filter(users::Column::Email.eq(&email))
             .one(self.db())
             .await?
-            .ok_or(StoreError::NotFound("user"))?;
+            .ok_or(StoreError::NotFound("user with that email"))?;
+        self.set_platform_admin(user, false, who).await
+    }
+
+    async fn set_platform_admin(&self, user: users::Model, admin: bool, who: &Who) -> Result<User> {
+        let txn = self.write_transaction().await?;
+        let was = user.is_platform_admin;
         let mut model: users::ActiveModel = user.into();
-        model.is_platform_admin = Set(true);
-        let user = model.update(self.db()).await?;
+        model.is_platform_admin = Set(admin);
+        let user = model.update(&txn).await?;
         crate::audit::record(
-            self.db(),
+            &txn,
             None,
-            "system",
-            "user.grant_platform_admin",
+            who,
+            if admin {
+                "platform_admin.grant"
+            } else {
+                "platform_admin.revoke"
+            },
             Some(&user.id),
-            serde_json::Value::Null,
+            serde_json::json!({ "email": user.email, "was_admin": was }),
         )
         .await?;
+        txn.commit().await?;
+        let user_id: UserId = parse_id(&user.id)?;
+        for membership in memberships::Entity::find()
+            .filter(memberships::Column::UserId.eq(&user.id))
+            .all(self.db())
+            .await?
+        {
+            self.credentials
+                .forget_in_tenant(&parse_id(&membership.tenant_id)?, Some(&user_id));
+        }
         to_user(&user)
     }
 

@@ -8,6 +8,7 @@ use plinth_core::id::{KeyId, TenantId};
 use sea_orm::{ActiveModelTrait, ColumnTrait, QueryFilter, QueryOrder, Set};
 
 use crate::accounts::{parse_id, validate_name};
+use crate::audit::Who;
 use crate::auth::Principal;
 use crate::entity::{TenantScoped, api_keys};
 use crate::{Result, Store, StoreError, secret};
@@ -37,6 +38,7 @@ impl Store {
     pub async fn create_api_key(
         &self,
         caller: &Principal,
+        who: &Who,
         request: &CreateApiKeyRequest,
     ) -> Result<CreatedApiKey> {
         let name = validate_name("name", &request.name)?;
@@ -97,7 +99,7 @@ impl Store {
         crate::audit::record(
             &txn,
             Some(&caller.tenant_id),
-            caller.actor_id(),
+            who,
             "api_key.create",
             Some(id.as_str()),
             serde_json::json!({ "scopes": scopes }),
@@ -124,7 +126,7 @@ impl Store {
 
     /// Revokes a key of the caller's tenant. Idempotent; takes effect on this replica at once and on
     /// every other within the credential cache TTL.
-    pub async fn revoke_api_key(&self, caller: &Principal, id: &KeyId) -> Result<ApiKey> {
+    pub async fn revoke_api_key(&self, caller: &Principal, who: &Who, id: &KeyId) -> Result<ApiKey> {
         let txn = self.write_transaction().await?;
         let row = api_keys::Entity::find_in(&caller.tenant_id)
             .filter(api_keys::Column::Id.eq(id.as_str()))
@@ -141,7 +143,7 @@ impl Store {
         crate::audit::record(
             &txn,
             Some(&caller.tenant_id),
-            caller.actor_id(),
+            who,
             "api_key.revoke",
             Some(id.as_str()),
             serde_json::Value::Null,

@@ -45,6 +45,10 @@ pub struct Principal {
     pub price_per_call: plinth_core::Micros,
     /// Model units the tenant may use per period, on plans that stop at their included calls.
     pub call_cap: Option<i64>,
+    /// The tenant is on a paid plan in good standing, so priced calls (plugins) have a bill to go on.
+    pub paid_subscription: bool,
+    /// ...and that bill is a Stripe subscription (what Stripe mode needs to collect it).
+    pub provider_subscription: bool,
     pub expires_at: Option<DateTime<Utc>>,
 }
 
@@ -187,7 +191,11 @@ impl Store {
             return Err(AuthError::Expired);
         }
         let tenant_id: TenantId = parse_id(&key.tenant_id)?;
-        let plan = plans::effective_plan(self.db(), &tenant_id).await?;
+        let plans::Terms {
+            plan,
+            paid_subscription,
+            provider_subscription,
+        } = plans::terms(self.db(), &tenant_id).await?;
         if key
             .last_used_at
             .is_none_or(|last| now - last > LAST_USED_GRANULARITY)
@@ -219,6 +227,8 @@ impl Store {
             },
             price_per_call: plan.price_per_call_micros,
             call_cap: plan.hard_cap.then_some(plan.included_calls),
+            paid_subscription,
+            provider_subscription,
             expires_at: key.expires_at,
         })
     }
@@ -262,7 +272,11 @@ impl Store {
             .map_err(StoreError::from)?
             .ok_or(AuthError::Invalid)?;
         let tenant_id: TenantId = parse_id(&session.tenant_id)?;
-        let plan = plans::effective_plan(self.db(), &tenant_id).await?;
+        let plans::Terms {
+            plan,
+            paid_subscription,
+            provider_subscription,
+        } = plans::terms(self.db(), &tenant_id).await?;
         let role = parse_role(&membership.role)?;
         Ok(Principal {
             actor: Actor::User {
@@ -279,6 +293,8 @@ impl Store {
             },
             price_per_call: plan.price_per_call_micros,
             call_cap: plan.hard_cap.then_some(plan.included_calls),
+            paid_subscription,
+            provider_subscription,
             expires_at: Some(session.expires_at),
         })
     }

@@ -26,6 +26,7 @@ macro_rules! tenant_scoped {
 }
 
 tenant_scoped!(
+    idempotent_requests,
     memberships,
     sessions,
     api_keys,
@@ -169,6 +170,8 @@ pub mod audit_log {
         /// JSON with the details worth keeping.
         pub detail: Option<String>,
         pub created_at: DateTimeUtc,
+        pub client_address: Option<String>,
+        pub user_agent: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -490,10 +493,13 @@ pub mod payouts {
         pub currency: String,
         pub stripe_account_id: String,
         pub stripe_transfer_id: Option<String>,
-        /// `pending` (sent or about to be) or `paid`.
+        /// `pending`, `transferring`, `paid` or `failed` (see `PayoutStatus`).
         pub status: String,
         pub created_at: DateTimeUtc,
         pub paid_at: Option<DateTimeUtc>,
+        pub attempts: i32,
+        pub last_attempt_at_us: Option<i64>,
+        pub failure: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -515,6 +521,35 @@ pub mod plan_eras {
         pub first_period_start: DateTimeUtc,
         pub first_period_end: DateTimeUtc,
         pub ended_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod idempotent_requests {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "idempotent_requests")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub key: String,
+        pub id: String,
+        pub fingerprint: String,
+        /// `in_flight` or `completed`.
+        pub state: String,
+        pub owner: String,
+        pub locked_until_us: i64,
+        pub response_status: Option<i32>,
+        pub response_headers: Option<String>,
+        pub response_body: Option<Vec<u8>>,
+        pub created_at_us: i64,
+        pub expires_at_us: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

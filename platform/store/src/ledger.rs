@@ -93,6 +93,21 @@ pub struct Meter {
 /// The longest idempotency key accepted, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
+/// The ledger key of a call made without an `Idempotency-Key`: unique, minted here. Ledger keys never
+/// come from a client: a keyed request is `req:<id>` (see [`crate::idempotency::Claim::ledger_key`]),
+/// so neither a client's header nor its `X-Request-Id` can make two calls share one charge.
+#[must_use]
+pub fn automatic_key() -> String {
+    format!("auto:{}", ulid::Ulid::new().to_string().to_ascii_lowercase())
+}
+
+/// The ledger key of the `sequence`-th model call a plugin makes while serving the call `parent`:
+/// the same on every retry of that call, and bounded, since `parent` is a server-minted key.
+#[must_use]
+pub fn derived_key(parent: &str, sequence: u32) -> String {
+    format!("{parent}:model:{sequence}")
+}
+
 fn validate(record: &UsageRecord) -> Result<()> {
     let field_ok = |s: &str| !s.is_empty() && s.len() <= 200;
     if !field_ok(&record.resource_kind) || !field_ok(&record.resource_id) {
@@ -362,7 +377,8 @@ impl Store {
             key: "total".to_owned(),
             calls: rows.iter().map(|row| row.calls).sum(),
             units: rows.iter().map(|row| row.units).sum(),
-            amount_micros: rows.iter().map(|row| row.amount_micros).sum(),
+            amount_micros: Micros::checked_sum(rows.iter().map(|row| row.amount_micros))
+                .ok_or_else(|| StoreError::Internal("a usage total overflows".into()))?,
         };
         Ok(UsageReport {
             from,

@@ -11,9 +11,11 @@ pub mod audit;
 pub mod auth;
 pub mod cache;
 mod entity;
+pub mod idempotency;
 pub mod ledger;
 pub mod members;
 pub mod models;
+mod passwords;
 pub mod payments;
 pub mod plans;
 pub mod plugins;
@@ -131,7 +133,48 @@ impl DatabaseSettings {
 #[derive(Debug, Clone)]
 pub struct Store {
     db: DatabaseConnection,
+    /// A few connections to the same database whose commits do not wait for the disk (Postgres
+    /// `synchronous_commit = off`, SQLite `synchronous = NORMAL`), for writes that may be lost in a
+    /// database crash without harm. Commits stay atomic and ordered: a durable commit made after one
+    /// of these makes it durable too.
+    relaxed: DatabaseConnection,
     credentials: auth::CredentialCache,
+}
+
+/// Pool options for `settings`; `relaxed` connections do not wait for the disk at commit.
+fn connect_options(settings: &DatabaseSettings, relaxed: bool) -> ConnectOptions {
+    let mut options = ConnectOptions::new(settings.url.as_str());
+    let max_connections = if relaxed {
+        settings.max_connections.clamp(1, 4)
+    } else {
+        settings.max_connections
+    };
+    options
+        .max_connections(max_connections)
+        .min_connections(1)
+        .connect_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(10))
+        // Ping only connections idle long enough to have been dropped: a ping on every checkout
+        // costs a round trip on every query, the ledger's commit included.
+        .test_before_acquire_if_idle_for(Duration::from_secs(30))
+        .sqlx_logging(false)
+        .map_sqlx_sqlite_opts(move |opts| {
+            opts.journal_mode(SqliteJournalMode::Wal)
+                .synchronous(if relaxed {
+                    SqliteSynchronous::Normal
+                } else {
+                    SqliteSynchronous::Full
+                })
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true)
+        });
+    if relaxed {
+        options.map_sqlx_postgres_opts(|opts| opts.options([("synchronous_commit", "off")]));
+    }
+    if let Some(schema) = &settings.schema {
+        options.set_schema_search_path(schema.as_str());
+    }
+    options
 }
 
 impl Store {
@@ -148,28 +191,11 @@ impl Store {
                 .await?;
             admin.close().await?;
         }
-        let mut options = ConnectOptions::new(settings.url.as_str());
-        options
-            .max_connections(settings.max_connections)
-            .min_connections(1)
-            .connect_timeout(Duration::from_secs(10))
-            .acquire_timeout(Duration::from_secs(10))
-            // Ping only connections idle long enough to have been dropped: a ping on every checkout
-            // costs a round trip on every query, the ledger's commit included.
-            .test_before_acquire_if_idle_for(Duration::from_secs(30))
-            .sqlx_logging(false)
-            .map_sqlx_sqlite_opts(|opts| {
-                opts.journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Full)
-                    .busy_timeout(Duration::from_secs(10))
-                    .foreign_keys(true)
-            });
-        if let Some(schema) = &settings.schema {
-            options.set_schema_search_path(schema.as_str());
-        }
-        let db = Database::connect(options).await?;
+        let db = Database::connect(connect_options(settings, false)).await?;
+        let relaxed = Database::connect(connect_options(settings, true)).await?;
         Ok(Self {
             db,
+            relaxed,
             credentials: auth::CredentialCache::new(settings.credential_cache_ttl),
         })
     }
@@ -195,6 +221,10 @@ impl Store {
         &self.db
     }
 
+    pub(crate) fn relaxed(&self) -> &DatabaseConnection {
+        &self.relaxed
+    }
+
     /// Begins a transaction that will write. On SQLite it takes the write lock up front (`BEGIN
     /// IMMEDIATE`): a deferred transaction that reads first cannot wait for the lock when it later
     /// writes and fails with `SQLITE_BUSY` if another writer got in between. Postgres ignores the mode.
@@ -204,5 +234,54 @@ impl Store {
             ..TransactionOptions::default()
         };
         Ok(self.db.begin_with_options(options).await?)
+    }
+}
+
+/// Fixtures for the store's own tests: a migrated SQLite database in a temporary directory.
+#[cfg(test)]
+pub(crate) mod testing {
+    #![allow(clippy::unwrap_used)]
+
+    use chrono::Utc;
+    use plinth_core::id::TenantId;
+    use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, Set};
+
+    use crate::entity::{subscriptions, tenants};
+    use crate::{DatabaseSettings, Store};
+
+    pub(crate) async fn test_store() -> (Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&DatabaseSettings::sqlite_in(dir.path()))
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        (store, dir)
+    }
+
+    /// A tenant on the free plan, known to Stripe as `customer`.
+    pub(crate) async fn tenant_with_customer(store: &Store, customer: &str) -> TenantId {
+        let tenant = TenantId::new();
+        let now = Utc::now();
+        tenants::ActiveModel {
+            id: Set(tenant.to_string()),
+            name: Set("Acme".into()),
+            created_at: Set(now),
+        }
+        .insert(store.db())
+        .await
+        .unwrap();
+        Store::create_free_subscription(store.db(), &tenant, now)
+            .await
+            .unwrap();
+        subscriptions::Entity::update_many()
+            .col_expr(
+                subscriptions::Column::StripeCustomerId,
+                sea_orm::sea_query::Expr::value(customer),
+            )
+            .filter(subscriptions::Column::TenantId.eq(tenant.as_str()))
+            .exec(store.db())
+            .await
+            .unwrap();
+        tenant
     }
 }

@@ -11,6 +11,7 @@ use sea_orm::{
 };
 
 use crate::accounts::{normalise_email, parse_id, parse_role};
+use crate::audit::Who;
 use crate::auth::Principal;
 use crate::entity::{TenantScoped, memberships, users};
 use crate::{Result, Store, StoreError};
@@ -84,7 +85,12 @@ impl Store {
     }
 
     /// Adds a user who already has an account (invitations by email come later).
-    pub async fn add_member(&self, caller: &Principal, request: &AddMemberRequest) -> Result<Member> {
+    pub async fn add_member(
+        &self,
+        caller: &Principal,
+        who: &Who,
+        request: &AddMemberRequest,
+    ) -> Result<Member> {
         require_owner_for(caller, request.role)?;
         let email = normalise_email(&request.email)?;
         let txn = self.write_transaction().await?;
@@ -108,7 +114,7 @@ impl Store {
         crate::audit::record(
             &txn,
             Some(&caller.tenant_id),
-            caller.actor_id(),
+            who,
             "member.add",
             Some(&user.id),
             serde_json::json!({ "role": request.role }),
@@ -123,7 +129,13 @@ impl Store {
         })
     }
 
-    pub async fn update_member(&self, caller: &Principal, user: &UserId, role: Role) -> Result<Member> {
+    pub async fn update_member(
+        &self,
+        caller: &Principal,
+        who: &Who,
+        user: &UserId,
+        role: Role,
+    ) -> Result<Member> {
         require_owner_for(caller, role)?;
         let txn = self.write_transaction().await?;
         let row = find_membership(&txn, &caller.tenant_id, user).await?;
@@ -138,7 +150,7 @@ impl Store {
         crate::audit::record(
             &txn,
             Some(&caller.tenant_id),
-            caller.actor_id(),
+            who,
             "member.update",
             Some(user.as_str()),
             serde_json::json!({ "from": current, "to": role }),
@@ -150,7 +162,7 @@ impl Store {
         Ok(member)
     }
 
-    pub async fn remove_member(&self, caller: &Principal, user: &UserId) -> Result<()> {
+    pub async fn remove_member(&self, caller: &Principal, who: &Who, user: &UserId) -> Result<()> {
         let txn = self.write_transaction().await?;
         let row = find_membership(&txn, &caller.tenant_id, user).await?;
         let current = parse_role(&row.role)?;
@@ -162,7 +174,7 @@ impl Store {
         crate::audit::record(
             &txn,
             Some(&caller.tenant_id),
-            caller.actor_id(),
+            who,
             "member.remove",
             Some(user.as_str()),
             serde_json::Value::Null,

@@ -5,6 +5,7 @@ use plinth_core::id::{ModelId, TenantId};
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
 
 use crate::accounts::parse_id;
+use crate::audit::Who;
 use crate::entity::{TenantScoped, models};
 use crate::{Result, Store, StoreError};
 
@@ -54,7 +55,7 @@ impl Store {
     pub async fn register_model(
         &self,
         tenant: &TenantId,
-        actor: &str,
+        who: &Who,
         model: &NewModel,
     ) -> Result<ModelRecord> {
         let txn = self.write_transaction().await?;
@@ -91,7 +92,7 @@ impl Store {
         crate::audit::record(
             &txn,
             Some(tenant),
-            actor,
+            who,
             "model.upload",
             Some(id.as_str()),
             serde_json::json!({ "name": model.name, "version": version, "sha256": model.sha256 }),
@@ -149,7 +150,7 @@ impl Store {
     }
 
     /// Deletes every version of a tenant's model (kept as history, no longer served).
-    pub async fn delete_model(&self, tenant: &TenantId, actor: &str, name: &str) -> Result<()> {
+    pub async fn delete_model(&self, tenant: &TenantId, who: &Who, name: &str) -> Result<()> {
         let txn = self.write_transaction().await?;
         let rows = models::Entity::find_in(tenant)
             .filter(models::Column::Name.eq(name))
@@ -168,7 +169,7 @@ impl Store {
         crate::audit::record(
             &txn,
             Some(tenant),
-            actor,
+            who,
             "model.delete",
             Some(name),
             serde_json::Value::Null,

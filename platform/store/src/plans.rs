@@ -7,6 +7,7 @@ use plinth_core::api::{Plan, Subscription, SubscriptionStatus};
 use plinth_core::id::TenantId;
 use sea_orm::{ActiveModelTrait, ConnectionTrait, EntityTrait, QueryOrder, Set};
 
+use crate::audit::Who;
 use crate::entity::{TenantScoped, plan_eras, plans, subscriptions};
 use crate::{Result, Store, StoreError};
 
@@ -187,8 +188,8 @@ impl Store {
     }
 
     /// Moves a tenant to another plan, starting a new period now.
-    pub async fn change_plan(&self, tenant: &TenantId, plan_id: &str, actor: &str) -> Result<Subscription> {
-        self.change_plan_in(tenant, plan_id, None, actor).await
+    pub async fn change_plan(&self, tenant: &TenantId, plan_id: &str, who: &Who) -> Result<Subscription> {
+        self.change_plan_in(tenant, plan_id, None, who).await
     }
 
     /// Moves a tenant to another plan, starting the given period (the payment provider's), or a
@@ -198,7 +199,7 @@ impl Store {
         tenant: &TenantId,
         plan_id: &str,
         period: Option<(DateTime<Utc>, DateTime<Utc>)>,
-        actor: &str,
+        who: &Who,
     ) -> Result<Subscription> {
         let txn = self.write_transaction().await?;
         find_plan(&txn, plan_id).await?;
@@ -224,7 +225,7 @@ impl Store {
         crate::audit::record(
             &txn,
             Some(tenant),
-            actor,
+            who,
             "subscription.change_plan",
             Some(plan_id),
             serde_json::json!({ "from": previous, "to": plan_id }),
@@ -387,23 +388,46 @@ pub(crate) fn lapsed(row: &subscriptions::Model, now: DateTime<Utc>) -> bool {
     row.cancel_at_period_end && row.stripe_subscription_id.is_none() && row.current_period_end <= now
 }
 
-/// The terms a tenant's calls run under: its plan's limits and price, or, while a payment is past due,
-/// the free plan's limits (at the subscribed plan's price: usage is still owed).
-pub(crate) async fn effective_plan(conn: &impl ConnectionTrait, tenant: &TenantId) -> Result<Plan> {
+/// The terms a tenant's calls run under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Terms {
+    /// Its plan's limits and price, or, while a payment is past due, the free plan's limits (at the
+    /// subscribed plan's price: usage is still owed).
+    pub plan: Plan,
+    /// On a plan other than free, in good standing: there is a bill to put charges on.
+    pub paid_subscription: bool,
+    /// That bill is a payment provider's (Stripe) subscription.
+    pub provider_subscription: bool,
+}
+
+pub(crate) async fn terms(conn: &impl ConnectionTrait, tenant: &TenantId) -> Result<Terms> {
     let row = subscriptions::Entity::find_in(tenant)
         .one(conn)
         .await?
         .ok_or(StoreError::NotFound("subscription"))?;
     if lapsed(&row, Utc::now()) {
-        return find_plan(conn, FREE_PLAN).await;
+        return Ok(Terms {
+            plan: find_plan(conn, FREE_PLAN).await?,
+            paid_subscription: false,
+            provider_subscription: false,
+        });
     }
     let subscribed = find_plan(conn, &row.plan_id).await?;
-    if row.status == SubscriptionStatus::Active.as_str() {
-        return Ok(subscribed);
-    }
-    Ok(Plan {
-        price_per_call_micros: subscribed.price_per_call_micros,
-        ..find_plan(conn, FREE_PLAN).await?
+    let active = row.status == SubscriptionStatus::Active.as_str();
+    let paid_subscription = active && row.plan_id != FREE_PLAN;
+    let provider_subscription = paid_subscription && row.stripe_subscription_id.is_some();
+    let plan = if active {
+        subscribed
+    } else {
+        Plan {
+            price_per_call_micros: subscribed.price_per_call_micros,
+            ..find_plan(conn, FREE_PLAN).await?
+        }
+    };
+    Ok(Terms {
+        plan,
+        paid_subscription,
+        provider_subscription,
     })
 }
 

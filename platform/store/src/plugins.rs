@@ -2,21 +2,20 @@
 //! installations (with the capabilities and models they approved), each installation's key-value
 //! store, and what authors earned from the ledger.
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use plinth_core::ErrorCode;
 use plinth_core::Micros;
 use plinth_core::id::{InstallationId, PluginId, PluginVersionId, TenantId};
-use plinth_core::plugins::{
-    Capability, Earnings, EarningsRow, Installation, Plugin, PluginManifest, PluginVersion, ReviewStatus,
-};
+use plinth_core::plugins::{Capability, Installation, Plugin, PluginManifest, PluginVersion, ReviewStatus};
 use sea_orm::sea_query::{Expr, ExprTrait, Func, OnConflict};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, EntityTrait, FromQueryResult, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, Set,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter,
+    QueryOrder, QuerySelect, Set,
 };
 
 use crate::accounts::parse_id;
-use crate::entity::{TenantScoped, installations, plugin_kv, plugin_versions, plugins, usage_events};
+use crate::audit::Who;
+use crate::entity::{TenantScoped, installations, plugin_kv, plugin_versions, plugins};
 use crate::{Result, Store, StoreError};
 
 /// The usage-event kind of a plugin invocation; its resource id is the plugin version id.
@@ -27,6 +26,7 @@ fn status_str(status: ReviewStatus) -> &'static str {
         ReviewStatus::Pending => "pending",
         ReviewStatus::Approved => "approved",
         ReviewStatus::Rejected => "rejected",
+        ReviewStatus::Revoked => "revoked",
     }
 }
 
@@ -34,6 +34,7 @@ fn parse_status(raw: &str) -> ReviewStatus {
     match raw {
         "approved" => ReviewStatus::Approved,
         "rejected" => ReviewStatus::Rejected,
+        "revoked" => ReviewStatus::Revoked,
         _ => ReviewStatus::Pending,
     }
 }
@@ -105,10 +106,36 @@ async fn live_installation(
         .ok_or(StoreError::NotFound("installation"))
 }
 
+/// An installation's secrets, sealed for storage, with their names (which the audit log records;
+/// values never leave the sealed form).
+#[derive(Debug, Clone, Default)]
+pub struct SealedSecrets {
+    pub sealed: String,
+    pub names: Vec<String>,
+}
+
+/// The setting names whose values differ between `before` and `after` (added, removed or changed).
+fn changed_settings(
+    before: &serde_json::Map<String, serde_json::Value>,
+    after: &serde_json::Map<String, serde_json::Value>,
+) -> Vec<String> {
+    let mut names: Vec<String> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|name| before.get(*name) != after.get(*name))
+        .cloned()
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 /// What an installation needs to run: its version's component and the grants.
 #[derive(Debug, Clone)]
 pub struct Runnable {
     pub installation: Installation,
+    /// The plugin's author: its calls to its own plugin are neither charged nor earn it anything.
+    pub author: TenantId,
     pub sha256: String,
     /// The installation's sealed secrets, as stored.
     pub sealed_secrets: String,
@@ -119,7 +146,7 @@ impl Store {
     pub async fn create_plugin(
         &self,
         author: &TenantId,
-        actor: &str,
+        who: &Who,
         name: &str,
         description: &str,
     ) -> Result<Plugin> {
@@ -151,7 +178,7 @@ impl Store {
         crate::audit::record(
             &txn,
             Some(author),
-            actor,
+            who,
             "plugin.create",
             Some(id.as_str()),
             serde_json::Value::Null,
@@ -209,7 +236,7 @@ impl Store {
     pub async fn publish_version(
         &self,
         author: &TenantId,
-        actor: &str,
+        who: &Who,
         manifest: &PluginManifest,
         sha256: &str,
         size_bytes: u64,
@@ -251,7 +278,7 @@ impl Store {
         crate::audit::record(
             &txn,
             Some(author),
-            actor,
+            who,
             "plugin.publish",
             Some(id.as_str()),
             serde_json::json!({ "plugin": manifest.name, "version": manifest.version, "sha256": sha256 }),
@@ -261,10 +288,11 @@ impl Store {
         to_version(&manifest.name, row)
     }
 
-    /// A platform admin approves or rejects a version.
+    /// A platform admin approves or rejects a version. Rejecting an approved version stops the
+    /// installations running it, as revoking does; a revoked version stays revoked.
     pub async fn review_version(
         &self,
-        actor: &str,
+        who: &Who,
         version: &PluginVersionId,
         approve: bool,
         note: Option<String>,
@@ -274,6 +302,12 @@ impl Store {
             .one(&txn)
             .await?
             .ok_or(StoreError::NotFound("plugin version"))?;
+        if row.status == status_str(ReviewStatus::Revoked) {
+            return Err(StoreError::Refused(
+                ErrorCode::ValidationFailed,
+                "this version was revoked, which is final; the author can publish a new version".into(),
+            ));
+        }
         let plugin = plugins::Entity::find_by_id(row.plugin_id.as_str())
             .one(&txn)
             .await?
@@ -283,22 +317,70 @@ impl Store {
         } else {
             ReviewStatus::Rejected
         };
+        let was = row.status.clone();
         let mut model: plugin_versions::ActiveModel = row.into();
         model.status = Set(status_str(status).to_owned());
-        model.review_note = Set(note);
+        model.review_note = Set(note.clone());
         model.reviewed_at = Set(Some(Utc::now()));
         let row = model.update(&txn).await?;
         crate::audit::record(
             &txn,
-            None,
-            actor,
+            Some(&parse_id(&plugin.author_tenant_id)?),
+            who,
             if approve {
                 "plugin.approve"
             } else {
                 "plugin.reject"
             },
             Some(version.as_str()),
-            serde_json::Value::Null,
+            serde_json::json!({ "plugin": plugin.name, "version": row.version, "was": was, "note": note }),
+        )
+        .await?;
+        txn.commit().await?;
+        to_version(&plugin.name, row)
+    }
+
+    /// Pulls a version after approval (a platform admin's kill switch): installations running it stop
+    /// at once, on every replica, since each invocation reads the version's status; it leaves the
+    /// marketplace. Revoking is final.
+    pub async fn revoke_version(
+        &self,
+        who: &Who,
+        version: &PluginVersionId,
+        reason: &str,
+    ) -> Result<PluginVersion> {
+        let reason = reason.trim();
+        if reason.is_empty() || reason.chars().count() > 1_000 {
+            return Err(StoreError::invalid("reason: 1-1000 characters"));
+        }
+        let txn = self.write_transaction().await?;
+        let row = plugin_versions::Entity::find_by_id(version.as_str())
+            .one(&txn)
+            .await?
+            .ok_or(StoreError::NotFound("plugin version"))?;
+        let plugin = plugins::Entity::find_by_id(row.plugin_id.as_str())
+            .one(&txn)
+            .await?
+            .ok_or(StoreError::NotFound("plugin"))?;
+        let was = row.status.clone();
+        let mut model: plugin_versions::ActiveModel = row.into();
+        model.status = Set(status_str(ReviewStatus::Revoked).to_owned());
+        model.review_note = Set(Some(reason.to_owned()));
+        model.reviewed_at = Set(Some(Utc::now()));
+        let row = model.update(&txn).await?;
+        let running = installations::Entity::find()
+            .filter(installations::Column::VersionId.eq(version.as_str()))
+            .filter(installations::Column::DeletedAt.is_null())
+            .count(&txn)
+            .await?;
+        crate::audit::record(
+            &txn,
+            Some(&parse_id(&plugin.author_tenant_id)?),
+            who,
+            "plugin.revoke",
+            Some(version.as_str()),
+            serde_json::json!({ "plugin": plugin.name, "version": row.version, "was": was,
+                "reason": reason, "installations": running }),
         )
         .await?;
         txn.commit().await?;
@@ -380,10 +462,10 @@ impl Store {
     pub async fn install(
         &self,
         tenant: &TenantId,
-        actor: &str,
+        who: &Who,
         version: &PluginVersion,
         settings: &serde_json::Map<String, serde_json::Value>,
-        sealed_secrets: &str,
+        secrets: &SealedSecrets,
     ) -> Result<Installation> {
         let txn = self.write_transaction().await?;
         let plugin = self.plugin_named(&version.plugin).await?;
@@ -409,7 +491,7 @@ impl Store {
             plugin_id: Set(plugin.id.clone()),
             version_id: Set(version.id.to_string()),
             settings: Set(serde_json::Value::Object(settings.clone()).to_string()),
-            secrets: Set(sealed_secrets.to_owned()),
+            secrets: Set(secrets.sealed.clone()),
             created_at: Set(now),
             updated_at: Set(now),
             deleted_at: Set(None),
@@ -419,11 +501,12 @@ impl Store {
         crate::audit::record(
             &txn,
             Some(tenant),
-            actor,
+            who,
             "plugin.install",
             Some(id.as_str()),
             serde_json::json!({ "plugin": version.plugin, "version": version.version,
-                "capabilities": version.capabilities, "models": version.models }),
+                "capabilities": version.capabilities, "models": version.models,
+                "settings": settings.keys().collect::<Vec<_>>(), "secrets": secrets.names }),
         )
         .await?;
         txn.commit().await?;
@@ -434,14 +517,18 @@ impl Store {
     pub async fn update_installation(
         &self,
         tenant: &TenantId,
-        actor: &str,
+        who: &Who,
         installation: &InstallationId,
         version: Option<&PluginVersion>,
         settings: Option<&serde_json::Map<String, serde_json::Value>>,
-        sealed_secrets: Option<&str>,
+        secrets: Option<&SealedSecrets>,
     ) -> Result<Installation> {
         let txn = self.write_transaction().await?;
         let row = live_installation(&txn, tenant, installation).await?;
+        let settings_changed = settings.map(|after| match serde_json::from_str(&row.settings) {
+            Ok(serde_json::Value::Object(before)) => changed_settings(&before, after),
+            _ => after.keys().cloned().collect(),
+        });
         let mut model: installations::ActiveModel = row.into();
         if let Some(version) = version {
             model.version_id = Set(version.id.to_string());
@@ -449,18 +536,19 @@ impl Store {
         if let Some(settings) = settings {
             model.settings = Set(serde_json::Value::Object(settings.clone()).to_string());
         }
-        if let Some(sealed) = sealed_secrets {
-            model.secrets = Set(sealed.to_owned());
+        if let Some(secrets) = secrets {
+            model.secrets = Set(secrets.sealed.clone());
         }
         model.updated_at = Set(Utc::now());
         model.update(&txn).await?;
         crate::audit::record(
             &txn,
             Some(tenant),
-            actor,
+            who,
             "plugin.update",
             Some(installation.as_str()),
-            serde_json::json!({ "version": version.map(|v| v.version.clone()) }),
+            serde_json::json!({ "version": version.map(|v| v.version.clone()),
+                "settings_changed": settings_changed, "secrets": secrets.map(|s| &s.names) }),
         )
         .await?;
         txn.commit().await?;
@@ -468,12 +556,7 @@ impl Store {
     }
 
     /// Removes an installation and its key-value state.
-    pub async fn uninstall(
-        &self,
-        tenant: &TenantId,
-        actor: &str,
-        installation: &InstallationId,
-    ) -> Result<()> {
+    pub async fn uninstall(&self, tenant: &TenantId, who: &Who, installation: &InstallationId) -> Result<()> {
         let txn = self.write_transaction().await?;
         let row = live_installation(&txn, tenant, installation).await?;
         plugin_kv::Entity::delete_many()
@@ -487,7 +570,7 @@ impl Store {
         crate::audit::record(
             &txn,
             Some(tenant),
-            actor,
+            who,
             "plugin.uninstall",
             Some(installation.as_str()),
             serde_json::Value::Null,
@@ -542,11 +625,14 @@ impl Store {
                 capabilities: version.capabilities,
                 models: version.models,
                 price_per_call: version.price_per_call,
+                version_status: version.status,
+                version_note: version.review_note,
                 settings,
                 secret_names: Vec::new(),
                 created_at: row.created_at,
                 updated_at: row.updated_at,
             },
+            author: parse_id(&plugin.author_tenant_id)?,
             sha256,
             sealed_secrets: row.secrets,
         })
@@ -622,78 +708,6 @@ impl Store {
             .await?;
         Ok(rows.into_iter().map(|row| row.key).collect())
     }
-
-    /// What the author's plugins earned in `[from, to)`: the shares the ledger recorded per call.
-    /// `share_bps` is the share new calls get, reported alongside.
-    pub async fn author_earnings(
-        &self,
-        author: &TenantId,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        share_bps: u32,
-    ) -> Result<Earnings> {
-        #[derive(Debug, FromQueryResult)]
-        struct Sums {
-            calls: i64,
-            gross: i64,
-            share: i64,
-        }
-        let authored = plugins::Entity::find()
-            .filter(plugins::Column::AuthorTenantId.eq(author.as_str()))
-            .all(self.db())
-            .await?;
-        let mut rows = Vec::new();
-        for plugin in authored {
-            let versions: Vec<String> = plugin_versions::Entity::find()
-                .filter(plugin_versions::Column::PluginId.eq(&plugin.id))
-                .all(self.db())
-                .await?
-                .into_iter()
-                .map(|v| v.id)
-                .collect();
-            if versions.is_empty() {
-                continue;
-            }
-            let sums = usage_events::Entity::find()
-                .filter(usage_events::Column::ResourceKind.eq(USAGE_KIND))
-                .filter(usage_events::Column::ResourceId.is_in(versions))
-                .filter(usage_events::Column::OccurredAtUs.gte(from.timestamp_micros()))
-                .filter(usage_events::Column::OccurredAtUs.lt(to.timestamp_micros()))
-                .select_only()
-                .column_as(Expr::cust("COUNT(*)"), "calls")
-                .column_as(
-                    Expr::cust("CAST(COALESCE(SUM(amount_micros), 0) AS BIGINT)"),
-                    "gross",
-                )
-                .column_as(
-                    Expr::cust("CAST(COALESCE(SUM(author_share_micros), 0) AS BIGINT)"),
-                    "share",
-                )
-                .into_model::<Sums>()
-                .one(self.db())
-                .await?
-                .unwrap_or(Sums {
-                    calls: 0,
-                    gross: 0,
-                    share: 0,
-                });
-            rows.push(EarningsRow {
-                plugin: plugin.name,
-                calls: sums.calls,
-                gross: Micros(sums.gross),
-                // Each call's share was fixed when it was recorded.
-                earnings: Micros(sums.share),
-            });
-        }
-        let total = rows.iter().map(|r| r.earnings).sum();
-        Ok(Earnings {
-            from,
-            to,
-            share_bps,
-            rows,
-            total,
-        })
-    }
 }
 
 /// Checks a manifest's own fields (the component is checked by the host).
@@ -721,4 +735,19 @@ pub fn validate_manifest(manifest: &PluginManifest) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changed_settings_name_what_was_added_removed_or_changed() {
+        let before = serde_json::json!({ "a": 1, "b": 2, "c": 3 });
+        let after = serde_json::json!({ "a": 1, "b": 5, "d": 4 });
+        assert_eq!(
+            changed_settings(before.as_object().unwrap(), after.as_object().unwrap()),
+            ["b", "c", "d"]
+        );
+    }
 }

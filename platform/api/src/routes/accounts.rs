@@ -6,6 +6,7 @@ use plinth_core::api::{LoginRequest, Session, SignupRequest, Tenant};
 use plinth_store::auth::Actor;
 
 use crate::auth::Auth;
+use crate::client::Origin;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
@@ -15,9 +16,14 @@ use crate::state::AppState;
         (status = 201, body = Session),
         (status = 409, description = "`email_taken`", body = plinth_core::error::ErrorBody),
         (status = 422, description = "`validation_failed`", body = plinth_core::error::ErrorBody),
+        (status = 429, description = "`rate_limited`: too many sign-ups from this address", body = plinth_core::error::ErrorBody),
     ))]
-pub async fn signup(state: web::Data<AppState>, body: web::Json<SignupRequest>) -> ApiResult<HttpResponse> {
-    let session = state.store.signup(&body).await?;
+pub async fn signup(
+    state: web::Data<AppState>,
+    origin: Origin,
+    body: web::Json<SignupRequest>,
+) -> ApiResult<HttpResponse> {
+    let session = state.store.signup(&body, &origin.who("anonymous")).await?;
     Ok(HttpResponse::Created().json(session))
 }
 
@@ -26,13 +32,20 @@ pub async fn signup(state: web::Data<AppState>, body: web::Json<SignupRequest>) 
     responses(
         (status = 200, body = Session),
         (status = 401, description = "`invalid_login`", body = plinth_core::error::ErrorBody),
-        (status = 429, description = "`rate_limited`: too many attempts for this email", body = plinth_core::error::ErrorBody),
+        (status = 429, description = "`rate_limited`: too many attempts for this email or from this address", body = plinth_core::error::ErrorBody),
+        (status = 503, description = "`unavailable`: too many password checks in progress", body = plinth_core::error::ErrorBody),
     ))]
 pub async fn login(
     state: web::Data<AppState>,
+    origin: Origin,
     body: web::Json<LoginRequest>,
 ) -> ApiResult<web::Json<Session>> {
-    Ok(web::Json(state.store.login(state.cache.as_ref(), &body).await?))
+    Ok(web::Json(
+        state
+            .store
+            .login(state.cache.as_ref(), &body, &origin.who("anonymous"))
+            .await?,
+    ))
 }
 
 /// End the session whose token authenticates this call.

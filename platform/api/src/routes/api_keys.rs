@@ -28,7 +28,7 @@ pub async fn create(
     auth: Auth<scope::Admin>,
     body: web::Json<CreateApiKeyRequest>,
 ) -> ApiResult<HttpResponse> {
-    let created = state.store.create_api_key(&auth, &body).await?;
+    let created = state.store.create_api_key(&auth, &auth.who(), &body).await?;
     Ok(HttpResponse::Created().json(created))
 }
 
@@ -41,5 +41,7 @@ pub async fn revoke(
     auth: Auth<scope::Admin>,
     id: web::Path<KeyId>,
 ) -> ApiResult<web::Json<ApiKey>> {
-    Ok(web::Json(state.store.revoke_api_key(&auth, &id).await?))
+    Ok(web::Json(
+        state.store.revoke_api_key(&auth, &auth.who(), &id).await?,
+    ))
 }

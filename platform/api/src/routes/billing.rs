@@ -100,7 +100,7 @@ pub async fn change_plan(
     Ok(web::Json(
         state
             .billing
-            .change_plan(&auth.tenant_id, &body.plan, auth.actor_id())
+            .change_plan(&auth.tenant_id, &body.plan, &auth.who())
             .await?,
     ))
 }
@@ -113,7 +113,7 @@ pub async fn cancel(
     auth: Auth<scope::Admin>,
 ) -> ApiResult<web::Json<Subscription>> {
     Ok(web::Json(
-        state.billing.cancel(&auth.tenant_id, auth.actor_id()).await?,
+        state.billing.cancel(&auth.tenant_id, &auth.who()).await?,
     ))
 }
 

@@ -12,16 +12,18 @@ use crate::metering::{Billable, IdempotencyKey, record_usage};
 use crate::request_id::RequestId;
 use crate::state::AppState;
 
-/// Echo the JSON body back, metered as one call. Retries with the same `Idempotency-Key` are not billed
-/// again and answer `Idempotent-Replayed: true`.
+/// Echo the JSON body back, metered as one call. A retry with the same `Idempotency-Key` and body gets
+/// the first answer back, byte for byte, with `Idempotent-Replayed: true`, and is not billed again.
 #[utoipa::path(post, path = "/v1/echo", tag = "metering", security(("bearer" = [])),
     request_body = serde_json::Value,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries of this call free: 1-255 visible ASCII characters")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Names this request for 24 hours: 1-255 visible ASCII characters. Retries get the stored answer; another request under it is refused")),
     responses(
         (status = 200, body = EchoResponse, headers(
             ("RateLimit-Limit" = u32), ("RateLimit-Remaining" = u32), ("RateLimit-Reset" = u32),
             ("Idempotent-Replayed" = bool))),
         (status = 429, description = "`rate_limited`, with `Retry-After`", body = plinth_core::error::ErrorBody),
+        (status = 409, description = "`idempotency_in_flight`: the same keyed request is still running; retry after `Retry-After`", body = plinth_core::error::ErrorBody),
+        (status = 422, description = "`idempotency_key_reused`: the key names another request", body = plinth_core::error::ErrorBody),
     ))]
 pub async fn echo(
     state: web::Data<AppState>,

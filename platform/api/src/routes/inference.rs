@@ -117,13 +117,16 @@ pub async fn statistics(
 }
 
 /// Run the model on tensors. Datatypes FP32, FP16, INT64, INT32, BOOL and BYTES; the data must hold
-/// exactly as many elements as the shape says. Billed per item of the first input's first dimension.
+/// exactly as many elements as the shape says. Every input's first dimension is the batch: they must
+/// agree, and the call is billed per item of it.
 #[utoipa::path(post, path = "/v2/models/{name}/infer", tag = "inference protocol", security(("bearer" = ["inference"])),
     params(("name" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
     request_body = InferRequest,
     responses(
         (status = 200, body = InferResponse),
-        (status = 400, description = "`invalid_input`: names, datatypes or shapes do not fit", body = plinth_core::error::ProtocolErrorBody),
+        (status = 400, description = "`invalid_input`: names, datatypes, shapes or batch sizes do not fit", body = plinth_core::error::ProtocolErrorBody),
+        (status = 409, description = "`idempotency_in_flight`, with `Retry-After`", body = plinth_core::error::ProtocolErrorBody),
+        (status = 422, description = "`idempotency_key_reused`", body = plinth_core::error::ProtocolErrorBody),
     ))]
 pub async fn infer(
     state: web::Data<AppState>,
@@ -155,7 +158,7 @@ pub async fn infer(
             "the body has binary data that no input claims",
         ));
     }
-    let units = usize::try_from(LoadedModel::batch_size(&inputs)).unwrap_or(1);
+    let units = usize::try_from(LoadedModel::batch_size(&inputs)?).unwrap_or(1);
     // Outputs go back in binary when the request asks for it, per output or for all.
     let all_binary = flag(request.parameters.as_ref(), "binary_data_output");
     let wanted: Option<Vec<(String, bool)>> = request.outputs.map(|outputs| {
@@ -223,7 +226,7 @@ pub async fn infer(
 /// The binary extension's header: how many leading bytes of the body are the JSON request.
 const HEADER_LENGTH: &str = "Inference-Header-Content-Length";
 /// The largest inference-protocol body: 16 MiB.
-const TENSOR_BODY_LIMIT: usize = 16 * 1024 * 1024;
+pub(crate) const TENSOR_BODY_LIMIT: usize = 16 * 1024 * 1024;
 
 async fn read_body(mut payload: web::Payload, limit: usize) -> ApiResult<web::BytesMut> {
     use futures_util::StreamExt;

@@ -28,7 +28,7 @@ pub async fn add(
     auth: Auth<scope::Admin>,
     body: web::Json<AddMemberRequest>,
 ) -> ApiResult<HttpResponse> {
-    let member = state.store.add_member(&auth, &body).await?;
+    let member = state.store.add_member(&auth, &auth.who(), &body).await?;
     Ok(HttpResponse::Created().json(member))
 }
 
@@ -43,7 +43,10 @@ pub async fn update(
     body: web::Json<UpdateMemberRequest>,
 ) -> ApiResult<web::Json<Member>> {
     Ok(web::Json(
-        state.store.update_member(&auth, &user_id, body.role).await?,
+        state
+            .store
+            .update_member(&auth, &auth.who(), &user_id, body.role)
+            .await?,
     ))
 }
 
@@ -56,6 +59,6 @@ pub async fn remove(
     auth: Auth<scope::Admin>,
     user_id: web::Path<UserId>,
 ) -> ApiResult<HttpResponse> {
-    state.store.remove_member(&auth, &user_id).await?;
+    state.store.remove_member(&auth, &auth.who(), &user_id).await?;
     Ok(HttpResponse::NoContent().finish())
 }

@@ -2,6 +2,7 @@
 
 pub mod accounts;
 pub mod api_keys;
+pub mod audit;
 pub mod billing;
 pub mod echo;
 pub mod health;
@@ -14,15 +15,17 @@ pub mod plugins;
 use actix_web::middleware::from_fn;
 use actix_web::{Resource, web};
 
+use crate::limits::{Door, guard};
 use crate::{error, metering};
 
 fn resource(path: &str) -> Resource {
     web::resource(path).default_service(web::to(error::method_not_allowed))
 }
 
-/// A billable route: authenticated and rate limited before the handler runs.
-fn metered(
+/// An unauthenticated route, limited per client address (and globally for sign-up and login).
+fn unauthenticated(
     path: &str,
+    door: Door,
 ) -> Resource<
     impl actix_web::dev::ServiceFactory<
         actix_web::dev::ServiceRequest,
@@ -32,12 +35,31 @@ fn metered(
         InitError = (),
     >,
 > {
-    resource(path).wrap(from_fn(metering::middleware))
+    resource(path).wrap(from_fn(move |req, next| guard(door, req, next)))
+}
+
+/// A billable route: authenticated, rate limited and made idempotent before the handler runs. A
+/// keyed request's body is read up to `max_body` bytes (the JSON limit when `None`) to fingerprint it.
+fn metered(
+    path: &str,
+    max_body: Option<usize>,
+) -> Resource<
+    impl actix_web::dev::ServiceFactory<
+        actix_web::dev::ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    resource(path).wrap(from_fn(move |req, next| {
+        metering::middleware(max_body, req, next)
+    }))
 }
 
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/v1/signup").route(web::post().to(accounts::signup)))
-        .service(resource("/v1/login").route(web::post().to(accounts::login)))
+    cfg.service(unauthenticated("/v1/signup", Door::Signup).route(web::post().to(accounts::signup)))
+        .service(unauthenticated("/v1/login", Door::Login).route(web::post().to(accounts::login)))
         .service(resource("/v1/logout").route(web::post().to(accounts::logout)))
         .service(resource("/v1/tenant").route(web::get().to(accounts::tenant)))
         .service(
@@ -56,7 +78,8 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
                 .route(web::patch().to(members::update))
                 .route(web::delete().to(members::remove)),
         )
-        .service(resource("/v1/plans").route(web::get().to(billing::plans)))
+        .service(unauthenticated("/v1/plans", Door::Public).route(web::get().to(billing::plans)))
+        .service(resource("/v1/audit-log").route(web::get().to(audit::list)))
         .service(
             resource("/v1/subscription")
                 .route(web::get().to(billing::subscription))
@@ -69,10 +92,11 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/author/connect").route(web::post().to(payments::connect)))
         .service(resource("/v1/author/payouts").route(web::get().to(payments::payouts)))
         .service(resource("/v1/admin/payouts").route(web::post().to(payments::run_payouts)))
+        .service(resource("/v1/admin/statements/paid").route(web::post().to(payments::mark_paid)))
         .service(resource("/v1/admin/billing/sync").route(web::post().to(payments::sync)))
         .service(resource("/v1/admin/billing/reconciliation").route(web::get().to(payments::reconciliation)))
         .service(resource("/v1/usage").route(web::get().to(billing::usage)))
-        .service(metered("/v1/echo").route(web::post().to(echo::echo)))
+        .service(metered("/v1/echo", None).route(web::post().to(echo::echo)))
         .service(
             resource("/v1/models")
                 .route(web::get().to(models::list))
@@ -83,8 +107,8 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
                 .route(web::get().to(models::get))
                 .route(web::delete().to(models::delete)),
         )
-        .service(metered("/v1/models/{name}/classify").route(web::post().to(models::classify)))
-        .service(metered("/v1/models/{name}/embed").route(web::post().to(models::embed)))
+        .service(metered("/v1/models/{name}/classify", None).route(web::post().to(models::classify)))
+        .service(metered("/v1/models/{name}/embed", None).route(web::post().to(models::embed)))
         .service(resource("/v2/models/{name}").route(web::get().to(inference::metadata)))
         .service(resource("/v2/models/{name}/versions/{version}").route(web::get().to(inference::metadata)))
         .service(resource("/v2/models/{name}/ready").route(web::get().to(inference::ready)))
@@ -92,9 +116,16 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
         .service(
             resource("/v2/models/{name}/versions/{version}/ready").route(web::get().to(inference::ready)),
         )
-        .service(metered("/v2/models/{name}/infer").route(web::post().to(inference::infer)))
         .service(
-            metered("/v2/models/{name}/versions/{version}/infer").route(web::post().to(inference::infer)),
+            metered("/v2/models/{name}/infer", Some(inference::TENSOR_BODY_LIMIT))
+                .route(web::post().to(inference::infer)),
+        )
+        .service(
+            metered(
+                "/v2/models/{name}/versions/{version}/infer",
+                Some(inference::TENSOR_BODY_LIMIT),
+            )
+            .route(web::post().to(inference::infer)),
         )
         .service(resource("/v1/plugins").route(web::post().to(plugins::create)))
         .service(resource("/v1/plugins/{name}").route(web::get().to(plugins::get)))
@@ -102,6 +133,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/marketplace/plugins").route(web::get().to(plugins::marketplace)))
         .service(resource("/v1/admin/plugin-versions").route(web::get().to(plugins::pending)))
         .service(resource("/v1/admin/plugin-versions/{id}/review").route(web::post().to(plugins::review)))
+        .service(resource("/v1/admin/plugin-versions/{id}/revoke").route(web::post().to(plugins::revoke)))
         .service(
             resource("/v1/installations")
                 .route(web::get().to(plugins::list))
@@ -112,7 +144,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
                 .route(web::patch().to(plugins::update))
                 .route(web::delete().to(plugins::uninstall)),
         )
-        .service(metered("/v1/installations/{id}/invoke").route(web::post().to(plugins::invoke)))
+        .service(metered("/v1/installations/{id}/invoke", None).route(web::post().to(plugins::invoke)))
         .service(resource("/v1/author/earnings").route(web::get().to(plugins::earnings)))
         .service(resource("/v2/health/live").route(web::get().to(health::live)))
         .service(resource("/v2/health/ready").route(web::get().to(health::ready)))

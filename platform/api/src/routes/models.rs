@@ -51,7 +51,8 @@ pub async fn get(
     responses(
         (status = 200, body = ClassifyResponse),
         (status = 400, description = "`invalid_input`", body = plinth_core::error::ErrorBody),
-        (status = 422, description = "`unsupported_task`: not a classification model", body = plinth_core::error::ErrorBody),
+        (status = 422, description = "`unsupported_task`: not a classification model; `idempotency_key_reused`", body = plinth_core::error::ErrorBody),
+        (status = 409, description = "`idempotency_in_flight`, with `Retry-After`", body = plinth_core::error::ErrorBody),
         (status = 503, description = "`overloaded`, with `Retry-After`", body = plinth_core::error::ErrorBody),
     ))]
 pub async fn classify(
@@ -82,7 +83,8 @@ pub async fn classify(
     responses(
         (status = 200, body = EmbedResponse),
         (status = 400, description = "`invalid_input`", body = plinth_core::error::ErrorBody),
-        (status = 422, description = "`unsupported_task`: not an embedding model", body = plinth_core::error::ErrorBody),
+        (status = 422, description = "`unsupported_task`: not an embedding model; `idempotency_key_reused`", body = plinth_core::error::ErrorBody),
+        (status = 409, description = "`idempotency_in_flight`, with `Retry-After`", body = plinth_core::error::ErrorBody),
     ))]
 pub async fn embed(
     state: web::Data<AppState>,
@@ -121,7 +123,7 @@ pub async fn upload(
     auth: Auth<scope::Admin>,
     form: actix_multipart::Multipart,
 ) -> ApiResult<HttpResponse> {
-    let model = crate::uploads::upload(&state, &auth, form).await?;
+    let model = crate::uploads::upload(&state, &auth, &auth.who(), form).await?;
     Ok(HttpResponse::Created().json(model))
 }
 
@@ -142,7 +144,7 @@ pub async fn delete(
     }
     state
         .store
-        .delete_model(&auth.tenant_id, auth.actor_id(), &name)
+        .delete_model(&auth.tenant_id, &auth.who(), &name)
         .await?;
     state.models.remove_tenant(&auth.tenant_id, &name);
     Ok(HttpResponse::NoContent().finish())

@@ -2,7 +2,10 @@
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::Utc;
-use plinth_core::billing::{ConnectOnboarding, Payout, PayoutRequest, PayoutRun, Reconciliation, SyncReport};
+use plinth_core::billing::{
+    ConnectOnboarding, MarkPaidRequest, Payout, PayoutRequest, PayoutRun, ProviderInvoice, Reconciliation,
+    SyncReport,
+};
 
 use crate::auth::{Auth, require_platform_admin, scope};
 use crate::error::ApiResult;
@@ -50,8 +53,9 @@ pub async fn payouts(
     Ok(web::Json(state.billing.payouts(&auth.tenant_id).await?))
 }
 
-/// Pay every onboarded author their earnings for a month that has ended (platform admins). Rerunning
-/// is safe: a month is paid once per author.
+/// Pay every onboarded author what tenants paid for their plugins up to the end of a month that has
+/// ended, less what was paid before (platform admins). Rerunning is safe, at any age: each payout is
+/// recorded before its transfer, and one whose outcome was lost is looked up on Stripe before retrying.
 #[utoipa::path(post, path = "/v1/admin/payouts", tag = "payments", security(("bearer" = [])),
     request_body = PayoutRequest,
     responses((status = 200, body = PayoutRun), (status = 403, body = plinth_core::error::ErrorBody),
@@ -63,7 +67,32 @@ pub async fn run_payouts(
 ) -> ApiResult<web::Json<PayoutRun>> {
     require_platform_admin(&auth, "run payouts")?;
     Ok(web::Json(
-        state.billing.run_payouts(&body.period, Utc::now()).await?,
+        state
+            .billing
+            .run_payouts(&body.period, Utc::now(), &auth.who())
+            .await?,
+    ))
+}
+
+/// Local billing: record that a tenant paid the statement of one of its closed periods (platform
+/// admins), so the plugin fees on it become payable to their authors. Stripe mode learns this from
+/// Stripe (`409 managed_by_payment_provider`).
+#[utoipa::path(post, path = "/v1/admin/statements/paid", tag = "payments", security(("bearer" = [])),
+    request_body = MarkPaidRequest,
+    responses((status = 200, body = ProviderInvoice), (status = 403, body = plinth_core::error::ErrorBody),
+        (status = 404, description = "`not_found`: no closed statement starts then", body = plinth_core::error::ErrorBody),
+        (status = 409, description = "`managed_by_payment_provider`", body = plinth_core::error::ErrorBody)))]
+pub async fn mark_paid(
+    state: web::Data<AppState>,
+    auth: Auth,
+    body: web::Json<MarkPaidRequest>,
+) -> ApiResult<web::Json<ProviderInvoice>> {
+    require_platform_admin(&auth, "record payments")?;
+    Ok(web::Json(
+        state
+            .billing
+            .mark_statement_paid(&body.tenant_id, body.period_start, &auth.who())
+            .await?,
     ))
 }
 
@@ -72,7 +101,12 @@ pub async fn run_payouts(
     responses((status = 200, body = SyncReport), (status = 403, body = plinth_core::error::ErrorBody)))]
 pub async fn sync(state: web::Data<AppState>, auth: Auth) -> ApiResult<web::Json<SyncReport>> {
     require_platform_admin(&auth, "run the usage sync")?;
-    Ok(web::Json(state.billing.sync_once(Utc::now()).await?))
+    let report = state.billing.sync_once(Utc::now()).await?;
+    state
+        .store
+        .audit(None, &auth.who(), "billing.sync", None, serde_json::json!(report))
+        .await?;
+    Ok(web::Json(report))
 }
 
 /// Ledger totals against what Stripe's meters were sent, per tenant and meter (platform admins).

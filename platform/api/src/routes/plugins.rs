@@ -4,7 +4,7 @@ use actix_web::{HttpResponse, web};
 use plinth_core::id::{InstallationId, PluginVersionId};
 use plinth_core::plugins::{
     CreatePluginRequest, Earnings, InstallRequest, Installation, Plugin, PluginVersion, ReviewRequest,
-    UpdateInstallationRequest,
+    RevokeRequest, UpdateInstallationRequest,
 };
 use serde::Deserialize;
 
@@ -26,7 +26,7 @@ pub async fn create(
 ) -> ApiResult<HttpResponse> {
     let plugin = state
         .store
-        .create_plugin(&auth.tenant_id, auth.actor_id(), &body.name, &body.description)
+        .create_plugin(&auth.tenant_id, &auth.who(), &body.name, &body.description)
         .await?;
     Ok(HttpResponse::Created().json(plugin))
 }
@@ -62,7 +62,7 @@ pub async fn publish(
     name: web::Path<String>,
     form: actix_multipart::Multipart,
 ) -> ApiResult<HttpResponse> {
-    let version = crate::plugins::publish(&state, &auth, &name, form).await?;
+    let version = crate::plugins::publish(&state, &auth, &auth.who(), &name, form).await?;
     Ok(HttpResponse::Created().json(version))
 }
 
@@ -92,7 +92,8 @@ pub async fn pending(state: web::Data<AppState>, auth: Auth) -> ApiResult<web::J
     Ok(web::Json(state.store.pending_versions().await?))
 }
 
-/// Approve or reject a version (platform admins).
+/// Approve or reject a version (platform admins). Rejecting an approved version stops the
+/// installations that run it, as revoking does.
 #[utoipa::path(post, path = "/v1/admin/plugin-versions/{id}/review", tag = "plugins", security(("bearer" = [])),
     params(("id" = String, Path)),
     request_body = ReviewRequest,
@@ -108,9 +109,30 @@ pub async fn review(
     Ok(web::Json(
         state
             .store
-            .review_version(auth.actor_id(), &id, approve, note)
+            .review_version(&auth.who(), &id, approve, note)
             .await?,
     ))
+}
+
+/// Revoke a version (platform admins): a kill switch for a harmful plugin. Every installation running
+/// it answers `plugin_revoked` from the next call, on every replica; it leaves the marketplace.
+/// Revoking is final; the reason is shown to the author and to the tenants.
+#[utoipa::path(post, path = "/v1/admin/plugin-versions/{id}/revoke", tag = "plugins", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    request_body = RevokeRequest,
+    responses((status = 200, body = PluginVersion), (status = 403, body = plinth_core::error::ErrorBody),
+        (status = 404, body = plinth_core::error::ErrorBody),
+        (status = 422, description = "`validation_failed`: a reason is required", body = plinth_core::error::ErrorBody)))]
+pub async fn revoke(
+    state: web::Data<AppState>,
+    auth: Auth,
+    id: web::Path<PluginVersionId>,
+    body: web::Json<RevokeRequest>,
+) -> ApiResult<web::Json<PluginVersion>> {
+    require_platform_admin(&auth, "revoke plugins")?;
+    let version = state.store.revoke_version(&auth.who(), &id, &body.reason).await?;
+    state.plugins.forget(&version.sha256);
+    Ok(web::Json(version))
 }
 
 fn with_secret_names(mut installation: Installation, names: Vec<String>) -> Installation {
@@ -140,16 +162,9 @@ pub async fn install(
     let sealed = crate::plugins::seal_secrets(&state, &request.secrets)?;
     let installation = state
         .store
-        .install(
-            &auth.tenant_id,
-            auth.actor_id(),
-            &version,
-            &request.settings,
-            &sealed,
-        )
+        .install(&auth.tenant_id, &auth.who(), &version, &request.settings, &sealed)
         .await?;
-    let names = request.secrets.into_keys().collect();
-    Ok(HttpResponse::Created().json(with_secret_names(installation, names)))
+    Ok(HttpResponse::Created().json(with_secret_names(installation, sealed.names)))
 }
 
 /// The tenant's installations.
@@ -197,11 +212,11 @@ pub async fn update(
         .store
         .update_installation(
             &auth.tenant_id,
-            auth.actor_id(),
+            &auth.who(),
             &id,
             version.as_ref(),
             request.settings.as_ref(),
-            sealed.as_deref(),
+            sealed.as_ref(),
         )
         .await?;
     Ok(web::Json(installation))
@@ -216,10 +231,7 @@ pub async fn uninstall(
     auth: Auth<scope::Admin>,
     id: web::Path<InstallationId>,
 ) -> ApiResult<HttpResponse> {
-    state
-        .store
-        .uninstall(&auth.tenant_id, auth.actor_id(), &id)
-        .await?;
+    state.store.uninstall(&auth.tenant_id, &auth.who(), &id).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -232,7 +244,10 @@ pub async fn uninstall(
     responses(
         (status = 200, description = "The plugin's answer", body = serde_json::Value),
         (status = 400, description = "`plugin_rejected_request`", body = plinth_core::error::ErrorBody),
-        (status = 422, description = "`plugin_limit_exceeded`", body = plinth_core::error::ErrorBody),
+        (status = 402, description = "`payment_required`: a priced plugin and no paid subscription", body = plinth_core::error::ErrorBody),
+        (status = 409, description = "`idempotency_in_flight`, with `Retry-After`", body = plinth_core::error::ErrorBody),
+        (status = 410, description = "`plugin_revoked`: the platform withdrew the installed version", body = plinth_core::error::ErrorBody),
+        (status = 422, description = "`plugin_limit_exceeded`; `idempotency_key_reused`", body = plinth_core::error::ErrorBody),
         (status = 502, description = "`plugin_failed`", body = plinth_core::error::ErrorBody),
         (status = 504, description = "`plugin_timeout`", body = plinth_core::error::ErrorBody),
     ))]

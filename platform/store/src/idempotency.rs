@@ -1,0 +1,475 @@
+//! Idempotent requests, as Stripe defines them: a client's `Idempotency-Key` names one request (method,
+//! path and body, fingerprinted) for the retention window. The first attempt claims the key and runs;
+//! its successful answer is stored; every later attempt with the same request gets that answer back
+//! without running anything, an attempt with a different request is refused, and an attempt while the
+//! first is still running is told to retry.
+//!
+//! A claim is a lease the running attempt renews. When its worker dies (or its attempt fails), the lease
+//! lapses and a retry of the same request takes over under the same [`Claim::ledger_key`], so the
+//! ledger still bills the request once.
+//!
+//! These rows are written through the store's relaxed-durability connections: a claim is always
+//! followed by a durable ledger write on the same database, which makes the claim durable with it, and
+//! a lost completion only means a retry re-runs the request under the same ledger key.
+
+use std::time::Duration;
+
+use plinth_core::id::TenantId;
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, Set};
+
+use crate::entity::{TenantScoped, idempotent_requests};
+use crate::{Result, Store, StoreError};
+
+const IN_FLIGHT: &str = "in_flight";
+const COMPLETED: &str = "completed";
+
+/// How keyed requests are held and kept.
+#[derive(Debug, Clone, Copy)]
+pub struct IdempotencySettings {
+    /// How long a claim holds without renewal; a retry after a crash waits at most this long.
+    pub lease: Duration,
+    /// How long a key names its request (and its answer is replayed).
+    pub retention: Duration,
+}
+
+impl Default for IdempotencySettings {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(5),
+            retention: Duration::from_secs(24 * 3_600),
+        }
+    }
+}
+
+/// A stored answer, replayed to every retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    /// The headers that are part of the answer (content type, billing headers).
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// The right to run a keyed request, held by one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    tenant: TenantId,
+    key: String,
+    id: String,
+    owner: String,
+}
+
+impl Claim {
+    /// The ledger's name for this request: the same for every attempt at it within the window, and
+    /// unlike any key a client can send.
+    #[must_use]
+    pub fn ledger_key(&self) -> String {
+        format!("req:{}", self.id)
+    }
+}
+
+/// What an attempt at a keyed request may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// Run the request; then [`Store::complete_request`] or [`Store::release_request`].
+    Run(Claim),
+    /// The request already ran: answer with this.
+    Replay(StoredResponse),
+    /// Another attempt at the request is running.
+    InFlight,
+    /// The key names a different request.
+    Mismatch,
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn new_token() -> String {
+    ulid::Ulid::new().to_string().to_ascii_lowercase()
+}
+
+fn stored(row: &idempotent_requests::Model) -> Result<StoredResponse> {
+    let corrupt = || StoreError::Internal("a completed idempotent request has no stored response".into());
+    let status = row
+        .response_status
+        .and_then(|s| u16::try_from(s).ok())
+        .ok_or_else(corrupt)?;
+    let headers: Vec<(String, String)> = match &row.response_headers {
+        Some(json) => serde_json::from_str(json).map_err(|err| StoreError::Internal(err.to_string()))?,
+        None => Vec::new(),
+    };
+    Ok(StoredResponse {
+        status,
+        headers,
+        body: row.response_body.clone().unwrap_or_default(),
+    })
+}
+
+impl Store {
+    /// Claims `key` for the request `fingerprint` describes, or says why this attempt may not run.
+    pub async fn attempt_request(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        fingerprint: &str,
+        settings: IdempotencySettings,
+        now_us: i64,
+    ) -> Result<Attempt> {
+        let db = self.relaxed();
+        let owner = new_token();
+        let lease_end = now_us.saturating_add(micros(settings.lease));
+        let inserted = idempotent_requests::Entity::insert(idempotent_requests::ActiveModel {
+            tenant_id: Set(tenant.to_string()),
+            key: Set(key.to_owned()),
+            id: Set(new_token()),
+            fingerprint: Set(fingerprint.to_owned()),
+            state: Set(IN_FLIGHT.to_owned()),
+            owner: Set(owner.clone()),
+            locked_until_us: Set(lease_end),
+            response_status: Set(None),
+            response_headers: Set(None),
+            response_body: Set(None),
+            created_at_us: Set(now_us),
+            expires_at_us: Set(now_us.saturating_add(micros(settings.retention))),
+        })
+        .on_conflict(
+            OnConflict::columns([
+                idempotent_requests::Column::TenantId,
+                idempotent_requests::Column::Key,
+            ])
+            .do_nothing()
+            .to_owned(),
+        )
+        .exec_without_returning(db)
+        .await?;
+        let row = idempotent_requests::Entity::find_in(tenant)
+            .filter(idempotent_requests::Column::Key.eq(key))
+            .one(db)
+            .await?
+            .ok_or_else(|| StoreError::Internal("an idempotent request vanished".into()))?;
+        if inserted == 1 && row.owner == owner {
+            return Ok(Attempt::Run(Claim {
+                tenant: tenant.clone(),
+                key: row.key,
+                id: row.id,
+                owner: row.owner,
+            }));
+        }
+        let lapsed = row.locked_until_us <= now_us;
+        if row.expires_at_us <= now_us {
+            // The window has passed (the purge has not run yet): the key names nothing any more, and
+            // this is a new request with a new ledger name.
+            let retaken = self
+                .retake(tenant, &row, fingerprint, Some(new_token()), settings, now_us)
+                .await?;
+            return Ok(retaken.map_or(Attempt::InFlight, Attempt::Run));
+        }
+        if row.fingerprint != fingerprint {
+            return Ok(Attempt::Mismatch);
+        }
+        if row.state == COMPLETED {
+            return Ok(Attempt::Replay(stored(&row)?));
+        }
+        if !lapsed {
+            return Ok(Attempt::InFlight);
+        }
+        // The holder died or gave up: this attempt takes over the same request.
+        let retaken = self
+            .retake(tenant, &row, fingerprint, None, settings, now_us)
+            .await?;
+        Ok(retaken.map_or(Attempt::InFlight, Attempt::Run))
+    }
+
+    /// Takes `row` over for a new attempt, if nobody else did first. With `new_id`, it becomes a new
+    /// request (its window had passed).
+    async fn retake(
+        &self,
+        tenant: &TenantId,
+        row: &idempotent_requests::Model,
+        fingerprint: &str,
+        new_id: Option<String>,
+        settings: IdempotencySettings,
+        now_us: i64,
+    ) -> Result<Option<Claim>> {
+        let owner = new_token();
+        let mut update = idempotent_requests::Entity::update_many()
+            .col_expr(idempotent_requests::Column::Owner, Expr::value(owner.clone()))
+            .col_expr(
+                idempotent_requests::Column::LockedUntilUs,
+                Expr::value(now_us.saturating_add(micros(settings.lease))),
+            );
+        if let Some(id) = &new_id {
+            update = update
+                .col_expr(idempotent_requests::Column::Id, Expr::value(id.clone()))
+                .col_expr(idempotent_requests::Column::Fingerprint, Expr::value(fingerprint))
+                .col_expr(idempotent_requests::Column::State, Expr::value(IN_FLIGHT))
+                .col_expr(
+                    idempotent_requests::Column::ResponseStatus,
+                    Expr::value(Option::<i32>::None),
+                )
+                .col_expr(
+                    idempotent_requests::Column::ResponseHeaders,
+                    Expr::value(Option::<String>::None),
+                )
+                .col_expr(
+                    idempotent_requests::Column::ResponseBody,
+                    Expr::value(Option::<Vec<u8>>::None),
+                )
+                .col_expr(idempotent_requests::Column::CreatedAtUs, Expr::value(now_us))
+                .col_expr(
+                    idempotent_requests::Column::ExpiresAtUs,
+                    Expr::value(now_us.saturating_add(micros(settings.retention))),
+                );
+        }
+        // Compare-and-set on the holder: of two attempts retaking at once, one wins.
+        let result = update
+            .filter(idempotent_requests::Column::TenantId.eq(tenant.as_str()))
+            .filter(idempotent_requests::Column::Key.eq(row.key.as_str()))
+            .filter(idempotent_requests::Column::Owner.eq(row.owner.as_str()))
+            .exec(self.relaxed())
+            .await?;
+        if result.rows_affected != 1 {
+            return Ok(None);
+        }
+        Ok(Some(Claim {
+            tenant: tenant.clone(),
+            key: row.key.clone(),
+            id: new_id.unwrap_or_else(|| row.id.clone()),
+            owner,
+        }))
+    }
+
+    fn held(claim: &Claim) -> sea_orm::UpdateMany<idempotent_requests::Entity> {
+        idempotent_requests::Entity::update_many()
+            .filter(idempotent_requests::Column::TenantId.eq(claim.tenant.as_str()))
+            .filter(idempotent_requests::Column::Key.eq(claim.key.as_str()))
+            .filter(idempotent_requests::Column::Owner.eq(claim.owner.as_str()))
+            .filter(idempotent_requests::Column::State.eq(IN_FLIGHT))
+    }
+
+    /// Extends the claim's lease while its request runs. `false`: another attempt took it over.
+    pub async fn renew_request(&self, claim: &Claim, lease: Duration, now_us: i64) -> Result<bool> {
+        let result = Self::held(claim)
+            .col_expr(
+                idempotent_requests::Column::LockedUntilUs,
+                Expr::value(now_us.saturating_add(micros(lease))),
+            )
+            .exec(self.relaxed())
+            .await?;
+        Ok(result.rows_affected == 1)
+    }
+
+    /// Stores the request's answer; every retry within the window gets it back.
+    pub async fn complete_request(&self, claim: &Claim, response: &StoredResponse) -> Result<()> {
+        let headers =
+            serde_json::to_string(&response.headers).map_err(|err| StoreError::Internal(err.to_string()))?;
+        Self::held(claim)
+            .col_expr(idempotent_requests::Column::State, Expr::value(COMPLETED))
+            .col_expr(
+                idempotent_requests::Column::ResponseStatus,
+                Expr::value(i32::from(response.status)),
+            )
+            .col_expr(idempotent_requests::Column::ResponseHeaders, Expr::value(headers))
+            .col_expr(
+                idempotent_requests::Column::ResponseBody,
+                Expr::value(response.body.clone()),
+            )
+            .exec(self.relaxed())
+            .await?;
+        Ok(())
+    }
+
+    /// Gives the claim up without an answer (the request failed): a retry of the same request may run
+    /// at once, under the same ledger name. The key still names this request. The holder token
+    /// changes too, so a renewal of this attempt still on its way cannot take the lease back.
+    pub async fn release_request(&self, claim: &Claim) -> Result<()> {
+        Self::held(claim)
+            .col_expr(idempotent_requests::Column::LockedUntilUs, Expr::value(0_i64))
+            .col_expr(
+                idempotent_requests::Column::Owner,
+                Expr::value(format!("released:{}", new_token())),
+            )
+            .exec(self.relaxed())
+            .await?;
+        Ok(())
+    }
+
+    /// Removes requests whose window has passed; returns how many.
+    pub async fn purge_idempotent_requests(&self, now_us: i64) -> Result<u64> {
+        let result = idempotent_requests::Entity::delete_many()
+            .filter(idempotent_requests::Column::ExpiresAtUs.lte(now_us))
+            .exec(self.db())
+            .await?;
+        Ok(result.rows_affected)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{tenant_with_customer, test_store};
+
+    const SECOND: i64 = 1_000_000;
+
+    fn settings() -> IdempotencySettings {
+        IdempotencySettings {
+            lease: Duration::from_secs(5),
+            retention: Duration::from_secs(3_600),
+        }
+    }
+
+    fn answer(body: &str) -> StoredResponse {
+        StoredResponse {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_names_one_request_and_replays_its_answer() {
+        let (store, _dir) = test_store().await;
+        let tenant = tenant_with_customer(&store, "cus_1").await;
+        let now = 1_000 * SECOND;
+        let Attempt::Run(claim) = store
+            .attempt_request(&tenant, "k", "fp-a", settings(), now)
+            .await
+            .unwrap()
+        else {
+            panic!("the first attempt runs");
+        };
+        assert!(claim.ledger_key().starts_with("req:"));
+        // While it runs: the same request waits, another request under the key is refused.
+        assert_eq!(
+            store
+                .attempt_request(&tenant, "k", "fp-a", settings(), now)
+                .await
+                .unwrap(),
+            Attempt::InFlight
+        );
+        assert_eq!(
+            store
+                .attempt_request(&tenant, "k", "fp-b", settings(), now)
+                .await
+                .unwrap(),
+            Attempt::Mismatch
+        );
+        store
+            .complete_request(&claim, &answer("{\"n\":1}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .attempt_request(&tenant, "k", "fp-a", settings(), now + SECOND)
+                .await
+                .unwrap(),
+            Attempt::Replay(answer("{\"n\":1}"))
+        );
+        assert_eq!(
+            store
+                .attempt_request(&tenant, "k", "fp-b", settings(), now + SECOND)
+                .await
+                .unwrap(),
+            Attempt::Mismatch
+        );
+        // Keys are per tenant.
+        let other = tenant_with_customer(&store, "cus_2").await;
+        assert!(matches!(
+            store
+                .attempt_request(&other, "k", "fp-b", settings(), now)
+                .await
+                .unwrap(),
+            Attempt::Run(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_dead_or_failed_attempt_is_taken_over_under_the_same_ledger_key() {
+        let (store, _dir) = test_store().await;
+        let tenant = tenant_with_customer(&store, "cus_1").await;
+        let now = 1_000 * SECOND;
+        let Attempt::Run(first) = store
+            .attempt_request(&tenant, "k", "fp", settings(), now)
+            .await
+            .unwrap()
+        else {
+            panic!("runs");
+        };
+        // The worker died: after the lease, a retry takes over, with the same ledger key.
+        let later = now + 6 * SECOND;
+        let Attempt::Run(second) = store
+            .attempt_request(&tenant, "k", "fp", settings(), later)
+            .await
+            .unwrap()
+        else {
+            panic!("the lease lapsed");
+        };
+        assert_eq!(second.ledger_key(), first.ledger_key());
+        // The dead attempt, if it comes back, holds nothing.
+        assert!(
+            !store
+                .renew_request(&first, settings().lease, later)
+                .await
+                .unwrap()
+        );
+        store.complete_request(&first, &answer("stale")).await.unwrap();
+        assert_eq!(
+            store
+                .attempt_request(&tenant, "k", "fp", settings(), later)
+                .await
+                .unwrap(),
+            Attempt::InFlight
+        );
+        // A failure releases at once, and a late renewal of the failed attempt cannot take it back;
+        // the retry keeps the ledger key.
+        store.release_request(&second).await.unwrap();
+        assert!(
+            !store
+                .renew_request(&second, settings().lease, later)
+                .await
+                .unwrap()
+        );
+        let Attempt::Run(third) = store
+            .attempt_request(&tenant, "k", "fp", settings(), later)
+            .await
+            .unwrap()
+        else {
+            panic!("released");
+        };
+        assert_eq!(third.ledger_key(), first.ledger_key());
+    }
+
+    #[tokio::test]
+    async fn after_the_window_a_key_is_a_new_request_and_expired_ones_are_purged() {
+        let (store, _dir) = test_store().await;
+        let tenant = tenant_with_customer(&store, "cus_1").await;
+        let now = 1_000 * SECOND;
+        let Attempt::Run(first) = store
+            .attempt_request(&tenant, "k", "fp-a", settings(), now)
+            .await
+            .unwrap()
+        else {
+            panic!("runs");
+        };
+        store.complete_request(&first, &answer("a")).await.unwrap();
+        let after = now + 3_601 * SECOND;
+        let Attempt::Run(fresh) = store
+            .attempt_request(&tenant, "k", "fp-b", settings(), after)
+            .await
+            .unwrap()
+        else {
+            panic!("the window has passed");
+        };
+        assert_ne!(fresh.ledger_key(), first.ledger_key(), "billed as a new call");
+        assert_eq!(store.purge_idempotent_requests(after).await.unwrap(), 0);
+        assert_eq!(
+            store
+                .purge_idempotent_requests(after + 3_601 * SECOND)
+                .await
+                .unwrap(),
+            1
+        );
+    }
+}
