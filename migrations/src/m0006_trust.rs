@@ -1,10 +1,11 @@
 //! What makes money promises hold against a hostile client: stored responses of keyed requests (so a
-//! reused `Idempotency-Key` replays instead of running new work), payouts as a state machine that can
-//! be retried at any age, and where each audited act came from.
+//! reused `Idempotency-Key` replays instead of running new work), what an invoice actually collected,
+//! payouts as a state machine that can be retried at any age, and where each audited act came from.
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::{
-    big_integer, big_integer_null, binary_null, integer, integer_null, string, string_null, text_null,
+    big_integer, big_integer_null, binary_null, boolean, integer, integer_null, string, string_null,
+    text_null,
 };
 
 #[derive(DeriveMigrationName)]
@@ -58,6 +59,29 @@ enum Payouts {
     LastAttemptAtUs,
     /// Stripe's reason, when an attempt was refused.
     Failure,
+    /// Bumped each time a failed payout is armed again: transfer attempts of one generation share a
+    /// Stripe Idempotency-Key (`<payout id>-<generation>`), so two of them can never both pay.
+    Generation,
+    Status,
+}
+
+#[derive(DeriveIden)]
+enum Invoices {
+    Table,
+    /// When Stripe finalized the invoice (its lines were fixed): usage sent to Stripe after that is
+    /// not on it.
+    FinalizedAtUs,
+    /// A statement an operator recorded as paid (local billing), not a payment provider's invoice.
+    Local,
+    /// When the invoice was paid: payouts wait a hold period after it, for chargebacks to show.
+    PaidAtUs,
+}
+
+#[derive(DeriveIden)]
+enum MeterPushes {
+    Table,
+    /// When Stripe acknowledged the meter event (microseconds), to compare with invoice finalization.
+    SentAtUs,
 }
 
 async fn add_column(
@@ -123,6 +147,44 @@ impl MigrationTrait for Migration {
         )
         .await?;
         add_column(manager, Payouts::Table, text_null(Payouts::Failure)).await?;
+        add_column(
+            manager,
+            Payouts::Table,
+            integer(Payouts::Generation).default(1).to_owned(),
+        )
+        .await?;
+        // A payout left `pending` by the earlier code may have had its transfer sent before a crash:
+        // look it up before anything is sent again.
+        manager
+            .exec_stmt(
+                Query::update()
+                    .table(Payouts::Table)
+                    .value(Payouts::Status, "transferring")
+                    .value(Payouts::Attempts, 1)
+                    .value(Payouts::LastAttemptAtUs, 0)
+                    .and_where(Expr::col(Payouts::Status).eq("pending"))
+                    .to_owned(),
+            )
+            .await?;
+        add_column(
+            manager,
+            Invoices::Table,
+            big_integer_null(Invoices::FinalizedAtUs),
+        )
+        .await?;
+        add_column(
+            manager,
+            Invoices::Table,
+            boolean(Invoices::Local).default(false).to_owned(),
+        )
+        .await?;
+        add_column(manager, Invoices::Table, big_integer_null(Invoices::PaidAtUs)).await?;
+        add_column(
+            manager,
+            MeterPushes::Table,
+            big_integer_null(MeterPushes::SentAtUs),
+        )
+        .await?;
         // One payout per author, run and currency (earnings are paid in the currency they were collected in).
         manager
             .drop_index(

@@ -748,9 +748,12 @@ impl Client {
             if let Some(body) = body {
                 request = request.json(body);
             }
-            let outcome = request.send().await;
+            let outcome = match request.send().await {
+                Ok(response) if response.status().is_server_error() => Ok(read_server_error(response).await?),
+                other => other,
+            };
             let wait = match &outcome {
-                Ok(response) if retryable_status(response.status()) && replay == Replay::Safe => {
+                Ok(response) if retryable_status(response) && replay == Replay::Safe => {
                     Some(retry_after(response).unwrap_or(backoff))
                 }
                 Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
@@ -784,8 +787,40 @@ impl Client {
     }
 }
 
-fn retryable_status(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 429 | 500 | 502 | 503 | 504)
+/// A transient failure worth retrying: a 429, or a 5xx that is not a definite answer. The server's
+/// error code decides when there is one (a plugin that failed fails again, and each attempt's model
+/// calls are billed); a bare 502/503/504 from a proxy on the way is retried.
+fn retryable_status(response: &reqwest::Response) -> bool {
+    let status = response.status();
+    if !matches!(status.as_u16(), 429 | 500 | 502 | 503 | 504) {
+        return false;
+    }
+    response
+        .extensions()
+        .get::<ServerErrorCode>()
+        .is_none_or(|code| code.0.is_retryable())
+}
+
+/// The error code of a 5xx the server answered, kept on the re-assembled response.
+#[derive(Debug, Clone, Copy)]
+struct ServerErrorCode(ErrorCode);
+
+/// Reads a 5xx answer to learn its error code, and puts it back together for the caller.
+async fn read_server_error(response: reqwest::Response) -> Result<reqwest::Response> {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.bytes().await?;
+    let code = serde_json::from_slice::<ErrorBody>(&body)
+        .map(|b| b.error.code)
+        .or_else(|_| serde_json::from_slice::<ProtocolErrorBody>(&body).map(|b| b.code))
+        .ok();
+    let mut rebuilt = http::Response::new(body);
+    *rebuilt.status_mut() = status;
+    *rebuilt.headers_mut() = headers;
+    if let Some(code) = code {
+        rebuilt.extensions_mut().insert(ServerErrorCode(code));
+    }
+    Ok(reqwest::Response::from(rebuilt))
 }
 
 fn retry_after(response: &reqwest::Response) -> Option<Duration> {

@@ -108,6 +108,28 @@ async fn a_reused_idempotency_key_replays_the_first_answer_and_never_runs_other_
     assert_eq!(events(&app, &tenant).await, billed);
     println!("replayed answer in {} µs", replay_latency.as_micros());
 
+    // The stored answer is only for callers the route would serve: a key without `inference` gets none.
+    let reader = tenant
+        .owner
+        .create_api_key(&plinth_sdk::CreateApiKeyRequest {
+            name: "reports".into(),
+            scopes: Some(vec![plinth_sdk::Scope::BillingRead]),
+            rate_limit_per_minute: None,
+            expires_at: None,
+        })
+        .await
+        .unwrap();
+    let peek = app
+        .http()
+        .post(app.url("/v1/models/sentiment/classify"))
+        .bearer_auth(&reader.secret)
+        .header("Idempotency-Key", "order-7")
+        .json(&json!({ "inputs": ["great product"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(peek).await, (403, "insufficient_scope".into()));
+
     // Keys are the tenant's own: another tenant's "order-7" is its own call.
     let other_tenant = app.tenant().await;
     let theirs = classify(&app, &other_tenant, Some("order-7"), None, &["fine"]).await;
@@ -159,6 +181,30 @@ async fn identifiers_a_client_chooses_never_merge_two_calls_into_one_charge() {
         assert_eq!(response.headers()["idempotent-replayed"], "false", "{key}");
     }
     assert_eq!(events(&app, &tenant).await, 9, "each billed on its own");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_fails_on_purpose_pays_for_its_model_calls_on_every_attempt() {
+    let app = TestApp::spawn().await;
+    let author = app.tenant().await;
+    let tenant = app.tenant().await;
+    app.set_plan(&tenant.session.tenant.id, "enterprise").await;
+    let hostile = app.install_plugin(&author, &tenant, "hostile", json!({})).await;
+    // Each attempt makes its 8 allowed model calls, then fails; its invocation is not billed, its
+    // model calls are. A retry under the same key must not get its model calls as "replays".
+    for attempt in 1..=3_u64 {
+        let failed = app
+            .http()
+            .post(app.url(&format!("/v1/installations/{}/invoke", hostile.id)))
+            .bearer_auth(&tenant.key.secret)
+            .header("Idempotency-Key", "fail-on-purpose")
+            .json(&json!({ "do": "many-calls" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_code(failed).await, (502, "plugin_failed".into()));
+        assert_eq!(events(&app, &tenant).await, 8 * attempt, "attempt {attempt}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,6 +481,63 @@ async fn a_payout_whose_answer_was_lost_is_found_not_paid_again_a_day_later() {
 }
 
 #[tokio::test]
+async fn plugin_fees_stripe_never_invoiced_are_never_paid_out() {
+    let double = StripeDouble::start(stripe_prices()).await;
+    let app = stripe_app(&double).await;
+    let author = app.tenant().await;
+    let customer = app.tenant().await;
+    let (_, subscription) = subscribe(&app, &double, &customer, "metered").await;
+    let installed = {
+        let (mut manifest, component) = built_plugin("hello");
+        manifest.name = "late-hello".into();
+        manifest.price_per_call_micros = 125_000;
+        app.install_manifest(&author, &customer, manifest, component, json!({}))
+            .await
+    };
+    for _ in 0..4 {
+        customer
+            .client
+            .invoke(&installed.id, &json!({ "name": "Ada" }))
+            .await
+            .unwrap();
+    }
+    // Stripe finalizes and collects the invoice before the plugin fees reached its meters: the paid
+    // invoice holds the subscription fee, not these fees.
+    double.invoice_period(&app.url(""), &subscription, true).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    app.platform_admin().await.sync_usage().await.unwrap();
+    let earnings = author.owner.author_earnings().await.unwrap();
+    assert_eq!(
+        (earnings.total, earnings.payable, earnings.pending),
+        (Micros(400_000), Micros(0), Micros(400_000))
+    );
+}
+
+#[tokio::test]
+async fn without_a_plugin_fees_price_stripe_mode_sells_no_priced_plugin() {
+    let double = StripeDouble::start(stripe_prices()).await;
+    let app = TestApp::spawn_with(|config| {
+        double.configure(config, crate::billing::STRIPE_PLANS);
+        config.stripe_plugin_fees_price = None;
+    })
+    .await;
+    app.store()
+        .upsert_plan(&crate::billing::metered_plan())
+        .await
+        .unwrap();
+    let author = app.tenant().await;
+    let customer = app.tenant().await;
+    subscribe(&app, &double, &customer, "metered").await;
+    let installed = priced_hello(&app, &author, &customer, "unbillable-hello").await;
+    let err = customer
+        .client
+        .invoke(&installed.id, &json!({ "name": "Ada" }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::PaymentRequired));
+}
+
+#[tokio::test]
 async fn an_unpaid_checkout_does_not_start_the_plan() {
     let double = StripeDouble::start(stripe_prices()).await;
     let app = stripe_app(&double).await;
@@ -582,9 +685,20 @@ async fn a_login_flood_from_one_address_is_cut_off_while_others_still_log_in() {
         refused_after.is_some_and(|n| (limit..=limit + 1).contains(&n)),
         "cut off after {refused_after:?} attempts, not about {limit}"
     );
-    // Forging X-Forwarded-For does not help: only the hop the proxy saw counts.
+    // Forging X-Forwarded-For does not help: only the hop the proxy saw counts, whether the proxy
+    // appends to the client's line or adds a line of its own.
     let forged = login_from(&app, "203.0.113.1, 198.51.100.66", "x@example.com", "guess-guess").await;
     assert_eq!(forged.status(), 429);
+    let two_lines = app
+        .http()
+        .post(app.url("/v1/login"))
+        .header("X-Forwarded-For", "203.0.113.2")
+        .header("X-Forwarded-For", "198.51.100.66")
+        .json(&json!({ "email": "y@example.com", "password": "guess-guess" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(two_lines.status(), 429);
     // Someone else, from another address, still logs in.
     let honest = login_from(&app, "198.51.100.7", &victim.user.email, PASSWORD).await;
     assert_eq!(honest.status(), 200);
@@ -733,6 +847,26 @@ async fn protocol_inputs_must_agree_on_the_batch_and_are_billed_by_it() {
         parameters: None,
     };
     let err = tenant.client.infer("sentiment", &lopsided).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidInput));
+    // A batch no data backs: a trillion rows of nothing, to be billed (and summed) a trillion units.
+    let empty = |name: &str| InferInput {
+        name: name.into(),
+        shape: vec![1_099_511_627_776, 0],
+        datatype: "INT64".into(),
+        parameters: None,
+        data: json!([]),
+    };
+    let hollow = InferRequest {
+        id: None,
+        inputs: vec![
+            empty("input_ids"),
+            empty("attention_mask"),
+            empty("token_type_ids"),
+        ],
+        outputs: None,
+        parameters: None,
+    };
+    let err = tenant.client.infer("sentiment", &hollow).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::InvalidInput));
     assert_eq!(events(&app, &tenant).await, 0);
     let even = InferRequest {

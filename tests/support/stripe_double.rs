@@ -107,6 +107,7 @@ struct Transfer {
     amount: i64,
     destination: String,
     group: String,
+    payout: String,
 }
 
 /// The running double.
@@ -330,6 +331,7 @@ impl State {
                     amount,
                     destination: destination.clone(),
                     group: form.get("transfer_group").cloned().unwrap_or_default(),
+                    payout: form.get("metadata[payout]").cloned().unwrap_or_default(),
                 });
                 (
                     200,
@@ -344,7 +346,8 @@ impl State {
                     .filter(|t| group.is_none_or(|g| *g == t.group))
                     .map(|t| {
                         json!({ "id": t.id, "object": "transfer", "amount": t.amount,
-                            "destination": t.destination, "transfer_group": t.group })
+                            "destination": t.destination, "transfer_group": t.group,
+                            "metadata": { "payout": t.payout } })
                     })
                     .collect();
                 (
@@ -807,6 +810,7 @@ impl StripeDouble {
                 "status": if paid { "paid" } else { "open" }, "currency": "usd",
                 "total": total, "amount_due": total, "amount_paid": if paid { total } else { 0 },
                 "period_start": sub.period_start, "period_end": sub.period_end,
+                "status_transitions": { "finalized_at": now(), "paid_at": if paid { Some(now()) } else { None } },
                 "hosted_invoice_url": format!("https://invoice.stripe.test/{id}"),
             }),
         );

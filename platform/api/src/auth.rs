@@ -122,7 +122,7 @@ fn bearer_token(req: &HttpRequest) -> Result<String, ApiError> {
     }
 }
 
-fn check_scope(principal: &Principal, required: Option<Scope>) -> Result<(), ApiError> {
+pub(crate) fn check_scope(principal: &Principal, required: Option<Scope>) -> Result<(), ApiError> {
     match required {
         Some(scope) if !principal.has(scope) => Err(ApiError::new(
             ErrorCode::InsufficientScope,

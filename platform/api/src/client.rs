@@ -53,6 +53,18 @@ impl Origin {
             None => "unknown".to_owned(),
         }
     }
+
+    /// For IPv6, the /48 around the client (one site's allocation, which a tunnel broker hands out
+    /// for free): limited too, at a multiple of the per-/64 limit.
+    #[must_use]
+    pub fn site_limit_key(&self) -> Option<String> {
+        match self.address {
+            Some(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => ipnet::Ipv6Net::new(v6, 48)
+                .ok()
+                .map(|n| format!("v6site:{}", n.trunc())),
+            _ => None,
+        }
+    }
 }
 
 /// The client's address, given the peer's and the proxies trusted to report it.
@@ -92,9 +104,16 @@ pub fn origin(req: &HttpRequest) -> Origin {
         .app_data::<web::Data<AppState>>()
         .map(|state| state.settings.trusted_proxies.as_slice())
         .unwrap_or_default();
-    let forwarded = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    // Several `X-Forwarded-For` lines are one list, in order (a proxy may add a line of its own
+    // rather than append to the client's).
+    let forwarded: Vec<&str> = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let forwarded = (!forwarded.is_empty()).then(|| forwarded.join(","));
     Origin {
-        address: client_address(req.peer_addr().map(|a| a.ip()), forwarded, trusted),
+        address: client_address(req.peer_addr().map(|a| a.ip()), forwarded.as_deref(), trusted),
         user_agent: req
             .headers()
             .get(actix_web::http::header::USER_AGENT)
@@ -160,7 +179,7 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_clients_are_limited_per_64() {
+    fn ipv6_clients_are_limited_per_64_and_per_48() {
         let a = Origin {
             address: Some(ip("2001:db8:1:2:aaaa::1")),
             user_agent: None,
@@ -170,10 +189,17 @@ mod tests {
             user_agent: None,
         };
         assert_eq!(a.limit_key(), b.limit_key());
+        let neighbour = Origin {
+            address: Some(ip("2001:db8:1:3::1")),
+            user_agent: None,
+        };
+        assert_ne!(a.limit_key(), neighbour.limit_key());
+        assert_eq!(a.site_limit_key(), neighbour.site_limit_key());
         let v4 = Origin {
             address: Some(ip("::ffff:192.0.2.1")),
             user_agent: None,
         };
         assert_eq!(v4.limit_key(), "v4:192.0.2.1");
+        assert_eq!(v4.site_limit_key(), None);
     }
 }

@@ -32,6 +32,9 @@ impl Door {
     }
 }
 
+/// An IPv6 /48 may do this many times what one /64 (one address's limit) may.
+const SITE_MULTIPLE: u32 = 8;
+
 /// Public reads per client address: generous, only against floods.
 const PUBLIC_PER_ADDRESS: Quota = Quota {
     per_minute: 600,
@@ -65,6 +68,13 @@ async fn admit(state: &AppState, door: Door, client: &Origin) -> Result<(), ApiE
         Door::Public => PUBLIC_PER_ADDRESS,
     };
     check(state, &format!("addr-{}:{address}", door.name()), per_address).await?;
+    if let Some(site) = client.site_limit_key() {
+        let per_site = Quota {
+            per_minute: per_address.per_minute.saturating_mul(SITE_MULTIPLE),
+            burst: per_address.burst.saturating_mul(SITE_MULTIPLE),
+        };
+        check(state, &format!("site-{}:{site}", door.name()), per_site).await?;
+    }
     if door != Door::Public {
         check(state, "global:unauthenticated", limits.unauthenticated_global).await?;
     }

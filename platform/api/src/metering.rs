@@ -23,14 +23,14 @@ use std::task::Poll;
 
 use futures_util::StreamExt;
 use futures_util::future::{Ready, ready};
-use plinth_core::{ErrorCode, Micros};
+use plinth_core::{ErrorCode, Micros, Scope};
 use plinth_store::auth::{Actor, Principal};
 use plinth_store::cache::{Quota, RateDecision};
 use plinth_store::idempotency::{Attempt, Claim, StoredResponse};
 use plinth_store::ledger::{MAX_IDEMPOTENCY_KEY_LEN, UsageRecord, automatic_key};
 use sha2::{Digest, Sha256};
 
-use crate::auth::{RateCounted, authenticate};
+use crate::auth::{RateCounted, authenticate, check_scope};
 use crate::error::{ApiError, insert_rate_headers};
 use crate::request_id::RequestId;
 use crate::state::AppState;
@@ -79,10 +79,6 @@ async fn rate_limit(state: &AppState, principal: &Principal) -> Result<Option<Ra
     Ok(decision)
 }
 
-/// The ledger key the middleware chose for this request, for [`IdempotencyKey`].
-#[derive(Debug, Clone)]
-struct LedgerKey(String);
-
 /// The client's `Idempotency-Key`, if it sent one.
 fn client_key(req: &ServiceRequest) -> Result<Option<String>, ApiError> {
     let Some(value) = req.headers().get(IDEMPOTENCY_HEADER) else {
@@ -122,7 +118,15 @@ async fn take_body(req: &mut ServiceRequest, limit: usize) -> Result<web::Bytes,
     Ok(body)
 }
 
-/// What makes two requests the same request: method, path with query, and body.
+/// Request headers that change what a body means; part of the fingerprint.
+const MEANINGFUL_HEADERS: &[&str] = &[
+    "content-type",
+    "content-encoding",
+    "inference-header-content-length",
+];
+
+/// What makes two requests the same request: method, path with query, the headers that change what
+/// the body means, and the body.
 fn fingerprint(req: &ServiceRequest, body: &[u8]) -> String {
     let mut hash = Sha256::new();
     hash.update(req.method().as_str().as_bytes());
@@ -130,10 +134,21 @@ fn fingerprint(req: &ServiceRequest, body: &[u8]) -> String {
     hash.update(req.path().as_bytes());
     hash.update([b'?']);
     hash.update(req.query_string().as_bytes());
+    for name in MEANINGFUL_HEADERS {
+        hash.update([0]);
+        for value in req.headers().get_all(*name) {
+            hash.update(value.as_bytes());
+            hash.update([b'\n']);
+        }
+    }
     hash.update([0]);
     hash.update(body);
     hex::encode(hash.finalize())
 }
+
+/// The largest answer stored for replay. Larger ones (big tensors) are not kept: a retry runs the
+/// request again under the same ledger key, so it is still billed once.
+const MAX_STORED_ANSWER: usize = 4 << 20;
 
 /// Response headers that belong to the answer (and come back with a replay).
 const KEPT_HEADERS: &[&str] = &[
@@ -156,11 +171,8 @@ fn replay(stored: StoredResponse) -> HttpResponse {
     response.body(stored.body)
 }
 
-fn now_us() -> i64 {
-    chrono::Utc::now().timestamp_micros()
-}
-
-/// Stops the lease renewal when the request ends, however it ends (a dropped connection included).
+/// Renews a claim's lease while its request runs; ends when the lease was lost to another attempt.
+/// Stopped when the request ends, however it ends (a dropped connection included).
 struct Renewal(tokio::task::JoinHandle<()>);
 
 impl Drop for Renewal {
@@ -177,7 +189,7 @@ fn keep_claimed(state: &AppState, claim: &Claim) -> Renewal {
         tick.tick().await;
         loop {
             tick.tick().await;
-            match store.renew_request(&claim, lease, now_us()).await {
+            match store.renew_request(&claim, lease).await {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(err) => tracing::warn!(error = %err, "cannot renew an idempotent request's lease"),
@@ -194,8 +206,21 @@ async fn run_claimed<B: MessageBody + 'static>(
     req: ServiceRequest,
     next: Next<B>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
-    let renewal = keep_claimed(state, &claim);
-    let outcome = next.call(req).await;
+    let mut renewal = keep_claimed(state, &claim);
+    let outcome = tokio::select! {
+        outcome = next.call(req) => outcome,
+        // The lease went to another attempt (this one stalled past it): stop here, so only one
+        // attempt's work and ledger event stand.
+        _ = &mut renewal.0 => {
+            metrics::counter!("plinth_idempotent_leases_lost_total").increment(1);
+            return Err(ApiError::new(
+                ErrorCode::IdempotencyInFlight,
+                "another attempt at this request took over; retry to get its answer",
+            )
+            .retry_after(Duration::from_secs(1))
+            .into());
+        }
+    };
     drop(renewal);
     let response = match outcome {
         Ok(response) if response.status().is_success() => response.map_into_boxed_body(),
@@ -215,6 +240,17 @@ async fn run_claimed<B: MessageBody + 'static>(
             return Err(ApiError::internal(format!("cannot read the response: {err}")).into());
         }
     };
+    if body.len() > MAX_STORED_ANSWER {
+        // Too large to keep: a retry runs the request again, under the same ledger key (billed once).
+        metrics::counter!("plinth_idempotent_answers_not_stored_total").increment(1);
+        if let Err(err) = state.store.release_request(&claim).await {
+            tracing::warn!(error = %err, "cannot release an idempotent request; its lease will lapse");
+        }
+        return Ok(ServiceResponse::new(
+            request,
+            response.set_body(BoxBody::new(body)),
+        ));
+    }
     let stored = StoredResponse {
         status: response.status().as_u16(),
         headers: KEPT_HEADERS
@@ -251,9 +287,11 @@ enum Admission {
 async fn admit(
     state: &AppState,
     req: &mut ServiceRequest,
+    scope: Option<Scope>,
     max_body: Option<usize>,
 ) -> Result<(Admission, Option<RateDecision>), ApiError> {
     let principal = authenticate(req.request()).await?;
+    check_scope(&principal, scope)?;
     req.extensions_mut().insert(RateCounted);
     let decision = rate_limit(state, &principal).await?;
     let Some(key) = client_key(req)? else {
@@ -271,7 +309,6 @@ async fn admit(
             &key,
             &fingerprint,
             state.settings.idempotency,
-            now_us(),
         )
         .await?;
     let claim = match attempt {
@@ -302,9 +339,11 @@ async fn admit(
     Ok((Admission::Claimed(claim), decision))
 }
 
-/// Middleware of a metered route. `max_body` is the largest body the route takes (the JSON limit when
-/// `None`); a keyed request's body is read up to it to fingerprint the request.
+/// Middleware of a metered route. `scope` is what the route requires of the caller; `max_body` the
+/// largest body it takes (the JSON limit when `None`): a keyed request's body is read up to it to
+/// fingerprint the request.
 pub(crate) async fn middleware(
+    scope: Option<Scope>,
     max_body: Option<usize>,
     mut req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -314,18 +353,25 @@ pub(crate) async fn middleware(
         .cloned()
         .ok_or_else(|| ApiError::internal("application state is not registered"))?;
     // A refusal is answered here, inside the request's scope, so its body carries the request id.
-    let (admission, decision) = match admit(&state, &mut req, max_body).await {
+    let (admission, decision) = match admit(&state, &mut req, scope, max_body).await {
         Ok(admitted) => admitted,
         Err(refused) => return Ok(req.into_response(refused.error_response())),
     };
     let mut response = match admission {
         Admission::Unkeyed => {
-            req.extensions_mut().insert(LedgerKey(automatic_key()));
+            let key = automatic_key();
+            req.extensions_mut().insert(IdempotencyKey {
+                attempt: key.clone(),
+                call: key,
+            });
             next.call(req).await?.map_into_boxed_body()
         }
         Admission::Replay(stored) => req.into_response(replay(stored)),
         Admission::Claimed(claim) => {
-            req.extensions_mut().insert(LedgerKey(claim.ledger_key()));
+            req.extensions_mut().insert(IdempotencyKey {
+                call: claim.ledger_key(),
+                attempt: claim.attempt_key(),
+            });
             run_claimed(&state, claim, req, next).await?
         }
     };
@@ -340,8 +386,9 @@ pub(crate) async fn middleware(
 const CAP_COUNT_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Refuses a call once a capped plan's included calls for the period are used. The count comes from
-/// the ledger, cached briefly (in Redis in production, so replicas share it). A cache or database
-/// hiccup lets the call through, as the rate limiter does.
+/// the ledger, cached briefly (in Redis in production, so replicas share it). A cache hiccup falls
+/// back to the ledger; when the ledger cannot be counted the call is refused (it could not be recorded
+/// either), so a cap never opens by failing.
 async fn enforce_cap(state: &AppState, tenant: &plinth_core::id::TenantId, cap: i64) -> Result<(), ApiError> {
     let key = format!("cap:{tenant}");
     let cached = match state.cache.get(&key).await {
@@ -350,16 +397,11 @@ async fn enforce_cap(state: &AppState, tenant: &plinth_core::id::TenantId, cap: 
     };
     let used = match cached {
         Some(used) => used,
-        None => match state.store.units_this_period(tenant).await {
-            Ok(used) => {
-                let _ = state.cache.set(&key, &used.to_le_bytes(), CAP_COUNT_TTL).await;
-                used
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot count usage against the plan's cap; allowing the call");
-                return Ok(());
-            }
-        },
+        None => {
+            let used = state.store.units_this_period(tenant).await?;
+            let _ = state.cache.set(&key, &used.to_le_bytes(), CAP_COUNT_TTL).await;
+            used
+        }
     };
     if used >= cap {
         return Err(ApiError::new(
@@ -414,7 +456,7 @@ pub(crate) async fn record_usage(
             units: i64::try_from(billable.units).unwrap_or(i64::MAX),
             unit_price: billable.unit_price,
             author_share: billable.author_share,
-            idempotency_key: idempotency.0,
+            idempotency_key: idempotency.call,
             request_id: request_id.0,
         })
         .await?)
@@ -475,9 +517,16 @@ pub(crate) fn billed_json(
         .json(body)
 }
 
-/// The ledger key of this call: chosen by the metering middleware, never by the client.
+/// The ledger keys of this call, chosen by the metering middleware, never by the client.
 #[derive(Debug, Clone)]
-pub struct IdempotencyKey(pub String);
+pub struct IdempotencyKey {
+    /// The call's own event: the same for every attempt at a keyed request, so it is billed once.
+    pub call: String,
+    /// This attempt: what the call's own sub-calls (a plugin's model calls) are keyed under. Each
+    /// attempt's sub-calls are work of their own, billed as such: were they keyed like the call, an
+    /// attempt that fails on purpose would let the next one run different sub-calls as "replays".
+    pub attempt: String,
+}
 
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
@@ -488,8 +537,8 @@ impl FromRequest for IdempotencyKey {
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         ready(
             req.extensions()
-                .get::<LedgerKey>()
-                .map(|key| Self(key.0.clone()))
+                .get::<Self>()
+                .cloned()
                 .ok_or_else(|| ApiError::internal("a metered handler runs outside the metering middleware")),
         )
     }

@@ -217,7 +217,11 @@ impl TenantServices {
         units: usize,
         work: impl Future<Output = ApiResult<T>>,
     ) -> Result<T, ServiceError> {
-        let idempotency = IdempotencyKey(derived_key(&call.idempotency_key, sequence));
+        let key = derived_key(&call.idempotency_key, sequence);
+        let idempotency = IdempotencyKey {
+            attempt: key.clone(),
+            call: key,
+        };
         let billable = Billable::model(&self.auth, model, units);
         let request_id = RequestId(self.request_id.clone());
         metered(&self.state, &self.auth, idempotency, request_id, billable, work)
@@ -400,9 +404,10 @@ pub(crate) fn check_grants(
 }
 
 /// Whether the tenant has a bill that a priced call can go on: a paid plan in good standing (in Stripe
-/// mode, a Stripe subscription, since that is what Stripe invoices).
+/// mode, a Stripe subscription carrying the plugin-fees price, since that is what Stripe invoices).
 fn can_be_charged(state: &AppState, auth: &Principal) -> bool {
     auth.paid_subscription
+        && state.billing.collects_plugin_fees()
         && (state.billing.mode() == plinth_core::billing::PaymentMode::Local || auth.provider_subscription)
 }
 
@@ -485,7 +490,7 @@ pub(crate) async fn invoke(
         granted_models: installed.models.clone(),
         settings: installed.settings.clone(),
         secrets: open_secrets(state, &runnable.sealed_secrets)?,
-        idempotency_key: idempotency.0.clone(),
+        idempotency_key: idempotency.attempt.clone(),
     });
     let services = Arc::new(TenantServices {
         state: state.clone(),

@@ -156,6 +156,10 @@ pub fn parse(body: &[u8], settings: &StripeSettings) -> Result<ProviderEvent, St
                 currency: text(object, "currency").unwrap_or_else(|| "usd".to_owned()),
                 period_start,
                 period_end,
+                finalized_at: object
+                    .get("status_transitions")
+                    .and_then(|t| time(t, "finalized_at")),
+                paid_at: object.get("status_transitions").and_then(|t| time(t, "paid_at")),
                 settled: match envelope.kind.as_str() {
                     "invoice.paid" => Some(true),
                     "invoice.payment_failed" => Some(false),
@@ -165,8 +169,16 @@ pub fn parse(body: &[u8], settings: &StripeSettings) -> Result<ProviderEvent, St
         }
         // Money given back on an invoice: a refund of its charge, or a credit note against it.
         "charge.refunded" | "credit_note.created" => match text(object, "invoice") {
-            Some(invoice) => ProviderChange::Refunded { invoice },
-            None => ProviderChange::Ignored,
+            Some(invoice) => ProviderChange::Refunded {
+                invoice,
+                customer: text(object, "customer"),
+            },
+            None => {
+                // API versions from 2025-03-31 no longer name the invoice on a charge: the refund
+                // cannot be tied to an invoice here. Issue refunds of invoices as credit notes.
+                tracing::warn!(event = %envelope.id, kind = %envelope.kind, "a refund that names no invoice");
+                ProviderChange::Ignored
+            }
         },
         "account.updated" => ProviderChange::Account {
             account: required(object, "id")?,
@@ -239,7 +251,8 @@ mod tests {
         assert_eq!(
             parse(body.to_string().as_bytes(), &settings()).unwrap().change,
             ProviderChange::Refunded {
-                invoice: "in_1".into()
+                invoice: "in_1".into(),
+                customer: None,
             }
         );
     }

@@ -63,7 +63,13 @@ pub struct Billing {
     store: Store,
     stripe: Option<Arc<StripeGateway>>,
     sync: SyncSettings,
+    /// How long after an invoice is paid its plugin fees wait before they are paid out, so a
+    /// chargeback or refund shows up before the money leaves.
+    payout_hold: Duration,
 }
+
+/// The payout hold unless configured: a week.
+pub const DEFAULT_PAYOUT_HOLD: Duration = Duration::from_secs(7 * 86_400);
 
 /// Most buckets one tenant's sync closes in one transaction.
 const BUCKETS_PER_TRANSACTION: usize = 500;
@@ -160,7 +166,19 @@ impl Billing {
     /// When the Stripe client cannot be built from `stripe`.
     pub fn new(store: Store, stripe: Option<StripeSettings>, sync: SyncSettings) -> Result<Self> {
         let stripe = stripe.map(StripeGateway::new).transpose()?.map(Arc::new);
-        Ok(Self { store, stripe, sync })
+        Ok(Self {
+            store,
+            stripe,
+            sync,
+            payout_hold: DEFAULT_PAYOUT_HOLD,
+        })
+    }
+
+    /// Sets how long collected plugin fees wait after their invoice was paid before they are paid out.
+    #[must_use]
+    pub fn with_payout_hold(mut self, hold: Duration) -> Self {
+        self.payout_hold = hold;
+        self
     }
 
     #[must_use]
@@ -170,6 +188,16 @@ impl Billing {
         } else {
             PaymentMode::Local
         }
+    }
+
+    /// Whether plugin fees put on a tenant's bill reach a collected invoice: always in local billing
+    /// (the operator records what was paid), and in Stripe mode only with a plugin-fees price on the
+    /// subscriptions. Without one, priced plugins cannot be sold.
+    #[must_use]
+    pub fn collects_plugin_fees(&self) -> bool {
+        self.stripe
+            .as_ref()
+            .is_none_or(|stripe| stripe.settings.plugin_fees_price.is_some())
     }
 
     fn stripe(&self) -> Result<&StripeGateway> {
@@ -339,14 +367,24 @@ impl Billing {
         let until = floor_to(now - settle, self.sync.bucket);
         let mut report = SyncReport::default();
         for tenant in self.store.metered_tenants().await? {
+            // One tenant whose buckets cannot be closed must not stop everyone else's usage sync.
             loop {
-                let closed = self
+                match self
                     .store
                     .close_meter_buckets(&tenant, until, self.sync.bucket, BUCKETS_PER_TRANSACTION)
-                    .await?;
-                report.buckets_closed += closed;
-                if closed < BUCKETS_PER_TRANSACTION as u64 {
-                    break;
+                    .await
+                {
+                    Ok(closed) => {
+                        report.buckets_closed += closed;
+                        if closed < BUCKETS_PER_TRANSACTION as u64 {
+                            break;
+                        }
+                    }
+                    Err(err) => {
+                        metrics::counter!("plinth_meter_sync_errors_total").increment(1);
+                        tracing::error!(%tenant, error = %err, "cannot close this tenant's meter buckets; the others go on");
+                        break;
+                    }
                 }
             }
         }
@@ -509,6 +547,7 @@ impl Billing {
 
     /// Pays every connected author what tenants paid for their plugins up to the end of `period` (a
     /// month that has ended), less what earlier payouts paid: one payout per author, run and currency.
+    /// Only invoices paid at least the payout hold before `now` count.
     ///
     /// Each payout is recorded with its amount before any transfer, then claimed for an attempt. An
     /// attempt whose outcome was lost (a crash, a timeout) leaves the payout `transferring`; the next
@@ -523,6 +562,7 @@ impl Billing {
                 format!("period: {period} has not ended yet"),
             ));
         }
+        let paid_by = now - chrono::Duration::from_std(self.payout_hold).unwrap_or_default();
         let mut run = PayoutRun {
             period: period.to_owned(),
             payouts: Vec::new(),
@@ -531,7 +571,7 @@ impl Billing {
         for author in self.store.plugin_authors().await? {
             let mut currencies: Vec<String> = self
                 .store
-                .author_balances(&author, until)
+                .author_balances(&author, until, paid_by)
                 .await?
                 .into_iter()
                 .filter(|b| b.available().whole_cents() >= 1)
@@ -557,7 +597,7 @@ impl Billing {
             for currency in currencies {
                 let Some(claim) = self
                     .store
-                    .open_payout(&author, who, period, &currency, until)
+                    .open_payout(&author, who, period, &currency, until, paid_by)
                     .await?
                 else {
                     continue;
@@ -593,7 +633,9 @@ impl Billing {
             return self.store.payout(&claim.payout.id).await;
         };
         if claim.attempts > 1
-            && let Some(transfer) = stripe.find_transfer(&claim.payout.id).await?
+            && let Some(transfer) = stripe
+                .find_transfer(&claim.payout.id, &claim.payout.period)
+                .await?
         {
             tracing::info!(payout = %claim.payout.id, %transfer, "an earlier attempt had paid; recorded");
             return self.store.finish_payout(&claim, who, Ok(&transfer)).await;

@@ -633,32 +633,50 @@ impl StripeGateway {
         }
     }
 
-    /// The transfer made for `group`, if any: what a payout whose last attempt's outcome is unknown
-    /// looks up before trying again, at any age.
-    pub async fn find_transfer(&self, group: &str) -> Result<Option<String>, StoreError> {
+    /// The transfer made for the payout `payout`, if any: what a payout whose last attempt's outcome
+    /// is unknown looks up before trying again, at any age. Transfers are found by their
+    /// `transfer_group` (the payout's id; `payouts-<period>` for payouts made before that) and told
+    /// apart by their `payout` metadata.
+    pub async fn find_transfer(&self, payout: &str, period: &str) -> Result<Option<String>, StoreError> {
         #[derive(Serialize)]
         struct Query<'a> {
             transfer_group: &'a str,
             limit: u32,
         }
         #[derive(Deserialize)]
+        struct Transfer {
+            id: String,
+            #[serde(default)]
+            metadata: BTreeMap<String, String>,
+        }
+        #[derive(Deserialize)]
         struct List {
-            data: Vec<Created>,
+            data: Vec<Transfer>,
         }
-        let found: List = self
-            .call(
-                StripeMethod::Get,
-                "/transfers",
-                Some(&Query {
-                    transfer_group: group,
-                    limit: 10,
-                }),
-                None,
-            )
-            .await?;
-        if found.data.len() > 1 {
-            tracing::error!(%group, transfers = found.data.len(), "more than one transfer for one payout");
+        for group in [payout.to_owned(), format!("payouts-{period}")] {
+            let found: List = self
+                .call(
+                    StripeMethod::Get,
+                    "/transfers",
+                    Some(&Query {
+                        transfer_group: &group,
+                        limit: 100,
+                    }),
+                    None,
+                )
+                .await?;
+            let mine: Vec<Transfer> = found
+                .data
+                .into_iter()
+                .filter(|t| t.metadata.get("payout").map(String::as_str) == Some(payout))
+                .collect();
+            if mine.len() > 1 {
+                tracing::error!(%payout, transfers = mine.len(), "more than one transfer for one payout");
+            }
+            if let Some(transfer) = mine.into_iter().next() {
+                return Ok(Some(transfer.id));
+            }
         }
-        Ok(found.data.into_iter().next().map(|t| t.id))
+        Ok(None)
     }
 }

@@ -473,10 +473,18 @@ impl LoadedModel {
     /// batch through one input and be billed for the small one of another.
     ///
     /// # Errors
-    /// `InvalidInput` when two inputs have different first dimensions.
+    /// `InvalidInput` when two inputs have different first dimensions, or one has an empty dimension.
     pub fn batch_size(inputs: &[Tensor]) -> Result<i64, InferenceError> {
         let mut batch: Option<(&str, i64)> = None;
         for tensor in inputs {
+            // An empty dimension makes an input of no elements whatever its batch claims: nothing to
+            // run, and a batch size no data backs would be billed (and summed) as given.
+            if tensor.shape.contains(&0) {
+                return Err(InferenceError::InvalidInput(format!(
+                    "input `{}` has a dimension of size 0",
+                    tensor.name
+                )));
+            }
             let Some(&first) = tensor.shape.first() else {
                 continue;
             };

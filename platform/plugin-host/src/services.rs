@@ -19,8 +19,8 @@ pub struct CallContext {
     /// Settings (JSON values) and decrypted secrets of the installation.
     pub settings: serde_json::Map<String, serde_json::Value>,
     pub secrets: BTreeMap<String, String>,
-    /// The invocation's idempotency key: host calls derive theirs from it, so a retried invocation
-    /// bills its model calls once.
+    /// This attempt at the invocation's ledger key: host calls derive theirs from it, so a model call
+    /// retried within the attempt is billed once, and every attempt's calls are billed as its own.
     pub idempotency_key: String,
 }
 

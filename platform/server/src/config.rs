@@ -108,6 +108,9 @@ pub struct Config {
     pub idempotency_retention_secs: u64,
     /// `PLINTH_AUDIT_RETENTION_DAYS`: how long audit log entries are kept.
     pub audit_retention_days: u64,
+    /// `PLINTH_PAYOUT_HOLD_DAYS`: how long plugin fees wait after their invoice was paid before they
+    /// are paid out to authors (refunds and chargebacks show up first).
+    pub payout_hold_days: u64,
     /// `PLINTH_TRUSTED_PROXIES`: comma-separated addresses or CIDR ranges of the proxies in front of the
     /// platform whose `X-Forwarded-For` is believed; empty trusts none (the TCP peer is the client).
     pub trusted_proxies: String,
@@ -168,6 +171,7 @@ impl Default for Config {
             billing_sync_settle_secs: 300,
             idempotency_retention_secs: 86_400,
             audit_retention_days: 400,
+            payout_hold_days: 7,
             trusted_proxies: String::new(),
             signups_per_address_per_minute: 5,
             logins_per_address_per_minute: 20,
@@ -317,8 +321,11 @@ impl Config {
         if !(60..=30 * 86_400).contains(&self.idempotency_retention_secs) {
             return fail("PLINTH_IDEMPOTENCY_RETENTION_SECS must be between 60 and 2592000 (30 days)");
         }
-        if self.audit_retention_days == 0 {
-            return fail("PLINTH_AUDIT_RETENTION_DAYS must be at least 1");
+        if !(1..=36_500).contains(&self.audit_retention_days) {
+            return fail("PLINTH_AUDIT_RETENTION_DAYS must be between 1 and 36500");
+        }
+        if self.payout_hold_days > 180 {
+            return fail("PLINTH_PAYOUT_HOLD_DAYS must be at most 180");
         }
         self.trusted_proxy_ranges()?;
         if [

@@ -5,6 +5,7 @@ pub mod config;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::HttpServer;
 use actix_web::dev::ServerHandle;
@@ -132,6 +133,11 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         secrets: plinth_store::SecretBox::new(&secret_key(config)?),
         billing: billing(config, store.clone())?,
     };
+    if !state.billing.collects_plugin_fees() {
+        tracing::error!(
+            "Stripe mode without PLINTH_STRIPE_PLUGIN_FEES_PRICE: plugin fees cannot be invoiced, so priced plugins answer 402 payment_required"
+        );
+    }
     let usage_sync = state.billing.spawn_sync();
     let retention = spawn_retention(store.clone(), config);
     state.billing.spawn_price_check();
@@ -170,22 +176,40 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
 /// How often expired idempotent requests and old audit entries are removed.
 const RETENTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// Rows one purge statement removes at most: each is its own short write.
+const PURGE_BATCH: u64 = 5_000;
+
+/// Runs `purge` batch after batch until one removes less than a whole batch; returns how many went.
+async fn purge_all<F: Future<Output = plinth_store::Result<u64>>>(
+    mut purge: impl FnMut() -> F,
+) -> plinth_store::Result<u64> {
+    let mut removed = 0;
+    loop {
+        let batch = purge().await?;
+        removed += batch;
+        if batch < PURGE_BATCH {
+            return Ok(removed);
+        }
+    }
+}
+
 /// Removes, now and every [`RETENTION_INTERVAL`], idempotent requests whose window has passed and
 /// audit entries older than their retention. Replicas may run it at once: deletes are idempotent.
 fn spawn_retention(store: Store, config: &Config) -> JoinHandle<()> {
+    // Validated to at most 36 500 days, so neither this nor the subtraction below can overflow.
     let audit_retention =
-        chrono::Duration::days(i64::try_from(config.audit_retention_days).unwrap_or(i64::MAX / 86_400_000));
+        chrono::Duration::days(i64::try_from(config.audit_retention_days).unwrap_or(36_500));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(RETENTION_INTERVAL);
         loop {
             tick.tick().await;
-            let now = chrono::Utc::now();
-            match store.purge_idempotent_requests(now.timestamp_micros()).await {
+            match purge_all(|| store.purge_idempotent_requests(PURGE_BATCH)).await {
                 Ok(0) => {}
                 Ok(removed) => tracing::info!(removed, "expired idempotent requests removed"),
                 Err(err) => tracing::warn!(error = %err, "cannot remove expired idempotent requests"),
             }
-            match store.purge_audit_log(now - audit_retention).await {
+            let cutoff = chrono::Utc::now() - audit_retention;
+            match purge_all(|| store.purge_audit_log(cutoff, PURGE_BATCH)).await {
                 Ok(0) => {}
                 Ok(removed) => tracing::info!(removed, "audit entries past their retention removed"),
                 Err(err) => tracing::warn!(error = %err, "cannot remove old audit entries"),
@@ -205,8 +229,11 @@ fn payment_mode(config: &Config) -> plinth_core::billing::PaymentMode {
 /// The money side, in Stripe mode when the configuration names a Stripe key.
 pub fn billing(config: &Config, store: Store) -> anyhow::Result<plinth_billing::Billing> {
     rustls_provider();
-    plinth_billing::Billing::new(store, config.stripe_settings(), config.sync_settings())
-        .context("cannot set up billing")
+    Ok(
+        plinth_billing::Billing::new(store, config.stripe_settings(), config.sync_settings())
+            .context("cannot set up billing")?
+            .with_payout_hold(Duration::from_secs(config.payout_hold_days * 86_400)),
+    )
 }
 
 /// TLS clients (Redis over rediss://, Stripe) use ring; install it once for the process.

@@ -170,8 +170,10 @@ impl Store {
 
     /// Checks a password and opens a session in the requested tenant (or the user's oldest membership).
     /// Attempts per email are rate limited through the shared cache, so guessing holds across replicas
-    /// (the HTTP edge also limits attempts per client address). Every attempt is audited: a failure in
-    /// the log of each tenant the user belongs to (or, for an unknown email, the platform's).
+    /// (the HTTP edge also limits attempts per client address). Every attempt is audited: a success in
+    /// the session's tenant; a failure in the user's own (oldest) tenant, or the platform's log for an
+    /// unknown email. Not in every tenant the user belongs to: a tenant that added someone as a member
+    /// must not learn where that person's failed logins come from.
     pub async fn login(&self, cache: &dyn Cache, request: &LoginRequest, who: &Who) -> Result<Session> {
         let email = normalise_email(&request.email).map_err(|_| StoreError::InvalidLogin)?;
         let decision = cache.rate_limit(&format!("login:{email}"), LOGIN_QUOTA).await?;
@@ -221,25 +223,14 @@ impl Store {
         let Some(user) = user else {
             return self.audit(None, who, "login.failed", None, detail).await;
         };
-        let tenants = memberships::Entity::find()
+        let own = memberships::Entity::find()
             .filter(memberships::Column::UserId.eq(&user.id))
-            .all(self.db())
+            .order_by_asc(memberships::Column::CreatedAt)
+            .one(self.db())
             .await?;
-        let txn = self.write_transaction().await?;
-        for membership in tenants {
-            let tenant: TenantId = parse_id(&membership.tenant_id)?;
-            crate::audit::record(
-                &txn,
-                Some(&tenant),
-                who,
-                "login.failed",
-                Some(&user.id),
-                detail.clone(),
-            )
-            .await?;
-        }
-        txn.commit().await?;
-        Ok(())
+        let tenant: Option<TenantId> = own.map(|m| parse_id(&m.tenant_id)).transpose()?;
+        self.audit(tenant.as_ref(), who, "login.failed", Some(&user.id), detail)
+            .await
     }
 
     /// Ends the session that `token` belongs to.

@@ -78,6 +78,31 @@ pub(crate) async fn record(
     Ok(())
 }
 
+/// Records a platform operator's act on a tenant's thing (a plugin review, a payout, a payment
+/// recorded): in the tenant's log without the operator's address and user agent (tenants learn what
+/// was done and by which operator account, not from where), and in full in the platform's log.
+pub(crate) async fn record_operator_act(
+    conn: &impl ConnectionTrait,
+    tenant: &TenantId,
+    who: &Who,
+    action: &str,
+    target: Option<&str>,
+    detail: serde_json::Value,
+) -> Result<()> {
+    if who.client_address.is_some() || who.user_agent.is_some() {
+        record(conn, None, who, action, target, detail.clone()).await?;
+    }
+    record(
+        conn,
+        Some(tenant),
+        &Who::internal(&who.actor),
+        action,
+        target,
+        detail,
+    )
+    .await
+}
+
 /// Which entries a page shows.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
@@ -119,6 +144,15 @@ impl Store {
         if !(1..=200).contains(&query.limit) {
             return Err(StoreError::invalid("limit: must be 1 to 200"));
         }
+        // Actions are dotted lower-case words: anything else (`%`, `_` wildcards included) names none.
+        if let Some(prefix) = &query.action_prefix
+            && (prefix.len() > 64
+                || !prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'.' || b == b'_'))
+        {
+            return Err(StoreError::invalid("action: lower-case letters, `.` and `_`"));
+        }
         let mut select = audit_log::Entity::find().order_by_desc(audit_log::Column::Id);
         if let Some(tenant) = &query.tenant {
             select = select.filter(audit_log::Column::TenantId.eq(tenant.as_str()));
@@ -151,12 +185,25 @@ impl Store {
         record(self.db(), tenant, who, action, target, detail).await
     }
 
-    /// Removes entries older than `cutoff`; returns how many.
-    pub async fn purge_audit_log(&self, cutoff: DateTime<Utc>) -> Result<u64> {
-        let result = audit_log::Entity::delete_many()
+    /// Removes entries older than `cutoff`, at most `limit` of them (so one purge never holds SQLite's
+    /// writer for long); returns how many.
+    pub async fn purge_audit_log(&self, cutoff: DateTime<Utc>, limit: u64) -> Result<u64> {
+        let old: Vec<String> = audit_log::Entity::find()
             .filter(audit_log::Column::CreatedAt.lt(cutoff))
-            .exec(self.db())
+            .select_only()
+            .column(audit_log::Column::Id)
+            .limit(limit)
+            .into_tuple()
+            .all(self.db())
             .await?;
-        Ok(result.rows_affected)
+        let mut removed = 0;
+        for batch in old.chunks(500) {
+            removed += audit_log::Entity::delete_many()
+                .filter(audit_log::Column::Id.is_in(batch.iter().map(String::as_str)))
+                .exec(self.db())
+                .await?
+                .rows_affected;
+        }
+        Ok(removed)
     }
 }

@@ -423,6 +423,7 @@ pub mod meter_pushes {
         pub value: i64,
         pub created_at: DateTimeUtc,
         pub sent_at: Option<DateTimeUtc>,
+        pub sent_at_us: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -449,6 +450,9 @@ pub mod invoices {
         pub hosted_url: Option<String>,
         pub stripe_event_at: i64,
         pub updated_at: DateTimeUtc,
+        pub finalized_at_us: Option<i64>,
+        pub local: bool,
+        pub paid_at_us: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -500,6 +504,7 @@ pub mod payouts {
         pub attempts: i32,
         pub last_attempt_at_us: Option<i64>,
         pub failure: Option<String>,
+        pub generation: i32,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -6,7 +6,8 @@
 //!
 //! A claim is a lease the running attempt renews. When its worker dies (or its attempt fails), the lease
 //! lapses and a retry of the same request takes over under the same [`Claim::ledger_key`], so the
-//! ledger still bills the request once.
+//! ledger still bills the request once. Leases are measured on the database's clock, which every
+//! replica shares, so a replica whose own clock is off cannot take a lease early.
 //!
 //! These rows are written through the store's relaxed-durability connections: a claim is always
 //! followed by a durable ledger write on the same database, which makes the claim durable with it, and
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use plinth_core::id::TenantId;
 use sea_orm::sea_query::{Expr, OnConflict};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, Set};
+use sea_orm::{ColumnTrait, EntityTrait, FromQueryResult, QueryFilter, QuerySelect, Set};
 
 use crate::entity::{TenantScoped, idempotent_requests};
 use crate::{Result, Store, StoreError};
@@ -67,6 +68,12 @@ impl Claim {
     pub fn ledger_key(&self) -> String {
         format!("req:{}", self.id)
     }
+
+    /// This attempt's own name, unique to it: what the request's sub-calls are keyed under.
+    #[must_use]
+    pub fn attempt_key(&self) -> String {
+        format!("req:{}:{}", self.id, self.owner)
+    }
 }
 
 /// What an attempt at a keyed request may do.
@@ -90,6 +97,18 @@ fn new_token() -> String {
     ulid::Ulid::new().to_string().to_ascii_lowercase()
 }
 
+/// A request's row without its stored answer.
+#[derive(Debug, FromQueryResult)]
+struct Head {
+    key: String,
+    id: String,
+    fingerprint: String,
+    state: String,
+    owner: String,
+    locked_until_us: i64,
+    expires_at_us: i64,
+}
+
 fn stored(row: &idempotent_requests::Model) -> Result<StoredResponse> {
     let corrupt = || StoreError::Internal("a completed idempotent request has no stored response".into());
     let status = row
@@ -110,6 +129,19 @@ fn stored(row: &idempotent_requests::Model) -> Result<StoredResponse> {
 impl Store {
     /// Claims `key` for the request `fingerprint` describes, or says why this attempt may not run.
     pub async fn attempt_request(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        fingerprint: &str,
+        settings: IdempotencySettings,
+    ) -> Result<Attempt> {
+        let now_us = self.database_now_us().await?;
+        self.attempt_request_at(tenant, key, fingerprint, settings, now_us)
+            .await
+    }
+
+    /// [`Self::attempt_request`] at a given time on the database's clock.
+    pub(crate) async fn attempt_request_at(
         &self,
         tenant: &TenantId,
         key: &str,
@@ -146,6 +178,19 @@ impl Store {
         .await?;
         let row = idempotent_requests::Entity::find_in(tenant)
             .filter(idempotent_requests::Column::Key.eq(key))
+            .select_only()
+            .columns([
+                idempotent_requests::Column::TenantId,
+                idempotent_requests::Column::Key,
+                idempotent_requests::Column::Id,
+                idempotent_requests::Column::Fingerprint,
+                idempotent_requests::Column::State,
+                idempotent_requests::Column::Owner,
+                idempotent_requests::Column::LockedUntilUs,
+                idempotent_requests::Column::CreatedAtUs,
+                idempotent_requests::Column::ExpiresAtUs,
+            ])
+            .into_model::<Head>()
             .one(db)
             .await?
             .ok_or_else(|| StoreError::Internal("an idempotent request vanished".into()))?;
@@ -170,7 +215,13 @@ impl Store {
             return Ok(Attempt::Mismatch);
         }
         if row.state == COMPLETED {
-            return Ok(Attempt::Replay(stored(&row)?));
+            // Only now is the answer itself read: refusals and waits never load a stored body.
+            let full = idempotent_requests::Entity::find_in(tenant)
+                .filter(idempotent_requests::Column::Key.eq(key))
+                .one(db)
+                .await?
+                .ok_or_else(|| StoreError::Internal("an idempotent request vanished".into()))?;
+            return Ok(Attempt::Replay(stored(&full)?));
         }
         if !lapsed {
             return Ok(Attempt::InFlight);
@@ -187,7 +238,7 @@ impl Store {
     async fn retake(
         &self,
         tenant: &TenantId,
-        row: &idempotent_requests::Model,
+        row: &Head,
         fingerprint: &str,
         new_id: Option<String>,
         settings: IdempotencySettings,
@@ -250,7 +301,12 @@ impl Store {
     }
 
     /// Extends the claim's lease while its request runs. `false`: another attempt took it over.
-    pub async fn renew_request(&self, claim: &Claim, lease: Duration, now_us: i64) -> Result<bool> {
+    pub async fn renew_request(&self, claim: &Claim, lease: Duration) -> Result<bool> {
+        let now_us = self.database_now_us().await?;
+        self.renew_request_at(claim, lease, now_us).await
+    }
+
+    pub(crate) async fn renew_request_at(&self, claim: &Claim, lease: Duration, now_us: i64) -> Result<bool> {
         let result = Self::held(claim)
             .col_expr(
                 idempotent_requests::Column::LockedUntilUs,
@@ -296,13 +352,41 @@ impl Store {
         Ok(())
     }
 
-    /// Removes requests whose window has passed; returns how many.
-    pub async fn purge_idempotent_requests(&self, now_us: i64) -> Result<u64> {
-        let result = idempotent_requests::Entity::delete_many()
+    /// Removes requests whose window has passed, at most `limit` of them (so one purge never holds
+    /// SQLite's writer for long); returns how many.
+    pub async fn purge_idempotent_requests(&self, limit: u64) -> Result<u64> {
+        let now_us = self.database_now_us().await?;
+        self.purge_idempotent_requests_at(now_us, limit).await
+    }
+
+    pub(crate) async fn purge_idempotent_requests_at(&self, now_us: i64, limit: u64) -> Result<u64> {
+        let expired: Vec<(String, String)> = idempotent_requests::Entity::find()
             .filter(idempotent_requests::Column::ExpiresAtUs.lte(now_us))
-            .exec(self.db())
+            .select_only()
+            .column(idempotent_requests::Column::TenantId)
+            .column(idempotent_requests::Column::Key)
+            .limit(limit)
+            .into_tuple()
+            .all(self.db())
             .await?;
-        Ok(result.rows_affected)
+        let mut removed = 0;
+        for batch in expired.chunks(500) {
+            let mut any = sea_orm::Condition::any();
+            for (tenant, key) in batch {
+                any = any.add(
+                    sea_orm::Condition::all()
+                        .add(idempotent_requests::Column::TenantId.eq(tenant.as_str()))
+                        .add(idempotent_requests::Column::Key.eq(key.as_str())),
+                );
+            }
+            removed += idempotent_requests::Entity::delete_many()
+                .filter(any)
+                .filter(idempotent_requests::Column::ExpiresAtUs.lte(now_us))
+                .exec(self.db())
+                .await?
+                .rows_affected;
+        }
+        Ok(removed)
     }
 }
 
@@ -334,7 +418,7 @@ mod tests {
         let tenant = tenant_with_customer(&store, "cus_1").await;
         let now = 1_000 * SECOND;
         let Attempt::Run(claim) = store
-            .attempt_request(&tenant, "k", "fp-a", settings(), now)
+            .attempt_request_at(&tenant, "k", "fp-a", settings(), now)
             .await
             .unwrap()
         else {
@@ -344,14 +428,14 @@ mod tests {
         // While it runs: the same request waits, another request under the key is refused.
         assert_eq!(
             store
-                .attempt_request(&tenant, "k", "fp-a", settings(), now)
+                .attempt_request_at(&tenant, "k", "fp-a", settings(), now)
                 .await
                 .unwrap(),
             Attempt::InFlight
         );
         assert_eq!(
             store
-                .attempt_request(&tenant, "k", "fp-b", settings(), now)
+                .attempt_request_at(&tenant, "k", "fp-b", settings(), now)
                 .await
                 .unwrap(),
             Attempt::Mismatch
@@ -362,14 +446,14 @@ mod tests {
             .unwrap();
         assert_eq!(
             store
-                .attempt_request(&tenant, "k", "fp-a", settings(), now + SECOND)
+                .attempt_request_at(&tenant, "k", "fp-a", settings(), now + SECOND)
                 .await
                 .unwrap(),
             Attempt::Replay(answer("{\"n\":1}"))
         );
         assert_eq!(
             store
-                .attempt_request(&tenant, "k", "fp-b", settings(), now + SECOND)
+                .attempt_request_at(&tenant, "k", "fp-b", settings(), now + SECOND)
                 .await
                 .unwrap(),
             Attempt::Mismatch
@@ -378,7 +462,7 @@ mod tests {
         let other = tenant_with_customer(&store, "cus_2").await;
         assert!(matches!(
             store
-                .attempt_request(&other, "k", "fp-b", settings(), now)
+                .attempt_request_at(&other, "k", "fp-b", settings(), now)
                 .await
                 .unwrap(),
             Attempt::Run(_)
@@ -391,7 +475,7 @@ mod tests {
         let tenant = tenant_with_customer(&store, "cus_1").await;
         let now = 1_000 * SECOND;
         let Attempt::Run(first) = store
-            .attempt_request(&tenant, "k", "fp", settings(), now)
+            .attempt_request_at(&tenant, "k", "fp", settings(), now)
             .await
             .unwrap()
         else {
@@ -400,7 +484,7 @@ mod tests {
         // The worker died: after the lease, a retry takes over, with the same ledger key.
         let later = now + 6 * SECOND;
         let Attempt::Run(second) = store
-            .attempt_request(&tenant, "k", "fp", settings(), later)
+            .attempt_request_at(&tenant, "k", "fp", settings(), later)
             .await
             .unwrap()
         else {
@@ -410,14 +494,14 @@ mod tests {
         // The dead attempt, if it comes back, holds nothing.
         assert!(
             !store
-                .renew_request(&first, settings().lease, later)
+                .renew_request_at(&first, settings().lease, later)
                 .await
                 .unwrap()
         );
         store.complete_request(&first, &answer("stale")).await.unwrap();
         assert_eq!(
             store
-                .attempt_request(&tenant, "k", "fp", settings(), later)
+                .attempt_request_at(&tenant, "k", "fp", settings(), later)
                 .await
                 .unwrap(),
             Attempt::InFlight
@@ -427,12 +511,12 @@ mod tests {
         store.release_request(&second).await.unwrap();
         assert!(
             !store
-                .renew_request(&second, settings().lease, later)
+                .renew_request_at(&second, settings().lease, later)
                 .await
                 .unwrap()
         );
         let Attempt::Run(third) = store
-            .attempt_request(&tenant, "k", "fp", settings(), later)
+            .attempt_request_at(&tenant, "k", "fp", settings(), later)
             .await
             .unwrap()
         else {
@@ -447,7 +531,7 @@ mod tests {
         let tenant = tenant_with_customer(&store, "cus_1").await;
         let now = 1_000 * SECOND;
         let Attempt::Run(first) = store
-            .attempt_request(&tenant, "k", "fp-a", settings(), now)
+            .attempt_request_at(&tenant, "k", "fp-a", settings(), now)
             .await
             .unwrap()
         else {
@@ -456,20 +540,24 @@ mod tests {
         store.complete_request(&first, &answer("a")).await.unwrap();
         let after = now + 3_601 * SECOND;
         let Attempt::Run(fresh) = store
-            .attempt_request(&tenant, "k", "fp-b", settings(), after)
+            .attempt_request_at(&tenant, "k", "fp-b", settings(), after)
             .await
             .unwrap()
         else {
             panic!("the window has passed");
         };
         assert_ne!(fresh.ledger_key(), first.ledger_key(), "billed as a new call");
-        assert_eq!(store.purge_idempotent_requests(after).await.unwrap(), 0);
+        assert_eq!(store.purge_idempotent_requests_at(after, 100).await.unwrap(), 0);
         assert_eq!(
             store
-                .purge_idempotent_requests(after + 3_601 * SECOND)
+                .purge_idempotent_requests_at(after + 3_601 * SECOND, 100)
                 .await
                 .unwrap(),
             1
         );
+        // The database's clock is the one that counts, and it reads as real time.
+        let db_now = store.database_now_us().await.unwrap();
+        let local_now = chrono::Utc::now().timestamp_micros();
+        assert!((db_now - local_now).abs() < 5 * SECOND, "{db_now} vs {local_now}");
     }
 }

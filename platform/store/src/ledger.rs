@@ -90,6 +90,10 @@ pub struct Meter {
     queue: mpsc::Sender<Pending>,
 }
 
+/// The most units one event may carry: far beyond any real call (a 16 MiB request holds fewer items),
+/// and small enough that sums over a period cannot overflow.
+pub const MAX_UNITS: i64 = 1_000_000_000;
+
 /// The longest idempotency key accepted, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
@@ -101,8 +105,8 @@ pub fn automatic_key() -> String {
     format!("auto:{}", ulid::Ulid::new().to_string().to_ascii_lowercase())
 }
 
-/// The ledger key of the `sequence`-th model call a plugin makes while serving the call `parent`:
-/// the same on every retry of that call, and bounded, since `parent` is a server-minted key.
+/// The ledger key of the `sequence`-th model call a plugin makes while serving the attempt `parent`
+/// (a server-minted key, so this is bounded and in a namespace no client writes).
 #[must_use]
 pub fn derived_key(parent: &str, sequence: u32) -> String {
     format!("{parent}:model:{sequence}")
@@ -122,6 +126,11 @@ fn validate(record: &UsageRecord) -> Result<()> {
     }
     if record.units < 0 || record.unit_price.0 < 0 || record.author_share.0 < 0 {
         return Err(StoreError::invalid("usage: units and prices cannot be negative"));
+    }
+    if record.units > MAX_UNITS {
+        return Err(StoreError::invalid(format!(
+            "usage: at most {MAX_UNITS} units in one call"
+        )));
     }
     Ok(())
 }

@@ -144,8 +144,10 @@ pub struct Store {
 /// Pool options for `settings`; `relaxed` connections do not wait for the disk at commit.
 fn connect_options(settings: &DatabaseSettings, relaxed: bool) -> ConnectOptions {
     let mut options = ConnectOptions::new(settings.url.as_str());
+    // Idempotency claims are small, quick writes, but every keyed call makes two or three: enough
+    // connections that a burst of them does not starve the leases of other tenants.
     let max_connections = if relaxed {
-        settings.max_connections.clamp(1, 4)
+        (settings.max_connections / 2).clamp(2, 8)
     } else {
         settings.max_connections
     };
@@ -223,6 +225,23 @@ impl Store {
 
     pub(crate) fn relaxed(&self) -> &DatabaseConnection {
         &self.relaxed
+    }
+
+    /// The database's clock, in microseconds since the epoch. Leases that several replicas compare
+    /// are measured on it, so a replica whose own clock is off cannot take another's lease early.
+    pub async fn database_now_us(&self) -> Result<i64> {
+        let sql = match self.backend() {
+            DbBackend::Postgres => {
+                "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT) AS now_us"
+            }
+            _ => "SELECT CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER) AS now_us",
+        };
+        let row = self
+            .relaxed
+            .query_one_raw(sea_orm::Statement::from_string(self.backend(), sql))
+            .await?
+            .ok_or_else(|| StoreError::Internal("the database did not tell the time".into()))?;
+        Ok(row.try_get::<i64>("", "now_us")?)
     }
 
     /// Begins a transaction that will write. On SQLite it takes the write lock up front (`BEGIN

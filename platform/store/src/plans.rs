@@ -102,8 +102,21 @@ fn validate_plan(plan: &Plan) -> Result<()> {
             "rate_limit_per_minute and burst must be positive",
         ));
     }
+    let currency_ok = plan.currency.len() == 3 && plan.currency.bytes().all(|b| b.is_ascii_lowercase());
+    if !currency_ok || ZERO_DECIMAL_CURRENCIES.contains(&plan.currency.as_str()) {
+        return Err(StoreError::invalid(
+            "currency: a lower-case ISO 4217 code of a currency with cents (statements and payouts are in hundredths)",
+        ));
+    }
     Ok(())
 }
+
+/// Currencies without a minor unit (Stripe's list). Statements and payouts count hundredths of the
+/// currency, which these do not have, so plans cannot be priced in them.
+const ZERO_DECIMAL_CURRENCIES: &[&str] = &[
+    "bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof",
+    "xpf",
+];
 
 /// The billing period containing `now` for a subscription anchored at `start`, rolling monthly.
 pub(crate) fn current_period(start: DateTime<Utc>, end: DateTime<Utc>, now: DateTime<Utc>) -> Period {
@@ -476,6 +489,17 @@ mod tests {
             ..row
         };
         assert_eq!(row_eras(&stripe, at("2026-03-01T00:00:00Z")).len(), 1);
+    }
+
+    #[test]
+    fn plans_are_priced_in_currencies_with_cents() {
+        let mut plan = default_plans().remove(1);
+        plan.currency = "jpy".into();
+        assert!(validate_plan(&plan).is_err());
+        plan.currency = "EUR".into();
+        assert!(validate_plan(&plan).is_err());
+        plan.currency = "eur".into();
+        assert!(validate_plan(&plan).is_ok());
     }
 
     #[test]

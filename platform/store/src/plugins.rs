@@ -323,9 +323,9 @@ impl Store {
         model.review_note = Set(note.clone());
         model.reviewed_at = Set(Some(Utc::now()));
         let row = model.update(&txn).await?;
-        crate::audit::record(
+        crate::audit::record_operator_act(
             &txn,
-            Some(&parse_id(&plugin.author_tenant_id)?),
+            &parse_id(&plugin.author_tenant_id)?,
             who,
             if approve {
                 "plugin.approve"
@@ -373,9 +373,9 @@ impl Store {
             .filter(installations::Column::DeletedAt.is_null())
             .count(&txn)
             .await?;
-        crate::audit::record(
+        crate::audit::record_operator_act(
             &txn,
-            Some(&parse_id(&plugin.author_tenant_id)?),
+            &parse_id(&plugin.author_tenant_id)?,
             who,
             "plugin.revoke",
             Some(version.as_str()),

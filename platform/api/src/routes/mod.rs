@@ -15,6 +15,8 @@ pub mod plugins;
 use actix_web::middleware::from_fn;
 use actix_web::{Resource, web};
 
+use plinth_core::Scope;
+
 use crate::limits::{Door, guard};
 use crate::{error, metering};
 
@@ -38,10 +40,12 @@ fn unauthenticated(
     resource(path).wrap(from_fn(move |req, next| guard(door, req, next)))
 }
 
-/// A billable route: authenticated, rate limited and made idempotent before the handler runs. A
-/// keyed request's body is read up to `max_body` bytes (the JSON limit when `None`) to fingerprint it.
+/// A billable route: authenticated, scope-checked (a stored answer is only replayed to a caller the
+/// route would serve), rate limited and made idempotent before the handler runs. A keyed request's
+/// body is read up to `max_body` bytes (the JSON limit when `None`) to fingerprint it.
 fn metered(
     path: &str,
+    scope: Option<Scope>,
     max_body: Option<usize>,
 ) -> Resource<
     impl actix_web::dev::ServiceFactory<
@@ -53,7 +57,7 @@ fn metered(
     >,
 > {
     resource(path).wrap(from_fn(move |req, next| {
-        metering::middleware(max_body, req, next)
+        metering::middleware(scope, max_body, req, next)
     }))
 }
 
@@ -96,7 +100,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/admin/billing/sync").route(web::post().to(payments::sync)))
         .service(resource("/v1/admin/billing/reconciliation").route(web::get().to(payments::reconciliation)))
         .service(resource("/v1/usage").route(web::get().to(billing::usage)))
-        .service(metered("/v1/echo", None).route(web::post().to(echo::echo)))
+        .service(metered("/v1/echo", None, None).route(web::post().to(echo::echo)))
         .service(
             resource("/v1/models")
                 .route(web::get().to(models::list))
@@ -107,8 +111,14 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
                 .route(web::get().to(models::get))
                 .route(web::delete().to(models::delete)),
         )
-        .service(metered("/v1/models/{name}/classify", None).route(web::post().to(models::classify)))
-        .service(metered("/v1/models/{name}/embed", None).route(web::post().to(models::embed)))
+        .service(
+            metered("/v1/models/{name}/classify", Some(Scope::Inference), None)
+                .route(web::post().to(models::classify)),
+        )
+        .service(
+            metered("/v1/models/{name}/embed", Some(Scope::Inference), None)
+                .route(web::post().to(models::embed)),
+        )
         .service(resource("/v2/models/{name}").route(web::get().to(inference::metadata)))
         .service(resource("/v2/models/{name}/versions/{version}").route(web::get().to(inference::metadata)))
         .service(resource("/v2/models/{name}/ready").route(web::get().to(inference::ready)))
@@ -117,12 +127,17 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
             resource("/v2/models/{name}/versions/{version}/ready").route(web::get().to(inference::ready)),
         )
         .service(
-            metered("/v2/models/{name}/infer", Some(inference::TENSOR_BODY_LIMIT))
-                .route(web::post().to(inference::infer)),
+            metered(
+                "/v2/models/{name}/infer",
+                Some(Scope::Inference),
+                Some(inference::TENSOR_BODY_LIMIT),
+            )
+            .route(web::post().to(inference::infer)),
         )
         .service(
             metered(
                 "/v2/models/{name}/versions/{version}/infer",
+                Some(Scope::Inference),
                 Some(inference::TENSOR_BODY_LIMIT),
             )
             .route(web::post().to(inference::infer)),
@@ -144,7 +159,10 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
                 .route(web::patch().to(plugins::update))
                 .route(web::delete().to(plugins::uninstall)),
         )
-        .service(metered("/v1/installations/{id}/invoke", None).route(web::post().to(plugins::invoke)))
+        .service(
+            metered("/v1/installations/{id}/invoke", Some(Scope::Plugins), None)
+                .route(web::post().to(plugins::invoke)),
+        )
         .service(resource("/v1/author/earnings").route(web::get().to(plugins::earnings)))
         .service(resource("/v2/health/live").route(web::get().to(health::live)))
         .service(resource("/v2/health/ready").route(web::get().to(health::ready)))

@@ -122,6 +122,7 @@ impl Store {
                     value: Set(value),
                     created_at: Set(now),
                     sent_at: Set(None),
+                    sent_at_us: Set(None),
                 }
                 .insert(&txn)
                 .await?;
@@ -161,9 +162,17 @@ impl Store {
             .collect()
     }
 
+    /// Records that Stripe acknowledged a bucket's meter event (once: a later acknowledgement of the
+    /// same identifier keeps the first time, which is when the usage reached Stripe).
     pub async fn mark_meter_push_sent(&self, identifier: &str) -> Result<()> {
+        let now = Utc::now();
         meter_pushes::Entity::update_many()
-            .col_expr(meter_pushes::Column::SentAt, Expr::value(Utc::now()))
+            .col_expr(meter_pushes::Column::SentAt, Expr::value(now))
+            .col_expr(
+                meter_pushes::Column::SentAtUs,
+                Expr::value(now.timestamp_micros()),
+            )
+            .filter(meter_pushes::Column::SentAt.is_null())
             .filter(meter_pushes::Column::Identifier.eq(identifier))
             .exec(self.db())
             .await?;

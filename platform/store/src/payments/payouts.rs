@@ -36,13 +36,16 @@ pub struct PayoutClaim {
     pub stripe_account_id: String,
     /// Transfer attempts made so far, this one included once claimed by [`Store::begin_transfer`].
     pub attempts: i32,
+    /// How many times the payout was armed (1, plus one per retry after a failure).
+    pub generation: i32,
 }
 
 impl PayoutClaim {
-    /// The Stripe Idempotency-Key of the current attempt.
+    /// The Stripe Idempotency-Key of the current attempt: shared by every attempt of a generation, so
+    /// two attempts racing (a rerun on a replica whose clock runs ahead) are one transfer at Stripe.
     #[must_use]
     pub fn attempt_key(&self) -> String {
-        format!("{}-{}", self.payout.id, self.attempts)
+        format!("{}-{}", self.payout.id, self.generation)
     }
 }
 
@@ -87,6 +90,7 @@ fn to_claim(row: payouts::Model) -> Result<PayoutClaim> {
         tenant_id: crate::accounts::parse_id(&row.tenant_id)?,
         stripe_account_id: row.stripe_account_id.clone(),
         attempts: row.attempts,
+        generation: row.generation,
         payout: to_payout(row),
     })
 }
@@ -209,13 +213,15 @@ impl Store {
         versions_of(conn, plugin_ids).await
     }
 
-    /// The author's balance in each currency revenue was collected in, counting calls before `until`.
+    /// The author's balance in each currency revenue was collected in, counting calls before `until`
+    /// whose invoices were paid by `paid_by` (payouts wait a hold after payment, for chargebacks).
     pub async fn author_balances(
         &self,
         author: &TenantId,
         until: DateTime<Utc>,
+        paid_by: DateTime<Utc>,
     ) -> Result<Vec<AuthorBalance>> {
-        self.balances_in(self.db(), author, until).await
+        self.balances_in(self.db(), author, until, paid_by).await
     }
 
     async fn balances_in(
@@ -223,6 +229,7 @@ impl Store {
         conn: &impl ConnectionTrait,
         author: &TenantId,
         until: DateTime<Utc>,
+        paid_by: DateTime<Utc>,
     ) -> Result<Vec<AuthorBalance>> {
         let versions = self.authored_versions(conn, author).await?;
         // Every currency revenue was collected in, and every one the author was paid in (a refund may
@@ -244,7 +251,7 @@ impl Store {
                 &versions,
                 sea_orm::Condition::all()
                     .add(usage_events::Column::OccurredAtUs.lt(until.timestamp_micros()))
-                    .add(collected_in(&currency)),
+                    .add(collected_in(&currency, paid_by.timestamp_micros())),
             )
             .await?;
             balances.push(AuthorBalance {
@@ -282,8 +289,12 @@ impl Store {
             let sums = plugin_sums(self.db(), &versions, in_range()).await?;
             let mut payable = Micros::ZERO;
             for currency in &currencies {
-                let collected =
-                    plugin_sums(self.db(), &versions, in_range().add(collected_in(currency))).await?;
+                let collected = plugin_sums(
+                    self.db(),
+                    &versions,
+                    in_range().add(collected_in(currency, i64::MAX)),
+                )
+                .await?;
                 payable = payable
                     .checked_add(Micros(collected.share))
                     .ok_or_else(overflow)?;
@@ -300,7 +311,8 @@ impl Store {
         }
         let total = Micros::checked_sum(rows.iter().map(|r| r.earnings)).ok_or_else(overflow)?;
         let payable = Micros::checked_sum(rows.iter().map(|r| r.payable)).ok_or_else(overflow)?;
-        let balances = self.author_balances(author, Utc::now()).await?;
+        let now = Utc::now();
+        let balances = self.author_balances(author, now, now).await?;
         Ok(Earnings {
             from,
             to,
@@ -317,9 +329,9 @@ impl Store {
 
     /// The author's payout of the run for `period` in `currency`: the one recorded before (a `failed`
     /// one re-armed with the balance as it is now), or a new `pending` one for the whole cents of the
-    /// balance collected before `until`. `None` when there is nothing to pay. Balances are read and
-    /// payouts recorded under a lock on the author's account, so concurrent runs (for any periods, on
-    /// any replicas) never pay the same earnings twice.
+    /// balance from calls before `until` whose invoices were paid by `paid_by`. `None` when there is
+    /// nothing to pay. Balances are read and payouts recorded under a lock on the author's account, so
+    /// concurrent runs (for any periods, on any replicas) never pay the same earnings twice.
     pub async fn open_payout(
         &self,
         author: &TenantId,
@@ -327,6 +339,7 @@ impl Store {
         period: &str,
         currency: &str,
         until: DateTime<Utc>,
+        paid_by: DateTime<Utc>,
     ) -> Result<Option<PayoutClaim>> {
         let txn = self.write_transaction().await?;
         let account = author_accounts::Entity::find_in(author)
@@ -346,7 +359,7 @@ impl Store {
         }
         // A failed payout moved nothing and counts for nothing: the balance is what it re-arms with.
         let available = self
-            .balances_in(&txn, author, until)
+            .balances_in(&txn, author, until, paid_by)
             .await?
             .into_iter()
             .find(|b| b.currency == currency)
@@ -362,12 +375,14 @@ impl Store {
         let now = Utc::now();
         let row = match existing {
             Some(row) => {
+                let row_generation = row.generation;
                 let mut model: payouts::ActiveModel = row.into();
                 model.earnings_micros = Set(amount.0);
                 model.amount_cents = Set(cents);
                 model.stripe_account_id = Set(account.stripe_account_id.clone());
                 model.status = Set(PayoutStatus::Pending.as_str().to_owned());
                 model.failure = Set(None);
+                model.generation = Set(row_generation + 1);
                 model.update(&txn).await?
             }
             None => {
@@ -390,14 +405,15 @@ impl Store {
                     attempts: Set(0),
                     last_attempt_at_us: Set(None),
                     failure: Set(None),
+                    generation: Set(1),
                 }
                 .insert(&txn)
                 .await?
             }
         };
-        crate::audit::record(
+        crate::audit::record_operator_act(
             &txn,
-            Some(author),
+            author,
             who,
             "payout.open",
             Some(&row.id),
@@ -448,7 +464,9 @@ impl Store {
         Ok(Some(to_claim(row)?))
     }
 
-    /// Settles a claimed payout: paid by `transfer`, or refused by Stripe with `failure`.
+    /// Settles a claimed payout: paid by `transfer`, or refused by Stripe with `failure`. Only while
+    /// the payout is still this claim's (transferring, same generation): a late answer to an old
+    /// attempt changes nothing, and the payout is returned as it stands.
     pub async fn finish_payout(
         &self,
         claim: &PayoutClaim,
@@ -457,9 +475,13 @@ impl Store {
     ) -> Result<Payout> {
         let txn = self.write_transaction().await?;
         let row = payouts::Entity::find_by_id(claim.payout.id.as_str())
+            .lock_exclusive()
             .one(&txn)
             .await?
             .ok_or(StoreError::NotFound("payout"))?;
+        if row.status != PayoutStatus::Transferring.as_str() || row.generation != claim.generation {
+            return Ok(to_payout(row));
+        }
         let mut model: payouts::ActiveModel = row.into();
         let action = match outcome {
             Ok(transfer) => {
@@ -476,9 +498,9 @@ impl Store {
             }
         };
         let row = model.update(&txn).await?;
-        crate::audit::record(
+        crate::audit::record_operator_act(
             &txn,
-            Some(&claim.tenant_id),
+            &claim.tenant_id,
             who,
             action,
             Some(&row.id),

@@ -1,7 +1,11 @@
 //! Statements and the invoices that collect them: usage itemised per period, the invoices Stripe
 //! reports (or, in local billing, the statements an operator records as paid), and which usage counts
-//! as collected: usage inside the period of a paid invoice. Only collected plugin fees are paid out to
-//! plugin authors.
+//! as collected. Only collected plugin fees are paid out to plugin authors.
+//!
+//! A plugin call's fee is collected when a paid invoice charged it: an invoice of the call's tenant,
+//! paid, whose period holds the call, and, for a Stripe invoice, finalized only after the meter event
+//! carrying the call's bucket of plugin fees reached Stripe (usage Stripe heard of later is not on
+//! that invoice). A statement an operator records as paid (local billing) collects what it states.
 
 use std::collections::HashMap;
 
@@ -16,7 +20,7 @@ use sea_orm::{
 
 use super::MODEL_KIND;
 use crate::audit::Who;
-use crate::entity::{TenantScoped, invoices, plugin_versions, plugins, usage_events};
+use crate::entity::{TenantScoped, invoices, meter_pushes, plugin_versions, plugins, usage_events};
 use crate::{Result, Store, StoreError};
 
 /// The status of an invoice whose money arrived (Stripe's, and local statements marked paid).
@@ -26,11 +30,33 @@ fn overflow() -> StoreError {
     StoreError::Internal("a statement total overflows".into())
 }
 
-/// A condition on `usage_events` rows: the event lies in the period of a paid invoice of its tenant in
-/// `currency`. Overlapping invoices count an event once.
-pub(crate) fn collected_in(currency: &str) -> SimpleExpr {
+/// A condition on `usage_events` rows of plugin calls: a paid invoice in `currency`, paid no later
+/// than `paid_by_us`, charged the call (see the module's doc). Overlapping invoices count a call once.
+pub(crate) fn collected_in(currency: &str, paid_by_us: i64) -> SimpleExpr {
     let event = |column| (usage_events::Entity, column);
     let invoice = |column| (invoices::Entity, column);
+    let push = |column| (meter_pushes::Entity, column);
+    let sent_before_finalized = Query::select()
+        .expr(Expr::val(1))
+        .from(meter_pushes::Entity)
+        .and_where(
+            Expr::col(push(meter_pushes::Column::TenantId)).equals(event(usage_events::Column::TenantId)),
+        )
+        .and_where(Expr::col(push(meter_pushes::Column::Meter)).eq(super::METER_PLUGIN_FEES))
+        .and_where(
+            Expr::col(push(meter_pushes::Column::BucketStartUs))
+                .lte(Expr::col(event(usage_events::Column::OccurredAtUs))),
+        )
+        .and_where(
+            Expr::col(event(usage_events::Column::OccurredAtUs))
+                .lt(Expr::col(push(meter_pushes::Column::BucketEndUs))),
+        )
+        // Stripe stamps finalization in whole seconds: a push in that same second counts as before.
+        .and_where(
+            Expr::col(push(meter_pushes::Column::SentAtUs))
+                .lte(Expr::col(invoice(invoices::Column::FinalizedAtUs)).add(999_999)),
+        )
+        .to_owned();
     let paid_invoice = Query::select()
         .expr(Expr::val(1))
         .from(invoices::Entity)
@@ -38,6 +64,7 @@ pub(crate) fn collected_in(currency: &str) -> SimpleExpr {
             Expr::col(invoice(invoices::Column::TenantId)).equals(event(usage_events::Column::TenantId)),
         )
         .and_where(Expr::col(invoice(invoices::Column::Status)).eq(PAID))
+        .and_where(Expr::col(invoice(invoices::Column::PaidAtUs)).lte(paid_by_us))
         .and_where(Expr::col(invoice(invoices::Column::Currency)).eq(currency))
         .and_where(
             Expr::col(invoice(invoices::Column::PeriodStartUs))
@@ -46,6 +73,11 @@ pub(crate) fn collected_in(currency: &str) -> SimpleExpr {
         .and_where(
             Expr::col(event(usage_events::Column::OccurredAtUs))
                 .lt(Expr::col(invoice(invoices::Column::PeriodEndUs))),
+        )
+        .and_where(
+            Expr::col(invoice(invoices::Column::Local))
+                .eq(true)
+                .or(Expr::exists(sent_before_finalized)),
         )
         .to_owned();
     Expr::exists(paid_invoice)
@@ -215,12 +247,15 @@ impl Store {
                     hosted_url: Set(None),
                     stripe_event_at: Set(0),
                     updated_at: Set(Utc::now()),
+                    finalized_at_us: Set(Some(Utc::now().timestamp_micros())),
+                    local: Set(true),
+                    paid_at_us: Set(Some(Utc::now().timestamp_micros())),
                 }
                 .insert(&txn)
                 .await?;
-                crate::audit::record(
+                crate::audit::record_operator_act(
                     &txn,
-                    Some(tenant),
+                    tenant,
                     who,
                     "statement.mark_paid",
                     Some(&id),

@@ -9,6 +9,7 @@ use plinth_core::id::TenantId;
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Set};
 
+use super::statements::PAID;
 use crate::audit::Who;
 use crate::entity::{TenantScoped, author_accounts, invoices, meter_pushes, stripe_events, subscriptions};
 use crate::plans::{FREE_PLAN, find_plan, month_after};
@@ -54,13 +55,21 @@ pub enum ProviderChange {
         currency: String,
         period_start: DateTime<Utc>,
         period_end: DateTime<Utc>,
+        /// When its lines were fixed (`status_transitions.finalized_at`), when Stripe says.
+        finalized_at: Option<DateTime<Utc>>,
+        /// When it was paid (`status_transitions.paid_at`), when Stripe says.
+        paid_at: Option<DateTime<Utc>>,
         /// `Some(true)`: paid, the subscription is in good standing; `Some(false)`: payment failed,
         /// the tenant is past due.
         settled: Option<bool>,
     },
     /// Money an invoice collected was (partly) given back: its period no longer counts as collected,
     /// so plugin earnings in it are not paid out (or are withheld from later payouts).
-    Refunded { invoice: String },
+    Refunded {
+        invoice: String,
+        /// The customer, when the event names it: a refund of an invoice not seen yet is kept for it.
+        customer: Option<String>,
+    },
     /// A connected account's capabilities changed.
     Account { account: String, payouts_enabled: bool },
     /// An event this platform does not act on; recorded so it is not reprocessed.
@@ -289,6 +298,8 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
             currency,
             period_start,
             period_end,
+            finalized_at,
+            paid_at,
             settled,
         } => {
             let Some(row) = subscription_of_customer(conn, customer, None).await? else {
@@ -306,18 +317,40 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
                     .as_ref()
                     .is_none_or(|e| event.created >= e.stripe_event_at)
             {
+                // Paid stays paid: an `invoice.finalized` (open) stamped in the same second as the
+                // payment, delivered after it, does not make it unpaid again.
+                let status = match &existing {
+                    Some(e) if e.status == PAID && matches!(invoice.status.as_str(), "draft" | "open") => {
+                        PAID.to_owned()
+                    }
+                    _ => invoice.status.clone(),
+                };
+                // Finalized when Stripe says so; else no later than the first event that shows it
+                // past its draft.
+                let finalized_at_us = finalized_at
+                    .map(|t| t.timestamp_micros())
+                    .or_else(|| existing.as_ref().and_then(|e| e.finalized_at_us))
+                    .or_else(|| (status != "draft").then(|| event.created.saturating_mul(1_000_000)));
+                let paid_at_us = existing.as_ref().and_then(|e| e.paid_at_us).or_else(|| {
+                    (status == PAID).then(|| {
+                        paid_at.map_or(event.created.saturating_mul(1_000_000), |t| t.timestamp_micros())
+                    })
+                });
                 let model = invoices::ActiveModel {
                     stripe_invoice_id: Set(invoice.id.clone()),
                     tenant_id: Set(tenant.to_string()),
                     period_start_us: Set(period_start.timestamp_micros()),
                     period_end_us: Set(period_end.timestamp_micros()),
-                    status: Set(invoice.status.clone()),
+                    status: Set(status),
                     currency: Set(currency.to_ascii_lowercase()),
                     total_cents: Set(invoice.total_cents),
                     amount_paid_cents: Set(invoice.amount_paid_cents),
                     hosted_url: Set(invoice.hosted_url.clone()),
                     stripe_event_at: Set(event.created),
                     updated_at: Set(now),
+                    finalized_at_us: Set(finalized_at_us),
+                    local: Set(false),
+                    paid_at_us: Set(paid_at_us),
                 };
                 if existing.is_some() {
                     model.update(conn).await?;
@@ -355,9 +388,36 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
             model.update(conn).await?;
             Ok(Some(tenant))
         }
-        ProviderChange::Refunded { invoice } => {
+        ProviderChange::Refunded { invoice, customer } => {
             let Some(row) = invoices::Entity::find_by_id(invoice.as_str()).one(conn).await? else {
-                tracing::warn!(event = %event.id, %invoice, "refund of an invoice this platform has not seen");
+                // Not seen yet (events arrive in any order): keep the refund, so the invoice is
+                // refunded whenever its own events come.
+                let owner = match customer {
+                    Some(customer) => subscription_of_customer(conn, customer, None).await?,
+                    None => None,
+                };
+                let Some(owner) = owner else {
+                    tracing::warn!(event = %event.id, %invoice, "refund of an invoice of an unknown customer");
+                    return Ok(None);
+                };
+                invoices::ActiveModel {
+                    stripe_invoice_id: Set(invoice.clone()),
+                    tenant_id: Set(owner.tenant_id.clone()),
+                    period_start_us: Set(0),
+                    period_end_us: Set(0),
+                    status: Set(REFUNDED.to_owned()),
+                    currency: Set(String::new()),
+                    total_cents: Set(0),
+                    amount_paid_cents: Set(0),
+                    hosted_url: Set(None),
+                    stripe_event_at: Set(event.created),
+                    updated_at: Set(now),
+                    finalized_at_us: Set(None),
+                    local: Set(false),
+                    paid_at_us: Set(None),
+                }
+                .insert(conn)
+                .await?;
                 return Ok(None);
             };
             let tenant: TenantId = crate::accounts::parse_id(&row.tenant_id)?;
@@ -439,6 +499,8 @@ mod tests {
             currency: "USD".into(),
             period_start: DateTime::from_timestamp(1_000, 0).unwrap(),
             period_end: DateTime::from_timestamp(2_000, 0).unwrap(),
+            finalized_at: None,
+            paid_at: None,
             settled,
         }
     }
@@ -551,6 +613,7 @@ mod tests {
                 200,
                 ProviderChange::Refunded {
                     invoice: "in_1".into(),
+                    customer: None,
                 },
             ))
             .await
@@ -584,6 +647,49 @@ mod tests {
                 .len()
                 == 1
         );
+    }
+
+    #[tokio::test]
+    async fn paid_stays_paid_and_a_refund_seen_first_still_counts() {
+        let (store, _dir) = test_store().await;
+        tenant_with_customer(&store, "cus_1").await;
+        store
+            .apply_provider_event(&event("evt_1", 100, invoice("in_1", "paid", Some(true))))
+            .await
+            .unwrap();
+        // `invoice.finalized`, stamped the same second, delivered after the payment.
+        store
+            .apply_provider_event(&event("evt_2", 100, invoice("in_1", "open", None)))
+            .await
+            .unwrap();
+        assert_eq!(invoice_status(&store, "in_1").await, PAID);
+        let row = invoices::Entity::find_by_id("in_1")
+            .one(store.db())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (row.paid_at_us, row.finalized_at_us),
+            (Some(100_000_000), Some(100_000_000))
+        );
+
+        // The refund of an invoice whose own events have not arrived yet.
+        store
+            .apply_provider_event(&event(
+                "evt_3",
+                200,
+                ProviderChange::Refunded {
+                    invoice: "in_2".into(),
+                    customer: Some("cus_1".into()),
+                },
+            ))
+            .await
+            .unwrap();
+        store
+            .apply_provider_event(&event("evt_4", 300, invoice("in_2", "paid", Some(true))))
+            .await
+            .unwrap();
+        assert_eq!(invoice_status(&store, "in_2").await, REFUNDED);
     }
 
     #[tokio::test]
