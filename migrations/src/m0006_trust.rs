@@ -84,6 +84,14 @@ enum MeterPushes {
     SentAtUs,
 }
 
+#[derive(DeriveIden)]
+enum Subscriptions {
+    Table,
+    /// The Stripe subscription carries the plugin-fees price, so plugin fees sent to the meter are
+    /// invoiced (a subscription made before that price was configured does not).
+    PluginFeesItem,
+}
+
 async fn add_column(
     manager: &SchemaManager<'_>,
     table: impl IntoIden,
@@ -92,6 +100,28 @@ async fn add_column(
     manager
         .alter_table(Table::alter().table(table).add_column(column).to_owned())
         .await
+}
+
+/// What the new columns say about rows written before them: invoices Stripe reported paid were
+/// finalized and paid by the last event about them, and meter events were acknowledged when they
+/// were marked sent. (Subscriptions learn whether they carry the plugin-fees price from their next
+/// Stripe event.)
+async fn backfill(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    db.execute_unprepared(
+        "UPDATE invoices SET paid_at_us = stripe_event_at * 1000000, \
+         finalized_at_us = stripe_event_at * 1000000 WHERE status = 'paid'",
+    )
+    .await?;
+    let sent_us = match manager.get_database_backend() {
+        sea_orm::DatabaseBackend::Postgres => "CAST(EXTRACT(EPOCH FROM sent_at) * 1000000 AS BIGINT)",
+        _ => "CAST((julianday(sent_at) - 2440587.5) * 86400000000.0 AS INTEGER)",
+    };
+    db.execute_unprepared(&format!(
+        "UPDATE meter_pushes SET sent_at_us = {sent_us} WHERE sent_at IS NOT NULL"
+    ))
+    .await?;
+    Ok(())
 }
 
 #[async_trait::async_trait]
@@ -185,6 +215,13 @@ impl MigrationTrait for Migration {
             big_integer_null(MeterPushes::SentAtUs),
         )
         .await?;
+        add_column(
+            manager,
+            Subscriptions::Table,
+            boolean(Subscriptions::PluginFeesItem).default(false).to_owned(),
+        )
+        .await?;
+        backfill(manager).await?;
         // One payout per author, run and currency (earnings are paid in the currency they were collected in).
         manager
             .drop_index(

@@ -749,7 +749,7 @@ impl Client {
                 request = request.json(body);
             }
             let outcome = match request.send().await {
-                Ok(response) if response.status().is_server_error() => Ok(read_server_error(response).await?),
+                Ok(response) if response.status().is_server_error() => Ok(read_server_error(response).await),
                 other => other,
             };
             let wait = match &outcome {
@@ -805,11 +805,13 @@ fn retryable_status(response: &reqwest::Response) -> bool {
 #[derive(Debug, Clone, Copy)]
 struct ServerErrorCode(ErrorCode);
 
-/// Reads a 5xx answer to learn its error code, and puts it back together for the caller.
-async fn read_server_error(response: reqwest::Response) -> Result<reqwest::Response> {
+/// Reads a 5xx answer to learn its error code, and puts it back together for the caller. (Error
+/// bodies are small: the server's are a few hundred bytes.)
+async fn read_server_error(response: reqwest::Response) -> reqwest::Response {
     let status = response.status();
     let headers = response.headers().clone();
-    let body = response.bytes().await?;
+    // An answer cut off on the way has no code to go by: retried like any transient failure.
+    let body = response.bytes().await.unwrap_or_default();
     let code = serde_json::from_slice::<ErrorBody>(&body)
         .map(|b| b.error.code)
         .or_else(|_| serde_json::from_slice::<ProtocolErrorBody>(&body).map(|b| b.code))
@@ -820,7 +822,7 @@ async fn read_server_error(response: reqwest::Response) -> Result<reqwest::Respo
     if let Some(code) = code {
         rebuilt.extensions_mut().insert(ServerErrorCode(code));
     }
-    Ok(reqwest::Response::from(rebuilt))
+    reqwest::Response::from(rebuilt)
 }
 
 fn retry_after(response: &reqwest::Response) -> Option<Duration> {

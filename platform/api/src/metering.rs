@@ -146,8 +146,8 @@ fn fingerprint(req: &ServiceRequest, body: &[u8]) -> String {
     hex::encode(hash.finalize())
 }
 
-/// The largest answer stored for replay. Larger ones (big tensors) are not kept: a retry runs the
-/// request again under the same ledger key, so it is still billed once.
+/// The largest answer stored for replay. A larger one (big tensors) is not kept: its key is spent, and
+/// a retry is told to use a new key.
 const MAX_STORED_ANSWER: usize = 4 << 20;
 
 /// Response headers that belong to the answer (and come back with a replay).
@@ -241,10 +241,10 @@ async fn run_claimed<B: MessageBody + 'static>(
         }
     };
     if body.len() > MAX_STORED_ANSWER {
-        // Too large to keep: a retry runs the request again, under the same ledger key (billed once).
-        metrics::counter!("plinth_idempotent_answers_not_stored_total").increment(1);
-        if let Err(err) = state.store.release_request(&claim).await {
-            tracing::warn!(error = %err, "cannot release an idempotent request; its lease will lapse");
+        // Too large to keep: the key is spent (running it again under it would be free work).
+        metrics::counter!("plinth_idempotent_answers_not_kept_total").increment(1);
+        if let Err(err) = state.store.complete_request(&claim, None).await {
+            tracing::error!(error = %err, "cannot record an idempotent request as answered");
         }
         return Ok(ServiceResponse::new(
             request,
@@ -262,10 +262,11 @@ async fn run_claimed<B: MessageBody + 'static>(
             .collect(),
         body: body.to_vec(),
     };
-    // Not stored (the database failed): a retry runs the request again, under the same ledger key,
-    // so it is still billed once.
-    if let Err(err) = state.store.complete_request(&claim, &stored).await {
-        tracing::warn!(error = %err, "cannot store an idempotent request's answer");
+    // Not stored (the database failed twice): once its lease lapses, a retry runs the request again,
+    // under the same ledger key. Logged as an error: it is work done once and billed once, twice.
+    if let Err(err) = state.store.complete_request(&claim, Some(&stored)).await {
+        metrics::counter!("plinth_idempotent_answers_lost_total").increment(1);
+        tracing::error!(error = %err, "cannot store an idempotent request's answer");
     }
     Ok(ServiceResponse::new(
         request,
@@ -322,6 +323,12 @@ async fn admit(
             )
             .retry_after(Duration::from_secs(1)));
         }
+        Attempt::NotKept => {
+            return Err(ApiError::new(
+                ErrorCode::IdempotencyAnswerNotKept,
+                "this request ran, but its answer was too large to keep for replay; send it with a new Idempotency-Key to run it again",
+            ));
+        }
         Attempt::Mismatch => {
             metrics::counter!("plinth_idempotency_key_reuse_total").increment(1);
             return Err(ApiError::new(
@@ -363,6 +370,7 @@ pub(crate) async fn middleware(
             req.extensions_mut().insert(IdempotencyKey {
                 attempt: key.clone(),
                 call: key,
+                inherited: false,
             });
             next.call(req).await?.map_into_boxed_body()
         }
@@ -371,6 +379,7 @@ pub(crate) async fn middleware(
             req.extensions_mut().insert(IdempotencyKey {
                 call: claim.ledger_key(),
                 attempt: claim.attempt_key(),
+                inherited: claim.inherited(),
             });
             run_claimed(&state, claim, req, next).await?
         }
@@ -466,10 +475,10 @@ pub(crate) async fn record_usage(
 /// durable event, but the event's commit (an fsync) overlaps the work instead of following it.
 ///
 /// Work that fails before it waits for anything (bad input, a full queue) is refused without touching
-/// the ledger. Work that fails later has its event withdrawn, so only served calls are billed; a replay
-/// never withdraws the event of the call it repeats. One race is resolved in the client's favour: when
-/// two attempts with the same key run at once and the one that wrote the event fails while the other
-/// succeeds, that call goes unbilled.
+/// the ledger. Work that fails later has its event withdrawn, so only served calls are billed. A replay
+/// (the event was already there) withdraws it only when this attempt inherited the call from one that
+/// stopped unanswered: attempts at one keyed request run one at a time (see the middleware), so then
+/// nobody was served.
 pub(crate) async fn metered<T>(
     state: &AppState,
     auth: &Principal,
@@ -478,6 +487,7 @@ pub(crate) async fn metered<T>(
     billable: Billable<'_>,
     work: impl Future<Output = Result<T, ApiError>>,
 ) -> Result<(T, plinth_store::ledger::Recorded), ApiError> {
+    let idempotency_inherited = idempotency.inherited;
     let mut work = std::pin::pin!(work);
     // One poll: does the work finish (or fail) without waiting?
     let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
@@ -491,7 +501,7 @@ pub(crate) async fn metered<T>(
     match (outcome, recorded) {
         (Ok(value), Ok(recorded)) => Ok((value, recorded)),
         (Err(err), Ok(recorded)) => {
-            if !recorded.replayed
+            if (!recorded.replayed || idempotency_inherited)
                 && let Err(withdraw) = state
                     .store
                     .withdraw_usage_event(&auth.tenant_id, &recorded.event_id)
@@ -526,6 +536,9 @@ pub struct IdempotencyKey {
     /// attempt's sub-calls are work of their own, billed as such: were they keyed like the call, an
     /// attempt that fails on purpose would let the next one run different sub-calls as "replays".
     pub attempt: String,
+    /// This attempt took the call over from one that stopped unanswered: the call's event may be that
+    /// attempt's, and this one withdraws it if it fails too (nobody was answered).
+    pub inherited: bool,
 }
 
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";

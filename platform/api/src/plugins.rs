@@ -221,6 +221,7 @@ impl TenantServices {
         let idempotency = IdempotencyKey {
             attempt: key.clone(),
             call: key,
+            inherited: false,
         };
         let billable = Billable::model(&self.auth, model, units);
         let request_id = RequestId(self.request_id.clone());

@@ -98,13 +98,16 @@ pub fn parse(body: &[u8], settings: &StripeSettings) -> Result<ProviderEvent, St
                 .and_then(Value::as_array)
                 .cloned()
                 .unwrap_or_default();
-            let plan = items
+            let prices: Vec<String> = items
                 .iter()
                 .filter_map(|item| {
                     item.get("price")
                         .and_then(|p| text(p, "id").or_else(|| p.as_str().map(str::to_owned)))
                 })
-                .find_map(|price| settings.plan_of_price(&price).map(str::to_owned))
+                .collect();
+            let plan = prices
+                .iter()
+                .find_map(|price| settings.plan_of_price(price).map(str::to_owned))
                 .or_else(|| {
                     object
                         .get("metadata")
@@ -120,6 +123,10 @@ pub fn parse(body: &[u8], settings: &StripeSettings) -> Result<ProviderEvent, St
                     .or_else(|| time(object, field))
             };
             ProviderChange::Subscription {
+                plugin_fees_item: settings
+                    .plugin_fees_price
+                    .as_ref()
+                    .is_some_and(|fees| prices.contains(fees)),
                 customer: required(object, "customer")?,
                 subscription: required(object, "id")?,
                 plan,

@@ -577,7 +577,8 @@ impl Billing {
                 .filter(|b| b.available().whole_cents() >= 1)
                 .map(|b| b.currency)
                 .collect();
-            // Payouts of this run already recorded (some perhaps still transferring) are settled too.
+            // Payouts of this run already recorded (some perhaps still transferring) are settled too,
+            // and so are earlier runs' payouts still under way: each run finishes what any run began.
             let recorded = self.store.payouts(&author).await?;
             currencies.extend(
                 recorded
@@ -587,12 +588,29 @@ impl Billing {
             );
             currencies.sort();
             currencies.dedup();
-            if currencies.is_empty() {
+            let unfinished: Vec<Payout> = recorded
+                .into_iter()
+                .filter(|p| {
+                    p.period != period
+                        && matches!(p.status, PayoutStatus::Pending | PayoutStatus::Transferring)
+                })
+                .collect();
+            if currencies.is_empty() && unfinished.is_empty() {
                 continue;
             }
             if !matches!(self.store.author_account(&author).await?, Some((_, true))) {
                 run.waiting_for_onboarding += 1;
                 continue;
+            }
+            for payout in unfinished {
+                let Some(claim) = self
+                    .store
+                    .open_payout(&author, who, &payout.period, &payout.currency, until, paid_by)
+                    .await?
+                else {
+                    continue;
+                };
+                run.payouts.push(self.settle(stripe, claim, now, who).await?);
             }
             for currency in currencies {
                 let Some(claim) = self

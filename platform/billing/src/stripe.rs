@@ -642,6 +642,8 @@ impl StripeGateway {
         struct Query<'a> {
             transfer_group: &'a str,
             limit: u32,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            starting_after: Option<&'a str>,
         }
         #[derive(Deserialize)]
         struct Transfer {
@@ -652,31 +654,44 @@ impl StripeGateway {
         #[derive(Deserialize)]
         struct List {
             data: Vec<Transfer>,
+            #[serde(default)]
+            has_more: bool,
         }
+        let mut mine = Vec::new();
         for group in [payout.to_owned(), format!("payouts-{period}")] {
-            let found: List = self
-                .call(
-                    StripeMethod::Get,
-                    "/transfers",
-                    Some(&Query {
-                        transfer_group: &group,
-                        limit: 100,
-                    }),
-                    None,
-                )
-                .await?;
-            let mine: Vec<Transfer> = found
-                .data
-                .into_iter()
-                .filter(|t| t.metadata.get("payout").map(String::as_str) == Some(payout))
-                .collect();
-            if mine.len() > 1 {
-                tracing::error!(%payout, transfers = mine.len(), "more than one transfer for one payout");
+            // Every page: the legacy group holds every author's transfer of a month.
+            let mut after: Option<String> = None;
+            loop {
+                let page: List = self
+                    .call(
+                        StripeMethod::Get,
+                        "/transfers",
+                        Some(&Query {
+                            transfer_group: &group,
+                            limit: 100,
+                            starting_after: after.as_deref(),
+                        }),
+                        None,
+                    )
+                    .await?;
+                after = page.data.last().map(|t| t.id.clone());
+                mine.extend(
+                    page.data
+                        .into_iter()
+                        .filter(|t| t.metadata.get("payout").map(String::as_str) == Some(payout))
+                        .map(|t| t.id),
+                );
+                if !page.has_more || after.is_none() {
+                    break;
+                }
             }
-            if let Some(transfer) = mine.into_iter().next() {
-                return Ok(Some(transfer.id));
+            if !mine.is_empty() {
+                break;
             }
         }
-        Ok(None)
+        if mine.len() > 1 {
+            tracing::error!(%payout, transfers = mine.len(), "more than one transfer for one payout");
+        }
+        Ok(mine.into_iter().next())
     }
 }

@@ -64,6 +64,9 @@ error_codes! {
     /// The `Idempotency-Key` was already used for a different request (another method, path or body)
     /// within the retention window; use a fresh key for a new request.
     IdempotencyKeyReused = 422,
+    /// The request under this `Idempotency-Key` ran and was answered, but its answer was too large to
+    /// keep for replay; run it again with a new key (and be billed again).
+    IdempotencyAnswerNotKept = 422,
     /// Stripe manages this state: change it in Stripe, which tells the platform through its webhooks.
     ManagedByPaymentProvider = 409,
     /// The model or input is not of the kind this call needs (e.g. classify with an embedding model).

@@ -10,6 +10,7 @@ use sea_orm::{
 
 use crate::entity::audit_log;
 use crate::{Result, Store, StoreError};
+use sea_orm::sea_query::{Expr, LikeExpr};
 
 /// Who acts, and from where: recorded with every audited change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,7 +162,12 @@ impl Store {
             select = select.filter(audit_log::Column::Id.lt(before.as_str()));
         }
         if let Some(prefix) = query.action_prefix.as_deref().filter(|p| !p.is_empty()) {
-            select = select.filter(audit_log::Column::Action.starts_with(prefix));
+            // `_` is a LIKE wildcard (and part of action names): matched literally.
+            let pattern = format!("{}%", prefix.replace('\\', "\\\\").replace('_', "\\_"));
+            select = select.filter(sea_orm::sea_query::ExprTrait::like(
+                Expr::col(audit_log::Column::Action),
+                LikeExpr::new(pattern).escape('\\'),
+            ));
         }
         let mut rows = select.limit(query.limit + 1).all(self.db()).await?;
         let more = rows.len() as u64 > query.limit;

@@ -47,7 +47,8 @@ pub struct Principal {
     pub call_cap: Option<i64>,
     /// The tenant is on a paid plan in good standing, so priced calls (plugins) have a bill to go on.
     pub paid_subscription: bool,
-    /// ...and that bill is a Stripe subscription (what Stripe mode needs to collect it).
+    /// ...and that bill is a Stripe subscription carrying the plugin-fees price (what Stripe mode needs
+    /// to invoice a plugin's fee).
     pub provider_subscription: bool,
     pub expires_at: Option<DateTime<Utc>>,
 }

@@ -227,6 +227,7 @@ pub mod subscriptions {
         pub stripe_event_at: Option<i64>,
         pub status_event_at: Option<i64>,
         pub meter_synced_until_us: Option<i64>,
+        pub plugin_fees_item: bool,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

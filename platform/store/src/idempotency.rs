@@ -24,6 +24,8 @@ use crate::{Result, Store, StoreError};
 
 const IN_FLIGHT: &str = "in_flight";
 const COMPLETED: &str = "completed";
+/// Ran and answered, but the answer was too large to keep: the key is spent.
+const UNKEPT: &str = "unkept";
 
 /// How keyed requests are held and kept.
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +61,7 @@ pub struct Claim {
     key: String,
     id: String,
     owner: String,
+    inherited: bool,
 }
 
 impl Claim {
@@ -74,6 +77,14 @@ impl Claim {
     pub fn attempt_key(&self) -> String {
         format!("req:{}:{}", self.id, self.owner)
     }
+
+    /// Whether this attempt took the request over from one that stopped without an answer (its worker
+    /// died, or it failed). The ledger event under [`Self::ledger_key`] may then be the earlier
+    /// attempt's, for a call nobody was answered: if this attempt fails too, it withdraws it.
+    #[must_use]
+    pub fn inherited(&self) -> bool {
+        self.inherited
+    }
 }
 
 /// What an attempt at a keyed request may do.
@@ -87,6 +98,9 @@ pub enum Attempt {
     InFlight,
     /// The key names a different request.
     Mismatch,
+    /// The request ran and was answered, but its answer was too large to keep: it cannot be replayed,
+    /// and running it again under this key would be free work.
+    NotKept,
 }
 
 fn micros(d: Duration) -> i64 {
@@ -200,6 +214,7 @@ impl Store {
                 key: row.key,
                 id: row.id,
                 owner: row.owner,
+                inherited: false,
             }));
         }
         let lapsed = row.locked_until_us <= now_us;
@@ -213,6 +228,9 @@ impl Store {
         }
         if row.fingerprint != fingerprint {
             return Ok(Attempt::Mismatch);
+        }
+        if row.state == UNKEPT {
+            return Ok(Attempt::NotKept);
         }
         if row.state == COMPLETED {
             // Only now is the answer itself read: refusals and waits never load a stored body.
@@ -287,6 +305,7 @@ impl Store {
         Ok(Some(Claim {
             tenant: tenant.clone(),
             key: row.key.clone(),
+            inherited: new_id.is_none(),
             id: new_id.unwrap_or_else(|| row.id.clone()),
             owner,
         }))
@@ -317,23 +336,36 @@ impl Store {
         Ok(result.rows_affected == 1)
     }
 
-    /// Stores the request's answer; every retry within the window gets it back.
-    pub async fn complete_request(&self, claim: &Claim, response: &StoredResponse) -> Result<()> {
-        let headers =
-            serde_json::to_string(&response.headers).map_err(|err| StoreError::Internal(err.to_string()))?;
-        Self::held(claim)
-            .col_expr(idempotent_requests::Column::State, Expr::value(COMPLETED))
-            .col_expr(
-                idempotent_requests::Column::ResponseStatus,
-                Expr::value(i32::from(response.status)),
-            )
-            .col_expr(idempotent_requests::Column::ResponseHeaders, Expr::value(headers))
-            .col_expr(
-                idempotent_requests::Column::ResponseBody,
-                Expr::value(response.body.clone()),
-            )
-            .exec(self.relaxed())
-            .await?;
+    /// Stores the request's answer; every retry within the window gets it back. `None`: the request
+    /// was answered but the answer is not kept (too large); the key is spent. Tried once more on the
+    /// durable connections if the relaxed ones fail: a request left in flight would run again, free,
+    /// once its lease lapsed.
+    pub async fn complete_request(&self, claim: &Claim, response: Option<&StoredResponse>) -> Result<()> {
+        let headers = response
+            .map(|r| serde_json::to_string(&r.headers))
+            .transpose()
+            .map_err(|err| StoreError::Internal(err.to_string()))?;
+        let update = || match response {
+            Some(response) => Self::held(claim)
+                .col_expr(idempotent_requests::Column::State, Expr::value(COMPLETED))
+                .col_expr(
+                    idempotent_requests::Column::ResponseStatus,
+                    Expr::value(i32::from(response.status)),
+                )
+                .col_expr(
+                    idempotent_requests::Column::ResponseHeaders,
+                    Expr::value(headers.clone()),
+                )
+                .col_expr(
+                    idempotent_requests::Column::ResponseBody,
+                    Expr::value(response.body.clone()),
+                ),
+            None => Self::held(claim).col_expr(idempotent_requests::Column::State, Expr::value(UNKEPT)),
+        };
+        if let Err(err) = update().exec(self.relaxed()).await {
+            tracing::warn!(error = %err, "cannot store an answer on the relaxed connections; trying the others");
+            update().exec(self.db()).await?;
+        }
         Ok(())
     }
 
@@ -441,7 +473,7 @@ mod tests {
             Attempt::Mismatch
         );
         store
-            .complete_request(&claim, &answer("{\"n\":1}"))
+            .complete_request(&claim, Some(&answer("{\"n\":1}")))
             .await
             .unwrap();
         assert_eq!(
@@ -491,6 +523,8 @@ mod tests {
             panic!("the lease lapsed");
         };
         assert_eq!(second.ledger_key(), first.ledger_key());
+        assert!(second.inherited() && !first.inherited());
+        assert_ne!(second.attempt_key(), first.attempt_key());
         // The dead attempt, if it comes back, holds nothing.
         assert!(
             !store
@@ -498,7 +532,10 @@ mod tests {
                 .await
                 .unwrap()
         );
-        store.complete_request(&first, &answer("stale")).await.unwrap();
+        store
+            .complete_request(&first, Some(&answer("stale")))
+            .await
+            .unwrap();
         assert_eq!(
             store
                 .attempt_request_at(&tenant, "k", "fp", settings(), later)
@@ -526,6 +563,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_answer_too_large_to_keep_spends_the_key() {
+        let (store, _dir) = test_store().await;
+        let tenant = tenant_with_customer(&store, "cus_1").await;
+        let now = 1_000 * SECOND;
+        let Attempt::Run(claim) = store
+            .attempt_request_at(&tenant, "k", "fp", settings(), now)
+            .await
+            .unwrap()
+        else {
+            panic!("runs");
+        };
+        store.complete_request(&claim, None).await.unwrap();
+        for later in [now + SECOND, now + 60 * SECOND] {
+            assert_eq!(
+                store
+                    .attempt_request_at(&tenant, "k", "fp", settings(), later)
+                    .await
+                    .unwrap(),
+                Attempt::NotKept,
+                "never run again for free"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn after_the_window_a_key_is_a_new_request_and_expired_ones_are_purged() {
         let (store, _dir) = test_store().await;
         let tenant = tenant_with_customer(&store, "cus_1").await;
@@ -537,7 +599,7 @@ mod tests {
         else {
             panic!("runs");
         };
-        store.complete_request(&first, &answer("a")).await.unwrap();
+        store.complete_request(&first, Some(&answer("a"))).await.unwrap();
         let after = now + 3_601 * SECOND;
         let Attempt::Run(fresh) = store
             .attempt_request_at(&tenant, "k", "fp-b", settings(), after)

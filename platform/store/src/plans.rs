@@ -111,11 +111,11 @@ fn validate_plan(plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-/// Currencies without a minor unit (Stripe's list). Statements and payouts count hundredths of the
-/// currency, which these do not have, so plans cannot be priced in them.
+/// Currencies whose minor unit is not a hundredth (Stripe's zero- and three-decimal lists). Statements
+/// and payouts count hundredths of the currency, so plans cannot be priced in these.
 const ZERO_DECIMAL_CURRENCIES: &[&str] = &[
     "bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof",
-    "xpf",
+    "xpf", "bhd", "jod", "kwd", "omr", "tnd",
 ];
 
 /// The billing period containing `now` for a subscription anchored at `start`, rolling monthly.
@@ -296,6 +296,7 @@ impl Store {
             stripe_event_at: Set(None),
             status_event_at: Set(None),
             meter_synced_until_us: Set(None),
+            plugin_fees_item: Set(false),
         }
         .insert(conn)
         .await?;
@@ -428,7 +429,8 @@ pub(crate) async fn terms(conn: &impl ConnectionTrait, tenant: &TenantId) -> Res
     let subscribed = find_plan(conn, &row.plan_id).await?;
     let active = row.status == SubscriptionStatus::Active.as_str();
     let paid_subscription = active && row.plan_id != FREE_PLAN;
-    let provider_subscription = paid_subscription && row.stripe_subscription_id.is_some();
+    let provider_subscription =
+        paid_subscription && row.stripe_subscription_id.is_some() && row.plugin_fees_item;
     let plan = if active {
         subscribed
     } else {
@@ -474,6 +476,7 @@ mod tests {
             stripe_event_at: None,
             status_event_at: None,
             meter_synced_until_us: None,
+            plugin_fees_item: false,
         };
         assert_eq!(row_eras(&row, at("2026-02-01T00:00:00Z")).len(), 1, "not yet");
         let eras = row_eras(&row, at("2026-03-01T00:00:00Z"));

@@ -3,9 +3,10 @@
 //! as collected. Only collected plugin fees are paid out to plugin authors.
 //!
 //! A plugin call's fee is collected when a paid invoice charged it: an invoice of the call's tenant,
-//! paid, whose period holds the call, and, for a Stripe invoice, finalized only after the meter event
-//! carrying the call's bucket of plugin fees reached Stripe (usage Stripe heard of later is not on
-//! that invoice). A statement an operator records as paid (local billing) collects what it states.
+//! paid, whose period holds the call, and, for a Stripe invoice, paid in full in money (not by credit
+//! or a 100% coupon) and finalized only after the meter event carrying the call's bucket of plugin
+//! fees reached Stripe (usage Stripe heard of later is not on that invoice). A statement an operator
+//! records as paid (local billing) collects what it states.
 
 use std::collections::HashMap;
 
@@ -74,10 +75,18 @@ pub(crate) fn collected_in(currency: &str, paid_by_us: i64) -> SimpleExpr {
             Expr::col(event(usage_events::Column::OccurredAtUs))
                 .lt(Expr::col(invoice(invoices::Column::PeriodEndUs))),
         )
+        // A Stripe invoice collects what it charged only if it was paid in full in money: one settled
+        // by a credit balance or reduced to nothing by a coupon did not bring the fees in.
         .and_where(
             Expr::col(invoice(invoices::Column::Local))
                 .eq(true)
-                .or(Expr::exists(sent_before_finalized)),
+                .or(Expr::col(invoice(invoices::Column::TotalCents))
+                    .gt(0)
+                    .and(
+                        Expr::col(invoice(invoices::Column::AmountPaidCents))
+                            .gte(Expr::col(invoice(invoices::Column::TotalCents))),
+                    )
+                    .and(Expr::exists(sent_before_finalized))),
         )
         .to_owned();
     Expr::exists(paid_invoice)

@@ -47,6 +47,8 @@ pub enum ProviderChange {
         cancel_at_period_end: bool,
         /// The subscription ended: the tenant returns to the free plan.
         deleted: bool,
+        /// One of its items is the plugin-fees price, so plugin fees sent to the meter are invoiced.
+        plugin_fees_item: bool,
     },
     /// An invoice was finalized, paid, voided, marked uncollectible, or its payment failed.
     Invoice {
@@ -219,6 +221,7 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
             period_end,
             cancel_at_period_end,
             deleted,
+            plugin_fees_item,
         } => {
             let Some(row) = subscription_of_customer(conn, customer, None).await? else {
                 tracing::warn!(event = %event.id, %customer, "subscription event for an unknown customer");
@@ -246,6 +249,7 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
                 model.status_event_at = Set(Some(event.created));
                 model.stripe_subscription_id = Set(None);
                 model.cancel_at_period_end = Set(false);
+                model.plugin_fees_item = Set(false);
                 FREE_PLAN.to_owned()
             } else {
                 model.stripe_subscription_id = Set(Some(subscription.clone()));
@@ -263,6 +267,7 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
                     model.status_event_at = Set(Some(event.created));
                 }
                 model.cancel_at_period_end = Set(*cancel_at_period_end);
+                model.plugin_fees_item = Set(*plugin_fees_item);
                 if let Some(start) = period_start {
                     let has_pushes = meter_pushes::Entity::find_in(&tenant).one(conn).await?.is_some();
                     let cursor = row.meter_synced_until_us;
@@ -483,6 +488,7 @@ mod tests {
             period_end: DateTime::from_timestamp(created_period + 30 * 86_400, 0),
             cancel_at_period_end: false,
             deleted: false,
+            plugin_fees_item: true,
         }
     }
 
