@@ -36,6 +36,11 @@ async fn concurrent_retries_with_one_idempotency_key_are_billed_once() {
         .send()
         .await
         .unwrap();
+    assert_eq!(
+        later.status(),
+        200,
+        "every attempt above ended with the stored answer"
+    );
     assert_eq!(later.headers()["idempotent-replayed"], "true");
     let later: plinth_sdk::EchoResponse = later.json().await.unwrap();
     assert_eq!(&later, first);

@@ -2,8 +2,9 @@
 //! runs, `RateLimit-*` headers on the way out, and idempotency as Stripe defines it.
 //!
 //! A request with an `Idempotency-Key` is fingerprinted (method, path, body). The first attempt claims
-//! the key and runs; its successful answer is stored, and every retry of the same request within the
-//! retention window gets those bytes back (`Idempotent-Replayed: true`) without running anything. The
+//! the key and runs; its successful answer is stored (just after it is sent, by a writer that stores
+//! many at once; until then a retry is told to come back), and every retry of the same request within
+//! the retention window gets those bytes back (`Idempotent-Replayed: true`) without running anything. The
 //! same key with a different request is refused (`422 idempotency_key_reused`); a retry while the first
 //! attempt still runs is told to come back (`409 idempotency_in_flight`, `Retry-After`). A failed
 //! attempt is not stored: retrying the same request runs it again, under the same ledger key.
@@ -243,9 +244,7 @@ async fn run_claimed<B: MessageBody + 'static>(
     if body.len() > MAX_STORED_ANSWER {
         // Too large to keep: the key is spent (running it again under it would be free work).
         metrics::counter!("plinth_idempotent_answers_not_kept_total").increment(1);
-        if let Err(err) = state.store.complete_request(&claim, None).await {
-            tracing::error!(error = %err, "cannot record an idempotent request as answered");
-        }
+        state.completions.complete(claim, None).await;
         return Ok(ServiceResponse::new(
             request,
             response.set_body(BoxBody::new(body)),
@@ -262,12 +261,8 @@ async fn run_claimed<B: MessageBody + 'static>(
             .collect(),
         body: body.to_vec(),
     };
-    // Not stored (the database failed twice): once its lease lapses, a retry runs the request again,
-    // under the same ledger key. Logged as an error: it is work done once and billed once, twice.
-    if let Err(err) = state.store.complete_request(&claim, Some(&stored)).await {
-        metrics::counter!("plinth_idempotent_answers_lost_total").increment(1);
-        tracing::error!(error = %err, "cannot store an idempotent request's answer");
-    }
+    // Stored off the request path; until it is, a retry is told the request is still in flight.
+    state.completions.complete(claim, Some(stored)).await;
     Ok(ServiceResponse::new(
         request,
         response.set_body(BoxBody::new(body)),
@@ -304,8 +299,9 @@ async fn admit(
     let body = take_body(req, max_body.unwrap_or(state.settings.max_body_bytes)).await?;
     let fingerprint = fingerprint(req, &body);
     let attempt = state
-        .store
-        .attempt_request(
+        .claims
+        .attempt(
+            &state.store,
             &principal.tenant_id,
             &key,
             &fingerprint,

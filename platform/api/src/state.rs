@@ -8,7 +8,7 @@ use plinth_billing::Billing;
 use plinth_inference::{Catalog, Engine};
 use plinth_plugin_host::PluginHost;
 use plinth_store::cache::{Quota, SharedCache};
-use plinth_store::idempotency::IdempotencySettings;
+use plinth_store::idempotency::{Claims, Completions, IdempotencySettings};
 use plinth_store::ledger::Meter;
 use plinth_store::{SecretBox, Store};
 
@@ -17,6 +17,10 @@ pub struct AppState {
     pub store: Store,
     pub cache: SharedCache,
     pub meter: Meter,
+    /// Claims keyed requests, many per write.
+    pub claims: Claims,
+    /// Stores keyed requests' answers off the request path.
+    pub completions: Completions,
     pub models: Arc<Catalog>,
     /// Loads uploaded models.
     pub engine: Engine,

@@ -54,6 +54,9 @@ pub struct RunningServer {
     handle: ServerHandle,
     server: JoinHandle<std::io::Result<()>>,
     ledger: JoinHandle<()>,
+    /// Claims keyed requests and stores their answers; drained at shutdown like the ledger.
+    claims: JoinHandle<()>,
+    completions: JoinHandle<()>,
     /// The usage sync to Stripe (Stripe mode only); stopped with the server.
     usage_sync: Option<JoinHandle<()>>,
     /// Removes expired idempotent requests and old audit entries; stopped with the server.
@@ -70,6 +73,12 @@ impl RunningServer {
         self.retention.abort();
         // The workers are gone, and with them every `Meter` handle: the writer drains and stops.
         self.ledger.await.context("the ledger writer failed")?;
+        self.claims
+            .await
+            .context("the idempotency claims writer failed")?;
+        self.completions
+            .await
+            .context("the idempotent answers writer failed")?;
         served.context("the HTTP server failed")
     }
 
@@ -119,10 +128,14 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         cache_dir: Some(config.data_dir.join("plugin-cache")),
     })
     .context("cannot start the plugin host")?;
+    let (claims, claims_writer) = plinth_store::idempotency::Claims::start(store.clone());
+    let (completions, completions_writer) = plinth_store::idempotency::Completions::start(store.clone());
     let state = AppState {
         store: store.clone(),
         cache,
         meter,
+        claims,
+        completions,
         models,
         engine,
         model_files,
@@ -168,6 +181,8 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         handle,
         server,
         ledger,
+        claims: claims_writer,
+        completions: completions_writer,
         usage_sync,
         retention,
     })

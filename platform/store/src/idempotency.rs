@@ -16,8 +16,10 @@
 use std::time::Duration;
 
 use plinth_core::id::TenantId;
-use sea_orm::sea_query::{Expr, OnConflict};
-use sea_orm::{ColumnTrait, EntityTrait, FromQueryResult, QueryFilter, QuerySelect, Set};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter, QuerySelect, TransactionTrait,
+};
 
 use crate::entity::{TenantScoped, idempotent_requests};
 use crate::{Result, Store, StoreError};
@@ -111,7 +113,8 @@ fn new_token() -> String {
     ulid::Ulid::new().to_string().to_ascii_lowercase()
 }
 
-/// A request's row without its stored answer.
+/// A request's row as an attempt sees it: the answer only when it is one to replay, and the
+/// database's clock.
 #[derive(Debug, FromQueryResult)]
 struct Head {
     key: String,
@@ -121,9 +124,13 @@ struct Head {
     owner: String,
     locked_until_us: i64,
     expires_at_us: i64,
+    now_us: i64,
+    response_status: Option<i32>,
+    response_headers: Option<String>,
+    response_body: Option<Vec<u8>>,
 }
 
-fn stored(row: &idempotent_requests::Model) -> Result<StoredResponse> {
+fn stored(row: Head) -> Result<StoredResponse> {
     let corrupt = || StoreError::Internal("a completed idempotent request has no stored response".into());
     let status = row
         .response_status
@@ -136,12 +143,206 @@ fn stored(row: &idempotent_requests::Model) -> Result<StoredResponse> {
     Ok(StoredResponse {
         status,
         headers,
-        body: row.response_body.clone().unwrap_or_default(),
+        body: row.response_body.unwrap_or_default(),
     })
 }
 
+/// An update of the request `claim` holds, while it holds it.
+fn held(claim: &Claim) -> sea_orm::UpdateMany<idempotent_requests::Entity> {
+    idempotent_requests::Entity::update_many()
+        .filter(idempotent_requests::Column::TenantId.eq(claim.tenant.as_str()))
+        .filter(idempotent_requests::Column::Key.eq(claim.key.as_str()))
+        .filter(idempotent_requests::Column::Owner.eq(claim.owner.as_str()))
+        .filter(idempotent_requests::Column::State.eq(IN_FLIGHT))
+}
+
+/// The update that records `claim`'s request as answered: with the answer to replay, or (`None`) as
+/// answered without one kept.
+fn completion(
+    claim: &Claim,
+    response: Option<&StoredResponse>,
+) -> Result<sea_orm::UpdateMany<idempotent_requests::Entity>> {
+    Ok(match response {
+        Some(response) => held(claim)
+            .col_expr(idempotent_requests::Column::State, Expr::value(COMPLETED))
+            .col_expr(
+                idempotent_requests::Column::ResponseStatus,
+                Expr::value(i32::from(response.status)),
+            )
+            .col_expr(
+                idempotent_requests::Column::ResponseHeaders,
+                Expr::value(
+                    serde_json::to_string(&response.headers)
+                        .map_err(|err| StoreError::Internal(err.to_string()))?,
+                ),
+            )
+            .col_expr(
+                idempotent_requests::Column::ResponseBody,
+                Expr::value(response.body.clone()),
+            ),
+        None => held(claim).col_expr(idempotent_requests::Column::State, Expr::value(UNKEPT)),
+    })
+}
+
+/// Stores answers off the request path: the request is answered as soon as its answer is queued, and
+/// one writer stores everything queued meanwhile in a single transaction. An answer still queued when
+/// the process dies is lost like a crashed attempt's: its lease lapses and a retry runs the request
+/// again under the same ledger key (billed once).
+#[derive(Debug, Clone)]
+pub struct Completions {
+    queue: tokio::sync::mpsc::Sender<(Claim, Option<StoredResponse>)>,
+}
+
+/// Answers one write stores at most.
+const COMPLETIONS_PER_WRITE: usize = 256;
+
+impl Completions {
+    /// Starts the writer; it drains and stops when every handle is dropped.
+    #[must_use]
+    pub fn start(store: Store) -> (Self, tokio::task::JoinHandle<()>) {
+        let (queue, mut receiver) = tokio::sync::mpsc::channel(4_096);
+        let writer = tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(COMPLETIONS_PER_WRITE);
+            while receiver.recv_many(&mut batch, COMPLETIONS_PER_WRITE).await > 0 {
+                if let Err(err) = store.complete_many(&batch).await {
+                    metrics::counter!("plinth_idempotent_answers_lost_total").increment(batch.len() as u64);
+                    tracing::error!(error = %err, answers = batch.len(), "cannot store idempotent answers");
+                }
+                batch.clear();
+            }
+        });
+        (Self { queue }, writer)
+    }
+
+    /// Queues an answer (waiting only while the queue is full).
+    pub async fn complete(&self, claim: Claim, response: Option<StoredResponse>) {
+        if self.queue.send((claim, response)).await.is_err() {
+            tracing::error!("the idempotent answers writer stopped; an answer is not stored");
+        }
+    }
+}
+
+/// A claim about to be inserted.
+#[derive(Debug, Clone)]
+struct NewClaim {
+    tenant: TenantId,
+    key: String,
+    fingerprint: String,
+    settings: IdempotencySettings,
+    id: String,
+    owner: String,
+}
+
+impl NewClaim {
+    fn new(tenant: &TenantId, key: &str, fingerprint: &str, settings: IdempotencySettings) -> Self {
+        Self {
+            tenant: tenant.clone(),
+            key: key.to_owned(),
+            fingerprint: fingerprint.to_owned(),
+            settings,
+            id: new_token(),
+            owner: new_token(),
+        }
+    }
+
+    fn into_claim(self) -> Claim {
+        Claim {
+            tenant: self.tenant,
+            key: self.key,
+            id: self.id,
+            owner: self.owner,
+            inherited: false,
+        }
+    }
+}
+
+/// Claims keyed requests the way the ledger records usage: one writer inserts every claim queued
+/// while its previous insert ran, in one statement, so concurrent keyed calls share a write instead
+/// of queueing for one each (SQLite has one writer; on Postgres each statement costs a round trip).
+#[derive(Debug, Clone)]
+pub struct Claims {
+    queue: tokio::sync::mpsc::Sender<(NewClaim, tokio::sync::oneshot::Sender<Result<bool>>)>,
+}
+
+/// Claims one insert carries at most (9 parameters each).
+const CLAIMS_PER_INSERT: usize = 256;
+
+impl Claims {
+    /// Starts the writer; it drains and stops when every handle is dropped.
+    #[must_use]
+    pub fn start(store: Store) -> (Self, tokio::task::JoinHandle<()>) {
+        let (queue, mut receiver) =
+            tokio::sync::mpsc::channel::<(NewClaim, tokio::sync::oneshot::Sender<Result<bool>>)>(4_096);
+        let writer = tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(CLAIMS_PER_INSERT);
+            while receiver.recv_many(&mut batch, CLAIMS_PER_INSERT).await > 0 {
+                let claims: Vec<NewClaim> = batch.iter().map(|(claim, _)| claim.clone()).collect();
+                match store.insert_claims(&claims, Clock::Database).await {
+                    Ok(inserted) => {
+                        for ((_, reply), inserted) in batch.drain(..).zip(inserted) {
+                            let _ = reply.send(Ok(inserted));
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, claims = batch.len(), "cannot insert idempotency claims");
+                        for (_, reply) in batch.drain(..) {
+                            let _ = reply.send(Err(StoreError::Unavailable(
+                                "idempotency claims could not be written".into(),
+                            )));
+                        }
+                    }
+                }
+            }
+        });
+        (Self { queue }, writer)
+    }
+
+    /// [`Store::attempt_request`], with the claim's insert shared with concurrent ones.
+    pub async fn attempt(
+        &self,
+        store: &Store,
+        tenant: &TenantId,
+        key: &str,
+        fingerprint: &str,
+        settings: IdempotencySettings,
+    ) -> Result<Attempt> {
+        let new = NewClaim::new(tenant, key, fingerprint, settings);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.queue
+            .send((new.clone(), reply))
+            .await
+            .map_err(|_| StoreError::Unavailable("the idempotency claims writer stopped".into()))?;
+        let inserted = answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the idempotency claims writer stopped".into()))??;
+        if inserted {
+            return Ok(Attempt::Run(new.into_claim()));
+        }
+        store
+            .taken(tenant, key, fingerprint, settings, Clock::Database)
+            .await
+    }
+}
+
+/// Whose clock a lease is measured on: the database's, or (in tests) a given time.
+#[derive(Debug, Clone, Copy)]
+enum Clock {
+    Database,
+    #[cfg(test)]
+    At(i64),
+}
+
 impl Store {
+    fn now(&self, clock: Clock) -> Expr {
+        match clock {
+            Clock::Database => Expr::cust(self.clock_sql()),
+            #[cfg(test)]
+            Clock::At(us) => Expr::val(us),
+        }
+    }
+
     /// Claims `key` for the request `fingerprint` describes, or says why this attempt may not run.
+    /// One round trip when the key is new (the usual case), two otherwise.
     pub async fn attempt_request(
         &self,
         tenant: &TenantId,
@@ -149,12 +350,12 @@ impl Store {
         fingerprint: &str,
         settings: IdempotencySettings,
     ) -> Result<Attempt> {
-        let now_us = self.database_now_us().await?;
-        self.attempt_request_at(tenant, key, fingerprint, settings, now_us)
+        self.attempt(tenant, key, fingerprint, settings, Clock::Database)
             .await
     }
 
     /// [`Self::attempt_request`] at a given time on the database's clock.
+    #[cfg(test)]
     pub(crate) async fn attempt_request_at(
         &self,
         tenant: &TenantId,
@@ -163,66 +364,122 @@ impl Store {
         settings: IdempotencySettings,
         now_us: i64,
     ) -> Result<Attempt> {
-        let db = self.relaxed();
-        let owner = new_token();
-        let lease_end = now_us.saturating_add(micros(settings.lease));
-        let inserted = idempotent_requests::Entity::insert(idempotent_requests::ActiveModel {
-            tenant_id: Set(tenant.to_string()),
-            key: Set(key.to_owned()),
-            id: Set(new_token()),
-            fingerprint: Set(fingerprint.to_owned()),
-            state: Set(IN_FLIGHT.to_owned()),
-            owner: Set(owner.clone()),
-            locked_until_us: Set(lease_end),
-            response_status: Set(None),
-            response_headers: Set(None),
-            response_body: Set(None),
-            created_at_us: Set(now_us),
-            expires_at_us: Set(now_us.saturating_add(micros(settings.retention))),
-        })
-        .on_conflict(
-            OnConflict::columns([
-                idempotent_requests::Column::TenantId,
-                idempotent_requests::Column::Key,
-            ])
-            .do_nothing()
-            .to_owned(),
-        )
-        .exec_without_returning(db)
-        .await?;
+        self.attempt(tenant, key, fingerprint, settings, Clock::At(now_us))
+            .await
+    }
+
+    async fn attempt(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        fingerprint: &str,
+        settings: IdempotencySettings,
+        clock: Clock,
+    ) -> Result<Attempt> {
+        let new = NewClaim::new(tenant, key, fingerprint, settings);
+        if self.insert_claims(std::slice::from_ref(&new), clock).await?[0] {
+            return Ok(Attempt::Run(new.into_claim()));
+        }
+        self.taken(tenant, key, fingerprint, settings, clock).await
+    }
+
+    /// Inserts new claims, one statement for all of them; says, for each, whether it was inserted
+    /// (otherwise its key was taken, by an earlier request or by one before it in `claims`).
+    async fn insert_claims(&self, claims: &[NewClaim], clock: Clock) -> Result<Vec<bool>> {
+        use idempotent_requests::Column as C;
+        let now = self.now(clock);
+        let mut insert = Query::insert();
+        insert.into_table(idempotent_requests::Entity).columns([
+            C::TenantId,
+            C::Key,
+            C::Id,
+            C::Fingerprint,
+            C::State,
+            C::Owner,
+            C::LockedUntilUs,
+            C::CreatedAtUs,
+            C::ExpiresAtUs,
+        ]);
+        for claim in claims {
+            insert
+                .values([
+                    Expr::val(claim.tenant.as_str()),
+                    Expr::val(claim.key.as_str()),
+                    Expr::val(claim.id.as_str()),
+                    Expr::val(claim.fingerprint.as_str()),
+                    Expr::val(IN_FLIGHT),
+                    Expr::val(claim.owner.as_str()),
+                    now.clone().add(micros(claim.settings.lease)),
+                    now.clone(),
+                    now.clone().add(micros(claim.settings.retention)),
+                ])
+                .map_err(|err| StoreError::Internal(err.to_string()))?;
+        }
+        insert
+            .on_conflict(OnConflict::columns([C::TenantId, C::Key]).do_nothing().to_owned())
+            .returning(Query::returning().column(C::Owner));
+        let turn = self.write_turn().await;
+        let rows = self.relaxed().query_all(&insert).await?;
+        drop(turn);
+        let inserted = rows
+            .iter()
+            .map(|row| row.try_get::<String>("", "owner"))
+            .collect::<std::result::Result<std::collections::HashSet<String>, _>>()?;
+        Ok(claims.iter().map(|c| inserted.contains(&c.owner)).collect())
+    }
+
+    /// What an attempt may do when its key was taken.
+    async fn taken(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        fingerprint: &str,
+        settings: IdempotencySettings,
+        clock: Clock,
+    ) -> Result<Attempt> {
+        use idempotent_requests::Column as C;
+        // A read: on the main connections, which read in parallel (the relaxed ones are for writes).
+        let db = self.db();
+        let now = self.now(clock);
+        // The key is taken. Its answer is read only when it is this request's to replay: refusals
+        // and waits never load a stored body.
+        let replayable = Expr::col(C::State)
+            .eq(COMPLETED)
+            .and(Expr::col(C::Fingerprint).eq(fingerprint));
+        let answer = |column: C, none: sea_orm::Value| -> Expr {
+            Expr::case(replayable.clone(), Expr::col(column))
+                .finally(Expr::value(none))
+                .into()
+        };
         let row = idempotent_requests::Entity::find_in(tenant)
-            .filter(idempotent_requests::Column::Key.eq(key))
+            .filter(C::Key.eq(key))
             .select_only()
             .columns([
-                idempotent_requests::Column::TenantId,
-                idempotent_requests::Column::Key,
-                idempotent_requests::Column::Id,
-                idempotent_requests::Column::Fingerprint,
-                idempotent_requests::Column::State,
-                idempotent_requests::Column::Owner,
-                idempotent_requests::Column::LockedUntilUs,
-                idempotent_requests::Column::CreatedAtUs,
-                idempotent_requests::Column::ExpiresAtUs,
+                C::Key,
+                C::Id,
+                C::Fingerprint,
+                C::State,
+                C::Owner,
+                C::LockedUntilUs,
+                C::ExpiresAtUs,
             ])
+            .column_as(now, "now_us")
+            .column_as(answer(C::ResponseStatus, None::<i32>.into()), "response_status")
+            .column_as(
+                answer(C::ResponseHeaders, None::<String>.into()),
+                "response_headers",
+            )
+            .column_as(answer(C::ResponseBody, None::<Vec<u8>>.into()), "response_body")
             .into_model::<Head>()
             .one(db)
             .await?
             .ok_or_else(|| StoreError::Internal("an idempotent request vanished".into()))?;
-        if inserted == 1 && row.owner == owner {
-            return Ok(Attempt::Run(Claim {
-                tenant: tenant.clone(),
-                key: row.key,
-                id: row.id,
-                owner: row.owner,
-                inherited: false,
-            }));
-        }
-        let lapsed = row.locked_until_us <= now_us;
+        let now_us = row.now_us;
         if row.expires_at_us <= now_us {
             // The window has passed (the purge has not run yet): the key names nothing any more, and
             // this is a new request with a new ledger name.
             let retaken = self
-                .retake(tenant, &row, fingerprint, Some(new_token()), settings, now_us)
+                .retake(tenant, &row, fingerprint, Some(new_token()), settings)
                 .await?;
             return Ok(retaken.map_or(Attempt::InFlight, Attempt::Run));
         }
@@ -233,21 +490,13 @@ impl Store {
             return Ok(Attempt::NotKept);
         }
         if row.state == COMPLETED {
-            // Only now is the answer itself read: refusals and waits never load a stored body.
-            let full = idempotent_requests::Entity::find_in(tenant)
-                .filter(idempotent_requests::Column::Key.eq(key))
-                .one(db)
-                .await?
-                .ok_or_else(|| StoreError::Internal("an idempotent request vanished".into()))?;
-            return Ok(Attempt::Replay(stored(&full)?));
+            return Ok(Attempt::Replay(stored(row)?));
         }
-        if !lapsed {
+        if row.locked_until_us > now_us {
             return Ok(Attempt::InFlight);
         }
         // The holder died or gave up: this attempt takes over the same request.
-        let retaken = self
-            .retake(tenant, &row, fingerprint, None, settings, now_us)
-            .await?;
+        let retaken = self.retake(tenant, &row, fingerprint, None, settings).await?;
         Ok(retaken.map_or(Attempt::InFlight, Attempt::Run))
     }
 
@@ -260,8 +509,8 @@ impl Store {
         fingerprint: &str,
         new_id: Option<String>,
         settings: IdempotencySettings,
-        now_us: i64,
     ) -> Result<Option<Claim>> {
+        let now_us = row.now_us;
         let owner = new_token();
         let mut update = idempotent_requests::Entity::update_many()
             .col_expr(idempotent_requests::Column::Owner, Expr::value(owner.clone()))
@@ -293,6 +542,7 @@ impl Store {
                 );
         }
         // Compare-and-set on the holder: of two attempts retaking at once, one wins.
+        let _turn = self.write_turn().await;
         let result = update
             .filter(idempotent_requests::Column::TenantId.eq(tenant.as_str()))
             .filter(idempotent_requests::Column::Key.eq(row.key.as_str()))
@@ -311,25 +561,22 @@ impl Store {
         }))
     }
 
-    fn held(claim: &Claim) -> sea_orm::UpdateMany<idempotent_requests::Entity> {
-        idempotent_requests::Entity::update_many()
-            .filter(idempotent_requests::Column::TenantId.eq(claim.tenant.as_str()))
-            .filter(idempotent_requests::Column::Key.eq(claim.key.as_str()))
-            .filter(idempotent_requests::Column::Owner.eq(claim.owner.as_str()))
-            .filter(idempotent_requests::Column::State.eq(IN_FLIGHT))
-    }
-
     /// Extends the claim's lease while its request runs. `false`: another attempt took it over.
     pub async fn renew_request(&self, claim: &Claim, lease: Duration) -> Result<bool> {
-        let now_us = self.database_now_us().await?;
-        self.renew_request_at(claim, lease, now_us).await
+        self.renew(claim, lease, Clock::Database).await
     }
 
+    #[cfg(test)]
     pub(crate) async fn renew_request_at(&self, claim: &Claim, lease: Duration, now_us: i64) -> Result<bool> {
-        let result = Self::held(claim)
+        self.renew(claim, lease, Clock::At(now_us)).await
+    }
+
+    async fn renew(&self, claim: &Claim, lease: Duration, clock: Clock) -> Result<bool> {
+        let _turn = self.write_turn().await;
+        let result = held(claim)
             .col_expr(
                 idempotent_requests::Column::LockedUntilUs,
-                Expr::value(now_us.saturating_add(micros(lease))),
+                self.now(clock).add(micros(lease)),
             )
             .exec(self.relaxed())
             .await?;
@@ -341,30 +588,37 @@ impl Store {
     /// durable connections if the relaxed ones fail: a request left in flight would run again, free,
     /// once its lease lapsed.
     pub async fn complete_request(&self, claim: &Claim, response: Option<&StoredResponse>) -> Result<()> {
-        let headers = response
-            .map(|r| serde_json::to_string(&r.headers))
-            .transpose()
-            .map_err(|err| StoreError::Internal(err.to_string()))?;
-        let update = || match response {
-            Some(response) => Self::held(claim)
-                .col_expr(idempotent_requests::Column::State, Expr::value(COMPLETED))
-                .col_expr(
-                    idempotent_requests::Column::ResponseStatus,
-                    Expr::value(i32::from(response.status)),
-                )
-                .col_expr(
-                    idempotent_requests::Column::ResponseHeaders,
-                    Expr::value(headers.clone()),
-                )
-                .col_expr(
-                    idempotent_requests::Column::ResponseBody,
-                    Expr::value(response.body.clone()),
-                ),
-            None => Self::held(claim).col_expr(idempotent_requests::Column::State, Expr::value(UNKEPT)),
-        };
-        if let Err(err) = update().exec(self.relaxed()).await {
+        let _turn = self.write_turn().await;
+        if let Err(err) = completion(claim, response)?.exec(self.relaxed()).await {
             tracing::warn!(error = %err, "cannot store an answer on the relaxed connections; trying the others");
-            update().exec(self.db()).await?;
+            completion(claim, response)?.exec(self.db()).await?;
+        }
+        Ok(())
+    }
+
+    /// Stores many answers in one write (see [`Completions`]); on failure, each on its own.
+    async fn complete_many(&self, batch: &[(Claim, Option<StoredResponse>)]) -> Result<()> {
+        let written = async {
+            let _turn = self.write_turn().await;
+            let txn = self
+                .relaxed()
+                .begin_with_options(sea_orm::TransactionOptions {
+                    sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+                    ..sea_orm::TransactionOptions::default()
+                })
+                .await?;
+            for (claim, answer) in batch {
+                completion(claim, answer.as_ref())?.exec(&txn).await?;
+            }
+            txn.commit().await?;
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        if let Err(err) = written {
+            tracing::warn!(error = %err, answers = batch.len(), "cannot store answers together; storing them one by one");
+            for (claim, answer) in batch {
+                self.complete_request(claim, answer.as_ref()).await?;
+            }
         }
         Ok(())
     }
@@ -373,7 +627,8 @@ impl Store {
     /// at once, under the same ledger name. The key still names this request. The holder token
     /// changes too, so a renewal of this attempt still on its way cannot take the lease back.
     pub async fn release_request(&self, claim: &Claim) -> Result<()> {
-        Self::held(claim)
+        let _turn = self.write_turn().await;
+        held(claim)
             .col_expr(idempotent_requests::Column::LockedUntilUs, Expr::value(0_i64))
             .col_expr(
                 idempotent_requests::Column::Owner,
@@ -387,13 +642,17 @@ impl Store {
     /// Removes requests whose window has passed, at most `limit` of them (so one purge never holds
     /// SQLite's writer for long); returns how many.
     pub async fn purge_idempotent_requests(&self, limit: u64) -> Result<u64> {
-        let now_us = self.database_now_us().await?;
-        self.purge_idempotent_requests_at(now_us, limit).await
+        self.purge(limit, Clock::Database).await
     }
 
+    #[cfg(test)]
     pub(crate) async fn purge_idempotent_requests_at(&self, now_us: i64, limit: u64) -> Result<u64> {
+        self.purge(limit, Clock::At(now_us)).await
+    }
+
+    async fn purge(&self, limit: u64, clock: Clock) -> Result<u64> {
         let expired: Vec<(String, String)> = idempotent_requests::Entity::find()
-            .filter(idempotent_requests::Column::ExpiresAtUs.lte(now_us))
+            .filter(Expr::col(idempotent_requests::Column::ExpiresAtUs).lte(self.now(clock)))
             .select_only()
             .column(idempotent_requests::Column::TenantId)
             .column(idempotent_requests::Column::Key)
@@ -413,7 +672,7 @@ impl Store {
             }
             removed += idempotent_requests::Entity::delete_many()
                 .filter(any)
-                .filter(idempotent_requests::Column::ExpiresAtUs.lte(now_us))
+                .filter(Expr::col(idempotent_requests::Column::ExpiresAtUs).lte(self.now(clock)))
                 .exec(self.db())
                 .await?
                 .rows_affected;

@@ -259,6 +259,7 @@ async fn write_batch(store: &Store, batch: &[Pending]) -> Result<Vec<Recorded>> 
         });
     }
 
+    let turn = store.write_turn().await;
     let inserted: HashSet<String> = match usage_events::Entity::insert_many(rows)
         .on_conflict_do_nothing_on([
             usage_events::Column::TenantId,
@@ -270,6 +271,7 @@ async fn write_batch(store: &Store, batch: &[Pending]) -> Result<Vec<Recorded>> 
         TryInsertResult::Inserted(keys) => keys.into_iter().collect(),
         TryInsertResult::Conflicted | TryInsertResult::Empty => HashSet::new(),
     };
+    drop(turn);
 
     // Candidates that conflicted were recorded by an earlier batch: bill them to that event.
     let conflicted: Vec<usize> = first_of

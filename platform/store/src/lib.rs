@@ -138,18 +138,22 @@ pub struct Store {
     /// database crash without harm. Commits stay atomic and ordered: a durable commit made after one
     /// of these makes it durable too.
     relaxed: DatabaseConnection,
+    /// SQLite only: taken around the hot path's writes (ledger batches, idempotent requests), so they
+    /// queue here rather than collide in SQLite, whose busy handler waits in whole milliseconds.
+    write_gate: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
     credentials: auth::CredentialCache,
 }
 
 /// Pool options for `settings`; `relaxed` connections do not wait for the disk at commit.
 fn connect_options(settings: &DatabaseSettings, relaxed: bool) -> ConnectOptions {
     let mut options = ConnectOptions::new(settings.url.as_str());
-    // Idempotency claims are small, quick writes, but every keyed call makes two or three: enough
-    // connections that a burst of them does not starve the leases of other tenants.
-    let max_connections = if relaxed {
-        (settings.max_connections / 2).clamp(2, 8)
-    } else {
-        settings.max_connections
+    // Idempotency claims are small, quick writes, two per keyed call. On Postgres as many connections
+    // as the main pool, so a burst of them does not starve other tenants' leases; on SQLite one, so
+    // they queue here instead of contending for the database's one writer (SQLite's busy handler
+    // sleeps in milliseconds).
+    let max_connections = match (relaxed, settings.url.starts_with("sqlite")) {
+        (true, true) => 1,
+        _ => settings.max_connections,
     };
     options
         .max_connections(max_connections)
@@ -195,9 +199,12 @@ impl Store {
         }
         let db = Database::connect(connect_options(settings, false)).await?;
         let relaxed = Database::connect(connect_options(settings, true)).await?;
+        let write_gate = (db.get_database_backend() == DbBackend::Sqlite)
+            .then(|| std::sync::Arc::new(tokio::sync::Mutex::new(())));
         Ok(Self {
             db,
             relaxed,
+            write_gate,
             credentials: auth::CredentialCache::new(settings.credential_cache_ttl),
         })
     }
@@ -227,15 +234,27 @@ impl Store {
         &self.relaxed
     }
 
-    /// The database's clock, in microseconds since the epoch. Leases that several replicas compare
-    /// are measured on it, so a replica whose own clock is off cannot take another's lease early.
+    /// Waits for the turn to write on the hot path (SQLite only; Postgres writes in parallel).
+    pub(crate) async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.write_gate {
+            Some(gate) => Some(gate.lock().await),
+            None => None,
+        }
+    }
+
+    /// SQL for the database's clock, in microseconds since the epoch. Leases that several replicas
+    /// compare are measured on it, so a replica whose own clock is off cannot take another's lease
+    /// early. (SQLite's `'now'` holds still within a statement.)
+    pub(crate) fn clock_sql(&self) -> &'static str {
+        match self.backend() {
+            DbBackend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)",
+            _ => "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)",
+        }
+    }
+
+    /// The database's clock, in microseconds since the epoch.
     pub async fn database_now_us(&self) -> Result<i64> {
-        let sql = match self.backend() {
-            DbBackend::Postgres => {
-                "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT) AS now_us"
-            }
-            _ => "SELECT CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER) AS now_us",
-        };
+        let sql = format!("SELECT {} AS now_us", self.clock_sql());
         let row = self
             .relaxed
             .query_one_raw(sea_orm::Statement::from_string(self.backend(), sql))
