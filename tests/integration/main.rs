@@ -11,6 +11,7 @@ mod billing;
 mod chaos;
 mod errors;
 mod inference;
+mod isolation;
 mod members;
 mod models;
 mod openapi;

@@ -166,6 +166,45 @@ fn invalid(name: &str, detail: &str) -> InferenceError {
     InferenceError::InvalidInput(format!("input `{name}`: {detail}"))
 }
 
+/// The most elements one tensor may have: as many as the largest inference body can carry (one byte
+/// each, as binary BOOL). Larger shapes are refused before anything is allocated.
+pub const MAX_ELEMENTS: usize = 16 << 20;
+/// The most dimensions a tensor may have (ONNX Runtime's kernels handle far fewer in practice).
+pub const MAX_RANK: usize = 16;
+
+/// The number of elements `shape` describes, checked: non-negative dimensions, a bounded rank, and
+/// no dimension (and no product) above [`MAX_ELEMENTS`]. Dimensions are bounded one by one too, so a
+/// zero elsewhere in the shape cannot smuggle an absurd dimension through to the runtime.
+fn element_count(name: &str, shape: &[i64]) -> Result<usize, InferenceError> {
+    if shape.len() > MAX_RANK {
+        return Err(invalid(
+            name,
+            &format!("shape has {} dimensions; at most {MAX_RANK} are served", shape.len()),
+        ));
+    }
+    let mut count = 1usize;
+    for &dimension in shape {
+        let dimension = usize::try_from(dimension)
+            .map_err(|_| invalid(name, "shape dimensions must be non-negative"))?;
+        if dimension > MAX_ELEMENTS {
+            return Err(invalid(
+                name,
+                &format!("a dimension of {dimension} is larger than the {MAX_ELEMENTS} elements a tensor may have"),
+            ));
+        }
+        count = count
+            .checked_mul(dimension)
+            .filter(|count| *count <= MAX_ELEMENTS)
+            .ok_or_else(|| {
+                invalid(
+                    name,
+                    &format!("shape {shape:?} has more than the {MAX_ELEMENTS} elements a tensor may have"),
+                )
+            })?;
+    }
+    Ok(count)
+}
+
 impl Tensor {
     /// Builds a tensor from protocol JSON, checking that the data holds exactly `product(shape)`
     /// elements of `datatype`.
@@ -180,14 +219,9 @@ impl Tensor {
     ) -> Result<Self, InferenceError> {
         let datatype = DataType::parse(datatype)
             .map_err(|_| invalid(name, &format!("unsupported datatype `{datatype}`")))?;
-        if shape.iter().any(|d| *d < 0) {
-            return Err(invalid(name, "shape dimensions must be non-negative"));
-        }
-        let expected = shape
-            .iter()
-            .try_fold(1usize, |acc, d| acc.checked_mul(usize::try_from(*d).ok()?))
-            .ok_or_else(|| invalid(name, "shape is too large"))?;
-        let mut flat = Vec::with_capacity(expected);
+        let expected = element_count(name, shape)?;
+        // Nothing is reserved from the shape: the data, already parsed, bounds what is allocated.
+        let mut flat = Vec::new();
         flatten(data, &mut flat);
         if flat.len() != expected {
             return Err(invalid(
@@ -262,19 +296,18 @@ impl Tensor {
     ) -> Result<Self, InferenceError> {
         let datatype = DataType::parse(datatype)
             .map_err(|_| invalid(name, &format!("unsupported datatype `{datatype}`")))?;
-        let count = shape
-            .iter()
-            .try_fold(1usize, |acc, d| acc.checked_mul(usize::try_from(*d).ok()?))
-            .ok_or_else(|| invalid(name, "shape dimensions must be non-negative"))?;
+        let count = element_count(name, shape)?;
         let sized = |width: usize| {
-            if bytes.len() == count * width {
+            // `count` is capped, so the product cannot overflow; checked all the same.
+            let needed = count.checked_mul(width);
+            if needed == Some(bytes.len()) {
                 Ok(bytes.chunks_exact(width))
             } else {
                 Err(invalid(
                     name,
                     &format!(
                         "shape {shape:?} needs {} bytes of {}, got {}",
-                        count * width,
+                        needed.map_or_else(|| "too many".to_owned(), |n| n.to_string()),
                         datatype.as_str(),
                         bytes.len()
                     ),
@@ -304,18 +337,22 @@ impl Tensor {
             ),
             DataType::Bool => TensorData::Bool(sized(1)?.map(|c| c[0] != 0).collect()),
             DataType::Bytes => {
-                let mut strings = Vec::with_capacity(count);
+                // Each element takes at least its 4-byte length: the data bounds the count.
+                let mut strings = Vec::with_capacity(count.min(bytes.len() / 4));
                 let mut rest = bytes;
-                while rest.len() >= 4 {
-                    let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-                    let item = rest
-                        .get(4..4 + len)
+                while rest.len() >= 4 && strings.len() < count {
+                    let (length, tail) = rest.split_at(4);
+                    let len = u32::from_le_bytes([length[0], length[1], length[2], length[3]]);
+                    let item = usize::try_from(len)
+                        .ok()
+                        .and_then(|len| tail.get(..len))
                         .ok_or_else(|| invalid(name, "a BYTES element runs past the data"))?;
                     strings.push(
-                        String::from_utf8(item.to_vec())
-                            .map_err(|_| invalid(name, "BYTES elements must be UTF-8"))?,
+                        std::str::from_utf8(item)
+                            .map_err(|_| invalid(name, "BYTES elements must be UTF-8"))?
+                            .to_owned(),
                     );
-                    rest = &rest[4 + len..];
+                    rest = &tail[item.len()..];
                 }
                 if !rest.is_empty() || strings.len() != count {
                     return Err(invalid(
