@@ -10,6 +10,7 @@ mod m0003_models;
 mod m0004_plugins;
 mod m0005_payments;
 mod m0006_trust;
+mod m0007_isolation;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0004_plugins::Migration),
             Box::new(m0005_payments::Migration),
             Box::new(m0006_trust::Migration),
+            Box::new(m0007_isolation::Migration),
         ]
     }
 }

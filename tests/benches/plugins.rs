@@ -4,7 +4,10 @@
 //! (b) over HTTP at concurrency 1: invoking `hello` against the metered no-op `/v1/echo`, i.e. what a
 //!     plugin adds to a billed call;
 //! (c) a plugin making one model call (`hostile` in its `model` mode) against calling the model
-//!     directly: what the plugin path adds to inference.
+//!     directly: what the plugin path adds to inference;
+//! (d) a storm: one tenant keeps 32 busy-looping plugin invocations running while another tenant calls
+//!     a model at concurrency 1; that tenant's latency during the storm against the same calls when
+//!     all is quiet (the goal: p50 within 2x).
 //!
 //! Run: `cargo bench -p plinth-tests --bench plugins` (after `scripts/build-plugins.sh`).
 
@@ -43,10 +46,11 @@ async fn timed<F: Future<Output = ()>>(rounds: usize, mut call: impl FnMut(usize
 async fn in_host() {
     let host = PluginHost::new(&HostSettings::default()).expect("host");
     let (_, component) = built_plugin("hello");
-    let compiled = host.compile("hello", &component).expect("compile");
+    let compiled = host.compile(component).await.expect("compile");
     let call = Arc::new(CallContext {
         tenant_id: plinth_core::id::TenantId::new(),
         installation_id: "bench".into(),
+        instances: 64,
         plugin: "hello".into(),
         granted_models: Vec::new(),
         settings: serde_json::Map::new(),
@@ -56,9 +60,9 @@ async fn in_host() {
     let services: Arc<dyn Services> = Arc::new(NoServices);
     let baseline = timed(ROUNDS, |_| async { tokio::task::yield_now().await }).await;
     let invocations = timed(ROUNDS, |_| {
-        let (host, compiled, call, services) = (&host, &compiled, call.clone(), services.clone());
+        let (host, compiled, call, services) = (&host, compiled.clone(), call.clone(), services.clone());
         async move {
-            host.invoke(compiled, call, services, r#"{"name":"bench"}"#)
+            host.invoke(compiled, call, services, r#"{"name":"bench"}"#.to_owned())
                 .await
                 .expect("invoke");
         }
@@ -66,11 +70,11 @@ async fn in_host() {
     .await;
     // The Python plugin, answering an empty request with its typed error (no model call).
     let (_, component) = built_plugin("ticket-triage");
-    let python = host.compile("ticket-triage", &component).expect("compile");
+    let python = host.compile(component).await.expect("compile");
     let python_invocations = timed(ROUNDS / 4, |_| {
-        let (host, python, call, services) = (&host, &python, call.clone(), services.clone());
+        let (host, python, call, services) = (&host, python.clone(), call.clone(), services.clone());
         async move {
-            let refused = host.invoke(python, call, services, "{}").await;
+            let refused = host.invoke(python, call, services, "{}".to_owned()).await;
             assert!(
                 matches!(refused, Err(plinth_plugin_host::InvokeError::Rejected(_))),
                 "{refused:?}"
@@ -145,9 +149,84 @@ async fn over_http() {
     app.stop().await;
 }
 
+async fn storm() {
+    let app = TestApp::spawn_on(plinth_tests::Backend::SqliteMemory, |config| {
+        config.plugin_deadline_ms = 2_000;
+    })
+    .await;
+    let author = app.tenant().await;
+    let noisy = app.tenant().await;
+    let quiet = app.tenant().await;
+    app.lift_rate_limits(&noisy.session.tenant.id).await;
+    app.lift_rate_limits(&quiet.session.tenant.id).await;
+    let hostile = app.install_plugin(&author, &noisy, "hostile", json!({})).await;
+    let http = reqwest::Client::new();
+    let classify = || {
+        let request = http
+            .post(app.url("/v1/models/sentiment/classify"))
+            .bearer_auth(&quiet.key.secret)
+            .json(&json!({ "inputs": ["the quarter beat expectations"] }));
+        async move {
+            let response = request.send().await.expect("request");
+            assert!(response.status().is_success(), "{}", response.status());
+        }
+    };
+    // About three deadlines' worth of calls: the storm's instances turn over during the measurement.
+    let rounds = 1_000;
+    let alone = timed(rounds, |_| classify()).await;
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let invocations = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let url = app.url(&format!("/v1/installations/{}/invoke", hostile.id));
+    let flood: Vec<_> = (0..32)
+        .map(|_| {
+            let (http, url, secret) = (http.clone(), url.clone(), noisy.key.secret.clone());
+            let (stop, invocations) = (stop.clone(), invocations.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let response = http
+                        .post(&url)
+                        .bearer_auth(&secret)
+                        .json(&json!({ "do": "loop" }))
+                        .send()
+                        .await
+                        .expect("request");
+                    // Stopped at the deadline (504), or refused for instances (429/503): still a storm.
+                    assert!(!response.status().is_success());
+                    invocations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    // Let the storm fill its instances first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = timed(rounds, |_| classify()).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in flood {
+        task.await.expect("flood task");
+    }
+    let (alone, during) = (percentiles(alone), percentiles(during));
+    println!("(d) a quiet tenant's classify, c=1, beside 32 busy-looping invocations   p50 (us)  p99 (us)");
+    row("alone", alone);
+    row("during the storm", during);
+    println!(
+        "  during / alone: p50 {:.2}x, p99 {:.2}x ({} storm invocations ended meanwhile)",
+        during.0 / alone.0,
+        during.1 / alone.1,
+        invocations.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    app.stop().await;
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     rustls::crypto::ring::default_provider().install_default().ok();
-    in_host().await;
-    over_http().await;
+    let only = std::env::args().nth(1).filter(|arg| !arg.starts_with('-'));
+    if only.as_deref().is_none_or(|only| only == "overhead") {
+        in_host().await;
+        over_http().await;
+    }
+    if only.as_deref().is_none_or(|only| only == "storm") {
+        storm().await;
+    }
 }

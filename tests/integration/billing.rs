@@ -26,6 +26,7 @@ pub fn metered_plan() -> Plan {
         hard_cap: false,
         rate_limit_per_minute: 60_000,
         burst: 1_000,
+        isolation: plinth_sdk::PlanIsolation::FREE,
     }
 }
 

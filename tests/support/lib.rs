@@ -66,6 +66,7 @@ pub fn production_limits(config: &mut Config) {
     config.logins_per_address_per_minute = defaults.logins_per_address_per_minute;
     config.unauthenticated_per_minute = defaults.unauthenticated_per_minute;
     config.unmetered_per_tenant_per_minute = defaults.unmetered_per_tenant_per_minute;
+    config.publishes_per_author_per_minute = defaults.publishes_per_author_per_minute;
 }
 
 fn unique(prefix: &str) -> String {
@@ -105,6 +106,7 @@ impl TestApp {
             // production limits back (see `production_limits`).
             signups_per_address_per_minute: 1_000,
             logins_per_address_per_minute: 1_000,
+            publishes_per_author_per_minute: 1_000,
             ..Config::default()
         };
         if backend == Backend::PostgresRedis {
@@ -244,6 +246,13 @@ impl TestApp {
             hard_cap: false,
             rate_limit_per_minute: 100_000_000,
             burst: 1_000_000,
+            isolation: plinth_sdk::PlanIsolation {
+                plugin_instances: 64,
+                scheduling_weight: 1,
+                max_models: 1_000,
+                max_model_versions: 1_000,
+                max_model_bytes: 1 << 40,
+            },
         };
         self.store().upsert_plan(&unlimited).await.expect("plan");
         self.set_plan(tenant, "unlimited").await;

@@ -41,7 +41,8 @@ const PUBLIC_PER_ADDRESS: Quota = Quota {
     burst: 100,
 };
 
-async fn check(state: &AppState, key: &str, quota: Quota) -> Result<(), ApiError> {
+/// Refuses with `429` when `key` is past `quota`; allows (and counts) when the limiter is unreachable.
+pub(crate) async fn check(state: &AppState, key: &str, quota: Quota) -> Result<(), ApiError> {
     match state.cache.rate_limit(key, quota).await {
         Ok(decision) if !decision.allowed => {
             metrics::counter!("plinth_abuse_limited_total", "limit" => key.split(':').next().unwrap_or("").to_owned())

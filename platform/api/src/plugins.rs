@@ -10,7 +10,7 @@ use plinth_core::inference::Classification;
 use plinth_core::plugins::{Capability, PluginManifest, PluginVersion, ReviewStatus};
 use plinth_core::{ErrorCode, Micros};
 use plinth_plugin_host::{
-    CallContext, Compiled, InvokeError, NoServices, Outcome, ServiceError, Services, WIT_VERSIONS,
+    CallContext, Compiled, InvokeError, NoServices, Outcome, PluginError, ServiceError, Services, WIT_VERSIONS,
 };
 use plinth_store::audit::Who;
 use plinth_store::auth::Principal;
@@ -33,7 +33,13 @@ fn invalid_plugin(message: impl Into<String>) -> ApiError {
 impl From<InvokeError> for ApiError {
     fn from(err: InvokeError) -> Self {
         let code = err.code();
-        Self::new(code, err.to_string())
+        let retry = matches!(err, InvokeError::Busy(_) | InvokeError::Unavailable(_));
+        let error = Self::new(code, err.to_string());
+        if retry {
+            error.retry_after(std::time::Duration::from_secs(1))
+        } else {
+            error
+        }
     }
 }
 
@@ -65,6 +71,13 @@ pub(crate) async fn publish(
     plugin: &str,
     mut form: Multipart,
 ) -> ApiResult<PluginVersion> {
+    // Each submission is compiled and run: limited per author before its bytes are even read.
+    crate::limits::check(
+        state,
+        &format!("publish:{}", auth.tenant_id),
+        state.settings.limits.publishes_per_author,
+    )
+    .await?;
     let limit = state.plugins.limits().component_bytes;
     let (mut manifest, mut component) = (None, None);
     while let Some(mut field) = form
@@ -109,7 +122,11 @@ pub(crate) async fn publish(
     }
 
     let sha256 = hex::encode(Sha256::digest(&component));
-    let compiled = compile(state, &sha256, component.clone()).await?;
+    let compiled = state
+        .plugins
+        .compile(component.clone())
+        .await
+        .map_err(publishing_error)?;
     if let Some(undeclared) = compiled
         .capabilities
         .iter()
@@ -121,7 +138,7 @@ pub(crate) async fn publish(
             undeclared.interface()
         )));
     }
-    let smoke = smoke_run(state, &compiled, &manifest).await?;
+    let smoke = smoke_run(state, auth, &compiled, &manifest).await?;
     let path = state.plugin_files.join(format!("{sha256}.wasm"));
     if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
         tokio::fs::write(&path, &component)
@@ -133,6 +150,8 @@ pub(crate) async fn publish(
         "smoke_run": smoke,
         "size_bytes": component.len(),
     });
+    // Only a component that passed every check is kept compiled.
+    state.plugins.remember(&sha256, compiled).await;
     Ok(state
         .store
         .publish_version(
@@ -146,26 +165,30 @@ pub(crate) async fn publish(
         .await?)
 }
 
-/// Compiles off the async runtime (large components take seconds).
-async fn compile(state: &AppState, sha256: &str, bytes: Vec<u8>) -> ApiResult<Arc<Compiled>> {
-    let host = state.plugins.clone();
-    let sha256 = sha256.to_owned();
-    tokio::task::spawn_blocking(move || host.compile(&sha256, &bytes))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(|err| invalid_plugin(err.to_string()))
+/// A compilation that failed at publishing: the component's fault (422), or the compiler busy (503).
+fn publishing_error(err: PluginError) -> ApiError {
+    match err {
+        PluginError::Busy(message) => {
+            ApiError::new(ErrorCode::Unavailable, message).retry_after(std::time::Duration::from_secs(30))
+        }
+        PluginError::Engine(message) => ApiError::internal(message),
+        err => invalid_plugin(err.to_string()),
+    }
 }
 
-/// Runs the new component once, with an empty request, no grants and no state: it must answer (an
-/// error answer is fine) without trapping, timing out or breaking a limit.
+/// Runs the new component once, with an empty request, no grants and no state, as one of the author's
+/// plugin instances: it must answer, or refuse the request with an error of its own, without trapping
+/// (a panic, a stack overflow), timing out or breaking a limit.
 async fn smoke_run(
     state: &AppState,
-    compiled: &Compiled,
+    author: &Principal,
+    compiled: &Arc<Compiled>,
     manifest: &PluginManifest,
 ) -> ApiResult<serde_json::Value> {
     let call = Arc::new(CallContext {
-        tenant_id: plinth_core::id::TenantId::new(),
-        installation_id: "smoke-run".to_owned(),
+        tenant_id: author.tenant_id.clone(),
+        installation_id: format!("smoke-run:{}", author.tenant_id),
+        instances: author.isolation.plugin_instances,
         plugin: manifest.name.clone(),
         granted_models: Vec::new(),
         settings: serde_json::Map::new(),
@@ -174,17 +197,16 @@ async fn smoke_run(
     });
     let outcome = state
         .plugins
-        .invoke(compiled, call, Arc::new(NoServices), "{}")
+        .invoke(compiled.clone(), call, Arc::new(NoServices), "{}".to_owned())
         .await;
     match outcome {
         Ok(outcome) => {
             Ok(serde_json::json!({ "result": "answered", "compute_units": outcome.compute_units }))
         }
-        Err(InvokeError::Rejected(message) | InvokeError::Failed(message))
-            if !message.starts_with("the plugin trapped") =>
-        {
+        Err(InvokeError::Rejected(message) | InvokeError::Failed(message)) => {
             Ok(serde_json::json!({ "result": "refused the empty request", "message": message }))
         }
+        Err(err @ (InvokeError::Busy(_) | InvokeError::Unavailable(_))) => Err(err.into()),
         Err(err) => Err(invalid_plugin(format!("the smoke run failed: {err}"))),
     }
 }
@@ -476,17 +498,25 @@ pub(crate) async fn invoke(
         ));
     }
     let billable = plugin_charge(state, auth, &runnable)?;
-    let compiled = match state.plugins.cached(&runnable.sha256) {
-        Some(compiled) => compiled,
-        None => {
-            let path = state.plugin_files.join(format!("{}.wasm", runnable.sha256));
-            let bytes = tokio::fs::read(&path).await.map_err(ApiError::internal)?;
-            compile(state, &runnable.sha256, bytes).await?
-        }
-    };
+    let path = state.plugin_files.join(format!("{}.wasm", runnable.sha256));
+    let compiled = state
+        .plugins
+        .load(&runnable.sha256, async {
+            tokio::fs::read(&path)
+                .await
+                .map_err(|err| PluginError::Engine(format!("{}: {err}", path.display())))
+        })
+        .await
+        .map_err(|err| match &*err {
+            PluginError::Busy(message) => {
+                ApiError::new(ErrorCode::Unavailable, message.clone()).retry_after(std::time::Duration::from_secs(5))
+            }
+            err => ApiError::internal(err.to_string()),
+        })?;
     let call = Arc::new(CallContext {
         tenant_id: auth.tenant_id.clone(),
         installation_id: installed.id.to_string(),
+        instances: auth.isolation.plugin_instances,
         plugin: installed.plugin.clone(),
         granted_models: installed.models.clone(),
         settings: installed.settings.clone(),
@@ -499,6 +529,6 @@ pub(crate) async fn invoke(
         request_id: request_id.0.clone(),
     });
     let request = request.to_string();
-    let work = async { Ok(state.plugins.invoke(&compiled, call, services, &request).await?) };
+    let work = async { Ok(state.plugins.invoke(compiled, call, services, request).await?) };
     metered(state, auth, idempotency, request_id, billable, work).await
 }

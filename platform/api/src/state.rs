@@ -65,6 +65,8 @@ pub struct AbuseLimits {
     pub unauthenticated_global: Quota,
     /// Authenticated calls to unmetered routes (keys, members, models, installations...) per tenant.
     pub unmetered_per_tenant: Quota,
+    /// Plugin versions submitted per author (each one is compiled and run).
+    pub publishes_per_author: Quota,
 }
 
 impl Default for AbuseLimits {
@@ -78,6 +80,7 @@ impl Default for AbuseLimits {
             logins_per_address: per_minute(20),
             unauthenticated_global: per_minute(600),
             unmetered_per_tenant: per_minute(1_200),
+            publishes_per_author: per_minute(2),
         }
     }
 }

@@ -751,6 +751,7 @@ mod tests {
             hard_cap: false,
             rate_limit_per_minute: 600,
             burst: 100,
+            isolation: plinth_core::api::PlanIsolation::FREE,
         }
     }
 

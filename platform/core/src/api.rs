@@ -154,6 +154,37 @@ pub struct Plan {
     pub rate_limit_per_minute: u32,
     /// Requests that may arrive at once on top of the sustained rate.
     pub burst: u32,
+    /// What keeps the tenant from crowding out others: plugin instances, model share, upload quotas.
+    #[serde(flatten)]
+    pub isolation: PlanIsolation,
+}
+
+/// A plan's share of the platform's capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PlanIsolation {
+    /// Plugin instances the tenant may run at once; more at the same time are answered `429`.
+    pub plugin_instances: u32,
+    /// The tenant's share of a model that several tenants are waiting on, relative to theirs: a tenant
+    /// with weight 4 is served four items for each one of a tenant with weight 1.
+    pub scheduling_weight: u32,
+    /// Uploaded models the tenant may keep.
+    pub max_models: u32,
+    /// Versions kept per uploaded model (delete old ones to upload more).
+    pub max_model_versions: u32,
+    /// Bytes of uploaded model files, every version counted.
+    pub max_model_bytes: u64,
+}
+
+impl PlanIsolation {
+    /// The free plan's: what every tenant gets at least.
+    pub const FREE: Self = Self {
+        plugin_instances: 2,
+        scheduling_weight: 1,
+        max_models: 2,
+        max_model_versions: 5,
+        max_model_bytes: 1 << 30,
+    };
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -73,6 +73,9 @@ error_codes! {
     UnsupportedTask = 422,
     /// An uploaded model or manifest is unusable; the message says why.
     InvalidModel = 422,
+    /// The upload would take the tenant past its plan's models, versions per model or bytes of model
+    /// files; delete models or old versions, or move to a larger plan.
+    ModelQuotaExceeded = 409,
     /// Inference inputs do not fit the model (names, datatypes, shapes, counts).
     InvalidInput = 400,
     /// The model's queue is full; retry after `Retry-After`.
@@ -118,6 +121,12 @@ error_codes! {
     PaymentRequired = 402,
     /// Too many requests; wait for `Retry-After` seconds.
     RateLimited = 429,
+    /// The tenant (or this installation) already runs as many plugin instances at once as its plan
+    /// allows; retry after `Retry-After`.
+    PluginConcurrencyExceeded = 429,
+    /// The tenant already has as many calls waiting on this model as its share allows; retry after
+    /// `Retry-After`. Other tenants' calls are not held up by them.
+    TenantQueueFull = 429,
     /// Something failed on our side; the request id helps support find it.
     Internal = 500,
     /// A dependency is unavailable or the server is overloaded; retry later.
@@ -131,6 +140,8 @@ impl ErrorCode {
         matches!(
             self,
             Self::RateLimited
+                | Self::PluginConcurrencyExceeded
+                | Self::TenantQueueFull
                 | Self::Internal
                 | Self::Unavailable
                 | Self::Overloaded

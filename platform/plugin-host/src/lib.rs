@@ -8,6 +8,7 @@
 
 mod host;
 mod limits;
+mod occupancy;
 mod runtime;
 mod services;
 
@@ -27,6 +28,9 @@ pub enum PluginError {
     /// The engine could not be set up.
     #[error("plugin engine: {0}")]
     Engine(String),
+    /// Compilation did not finish in time, or the compiler is busy; retry later.
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Why an invocation ended without a response.
@@ -35,15 +39,21 @@ pub enum InvokeError {
     /// The plugin judged the request invalid; its message.
     #[error("{0}")]
     Rejected(String),
-    /// The plugin reported a failure, or trapped (a panic, a stack overflow).
+    /// The plugin reported a failure.
     #[error("{0}")]
     Failed(String),
+    /// The plugin trapped: a panic, a stack overflow, an unreachable instruction.
+    #[error("{0}")]
+    Trapped(String),
     /// The plugin broke a sandbox limit (memory, output, logs, host calls, compute).
     #[error("{0}")]
     LimitExceeded(String),
     /// The plugin ran past its deadline.
     #[error("{0}")]
     Timeout(String),
+    /// The tenant or installation already runs as many instances as its plan allows.
+    #[error("{0}")]
+    Busy(String),
     /// The host could not run it now (instance pool full, a dependency down).
     #[error("{0}")]
     Unavailable(String),
@@ -55,9 +65,10 @@ impl InvokeError {
         use plinth_core::ErrorCode;
         match self {
             Self::Rejected(_) => ErrorCode::PluginRejectedRequest,
-            Self::Failed(_) => ErrorCode::PluginFailed,
+            Self::Failed(_) | Self::Trapped(_) => ErrorCode::PluginFailed,
             Self::LimitExceeded(_) => ErrorCode::PluginLimitExceeded,
             Self::Timeout(_) => ErrorCode::PluginTimeout,
+            Self::Busy(_) => ErrorCode::PluginConcurrencyExceeded,
             Self::Unavailable(_) => ErrorCode::Unavailable,
         }
     }

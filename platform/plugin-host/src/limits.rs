@@ -9,7 +9,9 @@ pub struct Limits {
     pub component_bytes: usize,
     /// Linear memory per instance.
     pub memory_bytes: usize,
-    /// Wall-clock deadline, enforced by epoch interruption.
+    /// Wall-clock deadline of the whole invocation (instantiation, guest code, every host call):
+    /// busy guest code is interrupted at the next epoch tick, a guest waiting in the host (a WASI
+    /// sleep, a model call) is cancelled where it waits.
     pub deadline: Duration,
     /// Fuel per invocation: the compute budget, and what is reported as compute units.
     pub fuel: u64,
@@ -25,6 +27,17 @@ pub struct Limits {
     pub kv_keys: u64,
     /// Instances running at once across all plugins (the pooling allocator's size).
     pub concurrent_instances: u32,
+    /// Threads that run guest code and compile components, at a lower scheduling priority than the
+    /// threads that serve HTTP and run models, so plugin compute cannot starve them.
+    pub threads: usize,
+    /// Components compiled at once.
+    pub compile_concurrency: usize,
+    /// How long a compilation (waiting for its turn included) may take before the request is answered
+    /// with an error; the compiler finishes in the background, still holding its turn.
+    pub compile_timeout: Duration,
+    /// Compiled components kept in memory, in bytes of their WebAssembly; the least recently used are
+    /// dropped (and compiled again, from wasmtime's disk cache, when next invoked).
+    pub compiled_cache_bytes: u64,
 }
 
 impl Default for Limits {
@@ -44,6 +57,10 @@ impl Default for Limits {
             kv_value_bytes: 256 << 10,
             kv_keys: 1_000,
             concurrent_instances: 64,
+            threads: std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            compile_concurrency: 1,
+            compile_timeout: Duration::from_secs(120),
+            compiled_cache_bytes: 512 << 20,
         }
     }
 }

@@ -1,11 +1,12 @@
 //! The engine: compilation (cached on disk), the sandbox's limits, and one invocation from request to
 //! response in a fresh instance.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
 
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{
@@ -16,6 +17,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::host::v0_1_0;
+use crate::occupancy::{Occupancy, Seat};
 use crate::{CallContext, Capability, InvokeError, Limits, LogLine, PluginError, Services};
 
 /// The world versions this host runs, oldest first.
@@ -25,6 +27,9 @@ const PACKAGE: &str = "plinth:plugin/";
 const TICK: Duration = Duration::from_millis(10);
 /// What a panicking guest may leave on stderr for the error message.
 const STDERR_BYTES: usize = 4 << 10;
+/// The niceness of the threads that run guest code and compile components: well below the threads
+/// that serve HTTP and models (0), so a storm of busy plugins gets the CPU those leave over.
+const PLUGIN_NICENESS: i32 = 10;
 
 #[derive(Debug, Clone, Default)]
 pub struct HostSettings {
@@ -38,6 +43,8 @@ pub struct Compiled {
     pre: v0_1_0::PluginPre<Invocation>,
     /// The host interfaces it imports.
     pub capabilities: Vec<Capability>,
+    /// Bytes of WebAssembly it was compiled from (what the in-memory cache weighs).
+    size: usize,
 }
 
 impl std::fmt::Debug for Compiled {
@@ -137,9 +144,16 @@ impl ResourceLimiter for MemoryCap {
 /// Compiles, checks and runs plugins. One per process; cheap to share.
 pub struct PluginHost {
     engine: Engine,
-    linker: Linker<Invocation>,
+    linker: Arc<Linker<Invocation>>,
     limits: Limits,
-    compiled: Mutex<HashMap<String, Arc<Compiled>>>,
+    /// Components that passed the publishing checks, by SHA-256, least recently used dropped first.
+    compiled: moka::future::Cache<String, Arc<Compiled>>,
+    compiling: Arc<Semaphore>,
+    occupancy: Arc<Occupancy>,
+    /// Where guest code and compilation run: threads of their own, at a lower priority.
+    pool: tokio::runtime::Handle,
+    /// Owns those threads; taken only on drop.
+    threads: Option<tokio::runtime::Runtime>,
     ticking: Arc<AtomicBool>,
 }
 
@@ -154,6 +168,27 @@ impl std::fmt::Debug for PluginHost {
 impl Drop for PluginHost {
     fn drop(&mut self) {
         self.ticking.store(false, Ordering::Relaxed);
+        if let Some(pool) = self.threads.take() {
+            // Running invocations are cancelled with it; nothing of theirs outlives the host.
+            pool.shutdown_background();
+        }
+    }
+}
+
+/// Lowers the calling thread's scheduling priority (Linux: a thread's niceness is its own).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(err) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), PLUGIN_NICENESS) {
+        tracing::warn!(error = %err, "could not lower the priority of a plugin thread");
+    }
+}
+
+/// Aborts a spawned task when the caller stops waiting for it (a client that hung up).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -171,6 +206,9 @@ impl PluginHost {
             .wasm_component_model(true)
             .epoch_interruption(true)
             .consume_fuel(true)
+            // One core per compilation, on the plugin threads: a large component must not take every
+            // core from the requests being served.
+            .parallel_compilation(false)
             .max_wasm_stack(512 << 10);
         let slots = limits.concurrent_instances.max(1);
         let mut pool = PoolingAllocationConfig::default();
@@ -222,11 +260,28 @@ impl PluginHost {
             })
             .map_err(|err| PluginError::Engine(err.to_string()))?;
 
+        let pool = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(limits.threads.max(1))
+            .max_blocking_threads(limits.compile_concurrency.max(1) + 2)
+            .thread_name("plugin")
+            .on_thread_start(lower_priority)
+            .enable_all()
+            .build()
+            .map_err(|err| PluginError::Engine(format!("plugin threads: {err}")))?;
+        let compiled = moka::future::Cache::builder()
+            .max_capacity(limits.compiled_cache_bytes)
+            .weigher(|_, compiled: &Arc<Compiled>| u32::try_from(compiled.size).unwrap_or(u32::MAX))
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .build();
         Ok(Self {
             engine,
-            linker,
+            linker: Arc::new(linker),
             limits,
-            compiled: Mutex::new(HashMap::new()),
+            compiled,
+            compiling: Arc::new(Semaphore::new(limits.compile_concurrency.max(1))),
+            occupancy: Arc::default(),
+            pool: pool.handle().clone(),
+            threads: Some(pool),
             ticking,
         })
     }
@@ -236,15 +291,14 @@ impl PluginHost {
         &self.limits
     }
 
-    /// Compiles (or finds, by content hash) a component and checks that it fits the world: it must
-    /// export the handler and import nothing but sandboxed WASI and the world's interfaces.
+    /// Compiles a component and checks that it fits the world: it must export the handler and import
+    /// nothing but sandboxed WASI and the world's interfaces. Compilation takes its turn (a bounded
+    /// number at once) on the plugin threads; nothing is cached (see [`Self::remember`]).
     ///
     /// # Errors
-    /// An invalid or oversized component, or one the world cannot satisfy.
-    pub fn compile(&self, sha256: &str, bytes: &[u8]) -> Result<Arc<Compiled>, PluginError> {
-        if let Some(found) = self.cached(sha256) {
-            return Ok(found);
-        }
+    /// An invalid or oversized component, one the world cannot satisfy, or [`PluginError::Busy`] when
+    /// compiling (waiting for a turn included) takes longer than the limit.
+    pub async fn compile(&self, bytes: Vec<u8>) -> Result<Arc<Compiled>, PluginError> {
         if bytes.len() > self.limits.component_bytes {
             return Err(PluginError::Invalid(format!(
                 "the component is {} bytes; the limit is {} MiB",
@@ -252,75 +306,73 @@ impl PluginHost {
                 self.limits.component_bytes >> 20
             )));
         }
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|err| PluginError::Invalid(format!("not a valid WebAssembly component: {err:#}")))?;
-        let mut capabilities = Vec::new();
-        for (name, _) in component.component_type().imports(&self.engine) {
-            if name.starts_with("wasi:") {
-                continue;
-            }
-            let interface = name
-                .strip_prefix(PACKAGE)
-                .and_then(|rest| rest.split_once('@'))
-                .map(|(interface, _)| interface);
-            match Capability::ALL.iter().find(|c| Some(c.interface()) == interface) {
-                Some(capability) => capabilities.push(*capability),
-                None => {
-                    return Err(PluginError::Incompatible(format!(
-                        "the component imports `{name}`, which plugins cannot use"
-                    )));
-                }
-            }
-        }
-        let instance = self.linker.instantiate_pre(&component).map_err(|err| {
-            PluginError::Incompatible(format!(
-                "the component does not fit the plinth:plugin world: {err:#}"
+        let timeout = self.limits.compile_timeout;
+        let too_slow = || {
+            PluginError::Busy(format!(
+                "compiling the component took longer than {} s; retry later",
+                timeout.as_secs()
             ))
-        })?;
-        let pre = v0_1_0::PluginPre::new(instance).map_err(|err| {
-            PluginError::Incompatible(format!(
-                "the component does not export plinth:plugin/handler@0.1.0: {err:#}"
-            ))
-        })?;
-        capabilities.sort();
-        capabilities.dedup();
-        let compiled = Arc::new(Compiled { pre, capabilities });
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let turn = tokio::time::timeout_at(deadline, self.compiling.clone().acquire_owned())
+            .await
+            .map_err(|_| too_slow())?
+            .map_err(|_| PluginError::Engine("the compiler was shut down".to_owned()))?;
+        let (engine, linker) = (self.engine.clone(), self.linker.clone());
+        let compiling = self.pool.spawn_blocking(move || {
+            // The turn is held until the compiler is done, even when the caller stopped waiting.
+            let _turn = turn;
+            check(&engine, &linker, &bytes)
+        });
+        tokio::time::timeout_at(deadline, compiling)
+            .await
+            .map_err(|_| too_slow())?
+            .map_err(|err| PluginError::Engine(format!("the compiler failed: {err}")))?
+            .map(Arc::new)
+    }
+
+    /// Keeps a component that passed the checks for the next invocations of its SHA-256.
+    pub async fn remember(&self, sha256: &str, compiled: Arc<Compiled>) {
+        self.compiled.insert(sha256.to_owned(), compiled).await;
+    }
+
+    /// A component kept by [`Self::remember`], or compiled from `read()` and kept; concurrent callers
+    /// for the same component share one compilation.
+    ///
+    /// # Errors
+    /// As [`Self::compile`], or when the bytes cannot be read.
+    pub async fn load<F>(&self, sha256: &str, read: F) -> Result<Arc<Compiled>, Arc<PluginError>>
+    where
+        F: Future<Output = Result<Vec<u8>, PluginError>>,
+    {
         self.compiled
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(sha256.to_owned(), compiled.clone());
-        Ok(compiled)
+            .try_get_with(sha256.to_owned(), async { self.compile(read.await?).await })
+            .await
     }
 
     /// A component compiled earlier in this process.
-    #[must_use]
-    pub fn cached(&self, sha256: &str) -> Option<Arc<Compiled>> {
-        self.compiled
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(sha256)
-            .cloned()
+    pub async fn cached(&self, sha256: &str) -> Option<Arc<Compiled>> {
+        self.compiled.get(sha256).await
     }
 
     /// Drops a compiled component from this process's cache (a revoked version's: the next
     /// installation to run the same bytes, if any, compiles them again).
-    pub fn forget(&self, sha256: &str) {
-        self.compiled
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(sha256);
+    pub async fn forget(&self, sha256: &str) {
+        self.compiled.invalidate(sha256).await;
     }
 
-    /// Runs one invocation in a fresh instance under every limit.
+    /// Runs one invocation in a fresh instance under every limit, on the plugin threads. The tenant
+    /// and the installation must each have an instance to spare (`instances`, the tenant's plan; an
+    /// installation may use three quarters of it, so one stuck installation leaves the others room).
     ///
     /// # Errors
     /// See [`InvokeError`]: each limit breach, trap or plugin error has its own variant.
     pub async fn invoke(
         &self,
-        compiled: &Compiled,
+        compiled: Arc<Compiled>,
         call: Arc<CallContext>,
         services: Arc<dyn Services>,
-        request: &str,
+        request: String,
     ) -> Result<Outcome, InvokeError> {
         let limits = self.limits;
         if request.len() > limits.input_bytes {
@@ -330,85 +382,166 @@ impl PluginHost {
                 limits.input_bytes >> 10
             )));
         }
-        let started = Instant::now();
-        let stderr = MemoryOutputPipe::new(STDERR_BYTES);
-        let wasi = WasiCtxBuilder::new()
-            .stderr(stderr.clone())
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        let mut store = Store::new(
-            &self.engine,
-            Invocation {
-                wasi,
-                table: ResourceTable::new(),
-                call,
-                services,
-                limits,
-                inference_calls: 0,
-                logs: Vec::new(),
-                log_bytes: 0,
-                breach: None,
-                memory: MemoryCap {
-                    memory_bytes: limits.memory_bytes,
-                    table_elements: 100_000,
-                    refused: None,
-                },
-            },
-        );
-        store.limiter(|state| &mut state.memory);
-        store
-            .set_fuel(limits.fuel)
-            .map_err(|err| InvokeError::Unavailable(err.to_string()))?;
-        // Yield to the runtime every tick, so a busy plugin never starves other requests; stop it
-        // at the deadline.
-        let deadline = started + limits.deadline;
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            if Instant::now() >= deadline {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                Ok(UpdateDeadline::Yield(1))
-            }
-        });
+        let tenant_limit = call.instances.max(1);
+        let seat = self
+            .occupancy
+            .take(&[
+                (format!("tenant:{}", call.tenant_id), tenant_limit, "this tenant"),
+                (
+                    format!("installation:{}", call.installation_id),
+                    (tenant_limit * 3 / 4).max(1),
+                    "this installation",
+                ),
+            ])
+            .map_err(|refusal| {
+                metrics::counter!("plinth_plugin_refused_total", "reason" => "tenant_instances").increment(1);
+                InvokeError::Busy(format!("{refusal}; retry when one of them has finished"))
+            })?;
+        let engine = self.engine.clone();
+        let running = self
+            .pool
+            .spawn(run(engine, compiled, call, services, request, limits, seat));
+        let _abort = AbortOnDrop(running.abort_handle());
+        running
+            .await
+            .map_err(|err| InvokeError::Unavailable(format!("the plugin host stopped the invocation: {err}")))?
+    }
+}
 
-        let outcome = async {
-            let plugin = compiled.pre.instantiate_async(&mut store).await?;
-            plugin
-                .plinth_plugin_handler()
-                .call_handle(&mut store, request)
-                .await
+/// Compiles `bytes` and checks the component against the world.
+fn check(engine: &Engine, linker: &Linker<Invocation>, bytes: &[u8]) -> Result<Compiled, PluginError> {
+    let component = Component::new(engine, bytes)
+        .map_err(|err| PluginError::Invalid(format!("not a valid WebAssembly component: {err:#}")))?;
+    let mut capabilities = Vec::new();
+    for (name, _) in component.component_type().imports(engine) {
+        if name.starts_with("wasi:") {
+            continue;
         }
-        .await;
-        let compute_units = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
-        let duration = started.elapsed();
-        let state = store.into_data();
-        metrics::histogram!("plinth_plugin_invocation_seconds", "plugin" => state.call.plugin.clone())
-            .record(duration.as_secs_f64());
-        let explain = |err: &wasmtime::Error| explain_trap(err, &state, &stderr, limits);
-        match outcome {
-            Ok(Ok(response)) if response.len() > limits.output_bytes => {
-                Err(InvokeError::LimitExceeded(format!(
-                    "the plugin answered {} bytes; the limit is {} KiB",
-                    response.len(),
-                    limits.output_bytes >> 10
-                )))
+        let interface = name
+            .strip_prefix(PACKAGE)
+            .and_then(|rest| rest.split_once('@'))
+            .map(|(interface, _)| interface);
+        match Capability::ALL.iter().find(|c| Some(c.interface()) == interface) {
+            Some(capability) => capabilities.push(*capability),
+            None => {
+                return Err(PluginError::Incompatible(format!(
+                    "the component imports `{name}`, which plugins cannot use"
+                )));
             }
-            Ok(Ok(response)) => Ok(Outcome {
-                response,
-                compute_units,
-                logs: state.logs,
-                duration,
-            }),
-            Ok(Err(v0_1_0::exports::plinth::plugin::handler::Error::InvalidRequest(message))) => {
-                Err(InvokeError::Rejected(message))
-            }
-            Ok(Err(v0_1_0::exports::plinth::plugin::handler::Error::Failed(message))) => {
-                Err(InvokeError::Failed(message))
-            }
-            Err(err) => Err(explain(&err)),
         }
+    }
+    let instance = linker.instantiate_pre(&component).map_err(|err| {
+        PluginError::Incompatible(format!(
+            "the component does not fit the plinth:plugin world: {err:#}"
+        ))
+    })?;
+    let pre = v0_1_0::PluginPre::new(instance).map_err(|err| {
+        PluginError::Incompatible(format!(
+            "the component does not export plinth:plugin/handler@0.1.0: {err:#}"
+        ))
+    })?;
+    capabilities.sort();
+    capabilities.dedup();
+    Ok(Compiled {
+        pre,
+        capabilities,
+        size: bytes.len(),
+    })
+}
+
+/// One invocation, from instantiation to answer, under one wall-clock deadline.
+async fn run(
+    engine: Engine,
+    compiled: Arc<Compiled>,
+    call: Arc<CallContext>,
+    services: Arc<dyn Services>,
+    request: String,
+    limits: Limits,
+    _seat: Seat,
+) -> Result<Outcome, InvokeError> {
+    let started = Instant::now();
+    let stderr = MemoryOutputPipe::new(STDERR_BYTES);
+    let wasi = WasiCtxBuilder::new()
+        .stderr(stderr.clone())
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .build();
+    let mut store = Store::new(
+        &engine,
+        Invocation {
+            wasi,
+            table: ResourceTable::new(),
+            call,
+            services,
+            limits,
+            inference_calls: 0,
+            logs: Vec::new(),
+            log_bytes: 0,
+            breach: None,
+            memory: MemoryCap {
+                memory_bytes: limits.memory_bytes,
+                table_elements: 100_000,
+                refused: None,
+            },
+        },
+    );
+    store.limiter(|state| &mut state.memory);
+    store
+        .set_fuel(limits.fuel)
+        .map_err(|err| InvokeError::Unavailable(err.to_string()))?;
+    // Busy guest code yields to the other invocations every tick and is interrupted at the deadline;
+    // the timeout below stops a guest that waits in the host instead (a sleep, a model call).
+    let deadline = started + limits.deadline;
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        if Instant::now() >= deadline {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
+
+    let outcome = tokio::time::timeout_at(deadline.into(), async {
+        let plugin = compiled.pre.instantiate_async(&mut store).await?;
+        plugin
+            .plinth_plugin_handler()
+            .call_handle(&mut store, &request)
+            .await
+    })
+    .await;
+    let compute_units = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+    let duration = started.elapsed();
+    let state = store.into_data();
+    metrics::histogram!("plinth_plugin_invocation_seconds").record(duration.as_secs_f64());
+    let timed_out = || {
+        InvokeError::Timeout(format!(
+            "the plugin ran past its {} ms deadline and was stopped",
+            limits.deadline.as_millis()
+        ))
+    };
+    let Ok(outcome) = outcome else {
+        return Err(timed_out());
+    };
+    match outcome {
+        Ok(Ok(response)) if response.len() > limits.output_bytes => Err(InvokeError::LimitExceeded(format!(
+            "the plugin answered {} bytes; the limit is {} KiB",
+            response.len(),
+            limits.output_bytes >> 10
+        ))),
+        Ok(Ok(response)) => Ok(Outcome {
+            response,
+            compute_units,
+            logs: state.logs,
+            duration,
+        }),
+        Ok(Err(v0_1_0::exports::plinth::plugin::handler::Error::InvalidRequest(message))) => {
+            Err(InvokeError::Rejected(message))
+        }
+        Ok(Err(v0_1_0::exports::plinth::plugin::handler::Error::Failed(message))) => {
+            Err(InvokeError::Failed(message))
+        }
+        Err(err) => Err(explain_trap(&err, &state, &stderr, limits)),
     }
 }
 
@@ -434,7 +567,7 @@ fn explain_trap(
             "the plugin used its whole compute budget ({} units)",
             limits.fuel
         )),
-        Some(Trap::StackOverflow) => InvokeError::Failed("the plugin overflowed its stack".to_owned()),
+        Some(Trap::StackOverflow) => InvokeError::Trapped("the plugin overflowed its stack".to_owned()),
         Some(Trap::AllocationTooLarge) => InvokeError::LimitExceeded(format!(
             "the plugin asked for more than its {} MiB of memory",
             limits.memory_bytes >> 20
@@ -448,14 +581,14 @@ fn explain_trap(
                 .unwrap_or_default()
                 .to_owned();
             if said.is_empty() {
-                InvokeError::Failed(format!("the plugin trapped: {trap}"))
+                InvokeError::Trapped(format!("the plugin trapped: {trap}"))
             } else {
-                InvokeError::Failed(format!("the plugin trapped: {trap}: {said}"))
+                InvokeError::Trapped(format!("the plugin trapped: {trap}: {said}"))
             }
         }
         None if err.to_string().contains("instance") && err.to_string().contains("limit") => {
             InvokeError::Unavailable("every plugin instance slot is busy; retry shortly".to_owned())
         }
-        None => InvokeError::Failed(format!("the plugin could not run: {err:#}")),
+        None => InvokeError::Trapped(format!("the plugin could not run: {err:#}")),
     }
 }

@@ -12,6 +12,8 @@ pub use plinth_core::plugins::Capability;
 pub struct CallContext {
     pub tenant_id: TenantId,
     pub installation_id: String,
+    /// Plugin instances the tenant may run at once (its plan's).
+    pub instances: u32,
     /// The plugin's name, for logs and metrics.
     pub plugin: String,
     /// Models the manifest declared and the tenant approved.

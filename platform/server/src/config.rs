@@ -123,6 +123,12 @@ pub struct Config {
     /// `PLINTH_UNMETERED_PER_TENANT_PER_MINUTE`: calls one tenant may make per minute to authenticated
     /// routes that are not metered (keys, members, models, installations, usage...).
     pub unmetered_per_tenant_per_minute: u32,
+    /// `PLINTH_PUBLISHES_PER_AUTHOR_PER_MINUTE`: plugin versions one author may submit per minute (each
+    /// is compiled and run once, checked or not).
+    pub publishes_per_author_per_minute: u32,
+    /// `PLINTH_PLUGIN_THREADS`: threads that run plugin code and compile components, at a lower
+    /// priority than request handling; 0 picks half the cores.
+    pub plugin_threads: usize,
     /// `PLINTH_LOG`: a tracing filter, e.g. `info` or `plinth_api=debug,info`.
     pub log: String,
     /// `PLINTH_LOG_FORMAT`: `text` or `json`.
@@ -177,6 +183,8 @@ impl Default for Config {
             logins_per_address_per_minute: 20,
             unauthenticated_per_minute: 600,
             unmetered_per_tenant_per_minute: 1_200,
+            publishes_per_author_per_minute: 2,
+            plugin_threads: 0,
             log: "info".to_owned(),
             log_format: LogFormat::Text,
         }
@@ -333,12 +341,16 @@ impl Config {
             self.logins_per_address_per_minute,
             self.unauthenticated_per_minute,
             self.unmetered_per_tenant_per_minute,
+            self.publishes_per_author_per_minute,
         ]
         .contains(&0)
         {
             return fail(
-                "PLINTH_SIGNUPS_PER_ADDRESS_PER_MINUTE, PLINTH_LOGINS_PER_ADDRESS_PER_MINUTE, PLINTH_UNAUTHENTICATED_PER_MINUTE and PLINTH_UNMETERED_PER_TENANT_PER_MINUTE must be at least 1",
+                "PLINTH_SIGNUPS_PER_ADDRESS_PER_MINUTE, PLINTH_LOGINS_PER_ADDRESS_PER_MINUTE, PLINTH_UNAUTHENTICATED_PER_MINUTE, PLINTH_UNMETERED_PER_TENANT_PER_MINUTE and PLINTH_PUBLISHES_PER_AUTHOR_PER_MINUTE must be at least 1",
             );
+        }
+        if self.plugin_threads > 256 {
+            return fail("PLINTH_PLUGIN_THREADS must be at most 256");
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log).is_err() {
             return fail("PLINTH_LOG is not a valid filter (e.g. `info` or `plinth_api=debug,info`)");
@@ -389,6 +401,7 @@ impl Config {
                 logins_per_address: per_minute(self.logins_per_address_per_minute),
                 unauthenticated_global: per_minute(self.unauthenticated_per_minute),
                 unmetered_per_tenant: per_minute(self.unmetered_per_tenant_per_minute),
+                publishes_per_author: per_minute(self.publishes_per_author_per_minute),
             },
         }
     }

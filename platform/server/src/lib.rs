@@ -123,6 +123,10 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             deadline: std::time::Duration::from_millis(config.plugin_deadline_ms),
             memory_bytes: config.plugin_memory_mib << 20,
             kv_keys: config.plugin_kv_keys,
+            threads: match config.plugin_threads {
+                0 => plinth_plugin_host::Limits::default().threads,
+                threads => threads,
+            },
             ..plinth_plugin_host::Limits::default()
         },
         cache_dir: Some(config.data_dir.join("plugin-cache")),

@@ -50,6 +50,8 @@ pub struct Principal {
     /// ...and that bill is a Stripe subscription carrying the plugin-fees price (what Stripe mode needs
     /// to invoice a plugin's fee).
     pub provider_subscription: bool,
+    /// The plan's share of capacity: plugin instances, model scheduling weight, upload quotas.
+    pub isolation: plinth_core::api::PlanIsolation,
     pub expires_at: Option<DateTime<Utc>>,
 }
 
@@ -230,6 +232,7 @@ impl Store {
             call_cap: plan.hard_cap.then_some(plan.included_calls),
             paid_subscription,
             provider_subscription,
+            isolation: plan.isolation,
             expires_at: key.expires_at,
         })
     }
@@ -296,6 +299,7 @@ impl Store {
             call_cap: plan.hard_cap.then_some(plan.included_calls),
             paid_subscription,
             provider_subscription,
+            isolation: plan.isolation,
             expires_at: Some(session.expires_at),
         })
     }

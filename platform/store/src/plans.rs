@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Months, Utc};
 use plinth_core::Micros;
-use plinth_core::api::{Plan, Subscription, SubscriptionStatus};
+use plinth_core::api::{Plan, PlanIsolation, Subscription, SubscriptionStatus};
 use plinth_core::id::TenantId;
 use sea_orm::{ActiveModelTrait, ConnectionTrait, EntityTrait, QueryOrder, Set};
 
@@ -18,7 +18,7 @@ pub const FREE_PLAN: &str = "free";
 /// never overwrites an edit.
 #[must_use]
 pub fn default_plans() -> Vec<Plan> {
-    let plan = |id: &str, name: &str, fee: i64, included: i64, price: i64, hard_cap, rate, burst| Plan {
+    let plan = |id: &str, name: &str, fee: i64, included: i64, price: i64, hard_cap, rate, burst, isolation| Plan {
         id: id.to_owned(),
         name: name.to_owned(),
         currency: "usd".to_owned(),
@@ -28,10 +28,28 @@ pub fn default_plans() -> Vec<Plan> {
         hard_cap,
         rate_limit_per_minute: rate,
         burst,
+        isolation,
     };
+    // The same values as migration m0007 gives the shipped plans.
     vec![
-        plan(FREE_PLAN, "Free", 0, 1_000, 0, true, 60, 10),
-        plan("pro", "Pro", 49, 100_000, 400, false, 600, 100),
+        plan(FREE_PLAN, "Free", 0, 1_000, 0, true, 60, 10, PlanIsolation::FREE),
+        plan(
+            "pro",
+            "Pro",
+            49,
+            100_000,
+            400,
+            false,
+            600,
+            100,
+            PlanIsolation {
+                plugin_instances: 8,
+                scheduling_weight: 4,
+                max_models: 20,
+                max_model_versions: 20,
+                max_model_bytes: 20 << 30,
+            },
+        ),
         plan(
             "enterprise",
             "Enterprise",
@@ -41,6 +59,13 @@ pub fn default_plans() -> Vec<Plan> {
             false,
             6_000,
             1_000,
+            PlanIsolation {
+                plugin_instances: 32,
+                scheduling_weight: 16,
+                max_models: 200,
+                max_model_versions: 50,
+                max_model_bytes: 200 << 30,
+            },
         ),
     ]
 }
@@ -56,6 +81,13 @@ fn to_plan(model: plans::Model) -> Plan {
         hard_cap: model.hard_cap,
         rate_limit_per_minute: u32::try_from(model.rate_limit_per_minute).unwrap_or(0),
         burst: u32::try_from(model.burst).unwrap_or(0),
+        isolation: PlanIsolation {
+            plugin_instances: u32::try_from(model.plugin_instances).unwrap_or(0),
+            scheduling_weight: u32::try_from(model.scheduling_weight).unwrap_or(1),
+            max_models: u32::try_from(model.max_models).unwrap_or(0),
+            max_model_versions: u32::try_from(model.max_model_versions).unwrap_or(0),
+            max_model_bytes: u64::try_from(model.max_model_bytes).unwrap_or(0),
+        },
     }
 }
 
@@ -73,6 +105,12 @@ fn plan_model(plan: &Plan, now: DateTime<Utc>) -> Result<plans::ActiveModel> {
         hard_cap: Set(plan.hard_cap),
         rate_limit_per_minute: Set(int(plan.rate_limit_per_minute, "rate_limit_per_minute")?),
         burst: Set(int(plan.burst, "burst")?),
+        plugin_instances: Set(int(plan.isolation.plugin_instances, "plugin_instances")?),
+        scheduling_weight: Set(int(plan.isolation.scheduling_weight, "scheduling_weight")?),
+        max_models: Set(int(plan.isolation.max_models, "max_models")?),
+        max_model_versions: Set(int(plan.isolation.max_model_versions, "max_model_versions")?),
+        max_model_bytes: Set(i64::try_from(plan.isolation.max_model_bytes)
+            .map_err(|_| StoreError::invalid("max_model_bytes is too large"))?),
         stripe_flat_price_id: Set(None),
         stripe_metered_price_id: Set(None),
         created_at: Set(now),
@@ -101,6 +139,14 @@ fn validate_plan(plan: &Plan) -> Result<()> {
         return Err(StoreError::invalid(
             "rate_limit_per_minute and burst must be positive",
         ));
+    }
+    if plan.isolation.plugin_instances == 0 || plan.isolation.scheduling_weight == 0 {
+        return Err(StoreError::invalid(
+            "plugin_instances and scheduling_weight must be positive",
+        ));
+    }
+    if plan.isolation.scheduling_weight > 1_000 {
+        return Err(StoreError::invalid("scheduling_weight: at most 1000"));
     }
     let currency_ok = plan.currency.len() == 3 && plan.currency.bytes().all(|b| b.is_ascii_lowercase());
     if !currency_ok || ZERO_DECIMAL_CURRENCIES.contains(&plan.currency.as_str()) {

@@ -131,7 +131,7 @@ pub async fn revoke(
 ) -> ApiResult<web::Json<PluginVersion>> {
     require_platform_admin(&auth, "revoke plugins")?;
     let version = state.store.revoke_version(&auth.who(), &id, &body.reason).await?;
-    state.plugins.forget(&version.sha256);
+    state.plugins.forget(&version.sha256).await;
     Ok(web::Json(version))
 }
 

@@ -30,6 +30,11 @@ impl Plugin for Hostile {
                 }
             }
             "recurse" => Ok(json!(recurse(0))),
+            "sleep" => {
+                // Waits in the host (a WASI clock subscription and poll), not in guest code.
+                std::thread::sleep(std::time::Duration::from_secs(60));
+                Ok(json!("woke up"))
+            }
             "big-output" => Ok(Value::String("x".repeat(8 << 20))),
             "panic" => panic!("the plugin gave up"),
             "log-flood" => {
