@@ -104,8 +104,7 @@ fn code(body: &Value) -> &str {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plugin_waiting_in_the_host_is_stopped_at_its_deadline_and_its_tenant_cannot_hold_every_instance()
-{
+async fn a_plugin_waiting_in_the_host_is_stopped_at_its_deadline_and_its_tenant_cannot_hold_every_instance() {
     let app = TestApp::spawn_with(|config| config.plugin_deadline_ms = 1_500).await;
     let author = app.tenant().await;
     // Both on the free plan: two plugin instances at once, one per installation.
@@ -136,8 +135,15 @@ async fn a_plugin_waiting_in_the_host_is_stopped_at_its_deadline_and_its_tenant_
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         // The installation's one instance is taken: the next call is refused at once...
         let (status, body) = invoke_raw(&app, &hoarder, &hoarded.id, json!({ "do": "echo" })).await;
-        assert_eq!((status, code(&body)), (429, "plugin_concurrency_exceeded"), "{body}");
-        assert!(started.elapsed() < std::time::Duration::from_millis(1_400), "refused only after waiting");
+        assert_eq!(
+            (status, code(&body)),
+            (429, "plugin_concurrency_exceeded"),
+            "{body}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(1_400),
+            "refused only after waiting"
+        );
         // ...while another tenant's plugin calls go through.
         for n in 0..3 {
             let (status, body) =

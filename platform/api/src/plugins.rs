@@ -10,7 +10,8 @@ use plinth_core::inference::Classification;
 use plinth_core::plugins::{Capability, PluginManifest, PluginVersion, ReviewStatus};
 use plinth_core::{ErrorCode, Micros};
 use plinth_plugin_host::{
-    CallContext, Compiled, InvokeError, NoServices, Outcome, PluginError, ServiceError, Services, WIT_VERSIONS,
+    CallContext, Compiled, InvokeError, NoServices, Outcome, PluginError, ServiceError, Services,
+    WIT_VERSIONS,
 };
 use plinth_store::audit::Who;
 use plinth_store::auth::Principal;
@@ -508,9 +509,8 @@ pub(crate) async fn invoke(
         })
         .await
         .map_err(|err| match &*err {
-            PluginError::Busy(message) => {
-                ApiError::new(ErrorCode::Unavailable, message.clone()).retry_after(std::time::Duration::from_secs(5))
-            }
+            PluginError::Busy(message) => ApiError::new(ErrorCode::Unavailable, message.clone())
+                .retry_after(std::time::Duration::from_secs(5)),
             err => ApiError::internal(err.to_string()),
         })?;
     let call = Arc::new(CallContext {

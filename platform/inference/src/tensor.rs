@@ -179,17 +179,22 @@ fn element_count(name: &str, shape: &[i64]) -> Result<usize, InferenceError> {
     if shape.len() > MAX_RANK {
         return Err(invalid(
             name,
-            &format!("shape has {} dimensions; at most {MAX_RANK} are served", shape.len()),
+            &format!(
+                "shape has {} dimensions; at most {MAX_RANK} are served",
+                shape.len()
+            ),
         ));
     }
     let mut count = 1usize;
     for &dimension in shape {
-        let dimension = usize::try_from(dimension)
-            .map_err(|_| invalid(name, "shape dimensions must be non-negative"))?;
+        let dimension =
+            usize::try_from(dimension).map_err(|_| invalid(name, "shape dimensions must be non-negative"))?;
         if dimension > MAX_ELEMENTS {
             return Err(invalid(
                 name,
-                &format!("a dimension of {dimension} is larger than the {MAX_ELEMENTS} elements a tensor may have"),
+                &format!(
+                    "a dimension of {dimension} is larger than the {MAX_ELEMENTS} elements a tensor may have"
+                ),
             ));
         }
         count = count

@@ -26,7 +26,9 @@ impl Occupancy {
             .iter()
             .find(|(key, limit, _)| held.get(key).copied().unwrap_or(0) >= *limit)
         {
-            return Err(format!("{what} already runs {limit} plugin instances at once, its limit"));
+            return Err(format!(
+                "{what} already runs {limit} plugin instances at once, its limit"
+            ));
         }
         for (key, _, _) in claims {
             *held.entry(key.clone()).or_default() += 1;
@@ -76,7 +78,9 @@ mod tests {
             ]
         };
         let first = occupancy.take(&claims("x")).expect("first");
-        let refused = occupancy.take(&claims("x")).expect_err("installation at its limit");
+        let refused = occupancy
+            .take(&claims("x"))
+            .expect_err("installation at its limit");
         assert!(refused.contains("installation"), "{refused}");
         // The refusal took nothing.
         assert_eq!(occupancy.held("tenant:a"), 1);
@@ -85,7 +89,13 @@ mod tests {
         assert!(refused.contains("tenant"), "{refused}");
         drop((first, second));
         assert_eq!(occupancy.held("tenant:a"), 0);
-        assert!(occupancy.held.lock().unwrap_or_else(PoisonError::into_inner).is_empty());
+        assert!(
+            occupancy
+                .held
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+        );
         assert!(occupancy.take(&claims("z")).is_ok());
     }
 }

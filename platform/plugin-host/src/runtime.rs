@@ -402,9 +402,9 @@ impl PluginHost {
             .pool
             .spawn(run(engine, compiled, call, services, request, limits, seat));
         let _abort = AbortOnDrop(running.abort_handle());
-        running
-            .await
-            .map_err(|err| InvokeError::Unavailable(format!("the plugin host stopped the invocation: {err}")))?
+        running.await.map_err(|err| {
+            InvokeError::Unavailable(format!("the plugin host stopped the invocation: {err}"))
+        })?
     }
 }
 

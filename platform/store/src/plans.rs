@@ -18,18 +18,19 @@ pub const FREE_PLAN: &str = "free";
 /// never overwrites an edit.
 #[must_use]
 pub fn default_plans() -> Vec<Plan> {
-    let plan = |id: &str, name: &str, fee: i64, included: i64, price: i64, hard_cap, rate, burst, isolation| Plan {
-        id: id.to_owned(),
-        name: name.to_owned(),
-        currency: "usd".to_owned(),
-        monthly_fee_micros: Micros::units(fee),
-        included_calls: included,
-        price_per_call_micros: Micros(price),
-        hard_cap,
-        rate_limit_per_minute: rate,
-        burst,
-        isolation,
-    };
+    let plan =
+        |id: &str, name: &str, fee: i64, included: i64, price: i64, hard_cap, rate, burst, isolation| Plan {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            currency: "usd".to_owned(),
+            monthly_fee_micros: Micros::units(fee),
+            included_calls: included,
+            price_per_call_micros: Micros(price),
+            hard_cap,
+            rate_limit_per_minute: rate,
+            burst,
+            isolation,
+        };
     // The same values as migration m0007 gives the shipped plans.
     vec![
         plan(FREE_PLAN, "Free", 0, 1_000, 0, true, 60, 10, PlanIsolation::FREE),
