@@ -7,15 +7,30 @@ cd "$(dirname "$0")/.."
 
 production_mode=("${PLINTH_TEST_DATABASE_URL:-}" "${PLINTH_TEST_REDIS_URL:-}")
 
-# NVIDIA's Triton HTTP client, used unchanged by a test to prove protocol compatibility.
+# NVIDIA's Triton HTTP client, used unchanged by a test to prove protocol compatibility, and
+# Schemathesis, which a test points at a running server with the committed OpenAPI document.
 clients="${PLINTH_CACHE_DIR:-$HOME/.cache/plinth}/venv-clients"
-if ! "$clients/bin/python" -c 'import tritonclient.http' 2>/dev/null; then
-  echo "== installing tritonclient[http] into $clients"
+if ! "$clients/bin/python" -c 'import tritonclient.http, schemathesis' 2>/dev/null; then
+  echo "== installing tritonclient[http] and schemathesis into $clients"
   rm -rf "$clients"
   python3 -m venv "$clients"
-  "$clients/bin/pip" install -q "tritonclient[http]==2.73.*"
+  "$clients/bin/pip" install -q "tritonclient[http]==2.73.*" "schemathesis==4.32.*"
 fi
 export PLINTH_TEST_PYTHON="$clients/bin/python"
+
+# Models the end-to-end tests upload as hostile tenants would (tests/fixtures/make_models.py).
+cache="${PLINTH_CACHE_DIR:-$HOME/.cache/plinth}"
+fixtures="$cache/test-models"
+venv="$cache/venv-models"
+stamp=$(sha256sum tests/fixtures/make_models.py | cut -d' ' -f1)
+if [ "$(cat "$fixtures/.inputs" 2>/dev/null)" != "$stamp" ]; then
+  if ! "$venv/bin/python" -c 'import onnx, numpy' 2>/dev/null; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "onnx==1.23.2" "numpy>=2,<3"
+  fi
+  "$venv/bin/python" tests/fixtures/make_models.py "$fixtures"
+  echo "$stamp" > "$fixtures/.inputs"
+fi
 
 # The plugins the end-to-end tests publish, built as WebAssembly components.
 "$(dirname "$0")/build-plugins.sh"

@@ -49,7 +49,10 @@ async fn in_process(batch: usize) -> Measured {
             .map(|i| TEXTS[(round + i) % TEXTS.len()].to_owned())
             .collect();
         let t = Instant::now();
-        model.classify(texts).await.expect("classify");
+        model
+            .classify(plinth_inference::Share::platform(), texts)
+            .await
+            .expect("classify");
         samples.push(t.elapsed());
     }
     summarise(samples, (rounds * batch) as f64 / started.elapsed().as_secs_f64())

@@ -357,21 +357,13 @@ async fn concurrent_calls_share_batches_and_get_their_own_answers() {
         "24 calls ran in {} executions",
         stats.execution_count
     );
-    let metrics = app
-        .http()
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(metrics.contains("nv_inference_exec_count{model=\"sentiment\"}"));
     assert!(metrics.contains("plinth_model_info{model=\"sentiment\",execution_provider=\"cpu\"} 1"));
 }
 
-/// The Python interpreter with `tritonclient[http]` (made by `scripts/test.sh`).
-fn client_python() -> std::path::PathBuf {
+/// The Python interpreter with `tritonclient[http]` and `schemathesis` (made by `scripts/test.sh`).
+pub(crate) fn client_python() -> std::path::PathBuf {
     if let Some(python) = std::env::var_os("PLINTH_TEST_PYTHON") {
         return python.into();
     }
@@ -432,47 +424,57 @@ async fn protocol_errors_carry_a_string_message_for_protocol_clients() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_queue_answers_503_with_retry_after_and_recovers() {
+async fn full_queues_answer_429_per_tenant_and_503_overall_with_retry_after_and_recover() {
     let app = TestApp::spawn_with(|config| {
-        config.inference_queue = 1;
+        config.inference_queue = 2;
+        config.inference_tenant_queue = 1;
         config.max_batch = 1;
     })
     .await;
-    let tenant = app.tenant().await;
-    app.set_plan(&tenant.session.tenant.id, "enterprise").await;
+    let mut tenants = Vec::new();
+    for _ in 0..4 {
+        let tenant = app.tenant().await;
+        app.set_plan(&tenant.session.tenant.id, "enterprise").await;
+        tenants.push(tenant);
+    }
     let http = app.http();
     let texts = vec!["the market rallied on strong earnings ".repeat(12); 8];
-    let calls = (0..24).map(|_| {
-        http.post(app.url("/v1/models/sentiment/classify"))
-            .bearer_auth(&tenant.key.secret)
-            .json(&json!({ "inputs": texts }))
-            .send()
+    let calls = tenants.iter().flat_map(|tenant| {
+        (0..6).map(|_| {
+            http.post(app.url("/v1/models/sentiment/classify"))
+                .bearer_auth(&tenant.key.secret)
+                .json(&json!({ "inputs": texts }))
+                .send()
+        })
     });
     let responses: Vec<_> = join_all(calls).await.into_iter().map(Result::unwrap).collect();
-    let overloaded: Vec<_> = responses.iter().filter(|r| r.status() == 503).collect();
+    let count = |status: u16| responses.iter().filter(|r| r.status() == status).count();
+    // Each tenant may have one call waiting; the queue holds two in all.
+    assert!(count(429) > 0, "a tenant's second waiting call is refused");
     assert!(
-        !overloaded.is_empty(),
-        "a queue of one should overflow under 24 concurrent calls"
+        count(503) > 0,
+        "the shared queue of two overflows under four tenants"
     );
+    assert_eq!(count(200) + count(429) + count(503), responses.len());
     assert!(
-        overloaded
+        responses
             .iter()
+            .filter(|r| r.status() != 200)
             .all(|r| r.headers().get("retry-after").is_some())
     );
-    assert!(responses.iter().all(|r| r.status() == 200 || r.status() == 503));
-    let served = i64::try_from(responses.iter().filter(|r| r.status() == 200).count()).unwrap();
     // Refused calls were not billed; the model serves again once the queue drains.
-    assert_eq!(
-        tenant
+    let mut billed = 0;
+    for tenant in &tenants {
+        billed += tenant
             .client
             .usage(&UsageQuery::default())
             .await
             .unwrap()
             .total
-            .calls,
-        served
-    );
-    tenant
+            .calls;
+    }
+    assert_eq!(billed, i64::try_from(count(200)).unwrap());
+    tenants[0]
         .client
         .classify("sentiment", &["fine again"])
         .await

@@ -2,7 +2,8 @@
 //! tensors, plugins that hold on to their slot, floods of work. Each test is the attack of THREATS.md;
 //! it passes when every other tenant is still served.
 
-use plinth_tests::TestApp;
+use plinth_tests::{TestApp, TestTenant};
+use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 
 const DATATYPES: [&str; 6] = ["FP32", "FP16", "INT64", "INT32", "BOOL", "BYTES"];
@@ -197,4 +198,307 @@ async fn publishing_refuses_a_component_that_crashes_on_every_request_and_limits
     let limited = submit().await.unwrap();
     assert_eq!(limited.status(), 429);
     assert!(limited.headers().contains_key("retry-after"));
+}
+
+/// A model file from `tests/fixtures/make_models.py` (scripts/test.sh builds them).
+fn fixture(file: &str) -> Vec<u8> {
+    let path = plinth_server::config::cache_dir().join("test-models").join(file);
+    std::fs::read(&path).unwrap_or_else(|err| panic!("{}: {err} (scripts/test.sh builds it)", path.display()))
+}
+
+async fn upload(app: &TestApp, tenant: &TestTenant, model: Vec<u8>, manifest: Value) -> (u16, Value) {
+    let mut form = Form::new()
+        .part("manifest", Part::text(manifest.to_string()))
+        .part("model", Part::bytes(model).file_name("model.onnx"));
+    if manifest["task"] != "raw" {
+        let tokenizer = plinth_server::config::cache_dir()
+            .join("models")
+            .join("tokenizer.json");
+        form = form.part(
+            "tokenizer",
+            Part::bytes(std::fs::read(tokenizer).unwrap()).file_name("tokenizer.json"),
+        );
+    }
+    let response = app
+        .http()
+        .post(app.url("/v1/models"))
+        .bearer_auth(&tenant.key.secret)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_answers_the_wrong_rows_fails_that_call_and_keeps_serving() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    let manifest = json!({ "name": "one-row", "task": "text-classification", "labels": ["no", "yes"] });
+    let (status, body) = upload(&app, &tenant, fixture("one-row.onnx"), manifest).await;
+    assert_eq!(status, 201, "{body}");
+    // Two texts, one row of answer: refused as the model's fault, where it once crashed the worker.
+    let err = tenant
+        .client
+        .classify("one-row", &["first", "second"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(plinth_sdk::ErrorCode::InvalidModel), "{err:?}");
+    assert!(err.to_string().contains("shape"), "{err}");
+    for _ in 0..3 {
+        let answer = tenant.client.classify("one-row", &["alone"]).await.unwrap();
+        assert_eq!(answer.results[0].label, "yes");
+    }
+    let ready = app
+        .http()
+        .get(app.url("/v2/models/one-row/ready"))
+        .bearer_auth(&tenant.key.secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+}
+
+/// A square FP32 input of side `n` for the slow model, in the binary extension.
+async fn run_slow(app: &TestApp, tenant: &TestTenant, n: usize) -> (u16, String) {
+    let header = json!({ "inputs": [{
+        "name": "x", "datatype": "FP32", "shape": [n, n],
+        "parameters": { "binary_data_size": n * n * 4 },
+    }]})
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend(std::iter::repeat_n(0u8, n * n * 4));
+    let response = app
+        .http()
+        .post(app.url("/v2/models/slow/infer"))
+        .bearer_auth(&tenant.key.secret)
+        .header("Inference-Header-Content-Length", header.len().to_string())
+        .header("Content-Type", "application/octet-stream")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_times_out_is_terminated_and_the_model_serves_the_next_call() {
+    let app = TestApp::spawn_with(|config| config.inference_timeout_ms = 1_000).await;
+    let tenant = app.tenant().await;
+    let (status, body) = upload(
+        &app,
+        &tenant,
+        fixture("slow.onnx"),
+        json!({ "name": "slow", "task": "raw" }),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    // 400 multiplications of 1024 x 1024 matrices: far longer than the second the caller waits.
+    let (status, body) = run_slow(&app, &tenant, 1_024).await;
+    assert_eq!(status, 504, "{body}");
+    // The model has one session: the next call is served only if the abandoned run was stopped.
+    let started = std::time::Instant::now();
+    let (status, body) = run_slow(&app, &tenant, 4).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A plan with room for two models, two versions each, and two and a half copies of `file`.
+async fn small_quota_plan(app: &TestApp, tenant: &TestTenant, file_bytes: u64) {
+    let plan = plinth_sdk::Plan {
+        id: "tiny-models".to_owned(),
+        name: "Tiny models".to_owned(),
+        currency: "usd".to_owned(),
+        monthly_fee_micros: plinth_sdk::Micros(0),
+        included_calls: 0,
+        price_per_call_micros: plinth_sdk::Micros(0),
+        hard_cap: false,
+        rate_limit_per_minute: 100_000,
+        burst: 10_000,
+        isolation: plinth_sdk::PlanIsolation {
+            max_models: 2,
+            max_model_versions: 2,
+            max_model_bytes: file_bytes * 5 / 2,
+            ..plinth_sdk::PlanIsolation::FREE
+        },
+    };
+    app.store().upsert_plan(&plan).await.unwrap();
+    app.set_plan(&tenant.session.tenant.id, "tiny-models").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_quotas_refuse_the_upload_past_the_plan_and_deleting_makes_room() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    let other = app.tenant().await;
+    let file = fixture("one-row.onnx");
+    small_quota_plan(&app, &tenant, file.len() as u64).await;
+    let manifest =
+        |name: &str| json!({ "name": name, "task": "text-classification", "labels": ["no", "yes"] });
+    let delete_version = |name: &str, version: u32| {
+        let request = app
+            .http()
+            .delete(app.url(&format!("/v1/models/{name}/versions/{version}")))
+            .bearer_auth(&tenant.key.secret);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+
+    assert_eq!(upload(&app, &tenant, file.clone(), manifest("a")).await.0, 201);
+    assert_eq!(upload(&app, &tenant, file.clone(), manifest("a")).await.0, 201);
+    // A third version of `a`: past two versions.
+    let (status, body) = upload(&app, &tenant, file.clone(), manifest("a")).await;
+    assert_eq!((status, code(&body)), (409, "model_quota_exceeded"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("versions"),
+        "{body}"
+    );
+    // The newest version is the one served: it cannot go alone.
+    assert_eq!(delete_version("a", 2).await, 422);
+    assert_eq!(delete_version("a", 1).await, 204);
+    assert_eq!(delete_version("a", 1).await, 404);
+    assert_eq!(upload(&app, &tenant, file.clone(), manifest("a")).await.0, 201);
+    // `a` keeps two copies; a third copy passes two and a half.
+    let (status, body) = upload(&app, &tenant, file.clone(), manifest("b")).await;
+    assert_eq!((status, code(&body)), (409, "model_quota_exceeded"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("bytes"),
+        "{body}"
+    );
+    assert_eq!(delete_version("a", 2).await, 204);
+    assert_eq!(upload(&app, &tenant, file.clone(), manifest("b")).await.0, 201);
+    // Two models already.
+    let (status, body) = upload(&app, &tenant, file.clone(), manifest("c")).await;
+    assert_eq!((status, code(&body)), (409, "model_quota_exceeded"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("models"),
+        "{body}"
+    );
+    // The tenant's models still serve, and another tenant's quota is its own.
+    assert_eq!(
+        tenant.client.classify("a", &["x"]).await.unwrap().results.len(),
+        1
+    );
+    assert_eq!(upload(&app, &other, file.clone(), manifest("c")).await.0, 201);
+    // Another tenant cannot delete this tenant's versions.
+    let foreign = app
+        .http()
+        .delete(app.url("/v1/models/a/versions/3"))
+        .bearer_auth(&other.key.secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(foreign.status(), 404);
+
+    // Concurrent uploads cannot pass the quota together: one slot, four attempts.
+    assert_eq!(
+        app.http()
+            .delete(app.url("/v1/models/b"))
+            .bearer_auth(&tenant.key.secret)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    let attempts = futures_util::future::join_all(
+        ["d", "e", "f", "g"].map(|name| upload(&app, &tenant, file.clone(), manifest(name))),
+    )
+    .await;
+    let created = attempts.iter().filter(|(status, _)| *status == 201).count();
+    let refused = attempts
+        .iter()
+        .filter(|(status, body)| *status == 409 && code(body) == "model_quota_exceeded")
+        .count();
+    assert_eq!((created, refused), (1, 3), "{attempts:?}");
+}
+
+/// The files in the tenant model store (content-addressed `.onnx` and `.json`), staging included.
+fn stored_files(app: &TestApp) -> Vec<String> {
+    let dir = app.config.data_dir.join("models");
+    let mut files: Vec<String> = walk(&dir);
+    files.sort();
+    files
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .flat_map(|entry| {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path)
+            } else {
+                vec![path.display().to_string()]
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_uploads_and_deleted_models_leave_no_files_behind() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    let manifest = json!({ "name": "kept", "task": "text-classification", "labels": ["no", "yes"] });
+    // A part sent twice is refused, and neither copy stays.
+    let twice = Form::new()
+        .part("manifest", Part::text(manifest.to_string()))
+        .part("model", Part::bytes(fixture("one-row.onnx")).file_name("a.onnx"))
+        .part("model", Part::bytes(fixture("one-row.onnx")).file_name("b.onnx"));
+    let response = app
+        .http()
+        .post(app.url("/v1/models"))
+        .bearer_auth(&tenant.key.secret)
+        .multipart(twice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    assert_eq!(stored_files(&app), Vec::<String>::new());
+    // A file ONNX Runtime cannot load is refused and removed.
+    let (status, body) = upload(&app, &tenant, b"not a model".to_vec(), manifest.clone()).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(stored_files(&app), Vec::<String>::new());
+
+    // Two tenants upload the same file: one copy, kept while either uses it.
+    let other = app.tenant().await;
+    assert_eq!(
+        upload(&app, &tenant, fixture("one-row.onnx"), manifest.clone())
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        upload(&app, &other, fixture("one-row.onnx"), manifest.clone())
+            .await
+            .0,
+        201
+    );
+    let stored = stored_files(&app);
+    assert_eq!(
+        stored.iter().filter(|f| f.ends_with(".onnx")).count(),
+        1,
+        "{stored:?}"
+    );
+    let delete = |who: &TestTenant| {
+        let request = app
+            .http()
+            .delete(app.url("/v1/models/kept"))
+            .bearer_auth(&who.key.secret);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(delete(&tenant).await, 204);
+    assert_eq!(stored_files(&app), stored, "still used by the other tenant");
+    assert_eq!(
+        other.client.classify("kept", &["x"]).await.unwrap().results.len(),
+        1
+    );
+    assert_eq!(delete(&other).await, 204);
+    assert_eq!(stored_files(&app), Vec::<String>::new());
 }

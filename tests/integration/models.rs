@@ -45,6 +45,17 @@ fn sentiment_manifest(name: &str) -> Value {
     json!({ "name": name, "task": "text-classification", "labels": ["bad", "meh", "good"] })
 }
 
+/// Uploads the built-in sentiment model as the tenant's `name`: the status.
+pub(crate) async fn upload_sentiment_copy(app: &TestApp, tenant: &TestTenant, name: &str) -> u16 {
+    upload(
+        app,
+        tenant,
+        form(built_in("sentiment.onnx"), &sentiment_manifest(name), true),
+    )
+    .await
+    .0
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_serves_its_own_fine_tuned_model_privately() {
     let app = TestApp::spawn().await;

@@ -236,7 +236,13 @@ async fn hostile_plugins_are_contained_and_the_host_keeps_serving() {
     // All of that was served while the loop was still running.
     assert!(!looping.is_finished(), "other work waited for the loop");
     let err = looping.await.unwrap();
-    assert_eq!(err.code(), Some(ErrorCode::PluginTimeout), "{err:?}");
+    // Stopped by the deadline, or (on a fast core, in these five seconds) by the compute budget.
+    assert!(
+        err.code() == Some(ErrorCode::PluginTimeout)
+            || (err.code() == Some(ErrorCode::PluginLimitExceeded)
+                && err.to_string().contains("compute budget")),
+        "{err:?}"
+    );
 
     let cases = [
         ("alloc", ErrorCode::PluginLimitExceeded, "memory"),

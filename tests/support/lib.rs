@@ -20,6 +20,9 @@ pub enum Backend {
 
 pub const PASSWORD: &str = "correct horse battery staple";
 
+/// The metrics token of every test server (`PLINTH_METRICS_TOKEN`).
+pub const METRICS_TOKEN: &str = "metrics-token-for-tests";
+
 /// A running platform for one test.
 #[derive(Debug)]
 pub struct TestApp {
@@ -107,6 +110,7 @@ impl TestApp {
             signups_per_address_per_minute: 1_000,
             logins_per_address_per_minute: 1_000,
             publishes_per_author_per_minute: 1_000,
+            metrics_token: Some(METRICS_TOKEN.to_owned()),
             ..Config::default()
         };
         if backend == Backend::PostgresRedis {
@@ -124,12 +128,33 @@ impl TestApp {
 
     async fn start(config: Config, backend: Backend, data_dir: std::sync::Arc<TempDir>) -> Self {
         let server = plinth_server::start(&config).await.expect("the platform starts");
-        Self {
+        let app = Self {
             addr: server.addr,
             backend,
             config,
             server: Some(server),
             _data_dir: data_dir,
+        };
+        app.wait_until_ready().await;
+        app
+    }
+
+    /// Waits for readiness (tenants' models load in the background after start-up).
+    ///
+    /// # Panics
+    /// When the server is not ready within a minute.
+    pub async fn wait_until_ready(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let ready = self.http().get(self.url("/v2/health/ready")).send().await;
+            if ready.is_ok_and(|response| response.status() == 200) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server never became ready"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 
@@ -256,6 +281,19 @@ impl TestApp {
         };
         self.store().upsert_plan(&unlimited).await.expect("plan");
         self.set_plan(tenant, "unlimited").await;
+    }
+
+    /// The Prometheus exposition, read with the metrics token.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .http()
+            .get(self.url("/metrics"))
+            .bearer_auth(METRICS_TOKEN)
+            .send()
+            .await
+            .expect("metrics");
+        assert_eq!(response.status(), 200, "metrics with the token");
+        response.text().await.expect("metrics text")
     }
 
     /// Stops the server gracefully, draining the ledger.

@@ -186,10 +186,12 @@ impl From<plinth_inference::InferenceError> for ApiError {
             E::WrongTask(_) => ErrorCode::UnsupportedTask,
             E::InvalidModel(_) => ErrorCode::InvalidModel,
             E::Overloaded => ErrorCode::Overloaded,
+            E::TenantQueueFull(_) => ErrorCode::TenantQueueFull,
             E::Timeout => ErrorCode::InferenceTimeout,
             E::Runtime(_) => return Self::internal(err),
         };
-        let retry_after = matches!(code, ErrorCode::Overloaded).then_some(Duration::from_secs(1));
+        let retry_after = matches!(code, ErrorCode::Overloaded | ErrorCode::TenantQueueFull)
+            .then_some(Duration::from_secs(1));
         Self {
             retry_after,
             ..Self::new(code, err.to_string())

@@ -23,14 +23,28 @@ use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
 pub use crate::error::{ApiError, ApiResult};
+pub use crate::metrics::MetricsToken;
 pub use crate::state::{AbuseLimits, ApiSettings, AppState};
 
-/// Starts serving every tenant's newest model versions (at start-up). A model whose files are gone
-/// is logged and skipped rather than keeping the platform down.
-///
-/// # Errors
-/// Only when the registry cannot be read.
-pub async fn load_tenant_models(state: &AppState) -> Result<(), plinth_store::StoreError> {
+/// Starts serving every tenant's newest model versions, in the background after start-up: the server
+/// answers at once (readiness waits for this), and a model that fails to load is logged, counted and
+/// skipped rather than keeping the platform down. A registry that cannot be read is tried again.
+pub fn spawn_tenant_model_loading(state: AppState) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match load_tenant_models(&state).await {
+                Ok(()) => break,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot read the model registry; trying again");
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                }
+            }
+        }
+        state.models.finished_loading_tenant_models();
+    })
+}
+
+async fn load_tenant_models(state: &AppState) -> Result<(), plinth_store::StoreError> {
     for record in state.store.live_models().await? {
         let Some(files) = uploads::files_of(&state.model_files, &record) else {
             tracing::error!(model = %record.name, tenant = %record.tenant_id, "unknown task in the model registry");
@@ -40,9 +54,13 @@ pub async fn load_tenant_models(state: &AppState) -> Result<(), plinth_store::St
         match tokio::task::spawn_blocking(move || engine.load(&files)).await {
             Ok(Ok(model)) => state.models.add_tenant(&record.tenant_id, model),
             Ok(Err(err)) => {
+                ::metrics::counter!("plinth_model_load_failures_total").increment(1);
                 tracing::error!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot load a tenant model");
             }
-            Err(err) => tracing::error!(error = %err, "model loading panicked"),
+            Err(err) => {
+                ::metrics::counter!("plinth_model_load_failures_total").increment(1);
+                tracing::error!(error = %err, "model loading panicked");
+            }
         }
     }
     Ok(())

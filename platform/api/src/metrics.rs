@@ -1,9 +1,13 @@
 //! The Prometheus recorder. Installed once per process (metrics are process-global), rendered at
-//! `GET /metrics`.
+//! `GET /metrics`: on the API listener only for the holder of the metrics token, or on a listener of
+//! its own (`PLINTH_METRICS_ADDR`) meant for a private network. Labels never carry tenants' names or
+//! anything a client chooses: routes are patterns, methods a fixed set, tenant models one `tenant`
+//! label, tenants only their plan.
 
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use sha2::{Digest, Sha256};
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -28,4 +32,53 @@ pub fn handle() -> PrometheusHandle {
                 .expect("a metrics recorder was already installed")
         })
         .clone()
+}
+
+/// The bearer token that opens `/metrics` on the API listener, kept as its digest.
+#[derive(Clone)]
+pub struct MetricsToken([u8; 32]);
+
+impl std::fmt::Debug for MetricsToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricsToken(<redacted>)")
+    }
+}
+
+impl MetricsToken {
+    #[must_use]
+    pub fn new(token: &str) -> Self {
+        Self(Sha256::digest(token.as_bytes()).into())
+    }
+
+    /// Whether `presented` is the token. Digests are compared, so the time taken says nothing about
+    /// how much of the token was right.
+    #[must_use]
+    pub fn admits(&self, presented: &str) -> bool {
+        Sha256::digest(presented.as_bytes()).as_slice() == self.0
+    }
+}
+
+/// Prometheus text exposition of every metric.
+#[must_use]
+pub fn exposition() -> actix_web::HttpResponse {
+    actix_web::HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(handle().render())
+}
+
+/// The HTTP method as a metric label: the standard ones by name, anything else `other` (a client may
+/// send any token as a method; each would be a new series).
+#[must_use]
+pub fn method_label(method: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }

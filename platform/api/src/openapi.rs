@@ -28,7 +28,7 @@ use crate::routes::{
         payments::stripe_webhook, payments::connect, payments::payouts, payments::run_payouts, payments::sync,
         payments::reconciliation, payments::mark_paid,
         echo::echo,
-        models::list, models::get, models::upload, models::delete, models::classify, models::embed,
+        models::list, models::get, models::upload, models::delete, models::delete_version, models::classify, models::embed,
         inference::metadata, inference::ready, inference::statistics, inference::infer,
         plugins::create, plugins::get, plugins::publish, plugins::marketplace, plugins::pending, plugins::review,
         plugins::revoke,

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{ApiError, ApiResult};
 use crate::metering::{Billable, IdempotencyKey, metered};
 use crate::request_id::RequestId;
-use crate::routes::models::find_model;
+use crate::routes::models::{find_model, share};
 use crate::state::AppState;
 
 const MAX_MANIFEST_BYTES: usize = 64 << 10;
@@ -267,7 +267,7 @@ impl Services for TenantServices {
         let loaded = find_model(&self.state, &self.auth, model).map_err(|err| service_error(&err))?;
         let units = texts.len();
         self.model_call(call, sequence, model, units, async {
-            Ok(loaded.classify(texts).await?)
+            Ok(loaded.classify(share(&self.auth), texts).await?)
         })
         .await
     }
@@ -282,7 +282,7 @@ impl Services for TenantServices {
         let loaded = find_model(&self.state, &self.auth, model).map_err(|err| service_error(&err))?;
         let units = texts.len();
         self.model_call(call, sequence, model, units, async {
-            Ok(loaded.embed(texts).await?)
+            Ok(loaded.embed(share(&self.auth), texts).await?)
         })
         .await
     }
@@ -309,7 +309,7 @@ impl Services for TenantServices {
         let wanted = request.outputs.map(|o| o.into_iter().map(|o| o.name).collect());
         let outputs = self
             .model_call(call, sequence, model, units, async {
-                Ok(loaded.infer(inputs, wanted).await?)
+                Ok(loaded.infer(share(&self.auth), inputs, wanted).await?)
             })
             .await?;
         let response = plinth_core::inference::InferResponse {

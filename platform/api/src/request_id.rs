@@ -74,8 +74,8 @@ pub(crate) async fn middleware(
     let id = incoming_id(&req)
         .unwrap_or_else(|| format!("req_{}", ulid::Ulid::new().to_string().to_ascii_lowercase()));
     req.extensions_mut().insert(RequestId(id.clone()));
-    let method = req.method().to_string();
-    let span = tracing::info_span!("request", request_id = %id, %method, path = %req.path());
+    let method = crate::metrics::method_label(req.method());
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.path());
     let started = Instant::now();
     let context = RequestContext {
         id: id.clone(),
@@ -92,7 +92,7 @@ pub(crate) async fn middleware(
         .request()
         .match_pattern()
         .unwrap_or_else(|| "unmatched".to_owned());
-    metrics::counter!("http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status.to_string())
+    metrics::counter!("http_requests_total", "method" => method, "route" => route.clone(), "status" => status.to_string())
         .increment(1);
     metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route)
         .record(elapsed.as_secs_f64());

@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use plinth_billing::Billing;
 use plinth_inference::{Catalog, Engine};
 use plinth_plugin_host::PluginHost;
@@ -26,7 +25,8 @@ pub struct AppState {
     pub engine: Engine,
     /// Where uploaded model files live, named by their SHA-256.
     pub model_files: PathBuf,
-    pub metrics: PrometheusHandle,
+    /// Held while files in `model_files` are added or removed (see `uploads`).
+    pub model_files_lock: Arc<tokio::sync::Mutex<()>>,
     pub settings: ApiSettings,
     /// Compiles and runs plugins.
     pub plugins: Arc<PluginHost>,
@@ -51,6 +51,9 @@ pub struct ApiSettings {
     pub idempotency: IdempotencySettings,
     /// Proxies whose `X-Forwarded-For` is believed (see [`crate::client`]).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Who may read `/metrics` on the API listener; `None`: nobody (metrics stay on their own
+    /// listener, if any).
+    pub metrics_token: Option<crate::metrics::MetricsToken>,
     pub limits: AbuseLimits,
 }
 
@@ -93,6 +96,7 @@ impl Default for ApiSettings {
             author_share_bps: 8_000,
             idempotency: IdempotencySettings::default(),
             trusted_proxies: Vec::new(),
+            metrics_token: None,
             limits: AbuseLimits::default(),
         }
     }

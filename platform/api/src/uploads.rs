@@ -178,6 +178,7 @@ pub(crate) async fn upload(
     who: &plinth_store::audit::Who,
     mut form: Multipart,
 ) -> ApiResult<Model> {
+    let quota = &auth.isolation;
     let dir = state.model_files.clone();
     let staging = dir.join("staging");
     tokio::fs::create_dir_all(&staging)
@@ -187,10 +188,20 @@ pub(crate) async fn upload(
     let outcome: ApiResult<()> = async {
         while let Some(field) = form.try_next().await.map_err(multipart_error)? {
             let name = field.name().unwrap_or_default().to_owned();
+            let repeated = match name.as_str() {
+                "manifest" => manifest.is_some(),
+                "model" => model.is_some(),
+                "tokenizer" => tokenizer.is_some(),
+                _ => false,
+            };
+            if repeated {
+                return Err(invalid(format!("the `{name}` part is sent twice")));
+            }
             match name.as_str() {
                 "manifest" => manifest = Some(read_manifest(field).await?),
                 "model" => {
-                    model = Some(stage(field, &staging, state.settings.max_model_bytes, "the model").await?);
+                    let limit = state.settings.max_model_bytes.min(quota.max_model_bytes);
+                    model = Some(stage(field, &staging, limit, "the model").await?);
                 }
                 "tokenizer" => {
                     tokenizer = Some(stage(field, &staging, MAX_TOKENIZER_BYTES, "the tokenizer").await?);
@@ -219,6 +230,14 @@ pub(crate) async fn upload(
         (None, _) => Err(invalid("the `manifest` part is missing")),
         (_, None) => Err(invalid("the `model` part (the .onnx file) is missing")),
     };
+    let checked = match (checked, &manifest, &model) {
+        (Ok(()), Some(manifest), Some(staged)) => state
+            .store
+            .check_model_quota(&auth.tenant_id, &manifest.name, staged.size, quota)
+            .await
+            .map_err(ApiError::from),
+        (checked, ..) => checked,
+    };
     if let Err(err) = checked {
         cleanup(&[&model, &tokenizer]);
         return Err(err);
@@ -227,45 +246,89 @@ pub(crate) async fn upload(
         unreachable!("checked above")
     };
 
-    let model_path = store_file(&model, &dir, "onnx").await?;
-    let tokenizer_path = match &tokenizer {
-        Some(staged) => Some(store_file(staged, &dir, "json").await?),
-        None => None,
+    // From here on files are in the shared content-addressed store: uploads and deletes take turns,
+    // so a delete never removes a file an upload is about to use.
+    let _files = state.model_files_lock.lock().await;
+    let model_path = store_file(&model, &dir, "onnx").await;
+    let tokenizer_path = match (&tokenizer, &model_path) {
+        (Some(staged), Ok(_)) => Some(store_file(staged, &dir, "json").await).transpose(),
+        _ => Ok(None),
     };
-    let files = ModelFiles {
-        name: manifest.name.clone(),
-        version: 0,
-        task: manifest.task,
-        labels: manifest.labels.clone(),
-        model: model_path,
-        tokenizer: tokenizer_path,
-        platform: false,
-    };
-    // Loading is the validation: ONNX Runtime parses the graph, and the inputs and outputs must fit the task.
-    load(state, files.clone()).await?;
-    let record = state
-        .store
-        .register_model(
-            &auth.tenant_id,
-            who,
-            &NewModel {
-                name: manifest.name,
-                task: task_name(manifest.task).to_owned(),
-                labels: manifest.labels,
-                sha256: model.sha256,
-                size_bytes: model.size,
-                tokenizer_sha256: tokenizer.map(|t| t.sha256),
+    let stored = [
+        Some(model.sha256.clone()),
+        tokenizer.as_ref().map(|t| t.sha256.clone()),
+    ];
+    let registered = async {
+        let files = ModelFiles {
+            name: manifest.name.clone(),
+            version: 0,
+            task: manifest.task,
+            labels: manifest.labels.clone(),
+            model: model_path?,
+            tokenizer: tokenizer_path?,
+            platform: false,
+        };
+        // Loading is the validation: ONNX Runtime parses the graph, and the inputs and outputs must fit
+        // the task.
+        load(state, files.clone()).await?;
+        let record = state
+            .store
+            .register_model(
+                &auth.tenant_id,
+                who,
+                &NewModel {
+                    name: manifest.name,
+                    task: task_name(manifest.task).to_owned(),
+                    labels: manifest.labels,
+                    sha256: model.sha256.clone(),
+                    size_bytes: model.size,
+                    tokenizer_sha256: tokenizer.as_ref().map(|t| t.sha256.clone()),
+                },
+                quota,
+            )
+            .await?;
+        load(
+            state,
+            ModelFiles {
+                version: record.version,
+                ..files
             },
         )
-        .await?;
-    let served = load(
-        state,
-        ModelFiles {
-            version: record.version,
-            ..files
-        },
-    )
-    .await?;
-    state.models.add_tenant(&auth.tenant_id, served.clone());
-    Ok(served.info().clone())
+        .await
+    }
+    .await;
+    match registered {
+        Ok(served) => {
+            state.models.add_tenant(&auth.tenant_id, served.clone());
+            Ok(served.info().clone())
+        }
+        Err(err) => {
+            cleanup(&[&Some(model), &tokenizer]);
+            remove_unused_files(state, stored.iter().flatten()).await;
+            Err(err)
+        }
+    }
+}
+
+/// Removes the stored files with these hashes that no live model version uses (the caller holds
+/// `model_files_lock`). A failure is logged: a file left behind costs disk, not correctness.
+pub(crate) async fn remove_unused_files(state: &AppState, hashes: impl Iterator<Item = &String>) {
+    for sha256 in hashes {
+        match state.store.model_file_in_use(sha256).await {
+            Ok(true) => {}
+            Ok(false) => {
+                for extension in ["onnx", "json"] {
+                    let path = state.model_files.join(format!("{sha256}.{extension}"));
+                    match tokio::fs::remove_file(&path).await {
+                        Ok(()) => tracing::info!(file = %path.display(), "removed a model file nothing uses"),
+                        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(err) => {
+                            tracing::warn!(file = %path.display(), error = %err, "cannot remove a model file");
+                        }
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot tell whether a model file is in use; kept"),
+        }
+    }
 }

@@ -438,12 +438,28 @@ impl Billing {
         Some(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(billing.sync.interval).await;
-                match billing.sync_once(Utc::now()).await {
-                    Ok(report) if report.buckets_closed + report.events_sent > 0 => {
-                        tracing::info!(?report, "usage synced to Stripe");
+                // Each run in a task of its own: one that panics is counted and the next runs anyway.
+                let run = tokio::spawn({
+                    let billing = billing.clone();
+                    async move { billing.sync_once(Utc::now()).await }
+                });
+                match run.await {
+                    Ok(Ok(report)) => {
+                        metrics::gauge!("plinth_meter_sync_last_success_timestamp_seconds")
+                            .set(Utc::now().timestamp() as f64);
+                        metrics::gauge!("plinth_meter_sync_pending_events").set(report.events_pending as f64);
+                        if report.buckets_closed + report.events_sent > 0 {
+                            tracing::info!(?report, "usage synced to Stripe");
+                        }
                     }
-                    Ok(_) => {}
-                    Err(err) => tracing::warn!(error = %err, "usage sync failed; will retry"),
+                    Ok(Err(err)) => {
+                        metrics::counter!("plinth_meter_sync_errors_total").increment(1);
+                        tracing::warn!(error = %err, "usage sync failed; will retry");
+                    }
+                    Err(err) => {
+                        metrics::counter!("plinth_meter_sync_panics_total").increment(1);
+                        tracing::error!(error = %err, "usage sync panicked; will retry");
+                    }
                 }
             }
         }))

@@ -1,39 +1,44 @@
-//! The batcher: each session of a model has a worker that takes the calls queued for the model, joins
-//! text calls into one run (up to `max_batch` items, waiting at most `max_delay` for company), runs it on
-//! a blocking thread, and hands each caller its rows.
+//! The batcher: each session of a model has a worker that takes calls from the model's fair queue,
+//! joins text calls into one run (up to `max_batch` items, from any tenants, waiting at most `max_delay`
+//! for company), runs it on a blocking thread, and hands each caller its rows.
+//!
+//! A worker outlives whatever a batch does: a panic is contained to the batch (its callers get an
+//! error, the worker keeps its session and goes on), and a run still going when its last caller has
+//! given up is terminated, so an abandoned call stops using the CPU.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ort::session::Session;
+use ort::session::{RunOptions, Session};
 use ort::value::DynValue;
 use plinth_core::inference::{Task, TensorMetadata};
 use tokenizers::Tokenizer;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::InferenceError;
+use crate::scheduler::{FairQueue, Queued};
 use crate::tensor::Tensor;
 
 pub(crate) enum Work {
     Text {
         texts: Vec<String>,
         reply: oneshot::Sender<Result<TextOutput, InferenceError>>,
-        queued: Instant,
     },
     Raw {
         inputs: Vec<Tensor>,
         outputs: Option<Vec<String>>,
         reply: oneshot::Sender<Result<Vec<Tensor>, InferenceError>>,
-        queued: Instant,
     },
 }
 
 impl Work {
-    fn items(&self) -> usize {
+    /// The caller stopped waiting (it timed out, or its client hung up).
+    fn abandoned(&self) -> bool {
         match self {
-            Self::Text { texts, .. } => texts.len(),
-            Self::Raw { .. } => 1,
+            Self::Text { reply, .. } => reply.is_closed(),
+            Self::Raw { reply, .. } => reply.is_closed(),
         }
     }
 }
@@ -132,22 +137,44 @@ fn no_output(what: &str) -> InferenceError {
 
 pub(crate) struct Worker {
     pub(crate) session: Session,
-    pub(crate) receiver: Arc<Mutex<mpsc::Receiver<Work>>>,
+    pub(crate) queue: Arc<FairQueue>,
     pub(crate) tokenizer: Option<Arc<Tokenizer>>,
     pub(crate) text: Option<TextPlan>,
     pub(crate) max_batch: usize,
     pub(crate) max_delay: Duration,
+    /// How long a caller waits: a run past its last caller's wait is terminated.
+    pub(crate) timeout: Duration,
     pub(crate) model: String,
+    /// The `model` label of its metrics: the name of a platform model; `tenant` for every tenant's
+    /// model (their names are private, and there is no bound on them).
+    pub(crate) metrics_label: String,
     pub(crate) stats: Arc<Stats>,
 }
 
-/// Per-model counters, read by the statistics endpoint.
+/// Per-model counters, read by the statistics endpoint and readiness.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     pub(crate) success: AtomicU64,
     pub(crate) failure: AtomicU64,
     pub(crate) items: AtomicU64,
     pub(crate) executions: AtomicU64,
+    /// Workers serving the model's queue.
+    pub(crate) workers: AtomicU64,
+    /// Runs in a row that failed on the runtime's side (not the caller's input): a model that cannot
+    /// run at all (a lost GPU, a broken file) is not ready.
+    pub(crate) failing_runs: AtomicU64,
+}
+
+/// Runs failing in a row after which a model reports not ready.
+pub(crate) const FAILING_RUNS_NOT_READY: u64 = 3;
+
+/// Stops its worker count when the worker ends, however it ends.
+struct Serving(Arc<Stats>);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.workers.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Worker {
@@ -155,112 +182,162 @@ impl Worker {
     /// that cannot run the model fails at load, not on a customer's call).
     pub(crate) fn warm_up(&mut self) -> Result<(), InferenceError> {
         if let (Some(plan), Some(tokenizer)) = (&self.text, &self.tokenizer) {
-            run_text(&mut self.session, tokenizer, plan, &["warm up".to_owned()])?;
+            let options = RunOptions::new()?;
+            run_text(
+                &mut self.session,
+                tokenizer,
+                plan,
+                &["warm up".to_owned()],
+                &options,
+            )?;
         }
         Ok(())
     }
 
     pub(crate) async fn run(mut self) {
-        let mut carry = None;
-        while let Some(batch) = self.next_batch(&mut carry).await {
+        self.stats.workers.fetch_add(1, Ordering::Relaxed);
+        let _serving = Serving(self.stats.clone());
+        let max_batch = self.max_batch;
+        let fits = move |batch: &[Queued], next: &Queued| {
+            let texts = |c: &Queued| matches!(c.work, Work::Text { .. });
+            texts(next)
+                && batch.iter().all(texts)
+                && batch.iter().map(|c| c.items).sum::<usize>() + next.items <= max_batch
+        };
+        while let Some(batch) = self.queue.next_batch(self.max_delay, &fits).await {
+            let started = Instant::now();
+            let (batch, abandoned): (Vec<_>, Vec<_>) = batch.into_iter().partition(|c| !c.work.abandoned());
+            if !abandoned.is_empty() {
+                metrics::counter!("plinth_inference_abandoned_total").increment(abandoned.len() as u64);
+            }
+            let Some(last_arrival) = batch.iter().map(|c| c.queued_at).max() else {
+                continue;
+            };
+            for call in &batch {
+                metrics::histogram!("plinth_inference_queue_wait_seconds", "plan" => call.share.plan.to_string())
+                    .record(started.duration_since(call.queued_at).as_secs_f64());
+            }
+            let options = match RunOptions::new() {
+                Ok(options) => Arc::new(options),
+                Err(err) => {
+                    tracing::error!(model = %self.model, error = %err, "cannot create run options");
+                    continue;
+                }
+            };
+            // Once the last caller of the batch has given up, nobody is waiting for the run.
+            let terminated = Arc::new(AtomicBool::new(false));
+            let watchdog = {
+                let (options, terminated) = (options.clone(), terminated.clone());
+                let deadline = tokio::time::Instant::from_std(last_arrival + self.timeout);
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(deadline).await;
+                    metrics::counter!("plinth_inference_terminated_total").increment(1);
+                    terminated.store(true, Ordering::Relaxed);
+                    let _ = options.terminate();
+                })
+            };
+            let tenants: Vec<Arc<str>> = batch.iter().map(|c| c.share.tenant.clone()).collect();
             let tokenizer = self.tokenizer.clone();
             let text = self.text.clone();
-            let model = self.model.clone();
+            let label = self.metrics_label.clone();
             let stats = self.stats.clone();
             let mut session = self.session;
             let joined = tokio::task::spawn_blocking(move || {
-                process(
-                    &mut session,
-                    tokenizer.as_deref(),
-                    text.as_ref(),
-                    batch,
-                    &model,
-                    &stats,
-                );
-                session
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    process(
+                        &mut session,
+                        tokenizer.as_deref(),
+                        text.as_ref(),
+                        batch,
+                        &label,
+                        &stats,
+                        Run {
+                            options: &options,
+                            terminated: &terminated,
+                        },
+                    );
+                }));
+                (session, outcome)
             })
             .await;
+            watchdog.abort();
+            self.queue.finished(&tenants);
             match joined {
-                Ok(session) => self.session = session,
+                Ok((session, outcome)) => {
+                    self.session = session;
+                    if outcome.is_err() {
+                        // The batch's callers were answered with an error when their replies dropped.
+                        metrics::counter!("plinth_inference_worker_panics_total").increment(1);
+                        self.stats.failure.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(model = %self.model, "a batch panicked; its calls failed, the worker goes on");
+                    }
+                }
                 Err(err) => {
-                    tracing::error!(model = %self.model, error = %err, "inference worker panicked; the model loses a session");
+                    // Only a runtime shutting down cancels a blocking task.
+                    tracing::warn!(model = %self.model, error = %err, "inference worker stopped");
                     return;
                 }
             }
         }
     }
+}
 
-    /// The next batch: one raw call, or text calls joined up to `max_batch` items.
-    async fn next_batch(&self, carry: &mut Option<Work>) -> Option<Vec<Work>> {
-        let mut receiver = self.receiver.lock().await;
-        let first = match carry.take() {
-            Some(work) => work,
-            None => receiver.recv().await?,
-        };
-        if matches!(first, Work::Raw { .. }) || self.max_batch <= 1 {
-            return Some(vec![first]);
-        }
-        let deadline = tokio::time::Instant::now() + self.max_delay;
-        let mut items = first.items();
-        let mut batch = vec![first];
-        while items < self.max_batch {
-            let next = match receiver.try_recv() {
-                Ok(work) => work,
-                Err(mpsc::error::TryRecvError::Empty) if !self.max_delay.is_zero() => {
-                    match tokio::time::timeout_at(deadline, receiver.recv()).await {
-                        Ok(Some(work)) => work,
-                        _ => break,
-                    }
-                }
-                Err(_) => break,
-            };
-            if matches!(next, Work::Raw { .. }) || items + next.items() > self.max_batch {
-                *carry = Some(next);
-                break;
-            }
-            items += next.items();
-            batch.push(next);
-        }
-        Some(batch)
-    }
+/// One run's options, and whether the watchdog terminated it.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    options: &'a RunOptions,
+    terminated: &'a AtomicBool,
 }
 
 fn process(
     session: &mut Session,
     tokenizer: Option<&Tokenizer>,
     plan: Option<&TextPlan>,
-    batch: Vec<Work>,
-    model: &str,
+    batch: Vec<Queued>,
+    label: &str,
     stats: &Stats,
+    run: Run<'_>,
 ) {
+    let options = run.options;
     let started = Instant::now();
     let requests = batch.len() as u64;
-    let items: usize = batch.iter().map(Work::items).sum();
-    let mut succeeded = true;
+    let items: usize = batch.iter().map(|c| c.items).sum();
+    let mut failure: Option<bool> = None;
     let mut text_calls = Vec::new();
-    for work in batch {
-        let queued = match &work {
-            Work::Text { queued, .. } | Work::Raw { queued, .. } => *queued,
-        };
-        metrics::counter!("nv_inference_queue_duration_us", "model" => model.to_owned())
-            .increment(u64::try_from(started.duration_since(queued).as_micros()).unwrap_or(u64::MAX));
-        match work {
+    for call in batch {
+        metrics::counter!("nv_inference_queue_duration_us", "model" => label.to_owned())
+            .increment(u64::try_from(started.duration_since(call.queued_at).as_micros()).unwrap_or(u64::MAX));
+        match call.work {
             Work::Raw {
                 inputs,
                 outputs,
                 reply,
-                ..
             } => {
-                let result = run_raw(session, &inputs, outputs.as_deref());
-                succeeded &= result.is_ok();
+                let result = run_raw(session, &inputs, outputs.as_deref(), options);
+                if let Err(err) = &result {
+                    // The caller's input is the caller's problem; anything else is the runtime's.
+                    let runtime = !matches!(err, InferenceError::InvalidInput(_));
+                    failure = Some(failure.unwrap_or(false) || runtime);
+                }
                 let _ = reply.send(result);
             }
-            Work::Text { texts, reply, .. } => text_calls.push((texts, reply)),
+            Work::Text { texts, reply } => text_calls.push((texts, reply)),
         }
     }
-    if !text_calls.is_empty() {
-        succeeded &= answer_text_calls(session, tokenizer, plan, text_calls);
+    if !text_calls.is_empty()
+        && let Err(runtime) = answer_text_calls(session, tokenizer, plan, text_calls, options)
+    {
+        failure = Some(failure.unwrap_or(false) || runtime);
     }
+    let succeeded = failure.is_none();
+    match failure {
+        // A run stopped because every caller had gone says nothing about the model.
+        Some(true) if !run.terminated.load(Ordering::Relaxed) => {
+            stats.failing_runs.fetch_add(1, Ordering::Relaxed)
+        }
+        Some(_) => 0,
+        None => stats.failing_runs.swap(0, Ordering::Relaxed),
+    };
     let elapsed = started.elapsed();
     let counter = if succeeded { &stats.success } else { &stats.failure };
     counter.fetch_add(requests, Ordering::Relaxed);
@@ -271,29 +348,31 @@ fn process(
     } else {
         "nv_inference_request_failure"
     };
-    metrics::counter!(outcome, "model" => model.to_owned()).increment(requests);
-    metrics::counter!("nv_inference_count", "model" => model.to_owned()).increment(items as u64);
-    metrics::counter!("nv_inference_exec_count", "model" => model.to_owned()).increment(1);
-    metrics::counter!("nv_inference_compute_infer_duration_us", "model" => model.to_owned())
+    metrics::counter!(outcome, "model" => label.to_owned()).increment(requests);
+    metrics::counter!("nv_inference_count", "model" => label.to_owned()).increment(items as u64);
+    metrics::counter!("nv_inference_exec_count", "model" => label.to_owned()).increment(1);
+    metrics::counter!("nv_inference_compute_infer_duration_us", "model" => label.to_owned())
         .increment(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
-    metrics::histogram!("plinth_inference_batch_size", "model" => model.to_owned()).record(items as f64);
+    metrics::histogram!("plinth_inference_batch_size", "model" => label.to_owned()).record(items as f64);
 }
 
 type TextCall = (Vec<String>, oneshot::Sender<Result<TextOutput, InferenceError>>);
 
-/// Runs every text of every call at once and gives each call its rows.
+/// Runs every text of every call at once and gives each call its rows. On failure, whether it was
+/// the runtime's (or the model's) rather than the input's.
 fn answer_text_calls(
     session: &mut Session,
     tokenizer: Option<&Tokenizer>,
     plan: Option<&TextPlan>,
     calls: Vec<TextCall>,
-) -> bool {
+    options: &RunOptions,
+) -> Result<(), bool> {
     let all: Vec<String> = calls
         .iter()
         .flat_map(|(texts, _)| texts.iter().cloned())
         .collect();
     let result = match (tokenizer, plan) {
-        (Some(tokenizer), Some(plan)) => run_text(session, tokenizer, plan, &all),
+        (Some(tokenizer), Some(plan)) => run_text(session, tokenizer, plan, &all, options),
         _ => Err(InferenceError::WrongTask(
             "this model takes tensors, not text".into(),
         )),
@@ -310,14 +389,14 @@ fn answer_text_calls(
                     data,
                 }));
             }
-            true
+            Ok(())
         }
         Err(err) => {
-            let message = err.to_string();
+            let runtime = matches!(err, InferenceError::Runtime(_) | InferenceError::InvalidModel(_));
             for (_, reply) in calls {
-                let _ = reply.send(Err(InferenceError::Runtime(message.clone())));
+                let _ = reply.send(Err(err.for_another_caller()));
             }
-            false
+            Err(runtime)
         }
     }
 }
@@ -332,6 +411,7 @@ fn run_text(
     tokenizer: &Tokenizer,
     plan: &TextPlan,
     texts: &[String],
+    options: &RunOptions,
 ) -> Result<TextOutput, InferenceError> {
     let encodings = tokenizer
         .encode_batch(texts.to_vec(), true)
@@ -360,11 +440,26 @@ fn run_text(
             int64_tensor(&shape, column(tokenizers::Encoding::get_type_ids))?,
         ));
     }
-    let outputs = session.run(inputs)?;
+    let outputs = session.run_with_options(inputs, options)?;
     let value = outputs
         .get(&plan.output)
         .ok_or_else(|| InferenceError::Runtime(format!("the model returned no `{}`", plan.output)))?;
     let (out_shape, data) = value.try_extract_tensor::<f32>()?;
+    // An uploaded model may answer in any shape: check it before reading rows out of it.
+    let expected: &[usize] = if plan.pool { &[rows, tokens] } else { &[rows] };
+    let fits = out_shape.len() == expected.len() + 1
+        && out_shape
+            .iter()
+            .zip(expected)
+            .all(|(given, wanted)| usize::try_from(*given).ok() == Some(*wanted))
+        && usize::try_from(out_shape.iter().product::<i64>()).ok() == Some(data.len());
+    if !fits {
+        return Err(InferenceError::InvalidModel(format!(
+            "the model answered `{}` with shape {:?} for {rows} texts of {tokens} tokens",
+            plan.output,
+            &out_shape[..]
+        )));
+    }
     let (width, mut data) = if plan.pool {
         let dim = usize::try_from(out_shape[2]).unwrap_or(0);
         let mut pooled = vec![0.0f32; rows * dim];
@@ -408,6 +503,7 @@ fn run_raw(
     session: &mut Session,
     inputs: &[Tensor],
     wanted: Option<&[String]>,
+    options: &RunOptions,
 ) -> Result<Vec<Tensor>, InferenceError> {
     let names: Vec<String> = match wanted {
         Some(names) => names.to_vec(),
@@ -418,7 +514,7 @@ fn run_raw(
         .map(|t| Ok((t.name.as_str(), t.to_ort()?)))
         .collect::<Result<Vec<_>, InferenceError>>()?;
     let outputs = session
-        .run(values)
+        .run_with_options(values, options)
         .map_err(|err| InferenceError::InvalidInput(format!("the model rejected the inputs: {err}")))?;
     names
         .iter()

@@ -1,9 +1,11 @@
 //! Which models each tenant can call: the platform's built-in models, visible to all, and each tenant's
 //! own uploads, visible only to that tenant. A tenant model is served at its newest version; older
-//! versions that clients pin (`/v2/models/{m}/versions/{v}`) are loaded on first use and kept here.
+//! versions that clients pin (`/v2/models/{m}/versions/{v}`) are loaded on first use and kept here,
+//! the [`PINNED_LOADED`] most recently used of them (the others are loaded again when asked for).
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use plinth_core::id::TenantId;
@@ -12,11 +14,20 @@ use plinth_core::inference::{Model, Task};
 use crate::InferenceError;
 use crate::engine::{Engine, LoadedModel, ModelFiles};
 
+/// Older versions kept loaded, across tenants; each holds its sessions' memory.
+pub const PINNED_LOADED: usize = 16;
+
+type PinnedKey = (TenantId, String, u32);
+
 #[derive(Debug, Default)]
 pub struct Catalog {
     platform: RwLock<BTreeMap<String, Arc<LoadedModel>>>,
     tenants: RwLock<BTreeMap<(TenantId, String), Arc<LoadedModel>>>,
-    pinned: RwLock<BTreeMap<(TenantId, String, u32), Arc<LoadedModel>>>,
+    /// Pinned versions with when each was last used (a counter), for least-recently-used eviction.
+    pinned: RwLock<BTreeMap<PinnedKey, (Arc<LoadedModel>, AtomicU64)>>,
+    uses: AtomicU64,
+    /// Whether the tenants' models have all been loaded (or failed to) since start-up.
+    tenant_models_loaded: AtomicBool,
 }
 
 impl Catalog {
@@ -36,13 +47,45 @@ impl Catalog {
             .insert((tenant.clone(), name), model);
     }
 
-    /// Keeps an older version of a tenant's model that a client asked for by number.
+    /// Keeps an older version of a tenant's model that a client asked for by number, letting go of
+    /// the least recently used one past [`PINNED_LOADED`].
     pub fn add_pinned(&self, tenant: &TenantId, model: Arc<LoadedModel>) {
         let key = (tenant.clone(), model.info().name.clone(), model.info().version);
+        let used = AtomicU64::new(self.uses.fetch_add(1, Ordering::Relaxed));
+        let mut pinned = self
+            .pinned
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pinned.insert(key, (model, used));
+        while pinned.len() > PINNED_LOADED {
+            let oldest = pinned
+                .iter()
+                .min_by_key(|(_, (_, used))| used.load(Ordering::Relaxed))
+                .map(|(key, _)| key.clone());
+            if let Some(oldest) = oldest {
+                pinned.remove(&oldest);
+            }
+        }
+    }
+
+    /// Whether start-up has loaded every tenant model it will (until then, a model missing from the
+    /// catalog may only be late).
+    #[must_use]
+    pub fn tenant_models_loaded(&self) -> bool {
+        self.tenant_models_loaded.load(Ordering::Acquire)
+    }
+
+    /// Start-up has loaded the tenants' models.
+    pub fn finished_loading_tenant_models(&self) {
+        self.tenant_models_loaded.store(true, Ordering::Release);
+    }
+
+    /// Stops serving one older version of a tenant's model.
+    pub fn remove_version(&self, tenant: &TenantId, name: &str, version: u32) {
         self.pinned
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key, model);
+            .remove(&(tenant.clone(), name.to_owned(), version));
     }
 
     /// A specific version of a tenant's model, if it is loaded (the newest, or a pinned one).
@@ -51,11 +94,13 @@ impl Catalog {
         self.find(tenant, name)
             .filter(|model| model.info().version == version)
             .or_else(|| {
-                self.pinned
+                let pinned = self
+                    .pinned
                     .read()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .get(&(tenant.clone(), name.to_owned(), version))
-                    .cloned()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let (model, used) = pinned.get(&(tenant.clone(), name.to_owned(), version))?;
+                used.store(self.uses.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+                Some(model.clone())
             })
     }
 
@@ -69,6 +114,18 @@ impl Catalog {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .retain(|(owner, model, _), _| !(owner == tenant && model == name));
+    }
+
+    /// The platform models that cannot serve now (see [`LoadedModel::serving`]).
+    #[must_use]
+    pub fn platform_not_serving(&self) -> Vec<String> {
+        self.platform
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .filter(|model| !model.serving())
+            .map(|model| model.info().name.clone())
+            .collect()
     }
 
     /// Whether `name` is a platform model's (tenants cannot shadow those).

@@ -10,10 +10,11 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use plinth_core::inference::{Classification, LabelScore, Model, ModelStatistics, Task, TensorMetadata};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::InferenceError;
 use crate::batcher::{self, TextOutput, Work};
+use crate::scheduler::{FairQueue, Scheduling, Share};
 use crate::tensor::{DataType, Tensor};
 
 /// Where models run.
@@ -49,7 +50,9 @@ pub struct EngineSettings {
     pub provider: ExecutionProvider,
     /// ONNX Runtime intra-op threads per session. 1 suits small shared machines: spinning threads hurt.
     pub intra_threads: usize,
-    /// Sessions per model, each with its own batcher worker.
+    /// Sessions per model, each with its own batcher worker. Under fair scheduling one tenant's calls
+    /// may run in all but one of them at once: a session per core plus one keeps every core busy for a
+    /// lone tenant and one session free for everyone else.
     pub sessions_per_model: usize,
     /// Most items in one run; 1 turns batching off.
     pub max_batch: usize,
@@ -58,6 +61,11 @@ pub struct EngineSettings {
     pub max_queue_delay: Duration,
     /// Calls queued per model before new ones are refused with 503.
     pub queue_capacity: usize,
+    /// The order queued calls are served in: fair between tenants, or first come, first served.
+    pub scheduling: Scheduling,
+    /// Calls one tenant may have queued per model before its new ones are refused with 429; below
+    /// `queue_capacity`, so one tenant cannot fill the queue for everyone.
+    pub tenant_queue_capacity: usize,
     /// Longest a call may wait for its result.
     pub timeout: Duration,
     /// Longest text, in tokens; longer inputs are truncated.
@@ -70,10 +78,12 @@ impl Default for EngineSettings {
             ort_dylib: PathBuf::from("libonnxruntime.so"),
             provider: ExecutionProvider::Cpu,
             intra_threads: 1,
-            sessions_per_model: 2,
+            sessions_per_model: 3,
             max_batch: 32,
             max_queue_delay: Duration::ZERO,
             queue_capacity: 1_024,
+            tenant_queue_capacity: 256,
+            scheduling: Scheduling::Fair,
             timeout: Duration::from_secs(30),
             max_tokens: 128,
         }
@@ -218,34 +228,50 @@ impl Engine {
             inputs,
             outputs,
         };
-        metrics::gauge!("plinth_model_info", "model" => info.name.clone(), "execution_provider" => provider)
-            .set(1.0);
+        // Platform models by name; tenants' models only as a count per execution provider.
+        let metrics_label = if files.platform {
+            info.name.clone()
+        } else {
+            "tenant".to_owned()
+        };
+        if files.platform {
+            metrics::gauge!("plinth_model_info", "model" => metrics_label.clone(), "execution_provider" => provider)
+                .set(1.0);
+        }
 
-        let (queue, receiver) = mpsc::channel(self.settings.queue_capacity.max(1));
-        let receiver = Arc::new(Mutex::new(receiver));
+        let queue = Arc::new(FairQueue::new(
+            self.settings.queue_capacity,
+            self.settings.tenant_queue_capacity,
+            sessions.len(),
+            self.settings.scheduling,
+        ));
         let stats = Arc::new(batcher::Stats::default());
-        let model = Arc::new(LoadedModel {
-            info,
-            queue,
-            timeout: self.settings.timeout,
-            stats: stats.clone(),
-        });
+        let mut workers = Vec::with_capacity(sessions.len());
         for session in sessions {
-            let worker = batcher::Worker {
+            let mut worker = batcher::Worker {
                 session,
-                receiver: receiver.clone(),
+                queue: queue.clone(),
                 tokenizer: tokenizer.clone(),
                 text: text.clone(),
                 max_batch: self.settings.max_batch.max(1),
                 max_delay: self.settings.max_queue_delay,
+                timeout: self.settings.timeout,
                 model: files.name.clone(),
+                metrics_label: metrics_label.clone(),
                 stats: stats.clone(),
             };
-            let mut worker = worker;
             worker.warm_up()?;
+            workers.push(worker);
+        }
+        for worker in workers {
             tokio::spawn(worker.run());
         }
-        Ok(model)
+        Ok(Arc::new(LoadedModel {
+            info,
+            queue,
+            timeout: self.settings.timeout,
+            stats,
+        }))
     }
 }
 
@@ -279,13 +305,20 @@ fn metadata<'a>(outlets: impl Iterator<Item = (&'a str, &'a ort::value::ValueTyp
         .collect()
 }
 
-/// A model ready to answer calls.
+/// A model ready to answer calls. Dropping it stops its workers once they have answered what is
+/// queued.
 #[derive(Debug)]
 pub struct LoadedModel {
     info: Model,
-    queue: mpsc::Sender<Work>,
+    queue: Arc<FairQueue>,
     timeout: Duration,
     stats: Arc<batcher::Stats>,
+}
+
+impl Drop for LoadedModel {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
 }
 
 /// Most texts in one call.
@@ -313,15 +346,28 @@ impl LoadedModel {
         }
     }
 
+    /// Whether the model can serve: a worker is running, and runs are not failing one after another
+    /// on the runtime's side.
+    #[must_use]
+    pub fn serving(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.workers.load(Relaxed) > 0
+            && self.stats.failing_runs.load(Relaxed) < batcher::FAILING_RUNS_NOT_READY
+    }
+
     async fn submit<T>(
         &self,
+        share: Share,
+        items: usize,
         work: Work,
         response: oneshot::Receiver<Result<T, InferenceError>>,
     ) -> Result<T, InferenceError> {
-        self.queue.try_send(work).map_err(|err| match err {
-            mpsc::error::TrySendError::Full(_) => InferenceError::Overloaded,
-            mpsc::error::TrySendError::Closed(_) => InferenceError::Runtime("the model was unloaded".into()),
-        })?;
+        if let Err(err) = self.queue.push(work, share, items) {
+            if matches!(err, InferenceError::TenantQueueFull(_)) {
+                metrics::counter!("plinth_inference_tenant_queue_full_total").increment(1);
+            }
+            return Err(err);
+        }
         match tokio::time::timeout(self.timeout, response).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(InferenceError::Runtime("the model's worker stopped".into())),
@@ -329,7 +375,12 @@ impl LoadedModel {
         }
     }
 
-    async fn run_text(&self, texts: Vec<String>, want: Task) -> Result<TextOutput, InferenceError> {
+    async fn run_text(
+        &self,
+        share: Share,
+        texts: Vec<String>,
+        want: Task,
+    ) -> Result<TextOutput, InferenceError> {
         if self.info.task != want {
             return Err(InferenceError::WrongTask(format!(
                 "model `{}` is a {:?} model and cannot serve this task",
@@ -347,23 +398,21 @@ impl LoadedModel {
             )));
         }
         let (reply, response) = oneshot::channel();
-        self.submit(
-            Work::Text {
-                texts,
-                reply,
-                queued: std::time::Instant::now(),
-            },
-            response,
-        )
-        .await
+        let items = texts.len();
+        self.submit(share, items, Work::Text { texts, reply }, response)
+            .await
     }
 
     /// Scores each text against the model's labels.
     ///
     /// # Errors
     /// Wrong task, bad input, overload or timeout.
-    pub async fn classify(&self, texts: Vec<String>) -> Result<Vec<Classification>, InferenceError> {
-        let output = self.run_text(texts, Task::TextClassification).await?;
+    pub async fn classify(
+        &self,
+        share: Share,
+        texts: Vec<String>,
+    ) -> Result<Vec<Classification>, InferenceError> {
+        let output = self.run_text(share, texts, Task::TextClassification).await?;
         Ok(output
             .rows()
             .map(|scores| {
@@ -395,8 +444,8 @@ impl LoadedModel {
     ///
     /// # Errors
     /// Wrong task, bad input, overload or timeout.
-    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, InferenceError> {
-        let output = self.run_text(texts, Task::Embedding).await?;
+    pub async fn embed(&self, share: Share, texts: Vec<String>) -> Result<Vec<Vec<f32>>, InferenceError> {
+        let output = self.run_text(share, texts, Task::Embedding).await?;
         Ok(output.rows().map(<[f32]>::to_vec).collect())
     }
 
@@ -406,6 +455,7 @@ impl LoadedModel {
     /// Inputs that do not match the model's names, datatypes or ranks; overload or timeout.
     pub async fn infer(
         &self,
+        share: Share,
         inputs: Vec<Tensor>,
         outputs: Option<Vec<String>>,
     ) -> Result<Vec<Tensor>, InferenceError> {
@@ -455,13 +505,16 @@ impl LoadedModel {
                 "the model has no output `{unknown}`"
             )));
         }
+        // Queued at the cost of its batch: a tenant's share counts items, not calls.
+        let items = usize::try_from(Self::batch_size(&inputs)?).unwrap_or(1);
         let (reply, response) = oneshot::channel();
         self.submit(
+            share,
+            items,
             Work::Raw {
                 inputs,
                 outputs,
                 reply,
-                queued: std::time::Instant::now(),
             },
             response,
         )

@@ -7,10 +7,12 @@
 mod batcher;
 mod catalog;
 mod engine;
+mod scheduler;
 mod tensor;
 
 pub use catalog::{Catalog, load_builtin};
 pub use engine::{Engine, EngineSettings, ExecutionProvider, LoadedModel, MAX_TEXTS, ModelFiles};
+pub use scheduler::{Scheduling, Share};
 pub use tensor::{DataType, Tensor, TensorData};
 
 /// Why an inference call failed.
@@ -25,6 +27,9 @@ pub enum InferenceError {
     /// Too many calls queued for this model; retry shortly.
     #[error("the model's queue is full; retry shortly")]
     Overloaded,
+    /// The tenant has this many calls queued for the model already, its most; retry shortly.
+    #[error("this tenant already has {0} calls waiting for the model, its most; retry shortly")]
+    TenantQueueFull(usize),
     /// The call waited longer than the configured timeout.
     #[error("inference timed out")]
     Timeout,
@@ -34,6 +39,21 @@ pub enum InferenceError {
     /// ONNX Runtime or the runtime environment failed.
     #[error("{0}")]
     Runtime(String),
+}
+
+impl InferenceError {
+    /// The same failure for another caller of the same batch.
+    pub(crate) fn for_another_caller(&self) -> Self {
+        match self {
+            Self::InvalidInput(message) => Self::InvalidInput(message.clone()),
+            Self::WrongTask(message) => Self::WrongTask(message.clone()),
+            Self::Overloaded => Self::Overloaded,
+            Self::TenantQueueFull(most) => Self::TenantQueueFull(*most),
+            Self::Timeout => Self::Timeout,
+            Self::InvalidModel(message) => Self::InvalidModel(message.clone()),
+            Self::Runtime(message) => Self::Runtime(message.clone()),
+        }
+    }
 }
 
 impl From<ort::Error> for InferenceError {

@@ -74,6 +74,12 @@ pub struct Config {
     pub max_queue_delay_us: u64,
     /// `PLINTH_INFERENCE_QUEUE`: calls queued per model before 503.
     pub inference_queue: usize,
+    /// `PLINTH_INFERENCE_SCHEDULING`: `fair` (each tenant's share of a busy model by its plan's weight)
+    /// or `fifo` (first come, first served).
+    pub inference_scheduling: String,
+    /// `PLINTH_INFERENCE_TENANT_QUEUE`: calls one tenant may have queued per model before 429 (at most
+    /// `PLINTH_INFERENCE_QUEUE`).
+    pub inference_tenant_queue: usize,
     /// `PLINTH_INFERENCE_TIMEOUT_MS`: longest an inference call may take.
     pub inference_timeout_ms: u64,
     /// `PLINTH_PUBLIC_URL`: where users reach the platform; Stripe Checkout and Connect onboarding
@@ -129,6 +135,12 @@ pub struct Config {
     /// `PLINTH_PLUGIN_THREADS`: threads that run plugin code and compile components, at a lower
     /// priority than request handling; 0 picks half the cores.
     pub plugin_threads: usize,
+    /// `PLINTH_METRICS_TOKEN`: `GET /metrics` on the API listener answers only with
+    /// `Authorization: Bearer <this>`; unset, the API listener does not serve metrics at all.
+    pub metrics_token: Option<String>,
+    /// `PLINTH_METRICS_ADDR`: a second listener serving only `GET /metrics`, without a token, for a
+    /// private network (e.g. `0.0.0.0:9090` inside a cluster); unset, none.
+    pub metrics_addr: Option<SocketAddr>,
     /// `PLINTH_LOG`: a tracing filter, e.g. `info` or `plinth_api=debug,info`.
     pub log: String,
     /// `PLINTH_LOG_FORMAT`: `text` or `json`.
@@ -159,10 +171,12 @@ impl Default for Config {
             models_dir: cache_dir().join("models"),
             execution_provider: "cpu".to_owned(),
             inference_threads: 1,
-            inference_sessions: 2,
+            inference_sessions: 3,
             max_batch: 32,
             max_queue_delay_us: 0,
             inference_queue: 1_024,
+            inference_tenant_queue: 256,
+            inference_scheduling: "fair".to_owned(),
             inference_timeout_ms: 30_000,
             public_url: "http://127.0.0.1:8080".to_owned(),
             stripe_secret_key: None,
@@ -185,6 +199,8 @@ impl Default for Config {
             unmetered_per_tenant_per_minute: 1_200,
             publishes_per_author_per_minute: 2,
             plugin_threads: 0,
+            metrics_token: None,
+            metrics_addr: None,
             log: "info".to_owned(),
             log_format: LogFormat::Text,
         }
@@ -303,14 +319,25 @@ impl Config {
         {
             return fail("PLINTH_EXECUTION_PROVIDER must be cpu, cuda or auto");
         }
+        if self
+            .inference_scheduling
+            .parse::<plinth_inference::Scheduling>()
+            .is_err()
+        {
+            return fail("PLINTH_INFERENCE_SCHEDULING must be fair or fifo");
+        }
         if self.inference_threads == 0
             || self.inference_sessions == 0
             || self.max_batch == 0
             || self.inference_queue == 0
+            || self.inference_tenant_queue == 0
         {
             return fail(
-                "PLINTH_INFERENCE_THREADS, PLINTH_INFERENCE_SESSIONS, PLINTH_MAX_BATCH and PLINTH_INFERENCE_QUEUE must be at least 1",
+                "PLINTH_INFERENCE_THREADS, PLINTH_INFERENCE_SESSIONS, PLINTH_MAX_BATCH, PLINTH_INFERENCE_QUEUE and PLINTH_INFERENCE_TENANT_QUEUE must be at least 1",
             );
+        }
+        if self.metrics_token.as_ref().is_some_and(|token| token.len() < 16) {
+            return fail("PLINTH_METRICS_TOKEN must be at least 16 characters");
         }
         if self.stripe_secret_key.is_some() != self.stripe_webhook_secret.is_some() {
             return fail(
@@ -396,6 +423,7 @@ impl Config {
                 ..plinth_store::idempotency::IdempotencySettings::default()
             },
             trusted_proxies: self.trusted_proxy_ranges().unwrap_or_default(),
+            metrics_token: self.metrics_token.as_deref().map(plinth_api::MetricsToken::new),
             limits: plinth_api::AbuseLimits {
                 signups_per_address: per_minute(self.signups_per_address_per_minute),
                 logins_per_address: per_minute(self.logins_per_address_per_minute),
@@ -420,6 +448,8 @@ impl Config {
             max_batch: self.max_batch,
             max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
             queue_capacity: self.inference_queue,
+            tenant_queue_capacity: self.inference_tenant_queue,
+            scheduling: self.inference_scheduling.parse().unwrap_or_default(),
             timeout: Duration::from_millis(self.inference_timeout_ms),
             ..plinth_inference::EngineSettings::default()
         }
@@ -499,6 +529,7 @@ impl Config {
         Self {
             secret_key: hide(&self.secret_key),
             stripe_secret_key: hide(&self.stripe_secret_key),
+            metrics_token: hide(&self.metrics_token),
             stripe_webhook_secret: hide(&self.stripe_webhook_secret),
             ..self.clone()
         }

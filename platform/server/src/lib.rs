@@ -50,6 +50,8 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
 pub struct RunningServer {
     /// The bound address (useful when configured with port 0).
     pub addr: SocketAddr,
+    /// The metrics listener, when `PLINTH_METRICS_ADDR` asks for one: its address and its server.
+    pub metrics: Option<MetricsListener>,
     pub store: Store,
     handle: ServerHandle,
     server: JoinHandle<std::io::Result<()>>,
@@ -61,6 +63,8 @@ pub struct RunningServer {
     usage_sync: Option<JoinHandle<()>>,
     /// Removes expired idempotent requests and old audit entries; stopped with the server.
     retention: JoinHandle<()>,
+    /// Loads tenants' models after start-up; stopped with the server.
+    model_loading: JoinHandle<()>,
 }
 
 impl RunningServer {
@@ -71,6 +75,7 @@ impl RunningServer {
             sync.abort();
         }
         self.retention.abort();
+        self.model_loading.abort();
         // The workers are gone, and with them every `Meter` handle: the writer drains and stops.
         self.ledger.await.context("the ledger writer failed")?;
         self.claims
@@ -89,9 +94,43 @@ impl RunningServer {
 
     /// Stops accepting connections, finishes in-flight requests, and waits for the ledger to drain.
     pub async fn stop(self) -> anyhow::Result<()> {
+        if let Some(metrics) = &self.metrics {
+            metrics.handle.stop(true).await;
+        }
         self.handle.stop(true).await;
         self.wait().await
     }
+}
+
+/// The listener that serves only `GET /metrics`.
+#[derive(Debug)]
+pub struct MetricsListener {
+    pub addr: SocketAddr,
+    handle: ServerHandle,
+}
+
+/// Serves `GET /metrics` on `addr`, without credentials: the address is meant to be reachable only
+/// from the monitoring network.
+fn serve_metrics(addr: SocketAddr) -> anyhow::Result<MetricsListener> {
+    let server = HttpServer::new(|| {
+        actix_web::App::new().route(
+            "/metrics",
+            actix_web::web::get().to(|| async { plinth_api::metrics::exposition() }),
+        )
+    })
+    .workers(1)
+    .bind(addr)
+    .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+    let addr = server
+        .addrs()
+        .first()
+        .copied()
+        .context("the metrics server bound no address")?;
+    let server = server.run();
+    let handle = server.handle();
+    tokio::spawn(server);
+    tracing::info!(%addr, "metrics are served");
+    Ok(MetricsListener { addr, handle })
 }
 
 /// Opens storage, starts the ledger writer and serves the API on `config.http_addr`.
@@ -108,6 +147,8 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             ..LedgerSettings::default()
         },
     );
+    // The recorder first, so that everything started below is measured.
+    let _ = plinth_api::metrics::handle();
     let engine = plinth_inference::Engine::new(config.engine_settings()).context("cannot start inference")?;
     let models = Arc::new(plinth_inference::Catalog::default());
     plinth_inference::load_builtin(&engine, &config.models_dir, &models)
@@ -143,7 +184,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         models,
         engine,
         model_files,
-        metrics: plinth_api::metrics::handle(),
+        model_files_lock: Arc::default(),
         settings: config.api_settings(),
         plugins: Arc::new(plugins),
         plugin_files,
@@ -158,9 +199,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let usage_sync = state.billing.spawn_sync();
     let retention = spawn_retention(store.clone(), config);
     state.billing.spawn_price_check();
-    plinth_api::load_tenant_models(&state)
-        .await
-        .context("cannot load tenants' models")?;
+    let model_loading = plinth_api::spawn_tenant_model_loading(state.clone());
     let workers = if config.workers == 0 {
         std::thread::available_parallelism().map_or(2, usize::from)
     } else {
@@ -178,9 +217,14 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let server = server.run();
     let handle = server.handle();
     let server = tokio::spawn(server);
+    let metrics = match config.metrics_addr {
+        Some(addr) => Some(serve_metrics(addr)?),
+        None => None,
+    };
     tracing::info!(%addr, workers, database = ?store.backend(), payments = ?payment_mode(config), "plinth is serving");
     Ok(RunningServer {
         addr,
+        metrics,
         store,
         handle,
         server,
@@ -189,6 +233,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         completions: completions_writer,
         usage_sync,
         retention,
+        model_loading,
     })
 }
 

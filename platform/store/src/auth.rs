@@ -50,6 +50,8 @@ pub struct Principal {
     /// ...and that bill is a Stripe subscription carrying the plugin-fees price (what Stripe mode needs
     /// to invoice a plugin's fee).
     pub provider_subscription: bool,
+    /// The plan in force (the free plan while a payment is past due).
+    pub plan: String,
     /// The plan's share of capacity: plugin instances, model scheduling weight, upload quotas.
     pub isolation: plinth_core::api::PlanIsolation,
     pub expires_at: Option<DateTime<Utc>>,
@@ -233,6 +235,7 @@ impl Store {
             paid_subscription,
             provider_subscription,
             isolation: plan.isolation,
+            plan: plan.id.clone(),
             expires_at: key.expires_at,
         })
     }
@@ -300,6 +303,7 @@ impl Store {
             paid_subscription,
             provider_subscription,
             isolation: plan.isolation,
+            plan: plan.id.clone(),
             expires_at: Some(session.expires_at),
         })
     }

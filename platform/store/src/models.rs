@@ -1,12 +1,16 @@
 //! The registry of tenants' uploaded models: immutable, numbered versions of content-addressed files.
 
 use chrono::Utc;
+use plinth_core::ErrorCode;
+use plinth_core::api::PlanIsolation;
 use plinth_core::id::{ModelId, TenantId};
-use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+};
 
 use crate::accounts::parse_id;
 use crate::audit::Who;
-use crate::entity::{TenantScoped, models};
+use crate::entity::{TenantScoped, models, tenants};
 use crate::{Result, Store, StoreError};
 
 /// One stored version of a tenant's model.
@@ -50,15 +54,86 @@ fn to_record(row: models::Model) -> Result<ModelRecord> {
     })
 }
 
+fn quota_exceeded(message: String) -> StoreError {
+    StoreError::Refused(ErrorCode::ModelQuotaExceeded, message)
+}
+
+/// Whether one more version of `model` (of `size_bytes`) fits the plan's quota, over the tenant's live
+/// versions.
+async fn check_quota(
+    db: &impl ConnectionTrait,
+    tenant: &TenantId,
+    name: &str,
+    size_bytes: u64,
+    quota: &PlanIsolation,
+) -> Result<()> {
+    let live: Vec<(String, i64)> = models::Entity::find_in(tenant)
+        .select_only()
+        .column(models::Column::Name)
+        .column(models::Column::SizeBytes)
+        .filter(models::Column::DeletedAt.is_null())
+        .into_tuple()
+        .all(db)
+        .await?;
+    let mut names: Vec<&str> = live.iter().map(|(name, _)| name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    if !names.contains(&name) && names.len() >= quota.max_models as usize {
+        return Err(quota_exceeded(format!(
+            "the plan keeps {} uploaded models: delete one, or move to a larger plan",
+            quota.max_models
+        )));
+    }
+    let versions = live.iter().filter(|(n, _)| n == name).count();
+    if versions >= quota.max_model_versions as usize {
+        return Err(quota_exceeded(format!(
+            "the plan keeps {} versions of a model: delete old versions of `{name}`, or move to a larger plan",
+            quota.max_model_versions
+        )));
+    }
+    let used: u64 = live
+        .iter()
+        .map(|(_, size)| u64::try_from(*size).unwrap_or(0))
+        .fold(0, u64::saturating_add);
+    if used.saturating_add(size_bytes) > quota.max_model_bytes {
+        return Err(quota_exceeded(format!(
+            "the plan keeps {} bytes of models and {used} are used; this upload has {size_bytes}",
+            quota.max_model_bytes
+        )));
+    }
+    Ok(())
+}
+
 impl Store {
-    /// Records a new version of `model.name` for the tenant (1 for a new name).
+    /// Refuses (`model_quota_exceeded`) an upload of `size_bytes` to `name` that would not fit the
+    /// quota now. A check before the expensive work; [`Self::register_model`] checks again, atomically.
+    pub async fn check_model_quota(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        size_bytes: u64,
+        quota: &PlanIsolation,
+    ) -> Result<()> {
+        check_quota(self.db(), tenant, name, size_bytes, quota).await
+    }
+
+    /// Records a new version of `model.name` for the tenant (1 for a new name), if it fits `quota`.
     pub async fn register_model(
         &self,
         tenant: &TenantId,
         who: &Who,
         model: &NewModel,
+        quota: &PlanIsolation,
     ) -> Result<ModelRecord> {
         let txn = self.write_transaction().await?;
+        // Concurrent uploads of one tenant take turns here, so together they cannot pass the quota
+        // (SQLite's write transaction already serialises them).
+        tenants::Entity::find_by_id(tenant.to_string())
+            .lock_exclusive()
+            .one(&txn)
+            .await?
+            .ok_or(StoreError::NotFound("tenant"))?;
+        check_quota(&txn, tenant, &model.name, model.size_bytes, quota).await?;
         let latest = models::Entity::find_in(tenant)
             .filter(models::Column::Name.eq(&model.name))
             .order_by_desc(models::Column::Version)
@@ -146,6 +221,77 @@ impl Store {
         Ok(rows
             .into_iter()
             .filter_map(|row| u32::try_from(row.version).ok())
+            .collect())
+    }
+
+    /// Deletes one version of a tenant's model, not its newest (delete the model for that).
+    pub async fn delete_model_version(
+        &self,
+        tenant: &TenantId,
+        who: &Who,
+        name: &str,
+        version: u32,
+    ) -> Result<ModelRecord> {
+        let txn = self.write_transaction().await?;
+        let rows = models::Entity::find_in(tenant)
+            .filter(models::Column::Name.eq(name))
+            .filter(models::Column::DeletedAt.is_null())
+            .order_by_desc(models::Column::Version)
+            .all(&txn)
+            .await?;
+        let wanted = i32::try_from(version).unwrap_or(i32::MAX);
+        let Some(position) = rows.iter().position(|row| row.version == wanted) else {
+            return Err(StoreError::NotFound("model version"));
+        };
+        if position == 0 {
+            return Err(StoreError::invalid(format!(
+                "version {version} is the newest version of `{name}`, the one served: upload a newer one first, or delete the model"
+            )));
+        }
+        let row = rows
+            .into_iter()
+            .nth(position)
+            .ok_or(StoreError::NotFound("model version"))?;
+        let mut model: models::ActiveModel = row.clone().into();
+        model.deleted_at = Set(Some(Utc::now()));
+        model.update(&txn).await?;
+        crate::audit::record(
+            &txn,
+            Some(tenant),
+            who,
+            "model.delete_version",
+            Some(row.id.as_str()),
+            serde_json::json!({ "name": name, "version": version }),
+        )
+        .await?;
+        txn.commit().await?;
+        to_record(row)
+    }
+
+    /// Whether any live model version, of any tenant, uses the file with this content hash (as its
+    /// model or its tokenizer). Files nothing uses can be removed.
+    pub async fn model_file_in_use(&self, sha256: &str) -> Result<bool> {
+        let used = models::Entity::find()
+            .filter(models::Column::DeletedAt.is_null())
+            .filter(
+                sea_orm::Condition::any()
+                    .add(models::Column::Sha256.eq(sha256))
+                    .add(models::Column::TokenizerSha256.eq(sha256)),
+            )
+            .one(self.db())
+            .await?;
+        Ok(used.is_some())
+    }
+
+    /// The files (content hashes) of every version of a tenant's model, live or not.
+    pub async fn model_files(&self, tenant: &TenantId, name: &str) -> Result<Vec<String>> {
+        let rows = models::Entity::find_in(tenant)
+            .filter(models::Column::Name.eq(name))
+            .all(self.db())
+            .await?;
+        Ok(rows
+            .into_iter()
+            .flat_map(|row| std::iter::once(row.sha256).chain(row.tokenizer_sha256))
             .collect())
     }
 

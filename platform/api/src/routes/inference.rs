@@ -88,19 +88,26 @@ pub async fn metadata(
     }))
 }
 
-/// Whether the model is loaded and serving.
+/// Whether the model is loaded and serving: `503` with `ready: false` while it cannot (its runs keep
+/// failing on the runtime's side).
 #[utoipa::path(get, path = "/v2/models/{name}/ready", tag = "inference protocol", security(("bearer" = [])),
     params(("name" = String, Path)),
-    responses((status = 200, body = ModelReady), (status = 404, body = plinth_core::error::ProtocolErrorBody)))]
+    responses((status = 200, body = ModelReady), (status = 503, body = ModelReady), (status = 404, body = plinth_core::error::ProtocolErrorBody)))]
 pub async fn ready(
     state: web::Data<AppState>,
     auth: Auth,
     path: web::Path<ModelPath>,
-) -> ApiResult<web::Json<ModelReady>> {
+) -> ApiResult<HttpResponse> {
     let model = versioned(&state, &auth, &path).await?;
-    Ok(web::Json(ModelReady {
+    let ready = model.serving();
+    let mut response = if ready {
+        HttpResponse::Ok()
+    } else {
+        HttpResponse::ServiceUnavailable()
+    };
+    Ok(response.json(ModelReady {
         name: model.info().name.clone(),
-        ready: true,
+        ready,
     }))
 }
 
@@ -171,7 +178,11 @@ pub async fn infer(
         .as_ref()
         .map(|w| w.iter().map(|(name, _)| name.clone()).collect());
     let billable = Billable::model(&auth, &path.name, units);
-    let work = async { Ok(model.infer(inputs, names).await?) };
+    let work = async {
+        Ok(model
+            .infer(crate::routes::models::share(&auth), inputs, names)
+            .await?)
+    };
     let (outputs, recorded) = metered(&state, &auth, idempotency, request_id, billable, work).await?;
 
     let mut blobs = Vec::new();

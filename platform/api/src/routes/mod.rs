@@ -112,6 +112,9 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
                 .route(web::delete().to(models::delete)),
         )
         .service(
+            resource("/v1/models/{name}/versions/{version}").route(web::delete().to(models::delete_version)),
+        )
+        .service(
             metered("/v1/models/{name}/classify", Some(Scope::Inference), None)
                 .route(web::post().to(models::classify)),
         )

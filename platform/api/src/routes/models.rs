@@ -14,15 +14,35 @@ use crate::request_id::RequestId;
 use crate::state::AppState;
 
 /// The model `name` as the caller's tenant sees it, or 404.
+/// The caller's share of a contended model: its tenant, and its plan's weight.
+pub(crate) fn share(auth: &plinth_store::auth::Principal) -> plinth_inference::Share {
+    plinth_inference::Share {
+        tenant: std::sync::Arc::from(auth.tenant_id.as_str()),
+        weight: auth.isolation.scheduling_weight,
+        plan: std::sync::Arc::from(auth.plan.as_str()),
+    }
+}
+
 pub(crate) fn find_model(
     state: &AppState,
     auth: &plinth_store::auth::Principal,
     name: &str,
 ) -> ApiResult<Arc<LoadedModel>> {
-    state
-        .models
-        .find(&auth.tenant_id, name)
-        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no model named `{name}`")))
+    if let Some(model) = state.models.find(&auth.tenant_id, name) {
+        return Ok(model);
+    }
+    if !state.models.tenant_models_loaded() {
+        // Just started: tenants' models load in the background, and this one may be among them.
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "the server has just started and is still loading models; retry shortly",
+        )
+        .retry_after(std::time::Duration::from_secs(2)));
+    }
+    Err(ApiError::new(
+        ErrorCode::NotFound,
+        format!("no model named `{name}`"),
+    ))
 }
 
 /// Models the caller can use: the platform's and the tenant's own.
@@ -67,7 +87,7 @@ pub async fn classify(
     let TextRequest { inputs } = body.into_inner();
     let units = inputs.len();
     let billable = Billable::model(&auth, &name, units);
-    let work = async { Ok(model.classify(inputs).await?) };
+    let work = async { Ok(model.classify(share(&auth), inputs).await?) };
     let (results, recorded) = metered(&state, &auth, idempotency, request_id, billable, work).await?;
     let reply = ClassifyResponse {
         model: model.info().name.clone(),
@@ -98,7 +118,7 @@ pub async fn embed(
     let TextRequest { inputs } = body.into_inner();
     let units = inputs.len();
     let billable = Billable::model(&auth, &name, units);
-    let work = async { Ok(model.embed(inputs).await?) };
+    let work = async { Ok(model.embed(share(&auth), inputs).await?) };
     let (embeddings, recorded) = metered(&state, &auth, idempotency, request_id, billable, work).await?;
     let reply = EmbedResponse {
         model: model.info().name.clone(),
@@ -115,6 +135,7 @@ pub async fn embed(
     request_body(content_type = "multipart/form-data", description = "parts: model, manifest, tokenizer"),
     responses(
         (status = 201, body = Model),
+        (status = 409, description = "`model_quota_exceeded`: the plan's models, versions or bytes", body = plinth_core::error::ErrorBody),
         (status = 413, description = "`payload_too_large`", body = plinth_core::error::ErrorBody),
         (status = 422, description = "`invalid_model` or `validation_failed`", body = plinth_core::error::ErrorBody),
     ))]
@@ -142,10 +163,41 @@ pub async fn delete(
             "platform models cannot be deleted by tenants",
         ));
     }
+    let _files = state.model_files_lock.lock().await;
     state
         .store
         .delete_model(&auth.tenant_id, &auth.who(), &name)
         .await?;
     state.models.remove_tenant(&auth.tenant_id, &name);
+    let files = state.store.model_files(&auth.tenant_id, &name).await?;
+    crate::uploads::remove_unused_files(&state, files.iter()).await;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Delete one version of a tenant model, to make room under the plan's quota. Not the newest version,
+/// the one served: upload a newer one first, or delete the model.
+#[utoipa::path(delete, path = "/v1/models/{name}/versions/{version}", tag = "models", security(("bearer" = ["admin"])),
+    params(("name" = String, Path), ("version" = u32, Path)),
+    responses(
+        (status = 204),
+        (status = 404, body = plinth_core::error::ErrorBody),
+        (status = 422, description = "`validation_failed`: the newest version", body = plinth_core::error::ErrorBody),
+    ))]
+pub async fn delete_version(
+    state: web::Data<AppState>,
+    auth: Auth<scope::Admin>,
+    path: web::Path<(String, u32)>,
+) -> ApiResult<HttpResponse> {
+    let (name, version) = path.into_inner();
+    let _files = state.model_files_lock.lock().await;
+    let record = state
+        .store
+        .delete_model_version(&auth.tenant_id, &auth.who(), &name, version)
+        .await?;
+    state.models.remove_version(&auth.tenant_id, &name, version);
+    let files: Vec<String> = std::iter::once(record.sha256)
+        .chain(record.tokenizer_sha256)
+        .collect();
+    crate::uploads::remove_unused_files(&state, files.iter()).await;
     Ok(HttpResponse::NoContent().finish())
 }

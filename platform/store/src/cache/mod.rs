@@ -3,12 +3,14 @@
 
 mod memory;
 mod redis;
+mod resilient;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use self::memory::MemoryCache;
 pub use self::redis::RedisCache;
+pub use self::resilient::ResilientCache;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -55,11 +57,14 @@ pub trait Cache: Send + Sync + std::fmt::Debug {
 
 pub type SharedCache = Arc<dyn Cache>;
 
-/// Connects the backend a URL names: `redis://...` or `memory`.
+/// Connects the backend a URL names: `redis://...` (with the replica's own cache standing in while
+/// Redis is unreachable, see [`ResilientCache`]) or `memory`.
 pub async fn connect(url: Option<&str>, key_prefix: &str) -> Result<SharedCache, CacheError> {
     match url {
         None | Some("" | "memory") => Ok(Arc::new(MemoryCache::new())),
-        Some(url) => Ok(Arc::new(RedisCache::connect(url, key_prefix).await?)),
+        Some(url) => Ok(Arc::new(ResilientCache::new(
+            RedisCache::connect(url, key_prefix).await?,
+        ))),
     }
 }
 

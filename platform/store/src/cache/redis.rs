@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use super::{Cache, CacheError, Quota, RateDecision};
@@ -53,7 +53,14 @@ impl RedisCache {
     /// `prefix`, so deployments (or test runs) can share one Redis.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, CacheError> {
         let client = redis::Client::open(url).map_err(|err| cache_error(&err))?;
-        let connection = ConnectionManager::new(client)
+        // Quick to give up and quick to come back: while Redis is away the replica's own cache stands
+        // in (see `ResilientCache`), and the connection is re-established on the next attempt.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(super::resilient::REDIS_TIMEOUT))
+            .set_response_timeout(Some(super::resilient::REDIS_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(super::resilient::RETRY_AFTER);
+        let connection = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(|err| cache_error(&err))?;
         Ok(Self {

@@ -1,0 +1,500 @@
+//! Each model's queue, shared fairly between tenants: start-time fair queuing. A call is tagged on
+//! arrival with a virtual start time, `max(now, when its tenant's previous call finishes)`, and the
+//! tenant's finish time moves on by the call's items divided by the tenant's weight; workers take calls
+//! in tag order. A tenant that floods a model only pushes its own calls back: another tenant's call is
+//! tagged at the present and overtakes the backlog, and under contention each tenant is served items in
+//! proportion to its weight. Batches still form from whatever is at the front, across tenants.
+//!
+//! Each tenant may queue only so many calls (`429` beyond), so a flood is refused before the shared
+//! queue fills and answers everyone `503`. And a tenant's calls may occupy all but one of the model's
+//! sessions at once: however hard one tenant pushes, another tenant's call finds a session free
+//! instead of waiting behind a run of the flood (with a session per core plus one, a lone tenant
+//! still uses every core).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+use crate::InferenceError;
+use crate::batcher::Work;
+
+/// Who a call is for, and the share of a contended model their plan gives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub tenant: Arc<str>,
+    /// Relative to other tenants' weights (the plan's `scheduling_weight`).
+    pub weight: u32,
+    /// The tenant's plan, the only tenant-related label on metrics (a bounded set).
+    pub plan: Arc<str>,
+}
+
+impl Share {
+    /// Calls the platform makes for itself (warm-up, benchmarks): weight 1.
+    #[must_use]
+    pub fn platform() -> Self {
+        Self {
+            tenant: Arc::from("platform"),
+            weight: 1,
+            plan: Arc::from("platform"),
+        }
+    }
+}
+
+/// In what order a model's queued calls are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scheduling {
+    /// Fair share between tenants by weight (start-time fair queuing).
+    #[default]
+    Fair,
+    /// First come, first served, whoever sent them (for comparison; one tenant can delay all).
+    Fifo,
+}
+
+impl std::str::FromStr for Scheduling {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fair" => Ok(Self::Fair),
+            "fifo" => Ok(Self::Fifo),
+            other => Err(format!("unknown scheduling `{other}` (expected fair or fifo)")),
+        }
+    }
+}
+
+/// Items a tenant at its most runs may add to a run another tenant's call leads.
+const GUEST_ITEMS: usize = 1;
+
+/// Fixed-point scale of virtual time: one item at weight 1.
+const ITEM: u128 = 1 << 20;
+
+/// A queued call with its tag.
+pub(crate) struct Queued {
+    start: u128,
+    /// Arrival order: breaks ties, so equal tags are served first come, first served.
+    sequence: u64,
+    pub(crate) work: Work,
+    pub(crate) share: Share,
+    pub(crate) items: usize,
+    pub(crate) queued_at: Instant,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        (self.start, self.sequence) == (other.start, other.sequence)
+    }
+}
+
+impl Eq for Queued {}
+
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Queued {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.start, self.sequence).cmp(&(other.start, other.sequence))
+    }
+}
+
+#[derive(Debug, Default)]
+struct Tenant {
+    /// Virtual time at which the tenant's last queued call finishes.
+    finish: u128,
+    queued: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    calls: BinaryHeap<Reverse<Queued>>,
+    /// Tenants with calls queued; one that has none left is forgotten (it rejoins at the present).
+    tenants: HashMap<Arc<str>, Tenant>,
+    /// Runs in progress that hold calls of each tenant.
+    running: HashMap<Arc<str>, usize>,
+    /// The start tag of the call served last.
+    now: u128,
+    sequence: u64,
+    closed: bool,
+}
+
+/// One model's queue.
+pub(crate) struct FairQueue {
+    inner: Mutex<Inner>,
+    ready: Notify,
+    capacity: usize,
+    tenant_capacity: usize,
+    /// Runs one tenant's calls may be part of at once.
+    tenant_runs: usize,
+    scheduling: Scheduling,
+}
+
+impl std::fmt::Debug for FairQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FairQueue")
+            .field("capacity", &self.capacity)
+            .field("tenant_capacity", &self.tenant_capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FairQueue {
+    /// A queue for a model with `sessions` workers.
+    pub(crate) fn new(
+        capacity: usize,
+        tenant_capacity: usize,
+        sessions: usize,
+        scheduling: Scheduling,
+    ) -> Self {
+        Self {
+            inner: Mutex::default(),
+            ready: Notify::new(),
+            capacity: capacity.max(1),
+            tenant_capacity: tenant_capacity.clamp(1, capacity.max(1)),
+            tenant_runs: match scheduling {
+                Scheduling::Fair => sessions.saturating_sub(1).max(1),
+                Scheduling::Fifo => usize::MAX,
+            },
+            scheduling,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a call of `items` for `share`.
+    ///
+    /// # Errors
+    /// [`InferenceError::TenantQueueFull`] when the tenant has its most calls queued,
+    /// [`InferenceError::Overloaded`] when the whole queue is full, `Runtime` once the model is unloaded.
+    pub(crate) fn push(&self, work: Work, share: Share, items: usize) -> Result<(), InferenceError> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(InferenceError::Runtime("the model was unloaded".into()));
+        }
+        let queued = inner.tenants.get(&share.tenant).map_or(0, |t| t.queued);
+        if queued >= self.tenant_capacity {
+            return Err(InferenceError::TenantQueueFull(self.tenant_capacity));
+        }
+        if inner.calls.len() >= self.capacity {
+            return Err(InferenceError::Overloaded);
+        }
+        let now = inner.now;
+        inner.sequence += 1;
+        let sequence = inner.sequence;
+        let fifo = self.scheduling == Scheduling::Fifo;
+        let tenant = inner.tenants.entry(share.tenant.clone()).or_default();
+        let start = if fifo { 0 } else { tenant.finish.max(now) };
+        let cost = ITEM * items.max(1) as u128 / u128::from(share.weight.max(1));
+        tenant.finish = start + cost.max(1);
+        tenant.queued += 1;
+        inner.calls.push(Reverse(Queued {
+            start,
+            sequence,
+            work,
+            share,
+            items,
+            queued_at: Instant::now(),
+        }));
+        drop(inner);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Takes the front call, and more while `fits` accepts them (the batch so far and the next),
+    /// passing over the calls of tenants whose calls already run in as many runs as they may.
+    fn take(&self, inner: &mut Inner, batch: &mut Vec<Queued>, fits: &dyn Fn(&[Queued], &Queued) -> bool) {
+        let had = batch.len();
+        let mut passed_over = Vec::new();
+        let mut guests = 0;
+        while let Some(Reverse(call)) = inner.calls.pop() {
+            let tenant = &call.share.tenant;
+            let joins_run = batch.iter().any(|c| &c.share.tenant == tenant);
+            if !joins_run && inner.running.get(tenant).copied().unwrap_or(0) >= self.tenant_runs {
+                // A tenant at its runs may still fill a few places in another tenant's run: that run
+                // stays short, and its session does not idle on single items.
+                if batch.is_empty() || guests + call.items > GUEST_ITEMS {
+                    passed_over.push(Reverse(call));
+                    continue;
+                }
+                guests += call.items;
+            }
+            if !batch.is_empty() && !fits(batch, &call) {
+                passed_over.push(Reverse(call));
+                break;
+            }
+            inner.now = inner.now.max(call.start);
+            if let Some(queued) = inner.tenants.get_mut(tenant) {
+                queued.queued -= 1;
+                if queued.queued == 0 {
+                    inner.tenants.remove(tenant);
+                }
+            }
+            batch.push(call);
+        }
+        inner.calls.extend(passed_over);
+        // The tenants newly in the batch now hold a run.
+        let mut newly: Vec<&Arc<str>> = batch[had..]
+            .iter()
+            .map(|c| &c.share.tenant)
+            .filter(|t| !batch[..had].iter().any(|c| &&c.share.tenant == t))
+            .collect();
+        newly.sort();
+        newly.dedup();
+        for tenant in newly {
+            *inner.running.entry(tenant.clone()).or_default() += 1;
+        }
+    }
+
+    /// A run of `batch` has ended: its tenants may start other runs.
+    pub(crate) fn finished(&self, batch: &[Arc<str>]) {
+        let mut tenants: Vec<&Arc<str>> = batch.iter().collect();
+        tenants.sort();
+        tenants.dedup();
+        let mut inner = self.lock();
+        for tenant in tenants {
+            if let Some(runs) = inner.running.get_mut(tenant) {
+                *runs -= 1;
+                if *runs == 0 {
+                    inner.running.remove(tenant);
+                }
+            }
+        }
+        let waiting = !inner.calls.is_empty();
+        drop(inner);
+        if waiting {
+            self.ready.notify_one();
+        }
+    }
+
+    /// The next batch: the front call and those after it that `fits` accepts, waiting up to
+    /// `linger` for more to arrive when the batch could grow. `None` once closed and empty.
+    pub(crate) async fn next_batch(
+        &self,
+        linger: std::time::Duration,
+        fits: &(dyn Fn(&[Queued], &Queued) -> bool + Sync),
+    ) -> Option<Vec<Queued>> {
+        let mut batch = Vec::new();
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut inner = self.lock();
+                self.take(&mut inner, &mut batch, fits);
+                if !batch.is_empty() {
+                    // More work is waiting: let another worker take it.
+                    if !inner.calls.is_empty() {
+                        self.ready.notify_one();
+                    }
+                    break;
+                }
+                if inner.closed {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+        if linger.is_zero() {
+            return Some(batch);
+        }
+        let deadline = tokio::time::Instant::now() + linger;
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let before = batch.len();
+            {
+                let mut inner = self.lock();
+                self.take(&mut inner, &mut batch, fits);
+                let full = inner
+                    .calls
+                    .peek()
+                    .is_some_and(|Reverse(next)| !fits(&batch, next));
+                if full || inner.closed {
+                    break;
+                }
+            }
+            if batch.len() == before && tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+        Some(batch)
+    }
+
+    /// Refuses new calls; the workers finish what is queued and stop.
+    pub(crate) fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_waiters();
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().calls.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    fn share(tenant: &str, weight: u32) -> Share {
+        Share {
+            tenant: Arc::from(tenant),
+            weight,
+            plan: Arc::from("test"),
+        }
+    }
+
+    fn call(texts: usize) -> Work {
+        let (reply, _) = oneshot::channel();
+        Work::Text {
+            texts: vec![String::new(); texts],
+            reply,
+        }
+    }
+
+    fn one_at_a_time(_: &[Queued], _: &Queued) -> bool {
+        false
+    }
+
+    async fn order(queue: &FairQueue, n: usize) -> Vec<String> {
+        let mut served = Vec::new();
+        for _ in 0..n {
+            let batch = queue
+                .next_batch(std::time::Duration::ZERO, &one_at_a_time)
+                .await
+                .expect("batch");
+            served.extend(batch.iter().map(|c| c.share.tenant.to_string()));
+            queue.finished(&batch.iter().map(|c| c.share.tenant.clone()).collect::<Vec<_>>());
+        }
+        served
+    }
+
+    #[tokio::test]
+    async fn a_flooding_tenant_leaves_a_session_for_everyone_else() {
+        let queue = FairQueue::new(1_000, 100, 3, Scheduling::Fair);
+        for _ in 0..10 {
+            queue.push(call(1), share("flood", 1), 1).unwrap();
+        }
+        let take = || queue.next_batch(std::time::Duration::ZERO, &one_at_a_time);
+        // Two of the three sessions run the flood...
+        let first = take().await.unwrap();
+        let second = take().await.unwrap();
+        assert_eq!(first[0].share.tenant.as_ref(), "flood");
+        assert_eq!(second[0].share.tenant.as_ref(), "flood");
+        // ...and the third does not take a third run of it: it waits for someone else.
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), take())
+                .await
+                .is_err()
+        );
+        queue.push(call(1), share("quiet", 1), 1).unwrap();
+        let third = take().await.unwrap();
+        assert_eq!(third[0].share.tenant.as_ref(), "quiet");
+        // When one of the flood's runs ends, the flood goes on.
+        queue.finished(&[first[0].share.tenant.clone()]);
+        assert_eq!(take().await.unwrap()[0].share.tenant.as_ref(), "flood");
+    }
+
+    #[tokio::test]
+    async fn a_flood_does_not_delay_a_newcomer() {
+        let queue = FairQueue::new(1_000, 100, 2, Scheduling::Fair);
+        for _ in 0..50 {
+            queue.push(call(1), share("flood", 1), 1).unwrap();
+        }
+        queue.push(call(1), share("quiet", 1), 1).unwrap();
+        // The quiet tenant's call is tagged at the present: it goes second, not 51st.
+        let served = order(&queue, 3).await;
+        assert_eq!(served, ["flood", "quiet", "flood"]);
+    }
+
+    #[tokio::test]
+    async fn fifo_serves_in_arrival_order() {
+        let queue = FairQueue::new(1_000, 100, 2, Scheduling::Fifo);
+        for _ in 0..3 {
+            queue.push(call(1), share("flood", 1), 1).unwrap();
+        }
+        queue.push(call(1), share("quiet", 1), 1).unwrap();
+        assert_eq!(order(&queue, 4).await, ["flood", "flood", "flood", "quiet"]);
+    }
+
+    #[tokio::test]
+    async fn contended_tenants_are_served_in_proportion_to_their_weights() {
+        let queue = FairQueue::new(1_000, 500, 2, Scheduling::Fair);
+        for _ in 0..200 {
+            queue.push(call(1), share("pro", 4), 1).unwrap();
+            queue.push(call(1), share("free", 1), 1).unwrap();
+        }
+        let served = order(&queue, 100).await;
+        let pro = served.iter().filter(|t| *t == "pro").count();
+        assert!((78..=82).contains(&pro), "pro got {pro} of 100");
+        // Items count, not calls: a call of 8 texts costs eight of one.
+        let queue = FairQueue::new(1_000, 500, 2, Scheduling::Fair);
+        for _ in 0..100 {
+            queue.push(call(8), share("big", 1), 8).unwrap();
+            queue.push(call(1), share("small", 1), 1).unwrap();
+        }
+        let served = order(&queue, 45).await;
+        let big = served.iter().filter(|t| *t == "big").count();
+        assert!((4..=6).contains(&big), "big got {big} of 45 calls");
+    }
+
+    #[tokio::test]
+    async fn a_tenant_is_refused_at_its_bound_before_the_queue_fills() {
+        let queue = FairQueue::new(10, 4, 2, Scheduling::Fair);
+        for _ in 0..4 {
+            queue.push(call(1), share("flood", 1), 1).unwrap();
+        }
+        assert!(matches!(
+            queue.push(call(1), share("flood", 1), 1),
+            Err(InferenceError::TenantQueueFull(4))
+        ));
+        for tenant in ["a", "b", "c", "d", "e", "f"] {
+            queue.push(call(1), share(tenant, 1), 1).unwrap();
+        }
+        assert!(matches!(
+            queue.push(call(1), share("g", 1), 1),
+            Err(InferenceError::Overloaded)
+        ));
+        assert_eq!(queue.len(), 10);
+        // Served calls give the tenant its room back.
+        order(&queue, 1).await;
+        queue.push(call(1), share("flood", 1), 1).unwrap();
+    }
+
+    #[tokio::test]
+    async fn batches_mix_tenants_and_closing_drains_then_stops() {
+        let queue = FairQueue::new(100, 100, 2, Scheduling::Fair);
+        for tenant in ["a", "b", "c"] {
+            queue.push(call(2), share(tenant, 1), 2).unwrap();
+        }
+        let fits =
+            |batch: &[Queued], next: &Queued| batch.iter().map(|c| c.items).sum::<usize>() + next.items <= 4;
+        let batch = queue.next_batch(std::time::Duration::ZERO, &fits).await.unwrap();
+        let tenants: Vec<_> = batch.iter().map(|c| c.share.tenant.to_string()).collect();
+        assert_eq!(tenants, ["a", "b"]);
+        queue.finished(&batch.iter().map(|c| c.share.tenant.clone()).collect::<Vec<_>>());
+        queue.close();
+        assert!(queue.push(call(1), share("a", 1), 1).is_err());
+        assert_eq!(
+            queue
+                .next_batch(std::time::Duration::ZERO, &fits)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(queue.next_batch(std::time::Duration::ZERO, &fits).await.is_none());
+    }
+}

@@ -1,0 +1,182 @@
+//! One model, two tenants on the same plan: a quiet one calling `classify` at concurrency 1, and a noisy
+//! one flooding the same model with 48 connections. For each scheduling policy, in one run on this
+//! machine: the quiet tenant's p50/p99 alone and under the flood, and the total throughput while the
+//! flood runs. Goals for `fair`: quiet p99 under the flood within 2x its solo p99, and total throughput
+//! at least 95% of `fifo`'s.
+//!
+//! Run: `cargo bench -p plinth-tests --bench fairness`. Clients run on threads and runtimes of their own,
+//! as external clients would; the numbers are for comparing within one run.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use plinth_tests::TestApp;
+
+const QUIET_CALLS: usize = 400;
+const FLOOD_CONNECTIONS: usize = 48;
+const TEXT: &str = "Shares plunged after the profit warning";
+
+/// Runs `load` on a thread and runtime of its own.
+fn client<T: Send + 'static>(
+    load: impl FnOnce(reqwest::Client) -> std::pin::Pin<Box<dyn Future<Output = T> + Send>> + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("client runtime")
+            .block_on(async move {
+                let http = reqwest::Client::builder()
+                    .pool_max_idle_per_host(128)
+                    .build()
+                    .expect("client");
+                load(http).await
+            })
+    })
+}
+
+async fn classify(http: &reqwest::Client, url: &str, key: &str) {
+    let response = http
+        .post(url)
+        .bearer_auth(key)
+        .json(&serde_json::json!({ "inputs": [TEXT] }))
+        .send()
+        .await
+        .expect("request");
+    assert!(response.status().is_success(), "status {}", response.status());
+    response.bytes().await.expect("body");
+}
+
+/// The quiet tenant's calls, one at a time: their latencies.
+fn quiet(url: String, key: String) -> std::thread::JoinHandle<Vec<Duration>> {
+    client(move |http| {
+        Box::pin(async move {
+            for _ in 0..20 {
+                classify(&http, &url, &key).await;
+            }
+            let mut samples = Vec::with_capacity(QUIET_CALLS);
+            for _ in 0..QUIET_CALLS {
+                let started = Instant::now();
+                classify(&http, &url, &key).await;
+                samples.push(started.elapsed());
+            }
+            samples
+        })
+    })
+}
+
+/// The noisy tenant: `FLOOD_CONNECTIONS` calls in flight until `stop`, counting completions.
+fn flood(
+    url: String,
+    key: String,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    client(move |http| {
+        Box::pin(async move {
+            join_all((0..FLOOD_CONNECTIONS).map(|_| {
+                let (http, url, key, stop, done) = (&http, &url, &key, &stop, &done);
+                async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        classify(http, url, key).await;
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }))
+            .await;
+        })
+    })
+}
+
+fn percentile(samples: &mut [Duration], p: f64) -> f64 {
+    samples.sort();
+    samples[((samples.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3
+}
+
+struct Run {
+    alone: (f64, f64),
+    flooded: (f64, f64),
+    throughput: f64,
+}
+
+async fn measure(scheduling: &'static str) -> Run {
+    let app = TestApp::spawn_on(plinth_tests::Backend::SqliteMemory, |config| {
+        config.inference_scheduling = scheduling.to_owned();
+        // The default: a session per core plus one.
+        config.inference_sessions = std::thread::available_parallelism().map_or(2, usize::from) + 1;
+    })
+    .await;
+    let (noisy, calm) = (app.tenant().await, app.tenant().await);
+    app.lift_rate_limits(&noisy.session.tenant.id).await;
+    app.lift_rate_limits(&calm.session.tenant.id).await;
+    let url = app.url("/v1/models/sentiment/classify");
+
+    let mut alone = tokio::task::spawn_blocking({
+        let (url, key) = (url.clone(), calm.key.secret.clone());
+        move || quiet(url, key).join().expect("quiet client")
+    })
+    .await
+    .expect("quiet");
+
+    let (stop, done) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let flooding = flood(url.clone(), noisy.key.secret.clone(), stop.clone(), done.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (before, started) = (done.load(Ordering::Relaxed), Instant::now());
+    let mut flooded = tokio::task::spawn_blocking({
+        let (url, key) = (url.clone(), calm.key.secret.clone());
+        move || quiet(url, key).join().expect("quiet client")
+    })
+    .await
+    .expect("quiet");
+    let elapsed = started.elapsed().as_secs_f64();
+    let noisy_calls = done.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || flooding.join().expect("flood client"))
+        .await
+        .expect("flood");
+    app.stop().await;
+    Run {
+        alone: (percentile(&mut alone, 0.5), percentile(&mut alone, 0.99)),
+        flooded: (percentile(&mut flooded, 0.5), percentile(&mut flooded, 0.99)),
+        // The quiet tenant's warm-up calls fall in the window too: count them.
+        throughput: (noisy_calls as f64 + (QUIET_CALLS + 20) as f64) / elapsed,
+    }
+}
+
+fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        println!(
+            "sentiment, one text per call; quiet tenant c=1 beside a noisy one at c={FLOOD_CONNECTIONS}, same plan ({} cores)",
+            std::thread::available_parallelism().map_or(0, usize::from)
+        );
+        println!(
+            "  {:<10} {:>15} {:>15} {:>15} {:>12}",
+            "policy", "alone p50/p99", "flood p50/p99", "p99 vs alone", "calls/s"
+        );
+        let fifo = measure("fifo").await;
+        let fair = measure("fair").await;
+        for (name, run) in [("fifo", &fifo), ("fair", &fair)] {
+            println!(
+                "  {name:<10} {:>7.1}/{:>6.1}ms {:>7.1}/{:>6.1}ms {:>14.2}x {:>12.0}",
+                run.alone.0,
+                run.alone.1,
+                run.flooded.0,
+                run.flooded.1,
+                run.flooded.1 / run.alone.1,
+                run.throughput
+            );
+        }
+        println!(
+            "  fair throughput under the flood vs fifo: {:.2}x",
+            fair.throughput / fifo.throughput
+        );
+    });
+}
