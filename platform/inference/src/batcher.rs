@@ -242,24 +242,36 @@ impl Worker {
             let label = self.metrics_label.clone();
             let stats = self.stats.clone();
             let mut session = self.session;
-            let joined = tokio::task::spawn_blocking(move || {
-                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    process(
-                        &mut session,
-                        tokenizer.as_deref(),
-                        text.as_ref(),
-                        batch,
-                        &label,
-                        &stats,
-                        Run {
-                            options: &options,
-                            terminated: &terminated,
-                        },
-                    );
-                }));
-                (session, outcome)
-            })
-            .await;
+            // A tenant's first run goes at normal priority; runs it holds beyond that go at a lower
+            // one. A tenant flooding the model still gets every core nobody else wants, but another
+            // tenant's run takes the CPU from those at once rather than sharing it with them.
+            let beyond_first = batch
+                .first()
+                .is_some_and(|call| self.queue.holds_other_runs(&call.share.tenant));
+            let pool = if beyond_first {
+                background_runs().handle().clone()
+            } else {
+                tokio::runtime::Handle::current()
+            };
+            let joined = pool
+                .spawn_blocking(move || {
+                    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        process(
+                            &mut session,
+                            tokenizer.as_deref(),
+                            text.as_ref(),
+                            batch,
+                            &label,
+                            &stats,
+                            Run {
+                                options: &options,
+                                terminated: &terminated,
+                            },
+                        );
+                    }));
+                    (session, outcome)
+                })
+                .await;
             watchdog.abort();
             self.queue.finished(&tenants);
             match joined {
@@ -280,6 +292,30 @@ impl Worker {
             }
         }
     }
+}
+
+/// The niceness of the threads that run a tenant's runs beyond its first.
+const BACKGROUND_NICENESS: i32 = 10;
+
+/// The blocking threads for runs beyond a tenant's first, at a lower priority (Linux: a thread's
+/// niceness is its own). Process-wide, like the cores they share.
+fn background_runs() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("plinth-inference-bg")
+            .on_thread_start(|| {
+                #[cfg(target_os = "linux")]
+                if let Err(err) =
+                    rustix::process::setpriority_process(Some(rustix::thread::gettid()), BACKGROUND_NICENESS)
+                {
+                    tracing::warn!(error = %err, "could not lower the priority of an inference thread");
+                }
+            })
+            .build()
+            .unwrap_or_else(|err| panic!("cannot start the inference background threads: {err}"))
+    })
 }
 
 /// One run's options, and whether the watchdog terminated it.

@@ -251,6 +251,12 @@ impl FairQueue {
         }
     }
 
+    /// Whether `tenant` holds other runs besides the one it just started: that run is beyond the
+    /// tenant's first, and goes at a lower priority (see `batcher`).
+    pub(crate) fn holds_other_runs(&self, tenant: &Arc<str>) -> bool {
+        self.lock().running.get(tenant).copied().unwrap_or(0) > 1
+    }
+
     /// A run of `batch` has ended: its tenants may start other runs.
     pub(crate) fn finished(&self, batch: &[Arc<str>]) {
         let mut tenants: Vec<&Arc<str>> = batch.iter().collect();
