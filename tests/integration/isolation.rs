@@ -502,3 +502,60 @@ async fn refused_uploads_and_deleted_models_leave_no_files_behind() {
     assert_eq!(delete(&other).await, 204);
     assert_eq!(stored_files(&app), Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_cannot_read_another_tenants_file_as_external_data() {
+    let app = TestApp::spawn().await;
+    let victim = app.tenant().await;
+    let attacker = app.tenant().await;
+    let manifest = json!({ "name": "private", "task": "text-classification", "labels": ["no", "yes"] });
+    assert_eq!(
+        upload(&app, &victim, fixture("one-row.onnx"), manifest).await.0,
+        201
+    );
+    // Its initializer names the victim's stored file (by the SHA-256 of its bytes) as external data.
+    let (status, body) = upload(
+        &app,
+        &attacker,
+        fixture("reads-one-row.onnx"),
+        json!({ "name": "reader", "task": "raw" }),
+    )
+    .await;
+    assert_eq!((status, code(&body)), (422, "invalid_model"), "{body}");
+    assert!(
+        !body
+            .to_string()
+            .contains(&app.config.data_dir.display().to_string()),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_warm_up_never_ends_is_refused_at_the_timeout() {
+    let app = TestApp::spawn_with(|config| config.inference_timeout_ms = 1_000).await;
+    let tenant = app.tenant().await;
+    let manifest = json!({ "name": "endless", "task": "text-classification", "labels": ["no", "yes"] });
+    let started = std::time::Instant::now();
+    let (status, body) = upload(&app, &tenant, fixture("endless.onnx"), manifest).await;
+    assert_eq!((status, code(&body)), (422, "invalid_model"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer"),
+        "{body}"
+    );
+    // One warm-up, stopped at the timeout (not a trillion iterations later).
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    // Nothing of it stayed, and other uploads go on.
+    assert_eq!(stored_files(&app), Vec::<String>::new());
+    let manifest = json!({ "name": "fine", "task": "text-classification", "labels": ["no", "yes"] });
+    assert_eq!(
+        upload(&app, &tenant, fixture("one-row.onnx"), manifest).await.0,
+        201
+    );
+}

@@ -39,6 +39,9 @@ impl OwnRedis {
                 "",
                 "--appendonly",
                 "no",
+                // `DEBUG SLEEP` plays a Redis that hangs.
+                "--enable-debug-command",
+                "local",
             ])
             .stdout(Stdio::null())
             .kill_on_drop(true)
@@ -208,5 +211,25 @@ async fn redis_stopped_and_started_mid_traffic_costs_no_errors_and_limits_resume
         assert!(Instant::now() < back, "the replica never went back to Redis");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // A Redis that hangs rather than refuses: each command would wait its 250 ms, but the replica
+    // notices once, goes on with its own limiter, and lets one request at a time try Redis again.
+    let hang = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "DEBUG", "SLEEP", "4"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let hanging = Instant::now();
+    for _ in 0..40 {
+        assert_eq!(classify_with(tenant.key.secret.clone()).await, 200);
+    }
+    // Forty calls that each waited for Redis would take ten seconds.
+    assert!(
+        hanging.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        hanging.elapsed()
+    );
+    drop(hang);
     app.stop().await;
 }

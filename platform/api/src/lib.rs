@@ -45,6 +45,7 @@ pub fn spawn_tenant_model_loading(state: AppState) -> tokio::task::JoinHandle<()
 }
 
 async fn load_tenant_models(state: &AppState) -> Result<(), plinth_store::StoreError> {
+    uploads::sweep_model_files(state).await?;
     for record in state.store.live_models().await? {
         let Some(files) = uploads::files_of(&state.model_files, &record) else {
             tracing::error!(model = %record.name, tenant = %record.tenant_id, "unknown task in the model registry");
@@ -52,7 +53,12 @@ async fn load_tenant_models(state: &AppState) -> Result<(), plinth_store::StoreE
         };
         let engine = state.engine.clone();
         match tokio::task::spawn_blocking(move || engine.load(&files)).await {
-            Ok(Ok(model)) => state.models.add_tenant(&record.tenant_id, model),
+            // A delete or a newer upload since the registry was read wins.
+            Ok(Ok(model)) => {
+                if let Err(err) = uploads::serve_if_current(state, &record.tenant_id, model).await {
+                    tracing::error!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot check a tenant model is current");
+                }
+            }
             Ok(Err(err)) => {
                 ::metrics::counter!("plinth_model_load_failures_total").increment(1);
                 tracing::error!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot load a tenant model");

@@ -27,6 +27,8 @@ pub struct AppState {
     pub model_files: PathBuf,
     /// Held while files in `model_files` are added or removed (see `uploads`).
     pub model_files_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Held while an older model version that a client asked for loads: one at a time.
+    pub pinned_loading: Arc<tokio::sync::Mutex<()>>,
     pub settings: ApiSettings,
     /// Compiles and runs plugins.
     pub plugins: Arc<PluginHost>,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use actix_multipart::{Field, Multipart};
 use futures_util::TryStreamExt;
 use plinth_core::ErrorCode;
+use plinth_core::id::TenantId;
 use plinth_core::inference::{Model, Task};
 use plinth_inference::{LoadedModel, ModelFiles};
 use plinth_store::auth::Principal;
@@ -33,10 +34,18 @@ pub struct Manifest {
 const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 const MAX_TOKENIZER_BYTES: u64 = 32 * 1024 * 1024;
 
+/// A part streamed to the staging directory; its file goes with it unless it was moved into the store
+/// (a refused upload, or a client that hangs up mid-way, leaves nothing behind).
 struct Staged {
     path: PathBuf,
     sha256: String,
     size: u64,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
@@ -216,15 +225,8 @@ pub(crate) async fn upload(
         Ok(())
     }
     .await;
-    let cleanup = |staged: &[&Option<Staged>]| {
-        for path in staged.iter().filter_map(|s| s.as_ref().map(|s| s.path.clone())) {
-            let _ = std::fs::remove_file(path);
-        }
-    };
-    if let Err(err) = outcome {
-        cleanup(&[&model, &tokenizer]);
-        return Err(err);
-    }
+    // On every early return the staged parts remove themselves (see `Staged`).
+    outcome?;
     let checked = match (&manifest, &model) {
         (Some(manifest), Some(_)) => validate(state, manifest, tokenizer.is_some()),
         (None, _) => Err(invalid("the `manifest` part is missing")),
@@ -238,76 +240,113 @@ pub(crate) async fn upload(
             .map_err(ApiError::from),
         (checked, ..) => checked,
     };
-    if let Err(err) = checked {
-        cleanup(&[&model, &tokenizer]);
-        return Err(err);
-    }
+    checked?;
     let (Some(manifest), Some(model)) = (manifest, model) else {
         unreachable!("checked above")
     };
 
-    // From here on files are in the shared content-addressed store: uploads and deletes take turns,
-    // so a delete never removes a file an upload is about to use.
-    let _files = state.model_files_lock.lock().await;
-    let model_path = store_file(&model, &dir, "onnx").await;
-    let tokenizer_path = match (&tokenizer, &model_path) {
-        (Some(staged), Ok(_)) => Some(store_file(staged, &dir, "json").await).transpose(),
-        _ => Ok(None),
+    // Loading is the validation, from the staged files, before anything is stored: ONNX Runtime parses
+    // the graph, the inputs and outputs must fit the task, and a warm-up must answer in time.
+    let staged_files = ModelFiles {
+        name: manifest.name.clone(),
+        version: 0,
+        task: manifest.task,
+        labels: manifest.labels.clone(),
+        model: model.path.clone(),
+        tokenizer: tokenizer.as_ref().map(|t| t.path.clone()),
+        platform: false,
     };
-    let stored = [
-        Some(model.sha256.clone()),
-        tokenizer.as_ref().map(|t| t.sha256.clone()),
-    ];
-    let registered = async {
-        let files = ModelFiles {
-            name: manifest.name.clone(),
-            version: 0,
-            task: manifest.task,
-            labels: manifest.labels.clone(),
-            model: model_path?,
-            tokenizer: tokenizer_path?,
-            platform: false,
+    load(state, staged_files.clone()).await?;
+
+    // Into the shared content-addressed store and the registry: uploads and deletes take turns here,
+    // so a delete never removes a file an upload is about to register.
+    let (record, model_path, tokenizer_path) = {
+        let _files = state.model_files_lock.lock().await;
+        let registered = async {
+            let model_path = store_file(&model, &dir, "onnx").await?;
+            let tokenizer_path = match &tokenizer {
+                Some(staged) => Some(store_file(staged, &dir, "json").await?),
+                None => None,
+            };
+            let record = state
+                .store
+                .register_model(
+                    &auth.tenant_id,
+                    who,
+                    &NewModel {
+                        name: manifest.name.clone(),
+                        task: task_name(manifest.task).to_owned(),
+                        labels: manifest.labels.clone(),
+                        sha256: model.sha256.clone(),
+                        size_bytes: model.size,
+                        tokenizer_sha256: tokenizer.as_ref().map(|t| t.sha256.clone()),
+                    },
+                    quota,
+                )
+                .await?;
+            Ok::<_, ApiError>((record, model_path, tokenizer_path))
+        }
+        .await;
+        match registered {
+            Ok(registered) => registered,
+            Err(err) => {
+                let stored = [Some(&model.sha256), tokenizer.as_ref().map(|t| &t.sha256)];
+                remove_unused_files(state, stored.into_iter().flatten()).await;
+                return Err(err);
+            }
+        }
+    };
+    let served = load(
+        state,
+        ModelFiles {
+            version: record.version,
+            model: model_path,
+            tokenizer: tokenizer_path,
+            ..staged_files
+        },
+    )
+    .await?;
+    serve_if_current(state, &auth.tenant_id, served.clone()).await?;
+    Ok(served.info().clone())
+}
+
+/// Serves a loaded tenant model if it is still its model's newest live version: a delete or a newer
+/// upload may have come while it loaded, and must not be undone by it.
+pub(crate) async fn serve_if_current(
+    state: &AppState,
+    tenant: &TenantId,
+    model: Arc<LoadedModel>,
+) -> ApiResult<bool> {
+    let _files = state.model_files_lock.lock().await;
+    let versions = state.store.model_versions(tenant, &model.info().name).await?;
+    if versions.last() != Some(&model.info().version) {
+        return Ok(false);
+    }
+    state.models.add_tenant(tenant, model);
+    Ok(true)
+}
+
+/// Removes whatever the model store holds that no live model version uses: staged parts of uploads
+/// that never finished and files whose registration never happened (a crash, a client that hung up).
+/// Run at start-up, before anything else touches the store.
+pub(crate) async fn sweep_model_files(state: &AppState) -> Result<(), plinth_store::StoreError> {
+    let _files = state.model_files_lock.lock().await;
+    let _ = tokio::fs::remove_dir_all(state.model_files.join("staging")).await;
+    let Ok(mut entries) = tokio::fs::read_dir(&state.model_files).await else {
+        return Ok(());
+    };
+    let mut unused = Vec::new();
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((sha256, "onnx" | "json")) = name.split_once('.') else {
+            continue;
         };
-        // Loading is the validation: ONNX Runtime parses the graph, and the inputs and outputs must fit
-        // the task.
-        load(state, files.clone()).await?;
-        let record = state
-            .store
-            .register_model(
-                &auth.tenant_id,
-                who,
-                &NewModel {
-                    name: manifest.name,
-                    task: task_name(manifest.task).to_owned(),
-                    labels: manifest.labels,
-                    sha256: model.sha256.clone(),
-                    size_bytes: model.size,
-                    tokenizer_sha256: tokenizer.as_ref().map(|t| t.sha256.clone()),
-                },
-                quota,
-            )
-            .await?;
-        load(
-            state,
-            ModelFiles {
-                version: record.version,
-                ..files
-            },
-        )
-        .await
-    }
-    .await;
-    match registered {
-        Ok(served) => {
-            state.models.add_tenant(&auth.tenant_id, served.clone());
-            Ok(served.info().clone())
-        }
-        Err(err) => {
-            cleanup(&[&Some(model), &tokenizer]);
-            remove_unused_files(state, stored.iter().flatten()).await;
-            Err(err)
+        if !state.store.model_file_in_use(sha256).await? {
+            unused.push(sha256.to_owned());
         }
     }
+    remove_unused_files(state, unused.iter()).await;
+    Ok(())
 }
 
 /// Removes the stored files with these hashes that no live model version uses (the caller holds

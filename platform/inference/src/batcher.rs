@@ -35,7 +35,7 @@ pub(crate) enum Work {
 
 impl Work {
     /// The caller stopped waiting (it timed out, or its client hung up).
-    fn abandoned(&self) -> bool {
+    pub(crate) fn abandoned(&self) -> bool {
         match self {
             Self::Text { reply, .. } => reply.is_closed(),
             Self::Raw { reply, .. } => reply.is_closed(),
@@ -168,6 +168,18 @@ pub(crate) struct Stats {
 /// Runs failing in a row after which a model reports not ready.
 pub(crate) const FAILING_RUNS_NOT_READY: u64 = 3;
 
+/// The run slots a batch's tenants hold, given back when the run ends however it ends.
+struct RunSlot {
+    queue: Arc<FairQueue>,
+    tenants: Vec<Arc<str>>,
+}
+
+impl Drop for RunSlot {
+    fn drop(&mut self) {
+        self.queue.finished(&self.tenants);
+    }
+}
+
 /// Stops its worker count when the worker ends, however it ends.
 struct Serving(Arc<Stats>);
 
@@ -180,18 +192,42 @@ impl Drop for Serving {
 impl Worker {
     /// One run before serving, so the first caller does not pay for lazy initialisation (and a GPU
     /// that cannot run the model fails at load, not on a customer's call).
-    pub(crate) fn warm_up(&mut self) -> Result<(), InferenceError> {
-        if let (Some(plan), Some(tokenizer)) = (&self.text, &self.tokenizer) {
-            let options = RunOptions::new()?;
-            run_text(
-                &mut self.session,
-                tokenizer,
-                plan,
-                &["warm up".to_owned()],
-                &options,
-            )?;
+    ///
+    /// With a `limit` (uploads: like a caller's run), a graph that would run for ever (a huge loop)
+    /// is terminated there and refused.
+    pub(crate) fn warm_up(&mut self, limit: Option<Duration>) -> Result<(), InferenceError> {
+        let (Some(plan), Some(tokenizer)) = (&self.text, &self.tokenizer) else {
+            return Ok(());
+        };
+        let warm_up = ["warm up".to_owned()];
+        let options = Arc::new(RunOptions::new()?);
+        let Some(timeout) = limit else {
+            return run_text(&mut self.session, tokenizer, plan, &warm_up, &options).map(drop);
+        };
+        let (finished, finishing) = std::sync::mpsc::channel::<()>();
+        let watchdog = {
+            let options = options.clone();
+            std::thread::spawn(move || {
+                // Not when the run finished, nor when it panicked (the sender is gone).
+                let stopped = matches!(
+                    finishing.recv_timeout(timeout),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                );
+                if stopped {
+                    let _ = options.terminate();
+                }
+                stopped
+            })
+        };
+        let outcome = run_text(&mut self.session, tokenizer, plan, &warm_up, &options);
+        let _ = finished.send(());
+        if watchdog.join().unwrap_or(true) {
+            return Err(InferenceError::InvalidModel(format!(
+                "the model did not answer one short text within {:.1} s",
+                timeout.as_secs_f64()
+            )));
         }
-        Ok(())
+        outcome.map(drop)
     }
 
     pub(crate) async fn run(mut self) {
@@ -205,6 +241,11 @@ impl Worker {
                 && batch.iter().map(|c| c.items).sum::<usize>() + next.items <= max_batch
         };
         while let Some(batch) = self.queue.next_batch(self.max_delay, &fits).await {
+            // However this run ends, its tenants' run slots are given back.
+            let _slot = RunSlot {
+                queue: self.queue.clone(),
+                tenants: batch.iter().map(|c| c.share.tenant.clone()).collect(),
+            };
             let started = Instant::now();
             let (batch, abandoned): (Vec<_>, Vec<_>) = batch.into_iter().partition(|c| !c.work.abandoned());
             if !abandoned.is_empty() {
@@ -236,7 +277,6 @@ impl Worker {
                     let _ = options.terminate();
                 })
             };
-            let tenants: Vec<Arc<str>> = batch.iter().map(|c| c.share.tenant.clone()).collect();
             let tokenizer = self.tokenizer.clone();
             let text = self.text.clone();
             let label = self.metrics_label.clone();
@@ -273,7 +313,6 @@ impl Worker {
                 })
                 .await;
             watchdog.abort();
-            self.queue.finished(&tenants);
             match joined {
                 Ok((session, outcome)) => {
                     self.session = session;

@@ -1,7 +1,8 @@
 //! Which models each tenant can call: the platform's built-in models, visible to all, and each tenant's
 //! own uploads, visible only to that tenant. A tenant model is served at its newest version; older
 //! versions that clients pin (`/v2/models/{m}/versions/{v}`) are loaded on first use and kept here,
-//! the [`PINNED_LOADED`] most recently used of them (the others are loaded again when asked for).
+//! the [`PINNED_LOADED`] most recently used of them, at most [`PINNED_PER_TENANT`] of one tenant's
+//! (the others are loaded again when asked for).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,6 +17,9 @@ use crate::engine::{Engine, LoadedModel, ModelFiles};
 
 /// Older versions kept loaded, across tenants; each holds its sessions' memory.
 pub const PINNED_LOADED: usize = 16;
+
+/// Older versions one tenant keeps loaded: asking for more evicts its own, not other tenants'.
+pub const PINNED_PER_TENANT: usize = 4;
 
 type PinnedKey = (TenantId, String, u32);
 
@@ -57,12 +61,20 @@ impl Catalog {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         pinned.insert(key, (model, used));
-        while pinned.len() > PINNED_LOADED {
-            let oldest = pinned
+        let least_recent = |pinned: &BTreeMap<PinnedKey, (Arc<LoadedModel>, AtomicU64)>, own: bool| {
+            pinned
                 .iter()
+                .filter(|((owner, _, _), _)| !own || owner == tenant)
                 .min_by_key(|(_, (_, used))| used.load(Ordering::Relaxed))
-                .map(|(key, _)| key.clone());
-            if let Some(oldest) = oldest {
+                .map(|(key, _)| key.clone())
+        };
+        while pinned.keys().filter(|(owner, _, _)| owner == tenant).count() > PINNED_PER_TENANT {
+            if let Some(oldest) = least_recent(&pinned, true) {
+                pinned.remove(&oldest);
+            }
+        }
+        while pinned.len() > PINNED_LOADED {
+            if let Some(oldest) = least_recent(&pinned, false) {
                 pinned.remove(&oldest);
             }
         }

@@ -165,9 +165,48 @@ impl Engine {
                 .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
                 .map_err(|err| runtime_error("the CUDA execution provider did not register", err))?;
         }
+        let invalid = |err: ort::Error| {
+            InferenceError::InvalidModel(format!("ONNX Runtime cannot load the model: {err}"))
+        };
+        if files.platform {
+            return builder.commit_from_file(&files.model).map_err(invalid);
+        }
+        // A tenant's model is read from memory, with external data looked up in a directory that is
+        // always empty: ONNX Runtime would otherwise follow an initializer's "external data" to any file
+        // beside the model, another tenant's model among them.
+        let no_external_data = files
+            .model
+            .parent()
+            .unwrap_or_else(|| std::path::Path::new("."))
+            .join(".no-external-data");
+        std::fs::create_dir_all(&no_external_data).map_err(|err| runtime_error("model directory", err))?;
+        let bytes = std::fs::read(&files.model).map_err(|err| runtime_error("reading the model", err))?;
+        // The runtime's messages name paths on this server: not the uploader's business.
+        let (here, models) = (
+            no_external_data.to_string_lossy().into_owned(),
+            files
+                .model
+                .parent()
+                .map(|dir| dir.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+        let invalid = |err: ort::Error| {
+            let message = format!("ONNX Runtime cannot load the model: {err}");
+            let message = message.replace(&here, ".");
+            InferenceError::InvalidModel(if models.is_empty() {
+                message
+            } else {
+                message.replace(&models, ".")
+            })
+        };
         builder
-            .commit_from_file(&files.model)
-            .map_err(|err| InferenceError::InvalidModel(format!("ONNX Runtime cannot load the model: {err}")))
+            .with_config_entry(
+                "session.model_external_initializers_file_folder_path",
+                no_external_data.to_string_lossy(),
+            )
+            .map_err(|err| runtime_error("session options", err))?
+            .commit_from_memory(&bytes)
+            .map_err(invalid)
     }
 
     /// Loads a model: creates its sessions (checking that the file is a valid model whose inputs fit its
@@ -260,7 +299,8 @@ impl Engine {
                 metrics_label: metrics_label.clone(),
                 stats: stats.clone(),
             };
-            worker.warm_up()?;
+            // An upload's warm-up is bounded like a caller's run; the platform's own models are not.
+            worker.warm_up((!files.platform).then_some(self.settings.timeout))?;
             workers.push(worker);
         }
         for worker in workers {

@@ -122,6 +122,16 @@ struct Inner {
     closed: bool,
 }
 
+/// A call of `tenant` has left the queue.
+fn release_queued(inner: &mut Inner, tenant: &Arc<str>) {
+    if let Some(queued) = inner.tenants.get_mut(tenant) {
+        queued.queued -= 1;
+        if queued.queued == 0 {
+            inner.tenants.remove(tenant);
+        }
+    }
+}
+
 /// One model's queue.
 pub(crate) struct FairQueue {
     inner: Mutex<Inner>,
@@ -214,6 +224,12 @@ impl FairQueue {
         let mut guests = 0;
         while let Some(Reverse(call)) = inner.calls.pop() {
             let tenant = &call.share.tenant;
+            if call.work.abandoned() {
+                // Its caller is gone: it neither runs nor holds a run slot.
+                metrics::counter!("plinth_inference_abandoned_total").increment(1);
+                release_queued(inner, tenant);
+                continue;
+            }
             let joins_run = batch.iter().any(|c| &c.share.tenant == tenant);
             if !joins_run && inner.running.get(tenant).copied().unwrap_or(0) >= self.tenant_runs {
                 // A tenant at its runs may still fill a few places in another tenant's run: that run
@@ -229,12 +245,7 @@ impl FairQueue {
                 break;
             }
             inner.now = inner.now.max(call.start);
-            if let Some(queued) = inner.tenants.get_mut(tenant) {
-                queued.queued -= 1;
-                if queued.queued == 0 {
-                    inner.tenants.remove(tenant);
-                }
-            }
+            release_queued(inner, tenant);
             batch.push(call);
         }
         inner.calls.extend(passed_over);
@@ -362,11 +373,46 @@ mod tests {
         }
     }
 
+    /// A call whose caller waits (for ever: the test never answers it).
     fn call(texts: usize) -> Work {
-        let (reply, _) = oneshot::channel();
+        let (reply, waiting) = oneshot::channel();
+        std::mem::forget(waiting);
         Work::Text {
             texts: vec![String::new(); texts],
             reply,
+        }
+    }
+
+    /// A call whose caller has already gone.
+    fn abandoned_call() -> Work {
+        let (reply, _) = oneshot::channel();
+        Work::Text {
+            texts: vec![String::new()],
+            reply,
+        }
+    }
+
+    #[tokio::test]
+    async fn abandoned_calls_neither_run_nor_keep_their_place_or_a_run_slot() {
+        let queue = FairQueue::new(1_000, 2, 3, Scheduling::Fair);
+        queue.push(abandoned_call(), share("gone", 1), 1).unwrap();
+        queue.push(abandoned_call(), share("gone", 1), 1).unwrap();
+        queue.push(call(1), share("live", 1), 1).unwrap();
+        let batch = queue
+            .next_batch(std::time::Duration::ZERO, &one_at_a_time)
+            .await
+            .unwrap();
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].share.tenant.as_ref(), "live");
+        // The departed tenant's place in the queue and its run slots are free again.
+        queue.push(call(1), share("gone", 1), 1).unwrap();
+        queue.push(call(1), share("gone", 1), 1).unwrap();
+        for _ in 0..2 {
+            let batch = queue
+                .next_batch(std::time::Duration::ZERO, &one_at_a_time)
+                .await
+                .unwrap();
+            assert_eq!(batch[0].share.tenant.as_ref(), "gone");
         }
     }
 

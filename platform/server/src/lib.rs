@@ -185,6 +185,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         engine,
         model_files,
         model_files_lock: Arc::default(),
+        pinned_loading: Arc::default(),
         settings: config.api_settings(),
         plugins: Arc::new(plugins),
         plugin_files,

@@ -6,9 +6,11 @@
 //! - values are read from and written to the replica's own map (they are short-lived hints anyway);
 //! - an outage is noticed once (a call that fails or takes longer than [`REDIS_TIMEOUT`]), logged once
 //!   and counted on every call it diverts; Redis is tried again after [`RETRY_AFTER`], so a dead Redis
-//!   costs at most one slow call per interval, and a Redis that is back is used again without a restart.
+//!   costs at most one slow call per interval (one request probes; the others go on locally meanwhile),
+//!   and a Redis that is back is used again without a restart.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{Cache, CacheError, MemoryCache, Quota, RateDecision, RedisCache};
@@ -25,6 +27,8 @@ pub struct ResilientCache {
     local: MemoryCache,
     /// Set while Redis is considered down: when to try it again.
     down_until: Mutex<Option<Instant>>,
+    /// Whether a request is trying Redis again after an outage (the others do not wait for it).
+    probing: AtomicBool,
 }
 
 impl ResilientCache {
@@ -34,6 +38,7 @@ impl ResilientCache {
             redis,
             local: MemoryCache::new(),
             down_until: Mutex::new(None),
+            probing: AtomicBool::new(false),
         }
     }
 
@@ -43,9 +48,18 @@ impl ResilientCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether Redis should be asked now (it is up, or its retry time has come).
-    fn redis_usable(&self) -> bool {
-        self.state().is_none_or(|until| Instant::now() >= until)
+    /// Whether Redis should be asked now: it is up (`Some(false)`), or its retry time has come and
+    /// this request is the one to probe it (`Some(true)`); `None` while it is down.
+    fn redis_usable(&self) -> Option<bool> {
+        match *self.state() {
+            None => Some(false),
+            Some(until) if Instant::now() < until => None,
+            Some(_) => self
+                .probing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+                .then_some(true),
+        }
     }
 
     fn succeeded(&self) {
@@ -75,7 +89,9 @@ impl ResilientCache {
         operation: &'static str,
         call: impl Future<Output = Result<T, CacheError>>,
     ) -> Option<T> {
-        if self.redis_usable() {
+        if let Some(probe) = self.redis_usable() {
+            // The probe ends however this request does (even dropped half-way).
+            let _probe = probe.then_some(Probe(&self.probing));
             let outcome = match tokio::time::timeout(REDIS_TIMEOUT, call).await {
                 Ok(outcome) => outcome,
                 Err(_) => Err(CacheError(format!("redis: no answer within {REDIS_TIMEOUT:?}"))),
@@ -90,6 +106,15 @@ impl ResilientCache {
         }
         metrics::counter!("plinth_cache_fallbacks_total", "operation" => operation).increment(1);
         None
+    }
+}
+
+/// The one request trying Redis again; lets the next one try when it ends.
+struct Probe<'a>(&'a AtomicBool);
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
