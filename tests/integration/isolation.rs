@@ -523,6 +523,13 @@ async fn a_model_cannot_read_another_tenants_file_as_external_data() {
     .await;
     assert_eq!((status, code(&body)), (422, "invalid_model"), "{body}");
     assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("external data"),
+        "{body}"
+    );
+    assert!(
         !body
             .to_string()
             .contains(&app.config.data_dir.display().to_string()),

@@ -25,6 +25,7 @@ use utoipa_swagger_ui::SwaggerUi;
 pub use crate::error::{ApiError, ApiResult};
 pub use crate::metrics::MetricsToken;
 pub use crate::state::{AbuseLimits, ApiSettings, AppState};
+pub use crate::uploads::{CONCURRENT_LOADS as CONCURRENT_MODEL_LOADS, sweep_model_files};
 
 /// Starts serving every tenant's newest model versions, in the background after start-up: the server
 /// answers at once (readiness waits for this), and a model that fails to load is logged, counted and
@@ -45,7 +46,6 @@ pub fn spawn_tenant_model_loading(state: AppState) -> tokio::task::JoinHandle<()
 }
 
 async fn load_tenant_models(state: &AppState) -> Result<(), plinth_store::StoreError> {
-    uploads::sweep_model_files(state).await?;
     for record in state.store.live_models().await? {
         let Some(files) = uploads::files_of(&state.model_files, &record) else {
             tracing::error!(model = %record.name, tenant = %record.tenant_id, "unknown task in the model registry");

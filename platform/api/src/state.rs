@@ -27,8 +27,8 @@ pub struct AppState {
     pub model_files: PathBuf,
     /// Held while files in `model_files` are added or removed (see `uploads`).
     pub model_files_lock: Arc<tokio::sync::Mutex<()>>,
-    /// Held while an older model version that a client asked for loads: one at a time.
-    pub pinned_loading: Arc<tokio::sync::Mutex<()>>,
+    /// Turns for loading models on demand (see `uploads::load`).
+    pub model_loading: Arc<tokio::sync::Semaphore>,
     pub settings: ApiSettings,
     /// Compiles and runs plugins.
     pub plugins: Arc<PluginHost>,

@@ -172,12 +172,47 @@ pub(crate) fn files_of(dir: &Path, record: &ModelRecord) -> Option<ModelFiles> {
     })
 }
 
-pub(crate) async fn load(state: &AppState, files: ModelFiles) -> ApiResult<Arc<LoadedModel>> {
-    let engine = state.engine.clone();
-    tokio::task::spawn_blocking(move || engine.load(&files))
+/// Models loaded on demand (uploads, older versions) at once, across tenants: each load builds
+/// sessions and may take a core for seconds.
+pub const CONCURRENT_LOADS: usize = 1;
+
+/// How long a load waits for its turn before the caller is told to come back.
+const LOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How a model is loaded on demand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Loading {
+    /// A new upload: its warm-up must answer within the inference timeout.
+    Validate,
+    /// A version that was accepted before.
+    Accepted,
+}
+
+/// Loads a model on a blocking thread, one at a time (see [`CONCURRENT_LOADS`]). The turn is held
+/// until the load really ends, even when the caller stops waiting for it.
+pub(crate) async fn load(
+    state: &AppState,
+    files: ModelFiles,
+    loading: Loading,
+) -> ApiResult<Arc<LoadedModel>> {
+    let turn = tokio::time::timeout(LOAD_WAIT, state.model_loading.clone().acquire_owned())
         .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::from)
+        .map_err(|_| {
+            ApiError::new(ErrorCode::Unavailable, "other models are loading; retry shortly")
+                .retry_after(std::time::Duration::from_secs(5))
+        })?
+        .map_err(ApiError::internal)?;
+    let engine = state.engine.clone();
+    tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        match loading {
+            Loading::Validate => engine.validate(&files),
+            Loading::Accepted => engine.load(&files),
+        }
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::from)
 }
 
 /// Handles `POST /v1/models`.
@@ -256,7 +291,7 @@ pub(crate) async fn upload(
         tokenizer: tokenizer.as_ref().map(|t| t.path.clone()),
         platform: false,
     };
-    load(state, staged_files.clone()).await?;
+    load(state, staged_files.clone(), Loading::Validate).await?;
 
     // Into the shared content-addressed store and the registry: uploads and deletes take turns here,
     // so a delete never removes a file an upload is about to register.
@@ -304,6 +339,7 @@ pub(crate) async fn upload(
             tokenizer: tokenizer_path,
             ..staged_files
         },
+        Loading::Accepted,
     )
     .await?;
     serve_if_current(state, &auth.tenant_id, served.clone()).await?;
@@ -328,8 +364,11 @@ pub(crate) async fn serve_if_current(
 
 /// Removes whatever the model store holds that no live model version uses: staged parts of uploads
 /// that never finished and files whose registration never happened (a crash, a client that hung up).
-/// Run at start-up, before anything else touches the store.
-pub(crate) async fn sweep_model_files(state: &AppState) -> Result<(), plinth_store::StoreError> {
+/// Run at start-up, before the server takes requests. (Each replica keeps its own store.)
+///
+/// # Errors
+/// When the registry cannot be read.
+pub async fn sweep_model_files(state: &AppState) -> Result<(), plinth_store::StoreError> {
     let _files = state.model_files_lock.lock().await;
     let _ = tokio::fs::remove_dir_all(state.model_files.join("staging")).await;
     let Ok(mut entries) = tokio::fs::read_dir(&state.model_files).await else {

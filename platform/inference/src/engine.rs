@@ -171,33 +171,45 @@ impl Engine {
         if files.platform {
             return builder.commit_from_file(&files.model).map_err(invalid);
         }
-        // A tenant's model is read from memory, with external data looked up in a directory that is
-        // always empty: ONNX Runtime would otherwise follow an initializer's "external data" to any file
-        // beside the model, another tenant's model among them.
+        // A tenant's model must carry all its data: "external data" would have ONNX Runtime read files
+        // beside it (another tenant's model) or, for its in-memory tag, raw process memory. Refused here,
+        // before the runtime parses anything; and the runtime gets the bytes with an empty directory
+        // for external data besides.
+        let bytes = std::fs::read(&files.model).map_err(|err| runtime_error("reading the model", err))?;
+        match crate::external_data::refers_to_external_data(&bytes) {
+            Ok(false) => {}
+            Ok(true) => {
+                return Err(InferenceError::InvalidModel(
+                    "the model refers to external data; an uploaded model must contain all its tensors"
+                        .into(),
+                ));
+            }
+            Err(err) => return Err(InferenceError::InvalidModel(format!("not an ONNX model: {err}"))),
+        }
         let no_external_data = files
             .model
             .parent()
             .unwrap_or_else(|| std::path::Path::new("."))
             .join(".no-external-data");
         std::fs::create_dir_all(&no_external_data).map_err(|err| runtime_error("model directory", err))?;
-        let bytes = std::fs::read(&files.model).map_err(|err| runtime_error("reading the model", err))?;
-        // The runtime's messages name paths on this server: not the uploader's business.
-        let (here, models) = (
-            no_external_data.to_string_lossy().into_owned(),
-            files
-                .model
-                .parent()
-                .map(|dir| dir.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        );
+        // The runtime's messages may name paths on this server: not the uploader's business.
+        let dir = files
+            .model
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default();
+        let paths: Vec<String> = [std::fs::canonicalize(&dir).ok(), Some(dir)]
+            .into_iter()
+            .flatten()
+            .map(|dir| dir.to_string_lossy().into_owned())
+            .filter(|dir| !dir.is_empty())
+            .collect();
         let invalid = |err: ort::Error| {
-            let message = format!("ONNX Runtime cannot load the model: {err}");
-            let message = message.replace(&here, ".");
-            InferenceError::InvalidModel(if models.is_empty() {
-                message
-            } else {
-                message.replace(&models, ".")
-            })
+            let mut message = format!("ONNX Runtime cannot load the model: {err}");
+            for path in &paths {
+                message = message.replace(path.as_str(), ".");
+            }
+            InferenceError::InvalidModel(message)
         };
         builder
             .with_config_entry(
@@ -216,6 +228,23 @@ impl Engine {
     /// [`InferenceError::InvalidModel`] for unusable files; [`InferenceError::Runtime`] when a required
     /// execution provider is unavailable.
     pub fn load(&self, files: &ModelFiles) -> Result<Arc<LoadedModel>, InferenceError> {
+        self.load_with(files, None)
+    }
+
+    /// Loads a model that is being uploaded: as [`Self::load`], with the warm-up bounded by the
+    /// inference timeout (a graph that would run for ever is terminated and refused).
+    ///
+    /// # Errors
+    /// As [`Self::load`].
+    pub fn validate(&self, files: &ModelFiles) -> Result<Arc<LoadedModel>, InferenceError> {
+        self.load_with(files, Some(self.settings.timeout))
+    }
+
+    fn load_with(
+        &self,
+        files: &ModelFiles,
+        warm_up_limit: Option<Duration>,
+    ) -> Result<Arc<LoadedModel>, InferenceError> {
         let (mut sessions, provider) = match self.settings.provider {
             ExecutionProvider::Cpu => (vec![self.session(files, ExecutionProvider::Cpu)?], "cpu"),
             ExecutionProvider::Cuda => (vec![self.session(files, ExecutionProvider::Cuda)?], "cuda"),
@@ -299,8 +328,7 @@ impl Engine {
                 metrics_label: metrics_label.clone(),
                 stats: stats.clone(),
             };
-            // An upload's warm-up is bounded like a caller's run; the platform's own models are not.
-            worker.warm_up((!files.platform).then_some(self.settings.timeout))?;
+            worker.warm_up(warm_up_limit)?;
             workers.push(worker);
         }
         for worker in workers {

@@ -7,6 +7,7 @@
 mod batcher;
 mod catalog;
 mod engine;
+mod external_data;
 mod scheduler;
 mod tensor;
 

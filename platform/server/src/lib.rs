@@ -185,7 +185,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         engine,
         model_files,
         model_files_lock: Arc::default(),
-        pinned_loading: Arc::default(),
+        model_loading: Arc::new(tokio::sync::Semaphore::new(plinth_api::CONCURRENT_MODEL_LOADS)),
         settings: config.api_settings(),
         plugins: Arc::new(plugins),
         plugin_files,
@@ -200,6 +200,10 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let usage_sync = state.billing.spawn_sync();
     let retention = spawn_retention(store.clone(), config);
     state.billing.spawn_price_check();
+    // Before any request can stage or store a file: what a crash left behind goes.
+    plinth_api::sweep_model_files(&state)
+        .await
+        .context("cannot clean up the model store")?;
     let model_loading = plinth_api::spawn_tenant_model_loading(state.clone());
     let workers = if config.workers == 0 {
         std::thread::available_parallelism().map_or(2, usize::from)

@@ -47,11 +47,6 @@ async fn versioned(
     if let Some(model) = state.models.find_version(&auth.tenant_id, &path.name, version) {
         return Ok(model);
     }
-    // Older versions load one at a time, each once however many ask for it at the same moment.
-    let _loading = state.pinned_loading.lock().await;
-    if let Some(model) = state.models.find_version(&auth.tenant_id, &path.name, version) {
-        return Ok(model);
-    }
     let record = match state
         .store
         .model_version(&auth.tenant_id, &path.name, version)
@@ -62,7 +57,11 @@ async fn versioned(
     };
     let files = crate::uploads::files_of(&state.model_files, &record)
         .ok_or_else(|| ApiError::internal("unknown task in the model registry"))?;
-    let model = crate::uploads::load(state, files).await?;
+    // Loads take turns (see `uploads::load`); one that waited may find the version loaded by now.
+    let model = crate::uploads::load(state, files, crate::uploads::Loading::Accepted).await?;
+    if let Some(loaded) = state.models.find_version(&auth.tenant_id, &path.name, version) {
+        return Ok(loaded);
+    }
     // Kept only if the version was not deleted while it loaded.
     let _files = state.model_files_lock.lock().await;
     match state
