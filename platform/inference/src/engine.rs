@@ -107,6 +107,8 @@ pub struct ModelFiles {
 pub struct Engine {
     environment: Arc<Environment>,
     settings: EngineSettings,
+    /// Runs each tenant holds across all of this engine's models.
+    tenant_runs: Arc<crate::scheduler::TenantRuns>,
 }
 
 fn runtime_error(context: &str, err: impl std::fmt::Display) -> InferenceError {
@@ -144,6 +146,7 @@ impl Engine {
         Ok(Self {
             environment,
             settings,
+            tenant_runs: Arc::default(),
         })
     }
 
@@ -307,12 +310,15 @@ impl Engine {
                 .set(1.0);
         }
 
-        let queue = Arc::new(FairQueue::new(
-            self.settings.queue_capacity,
-            self.settings.tenant_queue_capacity,
-            sessions.len(),
-            self.settings.scheduling,
-        ));
+        let queue = Arc::new(
+            FairQueue::new(
+                self.settings.queue_capacity,
+                self.settings.tenant_queue_capacity,
+                sessions.len(),
+                self.settings.scheduling,
+            )
+            .sharing_runs(self.tenant_runs.clone()),
+        );
         let stats = Arc::new(batcher::Stats::default());
         let mut workers = Vec::with_capacity(sessions.len());
         for session in sessions {

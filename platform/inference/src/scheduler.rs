@@ -132,9 +132,40 @@ fn release_queued(inner: &mut Inner, tenant: &Arc<str>) {
     }
 }
 
+/// Runs each tenant holds on every model of the engine together: a tenant's run is its first only if
+/// it runs nothing else anywhere (see `holds_other_runs`).
+#[derive(Debug, Default)]
+pub(crate) struct TenantRuns(Mutex<HashMap<Arc<str>, usize>>);
+
+impl TenantRuns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, usize>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn started(&self, tenant: &Arc<str>) {
+        *self.lock().entry(tenant.clone()).or_default() += 1;
+    }
+
+    fn ended(&self, tenant: &Arc<str>) {
+        let mut runs = self.lock();
+        if let Some(count) = runs.get_mut(tenant) {
+            *count -= 1;
+            if *count == 0 {
+                runs.remove(tenant);
+            }
+        }
+    }
+
+    fn count(&self, tenant: &Arc<str>) -> usize {
+        self.lock().get(tenant).copied().unwrap_or(0)
+    }
+}
+
 /// One model's queue.
 pub(crate) struct FairQueue {
     inner: Mutex<Inner>,
+    /// Shared by the engine's models.
+    all_runs: Arc<TenantRuns>,
     ready: Notify,
     capacity: usize,
     tenant_capacity: usize,
@@ -162,6 +193,7 @@ impl FairQueue {
     ) -> Self {
         Self {
             inner: Mutex::default(),
+            all_runs: Arc::default(),
             ready: Notify::new(),
             capacity: capacity.max(1),
             tenant_capacity: tenant_capacity.clamp(1, capacity.max(1)),
@@ -171,6 +203,12 @@ impl FairQueue {
             },
             scheduling,
         }
+    }
+
+    /// Counts runs together with other models' queues.
+    pub(crate) fn sharing_runs(mut self, all_runs: Arc<TenantRuns>) -> Self {
+        self.all_runs = all_runs;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -259,13 +297,14 @@ impl FairQueue {
         newly.dedup();
         for tenant in newly {
             *inner.running.entry(tenant.clone()).or_default() += 1;
+            self.all_runs.started(tenant);
         }
     }
 
-    /// Whether `tenant` holds other runs besides the one it just started: that run is beyond the
-    /// tenant's first, and goes at a lower priority (see `batcher`).
+    /// Whether `tenant` holds other runs, on this model or any other, besides the one it just
+    /// started: that run is beyond the tenant's first, and goes at a lower priority (see `batcher`).
     pub(crate) fn holds_other_runs(&self, tenant: &Arc<str>) -> bool {
-        self.lock().running.get(tenant).copied().unwrap_or(0) > 1
+        self.all_runs.count(tenant) > 1
     }
 
     /// A run of `batch` has ended: its tenants may start other runs.
@@ -280,6 +319,7 @@ impl FairQueue {
                 if *runs == 0 {
                     inner.running.remove(tenant);
                 }
+                self.all_runs.ended(tenant);
             }
         }
         let waiting = !inner.calls.is_empty();
@@ -390,6 +430,26 @@ mod tests {
             texts: vec![String::new()],
             reply,
         }
+    }
+
+    #[tokio::test]
+    async fn a_tenants_first_run_is_its_first_across_every_model() {
+        let all_runs = Arc::new(TenantRuns::default());
+        let first = FairQueue::new(100, 100, 3, Scheduling::Fair).sharing_runs(all_runs.clone());
+        let second = FairQueue::new(100, 100, 3, Scheduling::Fair).sharing_runs(all_runs);
+        let tenant: Arc<str> = Arc::from("busy");
+        first.push(call(1), share("busy", 1), 1).unwrap();
+        second.push(call(1), share("busy", 1), 1).unwrap();
+        second.push(call(1), share("other", 1), 1).unwrap();
+        let no_wait = std::time::Duration::ZERO;
+        first.next_batch(no_wait, &one_at_a_time).await.unwrap();
+        assert!(!first.holds_other_runs(&tenant), "its only run");
+        second.next_batch(no_wait, &one_at_a_time).await.unwrap();
+        assert!(second.holds_other_runs(&tenant), "a second run, on another model");
+        let other = second.next_batch(no_wait, &one_at_a_time).await.unwrap();
+        assert!(!second.holds_other_runs(&other[0].share.tenant));
+        first.finished(std::slice::from_ref(&tenant));
+        assert!(!second.holds_other_runs(&tenant), "its other run ended");
     }
 
     #[tokio::test]
