@@ -566,3 +566,65 @@ async fn an_upload_whose_warm_up_never_ends_is_refused_at_the_timeout() {
         201
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_models_past_the_loaded_bound_are_let_go_and_loaded_again_when_called() {
+    let app = TestApp::spawn_with(|config| config.tenant_models_loaded = 1).await;
+    let tenant = app.tenant().await;
+    let other = app.tenant().await;
+    let manifest =
+        |name: &str| json!({ "name": name, "task": "text-classification", "labels": ["no", "yes"] });
+    assert_eq!(
+        upload(&app, &tenant, fixture("one-row.onnx"), manifest("first"))
+            .await
+            .0,
+        201
+    );
+    // Loading the second lets the first go; the third (another tenant's) lets the second go.
+    assert_eq!(
+        upload(&app, &tenant, fixture("one-row.onnx"), manifest("second"))
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        upload(&app, &other, fixture("one-row.onnx"), manifest("third"))
+            .await
+            .0,
+        201
+    );
+    // Every one is still listed and answers, loaded again on demand.
+    let names: Vec<String> = tenant
+        .client
+        .models()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert!(
+        names.contains(&"first".to_owned()) && names.contains(&"second".to_owned()),
+        "{names:?}"
+    );
+    for _ in 0..2 {
+        for (who, name) in [(&tenant, "first"), (&tenant, "second"), (&other, "third")] {
+            let answer = who.client.classify(name, &["alone"]).await.unwrap();
+            assert_eq!(answer.results[0].label, "yes", "{name}");
+        }
+    }
+    // They were let go and loaded again, not all kept: six calls, each after another model's.
+    let metrics = app.metrics().await;
+    let reloads: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("plinth_tenant_models_reloaded_total "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(reloads >= 6.0, "{reloads} reloads");
+    // Still private: another tenant's let-go model is not found by name.
+    let err = other.client.classify("first", &["x"]).await.unwrap_err();
+    assert_eq!(err.code(), Some(plinth_sdk::ErrorCode::NotFound));
+    // And a deleted one is not loaded again.
+    tenant.owner.delete_model("first").await.unwrap();
+    let err = tenant.client.classify("first", &["x"]).await.unwrap_err();
+    assert_eq!(err.code(), Some(plinth_sdk::ErrorCode::NotFound));
+}

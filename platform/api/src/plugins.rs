@@ -264,7 +264,9 @@ impl Services for TenantServices {
         model: &str,
         texts: Vec<String>,
     ) -> Result<Vec<Classification>, ServiceError> {
-        let loaded = find_model(&self.state, &self.auth, model).map_err(|err| service_error(&err))?;
+        let loaded = find_model(&self.state, &self.auth, model)
+            .await
+            .map_err(|err| service_error(&err))?;
         let units = texts.len();
         self.model_call(call, sequence, model, units, async {
             Ok(loaded.classify(share(&self.auth), texts).await?)
@@ -279,7 +281,9 @@ impl Services for TenantServices {
         model: &str,
         texts: Vec<String>,
     ) -> Result<Vec<Vec<f32>>, ServiceError> {
-        let loaded = find_model(&self.state, &self.auth, model).map_err(|err| service_error(&err))?;
+        let loaded = find_model(&self.state, &self.auth, model)
+            .await
+            .map_err(|err| service_error(&err))?;
         let units = texts.len();
         self.model_call(call, sequence, model, units, async {
             Ok(loaded.embed(share(&self.auth), texts).await?)
@@ -294,7 +298,9 @@ impl Services for TenantServices {
         model: &str,
         request: String,
     ) -> Result<String, ServiceError> {
-        let loaded = find_model(&self.state, &self.auth, model).map_err(|err| service_error(&err))?;
+        let loaded = find_model(&self.state, &self.auth, model)
+            .await
+            .map_err(|err| service_error(&err))?;
         let request: plinth_core::inference::InferRequest = serde_json::from_str(&request)
             .map_err(|err| ServiceError::InvalidInput(format!("request: {err}")))?;
         let inputs = request

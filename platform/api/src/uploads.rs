@@ -346,6 +346,28 @@ pub(crate) async fn upload(
     Ok(served.info().clone())
 }
 
+/// Loads again a tenant's newest version of `name` that was let go to bound memory, and serves it.
+pub(crate) async fn reload(state: &AppState, tenant: &TenantId, name: &str) -> ApiResult<Arc<LoadedModel>> {
+    let gone = || ApiError::new(ErrorCode::NotFound, format!("no model named `{name}`"));
+    let versions = state.store.model_versions(tenant, name).await?;
+    let Some(&version) = versions.last() else {
+        return Err(gone());
+    };
+    let record = state.store.model_version(tenant, name, version).await?;
+    let files = files_of(&state.model_files, &record)
+        .ok_or_else(|| ApiError::internal("unknown task in the model registry"))?;
+    let model = load(state, files, Loading::Accepted).await?;
+    // Another call may have loaded it while this one waited for its turn: one copy is served.
+    if let Some(loaded) = state.models.find(tenant, name) {
+        return Ok(loaded);
+    }
+    if !serve_if_current(state, tenant, model.clone()).await? {
+        return Err(gone());
+    }
+    metrics::counter!("plinth_tenant_models_reloaded_total").increment(1);
+    Ok(model)
+}
+
 /// Serves a loaded tenant model if it is still its model's newest live version: a delete or a newer
 /// upload may have come while it loaded, and must not be undone by it.
 pub(crate) async fn serve_if_current(

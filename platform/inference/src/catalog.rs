@@ -2,7 +2,9 @@
 //! own uploads, visible only to that tenant. A tenant model is served at its newest version; older
 //! versions that clients pin (`/v2/models/{m}/versions/{v}`) are loaded on first use and kept here,
 //! the [`PINNED_LOADED`] most recently used of them, at most [`PINNED_PER_TENANT`] of one tenant's
-//! (the others are loaded again when asked for).
+//! (the others are loaded again when asked for). Newest versions are kept loaded up to a bound too
+//! (least recently used first out); the catalog still knows an evicted model's description, and the
+//! API loads it again on its next call.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,10 +25,17 @@ pub const PINNED_PER_TENANT: usize = 4;
 
 type PinnedKey = (TenantId, String, u32);
 
+type TenantKey = (TenantId, String);
+
 #[derive(Debug, Default)]
 pub struct Catalog {
     platform: RwLock<BTreeMap<String, Arc<LoadedModel>>>,
-    tenants: RwLock<BTreeMap<(TenantId, String), Arc<LoadedModel>>>,
+    /// Tenants' newest versions that are loaded, with when each was last used.
+    tenants: RwLock<BTreeMap<TenantKey, (Arc<LoadedModel>, AtomicU64)>>,
+    /// Every tenant model being served, loaded or not: its description.
+    known: RwLock<BTreeMap<TenantKey, Model>>,
+    /// How many tenant models stay loaded at most (0: no bound).
+    loaded_tenant_models: usize,
     /// Pinned versions with when each was last used (a counter), for least-recently-used eviction.
     pinned: RwLock<BTreeMap<PinnedKey, (Arc<LoadedModel>, AtomicU64)>>,
     uses: AtomicU64,
@@ -35,6 +44,15 @@ pub struct Catalog {
 }
 
 impl Catalog {
+    /// A catalog keeping at most `loaded_tenant_models` tenants' models loaded at once (0: all).
+    #[must_use]
+    pub fn with_loaded_tenant_models(loaded_tenant_models: usize) -> Self {
+        Self {
+            loaded_tenant_models,
+            ..Self::default()
+        }
+    }
+
     pub fn add_platform(&self, model: Arc<LoadedModel>) {
         let name = model.info().name.clone();
         self.platform
@@ -43,12 +61,39 @@ impl Catalog {
             .insert(name, model);
     }
 
+    /// Serves `model` as the tenant's newest version of its name, letting go of the least recently
+    /// used tenant model past the bound (it stays known, and is loaded again when called).
     pub fn add_tenant(&self, tenant: &TenantId, model: Arc<LoadedModel>) {
-        let name = model.info().name.clone();
-        self.tenants
+        let key = (tenant.clone(), model.info().name.clone());
+        self.known
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert((tenant.clone(), name), model);
+            .insert(key.clone(), model.info().clone());
+        let used = AtomicU64::new(self.uses.fetch_add(1, Ordering::Relaxed));
+        let mut loaded = self
+            .tenants
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        loaded.insert(key, (model, used));
+        while self.loaded_tenant_models > 0 && loaded.len() > self.loaded_tenant_models {
+            let oldest = loaded
+                .iter()
+                .min_by_key(|(_, (_, used))| used.load(Ordering::Relaxed))
+                .map(|(key, _)| key.clone());
+            if let Some(oldest) = oldest {
+                loaded.remove(&oldest);
+                metrics::counter!("plinth_tenant_models_evicted_total").increment(1);
+            }
+        }
+    }
+
+    /// Whether the tenant has a model of this name being served (loaded now or not).
+    #[must_use]
+    pub fn serves(&self, tenant: &TenantId, name: &str) -> bool {
+        self.known
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(&(tenant.clone(), name.to_owned()))
     }
 
     /// Keeps an older version of a tenant's model that a client asked for by number, letting go of
@@ -118,6 +163,10 @@ impl Catalog {
 
     /// Stops serving a tenant's model, every version of it.
     pub fn remove_tenant(&self, tenant: &TenantId, name: &str) {
+        self.known
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&(tenant.clone(), name.to_owned()));
         self.tenants
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -157,7 +206,10 @@ impl Catalog {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&(tenant.clone(), name.to_owned()))
-            .cloned();
+            .map(|(model, used)| {
+                used.store(self.uses.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+                model.clone()
+            });
         own.or_else(|| {
             self.platform
                 .read()
@@ -174,19 +226,19 @@ impl Catalog {
             .platform
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let tenants = self
-            .tenants
+        let known = self
+            .known
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         platform
             .values()
+            .map(|model| model.info().clone())
             .chain(
-                tenants
+                known
                     .iter()
                     .filter(|((owner, _), _)| owner == tenant)
-                    .map(|(_, model)| model),
+                    .map(|(_, info)| info.clone()),
             )
-            .map(|model| model.info().clone())
             .collect()
     }
 }

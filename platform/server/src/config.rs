@@ -135,6 +135,9 @@ pub struct Config {
     /// `PLINTH_PLUGIN_THREADS`: threads that run plugin code and compile components, at a lower
     /// priority than request handling; 0 picks half the cores.
     pub plugin_threads: usize,
+    /// `PLINTH_TENANT_MODELS_LOADED`: tenants' models kept loaded at once, least recently used let go
+    /// first (and loaded again on their next call); 0 keeps every one loaded.
+    pub tenant_models_loaded: usize,
     /// `PLINTH_METRICS_TOKEN`: `GET /metrics` on the API listener answers only with
     /// `Authorization: Bearer <this>`; unset, the API listener does not serve metrics at all.
     pub metrics_token: Option<String>,
@@ -199,6 +202,7 @@ impl Default for Config {
             unmetered_per_tenant_per_minute: 1_200,
             publishes_per_author_per_minute: 2,
             plugin_threads: 0,
+            tenant_models_loaded: 32,
             metrics_token: None,
             metrics_addr: None,
             log: "info".to_owned(),

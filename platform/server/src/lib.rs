@@ -150,7 +150,9 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     // The recorder first, so that everything started below is measured.
     let _ = plinth_api::metrics::handle();
     let engine = plinth_inference::Engine::new(config.engine_settings()).context("cannot start inference")?;
-    let models = Arc::new(plinth_inference::Catalog::default());
+    let models = Arc::new(plinth_inference::Catalog::with_loaded_tenant_models(
+        config.tenant_models_loaded,
+    ));
     plinth_inference::load_builtin(&engine, &config.models_dir, &models)
         .context("cannot load the built-in models")?;
     let model_files = config.data_dir.join("models");

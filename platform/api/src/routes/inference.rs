@@ -27,7 +27,7 @@ async fn versioned(
     auth: &plinth_store::auth::Principal,
     path: &ModelPath,
 ) -> ApiResult<std::sync::Arc<LoadedModel>> {
-    let latest = find_model(state, auth, &path.name)?;
+    let latest = find_model(state, auth, &path.name).await?;
     let Some(asked) = &path.version else {
         return Ok(latest);
     };

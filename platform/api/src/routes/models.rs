@@ -23,13 +23,17 @@ pub(crate) fn share(auth: &plinth_store::auth::Principal) -> plinth_inference::S
     }
 }
 
-pub(crate) fn find_model(
+pub(crate) async fn find_model(
     state: &AppState,
     auth: &plinth_store::auth::Principal,
     name: &str,
 ) -> ApiResult<Arc<LoadedModel>> {
     if let Some(model) = state.models.find(&auth.tenant_id, name) {
         return Ok(model);
+    }
+    if state.models.serves(&auth.tenant_id, name) {
+        // Let go of to bound memory: loaded again for this call.
+        return crate::uploads::reload(state, &auth.tenant_id, name).await;
     }
     if !state.models.tenant_models_loaded() {
         // Just started: tenants' models load in the background, and this one may be among them.
@@ -61,7 +65,7 @@ pub async fn get(
     auth: Auth,
     name: web::Path<String>,
 ) -> ApiResult<web::Json<Model>> {
-    Ok(web::Json(find_model(&state, &auth, &name)?.info().clone()))
+    Ok(web::Json(find_model(&state, &auth, &name).await?.info().clone()))
 }
 
 /// Classify texts: each gets every label's probability and the most likely label. Billed per text.
@@ -83,7 +87,7 @@ pub async fn classify(
     name: web::Path<String>,
     body: web::Json<TextRequest>,
 ) -> ApiResult<HttpResponse> {
-    let model = find_model(&state, &auth, &name)?;
+    let model = find_model(&state, &auth, &name).await?;
     let TextRequest { inputs } = body.into_inner();
     let units = inputs.len();
     let billable = Billable::model(&auth, &name, units);
@@ -114,7 +118,7 @@ pub async fn embed(
     name: web::Path<String>,
     body: web::Json<TextRequest>,
 ) -> ApiResult<HttpResponse> {
-    let model = find_model(&state, &auth, &name)?;
+    let model = find_model(&state, &auth, &name).await?;
     let TextRequest { inputs } = body.into_inner();
     let units = inputs.len();
     let billable = Billable::model(&auth, &name, units);
