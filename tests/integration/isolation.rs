@@ -207,27 +207,20 @@ fn fixture(file: &str) -> Vec<u8> {
 }
 
 async fn upload(app: &TestApp, tenant: &TestTenant, model: Vec<u8>, manifest: Value) -> (u16, Value) {
-    let mut form = Form::new()
-        .part("manifest", Part::text(manifest.to_string()))
-        .part("model", Part::bytes(model).file_name("model.onnx"));
-    if manifest["task"] != "raw" {
-        let tokenizer = plinth_server::config::cache_dir()
-            .join("models")
-            .join("tokenizer.json");
-        form = form.part(
-            "tokenizer",
-            Part::bytes(std::fs::read(tokenizer).unwrap()).file_name("tokenizer.json"),
-        );
-    }
-    let response = app
-        .http()
-        .post(app.url("/v1/models"))
-        .bearer_auth(&tenant.key.secret)
-        .multipart(form)
+    let tokenizer = manifest["task"] != "raw";
+    crate::models::upload(app, tenant, crate::models::form(model, &manifest, tokenizer)).await
+}
+
+/// `DELETE path` as `who`: the status.
+async fn delete(app: &TestApp, who: &TestTenant, path: &str) -> u16 {
+    app.http()
+        .delete(app.url(path))
+        .bearer_auth(&who.key.secret)
         .send()
         .await
-        .unwrap();
-    (response.status().as_u16(), response.json().await.unwrap())
+        .unwrap()
+        .status()
+        .as_u16()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,13 +332,6 @@ async fn model_quotas_refuse_the_upload_past_the_plan_and_deleting_makes_room() 
     small_quota_plan(&app, &tenant, file.len() as u64).await;
     let manifest =
         |name: &str| json!({ "name": name, "task": "text-classification", "labels": ["no", "yes"] });
-    let delete_version = |name: &str, version: u32| {
-        let request = app
-            .http()
-            .delete(app.url(&format!("/v1/models/{name}/versions/{version}")))
-            .bearer_auth(&tenant.key.secret);
-        async move { request.send().await.unwrap().status().as_u16() }
-    };
 
     assert_eq!(upload(&app, &tenant, file.clone(), manifest("a")).await.0, 201);
     assert_eq!(upload(&app, &tenant, file.clone(), manifest("a")).await.0, 201);
@@ -357,9 +343,9 @@ async fn model_quotas_refuse_the_upload_past_the_plan_and_deleting_makes_room() 
         "{body}"
     );
     // The newest version is the one served: it cannot go alone.
-    assert_eq!(delete_version("a", 2).await, 422);
-    assert_eq!(delete_version("a", 1).await, 204);
-    assert_eq!(delete_version("a", 1).await, 404);
+    assert_eq!(delete(&app, &tenant, "/v1/models/a/versions/2").await, 422);
+    assert_eq!(delete(&app, &tenant, "/v1/models/a/versions/1").await, 204);
+    assert_eq!(delete(&app, &tenant, "/v1/models/a/versions/1").await, 404);
     assert_eq!(upload(&app, &tenant, file.clone(), manifest("a")).await.0, 201);
     // `a` keeps two copies; a third copy passes two and a half.
     let (status, body) = upload(&app, &tenant, file.clone(), manifest("b")).await;
@@ -368,7 +354,7 @@ async fn model_quotas_refuse_the_upload_past_the_plan_and_deleting_makes_room() 
         body["error"]["message"].as_str().unwrap().contains("bytes"),
         "{body}"
     );
-    assert_eq!(delete_version("a", 2).await, 204);
+    assert_eq!(delete(&app, &tenant, "/v1/models/a/versions/2").await, 204);
     assert_eq!(upload(&app, &tenant, file.clone(), manifest("b")).await.0, 201);
     // Two models already.
     let (status, body) = upload(&app, &tenant, file.clone(), manifest("c")).await;
@@ -384,26 +370,10 @@ async fn model_quotas_refuse_the_upload_past_the_plan_and_deleting_makes_room() 
     );
     assert_eq!(upload(&app, &other, file.clone(), manifest("c")).await.0, 201);
     // Another tenant cannot delete this tenant's versions.
-    let foreign = app
-        .http()
-        .delete(app.url("/v1/models/a/versions/3"))
-        .bearer_auth(&other.key.secret)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(foreign.status(), 404);
+    assert_eq!(delete(&app, &other, "/v1/models/a/versions/3").await, 404);
 
     // Concurrent uploads cannot pass the quota together: one slot, four attempts.
-    assert_eq!(
-        app.http()
-            .delete(app.url("/v1/models/b"))
-            .bearer_auth(&tenant.key.secret)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        204
-    );
+    assert_eq!(delete(&app, &tenant, "/v1/models/b").await, 204);
     let attempts = futures_util::future::join_all(
         ["d", "e", "f", "g"].map(|name| upload(&app, &tenant, file.clone(), manifest(name))),
     )
@@ -486,20 +456,13 @@ async fn refused_uploads_and_deleted_models_leave_no_files_behind() {
         1,
         "{stored:?}"
     );
-    let delete = |who: &TestTenant| {
-        let request = app
-            .http()
-            .delete(app.url("/v1/models/kept"))
-            .bearer_auth(&who.key.secret);
-        async move { request.send().await.unwrap().status().as_u16() }
-    };
-    assert_eq!(delete(&tenant).await, 204);
+    assert_eq!(delete(&app, &tenant, "/v1/models/kept").await, 204);
     assert_eq!(stored_files(&app), stored, "still used by the other tenant");
     assert_eq!(
         other.client.classify("kept", &["x"]).await.unwrap().results.len(),
         1
     );
-    assert_eq!(delete(&other).await, 204);
+    assert_eq!(delete(&app, &other, "/v1/models/kept").await, 204);
     assert_eq!(stored_files(&app), Vec::<String>::new());
 }
 

@@ -11,7 +11,7 @@ fn built_in(file: &str) -> Vec<u8> {
         .unwrap_or_else(|err| panic!("{}: {err} (run scripts/fetch-models.sh)", path.display()))
 }
 
-fn form(model: Vec<u8>, manifest: &Value, tokenizer: bool) -> Form {
+pub(crate) fn form(model: Vec<u8>, manifest: &Value, tokenizer: bool) -> Form {
     let mut form = Form::new()
         .part(
             "manifest",
@@ -29,7 +29,7 @@ fn form(model: Vec<u8>, manifest: &Value, tokenizer: bool) -> Form {
     form
 }
 
-async fn upload(app: &TestApp, tenant: &TestTenant, form: Form) -> (u16, Value) {
+pub(crate) async fn upload(app: &TestApp, tenant: &TestTenant, form: Form) -> (u16, Value) {
     let response = app
         .http()
         .post(app.url("/v1/models"))

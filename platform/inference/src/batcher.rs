@@ -247,6 +247,7 @@ impl Worker {
                 tenants: batch.iter().map(|c| c.share.tenant.clone()).collect(),
             };
             let started = Instant::now();
+            // The queue drops calls abandoned before they were taken; these went while the batch lingered.
             let (batch, abandoned): (Vec<_>, Vec<_>) = batch.into_iter().partition(|c| !c.work.abandoned());
             if !abandoned.is_empty() {
                 metrics::counter!("plinth_inference_abandoned_total").increment(abandoned.len() as u64);

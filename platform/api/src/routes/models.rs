@@ -13,7 +13,6 @@ use crate::metering::{Billable, IdempotencyKey, billed_json, metered};
 use crate::request_id::RequestId;
 use crate::state::AppState;
 
-/// The model `name` as the caller's tenant sees it, or 404.
 /// The caller's share of a contended model: its tenant, and its plan's weight.
 pub(crate) fn share(auth: &plinth_store::auth::Principal) -> plinth_inference::Share {
     plinth_inference::Share {
@@ -23,6 +22,7 @@ pub(crate) fn share(auth: &plinth_store::auth::Principal) -> plinth_inference::S
     }
 }
 
+/// The model `name` as the caller's tenant sees it (loaded again if it was let go), or 404.
 pub(crate) async fn find_model(
     state: &AppState,
     auth: &plinth_store::auth::Principal,
