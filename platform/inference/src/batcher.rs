@@ -135,8 +135,9 @@ fn no_output(what: &str) -> InferenceError {
     InferenceError::InvalidModel(format!("the model has no {what}"))
 }
 
-pub(crate) struct Worker {
-    pub(crate) session: Session,
+/// What a model's workers share; each adds a session of its own.
+#[derive(Clone)]
+pub(crate) struct WorkerSetup {
     pub(crate) queue: Arc<FairQueue>,
     pub(crate) tokenizer: Option<Arc<Tokenizer>>,
     pub(crate) text: Option<TextPlan>,
@@ -151,6 +152,11 @@ pub(crate) struct Worker {
     pub(crate) stats: Arc<Stats>,
 }
 
+pub(crate) struct Worker {
+    pub(crate) session: Session,
+    pub(crate) setup: WorkerSetup,
+}
+
 /// Per-model counters, read by the statistics endpoint and readiness.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
@@ -163,6 +169,8 @@ pub(crate) struct Stats {
     /// Runs in a row that failed on the runtime's side (not the caller's input): a model that cannot
     /// run at all (a lost GPU, a broken file) is not ready.
     pub(crate) failing_runs: AtomicU64,
+    /// Workers replaced after dying (see `engine::supervise`).
+    pub(crate) restarts: AtomicU64,
 }
 
 /// Runs failing in a row after which a model reports not ready.
@@ -196,7 +204,7 @@ impl Worker {
     /// With a `limit` (uploads: like a caller's run), a graph that would run for ever (a huge loop)
     /// is terminated there and refused.
     pub(crate) fn warm_up(&mut self, limit: Option<Duration>) -> Result<(), InferenceError> {
-        let (Some(plan), Some(tokenizer)) = (&self.text, &self.tokenizer) else {
+        let (Some(plan), Some(tokenizer)) = (&self.setup.text, &self.setup.tokenizer) else {
             return Ok(());
         };
         let warm_up = ["warm up".to_owned()];
@@ -231,19 +239,19 @@ impl Worker {
     }
 
     pub(crate) async fn run(mut self) {
-        self.stats.workers.fetch_add(1, Ordering::Relaxed);
-        let _serving = Serving(self.stats.clone());
-        let max_batch = self.max_batch;
+        self.setup.stats.workers.fetch_add(1, Ordering::Relaxed);
+        let _serving = Serving(self.setup.stats.clone());
+        let max_batch = self.setup.max_batch;
         let fits = move |batch: &[Queued], next: &Queued| {
             let texts = |c: &Queued| matches!(c.work, Work::Text { .. });
             texts(next)
                 && batch.iter().all(texts)
                 && batch.iter().map(|c| c.items).sum::<usize>() + next.items <= max_batch
         };
-        while let Some(batch) = self.queue.next_batch(self.max_delay, &fits).await {
+        while let Some(batch) = self.setup.queue.next_batch(self.setup.max_delay, &fits).await {
             // However this run ends, its tenants' run slots are given back.
             let _slot = RunSlot {
-                queue: self.queue.clone(),
+                queue: self.setup.queue.clone(),
                 tenants: batch.iter().map(|c| c.share.tenant.clone()).collect(),
             };
             let started = Instant::now();
@@ -262,7 +270,7 @@ impl Worker {
             let options = match RunOptions::new() {
                 Ok(options) => Arc::new(options),
                 Err(err) => {
-                    tracing::error!(model = %self.model, error = %err, "cannot create run options");
+                    tracing::error!(model = %self.setup.model, error = %err, "cannot create run options");
                     continue;
                 }
             };
@@ -270,7 +278,7 @@ impl Worker {
             let terminated = Arc::new(AtomicBool::new(false));
             let watchdog = {
                 let (options, terminated) = (options.clone(), terminated.clone());
-                let deadline = tokio::time::Instant::from_std(last_arrival + self.timeout);
+                let deadline = tokio::time::Instant::from_std(last_arrival + self.setup.timeout);
                 tokio::spawn(async move {
                     tokio::time::sleep_until(deadline).await;
                     metrics::counter!("plinth_inference_terminated_total").increment(1);
@@ -278,18 +286,15 @@ impl Worker {
                     let _ = options.terminate();
                 })
             };
-            let tokenizer = self.tokenizer.clone();
-            let text = self.text.clone();
-            let label = self.metrics_label.clone();
-            let stats = self.stats.clone();
+            let tokenizer = self.setup.tokenizer.clone();
+            let text = self.setup.text.clone();
+            let label = self.setup.metrics_label.clone();
+            let stats = self.setup.stats.clone();
             let mut session = self.session;
-            // A tenant's first run goes at normal priority; runs it holds beyond that go at a lower
-            // one. A tenant flooding the model still gets every core nobody else wants, but another
-            // tenant's run takes the CPU from those at once rather than sharing it with them.
-            let beyond_first = batch
+            let background = batch
                 .first()
-                .is_some_and(|call| self.queue.holds_other_runs(&call.share.tenant));
-            let pool = if beyond_first {
+                .is_some_and(|call| self.setup.queue.runs_in_background(&call.share.tenant));
+            let pool = if background {
                 background_runs().handle().clone()
             } else {
                 tokio::runtime::Handle::current()
@@ -320,13 +325,13 @@ impl Worker {
                     if outcome.is_err() {
                         // The batch's callers were answered with an error when their replies dropped.
                         metrics::counter!("plinth_inference_worker_panics_total").increment(1);
-                        self.stats.failure.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(model = %self.model, "a batch panicked; its calls failed, the worker goes on");
+                        self.setup.stats.failure.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(model = %self.setup.model, "a batch panicked; its calls failed, the worker goes on");
                     }
                 }
                 Err(err) => {
                     // Only a runtime shutting down cancels a blocking task.
-                    tracing::warn!(model = %self.model, error = %err, "inference worker stopped");
+                    tracing::warn!(model = %self.setup.model, error = %err, "inference worker stopped");
                     return;
                 }
             }
@@ -334,11 +339,11 @@ impl Worker {
     }
 }
 
-/// The niceness of the threads that run a tenant's runs beyond its first.
+/// The niceness of the threads for the runs of tenants sending more than one run's worth at a time.
 const BACKGROUND_NICENESS: i32 = 10;
 
-/// The blocking threads for runs beyond a tenant's first, at a lower priority (Linux: a thread's
-/// niceness is its own). Process-wide, like the cores they share.
+/// The blocking threads for runs in the background (`FairQueue::runs_in_background`), at a lower
+/// priority (Linux: a thread's niceness is its own). Process-wide, like the cores they share.
 fn background_runs() -> &'static tokio::runtime::Runtime {
     static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     RUNTIME.get_or_init(|| {

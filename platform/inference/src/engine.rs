@@ -280,12 +280,12 @@ impl Engine {
                 files.labels.len(),
             )?),
         };
+        let session_provider = if provider == "cuda" {
+            ExecutionProvider::Cuda
+        } else {
+            ExecutionProvider::Cpu
+        };
         for _ in 1..self.settings.sessions_per_model.max(1) {
-            let session_provider = if provider == "cuda" {
-                ExecutionProvider::Cuda
-            } else {
-                ExecutionProvider::Cpu
-            };
             sessions.push(self.session(files, session_provider)?);
         }
 
@@ -320,31 +320,44 @@ impl Engine {
             .sharing_runs(self.tenant_runs.clone()),
         );
         let stats = Arc::new(batcher::Stats::default());
+        let setup = batcher::WorkerSetup {
+            queue: queue.clone(),
+            tokenizer,
+            text,
+            max_batch: self.settings.max_batch.max(1),
+            max_delay: self.settings.max_queue_delay,
+            timeout: self.settings.timeout,
+            model: files.name.clone(),
+            metrics_label,
+            stats: stats.clone(),
+        };
         let mut workers = Vec::with_capacity(sessions.len());
         for session in sessions {
             let mut worker = batcher::Worker {
                 session,
-                queue: queue.clone(),
-                tokenizer: tokenizer.clone(),
-                text: text.clone(),
-                max_batch: self.settings.max_batch.max(1),
-                max_delay: self.settings.max_queue_delay,
-                timeout: self.settings.timeout,
-                model: files.name.clone(),
-                metrics_label: metrics_label.clone(),
-                stats: stats.clone(),
+                setup: setup.clone(),
             };
             worker.warm_up(warm_up_limit)?;
             workers.push(worker);
         }
-        for worker in workers {
-            tokio::spawn(worker.run());
-        }
+        let replacement: Arc<NewSession> = Arc::new({
+            let (engine, files) = (self.clone(), files.clone());
+            move || engine.session(&files, session_provider)
+        });
+        let running = workers
+            .into_iter()
+            .map(|worker| {
+                let current = Arc::new(CurrentWorker::default());
+                tokio::spawn(supervise(worker, replacement.clone(), current.clone()));
+                current
+            })
+            .collect();
         Ok(Arc::new(LoadedModel {
             info,
             queue,
             timeout: self.settings.timeout,
             stats,
+            workers: running,
         }))
     }
 }
@@ -387,6 +400,78 @@ pub struct LoadedModel {
     queue: Arc<FairQueue>,
     timeout: Duration,
     stats: Arc<batcher::Stats>,
+    /// The task of each worker, as its supervisor last started it.
+    #[cfg_attr(not(test), expect(dead_code, reason = "read by the tests that kill a worker"))]
+    workers: Vec<Arc<CurrentWorker>>,
+}
+
+/// Makes one more session of a loaded model.
+type NewSession = dyn Fn() -> Result<ort::session::Session, InferenceError> + Send + Sync;
+
+/// The task a supervisor runs its worker in.
+#[derive(Debug, Default)]
+struct CurrentWorker(std::sync::Mutex<Option<tokio::task::AbortHandle>>);
+
+/// Longest wait between attempts to replace a dead worker whose new session fails.
+const MOST_RESTART_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Keeps one of a model's workers serving. A worker ends by itself only once its model is unloaded;
+/// one that dies otherwise (a panic outside a batch, its task killed) took its session with it: the
+/// supervisor makes a new session, warms it up and starts a new worker on the same queue, retrying with
+/// a growing pause while the session cannot be made. Meanwhile the model has one worker fewer, and
+/// readiness says so when it has none.
+async fn supervise(first: batcher::Worker, new_session: Arc<NewSession>, current: Arc<CurrentWorker>) {
+    let setup = first.setup.clone();
+    let mut worker = first;
+    loop {
+        let task = tokio::spawn(worker.run());
+        *current
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task.abort_handle());
+        let died = match task.await {
+            Ok(()) => return,
+            Err(err) => err,
+        };
+        if setup.queue.is_closed() {
+            return;
+        }
+        setup
+            .stats
+            .restarts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!("plinth_inference_worker_restarts_total", "model" => setup.metrics_label.clone())
+            .increment(1);
+        tracing::error!(model = %setup.model, error = %died, "an inference worker died; starting another");
+        let mut pause = Duration::from_millis(100);
+        worker = loop {
+            let made = tokio::task::spawn_blocking({
+                let (new_session, setup) = (new_session.clone(), setup.clone());
+                move || {
+                    let mut worker = batcher::Worker {
+                        session: new_session()?,
+                        setup,
+                    };
+                    worker.warm_up(Some(worker.setup.timeout))?;
+                    Ok::<_, InferenceError>(worker)
+                }
+            })
+            .await;
+            match made {
+                Ok(Ok(worker)) => break worker,
+                Ok(Err(err)) => {
+                    tracing::error!(model = %setup.model, error = %err, "cannot replace an inference worker yet");
+                }
+                // The runtime is shutting down.
+                Err(_) => return,
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MOST_RESTART_BACKOFF);
+            if setup.queue.is_closed() {
+                return;
+            }
+        };
+    }
 }
 
 impl Drop for LoadedModel {
@@ -627,5 +712,138 @@ impl LoadedModel {
             }
         }
         Ok(batch.map_or(1, |(_, size)| size).max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use super::*;
+
+    /// Where `scripts/setup.sh` put ONNX Runtime and the built-in models (the server's defaults).
+    fn cache_dir() -> PathBuf {
+        std::env::var_os("PLINTH_CACHE_DIR").map_or_else(
+            || PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/plinth"),
+            PathBuf::from,
+        )
+    }
+
+    fn sentiment(sessions: usize) -> Arc<LoadedModel> {
+        let ort_dylib = std::env::var_os("PLINTH_ORT_DYLIB").map_or_else(
+            || cache_dir().join("onnxruntime/libonnxruntime.so.1.31.1"),
+            PathBuf::from,
+        );
+        let models =
+            std::env::var_os("PLINTH_MODELS_DIR").map_or_else(|| cache_dir().join("models"), PathBuf::from);
+        let engine = Engine::new(EngineSettings {
+            ort_dylib,
+            sessions_per_model: sessions,
+            ..EngineSettings::default()
+        })
+        .expect("ONNX Runtime (scripts/setup.sh fetches it)");
+        engine
+            .load(&ModelFiles {
+                name: "sentiment".into(),
+                version: 1,
+                task: Task::TextClassification,
+                labels: vec!["negative".into(), "neutral".into(), "positive".into()],
+                model: models.join("sentiment.onnx"),
+                tokenizer: Some(models.join("tokenizer.json")),
+                platform: true,
+            })
+            .expect("the built-in sentiment model (scripts/setup.sh prepares it)")
+    }
+
+    /// Kills each worker's task as a crash would, once its supervisor has started it.
+    async fn kill_workers(model: &LoadedModel) {
+        for worker in &model.workers {
+            let running = || {
+                worker
+                    .0
+                    .lock()
+                    .expect("lock")
+                    .clone()
+                    .filter(|task| !task.is_finished())
+            };
+            until("the worker's task is running", || running().is_some()).await;
+            running().expect("a running worker").abort();
+        }
+    }
+
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        for _ in 0..300 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+
+    async fn classify(model: &LoadedModel) -> Result<String, InferenceError> {
+        let answer = model
+            .classify(Share::platform(), vec!["What a wonderful day".into()])
+            .await?;
+        Ok(answer[0].label.clone())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn killed_workers_are_replaced_and_calls_in_flight_are_answered() {
+        let model = sentiment(2);
+        let before = classify(&model).await.expect("a call before");
+        // Calls in flight while every worker is killed: each is answered, by the run it was in or by a
+        // replacement; none waits for ever.
+        let calls: Vec<_> = (0..16)
+            .map(|_| {
+                let model = model.clone();
+                tokio::spawn(async move { classify(&model).await })
+            })
+            .collect();
+        kill_workers(&model).await;
+        for call in calls {
+            let label = tokio::time::timeout(Duration::from_secs(20), call)
+                .await
+                .expect("a call in flight hung")
+                .expect("task");
+            assert_eq!(label.expect("a call in flight failed"), before);
+        }
+        until("both workers are replaced", || {
+            model.stats.restarts.load(Relaxed) == 2 && model.stats.workers.load(Relaxed) == 2
+        })
+        .await;
+        assert!(model.serving());
+        // And again: a replacement is supervised like the first.
+        kill_workers(&model).await;
+        until("the replacements are replaced", || {
+            model.stats.restarts.load(Relaxed) == 4 && model.stats.workers.load(Relaxed) == 2
+        })
+        .await;
+        assert_eq!(classify(&model).await.expect("a call after"), before);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_models_only_worker_is_replaced_when_killed() {
+        let model = sentiment(1);
+        kill_workers(&model).await;
+        // The kill lands at the worker's next await; its count drops with it.
+        until("the model is replaced", || {
+            model.stats.restarts.load(Relaxed) == 1
+        })
+        .await;
+        until("the model serves again", || model.serving()).await;
+        assert_eq!(classify(&model).await.expect("a call after"), "positive");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unloaded_models_workers_stay_stopped() {
+        let model = sentiment(1);
+        let stats = model.stats.clone();
+        drop(model);
+        until("the worker stops", || stats.workers.load(Relaxed) == 0).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(stats.restarts.load(Relaxed), 0);
+        assert_eq!(stats.workers.load(Relaxed), 0);
     }
 }

@@ -132,8 +132,8 @@ fn release_queued(inner: &mut Inner, tenant: &Arc<str>) {
     }
 }
 
-/// Runs each tenant holds on every model of the engine together: a tenant's run is its first only if
-/// it runs nothing else anywhere (see `holds_other_runs`).
+/// Runs each tenant holds on every model of the engine together: a tenant's run is its only one if it
+/// runs nothing else anywhere (see `runs_in_background`).
 #[derive(Debug, Default)]
 pub(crate) struct TenantRuns(Mutex<HashMap<Arc<str>, usize>>);
 
@@ -301,10 +301,13 @@ impl FairQueue {
         }
     }
 
-    /// Whether `tenant` holds other runs, on this model or any other, besides the one it just
-    /// started: that run is beyond the tenant's first, and goes at a lower priority (see `batcher`).
-    pub(crate) fn holds_other_runs(&self, tenant: &Arc<str>) -> bool {
-        self.all_runs.count(tenant) > 1
+    /// Whether a run that `tenant`'s call leads goes at a lower priority (see `batcher`): the tenant
+    /// holds other runs besides this one, on this model or any other, or has more calls queued behind
+    /// it. A tenant whose calls fit in one run at a time keeps normal priority; one sending more than
+    /// that still gets every core nobody else wants, but another tenant's run takes the CPU from it at
+    /// once rather than sharing it.
+    pub(crate) fn runs_in_background(&self, tenant: &Arc<str>) -> bool {
+        self.all_runs.count(tenant) > 1 || self.lock().tenants.contains_key(tenant)
     }
 
     /// A run of `batch` has ended: its tenants may start other runs.
@@ -393,6 +396,11 @@ impl FairQueue {
         self.ready.notify_waiters();
     }
 
+    /// Whether the model was unloaded.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.lock().calls.len()
@@ -433,7 +441,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_tenants_first_run_is_its_first_across_every_model() {
+    async fn a_tenant_sending_more_than_one_run_at_a_time_runs_in_the_background() {
         let all_runs = Arc::new(TenantRuns::default());
         let first = FairQueue::new(100, 100, 3, Scheduling::Fair).sharing_runs(all_runs.clone());
         let second = FairQueue::new(100, 100, 3, Scheduling::Fair).sharing_runs(all_runs);
@@ -443,13 +451,22 @@ mod tests {
         second.push(call(1), share("other", 1), 1).unwrap();
         let no_wait = std::time::Duration::ZERO;
         first.next_batch(no_wait, &one_at_a_time).await.unwrap();
-        assert!(!first.holds_other_runs(&tenant), "its only run");
+        assert!(
+            !first.runs_in_background(&tenant),
+            "its only run, nothing queued behind it"
+        );
         second.next_batch(no_wait, &one_at_a_time).await.unwrap();
-        assert!(second.holds_other_runs(&tenant), "a second run, on another model");
+        assert!(
+            second.runs_in_background(&tenant),
+            "a second run, on another model"
+        );
         let other = second.next_batch(no_wait, &one_at_a_time).await.unwrap();
-        assert!(!second.holds_other_runs(&other[0].share.tenant));
+        assert!(!second.runs_in_background(&other[0].share.tenant));
         first.finished(std::slice::from_ref(&tenant));
-        assert!(!second.holds_other_runs(&tenant), "its other run ended");
+        assert!(!second.runs_in_background(&tenant), "its other run ended");
+        // Calls queued behind its run: more than one run's worth.
+        second.push(call(1), share("busy", 1), 1).unwrap();
+        assert!(second.runs_in_background(&tenant), "a call queued behind its run");
     }
 
     #[tokio::test]
