@@ -171,6 +171,8 @@ pub(crate) struct Stats {
     pub(crate) failing_runs: AtomicU64,
     /// Workers replaced after dying (see `engine::supervise`).
     pub(crate) restarts: AtomicU64,
+    /// Runs that went at low priority (see `FairQueue::runs_in_background`).
+    pub(crate) background_runs: AtomicU64,
 }
 
 /// Runs failing in a row after which a model reports not ready.
@@ -249,8 +251,10 @@ impl Worker {
                 && batch.iter().map(|c| c.items).sum::<usize>() + next.items <= max_batch
         };
         while let Some(batch) = self.setup.queue.next_batch(self.setup.max_delay, &fits).await {
-            // However this run ends, its tenants' run slots are given back.
-            let _slot = RunSlot {
+            // However this run ends, its tenants' run slots are given back: once its results are
+            // ready, before they are sent (a caller's next call must not find its last run still
+            // held), or when it fails, panics or is skipped.
+            let slot = RunSlot {
                 queue: self.setup.queue.clone(),
                 tenants: batch.iter().map(|c| c.share.tenant.clone()).collect(),
             };
@@ -294,6 +298,9 @@ impl Worker {
             let background = batch
                 .first()
                 .is_some_and(|call| self.setup.queue.runs_in_background(&call.share.tenant));
+            if background {
+                self.setup.stats.background_runs.fetch_add(1, Ordering::Relaxed);
+            }
             let pool = if background {
                 background_runs().handle().clone()
             } else {
@@ -313,6 +320,7 @@ impl Worker {
                                 options: &options,
                                 terminated: &terminated,
                             },
+                            slot,
                         );
                     }));
                     (session, outcome)
@@ -378,8 +386,10 @@ fn process(
     label: &str,
     stats: &Stats,
     run: Run<'_>,
+    slot: RunSlot,
 ) {
     let options = run.options;
+    let mut slot = Some(slot);
     let started = Instant::now();
     let requests = batch.len() as u64;
     let items: usize = batch.iter().map(|c| c.items).sum();
@@ -400,13 +410,14 @@ fn process(
                     let runtime = !matches!(err, InferenceError::InvalidInput(_));
                     failure = Some(failure.unwrap_or(false) || runtime);
                 }
+                drop(slot.take());
                 let _ = reply.send(result);
             }
             Work::Text { texts, reply } => text_calls.push((texts, reply)),
         }
     }
     if !text_calls.is_empty()
-        && let Err(runtime) = answer_text_calls(session, tokenizer, plan, text_calls, options)
+        && let Err(runtime) = answer_text_calls(session, tokenizer, plan, text_calls, options, slot.take())
     {
         failure = Some(failure.unwrap_or(false) || runtime);
     }
@@ -447,6 +458,7 @@ fn answer_text_calls(
     plan: Option<&TextPlan>,
     calls: Vec<TextCall>,
     options: &RunOptions,
+    slot: Option<RunSlot>,
 ) -> Result<(), bool> {
     let all: Vec<String> = calls
         .iter()
@@ -458,6 +470,7 @@ fn answer_text_calls(
             "this model takes tensors, not text".into(),
         )),
     };
+    drop(slot);
     match result {
         Ok(output) => {
             let mut offset = 0;

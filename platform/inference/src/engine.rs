@@ -837,6 +837,30 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tenant_calling_one_at_a_time_keeps_normal_priority() {
+        let model = sentiment(3);
+        for _ in 0..50 {
+            classify(&model).await.expect("a call");
+        }
+        // Each call's run slot is given back before its answer is sent, so the next call never finds
+        // the last one still running.
+        assert_eq!(model.stats.background_runs.load(Relaxed), 0);
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let model = model.clone();
+                tokio::spawn(async move { classify(&model).await })
+            })
+            .collect();
+        for call in calls {
+            call.await.expect("task").expect("a call");
+        }
+        assert!(
+            model.stats.background_runs.load(Relaxed) > 0,
+            "calls beyond one run's worth go at low priority"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unloaded_models_workers_stay_stopped() {
         let model = sentiment(1);
         let stats = model.stats.clone();

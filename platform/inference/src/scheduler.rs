@@ -260,6 +260,10 @@ impl FairQueue {
         let had = batch.len();
         let mut passed_over = Vec::new();
         let mut guests = 0;
+        // Whether the tenant leading the batch has more than one run's worth in hand.
+        let mut leader_heavy = batch.first().is_some_and(|call| {
+            self.all_runs.count(&call.share.tenant) > 1 || inner.tenants.contains_key(&call.share.tenant)
+        });
         while let Some(Reverse(call)) = inner.calls.pop() {
             let tenant = &call.share.tenant;
             if call.work.abandoned() {
@@ -268,15 +272,31 @@ impl FairQueue {
                 release_queued(inner, tenant);
                 continue;
             }
-            let joins_run = batch.iter().any(|c| &c.share.tenant == tenant);
-            if !joins_run && inner.running.get(tenant).copied().unwrap_or(0) >= self.tenant_runs {
-                // A tenant at its runs may still fill a few places in another tenant's run: that run
-                // stays short, and its session does not idle on single items.
-                if batch.is_empty() || guests + call.items > GUEST_ITEMS {
+            let runs = inner.running.get(tenant).copied().unwrap_or(0);
+            if batch.is_empty() {
+                if runs >= self.tenant_runs {
                     passed_over.push(Reverse(call));
                     continue;
                 }
-                guests += call.items;
+                leader_heavy = self.heavy(inner, tenant);
+            } else if self.scheduling == Scheduling::Fair && batch[0].share.tenant != *tenant {
+                // Another tenant leads this run. A tenant with only this call in hand never waits
+                // inside a heavy tenant's run (which goes at low priority): it leads a run of its
+                // own. A heavy one (other calls queued, or runs of its own) fills only a few places
+                // in a light tenant's run, which stays short for the tenant it is for, or in anyone's
+                // once it holds its most runs; the session does not idle on single items either way.
+                let guest_heavy = self.heavy(inner, tenant);
+                if leader_heavy && !guest_heavy {
+                    passed_over.push(Reverse(call));
+                    continue;
+                }
+                if (guest_heavy && !leader_heavy) || runs >= self.tenant_runs {
+                    if guests + call.items > GUEST_ITEMS {
+                        passed_over.push(Reverse(call));
+                        continue;
+                    }
+                    guests += call.items;
+                }
             }
             if !batch.is_empty() && !fits(batch, &call) {
                 passed_over.push(Reverse(call));
@@ -299,6 +319,12 @@ impl FairQueue {
             *inner.running.entry(tenant.clone()).or_default() += 1;
             self.all_runs.started(tenant);
         }
+    }
+
+    /// Whether `tenant`, about to have a call taken, has more than that call in hand: other calls
+    /// queued, or runs on any model.
+    fn heavy(&self, inner: &Inner, tenant: &Arc<str>) -> bool {
+        inner.tenants.get(tenant).is_some_and(|t| t.queued > 1) || self.all_runs.count(tenant) > 0
     }
 
     /// Whether a run that `tenant`'s call leads goes at a lower priority (see `batcher`): the tenant
@@ -467,6 +493,31 @@ mod tests {
         // Calls queued behind its run: more than one run's worth.
         second.push(call(1), share("busy", 1), 1).unwrap();
         assert!(second.runs_in_background(&tenant), "a call queued behind its run");
+    }
+
+    #[tokio::test]
+    async fn a_light_tenants_call_leads_its_own_run_and_a_heavy_tenant_only_visits_it() {
+        let queue = FairQueue::new(1_000, 1_000, 3, Scheduling::Fair);
+        let eight = |batch: &[Queued], _: &Queued| batch.len() < 8;
+        for _ in 0..40 {
+            queue.push(call(1), share("heavy", 1), 1).unwrap();
+        }
+        queue.push(call(1), share("light", 1), 1).unwrap();
+        let no_wait = std::time::Duration::ZERO;
+        let tenants = |batch: Vec<Queued>| {
+            batch
+                .iter()
+                .map(|c| c.share.tenant.to_string())
+                .collect::<Vec<_>>()
+        };
+        // The heavy tenant's run (at low priority) does not take the light call along.
+        let first = tenants(queue.next_batch(no_wait, &eight).await.unwrap());
+        assert_eq!(first, vec!["heavy"; 8]);
+        assert!(queue.runs_in_background(&Arc::from("heavy")));
+        // The light call leads the next run, with one heavy item beside it.
+        let second = tenants(queue.next_batch(no_wait, &eight).await.unwrap());
+        assert_eq!(second, ["light", "heavy"]);
+        assert!(!queue.runs_in_background(&Arc::from("light")));
     }
 
     #[tokio::test]
