@@ -32,6 +32,25 @@ if [ "$(cat "$fixtures/.inputs" 2>/dev/null)" != "$stamp" ]; then
   echo "$stamp" > "$fixtures/.inputs"
 fi
 
+# The portal's browser tests: Debian's Chromium (browsers cannot be downloaded here) driven by
+# playwright-core, with axe-core, from the npm registry at the versions tests/portal/package-lock.json pins.
+if ! command -v "${CHROMIUM:-/usr/bin/chromium}" >/dev/null; then
+  if [ "$(id -u)" = 0 ] || command -v sudo >/dev/null; then
+    echo "== installing Debian's chromium for the portal's browser tests"
+    as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "the portal's browser tests need Chromium: apt-get install chromium" >&2
+    exit 1
+  fi
+fi
+portal_stamp=$(sha256sum tests/portal/package-lock.json | cut -d' ' -f1)
+if [ "$(cat tests/portal/node_modules/.inputs 2>/dev/null)" != "$portal_stamp" ]; then
+  (cd tests/portal && npm ci --no-audit --no-fund --loglevel=error)
+  echo "$portal_stamp" > tests/portal/node_modules/.inputs
+fi
+
 # The plugins the end-to-end tests publish, built as WebAssembly components.
 "$(dirname "$0")/build-plugins.sh"
 

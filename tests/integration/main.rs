@@ -19,6 +19,7 @@ mod models;
 mod openapi;
 mod operations;
 mod plugins;
+mod portal;
 mod rate_limit;
 mod resilience;
 mod sdk;

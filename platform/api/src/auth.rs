@@ -71,7 +71,7 @@ pub(crate) struct RateCounted;
 /// Counts an authenticated, unmetered request against its tenant's limit for such routes, so a flood
 /// of listings or uploads from one tenant cannot take the database from the others. A cache outage
 /// lets the request through, as on metered routes.
-async fn count_unmetered(req: &HttpRequest, principal: &Principal) -> Result<(), ApiError> {
+pub(crate) async fn count_unmetered(req: &HttpRequest, principal: &Principal) -> Result<(), ApiError> {
     if req.extensions().get::<RateCounted>().is_some() {
         return Ok(());
     }

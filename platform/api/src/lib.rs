@@ -10,6 +10,7 @@ mod metering;
 pub mod metrics;
 pub mod openapi;
 mod plugins;
+mod portal;
 pub mod request_id;
 mod routes;
 pub mod state;
@@ -96,6 +97,7 @@ pub fn app(
         .app_data(web::QueryConfig::default().error_handler(error::query_error))
         .app_data(web::PathConfig::default().error_handler(error::path_error))
         .configure(routes::configure)
+        .configure(portal::configure)
         .service(web::redirect("/docs", "/docs/"))
         .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", openapi::ApiDoc::openapi()))
         .default_service(web::to(error::route_not_found))

@@ -319,8 +319,8 @@ impl Worker {
                             Run {
                                 options: &options,
                                 terminated: &terminated,
+                                slot,
                             },
-                            slot,
                         );
                     }));
                     (session, outcome)
@@ -371,11 +371,12 @@ fn background_runs() -> &'static tokio::runtime::Runtime {
     })
 }
 
-/// One run's options, and whether the watchdog terminated it.
-#[derive(Clone, Copy)]
+/// One run's options, whether the watchdog terminated it, and its tenants' run slots.
 struct Run<'a> {
     options: &'a RunOptions,
     terminated: &'a AtomicBool,
+    /// Given back once the results are ready, before they are sent.
+    slot: RunSlot,
 }
 
 fn process(
@@ -386,10 +387,9 @@ fn process(
     label: &str,
     stats: &Stats,
     run: Run<'_>,
-    slot: RunSlot,
 ) {
     let options = run.options;
-    let mut slot = Some(slot);
+    let mut slot = Some(run.slot);
     let started = Instant::now();
     let requests = batch.len() as u64;
     let items: usize = batch.iter().map(|c| c.items).sum();

@@ -1,0 +1,484 @@
+//! The portal's handlers: each reads what its page shows through the same store and billing functions
+//! as the API, and hands it to a template.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use plinth_core::Scope;
+use plinth_core::api::{CreateApiKeyRequest, LoginRequest, SignupRequest, UsageGrouping};
+use plinth_core::id::KeyId;
+use plinth_store::auth::Actor;
+use serde::Deserialize;
+
+use super::session::{self, Posted, Visitor};
+use super::view::{self, Chrome, Nav};
+use super::{PageError, PageResult, page, see_other};
+use crate::client::origin;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The frame of a signed-in page.
+async fn chrome(
+    state: &AppState,
+    visitor: &Visitor,
+    title: &'static str,
+    current: &'static str,
+) -> Result<Chrome, PageError> {
+    let tenant = state.store.tenant(&visitor.principal.tenant_id).await?;
+    Ok(Chrome {
+        title,
+        nav: Some(Nav {
+            current,
+            tenant: tenant.name,
+            csrf: visitor.csrf.clone(),
+        }),
+        flash: None,
+    })
+}
+
+/// Where to go after logging in: a portal page, never another site.
+fn local_next(next: Option<&str>) -> String {
+    match next {
+        Some(path) if path.starts_with("/portal") && !path.contains("//") && !path.contains('\\') => {
+            path.to_owned()
+        }
+        _ => "/portal".to_owned(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct NextQuery {
+    next: Option<String>,
+}
+
+pub(crate) async fn login_form(query: web::Query<NextQuery>) -> HttpResponse {
+    page(
+        StatusCode::OK,
+        &view::LoginPage {
+            chrome: Chrome::public("Log in"),
+            error: None,
+            email: String::new(),
+            next: local_next(query.next.as_deref()),
+        },
+    )
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct LoginForm {
+    email: String,
+    password: String,
+    next: Option<String>,
+}
+
+pub(crate) async fn login(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    form: web::Form<LoginForm>,
+) -> PageResult {
+    session::same_origin(&req)?;
+    let form = form.into_inner();
+    let request = LoginRequest {
+        email: form.email.clone(),
+        password: form.password,
+        tenant_id: None,
+    };
+    let who = origin(&req).who("anonymous");
+    match state.store.login(state.cache.as_ref(), &request, &who).await {
+        Ok(session) => {
+            let cookie = session::open(&req, &state, &session.token).await?;
+            let mut response = see_other(&local_next(form.next.as_deref()));
+            response.add_cookie(&cookie).map_err(ApiError::internal)?;
+            Ok(response)
+        }
+        Err(err) => {
+            let err = ApiError::from(err);
+            if err.status_code().is_server_error() {
+                return Err(err.into());
+            }
+            Ok(page(
+                err.status_code(),
+                &view::LoginPage {
+                    chrome: Chrome::public("Log in"),
+                    error: Some(err.message().to_owned()),
+                    email: form.email,
+                    next: local_next(form.next.as_deref()),
+                },
+            ))
+        }
+    }
+}
+
+pub(crate) async fn signup_form() -> HttpResponse {
+    page(
+        StatusCode::OK,
+        &view::SignupPage {
+            chrome: Chrome::public("Create your account"),
+            error: None,
+            email: String::new(),
+            tenant_name: String::new(),
+        },
+    )
+}
+
+pub(crate) async fn signup(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    form: web::Form<SignupRequest>,
+) -> PageResult {
+    session::same_origin(&req)?;
+    let form = form.into_inner();
+    match state.store.signup(&form, &origin(&req).who("anonymous")).await {
+        Ok(session) => {
+            let cookie = session::open(&req, &state, &session.token).await?;
+            let mut response = see_other("/portal?welcome=1");
+            response.add_cookie(&cookie).map_err(ApiError::internal)?;
+            Ok(response)
+        }
+        Err(err) => {
+            let err = ApiError::from(err);
+            if err.status_code().is_server_error() {
+                return Err(err.into());
+            }
+            Ok(page(
+                err.status_code(),
+                &view::SignupPage {
+                    chrome: Chrome::public("Create your account"),
+                    error: Some(err.message().to_owned()),
+                    email: form.email,
+                    tenant_name: form.tenant_name,
+                },
+            ))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct Empty {}
+
+pub(crate) async fn logout(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    posted: Posted<Empty>,
+) -> PageResult {
+    if let Actor::User { session, .. } = &posted.visitor.principal.actor {
+        state
+            .store
+            .logout(&posted.visitor.principal.tenant_id, session)
+            .await?;
+    }
+    let mut response = see_other("/portal/login");
+    response
+        .add_cookie(&session::removal(&req))
+        .map_err(ApiError::internal)?;
+    Ok(response)
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct WelcomeQuery {
+    welcome: Option<String>,
+}
+
+pub(crate) async fn overview(
+    state: web::Data<AppState>,
+    visitor: Visitor,
+    query: web::Query<WelcomeQuery>,
+) -> PageResult {
+    let mut chrome = chrome(&state, &visitor, "Overview", "overview").await?;
+    if query.welcome.is_some() {
+        chrome.flash = Some("Welcome to Plinth. Create an API key to make your first call.".into());
+    }
+    let subscription = state.store.subscription(&visitor.principal.tenant_id).await?;
+    let statement = state.billing.upcoming(&visitor.principal.tenant_id).await?;
+    let used_percent = if statement.included_calls > 0 {
+        (statement.calls * 100 / statement.included_calls).min(100)
+    } else {
+        0
+    };
+    Ok(page(
+        StatusCode::OK,
+        &view::OverviewPage {
+            chrome,
+            plan: subscription.plan.name,
+            period_end: view::date(subscription.current_period_end),
+            calls: statement.calls,
+            included_calls: view::count(statement.included_calls),
+            used_percent,
+            spend: view::cents(statement.total_cents, &statement.currency),
+            cancel_at_period_end: subscription.cancel_at_period_end,
+        },
+    ))
+}
+
+async fn keys_page(
+    state: &AppState,
+    visitor: &Visitor,
+    created: Option<(String, String)>,
+    error: Option<String>,
+    status: StatusCode,
+) -> PageResult {
+    let chrome = chrome(state, visitor, "API keys", "keys").await?;
+    let keys = state.store.list_api_keys(&visitor.principal.tenant_id).await?;
+    Ok(page(
+        status,
+        &view::KeysPage {
+            chrome,
+            keys: keys.iter().map(view::KeyRow::from).collect(),
+            created,
+            error,
+            csrf: visitor.csrf.clone(),
+        },
+    ))
+}
+
+pub(crate) async fn keys(state: web::Data<AppState>, visitor: Visitor) -> PageResult {
+    visitor.require(Scope::Admin)?;
+    keys_page(&state, &visitor, None, None, StatusCode::OK).await
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct KeyForm {
+    name: String,
+    inference: Option<String>,
+    plugins: Option<String>,
+    billing_read: Option<String>,
+    admin: Option<String>,
+}
+
+pub(crate) async fn create_key(state: web::Data<AppState>, posted: Posted<KeyForm>) -> PageResult {
+    let Posted { visitor, form } = posted;
+    visitor.require(Scope::Admin)?;
+    let scopes: Vec<Scope> = [
+        (form.inference.is_some(), Scope::Inference),
+        (form.plugins.is_some(), Scope::Plugins),
+        (form.billing_read.is_some(), Scope::BillingRead),
+        (form.admin.is_some(), Scope::Admin),
+    ]
+    .into_iter()
+    .filter_map(|(chosen, scope)| chosen.then_some(scope))
+    .collect();
+    if scopes.is_empty() {
+        return keys_page(
+            &state,
+            &visitor,
+            None,
+            Some("Choose at least one scope for the key.".into()),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
+    }
+    let request = CreateApiKeyRequest {
+        name: form.name,
+        scopes: Some(scopes),
+        rate_limit_per_minute: None,
+        expires_at: None,
+    };
+    match state
+        .store
+        .create_api_key(&visitor.principal, &visitor.who(), &request)
+        .await
+    {
+        Ok(created) => {
+            keys_page(
+                &state,
+                &visitor,
+                Some((created.key.name, created.secret)),
+                None,
+                StatusCode::CREATED,
+            )
+            .await
+        }
+        Err(err) => {
+            let err = ApiError::from(err);
+            if err.status_code().is_server_error() {
+                return Err(err.into());
+            }
+            keys_page(
+                &state,
+                &visitor,
+                None,
+                Some(err.message().to_owned()),
+                err.status_code(),
+            )
+            .await
+        }
+    }
+}
+
+pub(crate) async fn revoke_key(
+    state: web::Data<AppState>,
+    posted: Posted<Empty>,
+    id: web::Path<KeyId>,
+) -> PageResult {
+    posted.visitor.require(Scope::Admin)?;
+    state
+        .store
+        .revoke_api_key(&posted.visitor.principal, &posted.visitor.who(), &id)
+        .await?;
+    Ok(see_other("/portal/keys"))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct RangeQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// A day from a date field (`YYYY-MM-DD`), or the default.
+fn day(field: &str, value: Option<&str>) -> Result<Option<chrono::NaiveDate>, PageError> {
+    match value.filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(value) => chrono::NaiveDate::parse_from_str(value, "%Y-%m-%d")
+            .map(Some)
+            .map_err(|_| {
+                ApiError::new(
+                    plinth_core::ErrorCode::InvalidQuery,
+                    format!("{field}: pick a date (YYYY-MM-DD)"),
+                )
+                .into()
+            }),
+    }
+}
+
+pub(crate) async fn usage(
+    state: web::Data<AppState>,
+    visitor: Visitor,
+    query: web::Query<RangeQuery>,
+) -> PageResult {
+    visitor.require(Scope::BillingRead)?;
+    let today = chrono::Utc::now().date_naive();
+    let to = day("to", query.to.as_deref())?.unwrap_or(today);
+    let from = day("from", query.from.as_deref())?.unwrap_or(to - chrono::Duration::days(13));
+    if from > to || (to - from).num_days() > 366 {
+        return Err(ApiError::new(
+            plinth_core::ErrorCode::InvalidQuery,
+            "pick a start on or before the end, at most a year apart",
+        )
+        .into());
+    }
+    let (start, end) = (
+        from.and_time(chrono::NaiveTime::MIN).and_utc(),
+        (to + chrono::Duration::days(1))
+            .and_time(chrono::NaiveTime::MIN)
+            .and_utc(),
+    );
+    let tenant = &visitor.principal.tenant_id;
+    let by_day = state
+        .store
+        .usage_report(tenant, start, end, UsageGrouping::Day)
+        .await?;
+    let by_resource = state
+        .store
+        .usage_report(tenant, start, end, UsageGrouping::Resource)
+        .await?;
+    let currency = state.store.subscription(tenant).await?.plan.currency;
+    // Every day of the range, with or without calls.
+    let days: Vec<(String, i64)> = from
+        .iter_days()
+        .take_while(|d| *d <= to)
+        .map(|d| {
+            let key = d.format("%Y-%m-%d").to_string();
+            let calls = by_day.rows.iter().find(|r| r.key == key).map_or(0, |r| r.calls);
+            (key, calls)
+        })
+        .collect();
+    let bars = view::bars(&days);
+    let chrome = chrome(&state, &visitor, "Usage", "usage").await?;
+    Ok(page(
+        StatusCode::OK,
+        &view::UsagePage {
+            chrome,
+            from: from.to_string(),
+            to: to.to_string(),
+            chart_width: bars.len() * (view::BAR_WIDTH + 4),
+            chart_height: view::CHART_HEIGHT + 2,
+            bar_width: view::BAR_WIDTH,
+            bars,
+            days: by_day
+                .rows
+                .iter()
+                .map(|r| view::UsageLine::new(r, &currency))
+                .collect(),
+            resources: by_resource
+                .rows
+                .iter()
+                .map(|r| view::UsageLine::new(r, &currency))
+                .collect(),
+            total: view::UsageLine::new(&by_day.total, &currency),
+        },
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct CheckoutQuery {
+    checkout: Option<String>,
+    changed: Option<String>,
+}
+
+pub(crate) async fn billing(
+    state: web::Data<AppState>,
+    visitor: Visitor,
+    query: web::Query<CheckoutQuery>,
+) -> PageResult {
+    visitor.require(Scope::BillingRead)?;
+    let tenant = &visitor.principal.tenant_id;
+    let subscription = state.store.subscription(tenant).await?;
+    let plans = state.store.list_plans().await?;
+    let upcoming = state.billing.upcoming(tenant).await?;
+    let invoices = state.billing.invoices(tenant).await?;
+    let mut chrome = chrome(&state, &visitor, "Billing", "billing").await?;
+    chrome.flash = match (query.checkout.as_deref(), query.changed.as_deref()) {
+        (Some("success"), _) => Some(
+            "Thank you. Your plan changes as soon as Stripe confirms the payment (usually within seconds)."
+                .into(),
+        ),
+        (Some("canceled"), _) => Some("Checkout was canceled; your plan is unchanged.".into()),
+        (_, Some(_)) => Some(format!("You are on the {} plan.", subscription.plan.name)),
+        _ => None,
+    };
+    Ok(page(
+        StatusCode::OK,
+        &view::BillingPage {
+            chrome,
+            plans: plans
+                .iter()
+                .map(|p| view::PlanCard::new(p, &subscription.plan.id))
+                .collect(),
+            status: format!("{:?}", subscription.status).to_lowercase(),
+            cancel_at_period_end: subscription.cancel_at_period_end,
+            paid: subscription.plan.monthly_fee_micros.0 > 0,
+            upcoming: view::StatementView::from(&upcoming),
+            invoices: invoices.invoices.iter().map(view::StatementView::from).collect(),
+            can_manage: visitor.principal.has(Scope::Admin),
+            csrf: visitor.csrf.clone(),
+        },
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct PlanForm {
+    plan: String,
+}
+
+pub(crate) async fn change_plan(state: web::Data<AppState>, posted: Posted<PlanForm>) -> PageResult {
+    posted.visitor.require(Scope::Admin)?;
+    let change = state
+        .billing
+        .change_plan(
+            &posted.visitor.principal.tenant_id,
+            &posted.form.plan,
+            &posted.visitor.who(),
+        )
+        .await?;
+    Ok(match change.checkout_url {
+        Some(url) => see_other(&url),
+        None => see_other("/portal/billing?changed=1"),
+    })
+}
+
+pub(crate) async fn cancel(state: web::Data<AppState>, posted: Posted<Empty>) -> PageResult {
+    posted.visitor.require(Scope::Admin)?;
+    state
+        .billing
+        .cancel(&posted.visitor.principal.tenant_id, &posted.visitor.who())
+        .await?;
+    Ok(see_other("/portal/billing?changed=1"))
+}

@@ -1,0 +1,241 @@
+//! Who is looking at a portal page: a session cookie over the platform's own sessions, expired after
+//! a while idle, and forms that only this portal can submit.
+//!
+//! - The cookie holds a session token (`HttpOnly`, `SameSite=Lax`, `Secure` over https); the token is
+//!   checked like a bearer token on every request, so a session ended anywhere (logout, revocation) ends
+//!   here too. Only sessions the portal opened are accepted: it marks them in the cache with an idle
+//!   expiry, refreshed on each request.
+//! - Every form carries a per-session CSRF token (derived from the session token, which a page on
+//!   another site cannot read), and every unsafe request must come from this origin (`Sec-Fetch-Site`
+//!   and `Origin`, where the browser sends them). Login and sign-up, before there is a session, rely on
+//!   the origin checks and `SameSite`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::cookie::{Cookie, SameSite};
+use actix_web::dev::Payload;
+use actix_web::http::{Method, header};
+use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
+use futures_util::future::LocalBoxFuture;
+use plinth_core::{ErrorCode, Scope};
+use plinth_store::audit::Who;
+use plinth_store::auth::{Actor, Principal};
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use super::PageError;
+use crate::auth::check_scope;
+use crate::client::{Origin, origin};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The session cookie's name.
+pub(crate) const COOKIE: &str = "plinth_session";
+
+/// A portal session unused this long is over (the session itself lasts at most 30 days).
+const IDLE_EXPIRY: Duration = Duration::from_secs(30 * 60);
+
+fn idle_key(token: &str) -> String {
+    format!("portal-session:{}", hex::encode(Sha256::digest(token.as_bytes())))
+}
+
+/// The CSRF token of a session: a hash of its secret token, under a label of its own.
+fn csrf_token(session_token: &str) -> String {
+    let mut hash = Sha256::new();
+    hash.update(b"plinth portal csrf\0");
+    hash.update(session_token.as_bytes());
+    hex::encode(hash.finalize())
+}
+
+fn state(req: &HttpRequest) -> Result<web::Data<AppState>, PageError> {
+    req.app_data::<web::Data<AppState>>()
+        .cloned()
+        .ok_or_else(|| PageError::from(ApiError::internal("application state is not registered")))
+}
+
+/// Whether the request is served over https (directly, or as a trusted proxy says).
+fn secure(req: &HttpRequest) -> bool {
+    req.connection_info().scheme() == "https"
+}
+
+/// Marks a session the portal opened and returns its cookie.
+pub(crate) async fn open(
+    req: &HttpRequest,
+    state: &AppState,
+    token: &str,
+) -> Result<Cookie<'static>, PageError> {
+    state
+        .cache
+        .set(&idle_key(token), b"1", IDLE_EXPIRY)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Cookie::build(COOKIE, token.to_owned())
+        .path("/")
+        .http_only(true)
+        .secure(secure(req))
+        .same_site(SameSite::Lax)
+        .finish())
+}
+
+/// A cookie that removes the session cookie.
+pub(crate) fn removal(req: &HttpRequest) -> Cookie<'static> {
+    let mut cookie = Cookie::build(COOKIE, "")
+        .path("/")
+        .http_only(true)
+        .secure(secure(req))
+        .same_site(SameSite::Lax)
+        .finish();
+    cookie.make_removal();
+    cookie
+}
+
+/// Refuses an unsafe request that a page of another site sent.
+pub(crate) fn same_origin(req: &HttpRequest) -> Result<(), PageError> {
+    let refused = |why: &str| {
+        Err(PageError::from(ApiError::new(
+            ErrorCode::InsufficientScope,
+            format!("this form was not sent from this site ({why})"),
+        )))
+    };
+    if let Some(site) = req.headers().get("sec-fetch-site")
+        && !matches!(site.to_str().unwrap_or_default(), "same-origin" | "none")
+    {
+        return refused("Sec-Fetch-Site");
+    }
+    if let Some(sent) = req.headers().get(header::ORIGIN) {
+        let sent = sent.to_str().unwrap_or_default();
+        let host = sent.split_once("://").map(|(_, host)| host);
+        if host != Some(req.connection_info().host()) {
+            return refused("Origin");
+        }
+    }
+    Ok(())
+}
+
+/// A logged-in member of a tenant, on a portal page.
+#[derive(Debug)]
+pub(crate) struct Visitor {
+    pub(crate) principal: Arc<Principal>,
+    pub(crate) csrf: String,
+    origin: Origin,
+}
+
+impl Visitor {
+    pub(crate) fn who(&self) -> Who {
+        self.origin.who(self.principal.actor_id())
+    }
+
+    /// Refuses, as a page, a visitor whose role lacks `scope`.
+    pub(crate) fn require(&self, scope: Scope) -> Result<(), PageError> {
+        check_scope(&self.principal, Some(scope)).map_err(PageError::from)
+    }
+}
+
+async fn visitor(req: &HttpRequest) -> Result<Visitor, PageError> {
+    let logged_out = || PageError::LoggedOut {
+        next: req.uri().path().to_owned(),
+    };
+    let token = req
+        .cookie(COOKIE)
+        .map(|c| c.value().to_owned())
+        .ok_or_else(logged_out)?;
+    let state = state(req)?;
+    let principal = match state.store.authenticate(&token).await {
+        Ok(principal) => principal,
+        Err(err @ plinth_store::auth::AuthError::Store(_)) => return Err(ApiError::from(err).into()),
+        Err(_) => return Err(logged_out()),
+    };
+    let Actor::User { session, .. } = &principal.actor else {
+        return Err(logged_out());
+    };
+    let key = idle_key(&token);
+    match state.cache.get(&key).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            // Idle too long, or a session the portal did not open: it ends.
+            state
+                .store
+                .logout(&principal.tenant_id, session)
+                .await
+                .map_err(ApiError::from)?;
+            return Err(logged_out());
+        }
+        Err(err) => {
+            // The absolute expiry still holds; an outage must not log everyone out.
+            metrics::counter!("plinth_portal_idle_check_errors_total").increment(1);
+            tracing::warn!(error = %err, "cannot check a portal session's idle expiry; allowing it");
+        }
+    }
+    // Pages count against the tenant's limit for unmetered requests, as the API's listings do.
+    crate::auth::count_unmetered(req, &principal).await?;
+    if let Err(err) = state.cache.set(&key, b"1", IDLE_EXPIRY).await {
+        tracing::warn!(error = %err, "cannot refresh a portal session's idle expiry");
+    }
+    req.extensions_mut().insert(principal.clone());
+    Ok(Visitor {
+        csrf: csrf_token(&token),
+        principal,
+        origin: origin(req),
+    })
+}
+
+impl FromRequest for Visitor {
+    type Error = PageError;
+    type Future = LocalBoxFuture<'static, Result<Self, PageError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        Box::pin(async move {
+            if req.method() != Method::GET && req.method() != Method::HEAD {
+                same_origin(&req)?;
+            }
+            visitor(&req).await
+        })
+    }
+}
+
+/// A form a logged-in visitor submitted from this portal: its CSRF token checked, then its fields.
+#[derive(Debug)]
+pub(crate) struct Posted<T> {
+    pub(crate) visitor: Visitor,
+    pub(crate) form: T,
+}
+
+impl<T: DeserializeOwned + 'static> FromRequest for Posted<T> {
+    type Error = PageError;
+    type Future = LocalBoxFuture<'static, Result<Self, PageError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        let fields = web::Form::<Vec<(String, String)>>::from_request(&req, payload);
+        Box::pin(async move {
+            same_origin(&req)?;
+            let visitor = visitor(&req).await?;
+            let invalid = |what: String| PageError::from(ApiError::new(ErrorCode::ValidationFailed, what));
+            let fields = fields
+                .await
+                .map_err(|err| invalid(format!("the form could not be read: {err}")))?
+                .into_inner();
+            let sent = fields
+                .iter()
+                .find(|(name, _)| name == "csrf")
+                .map(|(_, v)| v.as_str());
+            // Compared as hashes: the time taken says nothing about the expected token.
+            let matches = sent.is_some_and(|sent| {
+                Sha256::digest(sent.as_bytes()) == Sha256::digest(visitor.csrf.as_bytes())
+            });
+            if !matches {
+                return Err(ApiError::new(
+                    ErrorCode::InsufficientScope,
+                    "this form has expired or did not come from this site; reload the page and try again",
+                )
+                .into());
+            }
+            let rest: Vec<&(String, String)> = fields.iter().filter(|(name, _)| name != "csrf").collect();
+            let encoded = serde_urlencoded::to_string(&rest).map_err(ApiError::internal)?;
+            let form = serde_urlencoded::from_str(&encoded).map_err(|err| invalid(format!("{err}")))?;
+            Ok(Self { visitor, form })
+        })
+    }
+}

@@ -1,0 +1,376 @@
+//! What each page shows, ready to print: the templates only lay it out.
+
+use askama::Template;
+use chrono::{DateTime, Utc};
+use plinth_core::Micros;
+use plinth_core::api::{ApiKey, Plan, UsageRow};
+use plinth_core::billing::Statement;
+
+/// The frame around every page: its title, the signed-in navigation, a status message.
+#[derive(Debug)]
+pub(crate) struct Chrome {
+    pub(crate) title: &'static str,
+    pub(crate) nav: Option<Nav>,
+    /// Announced to screen readers (`role="status"`).
+    pub(crate) flash: Option<String>,
+}
+
+impl Chrome {
+    pub(crate) fn public(title: &'static str) -> Self {
+        Self {
+            title,
+            nav: None,
+            flash: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Nav {
+    /// The page the navigation marks `aria-current`.
+    pub(crate) current: &'static str,
+    pub(crate) tenant: String,
+    pub(crate) csrf: String,
+}
+
+impl Nav {
+    /// The navigation's links: where, what, and whether it is this page.
+    pub(crate) fn links(&self) -> Vec<(&'static str, &'static str, bool)> {
+        [
+            ("overview", "/portal", "Overview"),
+            ("keys", "/portal/keys", "API keys"),
+            ("usage", "/portal/usage", "Usage"),
+            ("billing", "/portal/billing", "Billing"),
+        ]
+        .into_iter()
+        .map(|(id, href, label)| (href, label, id == self.current))
+        .collect()
+    }
+}
+
+#[derive(Template)]
+#[template(path = "portal/error.html")]
+pub(crate) struct ErrorPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) status: u16,
+    pub(crate) code: String,
+    pub(crate) message: String,
+}
+
+#[derive(Template)]
+#[template(path = "portal/login.html")]
+pub(crate) struct LoginPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) error: Option<String>,
+    pub(crate) email: String,
+    pub(crate) next: String,
+}
+
+#[derive(Template)]
+#[template(path = "portal/signup.html")]
+pub(crate) struct SignupPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) error: Option<String>,
+    pub(crate) email: String,
+    pub(crate) tenant_name: String,
+}
+
+#[derive(Template)]
+#[template(path = "portal/overview.html")]
+pub(crate) struct OverviewPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) plan: String,
+    pub(crate) period_end: String,
+    pub(crate) calls: i64,
+    pub(crate) included_calls: String,
+    /// Share of the included calls used, 0 to 100.
+    pub(crate) used_percent: i64,
+    pub(crate) spend: String,
+    pub(crate) cancel_at_period_end: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct KeyRow {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) redacted: String,
+    pub(crate) scopes: String,
+    pub(crate) created: String,
+    pub(crate) last_used: String,
+    pub(crate) revoked: bool,
+}
+
+impl From<&ApiKey> for KeyRow {
+    fn from(key: &ApiKey) -> Self {
+        Self {
+            id: key.id.to_string(),
+            name: key.name.clone(),
+            redacted: key.redacted.clone(),
+            scopes: key
+                .scopes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            created: date(key.created_at),
+            last_used: key.last_used_at.map_or_else(|| "never".to_owned(), time),
+            revoked: key.revoked_at.is_some(),
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "portal/keys.html")]
+pub(crate) struct KeysPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) keys: Vec<KeyRow>,
+    /// A key just created: its secret, shown this once.
+    pub(crate) created: Option<(String, String)>,
+    pub(crate) error: Option<String>,
+    pub(crate) csrf: String,
+}
+
+/// One bar of a chart, in the SVG's user units.
+#[derive(Debug)]
+pub(crate) struct Bar {
+    pub(crate) x: usize,
+    pub(crate) y: i64,
+    pub(crate) height: i64,
+    pub(crate) label: String,
+    pub(crate) value: i64,
+}
+
+pub(crate) const CHART_HEIGHT: i64 = 120;
+pub(crate) const BAR_WIDTH: usize = 18;
+
+/// Bars for values, scaled to the chart's height.
+pub(crate) fn bars(values: &[(String, i64)]) -> Vec<Bar> {
+    let most = values.iter().map(|(_, v)| *v).max().unwrap_or(0).max(1);
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, (label, value))| {
+            let height = (value * CHART_HEIGHT / most).max(i64::from(*value > 0));
+            Bar {
+                x: i * (BAR_WIDTH + 4),
+                y: CHART_HEIGHT - height,
+                height,
+                label: label.clone(),
+                value: *value,
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug)]
+pub(crate) struct UsageLine {
+    pub(crate) key: String,
+    pub(crate) calls: i64,
+    pub(crate) units: i64,
+    pub(crate) amount: String,
+}
+
+impl UsageLine {
+    pub(crate) fn new(row: &UsageRow, currency: &str) -> Self {
+        Self {
+            key: row.key.clone(),
+            calls: row.calls,
+            units: row.units,
+            amount: micros(row.amount_micros, currency),
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "portal/usage.html")]
+pub(crate) struct UsagePage {
+    pub(crate) chrome: Chrome,
+    pub(crate) from: String,
+    pub(crate) to: String,
+    pub(crate) days: Vec<UsageLine>,
+    pub(crate) resources: Vec<UsageLine>,
+    pub(crate) total: UsageLine,
+    pub(crate) bars: Vec<Bar>,
+    pub(crate) chart_width: usize,
+    pub(crate) chart_height: i64,
+    pub(crate) bar_width: usize,
+}
+
+#[derive(Debug)]
+pub(crate) struct PlanCard {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) fee: String,
+    pub(crate) included_calls: String,
+    pub(crate) per_call: String,
+    pub(crate) hard_cap: bool,
+    pub(crate) rate: u32,
+    pub(crate) current: bool,
+}
+
+impl PlanCard {
+    pub(crate) fn new(plan: &Plan, current: &str) -> Self {
+        Self {
+            id: plan.id.clone(),
+            name: plan.name.clone(),
+            fee: micros(plan.monthly_fee_micros, &plan.currency),
+            included_calls: count(plan.included_calls),
+            per_call: micros(plan.price_per_call_micros, &plan.currency),
+            hard_cap: plan.hard_cap,
+            rate: plan.rate_limit_per_minute,
+            current: plan.id == current,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct StatementView {
+    pub(crate) period: String,
+    pub(crate) plan: String,
+    pub(crate) fee: String,
+    pub(crate) calls: i64,
+    pub(crate) included_calls: i64,
+    pub(crate) overage_calls: i64,
+    pub(crate) overage: String,
+    pub(crate) plugin_fees: String,
+    pub(crate) total: String,
+    pub(crate) items: Vec<(String, String, i64, String)>,
+    /// Stripe's invoice: its status and hosted page.
+    pub(crate) invoice: Option<(String, Option<String>)>,
+}
+
+impl From<&Statement> for StatementView {
+    fn from(s: &Statement) -> Self {
+        Self {
+            period: format!("{} – {}", date(s.period_start), date(s.period_end)),
+            plan: s.plan.clone(),
+            fee: cents(s.subscription_fee_cents, &s.currency),
+            calls: s.calls,
+            included_calls: s.included_calls,
+            overage_calls: s.overage_calls,
+            overage: cents(s.overage_cents, &s.currency),
+            plugin_fees: cents(s.plugin_fees_cents, &s.currency),
+            total: cents(s.total_cents, &s.currency),
+            items: s
+                .items
+                .iter()
+                .map(|i| {
+                    (
+                        i.kind.clone(),
+                        i.name.clone(),
+                        i.units,
+                        micros(i.amount_micros, &s.currency),
+                    )
+                })
+                .collect(),
+            invoice: s
+                .invoice
+                .as_ref()
+                .map(|i| (i.status.clone(), i.hosted_url.clone())),
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "portal/billing.html")]
+pub(crate) struct BillingPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) plans: Vec<PlanCard>,
+    pub(crate) status: String,
+    pub(crate) cancel_at_period_end: bool,
+    pub(crate) paid: bool,
+    pub(crate) upcoming: StatementView,
+    pub(crate) invoices: Vec<StatementView>,
+    pub(crate) can_manage: bool,
+    pub(crate) csrf: String,
+}
+
+/// A count with thousands separated: `100,000`.
+pub(crate) fn count(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3 + 1);
+    if n < 0 {
+        out.push('-');
+    }
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+pub(crate) fn date(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%d").to_string()
+}
+
+fn time(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%d %H:%M UTC").to_string()
+}
+
+fn symbol(currency: &str) -> String {
+    match currency {
+        "usd" => "$".to_owned(),
+        "eur" => "€".to_owned(),
+        "gbp" => "£".to_owned(),
+        other => format!("{} ", other.to_uppercase()),
+    }
+}
+
+/// Minor units (cents) as money: `$12.34`.
+pub(crate) fn cents(amount: i64, currency: &str) -> String {
+    let sign = if amount < 0 { "-" } else { "" };
+    let amount = amount.unsigned_abs();
+    format!("{sign}{}{}.{:02}", symbol(currency), amount / 100, amount % 100)
+}
+
+/// Millionths of a unit as money, to the precision that matters: `$0.0010`, `$29.00`.
+pub(crate) fn micros(amount: Micros, currency: &str) -> String {
+    let amount = amount.0;
+    let sign = if amount < 0 { "-" } else { "" };
+    let amount = amount.unsigned_abs();
+    let (whole, fraction) = (amount / 1_000_000, amount % 1_000_000);
+    if fraction % 10_000 == 0 {
+        format!("{sign}{}{whole}.{:02}", symbol(currency), fraction / 10_000)
+    } else {
+        let digits = format!("{fraction:06}");
+        format!(
+            "{sign}{}{whole}.{}",
+            symbol(currency),
+            digits.trim_end_matches('0')
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn money_reads_as_people_write_it() {
+        assert_eq!(cents(2_900, "usd"), "$29.00");
+        assert_eq!(cents(-5, "eur"), "-€0.05");
+        assert_eq!(micros(Micros(29_000_000), "usd"), "$29.00");
+        assert_eq!(micros(Micros(1_000), "usd"), "$0.001");
+        assert_eq!(micros(Micros(1_500_000), "chf"), "CHF 1.50");
+    }
+
+    #[test]
+    fn counts_are_grouped_by_thousands() {
+        assert_eq!(count(0), "0");
+        assert_eq!(count(999), "999");
+        assert_eq!(count(1_000), "1,000");
+        assert_eq!(count(3_000_000), "3,000,000");
+        assert_eq!(count(-12_345), "-12,345");
+    }
+
+    #[test]
+    fn bars_scale_to_the_largest_and_keep_small_values_visible() {
+        let bars = bars(&[("a".into(), 0), ("b".into(), 1), ("c".into(), 1_000)]);
+        assert_eq!(bars[0].height, 0);
+        assert_eq!(bars[1].height, 1);
+        assert_eq!(bars[2].height, CHART_HEIGHT);
+        assert_eq!(bars[2].y, 0);
+    }
+}

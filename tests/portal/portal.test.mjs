@@ -1,0 +1,224 @@
+// The portal in a real browser (Debian's Chromium through playwright-core), through its pages only,
+// against a running server: PLINTH_URL names it, CHROMIUM the browser. Every main page is checked
+// with axe-core for serious or critical accessibility violations. With PLINTH_SCREENSHOTS set, the
+// main pages are saved there as PNGs (the README's screenshots).
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { mkdirSync, readFileSync } from "node:fs";
+import { createRequire } from "node:module";
+import { join } from "node:path";
+import { chromium } from "playwright-core";
+
+const require = createRequire(import.meta.url);
+const AXE = readFileSync(require.resolve("axe-core/axe.min.js"), "utf8");
+const BASE = process.env.PLINTH_URL ?? "http://127.0.0.1:8080";
+const SCREENSHOTS = process.env.PLINTH_SCREENSHOTS;
+const PASSWORD = "correct horse battery staple";
+
+let browser;
+before(async () => {
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-dev-shm-usage"],
+  });
+});
+after(async () => browser?.close());
+
+let tenants = 0;
+/** A new tenant signed up through the sign-up page, in a browser context of its own. */
+async function signUp() {
+  tenants += 1;
+  // bypassCSP: only so that axe-core can be injected; the pages load no inline script themselves.
+  const context = await browser.newContext({ viewport: { width: 1000, height: 720 }, bypassCSP: true });
+  const page = await context.newPage();
+  const email = `owner-${Date.now()}-${tenants}@example.com`;
+  await page.goto(`${BASE}/portal`);
+  assert.match(page.url(), /\/portal\/login/, "a visitor without a session is sent to log in");
+  await page.getByRole("link", { name: "Create an account" }).click();
+  await page.getByLabel("Organisation").fill(`Tenant ${tenants}`);
+  await page.getByLabel("Email").fill(email);
+  await page.getByLabel("Password").fill(PASSWORD);
+  await page.getByRole("button", { name: "Create account" }).click();
+  await page.waitForURL(/\/portal\?welcome=1$/);
+  return { context, page, email };
+}
+
+/** Creates a key on the keys page; returns its secret and id. */
+async function createKey(page, name) {
+  await page.getByRole("navigation", { name: "Portal" }).getByRole("link", { name: "API keys" }).click();
+  await page.getByLabel("Name").fill(name);
+  await page.getByRole("button", { name: "Create key" }).click();
+  const secret = (await page.getByTestId("secret").textContent()).trim();
+  const action = await page
+    .getByRole("row", { name: new RegExp(name) })
+    .locator("form")
+    .getAttribute("action");
+  return { secret, id: action.split("/")[3] };
+}
+
+/** axe-core on the page as it is: no serious or critical violations. */
+async function accessible(page, what) {
+  await page.addScriptTag({ content: AXE });
+  const result = await page.evaluate(async () => window.axe.run(document, { resultTypes: ["violations"] }));
+  const bad = result.violations.filter((v) => ["serious", "critical"].includes(v.impact));
+  assert.deepEqual(
+    bad.map((v) => `${v.id}: ${v.help} (${v.nodes.map((n) => n.target.join(" ")).join(", ")})`),
+    [],
+    `accessibility violations on ${what}`,
+  );
+}
+
+async function screenshot(page, name) {
+  if (!SCREENSHOTS) return;
+  mkdirSync(SCREENSHOTS, { recursive: true });
+  await page.screenshot({ path: join(SCREENSHOTS, `${name}.png`) });
+}
+
+async function classify(secret) {
+  const response = await fetch(`${BASE}/v1/models/sentiment/classify`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${secret}`, "content-type": "application/json" },
+    body: JSON.stringify({ inputs: ["The portal works"] }),
+  });
+  assert.equal(response.status, 200, await response.text());
+}
+
+test("a new tenant signs up, creates a key, sees its calls in usage, subscribes to Pro and sees it on the statement", async () => {
+  const { context, page } = await signUp();
+  await assert.doesNotReject(page.getByRole("status").filter({ hasText: "Welcome" }).waitFor());
+  assert.equal(await page.getByTestId("plan").textContent(), "Free");
+  await accessible(page, "the overview");
+
+  const key = await createKey(page, "backend");
+  assert.match(key.secret, /^plk_live_/);
+  await screenshot(page, "keys");
+  await accessible(page, "the keys page");
+  // The application uses the key, three times.
+  for (let i = 0; i < 3; i++) await classify(key.secret);
+
+  await page.getByRole("link", { name: "Usage" }).click();
+  assert.equal(await page.getByTestId("total-calls").textContent(), "3");
+  assert.match(await page.getByTestId("by-resource").textContent(), /sentiment/);
+  await screenshot(page, "usage");
+  await accessible(page, "the usage page");
+  // The range picker: a range before today has none of them.
+  await page.getByLabel("From", { exact: true }).fill("2020-01-01");
+  await page.getByLabel("To", { exact: true }).fill("2020-01-31");
+  await page.getByRole("button", { name: "Show" }).click();
+  assert.equal(await page.getByTestId("total-calls").textContent(), "0");
+
+  await page.getByRole("link", { name: "Billing" }).click();
+  await page.getByRole("button", { name: "Switch to Pro" }).click();
+  await page.waitForURL(/\/portal\/billing\?changed=1$/);
+  assert.match(await page.getByRole("status").textContent(), /Pro plan/);
+  const statement = page.getByTestId("statement").first();
+  assert.equal(await statement.getByTestId("statement-plan").textContent(), "pro");
+  assert.doesNotMatch(await statement.getByTestId("statement-total").textContent(), /\$0\.00/);
+  await screenshot(page, "billing");
+  await accessible(page, "the billing page");
+
+  await page.getByRole("link", { name: "Overview" }).click();
+  assert.equal(await page.getByTestId("plan").textContent(), "Pro");
+  // Moving to a paid plan starts its first period: the free period's calls are behind it.
+  assert.equal(await page.getByTestId("calls").textContent(), "0");
+  await screenshot(page, "overview");
+  await context.close();
+});
+
+test("the login page logs in, refuses a wrong password, and returns to the page asked for", async () => {
+  const { context, page, email } = await signUp();
+  await page.getByRole("button", { name: "Log out" }).click();
+  await page.waitForURL(/\/portal\/login$/);
+  await accessible(page, "the login page");
+  await page.goto(`${BASE}/portal/usage`);
+  await page.getByLabel("Email").fill(email);
+  await page.getByLabel("Password").fill("not the password");
+  await page.getByRole("button", { name: "Log in" }).click();
+  assert.match(await page.getByRole("alert").textContent(), /do not match/);
+  await page.getByLabel("Password").fill(PASSWORD);
+  await page.getByRole("button", { name: "Log in" }).click();
+  await page.waitForURL(/\/portal\/usage$/);
+  await context.close();
+});
+
+test("a form sent without its CSRF token, or from another site, is refused and changes nothing", async () => {
+  const { context, page } = await signUp();
+  await page.goto(`${BASE}/portal/keys`);
+  const without = await page.evaluate(async () => {
+    const response = await fetch("/portal/keys", {
+      method: "POST",
+      body: new URLSearchParams({ name: "forged", inference: "on" }),
+    });
+    return response.status;
+  });
+  assert.equal(without, 403);
+  // With the right token but from another origin, as a page elsewhere would post it.
+  const csrf = await page.locator('form[action="/portal/keys"] input[name="csrf"]').inputValue();
+  const cookies = await context.cookies();
+  const session = cookies.find((c) => c.name === "plinth_session");
+  assert.ok(session.httpOnly, "the session cookie is HttpOnly");
+  assert.equal(session.sameSite, "Lax");
+  const crossSite = await fetch(`${BASE}/portal/keys`, {
+    method: "POST",
+    headers: {
+      cookie: `plinth_session=${session.value}`,
+      origin: "https://attacker.example",
+      "content-type": "application/x-www-form-urlencoded",
+    },
+    body: new URLSearchParams({ csrf, name: "forged", inference: "on" }),
+  });
+  assert.equal(crossSite.status, 403);
+  await page.reload();
+  assert.equal(await page.getByRole("row", { name: /forged/ }).count(), 0, "no key was created");
+  await context.close();
+});
+
+test("another tenant's key by URL is a 404 page, and the key keeps working", async () => {
+  const owner = await signUp();
+  const key = await createKey(owner.page, "theirs");
+  const other = await signUp();
+  await other.page.goto(`${BASE}/portal/keys`);
+  await createKey(other.page, "mine");
+  // The other tenant's own revoke form, pointed at the first tenant's key.
+  await other.page.evaluate((id) => {
+    document.querySelector('form[action$="/revoke"]').action = `/portal/keys/${id}/revoke`;
+  }, key.id);
+  const [response] = await Promise.all([
+    other.page.waitForResponse((r) => r.url().endsWith(`/portal/keys/${key.id}/revoke`)),
+    other.page.getByRole("button", { name: "Revoke mine" }).click(),
+  ]);
+  assert.equal(response.status(), 404);
+  assert.equal(await other.page.locator(".error-page").getAttribute("data-code"), "not_found");
+  await accessible(other.page, "the error page");
+  await classify(key.secret);
+  const missing = await other.page.goto(`${BASE}/portal/no-such-page`);
+  assert.equal(missing.status(), 404);
+  await owner.context.close();
+  await other.context.close();
+});
+
+test("a session ended elsewhere is logged out of the portal", async () => {
+  const { context, page } = await signUp();
+  const session = (await context.cookies()).find((c) => c.name === "plinth_session");
+  const logout = await fetch(`${BASE}/v1/logout`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${session.value}` },
+  });
+  assert.equal(logout.status, 204);
+  await page.goto(`${BASE}/portal/keys`);
+  assert.match(page.url(), /\/portal\/login\?next=/);
+  await context.close();
+});
+
+test("pages fit a phone-width screen and start with a skip link", async () => {
+  const { context, page } = await signUp();
+  await page.setViewportSize({ width: 360, height: 740 });
+  for (const path of ["/portal", "/portal/keys", "/portal/usage", "/portal/billing"]) {
+    await page.goto(`${BASE}${path}`);
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    assert.ok(overflow <= 1, `${path} scrolls sideways by ${overflow}px`);
+  }
+  await page.keyboard.press("Tab");
+  assert.equal(await page.evaluate(() => document.activeElement.textContent), "Skip to content");
+  await context.close();
+});
