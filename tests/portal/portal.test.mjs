@@ -155,19 +155,38 @@ test("a form sent without its CSRF token, or from another site, is refused and c
   // With the right token but from another origin, as a page elsewhere would post it.
   const csrf = await page.locator('form[action="/portal/keys"] input[name="csrf"]').inputValue();
   const cookies = await context.cookies();
-  const session = cookies.find((c) => c.name === "plinth_session");
+  const session = cookies.find((c) => c.name === "__Host-plinth_session");
   assert.ok(session.httpOnly, "the session cookie is HttpOnly");
+  assert.ok(session.secure, "the session cookie is Secure");
   assert.equal(session.sameSite, "Lax");
   const crossSite = await fetch(`${BASE}/portal/keys`, {
     method: "POST",
     headers: {
-      cookie: `plinth_session=${session.value}`,
+      cookie: `__Host-plinth_session=${session.value}`,
       origin: "https://attacker.example",
       "content-type": "application/x-www-form-urlencoded",
     },
     body: new URLSearchParams({ csrf, name: "forged", inference: "on" }),
   });
   assert.equal(crossSite.status, 403);
+  // Neither Origin nor Sec-Fetch-Site: not a browser showing the portal.
+  const headerless = await fetch(`${BASE}/portal/keys`, {
+    method: "POST",
+    headers: {
+      cookie: `__Host-plinth_session=${session.value}`,
+      "content-type": "application/x-www-form-urlencoded",
+    },
+    body: new URLSearchParams({ csrf, name: "forged", inference: "on" }),
+  });
+  assert.equal(headerless.status, 403);
+  // Logging a victim into the attacker's account from another site (login CSRF).
+  const loginCsrf = await fetch(`${BASE}/portal/login`, {
+    method: "POST",
+    redirect: "manual",
+    headers: { origin: "https://attacker.example", "content-type": "application/x-www-form-urlencoded" },
+    body: new URLSearchParams({ email: "attacker@example.com", password: PASSWORD }),
+  });
+  assert.equal(loginCsrf.status, 403);
   await page.reload();
   assert.equal(await page.getByRole("row", { name: /forged/ }).count(), 0, "no key was created");
   await context.close();
@@ -199,7 +218,7 @@ test("another tenant's key by URL is a 404 page, and the key keeps working", asy
 
 test("a session ended elsewhere is logged out of the portal", async () => {
   const { context, page } = await signUp();
-  const session = (await context.cookies()).find((c) => c.name === "plinth_session");
+  const session = (await context.cookies()).find((c) => c.name === "__Host-plinth_session");
   const logout = await fetch(`${BASE}/v1/logout`, {
     method: "POST",
     headers: { authorization: `Bearer ${session.value}` },

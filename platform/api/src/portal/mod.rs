@@ -128,6 +128,8 @@ async fn security_headers(
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::REFERRER_POLICY, "same-origin"),
+        // Ignored over plain http; once a browser has the portal over https, it stays there.
+        (header::STRICT_TRANSPORT_SECURITY, "max-age=31536000"),
     ] {
         headers.insert(name, HeaderValue::from_static(value));
     }

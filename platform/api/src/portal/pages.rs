@@ -84,7 +84,7 @@ pub(crate) async fn login(
     let who = origin(&req).who("anonymous");
     match state.store.login(state.cache.as_ref(), &request, &who).await {
         Ok(session) => {
-            let cookie = session::open(&req, &state, &session.token).await?;
+            let cookie = session::open(&state, &session.token).await?;
             let mut response = see_other(&local_next(form.next.as_deref()));
             response.add_cookie(&cookie).map_err(ApiError::internal)?;
             Ok(response)
@@ -128,7 +128,7 @@ pub(crate) async fn signup(
     let form = form.into_inner();
     match state.store.signup(&form, &origin(&req).who("anonymous")).await {
         Ok(session) => {
-            let cookie = session::open(&req, &state, &session.token).await?;
+            let cookie = session::open(&state, &session.token).await?;
             let mut response = see_other("/portal?welcome=1");
             response.add_cookie(&cookie).map_err(ApiError::internal)?;
             Ok(response)
@@ -167,7 +167,7 @@ pub(crate) async fn logout(
     }
     let mut response = see_other("/portal/login");
     response
-        .add_cookie(&session::removal(&req))
+        .add_cookie(&session::removal())
         .map_err(ApiError::internal)?;
     Ok(response)
 }

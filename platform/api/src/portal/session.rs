@@ -1,14 +1,14 @@
 //! Who is looking at a portal page: a session cookie over the platform's own sessions, expired after
 //! a while idle, and forms that only this portal can submit.
 //!
-//! - The cookie holds a session token (`HttpOnly`, `SameSite=Lax`, `Secure` over https); the token is
+//! - The cookie holds a session token (`__Host-`, `HttpOnly`, `Secure`, `SameSite=Lax`); the token is
 //!   checked like a bearer token on every request, so a session ended anywhere (logout, revocation) ends
 //!   here too. Only sessions the portal opened are accepted: it marks them in the cache with an idle
 //!   expiry, refreshed on each request.
 //! - Every form carries a per-session CSRF token (derived from the session token, which a page on
 //!   another site cannot read), and every unsafe request must come from this origin (`Sec-Fetch-Site`
-//!   and `Origin`, where the browser sends them). Login and sign-up, before there is a session, rely on
-//!   the origin checks and `SameSite`.
+//!   and `Origin`: at least one, as browsers send). Login and sign-up, before there is a session, rely
+//!   on the origin checks.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,8 +30,11 @@ use crate::client::{Origin, origin};
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// The session cookie's name.
-pub(crate) const COOKIE: &str = "plinth_session";
+/// The session cookie's name. `__Host-`: only ever set by this host, over a secure connection, for
+/// every path (a sibling subdomain cannot plant one). Browsers treat `http://127.0.0.1` and
+/// `localhost` as secure, so the embedded default works over plain http there; anywhere else the
+/// portal must be served over https.
+pub(crate) const COOKIE: &str = "__Host-plinth_session";
 
 /// A portal session unused this long is over (the session itself lasts at most 30 days).
 const IDLE_EXPIRY: Duration = Duration::from_secs(30 * 60);
@@ -54,17 +57,8 @@ fn state(req: &HttpRequest) -> Result<web::Data<AppState>, PageError> {
         .ok_or_else(|| PageError::from(ApiError::internal("application state is not registered")))
 }
 
-/// Whether the request is served over https (directly, or as a trusted proxy says).
-fn secure(req: &HttpRequest) -> bool {
-    req.connection_info().scheme() == "https"
-}
-
 /// Marks a session the portal opened and returns its cookie.
-pub(crate) async fn open(
-    req: &HttpRequest,
-    state: &AppState,
-    token: &str,
-) -> Result<Cookie<'static>, PageError> {
+pub(crate) async fn open(state: &AppState, token: &str) -> Result<Cookie<'static>, PageError> {
     state
         .cache
         .set(&idle_key(token), b"1", IDLE_EXPIRY)
@@ -73,24 +67,26 @@ pub(crate) async fn open(
     Ok(Cookie::build(COOKIE, token.to_owned())
         .path("/")
         .http_only(true)
-        .secure(secure(req))
+        .secure(true)
         .same_site(SameSite::Lax)
         .finish())
 }
 
 /// A cookie that removes the session cookie.
-pub(crate) fn removal(req: &HttpRequest) -> Cookie<'static> {
+pub(crate) fn removal() -> Cookie<'static> {
     let mut cookie = Cookie::build(COOKIE, "")
         .path("/")
         .http_only(true)
-        .secure(secure(req))
+        .secure(true)
         .same_site(SameSite::Lax)
         .finish();
     cookie.make_removal();
     cookie
 }
 
-/// Refuses an unsafe request that a page of another site sent.
+/// Refuses an unsafe request that a page of another site sent. Browsers send `Sec-Fetch-Site` or
+/// `Origin` (or both) with every form post; a request with neither did not come from a browser
+/// showing this portal.
 pub(crate) fn same_origin(req: &HttpRequest) -> Result<(), PageError> {
     let refused = |why: &str| {
         Err(PageError::from(ApiError::new(
@@ -98,17 +94,22 @@ pub(crate) fn same_origin(req: &HttpRequest) -> Result<(), PageError> {
             format!("this form was not sent from this site ({why})"),
         )))
     };
-    if let Some(site) = req.headers().get("sec-fetch-site")
+    let site = req.headers().get("sec-fetch-site");
+    if let Some(site) = site
         && !matches!(site.to_str().unwrap_or_default(), "same-origin" | "none")
     {
         return refused("Sec-Fetch-Site");
     }
-    if let Some(sent) = req.headers().get(header::ORIGIN) {
-        let sent = sent.to_str().unwrap_or_default();
-        let host = sent.split_once("://").map(|(_, host)| host);
-        if host != Some(req.connection_info().host()) {
-            return refused("Origin");
+    match req.headers().get(header::ORIGIN) {
+        Some(sent) => {
+            let sent = sent.to_str().unwrap_or_default();
+            let host = sent.split_once("://").map(|(_, host)| host);
+            if host != Some(req.connection_info().host()) {
+                return refused("Origin");
+            }
         }
+        None if site.is_none() => return refused("no Origin"),
+        None => {}
     }
     Ok(())
 }
@@ -146,29 +147,37 @@ async fn visitor(req: &HttpRequest) -> Result<Visitor, PageError> {
         Err(err @ plinth_store::auth::AuthError::Store(_)) => return Err(ApiError::from(err).into()),
         Err(_) => return Err(logged_out()),
     };
-    let Actor::User { session, .. } = &principal.actor else {
+    let Actor::User { .. } = &principal.actor else {
         return Err(logged_out());
     };
     let key = idle_key(&token);
     match state.cache.get(&key).await {
         Ok(Some(_)) => {}
-        Ok(None) => {
-            // Idle too long, or a session the portal did not open: it ends.
-            state
-                .store
-                .logout(&principal.tenant_id, session)
-                .await
-                .map_err(ApiError::from)?;
-            return Err(logged_out());
-        }
+        // Idle too long, a session the portal did not open, or a cache that lost the mark (a replica
+        // standing in for Redis): log in again. The session itself is not revoked here, so a cache
+        // outage cannot end anyone's sessions.
+        Ok(None) => return Err(logged_out()),
         Err(err) => {
             // The absolute expiry still holds; an outage must not log everyone out.
             metrics::counter!("plinth_portal_idle_check_errors_total").increment(1);
             tracing::warn!(error = %err, "cannot check a portal session's idle expiry; allowing it");
         }
     }
-    // Pages count against the tenant's limit for unmetered requests, as the API's listings do.
-    crate::auth::count_unmetered(req, &principal).await?;
+    // Pages count against a limit of each member's own, not the tenant's API bucket: whoever holds a
+    // leaked key cannot flood the API to lock the tenant's admins out of revoking it.
+    let quota = state.settings.limits.unmetered_per_tenant;
+    match state
+        .cache
+        .rate_limit(&format!("portal:{}", principal.actor_id()), quota)
+        .await
+    {
+        Ok(decision) if !decision.allowed => return Err(ApiError::rate_limited(decision).into()),
+        Ok(_) => {}
+        Err(err) => {
+            metrics::counter!("plinth_rate_limit_errors_total").increment(1);
+            tracing::warn!(error = %err, "rate limiter unavailable; allowing the page");
+        }
+    }
     if let Err(err) = state.cache.set(&key, b"1", IDLE_EXPIRY).await {
         tracing::warn!(error = %err, "cannot refresh a portal session's idle expiry");
     }

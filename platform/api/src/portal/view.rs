@@ -263,10 +263,13 @@ impl From<&Statement> for StatementView {
                     )
                 })
                 .collect(),
-            invoice: s
-                .invoice
-                .as_ref()
-                .map(|i| (i.status.clone(), i.hosted_url.clone())),
+            // A link only to Stripe's https pages, whatever a webhook said.
+            invoice: s.invoice.as_ref().map(|i| {
+                (
+                    i.status.clone(),
+                    i.hosted_url.clone().filter(|url| url.starts_with("https://")),
+                )
+            }),
         }
     }
 }
