@@ -154,11 +154,7 @@ pub(crate) async fn signup(
 #[derive(Debug, Deserialize)]
 pub(crate) struct Empty {}
 
-pub(crate) async fn logout(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-    posted: Posted<Empty>,
-) -> PageResult {
+pub(crate) async fn logout(state: web::Data<AppState>, posted: Posted<Empty>) -> PageResult {
     if let Actor::User { session, .. } = &posted.visitor.principal.actor {
         state
             .store
