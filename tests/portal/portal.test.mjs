@@ -229,12 +229,39 @@ test("a session ended elsewhere is logged out of the portal", async () => {
   await context.close();
 });
 
+test("an owner adds a member, changes their role and removes them; the last owner stays an owner", async () => {
+  const owner = await signUp();
+  const colleague = await signUp();
+  const page = owner.page;
+  await page.getByRole("link", { name: "Members" }).click();
+  await page.getByLabel("Email").fill(colleague.email);
+  await page.getByLabel("Role", { exact: true }).selectOption("viewer");
+  await page.getByRole("button", { name: "Add member" }).click();
+  const role = page.getByLabel(`Role of ${colleague.email}`, { exact: true });
+  assert.equal(await role.inputValue(), "viewer");
+  await accessible(page, "the members page");
+  await role.selectOption("developer");
+  await page.getByRole("button", { name: `Change the role of ${colleague.email}` }).click();
+  assert.equal(await page.getByLabel(`Role of ${colleague.email}`, { exact: true }).inputValue(), "developer");
+  // The only owner cannot step down: the page says why.
+  await page.getByLabel(`Role of ${owner.email}`, { exact: true }).selectOption("viewer");
+  await page.getByRole("button", { name: `Change the role of ${owner.email}` }).click();
+  assert.match(await page.getByRole("alert").textContent(), /owner/);
+  await page.getByRole("button", { name: `Remove ${colleague.email}` }).click();
+  await page.waitForURL(/\/portal\/members$/);
+  assert.equal(await page.getByRole("row", { name: new RegExp(colleague.email) }).count(), 0);
+  await screenshot(page, "members");
+  await owner.context.close();
+  await colleague.context.close();
+});
+
 test("pages fit a phone-width screen and start with a skip link", async () => {
   const { context, page } = await signUp();
   await page.setViewportSize({ width: 360, height: 740 });
-  for (const path of ["/portal", "/portal/keys", "/portal/usage", "/portal/billing"]) {
+  for (const path of ["/portal", "/portal/keys", "/portal/usage", "/portal/billing", "/portal/members"]) {
     await page.goto(`${BASE}${path}`);
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    if (overflow > 1) await screenshot(page, `narrow-${path.split("/").pop()}`);
     assert.ok(overflow <= 1, `${path} scrolls sideways by ${overflow}px`);
   }
   await page.keyboard.press("Tab");

@@ -183,6 +183,10 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
             .route("/billing", web::get().to(pages::billing))
             .route("/billing/plan", web::post().to(pages::change_plan))
             .route("/billing/cancel", web::post().to(pages::cancel))
+            .route("/members", web::get().to(pages::members))
+            .route("/members", web::post().to(pages::add_member))
+            .route("/members/{user}/role", web::post().to(pages::change_role))
+            .route("/members/{user}/remove", web::post().to(pages::remove_member))
             .default_service(web::to(not_found)),
     );
 }

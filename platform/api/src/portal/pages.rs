@@ -3,9 +3,10 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use plinth_core::Role;
 use plinth_core::Scope;
-use plinth_core::api::{CreateApiKeyRequest, LoginRequest, SignupRequest, UsageGrouping};
-use plinth_core::id::KeyId;
+use plinth_core::api::{AddMemberRequest, CreateApiKeyRequest, LoginRequest, SignupRequest, UsageGrouping};
+use plinth_core::id::{KeyId, UserId};
 use plinth_store::auth::Actor;
 use serde::Deserialize;
 
@@ -477,4 +478,113 @@ pub(crate) async fn cancel(state: web::Data<AppState>, posted: Posted<Empty>) ->
         .cancel(&posted.visitor.principal.tenant_id, &posted.visitor.who())
         .await?;
     Ok(see_other("/portal/billing?changed=1"))
+}
+
+async fn members_page(
+    state: &AppState,
+    visitor: &Visitor,
+    error: Option<String>,
+    status: StatusCode,
+) -> PageResult {
+    let chrome = chrome(state, visitor, "Members", "members").await?;
+    let members = state.store.list_members(&visitor.principal.tenant_id).await?;
+    let you = match &visitor.principal.actor {
+        Actor::User { id, .. } => Some(id.clone()),
+        Actor::ApiKey { .. } => None,
+    };
+    Ok(page(
+        status,
+        &view::MembersPage {
+            chrome,
+            members: members
+                .iter()
+                .map(|m| view::MemberRow {
+                    user_id: m.user_id.to_string(),
+                    email: m.email.clone(),
+                    role: m.role.as_str(),
+                    joined: view::date(m.joined_at),
+                    you: you.as_ref() == Some(&m.user_id),
+                })
+                .collect(),
+            roles: Role::ALL.map(Role::as_str),
+            can_manage: visitor.principal.has(Scope::Admin),
+            csrf: visitor.csrf.clone(),
+            error,
+        },
+    ))
+}
+
+pub(crate) async fn members(state: web::Data<AppState>, visitor: Visitor) -> PageResult {
+    members_page(&state, &visitor, None, StatusCode::OK).await
+}
+
+/// A refusal the visitor can act on is shown on the members page; anything else is an error page.
+async fn members_refusal(state: &AppState, visitor: &Visitor, err: plinth_store::StoreError) -> PageResult {
+    let err = ApiError::from(err);
+    if err.status_code().is_server_error() || err.status_code() == StatusCode::NOT_FOUND {
+        return Err(err.into());
+    }
+    members_page(state, visitor, Some(err.message().to_owned()), err.status_code()).await
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct AddMemberForm {
+    email: String,
+    role: Role,
+}
+
+pub(crate) async fn add_member(state: web::Data<AppState>, posted: Posted<AddMemberForm>) -> PageResult {
+    let Posted { visitor, form } = posted;
+    visitor.require(Scope::Admin)?;
+    let request = AddMemberRequest {
+        email: form.email,
+        role: form.role,
+    };
+    match state
+        .store
+        .add_member(&visitor.principal, &visitor.who(), &request)
+        .await
+    {
+        Ok(_) => Ok(see_other("/portal/members")),
+        Err(err) => members_refusal(&state, &visitor, err).await,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct RoleForm {
+    role: Role,
+}
+
+pub(crate) async fn change_role(
+    state: web::Data<AppState>,
+    posted: Posted<RoleForm>,
+    user: web::Path<UserId>,
+) -> PageResult {
+    let Posted { visitor, form } = posted;
+    visitor.require(Scope::Admin)?;
+    match state
+        .store
+        .update_member(&visitor.principal, &visitor.who(), &user, form.role)
+        .await
+    {
+        Ok(_) => Ok(see_other("/portal/members")),
+        Err(err) => members_refusal(&state, &visitor, err).await,
+    }
+}
+
+pub(crate) async fn remove_member(
+    state: web::Data<AppState>,
+    posted: Posted<Empty>,
+    user: web::Path<UserId>,
+) -> PageResult {
+    let visitor = posted.visitor;
+    visitor.require(Scope::Admin)?;
+    match state
+        .store
+        .remove_member(&visitor.principal, &visitor.who(), &user)
+        .await
+    {
+        Ok(()) => Ok(see_other("/portal/members")),
+        Err(err) => members_refusal(&state, &visitor, err).await,
+    }
 }

@@ -41,6 +41,7 @@ impl Nav {
             ("keys", "/portal/keys", "API keys"),
             ("usage", "/portal/usage", "Usage"),
             ("billing", "/portal/billing", "Billing"),
+            ("members", "/portal/members", "Members"),
         ]
         .into_iter()
         .map(|(id, href, label)| (href, label, id == self.current))
@@ -128,6 +129,26 @@ pub(crate) struct KeysPage {
     pub(crate) created: Option<(String, String)>,
     pub(crate) error: Option<String>,
     pub(crate) csrf: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct MemberRow {
+    pub(crate) user_id: String,
+    pub(crate) email: String,
+    pub(crate) role: &'static str,
+    pub(crate) joined: String,
+    pub(crate) you: bool,
+}
+
+#[derive(Template)]
+#[template(path = "portal/members.html")]
+pub(crate) struct MembersPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) members: Vec<MemberRow>,
+    pub(crate) roles: [&'static str; 4],
+    pub(crate) can_manage: bool,
+    pub(crate) csrf: String,
+    pub(crate) error: Option<String>,
 }
 
 /// One bar of a chart, in the SVG's user units.
