@@ -23,6 +23,10 @@ async fn the_portal_in_a_real_browser() {
     .current_dir(dir)
     .env("PLINTH_URL", app.url(""))
     .env("CHROMIUM", &chromium)
+    .env(
+        "PLINTH_MODELS_DIR",
+        plinth_server::config::cache_dir().join("models"),
+    )
     .env("NO_COLOR", "1")
     .env_remove("PLINTH_SCREENSHOTS");
     if let Some(screenshots) = std::env::var_os("PLINTH_PORTAL_SCREENSHOTS") {

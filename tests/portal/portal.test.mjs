@@ -255,10 +255,41 @@ test("an owner adds a member, changes their role and removes them; the last owne
   await colleague.context.close();
 });
 
+test("models: upload one with a progress bar, see a refused upload's reason, delete it", async () => {
+  const models = process.env.PLINTH_MODELS_DIR;
+  const { context, page } = await signUp();
+  await page.getByRole("link", { name: "Models" }).click();
+  assert.match(await page.getByTestId("models").textContent(), /sentiment/);
+  await accessible(page, "the models page");
+  // The built-in sentiment model's files, uploaded as the tenant's own.
+  await page.getByLabel("Manifest (JSON)").fill(
+    JSON.stringify({ name: "support-tone", task: "text-classification", labels: ["negative", "neutral", "positive"] }),
+  );
+  await page.getByLabel("Model (.onnx)").setInputFiles(join(models, "sentiment.onnx"));
+  await page.getByLabel("Tokenizer (tokenizer.json, text models)").setInputFiles(join(models, "tokenizer.json"));
+  await page.getByRole("button", { name: "Upload" }).click();
+  await page.waitForURL(/\/portal\/models\?uploaded=support-tone$/);
+  assert.match(await page.getByRole("status").textContent(), /support-tone/);
+  assert.equal(await page.getByRole("row", { name: /support-tone/ }).count(), 1);
+  assert.ok(await page.locator("progress#upload-progress").count(), "the page has its progress bar");
+  await screenshot(page, "models");
+  // A file that is not a model: the page says why, nothing is added.
+  await page.getByLabel("Manifest (JSON)").fill(JSON.stringify({ name: "broken", task: "raw" }));
+  await page.getByLabel("Model (.onnx)").setInputFiles({ name: "broken.onnx", mimeType: "application/octet-stream", buffer: Buffer.from("not a model") });
+  await page.getByRole("button", { name: "Upload" }).click();
+  await page.getByRole("alert").waitFor();
+  assert.match(await page.getByRole("alert").textContent(), /refused/);
+  assert.equal(await page.getByRole("row", { name: /broken/ }).count(), 0);
+  await page.getByRole("button", { name: "Delete support-tone" }).click();
+  await page.waitForURL(/\/portal\/models$/);
+  assert.equal(await page.getByRole("row", { name: /support-tone/ }).count(), 0);
+  await context.close();
+});
+
 test("pages fit a phone-width screen and start with a skip link", async () => {
   const { context, page } = await signUp();
   await page.setViewportSize({ width: 360, height: 740 });
-  for (const path of ["/portal", "/portal/keys", "/portal/usage", "/portal/billing", "/portal/members"]) {
+  for (const path of ["/portal", "/portal/keys", "/portal/usage", "/portal/models", "/portal/billing", "/portal/members"]) {
     await page.goto(`${BASE}${path}`);
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
     if (overflow > 1) await screenshot(page, `narrow-${path.split("/").pop()}`);

@@ -215,6 +215,28 @@ pub(crate) async fn load(
     .map_err(ApiError::from)
 }
 
+/// Deletes a tenant model, every version: it stops serving at once, and its files go once no live
+/// version of any tenant uses them. Usage history keeps its name.
+pub(crate) async fn delete_model(
+    state: &AppState,
+    auth: &Principal,
+    who: &plinth_store::audit::Who,
+    name: &str,
+) -> ApiResult<()> {
+    if state.models.is_platform(name) {
+        return Err(ApiError::new(
+            ErrorCode::InsufficientScope,
+            "platform models cannot be deleted by tenants",
+        ));
+    }
+    let _files = state.model_files_lock.lock().await;
+    state.store.delete_model(&auth.tenant_id, who, name).await?;
+    state.models.remove_tenant(&auth.tenant_id, name);
+    let files = state.store.model_files(&auth.tenant_id, name).await?;
+    remove_unused_files(state, files.iter()).await;
+    Ok(())
+}
+
 /// Handles `POST /v1/models`.
 pub(crate) async fn upload(
     state: &AppState,
@@ -230,8 +252,17 @@ pub(crate) async fn upload(
         .map_err(ApiError::internal)?;
     let (mut manifest, mut model, mut tokenizer) = (None, None, None);
     let outcome: ApiResult<()> = async {
-        while let Some(field) = form.try_next().await.map_err(multipart_error)? {
+        while let Some(mut field) = form.try_next().await.map_err(multipart_error)? {
             let name = field.name().unwrap_or_default().to_owned();
+            // A browser sends a file input left empty as a part with an empty file name: no file.
+            if field
+                .content_disposition()
+                .and_then(|disposition| disposition.get_filename())
+                == Some("")
+            {
+                while field.try_next().await.map_err(multipart_error)?.is_some() {}
+                continue;
+            }
             let repeated = match name.as_str() {
                 "manifest" => manifest.is_some(),
                 "model" => model.is_some(),

@@ -588,3 +588,95 @@ pub(crate) async fn remove_member(
         Err(err) => members_refusal(&state, &visitor, err).await,
     }
 }
+
+async fn models_page(
+    state: &AppState,
+    visitor: &Visitor,
+    chrome: Chrome,
+    error: Option<String>,
+    status: StatusCode,
+) -> PageResult {
+    let mut models = state.models.visible_to(&visitor.principal.tenant_id);
+    models.sort_by(|a, b| (!a.platform, &a.name).cmp(&(!b.platform, &b.name)));
+    Ok(page(
+        status,
+        &view::ModelsPage {
+            chrome,
+            models: models
+                .iter()
+                .map(|m| view::ModelRow {
+                    name: m.name.clone(),
+                    task: serde_json::to_value(m.task)
+                        .ok()
+                        .and_then(|task| task.as_str().map(ToOwned::to_owned))
+                        .unwrap_or_default(),
+                    version: m.version,
+                    labels: m.labels.join(", "),
+                    provider: m.execution_provider.clone(),
+                    platform: m.platform,
+                })
+                .collect(),
+            can_manage: visitor.principal.has(Scope::Admin),
+            csrf: visitor.csrf.clone(),
+            error,
+        },
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct UploadedQuery {
+    uploaded: Option<String>,
+}
+
+pub(crate) async fn models(
+    state: web::Data<AppState>,
+    visitor: Visitor,
+    query: web::Query<UploadedQuery>,
+) -> PageResult {
+    let mut chrome = chrome(&state, &visitor, "Models", "models").await?;
+    chrome.flash = query
+        .uploaded
+        .as_ref()
+        .map(|name| format!("Model “{name}” uploaded and serving."));
+    models_page(&state, &visitor, chrome, None, StatusCode::OK).await
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct CsrfQuery {
+    csrf: Option<String>,
+}
+
+/// An upload: multipart parts `manifest`, `model` and `tokenizer` as the API takes them. Its CSRF
+/// token travels in the query, so that the body goes to the upload as it came.
+pub(crate) async fn upload_model(
+    state: web::Data<AppState>,
+    visitor: Visitor,
+    query: web::Query<CsrfQuery>,
+    form: actix_multipart::Multipart,
+) -> PageResult {
+    visitor.verify_csrf(query.csrf.as_deref())?;
+    visitor.require(Scope::Admin)?;
+    match crate::uploads::upload(&state, &visitor.principal, &visitor.who(), form).await {
+        Ok(model) => Ok(see_other(&format!(
+            "/portal/models?{}",
+            serde_urlencoded::to_string([("uploaded", &model.name)]).map_err(ApiError::internal)?
+        ))),
+        Err(err) if !err.status_code().is_server_error() => {
+            let chrome = chrome(&state, &visitor, "Models", "models").await?;
+            let status = err.status_code();
+            models_page(&state, &visitor, chrome, Some(err.message().to_owned()), status).await
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+pub(crate) async fn delete_model(
+    state: web::Data<AppState>,
+    posted: Posted<Empty>,
+    name: web::Path<String>,
+) -> PageResult {
+    let visitor = posted.visitor;
+    visitor.require(Scope::Admin)?;
+    crate::uploads::delete_model(&state, &visitor.principal, &visitor.who(), &name).await?;
+    Ok(see_other("/portal/models"))
+}

@@ -127,6 +127,22 @@ impl Visitor {
         self.origin.who(self.principal.actor_id())
     }
 
+    /// Refuses a form whose CSRF token is missing or not this session's. Compared as hashes: the time
+    /// taken says nothing about the expected token.
+    pub(crate) fn verify_csrf(&self, sent: Option<&str>) -> Result<(), PageError> {
+        let matches =
+            sent.is_some_and(|sent| Sha256::digest(sent.as_bytes()) == Sha256::digest(self.csrf.as_bytes()));
+        if matches {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                ErrorCode::InsufficientScope,
+                "this form has expired or did not come from this site; reload the page and try again",
+            )
+            .into())
+        }
+    }
+
     /// Refuses, as a page, a visitor whose role lacks `scope`.
     pub(crate) fn require(&self, scope: Scope) -> Result<(), PageError> {
         check_scope(&self.principal, Some(scope)).map_err(PageError::from)
@@ -230,17 +246,7 @@ impl<T: DeserializeOwned + 'static> FromRequest for Posted<T> {
                 .iter()
                 .find(|(name, _)| name == "csrf")
                 .map(|(_, v)| v.as_str());
-            // Compared as hashes: the time taken says nothing about the expected token.
-            let matches = sent.is_some_and(|sent| {
-                Sha256::digest(sent.as_bytes()) == Sha256::digest(visitor.csrf.as_bytes())
-            });
-            if !matches {
-                return Err(ApiError::new(
-                    ErrorCode::InsufficientScope,
-                    "this form has expired or did not come from this site; reload the page and try again",
-                )
-                .into());
-            }
+            visitor.verify_csrf(sent)?;
             let rest: Vec<&(String, String)> = fields.iter().filter(|(name, _)| name != "csrf").collect();
             let encoded = serde_urlencoded::to_string(&rest).map_err(ApiError::internal)?;
             let form = serde_urlencoded::from_str(&encoded).map_err(|err| invalid(format!("{err}")))?;

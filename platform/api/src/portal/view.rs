@@ -40,6 +40,7 @@ impl Nav {
             ("overview", "/portal", "Overview"),
             ("keys", "/portal/keys", "API keys"),
             ("usage", "/portal/usage", "Usage"),
+            ("models", "/portal/models", "Models"),
             ("billing", "/portal/billing", "Billing"),
             ("members", "/portal/members", "Members"),
         ]
@@ -129,6 +130,26 @@ pub(crate) struct KeysPage {
     pub(crate) created: Option<(String, String)>,
     pub(crate) error: Option<String>,
     pub(crate) csrf: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct ModelRow {
+    pub(crate) name: String,
+    pub(crate) task: String,
+    pub(crate) version: u32,
+    pub(crate) labels: String,
+    pub(crate) provider: String,
+    pub(crate) platform: bool,
+}
+
+#[derive(Template)]
+#[template(path = "portal/models.html")]
+pub(crate) struct ModelsPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) models: Vec<ModelRow>,
+    pub(crate) can_manage: bool,
+    pub(crate) csrf: String,
+    pub(crate) error: Option<String>,
 }
 
 #[derive(Debug)]

@@ -161,20 +161,7 @@ pub async fn delete(
     auth: Auth<scope::Admin>,
     name: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
-    if state.models.is_platform(&name) {
-        return Err(ApiError::new(
-            ErrorCode::InsufficientScope,
-            "platform models cannot be deleted by tenants",
-        ));
-    }
-    let _files = state.model_files_lock.lock().await;
-    state
-        .store
-        .delete_model(&auth.tenant_id, &auth.who(), &name)
-        .await?;
-    state.models.remove_tenant(&auth.tenant_id, &name);
-    let files = state.store.model_files(&auth.tenant_id, &name).await?;
-    crate::uploads::remove_unused_files(&state, files.iter()).await;
+    crate::uploads::delete_model(&state, &auth, &auth.who(), &name).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
