@@ -372,11 +372,20 @@ fn background_runs() -> &'static tokio::runtime::Runtime {
 }
 
 /// One run's options, whether the watchdog terminated it, and its tenants' run slots.
-struct Run<'a> {
+struct Run<'a, Slot = RunSlot> {
     options: &'a RunOptions,
     terminated: &'a AtomicBool,
     /// Given back once the results are ready, before they are sent.
-    slot: RunSlot,
+    slot: Slot,
+}
+
+/// A run the watchdog stopped failed because its callers' time ran out, whatever the runtime says.
+fn timed_out_or(err: InferenceError, terminated: &AtomicBool) -> InferenceError {
+    if terminated.load(Ordering::Relaxed) {
+        InferenceError::Timeout
+    } else {
+        err
+    }
 }
 
 fn process(
@@ -404,7 +413,8 @@ fn process(
                 outputs,
                 reply,
             } => {
-                let result = run_raw(session, &inputs, outputs.as_deref(), options);
+                let result = run_raw(session, &inputs, outputs.as_deref(), options)
+                    .map_err(|err| timed_out_or(err, run.terminated));
                 if let Err(err) = &result {
                     // The caller's input is the caller's problem; anything else is the runtime's.
                     let runtime = !matches!(err, InferenceError::InvalidInput(_));
@@ -417,7 +427,17 @@ fn process(
         }
     }
     if !text_calls.is_empty()
-        && let Err(runtime) = answer_text_calls(session, tokenizer, plan, text_calls, options, slot.take())
+        && let Err(runtime) = answer_text_calls(
+            session,
+            tokenizer,
+            plan,
+            text_calls,
+            Run {
+                options,
+                terminated: run.terminated,
+                slot: slot.take(),
+            },
+        )
     {
         failure = Some(failure.unwrap_or(false) || runtime);
     }
@@ -457,9 +477,13 @@ fn answer_text_calls(
     tokenizer: Option<&Tokenizer>,
     plan: Option<&TextPlan>,
     calls: Vec<TextCall>,
-    options: &RunOptions,
-    slot: Option<RunSlot>,
+    run: Run<'_, Option<RunSlot>>,
 ) -> Result<(), bool> {
+    let Run {
+        options,
+        terminated,
+        slot,
+    } = run;
     let all: Vec<String> = calls
         .iter()
         .flat_map(|(texts, _)| texts.iter().cloned())
@@ -469,7 +493,8 @@ fn answer_text_calls(
         _ => Err(InferenceError::WrongTask(
             "this model takes tensors, not text".into(),
         )),
-    };
+    }
+    .map_err(|err| timed_out_or(err, terminated));
     drop(slot);
     match result {
         Ok(output) => {
