@@ -7,6 +7,20 @@ use plinth_tests::TestApp;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_portal_in_a_real_browser() {
     let app = TestApp::spawn().await;
+    // For the operator's review queue: a platform admin, and a plugin version waiting for review.
+    let (admin_email, admin_password) = app.platform_admin_account().await;
+    let author = app.tenant().await;
+    let (manifest, component) = plinth_tests::built_plugin("hello");
+    author
+        .owner
+        .create_plugin(&manifest.name, &manifest.description)
+        .await
+        .unwrap();
+    author
+        .owner
+        .publish_plugin_version(&manifest, component)
+        .await
+        .unwrap();
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/portal");
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
     assert!(
@@ -26,6 +40,12 @@ async fn the_portal_in_a_real_browser() {
     .env(
         "PLINTH_MODELS_DIR",
         plinth_server::config::cache_dir().join("models"),
+    )
+    .env("PLINTH_ADMIN_EMAIL", &admin_email)
+    .env("PLINTH_ADMIN_PASSWORD", &admin_password)
+    .env(
+        "PLINTH_PENDING_PLUGIN",
+        format!("{} {}", manifest.name, manifest.version),
     )
     .env("NO_COLOR", "1")
     .env_remove("PLINTH_SCREENSHOTS");

@@ -286,6 +286,38 @@ test("models: upload one with a progress bar, see a refused upload's reason, del
   await context.close();
 });
 
+test("an operator reviews a plugin version: what it asks for is shown, a rejection needs a reason, approval empties the queue", async () => {
+  const pending = process.env.PLINTH_PENDING_PLUGIN;
+  // Tenants have no review queue.
+  const tenant = await signUp();
+  assert.equal(await tenant.page.getByRole("link", { name: "Review queue" }).count(), 0);
+  const refused = await tenant.page.goto(`${BASE}/portal/review`);
+  assert.equal(refused.status(), 403);
+  await tenant.context.close();
+
+  const context = await browser.newContext({ viewport: { width: 1000, height: 720 }, bypassCSP: true });
+  const page = await context.newPage();
+  await page.goto(`${BASE}/portal/login`);
+  await page.getByLabel("Email").fill(process.env.PLINTH_ADMIN_EMAIL);
+  await page.getByLabel("Password").fill(process.env.PLINTH_ADMIN_PASSWORD);
+  await page.getByRole("button", { name: "Log in" }).click();
+  await page.getByRole("link", { name: "Review queue" }).click();
+  const card = page.getByRole("article", { name: pending });
+  assert.match(await card.textContent(), /Capabilities/);
+  await screenshot(page, "review");
+  await accessible(page, "the review queue");
+  const [rejection] = await Promise.all([
+    page.waitForResponse((r) => r.request().method() === "POST"),
+    card.getByRole("button", { name: `Reject ${pending}` }).click(),
+  ]);
+  assert.equal(rejection.status(), 422, "a rejection without a reason is refused");
+  await page.goto(`${BASE}/portal/review`);
+  await page.getByRole("article", { name: pending }).getByRole("button", { name: `Approve ${pending}` }).click();
+  await page.waitForURL(/\/portal\/review$/);
+  assert.match(await page.getByRole("main").textContent(), /Nothing is waiting for review/);
+  await context.close();
+});
+
 test("pages fit a phone-width screen and start with a skip link", async () => {
   const { context, page } = await signUp();
   await page.setViewportSize({ width: 360, height: 740 });

@@ -230,19 +230,26 @@ impl TestApp {
         self.tenant_with_scopes(&Scope::ALL).await
     }
 
-    /// A logged-in platform admin (operators make one with `plinth admin create-admin`).
-    pub async fn platform_admin(&self) -> Client {
+    /// A platform admin's account: email and password (operators make one with
+    /// `plinth admin create-admin`).
+    pub async fn platform_admin_account(&self) -> (String, String) {
         let email = format!("{}@example.com", unique("admin-"));
-        let password = "correct horse battery staple";
+        let password = "correct horse battery staple".to_owned();
         self.store()
-            .create_platform_admin(&email, password, false, &operator())
+            .create_platform_admin(&email, &password, false, &operator())
             .await
             .expect("platform admin");
+        (email, password)
+    }
+
+    /// A logged-in platform admin.
+    pub async fn platform_admin(&self) -> Client {
+        let (email, password) = self.platform_admin_account().await;
         let session = self
             .client()
             .login(&plinth_sdk::LoginRequest {
                 email,
-                password: password.to_owned(),
+                password,
                 tenant_id: None,
             })
             .await

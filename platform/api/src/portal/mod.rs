@@ -186,6 +186,8 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
             .route("/models", web::get().to(pages::models))
             .route("/models", web::post().to(pages::upload_model))
             .route("/models/{name}/delete", web::post().to(pages::delete_model))
+            .route("/review", web::get().to(pages::review_queue))
+            .route("/review/{id}", web::post().to(pages::review))
             .route("/members", web::get().to(pages::members))
             .route("/members", web::post().to(pages::add_member))
             .route("/members/{user}/role", web::post().to(pages::change_role))

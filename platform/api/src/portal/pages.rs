@@ -13,6 +13,7 @@ use serde::Deserialize;
 use super::session::{self, Posted, Visitor};
 use super::view::{self, Chrome, Nav};
 use super::{PageError, PageResult, page, see_other};
+use crate::auth::require_platform_admin;
 use crate::client::origin;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -31,6 +32,7 @@ async fn chrome(
             current,
             tenant: tenant.name,
             csrf: visitor.csrf.clone(),
+            operator: require_platform_admin(&visitor.principal, "").is_ok(),
         }),
         flash: None,
     })
@@ -679,4 +681,58 @@ pub(crate) async fn delete_model(
     visitor.require(Scope::Admin)?;
     crate::uploads::delete_model(&state, &visitor.principal, &visitor.who(), &name).await?;
     Ok(see_other("/portal/models"))
+}
+
+/// Plugin versions waiting for review (platform admins).
+pub(crate) async fn review_queue(state: web::Data<AppState>, visitor: Visitor) -> PageResult {
+    require_platform_admin(&visitor.principal, "review plugins")?;
+    let versions = state.store.pending_versions().await?;
+    let chrome = chrome(&state, &visitor, "Review queue", "review").await?;
+    Ok(page(
+        StatusCode::OK,
+        &view::ReviewPage {
+            chrome,
+            versions: versions.iter().map(view::ReviewRow::from).collect(),
+            csrf: visitor.csrf.clone(),
+        },
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ReviewForm {
+    decision: String,
+    note: Option<String>,
+}
+
+pub(crate) async fn review(
+    state: web::Data<AppState>,
+    posted: Posted<ReviewForm>,
+    id: web::Path<plinth_core::id::PluginVersionId>,
+) -> PageResult {
+    let Posted { visitor, form } = posted;
+    require_platform_admin(&visitor.principal, "review plugins")?;
+    let approve = match form.decision.as_str() {
+        "approve" => true,
+        "reject" => false,
+        _ => {
+            return Err(ApiError::new(
+                plinth_core::ErrorCode::ValidationFailed,
+                "decision: approve or reject",
+            )
+            .into());
+        }
+    };
+    let note = form.note.filter(|note| !note.trim().is_empty());
+    if !approve && note.is_none() {
+        return Err(ApiError::new(
+            plinth_core::ErrorCode::ValidationFailed,
+            "a rejection needs a reason: the author sees it",
+        )
+        .into());
+    }
+    state
+        .store
+        .review_version(&visitor.who(), &id, approve, note)
+        .await?;
+    Ok(see_other("/portal/review"))
 }

@@ -31,6 +31,8 @@ pub(crate) struct Nav {
     pub(crate) current: &'static str,
     pub(crate) tenant: String,
     pub(crate) csrf: String,
+    /// A platform admin: the operators' pages are linked too.
+    pub(crate) operator: bool,
 }
 
 impl Nav {
@@ -43,8 +45,10 @@ impl Nav {
             ("models", "/portal/models", "Models"),
             ("billing", "/portal/billing", "Billing"),
             ("members", "/portal/members", "Members"),
+            ("review", "/portal/review", "Review queue"),
         ]
         .into_iter()
+        .filter(|(id, ..)| *id != "review" || self.operator)
         .map(|(id, href, label)| (href, label, id == self.current))
         .collect()
     }
@@ -150,6 +154,29 @@ pub(crate) struct ModelsPage {
     pub(crate) can_manage: bool,
     pub(crate) csrf: String,
     pub(crate) error: Option<String>,
+}
+
+#[derive(Debug)]
+pub(crate) struct ReviewRow {
+    pub(crate) id: String,
+    pub(crate) plugin: String,
+    pub(crate) version: String,
+    pub(crate) wit_version: String,
+    pub(crate) capabilities: String,
+    pub(crate) models: String,
+    pub(crate) price: String,
+    pub(crate) size: String,
+    /// What the automatic checks found, as indented JSON.
+    pub(crate) checks: String,
+    pub(crate) submitted: String,
+}
+
+#[derive(Template)]
+#[template(path = "portal/review.html")]
+pub(crate) struct ReviewPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) versions: Vec<ReviewRow>,
+    pub(crate) csrf: String,
 }
 
 #[derive(Debug)]
@@ -344,6 +371,33 @@ pub(crate) fn count(n: i64) -> String {
         out.push(digit);
     }
     out
+}
+
+fn name_of(value: impl serde::Serialize) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(ToOwned::to_owned))
+        .unwrap_or_default()
+}
+
+impl From<&plinth_core::plugins::PluginVersion> for ReviewRow {
+    fn from(v: &plinth_core::plugins::PluginVersion) -> Self {
+        Self {
+            id: v.id.to_string(),
+            plugin: v.plugin.clone(),
+            version: v.version.clone(),
+            wit_version: v.wit_version.clone(),
+            capabilities: v.capabilities.iter().map(name_of).collect::<Vec<_>>().join(", "),
+            models: v.models.join(", "),
+            price: micros(v.price_per_call, "usd"),
+            size: format!(
+                "{} KiB",
+                count(i64::try_from(v.size_bytes / 1024).unwrap_or(i64::MAX))
+            ),
+            checks: serde_json::to_string_pretty(&v.checks).unwrap_or_default(),
+            submitted: time(v.created_at),
+        }
+    }
 }
 
 pub(crate) fn date(at: DateTime<Utc>) -> String {
