@@ -66,3 +66,108 @@ async fn the_portal_in_a_real_browser() {
     );
     assert!(stdout.contains("ℹ fail 0"), "{stdout}");
 }
+
+/// Signs up through the portal's form, as a browser on the portal would; returns the session cookie.
+async fn portal_signup(app: &TestApp) -> String {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let response = http
+        .post(app.url("/portal/signup"))
+        .header("Origin", app.url("").trim_end_matches('/'))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(
+            url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("tenant_name", "Idle Ltd")
+                .append_pair("email", &format!("{}@example.com", ulid::Ulid::new()))
+                .append_pair("password", "correct horse battery staple")
+                .finish(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 303);
+    let cookie = response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .find(|v| v.starts_with("__Host-plinth_session="))
+        .expect("a session cookie");
+    cookie.split(';').next().unwrap().to_owned()
+}
+
+async fn portal_get(app: &TestApp, cookie: &str, path: &str) -> reqwest::Response {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(app.url(path))
+        .header("Cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_portal_session_must_log_in_again_and_is_not_revoked_by_it() {
+    let app = TestApp::spawn_with(|config| config.portal_idle_secs = 2).await;
+    let cookie = portal_signup(&app).await;
+    assert_eq!(portal_get(&app, &cookie, "/portal").await.status(), 200);
+    // Used within the expiry, it stays.
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    assert_eq!(portal_get(&app, &cookie, "/portal").await.status(), 200);
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    assert_eq!(portal_get(&app, &cookie, "/portal").await.status(), 200);
+    // Left alone past it: log in again.
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    let response = portal_get(&app, &cookie, "/portal/keys").await;
+    assert_eq!(response.status(), 303);
+    assert_eq!(
+        response.headers()["location"],
+        "/portal/login?next=%2Fportal%2Fkeys"
+    );
+    // The expiry is the portal's; a lost mark (a cache outage) must not end the session itself.
+    let token = cookie.split_once('=').unwrap().1;
+    let tenant = app
+        .http()
+        .get(app.url("/v1/tenant"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tenant.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_opened_elsewhere_is_not_a_portal_session() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    // A session token from the API's login, planted as the portal's cookie.
+    let cookie = format!("__Host-plinth_session={}", tenant.session.token);
+    assert_eq!(portal_get(&app, &cookie, "/portal").await.status(), 303);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flooding_the_api_does_not_lock_the_tenants_admins_out_of_the_portal() {
+    let app = TestApp::spawn_with(|config| config.unmetered_per_tenant_per_minute = 5).await;
+    let cookie = portal_signup(&app).await;
+    let token = cookie.split_once('=').unwrap().1.to_owned();
+    // Whoever holds a credential of the tenant spends its API budget for unmetered routes.
+    let mut limited = false;
+    for _ in 0..20 {
+        let response = app
+            .http()
+            .get(app.url("/v1/api-keys"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        limited |= response.status() == 429;
+    }
+    assert!(limited, "the tenant's API limit was reached");
+    // The portal answers from each member's own budget.
+    assert_eq!(portal_get(&app, &cookie, "/portal/keys").await.status(), 200);
+}

@@ -56,6 +56,8 @@ pub struct ApiSettings {
     /// Who may read `/metrics` on the API listener; `None`: nobody (metrics stay on their own
     /// listener, if any).
     pub metrics_token: Option<crate::metrics::MetricsToken>,
+    /// A portal session unused this long must log in again.
+    pub portal_idle: std::time::Duration,
     pub limits: AbuseLimits,
 }
 
@@ -99,6 +101,7 @@ impl Default for ApiSettings {
             idempotency: IdempotencySettings::default(),
             trusted_proxies: Vec::new(),
             metrics_token: None,
+            portal_idle: std::time::Duration::from_secs(30 * 60),
             limits: AbuseLimits::default(),
         }
     }

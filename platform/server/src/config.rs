@@ -129,6 +129,8 @@ pub struct Config {
     /// `PLINTH_UNMETERED_PER_TENANT_PER_MINUTE`: calls one tenant may make per minute to authenticated
     /// routes that are not metered (keys, members, models, installations, usage...).
     pub unmetered_per_tenant_per_minute: u32,
+    /// `PLINTH_PORTAL_IDLE_SECS`: a portal session unused this long must log in again.
+    pub portal_idle_secs: u64,
     /// `PLINTH_PUBLISHES_PER_AUTHOR_PER_MINUTE`: plugin versions one author may submit per minute (each
     /// is compiled and run once, checked or not).
     pub publishes_per_author_per_minute: u32,
@@ -200,6 +202,7 @@ impl Default for Config {
             logins_per_address_per_minute: 20,
             unauthenticated_per_minute: 600,
             unmetered_per_tenant_per_minute: 1_200,
+            portal_idle_secs: 1_800,
             publishes_per_author_per_minute: 2,
             plugin_threads: 0,
             tenant_models_loaded: 32,
@@ -304,6 +307,9 @@ impl Config {
         }
         if !(1..=4_096).contains(&self.plugin_memory_mib) {
             return fail("PLINTH_PLUGIN_MEMORY_MIB must be between 1 and 4096");
+        }
+        if !(1..=30 * 86_400).contains(&self.portal_idle_secs) {
+            return fail("PLINTH_PORTAL_IDLE_SECS must be between 1 and 2592000 (30 days)");
         }
         if self.max_body_bytes < 1024 {
             return fail("PLINTH_MAX_BODY_BYTES must be at least 1024");
@@ -428,6 +434,7 @@ impl Config {
             },
             trusted_proxies: self.trusted_proxy_ranges().unwrap_or_default(),
             metrics_token: self.metrics_token.as_deref().map(plinth_api::MetricsToken::new),
+            portal_idle: Duration::from_secs(self.portal_idle_secs),
             limits: plinth_api::AbuseLimits {
                 signups_per_address: per_minute(self.signups_per_address_per_minute),
                 logins_per_address: per_minute(self.logins_per_address_per_minute),

@@ -11,7 +11,6 @@
 //!   on the origin checks.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use actix_web::cookie::{Cookie, SameSite};
 use actix_web::dev::Payload;
@@ -36,9 +35,6 @@ use crate::state::AppState;
 /// portal must be served over https.
 pub(crate) const COOKIE: &str = "__Host-plinth_session";
 
-/// A portal session unused this long is over (the session itself lasts at most 30 days).
-const IDLE_EXPIRY: Duration = Duration::from_secs(30 * 60);
-
 fn idle_key(token: &str) -> String {
     format!("portal-session:{}", hex::encode(Sha256::digest(token.as_bytes())))
 }
@@ -61,7 +57,7 @@ fn state(req: &HttpRequest) -> Result<web::Data<AppState>, PageError> {
 pub(crate) async fn open(state: &AppState, token: &str) -> Result<Cookie<'static>, PageError> {
     state
         .cache
-        .set(&idle_key(token), b"1", IDLE_EXPIRY)
+        .set(&idle_key(token), b"1", state.settings.portal_idle)
         .await
         .map_err(ApiError::internal)?;
     Ok(Cookie::build(COOKIE, token.to_owned())
@@ -194,7 +190,7 @@ async fn visitor(req: &HttpRequest) -> Result<Visitor, PageError> {
             tracing::warn!(error = %err, "rate limiter unavailable; allowing the page");
         }
     }
-    if let Err(err) = state.cache.set(&key, b"1", IDLE_EXPIRY).await {
+    if let Err(err) = state.cache.set(&key, b"1", state.settings.portal_idle).await {
         tracing::warn!(error = %err, "cannot refresh a portal session's idle expiry");
     }
     req.extensions_mut().insert(principal.clone());

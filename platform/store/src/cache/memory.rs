@@ -34,6 +34,17 @@ impl Expiry<String, Entry> for EntryTtl {
     ) -> Option<Duration> {
         Some(entry.ttl)
     }
+
+    /// Setting a key again starts its time to live again, as Redis's `SET ... PX` does.
+    fn expire_after_update(
+        &self,
+        _key: &String,
+        entry: &Entry,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(entry.ttl)
+    }
 }
 
 pub struct MemoryCache {
@@ -134,5 +145,23 @@ impl Cache for MemoryCache {
 
     async fn ping(&self) -> Result<(), CacheError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn setting_a_key_again_restarts_its_time_to_live() {
+        let cache = MemoryCache::default();
+        let ttl = Duration::from_millis(300);
+        cache.set("k", b"1", ttl).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cache.set("k", b"2", ttl).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(cache.get("k").await.unwrap().as_deref(), Some(&b"2"[..]));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(cache.get("k").await.unwrap(), None);
     }
 }
