@@ -21,6 +21,23 @@ async fn the_portal_in_a_real_browser() {
         .publish_plugin_version(&manifest, component)
         .await
         .unwrap();
+    // For the marketplace: an approved plugin that asks for capabilities and a model.
+    let (listed, component) = plinth_tests::built_plugin("sentiment-monitor");
+    author
+        .owner
+        .create_plugin(&listed.name, &listed.description)
+        .await
+        .unwrap();
+    let version = author
+        .owner
+        .publish_plugin_version(&listed, component)
+        .await
+        .unwrap();
+    app.platform_admin()
+        .await
+        .review_plugin_version(&version.id, true, None)
+        .await
+        .unwrap();
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/portal");
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
     assert!(

@@ -318,10 +318,35 @@ test("an operator reviews a plugin version: what it asks for is shown, a rejecti
   await context.close();
 });
 
+test("a tenant finds a plugin, approves each capability and model it asks for, installs it and uninstalls it", async () => {
+  const { context, page } = await signUp();
+  await page.getByRole("link", { name: "Marketplace" }).click();
+  await page.getByLabel("Search plugins").fill("sentiment");
+  await page.getByRole("button", { name: "Search" }).click();
+  await page.getByRole("link", { name: "sentiment-monitor" }).click();
+  await accessible(page, "a plugin's page");
+  // Approving only part of what it asks for installs nothing, and says what is missing.
+  await page.getByRole("checkbox", { name: /^inference:/ }).check();
+  await page.getByRole("button", { name: "Install sentiment-monitor" }).click();
+  assert.match(await page.getByRole("alert").textContent(), /needs `kv`/);
+  for (const box of await page.getByRole("checkbox").all()) await box.check();
+  await page.getByLabel(/^Settings/).fill(JSON.stringify({ topic: "ACME" }));
+  await page.getByRole("button", { name: "Install sentiment-monitor" }).click();
+  await page.waitForURL(/\/portal\/plugins$/);
+  const row = page.getByRole("row", { name: /sentiment-monitor/ });
+  assert.match(await row.textContent(), /inference, kv, config; models: sentiment/);
+  await screenshot(page, "plugins");
+  await accessible(page, "the installed plugins");
+  await page.getByRole("button", { name: "Uninstall sentiment-monitor" }).click();
+  await page.waitForURL(/\/portal\/plugins$/);
+  assert.equal(await page.getByRole("row", { name: /sentiment-monitor/ }).count(), 0);
+  await context.close();
+});
+
 test("pages fit a phone-width screen and start with a skip link", async () => {
   const { context, page } = await signUp();
   await page.setViewportSize({ width: 360, height: 740 });
-  for (const path of ["/portal", "/portal/keys", "/portal/usage", "/portal/models", "/portal/billing", "/portal/members"]) {
+  for (const path of ["/portal", "/portal/keys", "/portal/usage", "/portal/models", "/portal/marketplace", "/portal/plugins", "/portal/billing", "/portal/members"]) {
     await page.goto(`${BASE}${path}`);
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
     if (overflow > 1) await screenshot(page, `narrow-${path.split("/").pop()}`);

@@ -405,6 +405,28 @@ fn open_secrets(state: &AppState, sealed: &str) -> ApiResult<std::collections::B
 }
 
 /// Checks that what the tenant approves covers what the version asks for.
+/// Installs an approved version in the caller's tenant, with every capability and model it asks for
+/// approved in `request`; its secrets sealed.
+pub(crate) async fn install(
+    state: &AppState,
+    auth: &Principal,
+    who: &plinth_store::audit::Who,
+    request: &plinth_core::plugins::InstallRequest,
+) -> ApiResult<plinth_core::plugins::Installation> {
+    let version = state
+        .store
+        .approved_version(&request.plugin, request.version.as_deref())
+        .await?;
+    check_grants(&version, &request.approve_capabilities, &request.approve_models)?;
+    let sealed = seal_secrets(state, &request.secrets)?;
+    let mut installation = state
+        .store
+        .install(&auth.tenant_id, who, &version, &request.settings, &sealed)
+        .await?;
+    installation.secret_names = sealed.names;
+    Ok(installation)
+}
+
 pub(crate) fn check_grants(
     version: &PluginVersion,
     capabilities: &[Capability],

@@ -736,3 +736,159 @@ pub(crate) async fn review(
         .await?;
     Ok(see_other("/portal/review"))
 }
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct SearchQuery {
+    q: Option<String>,
+}
+
+pub(crate) async fn marketplace(
+    state: web::Data<AppState>,
+    visitor: Visitor,
+    query: web::Query<SearchQuery>,
+) -> PageResult {
+    let q = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
+    let plugins = state.store.marketplace(q).await?;
+    let chrome = chrome(&state, &visitor, "Marketplace", "marketplace").await?;
+    Ok(page(
+        StatusCode::OK,
+        &view::MarketplacePage {
+            chrome,
+            query: q.unwrap_or_default().to_owned(),
+            listings: plugins.iter().filter_map(view::Listing::new).collect(),
+        },
+    ))
+}
+
+async fn plugin_page(
+    state: &AppState,
+    visitor: &Visitor,
+    name: &str,
+    error: Option<String>,
+    status: StatusCode,
+) -> PageResult {
+    let listing = state
+        .store
+        .marketplace(None)
+        .await?
+        .iter()
+        .find(|p| p.name == name)
+        .and_then(view::Listing::new)
+        .ok_or_else(|| {
+            ApiError::new(
+                plinth_core::ErrorCode::NotFound,
+                "There is no such plugin in the marketplace.",
+            )
+        })?;
+    let chrome = chrome(state, visitor, "Plugin", "marketplace").await?;
+    Ok(page(
+        status,
+        &view::PluginPage {
+            chrome,
+            listing,
+            can_install: visitor.principal.has(Scope::Admin),
+            csrf: visitor.csrf.clone(),
+            error,
+        },
+    ))
+}
+
+pub(crate) async fn plugin(
+    state: web::Data<AppState>,
+    visitor: Visitor,
+    name: web::Path<String>,
+) -> PageResult {
+    plugin_page(&state, &visitor, &name, None, StatusCode::OK).await
+}
+
+/// An install form: `cap:<capability>` and `model:<name>` boxes ticked one by one, settings and
+/// secrets as JSON objects.
+pub(crate) async fn install(
+    state: web::Data<AppState>,
+    posted: Posted<std::collections::BTreeMap<String, String>>,
+    name: web::Path<String>,
+) -> PageResult {
+    let Posted { visitor, form } = posted;
+    visitor.require(Scope::Admin)?;
+    let refused = |message: String| async {
+        plugin_page(
+            &state,
+            &visitor,
+            &name,
+            Some(message),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await
+    };
+    let object = |field: &str| -> Result<serde_json::Map<String, serde_json::Value>, String> {
+        match form.get(field).map(|v| v.trim()).filter(|v| !v.is_empty()) {
+            None => Ok(serde_json::Map::new()),
+            Some(text) => serde_json::from_str(text).map_err(|err| format!("{field}: a JSON object ({err})")),
+        }
+    };
+    let settings = match object("settings") {
+        Ok(settings) => settings,
+        Err(message) => return refused(message).await,
+    };
+    let secrets = match object("secrets").and_then(|map| {
+        map.into_iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(v) => Ok((k, v)),
+                _ => Err(format!("secrets: `{k}` must be a string")),
+            })
+            .collect::<Result<std::collections::BTreeMap<_, _>, _>>()
+    }) {
+        Ok(secrets) => secrets,
+        Err(message) => return refused(message).await,
+    };
+    let approved = |prefix: &str| -> Vec<String> {
+        form.keys()
+            .filter_map(|key| key.strip_prefix(prefix).map(ToOwned::to_owned))
+            .collect()
+    };
+    let approve_capabilities = approved("cap:")
+        .iter()
+        .filter_map(|c| serde_json::from_value(serde_json::Value::String(c.clone())).ok())
+        .collect();
+    let request = plinth_core::plugins::InstallRequest {
+        plugin: name.clone(),
+        version: None,
+        approve_capabilities,
+        approve_models: approved("model:"),
+        settings,
+        secrets,
+    };
+    match crate::plugins::install(&state, &visitor.principal, &visitor.who(), &request).await {
+        Ok(_) => Ok(see_other("/portal/plugins")),
+        Err(err) if !err.status_code().is_server_error() => refused(err.message().to_owned()).await,
+        Err(err) => Err(err.into()),
+    }
+}
+
+pub(crate) async fn installed(state: web::Data<AppState>, visitor: Visitor) -> PageResult {
+    let installations = state.store.installations(&visitor.principal.tenant_id).await?;
+    let chrome = chrome(&state, &visitor, "Installed plugins", "plugins").await?;
+    Ok(page(
+        StatusCode::OK,
+        &view::InstalledPage {
+            chrome,
+            installations: installations.iter().map(view::InstalledRow::from).collect(),
+            can_manage: visitor.principal.has(Scope::Admin),
+            csrf: visitor.csrf.clone(),
+        },
+    ))
+}
+
+pub(crate) async fn uninstall(
+    state: web::Data<AppState>,
+    posted: Posted<Empty>,
+    id: web::Path<plinth_core::id::InstallationId>,
+) -> PageResult {
+    let visitor = posted.visitor;
+    visitor.require(Scope::Admin)?;
+    state
+        .store
+        .uninstall(&visitor.principal.tenant_id, &visitor.who(), &id)
+        .await?;
+    Ok(see_other("/portal/plugins"))
+}

@@ -43,6 +43,8 @@ impl Nav {
             ("keys", "/portal/keys", "API keys"),
             ("usage", "/portal/usage", "Usage"),
             ("models", "/portal/models", "Models"),
+            ("marketplace", "/portal/marketplace", "Marketplace"),
+            ("plugins", "/portal/plugins", "Installed plugins"),
             ("billing", "/portal/billing", "Billing"),
             ("members", "/portal/members", "Members"),
             ("review", "/portal/review", "Review queue"),
@@ -154,6 +156,101 @@ pub(crate) struct ModelsPage {
     pub(crate) can_manage: bool,
     pub(crate) csrf: String,
     pub(crate) error: Option<String>,
+}
+
+/// A marketplace listing at its newest approved version.
+#[derive(Debug)]
+pub(crate) struct Listing {
+    pub(crate) name: String,
+    pub(crate) description: String,
+    pub(crate) version: String,
+    pub(crate) price: String,
+    /// `(name, what it lets the plugin do)`.
+    pub(crate) capabilities: Vec<(String, &'static str)>,
+    pub(crate) models: Vec<String>,
+}
+
+impl Listing {
+    /// The listing as its newest approved version presents it; `None` without one.
+    pub(crate) fn new(plugin: &plinth_core::plugins::Plugin) -> Option<Self> {
+        let newest = plugin.versions.iter().max_by_key(|v| v.created_at)?;
+        Some(Self {
+            name: plugin.name.clone(),
+            description: plugin.description.clone(),
+            version: newest.version.clone(),
+            price: micros(newest.price_per_call, "usd"),
+            capabilities: newest
+                .capabilities
+                .iter()
+                .map(|c| (name_of(c), capability_meaning(*c)))
+                .collect(),
+            models: newest.models.clone(),
+        })
+    }
+}
+
+fn capability_meaning(capability: plinth_core::plugins::Capability) -> &'static str {
+    use plinth_core::plugins::Capability;
+    match capability {
+        Capability::Inference => "call the models you approve below, billed to you per call",
+        Capability::Kv => "keep data in a store private to this installation",
+        Capability::Config => "read this installation's settings and secrets",
+        Capability::Log => "write log lines",
+    }
+}
+
+#[derive(Template)]
+#[template(path = "portal/marketplace.html")]
+pub(crate) struct MarketplacePage {
+    pub(crate) chrome: Chrome,
+    pub(crate) query: String,
+    pub(crate) listings: Vec<Listing>,
+}
+
+#[derive(Template)]
+#[template(path = "portal/plugin.html")]
+pub(crate) struct PluginPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) listing: Listing,
+    pub(crate) can_install: bool,
+    pub(crate) csrf: String,
+    pub(crate) error: Option<String>,
+}
+
+#[derive(Debug)]
+pub(crate) struct InstalledRow {
+    pub(crate) id: String,
+    pub(crate) plugin: String,
+    pub(crate) version: String,
+    pub(crate) status: String,
+    pub(crate) price: String,
+    pub(crate) capabilities: String,
+    pub(crate) models: String,
+    pub(crate) secrets: String,
+}
+
+impl From<&plinth_core::plugins::Installation> for InstalledRow {
+    fn from(i: &plinth_core::plugins::Installation) -> Self {
+        Self {
+            id: i.id.to_string(),
+            plugin: i.plugin.clone(),
+            version: i.version.clone(),
+            status: name_of(i.version_status),
+            price: micros(i.price_per_call, "usd"),
+            capabilities: i.capabilities.iter().map(name_of).collect::<Vec<_>>().join(", "),
+            models: i.models.join(", "),
+            secrets: i.secret_names.join(", "),
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "portal/plugins.html")]
+pub(crate) struct InstalledPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) installations: Vec<InstalledRow>,
+    pub(crate) can_manage: bool,
+    pub(crate) csrf: String,
 }
 
 #[derive(Debug)]

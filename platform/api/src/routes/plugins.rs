@@ -135,11 +135,6 @@ pub async fn revoke(
     Ok(web::Json(version))
 }
 
-fn with_secret_names(mut installation: Installation, names: Vec<String>) -> Installation {
-    installation.secret_names = names;
-    installation
-}
-
 /// Install an approved version, approving the capabilities and models it asks for.
 #[utoipa::path(post, path = "/v1/installations", tag = "plugins", security(("bearer" = ["admin"])),
     request_body = InstallRequest,
@@ -153,18 +148,8 @@ pub async fn install(
     auth: Auth<scope::Admin>,
     body: web::Json<InstallRequest>,
 ) -> ApiResult<HttpResponse> {
-    let request = body.into_inner();
-    let version = state
-        .store
-        .approved_version(&request.plugin, request.version.as_deref())
-        .await?;
-    crate::plugins::check_grants(&version, &request.approve_capabilities, &request.approve_models)?;
-    let sealed = crate::plugins::seal_secrets(&state, &request.secrets)?;
-    let installation = state
-        .store
-        .install(&auth.tenant_id, &auth.who(), &version, &request.settings, &sealed)
-        .await?;
-    Ok(HttpResponse::Created().json(with_secret_names(installation, sealed.names)))
+    let installation = crate::plugins::install(&state, &auth, &auth.who(), &body).await?;
+    Ok(HttpResponse::Created().json(installation))
 }
 
 /// The tenant's installations.
