@@ -343,10 +343,25 @@ test("a tenant finds a plugin, approves each capability and model it asks for, i
   await context.close();
 });
 
+test("an author's earnings page is where Stripe Connect returns; without Stripe, onboarding says why", async () => {
+  const { context, page } = await signUp();
+  await page.getByRole("link", { name: "Earnings" }).click();
+  assert.equal(await page.getByTestId("earned").textContent(), "$0.00");
+  await accessible(page, "the earnings page");
+  await page.goto(`${BASE}/portal/author?connect=done`);
+  assert.match(await page.getByRole("status").textContent(), /payout details/);
+  const [onboarding] = await Promise.all([
+    page.waitForResponse((r) => r.request().method() === "POST"),
+    page.getByRole("button", { name: "Set up payouts with Stripe" }).click(),
+  ]);
+  assert.equal(onboarding.status(), 409, "local billing has no Stripe account to onboard with");
+  await context.close();
+});
+
 test("pages fit a phone-width screen and start with a skip link", async () => {
   const { context, page } = await signUp();
   await page.setViewportSize({ width: 360, height: 740 });
-  for (const path of ["/portal", "/portal/keys", "/portal/usage", "/portal/models", "/portal/marketplace", "/portal/plugins", "/portal/billing", "/portal/members"]) {
+  for (const path of ["/portal", "/portal/keys", "/portal/usage", "/portal/models", "/portal/marketplace", "/portal/plugins", "/portal/billing", "/portal/members", "/portal/author"]) {
     await page.goto(`${BASE}${path}`);
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
     if (overflow > 1) await screenshot(page, `narrow-${path.split("/").pop()}`);

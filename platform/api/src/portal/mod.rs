@@ -191,6 +191,8 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
             .route("/marketplace/{name}/install", web::post().to(pages::install))
             .route("/plugins", web::get().to(pages::installed))
             .route("/plugins/{id}/uninstall", web::post().to(pages::uninstall))
+            .route("/author", web::get().to(pages::author))
+            .route("/author/connect", web::post().to(pages::connect))
             .route("/review", web::get().to(pages::review_queue))
             .route("/review/{id}", web::post().to(pages::review))
             .route("/members", web::get().to(pages::members))

@@ -892,3 +892,59 @@ pub(crate) async fn uninstall(
         .await?;
     Ok(see_other("/portal/plugins"))
 }
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ConnectQuery {
+    connect: Option<String>,
+}
+
+/// A plugin author's earnings over the last 30 days, balance and payouts; where Stripe Connect
+/// onboarding returns.
+pub(crate) async fn author(
+    state: web::Data<AppState>,
+    visitor: Visitor,
+    query: web::Query<ConnectQuery>,
+) -> PageResult {
+    visitor.require(Scope::BillingRead)?;
+    let tenant = &visitor.principal.tenant_id;
+    let (from, to) = crate::routes::billing::period(None, None)?;
+    let earnings = state
+        .store
+        .author_earnings(tenant, from, to, state.settings.author_share_bps)
+        .await?;
+    let payouts = state.billing.payouts(tenant).await?;
+    let (rows, payout_lines) = view::AuthorPage::lines(&earnings, &payouts);
+    let mut chrome = chrome(&state, &visitor, "Earnings", "author").await?;
+    chrome.flash = match query.connect.as_deref() {
+        Some("done") => {
+            Some("Stripe has your payout details; payouts start once Stripe enables them.".into())
+        }
+        Some("refresh") => Some("The Stripe link expired: start again for a fresh one.".into()),
+        _ => None,
+    };
+    Ok(page(
+        StatusCode::OK,
+        &view::AuthorPage {
+            chrome,
+            from: view::date(earnings.from),
+            to: view::date(earnings.to),
+            share_percent: format!("{}%", earnings.share_bps / 100),
+            rows,
+            total: view::micros(earnings.total, "usd"),
+            payable: view::micros(earnings.payable, "usd"),
+            pending: view::micros(earnings.pending, "usd"),
+            balance: view::micros(earnings.balance, "usd"),
+            paid_out: view::micros(earnings.paid_out, "usd"),
+            payouts: payout_lines,
+            can_manage: visitor.principal.has(Scope::Admin),
+            csrf: visitor.csrf.clone(),
+        },
+    ))
+}
+
+/// Starts (or resumes) Stripe Connect onboarding: a redirect to Stripe's page.
+pub(crate) async fn connect(state: web::Data<AppState>, posted: Posted<Empty>) -> PageResult {
+    posted.visitor.require(Scope::Admin)?;
+    let onboarding = state.billing.connect(&posted.visitor.principal.tenant_id).await?;
+    Ok(see_other(&onboarding.url))
+}

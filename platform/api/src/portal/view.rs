@@ -47,6 +47,7 @@ impl Nav {
             ("plugins", "/portal/plugins", "Installed plugins"),
             ("billing", "/portal/billing", "Billing"),
             ("members", "/portal/members", "Members"),
+            ("author", "/portal/author", "Earnings"),
             ("review", "/portal/review", "Review queue"),
         ]
         .into_iter()
@@ -251,6 +252,71 @@ pub(crate) struct InstalledPage {
     pub(crate) installations: Vec<InstalledRow>,
     pub(crate) can_manage: bool,
     pub(crate) csrf: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct EarningsLine {
+    pub(crate) plugin: String,
+    pub(crate) calls: i64,
+    pub(crate) gross: String,
+    pub(crate) earnings: String,
+    pub(crate) payable: String,
+    pub(crate) pending: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct PayoutLine {
+    pub(crate) period: String,
+    pub(crate) amount: String,
+    pub(crate) status: String,
+}
+
+#[derive(Template)]
+#[template(path = "portal/author.html")]
+pub(crate) struct AuthorPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) from: String,
+    pub(crate) to: String,
+    pub(crate) share_percent: String,
+    pub(crate) rows: Vec<EarningsLine>,
+    pub(crate) total: String,
+    pub(crate) payable: String,
+    pub(crate) pending: String,
+    pub(crate) balance: String,
+    pub(crate) paid_out: String,
+    pub(crate) payouts: Vec<PayoutLine>,
+    pub(crate) can_manage: bool,
+    pub(crate) csrf: String,
+}
+
+impl AuthorPage {
+    pub(crate) fn lines(
+        earnings: &plinth_core::plugins::Earnings,
+        payouts: &[plinth_core::billing::Payout],
+    ) -> (Vec<EarningsLine>, Vec<PayoutLine>) {
+        (
+            earnings
+                .rows
+                .iter()
+                .map(|r| EarningsLine {
+                    plugin: r.plugin.clone(),
+                    calls: r.calls,
+                    gross: micros(r.gross, "usd"),
+                    earnings: micros(r.earnings, "usd"),
+                    payable: micros(r.payable, "usd"),
+                    pending: micros(r.pending, "usd"),
+                })
+                .collect(),
+            payouts
+                .iter()
+                .map(|p| PayoutLine {
+                    period: p.period.clone(),
+                    amount: cents(p.amount_cents, &p.currency),
+                    status: name_of(p.status),
+                })
+                .collect(),
+        )
+    }
 }
 
 #[derive(Debug)]
