@@ -38,6 +38,17 @@ async fn chrome(
     })
 }
 
+/// A refusal the visitor can act on (4xx), to show on the page they are on; anything else becomes an
+/// error page.
+fn shown(err: impl Into<ApiError>) -> Result<ApiError, PageError> {
+    let err = err.into();
+    if err.status_code().is_server_error() {
+        Err(err.into())
+    } else {
+        Ok(err)
+    }
+}
+
 /// Where to go after logging in: a portal page, never another site.
 fn local_next(next: Option<&str>) -> String {
     match next {
@@ -86,17 +97,9 @@ pub(crate) async fn login(
     };
     let who = origin(&req).who("anonymous");
     match state.store.login(state.cache.as_ref(), &request, &who).await {
-        Ok(session) => {
-            let cookie = session::open(&state, &session.token).await?;
-            let mut response = see_other(&local_next(form.next.as_deref()));
-            response.add_cookie(&cookie).map_err(ApiError::internal)?;
-            Ok(response)
-        }
+        Ok(session) => session::open(&state, &session.token, &local_next(form.next.as_deref())).await,
         Err(err) => {
-            let err = ApiError::from(err);
-            if err.status_code().is_server_error() {
-                return Err(err.into());
-            }
+            let err = shown(err)?;
             Ok(page(
                 err.status_code(),
                 &view::LoginPage {
@@ -130,17 +133,9 @@ pub(crate) async fn signup(
     session::same_origin(&req)?;
     let form = form.into_inner();
     match state.store.signup(&form, &origin(&req).who("anonymous")).await {
-        Ok(session) => {
-            let cookie = session::open(&state, &session.token).await?;
-            let mut response = see_other("/portal?welcome=1");
-            response.add_cookie(&cookie).map_err(ApiError::internal)?;
-            Ok(response)
-        }
+        Ok(session) => session::open(&state, &session.token, "/portal?welcome=1").await,
         Err(err) => {
-            let err = ApiError::from(err);
-            if err.status_code().is_server_error() {
-                return Err(err.into());
-            }
+            let err = shown(err)?;
             Ok(page(
                 err.status_code(),
                 &view::SignupPage {
@@ -286,10 +281,7 @@ pub(crate) async fn create_key(state: web::Data<AppState>, posted: Posted<KeyFor
             .await
         }
         Err(err) => {
-            let err = ApiError::from(err);
-            if err.status_code().is_server_error() {
-                return Err(err.into());
-            }
+            let err = shown(err)?;
             keys_page(
                 &state,
                 &visitor,
@@ -522,8 +514,8 @@ pub(crate) async fn members(state: web::Data<AppState>, visitor: Visitor) -> Pag
 
 /// A refusal the visitor can act on is shown on the members page; anything else is an error page.
 async fn members_refusal(state: &AppState, visitor: &Visitor, err: plinth_store::StoreError) -> PageResult {
-    let err = ApiError::from(err);
-    if err.status_code().is_server_error() || err.status_code() == StatusCode::NOT_FOUND {
+    let err = shown(err)?;
+    if err.status_code() == StatusCode::NOT_FOUND {
         return Err(err.into());
     }
     members_page(state, visitor, Some(err.message().to_owned()), err.status_code()).await
@@ -663,12 +655,12 @@ pub(crate) async fn upload_model(
             "/portal/models?{}",
             serde_urlencoded::to_string([("uploaded", &model.name)]).map_err(ApiError::internal)?
         ))),
-        Err(err) if !err.status_code().is_server_error() => {
+        Err(err) => {
+            let err = shown(err)?;
             let chrome = chrome(&state, &visitor, "Models", "models").await?;
             let status = err.status_code();
             models_page(&state, &visitor, chrome, Some(err.message().to_owned()), status).await
         }
-        Err(err) => Err(err.into()),
     }
 }
 
@@ -860,8 +852,7 @@ pub(crate) async fn install(
     };
     match crate::plugins::install(&state, &visitor.principal, &visitor.who(), &request).await {
         Ok(_) => Ok(see_other("/portal/plugins")),
-        Err(err) if !err.status_code().is_server_error() => refused(err.message().to_owned()).await,
-        Err(err) => Err(err.into()),
+        Err(err) => refused(shown(err)?.message().to_owned()).await,
     }
 }
 

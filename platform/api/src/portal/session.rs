@@ -23,7 +23,7 @@ use plinth_store::auth::{Actor, Principal};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
-use super::PageError;
+use super::{PageError, PageResult};
 use crate::auth::check_scope;
 use crate::client::{Origin, origin};
 use crate::error::ApiError;
@@ -53,19 +53,22 @@ fn state(req: &HttpRequest) -> Result<web::Data<AppState>, PageError> {
         .ok_or_else(|| PageError::from(ApiError::internal("application state is not registered")))
 }
 
-/// Marks a session the portal opened and returns its cookie.
-pub(crate) async fn open(state: &AppState, token: &str) -> Result<Cookie<'static>, PageError> {
+/// Marks a session the portal opened, and sends the browser on to `location` with its cookie.
+pub(crate) async fn open(state: &AppState, token: &str, location: &str) -> PageResult {
     state
         .cache
         .set(&idle_key(token), b"1", state.settings.portal_idle)
         .await
         .map_err(ApiError::internal)?;
-    Ok(Cookie::build(COOKIE, token.to_owned())
+    let cookie = Cookie::build(COOKIE, token.to_owned())
         .path("/")
         .http_only(true)
         .secure(true)
         .same_site(SameSite::Lax)
-        .finish())
+        .finish();
+    let mut response = super::see_other(location);
+    response.add_cookie(&cookie).map_err(ApiError::internal)?;
+    Ok(response)
 }
 
 /// A cookie that removes the session cookie.
