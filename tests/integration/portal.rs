@@ -38,6 +38,23 @@ async fn the_portal_in_a_real_browser() {
         .review_plugin_version(&version.id, true, None)
         .await
         .unwrap();
+    // For the author's journey through the pages: a priced plugin that asks for capabilities and a
+    // model, as files an author would pick.
+    let journey = tempfile::tempdir().unwrap();
+    let mut journey_manifest = serde_json::to_value(&listed).unwrap();
+    journey_manifest["name"] = "news-watch".into();
+    journey_manifest["description"] = "Sentiment of the news about a topic, with alerts.".into();
+    journey_manifest["price_per_call_micros"] = 50_000.into();
+    std::fs::write(
+        journey.path().join("plugin.json"),
+        serde_json::to_vec_pretty(&journey_manifest).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        journey.path().join("plugin.wasm"),
+        plinth_tests::built_plugin("sentiment-monitor").1,
+    )
+    .unwrap();
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/portal");
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
     assert!(
@@ -64,6 +81,7 @@ async fn the_portal_in_a_real_browser() {
         "PLINTH_PENDING_PLUGIN",
         format!("{} {}", manifest.name, manifest.version),
     )
+    .env("PLINTH_JOURNEY_PLUGIN_DIR", journey.path())
     .env("NO_COLOR", "1")
     .env_remove("PLINTH_SCREENSHOTS");
     if let Some(screenshots) = std::env::var_os("PLINTH_PORTAL_SCREENSHOTS") {
@@ -187,4 +205,61 @@ async fn flooding_the_api_does_not_lock_the_tenants_admins_out_of_the_portal() {
     assert!(limited, "the tenant's API limit was reached");
     // The portal answers from each member's own budget.
     assert_eq!(portal_get(&app, &cookie, "/portal/keys").await.status(), 200);
+}
+
+/// The CSRF token in a portal page's forms.
+async fn portal_csrf(app: &TestApp, cookie: &str) -> String {
+    let html = portal_get(app, cookie, "/portal/billing")
+        .await
+        .text()
+        .await
+        .unwrap();
+    let marker = "name=\"csrf\" value=\"";
+    let start = html.find(marker).expect("a form with its CSRF token") + marker.len();
+    html[start..].split('"').next().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_stripe_mode_subscribing_goes_through_checkout_and_returns_to_the_billing_page() {
+    use crate::billing::{stripe_app, stripe_prices};
+    use plinth_tests::stripe_double::StripeDouble;
+
+    let double = StripeDouble::start(stripe_prices()).await;
+    let app = stripe_app(&double).await;
+    let cookie = portal_signup(&app).await;
+    let csrf = portal_csrf(&app, &cookie).await;
+    let response = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .post(app.url("/portal/billing/plan"))
+        .header("Cookie", &cookie)
+        .header("Origin", app.url("").trim_end_matches('/'))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={csrf}&plan=pro"))
+        .send()
+        .await
+        .unwrap();
+    // Off to Stripe's Checkout page; nothing changes until Stripe says it was paid.
+    assert_eq!(response.status(), 303);
+    let checkout = response.headers()["location"].to_str().unwrap().to_owned();
+    assert!(
+        checkout.starts_with("https://checkout.stripe.test/"),
+        "{checkout}"
+    );
+    let overview = portal_get(&app, &cookie, "/portal").await.text().await.unwrap();
+    assert!(overview.contains("data-testid=\"plan\">Free<"), "{overview}");
+
+    double.complete_checkout(&app.url(""), &checkout).await;
+    // Stripe sends the browser back to the billing page, which says what happens next.
+    let back = portal_get(&app, &cookie, "/portal/billing?checkout=success").await;
+    assert_eq!(back.status(), 200);
+    assert!(
+        back.text()
+            .await
+            .unwrap()
+            .contains("Your plan changes as soon as Stripe confirms")
+    );
+    let overview = portal_get(&app, &cookie, "/portal").await.text().await.unwrap();
+    assert!(overview.contains("data-testid=\"plan\">Pro<"), "{overview}");
 }

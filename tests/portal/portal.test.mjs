@@ -361,7 +361,7 @@ test("an author's earnings page is where Stripe Connect returns; without Stripe,
 test("pages fit a phone-width screen and start with a skip link", async () => {
   const { context, page } = await signUp();
   await page.setViewportSize({ width: 360, height: 740 });
-  for (const path of ["/portal", "/portal/keys", "/portal/usage", "/portal/models", "/portal/marketplace", "/portal/plugins", "/portal/billing", "/portal/members", "/portal/author"]) {
+  for (const path of ["/portal", "/portal/keys", "/portal/usage", "/portal/models", "/portal/marketplace", "/portal/plugins", "/portal/billing", "/portal/members", "/portal/author", "/portal/author/plugins"]) {
     await page.goto(`${BASE}${path}`);
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
     if (overflow > 1) await screenshot(page, `narrow-${path.split("/").pop()}`);
@@ -369,5 +369,155 @@ test("pages fit a phone-width screen and start with a skip link", async () => {
   }
   await page.keyboard.press("Tab");
   assert.equal(await page.evaluate(() => document.activeElement.textContent), "Skip to content");
+  await context.close();
+});
+
+/** A link of the portal's navigation. */
+function nav(page, name) {
+  return page.getByRole("navigation", { name: "Portal" }).getByRole("link", { name, exact: true });
+}
+
+/** Logs in through the login page, in a browser context of its own. */
+async function logIn(email, password) {
+  const context = await browser.newContext({ viewport: { width: 1000, height: 720 }, bypassCSP: true });
+  const page = await context.newPage();
+  await page.goto(`${BASE}/portal/login`);
+  await page.getByLabel("Email").fill(email);
+  await page.getByLabel("Password").fill(password);
+  await page.getByRole("button", { name: "Log in" }).click();
+  await page.waitForURL(/\/portal$/);
+  return { context, page };
+}
+
+test("an author publishes a plugin, an operator approves it, a tenant installs it with approvals and tries it, the author sees earnings", async () => {
+  const dir = process.env.PLINTH_JOURNEY_PLUGIN_DIR;
+  const manifest = JSON.parse(readFileSync(join(dir, "plugin.json"), "utf8"));
+  const release = `${manifest.name} ${manifest.version}`;
+
+  // The author creates a listing and publishes a version through the pages.
+  const author = await signUp();
+  await nav(author.page, "My plugins").click();
+  await author.page.getByLabel(/^Name/).fill(manifest.name);
+  await author.page.getByLabel("Description").fill(manifest.description);
+  await author.page.getByRole("button", { name: "Create listing" }).click();
+  await author.page.waitForURL(/\/portal\/author\/plugins$/);
+  const listing = author.page.getByRole("article", { name: manifest.name });
+  // Something that is not a component is refused, and the page says why.
+  await listing.getByLabel("Manifest (plugin.json)").setInputFiles(join(dir, "plugin.json"));
+  await listing.getByLabel("Component (.wasm)").setInputFiles({ name: "plugin.wasm", mimeType: "application/wasm", buffer: Buffer.from("not wasm") });
+  await listing.getByRole("button", { name: "Publish" }).click();
+  await author.page.getByRole("alert").waitFor();
+  assert.match(await author.page.getByRole("alert").textContent(), /refused/);
+  await author.page.goto(`${BASE}/portal/author/plugins`);
+  await listing.getByLabel("Manifest (plugin.json)").setInputFiles(join(dir, "plugin.json"));
+  await listing.getByLabel("Component (.wasm)").setInputFiles(join(dir, "plugin.wasm"));
+  await listing.getByRole("button", { name: "Publish" }).click();
+  await author.page.waitForURL(/\/portal\/author\/plugins\?published=/);
+  assert.match(await author.page.getByRole("status").textContent(), /waits for review/);
+  const version = listing.getByRole("row", { name: new RegExp(manifest.version) });
+  assert.equal(await version.getByTestId("review-status").textContent(), "pending");
+  await screenshot(author.page, "my-plugins");
+  await accessible(author.page, "my plugins");
+
+  // An operator approves it from the review queue.
+  const operator = await logIn(process.env.PLINTH_ADMIN_EMAIL, process.env.PLINTH_ADMIN_PASSWORD);
+  await nav(operator.page, "Review queue").click();
+  await operator.page.getByRole("article", { name: release }).getByRole("button", { name: `Approve ${release}` }).click();
+  await operator.page.waitForURL(/\/portal\/review$/);
+  await author.page.reload();
+  assert.equal(await version.getByTestId("review-status").textContent(), "approved");
+
+  // A tenant on a paid plan installs it, approving what it asks for, and tries it.
+  const tenant = await signUp();
+  await nav(tenant.page, "Billing").click();
+  await tenant.page.getByRole("button", { name: "Switch to Pro" }).click();
+  await tenant.page.waitForURL(/changed=1$/);
+  await nav(tenant.page, "Marketplace").click();
+  await tenant.page.getByLabel("Search plugins").fill(manifest.name);
+  await tenant.page.getByRole("button", { name: "Search" }).click();
+  await tenant.page.getByRole("link", { name: manifest.name }).click();
+  for (const box of await tenant.page.getByRole("checkbox").all()) await box.check();
+  await tenant.page.getByRole("button", { name: `Install ${manifest.name}` }).click();
+  await tenant.page.waitForURL(/\/portal\/plugins$/);
+  await tenant.page.getByRole("link", { name: manifest.name }).click();
+  const installationUrl = tenant.page.url();
+  assert.match(installationUrl, /\/portal\/plugins\/[^/]+$/);
+  await accessible(tenant.page, "an installation's page");
+  // Not JSON: the page says so, and nothing is billed.
+  await tenant.page.getByLabel("Request (JSON)").fill("{ topic: ACME");
+  await tenant.page.getByRole("button", { name: "Send" }).click();
+  assert.match(await tenant.page.getByRole("alert").textContent(), /not JSON/);
+  await tenant.page.getByLabel("Request (JSON)").fill(JSON.stringify({ topic: "ACME", texts: ["ACME beats earnings expectations"] }));
+  await tenant.page.getByRole("button", { name: "Send" }).click();
+  const answer = JSON.parse(await tenant.page.getByTestId("try-answer").textContent());
+  assert.equal(answer.topic, "ACME");
+  assert.equal(answer.scored.length, 1);
+  await screenshot(tenant.page, "try-it");
+  // The plugin's own refusal is shown as it would be answered.
+  await tenant.page.getByLabel("Request (JSON)").fill(JSON.stringify({ texts: ["no topic"] }));
+  await tenant.page.getByRole("button", { name: "Send" }).click();
+  assert.match(await tenant.page.getByRole("alert").textContent(), /topic/);
+  // Settings are edited on the same page.
+  await tenant.page.getByLabel("Settings (JSON object)").fill(JSON.stringify({ window: 10 }));
+  await tenant.page.getByRole("button", { name: "Save settings" }).click();
+  assert.match(await tenant.page.getByLabel("Settings (JSON object)").inputValue(), /"window": 10/);
+
+  // Another tenant's installation by URL is a 404 page, for reading and for invoking.
+  const csrf = await author.page.locator('form[action="/portal/logout"] input[name="csrf"]').inputValue();
+  const elsewhere = await author.page.goto(installationUrl);
+  assert.equal(elsewhere.status(), 404);
+  const invoked = await author.page.evaluate(
+    async ([url, csrf]) => (await fetch(`${url}/try`, { method: "POST", body: new URLSearchParams({ csrf, input: "{}" }) })).status,
+    [installationUrl, csrf],
+  );
+  assert.equal(invoked, 404);
+
+  // The author sees the call in earnings.
+  await author.page.goto(`${BASE}/portal/author`);
+  assert.notEqual(await author.page.getByTestId("earned").textContent(), "$0.00");
+  assert.equal(await author.page.getByRole("row", { name: new RegExp(manifest.name) }).count(), 1);
+
+  // The operator finds the tenant, on Pro, with its call, and the books balance.
+  await nav(operator.page, "Tenants").click();
+  await operator.page.getByLabel(/^Find a tenant/).fill(tenant.email);
+  await operator.page.getByRole("button", { name: "Search" }).click();
+  const rows = operator.page.getByTestId("tenants").locator("tbody tr");
+  assert.equal(await rows.count(), 1);
+  assert.match(await rows.textContent(), /Pro/);
+  await accessible(operator.page, "the tenants page");
+  await nav(operator.page, "Billing operations").click();
+  assert.equal(await operator.page.getByTestId("billing-mode").textContent(), "local");
+  assert.match(await operator.page.getByTestId("balanced").textContent(), /^Balanced/);
+  await accessible(operator.page, "billing operations");
+  // Operators' pages are not for tenants.
+  for (const path of ["/portal/admin/tenants", "/portal/admin/billing"]) {
+    assert.equal((await tenant.page.goto(`${BASE}${path}`)).status(), 403);
+  }
+  for (const party of [author, operator, tenant]) await party.context.close();
+});
+
+test("the overview lists the tenant's recent failed calls with their codes and request ids", async () => {
+  const { context, page } = await signUp();
+  const key = await createKey(page, "failing");
+  const response = await fetch(`${BASE}/v1/models/no-such-model/classify`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${key.secret}`, "content-type": "application/json" },
+    body: JSON.stringify({ inputs: ["hello"] }),
+  });
+  assert.equal(response.status, 404);
+  const requestId = (await response.json()).error.request_id;
+  // Recorded off the request path: give it a moment.
+  let table;
+  for (let i = 0; i < 20; i++) {
+    await page.goto(`${BASE}/portal`);
+    table = page.getByTestId("recent-errors");
+    if (await table.count()) break;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  const row = await table.textContent();
+  assert.match(row, /POST \/v1\/models\/no-such-model\/classify/);
+  assert.match(row, /404/);
+  assert.ok(row.includes(requestId), "the request id is shown");
+  await accessible(page, "the overview with errors");
   await context.close();
 });

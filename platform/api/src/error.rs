@@ -133,6 +133,8 @@ impl ResponseError for ApiError {
         if let Some(decision) = &self.rate {
             insert_rate_headers(response.headers_mut(), decision);
         }
+        // For whoever records failures (see `recent_errors`), without parsing the body again.
+        response.extensions_mut().insert(self.code);
         response
     }
 }

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod openapi;
 mod plugins;
 mod portal;
+mod recent_errors;
 pub mod request_id;
 mod routes;
 pub mod state;
@@ -25,6 +26,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 pub use crate::error::{ApiError, ApiResult};
 pub use crate::metrics::MetricsToken;
+pub use crate::recent_errors::RecentErrors;
 pub use crate::state::{AbuseLimits, ApiSettings, AppState};
 pub use crate::uploads::{CONCURRENT_LOADS as CONCURRENT_MODEL_LOADS, sweep_model_files};
 

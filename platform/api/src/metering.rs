@@ -12,6 +12,7 @@
 //! Ledger keys are the server's own (`req:<id>` for keyed requests, `auto:<ulid>` otherwise): nothing a
 //! client sends, `X-Request-Id` included, can make two calls share one charge.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::body::{BoxBody, MessageBody};
@@ -287,15 +288,13 @@ async fn admit(
     max_body: Option<usize>,
 ) -> Result<(Admission, Option<RateDecision>), ApiError> {
     let principal = authenticate(req.request()).await?;
-    check_scope(&principal, scope)?;
     req.extensions_mut().insert(RateCounted);
-    let decision = rate_limit(state, &principal).await?;
     let Some(key) = client_key(req)? else {
-        if let Some(cap) = principal.call_cap {
-            enforce_cap(state, &principal.tenant_id, cap).await?;
-        }
+        let decision = admit_unkeyed(state, &principal, scope).await?;
         return Ok((Admission::Unkeyed, decision));
     };
+    check_scope(&principal, scope)?;
+    let decision = rate_limit(state, &principal).await?;
     let body = take_body(req, max_body.unwrap_or(state.settings.max_body_bytes)).await?;
     let fingerprint = fingerprint(req, &body);
     let attempt = state
@@ -342,6 +341,37 @@ async fn admit(
     Ok((Admission::Claimed(claim), decision))
 }
 
+/// Admits a billable call sent without an `Idempotency-Key` (the portal's calls, and the API's
+/// unkeyed ones): the scope, the rate limits and the plan's cap, as for every metered call.
+async fn admit_unkeyed(
+    state: &AppState,
+    principal: &Principal,
+    scope: Option<Scope>,
+) -> Result<Option<RateDecision>, ApiError> {
+    check_scope(principal, scope)?;
+    let decision = rate_limit(state, principal).await?;
+    if let Some(cap) = principal.call_cap {
+        enforce_cap(state, &principal.tenant_id, cap).await?;
+    }
+    Ok(decision)
+}
+
+/// Admits a billable call that a signed-in page makes on its visitor's behalf, with its own
+/// idempotency key: the same checks as the metered routes' middleware.
+pub(crate) async fn admit_interactive(
+    state: &AppState,
+    principal: &Principal,
+    scope: Scope,
+) -> Result<IdempotencyKey, ApiError> {
+    admit_unkeyed(state, principal, Some(scope)).await?;
+    let key = automatic_key();
+    Ok(IdempotencyKey {
+        attempt: key.clone(),
+        call: key,
+        inherited: false,
+    })
+}
+
 /// Middleware of a metered route. `scope` is what the route requires of the caller; `max_body` the
 /// largest body it takes (the JSON limit when `None`): a keyed request's body is read up to it to
 /// fingerprint the request.
@@ -358,7 +388,11 @@ pub(crate) async fn middleware(
     // A refusal is answered here, inside the request's scope, so its body carries the request id.
     let (admission, decision) = match admit(&state, &mut req, scope, max_body).await {
         Ok(admitted) => admitted,
-        Err(refused) => return Ok(req.into_response(refused.error_response())),
+        Err(refused) => {
+            let response = req.into_response(refused.error_response());
+            note_failure(&state, &response);
+            return Ok(response);
+        }
     };
     let mut response = match admission {
         Admission::Unkeyed => {
@@ -383,7 +417,36 @@ pub(crate) async fn middleware(
     if let Some(decision) = &decision {
         insert_rate_headers(response.headers_mut(), decision);
     }
+    note_failure(&state, &response);
     Ok(response)
+}
+
+/// Keeps a failed call in its tenant's recent errors (an unauthenticated one has no tenant to show it to).
+fn note_failure<B>(state: &AppState, response: &ServiceResponse<B>) {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return;
+    }
+    let req = response.request();
+    let Some(principal) = req.extensions().get::<Arc<Principal>>().cloned() else {
+        return;
+    };
+    let call = crate::recent_errors::FailedCall {
+        at: chrono::Utc::now(),
+        method: req.method().to_string(),
+        path: req.path().chars().take(200).collect(),
+        status: status.as_u16(),
+        code: response
+            .response()
+            .extensions()
+            .get::<ErrorCode>()
+            .and_then(|code| serde_json::to_value(code).ok())
+            .and_then(|code| code.as_str().map(ToOwned::to_owned)),
+        request_id: crate::request_id::current(),
+    };
+    state
+        .recent_errors
+        .record(&state.cache, &principal.tenant_id, call);
 }
 
 /// How long a tenant's count of units this period is reused before it is read from the ledger again.

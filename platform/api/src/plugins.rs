@@ -427,6 +427,50 @@ pub(crate) async fn install(
     Ok(installation)
 }
 
+/// Moves an installation to another approved version (what it asks for approved, or approved
+/// before), or replaces its settings or secrets.
+pub(crate) async fn update_installation(
+    state: &AppState,
+    auth: &Principal,
+    who: &plinth_store::audit::Who,
+    id: &InstallationId,
+    request: &plinth_core::plugins::UpdateInstallationRequest,
+) -> ApiResult<plinth_core::plugins::Installation> {
+    let current = state.store.runnable(&auth.tenant_id, id).await?.installation;
+    let version = match &request.version {
+        Some(wanted) => {
+            let version = state
+                .store
+                .approved_version(&current.plugin, Some(wanted))
+                .await?;
+            let capabilities = request
+                .approve_capabilities
+                .as_ref()
+                .unwrap_or(&current.capabilities);
+            let models = request.approve_models.as_ref().unwrap_or(&current.models);
+            check_grants(&version, capabilities, models)?;
+            Some(version)
+        }
+        None => None,
+    };
+    let sealed = request
+        .secrets
+        .as_ref()
+        .map(|secrets| seal_secrets(state, secrets))
+        .transpose()?;
+    Ok(state
+        .store
+        .update_installation(
+            &auth.tenant_id,
+            who,
+            id,
+            version.as_ref(),
+            request.settings.as_ref(),
+            sealed.as_ref(),
+        )
+        .await?)
+}
+
 pub(crate) fn check_grants(
     version: &PluginVersion,
     capabilities: &[Capability],

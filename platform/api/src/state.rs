@@ -38,6 +38,8 @@ pub struct AppState {
     pub secrets: SecretBox,
     /// Statements, plan changes, Stripe.
     pub billing: Billing,
+    /// Each tenant's last failed calls, for the portal.
+    pub recent_errors: crate::recent_errors::RecentErrors,
 }
 
 /// Edge limits, set from the server's configuration.

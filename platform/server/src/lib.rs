@@ -193,6 +193,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         plugin_files,
         secrets: plinth_store::SecretBox::new(&secret_key(config)?),
         billing: billing(config, store.clone())?,
+        recent_errors: plinth_api::RecentErrors::default(),
     };
     if !state.billing.collects_plugin_fees() {
         tracing::error!(

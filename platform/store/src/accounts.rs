@@ -7,7 +7,11 @@ use chrono::{DateTime, Utc};
 use plinth_core::Role;
 use plinth_core::api::{LoginRequest, Membership, Session, SignupRequest, Tenant, User};
 use plinth_core::id::{SessionId, TenantId, UserId};
-use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set};
+use sea_orm::sea_query::{Expr, ExprTrait, Func};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set,
+};
 
 use crate::audit::Who;
 use crate::cache::{Cache, Quota};
@@ -254,6 +258,46 @@ impl Store {
             .ok_or(StoreError::NotFound("tenant"))?;
         let plan = self.subscription(tenant).await?.plan.id;
         to_tenant(row, plan)
+    }
+
+    /// Tenants for the operators' directory, newest first, at most `limit`: those whose name or id
+    /// contains `query`, or with a member whose email does (every tenant when there is no query).
+    pub async fn tenant_directory(&self, query: Option<&str>, limit: u64) -> Result<Vec<Tenant>> {
+        let mut select = tenants::Entity::find().order_by_desc(tenants::Column::CreatedAt);
+        if let Some(query) = query.map(str::trim).filter(|q| !q.is_empty()) {
+            let pattern = format!("%{}%", query.to_lowercase().replace(['%', '_'], ""));
+            fn lower(column: impl sea_orm::sea_query::IntoColumnRef) -> Expr {
+                Expr::expr(Func::lower(Expr::col(column)))
+            }
+            let member_tenants: Vec<String> = memberships::Entity::find()
+                .filter(
+                    memberships::Column::UserId.in_subquery(
+                        sea_orm::sea_query::Query::select()
+                            .column(users::Column::Id)
+                            .from(users::Entity)
+                            .and_where(lower(users::Column::Email).like(pattern.clone()))
+                            .to_owned(),
+                    ),
+                )
+                .limit(limit)
+                .all(self.db())
+                .await?
+                .into_iter()
+                .map(|m| m.tenant_id)
+                .collect();
+            select = select.filter(
+                Condition::any()
+                    .add(lower(tenants::Column::Name).like(pattern.clone()))
+                    .add(lower(tenants::Column::Id).like(pattern))
+                    .add(tenants::Column::Id.is_in(member_tenants)),
+            );
+        }
+        let mut found = Vec::new();
+        for row in select.limit(limit).all(self.db()).await? {
+            let plan = self.subscription(&parse_id(&row.id)?).await?.plan.id;
+            found.push(to_tenant(row, plan)?);
+        }
+        Ok(found)
     }
 
     /// Makes `email` a platform operator (marketplace review, payouts, every tenant's audit log).

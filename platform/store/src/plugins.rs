@@ -211,6 +211,20 @@ impl Store {
         self.with_versions(row, false).await
     }
 
+    /// Every listing `author` owns, with all their versions, by name.
+    pub async fn authored_plugins(&self, author: &TenantId) -> Result<Vec<Plugin>> {
+        let rows = plugins::Entity::find()
+            .filter(plugins::Column::AuthorTenantId.eq(author.as_str()))
+            .order_by_asc(plugins::Column::Name)
+            .all(self.db())
+            .await?;
+        let mut listed = Vec::with_capacity(rows.len());
+        for row in rows {
+            listed.push(self.with_versions(row, false).await?);
+        }
+        Ok(listed)
+    }
+
     async fn with_versions(&self, row: plugins::Model, approved_only: bool) -> Result<Plugin> {
         let mut query = plugin_versions::Entity::find().filter(plugin_versions::Column::PluginId.eq(&row.id));
         if approved_only {

@@ -190,7 +190,20 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
             .route("/marketplace/{name}", web::get().to(pages::plugin))
             .route("/marketplace/{name}/install", web::post().to(pages::install))
             .route("/plugins", web::get().to(pages::installed))
+            .route("/plugins/{id}", web::get().to(pages::installation))
+            .route("/plugins/{id}/try", web::post().to(pages::try_plugin))
+            .route("/plugins/{id}/upgrade", web::post().to(pages::upgrade))
+            .route(
+                "/plugins/{id}/settings",
+                web::post().to(pages::installation_settings),
+            )
             .route("/plugins/{id}/uninstall", web::post().to(pages::uninstall))
+            .route("/author/plugins", web::get().to(pages::my_plugins))
+            .route("/author/plugins", web::post().to(pages::create_listing))
+            .route("/author/plugins/{name}/versions", web::post().to(pages::publish))
+            .route("/admin/tenants", web::get().to(pages::tenants))
+            .route("/admin/billing", web::get().to(pages::billing_ops))
+            .route("/admin/billing/sync", web::post().to(pages::sync))
             .route("/author", web::get().to(pages::author))
             .route("/author/connect", web::post().to(pages::connect))
             .route("/review", web::get().to(pages::review_queue))

@@ -3,10 +3,11 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use plinth_core::ErrorCode;
 use plinth_core::Role;
 use plinth_core::Scope;
 use plinth_core::api::{AddMemberRequest, CreateApiKeyRequest, LoginRequest, SignupRequest, UsageGrouping};
-use plinth_core::id::{KeyId, UserId};
+use plinth_core::id::{InstallationId, KeyId, UserId};
 use plinth_store::auth::Actor;
 use serde::Deserialize;
 
@@ -16,6 +17,7 @@ use super::{PageError, PageResult, page, see_other};
 use crate::auth::require_platform_admin;
 use crate::client::origin;
 use crate::error::ApiError;
+use crate::request_id::RequestId;
 use crate::state::AppState;
 
 /// The frame of a signed-in page.
@@ -182,6 +184,7 @@ pub(crate) async fn overview(
     }
     let subscription = state.store.subscription(&visitor.principal.tenant_id).await?;
     let statement = state.billing.upcoming(&visitor.principal.tenant_id).await?;
+    let errors = crate::recent_errors::list(&state.cache, &visitor.principal.tenant_id).await;
     let used_percent = if statement.included_calls > 0 {
         (statement.calls * 100 / statement.included_calls).min(100)
     } else {
@@ -198,6 +201,7 @@ pub(crate) async fn overview(
             used_percent,
             spend: view::cents(statement.total_cents, &statement.currency),
             cancel_at_period_end: subscription.cancel_at_period_end,
+            errors: errors.iter().map(view::ErrorLine::from).collect(),
         },
     ))
 }
@@ -793,11 +797,54 @@ pub(crate) async fn plugin(
     plugin_page(&state, &visitor, &name, None, StatusCode::OK).await
 }
 
+type Fields = std::collections::BTreeMap<String, String>;
+
+/// A form field holding a JSON object; `None` when left empty.
+fn json_object(
+    form: &Fields,
+    field: &str,
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>, String> {
+    match form.get(field).map(|v| v.trim()).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(text) => serde_json::from_str(text)
+            .map(Some)
+            .map_err(|err| format!("{field}: a JSON object ({err})")),
+    }
+}
+
+/// The `secrets` field: a JSON object of strings; `None` when left empty.
+fn secrets_field(form: &Fields) -> Result<Option<std::collections::BTreeMap<String, String>>, String> {
+    json_object(form, "secrets")?
+        .map(|map| {
+            map.into_iter()
+                .map(|(k, v)| match v {
+                    serde_json::Value::String(v) => Ok((k, v)),
+                    _ => Err(format!("secrets: `{k}` must be a string")),
+                })
+                .collect()
+        })
+        .transpose()
+}
+
+/// The capabilities (`cap:<name>`) and models (`model:<name>`) whose boxes were ticked.
+fn approvals(form: &Fields) -> (Vec<plinth_core::plugins::Capability>, Vec<String>) {
+    let ticked = |prefix: &str| -> Vec<String> {
+        form.keys()
+            .filter_map(|key| key.strip_prefix(prefix).map(ToOwned::to_owned))
+            .collect()
+    };
+    let capabilities = ticked("cap:")
+        .into_iter()
+        .filter_map(|c| serde_json::from_value(serde_json::Value::String(c)).ok())
+        .collect();
+    (capabilities, ticked("model:"))
+}
+
 /// An install form: `cap:<capability>` and `model:<name>` boxes ticked one by one, settings and
 /// secrets as JSON objects.
 pub(crate) async fn install(
     state: web::Data<AppState>,
-    posted: Posted<std::collections::BTreeMap<String, String>>,
+    posted: Posted<Fields>,
     name: web::Path<String>,
 ) -> PageResult {
     let Posted { visitor, form } = posted;
@@ -812,41 +859,20 @@ pub(crate) async fn install(
         )
         .await
     };
-    let object = |field: &str| -> Result<serde_json::Map<String, serde_json::Value>, String> {
-        match form.get(field).map(|v| v.trim()).filter(|v| !v.is_empty()) {
-            None => Ok(serde_json::Map::new()),
-            Some(text) => serde_json::from_str(text).map_err(|err| format!("{field}: a JSON object ({err})")),
-        }
-    };
-    let settings = match object("settings") {
-        Ok(settings) => settings,
+    let settings = match json_object(&form, "settings") {
+        Ok(settings) => settings.unwrap_or_default(),
         Err(message) => return refused(message).await,
     };
-    let secrets = match object("secrets").and_then(|map| {
-        map.into_iter()
-            .map(|(k, v)| match v {
-                serde_json::Value::String(v) => Ok((k, v)),
-                _ => Err(format!("secrets: `{k}` must be a string")),
-            })
-            .collect::<Result<std::collections::BTreeMap<_, _>, _>>()
-    }) {
-        Ok(secrets) => secrets,
+    let secrets = match secrets_field(&form) {
+        Ok(secrets) => secrets.unwrap_or_default(),
         Err(message) => return refused(message).await,
     };
-    let approved = |prefix: &str| -> Vec<String> {
-        form.keys()
-            .filter_map(|key| key.strip_prefix(prefix).map(ToOwned::to_owned))
-            .collect()
-    };
-    let approve_capabilities = approved("cap:")
-        .iter()
-        .filter_map(|c| serde_json::from_value(serde_json::Value::String(c.clone())).ok())
-        .collect();
+    let (approve_capabilities, approve_models) = approvals(&form);
     let request = plinth_core::plugins::InstallRequest {
         plugin: name.clone(),
         version: None,
         approve_capabilities,
-        approve_models: approved("model:"),
+        approve_models,
         settings,
         secrets,
     };
@@ -938,4 +964,406 @@ pub(crate) async fn connect(state: web::Data<AppState>, posted: Posted<Empty>) -
     posted.visitor.require(Scope::Admin)?;
     let onboarding = state.billing.connect(&posted.visitor.principal.tenant_id).await?;
     Ok(see_other(&onboarding.url))
+}
+
+/// What the installation page shows besides the installation: the try-it box's input and answer, or
+/// a refusal.
+#[derive(Default)]
+struct InstallationExtras {
+    input: Option<String>,
+    answer: Option<view::TryAnswer>,
+    error: Option<String>,
+}
+
+async fn installation_page(
+    state: &AppState,
+    visitor: &Visitor,
+    id: &InstallationId,
+    extras: InstallationExtras,
+    status: StatusCode,
+) -> PageResult {
+    let installation = state
+        .store
+        .installations(&visitor.principal.tenant_id)
+        .await?
+        .into_iter()
+        .find(|i| i.id == *id)
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "There is no such installation."))?;
+    // The newest approved version, when it is not this one (none at all when the listing has none).
+    let upgrade = match state.store.approved_version(&installation.plugin, None).await {
+        Ok(newest) if newest.id != installation.version_id => {
+            let listing = state.store.marketplace(Some(&installation.plugin)).await?;
+            let description = listing
+                .iter()
+                .find(|p| p.name == installation.plugin)
+                .map(|p| p.description.clone())
+                .unwrap_or_default();
+            Some(view::Listing::of_version(&description, &newest))
+        }
+        Ok(_) => None,
+        Err(err) => {
+            shown(err)?;
+            None
+        }
+    };
+    let chrome = chrome(state, visitor, "Installed plugin", "plugins").await?;
+    Ok(page(
+        status,
+        &view::InstallationPage {
+            chrome,
+            settings: serde_json::to_string_pretty(&installation.settings).unwrap_or_default(),
+            installation: view::InstalledRow::from(&installation),
+            upgrade,
+            can_manage: visitor.principal.has(Scope::Admin),
+            can_invoke: visitor.principal.has(Scope::Plugins),
+            csrf: visitor.csrf.clone(),
+            input: extras.input.unwrap_or_else(|| "{}".to_owned()),
+            answer: extras.answer,
+            error: extras.error,
+        },
+    ))
+}
+
+pub(crate) async fn installation(
+    state: web::Data<AppState>,
+    visitor: Visitor,
+    id: web::Path<InstallationId>,
+) -> PageResult {
+    installation_page(
+        &state,
+        &visitor,
+        &id,
+        InstallationExtras::default(),
+        StatusCode::OK,
+    )
+    .await
+}
+
+/// A refusal shown on the installation page (a missing installation is a 404 page).
+async fn installation_refusal(
+    state: &AppState,
+    visitor: &Visitor,
+    id: &InstallationId,
+    err: ApiError,
+    input: Option<String>,
+) -> PageResult {
+    if err.status_code() == StatusCode::NOT_FOUND {
+        return Err(err.into());
+    }
+    let status = err.status_code();
+    let extras = InstallationExtras {
+        input,
+        answer: None,
+        error: Some(err.message().to_owned()),
+    };
+    installation_page(state, visitor, id, extras, status).await
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct TryForm {
+    input: String,
+}
+
+/// The try-it box: invokes the installation with the JSON typed in, admitted and billed as an API
+/// call of the visitor's would be. The plugin's own failures are shown, as the API would answer them.
+pub(crate) async fn try_plugin(
+    state: web::Data<AppState>,
+    posted: Posted<TryForm>,
+    id: web::Path<InstallationId>,
+    request_id: RequestId,
+) -> PageResult {
+    let Posted { visitor, form } = posted;
+    let input = form.input;
+    let request: serde_json::Value = match serde_json::from_str(&input) {
+        Ok(request) => request,
+        Err(err) => {
+            let err = ApiError::new(ErrorCode::InvalidBody, format!("the request is not JSON: {err}"));
+            return installation_refusal(&state, &visitor, &id, err, Some(input)).await;
+        }
+    };
+    let invoked = async {
+        let key = crate::metering::admit_interactive(&state, &visitor.principal, Scope::Plugins).await?;
+        crate::plugins::invoke(&state, &visitor.principal, key, request_id, &id, &request).await
+    }
+    .await;
+    match invoked {
+        Ok((outcome, _)) => {
+            let body = serde_json::from_str::<serde_json::Value>(&outcome.response)
+                .and_then(|answer| serde_json::to_string_pretty(&answer))
+                .unwrap_or(outcome.response);
+            let extras = InstallationExtras {
+                input: Some(input),
+                answer: Some(view::TryAnswer {
+                    body,
+                    compute_units: outcome.compute_units,
+                    duration_ms: format!("{:.1}", outcome.duration.as_secs_f64() * 1e3),
+                    logs: outcome.logs.into_iter().map(|l| (l.level, l.message)).collect(),
+                }),
+                error: None,
+            };
+            installation_page(&state, &visitor, &id, extras, StatusCode::OK).await
+        }
+        Err(err) => {
+            // What the plugin did wrong is the point of trying it: shown, like any refusal.
+            let err = if matches!(err.code(), ErrorCode::PluginFailed | ErrorCode::PluginTimeout) {
+                err
+            } else {
+                shown(err)?
+            };
+            installation_refusal(&state, &visitor, &id, err, Some(input)).await
+        }
+    }
+}
+
+/// Moves an installation to a newer approved version, with what it asks for approved box by box.
+pub(crate) async fn upgrade(
+    state: web::Data<AppState>,
+    posted: Posted<Fields>,
+    id: web::Path<InstallationId>,
+) -> PageResult {
+    let Posted { visitor, form } = posted;
+    visitor.require(Scope::Admin)?;
+    let (capabilities, models) = approvals(&form);
+    let request = plinth_core::plugins::UpdateInstallationRequest {
+        version: form.get("version").cloned(),
+        approve_capabilities: Some(capabilities),
+        approve_models: Some(models),
+        settings: None,
+        secrets: None,
+    };
+    match crate::plugins::update_installation(&state, &visitor.principal, &visitor.who(), &id, &request).await
+    {
+        Ok(_) => Ok(see_other(&format!("/portal/plugins/{id}"))),
+        Err(err) => installation_refusal(&state, &visitor, &id, shown(err)?, None).await,
+    }
+}
+
+/// Replaces an installation's settings, and its secrets when new ones are given.
+pub(crate) async fn installation_settings(
+    state: web::Data<AppState>,
+    posted: Posted<Fields>,
+    id: web::Path<InstallationId>,
+) -> PageResult {
+    let Posted { visitor, form } = posted;
+    visitor.require(Scope::Admin)?;
+    let fields = json_object(&form, "settings").and_then(|settings| Ok((settings, secrets_field(&form)?)));
+    let (settings, secrets) = match fields {
+        Ok(fields) => fields,
+        Err(message) => {
+            let err = ApiError::new(ErrorCode::ValidationFailed, message);
+            return installation_refusal(&state, &visitor, &id, err, None).await;
+        }
+    };
+    let request = plinth_core::plugins::UpdateInstallationRequest {
+        version: None,
+        approve_capabilities: None,
+        approve_models: None,
+        settings: Some(settings.unwrap_or_default()),
+        secrets,
+    };
+    match crate::plugins::update_installation(&state, &visitor.principal, &visitor.who(), &id, &request).await
+    {
+        Ok(_) => Ok(see_other(&format!("/portal/plugins/{id}"))),
+        Err(err) => installation_refusal(&state, &visitor, &id, shown(err)?, None).await,
+    }
+}
+
+async fn my_plugins_page(
+    state: &AppState,
+    visitor: &Visitor,
+    mut chrome: Chrome,
+    error: Option<String>,
+    status: StatusCode,
+) -> PageResult {
+    let plugins = state.store.authored_plugins(&visitor.principal.tenant_id).await?;
+    if error.is_some() {
+        chrome.flash = None;
+    }
+    Ok(page(
+        status,
+        &view::MyPluginsPage {
+            chrome,
+            plugins: plugins.iter().map(view::AuthoredPlugin::from).collect(),
+            can_manage: visitor.principal.has(Scope::Admin),
+            csrf: visitor.csrf.clone(),
+            error,
+        },
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct PublishedQuery {
+    published: Option<String>,
+}
+
+/// A plugin author's listings, every version with its checks and review.
+pub(crate) async fn my_plugins(
+    state: web::Data<AppState>,
+    visitor: Visitor,
+    query: web::Query<PublishedQuery>,
+) -> PageResult {
+    let mut chrome = chrome(&state, &visitor, "My plugins", "my-plugins").await?;
+    chrome.flash = query
+        .published
+        .as_ref()
+        .map(|what| format!("{what} passed the automatic checks and waits for review."));
+    my_plugins_page(&state, &visitor, chrome, None, StatusCode::OK).await
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListingForm {
+    name: String,
+    description: String,
+}
+
+pub(crate) async fn create_listing(state: web::Data<AppState>, posted: Posted<ListingForm>) -> PageResult {
+    let Posted { visitor, form } = posted;
+    visitor.require(Scope::Admin)?;
+    match state
+        .store
+        .create_plugin(
+            &visitor.principal.tenant_id,
+            &visitor.who(),
+            &form.name,
+            &form.description,
+        )
+        .await
+    {
+        Ok(_) => Ok(see_other("/portal/author/plugins")),
+        Err(err) => {
+            let err = shown(err)?;
+            let chrome = chrome(&state, &visitor, "My plugins", "my-plugins").await?;
+            my_plugins_page(
+                &state,
+                &visitor,
+                chrome,
+                Some(err.message().to_owned()),
+                err.status_code(),
+            )
+            .await
+        }
+    }
+}
+
+/// Publishes a version: multipart parts `manifest` and `component` as the API takes them, the CSRF
+/// token in the query (see `upload_model`).
+pub(crate) async fn publish(
+    state: web::Data<AppState>,
+    visitor: Visitor,
+    query: web::Query<CsrfQuery>,
+    name: web::Path<String>,
+    form: actix_multipart::Multipart,
+) -> PageResult {
+    visitor.verify_csrf(query.csrf.as_deref())?;
+    visitor.require(Scope::Admin)?;
+    match crate::plugins::publish(&state, &visitor.principal, &visitor.who(), &name, form).await {
+        Ok(version) => Ok(see_other(&format!(
+            "/portal/author/plugins?{}",
+            serde_urlencoded::to_string([("published", format!("{} {}", version.plugin, version.version))])
+                .map_err(ApiError::internal)?
+        ))),
+        Err(err) => {
+            let err = shown(err)?;
+            let chrome = chrome(&state, &visitor, "My plugins", "my-plugins").await?;
+            let message = format!("The version was refused: {}", err.message());
+            my_plugins_page(&state, &visitor, chrome, Some(message), err.status_code()).await
+        }
+    }
+}
+
+/// Tenants the operators look after: search, plan and this period's usage; the plans on offer.
+pub(crate) async fn tenants(
+    state: web::Data<AppState>,
+    visitor: Visitor,
+    query: web::Query<SearchQuery>,
+) -> PageResult {
+    require_platform_admin(&visitor.principal, "see every tenant")?;
+    let q = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
+    let mut rows = Vec::new();
+    for tenant in state.store.tenant_directory(q, TENANTS_SHOWN).await? {
+        let subscription = state.store.subscription(&tenant.id).await?;
+        let statement = state.billing.upcoming(&tenant.id).await?;
+        rows.push(view::TenantRow {
+            id: tenant.id.to_string(),
+            name: tenant.name,
+            plan: subscription.plan.name,
+            status: format!("{:?}", subscription.status).to_lowercase(),
+            created: view::date(tenant.created_at),
+            calls: statement.calls,
+            spend: view::cents(statement.total_cents, &statement.currency),
+        });
+    }
+    let plans = state.store.list_plans().await?;
+    let chrome = chrome(&state, &visitor, "Tenants", "tenants").await?;
+    Ok(page(
+        StatusCode::OK,
+        &view::TenantsPage {
+            chrome,
+            query: q.unwrap_or_default().to_owned(),
+            tenants: rows,
+            plans: plans.iter().map(|p| view::PlanCard::new(p, "")).collect(),
+        },
+    ))
+}
+
+/// Tenants listed at once in the directory: a search narrows it down.
+const TENANTS_SHOWN: u64 = 50;
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct SyncedQuery {
+    synced: Option<String>,
+}
+
+/// Billing operations: the payment mode, the usage sync and the reconciliation of the ledger with
+/// what Stripe acknowledged.
+pub(crate) async fn billing_ops(
+    state: web::Data<AppState>,
+    visitor: Visitor,
+    query: web::Query<SyncedQuery>,
+) -> PageResult {
+    require_platform_admin(&visitor.principal, "see billing operations")?;
+    let reconciliation = state.billing.reconcile().await?;
+    let stripe = state.billing.mode() == plinth_core::billing::PaymentMode::Stripe;
+    let mut chrome = chrome(&state, &visitor, "Billing operations", "billing-ops").await?;
+    chrome.flash = query.synced.clone();
+    Ok(page(
+        StatusCode::OK,
+        &view::BillingOpsPage {
+            chrome,
+            mode: if stripe { "Stripe" } else { "local" }.to_owned(),
+            stripe,
+            rows: reconciliation
+                .rows
+                .iter()
+                .map(view::ReconciliationLine::from)
+                .collect(),
+            balanced: reconciliation.balanced,
+            csrf: visitor.csrf.clone(),
+        },
+    ))
+}
+
+/// Pushes settled usage to Stripe now (audited, as through the API).
+pub(crate) async fn sync(state: web::Data<AppState>, posted: Posted<Empty>) -> PageResult {
+    let visitor = posted.visitor;
+    require_platform_admin(&visitor.principal, "run the usage sync")?;
+    let report = state.billing.sync_once(chrono::Utc::now()).await?;
+    state
+        .store
+        .audit(
+            None,
+            &visitor.who(),
+            "billing.sync",
+            None,
+            serde_json::json!(report),
+        )
+        .await?;
+    let summary = format!(
+        "Sync done: {} buckets closed, {} meter events sent, {} waiting.",
+        report.buckets_closed, report.events_sent, report.events_pending
+    );
+    Ok(see_other(&format!(
+        "/portal/admin/billing?{}",
+        serde_urlencoded::to_string([("synced", summary)]).map_err(ApiError::internal)?
+    )))
 }

@@ -25,6 +25,9 @@ impl Chrome {
     }
 }
 
+/// Pages only platform admins see in the navigation (and may open).
+const OPERATOR_PAGES: [&str; 3] = ["review", "tenants", "billing-ops"];
+
 #[derive(Debug)]
 pub(crate) struct Nav {
     /// The page the navigation marks `aria-current`.
@@ -47,11 +50,14 @@ impl Nav {
             ("plugins", "/portal/plugins", "Installed plugins"),
             ("billing", "/portal/billing", "Billing"),
             ("members", "/portal/members", "Members"),
+            ("my-plugins", "/portal/author/plugins", "My plugins"),
             ("author", "/portal/author", "Earnings"),
             ("review", "/portal/review", "Review queue"),
+            ("tenants", "/portal/admin/tenants", "Tenants"),
+            ("billing-ops", "/portal/admin/billing", "Billing operations"),
         ]
         .into_iter()
-        .filter(|(id, ..)| *id != "review" || self.operator)
+        .filter(|(id, ..)| !OPERATOR_PAGES.contains(id) || self.operator)
         .map(|(id, href, label)| (href, label, id == self.current))
         .collect()
     }
@@ -96,6 +102,29 @@ pub(crate) struct OverviewPage {
     pub(crate) used_percent: i64,
     pub(crate) spend: String,
     pub(crate) cancel_at_period_end: bool,
+    pub(crate) errors: Vec<ErrorLine>,
+}
+
+/// A failed call on the overview.
+#[derive(Debug)]
+pub(crate) struct ErrorLine {
+    pub(crate) at: String,
+    pub(crate) call: String,
+    pub(crate) status: u16,
+    pub(crate) code: String,
+    pub(crate) request_id: String,
+}
+
+impl From<&crate::recent_errors::FailedCall> for ErrorLine {
+    fn from(call: &crate::recent_errors::FailedCall) -> Self {
+        Self {
+            at: time(call.at),
+            call: format!("{} {}", call.method, call.path),
+            status: call.status,
+            code: call.code.clone().unwrap_or_default(),
+            request_id: call.request_id.clone(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -175,18 +204,23 @@ impl Listing {
     /// The listing as its newest approved version presents it; `None` without one.
     pub(crate) fn new(plugin: &plinth_core::plugins::Plugin) -> Option<Self> {
         let newest = plugin.versions.iter().max_by_key(|v| v.created_at)?;
-        Some(Self {
-            name: plugin.name.clone(),
-            description: plugin.description.clone(),
-            version: newest.version.clone(),
-            price: micros(newest.price_per_call, "usd"),
-            capabilities: newest
+        Some(Self::of_version(&plugin.description, newest))
+    }
+
+    /// The listing as `version` presents it.
+    pub(crate) fn of_version(description: &str, version: &plinth_core::plugins::PluginVersion) -> Self {
+        Self {
+            name: version.plugin.clone(),
+            description: description.to_owned(),
+            version: version.version.clone(),
+            price: micros(version.price_per_call, "usd"),
+            capabilities: version
                 .capabilities
                 .iter()
                 .map(|c| (name_of(c), capability_meaning(*c)))
                 .collect(),
-            models: newest.models.clone(),
-        })
+            models: version.models.clone(),
+        }
     }
 }
 
@@ -561,6 +595,136 @@ impl From<&plinth_core::plugins::PluginVersion> for ReviewRow {
             submitted: time(v.created_at),
         }
     }
+}
+
+/// One installation: what it runs, its settings, a newer version to move to, and the try-it box.
+#[derive(Template)]
+#[template(path = "portal/installation.html")]
+pub(crate) struct InstallationPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) installation: InstalledRow,
+    /// Settings as indented JSON, ready to edit.
+    pub(crate) settings: String,
+    /// The newest approved version when it is not the installed one, with what it asks for.
+    pub(crate) upgrade: Option<Listing>,
+    pub(crate) can_manage: bool,
+    pub(crate) can_invoke: bool,
+    pub(crate) csrf: String,
+    pub(crate) input: String,
+    pub(crate) answer: Option<TryAnswer>,
+    pub(crate) error: Option<String>,
+}
+
+/// What a call from the try-it box answered.
+#[derive(Debug)]
+pub(crate) struct TryAnswer {
+    /// The plugin's JSON answer, indented.
+    pub(crate) body: String,
+    pub(crate) compute_units: u64,
+    pub(crate) duration_ms: String,
+    /// `(level, message)`.
+    pub(crate) logs: Vec<(&'static str, String)>,
+}
+
+/// A version of one of the author's listings, with its checks and review.
+#[derive(Debug)]
+pub(crate) struct AuthoredVersion {
+    pub(crate) row: ReviewRow,
+    pub(crate) status: String,
+    pub(crate) note: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct AuthoredPlugin {
+    pub(crate) name: String,
+    pub(crate) description: String,
+    pub(crate) versions: Vec<AuthoredVersion>,
+}
+
+impl From<&plinth_core::plugins::Plugin> for AuthoredPlugin {
+    fn from(plugin: &plinth_core::plugins::Plugin) -> Self {
+        Self {
+            name: plugin.name.clone(),
+            description: plugin.description.clone(),
+            versions: plugin
+                .versions
+                .iter()
+                .map(|v| AuthoredVersion {
+                    row: ReviewRow::from(v),
+                    status: name_of(v.status),
+                    note: v.review_note.clone().unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "portal/my_plugins.html")]
+pub(crate) struct MyPluginsPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) plugins: Vec<AuthoredPlugin>,
+    pub(crate) can_manage: bool,
+    pub(crate) csrf: String,
+    pub(crate) error: Option<String>,
+}
+
+/// A tenant in the operators' directory.
+#[derive(Debug)]
+pub(crate) struct TenantRow {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) plan: String,
+    pub(crate) status: String,
+    pub(crate) created: String,
+    pub(crate) calls: i64,
+    pub(crate) spend: String,
+}
+
+#[derive(Template)]
+#[template(path = "portal/tenants.html")]
+pub(crate) struct TenantsPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) query: String,
+    pub(crate) tenants: Vec<TenantRow>,
+    pub(crate) plans: Vec<PlanCard>,
+}
+
+/// A line of the reconciliation: ledger against what Stripe acknowledged.
+#[derive(Debug)]
+pub(crate) struct ReconciliationLine {
+    pub(crate) tenant_id: String,
+    pub(crate) meter: String,
+    pub(crate) synced_until: String,
+    pub(crate) ledger: i64,
+    pub(crate) sent: i64,
+    pub(crate) pending: i64,
+    pub(crate) balanced: bool,
+}
+
+impl From<&plinth_core::billing::ReconciliationRow> for ReconciliationLine {
+    fn from(row: &plinth_core::billing::ReconciliationRow) -> Self {
+        Self {
+            tenant_id: row.tenant_id.clone(),
+            meter: row.meter.clone(),
+            synced_until: row.synced_until.map_or_else(|| "never".to_owned(), time),
+            ledger: row.ledger,
+            sent: row.sent,
+            pending: row.pending,
+            balanced: row.ledger == row.sent + row.pending,
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "portal/billing_ops.html")]
+pub(crate) struct BillingOpsPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) mode: String,
+    pub(crate) stripe: bool,
+    pub(crate) rows: Vec<ReconciliationLine>,
+    pub(crate) balanced: bool,
+    pub(crate) csrf: String,
 }
 
 pub(crate) fn date(at: DateTime<Utc>) -> String {

@@ -170,41 +170,9 @@ pub async fn update(
     id: web::Path<InstallationId>,
     body: web::Json<UpdateInstallationRequest>,
 ) -> ApiResult<web::Json<Installation>> {
-    let request = body.into_inner();
-    let current = state.store.runnable(&auth.tenant_id, &id).await?.installation;
-    let version = match &request.version {
-        Some(wanted) => {
-            let version = state
-                .store
-                .approved_version(&current.plugin, Some(wanted))
-                .await?;
-            let capabilities = request
-                .approve_capabilities
-                .as_ref()
-                .unwrap_or(&current.capabilities);
-            let models = request.approve_models.as_ref().unwrap_or(&current.models);
-            crate::plugins::check_grants(&version, capabilities, models)?;
-            Some(version)
-        }
-        None => None,
-    };
-    let sealed = request
-        .secrets
-        .as_ref()
-        .map(|secrets| crate::plugins::seal_secrets(&state, secrets))
-        .transpose()?;
-    let installation = state
-        .store
-        .update_installation(
-            &auth.tenant_id,
-            &auth.who(),
-            &id,
-            version.as_ref(),
-            request.settings.as_ref(),
-            sealed.as_ref(),
-        )
-        .await?;
-    Ok(web::Json(installation))
+    Ok(web::Json(
+        crate::plugins::update_installation(&state, &auth, &auth.who(), &id, &body).await?,
+    ))
 }
 
 /// Uninstall: the installation and its stored state are removed.
