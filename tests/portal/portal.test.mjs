@@ -35,12 +35,13 @@ async function signUp() {
   await page.goto(`${BASE}/portal`);
   assert.match(page.url(), /\/portal\/login/, "a visitor without a session is sent to log in");
   await page.getByRole("link", { name: "Create an account" }).click();
-  await page.getByLabel("Organisation").fill(`Tenant ${tenants}`);
+  const name = `Tenant ${tenants}`;
+  await page.getByLabel("Organisation").fill(name);
   await page.getByLabel("Email").fill(email);
   await page.getByLabel("Password").fill(PASSWORD);
   await page.getByRole("button", { name: "Create account" }).click();
   await page.waitForURL(/\/portal\?welcome=1$/);
-  return { context, page, email };
+  return { context, page, email, name };
 }
 
 /** Creates a key on the keys page; returns its secret and id. */
@@ -520,4 +521,39 @@ test("the overview lists the tenant's recent failed calls with their codes and r
   assert.ok(row.includes(requestId), "the request id is shown");
   await accessible(page, "the overview with errors");
   await context.close();
+});
+
+test("a member of two organisations switches between them, and the session they left ends", async () => {
+  const owner = await signUp();
+  const colleague = await signUp();
+  await nav(owner.page, "Members").click();
+  await owner.page.getByLabel("Email").fill(colleague.email);
+  await owner.page.getByLabel("Role", { exact: true }).selectOption("developer");
+  await owner.page.getByRole("button", { name: "Add member" }).click();
+  await owner.page.waitForURL(/\/portal\/members$/);
+
+  const page = colleague.page;
+  const before = (await colleague.context.cookies()).find((c) => c.name === "__Host-plinth_session").value;
+  await page.reload();
+  const current = () => page.locator("#switch-tenant").evaluate((s) => s.options[s.selectedIndex].text);
+  assert.equal(await current(), colleague.name);
+  await accessible(page, "a page with the organisation switcher");
+  await page.getByLabel("Organisation", { exact: true }).selectOption({ label: owner.name });
+  await page.getByRole("button", { name: "Switch" }).click();
+  await page.waitForURL(/\/portal$/);
+  assert.equal(await current(), owner.name);
+  // A developer there: members are listed, not managed.
+  await nav(page, "Members").click();
+  assert.equal(await page.getByRole("row", { name: new RegExp(owner.email) }).count(), 1);
+  assert.equal(await page.getByRole("button", { name: "Add member" }).count(), 0);
+  // The session it switched from no longer works anywhere.
+  const old = await fetch(`${BASE}/v1/tenant`, { headers: { authorization: `Bearer ${before}` } });
+  assert.equal(old.status, 401);
+  // And back.
+  await page.getByLabel("Organisation", { exact: true }).selectOption({ label: colleague.name });
+  await page.getByRole("button", { name: "Switch" }).click();
+  await page.waitForURL(/\/portal$/);
+  assert.equal(await current(), colleague.name);
+  await owner.context.close();
+  await colleague.context.close();
 });

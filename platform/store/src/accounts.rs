@@ -167,7 +167,7 @@ impl Store {
             serde_json::json!({ "email": email }),
         )
         .await?;
-        let token = create_session(&txn, &user_id, &tenant_id, now).await?;
+        let token = create_session(&txn, &user_id, &tenant_id, now, now + SESSION_LIFETIME).await?;
         txn.commit().await?;
         self.session_view(token, &user_id, &tenant_id).await
     }
@@ -208,7 +208,8 @@ impl Store {
         let user_id: UserId = parse_id(&user.id)?;
         let tenant_id: TenantId = parse_id(&membership.tenant_id)?;
         let txn = self.write_transaction().await?;
-        let token = create_session(&txn, &user_id, &tenant_id, Utc::now()).await?;
+        let now = Utc::now();
+        let token = create_session(&txn, &user_id, &tenant_id, now, now + SESSION_LIFETIME).await?;
         crate::audit::record(
             &txn,
             Some(&tenant_id),
@@ -220,6 +221,74 @@ impl Store {
         .await?;
         txn.commit().await?;
         self.session_view(token, &user_id, &tenant_id).await
+    }
+
+    /// Moves a signed-in user to another tenant they belong to: a session there that ends when the
+    /// current one would (switching never lengthens a session), and the current session ended.
+    pub async fn switch_tenant(
+        &self,
+        tenant: &TenantId,
+        session: &SessionId,
+        to: &TenantId,
+        who: &Who,
+    ) -> Result<Session> {
+        let now = Utc::now();
+        let current = sessions::Entity::find_in(tenant)
+            .filter(sessions::Column::Id.eq(session.as_str()))
+            .one(self.db())
+            .await?
+            .filter(|s| s.revoked_at.is_none() && s.expires_at > now)
+            .ok_or(StoreError::NotFound("session"))?;
+        memberships::Entity::find_in(to)
+            .filter(memberships::Column::UserId.eq(&current.user_id))
+            .one(self.db())
+            .await?
+            .ok_or(StoreError::NotFound("membership in that tenant"))?;
+        let user_id: UserId = parse_id(&current.user_id)?;
+        let txn = self.write_transaction().await?;
+        let token = create_session(&txn, &user_id, to, now, current.expires_at).await?;
+        let token_hash = current.token_hash.clone();
+        let mut ended: sessions::ActiveModel = current.into();
+        ended.revoked_at = Set(Some(now));
+        ended.update(&txn).await?;
+        crate::audit::record(
+            &txn,
+            Some(to),
+            &who.as_actor(user_id.as_str()),
+            "session.switched",
+            Some(user_id.as_str()),
+            serde_json::json!({ "from_tenant": tenant.as_str() }),
+        )
+        .await?;
+        txn.commit().await?;
+        self.credentials.forget(&token_hash).await;
+        self.session_view(token, &user_id, to).await
+    }
+
+    /// The tenants `user` belongs to, oldest membership first.
+    pub async fn memberships(&self, user: &UserId) -> Result<Vec<Membership>> {
+        let rows = memberships::Entity::find()
+            .filter(memberships::Column::UserId.eq(user.as_str()))
+            .order_by_asc(memberships::Column::CreatedAt)
+            .all(self.db())
+            .await?;
+        let names = tenants::Entity::find()
+            .filter(tenants::Column::Id.is_in(rows.iter().map(|row| row.tenant_id.clone())))
+            .all(self.db())
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(Membership {
+                    tenant_name: names
+                        .iter()
+                        .find(|t| t.id == row.tenant_id)
+                        .map(|t| t.name.clone())
+                        .unwrap_or_default(),
+                    role: parse_role(&row.role)?,
+                    tenant_id: parse_id(&row.tenant_id)?,
+                })
+            })
+            .collect()
     }
 
     async fn audit_failed_login(&self, user: Option<&users::Model>, email: &str, who: &Who) -> Result<()> {
@@ -426,34 +495,11 @@ impl Store {
             .one(self.db())
             .await?
             .ok_or(StoreError::NotFound("user"))?;
-        let rows = memberships::Entity::find()
-            .filter(memberships::Column::UserId.eq(user.as_str()))
-            .order_by_asc(memberships::Column::CreatedAt)
-            .all(self.db())
-            .await?;
-        let tenant_rows = tenants::Entity::find()
-            .filter(tenants::Column::Id.is_in(rows.iter().map(|row| row.tenant_id.clone())))
-            .all(self.db())
-            .await?;
-        let mut memberships = Vec::with_capacity(rows.len());
-        let mut role = None;
-        for row in rows {
-            let tenant_name = tenant_rows
-                .iter()
-                .find(|t| t.id == row.tenant_id)
-                .map(|t| t.name.clone())
-                .unwrap_or_default();
-            let tenant_id: TenantId = parse_id(&row.tenant_id)?;
-            let member_role = parse_role(&row.role)?;
-            if &tenant_id == tenant {
-                role = Some(member_role);
-            }
-            memberships.push(Membership {
-                tenant_id,
-                tenant_name,
-                role: member_role,
-            });
-        }
+        let memberships = self.memberships(user).await?;
+        let role = memberships
+            .iter()
+            .find(|m| &m.tenant_id == tenant)
+            .map(|m| m.role);
         Ok(Session {
             token: token.0,
             expires_at: token.1,
@@ -470,9 +516,9 @@ async fn create_session(
     user: &UserId,
     tenant: &TenantId,
     now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
 ) -> Result<(String, DateTime<Utc>)> {
     let token = secret::new_session_token();
-    let expires_at = now + SESSION_LIFETIME;
     sessions::ActiveModel {
         id: Set(SessionId::new().to_string()),
         token_hash: Set(secret::token_hash(&token)),

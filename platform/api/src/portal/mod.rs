@@ -176,6 +176,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
                     .route(web::post().to(pages::signup)),
             )
             .route("/logout", web::post().to(pages::logout))
+            .route("/switch", web::post().to(pages::switch_tenant))
             .route("/keys", web::get().to(pages::keys))
             .route("/keys", web::post().to(pages::create_key))
             .route("/keys/{id}/revoke", web::post().to(pages::revoke_key))

@@ -28,11 +28,23 @@ async fn chrome(
     current: &'static str,
 ) -> Result<Chrome, PageError> {
     let tenant = state.store.tenant(&visitor.principal.tenant_id).await?;
+    let others = match &visitor.principal.actor {
+        Actor::User { id, .. } => state
+            .store
+            .memberships(id)
+            .await?
+            .into_iter()
+            .filter(|m| m.tenant_id != tenant.id)
+            .map(|m| (m.tenant_id.to_string(), m.tenant_name))
+            .collect(),
+        Actor::ApiKey { .. } => Vec::new(),
+    };
     Ok(Chrome {
         title,
         nav: Some(Nav {
             current,
             tenant: tenant.name,
+            others,
             csrf: visitor.csrf.clone(),
             operator: require_platform_admin(&visitor.principal, "").is_ok(),
         }),
@@ -1366,4 +1378,22 @@ pub(crate) async fn sync(state: web::Data<AppState>, posted: Posted<Empty>) -> P
         "/portal/admin/billing?{}",
         serde_urlencoded::to_string([("synced", summary)]).map_err(ApiError::internal)?
     )))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct SwitchForm {
+    tenant: plinth_core::id::TenantId,
+}
+
+/// Moves the visitor to another organisation they belong to, with a new session there.
+pub(crate) async fn switch_tenant(state: web::Data<AppState>, posted: Posted<SwitchForm>) -> PageResult {
+    let Posted { visitor, form } = posted;
+    let Actor::User { session, .. } = &visitor.principal.actor else {
+        return Err(ApiError::new(ErrorCode::InsufficientScope, "only people switch organisations").into());
+    };
+    let switched = state
+        .store
+        .switch_tenant(&visitor.principal.tenant_id, session, &form.tenant, &visitor.who())
+        .await?;
+    session::open(&state, &switched.token, "/portal").await
 }

@@ -33,6 +33,8 @@ pub(crate) struct Nav {
     /// The page the navigation marks `aria-current`.
     pub(crate) current: &'static str,
     pub(crate) tenant: String,
+    /// The visitor's other organisations, `(id, name)`, to switch to.
+    pub(crate) others: Vec<(String, String)>,
     pub(crate) csrf: String,
     /// A platform admin: the operators' pages are linked too.
     pub(crate) operator: bool,
