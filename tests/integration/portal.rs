@@ -263,3 +263,31 @@ async fn in_stripe_mode_subscribing_goes_through_checkout_and_returns_to_the_bil
     let overview = portal_get(&app, &cookie, "/portal").await.text().await.unwrap();
     assert!(overview.contains("data-testid=\"plan\">Pro<"), "{overview}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_to_an_organisation_one_does_not_belong_to_is_a_404_and_keeps_the_session() {
+    let app = TestApp::spawn().await;
+    let cookie = portal_signup(&app).await;
+    let stranger = app.tenant().await;
+    let csrf = portal_csrf(&app, &cookie).await;
+    let response = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .post(app.url("/portal/switch"))
+        .header("Cookie", &cookie)
+        .header("Origin", app.url("").trim_end_matches('/'))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={csrf}&tenant={}", stranger.session.tenant.id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    assert!(
+        response.headers().get("set-cookie").is_none(),
+        "no session is handed out"
+    );
+    let overview = portal_get(&app, &cookie, "/portal").await;
+    assert_eq!(overview.status(), 200, "the visitor's own session still works");
+    assert!(!overview.text().await.unwrap().contains(stranger.session.tenant.id.as_str()));
+}
