@@ -289,5 +289,11 @@ async fn switching_to_an_organisation_one_does_not_belong_to_is_a_404_and_keeps_
     );
     let overview = portal_get(&app, &cookie, "/portal").await;
     assert_eq!(overview.status(), 200, "the visitor's own session still works");
-    assert!(!overview.text().await.unwrap().contains(stranger.session.tenant.id.as_str()));
+    assert!(
+        !overview
+            .text()
+            .await
+            .unwrap()
+            .contains(stranger.session.tenant.id.as_str())
+    );
 }

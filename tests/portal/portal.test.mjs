@@ -490,6 +490,13 @@ test("an author publishes a plugin, an operator approves it, a tenant installs i
   assert.equal(await operator.page.getByTestId("billing-mode").textContent(), "local");
   assert.match(await operator.page.getByTestId("balanced").textContent(), /^Balanced/);
   await accessible(operator.page, "billing operations");
+  // The pages met on this journey fit a phone-width screen too.
+  for (const [party, path] of [[tenant, new URL(installationUrl).pathname], [operator, "/portal/admin/tenants"], [operator, "/portal/admin/billing"], [operator, "/portal/review"]]) {
+    await party.page.setViewportSize({ width: 360, height: 740 });
+    await party.page.goto(`${BASE}${path}`);
+    const overflow = await party.page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    assert.ok(overflow <= 1, `${path} scrolls sideways by ${overflow}px`);
+  }
   // Operators' pages are not for tenants.
   for (const path of ["/portal/admin/tenants", "/portal/admin/billing"]) {
     assert.equal((await tenant.page.goto(`${BASE}${path}`)).status(), 403);

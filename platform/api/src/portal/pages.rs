@@ -1393,7 +1393,12 @@ pub(crate) async fn switch_tenant(state: web::Data<AppState>, posted: Posted<Swi
     };
     let switched = state
         .store
-        .switch_tenant(&visitor.principal.tenant_id, session, &form.tenant, &visitor.who())
+        .switch_tenant(
+            &visitor.principal.tenant_id,
+            session,
+            &form.tenant,
+            &visitor.who(),
+        )
         .await?;
     session::open(&state, &switched.token, "/portal").await
 }
