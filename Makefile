@@ -3,7 +3,7 @@
 CARGO_TARGET_DIR ?= $(HOME)/.cache/plinth/target
 export CARGO_TARGET_DIR
 
-.PHONY: run test lint bench openapi setup
+.PHONY: run test lint bench openapi setup infra
 
 ## Start the platform in embedded mode (SQLite + in-process cache) on http://127.0.0.1:8080.
 run: setup
@@ -13,6 +13,10 @@ run: setup
 ## Postgres + Redis when PLINTH_TEST_DATABASE_URL and PLINTH_TEST_REDIS_URL are set.
 test: setup
 	scripts/test.sh
+
+## Validate infra/ (Helm chart, Dockerfile, compose file, Grafana dashboard) without a cluster.
+infra:
+	scripts/validate-infra.sh
 
 lint:
 	cargo fmt --all --check

