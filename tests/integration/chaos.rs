@@ -17,7 +17,7 @@ use tokio::process::{Child, Command};
 use crate::billing::{metered_plan, stripe_prices};
 
 /// The `plinth` binary `cargo test` built next to this test binary.
-fn plinth_binary() -> PathBuf {
+pub(crate) fn plinth_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let bin = exe
         .parent()

@@ -23,4 +23,5 @@ mod portal;
 mod rate_limit;
 mod resilience;
 mod sdk;
+mod secrets;
 mod usage;

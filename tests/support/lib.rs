@@ -121,6 +121,8 @@ impl TestApp {
             config.database_max_connections = 8;
             config.redis_url = Some(redis);
             config.redis_prefix = unique("plinth:test:") + ":";
+            // Production mode needs a sealing key shared by the replicas.
+            config.secret_key = Some(sealing_key());
         }
         adjust(&mut config);
         Self::start(config, backend, data_dir).await
@@ -160,11 +162,43 @@ impl TestApp {
 
     /// A second server over the same database and cache, as another replica behind a load balancer.
     pub async fn replica(&self) -> Self {
-        let config = Config {
+        self.replica_with(|_| {}).await
+    }
+
+    /// Another server on the same database, cache and data directory, its configuration edited by
+    /// `adjust` (a replica rolled out with new settings).
+    pub async fn replica_with(&self, adjust: impl FnOnce(&mut Config)) -> Self {
+        let mut config = Config {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             ..self.config.clone()
         };
+        adjust(&mut config);
         Self::start(config, self.backend, self._data_dir.clone()).await
+    }
+
+    /// The `PLINTH_*` variables that point a `plinth` command at this server's database and cache, with
+    /// its sealing keys.
+    #[must_use]
+    pub fn command_env(&self) -> Vec<(&'static str, String)> {
+        let config = &self.config;
+        let mut env = vec![
+            ("PLINTH_DATA_DIR", config.data_dir.display().to_string()),
+            ("PLINTH_LOG", "warn".to_owned()),
+            ("PLINTH_SECRET_KEYS_PREVIOUS", config.secret_keys_previous.clone()),
+        ];
+        let optional = [
+            ("PLINTH_DATABASE_URL", &config.database_url),
+            ("PLINTH_DATABASE_SCHEMA", &config.database_schema),
+            ("PLINTH_REDIS_URL", &config.redis_url),
+            ("PLINTH_SECRET_KEY", &config.secret_key),
+        ];
+        env.extend(
+            optional
+                .into_iter()
+                .filter_map(|(name, value)| Some((name, value.clone()?))),
+        );
+        env.push(("PLINTH_REDIS_PREFIX", config.redis_prefix.clone()));
+        env
     }
 
     #[must_use]
@@ -392,4 +426,13 @@ impl TestApp {
             .await
             .expect("install")
     }
+}
+
+/// A fresh sealing key, as `PLINTH_SECRET_KEY` takes it.
+#[must_use]
+pub fn sealing_key() -> String {
+    plinth_store::SecretBox::generate_key()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

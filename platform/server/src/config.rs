@@ -42,8 +42,12 @@ pub struct Config {
     /// `PLINTH_MAX_MODEL_BYTES`: largest model file a tenant may upload.
     pub max_model_bytes: u64,
     /// `PLINTH_SECRET_KEY`: 64 hex digits, the key that seals plugin secrets at rest. Unset, the
-    /// embedded mode keeps a generated key in `<data_dir>/secret.key`; replicas must share one key.
+    /// embedded mode keeps a generated key in `<data_dir>/secret.key`; production mode (Postgres)
+    /// refuses to start without it, since every replica must seal with the same key.
     pub secret_key: Option<String>,
+    /// `PLINTH_SECRET_KEYS_PREVIOUS`: comma-separated earlier keys (64 hex digits each) that still
+    /// open what they sealed, never sealing anything new: the middle of a key rotation.
+    pub secret_keys_previous: String,
     /// `PLINTH_PLUGIN_AUTHOR_SHARE_BPS`: plugin authors' share of plugin fees, in basis points.
     pub plugin_author_share_bps: u32,
     /// `PLINTH_PLUGIN_DEADLINE_MS`: how long one plugin invocation may run.
@@ -165,6 +169,7 @@ impl Default for Config {
             max_body_bytes: 1024 * 1024,
             max_model_bytes: 256 * 1024 * 1024,
             secret_key: None,
+            secret_keys_previous: String::new(),
             plugin_author_share_bps: 8_000,
             plugin_deadline_ms: 2_000,
             plugin_memory_mib: 64,
@@ -292,6 +297,18 @@ impl Config {
         if self.database_max_connections == 0 {
             return fail("PLINTH_DATABASE_MAX_CONNECTIONS must be at least 1");
         }
+        let production = self
+            .database_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("postgres"));
+        if production && self.secret_key.is_none() {
+            return fail(
+                "production mode (a postgres:// PLINTH_DATABASE_URL) needs PLINTH_SECRET_KEY, the same on every replica (e.g. from `openssl rand -hex 32`): a key generated per replica would seal secrets the others cannot open",
+            );
+        }
+        if self.previous_secret_keys().is_err() {
+            return fail("PLINTH_SECRET_KEYS_PREVIOUS must be comma-separated keys of 64 hex digits each");
+        }
         if let Some(key) = &self.secret_key
             && !(key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()))
         {
@@ -393,6 +410,26 @@ impl Config {
             return fail("PLINTH_LOG is not a valid filter (e.g. `info` or `plinth_api=debug,info`)");
         }
         Ok(())
+    }
+
+    /// The earlier sealing keys of `PLINTH_SECRET_KEYS_PREVIOUS`.
+    ///
+    /// # Errors
+    /// When an entry is not 64 hex digits.
+    pub fn previous_secret_keys(&self) -> Result<Vec<[u8; 32]>, ConfigError> {
+        self.secret_keys_previous
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(|k| {
+                hex::decode(k)
+                    .ok()
+                    .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+                    .ok_or_else(|| {
+                        ConfigError("a key in PLINTH_SECRET_KEYS_PREVIOUS is not 64 hex digits".into())
+                    })
+            })
+            .collect()
     }
 
     /// The proxies whose `X-Forwarded-For` is believed.
@@ -539,6 +576,11 @@ impl Config {
         let hide = |secret: &Option<String>| secret.as_ref().map(|_| "<redacted>".to_owned());
         Self {
             secret_key: hide(&self.secret_key),
+            secret_keys_previous: if self.secret_keys_previous.is_empty() {
+                String::new()
+            } else {
+                "<redacted>".to_owned()
+            },
             stripe_secret_key: hide(&self.stripe_secret_key),
             metrics_token: hide(&self.metrics_token),
             stripe_webhook_secret: hide(&self.stripe_webhook_secret),
@@ -605,6 +647,28 @@ mod tests {
             assert!(err.contains("PLINTH_STRIPE_PLAN_PRICES"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn production_mode_needs_a_sealing_key_shared_by_the_replicas() {
+        let production = Config {
+            database_url: Some("postgres://plinth@db/plinth".into()),
+            ..Config::default()
+        };
+        let refused = production.validate().unwrap_err().to_string();
+        assert!(refused.contains("PLINTH_SECRET_KEY"), "{refused}");
+        let keyed = Config {
+            secret_key: Some("ab".repeat(32)),
+            secret_keys_previous: format!("{}, {}", "cd".repeat(32), "ef".repeat(32)),
+            ..production
+        };
+        keyed.validate().unwrap();
+        assert_eq!(keyed.previous_secret_keys().unwrap().len(), 2);
+        let malformed = Config {
+            secret_keys_previous: "not-a-key".into(),
+            ..keyed
+        };
+        assert!(malformed.validate().is_err());
     }
 
     #[test]

@@ -191,7 +191,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         settings: config.api_settings(),
         plugins: Arc::new(plugins),
         plugin_files,
-        secrets: plinth_store::SecretBox::new(&secret_key(config)?),
+        secrets: secret_box(config)?,
         billing: billing(config, store.clone())?,
         recent_errors: plinth_api::RecentErrors::default(),
     };
@@ -318,6 +318,17 @@ fn rustls_provider() {
 }
 
 /// The key that seals secrets at rest: configured, or generated once into the data directory.
+/// Seals under the configured (or, embedded, the generated) key; opens under it and the previous ones.
+///
+/// # Errors
+/// When a key is malformed, or the generated key cannot be read or written.
+pub fn secret_box(config: &Config) -> anyhow::Result<plinth_store::SecretBox> {
+    Ok(plinth_store::SecretBox::with_previous(
+        &secret_key(config)?,
+        &config.previous_secret_keys()?,
+    ))
+}
+
 fn secret_key(config: &Config) -> anyhow::Result<[u8; 32]> {
     let parse = |hex_key: &str| -> anyhow::Result<[u8; 32]> {
         let bytes = hex::decode(hex_key.trim()).context("the secret key is not hex")?;

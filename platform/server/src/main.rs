@@ -87,6 +87,11 @@ enum AdminCommand {
     },
     /// Insert the default plans that are missing (never overwrites edits).
     SeedPlans,
+    /// The last step of rotating `PLINTH_SECRET_KEY`: reseal every stored secret under the current
+    /// key (opening each under whichever configured key sealed it). Run it once every replica has the
+    /// new key as `PLINTH_SECRET_KEY` and the old one in `PLINTH_SECRET_KEYS_PREVIOUS`; afterwards the
+    /// old key can go.
+    RotateSecretKey,
     /// List the plans as JSON.
     Plans,
     /// Create or replace a plan from JSON (the shape `GET /v1/plans` returns), e.g. `--json '{...}'`.
@@ -165,6 +170,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("{} is no longer a platform admin ({})", user.email, user.id);
                 }
                 AdminCommand::SeedPlans => eprintln!("default plans present"),
+                AdminCommand::RotateSecretKey => {
+                    let secrets = plinth_server::secret_box(&config)?;
+                    let resealed = store.reseal_installation_secrets(&secrets).await?;
+                    store
+                        .audit(
+                            None,
+                            &operator,
+                            "secrets.resealed",
+                            None,
+                            serde_json::json!({ "key_id": secrets.primary_id(), "resealed": resealed }),
+                        )
+                        .await?;
+                    println!(
+                        "{resealed} installations' secrets resealed under key {}; the previous keys can be removed",
+                        secrets.primary_id()
+                    );
+                }
                 AdminCommand::Plans => {
                     println!("{}", serde_json::to_string_pretty(&store.list_plans().await?)?);
                 }

@@ -570,6 +570,41 @@ impl Store {
     }
 
     /// Removes an installation and its key-value state.
+    /// Reseals the installations' secrets that are not sealed under `secrets`' primary key: the last
+    /// step of a key rotation, run by an operator over every tenant. Returns how many were resealed.
+    /// A row changed meanwhile keeps its new value (sealed under the primary key already).
+    pub async fn reseal_installation_secrets(&self, secrets: &crate::SecretBox) -> Result<u64> {
+        const PAGE: u64 = 500;
+        let mut resealed = 0;
+        let mut after = String::new();
+        loop {
+            // Every tenant's rows, on purpose: a rotation covers the whole platform.
+            let rows = installations::Entity::find()
+                .filter(installations::Column::Id.gt(after.as_str()))
+                .order_by_asc(installations::Column::Id)
+                .limit(PAGE)
+                .all(self.db())
+                .await?;
+            let Some(last) = rows.last() else {
+                return Ok(resealed);
+            };
+            after = last.id.clone();
+            for row in rows {
+                if row.secrets.is_empty() || !secrets.needs_resealing(&row.secrets) {
+                    continue;
+                }
+                let sealed = secrets.seal(&secrets.open(&row.secrets)?)?;
+                let updated = installations::Entity::update_many()
+                    .col_expr(installations::Column::Secrets, Expr::value(sealed))
+                    .filter(installations::Column::Id.eq(&row.id))
+                    .filter(installations::Column::Secrets.eq(&row.secrets))
+                    .exec(self.db())
+                    .await?;
+                resealed += updated.rows_affected;
+            }
+        }
+    }
+
     pub async fn uninstall(&self, tenant: &TenantId, who: &Who, installation: &InstallationId) -> Result<()> {
         let txn = self.write_transaction().await?;
         let row = live_installation(&txn, tenant, installation).await?;

@@ -139,26 +139,81 @@ mod tests {
     }
 }
 
-/// Seals secrets at rest (plugin settings' secrets): XChaCha20-Poly1305 under a 32-byte key from the
-/// configuration. A sealed value is hex of `nonce || ciphertext`.
+/// Seals secrets at rest (plugin settings' secrets): XChaCha20-Poly1305 under the configured key.
+///
+/// A sealed value names the key that sealed it: `k1:<key id>:<hex of nonce || ciphertext>`, the key id
+/// being a hash of the key. Values are sealed under the primary key and opened under whichever
+/// configured key (the primary or a previous one) sealed them, so keys can be rotated: add the new key,
+/// make it the primary, reseal what was sealed before ([`SecretBox::needs_resealing`]), drop the old one.
+/// Values sealed before key ids existed (bare hex) are opened by trying each configured key.
 #[derive(Clone)]
 pub struct SecretBox {
+    primary: SealingKey,
+    previous: Vec<SealingKey>,
+}
+
+#[derive(Clone)]
+struct SealingKey {
+    id: String,
     cipher: chacha20poly1305::XChaCha20Poly1305,
 }
 
+impl SealingKey {
+    fn new(key: &[u8; 32]) -> Self {
+        use chacha20poly1305::KeyInit;
+        let mut id = Sha256::new();
+        id.update(b"plinth sealing key id\0");
+        id.update(key);
+        Self {
+            id: hex::encode(&id.finalize()[..4]),
+            cipher: chacha20poly1305::XChaCha20Poly1305::new(key.into()),
+        }
+    }
+
+    fn open(&self, bytes: &[u8]) -> Option<Vec<u8>> {
+        use chacha20poly1305::aead::Aead;
+        if bytes.len() < 24 {
+            return None;
+        }
+        let (nonce, ciphertext) = bytes.split_at(24);
+        self.cipher
+            .decrypt(chacha20poly1305::XNonce::from_slice(nonce), ciphertext)
+            .ok()
+    }
+}
+
+/// The prefix of a sealed value that names its key.
+const SEALED_V1: &str = "k1:";
+
 impl std::fmt::Debug for SecretBox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SecretBox(..)")
+        f.debug_struct("SecretBox")
+            .field("primary", &self.primary.id)
+            .field(
+                "previous",
+                &self.previous.iter().map(|k| &k.id).collect::<Vec<_>>(),
+            )
+            .finish()
     }
 }
 
 impl SecretBox {
+    /// Seals and opens under `key` alone.
     #[must_use]
     pub fn new(key: &[u8; 32]) -> Self {
-        use chacha20poly1305::KeyInit;
-        Self {
-            cipher: chacha20poly1305::XChaCha20Poly1305::new(key.into()),
-        }
+        Self::with_previous(key, &[])
+    }
+
+    /// Seals under `primary`; opens what `primary` or any of `previous` sealed.
+    #[must_use]
+    pub fn with_previous(primary: &[u8; 32], previous: &[[u8; 32]]) -> Self {
+        let primary = SealingKey::new(primary);
+        let previous = previous
+            .iter()
+            .map(SealingKey::new)
+            .filter(|key| key.id != primary.id)
+            .collect();
+        Self { primary, previous }
     }
 
     /// A fresh random key.
@@ -167,31 +222,115 @@ impl SecretBox {
         rand::random()
     }
 
+    /// The id of the key new values are sealed under.
+    #[must_use]
+    pub fn primary_id(&self) -> &str {
+        &self.primary.id
+    }
+
     /// # Errors
     /// Only if encryption itself fails (it does not for in-memory buffers).
     pub fn seal(&self, plaintext: &[u8]) -> crate::Result<String> {
         use chacha20poly1305::aead::{Aead, AeadCore, OsRng};
         let nonce = chacha20poly1305::XChaCha20Poly1305::generate_nonce(&mut OsRng);
         let sealed = self
+            .primary
             .cipher
             .encrypt(&nonce, plaintext)
             .map_err(|_| crate::StoreError::Internal("could not seal a secret".into()))?;
-        Ok(hex::encode([nonce.as_slice(), &sealed].concat()))
+        Ok(format!(
+            "{SEALED_V1}{}:{}",
+            self.primary.id,
+            hex::encode([nonce.as_slice(), &sealed].concat())
+        ))
     }
 
     /// # Errors
-    /// When the value was not sealed under this key, or was altered.
+    /// When the value was sealed under a key that is not configured, or was altered.
     pub fn open(&self, sealed: &str) -> crate::Result<Vec<u8>> {
-        use chacha20poly1305::aead::Aead;
         let corrupt =
-            || crate::StoreError::Internal("a sealed secret cannot be opened with the configured key".into());
-        let bytes = hex::decode(sealed).map_err(|_| corrupt())?;
-        if bytes.len() < 24 {
-            return Err(corrupt());
+            |why: String| crate::StoreError::Internal(format!("a sealed secret cannot be opened: {why}"));
+        let keys = || std::iter::once(&self.primary).chain(&self.previous);
+        match sealed.strip_prefix(SEALED_V1) {
+            Some(named) => {
+                let (id, body) = named.split_once(':').ok_or_else(|| corrupt("malformed".into()))?;
+                let key = keys().find(|key| key.id == id).ok_or_else(|| {
+                    corrupt(format!(
+                        "it was sealed under key {id}, which is neither PLINTH_SECRET_KEY nor in PLINTH_SECRET_KEYS_PREVIOUS"
+                    ))
+                })?;
+                let bytes = hex::decode(body).map_err(|_| corrupt("malformed".into()))?;
+                key.open(&bytes)
+                    .ok_or_else(|| corrupt(format!("it was altered (key {id})")))
+            }
+            // Sealed before values named their key.
+            None => {
+                let bytes = hex::decode(sealed).map_err(|_| corrupt("malformed".into()))?;
+                keys()
+                    .find_map(|key| key.open(&bytes))
+                    .ok_or_else(|| corrupt("no configured key opens it".into()))
+            }
         }
-        let (nonce, ciphertext) = bytes.split_at(24);
-        self.cipher
-            .decrypt(chacha20poly1305::XNonce::from_slice(nonce), ciphertext)
-            .map_err(|_| corrupt())
+    }
+
+    /// Whether `sealed` is not yet sealed under the primary key (a rotation reseals it).
+    #[must_use]
+    pub fn needs_resealing(&self, sealed: &str) -> bool {
+        sealed
+            .strip_prefix(SEALED_V1)
+            .and_then(|named| named.split_once(':'))
+            .is_none_or(|(id, _)| id != self.primary.id)
+    }
+}
+
+#[cfg(test)]
+mod sealing_tests {
+    use super::*;
+
+    #[test]
+    fn values_name_their_key_and_open_under_it_after_a_rotation() {
+        let (old, new) = (SecretBox::generate_key(), SecretBox::generate_key());
+        let before = SecretBox::new(&old);
+        let sealed = before.seal(b"sk_live_123").unwrap();
+        assert!(sealed.starts_with(&format!("k1:{}:", before.primary_id())));
+        assert!(!before.needs_resealing(&sealed));
+
+        // The new key is the primary; the old one still opens what it sealed.
+        let rotating = SecretBox::with_previous(&new, &[old]);
+        assert_eq!(rotating.open(&sealed).unwrap(), b"sk_live_123");
+        assert!(rotating.needs_resealing(&sealed));
+        let resealed = rotating.seal(&rotating.open(&sealed).unwrap()).unwrap();
+        assert!(!rotating.needs_resealing(&resealed));
+
+        // Once the old key is gone, only resealed values open, and the error names the missing key.
+        let after = SecretBox::new(&new);
+        assert_eq!(after.open(&resealed).unwrap(), b"sk_live_123");
+        let missing = after.open(&sealed).unwrap_err().to_string();
+        assert!(missing.contains(before.primary_id()), "{missing}");
+    }
+
+    #[test]
+    fn values_sealed_before_key_ids_still_open_and_get_resealed() {
+        use chacha20poly1305::KeyInit;
+        use chacha20poly1305::aead::{Aead, AeadCore, OsRng};
+        let key = SecretBox::generate_key();
+        let cipher = chacha20poly1305::XChaCha20Poly1305::new((&key).into());
+        let nonce = chacha20poly1305::XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let legacy = hex::encode([nonce.as_slice(), &cipher.encrypt(&nonce, &b"old"[..]).unwrap()].concat());
+        let secrets = SecretBox::with_previous(&SecretBox::generate_key(), &[key]);
+        assert_eq!(secrets.open(&legacy).unwrap(), b"old");
+        assert!(secrets.needs_resealing(&legacy));
+    }
+
+    #[test]
+    fn an_altered_value_does_not_open() {
+        let secrets = SecretBox::new(&SecretBox::generate_key());
+        let sealed = secrets.seal(b"value").unwrap();
+        let mut altered = sealed.into_bytes();
+        let last = altered.len() - 1;
+        altered[last] = if altered[last] == b'0' { b'1' } else { b'0' };
+        assert!(secrets.open(&String::from_utf8(altered).unwrap()).is_err());
+        assert!(secrets.open("k1:nokey:00").is_err());
+        assert!(secrets.open("not hex").is_err());
     }
 }

@@ -1,7 +1,7 @@
 //! A deliberately badly behaved plugin for the host's containment tests. `{"do": "<mode>"}` picks the
 //! misbehaviour; `{"do": "echo"}` behaves, so the same component proves the host still serves.
 
-use plinth_plugin::{Error, Plugin, Value, inference, json, kv, log};
+use plinth_plugin::{Error, Plugin, Value, config, inference, json, kv, log};
 
 #[allow(unconditional_recursion)]
 fn recurse(depth: u64) -> u64 {
@@ -16,6 +16,8 @@ impl Plugin for Hostile {
     fn handle(request: Value) -> Result<Value, Error> {
         match request["do"].as_str().unwrap_or_default() {
             "echo" => Ok(request),
+            // What the installation's secret `key` holds, as this installation sees it.
+            "secret" => Ok(json!({ "secret": config::secret(request["key"].as_str().unwrap_or_default()) })),
             "loop" => {
                 let mut n: u64 = 0;
                 loop {

@@ -1,0 +1,101 @@
+//! Sealing keys. A rotation keeps every stored secret readable at each step (the new key added, made
+//! the primary, everything resealed by `plinth admin rotate-secret-key`) and ends with the old key
+//! unneeded; a replica with only the old key then cannot read what was resealed.
+
+use plinth_sdk::UpdateInstallationRequest;
+use plinth_tests::{TestApp, TestTenant, built_plugin, sealing_key};
+use serde_json::json;
+
+async fn read_secret(
+    app: &TestApp,
+    tenant: &TestTenant,
+    installation: &plinth_sdk::InstallationId,
+) -> reqwest::Response {
+    app.http()
+        .post(app.url(&format!("/v1/installations/{installation}/invoke")))
+        .bearer_auth(&tenant.key.secret)
+        .json(&json!({ "do": "secret", "key": "token" }))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn secret_read_by_plugin(
+    app: &TestApp,
+    tenant: &TestTenant,
+    installation: &plinth_sdk::InstallationId,
+) -> serde_json::Value {
+    let response = read_secret(app, tenant, installation).await;
+    assert_eq!(response.status(), 200);
+    response.json::<serde_json::Value>().await.unwrap()["secret"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_sealing_key_keeps_secrets_readable_and_retires_the_old_key() {
+    let (old, new) = (sealing_key(), sealing_key());
+    let app = TestApp::spawn_with(|config| config.secret_key = Some(old.clone())).await;
+    let (author, tenant) = (app.tenant().await, app.tenant().await);
+    let (manifest, component) = built_plugin("hostile");
+    let installation = app
+        .install_manifest(&author, &tenant, manifest, component, json!({}))
+        .await;
+    tenant
+        .owner
+        .update_installation(
+            &installation.id,
+            &UpdateInstallationRequest {
+                secrets: Some([("token".to_owned(), "s3cret".to_owned())].into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        secret_read_by_plugin(&app, &tenant, &installation.id).await,
+        "s3cret"
+    );
+
+    // The new key becomes the primary; the old one only opens what it sealed.
+    let rotating = app
+        .replica_with(|config| {
+            config.secret_key = Some(new.clone());
+            config.secret_keys_previous = old.clone();
+        })
+        .await;
+    assert_eq!(
+        secret_read_by_plugin(&rotating, &tenant, &installation.id).await,
+        "s3cret"
+    );
+
+    let output = tokio::process::Command::new(crate::chaos::plinth_binary())
+        .args(["admin", "rotate-secret-key"])
+        .envs(rotating.command_env())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.starts_with("1 installations' secrets resealed"),
+        "{stdout}"
+    );
+
+    // Only the new key from now on: everything still opens.
+    let after = app
+        .replica_with(|config| {
+            config.secret_key = Some(new.clone());
+            config.secret_keys_previous = String::new();
+        })
+        .await;
+    assert_eq!(
+        secret_read_by_plugin(&after, &tenant, &installation.id).await,
+        "s3cret"
+    );
+    // The first server, still on the old key alone, cannot open it, and says so rather than running
+    // the plugin without its secret.
+    assert_eq!(read_secret(&app, &tenant, &installation.id).await.status(), 500);
+}
