@@ -123,6 +123,9 @@ async fn killed_and_restarted_under_load_it_bills_each_call_once_and_stripe_gets
         env.push(("PLINTH_DATABASE_SCHEMA".into(), schema.clone()));
         env.push(("PLINTH_REDIS_URL".into(), redis));
         env.push(("PLINTH_REDIS_PREFIX".into(), format!("plinth:{schema}:")));
+        let key = plinth_tests::sealing_key();
+        env.push(("PLINTH_SECRET_KEY".into(), key.clone()));
+        config.secret_key = Some(key);
         config.database_url = Some(database);
         config.database_schema = Some(schema);
         config.database_max_connections = 4;
@@ -253,4 +256,154 @@ async fn killed_and_restarted_under_load_it_bills_each_call_once_and_stripe_gets
     assert_eq!(double.duplicate_identifiers(), 0);
     let statement_calls = billing.upcoming(&tenant).await.unwrap().calls;
     assert_eq!(statement_calls, units);
+}
+
+/// SIGTERM under load: readiness turns 503 at once while calls are still answered, then the process
+/// finishes what it took in and exits 0. Every call answered 200 is in the ledger, and nothing else is:
+/// no call is billed without its answer, and no answered call is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_turns_readiness_off_first_then_drains_without_losing_a_billed_call() {
+    const CLIENTS: usize = 4;
+    let data = tempfile::tempdir().unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut config = Config {
+        data_dir: data.path().to_path_buf(),
+        ..Config::default()
+    };
+    let mut env: Vec<(String, String)> = vec![
+        ("PLINTH_HTTP_ADDR".into(), format!("127.0.0.1:{port}")),
+        ("PLINTH_DATA_DIR".into(), data.path().display().to_string()),
+        ("PLINTH_WORKERS".into(), "2".into()),
+        ("PLINTH_INFERENCE_SESSIONS".into(), "1".into()),
+        ("PLINTH_LOG".into(), "warn".into()),
+        ("PLINTH_SHUTDOWN_DELAY_SECS".into(), "2".into()),
+    ];
+    if let Some((database, redis)) = postgres_and_redis() {
+        let schema = format!("drain_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
+        env.push(("PLINTH_DATABASE_URL".into(), database.clone()));
+        env.push(("PLINTH_DATABASE_SCHEMA".into(), schema.clone()));
+        env.push(("PLINTH_REDIS_URL".into(), redis));
+        env.push(("PLINTH_REDIS_PREFIX".into(), format!("plinth:{schema}:")));
+        let key = plinth_tests::sealing_key();
+        env.push(("PLINTH_SECRET_KEY".into(), key.clone()));
+        config.secret_key = Some(key);
+        config.database_url = Some(database);
+        config.database_schema = Some(schema);
+        config.database_max_connections = 4;
+    }
+    let mut platform = Platform {
+        env,
+        log: data.path().join("plinth.log"),
+        child: None,
+    };
+    platform.spawn();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    wait_ready(&http, &base).await;
+    let client = Client::new(&base).unwrap();
+    let session = client
+        .signup(&SignupRequest {
+            email: format!("drain-{}@example.com", ulid::Ulid::new()),
+            password: PASSWORD.into(),
+            tenant_name: "Drain".into(),
+        })
+        .await
+        .unwrap();
+    let store = plinth_server::open_store(&config).await.unwrap();
+    // Calls as fast as the clients can send them: no rate limit in the way.
+    plinth_tests::lift_rate_limits(&store, &session.tenant.id).await;
+    let key = client
+        .clone()
+        .with_token(&session.token)
+        .create_api_key(&CreateApiKeyRequest {
+            name: "load".into(),
+            scopes: Some(vec![Scope::Inference]),
+            rate_limit_per_minute: None,
+            expires_at: None,
+        })
+        .await
+        .unwrap();
+
+    // Clients call until the server stops taking connections, counting the answers.
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let (http, base, secret) = (http.clone(), base.clone(), key.secret.clone());
+        clients.push(tokio::spawn(async move {
+            let (mut answered, mut refused) = (0_u64, Vec::new());
+            loop {
+                let sent = http
+                    .post(format!("{base}/v1/models/sentiment/classify"))
+                    .bearer_auth(&secret)
+                    .json(&serde_json::json!({ "inputs": ["draining calmly"] }))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(response) if response.status().is_success() => answered += 1,
+                    Ok(response) => refused.push(response.status().as_u16()),
+                    // The listener closed: this client is done.
+                    Err(_) => return (answered, refused),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let pid = platform.child.as_ref().unwrap().id().unwrap();
+    let signalled = Instant::now();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    // Readiness is off well before the delay ends, while calls are still answered.
+    let mut not_ready_after = None;
+    while signalled.elapsed() < Duration::from_millis(1_500) {
+        let ready = http.get(format!("{base}/v2/health/ready")).send().await.unwrap();
+        if ready.status() == 503 {
+            not_ready_after = Some(signalled.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let not_ready_after = not_ready_after.expect("readiness answered 503 within 1.5 s of SIGTERM");
+    let live = http.get(format!("{base}/v2/health/live")).send().await.unwrap();
+    assert_eq!(live.status(), 200, "still serving during the delay");
+
+    let mut child = platform.child.take().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the process exits after draining")
+        .unwrap();
+    let stopped_after = signalled.elapsed();
+    let (mut answered, mut refused) = (0, Vec::new());
+    for c in clients {
+        let (a, r) = c.await.unwrap();
+        answered += a;
+        refused.extend(r);
+    }
+    let billed = store.usage_event_count(&session.tenant.id).await.unwrap();
+    println!(
+        "SIGTERM: readiness 503 after {:.0} ms, exited after {:.1} s; {answered} calls answered, {billed} billed, {} refused",
+        not_ready_after.as_secs_f64() * 1e3,
+        stopped_after.as_secs_f64(),
+        refused.len()
+    );
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        stopped_after >= Duration::from_secs(2),
+        "it served on through the delay"
+    );
+    assert!(
+        refused.is_empty(),
+        "every call sent before the listener closed was answered: {refused:?}"
+    );
+    assert!(answered > 0);
+    assert_eq!(billed, answered, "every answered call billed, and only those");
 }

@@ -302,26 +302,7 @@ impl TestApp {
     /// Moves a tenant to a plan whose rate limit is never reached (benchmarks: the limiter still runs
     /// on every call, which is part of what they measure).
     pub async fn lift_rate_limits(&self, tenant: &plinth_sdk::TenantId) {
-        let unlimited = plinth_sdk::Plan {
-            id: "unlimited".to_owned(),
-            name: "Unlimited (benchmarks)".to_owned(),
-            currency: "usd".to_owned(),
-            monthly_fee_micros: plinth_sdk::Micros(0),
-            included_calls: 0,
-            price_per_call_micros: plinth_sdk::Micros(0),
-            hard_cap: false,
-            rate_limit_per_minute: 100_000_000,
-            burst: 1_000_000,
-            isolation: plinth_sdk::PlanIsolation {
-                plugin_instances: 64,
-                scheduling_weight: 1,
-                max_models: 1_000,
-                max_model_versions: 1_000,
-                max_model_bytes: 1 << 40,
-            },
-        };
-        self.store().upsert_plan(&unlimited).await.expect("plan");
-        self.set_plan(tenant, "unlimited").await;
+        lift_rate_limits(self.store(), tenant).await;
     }
 
     /// The Prometheus exposition, read with the metrics token.
@@ -435,4 +416,31 @@ pub fn sealing_key() -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// Moves a tenant to a plan whose rate limit is never reached (see [`TestApp::lift_rate_limits`]).
+pub async fn lift_rate_limits(store: &plinth_store::Store, tenant: &plinth_sdk::TenantId) {
+    let unlimited = plinth_sdk::Plan {
+        id: "unlimited".to_owned(),
+        name: "Unlimited (benchmarks)".to_owned(),
+        currency: "usd".to_owned(),
+        monthly_fee_micros: plinth_sdk::Micros(0),
+        included_calls: 0,
+        price_per_call_micros: plinth_sdk::Micros(0),
+        hard_cap: false,
+        rate_limit_per_minute: 100_000_000,
+        burst: 1_000_000,
+        isolation: plinth_sdk::PlanIsolation {
+            plugin_instances: 64,
+            scheduling_weight: 1,
+            max_models: 1_000,
+            max_model_versions: 1_000,
+            max_model_bytes: 1 << 40,
+        },
+    };
+    store.upsert_plan(&unlimited).await.expect("plan");
+    store
+        .change_plan(tenant, "unlimited", &operator())
+        .await
+        .expect("plan change");
 }

@@ -40,6 +40,9 @@ pub struct AppState {
     pub billing: Billing,
     /// Each tenant's last failed calls, for the portal.
     pub recent_errors: crate::recent_errors::RecentErrors,
+    /// Set when the server is asked to stop: readiness answers 503 from then on, so that load
+    /// balancers stop sending before the listener closes.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Edge limits, set from the server's configuration.

@@ -62,6 +62,12 @@ pub struct Config {
     pub ledger_max_batch: usize,
     /// `PLINTH_WORKERS`: HTTP worker threads; 0 means one per CPU core.
     pub workers: usize,
+    /// `PLINTH_SHUTDOWN_DELAY_SECS`: after SIGTERM (or Ctrl-C), how long readiness answers 503 while
+    /// requests are still served, so that load balancers stop sending first. Unset: 5 in production
+    /// mode (Postgres), 0 in the embedded default.
+    pub shutdown_delay_secs: Option<u64>,
+    /// `PLINTH_SHUTDOWN_TIMEOUT_SECS`: then, how long in-flight requests have to finish.
+    pub shutdown_timeout_secs: u64,
     /// `PLINTH_ORT_DYLIB`: the ONNX Runtime shared library (`scripts/fetch-models.sh` fetches it).
     pub ort_dylib: PathBuf,
     /// `PLINTH_MODELS_DIR`: where the built-in models were prepared.
@@ -177,6 +183,8 @@ impl Default for Config {
             credential_cache_ttl_ms: 1_000,
             ledger_max_batch: 1_000,
             workers: 0,
+            shutdown_delay_secs: None,
+            shutdown_timeout_secs: 30,
             ort_dylib: cache_dir().join("onnxruntime/libonnxruntime.so.1.31.1"),
             models_dir: cache_dir().join("models"),
             execution_provider: "cpu".to_owned(),
@@ -410,6 +418,16 @@ impl Config {
             return fail("PLINTH_LOG is not a valid filter (e.g. `info` or `plinth_api=debug,info`)");
         }
         Ok(())
+    }
+
+    /// How long readiness answers 503 before the listener closes, after a stop signal.
+    #[must_use]
+    pub fn shutdown_delay(&self) -> std::time::Duration {
+        let production = self
+            .database_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("postgres"));
+        std::time::Duration::from_secs(self.shutdown_delay_secs.unwrap_or(if production { 5 } else { 0 }))
     }
 
     /// The earlier sealing keys of `PLINTH_SECRET_KEYS_PREVIOUS`.

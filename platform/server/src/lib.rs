@@ -53,6 +53,8 @@ pub struct RunningServer {
     /// The metrics listener, when `PLINTH_METRICS_ADDR` asks for one: its address and its server.
     pub metrics: Option<MetricsListener>,
     pub store: Store,
+    /// Shared with the app: readiness answers 503 once set.
+    draining: Arc<std::sync::atomic::AtomicBool>,
     handle: ServerHandle,
     server: JoinHandle<std::io::Result<()>>,
     ledger: JoinHandle<()>,
@@ -87,6 +89,46 @@ impl RunningServer {
         served.context("the HTTP server failed")
     }
 
+    /// Serves until SIGTERM or SIGINT, then stops gracefully: readiness answers 503 at once while
+    /// requests are still served for `delay` (load balancers stop sending), then the listener closes,
+    /// in-flight requests finish (model calls with their batches) and the ledger and the idempotency
+    /// writers drain. A second signal stops at once.
+    ///
+    /// # Errors
+    /// When the signal handlers cannot be installed, or as [`Self::wait`].
+    pub async fn serve_until_signalled(self, delay: std::time::Duration) -> anyhow::Result<()> {
+        let mut signals = StopSignals::install()?;
+        let handle = self.handle.clone();
+        let metrics = self.metrics.as_ref().map(|m| m.handle.clone());
+        let draining = self.draining.clone();
+        let stopping = tokio::spawn(async move {
+            let signal = signals.next().await;
+            draining.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                signal,
+                delay_secs = delay.as_secs_f64(),
+                "stopping: readiness answers 503; serving on until load balancers have noticed, then finishing in-flight requests (signal again to stop at once)"
+            );
+            let graceful = async {
+                tokio::time::sleep(delay).await;
+                handle.stop(true).await;
+            };
+            tokio::select! {
+                () = graceful => {}
+                signal = signals.next() => {
+                    tracing::warn!(signal, "stopping at once");
+                    handle.stop(false).await;
+                }
+            }
+            if let Some(metrics) = metrics {
+                metrics.stop(true).await;
+            }
+        });
+        let stopped = self.wait().await;
+        stopping.abort();
+        stopped
+    }
+
     /// Asks the server to stop at once, without waiting (for use where nothing can be awaited).
     pub fn stop_now(self) -> impl std::future::Future<Output = ()> {
         self.handle.stop(false)
@@ -119,6 +161,7 @@ fn serve_metrics(addr: SocketAddr) -> anyhow::Result<MetricsListener> {
         )
     })
     .workers(1)
+    .disable_signals()
     .bind(addr)
     .with_context(|| format!("cannot listen on {addr} for metrics"))?;
     let addr = server
@@ -194,7 +237,9 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         secrets: secret_box(config)?,
         billing: billing(config, store.clone())?,
         recent_errors: plinth_api::RecentErrors::default(),
+        draining: Arc::default(),
     };
+    let draining = state.draining.clone();
     if !state.billing.collects_plugin_fees() {
         tracing::error!(
             "Stripe mode without PLINTH_STRIPE_PLUGIN_FEES_PRICE: plugin fees cannot be invoiced, so priced plugins answer 402 payment_required"
@@ -215,6 +260,9 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     };
     let server = HttpServer::new(move || plinth_api::app(state.clone()))
         .workers(workers)
+        // Stop signals are handled by `RunningServer::serve_until_signalled`: readiness first.
+        .disable_signals()
+        .shutdown_timeout(config.shutdown_timeout_secs)
         .bind(config.http_addr)
         .with_context(|| format!("cannot listen on {}", config.http_addr))?;
     let addr = server
@@ -234,6 +282,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         addr,
         metrics,
         store,
+        draining,
         handle,
         server,
         ledger,
@@ -356,5 +405,37 @@ fn secret_key(config: &Config) -> anyhow::Result<[u8; 32]> {
             Ok(key)
         }
         Err(err) => Err(err).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// SIGTERM and SIGINT, as they arrive.
+struct StopSignals {
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            #[cfg(unix)]
+            terminate: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("cannot handle SIGTERM")?,
+        })
+    }
+
+    /// The next stop signal's name.
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.terminate.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
     }
 }

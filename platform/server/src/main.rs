@@ -146,7 +146,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Openapi { .. } => unreachable!("handled above"),
         Command::Config => println!("{}", serde_json::to_string_pretty(&config.redacted())?),
-        Command::Serve => plinth_server::start(&config).await?.wait().await?,
+        Command::Serve => {
+            plinth_server::start(&config)
+                .await?
+                .serve_until_signalled(config.shutdown_delay())
+                .await?;
+        }
         Command::Migrate => {
             plinth_server::open_store(&config).await?;
             eprintln!("migrations applied");

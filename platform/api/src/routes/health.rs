@@ -25,6 +25,9 @@ pub async fn live() -> web::Json<ServerLive> {
 #[utoipa::path(get, path = "/v2/health/ready", tag = "operations",
     responses((status = 200, body = ServerReady), (status = 503, body = ServerReady)))]
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return HttpResponse::ServiceUnavailable().json(ServerReady { ready: false });
+    }
     let database = state.store.ping().await;
     if let Err(err) = &database {
         tracing::warn!(error = %err, "readiness: database unavailable");
