@@ -290,3 +290,54 @@ async fn older_versions_stay_callable_by_number_until_deleted() {
     let (status, _) = get("/v2/models/tone/versions/1/ready".into()).await;
     assert_eq!(status, 404);
 }
+
+/// Replicas share one registry: a model uploaded through one serves on the other within seconds,
+/// without a restart, and a delete through one stops it on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_uploaded_or_deleted_through_one_replica_serves_or_stops_on_the_other() {
+    let a = TestApp::spawn_with(|config| config.catalog_sync_ms = 250).await;
+    let b = a.replica().await;
+    let tenant = a.tenant().await;
+    let classify = |app: &TestApp| {
+        app.http()
+            .post(app.url("/v1/models/shared-tone/classify"))
+            .bearer_auth(&tenant.key.secret)
+            .json(&json!({ "inputs": ["replicas agree"] }))
+            .send()
+    };
+    /// Polls `b` until a call answers `status`; the time it took.
+    async fn until<F: Future<Output = reqwest::Result<reqwest::Response>>>(
+        call: impl Fn() -> F,
+        status: u16,
+    ) -> std::time::Duration {
+        let started = std::time::Instant::now();
+        loop {
+            if call().await.unwrap().status() == status {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(15),
+                "no {status} within 15 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+    }
+    assert_eq!(classify(&b).await.unwrap().status(), 404);
+    assert_eq!(upload_sentiment_copy(&a, &tenant, "shared-tone").await, 201);
+    let appeared = until(|| classify(&b), 200).await;
+
+    let deleted = a
+        .http()
+        .delete(a.url("/v1/models/shared-tone"))
+        .bearer_auth(&tenant.key.secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    let gone = until(|| classify(&b), 404).await;
+    println!(
+        "replica B: serving {:.0} ms after the upload through A, stopped {:.0} ms after the delete",
+        appeared.as_secs_f64() * 1e3,
+        gone.as_secs_f64() * 1e3
+    );
+}

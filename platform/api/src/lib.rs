@@ -50,26 +50,102 @@ pub fn spawn_tenant_model_loading(state: AppState) -> tokio::task::JoinHandle<()
 
 async fn load_tenant_models(state: &AppState) -> Result<(), plinth_store::StoreError> {
     for record in state.store.live_models().await? {
-        let Some(files) = uploads::files_of(&state.model_files, &record) else {
-            tracing::error!(model = %record.name, tenant = %record.tenant_id, "unknown task in the model registry");
+        load_record(state, &record).await;
+    }
+    Ok(())
+}
+
+/// Loads a registered model version and serves it, unless a delete or a newer upload came meanwhile.
+/// Returns whether it loaded (a failure is logged and counted).
+async fn load_record(state: &AppState, record: &plinth_store::models::ModelRecord) -> bool {
+    let Some(files) = uploads::files_of(&state.model_files, record) else {
+        tracing::error!(model = %record.name, tenant = %record.tenant_id, "unknown task in the model registry");
+        return false;
+    };
+    let engine = state.engine.clone();
+    match tokio::task::spawn_blocking(move || engine.load(&files)).await {
+        // A delete or a newer upload since the registry was read wins.
+        Ok(Ok(model)) => {
+            if let Err(err) = uploads::serve_if_current(state, &record.tenant_id, model).await {
+                tracing::error!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot check a tenant model is current");
+            }
+            true
+        }
+        Ok(Err(err)) => {
+            ::metrics::counter!("plinth_model_load_failures_total").increment(1);
+            tracing::error!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot load a tenant model");
+            false
+        }
+        Err(err) => {
+            ::metrics::counter!("plinth_model_load_failures_total").increment(1);
+            tracing::error!(error = %err, "model loading panicked");
+            false
+        }
+    }
+}
+
+/// Keeps this replica's model catalogue in step with the registry every replica shares: a model
+/// uploaded through another replica starts serving here, and one deleted there stops here, within
+/// `every`. A version that fails to load is not tried again by this loop (it is logged and counted;
+/// its first call tries once more).
+pub fn spawn_catalog_sync(state: AppState, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut failed = std::collections::HashSet::new();
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !state.models.tenant_models_loaded() {
+                continue;
+            }
+            if let Err(err) = sync_catalog(&state, &mut failed).await {
+                tracing::warn!(error = %err, "cannot read the model registry to sync the catalogue");
+            }
+        }
+    })
+}
+
+type ModelVersionKey = (plinth_core::id::TenantId, String, u32);
+
+async fn sync_catalog(
+    state: &AppState,
+    failed: &mut std::collections::HashSet<ModelVersionKey>,
+) -> Result<(), plinth_store::StoreError> {
+    let records = state.store.live_models().await?;
+    let live: std::collections::HashMap<(&plinth_core::id::TenantId, &str), u32> = records
+        .iter()
+        .map(|r| ((&r.tenant_id, r.name.as_str()), r.version))
+        .collect();
+    let served: std::collections::HashMap<(plinth_core::id::TenantId, String), u32> = state
+        .models
+        .tenant_models()
+        .into_iter()
+        .map(|(tenant, name, version)| ((tenant, name), version))
+        .collect();
+    for (tenant, name) in served.keys() {
+        if !live.contains_key(&(tenant, name.as_str())) {
+            // Deleted through another replica. Checked again under the files lock, as a delete here
+            // would hold it: an upload through this replica may have just registered it.
+            let _files = state.model_files_lock.lock().await;
+            if state.store.model_versions(tenant, name).await?.is_empty() {
+                state.models.remove_tenant(tenant, name);
+                ::metrics::counter!("plinth_catalog_changes_total", "change" => "removed").increment(1);
+                tracing::info!(%tenant, model = %name, "a model deleted elsewhere stopped serving here");
+            }
+        }
+    }
+    for record in &records {
+        let key = (record.tenant_id.clone(), record.name.clone());
+        let current = served.get(&key).is_some_and(|v| *v >= record.version);
+        let version_key = (record.tenant_id.clone(), record.name.clone(), record.version);
+        if current || failed.contains(&version_key) {
             continue;
-        };
-        let engine = state.engine.clone();
-        match tokio::task::spawn_blocking(move || engine.load(&files)).await {
-            // A delete or a newer upload since the registry was read wins.
-            Ok(Ok(model)) => {
-                if let Err(err) = uploads::serve_if_current(state, &record.tenant_id, model).await {
-                    tracing::error!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot check a tenant model is current");
-                }
-            }
-            Ok(Err(err)) => {
-                ::metrics::counter!("plinth_model_load_failures_total").increment(1);
-                tracing::error!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot load a tenant model");
-            }
-            Err(err) => {
-                ::metrics::counter!("plinth_model_load_failures_total").increment(1);
-                tracing::error!(error = %err, "model loading panicked");
-            }
+        }
+        if load_record(state, record).await {
+            ::metrics::counter!("plinth_catalog_changes_total", "change" => "loaded").increment(1);
+            tracing::info!(tenant = %record.tenant_id, model = %record.name, version = record.version, "a model uploaded elsewhere serves here");
+        } else {
+            failed.insert(version_key);
         }
     }
     Ok(())

@@ -125,6 +125,17 @@ impl Catalog {
         }
     }
 
+    /// Every tenant model being served (loaded now or not): its tenant, name and version.
+    #[must_use]
+    pub fn tenant_models(&self) -> Vec<(TenantId, String, u32)> {
+        self.known
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|((tenant, name), info)| (tenant.clone(), name.clone(), info.version))
+            .collect()
+    }
+
     /// Whether start-up has loaded every tenant model it will (until then, a model missing from the
     /// catalog may only be late).
     #[must_use]

@@ -68,6 +68,9 @@ pub struct Config {
     pub shutdown_delay_secs: Option<u64>,
     /// `PLINTH_SHUTDOWN_TIMEOUT_SECS`: then, how long in-flight requests have to finish.
     pub shutdown_timeout_secs: u64,
+    /// `PLINTH_CATALOG_SYNC_MS`: how often each replica compares its model catalogue with the shared
+    /// registry (models uploaded or deleted through other replicas).
+    pub catalog_sync_ms: u64,
     /// `PLINTH_ORT_DYLIB`: the ONNX Runtime shared library (`scripts/fetch-models.sh` fetches it).
     pub ort_dylib: PathBuf,
     /// `PLINTH_MODELS_DIR`: where the built-in models were prepared.
@@ -185,6 +188,7 @@ impl Default for Config {
             workers: 0,
             shutdown_delay_secs: None,
             shutdown_timeout_secs: 30,
+            catalog_sync_ms: 2_000,
             ort_dylib: cache_dir().join("onnxruntime/libonnxruntime.so.1.31.1"),
             models_dir: cache_dir().join("models"),
             execution_provider: "cpu".to_owned(),
@@ -313,6 +317,9 @@ impl Config {
             return fail(
                 "production mode (a postgres:// PLINTH_DATABASE_URL) needs PLINTH_SECRET_KEY, the same on every replica (e.g. from `openssl rand -hex 32`): a key generated per replica would seal secrets the others cannot open",
             );
+        }
+        if self.catalog_sync_ms < 100 {
+            return fail("PLINTH_CATALOG_SYNC_MS must be at least 100");
         }
         if self.previous_secret_keys().is_err() {
             return fail("PLINTH_SECRET_KEYS_PREVIOUS must be comma-separated keys of 64 hex digits each");

@@ -67,6 +67,8 @@ pub struct RunningServer {
     retention: JoinHandle<()>,
     /// Loads tenants' models after start-up; stopped with the server.
     model_loading: JoinHandle<()>,
+    /// Follows models uploaded and deleted through other replicas; stopped with the server.
+    catalog_sync: JoinHandle<()>,
 }
 
 impl RunningServer {
@@ -78,6 +80,7 @@ impl RunningServer {
         }
         self.retention.abort();
         self.model_loading.abort();
+        self.catalog_sync.abort();
         // The workers are gone, and with them every `Meter` handle: the writer drains and stops.
         self.ledger.await.context("the ledger writer failed")?;
         self.claims
@@ -253,6 +256,10 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         .await
         .context("cannot clean up the model store")?;
     let model_loading = plinth_api::spawn_tenant_model_loading(state.clone());
+    let catalog_sync = plinth_api::spawn_catalog_sync(
+        state.clone(),
+        std::time::Duration::from_millis(config.catalog_sync_ms),
+    );
     let workers = if config.workers == 0 {
         std::thread::available_parallelism().map_or(2, usize::from)
     } else {
@@ -291,6 +298,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         usage_sync,
         retention,
         model_loading,
+        catalog_sync,
     })
 }
 
