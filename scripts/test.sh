@@ -7,14 +7,15 @@ cd "$(dirname "$0")/.."
 
 production_mode=("${PLINTH_TEST_DATABASE_URL:-}" "${PLINTH_TEST_REDIS_URL:-}")
 
-# NVIDIA's Triton HTTP client, used unchanged by a test to prove protocol compatibility, and
-# Schemathesis, which a test points at a running server with the committed OpenAPI document.
+# NVIDIA's Triton HTTP client, used unchanged by a test to prove protocol compatibility;
+# Schemathesis, which a test points at a running server with the committed OpenAPI document; and moto's
+# S3-compatible server, the object storage the replica tests share.
 clients="${PLINTH_CACHE_DIR:-$HOME/.cache/plinth}/venv-clients"
-if ! "$clients/bin/python" -c 'import tritonclient.http, schemathesis' 2>/dev/null; then
-  echo "== installing tritonclient[http] and schemathesis into $clients"
+if ! "$clients/bin/python" -c 'import tritonclient.http, schemathesis, moto.server' 2>/dev/null; then
+  echo "== installing tritonclient[http], schemathesis and moto into $clients"
   rm -rf "$clients"
   python3 -m venv "$clients"
-  "$clients/bin/pip" install -q "tritonclient[http]==2.73.*" "schemathesis==4.32.*"
+  "$clients/bin/pip" install -q "tritonclient[http]==2.73.*" "schemathesis==4.32.*" "moto[server]==5.2.5"
 fi
 export PLINTH_TEST_PYTHON="$clients/bin/python"
 

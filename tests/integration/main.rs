@@ -21,6 +21,7 @@ mod operations;
 mod plugins;
 mod portal;
 mod rate_limit;
+mod replicas;
 mod resilience;
 mod sdk;
 mod secrets;

@@ -444,3 +444,72 @@ pub async fn lift_rate_limits(store: &plinth_store::Store, tenant: &plinth_sdk::
         .await
         .expect("plan change");
 }
+
+/// An S3-compatible object store for one test: moto's server (which `make test` installs beside the
+/// test clients) on a port of its own, with a bucket. Stopped when dropped.
+#[derive(Debug)]
+pub struct ObjectStorage {
+    _server: tokio::process::Child,
+    pub endpoint: String,
+    pub bucket: String,
+}
+
+impl ObjectStorage {
+    /// Starts the server and creates the bucket.
+    ///
+    /// # Panics
+    /// When moto is not installed (`make test` installs it) or does not start.
+    pub async fn start() -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let python = std::env::var_os("PLINTH_TEST_PYTHON").map_or_else(
+            || {
+                std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                    .join(".cache/plinth/venv-clients/bin/python")
+            },
+            std::path::PathBuf::from,
+        );
+        let moto = python.with_file_name("moto_server");
+        assert!(
+            moto.is_file(),
+            "{} is missing: run `make test` (scripts/test.sh installs moto)",
+            moto.display()
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let server = tokio::process::Command::new(&moto)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("moto_server starts");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let bucket = unique("plinth-");
+        let http = reqwest::Client::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Ok(created) = http.put(format!("{endpoint}/{bucket}")).send().await
+                && created.status().is_success()
+            {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "moto_server did not start");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Self {
+            _server: server,
+            endpoint,
+            bucket,
+        }
+    }
+
+    /// Points a server's uploaded files at this store.
+    pub fn configure(&self, config: &mut Config) {
+        config.blob_url = Some(format!("s3://{}/plinth", self.bucket));
+        config.s3_endpoint = Some(self.endpoint.clone());
+        config.s3_access_key_id = Some("test".to_owned());
+        config.s3_secret_access_key = Some("test".to_owned());
+    }
+}

@@ -58,9 +58,13 @@ async fn load_tenant_models(state: &AppState) -> Result<(), plinth_store::StoreE
 /// Loads a registered model version and serves it, unless a delete or a newer upload came meanwhile.
 /// Returns whether it loaded (a failure is logged and counted).
 async fn load_record(state: &AppState, record: &plinth_store::models::ModelRecord) -> bool {
-    let Some(files) = uploads::files_of(&state.model_files, record) else {
-        tracing::error!(model = %record.name, tenant = %record.tenant_id, "unknown task in the model registry");
-        return false;
+    let files = match uploads::fetch_files(state, record).await {
+        Ok(files) => files,
+        Err(err) => {
+            ::metrics::counter!("plinth_model_load_failures_total").increment(1);
+            tracing::error!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot fetch a tenant model's files");
+            return false;
+        }
     };
     let engine = state.engine.clone();
     match tokio::task::spawn_blocking(move || engine.load(&files)).await {
@@ -122,6 +126,7 @@ async fn sync_catalog(
         .into_iter()
         .map(|(tenant, name, version)| ((tenant, name), version))
         .collect();
+    let mut removed = false;
     for (tenant, name) in served.keys() {
         if !live.contains_key(&(tenant, name.as_str())) {
             // Deleted through another replica. Checked again under the files lock, as a delete here
@@ -129,10 +134,16 @@ async fn sync_catalog(
             let _files = state.model_files_lock.lock().await;
             if state.store.model_versions(tenant, name).await?.is_empty() {
                 state.models.remove_tenant(tenant, name);
+                removed = true;
                 ::metrics::counter!("plinth_catalog_changes_total", "change" => "removed").increment(1);
                 tracing::info!(%tenant, model = %name, "a model deleted elsewhere stopped serving here");
             }
         }
+    }
+    if removed {
+        // This replica's copies of the deleted model's files go too.
+        let _files = state.model_files_lock.lock().await;
+        uploads::remove_local_unused_files(state).await?;
     }
     for record in &records {
         let key = (record.tenant_id.clone(), record.name.clone());

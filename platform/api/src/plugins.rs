@@ -140,12 +140,19 @@ pub(crate) async fn publish(
         )));
     }
     let smoke = smoke_run(state, auth, &compiled, &manifest).await?;
-    let path = state.plugin_files.join(format!("{sha256}.wasm"));
+    // Kept by its hash, and shared with the other replicas before the version is recorded.
+    let name = format!("{sha256}.wasm");
+    let path = state.plugin_files.path(&name);
     if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
         tokio::fs::write(&path, &component)
             .await
             .map_err(ApiError::internal)?;
     }
+    state
+        .plugin_files
+        .publish(&name)
+        .await
+        .map_err(ApiError::internal)?;
     let checks = serde_json::json!({
         "imports": compiled.capabilities,
         "smoke_run": smoke,
@@ -571,10 +578,15 @@ pub(crate) async fn invoke(
         ));
     }
     let billable = plugin_charge(state, auth, &runnable)?;
-    let path = state.plugin_files.join(format!("{}.wasm", runnable.sha256));
     let compiled = state
         .plugins
         .load(&runnable.sha256, async {
+            // Published through another replica: fetched from shared storage the first time.
+            let path = state
+                .plugin_files
+                .fetch(&format!("{}.wasm", runnable.sha256), &runnable.sha256)
+                .await
+                .map_err(|err| PluginError::Engine(err.to_string()))?;
             tokio::fs::read(&path)
                 .await
                 .map_err(|err| PluginError::Engine(format!("{}: {err}", path.display())))

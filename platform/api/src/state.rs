@@ -1,6 +1,5 @@
 //! What handlers share.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use plinth_billing::Billing;
@@ -24,7 +23,7 @@ pub struct AppState {
     /// Loads uploaded models.
     pub engine: Engine,
     /// Where uploaded model files live, named by their SHA-256.
-    pub model_files: PathBuf,
+    pub model_files: plinth_store::blobs::Blobs,
     /// Held while files in `model_files` are added or removed (see `uploads`).
     pub model_files_lock: Arc<tokio::sync::Mutex<()>>,
     /// Turns for loading models on demand (see `uploads::load`).
@@ -33,7 +32,7 @@ pub struct AppState {
     /// Compiles and runs plugins.
     pub plugins: Arc<PluginHost>,
     /// Where published plugin components live, named by their SHA-256.
-    pub plugin_files: PathBuf,
+    pub plugin_files: plinth_store::blobs::Blobs,
     /// Seals installation secrets at rest.
     pub secrets: SecretBox,
     /// Statements, plan changes, Stripe.

@@ -134,9 +134,12 @@ fn validate(state: &AppState, manifest: &Manifest, has_tokenizer: bool) -> ApiRe
     }
 }
 
-/// Moves a staged file to its content address (keeping an identical existing file).
-async fn store_file(staged: &Staged, dir: &Path, extension: &str) -> ApiResult<PathBuf> {
-    let target = dir.join(format!("{}.{extension}", staged.sha256));
+/// Moves a staged file to its content address (keeping an identical existing file), and publishes it
+/// to the replicas' shared storage before it is registered: once the registry names it, every replica
+/// can fetch it.
+async fn store_file(state: &AppState, staged: &Staged, extension: &str) -> ApiResult<PathBuf> {
+    let name = format!("{}.{extension}", staged.sha256);
+    let target = state.model_files.path(&name);
     if tokio::fs::try_exists(&target).await.unwrap_or(false) {
         let _ = tokio::fs::remove_file(&staged.path).await;
     } else {
@@ -144,7 +147,39 @@ async fn store_file(staged: &Staged, dir: &Path, extension: &str) -> ApiResult<P
             .await
             .map_err(ApiError::internal)?;
     }
+    state
+        .model_files
+        .publish(&name)
+        .await
+        .map_err(ApiError::internal)?;
     Ok(target)
+}
+
+/// The files of a registered model version, fetched from the replicas' shared storage if this
+/// replica does not have them yet (their hashes checked).
+pub(crate) async fn fetch_files(state: &AppState, record: &ModelRecord) -> ApiResult<ModelFiles> {
+    let task = serde_json::from_value(serde_json::Value::String(record.task.clone()))
+        .map_err(|_| ApiError::internal("unknown task in the model registry"))?;
+    let fetch = |sha256: String, extension: &'static str| async move {
+        state
+            .model_files
+            .fetch(&format!("{sha256}.{extension}"), &sha256)
+            .await
+            .map_err(ApiError::internal)
+    };
+    let tokenizer = match &record.tokenizer_sha256 {
+        Some(sha256) => Some(fetch(sha256.clone(), "json").await?),
+        None => None,
+    };
+    Ok(ModelFiles {
+        name: record.name.clone(),
+        version: record.version,
+        task,
+        labels: record.labels.clone(),
+        model: fetch(record.sha256.clone(), "onnx").await?,
+        tokenizer,
+        platform: false,
+    })
 }
 
 pub(crate) fn task_name(task: Task) -> &'static str {
@@ -153,23 +188,6 @@ pub(crate) fn task_name(task: Task) -> &'static str {
         Task::Embedding => "embedding",
         Task::Raw => "raw",
     }
-}
-
-/// The files of a stored model version, for loading.
-pub(crate) fn files_of(dir: &Path, record: &ModelRecord) -> Option<ModelFiles> {
-    let task = serde_json::from_value(serde_json::Value::String(record.task.clone())).ok()?;
-    Some(ModelFiles {
-        name: record.name.clone(),
-        version: record.version,
-        task,
-        labels: record.labels.clone(),
-        model: dir.join(format!("{}.onnx", record.sha256)),
-        tokenizer: record
-            .tokenizer_sha256
-            .as_ref()
-            .map(|sha| dir.join(format!("{sha}.json"))),
-        platform: false,
-    })
 }
 
 /// Models loaded on demand (uploads, older versions) at once, across tenants: each load builds
@@ -233,7 +251,7 @@ pub(crate) async fn delete_model(
     state.store.delete_model(&auth.tenant_id, who, name).await?;
     state.models.remove_tenant(&auth.tenant_id, name);
     let files = state.store.model_files(&auth.tenant_id, name).await?;
-    remove_unused_files(state, files.iter()).await;
+    remove_unused_files(state, files.iter(), Shared::Remove).await;
     Ok(())
 }
 
@@ -245,7 +263,7 @@ pub(crate) async fn upload(
     mut form: Multipart,
 ) -> ApiResult<Model> {
     let quota = &auth.isolation;
-    let dir = state.model_files.clone();
+    let dir = state.model_files.dir().to_path_buf();
     let staging = dir.join("staging");
     tokio::fs::create_dir_all(&staging)
         .await
@@ -329,9 +347,9 @@ pub(crate) async fn upload(
     let (record, model_path, tokenizer_path) = {
         let _files = state.model_files_lock.lock().await;
         let registered = async {
-            let model_path = store_file(&model, &dir, "onnx").await?;
+            let model_path = store_file(state, &model, "onnx").await?;
             let tokenizer_path = match &tokenizer {
-                Some(staged) => Some(store_file(staged, &dir, "json").await?),
+                Some(staged) => Some(store_file(state, staged, "json").await?),
                 None => None,
             };
             let record = state
@@ -357,7 +375,7 @@ pub(crate) async fn upload(
             Ok(registered) => registered,
             Err(err) => {
                 let stored = [Some(&model.sha256), tokenizer.as_ref().map(|t| &t.sha256)];
-                remove_unused_files(state, stored.into_iter().flatten()).await;
+                remove_unused_files(state, stored.into_iter().flatten(), Shared::Remove).await;
                 return Err(err);
             }
         }
@@ -385,8 +403,7 @@ pub(crate) async fn reload(state: &AppState, tenant: &TenantId, name: &str) -> A
         return Err(gone());
     };
     let record = state.store.model_version(tenant, name, version).await?;
-    let files = files_of(&state.model_files, &record)
-        .ok_or_else(|| ApiError::internal("unknown task in the model registry"))?;
+    let files = fetch_files(state, &record).await?;
     let model = load(state, files, Loading::Accepted).await?;
     // Another call may have loaded it while this one waited for its turn: one copy is served.
     if let Some(loaded) = state.models.find(tenant, name) {
@@ -423,8 +440,14 @@ pub(crate) async fn serve_if_current(
 /// When the registry cannot be read.
 pub async fn sweep_model_files(state: &AppState) -> Result<(), plinth_store::StoreError> {
     let _files = state.model_files_lock.lock().await;
-    let _ = tokio::fs::remove_dir_all(state.model_files.join("staging")).await;
-    let Ok(mut entries) = tokio::fs::read_dir(&state.model_files).await else {
+    let _ = tokio::fs::remove_dir_all(state.model_files.path("staging")).await;
+    remove_local_unused_files(state).await
+}
+
+/// Removes this replica's copies of model files no live version uses (the caller holds
+/// `model_files_lock`).
+pub(crate) async fn remove_local_unused_files(state: &AppState) -> Result<(), plinth_store::StoreError> {
+    let Ok(mut entries) = tokio::fs::read_dir(state.model_files.dir()).await else {
         return Ok(());
     };
     let mut unused = Vec::new();
@@ -437,19 +460,37 @@ pub async fn sweep_model_files(state: &AppState) -> Result<(), plinth_store::Sto
             unused.push(sha256.to_owned());
         }
     }
-    remove_unused_files(state, unused.iter()).await;
+    // This replica's copies only: another replica may be about to register a file it published.
+    remove_unused_files(state, unused.iter(), Shared::Keep).await;
     Ok(())
+}
+
+/// Whether removing unused files removes them from the replicas' shared storage too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shared {
+    Remove,
+    Keep,
 }
 
 /// Removes the stored files with these hashes that no live model version uses (the caller holds
 /// `model_files_lock`). A failure is logged: a file left behind costs disk, not correctness.
-pub(crate) async fn remove_unused_files(state: &AppState, hashes: impl Iterator<Item = &String>) {
+pub(crate) async fn remove_unused_files(
+    state: &AppState,
+    hashes: impl Iterator<Item = &String>,
+    shared: Shared,
+) {
     for sha256 in hashes {
         match state.store.model_file_in_use(sha256).await {
             Ok(true) => {}
             Ok(false) => {
                 for extension in ["onnx", "json"] {
-                    let path = state.model_files.join(format!("{sha256}.{extension}"));
+                    let name = format!("{sha256}.{extension}");
+                    if shared == Shared::Remove
+                        && let Err(err) = state.model_files.remove_shared(&name).await
+                    {
+                        tracing::warn!(file = %name, error = %err, "cannot remove a model file from shared storage");
+                    }
+                    let path = state.model_files.path(&name);
                     match tokio::fs::remove_file(&path).await {
                         Ok(()) => tracing::info!(file = %path.display(), "removed a model file nothing uses"),
                         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}

@@ -68,6 +68,18 @@ pub struct Config {
     pub shutdown_delay_secs: Option<u64>,
     /// `PLINTH_SHUTDOWN_TIMEOUT_SECS`: then, how long in-flight requests have to finish.
     pub shutdown_timeout_secs: u64,
+    /// `PLINTH_BLOB_URL`: shared storage for uploaded model files and plugin components,
+    /// `s3://bucket/prefix` (S3 or any S3-compatible service). Unset, they stay in the data directory,
+    /// which replicas must then share.
+    pub blob_url: Option<String>,
+    /// `PLINTH_S3_ENDPOINT`: an S3-compatible service's address (MinIO, R2, Ceph…); unset means AWS.
+    pub s3_endpoint: Option<String>,
+    /// `PLINTH_S3_REGION`.
+    pub s3_region: String,
+    /// `PLINTH_S3_ACCESS_KEY_ID` and `PLINTH_S3_SECRET_ACCESS_KEY`; unset, the usual `AWS_*`
+    /// variables (or the platform's workload identity) are used.
+    pub s3_access_key_id: Option<String>,
+    pub s3_secret_access_key: Option<String>,
     /// `PLINTH_CATALOG_SYNC_MS`: how often each replica compares its model catalogue with the shared
     /// registry (models uploaded or deleted through other replicas).
     pub catalog_sync_ms: u64,
@@ -189,6 +201,11 @@ impl Default for Config {
             shutdown_delay_secs: None,
             shutdown_timeout_secs: 30,
             catalog_sync_ms: 2_000,
+            blob_url: None,
+            s3_endpoint: None,
+            s3_region: "us-east-1".to_owned(),
+            s3_access_key_id: None,
+            s3_secret_access_key: None,
             ort_dylib: cache_dir().join("onnxruntime/libonnxruntime.so.1.31.1"),
             models_dir: cache_dir().join("models"),
             execution_provider: "cpu".to_owned(),
@@ -317,6 +334,13 @@ impl Config {
             return fail(
                 "production mode (a postgres:// PLINTH_DATABASE_URL) needs PLINTH_SECRET_KEY, the same on every replica (e.g. from `openssl rand -hex 32`): a key generated per replica would seal secrets the others cannot open",
             );
+        }
+        if self
+            .blob_url
+            .as_deref()
+            .is_some_and(|url| !url.starts_with("s3://") || url.len() <= "s3://".len())
+        {
+            return fail("PLINTH_BLOB_URL must be s3://bucket or s3://bucket/prefix");
         }
         if self.catalog_sync_ms < 100 {
             return fail("PLINTH_CATALOG_SYNC_MS must be at least 100");
@@ -601,6 +625,7 @@ impl Config {
         let hide = |secret: &Option<String>| secret.as_ref().map(|_| "<redacted>".to_owned());
         Self {
             secret_key: hide(&self.secret_key),
+            s3_secret_access_key: hide(&self.s3_secret_access_key),
             secret_keys_previous: if self.secret_keys_previous.is_empty() {
                 String::new()
             } else {

@@ -201,12 +201,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     ));
     plinth_inference::load_builtin(&engine, &config.models_dir, &models)
         .context("cannot load the built-in models")?;
-    let model_files = config.data_dir.join("models");
-    std::fs::create_dir_all(&model_files)
-        .with_context(|| format!("cannot create {}", model_files.display()))?;
-    let plugin_files = config.data_dir.join("plugins");
-    std::fs::create_dir_all(&plugin_files)
-        .with_context(|| format!("cannot create {}", plugin_files.display()))?;
+    let (model_files, plugin_files) = file_stores(config)?;
     let plugins = plinth_plugin_host::PluginHost::new(&plinth_plugin_host::HostSettings {
         limits: plinth_plugin_host::Limits {
             deadline: std::time::Duration::from_millis(config.plugin_deadline_ms),
@@ -446,4 +441,38 @@ impl StopSignals {
             "SIGINT"
         }
     }
+}
+
+/// Where uploaded model files and plugin components live: the data directory, shared through
+/// `PLINTH_BLOB_URL` when it is set.
+fn file_stores(config: &Config) -> anyhow::Result<(plinth_store::blobs::Blobs, plinth_store::blobs::Blobs)> {
+    use plinth_store::blobs::{Blobs, S3Settings, connect};
+    let dir = |name: &str| -> anyhow::Result<std::path::PathBuf> {
+        let dir = config.data_dir.join(name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(dir)
+    };
+    let (models, plugins) = (dir("models")?, dir("plugins")?);
+    let Some(url) = &config.blob_url else {
+        return Ok((Blobs::local(models), Blobs::local(plugins)));
+    };
+    let s3 = S3Settings {
+        endpoint: config.s3_endpoint.clone(),
+        region: config.s3_region.clone(),
+        access_key_id: config.s3_access_key_id.clone(),
+        secret_access_key: config.s3_secret_access_key.clone(),
+    };
+    let (store, prefix) = connect(url, &s3).context("PLINTH_BLOB_URL")?;
+    let under = |kind: &str| {
+        if prefix.is_empty() {
+            kind.to_owned()
+        } else {
+            format!("{prefix}/{kind}")
+        }
+    };
+    tracing::info!(%url, "uploaded files are shared through object storage");
+    Ok((
+        Blobs::shared(models, store.clone(), &under("models")),
+        Blobs::shared(plugins, store, &under("plugins")),
+    ))
 }

@@ -9,6 +9,7 @@ pub mod accounts;
 pub mod api_keys;
 pub mod audit;
 pub mod auth;
+pub mod blobs;
 pub mod cache;
 mod entity;
 pub mod idempotency;

@@ -55,8 +55,7 @@ async fn versioned(
         Err(plinth_store::StoreError::NotFound(_)) => return Err(no_such_version()),
         other => other?,
     };
-    let files = crate::uploads::files_of(&state.model_files, &record)
-        .ok_or_else(|| ApiError::internal("unknown task in the model registry"))?;
+    let files = crate::uploads::fetch_files(state, &record).await?;
     // Loads take turns (see `uploads::load`); one that waited may find the version loaded by now.
     let model = crate::uploads::load(state, files, crate::uploads::Loading::Accepted).await?;
     if let Some(loaded) = state.models.find_version(&auth.tenant_id, &path.name, version) {

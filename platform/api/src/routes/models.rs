@@ -189,6 +189,6 @@ pub async fn delete_version(
     let files: Vec<String> = std::iter::once(record.sha256)
         .chain(record.tokenizer_sha256)
         .collect();
-    crate::uploads::remove_unused_files(&state, files.iter()).await;
+    crate::uploads::remove_unused_files(&state, files.iter(), crate::uploads::Shared::Remove).await;
     Ok(HttpResponse::NoContent().finish())
 }
