@@ -407,3 +407,148 @@ async fn sigterm_turns_readiness_off_first_then_drains_without_losing_a_billed_c
     assert!(answered > 0);
     assert_eq!(billed, answered, "every answered call billed, and only those");
 }
+
+/// Two replicas with data directories of their own on one database (and Redis in production mode).
+/// Clients send each logical call with one Idempotency-Key to either replica and, when it fails, retry on
+/// the other, while one replica is killed (SIGKILL) and restarted again and again. Every logical call is
+/// billed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_two_replicas_killing_one_under_load_bills_each_call_once() {
+    const CLIENTS: usize = 3;
+    const CALLS_PER_CLIENT: usize = 40;
+    const KILLS: usize = 4;
+
+    let shared = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let bases: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let key = plinth_tests::sealing_key();
+    let mut config = Config {
+        data_dir: shared.path().to_path_buf(),
+        secret_key: Some(key.clone()),
+        ..Config::default()
+    };
+    let mut common: Vec<(String, String)> = vec![
+        ("PLINTH_WORKERS".into(), "2".into()),
+        ("PLINTH_INFERENCE_SESSIONS".into(), "1".into()),
+        ("PLINTH_LOG".into(), "warn".into()),
+        ("PLINTH_SECRET_KEY".into(), key),
+    ];
+    if let Some((database, redis)) = postgres_and_redis() {
+        let schema = format!("pair_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
+        common.push(("PLINTH_DATABASE_URL".into(), database.clone()));
+        common.push(("PLINTH_DATABASE_SCHEMA".into(), schema.clone()));
+        common.push(("PLINTH_REDIS_URL".into(), redis));
+        common.push(("PLINTH_REDIS_PREFIX".into(), format!("plinth:{schema}:")));
+        config.database_url = Some(database);
+        config.database_schema = Some(schema);
+        config.database_max_connections = 4;
+    } else {
+        let url = format!("sqlite:{}/plinth.db?mode=rwc", shared.path().display());
+        common.push(("PLINTH_DATABASE_URL".into(), url.clone()));
+        config.database_url = Some(url);
+    }
+    let data: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut replicas: Vec<Platform> = (0..2)
+        .map(|i| {
+            let mut env = common.clone();
+            env.push(("PLINTH_HTTP_ADDR".into(), format!("127.0.0.1:{}", ports[i])));
+            env.push(("PLINTH_DATA_DIR".into(), data[i].path().display().to_string()));
+            Platform {
+                env,
+                log: data[i].path().join("plinth.log"),
+                child: None,
+            }
+        })
+        .collect();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    // One at a time: the first applies the migrations.
+    for (replica, base) in replicas.iter_mut().zip(&bases) {
+        replica.spawn();
+        wait_ready(&http, base).await;
+    }
+    let client = Client::new(&bases[0]).unwrap();
+    let session = client
+        .signup(&SignupRequest {
+            email: format!("pair-{}@example.com", ulid::Ulid::new()),
+            password: PASSWORD.into(),
+            tenant_name: "Pair".into(),
+        })
+        .await
+        .unwrap();
+    let store = plinth_server::open_store(&config).await.unwrap();
+    plinth_tests::lift_rate_limits(&store, &session.tenant.id).await;
+    let api_key = client
+        .clone()
+        .with_token(&session.token)
+        .create_api_key(&CreateApiKeyRequest {
+            name: "load".into(),
+            scopes: Some(vec![Scope::Inference]),
+            rate_limit_per_minute: None,
+            expires_at: None,
+        })
+        .await
+        .unwrap();
+
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let (http, bases, secret) = (http.clone(), bases.clone(), api_key.secret.clone());
+        clients.push(tokio::spawn(async move {
+            let mut attempts = 0_usize;
+            for i in 0..CALLS_PER_CLIENT {
+                let idempotency_key = format!("pair-{c}-{i}-{}", ulid::Ulid::new());
+                // Start on either replica; on a failure, retry on the other.
+                let mut target = (c + i) % 2;
+                loop {
+                    attempts += 1;
+                    let sent = http
+                        .post(format!("{}/v1/models/sentiment/classify", bases[target]))
+                        .bearer_auth(&secret)
+                        .header("Idempotency-Key", &idempotency_key)
+                        .json(&serde_json::json!({ "inputs": ["either replica will do"] }))
+                        .send()
+                        .await;
+                    if sent.is_ok_and(|r| r.status().is_success()) {
+                        break;
+                    }
+                    target = 1 - target;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+            attempts
+        }));
+    }
+    // Replica 0 is killed and restarted while replica 1 keeps serving.
+    for kill in 0..KILLS {
+        tokio::time::sleep(Duration::from_millis(700 + 300 * (kill as u64 % 2))).await;
+        replicas[0].kill().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        replicas[0].spawn();
+        wait_ready(&http, &bases[0]).await;
+    }
+    let mut attempts = 0;
+    for client in clients {
+        attempts += client.await.unwrap();
+    }
+    let logical = (CLIENTS * CALLS_PER_CLIENT) as u64;
+    let events = store.usage_event_count(&session.tenant.id).await.unwrap();
+    println!(
+        "two replicas, {KILLS} kills of one: {logical} logical calls, {attempts} attempts, {events} ledger events"
+    );
+    for replica in &mut replicas {
+        replica.kill().await;
+    }
+    assert_eq!(events, logical, "one ledger event per logical call");
+}
