@@ -98,4 +98,15 @@ async fn rotating_the_sealing_key_keeps_secrets_readable_and_retires_the_old_key
     // The first server, still on the old key alone, cannot open it, and says so rather than running
     // the plugin without its secret.
     assert_eq!(read_secret(&app, &tenant, &installation.id).await.status(), 500);
+    // And a replica started now with a key that opens nothing stored refuses to start.
+    let mut wrong = after.config.clone();
+    wrong.secret_key = Some(sealing_key());
+    wrong.http_addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let Err(refused) = plinth_server::start(&wrong).await else {
+        panic!("a replica whose key opens nothing stored started");
+    };
+    assert!(
+        format!("{refused:#}").contains("cannot open the stored secrets"),
+        "{refused:#}"
+    );
 }

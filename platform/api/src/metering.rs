@@ -289,12 +289,14 @@ async fn admit(
 ) -> Result<(Admission, Option<RateDecision>), ApiError> {
     let principal = authenticate(req.request()).await?;
     req.extensions_mut().insert(RateCounted);
+    // Counted before anything else is looked at: a malformed key is refused within the limit too.
+    let decision = admit_call(state, &principal, scope).await?;
     let Some(key) = client_key(req)? else {
-        let decision = admit_unkeyed(state, &principal, scope).await?;
+        if let Some(cap) = principal.call_cap {
+            enforce_cap(state, &principal.tenant_id, cap).await?;
+        }
         return Ok((Admission::Unkeyed, decision));
     };
-    check_scope(&principal, scope)?;
-    let decision = rate_limit(state, &principal).await?;
     let body = take_body(req, max_body.unwrap_or(state.settings.max_body_bytes)).await?;
     let fingerprint = fingerprint(req, &body);
     let attempt = state
@@ -341,19 +343,14 @@ async fn admit(
     Ok((Admission::Claimed(claim), decision))
 }
 
-/// Admits a billable call sent without an `Idempotency-Key` (the portal's calls, and the API's
-/// unkeyed ones): the scope, the rate limits and the plan's cap, as for every metered call.
-async fn admit_unkeyed(
+/// The checks every billable call passes first: the scope, then the rate limits.
+async fn admit_call(
     state: &AppState,
     principal: &Principal,
     scope: Option<Scope>,
 ) -> Result<Option<RateDecision>, ApiError> {
     check_scope(principal, scope)?;
-    let decision = rate_limit(state, principal).await?;
-    if let Some(cap) = principal.call_cap {
-        enforce_cap(state, &principal.tenant_id, cap).await?;
-    }
-    Ok(decision)
+    rate_limit(state, principal).await
 }
 
 /// Admits a billable call that a signed-in page makes on its visitor's behalf, with its own
@@ -363,7 +360,10 @@ pub(crate) async fn admit_interactive(
     principal: &Principal,
     scope: Scope,
 ) -> Result<IdempotencyKey, ApiError> {
-    admit_unkeyed(state, principal, Some(scope)).await?;
+    admit_call(state, principal, Some(scope)).await?;
+    if let Some(cap) = principal.call_cap {
+        enforce_cap(state, &principal.tenant_id, cap).await?;
+    }
     let key = automatic_key();
     Ok(IdempotencyKey {
         attempt: key.clone(),
@@ -433,7 +433,11 @@ fn note_failure<B>(state: &AppState, response: &ServiceResponse<B>) {
     };
     let call = crate::recent_errors::FailedCall {
         at: chrono::Utc::now(),
-        method: req.method().to_string(),
+        // A label from a fixed set: a client chooses the method's bytes.
+        method: match req.method().as_str() {
+            known @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS") => known.to_owned(),
+            _ => "OTHER".to_owned(),
+        },
         path: req.path().chars().take(200).collect(),
         status: status.as_u16(),
         code: response

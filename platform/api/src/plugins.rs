@@ -144,7 +144,14 @@ pub(crate) async fn publish(
     let name = format!("{sha256}.wasm");
     let path = state.plugin_files.path(&name);
     if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
-        tokio::fs::write(&path, &component)
+        // Whole or not at all: a concurrent publish of the same bytes must not see half a file.
+        let partial = state
+            .plugin_files
+            .path(&format!(".{name}.{}.part", ulid::Ulid::new()));
+        tokio::fs::write(&partial, &component)
+            .await
+            .map_err(ApiError::internal)?;
+        tokio::fs::rename(&partial, &path)
             .await
             .map_err(ApiError::internal)?;
     }

@@ -368,6 +368,18 @@ pub(crate) async fn upload(
                     quota,
                 )
                 .await?;
+            // A delete of identical bytes through another replica may have removed the shared copies
+            // between publishing and registering: now that the registry names them, they stay.
+            let stored = [
+                Some(format!("{}.onnx", model.sha256)),
+                tokenizer.as_ref().map(|t| format!("{}.json", t.sha256)),
+            ];
+            for name in stored.iter().flatten() {
+                // Registered already: a failure here is logged rather than undoing the upload.
+                if let Err(err) = state.model_files.ensure_published(name).await {
+                    tracing::error!(file = %name, error = %err, "cannot check a model file is in shared storage");
+                }
+            }
             Ok::<_, ApiError>((record, model_path, tokenizer_path))
         }
         .await;
@@ -483,14 +495,28 @@ pub(crate) async fn remove_unused_files(
         match state.store.model_file_in_use(sha256).await {
             Ok(true) => {}
             Ok(false) => {
-                for extension in ["onnx", "json"] {
-                    let name = format!("{sha256}.{extension}");
-                    if shared == Shared::Remove
-                        && let Err(err) = state.model_files.remove_shared(&name).await
-                    {
-                        tracing::warn!(file = %name, error = %err, "cannot remove a model file from shared storage");
+                let names = ["onnx", "json"].map(|extension| format!("{sha256}.{extension}"));
+                if shared == Shared::Remove {
+                    for name in &names {
+                        if let Err(err) = state.model_files.remove_shared(name).await {
+                            tracing::warn!(file = %name, error = %err, "cannot remove a model file from shared storage");
+                        }
                     }
-                    let path = state.model_files.path(&name);
+                    // Files are shared by content across tenants: an upload of the same bytes through
+                    // another replica may have registered meanwhile. Then they go back, from here.
+                    if !matches!(state.store.model_file_in_use(sha256).await, Ok(false)) {
+                        for name in &names {
+                            if state.model_files.path(name).exists()
+                                && let Err(err) = state.model_files.publish(name).await
+                            {
+                                tracing::error!(file = %name, error = %err, "cannot restore a model file another upload registered");
+                            }
+                        }
+                        continue;
+                    }
+                }
+                for name in &names {
+                    let path = state.model_files.path(name);
                     match tokio::fs::remove_file(&path).await {
                         Ok(()) => tracing::info!(file = %path.display(), "removed a model file nothing uses"),
                         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}

@@ -202,6 +202,8 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     plinth_inference::load_builtin(&engine, &config.models_dir, &models)
         .context("cannot load the built-in models")?;
     let (model_files, plugin_files) = file_stores(config)?;
+    model_files.remove_partial_downloads().await;
+    plugin_files.remove_partial_downloads().await;
     let plugins = plinth_plugin_host::PluginHost::new(&plinth_plugin_host::HostSettings {
         limits: plinth_plugin_host::Limits {
             deadline: std::time::Duration::from_millis(config.plugin_deadline_ms),
@@ -232,7 +234,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         settings: config.api_settings(),
         plugins: Arc::new(plugins),
         plugin_files,
-        secrets: secret_box(config)?,
+        secrets: checked_secret_box(config, &store).await?,
         billing: billing(config, store.clone())?,
         recent_errors: plinth_api::RecentErrors::default(),
         draining: Arc::default(),
@@ -370,6 +372,22 @@ fn rustls_provider() {
 }
 
 /// The key that seals secrets at rest: configured, or generated once into the data directory.
+/// The sealing keys, refused when they cannot open the secrets stored most recently: a replica
+/// started with the wrong key (or mid-rotation without the new one) would fail every plugin call that
+/// needs a secret, so it does not start at all.
+async fn checked_secret_box(config: &Config, store: &Store) -> anyhow::Result<plinth_store::SecretBox> {
+    let secrets = secret_box(config)?;
+    if let Some(sealed) = store.latest_sealed_secrets().await?
+        && let Err(err) = secrets.open(&sealed)
+    {
+        anyhow::bail!(
+            "the configured sealing keys (PLINTH_SECRET_KEY, key id {}, and PLINTH_SECRET_KEYS_PREVIOUS) cannot open the stored secrets: {err}",
+            secrets.primary_id()
+        );
+    }
+    Ok(secrets)
+}
+
 /// Seals under the configured (or, embedded, the generated) key; opens under it and the previous ones.
 ///
 /// # Errors

@@ -177,7 +177,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 AdminCommand::SeedPlans => eprintln!("default plans present"),
                 AdminCommand::RotateSecretKey => {
                     let secrets = plinth_server::secret_box(&config)?;
-                    let resealed = store.reseal_installation_secrets(&secrets).await?;
+                    // Passes until one finds nothing: a replica not yet on the new key may have sealed
+                    // something under the old one meanwhile.
+                    let mut resealed = 0;
+                    for _ in 0..3 {
+                        let pass = store.reseal_installation_secrets(&secrets).await?;
+                        resealed += pass;
+                        if pass == 0 {
+                            break;
+                        }
+                    }
                     store
                         .audit(
                             None,
@@ -188,8 +197,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         )
                         .await?;
                     println!(
-                        "{resealed} installations' secrets resealed under key {}; the previous keys can be removed",
-                        secrets.primary_id()
+                        "{resealed} installations' secrets resealed under key {id}; remove the previous keys once every replica runs with key {id} as PLINTH_SECRET_KEY",
+                        id = secrets.primary_id()
                     );
                 }
                 AdminCommand::Plans => {

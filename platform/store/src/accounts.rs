@@ -248,9 +248,16 @@ impl Store {
         let txn = self.write_transaction().await?;
         let token = create_session(&txn, &user_id, to, now, current.expires_at).await?;
         let token_hash = current.token_hash.clone();
-        let mut ended: sessions::ActiveModel = current.into();
-        ended.revoked_at = Set(Some(now));
-        ended.update(&txn).await?;
+        // Ended only if nothing ended it meanwhile (a logout, a revocation): then there is no switch.
+        let ended = sessions::Entity::update_many()
+            .col_expr(sessions::Column::RevokedAt, sea_orm::sea_query::Expr::value(now))
+            .filter(sessions::Column::Id.eq(&current.id))
+            .filter(sessions::Column::RevokedAt.is_null())
+            .exec(&txn)
+            .await?;
+        if ended.rows_affected != 1 {
+            return Err(StoreError::NotFound("session"));
+        }
         crate::audit::record(
             &txn,
             Some(to),

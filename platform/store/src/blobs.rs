@@ -32,7 +32,12 @@ pub enum BlobError {
 pub struct Blobs {
     local: PathBuf,
     shared: Option<(Arc<dyn ObjectStore>, String)>,
+    /// Downloads in progress at once: each writes a partial file as large as a model.
+    downloads: Arc<tokio::sync::Semaphore>,
 }
+
+/// Files one replica downloads from shared storage at once.
+const CONCURRENT_DOWNLOADS: usize = 2;
 
 impl std::fmt::Debug for Blobs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -56,6 +61,7 @@ impl Blobs {
         Self {
             local: dir,
             shared: None,
+            downloads: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_DOWNLOADS)),
         }
     }
 
@@ -65,6 +71,7 @@ impl Blobs {
         Self {
             local: dir,
             shared: Some((store, prefix.trim_matches('/').to_owned())),
+            downloads: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_DOWNLOADS)),
         }
     }
 
@@ -108,6 +115,21 @@ impl Blobs {
         Ok(())
     }
 
+    /// Publishes `name` again if shared storage lacks it (a concurrent delete of the same content).
+    ///
+    /// # Errors
+    /// As [`Self::publish`], or when the storage cannot be asked.
+    pub async fn ensure_published(&self, name: &str) -> Result<(), BlobError> {
+        let Some((store, prefix)) = &self.shared else {
+            return Ok(());
+        };
+        match store.head(&Self::object(prefix, name)).await {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => self.publish(name).await,
+            Err(err) => Err(err.into()),
+        }
+    }
+
     /// The local path of `name`, fetched from shared storage when this replica does not have it yet.
     /// A fetched file must hash to `sha256` (its content address), or it is refused and not kept.
     ///
@@ -118,6 +140,14 @@ impl Blobs {
         let Some((store, prefix)) = &self.shared else {
             return Ok(path);
         };
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(path);
+        }
+        // A few at a time; whoever waited may find the file fetched meanwhile.
+        let _turn =
+            self.downloads.acquire().await.map_err(|_| {
+                BlobError::Local(path.clone(), std::io::Error::other("the blob store is closed"))
+            })?;
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
             return Ok(path);
         }
@@ -149,6 +179,19 @@ impl Blobs {
             let _ = tokio::fs::remove_file(&partial).await;
         }
         fetched
+    }
+
+    /// Removes the partial downloads a crash left behind (run before anything fetches).
+    pub async fn remove_partial_downloads(&self) {
+        let Ok(mut entries) = tokio::fs::read_dir(&self.local).await else {
+            return;
+        };
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.ends_with(".part") {
+                let _ = tokio::fs::remove_file(entry.path()).await;
+            }
+        }
     }
 
     /// Removes `name` from shared storage (the local copy is the caller's to remove).

@@ -570,6 +570,18 @@ impl Store {
     }
 
     /// Removes an installation and its key-value state.
+    /// The most recently changed installation secrets, sealed: what a starting replica must be able
+    /// to open (every tenant's rows, on purpose).
+    pub async fn latest_sealed_secrets(&self) -> Result<Option<String>> {
+        Ok(installations::Entity::find()
+            .filter(installations::Column::Secrets.ne(""))
+            .filter(installations::Column::DeletedAt.is_null())
+            .order_by_desc(installations::Column::UpdatedAt)
+            .one(self.db())
+            .await?
+            .map(|row| row.secrets))
+    }
+
     /// Reseals the installations' secrets that are not sealed under `secrets`' primary key: the last
     /// step of a key rotation, run by an operator over every tenant. Returns how many were resealed.
     /// A row changed meanwhile keeps its new value (sealed under the primary key already).

@@ -35,7 +35,21 @@ async fn chrome(
             .await?
             .into_iter()
             .filter(|m| m.tenant_id != tenant.id)
-            .map(|m| (m.tenant_id.to_string(), m.tenant_name))
+            // Anyone may add an email to their tenant: the list stays short, and each entry says
+            // which tenant it is, not just a name anyone can choose.
+            .take(SWITCHABLE_TENANTS)
+            .map(|m| {
+                let id = m.tenant_id.to_string();
+                let short = id
+                    .chars()
+                    .rev()
+                    .take(6)
+                    .collect::<String>()
+                    .chars()
+                    .rev()
+                    .collect::<String>();
+                (id, format!("{} (…{short}, {})", m.tenant_name, m.role.as_str()))
+            })
             .collect(),
         Actor::ApiKey { .. } => Vec::new(),
     };
@@ -51,6 +65,9 @@ async fn chrome(
         flash: None,
     })
 }
+
+/// Organisations offered in the header's switcher, oldest memberships first.
+const SWITCHABLE_TENANTS: usize = 20;
 
 /// A refusal the visitor can act on (4xx), to show on the page they are on; anything else becomes an
 /// error page.
@@ -1217,8 +1234,8 @@ pub(crate) async fn my_plugins(
     let mut chrome = chrome(&state, &visitor, "My plugins", "my-plugins").await?;
     chrome.flash = query
         .published
-        .as_ref()
-        .map(|what| format!("{what} passed the automatic checks and waits for review."));
+        .is_some()
+        .then(|| "The version passed the automatic checks and waits for review.".to_owned());
     my_plugins_page(&state, &visitor, chrome, None, StatusCode::OK).await
 }
 
@@ -1269,11 +1286,7 @@ pub(crate) async fn publish(
     visitor.verify_csrf(query.csrf.as_deref())?;
     visitor.require(Scope::Admin)?;
     match crate::plugins::publish(&state, &visitor.principal, &visitor.who(), &name, form).await {
-        Ok(version) => Ok(see_other(&format!(
-            "/portal/author/plugins?{}",
-            serde_urlencoded::to_string([("published", format!("{} {}", version.plugin, version.version))])
-                .map_err(ApiError::internal)?
-        ))),
+        Ok(_) => Ok(see_other("/portal/author/plugins?published=1")),
         Err(err) => {
             let err = shown(err)?;
             let chrome = chrome(&state, &visitor, "My plugins", "my-plugins").await?;
@@ -1337,7 +1350,16 @@ pub(crate) async fn billing_ops(
     let reconciliation = state.billing.reconcile().await?;
     let stripe = state.billing.mode() == plinth_core::billing::PaymentMode::Stripe;
     let mut chrome = chrome(&state, &visitor, "Billing operations", "billing-ops").await?;
-    chrome.flash = query.synced.clone();
+    // Only numbers travel in the link; the sentence is the server's.
+    chrome.flash = query.synced.as_deref().and_then(|synced| {
+        let counts: Vec<u64> = synced.split('-').map(str::parse).collect::<Result<_, _>>().ok()?;
+        let [closed, sent, pending] = counts[..] else {
+            return None;
+        };
+        Some(format!(
+            "Sync done: {closed} buckets closed, {sent} meter events sent, {pending} waiting."
+        ))
+    });
     Ok(page(
         StatusCode::OK,
         &view::BillingOpsPage {
@@ -1370,13 +1392,9 @@ pub(crate) async fn sync(state: web::Data<AppState>, posted: Posted<Empty>) -> P
             serde_json::json!(report),
         )
         .await?;
-    let summary = format!(
-        "Sync done: {} buckets closed, {} meter events sent, {} waiting.",
-        report.buckets_closed, report.events_sent, report.events_pending
-    );
     Ok(see_other(&format!(
-        "/portal/admin/billing?{}",
-        serde_urlencoded::to_string([("synced", summary)]).map_err(ApiError::internal)?
+        "/portal/admin/billing?synced={}-{}-{}",
+        report.buckets_closed, report.events_sent, report.events_pending
     )))
 }
 
