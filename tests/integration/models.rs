@@ -326,6 +326,46 @@ async fn a_model_uploaded_or_deleted_through_one_replica_serves_or_stops_on_the_
     assert_eq!(upload_sentiment_copy(&a, &tenant, "shared-tone").await, 201);
     let appeared = until(|| classify(&b), 200).await;
 
+    // A second version through A serves on B.
+    let version_on_b = || async {
+        b.http()
+            .get(b.url("/v1/models/shared-tone"))
+            .bearer_auth(&tenant.key.secret)
+            .send()
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()["version"]
+            .clone()
+    };
+    assert_eq!(upload_sentiment_copy(&a, &tenant, "shared-tone").await, 201);
+    let started = std::time::Instant::now();
+    while version_on_b().await != json!(2) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "B never served version 2"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    // Version 1, pinned on B by a client asking for it by number, deleted through A: B stops it too.
+    let pinned_on_b = || {
+        b.http()
+            .get(b.url("/v2/models/shared-tone/versions/1"))
+            .bearer_auth(&tenant.key.secret)
+            .send()
+    };
+    assert_eq!(pinned_on_b().await.unwrap().status(), 200);
+    let dropped = a
+        .http()
+        .delete(a.url("/v1/models/shared-tone/versions/1"))
+        .bearer_auth(&tenant.key.secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dropped.status(), 204);
+    until(pinned_on_b, 404).await;
+
     let deleted = a
         .http()
         .delete(a.url("/v1/models/shared-tone"))

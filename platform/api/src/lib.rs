@@ -140,6 +140,16 @@ async fn sync_catalog(
             }
         }
     }
+    // Older versions pinned here and deleted elsewhere (one version, or the whole model) stop too.
+    for (tenant, name, version) in state.models.pinned_versions() {
+        if let Err(plinth_store::StoreError::NotFound(_)) =
+            state.store.model_version(&tenant, &name, version).await
+        {
+            state.models.remove_version(&tenant, &name, version);
+            removed = true;
+            ::metrics::counter!("plinth_catalog_changes_total", "change" => "removed").increment(1);
+        }
+    }
     if removed {
         // This replica's copies of the deleted model's files go too.
         let _files = state.model_files_lock.lock().await;
@@ -147,7 +157,8 @@ async fn sync_catalog(
     }
     for record in &records {
         let key = (record.tenant_id.clone(), record.name.clone());
-        let current = served.get(&key).is_some_and(|v| *v >= record.version);
+        // A different version than the registry's newest: a newer upload, or the newest deleted.
+        let current = served.get(&key).is_some_and(|v| *v == record.version);
         let version_key = (record.tenant_id.clone(), record.name.clone(), record.version);
         if current || failed.contains(&version_key) {
             continue;

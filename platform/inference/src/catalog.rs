@@ -136,6 +136,17 @@ impl Catalog {
             .collect()
     }
 
+    /// The older versions kept loaded because clients pinned them: tenant, name, version.
+    #[must_use]
+    pub fn pinned_versions(&self) -> Vec<(TenantId, String, u32)> {
+        self.pinned
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     /// Whether start-up has loaded every tenant model it will (until then, a model missing from the
     /// catalog may only be late).
     #[must_use]
