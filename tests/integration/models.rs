@@ -381,3 +381,42 @@ async fn a_model_uploaded_or_deleted_through_one_replica_serves_or_stops_on_the_
         gone.as_secs_f64() * 1e3
     );
 }
+
+/// On Postgres each registry change is announced (`NOTIFY`), so another replica follows it at once
+/// rather than at its next periodic comparison; replicas on SQLite follow by the comparison alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_model_change_is_announced_and_followed_without_waiting_for_the_poll() {
+    // The periodic comparison a minute apart: only an announcement can be this quick.
+    let a = TestApp::spawn_with(|config| config.catalog_sync_ms = 60_000).await;
+    let b = a.replica().await;
+    let tenant = a.tenant().await;
+    let classify = || {
+        b.http()
+            .post(b.url("/v1/models/announced-tone/classify"))
+            .bearer_auth(&tenant.key.secret)
+            .json(&json!({ "inputs": ["heard it"] }))
+            .send()
+    };
+    assert_eq!(upload_sentiment_copy(&a, &tenant, "announced-tone").await, 201);
+    let started = std::time::Instant::now();
+    let mut followed = None;
+    while started.elapsed() < std::time::Duration::from_secs(5) {
+        if classify().await.unwrap().status() == 200 {
+            followed = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    match a.backend {
+        plinth_tests::Backend::PostgresRedis => {
+            let followed = followed.expect("B served the model within 5 s of the announcement");
+            println!(
+                "announced: B served the upload {:.0} ms after A accepted it",
+                followed.as_secs_f64() * 1e3
+            );
+        }
+        plinth_tests::Backend::SqliteMemory => {
+            assert_eq!(followed, None, "on SQLite, B waits for its periodic comparison");
+        }
+    }
+}

@@ -97,8 +97,30 @@ pub fn spawn_catalog_sync(state: AppState, every: std::time::Duration) -> tokio:
         let mut failed = std::collections::HashSet::new();
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Postgres announces each change: compared at once rather than at the next tick.
+        let mut changes = match state.store.catalog_changes().await {
+            Ok(changes) => changes,
+            Err(err) => {
+                tracing::warn!(error = %err, "catalogue changes are followed by polling only");
+                None
+            }
+        };
         loop {
-            tick.tick().await;
+            let announced = async {
+                match changes.as_mut() {
+                    Some(changes) => changes.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tick.tick() => {}
+                heard = announced => {
+                    if let Err(err) = heard {
+                        tracing::warn!(error = %err, "lost the catalogue change listener; polling meanwhile");
+                        tokio::time::sleep(every).await;
+                    }
+                }
+            }
             if !state.models.tenant_models_loaded() {
                 continue;
             }
@@ -160,7 +182,12 @@ async fn sync_catalog(
         // A different version than the registry's newest: a newer upload, or the newest deleted.
         let current = served.get(&key).is_some_and(|v| *v == record.version);
         let version_key = (record.tenant_id.clone(), record.name.clone(), record.version);
-        if current || failed.contains(&version_key) {
+        let uploading_here = state
+            .uploading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&key);
+        if current || uploading_here || failed.contains(&version_key) {
             continue;
         }
         if load_record(state, record).await {

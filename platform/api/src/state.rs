@@ -39,6 +39,9 @@ pub struct AppState {
     pub billing: Billing,
     /// Each tenant's last failed calls, for the portal.
     pub recent_errors: crate::recent_errors::RecentErrors,
+    /// Models being uploaded through this replica (tenant, name): the catalogue sync leaves them to
+    /// the upload, which loads and serves them itself.
+    pub uploading: Arc<std::sync::Mutex<std::collections::HashSet<(plinth_core::id::TenantId, String)>>>,
     /// Set when the server is asked to stop: readiness answers 503 from then on, so that load
     /// balancers stop sending before the listener closes.
     pub draining: Arc<std::sync::atomic::AtomicBool>,

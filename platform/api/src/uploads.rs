@@ -342,6 +342,8 @@ pub(crate) async fn upload(
     };
     load(state, staged_files.clone(), Loading::Validate).await?;
 
+    // From registering to serving, this replica's catalogue sync leaves the model to this upload.
+    let _uploading = Uploading::mark(state, &auth.tenant_id, &manifest.name);
     // Into the shared content-addressed store and the registry: uploads and deletes take turns here,
     // so a delete never removes a file an upload is about to register.
     let (record, model_path, tokenizer_path) = {
@@ -528,5 +530,35 @@ pub(crate) async fn remove_unused_files(
             }
             Err(err) => tracing::warn!(error = %err, "cannot tell whether a model file is in use; kept"),
         }
+    }
+}
+
+/// Marks a model as being uploaded through this replica for as long as it lives.
+struct Uploading {
+    set: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<(TenantId, String)>>>,
+    key: (TenantId, String),
+}
+
+impl Uploading {
+    fn mark(state: &AppState, tenant: &TenantId, name: &str) -> Self {
+        let key = (tenant.clone(), name.to_owned());
+        state
+            .uploading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.clone());
+        Self {
+            set: state.uploading.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for Uploading {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.key);
     }
 }

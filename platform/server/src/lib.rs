@@ -238,6 +238,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         billing: billing(config, store.clone())?,
         recent_errors: plinth_api::RecentErrors::default(),
         draining: Arc::default(),
+        uploading: Arc::default(),
     };
     let draining = state.draining.clone();
     if !state.billing.collects_plugin_fees() {

@@ -143,6 +143,8 @@ pub struct Store {
     /// queue here rather than collide in SQLite, whose busy handler waits in whole milliseconds.
     write_gate: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
     credentials: auth::CredentialCache,
+    /// Postgres: the channel on which model registry changes are announced to every replica.
+    catalog_channel: String,
 }
 
 /// Pool options for `settings`; `relaxed` connections do not wait for the disk at commit.
@@ -207,6 +209,15 @@ impl Store {
             relaxed,
             write_gate,
             credentials: auth::CredentialCache::new(settings.credential_cache_ttl),
+            // One channel per schema: stores sharing a database do not wake each other.
+            catalog_channel: format!(
+                "plinth_catalog_{}",
+                settings
+                    .schema
+                    .as_deref()
+                    .unwrap_or("public")
+                    .to_ascii_lowercase()
+            ),
         })
     }
 

@@ -173,6 +173,7 @@ impl Store {
             serde_json::json!({ "name": model.name, "version": version, "sha256": model.sha256 }),
         )
         .await?;
+        self.announce_catalog_change(&txn).await?;
         txn.commit().await?;
         to_record(row)
     }
@@ -264,6 +265,7 @@ impl Store {
             serde_json::json!({ "name": name, "version": version }),
         )
         .await?;
+        self.announce_catalog_change(&txn).await?;
         txn.commit().await?;
         to_record(row)
     }
@@ -321,7 +323,58 @@ impl Store {
             serde_json::Value::Null,
         )
         .await?;
+        self.announce_catalog_change(&txn).await?;
         txn.commit().await?;
         Ok(())
+    }
+}
+
+impl Store {
+    /// Tells every replica, once the transaction commits, that the model registry changed (Postgres
+    /// `NOTIFY`; replicas on SQLite find out by polling).
+    async fn announce_catalog_change(&self, txn: &sea_orm::DatabaseTransaction) -> Result<()> {
+        if self.backend() == sea_orm::DbBackend::Postgres {
+            sea_orm::ConnectionTrait::execute_unprepared(txn, &format!("NOTIFY {}", self.catalog_channel))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Announcements of model registry changes, where the database makes them (Postgres).
+    ///
+    /// # Errors
+    /// When the listening connection cannot be opened.
+    pub async fn catalog_changes(&self) -> Result<Option<CatalogChanges>> {
+        if self.backend() != sea_orm::DbBackend::Postgres {
+            return Ok(None);
+        }
+        let fail = |err: sea_orm::sqlx::Error| {
+            StoreError::Internal(format!("cannot listen for catalogue changes: {err}"))
+        };
+        let mut listener =
+            sea_orm::sqlx::postgres::PgListener::connect_with(self.db().get_postgres_connection_pool())
+                .await
+                .map_err(fail)?;
+        listener.listen(&self.catalog_channel).await.map_err(fail)?;
+        Ok(Some(CatalogChanges(listener)))
+    }
+}
+
+/// A connection that hears when any replica changes the model registry.
+#[derive(Debug)]
+pub struct CatalogChanges(sea_orm::sqlx::postgres::PgListener);
+
+impl CatalogChanges {
+    /// Waits for the next change. After a lost connection it reconnects (changes meanwhile are missed:
+    /// the periodic comparison catches them).
+    ///
+    /// # Errors
+    /// When the connection was lost.
+    pub async fn next(&mut self) -> Result<()> {
+        self.0
+            .recv()
+            .await
+            .map(|_| ())
+            .map_err(|err| StoreError::Internal(format!("catalogue change listener: {err}")))
     }
 }
