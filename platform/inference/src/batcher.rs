@@ -400,10 +400,12 @@ fn process(
     let options = run.options;
     let mut slot = Some(run.slot);
     let started = Instant::now();
-    let requests = batch.len() as u64;
     let items: usize = batch.iter().map(|c| c.items).sum();
     let mut failure: Option<bool> = None;
     let mut text_calls = Vec::new();
+    // Counted before any caller is answered: statistics read right after an answer include it.
+    stats.executions.fetch_add(1, Ordering::Relaxed);
+    let answered = Answered { stats, label };
     for call in batch {
         metrics::counter!("nv_inference_queue_duration_us", "model" => label.to_owned())
             .increment(u64::try_from(started.duration_since(call.queued_at).as_micros()).unwrap_or(u64::MAX));
@@ -421,6 +423,7 @@ fn process(
                     failure = Some(failure.unwrap_or(false) || runtime);
                 }
                 drop(slot.take());
+                answered.count(1, call.items, result.is_ok());
                 let _ = reply.send(result);
             }
             Work::Text { texts, reply } => text_calls.push((texts, reply)),
@@ -437,11 +440,11 @@ fn process(
                 terminated: run.terminated,
                 slot: slot.take(),
             },
+            &answered,
         )
     {
         failure = Some(failure.unwrap_or(false) || runtime);
     }
-    let succeeded = failure.is_none();
     match failure {
         // A run stopped because every caller had gone says nothing about the model.
         Some(true) if !run.terminated.load(Ordering::Relaxed) => {
@@ -451,17 +454,6 @@ fn process(
         None => stats.failing_runs.swap(0, Ordering::Relaxed),
     };
     let elapsed = started.elapsed();
-    let counter = if succeeded { &stats.success } else { &stats.failure };
-    counter.fetch_add(requests, Ordering::Relaxed);
-    stats.items.fetch_add(items as u64, Ordering::Relaxed);
-    stats.executions.fetch_add(1, Ordering::Relaxed);
-    let outcome = if succeeded {
-        "nv_inference_request_success"
-    } else {
-        "nv_inference_request_failure"
-    };
-    metrics::counter!(outcome, "model" => label.to_owned()).increment(requests);
-    metrics::counter!("nv_inference_count", "model" => label.to_owned()).increment(items as u64);
     metrics::counter!("nv_inference_exec_count", "model" => label.to_owned()).increment(1);
     metrics::counter!("nv_inference_compute_infer_duration_us", "model" => label.to_owned())
         .increment(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
@@ -469,6 +461,27 @@ fn process(
 }
 
 type TextCall = (Vec<String>, oneshot::Sender<Result<TextOutput, InferenceError>>);
+
+/// Counts calls as they are answered (requests, items, outcome), in the model's statistics and
+/// metrics.
+struct Answered<'a> {
+    stats: &'a Stats,
+    label: &'a str,
+}
+
+impl Answered<'_> {
+    fn count(&self, requests: u64, items: usize, succeeded: bool) {
+        let (counter, outcome) = if succeeded {
+            (&self.stats.success, "nv_inference_request_success")
+        } else {
+            (&self.stats.failure, "nv_inference_request_failure")
+        };
+        counter.fetch_add(requests, Ordering::Relaxed);
+        self.stats.items.fetch_add(items as u64, Ordering::Relaxed);
+        metrics::counter!(outcome, "model" => self.label.to_owned()).increment(requests);
+        metrics::counter!("nv_inference_count", "model" => self.label.to_owned()).increment(items as u64);
+    }
+}
 
 /// Runs every text of every call at once and gives each call its rows. On failure, whether it was
 /// the runtime's (or the model's) rather than the input's.
@@ -478,6 +491,7 @@ fn answer_text_calls(
     plan: Option<&TextPlan>,
     calls: Vec<TextCall>,
     run: Run<'_, Option<RunSlot>>,
+    answered: &Answered<'_>,
 ) -> Result<(), bool> {
     let Run {
         options,
@@ -496,6 +510,8 @@ fn answer_text_calls(
     }
     .map_err(|err| timed_out_or(err, terminated));
     drop(slot);
+    let items: usize = calls.iter().map(|(texts, _)| texts.len()).sum();
+    answered.count(calls.len() as u64, items, result.is_ok());
     match result {
         Ok(output) => {
             let mut offset = 0;
