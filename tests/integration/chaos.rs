@@ -32,6 +32,23 @@ pub(crate) fn plinth_binary() -> PathBuf {
     bin
 }
 
+/// In production mode, points the `plinth` binary (through `env`) and this test's own store (through
+/// `config`) at Postgres and Redis, in a schema and key prefix of their own; returns whether it did.
+fn production_backend(prefix: &str, config: &mut Config, env: &mut Vec<(String, String)>) -> bool {
+    let Some((database, redis)) = postgres_and_redis() else {
+        return false;
+    };
+    let schema = format!("{prefix}_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
+    env.push(("PLINTH_DATABASE_URL".into(), database.clone()));
+    env.push(("PLINTH_DATABASE_SCHEMA".into(), schema.clone()));
+    env.push(("PLINTH_REDIS_URL".into(), redis));
+    env.push(("PLINTH_REDIS_PREFIX".into(), format!("plinth:{schema}:")));
+    config.database_url = Some(database);
+    config.database_schema = Some(schema);
+    config.database_max_connections = 4;
+    true
+}
+
 struct Platform {
     env: Vec<(String, String)>,
     log: PathBuf,
@@ -117,18 +134,10 @@ async fn killed_and_restarted_under_load_it_bills_each_call_once_and_stripe_gets
         ("PLINTH_BILLING_SYNC_BUCKET_SECS".into(), "1".into()),
         ("PLINTH_BILLING_SYNC_SETTLE_SECS".into(), "1".into()),
     ];
-    if let Some((database, redis)) = postgres_and_redis() {
-        let schema = format!("chaos_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
-        env.push(("PLINTH_DATABASE_URL".into(), database.clone()));
-        env.push(("PLINTH_DATABASE_SCHEMA".into(), schema.clone()));
-        env.push(("PLINTH_REDIS_URL".into(), redis));
-        env.push(("PLINTH_REDIS_PREFIX".into(), format!("plinth:{schema}:")));
+    if production_backend("chaos", &mut config, &mut env) {
         let key = plinth_tests::sealing_key();
         env.push(("PLINTH_SECRET_KEY".into(), key.clone()));
         config.secret_key = Some(key);
-        config.database_url = Some(database);
-        config.database_schema = Some(schema);
-        config.database_max_connections = 4;
     }
     let mut platform = Platform {
         env,
@@ -283,18 +292,10 @@ async fn sigterm_turns_readiness_off_first_then_drains_without_losing_a_billed_c
         ("PLINTH_LOG".into(), "warn".into()),
         ("PLINTH_SHUTDOWN_DELAY_SECS".into(), "2".into()),
     ];
-    if let Some((database, redis)) = postgres_and_redis() {
-        let schema = format!("drain_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
-        env.push(("PLINTH_DATABASE_URL".into(), database.clone()));
-        env.push(("PLINTH_DATABASE_SCHEMA".into(), schema.clone()));
-        env.push(("PLINTH_REDIS_URL".into(), redis));
-        env.push(("PLINTH_REDIS_PREFIX".into(), format!("plinth:{schema}:")));
+    if production_backend("drain", &mut config, &mut env) {
         let key = plinth_tests::sealing_key();
         env.push(("PLINTH_SECRET_KEY".into(), key.clone()));
         config.secret_key = Some(key);
-        config.database_url = Some(database);
-        config.database_schema = Some(schema);
-        config.database_max_connections = 4;
     }
     let mut platform = Platform {
         env,
@@ -441,16 +442,7 @@ async fn with_two_replicas_killing_one_under_load_bills_each_call_once() {
         ("PLINTH_LOG".into(), "warn".into()),
         ("PLINTH_SECRET_KEY".into(), key),
     ];
-    if let Some((database, redis)) = postgres_and_redis() {
-        let schema = format!("pair_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
-        common.push(("PLINTH_DATABASE_URL".into(), database.clone()));
-        common.push(("PLINTH_DATABASE_SCHEMA".into(), schema.clone()));
-        common.push(("PLINTH_REDIS_URL".into(), redis));
-        common.push(("PLINTH_REDIS_PREFIX".into(), format!("plinth:{schema}:")));
-        config.database_url = Some(database);
-        config.database_schema = Some(schema);
-        config.database_max_connections = 4;
-    } else {
+    if !production_backend("pair", &mut config, &mut common) {
         let url = format!("sqlite:{}/plinth.db?mode=rwc", shared.path().display());
         common.push(("PLINTH_DATABASE_URL".into(), url.clone()));
         config.database_url = Some(url);

@@ -305,26 +305,9 @@ async fn a_model_uploaded_or_deleted_through_one_replica_serves_or_stops_on_the_
             .json(&json!({ "inputs": ["replicas agree"] }))
             .send()
     };
-    /// Polls `b` until a call answers `status`; the time it took.
-    async fn until<F: Future<Output = reqwest::Result<reqwest::Response>>>(
-        call: impl Fn() -> F,
-        status: u16,
-    ) -> std::time::Duration {
-        let started = std::time::Instant::now();
-        loop {
-            if call().await.unwrap().status() == status {
-                return started.elapsed();
-            }
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(15),
-                "no {status} within 15 s"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
-    }
     assert_eq!(classify(&b).await.unwrap().status(), 404);
     assert_eq!(upload_sentiment_copy(&a, &tenant, "shared-tone").await, 201);
-    let appeared = until(|| classify(&b), 200).await;
+    let appeared = plinth_tests::until_status(|| classify(&b), 200).await;
 
     // A second version through A serves on B.
     let version_on_b = || async {
@@ -364,7 +347,7 @@ async fn a_model_uploaded_or_deleted_through_one_replica_serves_or_stops_on_the_
         .await
         .unwrap();
     assert_eq!(dropped.status(), 204);
-    until(pinned_on_b, 404).await;
+    plinth_tests::until_status(pinned_on_b, 404).await;
 
     let deleted = a
         .http()
@@ -374,7 +357,7 @@ async fn a_model_uploaded_or_deleted_through_one_replica_serves_or_stops_on_the_
         .await
         .unwrap();
     assert_eq!(deleted.status(), 204);
-    let gone = until(|| classify(&b), 404).await;
+    let gone = plinth_tests::until_status(|| classify(&b), 404).await;
     println!(
         "replica B: serving {:.0} ms after the upload through A, stopped {:.0} ms after the delete",
         appeared.as_secs_f64() * 1e3,

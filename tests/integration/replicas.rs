@@ -2,29 +2,11 @@
 //! production mode one Redis) and one object store. What one replica accepts, the other serves.
 
 use plinth_sdk::UpdateInstallationRequest;
-use plinth_tests::{Backend, ObjectStorage, TestApp, built_plugin};
+use plinth_tests::{Backend, ObjectStorage, TestApp, built_plugin, until_status};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
 use crate::models::upload_sentiment_copy;
-
-/// Calls `call` until it answers `status`; how long that took.
-async fn until<F: Future<Output = reqwest::Result<reqwest::Response>>>(
-    call: impl Fn() -> F,
-    status: u16,
-) -> Duration {
-    let started = Instant::now();
-    loop {
-        if call().await.unwrap().status() == status {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "no {status} within 20 s"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_with_their_own_data_directories_serve_what_the_other_accepted() {
@@ -58,7 +40,7 @@ async fn replicas_with_their_own_data_directories_serve_what_the_other_accepted(
             .send()
     };
     assert_eq!(upload_sentiment_copy(&a, &tenant, "fleet-tone").await, 201);
-    let appeared = until(|| classify(&b), 200).await;
+    let appeared = until_status(|| classify(&b), 200).await;
     // B's copies of model files (named by hash; the directory holds bookkeeping entries too).
     let b_model_files = || -> Vec<String> {
         std::fs::read_dir(b_data.path().join("models"))
@@ -147,7 +129,7 @@ async fn replicas_with_their_own_data_directories_serve_what_the_other_accepted(
         .await
         .unwrap();
     assert_eq!(deleted.status(), 204);
-    let gone = until(|| classify(&b), 404).await;
+    let gone = until_status(|| classify(&b), 404).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while !b_model_files().is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -513,3 +513,24 @@ impl ObjectStorage {
         config.s3_secret_access_key = Some("test".to_owned());
     }
 }
+
+/// Calls `call` until it answers `status`, every 25 ms for at most 20 s; how long that took.
+///
+/// # Panics
+/// When no call answers `status` in time.
+pub async fn until_status<F: Future<Output = reqwest::Result<reqwest::Response>>>(
+    call: impl Fn() -> F,
+    status: u16,
+) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    loop {
+        if call().await.expect("request").status() == status {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "no {status} within 20 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
