@@ -11,6 +11,7 @@ mod m0004_plugins;
 mod m0005_payments;
 mod m0006_trust;
 mod m0007_isolation;
+mod m0008_row_security;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0005_payments::Migration),
             Box::new(m0006_trust::Migration),
             Box::new(m0007_isolation::Migration),
+            Box::new(m0008_row_security::Migration),
         ]
     }
 }

@@ -23,6 +23,7 @@ mod portal;
 mod rate_limit;
 mod replicas;
 mod resilience;
+mod row_security;
 mod sdk;
 mod secrets;
 mod usage;

@@ -165,15 +165,26 @@ impl<S: scope::Policy + 'static> FromRequest for Auth<S> {
     }
 }
 
-/// Refuses anyone but a logged-in platform operator.
-pub(crate) fn require_platform_admin(auth: &Principal, what: &str) -> Result<(), ApiError> {
-    match auth.actor {
+/// Whether the caller is a logged-in platform operator.
+pub(crate) fn is_platform_admin(auth: &Principal) -> bool {
+    matches!(
+        auth.actor,
         plinth_store::auth::Actor::User {
-            platform_admin: true, ..
-        } => Ok(()),
-        _ => Err(ApiError::new(
+            platform_admin: true,
+            ..
+        }
+    )
+}
+
+/// Refuses anyone but a logged-in platform operator. The operator's request may then see every
+/// tenant's rows: reviews, the tenant directory and billing operations cross tenants by purpose.
+pub(crate) fn require_platform_admin(auth: &Principal, what: &str) -> Result<(), ApiError> {
+    if !is_platform_admin(auth) {
+        return Err(ApiError::new(
             ErrorCode::InsufficientScope,
             format!("only a platform admin (logged in) may {what}"),
-        )),
+        ));
     }
+    plinth_store::row_security::open_to_operator();
+    Ok(())
 }

@@ -228,5 +228,15 @@ pub fn app(
         .service(web::redirect("/docs", "/docs/"))
         .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", openapi::ApiDoc::openapi()))
         .default_service(web::to(error::route_not_found))
+        .wrap(from_fn(row_scope))
         .wrap(from_fn(request_id::middleware))
+}
+
+/// Handles each request in a row-security scope of its own: every tenant's rows until its caller is
+/// verified, only the caller's after (`plinth_store::row_security`).
+async fn row_scope(
+    req: ServiceRequest,
+    next: actix_web::middleware::Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    plinth_store::row_security::within_request(next.call(req)).await
 }

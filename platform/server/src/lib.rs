@@ -42,6 +42,12 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
         .migrate()
         .await
         .context("cannot apply database migrations")?;
+    if store.row_security_bypassed().await? {
+        tracing::warn!(
+            "the database role is a superuser or has BYPASSRLS: row-level security, the wall behind \
+             the tenant-scoped queries, does not bind it; run the platform as a plain role (infra/README.md)"
+        );
+    }
     Ok(store)
 }
 

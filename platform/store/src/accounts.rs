@@ -16,7 +16,7 @@ use sea_orm::{
 use crate::audit::Who;
 use crate::cache::{Cache, Quota};
 use crate::entity::{TenantScoped, memberships, sessions, tenants, users};
-use crate::{Result, Store, StoreError, secret};
+use crate::{Result, Store, StoreError, row_security, secret};
 
 /// How long a login session lasts.
 pub const SESSION_LIFETIME: chrono::Duration = chrono::Duration::days(30);
@@ -232,6 +232,17 @@ impl Store {
         to: &TenantId,
         who: &Who,
     ) -> Result<Session> {
+        // Crosses tenants by purpose: ends a session in one and opens one in the other.
+        row_security::across_tenants(self.switch_between_tenants(tenant, session, to, who)).await
+    }
+
+    async fn switch_between_tenants(
+        &self,
+        tenant: &TenantId,
+        session: &SessionId,
+        to: &TenantId,
+        who: &Who,
+    ) -> Result<Session> {
         let now = Utc::now();
         let current = sessions::Entity::find_in(tenant)
             .filter(sessions::Column::Id.eq(session.as_str()))
@@ -274,6 +285,11 @@ impl Store {
 
     /// The tenants `user` belongs to, oldest membership first.
     pub async fn memberships(&self, user: &UserId) -> Result<Vec<Membership>> {
+        // A person's memberships span tenants by purpose (the organisation switcher).
+        row_security::across_tenants(self.memberships_in_every_tenant(user)).await
+    }
+
+    async fn memberships_in_every_tenant(&self, user: &UserId) -> Result<Vec<Membership>> {
         let rows = memberships::Entity::find()
             .filter(memberships::Column::UserId.eq(user.as_str()))
             .order_by_asc(memberships::Column::CreatedAt)

@@ -16,7 +16,7 @@ use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, Set};
 use crate::accounts::{parse_id, parse_role};
 use crate::cache::Quota;
 use crate::entity::{api_keys, memberships, sessions, users};
-use crate::{Result, Store, StoreError, plans, secret};
+use crate::{Result, Store, StoreError, plans, row_security, secret};
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,11 +161,15 @@ impl Store {
             .credentials
             .0
             .try_get_with_by_ref(&hash, async {
-                let principal = if is_key {
-                    self.load_api_key(&hash).await?
-                } else {
-                    self.load_session(&hash).await?
-                };
+                // A credential is found by its hash before anyone knows whose it is.
+                let principal = row_security::across_tenants(async {
+                    if is_key {
+                        self.load_api_key(&hash).await
+                    } else {
+                        self.load_session(&hash).await
+                    }
+                })
+                .await?;
                 Ok::<_, AuthError>(Arc::new(principal))
             })
             .await
@@ -178,6 +182,8 @@ impl Store {
         if principal.expires_at.is_some_and(|expires| expires <= Utc::now()) {
             return Err(AuthError::Expired);
         }
+        // From here on the request sees only its caller's rows.
+        row_security::narrow_to(&principal.tenant_id);
         Ok(principal)
     }
 

@@ -20,6 +20,7 @@ mod passwords;
 pub mod payments;
 pub mod plans;
 pub mod plugins;
+pub mod row_security;
 mod secret;
 
 pub use secret::SecretBox;
@@ -180,9 +181,20 @@ fn connect_options(settings: &DatabaseSettings, relaxed: bool) -> ConnectOptions
     if relaxed {
         options.map_sqlx_postgres_opts(|opts| opts.options([("synchronous_commit", "off")]));
     }
-    if let Some(schema) = &settings.schema {
-        options.set_schema_search_path(schema.as_str());
-    }
+    // Postgres: every connection carries the tenant whose rows it may see (`row_security`), set on
+    // each checkout; a new connection also gets the schema (done here rather than through sea-orm's
+    // search path, whose connect hook this one would replace).
+    options.map_sqlx_postgres_before_acquire(|conn, _| {
+        Box::pin(async move { row_security::apply(conn).await.map(|()| true) })
+    });
+    let schema = settings.schema.clone();
+    options.map_sqlx_postgres_pool_opts(move |pool| {
+        let schema = schema.clone();
+        pool.after_connect(move |conn, _| {
+            let schema = schema.clone();
+            Box::pin(async move { row_security::apply_on_connect(conn, schema.as_deref()).await })
+        })
+    });
     options
 }
 
@@ -226,6 +238,25 @@ impl Store {
     pub async fn migrate(&self) -> Result<()> {
         Migrator::up(&self.db, None).await?;
         self.seed_default_plans().await
+    }
+
+    /// Postgres: whether the connected role passes through row-level security (a superuser, or one
+    /// with `BYPASSRLS`), which production must not. Always false on SQLite, which has none.
+    pub async fn row_security_bypassed(&self) -> Result<bool> {
+        if self.backend() != DbBackend::Postgres {
+            return Ok(false);
+        }
+        let row = self
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT rolsuper OR rolbypassrls AS bypassed FROM pg_roles WHERE rolname = current_user",
+            ))
+            .await?;
+        Ok(match row {
+            Some(row) => row.try_get::<bool>("", "bypassed")?,
+            None => false,
+        })
     }
 
     /// Whether the database answers; used by the readiness probe.

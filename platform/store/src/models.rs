@@ -180,13 +180,15 @@ impl Store {
 
     /// The newest live version of every tenant model, to load at start-up.
     pub async fn live_models(&self) -> Result<Vec<ModelRecord>> {
-        let rows = models::Entity::find()
-            .filter(models::Column::DeletedAt.is_null())
-            .order_by_asc(models::Column::TenantId)
-            .order_by_asc(models::Column::Name)
-            .order_by_desc(models::Column::Version)
-            .all(self.db())
-            .await?;
+        let rows = crate::row_security::across_tenants(
+            models::Entity::find()
+                .filter(models::Column::DeletedAt.is_null())
+                .order_by_asc(models::Column::TenantId)
+                .order_by_asc(models::Column::Name)
+                .order_by_desc(models::Column::Version)
+                .all(self.db()),
+        )
+        .await?;
         let mut latest: Vec<models::Model> = Vec::new();
         for row in rows {
             if !latest
@@ -273,6 +275,11 @@ impl Store {
     /// Whether any live model version, of any tenant, uses the file with this content hash (as its
     /// model or its tokenizer). Files nothing uses can be removed.
     pub async fn model_file_in_use(&self, sha256: &str) -> Result<bool> {
+        // Files are shared by content across tenants: another tenant's use keeps one.
+        crate::row_security::across_tenants(self.file_used_by_anyone(sha256)).await
+    }
+
+    async fn file_used_by_anyone(&self, sha256: &str) -> Result<bool> {
         let used = models::Entity::find()
             .filter(models::Column::DeletedAt.is_null())
             .filter(

@@ -60,7 +60,7 @@ async fn chrome(
             tenant: tenant.name,
             others,
             csrf: visitor.csrf.clone(),
-            operator: require_platform_admin(&visitor.principal, "").is_ok(),
+            operator: crate::auth::is_platform_admin(&visitor.principal),
         }),
         flash: None,
     })

@@ -6,7 +6,6 @@ use plinth_core::ErrorCode;
 use plinth_core::api::AuditPage;
 use plinth_core::id::TenantId;
 use plinth_store::audit::AuditQuery;
-use plinth_store::auth::Actor;
 use serde::Deserialize;
 
 use crate::auth::{Auth, scope};
@@ -40,13 +39,11 @@ pub async fn list(
     auth: Auth<scope::Admin>,
     params: web::Query<AuditParams>,
 ) -> ApiResult<web::Json<AuditPage>> {
-    let platform_admin = matches!(
-        auth.actor,
-        Actor::User {
-            platform_admin: true,
-            ..
-        }
-    );
+    let platform_admin = crate::auth::is_platform_admin(&auth);
+    if platform_admin {
+        // Operators read every tenant's log, and the platform's own entries.
+        plinth_store::row_security::open_to_operator();
+    }
     let params = params.into_inner();
     let tenant = match (platform_admin, params.tenant) {
         (true, tenant) => tenant,

@@ -221,7 +221,8 @@ impl Store {
         until: DateTime<Utc>,
         paid_by: DateTime<Utc>,
     ) -> Result<Vec<AuthorBalance>> {
-        self.balances_in(self.db(), author, until, paid_by).await
+        // An author's revenue is the calls other tenants made to its plugins.
+        crate::row_security::across_tenants(self.balances_in(self.db(), author, until, paid_by)).await
     }
 
     async fn balances_in(
@@ -266,6 +267,17 @@ impl Store {
     /// What the author's plugins earned in `[from, to)`: the shares the ledger recorded per call, and
     /// how much of them tenants have paid for; with the author's balance, all time.
     pub async fn author_earnings(
+        &self,
+        author: &TenantId,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        share_bps: u32,
+    ) -> Result<Earnings> {
+        // An author's earnings are the calls other tenants made to its plugins.
+        crate::row_security::across_tenants(self.earnings_of(author, from, to, share_bps)).await
+    }
+
+    async fn earnings_of(
         &self,
         author: &TenantId,
         from: DateTime<Utc>,
