@@ -246,6 +246,12 @@ fn service_error(err: &ApiError) -> ServiceError {
 }
 
 impl TenantServices {
+    /// Runs a host call's work with only the calling tenant's rows visible: guest code runs on the
+    /// plugin host's own runtime, outside the request whose row-security scope named the tenant.
+    async fn walled<F: Future>(&self, work: F) -> F::Output {
+        plinth_store::row_security::within_tenant(&self.auth.tenant_id, work).await
+    }
+
     async fn model_call<T>(
         &self,
         call: &CallContext,
@@ -278,12 +284,15 @@ impl Services for TenantServices {
         model: &str,
         texts: Vec<String>,
     ) -> Result<Vec<Classification>, ServiceError> {
-        let loaded = find_model(&self.state, &self.auth, model)
+        self.walled(async move {
+            let loaded = find_model(&self.state, &self.auth, model)
+                .await
+                .map_err(|err| service_error(&err))?;
+            let units = texts.len();
+            self.model_call(call, sequence, model, units, async {
+                Ok(loaded.classify(share(&self.auth), texts).await?)
+            })
             .await
-            .map_err(|err| service_error(&err))?;
-        let units = texts.len();
-        self.model_call(call, sequence, model, units, async {
-            Ok(loaded.classify(share(&self.auth), texts).await?)
         })
         .await
     }
@@ -295,12 +304,15 @@ impl Services for TenantServices {
         model: &str,
         texts: Vec<String>,
     ) -> Result<Vec<Vec<f32>>, ServiceError> {
-        let loaded = find_model(&self.state, &self.auth, model)
+        self.walled(async move {
+            let loaded = find_model(&self.state, &self.auth, model)
+                .await
+                .map_err(|err| service_error(&err))?;
+            let units = texts.len();
+            self.model_call(call, sequence, model, units, async {
+                Ok(loaded.embed(share(&self.auth), texts).await?)
+            })
             .await
-            .map_err(|err| service_error(&err))?;
-        let units = texts.len();
-        self.model_call(call, sequence, model, units, async {
-            Ok(loaded.embed(share(&self.auth), texts).await?)
         })
         .await
     }
@@ -312,50 +324,56 @@ impl Services for TenantServices {
         model: &str,
         request: String,
     ) -> Result<String, ServiceError> {
-        let loaded = find_model(&self.state, &self.auth, model)
-            .await
-            .map_err(|err| service_error(&err))?;
-        let request: plinth_core::inference::InferRequest = serde_json::from_str(&request)
-            .map_err(|err| ServiceError::InvalidInput(format!("request: {err}")))?;
-        let inputs = request
-            .inputs
-            .iter()
-            .map(|i| plinth_inference::Tensor::from_json(&i.name, &i.datatype, &i.shape, &i.data))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|err| ServiceError::InvalidInput(err.to_string()))?;
-        let units = plinth_inference::LoadedModel::batch_size(&inputs)
-            .map_err(|err| ServiceError::InvalidInput(err.to_string()))?;
-        let units = usize::try_from(units).unwrap_or(1);
-        let wanted = request.outputs.map(|o| o.into_iter().map(|o| o.name).collect());
-        let outputs = self
-            .model_call(call, sequence, model, units, async {
-                Ok(loaded.infer(share(&self.auth), inputs, wanted).await?)
-            })
-            .await?;
-        let response = plinth_core::inference::InferResponse {
-            model_name: loaded.info().name.clone(),
-            model_version: loaded.info().version.to_string(),
-            id: request.id,
-            outputs: outputs
-                .into_iter()
-                .map(|t| plinth_core::inference::InferOutput {
-                    datatype: t.data.datatype().as_str().to_owned(),
-                    data: t.data.to_json(),
-                    name: t.name,
-                    shape: t.shape,
-                    parameters: None,
+        self.walled(async move {
+            let loaded = find_model(&self.state, &self.auth, model)
+                .await
+                .map_err(|err| service_error(&err))?;
+            let request: plinth_core::inference::InferRequest = serde_json::from_str(&request)
+                .map_err(|err| ServiceError::InvalidInput(format!("request: {err}")))?;
+            let inputs = request
+                .inputs
+                .iter()
+                .map(|i| plinth_inference::Tensor::from_json(&i.name, &i.datatype, &i.shape, &i.data))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|err| ServiceError::InvalidInput(err.to_string()))?;
+            let units = plinth_inference::LoadedModel::batch_size(&inputs)
+                .map_err(|err| ServiceError::InvalidInput(err.to_string()))?;
+            let units = usize::try_from(units).unwrap_or(1);
+            let wanted = request.outputs.map(|o| o.into_iter().map(|o| o.name).collect());
+            let outputs = self
+                .model_call(call, sequence, model, units, async {
+                    Ok(loaded.infer(share(&self.auth), inputs, wanted).await?)
                 })
-                .collect(),
-        };
-        serde_json::to_string(&response).map_err(|err| ServiceError::Unavailable(err.to_string()))
+                .await?;
+            let response = plinth_core::inference::InferResponse {
+                model_name: loaded.info().name.clone(),
+                model_version: loaded.info().version.to_string(),
+                id: request.id,
+                outputs: outputs
+                    .into_iter()
+                    .map(|t| plinth_core::inference::InferOutput {
+                        datatype: t.data.datatype().as_str().to_owned(),
+                        data: t.data.to_json(),
+                        name: t.name,
+                        shape: t.shape,
+                        parameters: None,
+                    })
+                    .collect(),
+            };
+            serde_json::to_string(&response).map_err(|err| ServiceError::Unavailable(err.to_string()))
+        })
+        .await
     }
 
     async fn kv_get(&self, call: &CallContext, key: &str) -> Result<Option<Vec<u8>>, ServiceError> {
-        self.state
-            .store
-            .kv_get(&call.installation_id, key)
-            .await
-            .map_err(|err| ServiceError::Unavailable(err.to_string()))
+        self.walled(async move {
+            self.state
+                .store
+                .kv_get(&call.installation_id, key)
+                .await
+                .map_err(|err| ServiceError::Unavailable(err.to_string()))
+        })
+        .await
     }
 
     async fn kv_set(
@@ -365,32 +383,43 @@ impl Services for TenantServices {
         value: Vec<u8>,
         max_keys: u64,
     ) -> Result<(), ServiceError> {
-        match self
-            .state
-            .store
-            .kv_set(&call.installation_id, key, value, max_keys)
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(plinth_store::StoreError::Refused(_, message)) => Err(ServiceError::QuotaExceeded(message)),
-            Err(err) => Err(ServiceError::Unavailable(err.to_string())),
-        }
+        self.walled(async move {
+            match self
+                .state
+                .store
+                .kv_set(&call.installation_id, key, value, max_keys)
+                .await
+            {
+                Ok(()) => Ok(()),
+                Err(plinth_store::StoreError::Refused(_, message)) => {
+                    Err(ServiceError::QuotaExceeded(message))
+                }
+                Err(err) => Err(ServiceError::Unavailable(err.to_string())),
+            }
+        })
+        .await
     }
 
     async fn kv_delete(&self, call: &CallContext, key: &str) -> Result<bool, ServiceError> {
-        self.state
-            .store
-            .kv_delete(&call.installation_id, key)
-            .await
-            .map_err(|err| ServiceError::Unavailable(err.to_string()))
+        self.walled(async move {
+            self.state
+                .store
+                .kv_delete(&call.installation_id, key)
+                .await
+                .map_err(|err| ServiceError::Unavailable(err.to_string()))
+        })
+        .await
     }
 
     async fn kv_list(&self, call: &CallContext, prefix: &str) -> Result<Vec<String>, ServiceError> {
-        self.state
-            .store
-            .kv_list(&call.installation_id, prefix)
-            .await
-            .map_err(|err| ServiceError::Unavailable(err.to_string()))
+        self.walled(async move {
+            self.state
+                .store
+                .kv_list(&call.installation_id, prefix)
+                .await
+                .map_err(|err| ServiceError::Unavailable(err.to_string()))
+        })
+        .await
     }
 }
 

@@ -225,6 +225,8 @@ impl Store {
         crate::row_security::across_tenants(self.balances_in(self.db(), author, until, paid_by)).await
     }
 
+    /// Reads through `conn`, whose row-security setting is the one it was checked out with (a
+    /// transaction keeps it): pass one begun where every tenant is visible, as the payout run's is.
     async fn balances_in(
         &self,
         conn: &impl ConnectionTrait,
