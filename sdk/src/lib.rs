@@ -59,6 +59,16 @@ impl Error {
             _ => None,
         }
     }
+
+    /// The HTTP status, if the server answered.
+    #[must_use]
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Api { status, .. } | Self::Decode { status, .. } => Some(*status),
+            Self::Transport(err) => err.status().map(|s| s.as_u16()),
+            Self::InvalidUrl(_) => None,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -476,6 +486,61 @@ impl Client {
         self.get(&format!("/v2/models/{model}/stats")).await
     }
 
+    /// Whether a model is loaded and serving (`false` while its runs keep failing).
+    pub async fn model_ready(&self, model: &str) -> Result<bool> {
+        self.readiness(&format!("/v2/models/{model}/ready")).await
+    }
+
+    /// Metadata of one version of a model.
+    pub async fn model_version_metadata(&self, model: &str, version: u32) -> Result<ModelMetadata> {
+        self.get(&format!("/v2/models/{model}/versions/{version}")).await
+    }
+
+    /// Whether one version of a model is loaded and serving.
+    pub async fn model_version_ready(&self, model: &str, version: u32) -> Result<bool> {
+        self.readiness(&format!("/v2/models/{model}/versions/{version}/ready"))
+            .await
+    }
+
+    /// Counters of one version of a model since it was loaded.
+    pub async fn model_version_statistics(&self, model: &str, version: u32) -> Result<ModelStatistics> {
+        self.get(&format!("/v2/models/{model}/versions/{version}/stats"))
+            .await
+    }
+
+    /// Deletes one version of a tenant model (the newest remaining one serves unpinned calls).
+    pub async fn delete_model_version(&self, model: &str, version: u32) -> Result<()> {
+        self.call_empty(
+            Method::DELETE,
+            &format!("/v1/models/{model}/versions/{version}"),
+            Replay::Safe,
+        )
+        .await
+    }
+
+    /// Open Inference Protocol v2 inference on one version of a model.
+    pub async fn infer_version(
+        &self,
+        model: &str,
+        version: u32,
+        request: &InferRequest,
+    ) -> Result<InferResponse> {
+        let key = new_idempotency_key();
+        self.call(
+            Method::POST,
+            &format!("/v2/models/{model}/versions/{version}/infer"),
+            Some(request),
+            Some(&key),
+            Replay::Safe,
+        )
+        .await
+    }
+
+    /// The server's name, version and protocol extensions (no credentials needed).
+    pub async fn server_metadata(&self) -> Result<ServerMetadata> {
+        self.get("/v2").await
+    }
+
     /// Open Inference Protocol v2 inference on tensors.
     pub async fn infer(&self, model: &str, request: &InferRequest) -> Result<InferResponse> {
         let key = new_idempotency_key();
@@ -675,12 +740,29 @@ impl Client {
 
     // ---- operations ----
 
-    /// Whether the server reports itself ready (database and cache reachable).
+    /// Whether the server reports itself ready (database reachable, not shutting down).
     pub async fn ready(&self) -> Result<bool> {
         match self.get::<ServerReady>("/v2/health/ready").await {
             Ok(ready) => Ok(ready.ready),
             Err(Error::Decode { status: 503, .. }) => Ok(false),
             Err(err) => Err(err),
+        }
+    }
+
+    /// Whether the server process answers at all (the liveness probe).
+    pub async fn live(&self) -> Result<bool> {
+        Ok(self.get::<ServerLive>("/v2/health/live").await?.live)
+    }
+
+    /// A readiness answer: `200` ready, `503` with `ready: false` not ready, anything else an error.
+    async fn readiness(&self, path: &str) -> Result<bool> {
+        let response = self
+            .send(Method::GET, path, None::<&()>, None, Replay::Safe)
+            .await?;
+        match response.status() {
+            StatusCode::OK => Ok(true),
+            StatusCode::SERVICE_UNAVAILABLE => Ok(false),
+            _ => Err(error_from(response).await),
         }
     }
 

@@ -23,6 +23,8 @@ def main(url, key):
     client = triton.InferenceServerClient(url=url)
     assert client.is_server_live(headers=headers)
     assert client.is_server_ready(headers=headers)
+    server = client.get_server_metadata(headers=headers)
+    assert server["name"] == "plinth" and "binary_tensor_data" in server["extensions"], server
     assert client.is_model_ready("sentiment", headers=headers)
     metadata = client.get_model_metadata("sentiment", headers=headers)
     assert [i["name"] for i in metadata["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"], metadata

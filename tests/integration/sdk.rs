@@ -98,3 +98,64 @@ async fn unreachable_servers_are_retried_then_reported() {
     // Two retries after 50 ms and 100 ms of back-off.
     assert!(started.elapsed() >= Duration::from_millis(150));
 }
+
+/// The Open Inference Protocol through the SDK: the server's metadata and liveness without
+/// credentials, a model's readiness, and every version-pinned route answering as the unpinned one
+/// for the version that serves (a version that does not exist: a typed 404).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inference_protocol_is_typed_version_pinned_routes_included() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    let anonymous = app.client();
+    let server = anonymous.server_metadata().await.unwrap();
+    assert_eq!(server.name, "plinth");
+    assert!(server.extensions.iter().any(|e| e == "binary_tensor_data"));
+    assert!(anonymous.live().await.unwrap());
+
+    let client = &tenant.client;
+    assert!(client.model_ready("sentiment").await.unwrap());
+    let metadata = client.model_metadata("sentiment").await.unwrap();
+    let version: u32 = metadata.versions[0].parse().unwrap();
+    assert_eq!(
+        client.model_version_metadata("sentiment", version).await.unwrap(),
+        metadata
+    );
+    assert!(client.model_version_ready("sentiment", version).await.unwrap());
+    let missing = client
+        .model_version_ready("sentiment", version + 1)
+        .await
+        .unwrap_err();
+    assert_eq!(missing.status(), Some(404), "{missing:?}");
+
+    // "[CLS] love this [SEP]" in the model's vocabulary.
+    let input = |name: &str, data: [i64; 4]| plinth_sdk::InferInput {
+        name: name.into(),
+        shape: vec![1, 4],
+        datatype: "INT64".into(),
+        parameters: None,
+        data: json!([data]),
+    };
+    let request = plinth_sdk::InferRequest {
+        id: Some("pinned".into()),
+        inputs: vec![
+            input("input_ids", [101, 2293, 2023, 102]),
+            input("attention_mask", [1, 1, 1, 1]),
+            input("token_type_ids", [0, 0, 0, 0]),
+        ],
+        outputs: None,
+        parameters: None,
+    };
+    let pinned = client
+        .infer_version("sentiment", version, &request)
+        .await
+        .unwrap();
+    let latest = client.infer("sentiment", &request).await.unwrap();
+    assert_eq!(pinned.model_version, version.to_string());
+    assert_eq!(pinned.id.as_deref(), Some("pinned"));
+    assert_eq!(pinned.outputs[0].data, latest.outputs[0].data);
+    let statistics = client
+        .model_version_statistics("sentiment", version)
+        .await
+        .unwrap();
+    assert!(statistics.success_count >= 2, "{statistics:?}");
+}

@@ -14,6 +14,7 @@ mod portal;
 mod recent_errors;
 pub mod request_id;
 mod routes;
+pub use routes::ROUTES;
 pub mod state;
 mod uploads;
 

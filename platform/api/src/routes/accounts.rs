@@ -63,7 +63,7 @@ pub async fn logout(state: web::Data<AppState>, auth: Auth) -> ApiResult<HttpRes
 }
 
 /// The tenant the credentials belong to.
-#[utoipa::path(get, path = "/v1/tenant", tag = "accounts", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/tenant", operation_id = "get_tenant", tag = "accounts", security(("bearer" = [])),
     responses((status = 200, body = Tenant), (status = 401, body = plinth_core::error::ErrorBody)))]
 pub async fn tenant(state: web::Data<AppState>, auth: Auth) -> ApiResult<web::Json<Tenant>> {
     Ok(web::Json(state.store.tenant(&auth.tenant_id).await?))

@@ -9,14 +9,14 @@ use crate::error::ApiResult;
 use crate::state::AppState;
 
 /// List the tenant's keys (secrets are never shown again).
-#[utoipa::path(get, path = "/v1/api-keys", tag = "api keys", security(("bearer" = ["admin"])),
+#[utoipa::path(get, path = "/v1/api-keys", operation_id = "list_api_keys", tag = "api keys", security(("bearer" = ["admin"])),
     responses((status = 200, body = Vec<ApiKey>), (status = 403, body = plinth_core::error::ErrorBody)))]
 pub async fn list(state: web::Data<AppState>, auth: Auth<scope::Admin>) -> ApiResult<web::Json<Vec<ApiKey>>> {
     Ok(web::Json(state.store.list_api_keys(&auth.tenant_id).await?))
 }
 
 /// Create a key. The response holds the secret; it is shown only once.
-#[utoipa::path(post, path = "/v1/api-keys", tag = "api keys", security(("bearer" = ["admin"])),
+#[utoipa::path(post, path = "/v1/api-keys", operation_id = "create_api_key", tag = "api keys", security(("bearer" = ["admin"])),
     request_body = CreateApiKeyRequest,
     responses(
         (status = 201, body = CreatedApiKey),
@@ -33,7 +33,7 @@ pub async fn create(
 }
 
 /// Revoke a key. It stops working within a second on every replica.
-#[utoipa::path(delete, path = "/v1/api-keys/{id}", tag = "api keys", security(("bearer" = ["admin"])),
+#[utoipa::path(delete, path = "/v1/api-keys/{id}", operation_id = "revoke_api_key", tag = "api keys", security(("bearer" = ["admin"])),
     params(("id" = KeyId, Path)),
     responses((status = 200, body = ApiKey), (status = 404, body = plinth_core::error::ErrorBody)))]
 pub async fn revoke(

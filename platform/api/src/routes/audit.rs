@@ -29,7 +29,7 @@ pub struct AuditParams {
 /// (by the API and by Stripe), installations (settings and secret *names*), model uploads and
 /// deletes, payouts, and platform admins' acts; each with its actor, time, client address and user
 /// agent.
-#[utoipa::path(get, path = "/v1/audit-log", tag = "accounts", security(("bearer" = ["admin"])),
+#[utoipa::path(get, path = "/v1/audit-log", operation_id = "audit_log", tag = "accounts", security(("bearer" = ["admin"])),
     params(AuditParams),
     responses((status = 200, body = AuditPage),
         (status = 403, body = plinth_core::error::ErrorBody),

@@ -12,13 +12,13 @@ use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
 /// The plans on offer. Public: no credentials needed.
-#[utoipa::path(get, path = "/v1/plans", tag = "billing", responses((status = 200, body = Vec<Plan>)))]
+#[utoipa::path(get, path = "/v1/plans", operation_id = "list_plans", tag = "billing", responses((status = 200, body = Vec<Plan>)))]
 pub async fn plans(state: web::Data<AppState>) -> ApiResult<web::Json<Vec<Plan>>> {
     Ok(web::Json(state.store.list_plans().await?))
 }
 
 /// The tenant's plan, status and current billing period.
-#[utoipa::path(get, path = "/v1/subscription", tag = "billing", security(("bearer" = ["billing:read"])),
+#[utoipa::path(get, path = "/v1/subscription", operation_id = "get_subscription", tag = "billing", security(("bearer" = ["billing:read"])),
     responses((status = 200, body = Subscription), (status = 403, body = plinth_core::error::ErrorBody)))]
 pub async fn subscription(
     state: web::Data<AppState>,
@@ -67,7 +67,7 @@ pub(crate) fn period(from: Option<&str>, to: Option<&str>) -> ApiResult<(DateTim
 }
 
 /// Metered calls, units and amounts in a time range, by UTC day or by resource.
-#[utoipa::path(get, path = "/v1/usage", tag = "billing", security(("bearer" = ["billing:read"])),
+#[utoipa::path(get, path = "/v1/usage", operation_id = "usage_report", tag = "billing", security(("bearer" = ["billing:read"])),
     params(UsageParams),
     responses((status = 200, body = UsageReport), (status = 400, description = "`invalid_query`", body = plinth_core::error::ErrorBody)))]
 pub async fn usage(
@@ -86,7 +86,7 @@ pub async fn usage(
 /// Subscribe to a plan or change plans. In local billing the change is immediate. With Stripe, a
 /// first paid plan answers with a Checkout URL (the plan changes when Stripe confirms payment); a
 /// tenant already paying moves at once, starting a new period; `free` cancels at period end.
-#[utoipa::path(post, path = "/v1/subscription", tag = "billing", security(("bearer" = ["admin"])),
+#[utoipa::path(post, path = "/v1/subscription", operation_id = "change_plan", tag = "billing", security(("bearer" = ["admin"])),
     request_body = ChangePlanRequest,
     responses((status = 200, body = PlanChange),
         (status = 404, description = "`not_found`: no such plan", body = plinth_core::error::ErrorBody),
@@ -106,7 +106,7 @@ pub async fn change_plan(
 }
 
 /// Cancel at the end of the current period; the plan stays until then, then the tenant is on `free`.
-#[utoipa::path(delete, path = "/v1/subscription", tag = "billing", security(("bearer" = ["admin"])),
+#[utoipa::path(delete, path = "/v1/subscription", operation_id = "cancel_subscription", tag = "billing", security(("bearer" = ["admin"])),
     responses((status = 200, body = Subscription), (status = 502, body = plinth_core::error::ErrorBody)))]
 pub async fn cancel(
     state: web::Data<AppState>,
@@ -118,7 +118,7 @@ pub async fn cancel(
 }
 
 /// Statements of the tenant's closed periods, newest first, with Stripe's invoice where there is one.
-#[utoipa::path(get, path = "/v1/invoices", tag = "billing", security(("bearer" = ["billing:read"])),
+#[utoipa::path(get, path = "/v1/invoices", operation_id = "list_invoices", tag = "billing", security(("bearer" = ["billing:read"])),
     responses((status = 200, body = InvoiceList)))]
 pub async fn invoices(
     state: web::Data<AppState>,
@@ -128,7 +128,7 @@ pub async fn invoices(
 }
 
 /// The current period so far: subscription fee, included calls, overage and plugin fees, itemised.
-#[utoipa::path(get, path = "/v1/invoices/upcoming", tag = "billing", security(("bearer" = ["billing:read"])),
+#[utoipa::path(get, path = "/v1/invoices/upcoming", operation_id = "upcoming_invoice", tag = "billing", security(("bearer" = ["billing:read"])),
     responses((status = 200, body = Statement)))]
 pub async fn upcoming(
     state: web::Data<AppState>,

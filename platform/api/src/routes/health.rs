@@ -12,7 +12,7 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 /// The process is up.
-#[utoipa::path(get, path = "/v2/health/live", tag = "operations", responses((status = 200, body = ServerLive)))]
+#[utoipa::path(get, path = "/v2/health/live", operation_id = "server_live", tag = "operations", responses((status = 200, body = ServerLive)))]
 pub async fn live() -> web::Json<ServerLive> {
     web::Json(ServerLive { live: true })
 }
@@ -22,7 +22,7 @@ pub async fn live() -> web::Json<ServerLive> {
 /// part of it: without the cache a replica still serves (rate limits fall back to each replica's own,
 /// see the README), so pulling every replica out of rotation for it would only turn a degraded
 /// service into an outage. A tenant's own model failing is that model's readiness, not the server's.
-#[utoipa::path(get, path = "/v2/health/ready", tag = "operations",
+#[utoipa::path(get, path = "/v2/health/ready", operation_id = "server_ready", tag = "operations",
     responses((status = 200, body = ServerReady), (status = 503, body = ServerReady)))]
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     if state.draining.load(std::sync::atomic::Ordering::Relaxed) {

@@ -4,7 +4,7 @@
 use actix_web::{HttpRequest, HttpResponse, web};
 use plinth_core::ErrorCode;
 use plinth_core::inference::{
-    InferOutput, InferRequest, InferResponse, ModelMetadata, ModelReady, ModelStatistics,
+    InferOutput, InferRequest, InferResponse, ModelMetadata, ModelReady, ModelStatistics, ServerMetadata,
 };
 use plinth_inference::{LoadedModel, Tensor};
 use serde::Deserialize;
@@ -76,7 +76,7 @@ async fn versioned(
 }
 
 /// Model metadata: versions, inputs and outputs with datatypes and shapes (-1 = dynamic).
-#[utoipa::path(get, path = "/v2/models/{name}", tag = "inference protocol", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v2/models/{name}", operation_id = "model_metadata", tag = "inference protocol", security(("bearer" = [])),
     params(("name" = String, Path)),
     responses((status = 200, body = ModelMetadata), (status = 404, body = plinth_core::error::ProtocolErrorBody)))]
 pub async fn metadata(
@@ -103,7 +103,7 @@ pub async fn metadata(
 
 /// Whether the model is loaded and serving: `503` with `ready: false` while it cannot (its runs keep
 /// failing on the runtime's side).
-#[utoipa::path(get, path = "/v2/models/{name}/ready", tag = "inference protocol", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v2/models/{name}/ready", operation_id = "model_ready", tag = "inference protocol", security(("bearer" = [])),
     params(("name" = String, Path)),
     responses((status = 200, body = ModelReady), (status = 503, body = ModelReady), (status = 404, body = plinth_core::error::ProtocolErrorBody)))]
 pub async fn ready(
@@ -125,7 +125,7 @@ pub async fn ready(
 }
 
 /// Counters since the model was loaded: calls, items, and executions (fewer than calls when batched).
-#[utoipa::path(get, path = "/v2/models/{name}/stats", tag = "inference protocol", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v2/models/{name}/stats", operation_id = "model_statistics", tag = "inference protocol", security(("bearer" = [])),
     params(("name" = String, Path)),
     responses((status = 200, body = ModelStatistics), (status = 404, body = plinth_core::error::ProtocolErrorBody)))]
 pub async fn statistics(
@@ -136,10 +136,86 @@ pub async fn statistics(
     Ok(web::Json(versioned(&state, &auth, &path).await?.statistics()))
 }
 
+/// The server's name, version and protocol extensions (`get_server_metadata()` in Triton's clients).
+/// Public, like the health probes: it says nothing about any tenant.
+#[utoipa::path(get, path = "/v2", operation_id = "server_metadata", tag = "inference protocol",
+    responses((status = 200, body = ServerMetadata)))]
+pub async fn server_metadata() -> web::Json<ServerMetadata> {
+    web::Json(ServerMetadata {
+        name: "plinth".to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        // Tensors as raw bytes after the JSON header, and per-model statistics.
+        extensions: vec!["binary_tensor_data".to_owned(), "statistics".to_owned()],
+    })
+}
+
+/// Metadata of one version of a model (the newest, or an older one still kept).
+#[utoipa::path(get, path = "/v2/models/{name}/versions/{version}", operation_id = "model_version_metadata",
+    tag = "inference protocol", security(("bearer" = [])),
+    params(("name" = String, Path), ("version" = String, Path)),
+    responses((status = 200, body = ModelMetadata), (status = 404, body = plinth_core::error::ProtocolErrorBody)))]
+pub async fn version_metadata(
+    state: web::Data<AppState>,
+    auth: Auth,
+    path: web::Path<ModelPath>,
+) -> ApiResult<web::Json<ModelMetadata>> {
+    metadata(state, auth, path).await
+}
+
+/// Whether one version of a model is loaded and serving.
+#[utoipa::path(get, path = "/v2/models/{name}/versions/{version}/ready", operation_id = "model_version_ready",
+    tag = "inference protocol", security(("bearer" = [])),
+    params(("name" = String, Path), ("version" = String, Path)),
+    responses((status = 200, body = ModelReady), (status = 503, body = ModelReady), (status = 404, body = plinth_core::error::ProtocolErrorBody)))]
+pub async fn version_ready(
+    state: web::Data<AppState>,
+    auth: Auth,
+    path: web::Path<ModelPath>,
+) -> ApiResult<HttpResponse> {
+    ready(state, auth, path).await
+}
+
+/// Counters of one version of a model since it was loaded.
+#[utoipa::path(get, path = "/v2/models/{name}/versions/{version}/stats", operation_id = "model_version_statistics",
+    tag = "inference protocol", security(("bearer" = [])),
+    params(("name" = String, Path), ("version" = String, Path)),
+    responses((status = 200, body = ModelStatistics), (status = 404, body = plinth_core::error::ProtocolErrorBody)))]
+pub async fn version_statistics(
+    state: web::Data<AppState>,
+    auth: Auth,
+    path: web::Path<ModelPath>,
+) -> ApiResult<web::Json<ModelStatistics>> {
+    statistics(state, auth, path).await
+}
+
+/// Run one version of the model on tensors: as `/v2/models/{name}/infer`, pinned to `version`.
+#[utoipa::path(post, path = "/v2/models/{name}/versions/{version}/infer", operation_id = "model_version_infer",
+    tag = "inference protocol", security(("bearer" = ["inference"])),
+    params(("name" = String, Path), ("version" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
+    request_body = InferRequest,
+    responses(
+        (status = 200, body = InferResponse),
+        (status = 400, description = "`invalid_input`: names, datatypes, shapes or batch sizes do not fit", body = plinth_core::error::ProtocolErrorBody),
+        (status = 404, description = "no such model or version", body = plinth_core::error::ProtocolErrorBody),
+        (status = 409, description = "`idempotency_in_flight`, with `Retry-After`", body = plinth_core::error::ProtocolErrorBody),
+        (status = 422, description = "`idempotency_key_reused`", body = plinth_core::error::ProtocolErrorBody),
+    ))]
+pub async fn version_infer(
+    state: web::Data<AppState>,
+    auth: Auth<scope::Inference>,
+    idempotency: IdempotencyKey,
+    request_id: RequestId,
+    path: web::Path<ModelPath>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> ApiResult<HttpResponse> {
+    infer(state, auth, idempotency, request_id, path, req, payload).await
+}
+
 /// Run the model on tensors. Datatypes FP32, FP16, INT64, INT32, BOOL and BYTES; the data must hold
 /// exactly as many elements as the shape says. Every input's first dimension is the batch: they must
 /// agree, and the call is billed per item of it.
-#[utoipa::path(post, path = "/v2/models/{name}/infer", tag = "inference protocol", security(("bearer" = ["inference"])),
+#[utoipa::path(post, path = "/v2/models/{name}/infer", operation_id = "model_infer", tag = "inference protocol", security(("bearer" = ["inference"])),
     params(("name" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
     request_body = InferRequest,
     responses(

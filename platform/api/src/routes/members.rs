@@ -9,14 +9,14 @@ use crate::error::ApiResult;
 use crate::state::AppState;
 
 /// List members and their roles.
-#[utoipa::path(get, path = "/v1/members", tag = "members", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/members", operation_id = "list_members", tag = "members", security(("bearer" = [])),
     responses((status = 200, body = Vec<Member>)))]
 pub async fn list(state: web::Data<AppState>, auth: Auth) -> ApiResult<web::Json<Vec<Member>>> {
     Ok(web::Json(state.store.list_members(&auth.tenant_id).await?))
 }
 
 /// Add a user who has an account. Only owners may add owners.
-#[utoipa::path(post, path = "/v1/members", tag = "members", security(("bearer" = ["admin"])),
+#[utoipa::path(post, path = "/v1/members", operation_id = "add_member", tag = "members", security(("bearer" = ["admin"])),
     request_body = AddMemberRequest,
     responses(
         (status = 201, body = Member),
@@ -33,7 +33,7 @@ pub async fn add(
 }
 
 /// Change a member's role. The last owner cannot be demoted.
-#[utoipa::path(patch, path = "/v1/members/{user_id}", tag = "members", security(("bearer" = ["admin"])),
+#[utoipa::path(patch, path = "/v1/members/{user_id}", operation_id = "update_member", tag = "members", security(("bearer" = ["admin"])),
     params(("user_id" = UserId, Path)), request_body = UpdateMemberRequest,
     responses((status = 200, body = Member), (status = 409, description = "`last_owner`", body = plinth_core::error::ErrorBody)))]
 pub async fn update(
@@ -51,7 +51,7 @@ pub async fn update(
 }
 
 /// Remove a member. The last owner cannot be removed.
-#[utoipa::path(delete, path = "/v1/members/{user_id}", tag = "members", security(("bearer" = ["admin"])),
+#[utoipa::path(delete, path = "/v1/members/{user_id}", operation_id = "remove_member", tag = "members", security(("bearer" = ["admin"])),
     params(("user_id" = UserId, Path)),
     responses((status = 204), (status = 409, description = "`last_owner`", body = plinth_core::error::ErrorBody)))]
 pub async fn remove(

@@ -61,113 +61,68 @@ fn metered(
     }))
 }
 
-pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(unauthenticated("/v1/signup", Door::Signup).route(web::post().to(accounts::signup)))
-        .service(unauthenticated("/v1/login", Door::Login).route(web::post().to(accounts::login)))
-        .service(resource("/v1/logout").route(web::post().to(accounts::logout)))
-        .service(resource("/v1/tenant").route(web::get().to(accounts::tenant)))
-        .service(
-            resource("/v1/api-keys")
-                .route(web::get().to(api_keys::list))
-                .route(web::post().to(api_keys::create)),
-        )
-        .service(resource("/v1/api-keys/{id}").route(web::delete().to(api_keys::revoke)))
-        .service(
-            resource("/v1/members")
-                .route(web::get().to(members::list))
-                .route(web::post().to(members::add)),
-        )
-        .service(
-            resource("/v1/members/{user_id}")
-                .route(web::patch().to(members::update))
-                .route(web::delete().to(members::remove)),
-        )
-        .service(unauthenticated("/v1/plans", Door::Public).route(web::get().to(billing::plans)))
-        .service(resource("/v1/audit-log").route(web::get().to(audit::list)))
-        .service(
-            resource("/v1/subscription")
-                .route(web::get().to(billing::subscription))
-                .route(web::post().to(billing::change_plan))
-                .route(web::delete().to(billing::cancel)),
-        )
-        .service(resource("/v1/invoices").route(web::get().to(billing::invoices)))
-        .service(resource("/v1/invoices/upcoming").route(web::get().to(billing::upcoming)))
-        .service(resource("/v1/webhooks/stripe").route(web::post().to(payments::stripe_webhook)))
-        .service(resource("/v1/author/connect").route(web::post().to(payments::connect)))
-        .service(resource("/v1/author/payouts").route(web::get().to(payments::payouts)))
-        .service(resource("/v1/admin/payouts").route(web::post().to(payments::run_payouts)))
-        .service(resource("/v1/admin/statements/paid").route(web::post().to(payments::mark_paid)))
-        .service(resource("/v1/admin/billing/sync").route(web::post().to(payments::sync)))
-        .service(resource("/v1/admin/billing/reconciliation").route(web::get().to(payments::reconciliation)))
-        .service(resource("/v1/usage").route(web::get().to(billing::usage)))
-        .service(metered("/v1/echo", None, None).route(web::post().to(echo::echo)))
-        .service(
-            resource("/v1/models")
-                .route(web::get().to(models::list))
-                .route(web::post().to(models::upload)),
-        )
-        .service(
-            resource("/v1/models/{name}")
-                .route(web::get().to(models::get))
-                .route(web::delete().to(models::delete)),
-        )
-        .service(
-            resource("/v1/models/{name}/versions/{version}").route(web::delete().to(models::delete_version)),
-        )
-        .service(
-            metered("/v1/models/{name}/classify", Some(Scope::Inference), None)
-                .route(web::post().to(models::classify)),
-        )
-        .service(
-            metered("/v1/models/{name}/embed", Some(Scope::Inference), None)
-                .route(web::post().to(models::embed)),
-        )
-        .service(resource("/v2/models/{name}").route(web::get().to(inference::metadata)))
-        .service(resource("/v2/models/{name}/versions/{version}").route(web::get().to(inference::metadata)))
-        .service(resource("/v2/models/{name}/ready").route(web::get().to(inference::ready)))
-        .service(resource("/v2/models/{name}/stats").route(web::get().to(inference::statistics)))
-        .service(
-            resource("/v2/models/{name}/versions/{version}/ready").route(web::get().to(inference::ready)),
-        )
-        .service(
-            metered(
-                "/v2/models/{name}/infer",
-                Some(Scope::Inference),
-                Some(inference::TENSOR_BODY_LIMIT),
-            )
-            .route(web::post().to(inference::infer)),
-        )
-        .service(
-            metered(
-                "/v2/models/{name}/versions/{version}/infer",
-                Some(Scope::Inference),
-                Some(inference::TENSOR_BODY_LIMIT),
-            )
-            .route(web::post().to(inference::infer)),
-        )
-        .service(resource("/v1/plugins").route(web::post().to(plugins::create)))
-        .service(resource("/v1/plugins/{name}").route(web::get().to(plugins::get)))
-        .service(resource("/v1/plugins/{name}/versions").route(web::post().to(plugins::publish)))
-        .service(resource("/v1/marketplace/plugins").route(web::get().to(plugins::marketplace)))
-        .service(resource("/v1/admin/plugin-versions").route(web::get().to(plugins::pending)))
-        .service(resource("/v1/admin/plugin-versions/{id}/review").route(web::post().to(plugins::review)))
-        .service(resource("/v1/admin/plugin-versions/{id}/revoke").route(web::post().to(plugins::revoke)))
-        .service(
-            resource("/v1/installations")
-                .route(web::get().to(plugins::list))
-                .route(web::post().to(plugins::install)),
-        )
-        .service(
-            resource("/v1/installations/{id}")
-                .route(web::patch().to(plugins::update))
-                .route(web::delete().to(plugins::uninstall)),
-        )
-        .service(
-            metered("/v1/installations/{id}/invoke", Some(Scope::Plugins), None)
-                .route(web::post().to(plugins::invoke)),
-        )
-        .service(resource("/v1/author/earnings").route(web::get().to(plugins::earnings)))
-        .service(resource("/v2/health/live").route(web::get().to(health::live)))
-        .service(resource("/v2/health/ready").route(web::get().to(health::ready)))
-        .service(resource("/metrics").route(web::get().to(health::metrics)));
+/// Declares every route once: `configure` registers them, and `ROUTES` lists them for the test that
+/// the OpenAPI document covers each.
+macro_rules! route_table {
+    ($($make:ident($path:literal $(, $arg:expr)*) { $($method:ident => $handler:path),+ $(,)? })*) => {
+        pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
+            $(cfg.service($make($path $(, $arg)*)$(.route(web::$method().to($handler)))+);)*
+        }
+
+        /// Every route the API serves: (method, path template).
+        pub const ROUTES: &[(&str, &str)] = &[$($((stringify!($method), $path),)+)*];
+    };
+}
+
+route_table! {
+    unauthenticated("/v1/signup", Door::Signup) { post => accounts::signup }
+    unauthenticated("/v1/login", Door::Login) { post => accounts::login }
+    resource("/v1/logout") { post => accounts::logout }
+    resource("/v1/tenant") { get => accounts::tenant }
+    resource("/v1/api-keys") { get => api_keys::list, post => api_keys::create }
+    resource("/v1/api-keys/{id}") { delete => api_keys::revoke }
+    resource("/v1/members") { get => members::list, post => members::add }
+    resource("/v1/members/{user_id}") { patch => members::update, delete => members::remove }
+    unauthenticated("/v1/plans", Door::Public) { get => billing::plans }
+    resource("/v1/audit-log") { get => audit::list }
+    resource("/v1/subscription") { get => billing::subscription, post => billing::change_plan, delete => billing::cancel }
+    resource("/v1/invoices") { get => billing::invoices }
+    resource("/v1/invoices/upcoming") { get => billing::upcoming }
+    resource("/v1/webhooks/stripe") { post => payments::stripe_webhook }
+    resource("/v1/author/connect") { post => payments::connect }
+    resource("/v1/author/payouts") { get => payments::payouts }
+    resource("/v1/admin/payouts") { post => payments::run_payouts }
+    resource("/v1/admin/statements/paid") { post => payments::mark_paid }
+    resource("/v1/admin/billing/sync") { post => payments::sync }
+    resource("/v1/admin/billing/reconciliation") { get => payments::reconciliation }
+    resource("/v1/usage") { get => billing::usage }
+    metered("/v1/echo", None, None) { post => echo::echo }
+    resource("/v1/models") { get => models::list, post => models::upload }
+    resource("/v1/models/{name}") { get => models::get, delete => models::delete }
+    resource("/v1/models/{name}/versions/{version}") { delete => models::delete_version }
+    metered("/v1/models/{name}/classify", Some(Scope::Inference), None) { post => models::classify }
+    metered("/v1/models/{name}/embed", Some(Scope::Inference), None) { post => models::embed }
+    resource("/v2/models/{name}") { get => inference::metadata }
+    resource("/v2/models/{name}/versions/{version}") { get => inference::version_metadata }
+    resource("/v2/models/{name}/ready") { get => inference::ready }
+    resource("/v2/models/{name}/versions/{version}/ready") { get => inference::version_ready }
+    resource("/v2/models/{name}/stats") { get => inference::statistics }
+    resource("/v2/models/{name}/versions/{version}/stats") { get => inference::version_statistics }
+    metered("/v2/models/{name}/infer", Some(Scope::Inference), Some(inference::TENSOR_BODY_LIMIT)) { post => inference::infer }
+    metered("/v2/models/{name}/versions/{version}/infer", Some(Scope::Inference), Some(inference::TENSOR_BODY_LIMIT)) { post => inference::version_infer }
+    resource("/v1/plugins") { post => plugins::create }
+    resource("/v1/plugins/{name}") { get => plugins::get }
+    resource("/v1/plugins/{name}/versions") { post => plugins::publish }
+    resource("/v1/marketplace/plugins") { get => plugins::marketplace }
+    resource("/v1/admin/plugin-versions") { get => plugins::pending }
+    resource("/v1/admin/plugin-versions/{id}/review") { post => plugins::review }
+    resource("/v1/admin/plugin-versions/{id}/revoke") { post => plugins::revoke }
+    resource("/v1/installations") { get => plugins::list, post => plugins::install }
+    resource("/v1/installations/{id}") { patch => plugins::update, delete => plugins::uninstall }
+    metered("/v1/installations/{id}/invoke", Some(Scope::Plugins), None) { post => plugins::invoke }
+    resource("/v1/author/earnings") { get => plugins::earnings }
+    unauthenticated("/v2", Door::Public) { get => inference::server_metadata }
+    resource("/v2/health/live") { get => health::live }
+    resource("/v2/health/ready") { get => health::ready }
+    resource("/metrics") { get => health::metrics }
 }

@@ -50,14 +50,14 @@ pub(crate) async fn find_model(
 }
 
 /// Models the caller can use: the platform's and the tenant's own.
-#[utoipa::path(get, path = "/v1/models", tag = "models", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/models", operation_id = "list_models", tag = "models", security(("bearer" = [])),
     responses((status = 200, body = Vec<Model>)))]
 pub async fn list(state: web::Data<AppState>, auth: Auth) -> web::Json<Vec<Model>> {
     web::Json(state.models.visible_to(&auth.tenant_id))
 }
 
 /// One model: task, labels, tensors and the execution provider serving it.
-#[utoipa::path(get, path = "/v1/models/{name}", tag = "models", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/models/{name}", operation_id = "get_model", tag = "models", security(("bearer" = [])),
     params(("name" = String, Path)),
     responses((status = 200, body = Model), (status = 404, body = plinth_core::error::ErrorBody)))]
 pub async fn get(
@@ -135,7 +135,7 @@ pub async fn embed(
 /// Upload a model: multipart parts `model` (the .onnx file), `manifest` (JSON: name, task, labels) and,
 /// for text models, `tokenizer` (tokenizer.json). The model is loaded to validate it; each upload of a
 /// name adds a version. Private to the tenant.
-#[utoipa::path(post, path = "/v1/models", tag = "models", security(("bearer" = ["admin"])),
+#[utoipa::path(post, path = "/v1/models", operation_id = "upload_model", tag = "models", security(("bearer" = ["admin"])),
     request_body(content_type = "multipart/form-data", description = "parts: model, manifest, tokenizer"),
     responses(
         (status = 201, body = Model),
@@ -153,7 +153,7 @@ pub async fn upload(
 }
 
 /// Delete a tenant model (every version). It stops serving at once; usage history keeps its name.
-#[utoipa::path(delete, path = "/v1/models/{name}", tag = "models", security(("bearer" = ["admin"])),
+#[utoipa::path(delete, path = "/v1/models/{name}", operation_id = "delete_model", tag = "models", security(("bearer" = ["admin"])),
     params(("name" = String, Path)),
     responses((status = 204), (status = 404, body = plinth_core::error::ErrorBody)))]
 pub async fn delete(
@@ -167,7 +167,7 @@ pub async fn delete(
 
 /// Delete one version of a tenant model, to make room under the plan's quota. Not the newest version,
 /// the one served: upload a newer one first, or delete the model.
-#[utoipa::path(delete, path = "/v1/models/{name}/versions/{version}", tag = "models", security(("bearer" = ["admin"])),
+#[utoipa::path(delete, path = "/v1/models/{name}/versions/{version}", operation_id = "delete_model_version", tag = "models", security(("bearer" = ["admin"])),
     params(("name" = String, Path), ("version" = u32, Path)),
     responses(
         (status = 204),

@@ -33,7 +33,7 @@ pub async fn stripe_webhook(
 
 /// Connect a Stripe account to be paid plugin earnings: creates it on first call and answers with a
 /// fresh onboarding link.
-#[utoipa::path(post, path = "/v1/author/connect", tag = "payments", security(("bearer" = ["admin"])),
+#[utoipa::path(post, path = "/v1/author/connect", operation_id = "connect_payouts", tag = "payments", security(("bearer" = ["admin"])),
     responses((status = 200, body = ConnectOnboarding),
         (status = 409, description = "`payments_not_configured`", body = plinth_core::error::ErrorBody)))]
 pub async fn connect(
@@ -44,7 +44,7 @@ pub async fn connect(
 }
 
 /// The author's payouts, newest month first.
-#[utoipa::path(get, path = "/v1/author/payouts", tag = "payments", security(("bearer" = ["billing:read"])),
+#[utoipa::path(get, path = "/v1/author/payouts", operation_id = "author_payouts", tag = "payments", security(("bearer" = ["billing:read"])),
     responses((status = 200, body = Vec<Payout>)))]
 pub async fn payouts(
     state: web::Data<AppState>,
@@ -56,7 +56,7 @@ pub async fn payouts(
 /// Pay every onboarded author what tenants paid for their plugins up to the end of a month that has
 /// ended, less what was paid before (platform admins). Rerunning is safe, at any age: each payout is
 /// recorded before its transfer, and one whose outcome was lost is looked up on Stripe before retrying.
-#[utoipa::path(post, path = "/v1/admin/payouts", tag = "payments", security(("bearer" = [])),
+#[utoipa::path(post, path = "/v1/admin/payouts", operation_id = "run_payouts", tag = "payments", security(("bearer" = [])),
     request_body = PayoutRequest,
     responses((status = 200, body = PayoutRun), (status = 403, body = plinth_core::error::ErrorBody),
         (status = 422, body = plinth_core::error::ErrorBody)))]
@@ -77,7 +77,7 @@ pub async fn run_payouts(
 /// Local billing: record that a tenant paid the statement of one of its closed periods (platform
 /// admins), so the plugin fees on it become payable to their authors. Stripe mode learns this from
 /// Stripe (`409 managed_by_payment_provider`).
-#[utoipa::path(post, path = "/v1/admin/statements/paid", tag = "payments", security(("bearer" = [])),
+#[utoipa::path(post, path = "/v1/admin/statements/paid", operation_id = "mark_statement_paid", tag = "payments", security(("bearer" = [])),
     request_body = MarkPaidRequest,
     responses((status = 200, body = ProviderInvoice), (status = 403, body = plinth_core::error::ErrorBody),
         (status = 404, description = "`not_found`: no closed statement starts then", body = plinth_core::error::ErrorBody),
@@ -97,7 +97,7 @@ pub async fn mark_paid(
 }
 
 /// Push settled usage to Stripe now instead of at the next interval (platform admins).
-#[utoipa::path(post, path = "/v1/admin/billing/sync", tag = "payments", security(("bearer" = [])),
+#[utoipa::path(post, path = "/v1/admin/billing/sync", operation_id = "sync_usage", tag = "payments", security(("bearer" = [])),
     responses((status = 200, body = SyncReport), (status = 403, body = plinth_core::error::ErrorBody)))]
 pub async fn sync(state: web::Data<AppState>, auth: Auth) -> ApiResult<web::Json<SyncReport>> {
     require_platform_admin(&auth, "run the usage sync")?;
@@ -110,7 +110,7 @@ pub async fn sync(state: web::Data<AppState>, auth: Auth) -> ApiResult<web::Json
 }
 
 /// Ledger totals against what Stripe's meters were sent, per tenant and meter (platform admins).
-#[utoipa::path(get, path = "/v1/admin/billing/reconciliation", tag = "payments", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/admin/billing/reconciliation", operation_id = "billing_reconciliation", tag = "payments", security(("bearer" = [])),
     responses((status = 200, body = Reconciliation), (status = 403, body = plinth_core::error::ErrorBody)))]
 pub async fn reconciliation(state: web::Data<AppState>, auth: Auth) -> ApiResult<web::Json<Reconciliation>> {
     require_platform_admin(&auth, "reconcile billing")?;

@@ -16,7 +16,7 @@ use crate::routes::billing::period;
 use crate::state::AppState;
 
 /// Create a listing; the caller's tenant is its author.
-#[utoipa::path(post, path = "/v1/plugins", tag = "plugins", security(("bearer" = ["admin"])),
+#[utoipa::path(post, path = "/v1/plugins", operation_id = "create_plugin", tag = "plugins", security(("bearer" = ["admin"])),
     request_body = CreatePluginRequest,
     responses((status = 201, body = Plugin), (status = 422, description = "`validation_failed`: bad or taken name", body = plinth_core::error::ErrorBody)))]
 pub async fn create(
@@ -32,7 +32,7 @@ pub async fn create(
 }
 
 /// One of the caller's listings with every version and its review state.
-#[utoipa::path(get, path = "/v1/plugins/{name}", tag = "plugins", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/plugins/{name}", operation_id = "get_plugin", tag = "plugins", security(("bearer" = [])),
     params(("name" = String, Path)),
     responses((status = 200, body = Plugin), (status = 404, body = plinth_core::error::ErrorBody)))]
 pub async fn get(
@@ -48,7 +48,7 @@ pub async fn get(
 /// Publish a version: multipart parts `manifest` (plugin.json) and `component` (the .wasm). Checked at
 /// once (valid component, world version, size, imports within the declared capabilities, models, a
 /// smoke run under limits); then it waits for a platform admin's review.
-#[utoipa::path(post, path = "/v1/plugins/{name}/versions", tag = "plugins", security(("bearer" = ["admin"])),
+#[utoipa::path(post, path = "/v1/plugins/{name}/versions", operation_id = "publish_plugin_version", tag = "plugins", security(("bearer" = ["admin"])),
     params(("name" = String, Path)),
     request_body(content_type = "multipart/form-data", description = "parts: manifest, component"),
     responses(
@@ -73,7 +73,7 @@ pub struct SearchParams {
 }
 
 /// The marketplace: listings with approved versions.
-#[utoipa::path(get, path = "/v1/marketplace/plugins", tag = "plugins", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/marketplace/plugins", operation_id = "marketplace", tag = "plugins", security(("bearer" = [])),
     params(SearchParams),
     responses((status = 200, body = Vec<Plugin>)))]
 pub async fn marketplace(
@@ -85,7 +85,7 @@ pub async fn marketplace(
 }
 
 /// Versions waiting for review (platform admins).
-#[utoipa::path(get, path = "/v1/admin/plugin-versions", tag = "plugins", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/admin/plugin-versions", operation_id = "pending_plugin_versions", tag = "plugins", security(("bearer" = [])),
     responses((status = 200, body = Vec<PluginVersion>), (status = 403, body = plinth_core::error::ErrorBody)))]
 pub async fn pending(state: web::Data<AppState>, auth: Auth) -> ApiResult<web::Json<Vec<PluginVersion>>> {
     require_platform_admin(&auth, "review plugins")?;
@@ -94,7 +94,7 @@ pub async fn pending(state: web::Data<AppState>, auth: Auth) -> ApiResult<web::J
 
 /// Approve or reject a version (platform admins). Rejecting an approved version stops the
 /// installations that run it, as revoking does.
-#[utoipa::path(post, path = "/v1/admin/plugin-versions/{id}/review", tag = "plugins", security(("bearer" = [])),
+#[utoipa::path(post, path = "/v1/admin/plugin-versions/{id}/review", operation_id = "review_plugin_version", tag = "plugins", security(("bearer" = [])),
     params(("id" = String, Path)),
     request_body = ReviewRequest,
     responses((status = 200, body = PluginVersion), (status = 403, body = plinth_core::error::ErrorBody), (status = 404, body = plinth_core::error::ErrorBody)))]
@@ -117,7 +117,7 @@ pub async fn review(
 /// Revoke a version (platform admins): a kill switch for a harmful plugin. Every installation running
 /// it answers `plugin_revoked` from the next call, on every replica; it leaves the marketplace.
 /// Revoking is final; the reason is shown to the author and to the tenants.
-#[utoipa::path(post, path = "/v1/admin/plugin-versions/{id}/revoke", tag = "plugins", security(("bearer" = [])),
+#[utoipa::path(post, path = "/v1/admin/plugin-versions/{id}/revoke", operation_id = "revoke_plugin_version", tag = "plugins", security(("bearer" = [])),
     params(("id" = String, Path)),
     request_body = RevokeRequest,
     responses((status = 200, body = PluginVersion), (status = 403, body = plinth_core::error::ErrorBody),
@@ -136,7 +136,7 @@ pub async fn revoke(
 }
 
 /// Install an approved version, approving the capabilities and models it asks for.
-#[utoipa::path(post, path = "/v1/installations", tag = "plugins", security(("bearer" = ["admin"])),
+#[utoipa::path(post, path = "/v1/installations", operation_id = "install_plugin", tag = "plugins", security(("bearer" = ["admin"])),
     request_body = InstallRequest,
     responses(
         (status = 201, body = Installation),
@@ -153,14 +153,14 @@ pub async fn install(
 }
 
 /// The tenant's installations.
-#[utoipa::path(get, path = "/v1/installations", tag = "plugins", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/installations", operation_id = "list_installations", tag = "plugins", security(("bearer" = [])),
     responses((status = 200, body = Vec<Installation>)))]
 pub async fn list(state: web::Data<AppState>, auth: Auth) -> ApiResult<web::Json<Vec<Installation>>> {
     Ok(web::Json(state.store.installations(&auth.tenant_id).await?))
 }
 
 /// Upgrade (or move to another approved version), or replace settings or secrets.
-#[utoipa::path(patch, path = "/v1/installations/{id}", tag = "plugins", security(("bearer" = ["admin"])),
+#[utoipa::path(patch, path = "/v1/installations/{id}", operation_id = "update_installation", tag = "plugins", security(("bearer" = ["admin"])),
     params(("id" = String, Path)),
     request_body = UpdateInstallationRequest,
     responses((status = 200, body = Installation), (status = 404, body = plinth_core::error::ErrorBody)))]
@@ -176,7 +176,7 @@ pub async fn update(
 }
 
 /// Uninstall: the installation and its stored state are removed.
-#[utoipa::path(delete, path = "/v1/installations/{id}", tag = "plugins", security(("bearer" = ["admin"])),
+#[utoipa::path(delete, path = "/v1/installations/{id}", operation_id = "uninstall_plugin", tag = "plugins", security(("bearer" = ["admin"])),
     params(("id" = String, Path)),
     responses((status = 204), (status = 404, body = plinth_core::error::ErrorBody)))]
 pub async fn uninstall(
@@ -191,7 +191,7 @@ pub async fn uninstall(
 /// Invoke an installed plugin: the JSON body is its request, its JSON answer is the response. Billed
 /// once at the plugin's price (plus the model calls it makes); `Plinth-Compute-Units` reports the
 /// compute it used.
-#[utoipa::path(post, path = "/v1/installations/{id}/invoke", tag = "plugins", security(("bearer" = ["plugins"])),
+#[utoipa::path(post, path = "/v1/installations/{id}/invoke", operation_id = "invoke_plugin", tag = "plugins", security(("bearer" = ["plugins"])),
     params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
     request_body = serde_json::Value,
     responses(
@@ -230,7 +230,7 @@ pub struct EarningsParams {
 }
 
 /// What the caller's plugins earned: invocations, what tenants paid, and the author's share.
-#[utoipa::path(get, path = "/v1/author/earnings", tag = "plugins", security(("bearer" = ["billing:read"])),
+#[utoipa::path(get, path = "/v1/author/earnings", operation_id = "author_earnings", tag = "plugins", security(("bearer" = ["billing:read"])),
     params(EarningsParams),
     responses((status = 200, body = Earnings)))]
 pub async fn earnings(
