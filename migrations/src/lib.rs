@@ -12,6 +12,7 @@ mod m0005_payments;
 mod m0006_trust;
 mod m0007_isolation;
 mod m0008_row_security;
+mod m0009_invocations;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -28,6 +29,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0006_trust::Migration),
             Box::new(m0007_isolation::Migration),
             Box::new(m0008_row_security::Migration),
+            Box::new(m0009_invocations::Migration),
         ]
     }
 }

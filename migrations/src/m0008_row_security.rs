@@ -32,11 +32,11 @@ const TENANT_TABLES: [&str; 14] = [
 ];
 
 /// Whether the current connection may see the rows of the tenant in `column`.
-fn visible(column: &str) -> String {
+pub(crate) fn visible(column: &str) -> String {
     format!("current_setting('plinth.tenant', true) IN ('*', {column})")
 }
 
-fn wall(table: &str, condition: &str) -> String {
+pub(crate) fn wall(table: &str, condition: &str) -> String {
     format!(
         "ALTER TABLE {table} ENABLE ROW LEVEL SECURITY;
          ALTER TABLE {table} FORCE ROW LEVEL SECURITY;

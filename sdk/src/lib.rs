@@ -22,7 +22,9 @@ use url::Url;
 
 pub use plinth_core::api::*;
 pub use plinth_core::billing::*;
-pub use plinth_core::id::{EventId, InstallationId, KeyId, PluginId, PluginVersionId, TenantId, UserId};
+pub use plinth_core::id::{
+    EventId, InstallationId, InvocationId, KeyId, PluginId, PluginVersionId, TenantId, UserId,
+};
 pub use plinth_core::inference::*;
 pub use plinth_core::plugins::*;
 pub use plinth_core::{ErrorCode, Micros, Role, Scope};
@@ -706,6 +708,29 @@ impl Client {
             Replay::Safe,
         )
         .await
+    }
+
+    /// The installation's newest invocation records, newest first (at most `limit`, 1-200): how each
+    /// ended, what it cost and what the plugin logged.
+    pub async fn invocations(
+        &self,
+        installation: &InstallationId,
+        limit: Option<u32>,
+    ) -> Result<Vec<InvocationRecord>> {
+        let query = limit.map(|n| format!("?limit={n}")).unwrap_or_default();
+        self.get(&format!("/v1/installations/{installation}/invocations{query}"))
+            .await
+    }
+
+    /// The author's view of its plugin's newest invocations in every tenant (no callers, inputs or logs).
+    pub async fn author_invocations(
+        &self,
+        plugin: &str,
+        limit: Option<u32>,
+    ) -> Result<Vec<AuthorInvocation>> {
+        let query = limit.map(|n| format!("?limit={n}")).unwrap_or_default();
+        self.get(&format!("/v1/plugins/{plugin}/invocations{query}"))
+            .await
     }
 
     /// What the caller's plugins earned in the last 30 days, how much of it was collected, and the

@@ -438,3 +438,113 @@ async fn a_python_plugin_runs_under_the_same_contract() {
     // Two invocations at 500 micro-units, two sentiment calls at the enterprise plan's price.
     assert_eq!(usage.total.calls, 4, "{usage:?}");
 }
+
+/// Each invocation leaves a record: its tenant reads it whole (outcome, cost, what the plugin logged,
+/// failures included), the author reads versions, outcomes and costs without callers or logs, another
+/// tenant finds nothing, and only the newest records of an installation are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invocations_leave_records_for_the_tenant_and_a_redacted_view_for_the_author() {
+    let app = TestApp::spawn_with(|config| config.invocation_records = 5).await;
+    let (author, tenant, stranger) = (app.tenant().await, app.tenant().await, app.tenant().await);
+    let installed = app.install_plugin(&author, &tenant, "hostile", json!({})).await;
+    tenant
+        .client
+        .invoke(&installed.id, &json!({ "do": "echo" }))
+        .await
+        .unwrap();
+    let failed = tenant
+        .client
+        .invoke(
+            &installed.id,
+            &json!({ "do": "log-then-fail", "private": "order 1234" }),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(failed.code(), Some(ErrorCode::PluginFailed));
+
+    // Written just after the answer, off the request path.
+    let records = async |count: usize| {
+        for _ in 0..100 {
+            let records = tenant.client.invocations(&installed.id, None).await.unwrap();
+            if records.len() >= count {
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("fewer than {count} invocation records");
+    };
+    let seen = records(2).await;
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let (newest, first) = (&seen[0], &seen[1]);
+    assert_eq!(newest.outcome, "plugin_failed");
+    assert!(
+        newest.message.as_deref().unwrap().contains("gave up on purpose"),
+        "{newest:?}"
+    );
+    assert!(
+        newest
+            .logs
+            .iter()
+            .any(|l| l.level == "warn" && l.message == "about to fail on purpose"),
+        "{newest:?}"
+    );
+    assert_eq!(first.outcome, "ok");
+    assert!(first.message.is_none() && first.compute_units > 0, "{first:?}");
+    assert_eq!(
+        (first.plugin.as_str(), first.installation_id.clone()),
+        ("hostile", installed.id.clone())
+    );
+    assert!(!first.request_id.is_empty());
+
+    // The author: outcomes and costs, nothing of the tenant's.
+    let authored = author.owner.author_invocations("hostile", None).await.unwrap();
+    let outcomes: Vec<&str> = authored.iter().map(|i| i.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["plugin_failed", "ok"]);
+    assert_eq!(authored[0].version, newest.version);
+    let shown = serde_json::to_string(&authored).unwrap();
+    for private in [
+        "about to fail",
+        "gave up",
+        "order 1234",
+        tenant.session.tenant.id.as_str(),
+        installed.id.as_str(),
+    ] {
+        assert!(!shown.contains(private), "the author sees `{private}`: {shown}");
+    }
+
+    // Nobody else: another tenant's installation and another author's plugin are not found.
+    let not_found = stranger
+        .client
+        .invocations(&installed.id, None)
+        .await
+        .unwrap_err();
+    assert_eq!(not_found.code(), Some(ErrorCode::NotFound));
+    let not_found = stranger
+        .owner
+        .author_invocations("hostile", None)
+        .await
+        .unwrap_err();
+    assert_eq!(not_found.code(), Some(ErrorCode::NotFound));
+
+    // Bounded: the newest five of eight are kept.
+    for n in 0..6 {
+        tenant
+            .client
+            .invoke(&installed.id, &json!({ "do": "echo", "n": n }))
+            .await
+            .unwrap();
+    }
+    let mut kept = Vec::new();
+    for _ in 0..100 {
+        kept = tenant.client.invocations(&installed.id, Some(50)).await.unwrap();
+        if kept.iter().filter(|r| r.outcome == "ok").count() == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(kept.len(), 5, "{kept:?}");
+    assert!(
+        kept.iter().all(|r| r.outcome == "ok"),
+        "the oldest went first: {kept:?}"
+    );
+}

@@ -66,6 +66,22 @@ async fn an_unscoped_query_through_the_apps_role_returns_no_other_tenants_rows()
          (.ci/run creates `plinth_app`); row security does not bind this one"
     );
 
+    // Every table with a tenant column is walled, and the wall binds the tables' owner too: a table
+    // added later without a policy fails here.
+    let unwalled = strings(
+        &db,
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = current_schema() AND c.relkind = 'r' \
+         AND EXISTS (SELECT 1 FROM information_schema.columns i WHERE i.table_schema = n.nspname \
+                     AND i.table_name = c.relname AND i.column_name = 'tenant_id') \
+         AND NOT (c.relrowsecurity AND c.relforcerowsecurity)",
+    )
+    .await;
+    assert!(
+        unwalled.is_empty(),
+        "tenant tables without row security: {unwalled:?}"
+    );
+
     // A connection that never said whose rows it serves sees none.
     for table in [
         "api_keys",

@@ -10,7 +10,7 @@ use plinth_core::inference::Classification;
 use plinth_core::plugins::{Capability, PluginManifest, PluginVersion, ReviewStatus};
 use plinth_core::{ErrorCode, Micros};
 use plinth_plugin_host::{
-    CallContext, Compiled, InvokeError, NoServices, Outcome, PluginError, ServiceError, Services,
+    CallContext, Compiled, InvokeError, NoServices, Outcome, PluginError, ServiceError, Services, Trace,
     WIT_VERSIONS,
 };
 use plinth_store::audit::Who;
@@ -233,6 +233,8 @@ struct TenantServices {
     state: AppState,
     auth: Principal,
     request_id: String,
+    /// What the invocation left behind, once it ended (for its record).
+    trace: std::sync::Mutex<Option<Trace>>,
 }
 
 fn service_error(err: &ApiError) -> ServiceError {
@@ -277,6 +279,13 @@ impl TenantServices {
 
 #[async_trait::async_trait]
 impl Services for TenantServices {
+    fn finished(&self, _call: &CallContext, trace: Trace) {
+        *self
+            .trace
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(trace);
+    }
+
     async fn classify(
         &self,
         call: &CallContext,
@@ -647,8 +656,72 @@ pub(crate) async fn invoke(
         state: state.clone(),
         auth: auth.clone(),
         request_id: request_id.0.clone(),
+        trace: std::sync::Mutex::new(None),
     });
     let request = request.to_string();
-    let work = async { Ok(state.plugins.invoke(compiled, call, services, request).await?) };
+    let request_id_text = request_id.0.clone();
+    let work = async {
+        let ran = state
+            .plugins
+            .invoke(compiled, call, services.clone(), request)
+            .await;
+        record_invocation(state, auth, installed, &request_id_text, &services, &ran);
+        Ok(ran?)
+    };
     metered(state, auth, idempotency, request_id, billable, work).await
+}
+
+/// Records how an invocation that ran ended, off the request path: a record that cannot be written is
+/// logged, and the call is answered either way.
+fn record_invocation(
+    state: &AppState,
+    auth: &Principal,
+    installed: &plinth_core::plugins::Installation,
+    request_id: &str,
+    services: &TenantServices,
+    ran: &Result<Outcome, InvokeError>,
+) {
+    let Some(trace) = services
+        .trace
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+    else {
+        // Refused before it ran (instances busy, input too large): nothing to record.
+        return;
+    };
+    let (outcome, message) = match ran {
+        Ok(_) => ("ok".to_owned(), None),
+        Err(err) => (
+            serde_json::to_value(err.code())
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            Some(err.to_string()),
+        ),
+    };
+    let record = plinth_store::invocations::NewInvocation {
+        tenant: auth.tenant_id.clone(),
+        installation: installed.id.clone(),
+        version_id: installed.version_id.to_string(),
+        request_id: request_id.to_owned(),
+        duration_ms: u64::try_from(trace.duration.as_millis()).unwrap_or(u64::MAX),
+        compute_units: trace.compute_units,
+        outcome,
+        message,
+        logs: trace
+            .logs
+            .into_iter()
+            .map(|line| plinth_core::plugins::InvocationLog {
+                level: line.level.to_owned(),
+                message: line.message,
+            })
+            .collect(),
+    };
+    let (store, keep) = (state.store.clone(), state.settings.invocation_records);
+    tokio::spawn(async move {
+        if let Err(err) = store.record_invocation(record, keep).await {
+            tracing::warn!(error = %err, "cannot record a plugin invocation");
+        }
+    });
 }

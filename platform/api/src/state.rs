@@ -65,6 +65,8 @@ pub struct ApiSettings {
     pub metrics_token: Option<crate::metrics::MetricsToken>,
     /// A portal session unused this long must log in again.
     pub portal_idle: std::time::Duration,
+    /// Plugin invocation records kept per installation (the newest).
+    pub invocation_records: u64,
     pub limits: AbuseLimits,
 }
 
@@ -109,6 +111,7 @@ impl Default for ApiSettings {
             trusted_proxies: Vec::new(),
             metrics_token: None,
             portal_idle: std::time::Duration::from_secs(30 * 60),
+            invocation_records: 100,
             limits: AbuseLimits::default(),
         }
     }

@@ -151,6 +151,10 @@ typed_id!(
     /// A plugin installed in a tenant.
     InstallationId, "ins", "installation"
 );
+typed_id!(
+    /// The record of one plugin invocation.
+    InvocationId, "inv", "invocation"
+);
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::Micros;
-use crate::id::{InstallationId, PluginId, PluginVersionId};
+use crate::id::{InstallationId, InvocationId, PluginId, PluginVersionId};
 
 /// A host interface a plugin may import: declared in its manifest, approved by the installing tenant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -201,6 +201,49 @@ pub struct Installation {
     pub secret_names: Vec<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// One invocation of an installed plugin, as its tenant sees it: how it ended, what it cost and what
+/// the plugin logged. Kept for the newest invocations of each installation, for a few days.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct InvocationRecord {
+    pub id: InvocationId,
+    pub installation_id: InstallationId,
+    pub plugin: String,
+    pub version: String,
+    /// The `X-Request-Id` of the call that ran it.
+    pub request_id: String,
+    pub occurred_at: DateTime<Utc>,
+    pub duration_ms: u64,
+    pub compute_units: u64,
+    /// `ok`, or the error code the call answered with (`plugin_failed`, `plugin_timeout`, …).
+    pub outcome: String,
+    /// The error's message, when it failed.
+    pub message: Option<String>,
+    pub logs: Vec<InvocationLog>,
+}
+
+/// A line a plugin logged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct InvocationLog {
+    pub level: String,
+    pub message: String,
+}
+
+/// One invocation of the author's plugin, as the author sees it: which version, how it ended and
+/// what it cost; never which tenant called, with what, nor what it logged (that may echo the
+/// tenant's data).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AuthorInvocation {
+    pub id: InvocationId,
+    pub version: String,
+    pub occurred_at: DateTime<Utc>,
+    pub duration_ms: u64,
+    pub compute_units: u64,
+    pub outcome: String,
 }
 
 /// One plugin's invocations and the author's share, in a period.

@@ -14,7 +14,7 @@ mod services;
 
 pub use limits::Limits;
 pub use runtime::{Compiled, HostSettings, Invocation, Outcome, PluginHost, WIT_VERSIONS};
-pub use services::{CallContext, Capability, LogLine, NoServices, ServiceError, Services};
+pub use services::{CallContext, Capability, LogLine, NoServices, ServiceError, Services, Trace};
 
 /// Why a component cannot be published or run.
 #[derive(Debug, thiserror::Error)]

@@ -514,6 +514,14 @@ async fn run(
     let duration = started.elapsed();
     let state = store.into_data();
     metrics::histogram!("plinth_plugin_invocation_seconds").record(duration.as_secs_f64());
+    state.services.finished(
+        &state.call,
+        crate::Trace {
+            logs: state.logs.clone(),
+            duration,
+            compute_units,
+        },
+    );
     let timed_out = || {
         InvokeError::Timeout(format!(
             "the plugin ran past its {} ms deadline and was stopped",

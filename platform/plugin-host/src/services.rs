@@ -80,6 +80,19 @@ pub trait Services: Send + Sync + std::fmt::Debug {
     async fn kv_delete(&self, call: &CallContext, key: &str) -> Result<bool, ServiceError>;
 
     async fn kv_list(&self, call: &CallContext, prefix: &str) -> Result<Vec<String>, ServiceError>;
+
+    /// Told once an invocation has ended, however it ended (answered, refused, failed, trapped,
+    /// stopped at a limit or the deadline), with what it left behind: for invocation records.
+    fn finished(&self, _call: &CallContext, _trace: Trace) {}
+}
+
+/// What an invocation left behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trace {
+    pub logs: Vec<LogLine>,
+    pub duration: std::time::Duration,
+    /// Fuel burnt.
+    pub compute_units: u64,
 }
 
 /// One line a plugin logged.

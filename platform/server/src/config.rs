@@ -139,6 +139,10 @@ pub struct Config {
     pub idempotency_retention_secs: u64,
     /// `PLINTH_AUDIT_RETENTION_DAYS`: how long audit log entries are kept.
     pub audit_retention_days: u64,
+    /// `PLINTH_INVOCATION_RECORDS`: plugin invocation records kept per installation (the newest).
+    pub invocation_records: u64,
+    /// `PLINTH_INVOCATION_RETENTION_DAYS`: how long a plugin invocation record is kept at most.
+    pub invocation_retention_days: u64,
     /// `PLINTH_PAYOUT_HOLD_DAYS`: how long plugin fees wait after their invoice was paid before they
     /// are paid out to authors (refunds and chargebacks show up first).
     pub payout_hold_days: u64,
@@ -230,6 +234,8 @@ impl Default for Config {
             billing_sync_settle_secs: 300,
             idempotency_retention_secs: 86_400,
             audit_retention_days: 400,
+            invocation_records: 100,
+            invocation_retention_days: 7,
             payout_hold_days: 7,
             trusted_proxies: String::new(),
             signups_per_address_per_minute: 5,
@@ -425,6 +431,12 @@ impl Config {
         if !(1..=36_500).contains(&self.audit_retention_days) {
             return fail("PLINTH_AUDIT_RETENTION_DAYS must be between 1 and 36500");
         }
+        if !(1..=10_000).contains(&self.invocation_records) {
+            return fail("PLINTH_INVOCATION_RECORDS must be between 1 and 10000");
+        }
+        if !(1..=365).contains(&self.invocation_retention_days) {
+            return fail("PLINTH_INVOCATION_RETENTION_DAYS must be between 1 and 365");
+        }
         if self.payout_hold_days > 180 {
             return fail("PLINTH_PAYOUT_HOLD_DAYS must be at most 180");
         }
@@ -521,6 +533,7 @@ impl Config {
             trusted_proxies: self.trusted_proxy_ranges().unwrap_or_default(),
             metrics_token: self.metrics_token.as_deref().map(plinth_api::MetricsToken::new),
             portal_idle: Duration::from_secs(self.portal_idle_secs),
+            invocation_records: self.invocation_records,
             limits: plinth_api::AbuseLimits {
                 signups_per_address: per_minute(self.signups_per_address_per_minute),
                 logins_per_address: per_minute(self.logins_per_address_per_minute),

@@ -326,12 +326,15 @@ async fn purge_all<F: Future<Output = plinth_store::Result<u64>>>(
     }
 }
 
-/// Removes, now and every [`RETENTION_INTERVAL`], idempotent requests whose window has passed and
-/// audit entries older than their retention. Replicas may run it at once: deletes are idempotent.
+/// Removes, now and every [`RETENTION_INTERVAL`], idempotent requests whose window has passed, and
+/// audit entries and plugin invocation records older than their retention. Replicas may run it at
+/// once: deletes are idempotent.
 fn spawn_retention(store: Store, config: &Config) -> JoinHandle<()> {
     // Validated to at most 36 500 days, so neither this nor the subtraction below can overflow.
     let audit_retention =
         chrono::Duration::days(i64::try_from(config.audit_retention_days).unwrap_or(36_500));
+    let invocation_retention =
+        chrono::Duration::days(i64::try_from(config.invocation_retention_days).unwrap_or(365));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(RETENTION_INTERVAL);
         loop {
@@ -346,6 +349,16 @@ fn spawn_retention(store: Store, config: &Config) -> JoinHandle<()> {
                 Ok(0) => {}
                 Ok(removed) => tracing::info!(removed, "audit entries past their retention removed"),
                 Err(err) => tracing::warn!(error = %err, "cannot remove old audit entries"),
+            }
+            match store
+                .purge_invocations(chrono::Utc::now() - invocation_retention)
+                .await
+            {
+                Ok(0) => {}
+                Ok(removed) => {
+                    tracing::info!(removed, "plugin invocation records past their retention removed");
+                }
+                Err(err) => tracing::warn!(error = %err, "cannot remove old plugin invocation records"),
             }
         }
     })

@@ -38,7 +38,8 @@ tenant_scoped!(
     plan_eras,
     invoices,
     author_accounts,
-    payouts
+    payouts,
+    plugin_invocations
 );
 
 pub mod tenants {
@@ -366,6 +367,34 @@ pub mod installations {
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,
         pub deleted_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod plugin_invocations {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "plugin_invocations")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        pub installation_id: String,
+        pub plugin_id: String,
+        pub version_id: String,
+        pub request_id: String,
+        pub occurred_at: DateTimeUtc,
+        pub duration_ms: i64,
+        pub compute_units: i64,
+        pub outcome: String,
+        pub message: Option<String>,
+        /// JSON array of `{level, message}`.
+        pub logs: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -13,6 +13,7 @@ pub mod blobs;
 pub mod cache;
 mod entity;
 pub mod idempotency;
+pub mod invocations;
 pub mod ledger;
 pub mod members;
 pub mod models;

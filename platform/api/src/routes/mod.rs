@@ -113,6 +113,7 @@ route_table! {
     resource("/v1/plugins") { post => plugins::create }
     resource("/v1/plugins/{name}") { get => plugins::get }
     resource("/v1/plugins/{name}/versions") { post => plugins::publish }
+    resource("/v1/plugins/{name}/invocations") { get => plugins::author_invocations }
     resource("/v1/marketplace/plugins") { get => plugins::marketplace }
     resource("/v1/admin/plugin-versions") { get => plugins::pending }
     resource("/v1/admin/plugin-versions/{id}/review") { post => plugins::review }
@@ -120,6 +121,7 @@ route_table! {
     resource("/v1/installations") { get => plugins::list, post => plugins::install }
     resource("/v1/installations/{id}") { patch => plugins::update, delete => plugins::uninstall }
     metered("/v1/installations/{id}/invoke", Some(Scope::Plugins), None) { post => plugins::invoke }
+    resource("/v1/installations/{id}/invocations") { get => plugins::invocations }
     resource("/v1/author/earnings") { get => plugins::earnings }
     unauthenticated("/v2", Door::Public) { get => inference::server_metadata }
     resource("/v2/health/live") { get => health::live }

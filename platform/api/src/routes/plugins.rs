@@ -3,8 +3,8 @@
 use actix_web::{HttpResponse, web};
 use plinth_core::id::{InstallationId, PluginVersionId};
 use plinth_core::plugins::{
-    CreatePluginRequest, Earnings, InstallRequest, Installation, Plugin, PluginVersion, ReviewRequest,
-    RevokeRequest, UpdateInstallationRequest,
+    AuthorInvocation, CreatePluginRequest, Earnings, InstallRequest, Installation, InvocationRecord, Plugin,
+    PluginVersion, ReviewRequest, RevokeRequest, UpdateInstallationRequest,
 };
 use serde::Deserialize;
 
@@ -157,6 +157,56 @@ pub async fn install(
     responses((status = 200, body = Vec<Installation>)))]
 pub async fn list(state: web::Data<AppState>, auth: Auth) -> ApiResult<web::Json<Vec<Installation>>> {
     Ok(web::Json(state.store.installations(&auth.tenant_id).await?))
+}
+
+/// How many invocation records to return.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct InvocationsQuery {
+    /// 1-200; 50 when absent.
+    limit: Option<u64>,
+}
+
+/// The installation's newest invocations, newest first: how each ended (`ok` or the error code it
+/// answered), its duration, compute units and what the plugin logged. The newest 100 per
+/// installation are kept (`PLINTH_INVOCATION_RECORDS`), for 7 days (`PLINTH_INVOCATION_RETENTION_DAYS`).
+#[utoipa::path(get, path = "/v1/installations/{id}/invocations", operation_id = "list_invocations", tag = "plugins",
+    security(("bearer" = ["plugins"])),
+    params(("id" = String, Path), InvocationsQuery),
+    responses((status = 200, body = Vec<InvocationRecord>), (status = 404, body = plinth_core::error::ErrorBody)))]
+pub async fn invocations(
+    state: web::Data<AppState>,
+    auth: Auth<scope::Plugins>,
+    id: web::Path<InstallationId>,
+    query: web::Query<InvocationsQuery>,
+) -> ApiResult<web::Json<Vec<InvocationRecord>>> {
+    let limit = query.limit.unwrap_or(50);
+    Ok(web::Json(
+        state
+            .store
+            .installation_invocations(&auth.tenant_id, &id, limit)
+            .await?,
+    ))
+}
+
+/// The author's view of its plugin's newest invocations in every tenant: version, outcome, duration
+/// and compute units; never who called, with what, nor what the plugin logged.
+#[utoipa::path(get, path = "/v1/plugins/{name}/invocations", operation_id = "author_invocations", tag = "plugins",
+    security(("bearer" = [])),
+    params(("name" = String, Path), InvocationsQuery),
+    responses((status = 200, body = Vec<AuthorInvocation>), (status = 404, body = plinth_core::error::ErrorBody)))]
+pub async fn author_invocations(
+    state: web::Data<AppState>,
+    auth: Auth,
+    name: web::Path<String>,
+    query: web::Query<InvocationsQuery>,
+) -> ApiResult<web::Json<Vec<AuthorInvocation>>> {
+    let limit = query.limit.unwrap_or(50);
+    Ok(web::Json(
+        state
+            .store
+            .author_invocations(&auth.tenant_id, &name, limit)
+            .await?,
+    ))
 }
 
 /// Upgrade (or move to another approved version), or replace settings or secrets.

@@ -39,6 +39,11 @@ impl Plugin for Hostile {
             }
             "big-output" => Ok(Value::String("x".repeat(8 << 20))),
             "panic" => panic!("the plugin gave up"),
+            // A failure with a trail: what its invocation record must keep.
+            "log-then-fail" => {
+                log::warn("about to fail on purpose");
+                Err(Error::failed("gave up on purpose"))
+            }
             "log-flood" => {
                 for i in 0..100_000 {
                     log::info(&format!("line {i}: {}", "y".repeat(100)));
