@@ -722,15 +722,10 @@ impl Client {
             .await
     }
 
-    /// The author's view of its plugin's newest invocations in every tenant (no callers, inputs or logs).
-    pub async fn author_invocations(
-        &self,
-        plugin: &str,
-        limit: Option<u32>,
-    ) -> Result<Vec<AuthorInvocation>> {
-        let query = limit.map(|n| format!("?limit={n}")).unwrap_or_default();
-        self.get(&format!("/v1/plugins/{plugin}/invocations{query}"))
-            .await
+    /// How the author's plugin did per version and day: calls and failures, for days on which at
+    /// least three tenants called it.
+    pub async fn invocation_summary(&self, plugin: &str) -> Result<Vec<InvocationSummary>> {
+        self.get(&format!("/v1/plugins/{plugin}/invocations")).await
     }
 
     /// What the caller's plugins earned in the last 30 days, how much of it was collected, and the

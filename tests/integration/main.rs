@@ -9,6 +9,7 @@ mod audit;
 mod auth;
 mod billing;
 mod chaos;
+mod cli;
 mod cross_tenant;
 mod errors;
 mod fuzz;

@@ -440,8 +440,8 @@ async fn a_python_plugin_runs_under_the_same_contract() {
 }
 
 /// Each invocation leaves a record: its tenant reads it whole (outcome, cost, what the plugin logged,
-/// failures included), the author reads versions, outcomes and costs without callers or logs, another
-/// tenant finds nothing, and only the newest records of an installation are kept.
+/// failures included), the author reads daily counts once several tenants called, another tenant finds
+/// nothing, only the newest records of an installation are kept, and uninstalling removes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invocations_leave_records_for_the_tenant_and_a_redacted_view_for_the_author() {
     let app = TestApp::spawn_with(|config| config.invocation_records = 5).await;
@@ -496,12 +496,41 @@ async fn invocations_leave_records_for_the_tenant_and_a_redacted_view_for_the_au
     );
     assert!(!first.request_id.is_empty());
 
-    // The author: outcomes and costs, nothing of the tenant's.
-    let authored = author.owner.author_invocations("hostile", None).await.unwrap();
-    let outcomes: Vec<&str> = authored.iter().map(|i| i.outcome.as_str()).collect();
-    assert_eq!(outcomes, ["plugin_failed", "ok"]);
-    assert_eq!(authored[0].version, newest.version);
-    let shown = serde_json::to_string(&authored).unwrap();
+    // The author: daily counts per version, and only once several tenants called; nothing of theirs.
+    assert_eq!(author.owner.invocation_summary("hostile").await.unwrap(), []);
+    let (manifest, _) = built_plugin("hostile");
+    for _ in 0..2 {
+        let another = app.tenant().await;
+        let theirs = another
+            .owner
+            .install_plugin(&InstallRequest {
+                plugin: "hostile".into(),
+                version: None,
+                approve_capabilities: manifest.capabilities.clone(),
+                approve_models: manifest.models.clone(),
+                settings: Default::default(),
+                secrets: Default::default(),
+            })
+            .await
+            .unwrap();
+        another
+            .client
+            .invoke(&theirs.id, &json!({ "do": "echo" }))
+            .await
+            .unwrap();
+    }
+    let mut summary = Vec::new();
+    for _ in 0..100 {
+        summary = author.owner.invocation_summary("hostile").await.unwrap();
+        if summary.first().is_some_and(|day| day.calls == 4) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(summary.len(), 1, "{summary:?}");
+    assert_eq!((summary[0].calls, summary[0].failed), (4, 1));
+    assert_eq!(summary[0].version, newest.version);
+    let shown = serde_json::to_string(&summary).unwrap();
     for private in [
         "about to fail",
         "gave up",
@@ -519,11 +548,7 @@ async fn invocations_leave_records_for_the_tenant_and_a_redacted_view_for_the_au
         .await
         .unwrap_err();
     assert_eq!(not_found.code(), Some(ErrorCode::NotFound));
-    let not_found = stranger
-        .owner
-        .author_invocations("hostile", None)
-        .await
-        .unwrap_err();
+    let not_found = stranger.owner.invocation_summary("hostile").await.unwrap_err();
     assert_eq!(not_found.code(), Some(ErrorCode::NotFound));
 
     // Bounded: the newest five of eight are kept.
@@ -547,4 +572,9 @@ async fn invocations_leave_records_for_the_tenant_and_a_redacted_view_for_the_au
         kept.iter().all(|r| r.outcome == "ok"),
         "the oldest went first: {kept:?}"
     );
+
+    // Uninstalled: its records (whose logs may echo its secrets) go with it.
+    tenant.owner.uninstall_plugin(&installed.id).await.unwrap();
+    let gone = tenant.client.invocations(&installed.id, None).await.unwrap_err();
+    assert_eq!(gone.code(), Some(ErrorCode::NotFound));
 }

@@ -35,7 +35,7 @@ use crate::routes::{
         plugins::create, plugins::get, plugins::publish, plugins::marketplace, plugins::pending, plugins::review,
         plugins::revoke,
         plugins::install, plugins::list, plugins::update, plugins::uninstall, plugins::invoke, plugins::invocations,
-        plugins::author_invocations, plugins::earnings,
+        plugins::invocation_summary, plugins::earnings,
         health::live, health::ready, health::metrics,
     ),
     components(schemas(plinth_core::ErrorCode, plinth_core::Scope, plinth_core::Role, crate::uploads::Manifest)),

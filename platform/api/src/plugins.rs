@@ -700,7 +700,16 @@ fn record_invocation(
             Some(err.to_string()),
         ),
     };
+    // Recording never holds up calls: beyond this many records waiting to be written, the newest are
+    // dropped and counted.
+    static WAITING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(RECORDS_WAITING);
+    let Ok(permit) = WAITING.try_acquire() else {
+        metrics::counter!("plinth_plugin_invocation_records_dropped_total").increment(1);
+        return;
+    };
     let record = plinth_store::invocations::NewInvocation {
+        id: plinth_core::id::InvocationId::new(),
+        occurred_at: chrono::Utc::now(),
         tenant: auth.tenant_id.clone(),
         installation: installed.id.clone(),
         version_id: installed.version_id.to_string(),
@@ -723,5 +732,9 @@ fn record_invocation(
         if let Err(err) = store.record_invocation(record, keep).await {
             tracing::warn!(error = %err, "cannot record a plugin invocation");
         }
+        drop(permit);
     });
 }
+
+/// Invocation records waiting to be written, at most.
+const RECORDS_WAITING: usize = 256;

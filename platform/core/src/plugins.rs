@@ -232,18 +232,19 @@ pub struct InvocationLog {
     pub message: String,
 }
 
-/// One invocation of the author's plugin, as the author sees it: which version, how it ended and
-/// what it cost; never which tenant called, with what, nor what it logged (that may echo the
-/// tenant's data).
+/// How one version of the author's plugin did on one day (UTC), across the tenants that called it:
+/// counts only, and only for days on which several tenants called it. Never who called, with what,
+/// what it logged, nor a single call's duration or cost (values the plugin controls, which could carry
+/// a tenant's data out to its author).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct AuthorInvocation {
-    pub id: InvocationId,
+pub struct InvocationSummary {
+    /// `YYYY-MM-DD`.
+    pub day: String,
     pub version: String,
-    pub occurred_at: DateTime<Utc>,
-    pub duration_ms: u64,
-    pub compute_units: u64,
-    pub outcome: String,
+    pub calls: u64,
+    /// Calls that did not end `ok`.
+    pub failed: u64,
 }
 
 /// One plugin's invocations and the author's share, in a period.

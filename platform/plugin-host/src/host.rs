@@ -172,9 +172,13 @@ impl config::Host for Invocation {
     }
 }
 
+/// What one log line costs beyond its bytes, against the per-invocation log budget.
+const LOG_LINE_OVERHEAD: usize = 32;
+
 impl log::Host for Invocation {
     async fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
-        self.log_bytes += message.len();
+        // Each line costs its bytes and a fixed overhead, so a flood of empty lines is bounded too.
+        self.log_bytes += message.len() + LOG_LINE_OVERHEAD;
         if self.log_bytes > self.limits.log_bytes {
             let breach = format!("the plugin logged more than {} KiB", self.limits.log_bytes >> 10);
             self.breach = Some(breach.clone());

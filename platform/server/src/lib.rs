@@ -350,10 +350,8 @@ fn spawn_retention(store: Store, config: &Config) -> JoinHandle<()> {
                 Ok(removed) => tracing::info!(removed, "audit entries past their retention removed"),
                 Err(err) => tracing::warn!(error = %err, "cannot remove old audit entries"),
             }
-            match store
-                .purge_invocations(chrono::Utc::now() - invocation_retention)
-                .await
-            {
+            let cutoff = chrono::Utc::now() - invocation_retention;
+            match purge_all(|| store.purge_invocations(cutoff, PURGE_BATCH)).await {
                 Ok(0) => {}
                 Ok(removed) => {
                     tracing::info!(removed, "plugin invocation records past their retention removed");

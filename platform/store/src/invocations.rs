@@ -1,15 +1,19 @@
 //! Invocation records: how each plugin invocation ended, what it cost and what the plugin logged. The
 //! newest `keep` of each installation are kept (older ones go as new ones arrive), and none longer
-//! than the retention the operator sets. The installing tenant reads them whole; the plugin's author
-//! reads only versions, outcomes, durations and costs, never who called, with what, or the logs.
+//! than the retention the operator sets. The installing tenant reads them whole. The plugin's author
+//! reads only daily counts per version (calls, failures), and only for days on which several tenants
+//! called it: a per-call value the plugin controls (its compute units, duration or outcome) would let
+//! a hostile author's plugin spell out a tenant's secrets to its author, one call at a time.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use plinth_core::id::{InstallationId, InvocationId, TenantId};
-use plinth_core::plugins::{AuthorInvocation, InvocationLog, InvocationRecord};
+use plinth_core::plugins::{InvocationLog, InvocationRecord, InvocationSummary};
 use sea_orm::sea_query::Query;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+};
 
 use crate::accounts::parse_id;
 use crate::entity::{TenantScoped, installations, plugin_invocations, plugin_versions, plugins};
@@ -18,9 +22,18 @@ use crate::{Result, Store, StoreError, row_security};
 /// Most records one listing returns.
 pub const MAX_LISTED: u64 = 200;
 
+/// The longest error message a record keeps (the rest is cut, marked).
+pub const MAX_MESSAGE_BYTES: usize = 4 << 10;
+
+/// Tenants that must have called a plugin on a day before its author sees that day's counts.
+pub const MIN_TENANTS_SHOWN: i64 = 3;
+
 /// One finished invocation, to record.
 #[derive(Debug, Clone)]
 pub struct NewInvocation {
+    /// Made when the call ended: records sort by it.
+    pub id: InvocationId,
+    pub occurred_at: DateTime<Utc>,
     pub tenant: TenantId,
     pub installation: InstallationId,
     pub version_id: String,
@@ -37,32 +50,44 @@ fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
+/// `message` cut to [`MAX_MESSAGE_BYTES`] at a character boundary.
+fn bounded(message: &str) -> String {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return message.to_owned();
+    }
+    let mut end = MAX_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… (cut at {} KiB)", &message[..end], MAX_MESSAGE_BYTES >> 10)
+}
+
 impl Store {
     /// Records an invocation and lets the installation's oldest records go beyond the newest `keep`.
-    pub async fn record_invocation(&self, record: NewInvocation, keep: u64) -> Result<InvocationId> {
+    pub async fn record_invocation(&self, record: NewInvocation, keep: u64) -> Result<()> {
         row_security::within_tenant(&record.tenant, async {
             let version = plugin_versions::Entity::find_by_id(record.version_id.as_str())
                 .one(self.db())
                 .await?
                 .ok_or(StoreError::NotFound("plugin version"))?;
-            let id = InvocationId::new();
             let logs = serde_json::to_string(&record.logs)
                 .map_err(|err| StoreError::Internal(format!("invocation logs: {err}")))?;
+            let _turn = self.write_turn().await;
             plugin_invocations::Entity::insert(plugin_invocations::ActiveModel {
-                id: Set(id.to_string()),
+                id: Set(record.id.to_string()),
                 tenant_id: Set(record.tenant.to_string()),
                 installation_id: Set(record.installation.to_string()),
                 plugin_id: Set(version.plugin_id),
                 version_id: Set(record.version_id.clone()),
                 request_id: Set(record.request_id.clone()),
-                occurred_at: Set(Utc::now()),
+                occurred_at: Set(record.occurred_at),
                 duration_ms: Set(to_i64(record.duration_ms)),
                 compute_units: Set(to_i64(record.compute_units)),
                 outcome: Set(record.outcome.clone()),
-                message: Set(record.message.clone()),
+                message: Set(record.message.as_deref().map(bounded)),
                 logs: Set(logs),
             })
-            .exec_without_returning(self.relaxed())
+            .exec_without_returning(self.db())
             .await?;
             // Ids are ULIDs: in the order they were made.
             let newest = Query::select()
@@ -75,9 +100,9 @@ impl Store {
             plugin_invocations::Entity::delete_many()
                 .filter(plugin_invocations::Column::InstallationId.eq(record.installation.as_str()))
                 .filter(plugin_invocations::Column::Id.not_in_subquery(newest))
-                .exec(self.relaxed())
+                .exec(self.db())
                 .await?;
-            Ok(id)
+            Ok(())
         })
         .await
     }
@@ -92,6 +117,7 @@ impl Store {
     ) -> Result<Vec<InvocationRecord>> {
         installations::Entity::find_in(tenant)
             .filter(installations::Column::Id.eq(installation.as_str()))
+            .filter(installations::Column::DeletedAt.is_null())
             .one(self.db())
             .await?
             .ok_or(StoreError::NotFound("installation"))?;
@@ -123,52 +149,74 @@ impl Store {
             .collect()
     }
 
-    /// The newest invocations of the author's plugin `name` in every tenant, newest first: versions,
-    /// outcomes, durations and costs only. Another author's plugin is not found.
-    pub async fn author_invocations(
-        &self,
-        author: &TenantId,
-        name: &str,
-        limit: u64,
-    ) -> Result<Vec<AuthorInvocation>> {
+    /// Daily counts of the author's plugin `name` per version, newest day first: calls and failures,
+    /// only for days on which at least [`MIN_TENANTS_SHOWN`] tenants called it. Another author's
+    /// plugin is not found.
+    pub async fn invocation_summary(&self, author: &TenantId, name: &str) -> Result<Vec<InvocationSummary>> {
         let plugin = plugins::Entity::find()
             .filter(plugins::Column::Name.eq(name))
             .filter(plugins::Column::AuthorTenantId.eq(author.as_str()))
             .one(self.db())
             .await?
             .ok_or(StoreError::NotFound("plugin"))?;
-        // The calls were other tenants' by purpose; only what the author may see leaves this function.
-        let rows = row_security::across_tenants(
-            plugin_invocations::Entity::find()
-                .filter(plugin_invocations::Column::PluginId.eq(plugin.id.as_str()))
-                .order_by_desc(plugin_invocations::Column::Id)
-                .limit(limit.clamp(1, MAX_LISTED))
-                .all(self.db()),
-        )
+        let backend = self.backend();
+        let (day, plugin_param) = match backend {
+            DbBackend::Postgres => ("to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')", "$1"),
+            // Stored as text, UTC, date first.
+            _ => ("substr(occurred_at, 1, 10)", "?"),
+        };
+        let sql = format!(
+            "SELECT {day} AS day, version_id, COUNT(*) AS calls, \
+             SUM(CASE WHEN outcome = 'ok' THEN 0 ELSE 1 END) AS failed, COUNT(DISTINCT tenant_id) AS tenants \
+             FROM plugin_invocations WHERE plugin_id = {plugin_param} GROUP BY 1, 2 ORDER BY 1 DESC, 2"
+        );
+        // Other tenants' calls by purpose; only counts of busy days leave this function.
+        let rows = row_security::across_tenants(self.db().query_all_raw(
+            sea_orm::Statement::from_sql_and_values(backend, sql, [plugin.id.as_str().into()]),
+        ))
         .await?;
-        let names = self.version_names(&rows).await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(AuthorInvocation {
-                    id: parse_id(&row.id)?,
-                    version: names
-                        .get(&row.version_id)
-                        .map(|(_, v)| v.clone())
-                        .unwrap_or_default(),
-                    occurred_at: row.occurred_at,
-                    duration_ms: u64::try_from(row.duration_ms).unwrap_or(0),
-                    compute_units: u64::try_from(row.compute_units).unwrap_or(0),
-                    outcome: row.outcome,
-                })
+        let mut busy = Vec::new();
+        for row in rows {
+            let tenants: i64 = row.try_get("", "tenants")?;
+            if tenants >= MIN_TENANTS_SHOWN {
+                busy.push((
+                    row.try_get::<String>("", "day")?,
+                    row.try_get::<String>("", "version_id")?,
+                    row.try_get::<i64>("", "calls")?,
+                    row.try_get::<i64>("", "failed")?,
+                ));
+            }
+        }
+        let versions: HashMap<String, String> = plugin_versions::Entity::find()
+            .filter(plugin_versions::Column::PluginId.eq(plugin.id.as_str()))
+            .all(self.db())
+            .await?
+            .into_iter()
+            .map(|v| (v.id, v.version))
+            .collect();
+        Ok(busy
+            .into_iter()
+            .map(|(day, version_id, calls, failed)| InvocationSummary {
+                day,
+                version: versions.get(&version_id).cloned().unwrap_or_default(),
+                calls: u64::try_from(calls).unwrap_or(0),
+                failed: u64::try_from(failed).unwrap_or(0),
             })
-            .collect()
+            .collect())
     }
 
-    /// Removes records older than `before` (the retention); returns how many.
-    pub async fn purge_invocations(&self, before: DateTime<Utc>) -> Result<u64> {
+    /// Removes up to `limit` records older than `before` (the retention); returns how many.
+    pub async fn purge_invocations(&self, before: DateTime<Utc>, limit: u64) -> Result<u64> {
+        let old = Query::select()
+            .column(plugin_invocations::Column::Id)
+            .from(plugin_invocations::Entity)
+            .and_where(plugin_invocations::Column::OccurredAt.lt(before))
+            .limit(limit.max(1))
+            .to_owned();
+        let _turn = self.write_turn().await;
         Ok(plugin_invocations::Entity::delete_many()
-            .filter(plugin_invocations::Column::OccurredAt.lt(before))
-            .exec(self.relaxed())
+            .filter(plugin_invocations::Column::Id.in_subquery(old))
+            .exec(self.db())
             .await?
             .rows_affected)
     }
@@ -202,5 +250,20 @@ impl Store {
                 (v.id, (name, v.version))
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_cut_at_a_character_boundary_and_marked() {
+        assert_eq!(bounded("short"), "short");
+        let long = "é".repeat(MAX_MESSAGE_BYTES);
+        let cut = bounded(&long);
+        assert!(cut.len() < MAX_MESSAGE_BYTES + 32, "{}", cut.len());
+        assert!(cut.ends_with("(cut at 4 KiB)"));
+        assert!(cut.starts_with("éé"));
     }
 }

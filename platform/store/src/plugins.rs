@@ -624,6 +624,11 @@ impl Store {
             .filter(plugin_kv::Column::InstallationId.eq(&row.id))
             .exec(&txn)
             .await?;
+        // Its invocation records go with it: their logs may echo the secrets removed here.
+        crate::entity::plugin_invocations::Entity::delete_many()
+            .filter(crate::entity::plugin_invocations::Column::InstallationId.eq(&row.id))
+            .exec(&txn)
+            .await?;
         let mut model: installations::ActiveModel = row.into();
         model.deleted_at = Set(Some(Utc::now()));
         model.secrets = Set(String::new());

@@ -113,7 +113,7 @@ route_table! {
     resource("/v1/plugins") { post => plugins::create }
     resource("/v1/plugins/{name}") { get => plugins::get }
     resource("/v1/plugins/{name}/versions") { post => plugins::publish }
-    resource("/v1/plugins/{name}/invocations") { get => plugins::author_invocations }
+    resource("/v1/plugins/{name}/invocations") { get => plugins::invocation_summary }
     resource("/v1/marketplace/plugins") { get => plugins::marketplace }
     resource("/v1/admin/plugin-versions") { get => plugins::pending }
     resource("/v1/admin/plugin-versions/{id}/review") { post => plugins::review }

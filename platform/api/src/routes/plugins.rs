@@ -3,7 +3,7 @@
 use actix_web::{HttpResponse, web};
 use plinth_core::id::{InstallationId, PluginVersionId};
 use plinth_core::plugins::{
-    AuthorInvocation, CreatePluginRequest, Earnings, InstallRequest, Installation, InvocationRecord, Plugin,
+    CreatePluginRequest, Earnings, InstallRequest, Installation, InvocationRecord, InvocationSummary, Plugin,
     PluginVersion, ReviewRequest, RevokeRequest, UpdateInstallationRequest,
 };
 use serde::Deserialize;
@@ -188,24 +188,21 @@ pub async fn invocations(
     ))
 }
 
-/// The author's view of its plugin's newest invocations in every tenant: version, outcome, duration
-/// and compute units; never who called, with what, nor what the plugin logged.
-#[utoipa::path(get, path = "/v1/plugins/{name}/invocations", operation_id = "author_invocations", tag = "plugins",
-    security(("bearer" = [])),
-    params(("name" = String, Path), InvocationsQuery),
-    responses((status = 200, body = Vec<AuthorInvocation>), (status = 404, body = plinth_core::error::ErrorBody)))]
-pub async fn author_invocations(
+/// How the author's plugin did, per version and UTC day, across the tenants that called it: calls and
+/// failures, for days on which at least three tenants called it. Never who called, with what, what it
+/// logged, nor a single call's duration or cost: values the plugin controls could carry a tenant's data
+/// out to its author.
+#[utoipa::path(get, path = "/v1/plugins/{name}/invocations", operation_id = "invocation_summary", tag = "plugins",
+    security(("bearer" = ["admin"])),
+    params(("name" = String, Path)),
+    responses((status = 200, body = Vec<InvocationSummary>), (status = 404, body = plinth_core::error::ErrorBody)))]
+pub async fn invocation_summary(
     state: web::Data<AppState>,
-    auth: Auth,
+    auth: Auth<scope::Admin>,
     name: web::Path<String>,
-    query: web::Query<InvocationsQuery>,
-) -> ApiResult<web::Json<Vec<AuthorInvocation>>> {
-    let limit = query.limit.unwrap_or(50);
+) -> ApiResult<web::Json<Vec<InvocationSummary>>> {
     Ok(web::Json(
-        state
-            .store
-            .author_invocations(&auth.tenant_id, &name, limit)
-            .await?,
+        state.store.invocation_summary(&auth.tenant_id, &name).await?,
     ))
 }
 

@@ -1,0 +1,657 @@
+//! `plinth-cli`: Plinth from a terminal, for application developers and plugin authors. Tables for
+//! people, `--json` for scripts. Exit codes: 0 done, 1 the API refused (the message says why and what to
+//! do), 2 the command line was wrong, 3 not logged in, 4 the server could not be reached or failed.
+
+mod profiles;
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, anyhow};
+use clap::{Args, Parser, Subcommand};
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use plinth_sdk::{
+    Client, CreateApiKeyRequest, InstallationId, KeyId, LoginRequest, PluginManifest, Scope, UsageGrouping,
+    UsageQuery,
+};
+use serde::Serialize;
+
+use crate::profiles::{DEFAULT_API, Profile, Profiles};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "plinth-cli",
+    version,
+    about = "Plinth for developers: keys, models, usage and plugins"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct Global {
+    /// The stored profile to use (`login` stores one per name).
+    #[arg(long, global = true, env = "PLINTH_PROFILE", default_value = "default")]
+    profile: String,
+    /// The API's base URL; defaults to the profile's, then http://127.0.0.1:8080.
+    #[arg(long, global = true, env = "PLINTH_API_URL")]
+    api: Option<String>,
+    /// Print the API's answer as JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Log in and keep the session in the profile. The password is read from PLINTH_PASSWORD, or from
+    /// the first line of standard input. With --api-key, keeps an API key instead (PLINTH_API_KEY or
+    /// standard input).
+    Login {
+        #[arg(long, required_unless_present = "api_key")]
+        email: Option<String>,
+        #[arg(long, conflicts_with = "email")]
+        api_key: bool,
+    },
+    /// End the session and forget the profile's credentials.
+    Logout,
+    /// The tenant these credentials act for.
+    Whoami,
+    /// API keys of the tenant.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Models: the platform's and the tenant's.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Classify texts with a model (e.g. `sentiment`).
+    Classify {
+        model: String,
+        #[arg(required = true)]
+        texts: Vec<String>,
+    },
+    /// Metered usage, by day or by resource.
+    Usage {
+        /// `YYYY-MM-DD` or RFC 3339; 30 days before `--to` by default.
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+        /// Group by resource (model or plugin) instead of by day.
+        #[arg(long)]
+        by_resource: bool,
+    },
+    /// Closed billing periods, newest first.
+    Invoices,
+    /// Plugins: publish, and what their invocations did.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    List,
+    /// Create a key; its secret is shown once.
+    Create {
+        name: String,
+        /// `inference`, `plugins`, `billing:read` or `admin`; repeat for several (default: inference).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+    },
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCommand {
+    List,
+    /// Delete a tenant model, every version.
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginCommand {
+    /// Publish a version: the manifest and the built component (the first one opens the listing).
+    /// Prints the checks' findings; a version is installable once the platform approved it.
+    Publish {
+        #[arg(long, default_value = "plugin.json")]
+        manifest: PathBuf,
+        /// The built component (.wasm).
+        #[arg(long)]
+        component: PathBuf,
+    },
+    /// An installation's newest invocations: outcome, duration, compute units.
+    Invocations {
+        installation: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// The log lines of an installation's newest invocations, oldest first.
+    Logs {
+        installation: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// How the author's plugin did per version and day across tenants (days with several tenants).
+    Calls { plugin: String },
+}
+
+/// Why a command failed, and the exit code that says so.
+#[derive(Debug)]
+enum Failure {
+    Refused(plinth_sdk::Error),
+    NotLoggedIn(String),
+    Unreachable(anyhow::Error),
+    Local(anyhow::Error),
+}
+
+impl From<plinth_sdk::Error> for Failure {
+    fn from(err: plinth_sdk::Error) -> Self {
+        match err.status() {
+            Some(status) if (400..500).contains(&status) => Self::Refused(err),
+            _ => Self::Unreachable(err.into()),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(err: anyhow::Error) -> Self {
+        Self::Local(err)
+    }
+}
+
+impl Failure {
+    fn report(&self) -> ExitCode {
+        match self {
+            Self::Refused(err) => {
+                eprintln!("error: {}", refused_message(err));
+                if err.status() == Some(401) {
+                    eprintln!("hint: log in again with `plinth-cli login --email you@example.com`");
+                }
+                ExitCode::from(1)
+            }
+            Self::NotLoggedIn(profile) => {
+                eprintln!(
+                    "error: profile `{profile}` has no credentials; run `plinth-cli login --email you@example.com` \
+                     (or `--api-key`), or set PLINTH_TOKEN"
+                );
+                ExitCode::from(3)
+            }
+            Self::Unreachable(err) => {
+                eprintln!("error: {err:#}");
+                eprintln!(
+                    "hint: is the server running at the profile's API URL? (`--api` or PLINTH_API_URL)"
+                );
+                ExitCode::from(4)
+            }
+            Self::Local(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+/// The API's own words: its error code and message.
+fn refused_message(err: &plinth_sdk::Error) -> String {
+    match err {
+        plinth_sdk::Error::Api { code, message, .. } => {
+            let code = serde_json::to_value(code)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            format!("{code}: {message}")
+        }
+        other => other.to_string(),
+    }
+}
+
+type Outcome = std::result::Result<(), Failure>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.report(),
+    }
+}
+
+struct Shell {
+    global: Global,
+    profiles: Profiles,
+}
+
+impl Shell {
+    fn profile(&self) -> Profile {
+        self.profiles.get(&self.global.profile)
+    }
+
+    fn api(&self) -> String {
+        self.global
+            .api
+            .clone()
+            .or_else(|| self.profile().api)
+            .unwrap_or_else(|| DEFAULT_API.to_owned())
+    }
+
+    fn anonymous(&self) -> Result<Client, Failure> {
+        Client::new(&self.api()).map_err(|err| Failure::Local(anyhow!("API URL `{}`: {err}", self.api())))
+    }
+
+    /// A client with the profile's credentials (PLINTH_TOKEN overrides them).
+    fn client(&self) -> Result<Client, Failure> {
+        let token = std::env::var("PLINTH_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| self.profile().token)
+            .ok_or_else(|| Failure::NotLoggedIn(self.global.profile.clone()))?;
+        Ok(self.anonymous()?.with_token(token))
+    }
+
+    /// Prints `value` as JSON with `--json`, else the table `table` makes of it.
+    fn print<T: Serialize>(&self, value: &T, table: impl FnOnce(&T) -> Table) -> Outcome {
+        if self.global.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(value).context("cannot encode the answer")?
+            );
+        } else {
+            println!("{}", table(value));
+        }
+        Ok(())
+    }
+}
+
+/// An amount in millionths of the currency unit, written out exactly.
+fn micros(amount: plinth_sdk::Micros) -> String {
+    let sign = if amount.0 < 0 { "-" } else { "" };
+    let abs = amount.0.unsigned_abs();
+    format!("{sign}{}.{:06}", abs / 1_000_000, abs % 1_000_000)
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    table
+}
+
+/// A secret from `variable`, or else the first line of standard input.
+fn secret_from(variable: &str, what: &str) -> Result<String> {
+    if let Ok(value) = std::env::var(variable)
+        && !value.is_empty()
+    {
+        return Ok(value);
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .with_context(|| format!("cannot read the {what} from standard input"))?;
+    let value = line.trim_end_matches(['\r', '\n']).to_owned();
+    if value.is_empty() {
+        anyhow::bail!("no {what}: set {variable} or pipe it on standard input");
+    }
+    Ok(value)
+}
+
+async fn run(cli: Cli) -> Outcome {
+    let mut context = Shell {
+        profiles: Profiles::load()?,
+        global: cli.global,
+    };
+    match cli.command {
+        Command::Login { email, api_key } => login(&mut context, email, api_key).await,
+        Command::Logout => logout(&mut context).await,
+        Command::Whoami => {
+            let tenant = context.client()?.tenant().await?;
+            context.print(&tenant, |t| {
+                let mut out = table(&["tenant", "name", "plan"]);
+                out.add_row(vec![t.id.to_string(), t.name.clone(), t.plan.clone()]);
+                out
+            })
+        }
+        Command::Keys(command) => keys(&context, command).await,
+        Command::Models(command) => models(&context, command).await,
+        Command::Classify { model, texts } => {
+            let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let answer = context.client()?.classify(&model, &inputs).await?;
+            context.print(&answer, |a| {
+                let mut out = table(&["text", "label", "score"]);
+                for (text, result) in texts.iter().zip(&a.results) {
+                    out.add_row(vec![
+                        text.clone(),
+                        result.label.clone(),
+                        format!("{:.3}", result.score),
+                    ]);
+                }
+                out
+            })
+        }
+        Command::Usage {
+            from,
+            to,
+            by_resource,
+        } => {
+            let query = UsageQuery {
+                from,
+                to,
+                group_by: Some(if by_resource {
+                    UsageGrouping::Resource
+                } else {
+                    UsageGrouping::Day
+                }),
+            };
+            let report = context.client()?.usage(&query).await?;
+            context.print(&report, |r| {
+                let mut out = table(&[
+                    if by_resource { "resource" } else { "day" },
+                    "calls",
+                    "units",
+                    "amount",
+                ]);
+                for row in r.rows.iter().chain(std::iter::once(&r.total)) {
+                    out.add_row(vec![
+                        row.key.clone(),
+                        row.calls.to_string(),
+                        row.units.to_string(),
+                        micros(row.amount_micros),
+                    ]);
+                }
+                out
+            })
+        }
+        Command::Invoices => {
+            let list = context.client()?.invoices().await?;
+            context.print(&list, |l| {
+                let mut out = table(&["period", "plan", "calls", "total", "invoice"]);
+                for statement in &l.invoices {
+                    out.add_row(vec![
+                        format!(
+                            "{} – {}",
+                            statement.period_start.format("%Y-%m-%d"),
+                            statement.period_end.format("%Y-%m-%d")
+                        ),
+                        statement.plan.clone(),
+                        statement.calls.to_string(),
+                        format!(
+                            "{}.{:02} {}",
+                            statement.total_cents / 100,
+                            statement.total_cents % 100,
+                            statement.currency.to_uppercase()
+                        ),
+                        statement
+                            .invoice
+                            .as_ref()
+                            .map_or("-".to_owned(), |invoice| invoice.status.clone()),
+                    ]);
+                }
+                out
+            })
+        }
+        Command::Plugin(command) => plugin(&context, command).await,
+    }
+}
+
+async fn login(context: &mut Shell, email: Option<String>, api_key: bool) -> Outcome {
+    let api = context.api();
+    let (token, tenant) = if api_key {
+        let key = secret_from("PLINTH_API_KEY", "API key")?;
+        let tenant = context.anonymous()?.with_token(&key).tenant().await?;
+        (key, tenant)
+    } else {
+        let email = email.context("--email is required")?;
+        let password = secret_from("PLINTH_PASSWORD", "password")?;
+        let session = context
+            .anonymous()?
+            .login(&LoginRequest {
+                email,
+                password,
+                tenant_id: None,
+            })
+            .await?;
+        (session.token, session.tenant)
+    };
+    let name = context.global.profile.clone();
+    context.profiles.set(
+        &name,
+        Profile {
+            api: Some(api.clone()),
+            token: Some(token),
+        },
+    );
+    context.profiles.save()?;
+    eprintln!(
+        "logged in to {api} as tenant {} ({}); profile `{name}` saved in {}",
+        tenant.name,
+        tenant.id,
+        profiles::config_dir()?.display()
+    );
+    Ok(())
+}
+
+async fn logout(context: &mut Shell) -> Outcome {
+    let name = context.global.profile.clone();
+    let mut profile = context.profile();
+    let Some(token) = profile.token.take() else {
+        return Err(Failure::NotLoggedIn(name));
+    };
+    if token.starts_with("pls_") {
+        // An expired or already ended session is logged out as far as the server is concerned.
+        match context.anonymous()?.with_token(&token).logout().await {
+            Ok(()) => {}
+            Err(err) if err.status() == Some(401) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    context.profiles.set(&name, profile);
+    context.profiles.save()?;
+    eprintln!("logged out; profile `{name}` keeps no credentials");
+    Ok(())
+}
+
+async fn keys(context: &Shell, command: KeysCommand) -> Outcome {
+    let client = context.client()?;
+    match command {
+        KeysCommand::List => {
+            let keys = client.api_keys().await?;
+            context.print(&keys, |keys| {
+                let mut out = table(&["id", "name", "key", "scopes", "last used", "revoked"]);
+                for key in keys {
+                    out.add_row(vec![
+                        key.id.to_string(),
+                        key.name.clone(),
+                        key.redacted.clone(),
+                        key.scopes
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        key.last_used_at
+                            .map_or("-".into(), |t| t.format("%Y-%m-%d %H:%M").to_string()),
+                        key.revoked_at
+                            .map_or("-".into(), |t| t.format("%Y-%m-%d %H:%M").to_string()),
+                    ]);
+                }
+                out
+            })
+        }
+        KeysCommand::Create { name, scopes } => {
+            let scopes = scopes
+                .iter()
+                .map(|s| {
+                    s.parse::<Scope>().map_err(|_| {
+                        anyhow!("unknown scope `{s}`: use inference, plugins, billing:read or admin")
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let created = client
+                .create_api_key(&CreateApiKeyRequest {
+                    name,
+                    scopes: (!scopes.is_empty()).then_some(scopes),
+                    rate_limit_per_minute: None,
+                    expires_at: None,
+                })
+                .await?;
+            context.print(&created, |c| {
+                let mut out = table(&["id", "secret (shown once)"]);
+                out.add_row(vec![c.key.id.to_string(), c.secret.clone()]);
+                out
+            })
+        }
+        KeysCommand::Revoke { id } => {
+            let id: KeyId = id
+                .parse()
+                .map_err(|_| anyhow!("`{id}` is not a key id (key_…); `plinth-cli keys list` shows them"))?;
+            let revoked = client.revoke_api_key(&id).await?;
+            context.print(&revoked, |k| {
+                let mut out = table(&["id", "name", "revoked"]);
+                out.add_row(vec![
+                    k.id.to_string(),
+                    k.name.clone(),
+                    k.revoked_at.map_or("-".into(), |t| t.to_rfc3339()),
+                ]);
+                out
+            })
+        }
+    }
+}
+
+async fn models(context: &Shell, command: ModelsCommand) -> Outcome {
+    let client = context.client()?;
+    match command {
+        ModelsCommand::List => {
+            let models = client.models().await?;
+            context.print(&models, |models| {
+                let mut out = table(&["name", "task", "version", "owner", "labels"]);
+                for model in models {
+                    out.add_row(vec![
+                        model.name.clone(),
+                        serde_json::to_value(model.task)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default(),
+                        model.version.to_string(),
+                        if model.platform { "platform" } else { "tenant" }.to_owned(),
+                        model.labels.join(" "),
+                    ]);
+                }
+                out
+            })
+        }
+        ModelsCommand::Delete { name } => {
+            client.delete_model(&name).await?;
+            eprintln!("deleted model `{name}` (every version)");
+            Ok(())
+        }
+    }
+}
+
+fn installation_id(raw: &str) -> Result<InstallationId> {
+    raw.parse()
+        .map_err(|_| anyhow!("`{raw}` is not an installation id (ins_…); GET /v1/installations lists them"))
+}
+
+async fn plugin(context: &Shell, command: PluginCommand) -> Outcome {
+    let client = context.client()?;
+    match command {
+        PluginCommand::Publish { manifest, component } => {
+            let text = std::fs::read_to_string(&manifest)
+                .with_context(|| format!("cannot read the manifest {}", manifest.display()))?;
+            let manifest: PluginManifest = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a plugin manifest", manifest.display()))?;
+            let bytes = std::fs::read(&component)
+                .with_context(|| format!("cannot read the component {}", component.display()))?;
+            // The first version of a plugin opens its listing.
+            match client.plugin(&manifest.name).await {
+                Ok(_) => {}
+                Err(err) if err.status() == Some(404) => {
+                    client
+                        .create_plugin(&manifest.name, &manifest.description)
+                        .await?;
+                    eprintln!("created the listing `{}`", manifest.name);
+                }
+                Err(err) => return Err(err.into()),
+            }
+            let version = client.publish_plugin_version(&manifest, bytes).await?;
+            context.print(&version, |v| {
+                let mut out = table(&["plugin", "version", "status", "checks"]);
+                out.add_row(vec![
+                    v.plugin.clone(),
+                    v.version.clone(),
+                    format!("{:?}", v.status).to_lowercase(),
+                    v.checks.to_string(),
+                ]);
+                out
+            })
+        }
+        PluginCommand::Invocations { installation, limit } => {
+            let records = client
+                .invocations(&installation_id(&installation)?, Some(limit))
+                .await?;
+            context.print(&records, |records| {
+                let mut out = table(&["when", "id", "version", "outcome", "ms", "compute", "request"]);
+                for r in records {
+                    out.add_row(vec![
+                        r.occurred_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                        r.id.to_string(),
+                        r.version.clone(),
+                        r.message
+                            .as_ref()
+                            .map_or(r.outcome.clone(), |m| format!("{}: {m}", r.outcome)),
+                        r.duration_ms.to_string(),
+                        r.compute_units.to_string(),
+                        r.request_id.clone(),
+                    ]);
+                }
+                out
+            })
+        }
+        PluginCommand::Logs { installation, limit } => {
+            let records = client
+                .invocations(&installation_id(&installation)?, Some(limit))
+                .await?;
+            if context.global.json {
+                return context.print(&records, |_| Table::new());
+            }
+            for record in records.iter().rev() {
+                for line in &record.logs {
+                    println!(
+                        "{} {} {:<5} {}",
+                        record.occurred_at.format("%H:%M:%S%.3f"),
+                        record.id,
+                        line.level,
+                        line.message
+                    );
+                }
+            }
+            Ok(())
+        }
+        PluginCommand::Calls { plugin } => {
+            let summary = client.invocation_summary(&plugin).await?;
+            context.print(&summary, |days| {
+                let mut out = table(&["day", "version", "calls", "failed"]);
+                for day in days {
+                    out.add_row(vec![
+                        day.day.clone(),
+                        day.version.clone(),
+                        day.calls.to_string(),
+                        day.failed.to_string(),
+                    ]);
+                }
+                out
+            })
+        }
+    }
+}

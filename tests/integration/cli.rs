@@ -1,0 +1,250 @@
+//! `plinth-cli` against a real server, as a developer uses it: log in (credentials kept in a profile
+//! only the user can read), keys, models, a classification, usage, plugin invocation records and logs,
+//! publishing, errors that say what to do with exit codes that mean something, and logging out.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use plinth_tests::{PASSWORD, TestApp, built_plugin};
+use serde_json::{Value, json};
+
+/// The `plinth-cli` binary `cargo test --workspace` built next to this test binary.
+fn cli_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("plinth-cli");
+    assert!(
+        bin.is_file(),
+        "{} is missing: `cargo test --workspace` builds it (plinth-cli has tests of its own)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs the command line with its own config directory, talking to `app`.
+async fn cli(app: &TestApp, config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = tokio::process::Command::new(cli_binary());
+    command
+        .args(["--api", &app.url("")])
+        .args(args)
+        .env("PLINTH_CONFIG_DIR", config)
+        .env_remove("PLINTH_TOKEN")
+        .env_remove("PLINTH_PROFILE")
+        .env_remove("PLINTH_API_URL")
+        .stdin(std::process::Stdio::null());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().await.unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn json_of(output: &Output) -> Value {
+    assert!(output.status.success(), "{}", stderr(output));
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|err| panic!("{err}: {}", stdout(output)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_developer_works_from_the_command_line() {
+    let app = TestApp::spawn().await;
+    let config = tempfile::tempdir().unwrap();
+    let dir = config.path();
+    let session = app.signup().await;
+    let email = session.user.email.clone();
+
+    // A wrong password: refused, exit 1, nothing stored.
+    let refused = cli(
+        &app,
+        dir,
+        &["login", "--email", &email],
+        &[("PLINTH_PASSWORD", "not the password")],
+    )
+    .await;
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(!dir.join("profiles.toml").exists());
+
+    let login = cli(
+        &app,
+        dir,
+        &["login", "--email", &email],
+        &[("PLINTH_PASSWORD", PASSWORD)],
+    )
+    .await;
+    assert!(login.status.success(), "{}", stderr(&login));
+    assert!(stderr(&login).contains(session.tenant.id.as_str()));
+    let stored = std::fs::read_to_string(dir.join("profiles.toml")).unwrap();
+    let cli_session: String = stored
+        .split('"')
+        .find(|part| part.starts_with("pls_"))
+        .expect("the session is kept")
+        .to_owned();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("profiles.toml"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "credentials readable by others: {mode:o}");
+    }
+
+    let whoami = json_of(&cli(&app, dir, &["whoami", "--json"], &[]).await);
+    assert_eq!(whoami["id"], session.tenant.id.to_string());
+
+    // Keys: a new one works on its own (PLINTH_TOKEN), and lists as a table.
+    let created = json_of(
+        &cli(
+            &app,
+            dir,
+            &["keys", "create", "ci", "--scope", "inference", "--json"],
+            &[],
+        )
+        .await,
+    );
+    let secret = created["secret"].as_str().unwrap().to_owned();
+    let listed = cli(&app, dir, &["keys", "list"], &[]).await;
+    assert!(
+        listed.status.success() && stdout(&listed).contains("ci"),
+        "{}",
+        stdout(&listed)
+    );
+    let classified = json_of(
+        &cli(
+            &app,
+            dir,
+            &["classify", "sentiment", "I love this product", "--json"],
+            &[("PLINTH_TOKEN", &secret)],
+        )
+        .await,
+    );
+    assert_eq!(classified["results"][0]["label"], "positive");
+    // A key without the scope: refused with the API's code, exit 1.
+    let scoped = cli(&app, dir, &["keys", "list"], &[("PLINTH_TOKEN", &secret)]).await;
+    assert_eq!(scoped.status.code(), Some(1));
+    assert!(
+        stderr(&scoped).contains("insufficient_scope"),
+        "{}",
+        stderr(&scoped)
+    );
+
+    let models = cli(&app, dir, &["models", "list"], &[]).await;
+    assert!(stdout(&models).contains("sentiment"), "{}", stdout(&models));
+    let usage = json_of(&cli(&app, dir, &["usage", "--by-resource", "--json"], &[]).await);
+    assert!(
+        usage["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|row| row["key"] == "model:sentiment"),
+        "{usage}"
+    );
+    let missing = cli(
+        &app,
+        dir,
+        &["keys", "revoke", "key_01jdoesnotexist00000000000"],
+        &[],
+    )
+    .await;
+    assert_eq!(missing.status.code(), Some(1), "{}", stderr(&missing));
+
+    // Plugins: the tenant reads its installation's records and logs.
+    let author = app.tenant().await;
+    let tenant = plinth_tests::TestTenant {
+        owner: app.client().with_token(&session.token),
+        client: app.client().with_token(&secret),
+        key: created_key(&app, &session.token).await,
+        session: session.clone(),
+    };
+    let installed = app.install_plugin(&author, &tenant, "hostile", json!({})).await;
+    let failed = tenant
+        .owner
+        .invoke(&installed.id, &json!({ "do": "log-then-fail" }))
+        .await
+        .unwrap_err();
+    assert_eq!(failed.code(), Some(plinth_sdk::ErrorCode::PluginFailed));
+    let mut logs = String::new();
+    for _ in 0..100 {
+        logs = stdout(&cli(&app, dir, &["plugin", "logs", installed.id.as_str()], &[]).await);
+        if logs.contains("about to fail on purpose") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        logs.contains("warn") && logs.contains("about to fail on purpose"),
+        "{logs}"
+    );
+    let records = json_of(
+        &cli(
+            &app,
+            dir,
+            &["plugin", "invocations", installed.id.as_str(), "--json"],
+            &[],
+        )
+        .await,
+    );
+    assert_eq!(records[0]["outcome"], "plugin_failed");
+
+    // An author publishes from the command line; the checks' findings are printed.
+    let author_dir = tempfile::tempdir().unwrap();
+    let token_env = [("PLINTH_TOKEN", author.session.token.as_str())];
+    let (mut manifest, component) = built_plugin("hostile");
+    manifest.version = "9.9.9".into();
+    let manifest_path = author_dir.path().join("plugin.json");
+    let component_path = author_dir.path().join("hostile.wasm");
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    std::fs::write(&component_path, component).unwrap();
+    let published = json_of(
+        &cli(
+            &app,
+            author_dir.path(),
+            &[
+                "plugin",
+                "publish",
+                "--manifest",
+                manifest_path.to_str().unwrap(),
+                "--component",
+                component_path.to_str().unwrap(),
+                "--json",
+            ],
+            &token_env,
+        )
+        .await,
+    );
+    assert_eq!(
+        (published["version"].as_str(), published["status"].as_str()),
+        (Some("9.9.9"), Some("pending"))
+    );
+
+    // Logging out ends the session on the server too.
+    let logout = cli(&app, dir, &["logout"], &[]).await;
+    assert!(logout.status.success(), "{}", stderr(&logout));
+    let after = cli(&app, dir, &["whoami"], &[]).await;
+    assert_eq!(after.status.code(), Some(3));
+    assert!(stderr(&after).contains("plinth-cli login"));
+    let ended = app.client().with_token(&cli_session).tenant().await.unwrap_err();
+    assert_eq!(ended.status(), Some(401));
+}
+
+async fn created_key(app: &TestApp, token: &str) -> plinth_sdk::CreatedApiKey {
+    app.client()
+        .with_token(token)
+        .create_api_key(&plinth_sdk::CreateApiKeyRequest {
+            name: "plugins".into(),
+            scopes: Some(plinth_sdk::Scope::ALL.to_vec()),
+            rate_limit_per_minute: None,
+            expires_at: None,
+        })
+        .await
+        .unwrap()
+}
