@@ -14,6 +14,7 @@
 
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use plinth_core::error::{ErrorBody, ProtocolErrorBody};
 use reqwest::{Method, StatusCode, header};
 use serde::Serialize;
@@ -80,7 +81,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct RetryPolicy {
     /// Retries after the first attempt; 0 disables retrying.
     pub max_retries: u32,
-    /// First back-off; doubles on each retry.
+    /// First back-off; doubles on each retry, plus a random jitter of up to this much.
     pub initial_backoff: Duration,
     /// A `Retry-After` longer than this is returned as an error rather than waited out.
     pub max_wait: Duration,
@@ -128,6 +129,8 @@ pub struct Client {
     base: Url,
     token: Option<String>,
     retry: RetryPolicy,
+    /// The `Idempotency-Key` billed calls carry; a fresh one per call when `None`.
+    idempotency_key: Option<String>,
 }
 
 /// Whether a request may be sent again after an ambiguous failure.
@@ -158,6 +161,7 @@ impl Client {
             base,
             token: None,
             retry: RetryPolicy::default(),
+            idempotency_key: None,
         })
     }
 
@@ -172,6 +176,30 @@ impl Client {
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
+    }
+
+    /// Sends `key` as the `Idempotency-Key` of the billed calls made through the returned client
+    /// (classify, embed, infer, invoke, echo), instead of a fresh key per call. Use it to make a call
+    /// your application may send again, after a crash or from another process, count once: within the
+    /// server's window, the same key and request get the first answer back and are not billed again.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let order = "order-1234-classification";
+    /// let answer = client.idempotent(order).classify("sentiment", &["Where is my parcel?"]).await?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn idempotent(&self, key: impl Into<String>) -> Self {
+        Self {
+            idempotency_key: Some(key.into()),
+            ..self.clone()
+        }
+    }
+
+    /// The key a billed call carries: the caller's, or a fresh one.
+    fn billed_key(&self) -> String {
+        self.idempotency_key.clone().unwrap_or_else(new_idempotency_key)
     }
 
     // ---- accounts ----
@@ -362,7 +390,7 @@ impl Client {
     /// The metered no-op: checks a key, its limits and metering end to end. A fresh idempotency key makes
     /// retries of this one call free.
     pub async fn echo(&self, body: &serde_json::Value) -> Result<EchoResponse> {
-        self.echo_with_key(body, &new_idempotency_key()).await
+        self.echo_with_key(body, &self.billed_key()).await
     }
 
     /// [`Self::echo`] with the caller's own idempotency key, to tie retries across processes together.
@@ -451,7 +479,7 @@ impl Client {
         let body = TextRequest {
             inputs: inputs.iter().map(|s| (*s).to_owned()).collect(),
         };
-        let key = new_idempotency_key();
+        let key = self.billed_key();
         self.call(
             Method::POST,
             &format!("/v1/models/{model}/classify"),
@@ -467,7 +495,7 @@ impl Client {
         let body = TextRequest {
             inputs: inputs.iter().map(|s| (*s).to_owned()).collect(),
         };
-        let key = new_idempotency_key();
+        let key = self.billed_key();
         self.call(
             Method::POST,
             &format!("/v1/models/{model}/embed"),
@@ -527,7 +555,7 @@ impl Client {
         version: u32,
         request: &InferRequest,
     ) -> Result<InferResponse> {
-        let key = new_idempotency_key();
+        let key = self.billed_key();
         self.call(
             Method::POST,
             &format!("/v2/models/{model}/versions/{version}/infer"),
@@ -545,7 +573,7 @@ impl Client {
 
     /// Open Inference Protocol v2 inference on tensors.
     pub async fn infer(&self, model: &str, request: &InferRequest) -> Result<InferResponse> {
-        let key = new_idempotency_key();
+        let key = self.billed_key();
         self.call(
             Method::POST,
             &format!("/v2/models/{model}/infer"),
@@ -699,7 +727,7 @@ impl Client {
         installation: &InstallationId,
         request: &serde_json::Value,
     ) -> Result<serde_json::Value> {
-        let key = new_idempotency_key();
+        let key = self.billed_key();
         self.call(
             Method::POST,
             &format!("/v1/installations/{installation}/invoke"),
@@ -837,8 +865,14 @@ impl Client {
             .base
             .join(path)
             .map_err(|err| Error::InvalidUrl(err.to_string()))?;
-        let mut backoff = self.retry.initial_backoff;
-        let mut attempt = 0;
+        // Exponential back-off with jitter, so clients that failed together do not retry together.
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(self.retry.initial_backoff)
+            .with_factor(2.0)
+            .with_max_delay(self.retry.max_wait)
+            .with_max_times(usize::try_from(self.retry.max_retries).unwrap_or(usize::MAX))
+            .with_jitter()
+            .build();
         loop {
             let mut request = self.http.request(method.clone(), url.clone());
             if let Some(token) = &self.token {
@@ -856,10 +890,10 @@ impl Client {
             };
             let wait = match &outcome {
                 Ok(response) if retryable_status(response) && replay == Replay::Safe => {
-                    Some(retry_after(response).unwrap_or(backoff))
+                    Some(retry_after(response))
                 }
                 Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
-                    Some(retry_after(response).unwrap_or(backoff))
+                    Some(retry_after(response))
                 }
                 // The same keyed request is still running elsewhere: its answer is coming.
                 Ok(response)
@@ -867,22 +901,19 @@ impl Client {
                         && idempotency_key.is_some()
                         && response.headers().contains_key(header::RETRY_AFTER) =>
                 {
-                    Some(retry_after(response).unwrap_or(backoff))
+                    Some(retry_after(response))
                 }
                 Err(err)
                     if err.is_connect()
                         || (replay == Replay::Safe && (err.is_timeout() || err.is_request())) =>
                 {
-                    Some(backoff)
+                    Some(None)
                 }
                 Ok(_) | Err(_) => None,
             };
-            match wait {
-                Some(wait) if attempt < self.retry.max_retries && wait <= self.retry.max_wait => {
-                    attempt += 1;
-                    tokio::time::sleep(wait).await;
-                    backoff = backoff.saturating_mul(2);
-                }
+            // `wait`: the server's Retry-After when it sent one, else the next back-off.
+            match wait.and_then(|hint| delays.next().map(|delay| hint.unwrap_or(delay))) {
+                Some(wait) if wait <= self.retry.max_wait => tokio::time::sleep(wait).await,
                 _ => return Ok(outcome?),
             }
         }

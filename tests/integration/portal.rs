@@ -297,3 +297,52 @@ async fn switching_to_an_organisation_one_does_not_belong_to_is_a_404_and_keeps_
             .contains(stranger.session.tenant.id.as_str())
     );
 }
+
+/// The installation page lists the installation's newest invocations, failures with what the plugin
+/// logged; another tenant's installation is a 404 page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_installation_page_lists_recent_invocations_with_their_logs() {
+    let app = TestApp::spawn().await;
+    let cookie = portal_signup(&app).await;
+    let owner = app.client().with_token(cookie.split_once('=').unwrap().1);
+    let (author, neighbour) = (app.tenant().await, app.tenant().await);
+    // Published and approved (and installed by a neighbour) on the way.
+    app.install_plugin(&author, &neighbour, "hostile", serde_json::json!({}))
+        .await;
+    let (manifest, _) = plinth_tests::built_plugin("hostile");
+    let installed = owner
+        .install_plugin(&plinth_sdk::InstallRequest {
+            plugin: "hostile".into(),
+            version: None,
+            approve_capabilities: manifest.capabilities.clone(),
+            approve_models: manifest.models.clone(),
+            settings: Default::default(),
+            secrets: Default::default(),
+        })
+        .await
+        .unwrap();
+    owner
+        .invoke(&installed.id, &serde_json::json!({ "do": "log-then-fail" }))
+        .await
+        .unwrap_err();
+    let path = format!("/portal/plugins/{}", installed.id);
+    let mut page = String::new();
+    for _ in 0..100 {
+        let response = portal_get(&app, &cookie, &path).await;
+        assert_eq!(response.status(), 200);
+        page = response.text().await.unwrap();
+        if page.contains("about to fail on purpose") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        page.contains("Recent invocations") && page.contains("plugin_failed"),
+        "{page}"
+    );
+    assert!(page.contains("about to fail on purpose"), "{page}");
+
+    let theirs = neighbour.owner.installations().await.unwrap();
+    let response = portal_get(&app, &cookie, &format!("/portal/plugins/{}", theirs[0].id)).await;
+    assert_eq!(response.status(), 404);
+}

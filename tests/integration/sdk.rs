@@ -159,3 +159,41 @@ async fn the_inference_protocol_is_typed_version_pinned_routes_included() {
         .unwrap();
     assert!(statistics.success_count >= 2, "{statistics:?}");
 }
+
+/// A key the application chooses makes a call it may send again count once: the repeat gets the first
+/// answer and is not billed; the same key with another request is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_chosen_idempotency_key_bills_a_repeated_call_once() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    let keyed = tenant.client.idempotent("order-1234-classification");
+    let first = keyed
+        .classify("sentiment", &["Where is my parcel?"])
+        .await
+        .unwrap();
+    let again = keyed
+        .classify("sentiment", &["Where is my parcel?"])
+        .await
+        .unwrap();
+    assert_eq!(first, again);
+    // Without it, each call is its own.
+    tenant
+        .client
+        .classify("sentiment", &["Where is my parcel?"])
+        .await
+        .unwrap();
+    let usage = tenant
+        .owner
+        .usage(&UsageQuery {
+            group_by: Some(UsageGrouping::Resource),
+            ..UsageQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(usage.total.calls, 2, "{usage:?}");
+    let reused = keyed
+        .classify("sentiment", &["something else"])
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), Some(ErrorCode::IdempotencyKeyReused));
+}

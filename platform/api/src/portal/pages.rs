@@ -1035,6 +1035,18 @@ async fn installation_page(
             None
         }
     };
+    let can_invoke = visitor.principal.has(Scope::Plugins);
+    let invocations = if can_invoke {
+        state
+            .store
+            .installation_invocations(&visitor.principal.tenant_id, id, 20)
+            .await?
+            .into_iter()
+            .map(view::InvocationRow::from)
+            .collect()
+    } else {
+        Vec::new()
+    };
     let chrome = chrome(state, visitor, "Installed plugin", "plugins").await?;
     Ok(page(
         status,
@@ -1044,11 +1056,12 @@ async fn installation_page(
             installation: view::InstalledRow::from(&installation),
             upgrade,
             can_manage: visitor.principal.has(Scope::Admin),
-            can_invoke: visitor.principal.has(Scope::Plugins),
+            can_invoke,
             csrf: visitor.csrf.clone(),
             input: extras.input.unwrap_or_else(|| "{}".to_owned()),
             answer: extras.answer,
             error: extras.error,
+            invocations,
         },
     ))
 }

@@ -615,6 +615,35 @@ pub(crate) struct InstallationPage {
     pub(crate) input: String,
     pub(crate) answer: Option<TryAnswer>,
     pub(crate) error: Option<String>,
+    /// The installation's newest invocation records (for those who may invoke it).
+    pub(crate) invocations: Vec<InvocationRow>,
+}
+
+/// One invocation record, as the installation page lists it.
+#[derive(Debug)]
+pub(crate) struct InvocationRow {
+    pub(crate) when: String,
+    pub(crate) outcome: String,
+    pub(crate) message: Option<String>,
+    pub(crate) duration_ms: u64,
+    pub(crate) compute_units: u64,
+    pub(crate) request_id: String,
+    /// `(level, message)`.
+    pub(crate) logs: Vec<(String, String)>,
+}
+
+impl From<plinth_core::plugins::InvocationRecord> for InvocationRow {
+    fn from(record: plinth_core::plugins::InvocationRecord) -> Self {
+        Self {
+            when: record.occurred_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            outcome: record.outcome,
+            message: record.message,
+            duration_ms: record.duration_ms,
+            compute_units: record.compute_units,
+            request_id: record.request_id,
+            logs: record.logs.into_iter().map(|l| (l.level, l.message)).collect(),
+        }
+    }
 }
 
 /// What a call from the try-it box answered.
