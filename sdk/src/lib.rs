@@ -786,6 +786,31 @@ impl Client {
         self.get(&format!("/v1/audit-log{query}")).await
     }
 
+    /// Every audit entry `query` matches, newest first, following the pages up to `max` entries.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let query = plinth_sdk::AuditQuery { action: Some("login".into()), ..Default::default() };
+    /// for entry in client.audit_log_all(&query, 1_000).await? {
+    ///     println!("{} {}", entry.created_at, entry.action);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn audit_log_all(&self, query: &AuditQuery, max: usize) -> Result<Vec<AuditEntry>> {
+        let mut query = query.clone();
+        let mut entries = Vec::new();
+        while entries.len() < max {
+            let page = self.audit_log(&query).await?;
+            entries.extend(page.entries);
+            match page.next_before {
+                Some(next) => query.before = Some(next),
+                None => break,
+            }
+        }
+        entries.truncate(max);
+        Ok(entries)
+    }
+
     // ---- operations ----
 
     /// Whether the server reports itself ready (database reachable, not shutting down).

@@ -151,6 +151,22 @@ async fn tenant_admins_read_who_did_what_from_where_and_nobody_else_does() {
     }
     let all: Vec<String> = log.entries.iter().map(|e| e.id.clone()).collect();
     assert_eq!(seen, all);
+    // The SDK's helper follows the same pages, and stops at its bound.
+    let small_pages = AuditQuery {
+        limit: Some(2),
+        ..Default::default()
+    };
+    let followed: Vec<String> = tenant
+        .owner
+        .audit_log_all(&small_pages, usize::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(followed, all);
+    let bounded = tenant.owner.audit_log_all(&small_pages, 3).await.unwrap();
+    assert_eq!(bounded.len(), 3.min(all.len()));
     let logins = tenant
         .owner
         .audit_log(&AuditQuery {
