@@ -13,9 +13,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let api = std::env::var("PLINTH_API_URL").unwrap_or_else(|_| "http://127.0.0.1:8080".to_owned());
     let key = std::env::var("PLINTH_API_KEY").map_err(|_| "set PLINTH_API_KEY to an API key")?;
     let mut args = std::env::args().skip(1);
-    let (job, text) = match (args.next(), args.next()) {
-        (Some(job), Some(text)) => (job, text),
-        _ => return Err("usage: exactly_once <job id> <text>".into()),
+    let (Some(job), Some(text)) = (args.next(), args.next()) else {
+        return Err("usage: exactly_once <job id> <text>".into());
     };
     let client = Client::new(&api)?.with_token(key);
 
