@@ -137,8 +137,60 @@ async fn a_developer_works_from_the_command_line() {
         stderr(&scoped)
     );
 
+    // A model of the tenant's own: uploaded, listed, served, deleted.
+    let files = tempfile::tempdir().unwrap();
+    let builtin = plinth_server::config::cache_dir().join("models");
+    let manifest = files.path().join("manifest.json");
+    std::fs::write(
+        &manifest,
+        json!({ "name": "cli-tone", "task": "text-classification", "labels": ["bad", "meh", "good"] })
+            .to_string(),
+    )
+    .unwrap();
+    let uploaded = json_of(
+        &cli(
+            &app,
+            dir,
+            &[
+                "models",
+                "upload",
+                "--manifest",
+                manifest.to_str().unwrap(),
+                "--model",
+                builtin.join("sentiment.onnx").to_str().unwrap(),
+                "--tokenizer",
+                builtin.join("tokenizer.json").to_str().unwrap(),
+                "--json",
+            ],
+            &[],
+        )
+        .await,
+    );
+    assert_eq!(
+        (uploaded["name"].as_str(), uploaded["version"].as_u64()),
+        (Some("cli-tone"), Some(1))
+    );
     let models = cli(&app, dir, &["models", "list"], &[]).await;
-    assert!(stdout(&models).contains("sentiment"), "{}", stdout(&models));
+    assert!(
+        stdout(&models).contains("sentiment") && stdout(&models).contains("cli-tone"),
+        "{}",
+        stdout(&models)
+    );
+    let own = json_of(
+        &cli(
+            &app,
+            dir,
+            &["classify", "cli-tone", "I love this product", "--json"],
+            &[],
+        )
+        .await,
+    );
+    assert_eq!(own["results"][0]["label"], "good");
+    let deleted = cli(&app, dir, &["models", "delete", "cli-tone"], &[]).await;
+    assert!(deleted.status.success(), "{}", stderr(&deleted));
+    let gone = cli(&app, dir, &["classify", "cli-tone", "hello"], &[]).await;
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(stderr(&gone).contains("not_found"), "{}", stderr(&gone));
     let usage = json_of(&cli(&app, dir, &["usage", "--by-resource", "--json"], &[]).await);
     assert!(
         usage["rows"]

@@ -108,6 +108,17 @@ enum KeysCommand {
 #[derive(Debug, Subcommand)]
 enum ModelsCommand {
     List,
+    /// Upload a model (a new version when the name exists): the ONNX file, its manifest (JSON: name,
+    /// task, labels…) and, for text models, the tokenizer.
+    Upload {
+        /// The model's manifest, e.g. `{"name": "support-tone", "task": "text-classification", "labels": [...]}`.
+        #[arg(long)]
+        manifest: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+    },
     /// Delete a tenant model, every version.
     Delete {
         name: String,
@@ -547,6 +558,26 @@ async fn models(context: &Shell, command: ModelsCommand) -> Outcome {
                         model.labels.join(" "),
                     ]);
                 }
+                out
+            })
+        }
+        ModelsCommand::Upload {
+            manifest,
+            model,
+            tokenizer,
+        } => {
+            let read = |path: &PathBuf, what: &str| {
+                std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+            };
+            let manifest_value: serde_json::Value = serde_json::from_slice(&read(&manifest, "manifest")?)
+                .with_context(|| format!("{} is not JSON", manifest.display()))?;
+            let bytes = read(&model, "model")?;
+            let tokenizer = tokenizer.as_ref().map(|t| read(t, "tokenizer")).transpose()?;
+            eprintln!("uploading {} ({} KiB)…", model.display(), bytes.len() >> 10);
+            let uploaded = client.upload_model(&manifest_value, bytes, tokenizer).await?;
+            context.print(&uploaded, |m| {
+                let mut out = table(&["name", "version", "labels"]);
+                out.add_row(vec![m.name.clone(), m.version.to_string(), m.labels.join(" ")]);
                 out
             })
         }
