@@ -81,7 +81,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct RetryPolicy {
     /// Retries after the first attempt; 0 disables retrying.
     pub max_retries: u32,
-    /// First back-off; doubles on each retry, plus a random jitter of up to this much.
+    /// First back-off; doubles on each retry (capped at `max_wait`), plus a random jitter of up to the
+    /// back-off itself.
     pub initial_backoff: Duration,
     /// A `Retry-After` longer than this is returned as an error rather than waited out.
     pub max_wait: Duration,
@@ -123,7 +124,7 @@ pub struct AuditQuery {
 }
 
 /// A Plinth API client. Cheap to clone; clones share the connection pool.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: Url,
@@ -131,6 +132,18 @@ pub struct Client {
     retry: RetryPolicy,
     /// The `Idempotency-Key` billed calls carry; a fresh one per call when `None`.
     idempotency_key: Option<String>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Credentials stay out of logs.
+        f.debug_struct("Client")
+            .field("base", &self.base.as_str())
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("retry", &self.retry)
+            .field("idempotency_key", &self.idempotency_key)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Whether a request may be sent again after an ambiguous failure.
@@ -182,6 +195,8 @@ impl Client {
     /// (classify, embed, infer, invoke, echo), instead of a fresh key per call. Use it to make a call
     /// your application may send again, after a crash or from another process, count once: within the
     /// server's window, the same key and request get the first answer back and are not billed again.
+    /// One key names one request: make a new `idempotent` client per logical request (a different
+    /// request under the same key is refused, `422 idempotency_key_reused`).
     ///
     /// ```no_run
     /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
@@ -801,10 +816,12 @@ impl Client {
         let mut entries = Vec::new();
         while entries.len() < max {
             let page = self.audit_log(&query).await?;
+            let empty = page.entries.is_empty();
             entries.extend(page.entries);
             match page.next_before {
-                Some(next) => query.before = Some(next),
-                None => break,
+                // A cursor that does not move on (or an empty page) would loop forever.
+                Some(next) if !empty && query.before.as_ref() != Some(&next) => query.before = Some(next),
+                _ => break,
             }
         }
         entries.truncate(max);
@@ -936,10 +953,19 @@ impl Client {
                 }
                 Ok(_) | Err(_) => None,
             };
-            // `wait`: the server's Retry-After when it sent one, else the next back-off.
-            match wait.and_then(|hint| delays.next().map(|delay| hint.unwrap_or(delay))) {
-                Some(wait) if wait <= self.retry.max_wait => tokio::time::sleep(wait).await,
-                _ => return Ok(outcome?),
+            // The server's Retry-After when it sent one (beyond `max_wait`: give up now), else the
+            // next back-off, which never exceeds `max_wait`.
+            let pause = wait.and_then(|hint| {
+                let delay = delays.next()?;
+                match hint {
+                    Some(asked) if asked > self.retry.max_wait => None,
+                    Some(asked) => Some(asked),
+                    None => Some(delay.min(self.retry.max_wait)),
+                }
+            });
+            match pause {
+                Some(pause) => tokio::time::sleep(pause).await,
+                None => return Ok(outcome?),
             }
         }
     }

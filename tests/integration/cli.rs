@@ -200,14 +200,12 @@ async fn a_developer_works_from_the_command_line() {
             .any(|row| row["key"] == "model:sentiment"),
         "{usage}"
     );
-    let missing = cli(
-        &app,
-        dir,
-        &["keys", "revoke", "key_01jdoesnotexist00000000000"],
-        &[],
-    )
-    .await;
+    let unknown = format!("key_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
+    let missing = cli(&app, dir, &["keys", "revoke", &unknown], &[]).await;
     assert_eq!(missing.status.code(), Some(1), "{}", stderr(&missing));
+    assert!(stderr(&missing).contains("not_found"), "{}", stderr(&missing));
+    let malformed = cli(&app, dir, &["keys", "revoke", "not-a-key"], &[]).await;
+    assert_eq!(malformed.status.code(), Some(2), "{}", stderr(&malformed));
 
     // Plugins: the tenant reads its installation's records and logs.
     let author = app.tenant().await;
@@ -234,6 +232,11 @@ async fn a_developer_works_from_the_command_line() {
     }
     assert!(
         logs.contains("warn") && logs.contains("about to fail on purpose"),
+        "{logs}"
+    );
+    // The plugin's attempt to retitle the terminal arrives as text, not as an escape sequence.
+    assert!(
+        !logs.contains('\u{1b}') && logs.contains("\\u{1b}]0;pwned"),
         "{logs}"
     );
     let records = json_of(

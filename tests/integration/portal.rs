@@ -341,6 +341,12 @@ async fn the_installation_page_lists_recent_invocations_with_their_logs() {
         "{page}"
     );
     assert!(page.contains("about to fail on purpose"), "{page}");
+    // What the plugin logged is shown as text, never run as markup.
+    assert!(!page.contains("<script>alert(1)</script>"), "{page}");
+    assert!(
+        page.contains("&#60;script&#62;alert(1)&#60;/script&#62;"),
+        "{page}"
+    );
 
     let theirs = neighbour.owner.installations().await.unwrap();
     let response = portal_get(&app, &cookie, &format!("/portal/plugins/{}", theirs[0].id)).await;

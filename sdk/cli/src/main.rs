@@ -156,6 +156,8 @@ enum PluginCommand {
 #[derive(Debug)]
 enum Failure {
     Refused(plinth_sdk::Error),
+    /// An argument the command line could not use (exit 2, as clap's own).
+    Usage(String),
     NotLoggedIn(String),
     Unreachable(anyhow::Error),
     Local(anyhow::Error),
@@ -163,9 +165,17 @@ enum Failure {
 
 impl From<plinth_sdk::Error> for Failure {
     fn from(err: plinth_sdk::Error) -> Self {
-        match err.status() {
-            Some(status) if (400..500).contains(&status) => Self::Refused(err),
-            _ => Self::Unreachable(err.into()),
+        match (&err, err.status()) {
+            (_, Some(status)) if (400..500).contains(&status) => Self::Refused(err),
+            (plinth_sdk::Error::Transport(_), _) | (plinth_sdk::Error::Api { .. }, _) => {
+                Self::Unreachable(err.into())
+            }
+            (plinth_sdk::Error::Decode { status, .. }, _) if *status >= 500 => Self::Unreachable(err.into()),
+            // An answer this version does not understand, or a bad URL: not the network's fault.
+            _ => Self::Local(
+                anyhow::Error::from(err)
+                    .context("unexpected answer (is this plinth-cli as new as the server?)"),
+            ),
         }
     }
 }
@@ -182,9 +192,17 @@ impl Failure {
             Self::Refused(err) => {
                 eprintln!("error: {}", refused_message(err));
                 if err.status() == Some(401) {
-                    eprintln!("hint: log in again with `plinth-cli login --email you@example.com`");
+                    if token_from_environment().is_some() {
+                        eprintln!("hint: the token in PLINTH_TOKEN was refused; unset it or replace it");
+                    } else {
+                        eprintln!("hint: log in again with `plinth-cli login --email you@example.com`");
+                    }
                 }
                 ExitCode::from(1)
+            }
+            Self::Usage(message) => {
+                eprintln!("error: {message}");
+                ExitCode::from(2)
             }
             Self::NotLoggedIn(profile) => {
                 eprintln!(
@@ -263,9 +281,7 @@ impl Shell {
 
     /// A client with the profile's credentials (PLINTH_TOKEN overrides them).
     fn client(&self) -> Result<Client, Failure> {
-        let token = std::env::var("PLINTH_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty())
+        let token = token_from_environment()
             .or_else(|| self.profile().token)
             .ok_or_else(|| Failure::NotLoggedIn(self.global.profile.clone()))?;
         Ok(self.anonymous()?.with_token(token))
@@ -274,14 +290,10 @@ impl Shell {
     /// Prints `value` as JSON with `--json`, else the table `table` makes of it.
     fn print<T: Serialize>(&self, value: &T, table: impl FnOnce(&T) -> Table) -> Outcome {
         if self.global.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(value).context("cannot encode the answer")?
-            );
+            emit(&serde_json::to_string_pretty(value).context("cannot encode the answer")?)
         } else {
-            println!("{}", table(value));
+            emit(&table(value).to_string())
         }
-        Ok(())
     }
 }
 
@@ -290,6 +302,45 @@ fn micros(amount: plinth_sdk::Micros) -> String {
     let sign = if amount.0 < 0 { "-" } else { "" };
     let abs = amount.0.unsigned_abs();
     format!("{sign}{}.{:06}", abs / 1_000_000, abs % 1_000_000)
+}
+
+/// The token PLINTH_TOKEN names, which overrides the profile's for one command.
+fn token_from_environment() -> Option<String> {
+    std::env::var("PLINTH_TOKEN").ok().filter(|t| !t.is_empty())
+}
+
+/// Text a plugin (or anyone but this program) wrote, made safe for a terminal: control characters
+/// (escape sequences that retitle the terminal, write the clipboard or forge lines) are shown escaped.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() && c != '\t' {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
+}
+
+/// Writes a line to standard output; a reader that went away (`| head`) ends the output quietly.
+fn emit(line: &str) -> Outcome {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(err) => Err(Failure::Local(
+            anyhow::Error::from(err).context("cannot write the output"),
+        )),
+    }
+}
+
+/// Cents as an amount with its currency, e.g. `-1.50 USD`.
+fn cents(amount: i64, currency: &str) -> String {
+    let sign = if amount < 0 { "-" } else { "" };
+    let abs = amount.unsigned_abs();
+    format!("{sign}{}.{:02} {}", abs / 100, abs % 100, currency.to_uppercase())
 }
 
 fn table(header: &[&str]) -> Table {
@@ -304,6 +355,13 @@ fn secret_from(variable: &str, what: &str) -> Result<String> {
         && !value.is_empty()
     {
         return Ok(value);
+    }
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        // Typed at a terminal it would be echoed, and kept in the scrollback.
+        anyhow::bail!(
+            "set {variable}, or pipe the {what} on standard input (it is not read from a terminal)"
+        );
     }
     let mut line = String::new();
     std::io::stdin()
@@ -396,12 +454,7 @@ async fn run(cli: Cli) -> Outcome {
                         ),
                         statement.plan.clone(),
                         statement.calls.to_string(),
-                        format!(
-                            "{}.{:02} {}",
-                            statement.total_cents / 100,
-                            statement.total_cents % 100,
-                            statement.currency.to_uppercase()
-                        ),
+                        cents(statement.total_cents, &statement.currency),
                         statement
                             .invoice
                             .as_ref()
@@ -417,6 +470,9 @@ async fn run(cli: Cli) -> Outcome {
 
 async fn login(context: &mut Shell, email: Option<String>, api_key: bool) -> Outcome {
     let api = context.api();
+    if token_from_environment().is_some() {
+        eprintln!("warning: PLINTH_TOKEN is set: commands use it, not the credentials stored now");
+    }
     let (token, tenant) = if api_key {
         let key = secret_from("PLINTH_API_KEY", "API key")?;
         let tenant = context.anonymous()?.with_token(&key).tenant().await?;
@@ -455,6 +511,9 @@ async fn login(context: &mut Shell, email: Option<String>, api_key: bool) -> Out
 async fn logout(context: &mut Shell) -> Outcome {
     let name = context.global.profile.clone();
     let mut profile = context.profile();
+    if token_from_environment().is_some() {
+        eprintln!("warning: PLINTH_TOKEN is set and stays usable: logout ends only the profile's session");
+    }
     let Some(token) = profile.token.take() else {
         return Err(Failure::NotLoggedIn(name));
     };
@@ -503,10 +562,12 @@ async fn keys(context: &Shell, command: KeysCommand) -> Outcome {
                 .iter()
                 .map(|s| {
                     s.parse::<Scope>().map_err(|_| {
-                        anyhow!("unknown scope `{s}`: use inference, plugins, billing:read or admin")
+                        Failure::Usage(format!(
+                            "unknown scope `{s}`: use inference, plugins, billing:read or admin"
+                        ))
                     })
                 })
-                .collect::<Result<Vec<_>>>()?;
+                .collect::<Result<Vec<_>, Failure>>()?;
             let created = client
                 .create_api_key(&CreateApiKeyRequest {
                     name,
@@ -522,9 +583,11 @@ async fn keys(context: &Shell, command: KeysCommand) -> Outcome {
             })
         }
         KeysCommand::Revoke { id } => {
-            let id: KeyId = id
-                .parse()
-                .map_err(|_| anyhow!("`{id}` is not a key id (key_…); `plinth-cli keys list` shows them"))?;
+            let id: KeyId = id.parse().map_err(|_| {
+                Failure::Usage(format!(
+                    "`{id}` is not a key id (key_…); `plinth-cli keys list` shows them"
+                ))
+            })?;
             let revoked = client.revoke_api_key(&id).await?;
             context.print(&revoked, |k| {
                 let mut out = table(&["id", "name", "revoked"]);
@@ -589,9 +652,12 @@ async fn models(context: &Shell, command: ModelsCommand) -> Outcome {
     }
 }
 
-fn installation_id(raw: &str) -> Result<InstallationId> {
-    raw.parse()
-        .map_err(|_| anyhow!("`{raw}` is not an installation id (ins_…); GET /v1/installations lists them"))
+fn installation_id(raw: &str) -> Result<InstallationId, Failure> {
+    raw.parse().map_err(|_| {
+        Failure::Usage(format!(
+            "`{raw}` is not an installation id (ins_…); GET /v1/installations lists them"
+        ))
+    })
 }
 
 async fn plugin(context: &Shell, command: PluginCommand) -> Outcome {
@@ -640,7 +706,7 @@ async fn plugin(context: &Shell, command: PluginCommand) -> Outcome {
                         r.version.clone(),
                         r.message
                             .as_ref()
-                            .map_or(r.outcome.clone(), |m| format!("{}: {m}", r.outcome)),
+                            .map_or(r.outcome.clone(), |m| format!("{}: {}", r.outcome, printable(m))),
                         r.duration_ms.to_string(),
                         r.compute_units.to_string(),
                         r.request_id.clone(),
@@ -658,13 +724,13 @@ async fn plugin(context: &Shell, command: PluginCommand) -> Outcome {
             }
             for record in records.iter().rev() {
                 for line in &record.logs {
-                    println!(
+                    emit(&format!(
                         "{} {} {:<5} {}",
                         record.occurred_at.format("%H:%M:%S%.3f"),
                         record.id,
-                        line.level,
-                        line.message
-                    );
+                        printable(&line.level),
+                        printable(&line.message)
+                    ))?;
                 }
             }
             Ok(())
@@ -684,5 +750,25 @@ async fn plugin(context: &Shell, command: PluginCommand) -> Outcome {
                 out
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_from_plugins_are_shown_not_obeyed() {
+        assert_eq!(printable("plain\ttext"), "plain\ttext");
+        assert_eq!(printable("\u{1b}]0;pwned\u{7}"), "\\u{1b}]0;pwned\\u{7}");
+        assert_eq!(printable("two\nlines"), "two\\nlines");
+    }
+
+    #[test]
+    fn amounts_keep_their_sign() {
+        assert_eq!(cents(-150, "usd"), "-1.50 USD");
+        assert_eq!(cents(-50, "eur"), "-0.50 EUR");
+        assert_eq!(cents(1234, "usd"), "12.34 USD");
+        assert_eq!(micros(plinth_sdk::Micros(-1_500_000)), "-1.500000");
     }
 }

@@ -11,11 +11,20 @@ use serde::{Deserialize, Serialize};
 /// The API a fresh profile talks to: `make run` on this machine.
 pub const DEFAULT_API: &str = "http://127.0.0.1:8080";
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct Profile {
     pub api: Option<String>,
     /// A session token (`pls_…`, from `login`) or an API key (`plk_…`).
     pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Profile")
+            .field("api", &self.api)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -58,27 +67,30 @@ impl Profiles {
         }
     }
 
-    /// Writes the profiles, readable and writable by the user alone (they hold credentials).
+    /// Writes the profiles, readable and writable by the user alone (they hold credentials): into a
+    /// new file of a name nobody could have prepared (created 0600), synced, then moved over the old
+    /// one, so a reader sees the old file or the new one, never half of one.
     pub fn save(&self) -> Result<()> {
         let path = path()?;
         let dir = path.parent().context("profiles path has no directory")?;
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         let text = toml::to_string(self).context("cannot encode the profiles")?;
-        // Written whole next to the old file, then moved over it: never half a file.
-        let partial = dir.join("profiles.toml.partial");
+        let mut file = tempfile::NamedTempFile::new_in(dir)
+            .with_context(|| format!("cannot write in {}", dir.display()))?;
         {
             use std::io::Write;
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut file = options
-                .open(&partial)
-                .with_context(|| format!("cannot write {}", partial.display()))?;
             file.write_all(text.as_bytes())?;
-            file.sync_all()?;
+            file.as_file().sync_all()?;
         }
-        std::fs::rename(&partial, &path).with_context(|| format!("cannot write {}", path.display()))
+        file.persist(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
     }
 
     pub fn get(&self, name: &str) -> Profile {

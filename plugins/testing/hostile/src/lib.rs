@@ -42,6 +42,8 @@ impl Plugin for Hostile {
             // A failure with a trail: what its invocation record must keep.
             "log-then-fail" => {
                 log::warn("about to fail on purpose");
+                // Text meant for a terminal or a page, not for the record's reader to run.
+                log::info("\u{1b}]0;pwned\u{7}<script>alert(1)</script>");
                 Err(Error::failed("gave up on purpose"))
             }
             "log-flood" => {
