@@ -62,7 +62,8 @@ if [ -n "${production_mode[0]}" ] && [ -n "${production_mode[1]}" ]; then
   echo "== end-to-end tests: Postgres + Redis"
   # The chaos test starts the `plinth` binary, the command line's test `plinth-cli`: make sure both
   # are current.
-  cargo build --locked -p plinth-server --bin plinth -p plinth-cli
+  cargo build --locked -p plinth-server --bin plinth
+  cargo build --locked -p plinth-cli
   cargo test --locked -p plinth-tests --test integration
 else
   echo "== Postgres + Redis skipped: set PLINTH_TEST_DATABASE_URL and PLINTH_TEST_REDIS_URL to run them"
