@@ -98,6 +98,25 @@ async fn a_developer_works_from_the_command_line() {
         assert_eq!(mode & 0o077, 0, "credentials readable by others: {mode:o}");
     }
 
+    // Two logins at once into two more profiles: neither loses the other's.
+    let password = [("PLINTH_PASSWORD", PASSWORD)];
+    let first_args = ["--profile", "first", "login", "--email", email.as_str()];
+    let second_args = ["--profile", "second", "login", "--email", email.as_str()];
+    let (first, second) = tokio::join!(
+        cli(&app, dir, &first_args, &password),
+        cli(&app, dir, &second_args, &password),
+    );
+    assert!(
+        first.status.success() && second.status.success(),
+        "{}{}",
+        stderr(&first),
+        stderr(&second)
+    );
+    let profiles = std::fs::read_to_string(dir.join("profiles.toml")).unwrap();
+    for profile in ["profiles.default", "profiles.first", "profiles.second"] {
+        assert!(profiles.contains(profile), "{profile} lost: {profiles}");
+    }
+
     let whoami = json_of(&cli(&app, dir, &["whoami", "--json"], &[]).await);
     assert_eq!(whoami["id"], session.tenant.id.to_string());
 

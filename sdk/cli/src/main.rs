@@ -376,13 +376,13 @@ fn secret_from(variable: &str, what: &str) -> Result<String> {
 }
 
 async fn run(cli: Cli) -> Outcome {
-    let mut context = Shell {
+    let context = Shell {
         profiles: Profiles::load()?,
         global: cli.global,
     };
     match cli.command {
-        Command::Login { email, api_key } => login(&mut context, email, api_key).await,
-        Command::Logout => logout(&mut context).await,
+        Command::Login { email, api_key } => login(&context, email, api_key).await,
+        Command::Logout => logout(&context).await,
         Command::Whoami => {
             let tenant = context.client()?.tenant().await?;
             context.print(&tenant, |t| {
@@ -468,7 +468,7 @@ async fn run(cli: Cli) -> Outcome {
     }
 }
 
-async fn login(context: &mut Shell, email: Option<String>, api_key: bool) -> Outcome {
+async fn login(context: &Shell, email: Option<String>, api_key: bool) -> Outcome {
     let api = context.api();
     if token_from_environment().is_some() {
         eprintln!("warning: PLINTH_TOKEN is set: commands use it, not the credentials stored now");
@@ -491,14 +491,12 @@ async fn login(context: &mut Shell, email: Option<String>, api_key: bool) -> Out
         (session.token, session.tenant)
     };
     let name = context.global.profile.clone();
-    context.profiles.set(
-        &name,
-        Profile {
+    Profiles::update(&name, |profile| {
+        *profile = Profile {
             api: Some(api.clone()),
             token: Some(token),
-        },
-    );
-    context.profiles.save()?;
+        };
+    })?;
     eprintln!(
         "logged in to {api} as tenant {} ({}); profile `{name}` saved in {}",
         tenant.name,
@@ -508,13 +506,12 @@ async fn login(context: &mut Shell, email: Option<String>, api_key: bool) -> Out
     Ok(())
 }
 
-async fn logout(context: &mut Shell) -> Outcome {
+async fn logout(context: &Shell) -> Outcome {
     let name = context.global.profile.clone();
-    let mut profile = context.profile();
     if token_from_environment().is_some() {
         eprintln!("warning: PLINTH_TOKEN is set and stays usable: logout ends only the profile's session");
     }
-    let Some(token) = profile.token.take() else {
+    let Some(token) = context.profile().token else {
         return Err(Failure::NotLoggedIn(name));
     };
     if token.starts_with("pls_") {
@@ -525,8 +522,12 @@ async fn logout(context: &mut Shell) -> Outcome {
             Err(err) => return Err(err.into()),
         }
     }
-    context.profiles.set(&name, profile);
-    context.profiles.save()?;
+    // Only the token this command ended goes: another command may have changed the profile since.
+    Profiles::update(&name, |stored| {
+        if stored.token.as_deref() == Some(token.as_str()) {
+            stored.token = None;
+        }
+    })?;
     eprintln!("logged out; profile `{name}` keeps no credentials");
     Ok(())
 }

@@ -47,6 +47,17 @@ pub fn config_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".config").join("plinth"))
 }
 
+/// Creates `dir` (and its parents) readable by the user alone, if it is missing.
+fn create_private_dir(dir: &std::path::Path) -> Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
+}
+
 fn path() -> Result<PathBuf> {
     Ok(config_dir()?.join("profiles.toml"))
 }
@@ -73,13 +84,7 @@ impl Profiles {
     pub fn save(&self) -> Result<()> {
         let path = path()?;
         let dir = path.parent().context("profiles path has no directory")?;
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder
-            .create(dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        create_private_dir(dir)?;
         let text = toml::to_string(self).context("cannot encode the profiles")?;
         let mut file = tempfile::NamedTempFile::new_in(dir)
             .with_context(|| format!("cannot write in {}", dir.display()))?;
@@ -91,6 +96,27 @@ impl Profiles {
         file.persist(&path)
             .with_context(|| format!("cannot write {}", path.display()))?;
         Ok(())
+    }
+
+    /// Changes one profile: under an exclusive lock on the profiles (so two commands at once cannot
+    /// lose each other's change), reads them as they are now, applies `change`, writes them back.
+    pub fn update(name: &str, change: impl FnOnce(&mut Profile)) -> Result<()> {
+        let dir = config_dir()?;
+        create_private_dir(&dir)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("profiles.lock"))
+            .with_context(|| format!("cannot lock the profiles in {}", dir.display()))?;
+        lock.lock()
+            .with_context(|| format!("cannot lock the profiles in {}", dir.display()))?;
+        let mut profiles = Self::load()?;
+        let mut profile = profiles.get(name);
+        change(&mut profile);
+        profiles.set(name, profile);
+        profiles.save()
+        // The lock goes with `lock`.
     }
 
     pub fn get(&self, name: &str) -> Profile {
