@@ -832,11 +832,7 @@ impl Client {
 
     /// Whether the server reports itself ready (database reachable, not shutting down).
     pub async fn ready(&self) -> Result<bool> {
-        match self.get::<ServerReady>("/v2/health/ready").await {
-            Ok(ready) => Ok(ready.ready),
-            Err(Error::Decode { status: 503, .. }) => Ok(false),
-            Err(err) => Err(err),
-        }
+        self.readiness("/v2/health/ready").await
     }
 
     /// Whether the server process answers at all (the liveness probe).

@@ -498,21 +498,9 @@ async fn invocations_leave_records_for_the_tenant_and_a_redacted_view_for_the_au
 
     // The author: daily counts per version, and only once several tenants called; nothing of theirs.
     assert_eq!(author.owner.invocation_summary("hostile").await.unwrap(), []);
-    let (manifest, _) = built_plugin("hostile");
     for _ in 0..2 {
         let another = app.tenant().await;
-        let theirs = another
-            .owner
-            .install_plugin(&InstallRequest {
-                plugin: "hostile".into(),
-                version: None,
-                approve_capabilities: manifest.capabilities.clone(),
-                approve_models: manifest.models.clone(),
-                settings: Default::default(),
-                secrets: Default::default(),
-            })
-            .await
-            .unwrap();
+        let theirs = plinth_tests::install_listed(&another.owner, "hostile").await;
         another
             .client
             .invoke(&theirs.id, &json!({ "do": "echo" }))

@@ -309,18 +309,7 @@ async fn the_installation_page_lists_recent_invocations_with_their_logs() {
     // Published and approved (and installed by a neighbour) on the way.
     app.install_plugin(&author, &neighbour, "hostile", serde_json::json!({}))
         .await;
-    let (manifest, _) = plinth_tests::built_plugin("hostile");
-    let installed = owner
-        .install_plugin(&plinth_sdk::InstallRequest {
-            plugin: "hostile".into(),
-            version: None,
-            approve_capabilities: manifest.capabilities.clone(),
-            approve_models: manifest.models.clone(),
-            settings: Default::default(),
-            secrets: Default::default(),
-        })
-        .await
-        .unwrap();
+    let installed = plinth_tests::install_listed(&owner, "hostile").await;
     owner
         .invoke(&installed.id, &serde_json::json!({ "do": "log-then-fail" }))
         .await

@@ -409,6 +409,23 @@ impl TestApp {
     }
 }
 
+/// Installs the built plugin `name`, already listed and approved, for the caller of `client`, with
+/// everything its manifest asks for approved.
+pub async fn install_listed(client: &Client, name: &str) -> plinth_sdk::Installation {
+    let (manifest, _) = built_plugin(name);
+    client
+        .install_plugin(&plinth_sdk::InstallRequest {
+            plugin: manifest.name.clone(),
+            version: None,
+            approve_capabilities: manifest.capabilities.clone(),
+            approve_models: manifest.models.clone(),
+            settings: serde_json::Map::new(),
+            secrets: std::collections::BTreeMap::new(),
+        })
+        .await
+        .expect("install")
+}
+
 /// A fresh sealing key, as `PLINTH_SECRET_KEY` takes it.
 #[must_use]
 pub fn sealing_key() -> String {
