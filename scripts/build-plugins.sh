@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds every plugin in plugins/ into a WebAssembly component and copies each, with its manifest, to
 # $PLINTH_CACHE_DIR/plugins/<name>.wasm and <name>.json: Rust crates for wasm32-wasip2, Python apps
-# (app.py) with componentize-py.
+# (app.py) with componentize-py, JavaScript modules (app.js) with componentize-js.
 #
 # With rustup and `rustup target add wasm32-wasip2` this is a plain cargo build. Where rustup has no
 # wasm target (offline mirrors), Debian's rustc-web toolchain (1.96, with std sources) builds std for
@@ -37,12 +37,12 @@ else
   built="$target_dir/debian/wasm32-wasip2/release"
 fi
 
-for dir in template examples/* testing/*; do
+for dir in templates/rust examples/* testing/*; do
   [ -f "$dir/Cargo.toml" ] || continue
   manifest="$dir/plugin.json"
   name=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["name"])' "$manifest")
   crate=$(basename "$dir")
-  [ "$crate" = template ] && crate=hello
+  [ "$dir" = templates/rust ] && crate=hello
   cp "$built/${crate//-/_}.wasm" "$out/$name.wasm"
   cp "$manifest" "$out/$name.json"
 done
@@ -55,7 +55,7 @@ if ! "$venv/bin/componentize-py" --version >/dev/null 2>&1; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q "componentize-py==0.25.*"
 fi
-for app in examples/*/app.py; do
+for app in templates/python/app.py examples/*/app.py; do
   dir=$(dirname "$app")
   name=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["name"])' "$dir/plugin.json")
   cp "$dir/plugin.json" "$out/$name.json"
@@ -65,4 +65,25 @@ for app in examples/*/app.py; do
       componentize app -o "$out/$name.wasm" >/dev/null)
   fi
 done
+# JavaScript plugins (an app.js beside plugin.json), with componentize-js (StarlingMonkey) from npm.
+componentize_js_version=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["devDependencies"]["@bytecodealliance/componentize-js"])' templates/js/package.json)
+node_tools="$cache/node-plugins"
+componentize_js="$node_tools/node_modules/.bin/componentize-js"
+if [ "$("$componentize_js" --version 2>/dev/null)" != "$componentize_js_version" ]; then
+  echo "== installing componentize-js $componentize_js_version into $node_tools"
+  mkdir -p "$node_tools"
+  npm install --prefix "$node_tools" --no-audit --no-fund --loglevel=error \
+    "@bytecodealliance/componentize-js@$componentize_js_version"
+fi
+for app in templates/js/app.js examples/*/app.js; do
+  [ -f "$app" ] || continue
+  dir=$(dirname "$app")
+  name=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["name"])' "$dir/plugin.json")
+  cp "$dir/plugin.json" "$out/$name.json"
+  if [ ! "$out/$name.wasm" -nt "$app" ] || [ ! "$out/$name.wasm" -nt wit/0.1.0/plugin.wit ]; then
+    "$componentize_js" "$app" --wit wit/0.1.0 --world-name plugin --disable http fetch-event \
+      -o "$out/$name.wasm" >/dev/null
+  fi
+done
+
 echo "plugins built into $out: $(cd "$out" && ls *.wasm | tr '\n' ' ')"

@@ -13,6 +13,7 @@ mod m0006_trust;
 mod m0007_isolation;
 mod m0008_row_security;
 mod m0009_invocations;
+mod m0010_replay;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -30,6 +31,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0007_isolation::Migration),
             Box::new(m0008_row_security::Migration),
             Box::new(m0009_invocations::Migration),
+            Box::new(m0010_replay::Migration),
         ]
     }
 }

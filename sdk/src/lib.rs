@@ -132,6 +132,8 @@ pub struct Client {
     retry: RetryPolicy,
     /// The `Idempotency-Key` billed calls carry; a fresh one per call when `None`.
     idempotency_key: Option<String>,
+    /// Whether plugin invocations ask to be recorded in full (`Plinth-Record: full`).
+    record: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -175,6 +177,7 @@ impl Client {
             token: None,
             retry: RetryPolicy::default(),
             idempotency_key: None,
+            record: false,
         })
     }
 
@@ -753,6 +756,72 @@ impl Client {
         .await
     }
 
+    /// Invokes an installed plugin and has the invocation recorded in full (`Plinth-Record: full`):
+    /// the request, and every call the plugin makes to the platform with its answer. Returns the answer
+    /// and the invocation's id, whose record [`Client::invocation_record`] reads; a failed invocation
+    /// is recorded too (find it with [`Client::invocations`]).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client, installation: plinth_sdk::InstallationId) -> plinth_sdk::Result<()> {
+    /// let (answer, invocation) = client
+    ///     .invoke_recorded(&installation, &serde_json::json!({ "text": "Where is my parcel?" }))
+    ///     .await?;
+    /// if let Some(invocation) = invocation {
+    ///     let record = client.invocation_record(&installation, &invocation).await?;
+    ///     println!("{answer}: {} host calls", record.host_calls.len());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn invoke_recorded(
+        &self,
+        installation: &InstallationId,
+        request: &serde_json::Value,
+    ) -> Result<(serde_json::Value, Option<InvocationId>)> {
+        let key = self.billed_key();
+        let recording = Self {
+            record: true,
+            ..self.clone()
+        };
+        let response = recording
+            .send(
+                Method::POST,
+                &format!("/v1/installations/{installation}/invoke"),
+                Some(request),
+                Some(&key),
+                Replay::Safe,
+            )
+            .await?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(error_from(response).await);
+        }
+        let invocation = response
+            .headers()
+            .get("Plinth-Invocation-Id")
+            .and_then(|id| id.to_str().ok())
+            .and_then(|id| id.parse().ok());
+        let bytes = response.bytes().await?;
+        let answer = serde_json::from_slice(&bytes).map_err(|err| Error::Decode {
+            status: status.as_u16(),
+            detail: err.to_string(),
+        })?;
+        Ok((answer, invocation))
+    }
+
+    /// An invocation recorded in full: what `plinth-cli plugin replay` runs a component against.
+    /// Not found unless it was recorded (see [`Client::invoke_recorded`] and an installation's
+    /// `record_failures`).
+    pub async fn invocation_record(
+        &self,
+        installation: &InstallationId,
+        invocation: &InvocationId,
+    ) -> Result<RecordedInvocation> {
+        self.get(&format!(
+            "/v1/installations/{installation}/invocations/{invocation}/record"
+        ))
+        .await
+    }
+
     /// The installation's newest invocation records, newest first (at most `limit`, 1-200): how each
     /// ended, what it cost and what the plugin logged.
     pub async fn invocations(
@@ -918,6 +987,9 @@ impl Client {
             }
             if let Some(key) = idempotency_key {
                 request = request.header("Idempotency-Key", key);
+            }
+            if self.record {
+                request = request.header("Plinth-Record", "full");
             }
             if let Some(body) = body {
                 request = request.json(body);

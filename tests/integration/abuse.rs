@@ -298,6 +298,7 @@ async fn free_tenants_cannot_fund_an_author_and_authors_cannot_pay_themselves() 
             approve_models: manifest.models.clone(),
             settings: Default::default(),
             secrets: Default::default(),
+            record_failures: false,
         })
         .await
         .unwrap();

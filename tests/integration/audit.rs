@@ -70,6 +70,7 @@ async fn tenant_admins_read_who_did_what_from_where_and_nobody_else_does() {
             approve_models: manifest.models.clone(),
             settings: json!({ "greeting": "hi" }).as_object().cloned().unwrap(),
             secrets: [("api_token".to_owned(), "s3cret-value-never-logged".to_owned())].into(),
+            record_failures: false,
         })
         .await
         .unwrap();

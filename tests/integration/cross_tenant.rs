@@ -17,6 +17,7 @@ struct Victim {
     plugin: String,
     plugin_version: String,
     installation: String,
+    invocation: String,
 }
 
 /// The victim's id for `param` in `path`, by the resource the path is about.
@@ -30,6 +31,7 @@ fn victims_id<'a>(victim: &'a Victim, path: &str, param: &str) -> Option<&'a str
         ("plugins", "name") => &victim.plugin,
         ("admin", "id") => &victim.plugin_version,
         ("installations", "id") => &victim.installation,
+        ("installations", "invocation") => &victim.invocation,
         _ => return None,
     })
 }
@@ -112,7 +114,29 @@ async fn victim(app: &TestApp) -> (TestTenant, Victim) {
         .await
         .unwrap();
     let installation = app.install_plugin(&tenant, &tenant, "hello", json!({})).await;
+    // An invocation recorded in full, whose record the victim can read.
+    let (_, invocation) = tenant
+        .client
+        .invoke_recorded(&installation.id, &json!({ "name": "victim" }))
+        .await
+        .unwrap();
+    let invocation = invocation.expect("an invocation id");
+    let mut readable = false;
+    for _ in 0..200 {
+        if tenant
+            .client
+            .invocation_record(&installation.id, &invocation)
+            .await
+            .is_ok()
+        {
+            readable = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(readable, "the victim's recorded invocation");
     let victim = Victim {
+        invocation: invocation.to_string(),
         key_id: tenant.key.key.id.to_string(),
         user_id: tenant.session.user.id.to_string(),
         model,

@@ -122,6 +122,7 @@ async fn a_plugin_waiting_in_the_host_is_stopped_at_its_deadline_and_its_tenant_
             approve_models: manifest.models.clone(),
             settings: serde_json::Map::default(),
             secrets: std::collections::BTreeMap::default(),
+            record_failures: false,
         })
         .await
         .unwrap();

@@ -116,6 +116,7 @@ fn the_sdk_has_a_method_for_each_operation() {
         "update_installation" => update_installation, "uninstall_plugin" => uninstall_plugin,
         "invoke_plugin" => invoke, "author_earnings" => author_earnings,
         "list_invocations" => invocations, "invocation_summary" => invocation_summary,
+        "get_invocation_record" => invocation_record,
         "server_live" => live, "server_ready" => ready,
     };
     // Not for applications: Stripe calls its webhook, Prometheus scrapes the metrics.

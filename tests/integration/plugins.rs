@@ -47,6 +47,7 @@ async fn the_customer_service_plugin_answers_from_the_faq_and_escalates_upset_cu
         approve_models: manifest.models.clone(),
         settings: json!({ "faq": faq() }).as_object().cloned().unwrap(),
         secrets: Default::default(),
+        record_failures: false,
     };
     let err = shop.owner.install_plugin(&install).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::PluginNotApproved));
@@ -206,6 +207,7 @@ async fn hostile_plugins_are_contained_and_the_host_keeps_serving() {
             approve_models: manifest.models.clone(),
             settings: Default::default(),
             secrets: Default::default(),
+            record_failures: false,
         })
         .await
         .unwrap();

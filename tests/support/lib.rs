@@ -403,6 +403,7 @@ impl TestApp {
                 approve_models: manifest.models.clone(),
                 settings: settings.as_object().cloned().unwrap_or_default(),
                 secrets: std::collections::BTreeMap::new(),
+                record_failures: false,
             })
             .await
             .expect("install")
@@ -421,6 +422,7 @@ pub async fn install_listed(client: &Client, name: &str) -> plinth_sdk::Installa
             approve_models: manifest.models.clone(),
             settings: serde_json::Map::new(),
             secrets: std::collections::BTreeMap::new(),
+            record_failures: false,
         })
         .await
         .expect("install")

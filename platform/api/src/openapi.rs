@@ -35,6 +35,7 @@ use crate::routes::{
         plugins::create, plugins::get, plugins::publish, plugins::marketplace, plugins::pending, plugins::review,
         plugins::revoke,
         plugins::install, plugins::list, plugins::update, plugins::uninstall, plugins::invoke, plugins::invocations,
+        plugins::invocation_record,
         plugins::invocation_summary, plugins::earnings,
         health::live, health::ready, health::metrics,
     ),

@@ -473,7 +473,14 @@ pub(crate) async fn install(
     let sealed = seal_secrets(state, &request.secrets)?;
     let mut installation = state
         .store
-        .install(&auth.tenant_id, who, &version, &request.settings, &sealed)
+        .install(
+            &auth.tenant_id,
+            who,
+            &version,
+            &request.settings,
+            &sealed,
+            request.record_failures,
+        )
         .await?;
     installation.secret_names = sealed.names;
     Ok(installation)
@@ -516,9 +523,12 @@ pub(crate) async fn update_installation(
             &auth.tenant_id,
             who,
             id,
-            version.as_ref(),
-            request.settings.as_ref(),
-            sealed.as_ref(),
+            plinth_store::plugins::InstallationChange {
+                version: version.as_ref(),
+                settings: request.settings.as_ref(),
+                secrets: sealed.as_ref(),
+                record_failures: request.record_failures,
+            },
         )
         .await?)
 }
@@ -596,7 +606,8 @@ fn plugin_charge<'a>(
 }
 
 /// `POST /v1/installations/{id}/invoke`: runs the plugin on the request, metered once at the plugin's
-/// price (its model calls are metered on their own). A revoked version does not run.
+/// price (its model calls are metered on their own). A revoked version does not run. Recorded in full
+/// for replay when `record` (the caller asked) or when it fails and the installation records failures.
 pub(crate) async fn invoke(
     state: &AppState,
     auth: &Principal,
@@ -604,7 +615,8 @@ pub(crate) async fn invoke(
     request_id: RequestId,
     installation: &InstallationId,
     request: &serde_json::Value,
-) -> ApiResult<(Outcome, Recorded)> {
+    record: bool,
+) -> ApiResult<(Invoked, Recorded)> {
     let runnable = state.store.runnable(&auth.tenant_id, installation).await?;
     let installed = &runnable.installation;
     if installed.version_status != ReviewStatus::Approved {
@@ -658,21 +670,54 @@ pub(crate) async fn invoke(
         request_id: request_id.0.clone(),
         trace: std::sync::Mutex::new(None),
     });
+    let recorder = (record || installed.record_failures)
+        .then(|| Arc::new(plinth_plugin_host::Recorder::new(services.clone())));
+    let host_services: Arc<dyn Services> = match &recorder {
+        Some(recorder) => recorder.clone(),
+        None => services.clone(),
+    };
     let request = request.to_string();
     let request_id_text = request_id.0.clone();
     let work = async {
         let ran = state
             .plugins
-            .invoke(compiled, call, services.clone(), request)
+            .invoke(compiled, call.clone(), host_services, request.clone())
             .await;
-        record_invocation(state, auth, installed, &request_id_text, &services, &ran);
-        Ok(ran?)
+        let full = recorder.filter(|_| record || ran.is_err()).map(|recorder| {
+            let (outcome, output) = plinth_plugin_host::ending(&ran);
+            plinth_core::plugins::RecordedInvocation {
+                invocation_id: plinth_core::id::InvocationId::new(),
+                plugin: installed.plugin.clone(),
+                version: installed.version.clone(),
+                world: plinth_plugin_host::WIT_VERSIONS[0].to_owned(),
+                request,
+                granted_models: call.granted_models.clone(),
+                settings: call.settings.clone(),
+                secret_names: call.secrets.keys().cloned().collect(),
+                host_calls: recorder.take(),
+                outcome,
+                output,
+            }
+        });
+        let invocation = record_invocation(state, auth, installed, &request_id_text, &services, &ran, full);
+        Ok(Invoked {
+            outcome: ran?,
+            invocation,
+        })
     };
     metered(state, auth, idempotency, request_id, billable, work).await
 }
 
+/// A plugin's answer, and the invocation's record.
+#[derive(Debug)]
+pub(crate) struct Invoked {
+    pub(crate) outcome: Outcome,
+    /// `None` when no record is written (too many waiting).
+    pub(crate) invocation: Option<plinth_core::id::InvocationId>,
+}
+
 /// Records how an invocation that ran ended, off the request path: a record that cannot be written is
-/// logged, and the call is answered either way.
+/// logged, and the call is answered either way. Returns the record's id.
 fn record_invocation(
     state: &AppState,
     auth: &Principal,
@@ -680,7 +725,8 @@ fn record_invocation(
     request_id: &str,
     services: &TenantServices,
     ran: &Result<Outcome, InvokeError>,
-) {
+    full: Option<plinth_core::plugins::RecordedInvocation>,
+) -> Option<plinth_core::id::InvocationId> {
     let Some(trace) = services
         .trace
         .lock()
@@ -688,27 +734,26 @@ fn record_invocation(
         .take()
     else {
         // Refused before it ran (instances busy, input too large): nothing to record.
-        return;
+        return None;
     };
     let (outcome, message) = match ran {
         Ok(_) => ("ok".to_owned(), None),
-        Err(err) => (
-            serde_json::to_value(err.code())
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
-            Some(err.to_string()),
-        ),
+        Err(err) => (err.code_name(), Some(err.to_string())),
     };
     // Recording never holds up calls: beyond this many records waiting to be written, the newest are
     // dropped and counted.
     static WAITING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(RECORDS_WAITING);
     let Ok(permit) = WAITING.try_acquire() else {
         metrics::counter!("plinth_plugin_invocation_records_dropped_total").increment(1);
-        return;
+        return None;
     };
+    let id = full
+        .as_ref()
+        .map_or_else(plinth_core::id::InvocationId::new, |full| {
+            full.invocation_id.clone()
+        });
     let record = plinth_store::invocations::NewInvocation {
-        id: plinth_core::id::InvocationId::new(),
+        id: id.clone(),
         occurred_at: chrono::Utc::now(),
         tenant: auth.tenant_id.clone(),
         installation: installed.id.clone(),
@@ -726,6 +771,7 @@ fn record_invocation(
                 message: line.message,
             })
             .collect(),
+        record: full,
     };
     let (store, keep) = (state.store.clone(), state.settings.invocation_records);
     tokio::spawn(async move {
@@ -734,6 +780,7 @@ fn record_invocation(
         }
         drop(permit);
     });
+    Some(id)
 }
 
 /// Invocation records waiting to be written, at most.

@@ -159,6 +159,9 @@ pub struct InstallRequest {
     /// Stored encrypted; never returned.
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
+    /// Record failed invocations in full (request, host calls and their answers), for replay.
+    #[serde(default)]
+    pub record_failures: bool,
 }
 
 /// `PATCH /v1/installations/{id}`: upgrade (or pin) the version, or replace settings or secrets.
@@ -177,6 +180,8 @@ pub struct UpdateInstallationRequest {
     pub settings: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
     pub secrets: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub record_failures: Option<bool>,
 }
 
 /// A plugin installed in the caller's tenant.
@@ -199,6 +204,8 @@ pub struct Installation {
     pub settings: serde_json::Map<String, serde_json::Value>,
     /// Names of the secrets set (values are never shown).
     pub secret_names: Vec<String>,
+    /// Whether failed invocations are recorded in full, for replay.
+    pub record_failures: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -222,6 +229,8 @@ pub struct InvocationRecord {
     /// The error's message, when it failed.
     pub message: Option<String>,
     pub logs: Vec<InvocationLog>,
+    /// Whether it was recorded in full, for replay (`GET …/invocations/{invocation}/record`).
+    pub recorded: bool,
 }
 
 /// A line a plugin logged.
@@ -284,4 +293,95 @@ pub struct Earnings {
     pub balance: Micros,
     /// All time: what payouts have transferred or are transferring.
     pub paid_out: Micros,
+}
+
+/// One invocation recorded in full, to replay it outside the platform (`plinth-cli plugin replay`):
+/// the request, what the tenant configured, and every call the plugin made to the platform's services
+/// with the answer it got, in order. Kept when the caller asked (`Plinth-Record: full`) or, for a
+/// failed invocation, when the installation records failures. Secrets' values are never recorded:
+/// only which secrets were set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RecordedInvocation {
+    pub invocation_id: InvocationId,
+    pub plugin: String,
+    pub version: String,
+    /// The WIT world version the plugin was built against.
+    pub world: String,
+    /// The request, as the plugin received it (JSON text).
+    pub request: String,
+    /// The models the installation granted.
+    pub granted_models: Vec<String>,
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub settings: serde_json::Map<String, serde_json::Value>,
+    /// Names of the secrets that were set (their values are not recorded).
+    pub secret_names: Vec<String>,
+    pub host_calls: Vec<HostCall>,
+    /// `ok`, or the error code the call answered.
+    pub outcome: String,
+    /// The plugin's answer (when `ok`) or the error's message.
+    pub output: String,
+}
+
+/// A call a plugin made to a platform service, and the answer it got.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HostCall {
+    pub request: HostRequest,
+    pub answer: HostAnswer,
+}
+
+/// What the plugin asked of a service (the WIT function and its arguments).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(tag = "call", rename_all = "kebab-case")]
+pub enum HostRequest {
+    Classify { model: String, texts: Vec<String> },
+    Embed { model: String, texts: Vec<String> },
+    Infer { model: String, request: String },
+    KvGet { key: String },
+    KvSet { key: String, value: Vec<u8> },
+    KvDelete { key: String },
+    KvList { prefix: String },
+}
+
+impl std::fmt::Display for HostRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Classify { model, texts } => write!(f, "inference.classify({model:?}, {texts:?})"),
+            Self::Embed { model, texts } => write!(f, "inference.embed({model:?}, {texts:?})"),
+            Self::Infer { model, request } => write!(f, "inference.infer({model:?}, {request:?})"),
+            Self::KvGet { key } => write!(f, "kv.get({key:?})"),
+            Self::KvSet { key, value } => write!(f, "kv.set({key:?}, {} bytes)", value.len()),
+            Self::KvDelete { key } => write!(f, "kv.delete({key:?})"),
+            Self::KvList { prefix } => write!(f, "kv.list-keys({prefix:?})"),
+        }
+    }
+}
+
+/// What a service answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum HostAnswer {
+    Classifications(Vec<crate::inference::Classification>),
+    Embeddings(Vec<Vec<f32>>),
+    /// An Open Inference Protocol response, as JSON text.
+    Response(String),
+    /// A key's value, if it was set.
+    Value(Option<Vec<u8>>),
+    Stored,
+    /// Whether a deleted key existed.
+    Existed(bool),
+    Keys(Vec<String>),
+    Refused(HostRefusal),
+}
+
+/// A service call that failed, as the plugin saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HostRefusal {
+    /// `invalid_input`, `quota_exceeded` or `unavailable`.
+    pub kind: String,
+    pub message: String,
 }

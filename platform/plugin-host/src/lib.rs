@@ -9,10 +9,12 @@
 mod host;
 mod limits;
 mod occupancy;
+mod record;
 mod runtime;
 mod services;
 
 pub use limits::Limits;
+pub use record::{Divergence, Recorder, Replay, Replayer, SECRET_STAND_IN, ending};
 pub use runtime::{Compiled, HostSettings, Invocation, Outcome, PluginHost, WIT_VERSIONS};
 pub use services::{CallContext, Capability, LogLine, NoServices, ServiceError, Services, Trace};
 
@@ -71,5 +73,14 @@ impl InvokeError {
             Self::Busy(_) => ErrorCode::PluginConcurrencyExceeded,
             Self::Unavailable(_) => ErrorCode::Unavailable,
         }
+    }
+
+    /// The error code as the API writes it (`plugin_failed`, …).
+    #[must_use]
+    pub fn code_name(&self) -> String {
+        serde_json::to_value(self.code())
+            .ok()
+            .and_then(|code| code.as_str().map(str::to_owned))
+            .unwrap_or_default()
     }
 }

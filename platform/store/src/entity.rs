@@ -364,6 +364,8 @@ pub mod installations {
         pub settings: String,
         /// Secrets as one sealed (encrypted) JSON object, hex.
         pub secrets: String,
+        /// Record failed invocations in full, for replay.
+        pub record_failures: bool,
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,
         pub deleted_at: Option<DateTimeUtc>,
@@ -395,6 +397,8 @@ pub mod plugin_invocations {
         pub message: Option<String>,
         /// JSON array of `{level, message}`.
         pub logs: String,
+        /// JSON `RecordedInvocation`, when it was recorded in full.
+        pub record: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

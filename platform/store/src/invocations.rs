@@ -9,10 +9,11 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use plinth_core::id::{InstallationId, InvocationId, TenantId};
-use plinth_core::plugins::{InvocationLog, InvocationRecord, InvocationSummary};
-use sea_orm::sea_query::Query;
+use plinth_core::plugins::{InvocationLog, InvocationRecord, InvocationSummary, RecordedInvocation};
+use sea_orm::sea_query::{Expr, Query};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+    QuerySelect, Set,
 };
 
 use crate::accounts::parse_id;
@@ -27,6 +28,9 @@ pub const MAX_MESSAGE_BYTES: usize = 4 << 10;
 
 /// Tenants that must have called a plugin on a day before its author sees that day's counts.
 pub const MIN_TENANTS_SHOWN: i64 = 3;
+
+/// The largest full record kept (its JSON): a bigger one is not kept, and the summary says so.
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
 
 /// One finished invocation, to record.
 #[derive(Debug, Clone)]
@@ -44,6 +48,24 @@ pub struct NewInvocation {
     pub outcome: String,
     pub message: Option<String>,
     pub logs: Vec<InvocationLog>,
+    /// The whole invocation, when it is to be recorded for replay.
+    pub record: Option<RecordedInvocation>,
+}
+
+/// A record as listed: everything but the full record, which only its own route reads.
+#[derive(Debug, FromQueryResult)]
+struct Listed {
+    id: String,
+    installation_id: String,
+    version_id: String,
+    request_id: String,
+    occurred_at: DateTime<Utc>,
+    duration_ms: i64,
+    compute_units: i64,
+    outcome: String,
+    message: Option<String>,
+    logs: String,
+    recorded: bool,
 }
 
 fn to_i64(value: u64) -> i64 {
@@ -72,6 +94,28 @@ impl Store {
                 .ok_or(StoreError::NotFound("plugin version"))?;
             let logs = serde_json::to_string(&record.logs)
                 .map_err(|err| StoreError::Internal(format!("invocation logs: {err}")))?;
+            let mut message = record.message.as_deref().map(bounded);
+            let full = match &record.record {
+                Some(full) => {
+                    let json = serde_json::to_string(full)
+                        .map_err(|err| StoreError::Internal(format!("invocation record: {err}")))?;
+                    if json.len() <= MAX_RECORD_BYTES {
+                        Some(json)
+                    } else {
+                        let note = format!(
+                            "(not recorded in full: the record would take {} KiB, more than the {} KiB kept)",
+                            json.len() >> 10,
+                            MAX_RECORD_BYTES >> 10
+                        );
+                        message = Some(match message {
+                            Some(message) => format!("{message} {note}"),
+                            None => note,
+                        });
+                        None
+                    }
+                }
+                None => None,
+            };
             let _turn = self.write_turn().await;
             plugin_invocations::Entity::insert(plugin_invocations::ActiveModel {
                 id: Set(record.id.to_string()),
@@ -84,8 +128,9 @@ impl Store {
                 duration_ms: Set(to_i64(record.duration_ms)),
                 compute_units: Set(to_i64(record.compute_units)),
                 outcome: Set(record.outcome.clone()),
-                message: Set(record.message.as_deref().map(bounded)),
+                message: Set(message),
                 logs: Set(logs),
+                record: Set(full),
             })
             .exec_without_returning(self.db())
             .await?;
@@ -121,13 +166,34 @@ impl Store {
             .one(self.db())
             .await?
             .ok_or(StoreError::NotFound("installation"))?;
+        use plugin_invocations::Column;
         let rows = plugin_invocations::Entity::find_in(tenant)
-            .filter(plugin_invocations::Column::InstallationId.eq(installation.as_str()))
-            .order_by_desc(plugin_invocations::Column::Id)
+            .select_only()
+            .columns([
+                Column::Id,
+                Column::InstallationId,
+                Column::VersionId,
+                Column::RequestId,
+                Column::OccurredAt,
+                Column::DurationMs,
+                Column::ComputeUnits,
+                Column::Outcome,
+                Column::Message,
+                Column::Logs,
+            ])
+            .column_as(
+                sea_orm::sea_query::ExprTrait::is_not_null(Expr::col(Column::Record)),
+                "recorded",
+            )
+            .filter(Column::InstallationId.eq(installation.as_str()))
+            .order_by_desc(Column::Id)
             .limit(limit.clamp(1, MAX_LISTED))
+            .into_model::<Listed>()
             .all(self.db())
             .await?;
-        let names = self.version_names(&rows).await?;
+        let names = self
+            .version_names(rows.iter().map(|row| row.version_id.as_str()))
+            .await?;
         rows.into_iter()
             .map(|row| {
                 let (plugin, version) = names.get(&row.version_id).cloned().unwrap_or_default();
@@ -144,9 +210,31 @@ impl Store {
                     message: row.message,
                     logs: serde_json::from_str(&row.logs)
                         .map_err(|err| StoreError::Internal(format!("invocation logs: {err}")))?,
+                    recorded: row.recorded,
                 })
             })
             .collect()
+    }
+
+    /// The full record of one of the tenant's invocations. Another tenant's installation or
+    /// invocation, or one not recorded in full, is not found.
+    pub async fn recorded_invocation(
+        &self,
+        tenant: &TenantId,
+        installation: &InstallationId,
+        invocation: &InvocationId,
+    ) -> Result<RecordedInvocation> {
+        let record = plugin_invocations::Entity::find_in(tenant)
+            .select_only()
+            .column(plugin_invocations::Column::Record)
+            .filter(plugin_invocations::Column::Id.eq(invocation.as_str()))
+            .filter(plugin_invocations::Column::InstallationId.eq(installation.as_str()))
+            .into_tuple::<Option<String>>()
+            .one(self.db())
+            .await?
+            .flatten()
+            .ok_or(StoreError::NotFound("recorded invocation"))?;
+        serde_json::from_str(&record).map_err(|err| StoreError::Internal(format!("invocation record: {err}")))
     }
 
     /// Daily counts of the author's plugin `name` per version, newest day first: calls and failures,
@@ -221,12 +309,12 @@ impl Store {
             .rows_affected)
     }
 
-    /// Plugin name and version of each version id the rows name.
-    async fn version_names(
+    /// Plugin name and version of each version id named.
+    async fn version_names<'a>(
         &self,
-        rows: &[plugin_invocations::Model],
+        ids: impl Iterator<Item = &'a str>,
     ) -> Result<HashMap<String, (String, String)>> {
-        let mut ids: Vec<&str> = rows.iter().map(|r| r.version_id.as_str()).collect();
+        let mut ids: Vec<&str> = ids.collect();
         ids.sort_unstable();
         ids.dedup();
         let versions = plugin_versions::Entity::find()

@@ -114,6 +114,15 @@ pub struct SealedSecrets {
     pub names: Vec<String>,
 }
 
+/// What `update_installation` changes: each part when given.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InstallationChange<'a> {
+    pub version: Option<&'a PluginVersion>,
+    pub settings: Option<&'a serde_json::Map<String, serde_json::Value>>,
+    pub secrets: Option<&'a SealedSecrets>,
+    pub record_failures: Option<bool>,
+}
+
 /// The setting names whose values differ between `before` and `after` (added, removed or changed).
 fn changed_settings(
     before: &serde_json::Map<String, serde_json::Value>,
@@ -480,6 +489,7 @@ impl Store {
         version: &PluginVersion,
         settings: &serde_json::Map<String, serde_json::Value>,
         secrets: &SealedSecrets,
+        record_failures: bool,
     ) -> Result<Installation> {
         let txn = self.write_transaction().await?;
         let plugin = self.plugin_named(&version.plugin).await?;
@@ -506,6 +516,7 @@ impl Store {
             version_id: Set(version.id.to_string()),
             settings: Set(serde_json::Value::Object(settings.clone()).to_string()),
             secrets: Set(secrets.sealed.clone()),
+            record_failures: Set(record_failures),
             created_at: Set(now),
             updated_at: Set(now),
             deleted_at: Set(None),
@@ -520,23 +531,28 @@ impl Store {
             Some(id.as_str()),
             serde_json::json!({ "plugin": version.plugin, "version": version.version,
                 "capabilities": version.capabilities, "models": version.models,
-                "settings": settings.keys().collect::<Vec<_>>(), "secrets": secrets.names }),
+                "settings": settings.keys().collect::<Vec<_>>(), "secrets": secrets.names,
+                "record_failures": record_failures }),
         )
         .await?;
         txn.commit().await?;
         Ok(self.runnable(tenant, &id).await?.installation)
     }
 
-    /// Changes an installation's version, settings or secrets (each when given).
+    /// Changes an installation's version, settings, secrets or recording (each when given).
     pub async fn update_installation(
         &self,
         tenant: &TenantId,
         who: &Who,
         installation: &InstallationId,
-        version: Option<&PluginVersion>,
-        settings: Option<&serde_json::Map<String, serde_json::Value>>,
-        secrets: Option<&SealedSecrets>,
+        change: InstallationChange<'_>,
     ) -> Result<Installation> {
+        let InstallationChange {
+            version,
+            settings,
+            secrets,
+            record_failures,
+        } = change;
         let txn = self.write_transaction().await?;
         let row = live_installation(&txn, tenant, installation).await?;
         let settings_changed = settings.map(|after| match serde_json::from_str(&row.settings) {
@@ -553,6 +569,9 @@ impl Store {
         if let Some(secrets) = secrets {
             model.secrets = Set(secrets.sealed.clone());
         }
+        if let Some(record_failures) = record_failures {
+            model.record_failures = Set(record_failures);
+        }
         model.updated_at = Set(Utc::now());
         model.update(&txn).await?;
         crate::audit::record(
@@ -562,7 +581,8 @@ impl Store {
             "plugin.update",
             Some(installation.as_str()),
             serde_json::json!({ "version": version.map(|v| v.version.clone()),
-                "settings_changed": settings_changed, "secrets": secrets.map(|s| &s.names) }),
+                "settings_changed": settings_changed, "secrets": secrets.map(|s| &s.names),
+                "record_failures": record_failures }),
         )
         .await?;
         txn.commit().await?;
@@ -695,6 +715,7 @@ impl Store {
                 version_note: version.review_note,
                 settings,
                 secret_names: Vec::new(),
+                record_failures: row.record_failures,
                 created_at: row.created_at,
                 updated_at: row.updated_at,
             },

@@ -1,8 +1,12 @@
 //! `plinth-cli`: Plinth from a terminal, for application developers and plugin authors. Tables for
 //! people, `--json` for scripts. Exit codes: 0 done, 1 the API refused (the message says why and what to
-//! do), 2 the command line was wrong, 3 not logged in, 4 the server could not be reached or failed.
+//! do), 2 the command line was wrong, 3 not logged in, 4 the server could not be reached or failed;
+//! `plugin replay`: 5 the plugin's host calls diverged from the record, 6 it made the recorded calls
+//! but ended differently.
 
+mod author;
 mod profiles;
+mod replay;
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -127,14 +131,33 @@ enum ModelsCommand {
 
 #[derive(Debug, Subcommand)]
 enum PluginCommand {
+    /// Start a plugin from the template of its language: the handler, its manifest (plugin.json) and
+    /// the WIT world, in a new folder.
+    New {
+        name: String,
+        #[arg(long, value_enum)]
+        lang: author::Language,
+        /// Where to create it; `./<name>` by default.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Rust: the guest SDK to depend on (the Plinth repository's plugins/sdk).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Build the plugin in a folder into a WebAssembly component, `<name>.wasm` beside its manifest.
+    Build {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
     /// Publish a version: the manifest and the built component (the first one opens the listing).
     /// Prints the checks' findings; a version is installable once the platform approved it.
     Publish {
         #[arg(long, default_value = "plugin.json")]
         manifest: PathBuf,
-        /// The built component (.wasm).
+        /// The built component (.wasm); `<name>.wasm` beside the manifest by default (what `plugin
+        /// build` writes).
         #[arg(long)]
-        component: PathBuf,
+        component: Option<PathBuf>,
     },
     /// An installation's newest invocations: outcome, duration, compute units.
     Invocations {
@@ -150,6 +173,34 @@ enum PluginCommand {
     },
     /// How the author's plugin did per version and day across tenants (days with several tenants).
     Calls { plugin: String },
+    /// Save an invocation recorded in full (its request, settings and every host call with its
+    /// answer), to replay it or hand it to the plugin's author.
+    Record {
+        installation: String,
+        invocation: String,
+        /// Where to write it; standard output by default.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Run a component on a recorded invocation, on this machine, in the platform's sandbox: every
+    /// host call is answered from the record. Exits 0 when the run makes the recorded calls and ends
+    /// the same way, 5 when its host calls diverge from the record, 6 when it ends differently.
+    Replay {
+        /// The invocation to fetch (with --installation), when not replaying a saved record.
+        #[arg(required_unless_present = "record", requires = "installation")]
+        invocation: Option<String>,
+        #[arg(long)]
+        installation: Option<String>,
+        /// A record saved by `plugin record` (no login needed).
+        #[arg(long, conflicts_with_all = ["invocation", "installation"])]
+        record: Option<PathBuf>,
+        /// The component to run (.wasm): the published one, or your fix.
+        #[arg(long)]
+        component: PathBuf,
+        /// A stand-in for a secret the record names (`NAME=VALUE`): secrets are never recorded.
+        #[arg(long = "secret", value_name = "NAME=VALUE")]
+        secrets: Vec<String>,
+    },
 }
 
 /// Why a command failed, and the exit code that says so.
@@ -161,6 +212,10 @@ enum Failure {
     NotLoggedIn(String),
     Unreachable(anyhow::Error),
     Local(anyhow::Error),
+    /// A replay's host calls left the record (exit 5; the replay printed where).
+    Diverged,
+    /// A replay made the recorded calls but ended differently (exit 6).
+    EndedDifferently,
 }
 
 impl From<plinth_sdk::Error> for Failure {
@@ -222,6 +277,8 @@ impl Failure {
                 eprintln!("error: {err:#}");
                 ExitCode::from(1)
             }
+            Self::Diverged => ExitCode::from(5),
+            Self::EndedDifferently => ExitCode::from(6),
         }
     }
 }
@@ -653,6 +710,14 @@ async fn models(context: &Shell, command: ModelsCommand) -> Outcome {
     }
 }
 
+fn invocation_id(raw: &str) -> Result<plinth_sdk::InvocationId, Failure> {
+    raw.parse().map_err(|_| {
+        Failure::Usage(format!(
+            "`{raw}` is not an invocation id (inv_…); `plinth-cli plugin invocations <installation>` lists them"
+        ))
+    })
+}
+
 fn installation_id(raw: &str) -> Result<InstallationId, Failure> {
     raw.parse().map_err(|_| {
         Failure::Usage(format!(
@@ -662,13 +727,89 @@ fn installation_id(raw: &str) -> Result<InstallationId, Failure> {
 }
 
 async fn plugin(context: &Shell, command: PluginCommand) -> Outcome {
+    let command = match command {
+        PluginCommand::New { name, lang, dir, sdk } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            return author::new(&name, lang, &dir, sdk.as_deref());
+        }
+        PluginCommand::Build { dir } => {
+            let built = author::build(&dir)?;
+            let size = std::fs::metadata(&built).map_or(0, |m| m.len());
+            eprintln!("built {} ({} KiB)", built.display(), size >> 10);
+            return Ok(());
+        }
+        other => other,
+    };
+    if let PluginCommand::Replay {
+        invocation,
+        installation,
+        record,
+        component,
+        secrets,
+    } = command
+    {
+        let record = match (record, invocation, installation) {
+            (Some(path), _, _) => {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read the record {}", path.display()))?;
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not an invocation record", path.display()))?
+            }
+            (None, Some(invocation), Some(installation)) => {
+                context
+                    .client()?
+                    .invocation_record(&installation_id(&installation)?, &invocation_id(&invocation)?)
+                    .await?
+            }
+            _ => {
+                return Err(Failure::Usage(
+                    "name an invocation and --installation, or --record".into(),
+                ));
+            }
+        };
+        return replay::run(context, &record, &component, &secrets).await;
+    }
     let client = context.client()?;
     match command {
+        PluginCommand::Replay { .. } | PluginCommand::New { .. } | PluginCommand::Build { .. } => {
+            unreachable!("handled above")
+        }
+        PluginCommand::Record {
+            installation,
+            invocation,
+            output,
+        } => {
+            let record = client
+                .invocation_record(&installation_id(&installation)?, &invocation_id(&invocation)?)
+                .await?;
+            let text = serde_json::to_string_pretty(&record).context("cannot write the record")? + "\n";
+            match output {
+                Some(path) => {
+                    std::fs::write(&path, text)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    eprintln!(
+                        "saved {} ({} host calls) to {}; it holds the request and the installation's settings, but no secret",
+                        record.invocation_id,
+                        record.host_calls.len(),
+                        path.display()
+                    );
+                    Ok(())
+                }
+                None => Ok(emit(text.trim_end())?),
+            }
+        }
         PluginCommand::Publish { manifest, component } => {
             let text = std::fs::read_to_string(&manifest)
                 .with_context(|| format!("cannot read the manifest {}", manifest.display()))?;
-            let manifest: PluginManifest = serde_json::from_str(&text)
+            let parsed: PluginManifest = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not a plugin manifest", manifest.display()))?;
+            let component = component.unwrap_or_else(|| {
+                manifest
+                    .parent()
+                    .unwrap_or_else(|| std::path::Path::new("."))
+                    .join(format!("{}.wasm", parsed.name))
+            });
+            let manifest = parsed;
             let bytes = std::fs::read(&component)
                 .with_context(|| format!("cannot read the component {}", component.display()))?;
             // The first version of a plugin opens its listing.

@@ -193,6 +193,10 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
             .route("/plugins", web::get().to(pages::installed))
             .route("/plugins/{id}", web::get().to(pages::installation))
             .route("/plugins/{id}/try", web::post().to(pages::try_plugin))
+            .route(
+                "/plugins/{id}/invocations/{invocation}/record",
+                web::get().to(pages::invocation_record),
+            )
             .route("/plugins/{id}/upgrade", web::post().to(pages::upgrade))
             .route(
                 "/plugins/{id}/settings",

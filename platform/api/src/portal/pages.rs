@@ -904,6 +904,7 @@ pub(crate) async fn install(
         approve_models,
         settings,
         secrets,
+        record_failures: false,
     };
     match crate::plugins::install(&state, &visitor.principal, &visitor.who(), &request).await {
         Ok(_) => Ok(see_other("/portal/plugins")),
@@ -1062,8 +1063,31 @@ async fn installation_page(
             answer: extras.answer,
             error: extras.error,
             invocations,
+            record_failures: installation.record_failures,
         },
     ))
+}
+
+/// An invocation recorded in full, as a file to hand to the plugin's author for replay.
+pub(crate) async fn invocation_record(
+    state: web::Data<AppState>,
+    visitor: Visitor,
+    path: web::Path<(InstallationId, plinth_core::id::InvocationId)>,
+) -> PageResult {
+    visitor.require(Scope::Plugins)?;
+    let (installation, invocation) = path.into_inner();
+    let record = state
+        .store
+        .recorded_invocation(&visitor.principal.tenant_id, &installation, &invocation)
+        .await?;
+    let body = serde_json::to_string_pretty(&record).map_err(ApiError::internal)?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .insert_header((
+            actix_web::http::header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{invocation}.json\""),
+        ))
+        .body(body))
 }
 
 pub(crate) async fn installation(
@@ -1125,11 +1149,11 @@ pub(crate) async fn try_plugin(
     };
     let invoked = async {
         let key = crate::metering::admit_interactive(&state, &visitor.principal, Scope::Plugins).await?;
-        crate::plugins::invoke(&state, &visitor.principal, key, request_id, &id, &request).await
+        crate::plugins::invoke(&state, &visitor.principal, key, request_id, &id, &request, false).await
     }
     .await;
     match invoked {
-        Ok((outcome, _)) => {
+        Ok((crate::plugins::Invoked { outcome, .. }, _)) => {
             let body = serde_json::from_str::<serde_json::Value>(&outcome.response)
                 .and_then(|answer| serde_json::to_string_pretty(&answer))
                 .unwrap_or(outcome.response);
@@ -1170,8 +1194,7 @@ pub(crate) async fn upgrade(
         version: form.get("version").cloned(),
         approve_capabilities: Some(capabilities),
         approve_models: Some(models),
-        settings: None,
-        secrets: None,
+        ..Default::default()
     };
     match crate::plugins::update_installation(&state, &visitor.principal, &visitor.who(), &id, &request).await
     {
@@ -1202,6 +1225,8 @@ pub(crate) async fn installation_settings(
         approve_models: None,
         settings: Some(settings.unwrap_or_default()),
         secrets,
+        // A checkbox: sent only when ticked.
+        record_failures: Some(form.contains_key("record_failures")),
     };
     match crate::plugins::update_installation(&state, &visitor.principal, &visitor.who(), &id, &request).await
     {

@@ -617,11 +617,16 @@ pub(crate) struct InstallationPage {
     pub(crate) error: Option<String>,
     /// The installation's newest invocation records (for those who may invoke it).
     pub(crate) invocations: Vec<InvocationRow>,
+    /// Whether failed invocations are recorded in full, for replay.
+    pub(crate) record_failures: bool,
 }
 
 /// One invocation record, as the installation page lists it.
 #[derive(Debug)]
 pub(crate) struct InvocationRow {
+    pub(crate) id: String,
+    /// Recorded in full: its record can be downloaded for replay.
+    pub(crate) recorded: bool,
     pub(crate) when: String,
     pub(crate) outcome: String,
     pub(crate) message: Option<String>,
@@ -635,6 +640,8 @@ pub(crate) struct InvocationRow {
 impl From<plinth_core::plugins::InvocationRecord> for InvocationRow {
     fn from(record: plinth_core::plugins::InvocationRecord) -> Self {
         Self {
+            id: record.id.to_string(),
+            recorded: record.recorded,
             when: record.occurred_at.format("%Y-%m-%d %H:%M:%S").to_string(),
             outcome: record.outcome,
             message: record.message,

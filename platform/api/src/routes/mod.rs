@@ -122,6 +122,7 @@ route_table! {
     resource("/v1/installations/{id}") { patch => plugins::update, delete => plugins::uninstall }
     metered("/v1/installations/{id}/invoke", Some(Scope::Plugins), None) { post => plugins::invoke }
     resource("/v1/installations/{id}/invocations") { get => plugins::invocations }
+    resource("/v1/installations/{id}/invocations/{invocation}/record") { get => plugins::invocation_record }
     resource("/v1/author/earnings") { get => plugins::earnings }
     unauthenticated("/v2", Door::Public) { get => inference::server_metadata }
     resource("/v2/health/live") { get => health::live }

@@ -1,15 +1,16 @@
 //! The plugin marketplace: authors publish, platform admins review, tenants install and invoke.
 
-use actix_web::{HttpResponse, web};
-use plinth_core::id::{InstallationId, PluginVersionId};
+use actix_web::{HttpRequest, HttpResponse, web};
+use plinth_core::ErrorCode;
+use plinth_core::id::{InstallationId, InvocationId, PluginVersionId};
 use plinth_core::plugins::{
     CreatePluginRequest, Earnings, InstallRequest, Installation, InvocationRecord, InvocationSummary, Plugin,
-    PluginVersion, ReviewRequest, RevokeRequest, UpdateInstallationRequest,
+    PluginVersion, RecordedInvocation, ReviewRequest, RevokeRequest, UpdateInstallationRequest,
 };
 use serde::Deserialize;
 
 use crate::auth::{Auth, require_platform_admin, scope};
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 use crate::metering::IdempotencyKey;
 use crate::request_id::RequestId;
 use crate::routes::billing::period;
@@ -188,6 +189,30 @@ pub async fn invocations(
     ))
 }
 
+/// One invocation recorded in full: its request, the installation's settings (secrets' names only) and
+/// every call the plugin made to the platform with the answer it got. What `plinth-cli plugin replay`
+/// runs a component against; the tenant may hand it to the plugin's author. Invocations are recorded
+/// when invoked with `Plinth-Record: full`, or when they fail on an installation with
+/// `record_failures`.
+#[utoipa::path(get, path = "/v1/installations/{id}/invocations/{invocation}/record", operation_id = "get_invocation_record",
+    tag = "plugins", security(("bearer" = ["plugins"])),
+    params(("id" = String, Path), ("invocation" = String, Path)),
+    responses((status = 200, body = RecordedInvocation),
+        (status = 404, description = "No such invocation, or it was not recorded in full", body = plinth_core::error::ErrorBody)))]
+pub async fn invocation_record(
+    state: web::Data<AppState>,
+    auth: Auth<scope::Plugins>,
+    path: web::Path<(InstallationId, InvocationId)>,
+) -> ApiResult<web::Json<RecordedInvocation>> {
+    let (installation, invocation) = path.into_inner();
+    Ok(web::Json(
+        state
+            .store
+            .recorded_invocation(&auth.tenant_id, &installation, &invocation)
+            .await?,
+    ))
+}
+
 /// How the author's plugin did, per version and UTC day, across the tenants that called it: calls and
 /// failures, for days on which at least three tenants called it. Never who called, with what, what it
 /// logged, nor a single call's duration or cost: values the plugin controls could carry a tenant's data
@@ -237,9 +262,11 @@ pub async fn uninstall(
 
 /// Invoke an installed plugin: the JSON body is its request, its JSON answer is the response. Billed
 /// once at the plugin's price (plus the model calls it makes); `Plinth-Compute-Units` reports the
-/// compute it used.
+/// compute it used, `Plinth-Invocation-Id` its record. With `Plinth-Record: full` the invocation is
+/// recorded in full, for replay (`GET …/invocations/{invocation}/record`).
 #[utoipa::path(post, path = "/v1/installations/{id}/invoke", operation_id = "invoke_plugin", tag = "plugins", security(("bearer" = ["plugins"])),
-    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
+    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header),
+        ("Plinth-Record" = Option<String>, Header, description = "`full`: record the request, every host call and its answer")),
     request_body = serde_json::Value,
     responses(
         (status = 200, description = "The plugin's answer", body = serde_json::Value),
@@ -257,15 +284,31 @@ pub async fn invoke(
     idempotency: IdempotencyKey,
     request_id: RequestId,
     id: web::Path<InstallationId>,
+    http: HttpRequest,
     body: web::Json<serde_json::Value>,
 ) -> ApiResult<HttpResponse> {
-    let (outcome, recorded) =
-        crate::plugins::invoke(&state, &auth, idempotency, request_id, &id, &body).await?;
-    Ok(HttpResponse::Ok()
+    let record = match http.headers().get("Plinth-Record").map(|v| v.to_str()) {
+        None => false,
+        Some(Ok("full")) => true,
+        Some(_) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidHeader,
+                "Plinth-Record: the only value is `full`",
+            ));
+        }
+    };
+    let (invoked, recorded) =
+        crate::plugins::invoke(&state, &auth, idempotency, request_id, &id, &body, record).await?;
+    let mut response = HttpResponse::Ok();
+    response
         .insert_header(("Idempotent-Replayed", recorded.replayed.to_string()))
-        .insert_header(("Plinth-Compute-Units", outcome.compute_units.to_string()))
+        .insert_header(("Plinth-Compute-Units", invoked.outcome.compute_units.to_string()));
+    if let Some(invocation) = &invoked.invocation {
+        response.insert_header(("Plinth-Invocation-Id", invocation.to_string()));
+    }
+    Ok(response
         .content_type("application/json")
-        .body(outcome.response))
+        .body(invoked.outcome.response))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

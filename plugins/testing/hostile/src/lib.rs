@@ -67,6 +67,22 @@ impl Plugin for Hostile {
                 let result = inference::classify(model, &["is this allowed?"])?;
                 Ok(json!(result[0].label))
             }
+            "remember-then-fail" => {
+                // What it remembers from the last invocation, a model's verdict, and a failure that
+                // depends on both: reproduced only if a replay answers these host calls as they were.
+                let key = if cfg!(feature = "edited") { "previous" } else { "last" };
+                let previous = kv::get(key)?
+                    .map(|value| String::from_utf8_lossy(&value).into_owned())
+                    .unwrap_or_else(|| "nothing".to_owned());
+                let text = request["text"].as_str().unwrap_or_default();
+                let verdict = inference::classify("sentiment", &[text])?;
+                kv::set("last", verdict[0].label.as_bytes())?;
+                log::warn(&format!("saw {} after {previous}", verdict[0].label));
+                Err(Error::failed(format!(
+                    "gave up on a {} text after {previous}",
+                    verdict[0].label
+                )))
+            }
             "many-calls" => {
                 for _ in 0..100 {
                     inference::classify("sentiment", &["again"])?;

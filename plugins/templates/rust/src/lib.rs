@@ -1,5 +1,6 @@
-//! The smallest useful plugin, and the starting point for a new one: greets the caller.
-//! Copy this folder, rename the package, and replace `handle`.
+//! The smallest useful plugin, and the starting point for a new one (`plinth-cli plugin new`): greets
+//! the caller. Replace `handle` with your plugin's work; the platform's interfaces are the SDK's
+//! `inference`, `kv`, `config` and `log` modules.
 
 use plinth_plugin::{Error, Plugin, Value, json};
 
