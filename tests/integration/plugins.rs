@@ -441,6 +441,115 @@ async fn a_python_plugin_runs_under_the_same_contract() {
     assert_eq!(usage.total.calls, 4, "{usage:?}");
 }
 
+/// The recommendation scenario, a JavaScript plugin: a shop's catalogue embedded into the plugin's
+/// store, "items like this one" by meaning, and a user's recommendations from what they viewed (never
+/// what they already saw); other tenants' installations know nothing of this catalogue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recommendation_plugin_finds_similar_items_and_recommends_from_recent_views() {
+    let app = TestApp::spawn().await;
+    let (author, shop, other_shop) = (app.tenant().await, app.tenant().await, app.tenant().await);
+    for tenant in [&shop, &other_shop] {
+        app.set_plan(&tenant.session.tenant.id, "enterprise").await;
+    }
+    let installed = app
+        .install_plugin(&author, &shop, "recommendations", json!({ "recent": 5 }))
+        .await;
+    let invoke = |request: serde_json::Value| {
+        let (client, id) = (shop.client.clone(), installed.id.clone());
+        async move { client.invoke(&id, &request).await }
+    };
+    let catalogue = json!([
+        { "id": "trail-shoe", "text": "Waterproof trail running shoes with a grippy sole" },
+        { "id": "road-shoe", "text": "Lightweight road running shoes for marathon training" },
+        { "id": "running-socks", "text": "Cushioned running socks that wick sweat" },
+        { "id": "espresso", "text": "Espresso machine with a milk frother for cappuccino" },
+        { "id": "grinder", "text": "Burr coffee grinder for espresso and filter coffee" },
+        { "id": "coffee-beans", "text": "Dark roast coffee beans, one kilogram bag" },
+        { "id": "tent", "text": "Two-person camping tent for hiking trips" },
+    ]);
+    let added = invoke(json!({ "op": "add", "items": catalogue })).await.unwrap();
+    assert_eq!(added["added"], 7, "{added}");
+
+    let ids = |answer: &serde_json::Value| -> Vec<String> {
+        answer["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| item["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // Items like this one: the other coffee things, not shoes; never the item itself.
+    let like_espresso = invoke(json!({ "op": "similar", "id": "espresso", "k": 2 }))
+        .await
+        .unwrap();
+    let mut found = ids(&like_espresso);
+    found.sort();
+    assert_eq!(found, ["coffee-beans", "grinder"], "{like_espresso}");
+    // By free text too.
+    let by_text = invoke(json!({ "op": "similar", "text": "jogging sneakers", "k": 1 }))
+        .await
+        .unwrap();
+    assert!(ids(&by_text)[0].ends_with("-shoe"), "{by_text}");
+
+    // A user who browsed running gear is recommended running gear they have not seen.
+    for viewed in ["trail-shoe", "running-socks"] {
+        invoke(json!({ "op": "view", "user": "u-42", "id": viewed }))
+            .await
+            .unwrap();
+    }
+    let recommended = invoke(json!({ "op": "recommend", "user": "u-42", "k": 1 }))
+        .await
+        .unwrap();
+    assert_eq!(ids(&recommended), ["road-shoe"], "{recommended}");
+    assert_eq!(recommended["based_on"], 2);
+    let everything = invoke(json!({ "op": "recommend", "user": "u-42", "k": 50 }))
+        .await
+        .unwrap();
+    let everything = ids(&everything);
+    assert_eq!(everything.len(), 5);
+    assert!(
+        !everything
+            .iter()
+            .any(|id| id == "trail-shoe" || id == "running-socks")
+    );
+    // A new user has no history yet: an empty list that says why, not an error.
+    let newcomer = invoke(json!({ "op": "recommend", "user": "u-new" }))
+        .await
+        .unwrap();
+    assert_eq!(newcomer["items"], json!([]));
+
+    // Removed items are gone from answers.
+    let removed = invoke(json!({ "op": "remove", "ids": ["road-shoe"] }))
+        .await
+        .unwrap();
+    assert_eq!(removed["removed"], 1);
+    let after = invoke(json!({ "op": "recommend", "user": "u-42", "k": 1 }))
+        .await
+        .unwrap();
+    assert_ne!(ids(&after), ["road-shoe"], "{after}");
+
+    // Bad requests get the plugin's typed refusal, with what to send instead.
+    for bad in [
+        json!({ "op": "similar", "id": "no-such-item" }),
+        json!({ "op": "view", "user": "u-42", "id": "no-such-item" }),
+        json!({ "op": "add", "items": [] }),
+        json!({ "op": "similar", "id": "espresso", "k": 0 }),
+        json!({ "op": "teleport" }),
+    ] {
+        let err = invoke(bad.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::PluginRejectedRequest), "{bad}: {err}");
+    }
+
+    // Another shop's installation starts empty: catalogues are per installation.
+    let theirs = plinth_tests::install_listed(&other_shop.owner, "recommendations").await;
+    let err = other_shop
+        .client
+        .invoke(&theirs.id, &json!({ "op": "similar", "id": "espresso" }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::PluginRejectedRequest));
+}
+
 /// Each invocation leaves a record: its tenant reads it whole (outcome, cost, what the plugin logged,
 /// failures included), the author reads daily counts once several tenants called, another tenant finds
 /// nothing, only the newest records of an installation are kept, and uninstalling removes them.
