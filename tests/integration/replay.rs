@@ -147,6 +147,31 @@ async fn a_production_failure_replays_on_the_authors_machine_and_a_changed_plugi
             .unwrap_err();
         assert_eq!(refused.status(), Some(404));
     }
+    // A plugin that writes a secret into what is recorded (here its answer, asked for in full) does
+    // not carry it out: the value is replaced by `[secret NAME]`, which a replay gives the plugin too.
+    let (answer, leaky) = tenant
+        .client
+        .invoke_recorded(&installed.id, &json!({ "do": "secret", "key": "api_token" }))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer["secret"], "s3cret-never-recorded",
+        "the caller gets its answer"
+    );
+    let leaky = leaky.expect("an invocation id");
+    records(&tenant.client, &installed.id, 4).await;
+    let leaked = tenant
+        .owner
+        .invocation_record(&installed.id, &leaky)
+        .await
+        .unwrap();
+    assert!(
+        !serde_json::to_string(&leaked)
+            .unwrap()
+            .contains("s3cret-never-recorded")
+    );
+    assert!(leaked.output.contains("[secret api_token]"), "{}", leaked.output);
+
     // Nor is a success read in full that was not recorded.
     let unrecorded = tenant
         .owner
@@ -293,6 +318,30 @@ async fn a_caller_records_one_invocation_and_bad_record_requests_are_refused() {
         }
         other => panic!("{other:?}"),
     }
+
+    // A retry of a recorded call under its Idempotency-Key gets the first answer back with the same
+    // invocation; the same key without asking for the record is another request, refused.
+    let send = |record: bool| {
+        let mut request = reqwest::Client::new()
+            .post(app.url(&format!("/v1/installations/{}/invoke", installed.id)))
+            .bearer_auth(&tenant.key.secret)
+            .header("Idempotency-Key", "recorded-once")
+            .json(&json!({ "do": "echo" }));
+        if record {
+            request = request.header("Plinth-Record", "full");
+        }
+        request.send()
+    };
+    let first = send(true).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let retried = send(true).await.unwrap();
+    assert_eq!(retried.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        retried.headers()["plinth-invocation-id"],
+        first.headers()["plinth-invocation-id"]
+    );
+    let unrecorded = send(false).await.unwrap();
+    assert_eq!(unrecorded.status(), 422);
 
     // Only `full` is a recording mode.
     let response = reqwest::Client::new()

@@ -143,6 +143,12 @@ fn fingerprint(req: &ServiceRequest, body: &[u8]) -> String {
             hash.update([b'\n']);
         }
     }
+    // Asking for a full record makes another request; hashed only when sent, so the fingerprints of
+    // requests without it stay what they were.
+    if let Some(record) = req.headers().get("plinth-record") {
+        hash.update(b"\0plinth-record:");
+        hash.update(record.as_bytes());
+    }
     hash.update([0]);
     hash.update(body);
     hex::encode(hash.finalize())
@@ -156,6 +162,7 @@ const MAX_STORED_ANSWER: usize = 4 << 20;
 const KEPT_HEADERS: &[&str] = &[
     "content-type",
     "plinth-compute-units",
+    "plinth-invocation-id",
     "inference-header-content-length",
 ];
 

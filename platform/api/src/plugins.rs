@@ -670,8 +670,12 @@ pub(crate) async fn invoke(
         request_id: request_id.0.clone(),
         trace: std::sync::Mutex::new(None),
     });
-    let recorder = (record || installed.record_failures)
-        .then(|| Arc::new(plinth_plugin_host::Recorder::new(services.clone())));
+    let recorder = (record || installed.record_failures).then(|| {
+        Arc::new(plinth_plugin_host::Recorder::new(
+            services.clone(),
+            plinth_store::invocations::MAX_RECORD_BYTES,
+        ))
+    });
     let host_services: Arc<dyn Services> = match &recorder {
         Some(recorder) => recorder.clone(),
         None => services.clone(),
@@ -683,22 +687,9 @@ pub(crate) async fn invoke(
             .plugins
             .invoke(compiled, call.clone(), host_services, request.clone())
             .await;
-        let full = recorder.filter(|_| record || ran.is_err()).map(|recorder| {
-            let (outcome, output) = plinth_plugin_host::ending(&ran);
-            plinth_core::plugins::RecordedInvocation {
-                invocation_id: plinth_core::id::InvocationId::new(),
-                plugin: installed.plugin.clone(),
-                version: installed.version.clone(),
-                world: plinth_plugin_host::WIT_VERSIONS[0].to_owned(),
-                request,
-                granted_models: call.granted_models.clone(),
-                settings: call.settings.clone(),
-                secret_names: call.secrets.keys().cloned().collect(),
-                host_calls: recorder.take(),
-                outcome,
-                output,
-            }
-        });
+        let full = recorder
+            .filter(|_| record || ran.is_err())
+            .map(|recorder| full_record(state, installed, &call, request, &ran, &recorder));
         let invocation = record_invocation(state, auth, installed, &request_id_text, &services, &ran, full);
         Ok(Invoked {
             outcome: ran?,
@@ -706,6 +697,35 @@ pub(crate) async fn invoke(
         })
     };
     metered(state, auth, idempotency, request_id, billable, work).await
+}
+
+/// The invocation recorded in full, secrets replaced; or why it could not be.
+fn full_record(
+    state: &AppState,
+    installed: &plinth_core::plugins::Installation,
+    call: &CallContext,
+    request: String,
+    ran: &Result<Outcome, InvokeError>,
+    recorder: &plinth_plugin_host::Recorder,
+) -> Result<plinth_core::plugins::RecordedInvocation, plinth_plugin_host::TooLarge> {
+    let host_calls = recorder.take()?;
+    let (outcome, output) = plinth_plugin_host::ending(ran);
+    let mut full = plinth_core::plugins::RecordedInvocation {
+        invocation_id: plinth_core::id::InvocationId::new(),
+        plugin: installed.plugin.clone(),
+        version: installed.version.clone(),
+        world: plinth_plugin_host::WIT_VERSIONS[0].to_owned(),
+        request,
+        granted_models: call.granted_models.clone(),
+        settings: call.settings.clone(),
+        secret_names: call.secrets.keys().cloned().collect(),
+        limits: plinth_plugin_host::recorded_limits(state.plugins.limits()),
+        host_calls,
+        outcome,
+        output,
+    };
+    plinth_plugin_host::redact(&mut full, &call.secrets);
+    Ok(full)
 }
 
 /// A plugin's answer, and the invocation's record.
@@ -725,7 +745,7 @@ fn record_invocation(
     request_id: &str,
     services: &TenantServices,
     ran: &Result<Outcome, InvokeError>,
-    full: Option<plinth_core::plugins::RecordedInvocation>,
+    full: Option<Result<plinth_core::plugins::RecordedInvocation, plinth_plugin_host::TooLarge>>,
 ) -> Option<plinth_core::id::InvocationId> {
     let Some(trace) = services
         .trace
@@ -736,9 +756,21 @@ fn record_invocation(
         // Refused before it ran (instances busy, input too large): nothing to record.
         return None;
     };
-    let (outcome, message) = match ran {
+    let (outcome, mut message) = match ran {
         Ok(_) => ("ok".to_owned(), None),
         Err(err) => (err.code_name(), Some(err.to_string())),
+    };
+    let full = match full {
+        Some(Ok(full)) => Some(full),
+        Some(Err(too_large)) => {
+            let note = format!(
+                "(not recorded in full: its host calls and answers took more than {} KiB)",
+                too_large.budget >> 10
+            );
+            message = Some(message.map_or_else(|| note.clone(), |message| format!("{message} {note}")));
+            None
+        }
+        None => None,
     };
     // Recording never holds up calls: beyond this many records waiting to be written, the newest are
     // dropped and counted.

@@ -296,10 +296,11 @@ pub struct Earnings {
 }
 
 /// One invocation recorded in full, to replay it outside the platform (`plinth-cli plugin replay`):
-/// the request, what the tenant configured, and every call the plugin made to the platform's services
-/// with the answer it got, in order. Kept when the caller asked (`Plinth-Record: full`) or, for a
-/// failed invocation, when the installation records failures. Secrets' values are never recorded:
-/// only which secrets were set.
+/// the request, what the tenant configured, the sandbox's limits, and every call the plugin made to
+/// the platform's services with the answer it got, in order. Kept when the caller asked
+/// (`Plinth-Record: full`) or, for a failed invocation, when the installation records failures.
+/// Secrets are never recorded: each secret's value (of 4 characters or more) is replaced wherever it
+/// appears by `[secret NAME]`, which is also what a replay gives the plugin for it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RecordedInvocation {
@@ -316,11 +317,28 @@ pub struct RecordedInvocation {
     pub settings: serde_json::Map<String, serde_json::Value>,
     /// Names of the secrets that were set (their values are not recorded).
     pub secret_names: Vec<String>,
+    pub limits: RecordedLimits,
     pub host_calls: Vec<HostCall>,
     /// `ok`, or the error code the call answered.
     pub outcome: String,
     /// The plugin's answer (when `ok`) or the error's message.
     pub output: String,
+}
+
+/// The sandbox's limits the invocation ran under, so a replay runs under the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RecordedLimits {
+    pub deadline_ms: u64,
+    pub memory_bytes: u64,
+    pub fuel: u64,
+    pub inference_calls: u32,
+}
+
+/// What `[secret NAME]` stands for: a secret's value, wherever it appears in a record.
+#[must_use]
+pub fn secret_placeholder(name: &str) -> String {
+    format!("[secret {name}]")
 }
 
 /// A call a plugin made to a platform service, and the answer it got.
@@ -331,7 +349,31 @@ pub struct HostCall {
     pub answer: HostAnswer,
 }
 
-/// What the plugin asked of a service (the WIT function and its arguments).
+/// Bytes, as base64 in JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+pub struct Bytes(pub Vec<u8>);
+
+impl Serialize for Bytes {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine;
+        serializer.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use base64::Engine;
+        let text = String::deserialize(deserializer)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map(Self)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// What the plugin asked of a service (the WIT function and its arguments). Bytes are base64.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "call", rename_all = "kebab-case")]
@@ -340,7 +382,7 @@ pub enum HostRequest {
     Embed { model: String, texts: Vec<String> },
     Infer { model: String, request: String },
     KvGet { key: String },
-    KvSet { key: String, value: Vec<u8> },
+    KvSet { key: String, value: Bytes },
     KvDelete { key: String },
     KvList { prefix: String },
 }
@@ -352,7 +394,7 @@ impl std::fmt::Display for HostRequest {
             Self::Embed { model, texts } => write!(f, "inference.embed({model:?}, {texts:?})"),
             Self::Infer { model, request } => write!(f, "inference.infer({model:?}, {request:?})"),
             Self::KvGet { key } => write!(f, "kv.get({key:?})"),
-            Self::KvSet { key, value } => write!(f, "kv.set({key:?}, {} bytes)", value.len()),
+            Self::KvSet { key, value } => write!(f, "kv.set({key:?}, {} bytes)", value.0.len()),
             Self::KvDelete { key } => write!(f, "kv.delete({key:?})"),
             Self::KvList { prefix } => write!(f, "kv.list-keys({prefix:?})"),
         }
@@ -368,13 +410,15 @@ pub enum HostAnswer {
     Embeddings(Vec<Vec<f32>>),
     /// An Open Inference Protocol response, as JSON text.
     Response(String),
-    /// A key's value, if it was set.
-    Value(Option<Vec<u8>>),
+    /// A key's value (base64), if it was set.
+    Value(Option<Bytes>),
     Stored,
     /// Whether a deleted key existed.
     Existed(bool),
     Keys(Vec<String>),
     Refused(HostRefusal),
+    /// No answer came: the invocation was stopped (its deadline) while the call was in flight.
+    Interrupted,
 }
 
 /// A service call that failed, as the plugin saw it.

@@ -240,9 +240,18 @@ impl Worker {
         outcome.map(drop)
     }
 
-    pub(crate) async fn run(mut self) {
+    /// Serves the queue until it closes. The worker counts as serving from this call, not from its
+    /// first poll: a model is ready as soon as it is loaded, however busy the runtime is.
+    pub(crate) fn run(self) -> impl Future<Output = ()> + Send + 'static {
         self.setup.stats.workers.fetch_add(1, Ordering::Relaxed);
-        let _serving = Serving(self.setup.stats.clone());
+        let serving = Serving(self.setup.stats.clone());
+        async move {
+            let _serving = serving;
+            self.serve().await;
+        }
+    }
+
+    async fn serve(mut self) {
         let max_batch = self.setup.max_batch;
         let fits = move |batch: &[Queued], next: &Queued| {
             let texts = |c: &Queued| matches!(c.work, Work::Text { .. });

@@ -420,57 +420,73 @@ const MOST_RESTART_BACKOFF: Duration = Duration::from_secs(30);
 /// supervisor makes a new session, warms it up and starts a new worker on the same queue, retrying with
 /// a growing pause while the session cannot be made. Meanwhile the model has one worker fewer, and
 /// readiness says so when it has none.
-async fn supervise(first: batcher::Worker, new_session: Arc<NewSession>, current: Arc<CurrentWorker>) {
+fn supervise(
+    first: batcher::Worker,
+    new_session: Arc<NewSession>,
+    current: Arc<CurrentWorker>,
+) -> impl Future<Output = ()> + Send + 'static {
     let setup = first.setup.clone();
-    let mut worker = first;
-    loop {
-        let task = tokio::spawn(worker.run());
-        *current
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task.abort_handle());
-        let died = match task.await {
-            Ok(()) => return,
-            Err(err) => err,
-        };
-        if setup.queue.is_closed() {
-            return;
-        }
-        setup
-            .stats
-            .restarts
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        metrics::counter!("plinth_inference_worker_restarts_total", "model" => setup.metrics_label.clone())
-            .increment(1);
-        tracing::error!(model = %setup.model, error = %died, "an inference worker died; starting another");
-        let mut pause = Duration::from_millis(100);
-        worker = loop {
-            let made = tokio::task::spawn_blocking({
-                let (new_session, setup) = (new_session.clone(), setup.clone());
-                move || {
-                    let mut worker = batcher::Worker {
-                        session: new_session()?,
-                        setup,
-                    };
-                    worker.warm_up(Some(worker.setup.timeout))?;
-                    Ok::<_, InferenceError>(worker)
-                }
-            })
-            .await;
-            match made {
-                Ok(Ok(worker)) => break worker,
-                Ok(Err(err)) => {
-                    tracing::error!(model = %setup.model, error = %err, "cannot replace an inference worker yet");
-                }
-                // The runtime is shutting down.
-                Err(_) => return,
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(MOST_RESTART_BACKOFF);
+    // Counted as serving now, while the model is being loaded (see `Worker::run`).
+    let mut running = first.run();
+    async move {
+        loop {
+            let task = tokio::spawn(running);
+            *current
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task.abort_handle());
+            let died = match task.await {
+                Ok(()) => return,
+                Err(err) => err,
+            };
             if setup.queue.is_closed() {
                 return;
             }
-        };
+            setup
+                .stats
+                .restarts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            metrics::counter!("plinth_inference_worker_restarts_total", "model" => setup.metrics_label.clone())
+                .increment(1);
+            tracing::error!(model = %setup.model, error = %died, "an inference worker died; starting another");
+            match replacement(&setup, &new_session).await {
+                Some(worker) => running = worker.run(),
+                None => return,
+            }
+        }
+    }
+}
+
+/// A new worker for a dead one: a new session, warmed up, retried with a growing pause while it
+/// cannot be made. `None` once the model is unloaded or the runtime shuts down.
+async fn replacement(setup: &batcher::WorkerSetup, new_session: &Arc<NewSession>) -> Option<batcher::Worker> {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let made = tokio::task::spawn_blocking({
+            let (new_session, setup) = (new_session.clone(), setup.clone());
+            move || {
+                let mut worker = batcher::Worker {
+                    session: new_session()?,
+                    setup,
+                };
+                worker.warm_up(Some(worker.setup.timeout))?;
+                Ok::<_, InferenceError>(worker)
+            }
+        })
+        .await;
+        match made {
+            Ok(Ok(worker)) => return Some(worker),
+            Ok(Err(err)) => {
+                tracing::error!(model = %setup.model, error = %err, "cannot replace an inference worker yet");
+            }
+            // The runtime is shutting down.
+            Err(_) => return None,
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(MOST_RESTART_BACKOFF);
+        if setup.queue.is_closed() {
+            return None;
+        }
     }
 }
 

@@ -14,7 +14,10 @@ mod runtime;
 mod services;
 
 pub use limits::Limits;
-pub use record::{Divergence, Recorder, Replay, Replayer, SECRET_STAND_IN, ending};
+pub use record::{
+    Divergence, Recorder, Replay, Replayer, SHORTEST_REDACTED_SECRET, TooLarge, ending, recorded_limits,
+    redact, replay_limits,
+};
 pub use runtime::{Compiled, HostSettings, Invocation, Outcome, PluginHost, WIT_VERSIONS};
 pub use services::{CallContext, Capability, LogLine, NoServices, ServiceError, Services, Trace};
 

@@ -8,21 +8,30 @@
 //! arguments, one too many) ends the replay's answers there and is reported as a [`Divergence`];
 //! so is a run that stops short of the recorded calls.
 //!
+//! A record is bounded: past [`Recorder::new`]'s budget the recorder lets go of what it holds and
+//! the invocation is not recorded in full. Secrets are never recorded: [`redact`] replaces each
+//! secret's value wherever it appears with `[secret NAME]`, which is what a replay hands the plugin
+//! for that secret unless the author supplies a stand-in. A call the deadline cut off is recorded as
+//! [`HostAnswer::Interrupted`], and the replay leaves it unanswered until the same deadline stops it.
+//!
 //! What is not replayed: the wall clock and randomness (WASI's), which the plugin reads from the
-//! machine it runs on, and secrets, which are never recorded (the author supplies stand-ins).
+//! machine it runs on.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use plinth_core::id::TenantId;
 use plinth_core::inference::Classification;
-use plinth_core::plugins::{HostAnswer, HostCall, HostRefusal, HostRequest, RecordedInvocation};
+use plinth_core::plugins::{
+    Bytes, HostAnswer, HostCall, HostRefusal, HostRequest, RecordedInvocation, RecordedLimits,
+    secret_placeholder,
+};
 
 use crate::runtime::{Compiled, Outcome, PluginHost};
-use crate::{CallContext, InvokeError, LogLine, ServiceError, Services, Trace};
+use crate::{CallContext, InvokeError, Limits, LogLine, ServiceError, Services, Trace};
 
-/// What a replay gives a secret the author did not supply.
-pub const SECRET_STAND_IN: &str = "(secret not recorded)";
+/// Secret values shorter than this are not searched for in a record (they would match everywhere).
+pub const SHORTEST_REDACTED_SECRET: usize = 4;
 
 fn refusal(err: &ServiceError) -> HostRefusal {
     let (kind, message) = match err {
@@ -45,41 +54,124 @@ fn refused(refusal: &HostRefusal) -> ServiceError {
     }
 }
 
-/// Records every service call of one invocation on its way to `inner`.
+/// About how many bytes of JSON a request or answer takes in a record.
+fn text_weight(text: &str) -> usize {
+    text.len() + 8
+}
+
+fn texts_weight(texts: &[String]) -> usize {
+    texts.iter().map(|text| text_weight(text)).sum::<usize>() + 8
+}
+
+fn answer_weight(answer: &HostAnswer) -> usize {
+    16 + match answer {
+        HostAnswer::Classifications(results) => results
+            .iter()
+            .map(|c| {
+                text_weight(&c.label)
+                    + 16
+                    + c.scores.iter().map(|s| text_weight(&s.label) + 16).sum::<usize>()
+            })
+            .sum(),
+        HostAnswer::Embeddings(vectors) => vectors.iter().map(|v| v.len() * 12 + 8).sum(),
+        HostAnswer::Response(text) => text_weight(text),
+        HostAnswer::Value(value) => value.as_ref().map_or(0, |bytes| bytes.0.len() * 4 / 3 + 8),
+        HostAnswer::Keys(keys) => texts_weight(keys),
+        HostAnswer::Refused(refusal) => text_weight(&refusal.message) + 32,
+        HostAnswer::Stored | HostAnswer::Existed(_) | HostAnswer::Interrupted => 0,
+    }
+}
+
+#[derive(Debug, Default)]
+struct Recording {
+    calls: Vec<HostCall>,
+    bytes: usize,
+    /// Past the budget: nothing more is kept, and what was is let go.
+    overflowed: bool,
+}
+
+/// The invocation was too large to record in full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooLarge {
+    pub budget: usize,
+}
+
+/// Records every service call of one invocation on its way to `inner`, within a byte budget.
 #[derive(Debug)]
 pub struct Recorder {
     inner: Arc<dyn Services>,
-    calls: Mutex<Vec<HostCall>>,
+    budget: usize,
+    recording: Mutex<Recording>,
 }
 
 impl Recorder {
+    /// Records at most about `budget` bytes (as JSON) of calls and answers.
     #[must_use]
-    pub fn new(inner: Arc<dyn Services>) -> Self {
+    pub fn new(inner: Arc<dyn Services>, budget: usize) -> Self {
         Self {
             inner,
-            calls: Mutex::default(),
+            budget,
+            recording: Mutex::default(),
         }
     }
 
-    /// The calls recorded so far, in the order they were made.
-    pub fn take(&self) -> Vec<HostCall> {
-        std::mem::take(&mut *self.calls.lock().unwrap_or_else(PoisonError::into_inner))
+    fn recording(&self) -> std::sync::MutexGuard<'_, Recording> {
+        self.recording.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write<T>(
+    /// The calls recorded, in the order they were made; or that they did not fit the budget.
+    ///
+    /// # Errors
+    /// [`TooLarge`] when the calls and answers went past the budget.
+    pub fn take(&self) -> Result<Vec<HostCall>, TooLarge> {
+        let mut recording = self.recording();
+        if recording.overflowed {
+            return Err(TooLarge { budget: self.budget });
+        }
+        Ok(std::mem::take(&mut recording.calls))
+    }
+
+    /// Counts `weight` bytes against the budget; past it, lets everything go.
+    fn spend(&self, recording: &mut Recording, weight: usize) -> bool {
+        recording.bytes = recording.bytes.saturating_add(weight);
+        if recording.bytes > self.budget {
+            recording.overflowed = true;
+            recording.calls = Vec::new();
+        }
+        !recording.overflowed
+    }
+
+    /// Writes a call down before it is made (its answer `Interrupted` until it comes): `weight`
+    /// is counted before `request` is built, so an oversized call is never copied.
+    fn begin(&self, weight: usize, request: impl FnOnce() -> HostRequest) -> Option<usize> {
+        let mut recording = self.recording();
+        if recording.overflowed || !self.spend(&mut recording, weight) {
+            return None;
+        }
+        recording.calls.push(HostCall {
+            request: request(),
+            answer: HostAnswer::Interrupted,
+        });
+        Some(recording.calls.len() - 1)
+    }
+
+    fn end<T>(
         &self,
-        request: HostRequest,
+        at: Option<usize>,
         result: Result<T, ServiceError>,
         answer: impl FnOnce(&T) -> HostAnswer,
     ) -> Result<T, ServiceError> {
+        let Some(at) = at else {
+            return result;
+        };
         let answer = match &result {
             Ok(value) => answer(value),
             Err(err) => HostAnswer::Refused(refusal(err)),
         };
-        self.calls
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(HostCall { request, answer });
+        let mut recording = self.recording();
+        if !recording.overflowed && self.spend(&mut recording, answer_weight(&answer)) {
+            recording.calls[at].answer = answer;
+        }
         result
     }
 }
@@ -93,14 +185,14 @@ impl Services for Recorder {
         model: &str,
         texts: Vec<String>,
     ) -> Result<Vec<Classification>, ServiceError> {
-        let request = HostRequest::Classify {
-            model: model.to_owned(),
-            texts: texts.clone(),
-        };
+        let at = self.begin(text_weight(model) + texts_weight(&texts), || {
+            HostRequest::Classify {
+                model: model.to_owned(),
+                texts: texts.clone(),
+            }
+        });
         let result = self.inner.classify(call, sequence, model, texts).await;
-        self.write(request, result, |value| {
-            HostAnswer::Classifications(value.clone())
-        })
+        self.end(at, result, |value| HostAnswer::Classifications(value.clone()))
     }
 
     async fn embed(
@@ -110,12 +202,12 @@ impl Services for Recorder {
         model: &str,
         texts: Vec<String>,
     ) -> Result<Vec<Vec<f32>>, ServiceError> {
-        let request = HostRequest::Embed {
+        let at = self.begin(text_weight(model) + texts_weight(&texts), || HostRequest::Embed {
             model: model.to_owned(),
             texts: texts.clone(),
-        };
+        });
         let result = self.inner.embed(call, sequence, model, texts).await;
-        self.write(request, result, |value| HostAnswer::Embeddings(value.clone()))
+        self.end(at, result, |value| HostAnswer::Embeddings(value.clone()))
     }
 
     async fn infer(
@@ -125,18 +217,20 @@ impl Services for Recorder {
         model: &str,
         request: String,
     ) -> Result<String, ServiceError> {
-        let recorded = HostRequest::Infer {
-            model: model.to_owned(),
-            request: request.clone(),
-        };
+        let at = self.begin(text_weight(model) + text_weight(&request), || {
+            HostRequest::Infer {
+                model: model.to_owned(),
+                request: request.clone(),
+            }
+        });
         let result = self.inner.infer(call, sequence, model, request).await;
-        self.write(recorded, result, |value| HostAnswer::Response(value.clone()))
+        self.end(at, result, |value| HostAnswer::Response(value.clone()))
     }
 
     async fn kv_get(&self, call: &CallContext, key: &str) -> Result<Option<Vec<u8>>, ServiceError> {
+        let at = self.begin(text_weight(key), || HostRequest::KvGet { key: key.to_owned() });
         let result = self.inner.kv_get(call, key).await;
-        let request = HostRequest::KvGet { key: key.to_owned() };
-        self.write(request, result, |value| HostAnswer::Value(value.clone()))
+        self.end(at, result, |value| HostAnswer::Value(value.clone().map(Bytes)))
     }
 
     async fn kv_set(
@@ -146,30 +240,146 @@ impl Services for Recorder {
         value: Vec<u8>,
         max_keys: u64,
     ) -> Result<(), ServiceError> {
-        let request = HostRequest::KvSet {
-            key: key.to_owned(),
-            value: value.clone(),
-        };
+        let at = self.begin(text_weight(key) + value.len() * 4 / 3 + 8, || {
+            HostRequest::KvSet {
+                key: key.to_owned(),
+                value: Bytes(value.clone()),
+            }
+        });
         let result = self.inner.kv_set(call, key, value, max_keys).await;
-        self.write(request, result, |()| HostAnswer::Stored)
+        self.end(at, result, |()| HostAnswer::Stored)
     }
 
     async fn kv_delete(&self, call: &CallContext, key: &str) -> Result<bool, ServiceError> {
+        let at = self.begin(text_weight(key), || HostRequest::KvDelete { key: key.to_owned() });
         let result = self.inner.kv_delete(call, key).await;
-        let request = HostRequest::KvDelete { key: key.to_owned() };
-        self.write(request, result, |existed| HostAnswer::Existed(*existed))
+        self.end(at, result, |existed| HostAnswer::Existed(*existed))
     }
 
     async fn kv_list(&self, call: &CallContext, prefix: &str) -> Result<Vec<String>, ServiceError> {
-        let result = self.inner.kv_list(call, prefix).await;
-        let request = HostRequest::KvList {
+        let at = self.begin(text_weight(prefix), || HostRequest::KvList {
             prefix: prefix.to_owned(),
-        };
-        self.write(request, result, |keys| HostAnswer::Keys(keys.clone()))
+        });
+        let result = self.inner.kv_list(call, prefix).await;
+        self.end(at, result, |keys| HostAnswer::Keys(keys.clone()))
     }
 
     fn finished(&self, call: &CallContext, trace: Trace) {
         self.inner.finished(call, trace);
+    }
+}
+
+/// Replaces each secret's value (of [`SHORTEST_REDACTED_SECRET`] bytes or more) with
+/// `[secret NAME]` everywhere in `record`: the request, the answer, the settings, and every host
+/// call's arguments and answer, key-value bytes included. A plugin that writes a secret into its
+/// store, a model's input or its answer does not carry it out in the record.
+pub fn redact(record: &mut RecordedInvocation, secrets: &BTreeMap<String, String>) {
+    let mut secrets: Vec<(&str, String)> = secrets
+        .iter()
+        .filter(|(_, value)| value.len() >= SHORTEST_REDACTED_SECRET)
+        .map(|(name, value)| (value.as_str(), secret_placeholder(name)))
+        .collect();
+    if secrets.is_empty() {
+        return;
+    }
+    // The longest first, so a secret inside another is not half-replaced.
+    secrets.sort_by_key(|(value, _)| std::cmp::Reverse(value.len()));
+    let text = |text: &mut String| {
+        for (value, placeholder) in &secrets {
+            if text.contains(value) {
+                *text = text.replace(value, placeholder);
+            }
+        }
+    };
+    let bytes = |bytes: &mut Vec<u8>| {
+        for (value, placeholder) in &secrets {
+            *bytes = replace_bytes(bytes, value.as_bytes(), placeholder.as_bytes());
+        }
+    };
+    text(&mut record.request);
+    text(&mut record.output);
+    for value in record.settings.values_mut() {
+        redact_json(value, &text);
+    }
+    for call in &mut record.host_calls {
+        match &mut call.request {
+            HostRequest::Classify { model, texts } | HostRequest::Embed { model, texts } => {
+                text(model);
+                texts.iter_mut().for_each(text);
+            }
+            HostRequest::Infer { model, request } => {
+                text(model);
+                text(request);
+            }
+            HostRequest::KvGet { key } | HostRequest::KvDelete { key } => text(key),
+            HostRequest::KvSet { key, value } => {
+                text(key);
+                bytes(&mut value.0);
+            }
+            HostRequest::KvList { prefix } => text(prefix),
+        }
+        match &mut call.answer {
+            HostAnswer::Classifications(results) => {
+                for result in results {
+                    text(&mut result.label);
+                    result.scores.iter_mut().for_each(|score| text(&mut score.label));
+                }
+            }
+            HostAnswer::Response(response) => text(response),
+            HostAnswer::Value(Some(value)) => bytes(&mut value.0),
+            HostAnswer::Keys(keys) => keys.iter_mut().for_each(text),
+            HostAnswer::Refused(refusal) => text(&mut refusal.message),
+            HostAnswer::Embeddings(_)
+            | HostAnswer::Value(None)
+            | HostAnswer::Stored
+            | HostAnswer::Existed(_)
+            | HostAnswer::Interrupted => {}
+        }
+    }
+}
+
+fn redact_json(value: &mut serde_json::Value, text: &impl Fn(&mut String)) {
+    match value {
+        serde_json::Value::String(string) => text(string),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|item| redact_json(item, text)),
+        serde_json::Value::Object(fields) => fields.values_mut().for_each(|item| redact_json(item, text)),
+        _ => {}
+    }
+}
+
+/// `haystack` with every occurrence of `needle` replaced by `with`.
+fn replace_bytes(haystack: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(haystack.len());
+    let mut rest = haystack;
+    while let Some(at) = rest.windows(needle.len()).position(|window| window == needle) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(with);
+        rest = &rest[at + needle.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+/// The limits a recorded invocation ran under, as the host's (the rest at their defaults).
+#[must_use]
+pub fn recorded_limits(limits: &Limits) -> RecordedLimits {
+    RecordedLimits {
+        deadline_ms: u64::try_from(limits.deadline.as_millis()).unwrap_or(u64::MAX),
+        memory_bytes: limits.memory_bytes as u64,
+        fuel: limits.fuel,
+        inference_calls: limits.inference_calls,
+    }
+}
+
+/// The host limits to replay a record under: the recorded ones, the rest at their defaults.
+#[must_use]
+pub fn replay_limits(recorded: &RecordedLimits) -> Limits {
+    Limits {
+        deadline: std::time::Duration::from_millis(recorded.deadline_ms),
+        memory_bytes: usize::try_from(recorded.memory_bytes).unwrap_or(usize::MAX),
+        fuel: recorded.fuel,
+        inference_calls: recorded.inference_calls,
+        ..Limits::default()
     }
 }
 
@@ -233,8 +443,17 @@ impl Replayer {
         self.tape.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The recorded answer to `made`, if it is the call the record has next.
-    fn answer(&self, made: HostRequest) -> Result<HostAnswer, ServiceError> {
+    /// The recorded answer to `made`, if it is the call the record has next. A call the deadline cut
+    /// off in the recording is never answered here either (the replay's deadline stops it).
+    async fn answer(&self, made: HostRequest) -> Result<HostAnswer, ServiceError> {
+        let answer = self.next(made)?;
+        if answer == HostAnswer::Interrupted {
+            std::future::pending::<()>().await;
+        }
+        Ok(answer)
+    }
+
+    fn next(&self, made: HostRequest) -> Result<HostAnswer, ServiceError> {
         let mut tape = self.tape();
         if let Some(divergence) = &tape.divergence {
             return Err(ServiceError::Unavailable(format!(
@@ -288,10 +507,13 @@ impl Services for Replayer {
         model: &str,
         texts: Vec<String>,
     ) -> Result<Vec<Classification>, ServiceError> {
-        match self.answer(HostRequest::Classify {
-            model: model.to_owned(),
-            texts,
-        })? {
+        match self
+            .answer(HostRequest::Classify {
+                model: model.to_owned(),
+                texts,
+            })
+            .await?
+        {
             HostAnswer::Classifications(results) => Ok(results),
             HostAnswer::Refused(refusal) => Err(refused(&refusal)),
             other => Err(unfit(&other)),
@@ -305,10 +527,13 @@ impl Services for Replayer {
         model: &str,
         texts: Vec<String>,
     ) -> Result<Vec<Vec<f32>>, ServiceError> {
-        match self.answer(HostRequest::Embed {
-            model: model.to_owned(),
-            texts,
-        })? {
+        match self
+            .answer(HostRequest::Embed {
+                model: model.to_owned(),
+                texts,
+            })
+            .await?
+        {
             HostAnswer::Embeddings(vectors) => Ok(vectors),
             HostAnswer::Refused(refusal) => Err(refused(&refusal)),
             other => Err(unfit(&other)),
@@ -322,10 +547,13 @@ impl Services for Replayer {
         model: &str,
         request: String,
     ) -> Result<String, ServiceError> {
-        match self.answer(HostRequest::Infer {
-            model: model.to_owned(),
-            request,
-        })? {
+        match self
+            .answer(HostRequest::Infer {
+                model: model.to_owned(),
+                request,
+            })
+            .await?
+        {
             HostAnswer::Response(response) => Ok(response),
             HostAnswer::Refused(refusal) => Err(refused(&refusal)),
             other => Err(unfit(&other)),
@@ -333,18 +561,21 @@ impl Services for Replayer {
     }
 
     async fn kv_get(&self, _: &CallContext, key: &str) -> Result<Option<Vec<u8>>, ServiceError> {
-        match self.answer(HostRequest::KvGet { key: key.to_owned() })? {
-            HostAnswer::Value(value) => Ok(value),
+        match self.answer(HostRequest::KvGet { key: key.to_owned() }).await? {
+            HostAnswer::Value(value) => Ok(value.map(|bytes| bytes.0)),
             HostAnswer::Refused(refusal) => Err(refused(&refusal)),
             other => Err(unfit(&other)),
         }
     }
 
     async fn kv_set(&self, _: &CallContext, key: &str, value: Vec<u8>, _: u64) -> Result<(), ServiceError> {
-        match self.answer(HostRequest::KvSet {
-            key: key.to_owned(),
-            value,
-        })? {
+        match self
+            .answer(HostRequest::KvSet {
+                key: key.to_owned(),
+                value: Bytes(value),
+            })
+            .await?
+        {
             HostAnswer::Stored => Ok(()),
             HostAnswer::Refused(refusal) => Err(refused(&refusal)),
             other => Err(unfit(&other)),
@@ -352,7 +583,7 @@ impl Services for Replayer {
     }
 
     async fn kv_delete(&self, _: &CallContext, key: &str) -> Result<bool, ServiceError> {
-        match self.answer(HostRequest::KvDelete { key: key.to_owned() })? {
+        match self.answer(HostRequest::KvDelete { key: key.to_owned() }).await? {
             HostAnswer::Existed(existed) => Ok(existed),
             HostAnswer::Refused(refusal) => Err(refused(&refusal)),
             other => Err(unfit(&other)),
@@ -360,9 +591,12 @@ impl Services for Replayer {
     }
 
     async fn kv_list(&self, _: &CallContext, prefix: &str) -> Result<Vec<String>, ServiceError> {
-        match self.answer(HostRequest::KvList {
-            prefix: prefix.to_owned(),
-        })? {
+        match self
+            .answer(HostRequest::KvList {
+                prefix: prefix.to_owned(),
+            })
+            .await?
+        {
             HostAnswer::Keys(keys) => Ok(keys),
             HostAnswer::Refused(refusal) => Err(refused(&refusal)),
             other => Err(unfit(&other)),
@@ -404,8 +638,8 @@ impl Replay {
 
 impl PluginHost {
     /// Runs `compiled` on a recorded invocation's request, its service calls answered from the
-    /// record. `secrets` stands in for the secrets the record names (any left out get
-    /// [`SECRET_STAND_IN`]).
+    /// record, under this host's limits (make the host with [`replay_limits`]). `secrets` stands in
+    /// for the secrets the record names; any left out get `[secret NAME]`, as the record has them.
     pub async fn replay(
         &self,
         compiled: Arc<Compiled>,
@@ -423,8 +657,11 @@ impl PluginHost {
                 .secret_names
                 .iter()
                 .map(|name| {
-                    let value = secrets.get(name).map_or(SECRET_STAND_IN, String::as_str);
-                    (name.clone(), value.to_owned())
+                    let value = secrets
+                        .get(name)
+                        .cloned()
+                        .unwrap_or_else(|| secret_placeholder(name));
+                    (name.clone(), value)
                 })
                 .collect(),
             idempotency_key: format!("replay-{}", record.invocation_id),
@@ -468,10 +705,10 @@ mod tests {
     #[tokio::test]
     async fn a_replay_answers_recorded_calls_in_order_and_reports_the_first_difference() {
         let call = context();
-        let recorder = Recorder::new(Arc::new(NoServices));
+        let recorder = Recorder::new(Arc::new(NoServices), 1 << 20);
         assert_eq!(recorder.kv_get(&call, "last").await, Ok(None));
         assert!(recorder.kv_set(&call, "last", b"x".to_vec(), 10).await.is_err());
-        let calls = recorder.take();
+        let calls = recorder.take().unwrap();
         assert_eq!(calls.len(), 2);
         assert!(matches!(calls[1].answer, HostAnswer::Refused(ref r) if r.kind == "unavailable"));
 
@@ -522,5 +759,145 @@ mod tests {
             replayer.kv_delete(&context(), "k").await,
             Err(ServiceError::Unavailable(message)) if message.contains("does not fit")
         ));
+    }
+
+    #[tokio::test]
+    async fn a_recording_past_its_budget_keeps_nothing_and_says_so() {
+        let call = context();
+        let recorder = Recorder::new(Arc::new(NoServices), 8 << 10);
+        for _ in 0..3 {
+            let _ = recorder.kv_set(&call, "big", vec![7; 1 << 10], 10).await;
+        }
+        assert_eq!(recorder.take().map(|calls| calls.len()), Ok(3));
+        let recorder = Recorder::new(Arc::new(NoServices), 8 << 10);
+        for _ in 0..10 {
+            // The calls still go through; only the record gives up.
+            let _ = recorder.kv_set(&call, "big", vec![7; 1 << 10], 10).await;
+        }
+        assert_eq!(recorder.take(), Err(TooLarge { budget: 8 << 10 }));
+        assert!(recorder.recording().calls.is_empty(), "what was held is let go");
+    }
+
+    #[tokio::test]
+    async fn a_call_cut_off_by_the_deadline_is_recorded_and_left_unanswered_in_the_replay() {
+        #[derive(Debug)]
+        struct Hangs;
+        #[async_trait::async_trait]
+        impl Services for Hangs {
+            async fn classify(
+                &self,
+                _: &CallContext,
+                _: u32,
+                _: &str,
+                _: Vec<String>,
+            ) -> Result<Vec<Classification>, ServiceError> {
+                std::future::pending().await
+            }
+            async fn embed(
+                &self,
+                _: &CallContext,
+                _: u32,
+                _: &str,
+                _: Vec<String>,
+            ) -> Result<Vec<Vec<f32>>, ServiceError> {
+                std::future::pending().await
+            }
+            async fn infer(
+                &self,
+                _: &CallContext,
+                _: u32,
+                _: &str,
+                _: String,
+            ) -> Result<String, ServiceError> {
+                std::future::pending().await
+            }
+            async fn kv_get(&self, _: &CallContext, _: &str) -> Result<Option<Vec<u8>>, ServiceError> {
+                std::future::pending().await
+            }
+            async fn kv_set(&self, _: &CallContext, _: &str, _: Vec<u8>, _: u64) -> Result<(), ServiceError> {
+                std::future::pending().await
+            }
+            async fn kv_delete(&self, _: &CallContext, _: &str) -> Result<bool, ServiceError> {
+                std::future::pending().await
+            }
+            async fn kv_list(&self, _: &CallContext, _: &str) -> Result<Vec<String>, ServiceError> {
+                std::future::pending().await
+            }
+        }
+        let call = context();
+        let recorder = Recorder::new(Arc::new(Hangs), 1 << 20);
+        let cut_off = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            recorder.kv_get(&call, "slow"),
+        )
+        .await;
+        assert!(cut_off.is_err());
+        let calls = recorder.take().unwrap();
+        assert_eq!(calls[0].answer, HostAnswer::Interrupted);
+        let replayer = Replayer::new(calls);
+        let replayed = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            replayer.kv_get(&call, "slow"),
+        )
+        .await;
+        assert!(replayed.is_err(), "left unanswered, as it was");
+        assert_eq!(replayer.divergence(), None);
+    }
+
+    #[test]
+    fn secrets_are_replaced_wherever_they_appear() {
+        let token = "tok-3f9a81c2";
+        let mut record = RecordedInvocation {
+            invocation_id: plinth_core::id::InvocationId::new(),
+            plugin: "p".into(),
+            version: "1".into(),
+            world: "0.1.0".into(),
+            request: format!("{{\"echo\":\"{token}\"}}"),
+            granted_models: vec![],
+            settings: serde_json::json!({ "note": format!("uses {token}"), "pin": "12" })
+                .as_object()
+                .cloned()
+                .unwrap(),
+            secret_names: vec!["api".into(), "pin".into()],
+            limits: recorded_limits(&Limits::default()),
+            host_calls: vec![
+                HostCall {
+                    request: HostRequest::KvSet {
+                        key: "stash".into(),
+                        value: Bytes(format!("before {token} after").into_bytes()),
+                    },
+                    answer: HostAnswer::Refused(HostRefusal {
+                        kind: "unavailable".into(),
+                        message: format!("no {token}"),
+                    }),
+                },
+                HostCall {
+                    request: HostRequest::Classify {
+                        model: "sentiment".into(),
+                        texts: vec![token.to_owned()],
+                    },
+                    answer: HostAnswer::Value(Some(Bytes(token.as_bytes().to_vec()))),
+                },
+            ],
+            outcome: "ok".into(),
+            output: format!("\"{token}\""),
+        };
+        let secrets = BTreeMap::from([
+            ("api".to_owned(), token.to_owned()),
+            ("pin".to_owned(), "12".to_owned()),
+        ]);
+        redact(&mut record, &secrets);
+        let json = serde_json::to_string(&record).unwrap();
+        assert!(!json.contains(token), "{json}");
+        assert!(record.output.contains("[secret api]"));
+        assert_eq!(
+            record.host_calls[0].request,
+            HostRequest::KvSet {
+                key: "stash".into(),
+                value: Bytes(b"before [secret api] after".to_vec()),
+            }
+        );
+        // Too short to search for: left as it is.
+        assert_eq!(record.settings["pin"], "12");
     }
 }

@@ -32,6 +32,9 @@ pub const MIN_TENANTS_SHOWN: i64 = 3;
 /// The largest full record kept (its JSON): a bigger one is not kept, and the summary says so.
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
 
+/// Full records kept per installation: older invocations keep their summary only.
+pub const MAX_FULL_RECORDS: u64 = 10;
+
 /// One finished invocation, to record.
 #[derive(Debug, Clone)]
 pub struct NewInvocation {
@@ -85,7 +88,9 @@ fn bounded(message: &str) -> String {
 }
 
 impl Store {
-    /// Records an invocation and lets the installation's oldest records go beyond the newest `keep`.
+    /// Records an invocation and lets the installation's oldest records go beyond the newest `keep`
+    /// (and its oldest full records beyond the newest [`MAX_FULL_RECORDS`]). Nothing is recorded for
+    /// an installation removed meanwhile: its records went with it.
     pub async fn record_invocation(&self, record: NewInvocation, keep: u64) -> Result<()> {
         row_security::within_tenant(&record.tenant, async {
             let version = plugin_versions::Entity::find_by_id(record.version_id.as_str())
@@ -117,6 +122,19 @@ impl Store {
                 None => None,
             };
             let _turn = self.write_turn().await;
+            let txn = self.write_transaction().await?;
+            // Uninstalling marks the installation under the same lock: a record either lands before
+            // (and is removed with the rest) or finds it gone.
+            let live = installations::Entity::find_in(&record.tenant)
+                .filter(installations::Column::Id.eq(record.installation.as_str()))
+                .filter(installations::Column::DeletedAt.is_null())
+                .lock_exclusive()
+                .one(&txn)
+                .await?;
+            if live.is_none() {
+                return Ok(());
+            }
+            let recorded_in_full = full.is_some();
             plugin_invocations::Entity::insert(plugin_invocations::ActiveModel {
                 id: Set(record.id.to_string()),
                 tenant_id: Set(record.tenant.to_string()),
@@ -132,7 +150,7 @@ impl Store {
                 logs: Set(logs),
                 record: Set(full),
             })
-            .exec_without_returning(self.db())
+            .exec_without_returning(&txn)
             .await?;
             // Ids are ULIDs: in the order they were made.
             let newest = Query::select()
@@ -145,8 +163,29 @@ impl Store {
             plugin_invocations::Entity::delete_many()
                 .filter(plugin_invocations::Column::InstallationId.eq(record.installation.as_str()))
                 .filter(plugin_invocations::Column::Id.not_in_subquery(newest))
-                .exec(self.db())
+                .exec(&txn)
                 .await?;
+            if recorded_in_full {
+                let newest_full = Query::select()
+                    .column(plugin_invocations::Column::Id)
+                    .from(plugin_invocations::Entity)
+                    .and_where(plugin_invocations::Column::InstallationId.eq(record.installation.as_str()))
+                    .and_where(plugin_invocations::Column::Record.is_not_null())
+                    .order_by(plugin_invocations::Column::Id, sea_orm::Order::Desc)
+                    .limit(MAX_FULL_RECORDS)
+                    .to_owned();
+                plugin_invocations::Entity::update_many()
+                    .col_expr(
+                        plugin_invocations::Column::Record,
+                        Expr::value(Option::<String>::None),
+                    )
+                    .filter(plugin_invocations::Column::InstallationId.eq(record.installation.as_str()))
+                    .filter(plugin_invocations::Column::Record.is_not_null())
+                    .filter(plugin_invocations::Column::Id.not_in_subquery(newest_full))
+                    .exec(&txn)
+                    .await?;
+            }
+            txn.commit().await?;
             Ok(())
         })
         .await
@@ -224,6 +263,12 @@ impl Store {
         installation: &InstallationId,
         invocation: &InvocationId,
     ) -> Result<RecordedInvocation> {
+        installations::Entity::find_in(tenant)
+            .filter(installations::Column::Id.eq(installation.as_str()))
+            .filter(installations::Column::DeletedAt.is_null())
+            .one(self.db())
+            .await?
+            .ok_or(StoreError::NotFound("recorded invocation"))?;
         let record = plugin_invocations::Entity::find_in(tenant)
             .select_only()
             .column(plugin_invocations::Column::Record)

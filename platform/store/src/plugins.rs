@@ -589,7 +589,6 @@ impl Store {
         Ok(self.runnable(tenant, installation).await?.installation)
     }
 
-    /// Removes an installation and its key-value state.
     /// The most recently changed installation secrets, sealed: what a starting replica must be able
     /// to open (every tenant's rows, on purpose).
     pub async fn latest_sealed_secrets(&self) -> Result<Option<String>> {
@@ -637,22 +636,26 @@ impl Store {
         }
     }
 
+    /// Removes an installation, its key-value state and its invocation records.
     pub async fn uninstall(&self, tenant: &TenantId, who: &Who, installation: &InstallationId) -> Result<()> {
         let txn = self.write_transaction().await?;
         let row = live_installation(&txn, tenant, installation).await?;
-        plugin_kv::Entity::delete_many()
-            .filter(plugin_kv::Column::InstallationId.eq(&row.id))
-            .exec(&txn)
-            .await?;
-        // Its invocation records go with it: their logs may echo the secrets removed here.
-        crate::entity::plugin_invocations::Entity::delete_many()
-            .filter(crate::entity::plugin_invocations::Column::InstallationId.eq(&row.id))
-            .exec(&txn)
-            .await?;
+        let id = row.id.clone();
+        // Marked removed first: that takes the row's lock, which an invocation record being written
+        // holds meanwhile, so the deletes below see every record that made it in.
         let mut model: installations::ActiveModel = row.into();
         model.deleted_at = Set(Some(Utc::now()));
         model.secrets = Set(String::new());
         model.update(&txn).await?;
+        plugin_kv::Entity::delete_many()
+            .filter(plugin_kv::Column::InstallationId.eq(&id))
+            .exec(&txn)
+            .await?;
+        // Its invocation records go with it: their logs may echo the secrets removed here.
+        crate::entity::plugin_invocations::Entity::delete_many()
+            .filter(crate::entity::plugin_invocations::Column::InstallationId.eq(&id))
+            .exec(&txn)
+            .await?;
         crate::audit::record(
             &txn,
             Some(tenant),

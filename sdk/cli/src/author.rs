@@ -1,7 +1,8 @@
 //! `plugin new` and `plugin build`: a plugin project from the template of its language, and its
 //! component built with that language's tool (cargo for wasm32-wasip2, componentize-py,
 //! componentize-js). The templates and the WIT world are the ones in the Plinth repository's
-//! `plugins/` folder, built into this binary.
+//! `plugins/` folder, built into this binary. Building runs the project's code (a build script,
+//! Python at build time, the project's own componentize-js): build only projects you trust.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -226,6 +227,9 @@ fn build_rust(dir: &Path) -> Result<PathBuf, Failure> {
         .and_then(toml::Value::as_str)
         .ok_or_else(|| anyhow!("Cargo.toml has no package name"))?
         .replace('-', "_");
+    if crate_name.is_empty() || !crate_name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(anyhow!("Cargo.toml: `{crate_name}` is not a crate name").into());
+    }
     let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| dir.join("target"), PathBuf::from);
     let target_dir = if target_dir.is_relative() {
         dir.join(target_dir)
@@ -281,6 +285,14 @@ pub(crate) fn build(dir: &Path) -> Result<PathBuf, Failure> {
         .as_str()
         .map(str::to_owned)
         .ok_or_else(|| anyhow!("{} has no name", manifest.display()))?;
+    // The output's file name comes from it.
+    if !valid_name(&name) {
+        return Err(anyhow!(
+            "{}: `{name}` cannot name a plugin (lowercase letters, digits and dashes)",
+            manifest.display()
+        )
+        .into());
+    }
     let output = dir.join(format!("{name}.wasm"));
     let language = language_of(dir).ok_or_else(|| {
         anyhow!(

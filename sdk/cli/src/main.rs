@@ -197,7 +197,8 @@ enum PluginCommand {
         /// The component to run (.wasm): the published one, or your fix.
         #[arg(long)]
         component: PathBuf,
-        /// A stand-in for a secret the record names (`NAME=VALUE`): secrets are never recorded.
+        /// A stand-in for a secret the record names (`NAME=VALUE`); otherwise `[secret NAME]`, as the
+        /// record has it in place of the value.
         #[arg(long = "secret", value_name = "NAME=VALUE")]
         secrets: Vec<String>,
     },
@@ -788,7 +789,7 @@ async fn plugin(context: &Shell, command: PluginCommand) -> Outcome {
                     std::fs::write(&path, text)
                         .with_context(|| format!("cannot write {}", path.display()))?;
                     eprintln!(
-                        "saved {} ({} host calls) to {}; it holds the request and the installation's settings, but no secret",
+                        "saved {} ({} host calls) to {}: the request, the settings and what the plugin read and wrote, each secret's value replaced",
                         record.invocation_id,
                         record.host_calls.len(),
                         path.display()

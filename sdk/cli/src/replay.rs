@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Context;
-use plinth_plugin_host::{HostSettings, PluginHost, Replay, ending};
+use plinth_plugin_host::{HostSettings, PluginHost, Replay, ending, replay_limits};
 use plinth_sdk::RecordedInvocation;
 use serde::Serialize;
 
@@ -50,7 +50,12 @@ pub(crate) async fn run(
     let secrets = secret_stand_ins(secrets)?;
     let bytes = std::fs::read(component)
         .with_context(|| format!("cannot read the component {}", component.display()))?;
-    let host = PluginHost::new(&HostSettings::default())
+    // The sandbox the invocation ran in: its deadline, memory, compute and model-call limits.
+    let settings = HostSettings {
+        limits: replay_limits(&record.limits),
+        cache_dir: None,
+    };
+    let host = PluginHost::new(&settings)
         .map_err(|err| anyhow::anyhow!("cannot start the plugin sandbox: {err}"))?;
     let compiled = host
         .compile(bytes)
@@ -114,7 +119,7 @@ fn print_report(report: &Report<'_>, replay: &Replay) -> Outcome {
     }
     emit(&format!(
         "recorded: {}: {}",
-        report.recorded.outcome,
+        printable(report.recorded.outcome),
         printable(report.recorded.output)
     ))?;
     emit(&format!(
