@@ -15,6 +15,7 @@
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
 use plinth_core::error::{ErrorBody, ProtocolErrorBody};
 use reqwest::{Method, StatusCode, header};
 use serde::Serialize;
@@ -134,6 +135,44 @@ pub struct Client {
     idempotency_key: Option<String>,
     /// Whether plugin invocations ask to be recorded in full (`Plinth-Record: full`).
     record: bool,
+    /// Told how much of an upload's files has been sent.
+    progress: Option<Progress>,
+}
+
+/// Called as an upload's files are sent: `(bytes sent, bytes in all)`.
+pub type Progress = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// The size of the pieces an upload is sent in (and progress reported by).
+const UPLOAD_CHUNK: usize = 64 << 10;
+
+/// Counts an upload's sent bytes across its files.
+#[derive(Clone)]
+struct UploadMeter {
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    total: u64,
+    progress: Progress,
+}
+
+impl UploadMeter {
+    /// A multipart file part that reports its bytes as they are taken for sending.
+    fn part(&self, bytes: Vec<u8>, file_name: &'static str) -> reqwest::multipart::Part {
+        let length = bytes.len() as u64;
+        let meter = self.clone();
+        let bytes = std::sync::Arc::new(bytes);
+        let chunks = (0..bytes.len())
+            .step_by(UPLOAD_CHUNK)
+            .map(move |start| bytes[start..(start + UPLOAD_CHUNK).min(bytes.len())].to_vec());
+        let stream = futures_util::stream::iter(chunks).map(move |chunk| {
+            let sent = meter
+                .sent
+                .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed)
+                + chunk.len() as u64;
+            (meter.progress)(sent, meter.total);
+            Ok::<_, std::io::Error>(chunk)
+        });
+        reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), length)
+            .file_name(file_name)
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -178,6 +217,7 @@ impl Client {
             retry: RetryPolicy::default(),
             idempotency_key: None,
             record: false,
+            progress: None,
         })
     }
 
@@ -192,6 +232,45 @@ impl Client {
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
+    }
+
+    /// Reports the progress of uploads made through the returned client (models, plugin versions):
+    /// `progress(sent, total)` in bytes of the files, as they are sent.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client, model: Vec<u8>) -> plinth_sdk::Result<()> {
+    /// let client = client.with_upload_progress(std::sync::Arc::new(|sent, total| {
+    ///     eprintln!("{sent} of {total} bytes");
+    /// }));
+    /// client.upload_model(&serde_json::json!({ "name": "tone", "task": "text-classification" }), model, None).await?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn with_upload_progress(mut self, progress: Progress) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    /// File parts for an upload of `files`, reporting progress when asked to.
+    fn file_parts(
+        &self,
+        files: Vec<(&'static str, Vec<u8>, &'static str)>,
+    ) -> Vec<(&'static str, reqwest::multipart::Part)> {
+        let meter = self.progress.clone().map(|progress| UploadMeter {
+            sent: std::sync::Arc::default(),
+            total: files.iter().map(|(_, bytes, _)| bytes.len() as u64).sum(),
+            progress,
+        });
+        files
+            .into_iter()
+            .map(|(field, bytes, file_name)| {
+                let part = match &meter {
+                    Some(meter) => meter.part(bytes, file_name),
+                    None => reqwest::multipart::Part::bytes(bytes).file_name(file_name),
+                };
+                (field, part)
+            })
+            .collect()
     }
 
     /// Sends `key` as the `Idempotency-Key` of the billed calls made through the returned client
@@ -450,18 +529,14 @@ impl Client {
             .base
             .join("/v1/models")
             .map_err(|err| Error::InvalidUrl(err.to_string()))?;
-        let mut form = reqwest::multipart::Form::new()
-            .text("manifest", manifest.to_string())
-            .part(
-                "model",
-                reqwest::multipart::Part::bytes(model).file_name("model.onnx"),
-            );
+        let mut files = vec![("model", model, "model.onnx")];
         if let Some(tokenizer) = tokenizer {
-            form = form.part(
-                "tokenizer",
-                reqwest::multipart::Part::bytes(tokenizer).file_name("tokenizer.json"),
-            );
+            files.push(("tokenizer", tokenizer, "tokenizer.json"));
         }
+        let form = self.file_parts(files).into_iter().fold(
+            reqwest::multipart::Form::new().text("manifest", manifest.to_string()),
+            |form, (field, part)| form.part(field, part),
+        );
         self.send_multipart(url, form).await
     }
 
@@ -633,10 +708,13 @@ impl Client {
             status: 0,
             detail: err.to_string(),
         })?;
-        let form = reqwest::multipart::Form::new().text("manifest", manifest).part(
-            "component",
-            reqwest::multipart::Part::bytes(component).file_name("plugin.wasm"),
-        );
+        let form = self
+            .file_parts(vec![("component", component, "plugin.wasm")])
+            .into_iter()
+            .fold(
+                reqwest::multipart::Form::new().text("manifest", manifest),
+                |form, (field, part)| form.part(field, part),
+            );
         self.send_multipart(url, form).await
     }
 

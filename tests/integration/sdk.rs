@@ -197,3 +197,43 @@ async fn a_caller_chosen_idempotency_key_bills_a_repeated_call_once() {
         .unwrap_err();
     assert_eq!(reused.code(), Some(ErrorCode::IdempotencyKeyReused));
 }
+
+/// An upload reports its progress as its files are sent, in pieces, up to every byte of them; the
+/// model it uploads is the same as without progress reporting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_report_their_progress_up_to_every_byte() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    let builtin = plinth_server::config::cache_dir().join("models");
+    let model = std::fs::read(builtin.join("sentiment.onnx")).unwrap();
+    let tokenizer = std::fs::read(builtin.join("tokenizer.json")).unwrap();
+    let total = (model.len() + tokenizer.len()) as u64;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let client = tenant.owner.clone().with_upload_progress(std::sync::Arc::new({
+        let seen = seen.clone();
+        move |sent, of| seen.lock().unwrap().push((sent, of))
+    }));
+    let uploaded = client
+        .upload_model(
+            &json!({ "name": "tracked", "task": "text-classification", "labels": ["neg", "neu", "pos"] }),
+            model,
+            Some(tokenizer),
+        )
+        .await
+        .unwrap();
+    assert_eq!(uploaded.version, 1);
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.len() > 10, "reported in pieces: {}", seen.len());
+    assert!(
+        seen.windows(2).all(|pair| pair[0].0 < pair[1].0),
+        "it only goes forward"
+    );
+    assert!(seen.iter().all(|(_, of)| *of == total));
+    assert_eq!(seen.last().map(|(sent, _)| *sent), Some(total));
+    let answer = tenant
+        .client
+        .classify("tracked", &["I love this product"])
+        .await
+        .unwrap();
+    assert_eq!(answer.results[0].label, "pos");
+}

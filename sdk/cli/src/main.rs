@@ -355,6 +355,22 @@ impl Shell {
     }
 }
 
+/// `client` reporting its uploads on a progress bar (on standard error, when it is a terminal).
+fn uploading(client: Client, what: &str) -> (Client, indicatif::ProgressBar) {
+    let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(what.to_owned());
+    let shown = bar.clone();
+    let client = client.with_upload_progress(std::sync::Arc::new(move |sent, total| {
+        shown.set_length(total);
+        shown.set_position(sent);
+    }));
+    (client, bar)
+}
+
 /// An amount in millionths of the currency unit, written out exactly.
 fn micros(amount: plinth_sdk::Micros) -> String {
     let sign = if amount.0 < 0 { "-" } else { "" };
@@ -695,8 +711,10 @@ async fn models(context: &Shell, command: ModelsCommand) -> Outcome {
                 .with_context(|| format!("{} is not JSON", manifest.display()))?;
             let bytes = read(&model, "model")?;
             let tokenizer = tokenizer.as_ref().map(|t| read(t, "tokenizer")).transpose()?;
-            eprintln!("uploading {} ({} KiB)…", model.display(), bytes.len() >> 10);
-            let uploaded = client.upload_model(&manifest_value, bytes, tokenizer).await?;
+            let (client, bar) = uploading(client, &format!("uploading {}", model.display()));
+            let uploaded = client.upload_model(&manifest_value, bytes, tokenizer).await;
+            bar.finish_and_clear();
+            let uploaded = uploaded?;
             context.print(&uploaded, |m| {
                 let mut out = table(&["name", "version", "labels"]);
                 out.add_row(vec![m.name.clone(), m.version.to_string(), m.labels.join(" ")]);
@@ -824,7 +842,10 @@ async fn plugin(context: &Shell, command: PluginCommand) -> Outcome {
                 }
                 Err(err) => return Err(err.into()),
             }
-            let version = client.publish_plugin_version(&manifest, bytes).await?;
+            let (uploader, bar) = uploading(client.clone(), &format!("publishing {}", component.display()));
+            let version = uploader.publish_plugin_version(&manifest, bytes).await;
+            bar.finish_and_clear();
+            let version = version?;
             context.print(&version, |v| {
                 let mut out = table(&["plugin", "version", "status", "checks"]);
                 out.add_row(vec![
