@@ -3,19 +3,11 @@
 //! approves it, a tenant installs and invokes it and gets the template's answer, and a bad request
 //! gets the template's typed refusal.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
-use plinth_tests::TestApp;
+use plinth_tests::{TestApp, plinth_cli};
 use serde_json::json;
-
-fn cli_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join("plinth-cli")
-}
 
 /// The language tools `scripts/build-plugins.sh` installed (componentize-py, componentize-js) on
 /// PATH, and cargo pointed where that script builds Rust plugins, so the standard library it built
@@ -58,14 +50,8 @@ fn author_environment() -> Vec<(String, String)> {
 }
 
 async fn cli(app: &TestApp, config: &Path, args: &[&str], token: Option<&str>) -> Output {
-    let mut command = tokio::process::Command::new(cli_binary());
-    command
-        .args(["--api", &app.url("")])
-        .args(args)
-        .env("PLINTH_CONFIG_DIR", config)
-        .env_remove("PLINTH_TOKEN")
-        .envs(author_environment())
-        .stdin(std::process::Stdio::null());
+    let mut command = plinth_cli(app, config);
+    command.args(args).envs(author_environment());
     if let Some(token) = token {
         command.env("PLINTH_TOKEN", token);
     }

@@ -2,42 +2,16 @@
 //! only the user can read), keys, models, a classification, usage, plugin invocation records and logs,
 //! publishing, errors that say what to do with exit codes that mean something, and logging out.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
-use plinth_tests::{PASSWORD, TestApp, built_plugin};
+use plinth_tests::{PASSWORD, TestApp, built_plugin, plinth_cli};
 use serde_json::{Value, json};
-
-/// The `plinth-cli` binary `cargo test --workspace` built next to this test binary.
-fn cli_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join("plinth-cli");
-    assert!(
-        bin.is_file(),
-        "{} is missing: `cargo test --workspace` builds it (plinth-cli has tests of its own)",
-        bin.display()
-    );
-    bin
-}
 
 /// Runs the command line with its own config directory, talking to `app`.
 async fn cli(app: &TestApp, config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = tokio::process::Command::new(cli_binary());
-    command
-        .args(["--api", &app.url("")])
-        .args(args)
-        .env("PLINTH_CONFIG_DIR", config)
-        .env_remove("PLINTH_TOKEN")
-        .env_remove("PLINTH_PROFILE")
-        .env_remove("PLINTH_API_URL")
-        .stdin(std::process::Stdio::null());
-    for (name, value) in env {
-        command.env(name, value);
-    }
+    let mut command = plinth_cli(app, config);
+    command.args(args).envs(env.iter().copied());
     command.output().await.unwrap()
 }
 

@@ -5,32 +5,17 @@
 //! plugin that makes a different host call is reported as divergent. Records keep no secret, are the
 //! installing tenant's alone, and a success is recorded only when the caller asks.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
 use plinth_sdk::{InvocationRecord, UpdateInstallationRequest};
-use plinth_tests::{TestApp, built_plugin};
+use plinth_tests::{TestApp, built_plugin, plinth_cli};
 use serde_json::json;
 
-fn cli_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join("plinth-cli")
-}
-
 async fn cli(app: &TestApp, config: &Path, args: &[&str], token: Option<&str>) -> Output {
-    let mut command = tokio::process::Command::new(cli_binary());
-    command
-        .args(["--api", &app.url("")])
-        .args(args)
-        .env("PLINTH_CONFIG_DIR", config)
-        .env_remove("PLINTH_TOKEN")
-        .env_remove("PLINTH_PROFILE")
-        .env_remove("PLINTH_API_URL")
-        .stdin(std::process::Stdio::null());
+    let mut command = plinth_cli(app, config);
+    command.args(args);
     if let Some(token) = token {
         command.env("PLINTH_TOKEN", token);
     }

@@ -428,6 +428,33 @@ pub async fn install_listed(client: &Client, name: &str) -> plinth_sdk::Installa
         .expect("install")
 }
 
+/// `plinth-cli` talking to `app`, as a developer runs it: with `config` as its own configuration
+/// directory and none of the caller's overrides (token, profile, API URL), standard input closed. The
+/// binary is the one `cargo test --workspace` built beside the test binaries.
+#[must_use]
+pub fn plinth_cli(app: &TestApp, config: &std::path::Path) -> tokio::process::Command {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let binary = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("a target directory")
+        .join("plinth-cli");
+    assert!(
+        binary.is_file(),
+        "{} is missing: `cargo test --workspace` builds it (plinth-cli has tests of its own)",
+        binary.display()
+    );
+    let mut command = tokio::process::Command::new(binary);
+    command
+        .args(["--api", &app.url("")])
+        .env("PLINTH_CONFIG_DIR", config)
+        .env_remove("PLINTH_TOKEN")
+        .env_remove("PLINTH_PROFILE")
+        .env_remove("PLINTH_API_URL")
+        .stdin(std::process::Stdio::null());
+    command
+}
+
 /// A fresh sealing key, as `PLINTH_SECRET_KEY` takes it.
 #[must_use]
 pub fn sealing_key() -> String {
