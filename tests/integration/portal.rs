@@ -310,6 +310,22 @@ async fn the_installation_page_lists_recent_invocations_with_their_logs() {
     app.install_plugin(&author, &neighbour, "hostile", serde_json::json!({}))
         .await;
     let installed = plinth_tests::install_listed(&owner, "hostile").await;
+    // Recording failures is switched on from the settings form (a checkbox).
+    let csrf = portal_csrf(&app, &cookie).await;
+    let saved = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .post(app.url(&format!("/portal/plugins/{}/settings", installed.id)))
+        .header("Cookie", &cookie)
+        .header("Origin", app.url("").trim_end_matches('/'))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={csrf}&settings=%7B%7D&secrets=&record_failures=on"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(saved.status(), 303);
+    assert!(owner.installations().await.unwrap()[0].record_failures);
     owner
         .invoke(&installed.id, &serde_json::json!({ "do": "log-then-fail" }))
         .await
@@ -337,7 +353,26 @@ async fn the_installation_page_lists_recent_invocations_with_their_logs() {
         "{page}"
     );
 
+    // The failure was recorded in full: its record downloads as a file to hand to the author.
+    assert!(page.contains("record_failures\" checked"), "{page}");
+    let record_path = format!("/portal/plugins/{}/invocations/", installed.id);
+    let start = page.find(&record_path).expect("a download link");
+    let link = page[start..].split('"').next().unwrap().to_owned();
+    let download = portal_get(&app, &cookie, &link).await;
+    assert_eq!(download.status(), 200);
+    assert!(
+        download.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .starts_with("attachment;")
+    );
+    let record: plinth_sdk::RecordedInvocation = download.json().await.unwrap();
+    assert_eq!(record.outcome, "plugin_failed");
+
     let theirs = neighbour.owner.installations().await.unwrap();
     let response = portal_get(&app, &cookie, &format!("/portal/plugins/{}", theirs[0].id)).await;
     assert_eq!(response.status(), 404);
+    // Nor is anyone else's record there under this visitor's name.
+    let elsewhere = link.replace(installed.id.as_str(), theirs[0].id.as_str());
+    assert_eq!(portal_get(&app, &cookie, &elsewhere).await.status(), 404);
 }
