@@ -1,6 +1,7 @@
 //! Plugin overhead, in one run on this machine:
-//! (a) inside the host: a fresh instance + call of the trivial Rust plugin (`hello`) and of the Python
-//!     one (`ticket-triage`), p50/p99, against the same host running nothing (an empty async call);
+//! (a) inside the host: a fresh instance + call of the trivial Rust plugin (`hello`), the JavaScript
+//!     template (`hello-js`) and the Python one (`ticket-triage`), p50/p99, against the same host
+//!     running nothing (an empty async call);
 //! (b) over HTTP at concurrency 1: invoking `hello` against the metered no-op `/v1/echo`, i.e. what a
 //!     plugin adds to a billed call;
 //! (c) a plugin making one model call (`hostile` in its `model` mode) against calling the model
@@ -82,6 +83,18 @@ async fn in_host() {
         }
     })
     .await;
+    // The JavaScript template (componentize-js, StarlingMonkey), greeting: a whole call.
+    let (_, component) = built_plugin("hello-js");
+    let javascript = host.compile(component).await.expect("compile");
+    let javascript_invocations = timed(ROUNDS / 4, |_| {
+        let (host, javascript, call, services) = (&host, javascript.clone(), call.clone(), services.clone());
+        async move {
+            host.invoke(javascript, call, services, r#"{"name":"bench"}"#.to_owned())
+                .await
+                .expect("invoke");
+        }
+    })
+    .await;
     println!("(a) inside the host                                      p50 (us)  p99 (us)");
     row("baseline: an empty async call", percentiles(baseline));
     row(
@@ -91,6 +104,10 @@ async fn in_host() {
     row(
         "ticket-triage (Python): new instance + call",
         percentiles(python_invocations),
+    );
+    row(
+        "hello-js (JavaScript): new instance + call",
+        percentiles(javascript_invocations),
     );
 }
 
