@@ -56,6 +56,16 @@ pub enum Error {
 
 impl Error {
     /// The API error code, if the server answered with one.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// if let Err(err) = client.classify("sentiment", &["Where is my parcel?"]).await {
+    ///     if err.code() == Some(plinth_sdk::ErrorCode::QuotaExceeded) {
+    ///         eprintln!("this period's included calls are used up: upgrade the plan");
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
@@ -65,6 +75,15 @@ impl Error {
     }
 
     /// The HTTP status, if the server answered.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// match client.model("tone").await {
+    ///     Err(err) if err.status() == Some(404) => println!("no model named tone"),
+    ///     model => println!("tone v{}", model?.version),
+    /// }
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -198,6 +217,13 @@ enum Replay {
 
 impl Client {
     /// A client for the API at `base_url` (e.g. `https://api.plinth.example`).
+    ///
+    /// ```no_run
+    /// # async fn run() -> plinth_sdk::Result<()> {
+    /// let client = plinth_sdk::Client::new("https://api.plinth.example")?.with_token(std::env::var("PLINTH_TOKEN").unwrap_or_default());
+    /// println!("server ready: {}", client.ready().await?);
+    /// # Ok(()) }
+    /// ```
     pub fn new(base_url: &str) -> Result<Self> {
         // reqwest is built without a bundled crypto provider; use ring unless the application chose one.
         if rustls::crypto::CryptoProvider::get_default().is_none() {
@@ -222,12 +248,29 @@ impl Client {
     }
 
     /// Authenticates every call with an API key or a session token.
+    ///
+    /// ```no_run
+    /// # async fn run() -> plinth_sdk::Result<()> {
+    /// let api_key = std::env::var("PLINTH_API_KEY").unwrap_or_default();
+    /// let client = plinth_sdk::Client::new("https://api.plinth.example")?.with_token(api_key);
+    /// let tenant = client.tenant().await?;
+    /// println!("{} on plan {}", tenant.name, tenant.plan);
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn with_token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
         self
     }
 
+    /// Replaces the retry policy (by default 3 retries from a 100 ms back-off, waiting at most 10 s).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let client = client.with_retry(plinth_sdk::RetryPolicy { max_retries: 5, ..Default::default() });
+    /// let models = client.models().await?;
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
@@ -302,35 +345,100 @@ impl Client {
     // ---- accounts ----
 
     /// Creates a tenant and its owner; the returned session's token can be passed to [`Self::with_token`].
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client, password: String) -> plinth_sdk::Result<()> {
+    /// let request = plinth_sdk::SignupRequest { email: "ada@example.com".into(), password, tenant_name: "Acme".into() };
+    /// let session = client.signup(&request).await?;
+    /// let client = client.with_token(session.token);
+    /// # Ok(()) }
+    /// ```
     pub async fn signup(&self, request: &SignupRequest) -> Result<Session> {
         self.call(Method::POST, "/v1/signup", Some(request), None, Replay::Unsafe)
             .await
     }
 
+    /// Logs in with an email and password; the returned session's token can be passed to [`Self::with_token`].
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client, password: String) -> plinth_sdk::Result<()> {
+    /// let request = plinth_sdk::LoginRequest { email: "ada@example.com".into(), password, tenant_id: None };
+    /// let session = client.login(&request).await?;
+    /// for membership in &session.memberships {
+    ///     println!("{} ({})", membership.tenant_name, membership.role);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn login(&self, request: &LoginRequest) -> Result<Session> {
         self.call(Method::POST, "/v1/login", Some(request), None, Replay::Unsafe)
             .await
     }
 
+    /// Ends the session whose token the client carries.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client, request: plinth_sdk::LoginRequest) -> plinth_sdk::Result<()> {
+    /// let session = client.login(&request).await?;
+    /// let client = client.with_token(session.token);
+    /// // … act as the user …
+    /// client.logout().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn logout(&self) -> Result<()> {
         self.call_empty(Method::POST, "/v1/logout", Replay::Safe).await
     }
 
+    /// The caller's tenant.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let tenant = client.tenant().await?;
+    /// println!("{} ({}) on plan {}", tenant.name, tenant.id, tenant.plan);
+    /// # Ok(()) }
+    /// ```
     pub async fn tenant(&self) -> Result<Tenant> {
         self.get("/v1/tenant").await
     }
 
     // ---- API keys ----
 
+    /// The tenant's API keys, redacted (a key's secret is shown only when it is created).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// for key in client.api_keys().await? {
+    ///     println!("{} {} last used {:?}", key.name, key.redacted, key.last_used_at);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn api_keys(&self) -> Result<Vec<ApiKey>> {
         self.get("/v1/api-keys").await
     }
 
+    /// Creates an API key; the answer carries its secret, which is never shown again.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let scopes = Some(vec![plinth_sdk::Scope::Inference]);
+    /// let request = plinth_sdk::CreateApiKeyRequest { name: "production backend".into(), scopes, rate_limit_per_minute: None, expires_at: None };
+    /// let created = client.create_api_key(&request).await?;
+    /// // `created.secret` is shown only in this answer: put it in your secret store.
+    /// println!("created {} ({})", created.key.id, created.key.redacted);
+    /// # Ok(()) }
+    /// ```
     pub async fn create_api_key(&self, request: &CreateApiKeyRequest) -> Result<CreatedApiKey> {
         self.call(Method::POST, "/v1/api-keys", Some(request), None, Replay::Unsafe)
             .await
     }
 
+    /// Revokes an API key: calls made with it are refused from then on.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client, key: plinth_sdk::KeyId) -> plinth_sdk::Result<()> {
+    /// let revoked = client.revoke_api_key(&key).await?;
+    /// println!("{} revoked at {:?}", revoked.name, revoked.revoked_at);
+    /// # Ok(()) }
+    /// ```
     pub async fn revoke_api_key(&self, id: &KeyId) -> Result<ApiKey> {
         self.call(
             Method::DELETE,
@@ -344,15 +452,41 @@ impl Client {
 
     // ---- members ----
 
+    /// The tenant's members and their roles.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// for member in client.members().await? {
+    ///     println!("{} {} since {}", member.email, member.role, member.joined_at);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn members(&self) -> Result<Vec<Member>> {
         self.get("/v1/members").await
     }
 
+    /// Adds a user who has signed up to the caller's tenant, with a role.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let request = plinth_sdk::AddMemberRequest { email: "grace@example.com".into(), role: plinth_sdk::Role::Developer };
+    /// let member = client.add_member(&request).await?;
+    /// println!("{} joined as {}", member.email, member.role);
+    /// # Ok(()) }
+    /// ```
     pub async fn add_member(&self, request: &AddMemberRequest) -> Result<Member> {
         self.call(Method::POST, "/v1/members", Some(request), None, Replay::Unsafe)
             .await
     }
 
+    /// Changes a member's role.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client, user: plinth_sdk::UserId) -> plinth_sdk::Result<()> {
+    /// let member = client.update_member(&user, plinth_sdk::Role::Admin).await?;
+    /// println!("{} is now {}", member.email, member.role);
+    /// # Ok(()) }
+    /// ```
     pub async fn update_member(&self, user: &UserId, role: Role) -> Result<Member> {
         let body = UpdateMemberRequest { role };
         self.call(
@@ -365,6 +499,16 @@ impl Client {
         .await
     }
 
+    /// Removes a member from the caller's tenant.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let members = client.members().await?;
+    /// if let Some(member) = members.iter().find(|m| m.email == "grace@example.com") {
+    ///     client.remove_member(&member.user_id).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn remove_member(&self, user: &UserId) -> Result<()> {
         self.call_empty(Method::DELETE, &format!("/v1/members/{user}"), Replay::Safe)
             .await
@@ -372,14 +516,41 @@ impl Client {
 
     // ---- billing ----
 
+    /// The plans on offer.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// for plan in client.plans().await? {
+    ///     println!("{} ({}): {} calls included", plan.name, plan.id, plan.included_calls);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn plans(&self) -> Result<Vec<Plan>> {
         self.get("/v1/plans").await
     }
 
+    /// The tenant's subscription: its plan, status and current period.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let subscription = client.subscription().await?;
+    /// println!("{} ({}) until {}", subscription.plan.name, subscription.status.as_str(), subscription.current_period_end);
+    /// # Ok(()) }
+    /// ```
     pub async fn subscription(&self) -> Result<Subscription> {
         self.get("/v1/subscription").await
     }
 
+    /// Metered usage over a period, by day or by resource, with its total.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let query = plinth_sdk::UsageQuery { group_by: Some(plinth_sdk::UsageGrouping::Resource), ..Default::default() };
+    /// for row in client.usage(&query).await?.rows {
+    ///     println!("{}: {} calls, {} units", row.key, row.calls, row.units);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn usage(&self, query: &UsageQuery) -> Result<UsageReport> {
         let query = usage_query_string(query)?;
         self.get(&format!("/v1/usage{query}")).await
@@ -387,6 +558,15 @@ impl Client {
 
     /// Subscribes to or moves to a plan. With Stripe, a first paid plan answers with a Checkout URL to
     /// send the customer to; the plan changes once Stripe confirms.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let change = client.change_plan("pro").await?;
+    /// if let Some(url) = change.checkout_url {
+    ///     println!("complete the payment at {url}");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn change_plan(&self, plan: &str) -> Result<PlanChange> {
         let body = ChangePlanRequest {
             plan: plan.to_owned(),
@@ -396,6 +576,13 @@ impl Client {
     }
 
     /// Cancels at the end of the current period.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let subscription = client.cancel_subscription().await?;
+    /// println!("{} ends {}", subscription.plan.name, subscription.current_period_end);
+    /// # Ok(()) }
+    /// ```
     pub async fn cancel_subscription(&self) -> Result<Subscription> {
         self.call(
             Method::DELETE,
@@ -408,11 +595,26 @@ impl Client {
     }
 
     /// Statements of closed periods, newest first.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// for statement in client.invoices().await?.invoices {
+    ///     println!("{}: {} cents ({})", statement.period_start, statement.total_cents, statement.currency);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn invoices(&self) -> Result<InvoiceList> {
         self.get("/v1/invoices").await
     }
 
     /// The current period so far.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let statement = client.upcoming_invoice().await?;
+    /// println!("{} calls so far, {} beyond the plan", statement.calls, statement.overage_calls);
+    /// # Ok(()) }
+    /// ```
     pub async fn upcoming_invoice(&self) -> Result<Statement> {
         self.get("/v1/invoices/upcoming").await
     }
@@ -420,6 +622,15 @@ impl Client {
     // ---- plugin authors' payouts ----
 
     /// Creates (once) the author's Stripe connected account and returns a fresh onboarding link.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let onboarding = client.connect_payouts().await?;
+    /// if !onboarding.payouts_enabled {
+    ///     println!("finish onboarding at {}", onboarding.url);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn connect_payouts(&self) -> Result<ConnectOnboarding> {
         self.call(
             Method::POST,
@@ -431,11 +642,27 @@ impl Client {
         .await
     }
 
+    /// The payouts made to the caller, a plugin author.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// for payout in client.payouts().await? {
+    ///     println!("{}: {} cents ({})", payout.period, payout.amount_cents, payout.status.as_str());
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn payouts(&self) -> Result<Vec<Payout>> {
         self.get("/v1/author/payouts").await
     }
 
     /// Pays authors for a month that has ended (platform admins); safe to repeat.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let run = client.run_payouts("2025-05").await?;
+    /// println!("{} payouts, {} authors still onboarding", run.payouts.len(), run.waiting_for_onboarding);
+    /// # Ok(()) }
+    /// ```
     pub async fn run_payouts(&self, period: &str) -> Result<PayoutRun> {
         let body = PayoutRequest {
             period: period.to_owned(),
@@ -446,6 +673,13 @@ impl Client {
 
     /// Local billing: records that a tenant paid the statement of its closed period starting at
     /// `period_start` (platform admins).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client, tenant: plinth_sdk::TenantId, period_start: chrono::DateTime<chrono::Utc>) -> plinth_sdk::Result<()> {
+    /// let invoice = client.mark_statement_paid(&tenant, period_start).await?;
+    /// println!("{} is {}", invoice.id, invoice.status);
+    /// # Ok(()) }
+    /// ```
     pub async fn mark_statement_paid(
         &self,
         tenant: &TenantId,
@@ -466,6 +700,13 @@ impl Client {
     }
 
     /// Pushes settled usage to Stripe now (platform admins).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let report = client.sync_usage().await?;
+    /// println!("sent {} meter events, {} pending", report.events_sent, report.events_pending);
+    /// # Ok(()) }
+    /// ```
     pub async fn sync_usage(&self) -> Result<SyncReport> {
         self.call(
             Method::POST,
@@ -478,6 +719,15 @@ impl Client {
     }
 
     /// The ledger against what Stripe's meters received (platform admins).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let reconciliation = client.reconciliation().await?;
+    /// for row in reconciliation.rows.iter().filter(|r| r.ledger != r.sent + r.pending) {
+    ///     eprintln!("{} {}: ledger {}, sent {}, pending {}", row.tenant_id, row.meter, row.ledger, row.sent, row.pending);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn reconciliation(&self) -> Result<Reconciliation> {
         self.get("/v1/admin/billing/reconciliation").await
     }
@@ -486,11 +736,28 @@ impl Client {
 
     /// The metered no-op: checks a key, its limits and metering end to end. A fresh idempotency key makes
     /// retries of this one call free.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let answer = client.echo(&serde_json::json!({ "ping": 1 })).await?;
+    /// println!("metered as {} (replayed: {})", answer.usage_event_id, answer.replayed);
+    /// # Ok(()) }
+    /// ```
     pub async fn echo(&self, body: &serde_json::Value) -> Result<EchoResponse> {
         self.echo_with_key(body, &self.billed_key()).await
     }
 
     /// [`Self::echo`] with the caller's own idempotency key, to tie retries across processes together.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let key = plinth_sdk::new_idempotency_key();
+    /// let first = client.echo_with_key(&serde_json::json!({ "ping": 1 }), &key).await?;
+    /// // Sent again under the same key (after a crash, say), the call is answered but not billed again.
+    /// let again = client.echo_with_key(&serde_json::json!({ "ping": 1 }), &key).await?;
+    /// assert_eq!(first.usage_event_id, again.usage_event_id);
+    /// # Ok(()) }
+    /// ```
     pub async fn echo_with_key(
         &self,
         body: &serde_json::Value,
@@ -509,16 +776,42 @@ impl Client {
     // ---- models and inference ----
 
     /// Models the caller can use.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// for model in client.models().await? {
+    ///     println!("{} v{} ({:?}, {})", model.name, model.version, model.task, model.execution_provider);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn models(&self) -> Result<Vec<Model>> {
         self.get("/v1/models").await
     }
 
+    /// A model the caller can use, by name.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let model = client.model("sentiment").await?;
+    /// println!("{} v{}: labels {:?}", model.name, model.version, model.labels);
+    /// # Ok(()) }
+    /// ```
     pub async fn model(&self, name: &str) -> Result<Model> {
         self.get(&format!("/v1/models/{name}")).await
     }
 
     /// Uploads a model (a new version if the name exists): the ONNX file, its manifest and, for text
     /// models, its `tokenizer.json`. The server loads it to validate it before accepting.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let manifest = serde_json::json!({ "name": "tone", "task": "text-classification", "labels": ["calm", "angry"] });
+    /// let model = std::fs::read("tone/model.onnx")?;
+    /// let tokenizer = std::fs::read("tone/tokenizer.json")?;
+    /// let uploaded = client.upload_model(&manifest, model, Some(tokenizer)).await?;
+    /// println!("uploaded {} v{}", uploaded.name, uploaded.version);
+    /// # Ok(()) }
+    /// ```
     pub async fn upload_model(
         &self,
         manifest: &serde_json::Value,
@@ -562,12 +855,31 @@ impl Client {
     }
 
     /// Deletes a tenant model (every version).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// for model in client.models().await? {
+    ///     if !model.platform && model.name.starts_with("experiment-") {
+    ///         client.delete_model(&model.name).await?;
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn delete_model(&self, name: &str) -> Result<()> {
         self.call_empty(Method::DELETE, &format!("/v1/models/{name}"), Replay::Safe)
             .await
     }
 
     /// Classifies texts with a text-classification model (e.g. the built-in `sentiment`).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let answer = client.classify("sentiment", &["Where is my parcel?", "Thanks, it arrived!"]).await?;
+    /// for result in &answer.results {
+    ///     println!("{} ({:.2})", result.label, result.score);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn classify(&self, model: &str, inputs: &[&str]) -> Result<ClassifyResponse> {
         let body = TextRequest {
             inputs: inputs.iter().map(|s| (*s).to_owned()).collect(),
@@ -584,6 +896,13 @@ impl Client {
     }
 
     /// Embeds texts with an embedding model (e.g. the built-in `minilm-embed`).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let answer = client.embed("minilm-embed", &["Where is my parcel?", "Track my order"]).await?;
+    /// println!("{} vectors of {} dimensions", answer.embeddings.len(), answer.dimensions);
+    /// # Ok(()) }
+    /// ```
     pub async fn embed(&self, model: &str, inputs: &[&str]) -> Result<EmbedResponse> {
         let body = TextRequest {
             inputs: inputs.iter().map(|s| (*s).to_owned()).collect(),
@@ -600,38 +919,91 @@ impl Client {
     }
 
     /// Open Inference Protocol v2 model metadata.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let metadata = client.model_metadata("sentiment").await?;
+    /// for input in &metadata.inputs {
+    ///     println!("{}: {} {:?}", input.name, input.datatype, input.shape);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn model_metadata(&self, model: &str) -> Result<ModelMetadata> {
         self.get(&format!("/v2/models/{model}")).await
     }
 
     /// Counters of a model since it was loaded.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let stats = client.model_statistics("sentiment").await?;
+    /// println!("{} ok, {} failed, {} items in {} runs", stats.success_count, stats.failure_count, stats.inference_count, stats.execution_count);
+    /// # Ok(()) }
+    /// ```
     pub async fn model_statistics(&self, model: &str) -> Result<ModelStatistics> {
         self.get(&format!("/v2/models/{model}/stats")).await
     }
 
     /// Whether a model is loaded and serving (`false` while its runs keep failing).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// if !client.model_ready("sentiment").await? {
+    ///     eprintln!("sentiment is not serving right now");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn model_ready(&self, model: &str) -> Result<bool> {
         self.readiness(&format!("/v2/models/{model}/ready")).await
     }
 
     /// Metadata of one version of a model.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let metadata = client.model_version_metadata("tone", 2).await?;
+    /// println!("{} (versions {:?}): {} inputs", metadata.name, metadata.versions, metadata.inputs.len());
+    /// # Ok(()) }
+    /// ```
     pub async fn model_version_metadata(&self, model: &str, version: u32) -> Result<ModelMetadata> {
         self.get(&format!("/v2/models/{model}/versions/{version}")).await
     }
 
     /// Whether one version of a model is loaded and serving.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let model = client.model("tone").await?;
+    /// let ready = client.model_version_ready("tone", model.version).await?;
+    /// println!("tone v{} ready: {ready}", model.version);
+    /// # Ok(()) }
+    /// ```
     pub async fn model_version_ready(&self, model: &str, version: u32) -> Result<bool> {
         self.readiness(&format!("/v2/models/{model}/versions/{version}/ready"))
             .await
     }
 
     /// Counters of one version of a model since it was loaded.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let stats = client.model_version_statistics("tone", 2).await?;
+    /// println!("v{}: {} ok, {} failed", stats.version, stats.success_count, stats.failure_count);
+    /// # Ok(()) }
+    /// ```
     pub async fn model_version_statistics(&self, model: &str, version: u32) -> Result<ModelStatistics> {
         self.get(&format!("/v2/models/{model}/versions/{version}/stats"))
             .await
     }
 
     /// Deletes one version of a tenant model (the newest remaining one serves unpinned calls).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// // Roll back: unpinned calls go to the newest remaining version.
+    /// client.delete_model_version("tone", 3).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn delete_model_version(&self, model: &str, version: u32) -> Result<()> {
         self.call_empty(
             Method::DELETE,
@@ -642,6 +1014,14 @@ impl Client {
     }
 
     /// Open Inference Protocol v2 inference on one version of a model.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client, request: plinth_sdk::InferRequest) -> plinth_sdk::Result<()> {
+    /// let pinned = client.infer_version("tabular-risk", 2, &request).await?;
+    /// let newest = client.infer("tabular-risk", &request).await?;
+    /// println!("v{}: {} / v{}: {}", pinned.model_version, pinned.outputs[0].data, newest.model_version, newest.outputs[0].data);
+    /// # Ok(()) }
+    /// ```
     pub async fn infer_version(
         &self,
         model: &str,
@@ -660,11 +1040,30 @@ impl Client {
     }
 
     /// The server's name, version and protocol extensions (no credentials needed).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let server = client.server_metadata().await?;
+    /// println!("{} {} ({})", server.name, server.version, server.extensions.join(", "));
+    /// # Ok(()) }
+    /// ```
     pub async fn server_metadata(&self) -> Result<ServerMetadata> {
         self.get("/v2").await
     }
 
     /// Open Inference Protocol v2 inference on tensors.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let input = plinth_sdk::InferInput {
+    ///     name: "features".into(), shape: vec![1, 4], datatype: "FP32".into(), parameters: None,
+    ///     data: serde_json::json!([0.1, 0.2, 0.3, 0.4]),
+    /// };
+    /// let request = plinth_sdk::InferRequest { id: None, parameters: None, inputs: vec![input], outputs: None };
+    /// let response = client.infer("tabular-risk", &request).await?;
+    /// println!("{}: {}", response.outputs[0].name, response.outputs[0].data);
+    /// # Ok(()) }
+    /// ```
     pub async fn infer(&self, model: &str, request: &InferRequest) -> Result<InferResponse> {
         let key = self.billed_key();
         self.call(
@@ -680,6 +1079,13 @@ impl Client {
     // ---- plugins ----
 
     /// Creates a marketplace listing authored by the caller's tenant.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let plugin = client.create_plugin("customer-service", "Answers customers from your FAQ.").await?;
+    /// println!("created {} ({})", plugin.name, plugin.id);
+    /// # Ok(()) }
+    /// ```
     pub async fn create_plugin(&self, name: &str, description: &str) -> Result<Plugin> {
         let body = CreatePluginRequest {
             name: name.to_owned(),
@@ -690,11 +1096,29 @@ impl Client {
     }
 
     /// One of the caller's listings, with every version and its review state.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let plugin = client.plugin("customer-service").await?;
+    /// for version in &plugin.versions {
+    ///     println!("{} {:?} {}", version.version, version.status, version.review_note.as_deref().unwrap_or(""));
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn plugin(&self, name: &str) -> Result<Plugin> {
         self.get(&format!("/v1/plugins/{name}")).await
     }
 
     /// Publishes a version: the manifest (`plugin.json`) and the component (`.wasm`).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let manifest: plinth_sdk::PluginManifest = serde_json::from_slice(&std::fs::read("plugin.json")?)?;
+    /// let component = std::fs::read("customer_service.wasm")?;
+    /// let version = client.publish_plugin_version(&manifest, component).await?;
+    /// println!("{} {}: {:?}", version.plugin, version.version, version.status);
+    /// # Ok(()) }
+    /// ```
     pub async fn publish_plugin_version(
         &self,
         manifest: &PluginManifest,
@@ -719,6 +1143,14 @@ impl Client {
     }
 
     /// Listings with approved versions, optionally matching words in their name or description.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// for plugin in client.marketplace(Some("customer")).await? {
+    ///     println!("{}: {}", plugin.name, plugin.description);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn marketplace(&self, query: Option<&str>) -> Result<Vec<Plugin>> {
         let mut url = self
             .base
@@ -732,11 +1164,27 @@ impl Client {
     }
 
     /// Versions waiting for review (platform admins).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// for version in client.pending_plugin_versions().await? {
+    ///     println!("{} {} ({}): {}", version.plugin, version.version, version.id, version.checks);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn pending_plugin_versions(&self) -> Result<Vec<PluginVersion>> {
         self.get("/v1/admin/plugin-versions").await
     }
 
     /// Approves or rejects a version (platform admins).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client, version: plinth_sdk::PluginVersionId) -> plinth_sdk::Result<()> {
+    /// let note = Some("Logs the customer's message; drop that and resubmit.");
+    /// let reviewed = client.review_plugin_version(&version, false, note).await?;
+    /// println!("{} {} is {:?}", reviewed.plugin, reviewed.version, reviewed.status);
+    /// # Ok(()) }
+    /// ```
     pub async fn review_plugin_version(
         &self,
         version: &PluginVersionId,
@@ -758,6 +1206,13 @@ impl Client {
     }
 
     /// Revokes a version (platform admins): installations running it stop at once.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client, version: plinth_sdk::PluginVersionId) -> plinth_sdk::Result<()> {
+    /// let revoked = client.revoke_plugin_version(&version, "Writes secrets into its log lines.").await?;
+    /// println!("{} {} is {:?}", revoked.plugin, revoked.version, revoked.status);
+    /// # Ok(()) }
+    /// ```
     pub async fn revoke_plugin_version(
         &self,
         version: &PluginVersionId,
@@ -777,6 +1232,21 @@ impl Client {
     }
 
     /// Installs a plugin in the caller's tenant, approving what it asks for.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let request = plinth_sdk::InstallRequest {
+    ///     plugin: "customer-service".into(),
+    ///     version: None,
+    ///     approve_capabilities: vec![plinth_sdk::Capability::Inference, plinth_sdk::Capability::Kv],
+    ///     approve_models: vec!["minilm-embed".into(), "sentiment".into()],
+    ///     settings: Default::default(),
+    ///     secrets: Default::default(),
+    ///     record_failures: true,
+    /// };
+    /// let installation = client.install_plugin(&request).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn install_plugin(&self, request: &InstallRequest) -> Result<Installation> {
         self.call(
             Method::POST,
@@ -788,11 +1258,28 @@ impl Client {
         .await
     }
 
+    /// The plugins installed in the caller's tenant.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// for installation in client.installations().await? {
+    ///     println!("{} {} ({:?})", installation.plugin, installation.version, installation.version_status);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn installations(&self) -> Result<Vec<Installation>> {
         self.get("/v1/installations").await
     }
 
     /// Upgrades an installation, or replaces its settings or secrets.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client, installation: plinth_sdk::InstallationId) -> plinth_sdk::Result<()> {
+    /// let request = plinth_sdk::UpdateInstallationRequest { version: Some("1.1.0".into()), ..Default::default() };
+    /// let updated = client.update_installation(&installation, &request).await?;
+    /// println!("now on {} ({:?})", updated.version, updated.version_status);
+    /// # Ok(()) }
+    /// ```
     pub async fn update_installation(
         &self,
         installation: &InstallationId,
@@ -808,6 +1295,17 @@ impl Client {
         .await
     }
 
+    /// Removes an installation from the caller's tenant.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// for installation in client.installations().await? {
+    ///     if installation.version_status == plinth_sdk::ReviewStatus::Revoked {
+    ///         client.uninstall_plugin(&installation.id).await?;
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn uninstall_plugin(&self, installation: &InstallationId) -> Result<()> {
         self.call_empty(
             Method::DELETE,
@@ -818,6 +1316,13 @@ impl Client {
     }
 
     /// Invokes an installed plugin; retried safely with one idempotency key (billed once).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client, installation: plinth_sdk::InstallationId) -> plinth_sdk::Result<()> {
+    /// let answer = client.invoke(&installation, &serde_json::json!({ "text": "Where is my parcel?" })).await?;
+    /// println!("{}", answer["reply"]);
+    /// # Ok(()) }
+    /// ```
     pub async fn invoke(
         &self,
         installation: &InstallationId,
@@ -889,6 +1394,15 @@ impl Client {
     /// An invocation recorded in full: what `plinth-cli plugin replay` runs a component against.
     /// Not found unless it was recorded (see [`Client::invoke_recorded`] and an installation's
     /// `record_failures`).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client, installation: plinth_sdk::InstallationId) -> plinth_sdk::Result<()> {
+    /// for entry in client.invocations(&installation, Some(50)).await?.into_iter().filter(|r| r.recorded) {
+    ///     let record = client.invocation_record(&installation, &entry.id).await?;
+    ///     println!("{} ended {} after {} host calls", record.invocation_id, record.outcome, record.host_calls.len());
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn invocation_record(
         &self,
         installation: &InstallationId,
@@ -902,6 +1416,14 @@ impl Client {
 
     /// The installation's newest invocation records, newest first (at most `limit`, 1-200): how each
     /// ended, what it cost and what the plugin logged.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client, installation: plinth_sdk::InstallationId) -> plinth_sdk::Result<()> {
+    /// for record in client.invocations(&installation, Some(20)).await? {
+    ///     println!("{} {} {} ms {}", record.occurred_at, record.outcome, record.duration_ms, record.message.unwrap_or_default());
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn invocations(
         &self,
         installation: &InstallationId,
@@ -914,12 +1436,30 @@ impl Client {
 
     /// How the author's plugin did per version and day: calls and failures, for days on which at
     /// least three tenants called it.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// for day in client.invocation_summary("customer-service").await? {
+    ///     println!("{} {}: {} calls, {} failed", day.day, day.version, day.calls, day.failed);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn invocation_summary(&self, plugin: &str) -> Result<Vec<InvocationSummary>> {
         self.get(&format!("/v1/plugins/{plugin}/invocations")).await
     }
 
     /// What the caller's plugins earned in the last 30 days, how much of it was collected, and the
     /// author's balance.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let earnings = client.author_earnings().await?;
+    /// for row in &earnings.rows {
+    ///     println!("{}: {} calls, earned {} micros", row.plugin, row.calls, row.earnings.0);
+    /// }
+    /// println!("balance: {} cents", earnings.balance.whole_cents());
+    /// # Ok(()) }
+    /// ```
     pub async fn author_earnings(&self) -> Result<Earnings> {
         self.get("/v1/author/earnings").await
     }
@@ -928,6 +1468,16 @@ impl Client {
 
     /// A page of the audit log, newest first: the caller's tenant's (tenant admins), or every entry
     /// (platform admins).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let query = plinth_sdk::AuditQuery { action: Some("api_key.".into()), limit: Some(20), ..Default::default() };
+    /// let page = client.audit_log(&query).await?;
+    /// for entry in &page.entries {
+    ///     println!("{} {} {}", entry.created_at, entry.actor, entry.action);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn audit_log(&self, query: &AuditQuery) -> Result<AuditPage> {
         let mut url =
             Url::parse("http://query.invalid/").map_err(|err| Error::InvalidUrl(err.to_string()))?;
@@ -978,11 +1528,26 @@ impl Client {
     // ---- operations ----
 
     /// Whether the server reports itself ready (database reachable, not shutting down).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// if !client.ready().await? {
+    ///     eprintln!("Plinth is not ready yet; holding traffic back");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn ready(&self) -> Result<bool> {
         self.readiness("/v2/health/ready").await
     }
 
     /// Whether the server process answers at all (the liveness probe).
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let live = client.live().await?;
+    /// println!("server process answering: {live}");
+    /// # Ok(()) }
+    /// ```
     pub async fn live(&self) -> Result<bool> {
         Ok(self.get::<ServerLive>("/v2/health/live").await?.live)
     }
