@@ -121,6 +121,56 @@ async fn a_developer_works_from_the_command_line() {
         .await,
     );
     assert_eq!(classified["results"][0]["label"], "positive");
+    let embedded = json_of(
+        &cli(
+            &app,
+            dir,
+            &["embed", "minilm-embed", "hello", "world", "--json"],
+            &[("PLINTH_TOKEN", &secret)],
+        )
+        .await,
+    );
+    assert_eq!(embedded["embeddings"].as_array().unwrap().len(), 2);
+    assert_eq!(embedded["dimensions"], 384);
+    // Tensors in, tensors out: an Open Inference Protocol request from a file.
+    let scratch = tempfile::tempdir().unwrap();
+    let request = scratch.path().join("request.json");
+    std::fs::write(
+        &request,
+        json!({ "inputs": [
+            { "name": "input_ids", "shape": [1, 4], "datatype": "INT64", "data": [101, 2293, 2023, 102] },
+            { "name": "attention_mask", "shape": [1, 4], "datatype": "INT64", "data": [1, 1, 1, 1] },
+            { "name": "token_type_ids", "shape": [1, 4], "datatype": "INT64", "data": [0, 0, 0, 0] },
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let inferred = json_of(
+        &cli(
+            &app,
+            dir,
+            &["infer", "sentiment", "--request", request.to_str().unwrap()],
+            &[("PLINTH_TOKEN", &secret)],
+        )
+        .await,
+    );
+    assert!(
+        inferred["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|output| output["name"] == "probs" && output["shape"] == json!([1, 3])),
+        "{inferred}"
+    );
+    std::fs::write(&request, "{\"not\": \"a request\"}").unwrap();
+    let malformed = cli(
+        &app,
+        dir,
+        &["infer", "sentiment", "--request", request.to_str().unwrap()],
+        &[("PLINTH_TOKEN", &secret)],
+    )
+    .await;
+    assert_eq!(malformed.status.code(), Some(2), "{}", stderr(&malformed));
     // A key without the scope: refused with the API's code, exit 1.
     let scoped = cli(&app, dir, &["keys", "list"], &[("PLINTH_TOKEN", &secret)]).await;
     assert_eq!(scoped.status.code(), Some(1));

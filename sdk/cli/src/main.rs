@@ -76,6 +76,19 @@ enum Command {
         #[arg(required = true)]
         texts: Vec<String>,
     },
+    /// Embed texts with an embedding model (e.g. `minilm-embed`): each text's vector.
+    Embed {
+        model: String,
+        #[arg(required = true)]
+        texts: Vec<String>,
+    },
+    /// Run a model on tensors: an Open Inference Protocol v2 request (JSON) from a file, or `-` for
+    /// standard input; prints the response as JSON.
+    Infer {
+        model: String,
+        #[arg(long)]
+        request: PathBuf,
+    },
     /// Metered usage, by day or by resource.
     Usage {
         /// `YYYY-MM-DD` or RFC 3339; 30 days before `--to` by default.
@@ -481,6 +494,38 @@ async fn run(cli: Cli) -> Outcome {
                 }
                 out
             })
+        }
+        Command::Embed { model, texts } => {
+            let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let answer = context.client()?.embed(&model, &inputs).await?;
+            context.print(&answer, |a| {
+                let mut out = table(&["text", "dimensions", "vector"]);
+                for (text, vector) in texts.iter().zip(&a.embeddings) {
+                    let head: Vec<String> = vector.iter().take(4).map(|x| format!("{x:.4}")).collect();
+                    out.add_row(vec![
+                        text.clone(),
+                        vector.len().to_string(),
+                        format!("[{}, …]", head.join(", ")),
+                    ]);
+                }
+                out
+            })
+        }
+        Command::Infer { model, request } => {
+            let text = if request.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+                    .context("cannot read the request from standard input")?
+            } else {
+                std::fs::read_to_string(&request)
+                    .with_context(|| format!("cannot read the request {}", request.display()))?
+            };
+            let request: plinth_sdk::InferRequest = serde_json::from_str(&text).map_err(|err| {
+                Failure::Usage(format!(
+                    "the request is not an Open Inference Protocol request ({err}); see GET /v2/models/{model} for the inputs"
+                ))
+            })?;
+            let answer = context.client()?.infer(&model, &request).await?;
+            emit(&serde_json::to_string_pretty(&answer).context("cannot encode the answer")?)
         }
         Command::Usage {
             from,
