@@ -533,6 +533,8 @@ async fn the_recommendation_plugin_finds_similar_items_and_recommends_from_recen
         json!({ "op": "similar", "id": "no-such-item" }),
         json!({ "op": "view", "user": "u-42", "id": "no-such-item" }),
         json!({ "op": "add", "items": [] }),
+        // 150 characters, 300 bytes: longer than a key may be.
+        json!({ "op": "add", "items": [{ "id": "é".repeat(150), "text": "accented" }] }),
         json!({ "op": "similar", "id": "espresso", "k": 0 }),
         json!({ "op": "teleport" }),
     ] {

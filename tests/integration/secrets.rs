@@ -110,3 +110,42 @@ async fn rotating_the_sealing_key_keeps_secrets_readable_and_retires_the_old_key
         "{refused:#}"
     );
 }
+
+/// Secrets are bounded: a sensible name, a value of a few KiB, a few dozen of them. Anything else is
+/// refused with what to change, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_beyond_their_bounds_are_refused() {
+    let app = TestApp::spawn().await;
+    let (author, tenant) = (app.tenant().await, app.tenant().await);
+    let installation = app.install_plugin(&author, &tenant, "hostile", json!({})).await;
+    let many: std::collections::BTreeMap<String, String> =
+        (0..33).map(|i| (format!("key{i}"), "value".to_owned())).collect();
+    for secrets in [
+        [("a name with spaces".to_owned(), "value".to_owned())].into(),
+        [("x".repeat(65), "value".to_owned())].into(),
+        [("token".to_owned(), "v".repeat(4097))].into(),
+        many,
+    ] {
+        let refused = tenant
+            .owner
+            .update_installation(
+                &installation.id,
+                &UpdateInstallationRequest {
+                    secrets: Some(secrets),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Some(plinth_sdk::ErrorCode::ValidationFailed),
+            "{refused}"
+        );
+    }
+    // Nothing was stored: the plugin still finds no secret.
+    assert_eq!(
+        secret_read_by_plugin(&app, &tenant, &installation.id).await,
+        serde_json::Value::Null
+    );
+}

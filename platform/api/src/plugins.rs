@@ -433,10 +433,36 @@ impl Services for TenantServices {
 }
 
 /// Seals an installation's secrets for storage.
+/// Most secrets an installation holds.
+const MAX_SECRETS: usize = 32;
+/// Longest secret name, in bytes (letters, digits, `_`, `-`, `.`).
+const MAX_SECRET_NAME: usize = 64;
+/// Longest secret value, in bytes.
+const MAX_SECRET_VALUE: usize = 4 << 10;
+
 pub(crate) fn seal_secrets(
     state: &AppState,
     secrets: &std::collections::BTreeMap<String, String>,
 ) -> ApiResult<SealedSecrets> {
+    let refuse = |message: String| Err(ApiError::new(ErrorCode::ValidationFailed, message));
+    if secrets.len() > MAX_SECRETS {
+        return refuse(format!("secrets: at most {MAX_SECRETS}"));
+    }
+    for (name, value) in secrets {
+        let name_ok = !name.is_empty()
+            && name.len() <= MAX_SECRET_NAME
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !name_ok {
+            return refuse(format!(
+                "secrets: a name is 1 to {MAX_SECRET_NAME} letters, digits, `_`, `-` or `.`"
+            ));
+        }
+        if value.len() > MAX_SECRET_VALUE {
+            return refuse(format!("secrets.{name}: at most {} KiB", MAX_SECRET_VALUE >> 10));
+        }
+    }
     let names = secrets.keys().cloned().collect();
     if secrets.is_empty() {
         return Ok(SealedSecrets::default());
@@ -687,9 +713,10 @@ pub(crate) async fn invoke(
             .plugins
             .invoke(compiled, call.clone(), host_services, request.clone())
             .await;
+        let ran_ref = &ran;
         let full = recorder
             .filter(|_| record || ran.is_err())
-            .map(|recorder| full_record(state, installed, &call, request, &ran, &recorder));
+            .map(|recorder| move || full_record(state, installed, &call, request, ran_ref, &recorder));
         let invocation = record_invocation(state, auth, installed, &request_id_text, &services, &ran, full);
         Ok(Invoked {
             outcome: ran?,
@@ -745,7 +772,9 @@ fn record_invocation(
     request_id: &str,
     services: &TenantServices,
     ran: &Result<Outcome, InvokeError>,
-    full: Option<Result<plinth_core::plugins::RecordedInvocation, plinth_plugin_host::TooLarge>>,
+    full: Option<
+        impl FnOnce() -> Result<plinth_core::plugins::RecordedInvocation, plinth_plugin_host::TooLarge>,
+    >,
 ) -> Option<plinth_core::id::InvocationId> {
     let Some(trace) = services
         .trace
@@ -756,11 +785,18 @@ fn record_invocation(
         // Refused before it ran (instances busy, input too large): nothing to record.
         return None;
     };
+    // Recording never holds up calls: beyond this many records waiting to be written, the newest are
+    // dropped and counted (before any work goes into them).
+    static WAITING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(RECORDS_WAITING);
+    let Ok(permit) = WAITING.try_acquire() else {
+        metrics::counter!("plinth_plugin_invocation_records_dropped_total").increment(1);
+        return None;
+    };
     let (outcome, mut message) = match ran {
         Ok(_) => ("ok".to_owned(), None),
         Err(err) => (err.code_name(), Some(err.to_string())),
     };
-    let full = match full {
+    let full = match full.map(|build| build()) {
         Some(Ok(full)) => Some(full),
         Some(Err(too_large)) => {
             let note = format!(
@@ -771,13 +807,6 @@ fn record_invocation(
             None
         }
         None => None,
-    };
-    // Recording never holds up calls: beyond this many records waiting to be written, the newest are
-    // dropped and counted.
-    static WAITING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(RECORDS_WAITING);
-    let Ok(permit) = WAITING.try_acquire() else {
-        metrics::counter!("plinth_plugin_invocation_records_dropped_total").increment(1);
-        return None;
     };
     let id = full
         .as_ref()

@@ -63,25 +63,6 @@ fn texts_weight(texts: &[String]) -> usize {
     texts.iter().map(|text| text_weight(text)).sum::<usize>() + 8
 }
 
-fn answer_weight(answer: &HostAnswer) -> usize {
-    16 + match answer {
-        HostAnswer::Classifications(results) => results
-            .iter()
-            .map(|c| {
-                text_weight(&c.label)
-                    + 16
-                    + c.scores.iter().map(|s| text_weight(&s.label) + 16).sum::<usize>()
-            })
-            .sum(),
-        HostAnswer::Embeddings(vectors) => vectors.iter().map(|v| v.len() * 12 + 8).sum(),
-        HostAnswer::Response(text) => text_weight(text),
-        HostAnswer::Value(value) => value.as_ref().map_or(0, |bytes| bytes.0.len() * 4 / 3 + 8),
-        HostAnswer::Keys(keys) => texts_weight(keys),
-        HostAnswer::Refused(refusal) => text_weight(&refusal.message) + 32,
-        HostAnswer::Stored | HostAnswer::Existed(_) | HostAnswer::Interrupted => 0,
-    }
-}
-
 #[derive(Debug, Default)]
 struct Recording {
     calls: Vec<HostCall>,
@@ -155,23 +136,29 @@ impl Recorder {
         Some(recording.calls.len() - 1)
     }
 
+    /// Writes down the answer to the call at `at`, weighing it before it is copied.
     fn end<T>(
         &self,
         at: Option<usize>,
         result: Result<T, ServiceError>,
+        weight: impl FnOnce(&T) -> usize,
         answer: impl FnOnce(&T) -> HostAnswer,
     ) -> Result<T, ServiceError> {
         let Some(at) = at else {
             return result;
         };
-        let answer = match &result {
+        let mut recording = self.recording();
+        let weight = match &result {
+            Ok(value) => weight(value),
+            Err(err) => text_weight(&refusal(err).message) + 32,
+        };
+        if recording.overflowed || !self.spend(&mut recording, weight) {
+            return result;
+        }
+        recording.calls[at].answer = match &result {
             Ok(value) => answer(value),
             Err(err) => HostAnswer::Refused(refusal(err)),
         };
-        let mut recording = self.recording();
-        if !recording.overflowed && self.spend(&mut recording, answer_weight(&answer)) {
-            recording.calls[at].answer = answer;
-        }
         result
     }
 }
@@ -192,7 +179,21 @@ impl Services for Recorder {
             }
         });
         let result = self.inner.classify(call, sequence, model, texts).await;
-        self.end(at, result, |value| HostAnswer::Classifications(value.clone()))
+        self.end(
+            at,
+            result,
+            |results| {
+                results
+                    .iter()
+                    .map(|c| {
+                        text_weight(&c.label)
+                            + 16
+                            + c.scores.iter().map(|s| text_weight(&s.label) + 16).sum::<usize>()
+                    })
+                    .sum()
+            },
+            |value| HostAnswer::Classifications(value.clone()),
+        )
     }
 
     async fn embed(
@@ -207,7 +208,12 @@ impl Services for Recorder {
             texts: texts.clone(),
         });
         let result = self.inner.embed(call, sequence, model, texts).await;
-        self.end(at, result, |value| HostAnswer::Embeddings(value.clone()))
+        self.end(
+            at,
+            result,
+            |vectors| vectors.iter().map(|v| v.len() * 12 + 8).sum(),
+            |value| HostAnswer::Embeddings(value.clone()),
+        )
     }
 
     async fn infer(
@@ -224,13 +230,23 @@ impl Services for Recorder {
             }
         });
         let result = self.inner.infer(call, sequence, model, request).await;
-        self.end(at, result, |value| HostAnswer::Response(value.clone()))
+        self.end(
+            at,
+            result,
+            |response| text_weight(response),
+            |value| HostAnswer::Response(value.clone()),
+        )
     }
 
     async fn kv_get(&self, call: &CallContext, key: &str) -> Result<Option<Vec<u8>>, ServiceError> {
         let at = self.begin(text_weight(key), || HostRequest::KvGet { key: key.to_owned() });
         let result = self.inner.kv_get(call, key).await;
-        self.end(at, result, |value| HostAnswer::Value(value.clone().map(Bytes)))
+        self.end(
+            at,
+            result,
+            |value| value.as_ref().map_or(8, |bytes| bytes.len() * 4 / 3 + 8),
+            |value| HostAnswer::Value(value.clone().map(Bytes)),
+        )
     }
 
     async fn kv_set(
@@ -247,13 +263,13 @@ impl Services for Recorder {
             }
         });
         let result = self.inner.kv_set(call, key, value, max_keys).await;
-        self.end(at, result, |()| HostAnswer::Stored)
+        self.end(at, result, |()| 16, |()| HostAnswer::Stored)
     }
 
     async fn kv_delete(&self, call: &CallContext, key: &str) -> Result<bool, ServiceError> {
         let at = self.begin(text_weight(key), || HostRequest::KvDelete { key: key.to_owned() });
         let result = self.inner.kv_delete(call, key).await;
-        self.end(at, result, |existed| HostAnswer::Existed(*existed))
+        self.end(at, result, |_| 16, |existed| HostAnswer::Existed(*existed))
     }
 
     async fn kv_list(&self, call: &CallContext, prefix: &str) -> Result<Vec<String>, ServiceError> {
@@ -261,7 +277,12 @@ impl Services for Recorder {
             prefix: prefix.to_owned(),
         });
         let result = self.inner.kv_list(call, prefix).await;
-        self.end(at, result, |keys| HostAnswer::Keys(keys.clone()))
+        self.end(
+            at,
+            result,
+            |keys| texts_weight(keys),
+            |keys| HostAnswer::Keys(keys.clone()),
+        )
     }
 
     fn finished(&self, call: &CallContext, trace: Trace) {
@@ -270,37 +291,59 @@ impl Services for Recorder {
 }
 
 /// Replaces each secret's value (of [`SHORTEST_REDACTED_SECRET`] bytes or more) with
-/// `[secret NAME]` everywhere in `record`: the request, the answer, the settings, and every host
-/// call's arguments and answer, key-value bytes included. A plugin that writes a secret into its
-/// store, a model's input or its answer does not carry it out in the record.
+/// `[secret NAME]` everywhere in `record`: the request, the answer, the settings (keys and values),
+/// and every host call's arguments and answer, key-value bytes included; as written and as it reads
+/// inside JSON text (escaped). One pass, in time linear in the record: the longest secret wins where
+/// two overlap, and a placeholder is never searched again. A plugin that writes a secret into its
+/// store, a model's input or its answer does not carry it out in the record; one that encodes it
+/// first (base64, split across calls) does: the record is the tenant's to hand over.
 pub fn redact(record: &mut RecordedInvocation, secrets: &BTreeMap<String, String>) {
-    let mut secrets: Vec<(&str, String)> = secrets
-        .iter()
-        .filter(|(_, value)| value.len() >= SHORTEST_REDACTED_SECRET)
-        .map(|(name, value)| (value.as_str(), secret_placeholder(name)))
-        .collect();
-    if secrets.is_empty() {
+    let mut patterns: Vec<String> = Vec::new();
+    let mut placeholders: Vec<String> = Vec::new();
+    for (name, value) in secrets {
+        if value.len() < SHORTEST_REDACTED_SECRET {
+            continue;
+        }
+        let placeholder = secret_placeholder(name);
+        let escaped = serde_json::to_string(value).unwrap_or_default();
+        let escaped = escaped.trim_matches('"');
+        if escaped != value {
+            patterns.push(escaped.to_owned());
+            placeholders.push(placeholder.clone());
+        }
+        patterns.push(value.clone());
+        placeholders.push(placeholder);
+    }
+    if patterns.is_empty() {
         return;
     }
-    // The longest first, so a secret inside another is not half-replaced.
-    secrets.sort_by_key(|(value, _)| std::cmp::Reverse(value.len()));
+    let Ok(matcher) = aho_corasick::AhoCorasick::builder()
+        .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+        .build(&patterns)
+    else {
+        return;
+    };
     let text = |text: &mut String| {
-        for (value, placeholder) in &secrets {
-            if text.contains(value) {
-                *text = text.replace(value, placeholder);
-            }
+        if matcher.is_match(text.as_str()) {
+            *text = matcher.replace_all(text, &placeholders);
         }
     };
     let bytes = |bytes: &mut Vec<u8>| {
-        for (value, placeholder) in &secrets {
-            *bytes = replace_bytes(bytes, value.as_bytes(), placeholder.as_bytes());
+        if matcher.is_match(bytes.as_slice()) {
+            *bytes = matcher.replace_all_bytes(bytes, &placeholders);
         }
     };
     text(&mut record.request);
     text(&mut record.output);
-    for value in record.settings.values_mut() {
-        redact_json(value, &text);
-    }
+    let settings = std::mem::take(&mut record.settings);
+    record.settings = settings
+        .into_iter()
+        .map(|(mut key, mut value)| {
+            text(&mut key);
+            redact_json(&mut value, &text);
+            (key, value)
+        })
+        .collect();
     for call in &mut record.host_calls {
         match &mut call.request {
             HostRequest::Classify { model, texts } | HostRequest::Embed { model, texts } => {
@@ -342,22 +385,19 @@ fn redact_json(value: &mut serde_json::Value, text: &impl Fn(&mut String)) {
     match value {
         serde_json::Value::String(string) => text(string),
         serde_json::Value::Array(items) => items.iter_mut().for_each(|item| redact_json(item, text)),
-        serde_json::Value::Object(fields) => fields.values_mut().for_each(|item| redact_json(item, text)),
+        serde_json::Value::Object(fields) => {
+            let taken = std::mem::take(fields);
+            *fields = taken
+                .into_iter()
+                .map(|(mut key, mut item)| {
+                    text(&mut key);
+                    redact_json(&mut item, text);
+                    (key, item)
+                })
+                .collect();
+        }
         _ => {}
     }
-}
-
-/// `haystack` with every occurrence of `needle` replaced by `with`.
-fn replace_bytes(haystack: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(haystack.len());
-    let mut rest = haystack;
-    while let Some(at) = rest.windows(needle.len()).position(|window| window == needle) {
-        out.extend_from_slice(&rest[..at]);
-        out.extend_from_slice(with);
-        rest = &rest[at + needle.len()..];
-    }
-    out.extend_from_slice(rest);
-    out
 }
 
 /// The limits a recorded invocation ran under, as the host's (the rest at their defaults).
@@ -371,14 +411,21 @@ pub fn recorded_limits(limits: &Limits) -> RecordedLimits {
     }
 }
 
-/// The host limits to replay a record under: the recorded ones, the rest at their defaults.
+/// The longest deadline a replay takes from a record.
+const MOST_REPLAY_DEADLINE_MS: u64 = 10 * 60 * 1000;
+/// The most memory a replay takes from a record.
+const MOST_REPLAY_MEMORY: u64 = 4 << 30;
+
+/// The host limits to replay a record under: the recorded ones (within sane bounds: a record may
+/// come from anyone), the rest at their defaults.
 #[must_use]
 pub fn replay_limits(recorded: &RecordedLimits) -> Limits {
     Limits {
-        deadline: std::time::Duration::from_millis(recorded.deadline_ms),
-        memory_bytes: usize::try_from(recorded.memory_bytes).unwrap_or(usize::MAX),
+        deadline: std::time::Duration::from_millis(recorded.deadline_ms.clamp(1, MOST_REPLAY_DEADLINE_MS)),
+        memory_bytes: usize::try_from(recorded.memory_bytes.clamp(1 << 20, MOST_REPLAY_MEMORY))
+            .unwrap_or(64 << 20),
         fuel: recorded.fuel,
-        inference_calls: recorded.inference_calls,
+        inference_calls: recorded.inference_calls.min(1_000),
         ..Limits::default()
     }
 }
@@ -899,5 +946,48 @@ mod tests {
         );
         // Too short to search for: left as it is.
         assert_eq!(record.settings["pin"], "12");
+    }
+
+    #[test]
+    fn secrets_are_found_escaped_inside_json_and_in_one_pass() {
+        let quoted = "pa\"ss\\word";
+        let mut record = RecordedInvocation {
+            invocation_id: plinth_core::id::InvocationId::new(),
+            plugin: "p".into(),
+            version: "1".into(),
+            world: "0.1.0".into(),
+            request: serde_json::json!({ "echo": quoted }).to_string(),
+            granted_models: vec![],
+            settings: serde_json::json!({ "nested": { quoted: [quoted] } })
+                .as_object()
+                .cloned()
+                .unwrap(),
+            secret_names: vec!["a".into(), "b".into()],
+            limits: recorded_limits(&Limits::default()),
+            host_calls: vec![],
+            outcome: "ok".into(),
+            output: format!("secret and {quoted}"),
+        };
+        // `b` would match inside `a`'s placeholder if placeholders were searched again.
+        let secrets = BTreeMap::from([
+            ("a".to_owned(), quoted.to_owned()),
+            ("b".to_owned(), "secret".to_owned()),
+        ]);
+        redact(&mut record, &secrets);
+        assert_eq!(record.request, r#"{"echo":"[secret a]"}"#);
+        assert_eq!(record.settings["nested"]["[secret a]"][0], "[secret a]");
+        assert_eq!(record.output, "[secret b] and [secret a]");
+    }
+
+    #[test]
+    fn a_records_limits_are_bounded_when_replayed() {
+        let limits = replay_limits(&RecordedLimits {
+            deadline_ms: u64::MAX,
+            memory_bytes: u64::MAX,
+            fuel: 1,
+            inference_calls: u32::MAX,
+        });
+        assert_eq!(limits.deadline, std::time::Duration::from_secs(600));
+        assert_eq!(limits.memory_bytes, 4 << 30);
     }
 }

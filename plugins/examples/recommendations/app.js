@@ -21,7 +21,8 @@ import { log } from 'plinth:plugin/log@0.1.0';
 
 const MODEL = 'minilm-embed';
 const MAX_ADD = 64;
-const MAX_ID = 200;
+// Keys are at most 256 bytes: the longest prefix (`item:`, `user:`) and an id of this many bytes.
+const MAX_ID_BYTES = 200;
 
 function invalid(message) {
   return { tag: 'invalid-request', val: message };
@@ -72,8 +73,9 @@ function dot(a, b) {
 }
 
 function checkId(id, what) {
-  if (typeof id !== 'string' || id.length === 0 || id.length > MAX_ID) {
-    throw invalid(`${what}: a string of 1 to ${MAX_ID} characters`);
+  // Bytes, not characters: the store's key limit is in bytes of UTF-8.
+  if (typeof id !== 'string' || id.length === 0 || encoder.encode(id).length > MAX_ID_BYTES) {
+    throw invalid(`${what}: a string of 1 to ${MAX_ID_BYTES} bytes`);
   }
   return id;
 }
@@ -84,10 +86,13 @@ function count(k) {
   return k;
 }
 
-/** Every item in the catalogue: [{id, text, v}]. */
+/** Every item in the catalogue: [{id, text, v}] (one removed meanwhile is left out). */
 function catalogue() {
   const keys = host('listing the catalogue', () => listKeys('item:'));
-  return keys.map((key) => ({ id: key.slice('item:'.length), ...load(key) }));
+  return keys
+    .map((key) => ({ id: key.slice('item:'.length), item: load(key) }))
+    .filter(({ item }) => item !== null)
+    .map(({ id, item }) => ({ id, ...item }));
 }
 
 /** The `k` items nearest `vector`, leaving out the ids in `skip`. */
