@@ -14,6 +14,7 @@ mod m0007_isolation;
 mod m0008_row_security;
 mod m0009_invocations;
 mod m0010_replay;
+mod m0011_training;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -32,6 +33,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0008_row_security::Migration),
             Box::new(m0009_invocations::Migration),
             Box::new(m0010_replay::Migration),
+            Box::new(m0011_training::Migration),
         ]
     }
 }

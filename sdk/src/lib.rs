@@ -12,6 +12,8 @@
 //! (connection errors, 429 with `Retry-After`, 5xx, and `409 idempotency_in_flight` while a first
 //! attempt still runs) without ever being billed twice: a retry gets the first answer back.
 
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -25,10 +27,12 @@ use url::Url;
 pub use plinth_core::api::*;
 pub use plinth_core::billing::*;
 pub use plinth_core::id::{
-    EventId, InstallationId, InvocationId, KeyId, PluginId, PluginVersionId, TenantId, UserId,
+    DatasetId, EventId, InstallationId, InvocationId, KeyId, PluginId, PluginVersionId, TenantId,
+    TrainingJobId, UserId,
 };
 pub use plinth_core::inference::*;
 pub use plinth_core::plugins::*;
+pub use plinth_core::training::*;
 pub use plinth_core::{ErrorCode, Micros, Role, Scope};
 
 /// What can go wrong calling Plinth.
@@ -52,6 +56,9 @@ pub enum Error {
     Decode { status: u16, detail: String },
     #[error("invalid base URL: {0}")]
     InvalidUrl(String),
+    /// A local file the call was to send could not be read.
+    #[error("cannot read {}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 impl Error {
@@ -89,7 +96,7 @@ impl Error {
         match self {
             Self::Api { status, .. } | Self::Decode { status, .. } => Some(*status),
             Self::Transport(err) => err.status().map(|s| s.as_u16()),
-            Self::InvalidUrl(_) => None,
+            Self::InvalidUrl(_) | Self::Io { .. } => None,
         }
     }
 }
@@ -174,7 +181,7 @@ struct UploadMeter {
 
 impl UploadMeter {
     /// A multipart file part that reports its bytes as they are taken for sending.
-    fn part(&self, bytes: Vec<u8>, file_name: &'static str) -> reqwest::multipart::Part {
+    fn part(&self, bytes: Vec<u8>, file_name: Cow<'static, str>) -> reqwest::multipart::Part {
         let length = bytes.len() as u64;
         let meter = self.clone();
         let bytes = std::sync::Arc::new(bytes);
@@ -277,8 +284,8 @@ impl Client {
         self
     }
 
-    /// Reports the progress of uploads made through the returned client (models, plugin versions):
-    /// `progress(sent, total)` in bytes of the files, as they are sent.
+    /// Reports the progress of uploads made through the returned client (models, plugin versions,
+    /// datasets): `progress(sent, total)` in bytes of the files, as they are sent.
     ///
     /// ```no_run
     /// # async fn run(client: plinth_sdk::Client, model: Vec<u8>) -> plinth_sdk::Result<()> {
@@ -297,7 +304,7 @@ impl Client {
     /// File parts for an upload of `files`, reporting progress when asked to.
     fn file_parts(
         &self,
-        files: Vec<(&'static str, Vec<u8>, &'static str)>,
+        files: Vec<(&'static str, Vec<u8>, Cow<'static, str>)>,
     ) -> Vec<(&'static str, reqwest::multipart::Part)> {
         let meter = self.progress.clone().map(|progress| UploadMeter {
             sent: std::sync::Arc::default(),
@@ -822,9 +829,9 @@ impl Client {
             .base
             .join("/v1/models")
             .map_err(|err| Error::InvalidUrl(err.to_string()))?;
-        let mut files = vec![("model", model, "model.onnx")];
+        let mut files = vec![("model", model, "model.onnx".into())];
         if let Some(tokenizer) = tokenizer {
-            files.push(("tokenizer", tokenizer, "tokenizer.json"));
+            files.push(("tokenizer", tokenizer, "tokenizer.json".into()));
         }
         let form = self.file_parts(files).into_iter().fold(
             reqwest::multipart::Form::new().text("manifest", manifest.to_string()),
@@ -1076,6 +1083,318 @@ impl Client {
         .await
     }
 
+    // ---- training ----
+
+    /// Uploads a labelled dataset from a file: JSON Lines of `{"text", "label"}` (`.jsonl`) or CSV with
+    /// `text` and `label` columns (`.csv`), the format told by the extension. Named `name`, else after
+    /// the file. The server checks every line (`422 invalid_dataset` names the first bad one) and keeps
+    /// the examples sealed; only the summary is ever shown.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let dataset = client.upload_dataset("tickets.jsonl", Some("support tickets")).await?;
+    /// println!("{} ({}): {} examples, {} labels", dataset.name, dataset.id, dataset.summary.examples, dataset.summary.labels.len());
+    /// # Ok(()) }
+    /// ```
+    pub async fn upload_dataset(&self, path: impl AsRef<Path>, name: Option<&str>) -> Result<Dataset> {
+        let path = path.as_ref();
+        let bytes = tokio::fs::read(path).await.map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let file_name = path
+            .file_name()
+            .map_or_else(|| "dataset".to_owned(), |f| f.to_string_lossy().into_owned());
+        self.upload_dataset_bytes(&file_name, bytes, name).await
+    }
+
+    /// [`Self::upload_dataset`] from bytes in memory; `file_name`'s extension (`.jsonl` or `.csv`) tells
+    /// the format.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let csv = b"text,label\nWhere is my parcel?,shipping\nI was charged twice,billing\n".to_vec();
+    /// let dataset = client.upload_dataset_bytes("tickets.csv", csv, None).await?;
+    /// println!("{} ({} bytes, {})", dataset.id, dataset.size_bytes, dataset.format);
+    /// # Ok(()) }
+    /// ```
+    pub async fn upload_dataset_bytes(
+        &self,
+        file_name: &str,
+        bytes: Vec<u8>,
+        name: Option<&str>,
+    ) -> Result<Dataset> {
+        let url = self
+            .base
+            .join("/v1/datasets")
+            .map_err(|err| Error::InvalidUrl(err.to_string()))?;
+        let media_type = match file_name
+            .rsplit_once('.')
+            .map(|(_, ext)| ext.to_ascii_lowercase())
+        {
+            Some(ext) if ext == "jsonl" || ext == "ndjson" => Some("application/jsonl"),
+            Some(ext) if ext == "csv" => Some("text/csv"),
+            // The server names the formats it takes.
+            _ => None,
+        };
+        let mut form = reqwest::multipart::Form::new();
+        if let Some(name) = name {
+            form = form.text("name", name.to_owned());
+        }
+        for (field, part) in self.file_parts(vec![("file", bytes, file_name.to_owned().into())]) {
+            let part = match media_type {
+                Some(media_type) => part.mime_str(media_type)?,
+                None => part,
+            };
+            form = form.part(field, part);
+        }
+        self.send_multipart(url, form).await
+    }
+
+    /// The tenant's datasets, newest first.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// for dataset in client.datasets().await? {
+    ///     println!("{} {}: {} examples", dataset.id, dataset.name, dataset.summary.examples);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn datasets(&self) -> Result<Vec<Dataset>> {
+        self.get("/v1/datasets").await
+    }
+
+    /// A dataset and its summary: examples per label, text lengths.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let dataset = client.dataset("ds_01jz3k2m4n5p6q7r8s9t0vwxyz").await?;
+    /// for label in &dataset.summary.labels {
+    ///     println!("{}: {} examples", label.label, label.examples);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn dataset(&self, id: &str) -> Result<Dataset> {
+        self.get(&format!("/v1/datasets/{id}")).await
+    }
+
+    /// Deletes a dataset and its examples: its queued jobs are cancelled and running ones stopped;
+    /// finished jobs and deployed models stay.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// for dataset in client.datasets().await? {
+    ///     if dataset.name.starts_with("scratch-") {
+    ///         client.delete_dataset(&dataset.id).await?;
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn delete_dataset(&self, id: &str) -> Result<()> {
+        self.call_empty(Method::DELETE, &format!("/v1/datasets/{id}"), Replay::Safe)
+            .await
+    }
+
+    /// Starts a training job: a classification head over a platform base model, trained on a dataset
+    /// in the background (follow it with [`Self::wait_for_training_job`]). Billed when it ends, per
+    /// 1,000 examples × epochs; `429 training_jobs_exceeded` when the plan's jobs at once are running.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let request = plinth_sdk::NewTrainingJob {
+    ///     dataset: "ds_01jz3k2m4n5p6q7r8s9t0vwxyz".into(),
+    ///     model: "support-triage".into(),
+    ///     base_model: None,
+    ///     hyperparameters: plinth_sdk::Hyperparameters { epochs: Some(50), ..Default::default() },
+    /// };
+    /// let job = client.create_training_job(&request).await?;
+    /// println!("{} is {}", job.id, job.status.as_str());
+    /// # Ok(()) }
+    /// ```
+    pub async fn create_training_job(&self, request: &NewTrainingJob) -> Result<TrainingJob> {
+        // Not retried after an ambiguous failure: a second job would be billed too.
+        self.call(
+            Method::POST,
+            "/v1/training-jobs",
+            Some(request),
+            None,
+            Replay::Unsafe,
+        )
+        .await
+    }
+
+    /// The tenant's training jobs, newest first.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// for job in client.training_jobs().await? {
+    ///     println!("{} {} {}", job.id, job.model, job.status.as_str());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn training_jobs(&self) -> Result<Vec<TrainingJob>> {
+        self.get("/v1/training-jobs").await
+    }
+
+    /// A training job: its status, progress and, once it succeeded, its evaluation on held-out
+    /// examples.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let job = client.training_job("ftj_01jz3k2m4n5p6q7r8s9t0vwxyz").await?;
+    /// if let Some(evaluation) = &job.evaluation {
+    ///     println!("accuracy {:.3}, macro-F1 {:.3}", evaluation.accuracy, evaluation.macro_f1);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn training_job(&self, id: &str) -> Result<TrainingJob> {
+        self.get(&format!("/v1/training-jobs/{id}")).await
+    }
+
+    /// What happened to a training job, oldest first.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// for event in client.training_events("ftj_01jz3k2m4n5p6q7r8s9t0vwxyz").await? {
+    ///     println!("{} {} {}", event.at, event.level, event.message);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn training_events(&self, id: &str) -> Result<Vec<TrainingEvent>> {
+        self.get(&format!("/v1/training-jobs/{id}/events")).await
+    }
+
+    /// Polls a training job every `poll_interval` (at least 100 ms) until it has finished (succeeded,
+    /// failed or cancelled), and returns it. Wrap it in `tokio::time::timeout` to give up sooner.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client, job: plinth_sdk::TrainingJob) -> plinth_sdk::Result<()> {
+    /// let job = client.wait_for_training_job(&job.id, std::time::Duration::from_secs(2)).await?;
+    /// match job.status {
+    ///     plinth_sdk::TrainingStatus::Succeeded => println!("ready to deploy"),
+    ///     status => eprintln!("{}: {}", status.as_str(), job.error.unwrap_or_default()),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn wait_for_training_job(&self, id: &str, poll_interval: Duration) -> Result<TrainingJob> {
+        self.watch_training_job(id, poll_interval, |_| {}).await
+    }
+
+    /// [`Self::wait_for_training_job`], showing `on_update` the job as each poll finds it (the finished
+    /// job last): to report progress while it trains.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client, job: plinth_sdk::TrainingJob) -> plinth_sdk::Result<()> {
+    /// let every = std::time::Duration::from_secs(2);
+    /// let job = client
+    ///     .watch_training_job(&job.id, every, |job| {
+    ///         let p = &job.progress;
+    ///         eprintln!("{}: embedded {}/{}, epoch {}/{}", job.status.as_str(), p.embedded, p.examples, p.epoch, p.max_epochs);
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn watch_training_job(
+        &self,
+        id: &str,
+        poll_interval: Duration,
+        mut on_update: impl FnMut(&TrainingJob),
+    ) -> Result<TrainingJob> {
+        let poll_interval = poll_interval.max(Duration::from_millis(100));
+        loop {
+            let job = self.training_job(id).await?;
+            on_update(&job);
+            if job.status.is_finished() {
+                return Ok(job);
+            }
+            tokio::time::sleep(poll_interval).await;
+        }
+    }
+
+    /// Cancels a training job: a queued one at once, a running one at its next step (billed for the
+    /// epochs it ran); `409 training_job_state` once it has ended.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let job = client.cancel_training_job("ftj_01jz3k2m4n5p6q7r8s9t0vwxyz").await?;
+    /// println!("{} is {}", job.id, job.status.as_str());
+    /// # Ok(()) }
+    /// ```
+    pub async fn cancel_training_job(&self, id: &str) -> Result<TrainingJob> {
+        self.call(
+            Method::POST,
+            &format!("/v1/training-jobs/{id}/cancel"),
+            None::<&()>,
+            None,
+            Replay::Safe,
+        )
+        .await
+    }
+
+    /// Deploys a succeeded job: its model becomes the newest version of the job's tenant model, served
+    /// by [`Self::classify`] like any model.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// let model = client.deploy_training_job("ftj_01jz3k2m4n5p6q7r8s9t0vwxyz").await?;
+    /// let answer = client.classify(&model.name, &["Where is my parcel?"]).await?;
+    /// println!("{} v{}: {}", model.name, model.version, answer.results[0].label);
+    /// # Ok(()) }
+    /// ```
+    pub async fn deploy_training_job(&self, id: &str) -> Result<Model> {
+        // Safe to repeat: the server refuses to deploy a job twice.
+        self.call(
+            Method::POST,
+            &format!("/v1/training-jobs/{id}/deploy"),
+            None::<&()>,
+            None,
+            Replay::Safe,
+        )
+        .await
+    }
+
+    /// A succeeded job's model as one ONNX file (the base model with the trained head; outputs
+    /// `sentence_embedding` and `probs`), to run anywhere ONNX Runtime runs.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let onnx = client.export_training_job("ftj_01jz3k2m4n5p6q7r8s9t0vwxyz").await?;
+    /// std::fs::write("support-triage.onnx", onnx)?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn export_training_job(&self, id: &str) -> Result<Vec<u8>> {
+        let response = self
+            .send(
+                Method::GET,
+                &format!("/v1/training-jobs/{id}/model.onnx"),
+                None::<&()>,
+                None,
+                Replay::Safe,
+            )
+            .await?;
+        if !response.status().is_success() {
+            return Err(error_from(response).await);
+        }
+        Ok(response.bytes().await?.to_vec())
+    }
+
+    /// Deletes a training job that has ended, with its events and trained state (a deployed model
+    /// stays); `409 training_job_state` while it is queued or running.
+    ///
+    /// ```no_run
+    /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
+    /// for job in client.training_jobs().await? {
+    ///     if job.status == plinth_sdk::TrainingStatus::Failed {
+    ///         client.delete_training_job(&job.id).await?;
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn delete_training_job(&self, id: &str) -> Result<()> {
+        self.call_empty(Method::DELETE, &format!("/v1/training-jobs/{id}"), Replay::Safe)
+            .await
+    }
+
     // ---- plugins ----
 
     /// Creates a marketplace listing authored by the caller's tenant.
@@ -1133,7 +1452,7 @@ impl Client {
             detail: err.to_string(),
         })?;
         let form = self
-            .file_parts(vec![("component", component, "plugin.wasm")])
+            .file_parts(vec![("component", component, "plugin.wasm".into())])
             .into_iter()
             .fold(
                 reqwest::multipart::Form::new().text("manifest", manifest),

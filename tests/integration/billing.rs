@@ -24,6 +24,7 @@ pub fn metered_plan() -> Plan {
         included_calls: 3,
         price_per_call_micros: Micros(1_234),
         hard_cap: false,
+        training_price_micros: Micros(0),
         rate_limit_per_minute: 60_000,
         burst: 1_000,
         isolation: plinth_sdk::PlanIsolation::FREE,

@@ -346,3 +346,120 @@ async fn created_key(app: &TestApp, token: &str) -> plinth_sdk::CreatedApiKey {
         .await
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_developer_trains_deploys_and_exports_a_classifier_from_the_command_line() {
+    let app = TestApp::spawn().await;
+    let config = tempfile::tempdir().unwrap();
+    let dir = config.path();
+    let session = app.signup().await;
+    let login = cli(
+        &app,
+        dir,
+        &["login", "--email", &session.user.email],
+        &[("PLINTH_PASSWORD", PASSWORD)],
+    )
+    .await;
+    assert!(login.status.success(), "{}", stderr(&login));
+
+    let data = dir.join("tickets.jsonl");
+    let lines: String = [
+        ("billing", "my invoice shows a double charge"),
+        ("access", "I cannot log in to my account"),
+    ]
+    .iter()
+    .flat_map(|(label, text)| {
+        (0..15).map(move |i| json!({ "text": format!("{text} ({i})"), "label": label }).to_string() + "\n")
+    })
+    .collect();
+    std::fs::write(&data, lines).unwrap();
+    let uploaded = json_of(
+        &cli(
+            &app,
+            dir,
+            &[
+                "--json",
+                "datasets",
+                "upload",
+                data.to_str().unwrap(),
+                "--name",
+                "tickets",
+            ],
+            &[],
+        )
+        .await,
+    );
+    let dataset = uploaded["id"].as_str().unwrap().to_owned();
+    let shown = cli(&app, dir, &["datasets", "show", &dataset], &[]).await;
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    assert!(
+        stdout(&shown).contains("billing") && stdout(&shown).contains("15"),
+        "{}",
+        stdout(&shown)
+    );
+
+    // Started and followed to the end: the evaluation is printed.
+    let trained = cli(
+        &app,
+        dir,
+        &[
+            "train",
+            "start",
+            "--dataset",
+            &dataset,
+            "--model",
+            "tickets",
+            "--epochs",
+            "20",
+            "--wait",
+        ],
+        &[],
+    )
+    .await;
+    assert!(trained.status.success(), "{}", stderr(&trained));
+    let report = stdout(&trained);
+    assert!(
+        report.contains("succeeded") && report.contains("macro-F1"),
+        "{report}"
+    );
+    let jobs = json_of(&cli(&app, dir, &["--json", "train", "list"], &[]).await);
+    let job = jobs[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(jobs[0]["status"], "succeeded");
+
+    let deployed = json_of(&cli(&app, dir, &["--json", "train", "deploy", &job], &[]).await);
+    assert_eq!(
+        (deployed["name"].as_str(), deployed["version"].as_u64()),
+        (Some("tickets"), Some(1))
+    );
+    let classified = cli(
+        &app,
+        dir,
+        &["classify", "tickets", "I was charged twice on my invoice"],
+        &[],
+    )
+    .await;
+    assert!(stdout(&classified).contains("billing"), "{}", stdout(&classified));
+    let exported = dir.join("tickets.onnx");
+    let export = cli(
+        &app,
+        dir,
+        &["train", "export", &job, "-o", exported.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert!(export.status.success(), "{}", stderr(&export));
+    assert!(
+        std::fs::metadata(&exported).unwrap().len() > 1_000_000,
+        "the whole graph"
+    );
+
+    // A bad dataset: refused with the API's code and the line, exit 1.
+    std::fs::write(&data, "{\"text\": \"only one label\", \"label\": \"x\"}\n").unwrap();
+    let refused = cli(&app, dir, &["datasets", "upload", data.to_str().unwrap()], &[]).await;
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("invalid_dataset"),
+        "{}",
+        stderr(&refused)
+    );
+}

@@ -18,6 +18,8 @@ struct Victim {
     plugin_version: String,
     installation: String,
     invocation: String,
+    dataset: String,
+    training_job: String,
 }
 
 /// The victim's id for `param` in `path`, by the resource the path is about.
@@ -32,6 +34,8 @@ fn victims_id<'a>(victim: &'a Victim, path: &str, param: &str) -> Option<&'a str
         ("admin", "id") => &victim.plugin_version,
         ("installations", "id") => &victim.installation,
         ("installations", "invocation") => &victim.invocation,
+        ("datasets", "id") => &victim.dataset,
+        ("training-jobs", "id") => &victim.training_job,
         _ => return None,
     })
 }
@@ -135,7 +139,31 @@ async fn victim(app: &TestApp) -> (TestTenant, Victim) {
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
     assert!(readable, "the victim's recorded invocation");
+    // A dataset of the victim's, and a job training on it.
+    let examples: String = ["refund", "login"]
+        .iter()
+        .flat_map(|label| {
+            (0..10).map(move |i| format!("{{\"text\": \"{label} question {i}\", \"label\": \"{label}\"}}\n"))
+        })
+        .collect();
+    let dataset = tenant
+        .owner
+        .upload_dataset_bytes("victim.jsonl", examples.into_bytes(), Some("victim's data"))
+        .await
+        .unwrap();
+    let training_job = tenant
+        .owner
+        .create_training_job(&plinth_sdk::NewTrainingJob {
+            dataset: dataset.id.clone(),
+            model: "victims-trained".to_owned(),
+            base_model: None,
+            hyperparameters: plinth_sdk::Hyperparameters::default(),
+        })
+        .await
+        .unwrap();
     let victim = Victim {
+        dataset: dataset.id,
+        training_job: training_job.id,
         invocation: invocation.to_string(),
         key_id: tenant.key.key.id.to_string(),
         user_id: tenant.session.user.id.to_string(),
@@ -257,6 +285,18 @@ async fn every_templated_route_answers_404_for_another_tenants_ids() {
             .any(|m| m.name == victim.model)
     );
     assert_eq!(owner.installations().await.unwrap().len(), 1);
+    assert_eq!(
+        owner.datasets().await.unwrap().len(),
+        1,
+        "the victim's dataset is still there"
+    );
+    let job = owner.training_job(&victim.training_job).await.unwrap();
+    assert_ne!(
+        job.status,
+        plinth_sdk::TrainingStatus::Cancelled,
+        "not cancelled by the attacker"
+    );
+    assert_eq!(job.deployed_version, None, "not deployed by the attacker");
     let versions = app
         .platform_admin()
         .await

@@ -311,6 +311,7 @@ async fn small_quota_plan(app: &TestApp, tenant: &TestTenant, file_bytes: u64) {
         included_calls: 0,
         price_per_call_micros: plinth_sdk::Micros(0),
         hard_cap: false,
+        training_price_micros: plinth_sdk::Micros(0),
         rate_limit_per_minute: 100_000,
         burst: 10_000,
         isolation: plinth_sdk::PlanIsolation {

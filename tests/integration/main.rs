@@ -29,4 +29,5 @@ mod resilience;
 mod row_security;
 mod sdk;
 mod secrets;
+mod training;
 mod usage;

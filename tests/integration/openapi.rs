@@ -118,6 +118,12 @@ fn the_sdk_has_a_method_for_each_operation() {
         "list_invocations" => invocations, "invocation_summary" => invocation_summary,
         "get_invocation_record" => invocation_record,
         "server_live" => live, "server_ready" => ready,
+        "upload_dataset" => upload_dataset_bytes, "list_datasets" => datasets, "get_dataset" => dataset,
+        "delete_dataset" => delete_dataset, "create_training_job" => create_training_job,
+        "list_training_jobs" => training_jobs, "get_training_job" => training_job,
+        "list_training_events" => training_events, "cancel_training_job" => cancel_training_job,
+        "deploy_training_job" => deploy_training_job, "export_training_job" => export_training_job,
+        "delete_training_job" => delete_training_job,
     };
     // Not for applications: Stripe calls its webhook, Prometheus scrapes the metrics.
     let not_for_applications = ["stripe_webhook", "metrics"];

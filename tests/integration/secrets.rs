@@ -55,6 +55,19 @@ async fn rotating_the_sealing_key_keeps_secrets_readable_and_retires_the_old_key
         "s3cret"
     );
 
+    // A dataset, sealed under the old key too.
+    let examples: String = ["a", "b"]
+        .iter()
+        .flat_map(|label| {
+            (0..10).map(move |i| format!("{{\"text\": \"text {i}\", \"label\": \"{label}\"}}\n"))
+        })
+        .collect();
+    let dataset = tenant
+        .owner
+        .upload_dataset_bytes("d.jsonl", examples.into_bytes(), None)
+        .await
+        .unwrap();
+
     // The new key becomes the primary; the old one only opens what it sealed.
     let rotating = app
         .replica_with(|config| {
@@ -80,7 +93,7 @@ async fn rotating_the_sealing_key_keeps_secrets_readable_and_retires_the_old_key
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(
-        stdout.starts_with("1 installations' secrets resealed"),
+        stdout.starts_with("2 installations' secrets and datasets resealed"),
         "{stdout}"
     );
 
@@ -94,6 +107,19 @@ async fn rotating_the_sealing_key_keeps_secrets_readable_and_retires_the_old_key
     assert_eq!(
         secret_read_by_plugin(&after, &tenant, &installation.id).await,
         "s3cret"
+    );
+    let sealed = after
+        .store()
+        .dataset_examples(&tenant.session.tenant.id, &dataset.id)
+        .await
+        .unwrap();
+    let opened = plinth_server::secret_box(&after.config)
+        .unwrap()
+        .open(&sealed)
+        .unwrap();
+    assert!(
+        String::from_utf8(opened).unwrap().contains("text 9"),
+        "the dataset opens under the new key alone"
     );
     // The first server, still on the old key alone, cannot open it, and says so rather than running
     // the plugin without its secret.

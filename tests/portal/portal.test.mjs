@@ -4,8 +4,9 @@
 // main pages are saved there as PNGs (the README's screenshots).
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdirSync, readFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { createRequire } from "node:module";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
 
@@ -287,6 +288,105 @@ test("models: upload one with a progress bar, see a refused upload's reason, del
   await context.close();
 });
 
+/** A small labelled set as JSON Lines: `perLabel` short texts for each label. */
+function supportTickets(labels, perLabel) {
+  const says = {
+    billing: (i) => `I was charged twice on invoice ${i}, please refund the payment`,
+    shipping: (i) => `My parcel ${i} has not arrived yet, where is the delivery`,
+    login: (i) => `I cannot sign in to account ${i}, the password reset email never comes`,
+  };
+  return labels
+    .flatMap((label) => Array.from({ length: perLabel }, (_, i) => JSON.stringify({ text: says[label](i + 1), label })))
+    .join("\n");
+}
+
+test("fine-tuning: upload a dataset, see its summary, train, follow the job to its evaluation and deploy it", async () => {
+  const { context, page } = await signUp();
+  await nav(page, "Training").click();
+  await accessible(page, "the training page");
+
+  // A file refused on upload: the page says why, nothing is added.
+  await page.getByLabel("Dataset (.jsonl or .csv)").setInputFiles({
+    name: "one-label.jsonl",
+    mimeType: "application/jsonl",
+    buffer: Buffer.from(supportTickets(["billing"], 12)),
+  });
+  await page.getByLabel("Dataset name", { exact: true }).fill("one label");
+  await page.getByRole("button", { name: "Upload dataset" }).click();
+  await page.getByRole("alert").waitFor();
+  assert.match(await page.getByRole("alert").textContent(), /refused: every example has the label `billing`/);
+  // A malformed line: the message names it.
+  await page.getByLabel("Dataset (.jsonl or .csv)").setInputFiles({
+    name: "broken.jsonl",
+    mimeType: "application/jsonl",
+    buffer: Buffer.from(`${supportTickets(["billing", "login"], 12)}\n{"text": "no label"}`),
+  });
+  await page.getByLabel("Dataset name", { exact: true }).fill("broken");
+  await page.getByRole("button", { name: "Upload dataset" }).click();
+  // The page the upload answers replaces this one (which has the previous refusal).
+  await page.getByRole("alert").filter({ hasText: /line \d+: / }).waitFor();
+  assert.match(await page.getByRole("alert").textContent(), /refused: line 25: /);
+  assert.equal(await page.getByTestId("datasets").count(), 0, "no dataset was added");
+
+  // A good one, picked from disk as a tenant would.
+  const file = join(mkdtempSync(join(tmpdir(), "plinth-portal-")), "tickets.jsonl");
+  writeFileSync(file, supportTickets(["billing", "shipping", "login"], 12));
+  await page.getByLabel("Dataset (.jsonl or .csv)").setInputFiles(file);
+  await page.getByLabel("Dataset name", { exact: true }).fill("support tickets");
+  await page.getByRole("button", { name: "Upload dataset" }).click();
+  await page.waitForURL(/\/portal\/training\?uploaded=/);
+  assert.match(await page.getByRole("status").textContent(), /support tickets/);
+  const row = page.getByTestId("datasets").getByRole("row", { name: /support tickets/ });
+  const [format, examples, labels] = await row.getByRole("cell").allTextContents();
+  assert.deepEqual([format, examples, labels], ["jsonl", "36", "billing (12), shipping (12), login (12)"]);
+
+  // A model name the platform refuses: said next to the form, which keeps what was typed.
+  await page.getByLabel("Dataset", { exact: true }).selectOption({ label: "support tickets (36 examples)" });
+  await page.getByLabel("Model name").fill("Support Tone");
+  await page.getByLabel(/^Most epochs/).fill("40");
+  await page.getByRole("button", { name: "Start training" }).click();
+  assert.match(await page.getByRole("alert").textContent(), /not started: model: /);
+  assert.equal(await page.getByLabel(/^Most epochs/).inputValue(), "40");
+  await page.getByLabel("Model name").fill("ticket-topic");
+  await page.getByLabel(/^Learning rate/).fill("0.05");
+  await page.getByRole("button", { name: "Start training" }).click();
+  await page.waitForURL(/\/portal\/training\/jobs\/ftj_/);
+  const jobUrl = page.url();
+
+  // The page follows the job by itself until it ends.
+  await page.getByTestId("job-status").filter({ hasText: "succeeded" }).waitFor({ timeout: 180_000 });
+  assert.match(await page.getByTestId("job-progress").textContent(), /^epoch \d+\/40$/);
+  assert.match(await page.getByTestId("accuracy").textContent(), /^\d+\.\d%$/);
+  assert.match(await page.getByTestId("macro-f1").textContent(), /^[01]\.\d{3}$/);
+  assert.equal(await page.getByTestId("label-metrics").locator("tbody tr").count(), 3);
+  assert.equal(await page.getByTestId("confusion").locator("tbody tr").count(), 3);
+  assert.match(await page.getByTestId("events").textContent(), /succeeded/);
+  assert.match(await page.getByRole("main").textContent(), /learning_rate0\.05/);
+  assert.ok(await page.getByRole("link", { name: "Download the model (ONNX)" }).count());
+  await screenshot(page, "training-job");
+  await accessible(page, "a training job's page");
+
+  await page.getByRole("button", { name: "Deploy as ticket-topic" }).click();
+  await page.waitForURL(/\?deployed=1$/);
+  assert.match(await page.getByTestId("deployed").textContent(), /Deployed as version 1 of ticket-topic/);
+  assert.equal(await page.getByRole("button", { name: /^Deploy/ }).count(), 0, "deployed once");
+  await page.getByTestId("deployed").getByRole("link", { name: "ticket-topic" }).click();
+  await page.waitForURL(/\/portal\/models$/);
+  assert.equal(await page.getByRole("row", { name: /ticket-topic/ }).count(), 1);
+
+  // The jobs table links to the job, with its accuracy.
+  await nav(page, "Training").click();
+  const job = page.getByTestId("jobs").getByRole("row", { name: /ticket-topic/ });
+  assert.match(await job.textContent(), /succeeded/);
+  assert.match(await job.textContent(), /\d+\.\d%/);
+  await screenshot(page, "training");
+  // Another tenant's job by URL is a 404 page.
+  const other = await signUp();
+  assert.equal((await other.page.goto(jobUrl)).status(), 404);
+  await other.context.close();
+  await context.close();
+});
+
 test("an operator reviews a plugin version: what it asks for is shown, a rejection needs a reason, approval empties the queue", async () => {
   const pending = process.env.PLINTH_PENDING_PLUGIN;
   // Tenants have no review queue.
@@ -362,7 +462,7 @@ test("an author's earnings page is where Stripe Connect returns; without Stripe,
 test("pages fit a phone-width screen and start with a skip link", async () => {
   const { context, page } = await signUp();
   await page.setViewportSize({ width: 360, height: 740 });
-  for (const path of ["/portal", "/portal/keys", "/portal/usage", "/portal/models", "/portal/marketplace", "/portal/plugins", "/portal/billing", "/portal/members", "/portal/author", "/portal/author/plugins"]) {
+  for (const path of ["/portal", "/portal/keys", "/portal/usage", "/portal/models", "/portal/training", "/portal/marketplace", "/portal/plugins", "/portal/billing", "/portal/members", "/portal/author", "/portal/author/plugins"]) {
     await page.goto(`${BASE}${path}`);
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
     if (overflow > 1) await screenshot(page, `narrow-${path.split("/").pop()}`);

@@ -474,6 +474,7 @@ pub async fn lift_rate_limits(store: &plinth_store::Store, tenant: &plinth_sdk::
         included_calls: 0,
         price_per_call_micros: plinth_sdk::Micros(0),
         hard_cap: false,
+        training_price_micros: plinth_sdk::Micros(0),
         rate_limit_per_minute: 100_000_000,
         burst: 1_000_000,
         isolation: plinth_sdk::PlanIsolation {
@@ -482,6 +483,9 @@ pub async fn lift_rate_limits(store: &plinth_store::Store, tenant: &plinth_sdk::
             max_models: 1_000,
             max_model_versions: 1_000,
             max_model_bytes: 1 << 40,
+            max_datasets: 1_000,
+            max_dataset_bytes: 1 << 40,
+            training_jobs: 64,
         },
     };
     store.upsert_plan(&unlimited).await.expect("plan");

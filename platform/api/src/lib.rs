@@ -16,6 +16,7 @@ pub mod request_id;
 mod routes;
 pub use routes::ROUTES;
 pub mod state;
+mod training;
 mod uploads;
 
 use actix_web::body::MessageBody;
@@ -29,6 +30,7 @@ pub use crate::error::{ApiError, ApiResult};
 pub use crate::metrics::MetricsToken;
 pub use crate::recent_errors::RecentErrors;
 pub use crate::state::{AbuseLimits, ApiSettings, AppState};
+pub use crate::training::{TrainingSettings, spawn_training};
 pub use crate::uploads::{CONCURRENT_LOADS as CONCURRENT_MODEL_LOADS, sweep_model_files};
 
 /// Starts serving every tenant's newest model versions, in the background after start-up: the server

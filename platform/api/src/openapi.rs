@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::routes::{
-    accounts, api_keys, audit, billing, echo, health, inference, members, models, payments, plugins,
+    accounts, api_keys, audit, billing, echo, health, inference, members, models, payments, plugins, training,
 };
 
 #[derive(OpenApi)]
@@ -37,6 +37,9 @@ use crate::routes::{
         plugins::install, plugins::list, plugins::update, plugins::uninstall, plugins::invoke, plugins::invocations,
         plugins::invocation_record,
         plugins::invocation_summary, plugins::earnings,
+        training::upload_dataset, training::list_datasets, training::get_dataset, training::delete_dataset,
+        training::create_job, training::list_jobs, training::get_job, training::events, training::cancel,
+        training::deploy, training::export, training::delete_job,
         health::live, health::ready, health::metrics,
     ),
     components(schemas(plinth_core::ErrorCode, plinth_core::Scope, plinth_core::Role, crate::uploads::Manifest)),
@@ -51,6 +54,7 @@ use crate::routes::{
         (name = "models", description = "Models and the task endpoints that take text"),
         (name = "inference protocol", description = "Open Inference Protocol v2 (KServe / Triton compatible)"),
         (name = "plugins", description = "The plugin marketplace: publish, review, install, invoke, earnings"),
+        (name = "training", description = "Fine-tuning: labelled datasets, training jobs, evaluation, deployment"),
         (name = "operations", description = "Health and metrics"),
     ),
 )]

@@ -68,6 +68,8 @@ pub struct ApiSettings {
     /// Plugin invocation records kept per installation (the newest).
     pub invocation_records: u64,
     pub limits: AbuseLimits,
+    /// Datasets and training jobs.
+    pub training: crate::training::TrainingSettings,
 }
 
 /// Limits on the routes an attacker pushes hardest, beside each plan's limit on metered calls.
@@ -113,6 +115,13 @@ impl Default for ApiSettings {
             portal_idle: std::time::Duration::from_secs(30 * 60),
             invocation_records: 100,
             limits: AbuseLimits::default(),
+            training: crate::training::TrainingSettings {
+                base_models_dir: std::path::PathBuf::from("models"),
+                max_dataset_bytes: 64 * 1024 * 1024,
+                concurrent_jobs: 1,
+                poll: std::time::Duration::from_secs(1),
+                stale_after: std::time::Duration::from_secs(60),
+            },
         }
     }
 }

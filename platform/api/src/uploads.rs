@@ -36,8 +36,8 @@ const MAX_TOKENIZER_BYTES: u64 = 32 * 1024 * 1024;
 
 /// A part streamed to the staging directory; its file goes with it unless it was moved into the store
 /// (a refused upload, or a client that hangs up mid-way, leaves nothing behind).
-struct Staged {
-    path: PathBuf,
+pub(crate) struct Staged {
+    pub(crate) path: PathBuf,
     sha256: String,
     size: u64,
 }
@@ -57,7 +57,7 @@ fn multipart_error(err: impl std::fmt::Display) -> ApiError {
 }
 
 /// Streams a part to a staging file, hashing it, refusing it past `limit` bytes.
-async fn stage(mut field: Field, dir: &Path, limit: u64, what: &str) -> ApiResult<Staged> {
+pub(crate) async fn stage(mut field: Field, dir: &Path, limit: u64, what: &str) -> ApiResult<Staged> {
     let path = dir.join(format!("{}.part", ulid::Ulid::new()));
     let mut file = tokio::fs::File::create(&path).await.map_err(ApiError::internal)?;
     let mut hasher = Sha256::new();
@@ -311,23 +311,47 @@ pub(crate) async fn upload(
     .await;
     // On every early return the staged parts remove themselves (see `Staged`).
     outcome?;
-    let checked = match (&manifest, &model) {
-        (Some(manifest), Some(_)) => validate(state, manifest, tokenizer.is_some()),
+    match (manifest, model) {
+        (Some(manifest), Some(model)) => install(state, auth, who, manifest, model, tokenizer).await,
         (None, _) => Err(invalid("the `manifest` part is missing")),
         (_, None) => Err(invalid("the `model` part (the .onnx file) is missing")),
+    }
+}
+
+/// A staged model file (and its tokenizer), written from bytes the platform made (a trained model).
+pub(crate) async fn stage_bytes(state: &AppState, bytes: &[u8]) -> ApiResult<Staged> {
+    let staging = state.model_files.dir().join("staging");
+    tokio::fs::create_dir_all(&staging)
+        .await
+        .map_err(ApiError::internal)?;
+    let path = staging.join(format!("{}.part", ulid::Ulid::new()));
+    let staged = Staged {
+        path,
+        sha256: hex::encode(Sha256::digest(bytes)),
+        size: bytes.len() as u64,
     };
-    let checked = match (checked, &manifest, &model) {
-        (Ok(()), Some(manifest), Some(staged)) => state
-            .store
-            .check_model_quota(&auth.tenant_id, &manifest.name, staged.size, quota)
-            .await
-            .map_err(ApiError::from),
-        (checked, ..) => checked,
-    };
-    checked?;
-    let (Some(manifest), Some(model)) = (manifest, model) else {
-        unreachable!("checked above")
-    };
+    tokio::fs::write(&staged.path, bytes)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(staged)
+}
+
+/// Checks a staged model against its manifest and the plan's quota, proves it loads and fits its
+/// task, stores it by SHA-256, records the version and starts serving it.
+pub(crate) async fn install(
+    state: &AppState,
+    auth: &Principal,
+    who: &plinth_store::audit::Who,
+    manifest: Manifest,
+    model: Staged,
+    tokenizer: Option<Staged>,
+) -> ApiResult<Model> {
+    let quota = &auth.isolation;
+    validate(state, &manifest, tokenizer.is_some())?;
+    state
+        .store
+        .check_model_quota(&auth.tenant_id, &manifest.name, model.size, quota)
+        .await?;
 
     // Loading is the validation, from the staged files, before anything is stored: ONNX Runtime parses
     // the graph, the inputs and outputs must fit the task, and a warm-up must answer in time.

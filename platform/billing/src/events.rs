@@ -217,6 +217,8 @@ mod tests {
             plugin_fees_price: None,
             calls_meter_event: "calls".into(),
             plugin_fees_meter_event: "fees".into(),
+            training_price: None,
+            training_meter_event: "training".into(),
             success_url: String::new(),
             cancel_url: String::new(),
             connect_return_url: String::new(),

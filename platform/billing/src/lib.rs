@@ -107,6 +107,13 @@ pub fn statement(
             .map(|i| i.amount_micros),
     )
     .ok_or_else(overflow)?;
+    let training = Micros::checked_sum(
+        items
+            .iter()
+            .filter(|i| i.kind == plinth_store::training::USAGE_KIND)
+            .map(|i| i.amount_micros),
+    )
+    .ok_or_else(overflow)?;
     let overage_calls = calls.saturating_sub(plan.included_calls).max(0);
     let overage = plan
         .price_per_call_micros
@@ -115,9 +122,11 @@ pub fn statement(
     let subscription_fee_cents = plan.monthly_fee_micros.to_cents();
     let overage_cents = overage.to_cents();
     let plugin_fees_cents = plugin_fees.to_cents();
+    let training_cents = training.to_cents();
     let total_cents = subscription_fee_cents
         .checked_add(overage_cents)
         .and_then(|t| t.checked_add(plugin_fees_cents))
+        .and_then(|t| t.checked_add(training_cents))
         .ok_or_else(overflow)?;
     Ok(Statement {
         period_start,
@@ -133,6 +142,8 @@ pub fn statement(
         overage_cents,
         plugin_fees_micros: plugin_fees,
         plugin_fees_cents,
+        training_micros: training,
+        training_cents,
         total_cents,
         items,
         invoice,
@@ -198,6 +209,15 @@ impl Billing {
         self.stripe
             .as_ref()
             .is_none_or(|stripe| stripe.settings.plugin_fees_price.is_some())
+    }
+
+    /// Whether training put on a tenant's bill reaches a collected invoice: always in local billing,
+    /// and in Stripe mode only with a training price on the subscriptions.
+    #[must_use]
+    pub fn collects_training(&self) -> bool {
+        self.stripe
+            .as_ref()
+            .is_none_or(|stripe| stripe.settings.training_price.is_some())
     }
 
     fn stripe(&self) -> Result<&StripeGateway> {
@@ -396,10 +416,10 @@ impl Billing {
             let batch = pending.len() as u64;
             let mut failed = 0;
             for push in pending {
-                let event_name = if push.meter == METER_CALLS {
-                    &stripe.settings.calls_meter_event
-                } else {
-                    &stripe.settings.plugin_fees_meter_event
+                let event_name = match push.meter.as_str() {
+                    METER_CALLS => &stripe.settings.calls_meter_event,
+                    plinth_store::payments::METER_TRAINING => &stripe.settings.training_meter_event,
+                    _ => &stripe.settings.plugin_fees_meter_event,
                 };
                 let sent = stripe
                     .send_meter_event(
@@ -503,6 +523,16 @@ impl Billing {
                 id,
                 counted,
                 &stripe.settings.plugin_fees_meter_event,
+            ));
+        }
+        if let Some(id) = &stripe.settings.training_price {
+            let price = stripe.price(id).await?;
+            problems.extend(prices::plugin_fees_price_problems(id, &price));
+            let counted = meters.of(stripe, &price).await?;
+            problems.extend(prices::meter_problems(
+                id,
+                counted,
+                &stripe.settings.training_meter_event,
             ));
         }
         Ok(problems)
@@ -765,6 +795,7 @@ mod tests {
             included_calls: 10,
             price_per_call_micros: Micros(1_234),
             hard_cap: false,
+            training_price_micros: Micros(0),
             rate_limit_per_minute: 600,
             burst: 100,
             isolation: plinth_core::api::PlanIsolation::FREE,

@@ -134,8 +134,8 @@ pub fn metered_price_problems(plan: &Plan, id: &str, price: &PriceInfo) -> Vec<S
     problems
 }
 
-/// What is wrong with `price` as the plugin-fees price: metered at one micro-unit (0.0001 cents) per
-/// unit.
+/// What is wrong with `price` as the plugin-fees (or training) price: metered at one micro-unit
+/// (0.0001 cents) per unit.
 #[must_use]
 pub fn plugin_fees_price_problems(id: &str, price: &PriceInfo) -> Vec<String> {
     let mut problems = Vec::new();

@@ -37,9 +37,12 @@ pub struct StripeSettings {
     pub plans: BTreeMap<String, PlanPrices>,
     /// The metered price on the plugin-fees meter (one micro-unit per meter unit).
     pub plugin_fees_price: Option<String>,
-    /// Event names of the two Stripe billing meters.
+    /// The metered price on the training meter (one micro-unit per meter unit).
+    pub training_price: Option<String>,
+    /// Event names of the Stripe billing meters.
     pub calls_meter_event: String,
     pub plugin_fees_meter_event: String,
+    pub training_meter_event: String,
     /// Where Checkout sends the customer back to.
     pub success_url: String,
     pub cancel_url: String,
@@ -406,9 +409,12 @@ impl StripeGateway {
                 quantity: None,
             },
         ];
-        if let Some(plugin_fees) = &self.settings.plugin_fees_price {
+        for usage_price in [&self.settings.plugin_fees_price, &self.settings.training_price]
+            .into_iter()
+            .flatten()
+        {
             line_items.push(LineItem {
-                price: plugin_fees,
+                price: usage_price,
                 quantity: None,
             });
         }
@@ -466,6 +472,7 @@ impl StripeGateway {
             Some(prices.flat.as_str()),
             Some(prices.metered.as_str()),
             plugin_fees,
+            self.settings.training_price.as_deref(),
         ]
         .into_iter()
         .flatten()

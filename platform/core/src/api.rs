@@ -150,6 +150,9 @@ pub struct Plan {
     pub price_per_call_micros: Micros,
     /// When true, calls beyond the included ones are refused rather than billed.
     pub hard_cap: bool,
+    /// Price of training: per 1,000 examples × epochs, in micro-units.
+    #[serde(default)]
+    pub training_price_micros: Micros,
     /// Sustained request rate per tenant.
     pub rate_limit_per_minute: u32,
     /// Requests that may arrive at once on top of the sustained rate.
@@ -174,6 +177,15 @@ pub struct PlanIsolation {
     pub max_model_versions: u32,
     /// Bytes of uploaded model files, every version counted.
     pub max_model_bytes: u64,
+    /// Datasets the tenant may keep for training.
+    #[serde(default = "PlanIsolation::free_max_datasets")]
+    pub max_datasets: u32,
+    /// Bytes of dataset files, every dataset counted.
+    #[serde(default = "PlanIsolation::free_max_dataset_bytes")]
+    pub max_dataset_bytes: u64,
+    /// Training jobs queued or running at once.
+    #[serde(default = "PlanIsolation::free_training_jobs")]
+    pub training_jobs: u32,
 }
 
 impl PlanIsolation {
@@ -184,7 +196,22 @@ impl PlanIsolation {
         max_models: 2,
         max_model_versions: 5,
         max_model_bytes: 1 << 30,
+        max_datasets: 2,
+        max_dataset_bytes: 8 << 20,
+        training_jobs: 1,
     };
+
+    const fn free_max_datasets() -> u32 {
+        Self::FREE.max_datasets
+    }
+
+    const fn free_max_dataset_bytes() -> u64 {
+        Self::FREE.max_dataset_bytes
+    }
+
+    const fn free_training_jobs() -> u32 {
+        Self::FREE.training_jobs
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

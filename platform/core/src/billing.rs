@@ -41,11 +41,11 @@ pub struct PlanChange {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StatementItem {
-    /// `model` or `plugin`.
+    /// `model`, `plugin` or `training`.
     pub kind: String,
-    /// The model's or the plugin's name.
+    /// The model's or the plugin's name (for training, the model trained).
     pub name: String,
-    /// Billed units (model items, plugin invocations).
+    /// Billed units (model items, plugin invocations, thousands of examples × epochs of training).
     pub units: i64,
     /// List price of those units: for models at the plan's per-call price before included calls; for
     /// plugins what the plugin charges.
@@ -87,6 +87,11 @@ pub struct Statement {
     /// Plugin fees, at each plugin's price.
     pub plugin_fees_micros: Micros,
     pub plugin_fees_cents: i64,
+    /// Training, per 1,000 examples × epochs at the plan's training price.
+    #[serde(default)]
+    pub training_micros: Micros,
+    #[serde(default)]
+    pub training_cents: i64,
     pub total_cents: i64,
     /// Usage by model and by plugin.
     pub items: Vec<StatementItem>,

@@ -76,6 +76,17 @@ error_codes! {
     /// The upload would take the tenant past its plan's models, versions per model or bytes of model
     /// files; delete models or old versions, or move to a larger plan.
     ModelQuotaExceeded = 409,
+    /// A dataset is unusable (encoding, format, empty texts, labels); the message names the line.
+    InvalidDataset = 422,
+    /// The upload would take the tenant past its plan's datasets or bytes of datasets; delete
+    /// datasets, or move to a larger plan.
+    DatasetQuotaExceeded = 409,
+    /// The tenant already has as many training jobs queued or running as its plan allows; wait for
+    /// one to finish or cancel one.
+    TrainingJobsExceeded = 429,
+    /// The training job is not in a state that allows this (deploying an unfinished job, cancelling a
+    /// finished one).
+    TrainingJobState = 409,
     /// Inference inputs do not fit the model (names, datatypes, shapes, counts).
     InvalidInput = 400,
     /// The model's queue is full; retry after `Retry-After`.

@@ -136,6 +136,18 @@ typed_id!(
     ModelId, "mdl", "model"
 );
 typed_id!(
+    /// A tenant's labelled dataset for training.
+    DatasetId, "ds", "dataset"
+);
+typed_id!(
+    /// A fine-tuning job.
+    TrainingJobId, "ftj", "training job"
+);
+typed_id!(
+    /// An event in a training job's history.
+    TrainingEventId, "fte", "training event"
+);
+typed_id!(
     /// An entry in the audit log.
     AuditId, "aud", "audit entry"
 );

@@ -550,7 +550,7 @@ fn int64_tensor(shape: &[i64], values: Vec<i64>) -> Result<DynValue, InferenceEr
 }
 
 /// Tokenizes (padding to the longest text), runs, and reads the plan's output as `[texts, width]`.
-fn run_text(
+pub(crate) fn run_text(
     session: &mut Session,
     tokenizer: &Tokenizer,
     plan: &TextPlan,

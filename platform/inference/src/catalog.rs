@@ -265,6 +265,75 @@ impl Catalog {
     }
 }
 
+/// The committed sentiment head (`weight` as rows per label).
+fn sentiment_head(path: &Path) -> Result<plinth_training::Head, InferenceError> {
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        labels: Vec<String>,
+        weight: Vec<Vec<f32>>,
+        bias: Vec<f32>,
+    }
+    let bad = |err: String| InferenceError::Runtime(format!("sentiment_head.json: {err}"));
+    let bytes = std::fs::read(path).map_err(|err| bad(err.to_string()))?;
+    let stored: Stored = serde_json::from_slice(&bytes).map_err(|err| bad(err.to_string()))?;
+    let dim = stored.weight.first().map_or(0, Vec::len);
+    if stored.weight.len() != stored.labels.len()
+        || stored.bias.len() != stored.labels.len()
+        || stored.weight.iter().any(|row| row.len() != dim)
+    {
+        return Err(bad("weights, biases and labels do not match".into()));
+    }
+    Ok(plinth_training::Head {
+        labels: stored.labels,
+        dim,
+        weight: stored.weight.concat(),
+        bias: stored.bias,
+    })
+}
+
+/// Writes `sentiment.onnx` as the platform assembles it: the embedding graph with the committed head,
+/// by the code that deploys tenants' trained models (`scripts/fetch-models.sh` leaves an equivalent
+/// copy; this one replaces it). A directory that cannot be written keeps the fetched copy.
+fn assemble_sentiment(dir: &Path, base: &Path, head: &plinth_training::Head) {
+    let target = dir.join("sentiment.onnx");
+    let written = std::fs::read(base).and_then(|base| {
+        let model = plinth_training::onnx::with_head(&base, head);
+        if std::fs::read(&target).is_ok_and(|existing| existing == model) {
+            return Ok(());
+        }
+        // Servers starting side by side each write their own file and rename it into place.
+        let part = dir.join(format!(
+            ".sentiment.onnx.{}.{:?}.part",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::write(&part, &model)?;
+        std::fs::rename(&part, &target).inspect_err(|_| {
+            let _ = std::fs::remove_file(&part);
+        })
+    });
+    if let Err(err) = written {
+        tracing::warn!(error = %err, "cannot assemble sentiment.onnx; serving the fetched copy");
+    }
+}
+
+/// The files of the built-in embedding model in `dir`, the base that training adapts.
+#[must_use]
+pub fn builtin_embedding_files(dir: &Path) -> ModelFiles {
+    ModelFiles {
+        name: BASE_MODEL.to_owned(),
+        version: 1,
+        task: Task::Embedding,
+        labels: Vec::new(),
+        model: dir.join("minilm-embed.onnx"),
+        tokenizer: Some(dir.join("tokenizer.json")),
+        platform: true,
+    }
+}
+
+/// The platform's embedding model, which training adapts.
+pub const BASE_MODEL: &str = "minilm-embed";
+
 /// Loads the built-in models that `scripts/fetch-models.sh` prepared in `dir`.
 ///
 /// # Errors
@@ -282,20 +351,9 @@ pub fn load_builtin(engine: &Engine, dir: &Path, catalog: &Catalog) -> Result<()
         }
     };
     let tokenizer = need("tokenizer.json")?;
-    let head: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(need("sentiment_head.json")?)
-            .map_err(|err| InferenceError::Runtime(err.to_string()))?,
-    )
-    .map_err(|err| InferenceError::Runtime(format!("sentiment_head.json: {err}")))?;
-    let labels: Vec<String> = head["labels"]
-        .as_array()
-        .map(|labels| {
-            labels
-                .iter()
-                .filter_map(|l| l.as_str().map(ToOwned::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
+    let head = sentiment_head(&need("sentiment_head.json")?)?;
+    assemble_sentiment(dir, &need("minilm-embed.onnx")?, &head);
+    let labels = head.labels;
     for (name, file, task, labels) in [
         ("minilm-embed", "minilm-embed.onnx", Task::Embedding, Vec::new()),
         ("sentiment", "sentiment.onnx", Task::TextClassification, labels),

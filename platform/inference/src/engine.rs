@@ -362,6 +362,82 @@ impl Engine {
     }
 }
 
+/// An embedding model's own session for background work (training): on the CPU, one intra-op thread,
+/// running on the caller's thread (so that thread's priority is the work's), outside the batchers that
+/// serve calls.
+pub struct Embedder {
+    session: Session,
+    tokenizer: tokenizers::Tokenizer,
+    plan: batcher::TextPlan,
+    options: ort::session::RunOptions,
+}
+
+impl std::fmt::Debug for Embedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedder").finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// A standalone embedder for an embedding model's files.
+    ///
+    /// # Errors
+    /// As [`Self::load`].
+    pub fn embedder(&self, files: &ModelFiles) -> Result<Embedder, InferenceError> {
+        let single = Self {
+            settings: EngineSettings {
+                intra_threads: 1,
+                ..self.settings.clone()
+            },
+            ..self.clone()
+        };
+        let session = single.session(files, ExecutionProvider::Cpu)?;
+        let tokenizer = match &files.tokenizer {
+            Some(path) => load_tokenizer(path, self.settings.max_tokens)?,
+            None => {
+                return Err(InferenceError::InvalidModel(
+                    "text models need a tokenizer.json".into(),
+                ));
+            }
+        };
+        let inputs = metadata(session.inputs().iter().map(|o| (o.name(), o.dtype())));
+        let outputs = metadata(session.outputs().iter().map(|o| (o.name(), o.dtype())));
+        let plan = batcher::TextPlan::new(Task::Embedding, &inputs, &outputs, 0)?;
+        Ok(Embedder {
+            session,
+            tokenizer,
+            plan,
+            options: ort::session::RunOptions::new()?,
+        })
+    }
+}
+
+/// Lowers the calling thread to the lowest priority (Linux: niceness 19), for background work such
+/// as training: serving threads always go first.
+pub fn lower_this_thread_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(err) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
+        tracing::warn!(error = %err, "could not lower the priority of a background thread");
+    }
+}
+
+impl Embedder {
+    /// One vector per text, on the calling thread.
+    ///
+    /// # Errors
+    /// Tokenization or runtime failures.
+    pub fn embed(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>, InferenceError> {
+        let output = batcher::run_text(
+            &mut self.session,
+            &self.tokenizer,
+            &self.plan,
+            texts,
+            &self.options,
+        )?;
+        Ok(output.rows().map(<[f32]>::to_vec).collect())
+    }
+}
+
 fn load_tokenizer(path: &std::path::Path, max_tokens: usize) -> Result<Tokenizer, InferenceError> {
     let mut tokenizer = Tokenizer::from_file(path)
         .map_err(|err| InferenceError::InvalidModel(format!("tokenizer.json is not usable: {err}")))?;

@@ -11,8 +11,11 @@ mod external_data;
 mod scheduler;
 mod tensor;
 
-pub use catalog::{Catalog, load_builtin};
-pub use engine::{Engine, EngineSettings, ExecutionProvider, LoadedModel, MAX_TEXTS, ModelFiles};
+pub use catalog::{BASE_MODEL, Catalog, builtin_embedding_files, load_builtin};
+pub use engine::{
+    Embedder, Engine, EngineSettings, ExecutionProvider, LoadedModel, MAX_TEXTS, ModelFiles,
+    lower_this_thread_priority,
+};
 pub use scheduler::{Scheduling, Share};
 pub use tensor::{DataType, Tensor, TensorData};
 

@@ -41,6 +41,16 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// `PLINTH_MAX_MODEL_BYTES`: largest model file a tenant may upload.
     pub max_model_bytes: u64,
+    /// `PLINTH_MAX_DATASET_BYTES`: largest dataset file a tenant may upload (plans bound it too).
+    pub max_dataset_bytes: u64,
+    /// `PLINTH_TRAINING_JOBS`: training jobs this replica runs at once, each on one thread at the
+    /// lowest priority.
+    pub training_jobs: usize,
+    /// `PLINTH_TRAINING_POLL_MS`: how often an idle replica looks for queued training jobs.
+    pub training_poll_ms: u64,
+    /// `PLINTH_TRAINING_STALE_SECS`: a training job whose replica has not been heard from for this
+    /// long (it crashed or was stopped) is resumed by another.
+    pub training_stale_secs: u64,
     /// `PLINTH_SECRET_KEY`: 64 hex digits, the key that seals plugin secrets at rest. Unset, the
     /// embedded mode keeps a generated key in `<data_dir>/secret.key`; production mode (Postgres)
     /// refuses to start without it, since every replica must seal with the same key.
@@ -128,6 +138,11 @@ pub struct Config {
     pub stripe_calls_meter: String,
     /// `PLINTH_STRIPE_PLUGIN_FEES_METER`: the event name of the Stripe meter summing plugin fees.
     pub stripe_plugin_fees_meter: String,
+    /// `PLINTH_STRIPE_TRAINING_PRICE`: the metered price (1 micro-unit per unit) that bills training.
+    /// Without it in Stripe mode, training on a plan with a training price is refused.
+    pub stripe_training_price: Option<String>,
+    /// `PLINTH_STRIPE_TRAINING_METER`: the event name of the training meter.
+    pub stripe_training_meter: String,
     /// `PLINTH_BILLING_SYNC_INTERVAL_SECS`: pause between usage syncs to Stripe.
     pub billing_sync_interval_secs: u64,
     /// `PLINTH_BILLING_SYNC_BUCKET_SECS`: usage is sent per tenant per bucket of this many seconds.
@@ -193,6 +208,10 @@ impl Default for Config {
             redis_prefix: "plinth:".to_owned(),
             max_body_bytes: 1024 * 1024,
             max_model_bytes: 256 * 1024 * 1024,
+            max_dataset_bytes: 64 * 1024 * 1024,
+            training_jobs: 1,
+            training_poll_ms: 1_000,
+            training_stale_secs: 60,
             secret_key: None,
             secret_keys_previous: String::new(),
             plugin_author_share_bps: 8_000,
@@ -229,6 +248,8 @@ impl Default for Config {
             stripe_plugin_fees_price: None,
             stripe_calls_meter: "plinth_calls".to_owned(),
             stripe_plugin_fees_meter: "plinth_plugin_fees".to_owned(),
+            stripe_training_price: None,
+            stripe_training_meter: "plinth_training".to_owned(),
             billing_sync_interval_secs: 60,
             billing_sync_bucket_secs: 3_600,
             billing_sync_settle_secs: 300,
@@ -541,6 +562,13 @@ impl Config {
                 unmetered_per_tenant: per_minute(self.unmetered_per_tenant_per_minute),
                 publishes_per_author: per_minute(self.publishes_per_author_per_minute),
             },
+            training: plinth_api::TrainingSettings {
+                base_models_dir: self.models_dir.clone(),
+                max_dataset_bytes: self.max_dataset_bytes,
+                concurrent_jobs: self.training_jobs.max(1),
+                poll: Duration::from_millis(self.training_poll_ms.max(10)),
+                stale_after: Duration::from_secs(self.training_stale_secs.max(1)),
+            },
         }
     }
 
@@ -615,6 +643,8 @@ impl Config {
             plugin_fees_price: self.stripe_plugin_fees_price.clone(),
             calls_meter_event: self.stripe_calls_meter.clone(),
             plugin_fees_meter_event: self.stripe_plugin_fees_meter.clone(),
+            training_price: self.stripe_training_price.clone(),
+            training_meter_event: self.stripe_training_meter.clone(),
             success_url: format!("{public}/portal/billing?checkout=success"),
             cancel_url: format!("{public}/portal/billing?checkout=canceled"),
             connect_return_url: format!("{public}/portal/author?connect=done"),

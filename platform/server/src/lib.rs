@@ -75,6 +75,7 @@ pub struct RunningServer {
     model_loading: JoinHandle<()>,
     /// Follows models uploaded and deleted through other replicas; stopped with the server.
     catalog_sync: JoinHandle<()>,
+    training: JoinHandle<()>,
 }
 
 impl RunningServer {
@@ -87,6 +88,7 @@ impl RunningServer {
         self.retention.abort();
         self.model_loading.abort();
         self.catalog_sync.abort();
+        self.training.abort();
         // The workers are gone, and with them every `Meter` handle: the writer drains and stops.
         self.ledger.await.context("the ledger writer failed")?;
         self.claims
@@ -260,6 +262,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         .await
         .context("cannot clean up the model store")?;
     let model_loading = plinth_api::spawn_tenant_model_loading(state.clone());
+    let training = plinth_api::spawn_training(state.clone());
     let catalog_sync = plinth_api::spawn_catalog_sync(
         state.clone(),
         std::time::Duration::from_millis(config.catalog_sync_ms),
@@ -303,6 +306,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         retention,
         model_loading,
         catalog_sync,
+        training,
     })
 }
 

@@ -181,7 +181,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     // something under the old one meanwhile.
                     let mut resealed = 0;
                     for _ in 0..3 {
-                        let pass = store.reseal_installation_secrets(&secrets).await?;
+                        let pass = store.reseal_installation_secrets(&secrets).await?
+                            + store.reseal_datasets(&secrets).await?;
                         resealed += pass;
                         if pass == 0 {
                             break;
@@ -197,7 +198,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         )
                         .await?;
                     println!(
-                        "{resealed} installations' secrets resealed under key {id}; remove the previous keys once every replica runs with key {id} as PLINTH_SECRET_KEY",
+                        "{resealed} installations' secrets and datasets resealed under key {id}; remove the previous keys once every replica runs with key {id} as PLINTH_SECRET_KEY",
                         id = secrets.primary_id()
                     );
                 }

@@ -26,6 +26,9 @@ macro_rules! tenant_scoped {
 }
 
 tenant_scoped!(
+    datasets,
+    training_jobs,
+    training_events,
     idempotent_requests,
     memberships,
     sessions,
@@ -202,6 +205,10 @@ pub mod plans {
         pub max_models: i32,
         pub max_model_versions: i32,
         pub max_model_bytes: i64,
+        pub training_price_micros: i64,
+        pub max_datasets: i32,
+        pub max_dataset_bytes: i64,
+        pub training_jobs: i32,
         pub stripe_flat_price_id: Option<String>,
         pub stripe_metered_price_id: Option<String>,
         pub created_at: DateTimeUtc,
@@ -594,6 +601,91 @@ pub mod idempotent_requests {
         pub response_body: Option<Vec<u8>>,
         pub created_at_us: i64,
         pub expires_at_us: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod datasets {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "datasets")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        pub name: String,
+        pub format: String,
+        pub size_bytes: i64,
+        /// JSON `DatasetSummary`.
+        pub summary: String,
+        /// The examples as JSON, sealed.
+        pub content: String,
+        pub created_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod training_jobs {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "training_jobs")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        pub dataset_id: Option<String>,
+        pub model: String,
+        pub base_model: String,
+        pub status: String,
+        pub hyperparameters: String,
+        pub labels: String,
+        pub split: String,
+        pub progress: String,
+        pub checkpoint: Option<String>,
+        pub evaluation: Option<String>,
+        pub error: Option<String>,
+        pub deployed_version: Option<i32>,
+        pub billed_units: i64,
+        pub billed_micros: i64,
+        pub attempts: i32,
+        pub cancel_requested: bool,
+        pub price_micros: i64,
+        pub runner: Option<String>,
+        pub heartbeat_us: Option<i64>,
+        pub created_at: DateTimeUtc,
+        pub started_at: Option<DateTimeUtc>,
+        pub finished_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod training_events {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "training_events")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        pub job_id: String,
+        pub at: DateTimeUtc,
+        pub level: String,
+        pub message: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -23,6 +23,7 @@ pub mod plans;
 pub mod plugins;
 pub mod row_security;
 mod secret;
+pub mod training;
 
 pub use secret::SecretBox;
 

@@ -18,22 +18,42 @@ pub const FREE_PLAN: &str = "free";
 /// never overwrites an edit.
 #[must_use]
 pub fn default_plans() -> Vec<Plan> {
-    let plan =
-        |id: &str, name: &str, fee: i64, included: i64, price: i64, hard_cap, rate, burst, isolation| Plan {
-            id: id.to_owned(),
-            name: name.to_owned(),
-            currency: "usd".to_owned(),
-            monthly_fee_micros: Micros::units(fee),
-            included_calls: included,
-            price_per_call_micros: Micros(price),
-            hard_cap,
-            rate_limit_per_minute: rate,
-            burst,
-            isolation,
-        };
-    // The same values as migration m0007 gives the shipped plans.
+    let plan = |id: &str,
+                name: &str,
+                fee: i64,
+                included: i64,
+                price: i64,
+                hard_cap,
+                rate,
+                burst,
+                isolation,
+                training: i64| Plan {
+        id: id.to_owned(),
+        name: name.to_owned(),
+        currency: "usd".to_owned(),
+        monthly_fee_micros: Micros::units(fee),
+        included_calls: included,
+        price_per_call_micros: Micros(price),
+        hard_cap,
+        training_price_micros: Micros(training),
+        rate_limit_per_minute: rate,
+        burst,
+        isolation,
+    };
+    // The same values as migrations m0007 and m0011 give the shipped plans.
     vec![
-        plan(FREE_PLAN, "Free", 0, 1_000, 0, true, 60, 10, PlanIsolation::FREE),
+        plan(
+            FREE_PLAN,
+            "Free",
+            0,
+            1_000,
+            0,
+            true,
+            60,
+            10,
+            PlanIsolation::FREE,
+            0,
+        ),
         plan(
             "pro",
             "Pro",
@@ -49,7 +69,11 @@ pub fn default_plans() -> Vec<Plan> {
                 max_models: 20,
                 max_model_versions: 20,
                 max_model_bytes: 20 << 30,
+                max_datasets: 20,
+                max_dataset_bytes: 256 << 20,
+                training_jobs: 2,
             },
+            2_000,
         ),
         plan(
             "enterprise",
@@ -66,7 +90,11 @@ pub fn default_plans() -> Vec<Plan> {
                 max_models: 200,
                 max_model_versions: 50,
                 max_model_bytes: 200 << 30,
+                max_datasets: 200,
+                max_dataset_bytes: 2 << 30,
+                training_jobs: 4,
             },
+            1_000,
         ),
     ]
 }
@@ -80,6 +108,7 @@ fn to_plan(model: plans::Model) -> Plan {
         included_calls: model.included_calls,
         price_per_call_micros: Micros(model.price_per_call_micros),
         hard_cap: model.hard_cap,
+        training_price_micros: Micros(model.training_price_micros),
         rate_limit_per_minute: u32::try_from(model.rate_limit_per_minute).unwrap_or(0),
         burst: u32::try_from(model.burst).unwrap_or(0),
         isolation: PlanIsolation {
@@ -88,6 +117,9 @@ fn to_plan(model: plans::Model) -> Plan {
             max_models: u32::try_from(model.max_models).unwrap_or(0),
             max_model_versions: u32::try_from(model.max_model_versions).unwrap_or(0),
             max_model_bytes: u64::try_from(model.max_model_bytes).unwrap_or(0),
+            max_datasets: u32::try_from(model.max_datasets).unwrap_or(0),
+            max_dataset_bytes: u64::try_from(model.max_dataset_bytes).unwrap_or(0),
+            training_jobs: u32::try_from(model.training_jobs).unwrap_or(0),
         },
     }
 }
@@ -112,6 +144,11 @@ fn plan_model(plan: &Plan, now: DateTime<Utc>) -> Result<plans::ActiveModel> {
         max_model_versions: Set(int(plan.isolation.max_model_versions, "max_model_versions")?),
         max_model_bytes: Set(i64::try_from(plan.isolation.max_model_bytes)
             .map_err(|_| StoreError::invalid("max_model_bytes is too large"))?),
+        training_price_micros: Set(plan.training_price_micros.0),
+        max_datasets: Set(int(plan.isolation.max_datasets, "max_datasets")?),
+        max_dataset_bytes: Set(i64::try_from(plan.isolation.max_dataset_bytes)
+            .map_err(|_| StoreError::invalid("max_dataset_bytes is too large"))?),
+        training_jobs: Set(int(plan.isolation.training_jobs, "training_jobs")?),
         stripe_flat_price_id: Set(None),
         stripe_metered_price_id: Set(None),
         created_at: Set(now),
@@ -131,7 +168,11 @@ fn validate_plan(plan: &Plan) -> Result<()> {
             "plan id must be 1-40 lower-case letters, digits or dashes",
         ));
     }
-    if plan.monthly_fee_micros.0 < 0 || plan.price_per_call_micros.0 < 0 || plan.included_calls < 0 {
+    if plan.monthly_fee_micros.0 < 0
+        || plan.price_per_call_micros.0 < 0
+        || plan.training_price_micros.0 < 0
+        || plan.included_calls < 0
+    {
         return Err(StoreError::invalid(
             "plan prices and included calls cannot be negative",
         ));
@@ -483,6 +524,7 @@ pub(crate) async fn terms(conn: &impl ConnectionTrait, tenant: &TenantId) -> Res
     } else {
         Plan {
             price_per_call_micros: subscribed.price_per_call_micros,
+            training_price_micros: subscribed.training_price_micros,
             ..find_plan(conn, FREE_PLAN).await?
         }
     };

@@ -1,12 +1,13 @@
 //! `plinth-cli`: Plinth from a terminal, for application developers and plugin authors. Tables for
 //! people, `--json` for scripts. Exit codes: 0 done, 1 the API refused (the message says why and what to
-//! do), 2 the command line was wrong, 3 not logged in, 4 the server could not be reached or failed;
-//! `plugin replay`: 5 the plugin's host calls diverged from the record, 6 it made the recorded calls
-//! but ended differently.
+//! do) or a job followed by `train start --wait` did not succeed, 2 the command line was wrong, 3 not
+//! logged in, 4 the server could not be reached or failed; `plugin replay`: 5 the plugin's host calls
+//! diverged from the record, 6 it made the recorded calls but ended differently.
 
 mod author;
 mod profiles;
 mod replay;
+mod training;
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -27,7 +28,7 @@ use crate::profiles::{DEFAULT_API, Profile, Profiles};
 #[command(
     name = "plinth-cli",
     version,
-    about = "Plinth for developers: keys, models, usage and plugins"
+    about = "Plinth for developers: keys, models, training, usage and plugins"
 )]
 struct Cli {
     #[command(flatten)]
@@ -89,6 +90,13 @@ enum Command {
         #[arg(long)]
         request: PathBuf,
     },
+    /// Labelled datasets to train models on.
+    #[command(subcommand)]
+    Datasets(training::DatasetsCommand),
+    /// Fine-tune a platform base model on a dataset: start and follow a job, see how it did on
+    /// held-out examples, deploy or export the model.
+    #[command(subcommand)]
+    Train(training::TrainCommand),
     /// Metered usage, by day or by resource.
     Usage {
         /// `YYYY-MM-DD` or RFC 3339; 30 days before `--to` by default.
@@ -240,6 +248,8 @@ impl From<plinth_sdk::Error> for Failure {
                 Self::Unreachable(err.into())
             }
             (plinth_sdk::Error::Decode { status, .. }, _) if *status >= 500 => Self::Unreachable(err.into()),
+            // A local file that could not be read: the message names it.
+            (plinth_sdk::Error::Io { .. }, _) => Self::Local(err.into()),
             // An answer this version does not understand, or a bad URL: not the network's fault.
             _ => Self::Local(
                 anyhow::Error::from(err)
@@ -360,10 +370,15 @@ impl Shell {
 
     /// Prints `value` as JSON with `--json`, else the table `table` makes of it.
     fn print<T: Serialize>(&self, value: &T, table: impl FnOnce(&T) -> Table) -> Outcome {
+        self.print_text(value, |value| table(value).to_string())
+    }
+
+    /// Prints `value` as JSON with `--json`, else the text `text` makes of it (several tables, say).
+    fn print_text<T: Serialize>(&self, value: &T, text: impl FnOnce(&T) -> String) -> Outcome {
         if self.global.json {
             emit(&serde_json::to_string_pretty(value).context("cannot encode the answer")?)
         } else {
-            emit(&table(value).to_string())
+            emit(&text(value))
         }
     }
 }
@@ -480,6 +495,8 @@ async fn run(cli: Cli) -> Outcome {
         }
         Command::Keys(command) => keys(&context, command).await,
         Command::Models(command) => models(&context, command).await,
+        Command::Datasets(command) => training::datasets(&context, command).await,
+        Command::Train(command) => training::train(&context, command).await,
         Command::Classify { model, texts } => {
             let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
             let answer = context.client()?.classify(&model, &inputs).await?;

@@ -5,6 +5,7 @@
 
 mod pages;
 mod session;
+mod training;
 mod view;
 
 use actix_web::http::StatusCode;
@@ -138,11 +139,14 @@ async fn security_headers(
 
 const STYLESHEET: &str = include_str!("../../assets/portal.css");
 const SCRIPT: &str = include_str!("../../assets/portal.js");
+/// Loaded by pages that follow work in progress (a training job's): it refreshes their live parts.
+const REFRESH: &str = include_str!("refresh.js");
 
 async fn asset(file: web::Path<String>) -> HttpResponse {
     let (body, content_type) = match file.as_str() {
         "portal.css" => (STYLESHEET, "text/css; charset=utf-8"),
         "portal.js" => (SCRIPT, "text/javascript; charset=utf-8"),
+        "refresh.js" => (REFRESH, "text/javascript; charset=utf-8"),
         _ => return HttpResponse::NotFound().finish(),
     };
     HttpResponse::Ok()
@@ -187,6 +191,21 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
             .route("/models", web::get().to(pages::models))
             .route("/models", web::post().to(pages::upload_model))
             .route("/models/{name}/delete", web::post().to(pages::delete_model))
+            .route("/training", web::get().to(training::training))
+            .route("/training/datasets", web::post().to(training::upload_dataset))
+            .route(
+                "/training/datasets/{id}/delete",
+                web::post().to(training::delete_dataset),
+            )
+            .route("/training/jobs", web::post().to(training::create_job))
+            .route("/training/jobs/{id}", web::get().to(training::job))
+            .route("/training/jobs/{id}/cancel", web::post().to(training::cancel_job))
+            .route("/training/jobs/{id}/deploy", web::post().to(training::deploy_job))
+            .route(
+                "/training/jobs/{id}/model.onnx",
+                web::get().to(training::export_job),
+            )
+            .route("/training/jobs/{id}/delete", web::post().to(training::delete_job))
             .route("/marketplace", web::get().to(pages::marketplace))
             .route("/marketplace/{name}", web::get().to(pages::plugin))
             .route("/marketplace/{name}/install", web::post().to(pages::install))

@@ -21,7 +21,7 @@ use crate::request_id::RequestId;
 use crate::state::AppState;
 
 /// The frame of a signed-in page.
-async fn chrome(
+pub(super) async fn chrome(
     state: &AppState,
     visitor: &Visitor,
     title: &'static str,
@@ -71,7 +71,7 @@ const SWITCHABLE_TENANTS: usize = 20;
 
 /// A refusal the visitor can act on (4xx), to show on the page they are on; anything else becomes an
 /// error page.
-fn shown(err: impl Into<ApiError>) -> Result<ApiError, PageError> {
+pub(super) fn shown(err: impl Into<ApiError>) -> Result<ApiError, PageError> {
     let err = err.into();
     if err.status_code().is_server_error() {
         Err(err.into())
@@ -670,7 +670,7 @@ pub(crate) async fn models(
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct CsrfQuery {
-    csrf: Option<String>,
+    pub(super) csrf: Option<String>,
 }
 
 /// An upload: multipart parts `manifest`, `model` and `tokenizer` as the API takes them. Its CSRF

@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use plinth_core::Micros;
 use plinth_core::api::{ApiKey, Plan, UsageRow};
 use plinth_core::billing::Statement;
+use plinth_core::training::{Dataset, Evaluation, SplitSizes, TrainingEvent, TrainingJob, TrainingStatus};
 
 /// The frame around every page: its title, the signed-in navigation, a status message.
 #[derive(Debug)]
@@ -48,6 +49,7 @@ impl Nav {
             ("keys", "/portal/keys", "API keys"),
             ("usage", "/portal/usage", "Usage"),
             ("models", "/portal/models", "Models"),
+            ("training", "/portal/training", "Training"),
             ("marketplace", "/portal/marketplace", "Marketplace"),
             ("plugins", "/portal/plugins", "Installed plugins"),
             ("billing", "/portal/billing", "Billing"),
@@ -188,6 +190,245 @@ pub(crate) struct ModelsPage {
     pub(crate) can_manage: bool,
     pub(crate) csrf: String,
     pub(crate) error: Option<String>,
+}
+
+/// A dataset in the training page's table.
+#[derive(Debug)]
+pub(crate) struct DatasetRow {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) format: String,
+    pub(crate) examples: String,
+    /// `label (examples)`, in the order the file has them.
+    pub(crate) labels: String,
+    pub(crate) size: String,
+    pub(crate) created: String,
+}
+
+impl From<&Dataset> for DatasetRow {
+    fn from(d: &Dataset) -> Self {
+        Self {
+            id: d.id.clone(),
+            name: d.name.clone(),
+            format: d.format.clone(),
+            examples: count(i64::try_from(d.summary.examples).unwrap_or(i64::MAX)),
+            labels: d
+                .summary
+                .labels
+                .iter()
+                .map(|l| format!("{} ({})", l.label, l.examples))
+                .collect::<Vec<_>>()
+                .join(", "),
+            size: bytes(d.size_bytes),
+            created: date(d.created_at),
+        }
+    }
+}
+
+/// A training job in the training page's table.
+#[derive(Debug)]
+pub(crate) struct JobRow {
+    pub(crate) id: String,
+    pub(crate) model: String,
+    pub(crate) status: &'static str,
+    pub(crate) progress: String,
+    /// On the held-out test split, once it succeeded.
+    pub(crate) accuracy: Option<String>,
+    pub(crate) created: String,
+}
+
+impl From<&TrainingJob> for JobRow {
+    fn from(job: &TrainingJob) -> Self {
+        Self {
+            id: job.id.clone(),
+            model: job.model.clone(),
+            status: job.status.as_str(),
+            progress: progress(job),
+            accuracy: accuracy(job),
+            created: time(job.created_at),
+        }
+    }
+}
+
+/// How far a job got: texts embedded, then epochs trained.
+fn progress(job: &TrainingJob) -> String {
+    let p = &job.progress;
+    let embedded = p.examples > 0 && p.embedded >= p.examples;
+    if p.epoch > 0 || (embedded && p.max_epochs > 0) {
+        format!("epoch {}/{}", p.epoch, p.max_epochs)
+    } else {
+        format!("embedded {}/{}", p.embedded, p.examples)
+    }
+}
+
+fn accuracy(job: &TrainingJob) -> Option<String> {
+    (job.status == TrainingStatus::Succeeded)
+        .then_some(job.evaluation.as_ref())
+        .flatten()
+        .map(|e| percent(e.accuracy))
+}
+
+/// What the job form had in it, to show again when it was refused.
+#[derive(Debug, Default)]
+pub(crate) struct JobDraft {
+    pub(crate) dataset: String,
+    pub(crate) model: String,
+    pub(crate) epochs: String,
+    pub(crate) learning_rate: String,
+}
+
+/// Datasets and training jobs, with the forms that add them.
+#[derive(Template)]
+#[template(path = "portal/training.html")]
+pub(crate) struct TrainingPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) datasets: Vec<DatasetRow>,
+    pub(crate) jobs: Vec<JobRow>,
+    pub(crate) can_manage: bool,
+    pub(crate) csrf: String,
+    /// A refused upload: the message, shown above the datasets.
+    pub(crate) upload_error: Option<String>,
+    /// A job that was not started (or a dataset not deleted): the message, shown by the job form.
+    pub(crate) job_error: Option<String>,
+    pub(crate) draft: JobDraft,
+}
+
+/// How a succeeded job did on its held-out test split.
+#[derive(Debug)]
+pub(crate) struct EvaluationView {
+    pub(crate) examples: u64,
+    pub(crate) accuracy: String,
+    pub(crate) macro_f1: String,
+    /// `(label, precision, recall, f1, support)`.
+    pub(crate) labels: Vec<(String, String, String, String, u64)>,
+    /// The labels, as the confusion matrix's columns.
+    pub(crate) columns: Vec<String>,
+    /// `(true label, examples predicted as each column)`.
+    pub(crate) confusion: Vec<(String, Vec<u64>)>,
+}
+
+impl From<&Evaluation> for EvaluationView {
+    fn from(e: &Evaluation) -> Self {
+        let columns: Vec<String> = e.labels.iter().map(|l| l.label.clone()).collect();
+        Self {
+            examples: e.examples,
+            accuracy: percent(e.accuracy),
+            macro_f1: format!("{:.3}", e.macro_f1),
+            labels: e
+                .labels
+                .iter()
+                .map(|l| {
+                    (
+                        l.label.clone(),
+                        format!("{:.3}", l.precision),
+                        format!("{:.3}", l.recall),
+                        format!("{:.3}", l.f1),
+                        l.support,
+                    )
+                })
+                .collect(),
+            confusion: e
+                .confusion
+                .iter()
+                .enumerate()
+                .map(|(i, row)| (columns.get(i).cloned().unwrap_or_default(), row.clone()))
+                .collect(),
+            columns,
+        }
+    }
+}
+
+/// One training job, everything about it.
+#[derive(Template)]
+#[template(path = "portal/training_job.html")]
+pub(crate) struct TrainingJobPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) id: String,
+    pub(crate) model: String,
+    pub(crate) base_model: String,
+    /// The dataset's name, `None` once it was deleted.
+    pub(crate) dataset: Option<String>,
+    pub(crate) status: &'static str,
+    /// Queued or running: the progress refreshes itself.
+    pub(crate) active: bool,
+    pub(crate) progress: String,
+    /// `(what, value)`: the latest epoch's losses and validation accuracy.
+    pub(crate) latest: Vec<(&'static str, String)>,
+    pub(crate) split: SplitSizes,
+    /// `(name, value)`: the settings in effect, defaults filled in.
+    pub(crate) hyperparameters: Vec<(String, String)>,
+    pub(crate) evaluation: Option<EvaluationView>,
+    pub(crate) failure: Option<String>,
+    pub(crate) deployed_version: Option<u32>,
+    pub(crate) succeeded: bool,
+    pub(crate) billed: String,
+    pub(crate) billed_units: i64,
+    pub(crate) created: String,
+    pub(crate) started: Option<String>,
+    pub(crate) finished: Option<String>,
+    /// `(when, level, message)`, oldest first.
+    pub(crate) events: Vec<(String, String, String)>,
+    pub(crate) can_manage: bool,
+    pub(crate) csrf: String,
+    /// A refused action (cancel, deploy, delete): the message.
+    pub(crate) error: Option<String>,
+}
+
+impl TrainingJobPage {
+    /// The page for `job`; `currency` prices what it was billed.
+    pub(crate) fn new(
+        chrome: Chrome,
+        job: &TrainingJob,
+        dataset: Option<String>,
+        events: &[TrainingEvent],
+        currency: &str,
+    ) -> Self {
+        let p = &job.progress;
+        let latest = [
+            ("Training loss", p.train_loss.map(|v| format!("{v:.4}"))),
+            ("Validation loss", p.validation_loss.map(|v| format!("{v:.4}"))),
+            ("Validation accuracy", p.validation_accuracy.map(percent)),
+        ]
+        .into_iter()
+        .filter_map(|(what, value)| Some((what, value?)))
+        .collect();
+        let hyperparameters = match serde_json::to_value(&job.hyperparameters) {
+            Ok(serde_json::Value::Object(map)) => map
+                .into_iter()
+                .map(|(name, value)| (name, value.to_string()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Self {
+            chrome,
+            id: job.id.clone(),
+            model: job.model.clone(),
+            base_model: job.base_model.clone(),
+            dataset,
+            status: job.status.as_str(),
+            active: !job.status.is_finished(),
+            progress: progress(job),
+            latest,
+            split: job.split,
+            hyperparameters,
+            evaluation: job.evaluation.as_ref().map(EvaluationView::from),
+            failure: job.error.clone(),
+            deployed_version: job.deployed_version,
+            succeeded: job.status == TrainingStatus::Succeeded,
+            billed: micros(job.billed_micros, currency),
+            billed_units: job.billed_units,
+            created: time(job.created_at),
+            started: job.started_at.map(time),
+            finished: job.finished_at.map(time),
+            events: events
+                .iter()
+                .map(|e| (time(e.at), e.level.clone(), e.message.clone()))
+                .collect(),
+            can_manage: false,
+            csrf: String::new(),
+            error: None,
+        }
+    }
 }
 
 /// A marketplace listing at its newest approved version.
@@ -501,6 +742,7 @@ pub(crate) struct StatementView {
     pub(crate) overage_calls: i64,
     pub(crate) overage: String,
     pub(crate) plugin_fees: String,
+    pub(crate) training: String,
     pub(crate) total: String,
     pub(crate) items: Vec<(String, String, i64, String)>,
     /// Stripe's invoice: its status and hosted page.
@@ -518,6 +760,7 @@ impl From<&Statement> for StatementView {
             overage_calls: s.overage_calls,
             overage: cents(s.overage_cents, &s.currency),
             plugin_fees: cents(s.plugin_fees_cents, &s.currency),
+            training: cents(s.training_cents, &s.currency),
             total: cents(s.total_cents, &s.currency),
             items: s
                 .items
@@ -773,6 +1016,26 @@ fn time(at: DateTime<Utc>) -> String {
     at.format("%Y-%m-%d %H:%M UTC").to_string()
 }
 
+/// A share as a percentage, to a tenth: `93.3%`.
+fn percent(share: f64) -> String {
+    format!("{:.1}%", share * 100.0)
+}
+
+/// A size in bytes, in the unit that reads best: `812 bytes`, `3.4 KiB`, `1.2 MiB`.
+pub(crate) fn bytes(n: u64) -> String {
+    let tenths = |unit: u64| {
+        let tenths = n.saturating_mul(10) / unit;
+        format!("{}.{}", tenths / 10, tenths % 10)
+    };
+    if n < 1 << 10 {
+        format!("{n} bytes")
+    } else if n < 1 << 20 {
+        format!("{} KiB", tenths(1 << 10))
+    } else {
+        format!("{} MiB", tenths(1 << 20))
+    }
+}
+
 fn symbol(currency: &str) -> String {
     match currency {
         "usd" => "$".to_owned(),
@@ -827,6 +1090,15 @@ mod tests {
         assert_eq!(count(1_000), "1,000");
         assert_eq!(count(3_000_000), "3,000,000");
         assert_eq!(count(-12_345), "-12,345");
+    }
+
+    #[test]
+    fn sizes_and_shares_read_as_people_write_them() {
+        assert_eq!(bytes(812), "812 bytes");
+        assert_eq!(bytes(3_482), "3.4 KiB");
+        assert_eq!(bytes(5 << 20), "5.0 MiB");
+        assert_eq!(percent(0.9333), "93.3%");
+        assert_eq!(percent(1.0), "100.0%");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod members;
 pub mod models;
 pub mod payments;
 pub mod plugins;
+pub mod training;
 
 use actix_web::middleware::from_fn;
 use actix_web::{Resource, web};
@@ -110,6 +111,14 @@ route_table! {
     resource("/v2/models/{name}/versions/{version}/stats") { get => inference::version_statistics }
     metered("/v2/models/{name}/infer", Some(Scope::Inference), Some(inference::TENSOR_BODY_LIMIT)) { post => inference::infer }
     metered("/v2/models/{name}/versions/{version}/infer", Some(Scope::Inference), Some(inference::TENSOR_BODY_LIMIT)) { post => inference::version_infer }
+    resource("/v1/datasets") { get => training::list_datasets, post => training::upload_dataset }
+    resource("/v1/datasets/{id}") { get => training::get_dataset, delete => training::delete_dataset }
+    resource("/v1/training-jobs") { get => training::list_jobs, post => training::create_job }
+    resource("/v1/training-jobs/{id}") { get => training::get_job, delete => training::delete_job }
+    resource("/v1/training-jobs/{id}/events") { get => training::events }
+    resource("/v1/training-jobs/{id}/cancel") { post => training::cancel }
+    resource("/v1/training-jobs/{id}/deploy") { post => training::deploy }
+    resource("/v1/training-jobs/{id}/model.onnx") { get => training::export }
     resource("/v1/plugins") { post => plugins::create }
     resource("/v1/plugins/{name}") { get => plugins::get }
     resource("/v1/plugins/{name}/versions") { post => plugins::publish }

@@ -11,7 +11,7 @@ use sea_orm::{
     ActiveModelTrait, ColumnTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder, QuerySelect, Set,
 };
 
-use super::{METER_CALLS, METER_PLUGIN_FEES, meter_totals, time_us};
+use super::{METERS, meter_totals, time_us};
 use crate::entity::{TenantScoped, meter_pushes, subscriptions};
 use crate::{Result, Store, StoreError};
 
@@ -107,7 +107,7 @@ impl Store {
         while cursor < until_us && closed < max_buckets as u64 {
             let end = bucket_end(cursor, width_us, until_us, &boundaries);
             let totals = meter_totals(&txn, tenant, cursor, end).await?;
-            for meter in [METER_CALLS, METER_PLUGIN_FEES] {
+            for meter in METERS {
                 let value = totals.get(meter);
                 if value == 0 {
                     continue;
@@ -222,7 +222,7 @@ impl Store {
             let from = tenant_pushes.iter().map(|p| p.first_us).min().unwrap_or(0);
             let to = synced_until.unwrap_or(from);
             let totals = meter_totals(self.db(), &tenant, from, to).await?;
-            for meter in [METER_CALLS, METER_PLUGIN_FEES] {
+            for meter in METERS {
                 let pushes = tenant_pushes.iter().find(|p| p.meter == meter);
                 rows.push(ReconciliationRow {
                     tenant_id: tenant.to_string(),

@@ -32,6 +32,10 @@ use crate::{Result, Store, StoreError};
 pub const METER_CALLS: &str = "calls";
 /// The meter for plugin fees, in micro-units of the currency.
 pub const METER_PLUGIN_FEES: &str = "plugin_fees";
+/// The meter for training, in micro-units of the currency.
+pub const METER_TRAINING: &str = "training";
+/// Every meter usage is pushed to.
+pub const METERS: [&str; 3] = [METER_CALLS, METER_PLUGIN_FEES, METER_TRAINING];
 /// Ledger kinds each meter counts.
 pub const MODEL_KIND: &str = "model";
 
@@ -62,15 +66,16 @@ fn time_us(us: i64) -> DateTime<Utc> {
 pub struct MeterTotals {
     pub calls: i64,
     pub plugin_fees: i64,
+    pub training: i64,
 }
 
 impl MeterTotals {
     #[must_use]
     pub fn get(&self, meter: &str) -> i64 {
-        if meter == METER_CALLS {
-            self.calls
-        } else {
-            self.plugin_fees
+        match meter {
+            METER_CALLS => self.calls,
+            METER_TRAINING => self.training,
+            _ => self.plugin_fees,
         }
     }
 }
@@ -97,6 +102,13 @@ async fn meter_totals(
                 crate::plugins::USAGE_KIND
             )),
             "plugin_fees",
+        )
+        .column_as(
+            Expr::cust(format!(
+                "CAST(COALESCE(SUM(CASE WHEN resource_kind = '{}' THEN amount_micros ELSE 0 END), 0) AS BIGINT)",
+                crate::training::USAGE_KIND
+            )),
+            "training",
         )
         .into_model::<MeterTotals>()
         .one(conn)

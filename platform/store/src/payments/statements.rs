@@ -93,7 +93,7 @@ pub(crate) fn collected_in(currency: &str, paid_by_us: i64) -> SimpleExpr {
 }
 
 impl Store {
-    /// Usage in `[from, to)` by model and by plugin (named), largest amount first.
+    /// Usage in `[from, to)` by model, by plugin (named) and training by model, largest amount first.
     pub async fn statement_items(
         &self,
         tenant: &TenantId,
@@ -110,7 +110,11 @@ impl Store {
         let rows = usage_events::Entity::find_in(tenant)
             .filter(usage_events::Column::OccurredAtUs.gte(from.timestamp_micros()))
             .filter(usage_events::Column::OccurredAtUs.lt(to.timestamp_micros()))
-            .filter(usage_events::Column::ResourceKind.is_in([MODEL_KIND, crate::plugins::USAGE_KIND]))
+            .filter(usage_events::Column::ResourceKind.is_in([
+                MODEL_KIND,
+                crate::plugins::USAGE_KIND,
+                crate::training::USAGE_KIND,
+            ]))
             .select_only()
             .column(usage_events::Column::ResourceKind)
             .column(usage_events::Column::ResourceId)
