@@ -27,6 +27,14 @@ enum Plans {
 }
 
 #[derive(DeriveIden)]
+enum Subscriptions {
+    Table,
+    /// One of the Stripe subscription's items is the training price, so training sent to its meter
+    /// is invoiced.
+    TrainingItem,
+}
+
+#[derive(DeriveIden)]
 enum Datasets {
     Table,
     Id,
@@ -114,6 +122,14 @@ impl MigrationTrait for Migration {
                 .alter_table(Table::alter().table(Plans::Table).add_column(column).to_owned())
                 .await?;
         }
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Subscriptions::Table)
+                    .add_column(boolean(Subscriptions::TrainingItem).default(false))
+                    .to_owned(),
+            )
+            .await?;
         for (id, price, datasets, bytes, jobs) in SHIPPED {
             manager
                 .exec_stmt(
@@ -234,6 +250,14 @@ impl MigrationTrait for Migration {
             .await?;
         manager
             .drop_table(Table::drop().table(Datasets::Table).to_owned())
+            .await?;
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Subscriptions::Table)
+                    .drop_column(Subscriptions::TrainingItem)
+                    .to_owned(),
+            )
             .await?;
         for column in [
             Plans::TrainingPriceMicros,

@@ -728,3 +728,70 @@ async fn a_job_whose_replica_dies_is_resumed_by_another() {
     assert_eq!(lines.len(), 1, "{statement}");
     assert_eq!(lines[0]["units"], done["billed_units"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_stripe_mode_training_reaches_its_own_meter_once() {
+    use plinth_tests::stripe_double::{Price, StripeDouble};
+    const TRAINING_PRICE: &str = "price_training";
+    const TRAINING_METER: &str = "plinth_training";
+    let mut prices = crate::billing::stripe_prices();
+    prices.insert(
+        TRAINING_PRICE.to_owned(),
+        Price::Metered {
+            meter: TRAINING_METER.to_owned(),
+            free_units: 0,
+            unit_decimal: "0.0001".to_owned(),
+        },
+    );
+    let double = StripeDouble::start(prices).await;
+    let app = TestApp::spawn_with(|config| {
+        double.configure(config, crate::billing::STRIPE_PLANS);
+        config.stripe_training_price = Some(TRAINING_PRICE.to_owned());
+        config.stripe_training_meter = TRAINING_METER.to_owned();
+        config.billing_sync_bucket_secs = 1;
+        config.billing_sync_settle_secs = 0;
+        config.billing_sync_interval_secs = 3_600;
+    })
+    .await;
+    let plan = Plan {
+        training_price_micros: Micros(2_000),
+        isolation: roomy(),
+        ..crate::billing::metered_plan()
+    };
+    app.store().upsert_plan(&plan).await.unwrap();
+    let acme = app.tenant().await;
+
+    // On the free plan nothing is charged; subscribed through Checkout, the subscription carries
+    // the training price.
+    let (customer, _) = crate::billing::subscribe(&app, &double, &acme, "metered").await;
+    let (status, dataset) = upload(&app, &acme, "support.csv", support_csv().into_bytes()).await;
+    assert_eq!(status, 201, "{dataset}");
+    let (status, job) = post(
+        &app,
+        &acme,
+        "/v1/training-jobs",
+        &json!({ "dataset": dataset["id"], "model": "billed" }),
+    )
+    .await;
+    assert_eq!(status, 201, "{job}");
+    let done = wait_for(&app, &acme, job["id"].as_str().unwrap(), finished).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let billed = done["billed_micros"].as_i64().unwrap();
+    assert_eq!(billed, 2_000 * done["billed_units"].as_i64().unwrap());
+
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let admin = app.platform_admin().await;
+    let report = admin.sync_usage().await.unwrap();
+    assert_eq!(report.events_pending, 0, "{report:?}");
+    assert_eq!(double.meter_total(TRAINING_METER, &customer), billed);
+    admin.sync_usage().await.unwrap();
+    assert_eq!(double.meter_total(TRAINING_METER, &customer), billed, "sent once");
+    let reconciliation = admin.reconciliation().await.unwrap();
+    assert!(reconciliation.balanced, "{reconciliation:?}");
+    let row = reconciliation
+        .rows
+        .iter()
+        .find(|r| r.meter == "training")
+        .expect("a training row");
+    assert_eq!((row.ledger, row.sent, row.pending), (billed, billed, 0));
+}

@@ -268,6 +268,17 @@ pub(crate) async fn create_job(
             "training cannot be billed here yet: the operator has not set a Stripe training price",
         ));
     }
+    // In Stripe mode a priced job needs a subscription whose items include the training price (one
+    // made before the operator added it has none): its meter is invoiced only then.
+    if price.0 > 0
+        && state.billing.mode() == plinth_core::billing::PaymentMode::Stripe
+        && !account.training_item
+    {
+        return Err(ApiError::new(
+            ErrorCode::PaymentRequired,
+            "the subscription does not include training yet: change plan (or subscribe again) to add it",
+        ));
+    }
     if price.0 > 0 && account.status != plinth_core::api::SubscriptionStatus::Active {
         return Err(ApiError::new(
             ErrorCode::PaymentRequired,

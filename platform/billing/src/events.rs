@@ -127,6 +127,10 @@ pub fn parse(body: &[u8], settings: &StripeSettings) -> Result<ProviderEvent, St
                     .plugin_fees_price
                     .as_ref()
                     .is_some_and(|fees| prices.contains(fees)),
+                training_item: settings
+                    .training_price
+                    .as_ref()
+                    .is_some_and(|training| prices.contains(training)),
                 customer: required(object, "customer")?,
                 subscription: required(object, "id")?,
                 plan,

@@ -219,11 +219,11 @@ pub struct SyncReport {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ReconciliationRow {
     pub tenant_id: String,
-    /// `calls` or `plugin_fees`.
+    /// `calls`, `plugin_fees` or `training`.
     pub meter: String,
     /// Usage the sync has covered so far (up to `synced_until`).
     pub synced_until: Option<DateTime<Utc>>,
-    /// The ledger's total for the covered range (units, or micro-units of plugin fees).
+    /// The ledger's total for the covered range (units, or micro-units of plugin fees and training).
     pub ledger: i64,
     /// What Stripe acknowledged.
     pub sent: i64,

@@ -241,6 +241,7 @@ pub mod subscriptions {
         pub status_event_at: Option<i64>,
         pub meter_synced_until_us: Option<i64>,
         pub plugin_fees_item: bool,
+        pub training_item: bool,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

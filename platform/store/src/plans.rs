@@ -385,6 +385,7 @@ impl Store {
             status_event_at: Set(None),
             meter_synced_until_us: Set(None),
             plugin_fees_item: Set(false),
+            training_item: Set(false),
         }
         .insert(conn)
         .await?;
@@ -566,6 +567,7 @@ mod tests {
             status_event_at: None,
             meter_synced_until_us: None,
             plugin_fees_item: false,
+            training_item: false,
         };
         assert_eq!(row_eras(&row, at("2026-02-01T00:00:00Z")).len(), 1, "not yet");
         let eras = row_eras(&row, at("2026-03-01T00:00:00Z"));

@@ -543,7 +543,7 @@ impl Store {
         version: u32,
     ) -> Result<()> {
         let txn = self.write_transaction().await?;
-        training_jobs::Entity::update_many()
+        let marked = training_jobs::Entity::update_many()
             .col_expr(
                 training_jobs::Column::DeployedVersion,
                 Expr::value(i32::try_from(version).unwrap_or(i32::MAX)),
@@ -552,14 +552,17 @@ impl Store {
             .filter(training_jobs::Column::Id.eq(id))
             .exec(&txn)
             .await?;
-        add_event(
-            &txn,
-            tenant,
-            id,
-            "info",
-            &format!("deployed as version {version}"),
-        )
-        .await?;
+        // A job deleted meanwhile gets no event; the deployment is audited all the same.
+        if marked.rows_affected == 1 {
+            add_event(
+                &txn,
+                tenant,
+                id,
+                "info",
+                &format!("deployed as version {version}"),
+            )
+            .await?;
+        }
         crate::audit::record(
             &txn,
             Some(tenant),

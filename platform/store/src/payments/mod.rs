@@ -53,6 +53,8 @@ pub struct BillingAccount {
     pub stripe_customer_id: Option<String>,
     pub stripe_subscription_id: Option<String>,
     pub meter_synced_until_us: Option<i64>,
+    /// The Stripe subscription carries the training price (training on its meter is invoiced).
+    pub training_item: bool,
 }
 
 fn time_us(us: i64) -> DateTime<Utc> {
@@ -202,5 +204,6 @@ async fn billing_account(conn: &impl ConnectionTrait, tenant: &TenantId) -> Resu
         stripe_customer_id: row.stripe_customer_id,
         stripe_subscription_id: row.stripe_subscription_id,
         meter_synced_until_us: row.meter_synced_until_us,
+        training_item: row.training_item,
     })
 }

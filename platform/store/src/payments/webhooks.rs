@@ -49,6 +49,8 @@ pub enum ProviderChange {
         deleted: bool,
         /// One of its items is the plugin-fees price, so plugin fees sent to the meter are invoiced.
         plugin_fees_item: bool,
+        /// One of its items is the training price, so training sent to its meter is invoiced.
+        training_item: bool,
     },
     /// An invoice was finalized, paid, voided, marked uncollectible, or its payment failed.
     Invoice {
@@ -222,6 +224,7 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
             cancel_at_period_end,
             deleted,
             plugin_fees_item,
+            training_item,
         } => {
             let Some(row) = subscription_of_customer(conn, customer, None).await? else {
                 tracing::warn!(event = %event.id, %customer, "subscription event for an unknown customer");
@@ -250,6 +253,7 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
                 model.stripe_subscription_id = Set(None);
                 model.cancel_at_period_end = Set(false);
                 model.plugin_fees_item = Set(false);
+                model.training_item = Set(false);
                 FREE_PLAN.to_owned()
             } else {
                 model.stripe_subscription_id = Set(Some(subscription.clone()));
@@ -268,6 +272,7 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
                 }
                 model.cancel_at_period_end = Set(*cancel_at_period_end);
                 model.plugin_fees_item = Set(*plugin_fees_item);
+                model.training_item = Set(*training_item);
                 if let Some(start) = period_start {
                     let has_pushes = meter_pushes::Entity::find_in(&tenant).one(conn).await?.is_some();
                     let cursor = row.meter_synced_until_us;
@@ -489,6 +494,7 @@ mod tests {
             cancel_at_period_end: false,
             deleted: false,
             plugin_fees_item: true,
+            training_item: false,
         }
     }
 
