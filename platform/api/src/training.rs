@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
+use crate::uploads::{invalid, multipart_error};
 
 /// Training's settings, from the server's configuration.
 #[derive(Debug, Clone)]
@@ -120,16 +121,8 @@ const EMBED_BATCH: usize = 32;
 /// Progress is written at most this often while embedding.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
-fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorCode::ValidationFailed, message)
-}
-
 fn invalid_dataset(err: dataset::DatasetError) -> ApiError {
     ApiError::new(ErrorCode::InvalidDataset, err.0)
-}
-
-fn multipart_error(err: impl std::fmt::Display) -> ApiError {
-    ApiError::new(ErrorCode::InvalidBody, format!("malformed multipart body: {err}"))
 }
 
 /// Reads a part into memory, refusing it past `limit` bytes.
@@ -236,22 +229,6 @@ pub(crate) async fn upload_dataset(
         .await?)
 }
 
-/// Whether `name` may name a tenant model.
-fn check_model_name(state: &AppState, name: &str) -> ApiResult<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
-    if !ok {
-        return Err(invalid("model: 1-64 lower-case letters, digits, `-`, `_` or `.`"));
-    }
-    if state.models.is_platform(name) {
-        return Err(invalid(format!("model: `{name}` is a platform model's name")));
-    }
-    Ok(())
-}
-
 /// Handles `POST /v1/training-jobs`.
 pub(crate) async fn create_job(
     state: &AppState,
@@ -259,7 +236,7 @@ pub(crate) async fn create_job(
     who: &Who,
     request: NewTrainingJob,
 ) -> ApiResult<TrainingJob> {
-    check_model_name(state, &request.model)?;
+    crate::uploads::check_model_name(state, "model", &request.model)?;
     let account = state.store.billing_account(&auth.tenant_id).await?;
     let price = account.plan.training_price_micros;
     if price.0 > 0 && !state.billing.collects_training() {
@@ -507,9 +484,11 @@ pub fn spawn_training(state: AppState) -> tokio::task::JoinHandle<()> {
 /// What the training thread tells the runner.
 enum Report {
     Embedded(u64),
+    /// An epoch ended: its numbers, and the checkpoint to store.
     Epoch {
-        checkpoint: Box<Checkpoint>,
-        json: String,
+        epoch: u32,
+        stats: Option<plinth_training::head::EpochStats>,
+        checkpoint: String,
     },
     Finished(Result<Finished, String>),
 }
@@ -707,14 +686,18 @@ async fn train_job(
                     keep_going(state, tenant, job, runner, &progress, None, &signals).await;
                 }
             }
-            Some(Report::Epoch { checkpoint, json }) => {
-                progress.epoch = checkpoint.epoch;
-                if let Some(last) = checkpoint.last {
+            Some(Report::Epoch {
+                epoch,
+                stats,
+                checkpoint,
+            }) => {
+                progress.epoch = epoch;
+                if let Some(last) = stats {
                     progress.train_loss = Some(last.train_loss);
                     progress.validation_loss = Some(last.validation_loss);
                     progress.validation_accuracy = Some(last.validation_accuracy);
                 }
-                keep_going(state, tenant, job, runner, &progress, Some(json), &signals).await;
+                keep_going(state, tenant, job, runner, &progress, Some(checkpoint), &signals).await;
             }
             Some(Report::Finished(result)) => break result,
             None => break Err("the training thread stopped unexpectedly".into()),
@@ -865,8 +848,9 @@ impl Work {
             |checkpoint| {
                 if let Ok(json) = serde_json::to_string(checkpoint) {
                     self.report(Report::Epoch {
-                        checkpoint: Box::new(checkpoint.clone()),
-                        json,
+                        epoch: checkpoint.epoch,
+                        stats: checkpoint.last,
+                        checkpoint: json,
                     });
                 }
                 if self.stopped() {

@@ -48,11 +48,11 @@ impl Drop for Staged {
     }
 }
 
-fn invalid(message: impl Into<String>) -> ApiError {
+pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::ValidationFailed, message)
 }
 
-fn multipart_error(err: impl std::fmt::Display) -> ApiError {
+pub(crate) fn multipart_error(err: impl std::fmt::Display) -> ApiError {
     ApiError::new(ErrorCode::InvalidBody, format!("malformed multipart body: {err}"))
 }
 
@@ -102,24 +102,26 @@ async fn read_manifest(mut field: Field) -> ApiResult<Manifest> {
     serde_json::from_slice(&bytes).map_err(|err| invalid(format!("manifest: {err}")))
 }
 
-fn validate(state: &AppState, manifest: &Manifest, has_tokenizer: bool) -> ApiResult<()> {
-    let name_ok = !manifest.name.is_empty()
-        && manifest.name.len() <= 64
-        && manifest
-            .name
+/// Whether `name` may name a tenant model; `field` is what the refusal calls it.
+pub(crate) fn check_model_name(state: &AppState, field: &str, name: &str) -> ApiResult<()> {
+    let name_ok = !name.is_empty()
+        && name.len() <= 64
+        && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
     if !name_ok {
-        return Err(invalid(
-            "manifest.name: 1-64 lower-case letters, digits, `-`, `_` or `.`",
-        ));
-    }
-    if state.models.is_platform(&manifest.name) {
         return Err(invalid(format!(
-            "manifest.name: `{}` is a platform model's name",
-            manifest.name
+            "{field}: 1-64 lower-case letters, digits, `-`, `_` or `.`"
         )));
     }
+    if state.models.is_platform(name) {
+        return Err(invalid(format!("{field}: `{name}` is a platform model's name")));
+    }
+    Ok(())
+}
+
+fn validate(state: &AppState, manifest: &Manifest, has_tokenizer: bool) -> ApiResult<()> {
+    check_model_name(state, "manifest.name", &manifest.name)?;
     match manifest.task {
         Task::TextClassification if manifest.labels.len() < 2 => Err(invalid(
             "manifest.labels: a text-classification model needs at least two labels",
