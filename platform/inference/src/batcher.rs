@@ -18,7 +18,7 @@ use tokenizers::Tokenizer;
 use tokio::sync::oneshot;
 
 use crate::InferenceError;
-use crate::scheduler::{FairQueue, Queued};
+use crate::scheduler::{FairQueue, GUEST_SLACK, Queued, most_guests};
 use crate::tensor::Tensor;
 
 pub(crate) enum Work {
@@ -238,6 +238,37 @@ impl Worker {
             )));
         }
         outcome.map(drop)
+    }
+
+    /// How many texts of heavy tenants a light tenant's run may carry on this model, on this machine
+    /// (see `scheduler::most_guests`): a short text timed alone against runs of it beside that many
+    /// texts of the most tokens a text may have. A run pads every text to its longest, so no choice of
+    /// texts makes a light run longer than this allows. `None` for a model that takes tensors.
+    pub(crate) fn time_guests(&mut self, max_batch: usize) -> Result<Option<usize>, InferenceError> {
+        let (Some(plan), Some(tokenizer)) = (&self.setup.text, &self.setup.tokenizer) else {
+            return Ok(None);
+        };
+        let options = RunOptions::new()?;
+        let session = &mut self.session;
+        let mut timed = |texts: &[String]| -> Result<Duration, InferenceError> {
+            let started = Instant::now();
+            run_text(session, tokenizer, plan, texts, &options)?;
+            Ok(started.elapsed())
+        };
+        let short = "Shares rose after the quarterly results".to_owned();
+        let alone = timed(std::slice::from_ref(&short))?.min(timed(std::slice::from_ref(&short))?);
+        let limit = alone.mul_f64(1.0 + GUEST_SLACK);
+        let longest = "word ".repeat(tokenizer.get_truncation().map_or(512, |t| t.max_length));
+        let most = max_batch.saturating_sub(1).max(1);
+        let guests = most_guests(most, |guests| -> Result<bool, InferenceError> {
+            let mut texts = vec![longest.clone(); guests + 1];
+            texts[0].clone_from(&short);
+            // Either of two runs within the limit will do (a busy machine slows some); one far past
+            // it settles the matter.
+            let first = timed(&texts)?;
+            Ok(first <= limit || (first <= limit * 2 && timed(&texts)? <= limit))
+        })?;
+        Ok(Some(guests))
     }
 
     /// Serves the queue until it closes. The worker counts as serving from this call, not from its

@@ -340,6 +340,24 @@ impl Engine {
             worker.warm_up(warm_up_limit)?;
             workers.push(worker);
         }
+        // How many of heavy tenants' texts a light tenant's run may carry depends on what a text costs
+        // beside a run on this machine: timed on the platform's models (the ones tenants share), with
+        // texts no tenant chooses. Tenants' own models keep one.
+        if files.platform
+            && let Some(worker) = workers.first_mut()
+        {
+            match worker.time_guests(self.settings.max_batch) {
+                Ok(Some(guests)) => {
+                    queue.set_guest_items(guests);
+                    tracing::info!(model = %files.name, guests, "texts of heavy tenants a light tenant's run may carry");
+                }
+                Ok(None) => {}
+                // It served its warm-up: serve, with one guest per light run.
+                Err(err) => {
+                    tracing::warn!(model = %files.name, error = %err, "could not time the model's runs");
+                }
+            }
+        }
         let replacement: Arc<NewSession> = Arc::new({
             let (engine, files) = (self.clone(), files.clone());
             move || engine.session(&files, session_provider)

@@ -5,6 +5,11 @@
 //! tagged at the present and overtakes the backlog, and under contention each tenant is served items in
 //! proportion to its weight. Batches still form from whatever is at the front, across tenants.
 //!
+//! A light tenant's run carries a few items of heavy tenants beside its own: one, or on a platform model
+//! as many as keep it within half as long again as its call alone however long the heavy tenants'
+//! texts, timed when the model loads (see `Worker::time_guests`). Where texts are nearly free beside a
+//! run (a GPU), that is many; where each costs about as much as a run of one (a small CPU), one.
+//!
 //! Each tenant may queue only so many calls (`429` beyond), so a flood is refused before the shared
 //! queue fills and answers everyone `503`. And a tenant's calls may occupy all but one of the model's
 //! sessions at once: however hard one tenant pushes, another tenant's call finds a session free
@@ -65,8 +70,23 @@ impl std::str::FromStr for Scheduling {
     }
 }
 
-/// Items a tenant at its most runs may add to a run another tenant's call leads.
-const GUEST_ITEMS: usize = 1;
+/// How much longer than a run of its call alone a light tenant's run may take for the items of heavy
+/// tenants it carries.
+pub(crate) const GUEST_SLACK: f64 = 0.5;
+
+/// Items of heavy tenants a light tenant's run may carry: the most, doubling from one up to `most`,
+/// for which `within(guests)` finds a light run carrying that many within `1 + GUEST_SLACK` times its
+/// call alone; at least one (a session does not idle on single items), as when nothing was timed.
+pub(crate) fn most_guests<E>(
+    most: usize,
+    mut within: impl FnMut(usize) -> Result<bool, E>,
+) -> Result<usize, E> {
+    let mut guests = 1;
+    while guests * 2 <= most && within(guests * 2)? {
+        guests *= 2;
+    }
+    Ok(guests)
+}
 
 /// Fixed-point scale of virtual time: one item at weight 1.
 const ITEM: u128 = 1 << 20;
@@ -118,6 +138,8 @@ struct Inner {
     running: HashMap<Arc<str>, usize>,
     /// The start tag of the call served last.
     now: u128,
+    /// Items of heavy tenants a light tenant's run may carry (see [`most_guests`]); 0 means one.
+    guests: usize,
     sequence: u64,
     closed: bool,
 }
@@ -259,7 +281,13 @@ impl FairQueue {
     fn take(&self, inner: &mut Inner, batch: &mut Vec<Queued>, fits: &dyn Fn(&[Queued], &Queued) -> bool) {
         let had = batch.len();
         let mut passed_over = Vec::new();
-        let mut guests = 0;
+        // Items of others already in the run (an earlier pass, while it lingered) count as guests.
+        let mut guests: usize = batch
+            .iter()
+            .skip(1)
+            .filter(|call| call.share.tenant != batch[0].share.tenant)
+            .map(|call| call.items)
+            .sum();
         // Whether the tenant leading the batch has more than one run's worth in hand.
         let mut leader_heavy = batch.first().is_some_and(|call| {
             self.all_runs.count(&call.share.tenant) > 1 || inner.tenants.contains_key(&call.share.tenant)
@@ -291,7 +319,7 @@ impl FairQueue {
                     continue;
                 }
                 if (guest_heavy && !leader_heavy) || runs >= self.tenant_runs {
-                    if guests + call.items > GUEST_ITEMS {
+                    if guests + call.items > inner.guests.max(1) {
                         passed_over.push(Reverse(call));
                         continue;
                     }
@@ -416,6 +444,11 @@ impl FairQueue {
         Some(batch)
     }
 
+    /// Lets a light tenant's run carry `guests` items of heavy tenants (one until set).
+    pub(crate) fn set_guest_items(&self, guests: usize) {
+        self.lock().guests = guests;
+    }
+
     /// Refuses new calls; the workers finish what is queued and stop.
     pub(crate) fn close(&self) {
         self.lock().closed = true;
@@ -518,6 +551,56 @@ mod tests {
         let second = tenants(queue.next_batch(no_wait, &eight).await.unwrap());
         assert_eq!(second, ["light", "heavy"]);
         assert!(!queue.runs_in_background(&Arc::from("light")));
+    }
+
+    #[test]
+    fn a_light_run_carries_as_many_guests_as_stay_within_the_slack() {
+        let never: Result<usize, ()> = most_guests(31, |_| Ok(false));
+        assert_eq!(never, Ok(1), "a small CPU: one, as before any timing");
+        let mut asked = Vec::new();
+        let twenty: Result<usize, ()> = most_guests(31, |guests| {
+            asked.push(guests);
+            Ok(guests <= 20)
+        });
+        assert_eq!(twenty, Ok(16));
+        assert_eq!(asked, [2, 4, 8, 16], "doubling, never past a batch of 32");
+        let five: Result<usize, ()> = most_guests(31, |guests| Ok(guests <= 5));
+        assert_eq!(five, Ok(4));
+        let always: Result<usize, ()> = most_guests(7, |_| Ok(true));
+        assert_eq!(always, Ok(4), "never past a batch");
+        assert_eq!(most_guests::<()>(1, |_| Ok(true)), Ok(1));
+        assert_eq!(most_guests(31, |_| Err("timing failed")), Err("timing failed"));
+    }
+
+    #[tokio::test]
+    async fn a_light_run_takes_no_more_of_the_heavy_backlog_than_its_guests() {
+        let eight = |batch: &[Queued], _: &Queued| batch.len() < 8;
+        let no_wait = std::time::Duration::ZERO;
+        for (guests, expected) in [(0, 2), (1, 2), (3, 4)] {
+            let queue = FairQueue::new(1_000, 1_000, 3, Scheduling::Fair);
+            queue.set_guest_items(guests);
+            for _ in 0..40 {
+                queue.push(call(1), share("heavy", 1), 1).unwrap();
+            }
+            queue.next_batch(no_wait, &eight).await.unwrap();
+            queue.push(call(1), share("light", 1), 1).unwrap();
+            let light = queue.next_batch(no_wait, &eight).await.unwrap();
+            assert_eq!(light[0].share.tenant.as_ref(), "light");
+            assert_eq!(light.len(), expected, "{guests} guests");
+        }
+        // Lingering for company takes again: the guests already in the run count.
+        let queue = FairQueue::new(1_000, 1_000, 3, Scheduling::Fair);
+        queue.set_guest_items(3);
+        for _ in 0..40 {
+            queue.push(call(1), share("heavy", 1), 1).unwrap();
+        }
+        queue.next_batch(no_wait, &eight).await.unwrap();
+        queue.push(call(1), share("light", 1), 1).unwrap();
+        let light = queue
+            .next_batch(std::time::Duration::from_millis(20), &eight)
+            .await
+            .unwrap();
+        assert_eq!(light.len(), 4);
     }
 
     #[tokio::test]
