@@ -5,13 +5,13 @@
 //! at least 95% of `fifo`'s.
 //!
 //! What the two goals ask of each other: a run of one text costs most of what a run of several does
-//! (on a small CPU, where the weights stream from memory on every run, `sentiment` takes about 6 ms a
-//! run plus 3 ms a text), and the quiet tenant at concurrency 1 sends its next call as soon as the last
-//! is answered. Served at once, in runs of its own, it spends up to its whole fair share of the machine
-//! on runs of one or two texts, where first come, first served packs its calls into the flood's big runs
-//! (and answers them several times slower). The smaller the machine, the larger that share: on two
-//! cores about half, and the total falls by a tenth or more; on sixteen it would be a few percent. Where texts are cheap
-//! beside a run (a GPU), the quiet tenant's runs carry the flood's texts along and cost nothing.
+//! (on a 2-core CPU `sentiment` takes about 6 ms a run plus 3 ms a text), and the quiet tenant at
+//! concurrency 1 sends its next call as soon as the last is answered. Served at once, in runs of its
+//! own, it spends up to its whole fair share of the machine on runs of one or two texts, where first
+//! come, first served packs its calls into the flood's big runs (and answers them several times
+//! slower). The smaller the machine, the larger that share: on two cores about half, and the total
+//! falls by a tenth or more; on sixteen it would be a few percent. Where texts are cheap beside a run
+//! (a GPU), the quiet tenant's runs carry more of the flood's texts (see `scheduler::most_guests`).
 //!
 //! Run: `cargo bench -p plinth-tests --bench fairness`. Clients run on threads and runtimes of their own,
 //! as external clients would; the numbers are for comparing within one run.
