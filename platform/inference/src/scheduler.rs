@@ -138,7 +138,7 @@ struct Inner {
     running: HashMap<Arc<str>, usize>,
     /// The start tag of the call served last.
     now: u128,
-    /// Items of heavy tenants a light tenant's run may carry (see [`most_guests`]); 0 means one.
+    /// Items of heavy tenants a light tenant's run may carry (see [`most_guests`]); at least one.
     guests: usize,
     sequence: u64,
     closed: bool,
@@ -214,7 +214,10 @@ impl FairQueue {
         scheduling: Scheduling,
     ) -> Self {
         Self {
-            inner: Mutex::default(),
+            inner: Mutex::new(Inner {
+                guests: 1,
+                ..Inner::default()
+            }),
             all_runs: Arc::default(),
             ready: Notify::new(),
             capacity: capacity.max(1),
@@ -319,7 +322,7 @@ impl FairQueue {
                     continue;
                 }
                 if (guest_heavy && !leader_heavy) || runs >= self.tenant_runs {
-                    if guests + call.items > inner.guests.max(1) {
+                    if guests + call.items > inner.guests {
                         passed_over.push(Reverse(call));
                         continue;
                     }
@@ -444,9 +447,9 @@ impl FairQueue {
         Some(batch)
     }
 
-    /// Lets a light tenant's run carry `guests` items of heavy tenants (one until set).
+    /// Lets a light tenant's run carry `guests` items of heavy tenants (one until set, and at least one).
     pub(crate) fn set_guest_items(&self, guests: usize) {
-        self.lock().guests = guests;
+        self.lock().guests = guests.max(1);
     }
 
     /// Refuses new calls; the workers finish what is queued and stop.
