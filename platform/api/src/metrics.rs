@@ -29,9 +29,27 @@ pub fn handle() -> PrometheusHandle {
                     builder.set_buckets_for_metric(Matcher::Suffix("_size".to_owned()), SIZE_BUCKETS)
                 })
                 .and_then(PrometheusBuilder::install_recorder)
+                .inspect(|handle| drain_histograms(handle.clone()))
                 .expect("a metrics recorder was already installed")
         })
         .clone()
+}
+
+/// Histograms keep every sample until they are drained into their buckets, which a scrape does: without
+/// this, a process nobody scrapes (or scrapes rarely) grows by every sample of every request. A thread
+/// of its own, since the recorder outlives any one runtime.
+fn drain_histograms(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("plinth-metrics-upkeep".to_owned())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                handle.run_upkeep();
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::warn!(error = %err, "cannot start draining histograms; they are drained at each scrape");
+    }
 }
 
 /// The bearer token that opens `/metrics` on the API listener, kept as its digest.
