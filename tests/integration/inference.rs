@@ -335,22 +335,45 @@ async fn concurrent_calls_share_batches_and_get_their_own_answers() {
     let app = TestApp::spawn_with(|config| config.max_queue_delay_us = 20_000).await;
     let tenant = app.tenant().await;
     app.set_plan(&tenant.session.tenant.id, "enterprise").await;
-    let texts = ["I love this product", "this is terrible"];
+    // Of different lengths: in a shared run every text is padded to the longest, which must not
+    // change its scores.
+    let texts = [
+        "I love this product",
+        "this is terrible, the worst thing I have bought in years, and I want my money back",
+    ];
+    let mut alone = Vec::new();
+    for text in texts {
+        alone.push(
+            tenant
+                .client
+                .classify("sentiment", &[text])
+                .await
+                .unwrap()
+                .results[0]
+                .clone(),
+        );
+    }
     let calls = (0..24).map(|i| {
         let client = tenant.client.clone();
         async move { (i, client.classify("sentiment", &[texts[i % 2]]).await.unwrap()) }
     });
     for (i, reply) in join_all(calls).await {
         assert_eq!(reply.results.len(), 1);
-        assert_eq!(
-            reply.results[0].label,
-            if i % 2 == 0 { "positive" } else { "negative" }
-        );
+        let (batched, alone) = (&reply.results[0], &alone[i % 2]);
+        assert_eq!(batched.label, if i % 2 == 0 { "positive" } else { "negative" });
+        for (a, b) in batched.scores.iter().zip(&alone.scores) {
+            assert!(
+                (a.score - b.score).abs() < 1e-4,
+                "{} in a run, {} alone",
+                a.score,
+                b.score
+            );
+        }
     }
     let stats = tenant.client.model_statistics("sentiment").await.unwrap();
     assert_eq!(
         (stats.success_count, stats.failure_count, stats.inference_count),
-        (24, 0, 24)
+        (26, 0, 26)
     );
     assert!(
         stats.execution_count < 20,
@@ -360,6 +383,52 @@ async fn concurrent_calls_share_batches_and_get_their_own_answers() {
     let metrics = app.metrics().await;
     assert!(metrics.contains("nv_inference_exec_count{model=\"sentiment\"}"));
     assert!(metrics.contains("plinth_model_info{model=\"sentiment\",execution_provider=\"cpu\"} 1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_longer_call_of_another_tenant_does_not_ride_in_a_light_tenants_run() {
+    // One session whose runs wait a second for company, so that calls sent apart meet in one run.
+    let app = TestApp::spawn_with(|config| config.max_queue_delay_us = 1_000_000).await;
+    let (light, other) = (app.tenant().await, app.tenant().await);
+    let short = "Shares rose after the results";
+    let long = format!("{} and the outlook was raised again", "word ".repeat(100));
+    let meet = |first: plinth_sdk::Client,
+                first_text: String,
+                second: plinth_sdk::Client,
+                second_text: String| async move {
+        let leading = tokio::spawn(async move { first.classify("sentiment", &[first_text.as_str()]).await });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let joining = second
+            .classify("sentiment", &[second_text.as_str()])
+            .await
+            .unwrap();
+        (leading.await.unwrap().unwrap(), joining)
+    };
+    let executions = || async {
+        light
+            .client
+            .model_statistics("sentiment")
+            .await
+            .unwrap()
+            .execution_count
+    };
+    let before = executions().await;
+    // A light tenant's short call leads; another tenant's longer call arrives while the run waits:
+    // padded to it, the short text would cost as much as the long one, so the long call goes back
+    // to the queue and runs on its own.
+    let (short_reply, long_reply) = meet(
+        light.client.clone(),
+        short.to_owned(),
+        other.client.clone(),
+        long.clone(),
+    )
+    .await;
+    assert_eq!((short_reply.results.len(), long_reply.results.len()), (1, 1));
+    assert_eq!(executions().await - before, 2, "the longer call ran on its own");
+    // The other way round, the shorter call rides along: one run.
+    let before = executions().await;
+    meet(other.client.clone(), long, light.client.clone(), short.to_owned()).await;
+    assert_eq!(executions().await - before, 1, "the shorter call joined the run");
 }
 
 /// The Python interpreter with `tritonclient[http]` and `schemathesis` (made by `scripts/test.sh`).

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use ort::session::{RunOptions, Session};
 use ort::value::DynValue;
 use plinth_core::inference::{Task, TensorMetadata};
-use tokenizers::Tokenizer;
+use tokenizers::{Encoding, Tokenizer};
 use tokio::sync::oneshot;
 
 use crate::InferenceError;
@@ -41,6 +41,22 @@ impl Work {
             Self::Raw { reply, .. } => reply.is_closed(),
         }
     }
+}
+
+/// Tokenizes a call's texts (truncated to the model's most tokens).
+///
+/// # Errors
+/// `InvalidInput` when the tokenizer refuses a text.
+fn encode(tokenizer: &Tokenizer, texts: &[String]) -> Result<Vec<Encoding>, InferenceError> {
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let mut encodings = tokenizer
+        .encode_batch(texts, true)
+        .map_err(|err| InferenceError::InvalidInput(format!("tokenization failed: {err}")))?;
+    // What truncation cut off is kept beside each encoding; the run has no use for it.
+    for encoding in &mut encodings {
+        drop(encoding.take_overflowing());
+    }
+    Ok(encodings)
 }
 
 /// Rows of one output for one call: `width` floats per text.
@@ -184,6 +200,19 @@ struct RunSlot {
     tenants: Vec<Arc<str>>,
 }
 
+impl RunSlot {
+    /// One call of `tenant` left the run before it started: with no other call in it, the tenant's
+    /// run slot is given back at once.
+    fn leave(&mut self, tenant: &Arc<str>) {
+        if let Some(index) = self.tenants.iter().position(|t| t == tenant) {
+            self.tenants.swap_remove(index);
+        }
+        if !self.tenants.contains(tenant) {
+            self.queue.finished(std::slice::from_ref(tenant));
+        }
+    }
+}
+
 impl Drop for RunSlot {
     fn drop(&mut self) {
         self.queue.finished(&self.tenants);
@@ -241,9 +270,10 @@ impl Worker {
     }
 
     /// How many texts of heavy tenants a light tenant's run may carry on this model, on this machine
-    /// (see `scheduler::most_guests`): a short text timed alone against runs of it beside that many
-    /// texts of the most tokens a text may have. A run pads every text to its longest, so no choice of
-    /// texts makes a light run longer than this allows. `None` for a model that takes tensors.
+    /// (see `scheduler::most_guests`). No guest is longer than the texts of the tenant a run is for
+    /// (see `answer_text_calls`), so a guest adds one text of that length: for a short text and for one of the most
+    /// tokens a text may have, a run of it alone is timed against runs of it beside copies of it, and
+    /// the fewer guests of the two lengths is the answer. `None` for a model that takes tensors.
     pub(crate) fn time_guests(&mut self, max_batch: usize) -> Result<Option<usize>, InferenceError> {
         let (Some(plan), Some(tokenizer)) = (&self.setup.text, &self.setup.tokenizer) else {
             return Ok(None);
@@ -255,20 +285,26 @@ impl Worker {
             run_text(session, tokenizer, plan, texts, &options)?;
             Ok(started.elapsed())
         };
-        let short = "Shares rose after the quarterly results".to_owned();
-        let alone = timed(std::slice::from_ref(&short))?.min(timed(std::slice::from_ref(&short))?);
-        let limit = alone.mul_f64(1.0 + GUEST_SLACK);
-        let longest = "word ".repeat(tokenizer.get_truncation().map_or(512, |t| t.max_length));
         let most = max_batch.saturating_sub(1).max(1);
-        let guests = most_guests(most, |guests| -> Result<bool, InferenceError> {
-            let mut texts = vec![longest.clone(); guests + 1];
-            texts[0].clone_from(&short);
-            // Either of two runs within the limit will do (a busy machine slows some); one far past
-            // it settles the matter.
-            let first = timed(&texts)?;
-            Ok(first <= limit || (first <= limit * 2 && timed(&texts)? <= limit))
-        })?;
-        Ok(Some(guests))
+        let short = "Shares rose after the quarterly results".to_owned();
+        let longest = "word ".repeat(tokenizer.get_truncation().map_or(512, |t| t.max_length));
+        let mut fewest = most;
+        for text in [short, longest] {
+            let alone = std::slice::from_ref(&text);
+            let limit = timed(alone)?.min(timed(alone)?).mul_f64(1.0 + GUEST_SLACK);
+            let guests = most_guests(most, |guests| -> Result<bool, InferenceError> {
+                let texts = vec![text.clone(); guests + 1];
+                // Either of two runs within the limit will do (a busy machine slows some); one far
+                // past it settles the matter.
+                let first = timed(&texts)?;
+                Ok(first <= limit || (first <= limit * 2 && timed(&texts)? <= limit))
+            })?;
+            fewest = fewest.min(guests);
+            if fewest == 1 {
+                break;
+            }
+        }
+        Ok(Some(fewest))
     }
 
     /// Serves the queue until it closes. The worker counts as serving from this call, not from its
@@ -346,6 +382,7 @@ impl Worker {
             } else {
                 tokio::runtime::Handle::current()
             };
+            let sends_back_longer = !background && self.setup.queue.is_fair();
             let joined = pool
                 .spawn_blocking(move || {
                     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -359,6 +396,7 @@ impl Worker {
                             Run {
                                 options: &options,
                                 terminated: &terminated,
+                                sends_back_longer,
                                 slot,
                             },
                         );
@@ -412,9 +450,13 @@ fn background_runs() -> &'static tokio::runtime::Runtime {
 }
 
 /// One run's options, whether the watchdog terminated it, and its tenants' run slots.
-struct Run<'a, Slot = RunSlot> {
+struct Run<'a, Slot = RunSlot, Longer = bool> {
     options: &'a RunOptions,
     terminated: &'a AtomicBool,
+    /// Whether calls of other tenants with texts longer than those of the tenant the run is for go
+    /// back to the queue (a light tenant's run under fair scheduling); in `answer_text_calls`, that
+    /// tenant.
+    sends_back_longer: Longer,
     /// Given back once the results are ready, before they are sent.
     slot: Slot,
 }
@@ -440,7 +482,8 @@ fn process(
     let options = run.options;
     let mut slot = Some(run.slot);
     let started = Instant::now();
-    let items: usize = batch.iter().map(|c| c.items).sum();
+    let mut items: usize = batch.iter().map(|c| c.items).sum();
+    let leader = batch.first().map(|call| call.share.tenant.clone());
     let mut failure: Option<bool> = None;
     let mut text_calls = Vec::new();
     // Counted before any caller is answered: statistics read right after an answer include it.
@@ -449,6 +492,10 @@ fn process(
     for call in batch {
         metrics::counter!("nv_inference_queue_duration_us", "model" => label.to_owned())
             .increment(u64::try_from(started.duration_since(call.queued_at).as_micros()).unwrap_or(u64::MAX));
+        if matches!(call.work, Work::Text { .. }) {
+            text_calls.push(call);
+            continue;
+        }
         match call.work {
             Work::Raw {
                 inputs,
@@ -466,11 +513,11 @@ fn process(
                 answered.count(1, call.items, result.is_ok());
                 let _ = reply.send(result);
             }
-            Work::Text { texts, reply } => text_calls.push((texts, reply)),
+            Work::Text { .. } => {}
         }
     }
-    if !text_calls.is_empty()
-        && let Err(runtime) = answer_text_calls(
+    if !text_calls.is_empty() {
+        let (sent_back, outcome) = answer_text_calls(
             session,
             tokenizer,
             plan,
@@ -478,12 +525,15 @@ fn process(
             Run {
                 options,
                 terminated: run.terminated,
+                sends_back_longer: leader.filter(|_| run.sends_back_longer),
                 slot: slot.take(),
             },
             &answered,
-        )
-    {
-        failure = Some(failure.unwrap_or(false) || runtime);
+        );
+        items -= sent_back;
+        if let Err(runtime) = outcome {
+            failure = Some(failure.unwrap_or(false) || runtime);
+        }
     }
     match failure {
         // A run stopped because every caller had gone says nothing about the model.
@@ -499,8 +549,6 @@ fn process(
         .increment(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
     metrics::histogram!("plinth_inference_batch_size", "model" => label.to_owned()).record(items as f64);
 }
-
-type TextCall = (Vec<String>, oneshot::Sender<Result<TextOutput, InferenceError>>);
 
 /// Counts calls as they are answered (requests, items, outcome), in the model's statistics and
 /// metrics.
@@ -525,38 +573,99 @@ impl Answered<'_> {
 
 /// Runs every text of every call at once and gives each call its rows. On failure, whether it was
 /// the runtime's (or the model's) rather than the input's.
+///
+/// Each call is tokenized on its own, so a text the tokenizer refuses fails only its call. In a run
+/// that sends back longer calls, a call of another tenant whose texts are longer (in tokens) than the
+/// longest of the tenant the run is for goes back to the queue to lead a run of its own: every text of
+/// a run is padded to the longest, and it would make each of that tenant's texts as costly as its own.
 fn answer_text_calls(
     session: &mut Session,
     tokenizer: Option<&Tokenizer>,
     plan: Option<&TextPlan>,
-    calls: Vec<TextCall>,
-    run: Run<'_, Option<RunSlot>>,
+    calls: Vec<Queued>,
+    run: Run<'_, Option<RunSlot>, Option<Arc<str>>>,
     answered: &Answered<'_>,
-) -> Result<(), bool> {
+) -> (usize, Result<(), bool>) {
     let Run {
         options,
         terminated,
+        sends_back_longer,
         slot,
     } = run;
-    let all: Vec<String> = calls
-        .iter()
-        .flat_map(|(texts, _)| texts.iter().cloned())
-        .collect();
-    let result = match (tokenizer, plan) {
-        (Some(tokenizer), Some(plan)) => run_text(session, tokenizer, plan, &all, options),
-        _ => Err(InferenceError::WrongTask(
-            "this model takes tensors, not text".into(),
-        )),
+    let reply_of = |call: Queued| match call.work {
+        Work::Text { reply, .. } => Some(reply),
+        Work::Raw { .. } => None,
+    };
+    let (Some(tokenizer), Some(plan)) = (tokenizer, plan) else {
+        drop(slot);
+        for call in calls {
+            answered.count(1, call.items, false);
+            if let Some(reply) = reply_of(call) {
+                let _ = reply.send(Err(InferenceError::WrongTask(
+                    "this model takes tensors, not text".into(),
+                )));
+            }
+        }
+        return (0, Err(false));
+    };
+    let mut slot = slot;
+    let mut refused = false;
+    let mut tokenized = Vec::with_capacity(calls.len());
+    for call in calls {
+        let Work::Text { texts, .. } = &call.work else {
+            continue;
+        };
+        match encode(tokenizer, texts) {
+            Ok(encodings) => tokenized.push((call, encodings)),
+            Err(err) => {
+                refused = true;
+                answered.count(1, call.items, false);
+                if let Some(reply) = reply_of(call) {
+                    let _ = reply.send(Err(err));
+                }
+            }
+        }
     }
-    .map_err(|err| timed_out_or(err, terminated));
+    let mut sent_back = 0;
+    if let (Some(leader), Some(slot)) = (&sends_back_longer, &mut slot) {
+        let lengths: Vec<(&Arc<str>, usize)> = tokenized
+            .iter()
+            .map(|(call, encodings)| (&call.share.tenant, longest(encodings)))
+            .collect();
+        let longer = longer_than_the_leaders(leader, &lengths);
+        let mut kept = Vec::with_capacity(tokenized.len());
+        for ((call, encodings), send_back) in tokenized.into_iter().zip(longer) {
+            if send_back {
+                sent_back += call.items;
+                slot.leave(&call.share.tenant);
+                slot.queue.send_back(call, longest(&encodings));
+            } else {
+                kept.push((call, encodings));
+            }
+        }
+        tokenized = kept;
+    }
+    if tokenized.is_empty() {
+        // Nothing ran: calls refused by the tokenizer say nothing about the model, but do not count as
+        // a run that worked either.
+        return (sent_back, if refused { Err(false) } else { Ok(()) });
+    }
+    let counts: Vec<usize> = tokenized.iter().map(|(_, encodings)| encodings.len()).collect();
+    let mut replies = Vec::with_capacity(tokenized.len());
+    let mut all = Vec::with_capacity(counts.iter().sum());
+    for (call, encodings) in tokenized {
+        all.extend(encodings);
+        replies.extend(reply_of(call));
+    }
+    let result =
+        run_encoded(session, tokenizer, plan, all, options).map_err(|err| timed_out_or(err, terminated));
     drop(slot);
-    let items: usize = calls.iter().map(|(texts, _)| texts.len()).sum();
-    answered.count(calls.len() as u64, items, result.is_ok());
-    match result {
+    answered.count(replies.len() as u64, counts.iter().sum(), result.is_ok());
+    let outcome = match result {
         Ok(output) => {
             let mut offset = 0;
-            for (texts, reply) in calls {
-                let rows = output.width * texts.len();
+            for (texts, reply) in counts.into_iter().zip(replies) {
+                let rows = output.width * texts;
                 let data = output.data[offset..offset + rows].to_vec();
                 offset += rows;
                 let _ = reply.send(Ok(TextOutput {
@@ -568,19 +677,40 @@ fn answer_text_calls(
         }
         Err(err) => {
             let runtime = matches!(err, InferenceError::Runtime(_) | InferenceError::InvalidModel(_));
-            for (_, reply) in calls {
+            for reply in replies {
                 let _ = reply.send(Err(err.for_another_caller()));
             }
             Err(runtime)
         }
-    }
+    };
+    (sent_back, outcome)
+}
+
+/// Tokens of the longest of a call's texts.
+fn longest(encodings: &[Encoding]) -> usize {
+    encodings.iter().map(Encoding::len).max().unwrap_or(0)
+}
+
+/// For each call of a run, in order (its tenant, its longest text in tokens), whether it belongs to
+/// another tenant than `leader`, the tenant the run is for, and is longer than every text of that
+/// tenant's calls. None when no call of that tenant is left to compare with.
+fn longer_than_the_leaders(leader: &Arc<str>, calls: &[(&Arc<str>, usize)]) -> Vec<bool> {
+    let leaders = calls
+        .iter()
+        .filter(|(tenant, _)| *tenant == leader)
+        .map(|(_, tokens)| *tokens)
+        .max();
+    calls
+        .iter()
+        .map(|(tenant, tokens)| *tenant != leader && leaders.is_some_and(|longest| *tokens > longest))
+        .collect()
 }
 
 fn int64_tensor(shape: &[i64], values: Vec<i64>) -> Result<DynValue, InferenceError> {
     Ok(ort::value::Tensor::from_array((shape.to_vec(), values))?.into_dyn())
 }
 
-/// Tokenizes (padding to the longest text), runs, and reads the plan's output as `[texts, width]`.
+/// Tokenizes, runs, and reads the plan's output as `[texts, width]`.
 pub(crate) fn run_text(
     session: &mut Session,
     tokenizer: &Tokenizer,
@@ -588,9 +718,22 @@ pub(crate) fn run_text(
     texts: &[String],
     options: &RunOptions,
 ) -> Result<TextOutput, InferenceError> {
-    let encodings = tokenizer
-        .encode_batch(texts.to_vec(), true)
-        .map_err(|err| InferenceError::InvalidInput(format!("tokenization failed: {err}")))?;
+    let encodings = encode(tokenizer, texts)?;
+    run_encoded(session, tokenizer, plan, encodings, options)
+}
+
+/// Pads tokenized texts (of one call or several) to the longest, runs them, and reads the plan's
+/// output as `[texts, width]`.
+fn run_encoded(
+    session: &mut Session,
+    tokenizer: &Tokenizer,
+    plan: &TextPlan,
+    mut encodings: Vec<Encoding>,
+    options: &RunOptions,
+) -> Result<TextOutput, InferenceError> {
+    let padding = tokenizer.get_padding().cloned().unwrap_or_default();
+    tokenizers::utils::padding::pad_encodings(&mut encodings, &padding)
+        .map_err(|err| InferenceError::Runtime(format!("padding failed: {err}")))?;
     let rows = encodings.len();
     let tokens = encodings.first().map_or(0, tokenizers::Encoding::len);
     let column = |f: fn(&tokenizers::Encoding) -> &[u32]| -> Vec<i64> {
@@ -700,4 +843,84 @@ fn run_raw(
             Tensor::from_ort(name, value)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::{Scheduling, Share};
+
+    fn call_of(tenant: &str) -> (Work, Share) {
+        let (reply, waiting) = oneshot::channel();
+        std::mem::forget(waiting);
+        let share = Share {
+            tenant: Arc::from(tenant),
+            weight: 1,
+            plan: Arc::from("test"),
+        };
+        (
+            Work::Text {
+                texts: vec!["text".to_owned()],
+                reply,
+            },
+            share,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_call_sent_back_gives_its_tenants_run_slot_back_at_once() {
+        // Two sessions: a tenant's calls may be in one run at a time.
+        let queue = Arc::new(FairQueue::new(100, 100, 2, Scheduling::Fair));
+        for tenant in ["light", "long"] {
+            let (work, share) = call_of(tenant);
+            queue.push(work, share, 1).unwrap();
+        }
+        let all = |_: &[Queued], _: &Queued| true;
+        let mut run = queue.next_batch(Duration::ZERO, &all).await.unwrap();
+        let mut slot = RunSlot {
+            queue: queue.clone(),
+            tenants: run.iter().map(|call| call.share.tenant.clone()).collect(),
+        };
+        let long = run.pop().unwrap();
+        slot.leave(&long.share.tenant);
+        queue.send_back(long, 100);
+        // While the light tenant's run goes on, the call sent back leads the other session's run, as
+        // the only run of its tenant (normal priority).
+        let next = tokio::time::timeout(Duration::from_secs(1), queue.next_batch(Duration::ZERO, &all))
+            .await
+            .expect("the call sent back is not held back by the run it left")
+            .unwrap();
+        assert_eq!(next[0].share.tenant.as_ref(), "long");
+        assert!(!queue.runs_in_background(&next[0].share.tenant));
+        drop(slot);
+    }
+
+    #[test]
+    fn calls_of_other_tenants_longer_than_the_leaders_texts_are_singled_out() {
+        let (light, other, third): (Arc<str>, Arc<str>, Arc<str>) =
+            (Arc::from("light"), Arc::from("other"), Arc::from("third"));
+        let run = [
+            (&light, 12),
+            (&other, 128),
+            (&light, 40),
+            (&third, 40),
+            (&other, 9),
+        ];
+        assert_eq!(
+            longer_than_the_leaders(&light, &run),
+            [false, true, false, false, false],
+            "only the call longer than the light tenant's longest (40)"
+        );
+        // The tenant a run is for is never sent back from it, however long its texts, nor anyone
+        // when none of its calls is left to compare with (the tokenizer refused them).
+        assert_eq!(
+            longer_than_the_leaders(&light, &[(&light, 128), (&light, 512)]),
+            [false, false]
+        );
+        assert_eq!(
+            longer_than_the_leaders(&light, &[(&other, 128), (&third, 9)]),
+            [false, false]
+        );
+        assert!(longer_than_the_leaders(&light, &[]).is_empty());
+    }
 }

@@ -6,9 +6,12 @@
 //! proportion to its weight. Batches still form from whatever is at the front, across tenants.
 //!
 //! A light tenant's run carries a few items of heavy tenants beside its own: one, or on a platform model
-//! as many as keep it within half as long again as its call alone however long the heavy tenants'
-//! texts, timed when the model loads (see `Worker::time_guests`). Where texts are nearly free beside a
-//! run (a GPU), that is many; where each costs about as much as a run of one (a small CPU), one.
+//! as many as keep it within half as long again as its call alone, timed when the model loads (see
+//! `Worker::time_guests`). Where texts are nearly free beside a run (a GPU), that is many; where each
+//! costs about as much as a run of one (a small CPU), one. Every text of a run is padded to its
+//! longest, so a call of another tenant longer (in tokens) than the texts of the tenant a run is for is
+//! sent back to lead a run of its own (see `batcher`), rather than make each of that tenant's texts as
+//! costly as its own.
 //!
 //! Each tenant may queue only so many calls (`429` beyond), so a flood is refused before the shared
 //! queue fills and answers everyone `503`. And a tenant's calls may occupy all but one of the model's
@@ -99,6 +102,10 @@ pub(crate) struct Queued {
     pub(crate) work: Work,
     pub(crate) share: Share,
     pub(crate) items: usize,
+    /// Sent back from another tenant's run for texts longer than that tenant's (see
+    /// [`FairQueue::send_back`]): its longest text in tokens. It leads a run, or joins another tenant's
+    /// only behind a call sent back with texts at least as long.
+    sent_back: Option<usize>,
     pub(crate) queued_at: Instant,
 }
 
@@ -269,6 +276,7 @@ impl FairQueue {
         inner.calls.push(Reverse(Queued {
             start,
             sequence,
+            sent_back: None,
             work,
             share,
             items,
@@ -310,6 +318,12 @@ impl FairQueue {
                     continue;
                 }
                 leader_heavy = self.heavy(inner, tenant);
+            } else if let Some(tokens) = call.sent_back
+                && batch[0].share.tenant != *tenant
+                && batch[0].sent_back.is_none_or(|leading| leading < tokens)
+            {
+                passed_over.push(Reverse(call));
+                continue;
             } else if self.scheduling == Scheduling::Fair && batch[0].share.tenant != *tenant {
                 // Another tenant leads this run. A tenant with only this call in hand never waits
                 // inside a heavy tenant's run (which goes at low priority): it leads a run of its
@@ -447,6 +461,23 @@ impl FairQueue {
         Some(batch)
     }
 
+    /// Puts a call taken into another tenant's run back in its place (its tag unchanged), to lead a run
+    /// of its own (or join one led by a call sent back with texts as long): its texts, the longest of
+    /// `tokens` tokens, were longer than those of the tenant the run is for, and every text of a run is
+    /// padded to the longest.
+    pub(crate) fn send_back(&self, mut call: Queued, tokens: usize) {
+        metrics::counter!("plinth_inference_sent_back_total").increment(1);
+        call.sent_back = Some(tokens);
+        let mut inner = self.lock();
+        let tenant = inner.tenants.entry(call.share.tenant.clone()).or_default();
+        let cost = ITEM * call.items.max(1) as u128 / u128::from(call.share.weight.max(1));
+        tenant.finish = tenant.finish.max(call.start + cost.max(1));
+        tenant.queued += 1;
+        inner.calls.push(Reverse(call));
+        drop(inner);
+        self.ready.notify_one();
+    }
+
     /// Lets a light tenant's run carry `guests` items of heavy tenants (one until set, and at least one).
     pub(crate) fn set_guest_items(&self, guests: usize) {
         self.lock().guests = guests.max(1);
@@ -456,6 +487,11 @@ impl FairQueue {
     pub(crate) fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_waiters();
+    }
+
+    /// Whether tenants share the model by weight (rather than first come, first served).
+    pub(crate) fn is_fair(&self) -> bool {
+        self.scheduling == Scheduling::Fair
     }
 
     /// Whether the model was unloaded.
@@ -604,6 +640,66 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(light.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_call_sent_back_keeps_its_place_and_leads_a_run_of_its_own() {
+        let all = |_: &[Queued], _: &Queued| true;
+        let no_wait = std::time::Duration::ZERO;
+        let queue = FairQueue::new(1_000, 1_000, 3, Scheduling::Fair);
+        queue.push(call(1), share("light", 1), 1).unwrap();
+        queue.push(call(1), share("long", 1), 1).unwrap();
+        let mut run = queue.next_batch(no_wait, &all).await.unwrap();
+        assert_eq!(run.len(), 2, "two light tenants share a run");
+        // The worker found the second call's texts longer than the first's.
+        queue.send_back(run.pop().unwrap(), 100);
+        queue.push(call(1), share("other", 1), 1).unwrap();
+        queue.push(call(1), share("long", 1), 1).unwrap();
+        // It is served next, ahead of later calls, leading; no later call of its tenant overtakes it.
+        let next = queue.next_batch(no_wait, &all).await.unwrap();
+        let tenants: Vec<&str> = next.iter().map(|c| c.share.tenant.as_ref()).collect();
+        assert_eq!(tenants[0], "long");
+        // While its tenant holds its most runs, a run led by someone else passes over it, however
+        // long that run waits for company (and would otherwise take it as a guest).
+        let queue = FairQueue::new(1_000, 1_000, 2, Scheduling::Fair);
+        queue.push(call(1), share("long", 1), 1).unwrap();
+        let taken = queue.next_batch(no_wait, &all).await.unwrap();
+        queue.send_back(taken.into_iter().next().unwrap(), 100);
+        queue.push(call(1), share("light", 1), 1).unwrap();
+        let light = queue
+            .next_batch(std::time::Duration::from_millis(20), &all)
+            .await
+            .unwrap();
+        assert_eq!(
+            light.len(),
+            1,
+            "the call sent back does not join a light tenant's run"
+        );
+        assert_eq!(light[0].share.tenant.as_ref(), "light");
+        queue.finished(&[Arc::from("long")]);
+        let long = queue.next_batch(no_wait, &all).await.unwrap();
+        assert_eq!(long[0].share.tenant.as_ref(), "long");
+        // Calls sent back still share runs: behind one sent back with texts at least as long.
+        let queue = FairQueue::new(1_000, 1_000, 3, Scheduling::Fair);
+        for tenant in ["a", "b", "c"] {
+            queue.push(call(1), share(tenant, 1), 1).unwrap();
+        }
+        let mut sent = queue.next_batch(no_wait, &all).await.unwrap().into_iter();
+        let (a, b, c) = (sent.next().unwrap(), sent.next().unwrap(), sent.next().unwrap());
+        queue.send_back(a, 60);
+        queue.send_back(b, 100);
+        queue.send_back(c, 40);
+        let run = queue.next_batch(no_wait, &all).await.unwrap();
+        let tenants: Vec<&str> = run.iter().map(|c| c.share.tenant.as_ref()).collect();
+        assert_eq!(tenants, ["a", "c"], "b's texts are longer than a's");
+        assert_eq!(
+            queue.next_batch(no_wait, &all).await.unwrap()[0]
+                .share
+                .tenant
+                .as_ref(),
+            "b"
+        );
+        assert_eq!(queue.len(), 0);
     }
 
     #[tokio::test]
