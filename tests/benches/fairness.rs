@@ -10,11 +10,14 @@
 //! own, it spends up to its whole fair share of the machine on runs of one or two texts, where first
 //! come, first served packs its calls into the flood's big runs (and answers them several times
 //! slower). The smaller the machine, the larger that share: on two cores about half, and the total
-//! falls by a tenth or more; on sixteen it would be a few percent. Where texts are cheap beside a run
-//! (a GPU), the quiet tenant's runs carry more of the flood's texts (see `scheduler::most_guests`).
+//! falls by a tenth or more; on sixteen cores both goals were met (README). Where texts are cheap
+//! beside a run (a GPU), the quiet tenant's runs carry more of the flood's texts (see
+//! `scheduler::most_guests`).
 //!
-//! Run: `cargo bench -p plinth-tests --bench fairness`. Clients run on threads and runtimes of their own,
-//! as external clients would; the numbers are for comparing within one run.
+//! Run: `cargo bench -p plinth-tests --bench fairness` (`PLINTH_EXECUTION_PROVIDER=cuda` on a GPU;
+//! `-- long` for a flood of the longest texts).
+//! Clients run on threads and runtimes of their own, as external clients would; the numbers are for
+//! comparing within one run.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,7 +26,11 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use plinth_tests::TestApp;
 
-const QUIET_CALLS: usize = 1_000;
+/// The quiet tenant's calls sampled alone and under the flood (fewer under a flood of the longest
+/// texts, where first come, first served answers each in a fraction of a second).
+fn quiet_calls() -> usize {
+    if long_flood() { 300 } else { 1_000 }
+}
 const FLOOD_CONNECTIONS: usize = 48;
 const TEXT: &str = "Shares plunged after the profit warning";
 
@@ -46,11 +53,25 @@ fn client<T: Send + 'static>(
     })
 }
 
-async fn classify(http: &reqwest::Client, url: &str, key: &str) {
+fn long_flood() -> bool {
+    std::env::args().any(|arg| arg == "long")
+}
+
+/// With `-- long`, the flood sends texts of the most tokens a text may have (every text of a run is
+/// padded to its longest): the quiet tenant's runs must not become as long.
+fn flood_text() -> String {
+    if long_flood() {
+        "word ".repeat(200)
+    } else {
+        TEXT.to_owned()
+    }
+}
+
+async fn classify(http: &reqwest::Client, url: &str, key: &str, text: &str) {
     let response = http
         .post(url)
         .bearer_auth(key)
-        .json(&serde_json::json!({ "inputs": [TEXT] }))
+        .json(&serde_json::json!({ "inputs": [text] }))
         .send()
         .await
         .expect("request");
@@ -63,12 +84,12 @@ fn quiet(url: String, key: String) -> std::thread::JoinHandle<Vec<Duration>> {
     client(move |http| {
         Box::pin(async move {
             for _ in 0..20 {
-                classify(&http, &url, &key).await;
+                classify(&http, &url, &key, TEXT).await;
             }
-            let mut samples = Vec::with_capacity(QUIET_CALLS);
-            for _ in 0..QUIET_CALLS {
+            let mut samples = Vec::with_capacity(quiet_calls());
+            for _ in 0..quiet_calls() {
                 let started = Instant::now();
-                classify(&http, &url, &key).await;
+                classify(&http, &url, &key, TEXT).await;
                 samples.push(started.elapsed());
             }
             samples
@@ -76,31 +97,41 @@ fn quiet(url: String, key: String) -> std::thread::JoinHandle<Vec<Duration>> {
     })
 }
 
-/// The noisy tenant: `FLOOD_CONNECTIONS` calls in flight until `stop`, counting completions.
+/// The noisy tenant: `FLOOD_CONNECTIONS` calls in flight until `stop`, counting completions, from a
+/// client thread per four cores (one on a small machine), so that a fast server is not measured by
+/// how fast one thread can send.
 fn flood(
-    url: String,
-    key: String,
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicU64>,
-) -> std::thread::JoinHandle<()> {
-    client(move |http| {
-        Box::pin(async move {
-            // The load generator shares this machine's cores with the server it measures: at the
-            // lowest priority it takes only what the server leaves (as a client elsewhere would).
-            #[cfg(target_os = "linux")]
-            let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
-            join_all((0..FLOOD_CONNECTIONS).map(|_| {
-                let (http, url, key, stop, done) = (&http, &url, &key, &stop, &done);
-                async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        classify(http, url, key).await;
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }))
-            .await;
+    url: &str,
+    key: &str,
+    stop: &Arc<AtomicBool>,
+    done: &Arc<AtomicU64>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let threads = (std::thread::available_parallelism().map_or(1, usize::from) / 4).clamp(1, 4);
+    (0..threads)
+        .map(|_| {
+            let (url, key, stop, done) = (url.to_owned(), key.to_owned(), stop.clone(), done.clone());
+            client(move |http| {
+                Box::pin(async move {
+                    // The load generator shares this machine's cores with the server it measures: at
+                    // the lowest priority it takes only what the server leaves (as a client elsewhere
+                    // would).
+                    #[cfg(target_os = "linux")]
+                    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
+                    let text = flood_text();
+                    join_all((0..FLOOD_CONNECTIONS / threads).map(|_| {
+                        let (http, url, key, text, stop, done) = (&http, &url, &key, &text, &stop, &done);
+                        async move {
+                            while !stop.load(Ordering::Relaxed) {
+                                classify(http, url, key, text).await;
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }))
+                    .await;
+                })
+            })
         })
-    })
+        .collect()
 }
 
 fn percentile(samples: &mut [Duration], p: f64) -> f64 {
@@ -114,18 +145,20 @@ struct Run {
     /// The quiet tenant's wait in the model's queue under the flood (p50, p99; bucket bounds), out of
     /// its whole latency: the rest is HTTP, metering and the ledger's durable commit.
     queue_wait: (f64, f64),
+    /// The usage ledger's commits under the flood (p50, p99; bucket bounds).
+    ledger_commit: (f64, f64),
     throughput: f64,
     /// Texts per run of the model under the flood.
     items_per_run: f64,
 }
 
-/// The cumulative buckets of the quiet plan's queue-wait histogram: (upper bound in s, count).
-async fn queue_wait_buckets(app: &TestApp) -> Vec<(f64, u64)> {
+/// The cumulative buckets of a histogram, (upper bound in s, count), over the series whose labels
+/// contain `labels`.
+async fn buckets(app: &TestApp, histogram: &str, labels: &str) -> Vec<(f64, u64)> {
     let text = app.metrics().await;
+    let prefix = format!("{histogram}_bucket{{");
     text.lines()
-        .filter(|line| {
-            line.starts_with("plinth_inference_queue_wait_seconds_bucket{") && line.contains("plan=\"quiet\"")
-        })
+        .filter(|line| line.starts_with(&prefix) && line.contains(labels))
         .filter_map(|line| {
             let le = line.split("le=\"").nth(1)?.split('"').next()?;
             let le = if le == "+Inf" {
@@ -137,6 +170,15 @@ async fn queue_wait_buckets(app: &TestApp) -> Vec<(f64, u64)> {
             Some((le, count))
         })
         .collect()
+}
+
+/// The quiet plan's waits in the model's queue, and the usage ledger's commits (every metered call
+/// waits for one).
+async fn waits(app: &TestApp) -> [Vec<(f64, u64)>; 2] {
+    [
+        buckets(app, "plinth_inference_queue_wait_seconds", "plan=\"quiet\"").await,
+        buckets(app, "plinth_ledger_write_duration_seconds", "").await,
+    ]
 }
 
 /// A counter of the sentiment model's (`nv_inference_*`).
@@ -172,8 +214,14 @@ fn bucket_percentile(before: &[(f64, u64)], after: &[(f64, u64)], p: f64) -> f64
 async fn measure(scheduling: &'static str) -> Run {
     let app = TestApp::spawn_on(plinth_tests::Backend::SqliteMemory, |config| {
         config.inference_scheduling = scheduling.to_owned();
-        // The default: a session per core plus one.
+        // The defaults: a session per core plus one, an HTTP worker per core.
         config.inference_sessions = std::thread::available_parallelism().map_or(2, usize::from) + 1;
+        config.workers = 0;
+        // `PLINTH_EXECUTION_PROVIDER=cuda` measures a GPU (with `PLINTH_CACHE_DIR` holding its ONNX
+        // Runtime build).
+        if let Ok(provider) = std::env::var("PLINTH_EXECUTION_PROVIDER") {
+            config.execution_provider = provider;
+        }
     })
     .await;
     let (noisy, calm) = (app.tenant().await, app.tenant().await);
@@ -194,9 +242,9 @@ async fn measure(scheduling: &'static str) -> Run {
     .expect("quiet");
 
     let (stop, done) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-    let flooding = flood(url.clone(), noisy.key.secret.clone(), stop.clone(), done.clone());
+    let flooding = flood(&url, &noisy.key.secret, &stop, &done);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let waits_before = queue_wait_buckets(&app).await;
+    let waits_before = waits(&app).await;
     let runs_before = model_counter(&app, "nv_inference_exec_count").await;
     let items_before = model_counter(&app, "nv_inference_count").await;
     let (before, started) = (done.load(Ordering::Relaxed), Instant::now());
@@ -208,23 +256,31 @@ async fn measure(scheduling: &'static str) -> Run {
     .expect("quiet");
     let elapsed = started.elapsed().as_secs_f64();
     let noisy_calls = done.load(Ordering::Relaxed) - before;
-    let waits_after = queue_wait_buckets(&app).await;
+    let waits_after = waits(&app).await;
     let runs = model_counter(&app, "nv_inference_exec_count").await - runs_before;
     let items = model_counter(&app, "nv_inference_count").await - items_before;
     stop.store(true, Ordering::Relaxed);
-    tokio::task::spawn_blocking(move || flooding.join().expect("flood client"))
-        .await
-        .expect("flood");
+    tokio::task::spawn_blocking(move || {
+        for client in flooding {
+            client.join().expect("flood client");
+        }
+    })
+    .await
+    .expect("flood");
     app.stop().await;
     Run {
         alone: (percentile(&mut alone, 0.5), percentile(&mut alone, 0.99)),
         flooded: (percentile(&mut flooded, 0.5), percentile(&mut flooded, 0.99)),
         queue_wait: (
-            bucket_percentile(&waits_before, &waits_after, 0.5),
-            bucket_percentile(&waits_before, &waits_after, 0.99),
+            bucket_percentile(&waits_before[0], &waits_after[0], 0.5),
+            bucket_percentile(&waits_before[0], &waits_after[0], 0.99),
+        ),
+        ledger_commit: (
+            bucket_percentile(&waits_before[1], &waits_after[1], 0.5),
+            bucket_percentile(&waits_before[1], &waits_after[1], 0.99),
         ),
         // The quiet tenant's warm-up calls fall in the window too: count them.
-        throughput: (noisy_calls as f64 + (QUIET_CALLS + 20) as f64) / elapsed,
+        throughput: (noisy_calls as f64 + (quiet_calls() + 20) as f64) / elapsed,
         items_per_run: items / runs.max(1.0),
     }
 }
@@ -232,24 +288,31 @@ async fn measure(scheduling: &'static str) -> Run {
 fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async {
         println!(
-            "sentiment, one text per call; quiet tenant c=1 beside a noisy one at c={FLOOD_CONNECTIONS}, same weight ({} cores)",
+            "sentiment, one text per call; quiet tenant c=1 beside a noisy one at c={FLOOD_CONNECTIONS} sending {} texts, same weight ({} cores)",
+            if flood_text() == TEXT { "short" } else { "the longest" },
             std::thread::available_parallelism().map_or(0, usize::from)
         );
         println!(
-            "  {:<10} {:>15} {:>15} {:>15} {:>12} {:>10} {:>22}",
-            "policy", "alone p50/p99", "flood p50/p99", "p99 vs alone", "calls/s", "texts/run", "queue wait p50/p99 <="
+            "  {:<10} {:>15} {:>15} {:>15} {:>12} {:>10} {:>22} {:>22}",
+            "policy",
+            "alone p50/p99",
+            "flood p50/p99",
+            "p99 vs alone",
+            "calls/s",
+            "texts/run",
+            "queue wait p50/p99 <=",
+            "ledger commit p50/p99 <="
         );
         let fifo = measure("fifo").await;
         let fair = measure("fair").await;
         for (name, run) in [("fifo", &fifo), ("fair", &fair)] {
             println!(
-                "  {name:<10} {:>7.1}/{:>6.1}ms {:>7.1}/{:>6.1}ms {:>14.2}x {:>12.0} {:>10.1} {:>12.1}/{:>6.1}ms",
+                "  {name:<10} {:>7.1}/{:>6.1}ms {:>7.1}/{:>6.1}ms {:>14.2}x {:>12.0} {:>10.1} {:>12.1}/{:>6.1}ms {:>14.1}/{:>6.1}ms",
                 run.alone.0,
                 run.alone.1,
                 run.flooded.0,
@@ -258,7 +321,9 @@ fn main() {
                 run.throughput,
                 run.items_per_run,
                 run.queue_wait.0,
-                run.queue_wait.1
+                run.queue_wait.1,
+                run.ledger_commit.0,
+                run.ledger_commit.1
             );
         }
         println!(
