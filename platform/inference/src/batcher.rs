@@ -271,9 +271,10 @@ impl Worker {
 
     /// How many texts of heavy tenants a light tenant's run may carry on this model, on this machine
     /// (see `scheduler::most_guests`). No guest is longer than the texts of the tenant a run is for
-    /// (see `answer_text_calls`), so a guest adds one text of that length: for a short text and for one of the most
-    /// tokens a text may have, a run of it alone is timed against runs of it beside copies of it, and
-    /// the fewer guests of the two lengths is the answer. `None` for a model that takes tensors.
+    /// (see `answer_text_calls`), so a guest adds one text of that length: for a short text and for
+    /// one of the most tokens a text may have, a run of it alone is timed against runs of it beside
+    /// copies of it, and the fewer guests of the two lengths is the answer. `None` for a model that
+    /// takes tensors.
     pub(crate) fn time_guests(&mut self, max_batch: usize) -> Result<Option<usize>, InferenceError> {
         let (Some(plan), Some(tokenizer)) = (&self.setup.text, &self.setup.tokenizer) else {
             return Ok(None);
@@ -382,7 +383,11 @@ impl Worker {
             } else {
                 tokio::runtime::Handle::current()
             };
-            let sends_back_longer = !background && self.setup.queue.is_fair();
+            // A light tenant's run under fair scheduling keeps out others' longer texts.
+            let sends_back_for = batch
+                .first()
+                .filter(|_| !background && self.setup.queue.is_fair())
+                .map(|call| call.share.tenant.clone());
             let joined = pool
                 .spawn_blocking(move || {
                     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -396,7 +401,7 @@ impl Worker {
                             Run {
                                 options: &options,
                                 terminated: &terminated,
-                                sends_back_longer,
+                                sends_back_for,
                                 slot,
                             },
                         );
@@ -450,13 +455,12 @@ fn background_runs() -> &'static tokio::runtime::Runtime {
 }
 
 /// One run's options, whether the watchdog terminated it, and its tenants' run slots.
-struct Run<'a, Slot = RunSlot, Longer = bool> {
+struct Run<'a, Slot = RunSlot> {
     options: &'a RunOptions,
     terminated: &'a AtomicBool,
-    /// Whether calls of other tenants with texts longer than those of the tenant the run is for go
-    /// back to the queue (a light tenant's run under fair scheduling); in `answer_text_calls`, that
-    /// tenant.
-    sends_back_longer: Longer,
+    /// The tenant the run is for, when calls of other tenants with longer texts than its own go back
+    /// to the queue (see `answer_text_calls`).
+    sends_back_for: Option<Arc<str>>,
     /// Given back once the results are ready, before they are sent.
     slot: Slot,
 }
@@ -483,7 +487,6 @@ fn process(
     let mut slot = Some(run.slot);
     let started = Instant::now();
     let mut items: usize = batch.iter().map(|c| c.items).sum();
-    let leader = batch.first().map(|call| call.share.tenant.clone());
     let mut failure: Option<bool> = None;
     let mut text_calls = Vec::new();
     // Counted before any caller is answered: statistics read right after an answer include it.
@@ -496,25 +499,24 @@ fn process(
             text_calls.push(call);
             continue;
         }
-        match call.work {
-            Work::Raw {
-                inputs,
-                outputs,
-                reply,
-            } => {
-                let result = run_raw(session, &inputs, outputs.as_deref(), options)
-                    .map_err(|err| timed_out_or(err, run.terminated));
-                if let Err(err) = &result {
-                    // The caller's input is the caller's problem; anything else is the runtime's.
-                    let runtime = !matches!(err, InferenceError::InvalidInput(_));
-                    failure = Some(failure.unwrap_or(false) || runtime);
-                }
-                drop(slot.take());
-                answered.count(1, call.items, result.is_ok());
-                let _ = reply.send(result);
-            }
-            Work::Text { .. } => {}
+        let Work::Raw {
+            inputs,
+            outputs,
+            reply,
+        } = call.work
+        else {
+            continue;
+        };
+        let result = run_raw(session, &inputs, outputs.as_deref(), options)
+            .map_err(|err| timed_out_or(err, run.terminated));
+        if let Err(err) = &result {
+            // The caller's input is the caller's problem; anything else is the runtime's.
+            let runtime = !matches!(err, InferenceError::InvalidInput(_));
+            failure = Some(failure.unwrap_or(false) || runtime);
         }
+        drop(slot.take());
+        answered.count(1, call.items, result.is_ok());
+        let _ = reply.send(result);
     }
     if !text_calls.is_empty() {
         let (sent_back, outcome) = answer_text_calls(
@@ -525,7 +527,7 @@ fn process(
             Run {
                 options,
                 terminated: run.terminated,
-                sends_back_longer: leader.filter(|_| run.sends_back_longer),
+                sends_back_for: run.sends_back_for,
                 slot: slot.take(),
             },
             &answered,
@@ -583,14 +585,14 @@ fn answer_text_calls(
     tokenizer: Option<&Tokenizer>,
     plan: Option<&TextPlan>,
     calls: Vec<Queued>,
-    run: Run<'_, Option<RunSlot>, Option<Arc<str>>>,
+    run: Run<'_, Option<RunSlot>>,
     answered: &Answered<'_>,
 ) -> (usize, Result<(), bool>) {
     let Run {
         options,
         terminated,
-        sends_back_longer,
-        slot,
+        sends_back_for,
+        mut slot,
     } = run;
     let reply_of = |call: Queued| match call.work {
         Work::Text { reply, .. } => Some(reply),
@@ -608,7 +610,6 @@ fn answer_text_calls(
         }
         return (0, Err(false));
     };
-    let mut slot = slot;
     let mut refused = false;
     let mut tokenized = Vec::with_capacity(calls.len());
     for call in calls {
@@ -627,7 +628,7 @@ fn answer_text_calls(
         }
     }
     let mut sent_back = 0;
-    if let (Some(leader), Some(slot)) = (&sends_back_longer, &mut slot) {
+    if let (Some(leader), Some(slot)) = (&sends_back_for, &mut slot) {
         let lengths: Vec<(&Arc<str>, usize)> = tokenized
             .iter()
             .map(|(call, encodings)| (&call.share.tenant, longest(encodings)))
