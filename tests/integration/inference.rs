@@ -431,6 +431,36 @@ async fn a_longer_call_of_another_tenant_does_not_ride_in_a_light_tenants_run() 
     assert_eq!(executions().await - before, 1, "the shorter call joined the run");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_text_scores_as_the_words_the_model_reads() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    let sentence = "Shares plunged after the profit warning, and analysts cut their targets. ";
+    let long = sentence.repeat(500)[..32 * 1024].to_owned();
+    let start: String = long.split(' ').take(200).collect::<Vec<_>>().join(" ");
+    let scores = |text: String| {
+        let client = tenant.client.clone();
+        async move {
+            client
+                .classify("sentiment", &[text.as_str()])
+                .await
+                .unwrap()
+                .results[0]
+                .clone()
+        }
+    };
+    let (whole, first_words) = (scores(long).await, scores(start).await);
+    assert_eq!(whole.label, first_words.label);
+    for (a, b) in whole.scores.iter().zip(&first_words.scores) {
+        assert!(
+            (a.score - b.score).abs() < 1e-6,
+            "{} for 32 KiB, {} for its first 200 words",
+            a.score,
+            b.score
+        );
+    }
+}
+
 /// The Python interpreter with `tritonclient[http]` and `schemathesis` (made by `scripts/test.sh`).
 pub(crate) fn client_python() -> std::path::PathBuf {
     if let Some(python) = std::env::var_os("PLINTH_TEST_PYTHON") {
