@@ -48,10 +48,15 @@ impl Work {
 /// # Errors
 /// `InvalidInput` when the tokenizer refuses a text.
 fn encode(tokenizer: &Tokenizer, texts: &[String]) -> Result<Vec<Encoding>, InferenceError> {
-    // A model reads only its first `max_length` tokens, and every word makes at least one: the words
-    // after that many are not tokenized at all. The same tokens, for a fraction of the work on a long
-    // text, and no 32 KiB of words crafted to be slow to split.
-    let words = tokenizer.get_truncation().map_or(usize::MAX, |t| t.max_length);
+    // A model reads only its first `max_length` tokens, and where the tokenizer splits text at
+    // whitespace (as BERT's does) each word makes at least one: the words after that many are not
+    // tokenized at all. The same tokens for any text whose words each leave something after
+    // normalizing (a word of only zero-width characters leaves nothing), for a fraction of the work
+    // on a long text, and no 32 KiB of words crafted to be slow to split.
+    let words = match tokenizer.get_truncation() {
+        Some(truncation) if splits_at_whitespace(tokenizer) => truncation.max_length,
+        _ => usize::MAX,
+    };
     let texts: Vec<&str> = texts.iter().map(|text| leading_words(text, words)).collect();
     let mut encodings = tokenizer
         .encode_batch(texts, true)
@@ -61,6 +66,19 @@ fn encode(tokenizer: &Tokenizer, texts: &[String]) -> Result<Vec<Encoding>, Infe
         drop(encoding.take_overflowing());
     }
     Ok(encodings)
+}
+
+/// Whether the tokenizer's pre-tokenizer splits text at whitespace, so that no token spans two words.
+fn splits_at_whitespace(tokenizer: &Tokenizer) -> bool {
+    use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+    matches!(
+        tokenizer.get_pre_tokenizer(),
+        Some(
+            PreTokenizerWrapper::BertPreTokenizer(_)
+                | PreTokenizerWrapper::Whitespace(_)
+                | PreTokenizerWrapper::WhitespaceSplit(_)
+        )
+    )
 }
 
 /// The start of `text` holding its first `words` words (separated by whitespace).
@@ -927,6 +945,33 @@ mod tests {
         assert_eq!(leading_words("", 2), "");
         assert_eq!(leading_words("naïve café über", 2), "naïve café");
         assert_eq!(leading_words("one two", usize::MAX), "one two");
+    }
+
+    #[test]
+    fn texts_are_cut_only_where_the_tokenizer_splits_at_whitespace() {
+        let vocab = [("[UNK]", 0), ("a", 1), ("b", 2), ("c", 3), ("a b c", 4)]
+            .map(|(word, id)| (word.to_owned(), id));
+        let model = tokenizers::models::wordlevel::WordLevel::builder()
+            .vocab(vocab.into())
+            .unk_token("[UNK]".to_owned())
+            .build()
+            .unwrap();
+        let mut tokenizer = Tokenizer::new(model);
+        tokenizer
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: 2,
+                ..tokenizers::TruncationParams::default()
+            }))
+            .unwrap();
+        let ids = |tokenizer: &Tokenizer| {
+            encode(tokenizer, &["a b c".to_owned()]).unwrap()[0]
+                .get_ids()
+                .to_vec()
+        };
+        // No pre-tokenizer: the whole text is one token, which a cut after two words would lose.
+        assert_eq!(ids(&tokenizer), [4]);
+        tokenizer.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace));
+        assert_eq!(ids(&tokenizer), [1, 2]);
     }
 
     #[test]
