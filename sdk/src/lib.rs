@@ -171,6 +171,9 @@ pub type Progress = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
 /// The size of the pieces an upload is sent in (and progress reported by).
 const UPLOAD_CHUNK: usize = 64 << 10;
 
+/// How long an upload (model, plugin version, dataset) may take, its checks on the server included.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Counts an upload's sent bytes across its files.
 #[derive(Clone)]
 struct UploadMeter {
@@ -845,7 +848,9 @@ impl Client {
         url: url::Url,
         form: reqwest::multipart::Form,
     ) -> Result<T> {
-        let mut request = self.http.post(url).multipart(form);
+        // The server answers an upload once it has checked it: a plugin is compiled (up to two minutes
+        // on a busy server) and run once, a model loaded and run. Longer than the client's usual wait.
+        let mut request = self.http.post(url).multipart(form).timeout(UPLOAD_TIMEOUT);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
