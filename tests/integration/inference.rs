@@ -2,7 +2,8 @@
 
 use futures_util::future::join_all;
 use plinth_sdk::{
-    ErrorCode, InferInput, InferRequest, RequestedOutput, Scope, Task, UsageGrouping, UsageQuery,
+    Classification, ErrorCode, InferInput, InferRequest, RequestedOutput, Scope, Task, UsageGrouping,
+    UsageQuery,
 };
 use plinth_tests::TestApp;
 use serde_json::{Value, json};
@@ -361,14 +362,7 @@ async fn concurrent_calls_share_batches_and_get_their_own_answers() {
         assert_eq!(reply.results.len(), 1);
         let (batched, alone) = (&reply.results[0], &alone[i % 2]);
         assert_eq!(batched.label, if i % 2 == 0 { "positive" } else { "negative" });
-        for (a, b) in batched.scores.iter().zip(&alone.scores) {
-            assert!(
-                (a.score - b.score).abs() < 1e-4,
-                "{} in a run, {} alone",
-                a.score,
-                b.score
-            );
-        }
+        assert_scores_within(batched, alone, 1e-4, "in a run, then alone");
     }
     let stats = tenant.client.model_statistics("sentiment").await.unwrap();
     assert_eq!(
@@ -451,10 +445,15 @@ async fn a_long_text_scores_as_the_words_the_model_reads() {
     };
     let (whole, first_words) = (scores(long).await, scores(start).await);
     assert_eq!(whole.label, first_words.label);
-    for (a, b) in whole.scores.iter().zip(&first_words.scores) {
+    assert_scores_within(&whole, &first_words, 1e-6, "for 32 KiB, then its first 200 words");
+}
+
+/// Every label's score in `a` within `tolerance` of the same label's in `b`.
+fn assert_scores_within(a: &Classification, b: &Classification, tolerance: f32, what: &str) {
+    for (a, b) in a.scores.iter().zip(&b.scores) {
         assert!(
-            (a.score - b.score).abs() < 1e-6,
-            "{} for 32 KiB, {} for its first 200 words",
+            (a.score - b.score).abs() < tolerance,
+            "{what}: {} and {}",
             a.score,
             b.score
         );
