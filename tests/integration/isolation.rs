@@ -533,6 +533,69 @@ async fn an_upload_whose_warm_up_never_ends_is_refused_at_the_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenizers_that_would_stall_or_exhaust_a_serving_thread_are_refused_at_upload() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    let published: Value =
+        serde_json::from_slice(&std::fs::read(app.config.models_dir.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let with = |part: &str, value: Value| {
+        let mut tokenizer = published.clone();
+        tokenizer[part] = value;
+        tokenizer
+    };
+    let double_every_a = json!({ "type": "Replace", "pattern": { "String": "a" }, "content": "aa" });
+    let cls = json!({ "SpecialToken": { "id": "[CLS]", "type_id": 0 } });
+    let mut template = published["post_processor"].clone();
+    template["single"] = json!(
+        [
+            vec![cls; 300],
+            vec![json!({ "Sequence": { "id": "A", "type_id": 0 } })]
+        ]
+        .concat()
+    );
+    for (tokenizer, reason) in [
+        // 2^20 times longer: one text of 32 KiB of "a" would ask for 32 GiB.
+        (
+            with(
+                "normalizer",
+                json!({ "type": "Sequence", "normalizers": vec![double_every_a; 20] }),
+            ),
+            "normalizers can make a text",
+        ),
+        // Truncation subtracts the added tokens from the length the model reads: 300 would wrap around.
+        (with("post_processor", template), "adds 300 tokens"),
+        // Backtracking: quadratic in the text.
+        (
+            with(
+                "pre_tokenizer",
+                json!({ "type": "Split", "behavior": "Isolated", "invert": false,
+                        "pattern": { "Regex": r"a+b|\s+(?!\S)" } }),
+            ),
+            "linear time",
+        ),
+    ] {
+        let manifest = json!({ "name": "crafted", "task": "text-classification", "labels": ["no", "yes"] });
+        let form = crate::models::form(fixture("one-row.onnx"), &manifest, false).part(
+            "tokenizer",
+            Part::bytes(serde_json::to_vec(&tokenizer).unwrap()).file_name("tokenizer.json"),
+        );
+        let (status, body) = crate::models::upload(&app, &tenant, form).await;
+        assert_eq!((status, code(&body)), (422, "invalid_model"), "{reason}: {body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(reason),
+            "{body}"
+        );
+    }
+    assert_eq!(stored_files(&app), Vec::<String>::new());
+    let manifest = json!({ "name": "fine", "task": "text-classification", "labels": ["no", "yes"] });
+    assert_eq!(
+        upload(&app, &tenant, fixture("one-row.onnx"), manifest).await.0,
+        201
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_models_past_the_loaded_bound_are_let_go_and_loaded_again_when_called() {
     let app = TestApp::spawn_with(|config| config.tenant_models_loaded = 1).await;
     let tenant = app.tenant().await;

@@ -43,11 +43,16 @@ impl Work {
     }
 }
 
-/// Tokenizes a call's texts (truncated to the model's most tokens).
+/// Tokenizes a call's texts (truncated to the model's most tokens), one after another, until `stop`
+/// (the run's deadline) is set: a tokenizer is outside what ONNX Runtime can terminate.
 ///
 /// # Errors
-/// `InvalidInput` when the tokenizer refuses a text.
-fn encode(tokenizer: &Tokenizer, texts: &[String]) -> Result<Vec<Encoding>, InferenceError> {
+/// `InvalidInput` when the tokenizer refuses a text; `Timeout` once `stop` is set.
+fn encode(
+    tokenizer: &Tokenizer,
+    texts: &[String],
+    stop: &AtomicBool,
+) -> Result<Vec<Encoding>, InferenceError> {
     // A model reads only its first `max_length` tokens, and where the tokenizer splits text at
     // whitespace (as BERT's does) each word makes at least one: the words after that many are not
     // tokenized at all. The same tokens for any text whose words each leave something after
@@ -57,15 +62,20 @@ fn encode(tokenizer: &Tokenizer, texts: &[String]) -> Result<Vec<Encoding>, Infe
         Some(truncation) if splits_at_whitespace(tokenizer) => truncation.max_length,
         _ => usize::MAX,
     };
-    let texts: Vec<&str> = texts.iter().map(|text| leading_words(text, words)).collect();
-    let mut encodings = tokenizer
-        .encode_batch(texts, true)
-        .map_err(|err| InferenceError::InvalidInput(format!("tokenization failed: {err}")))?;
-    // What truncation cut off is kept beside each encoding; the run has no use for it.
-    for encoding in &mut encodings {
-        drop(encoding.take_overflowing());
-    }
-    Ok(encodings)
+    texts
+        .iter()
+        .map(|text| {
+            if stop.load(Ordering::Relaxed) {
+                return Err(InferenceError::Timeout);
+            }
+            let mut encoding = tokenizer
+                .encode(leading_words(text, words), true)
+                .map_err(|err| InferenceError::InvalidInput(format!("tokenization failed: {err}")))?;
+            // What truncation cut off is kept beside the encoding; the run has no use for it.
+            drop(encoding.take_overflowing());
+            Ok(encoding)
+        })
+        .collect()
 }
 
 /// Whether the tokenizer's pre-tokenizer splits text at whitespace, so that no token spans two words.
@@ -656,7 +666,7 @@ fn answer_text_calls(
         let Work::Text { texts, .. } = &call.work else {
             continue;
         };
-        match encode(tokenizer, texts) {
+        match encode(tokenizer, texts, terminated) {
             Ok(encodings) => tokenized.push((call, encodings)),
             Err(err) => {
                 refused = true;
@@ -759,7 +769,7 @@ pub(crate) fn run_text(
     texts: &[String],
     options: &RunOptions,
 ) -> Result<TextOutput, InferenceError> {
-    let encodings = encode(tokenizer, texts)?;
+    let encodings = encode(tokenizer, texts, &AtomicBool::new(false))?;
     run_encoded(session, tokenizer, plan, encodings, options)
 }
 
@@ -964,7 +974,7 @@ mod tests {
             }))
             .unwrap();
         let ids = |tokenizer: &Tokenizer| {
-            encode(tokenizer, &["a b c".to_owned()]).unwrap()[0]
+            encode(tokenizer, &["a b c".to_owned()], &AtomicBool::new(false)).unwrap()[0]
                 .get_ids()
                 .to_vec()
         };
@@ -972,6 +982,12 @@ mod tests {
         assert_eq!(ids(&tokenizer), [4]);
         tokenizer.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace));
         assert_eq!(ids(&tokenizer), [1, 2]);
+        // Past the run's deadline, no further text is tokenized.
+        let texts = vec!["a b".to_owned(); 3];
+        assert!(matches!(
+            encode(&tokenizer, &texts, &AtomicBool::new(true)),
+            Err(InferenceError::Timeout)
+        ));
     }
 
     #[test]

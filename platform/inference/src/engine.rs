@@ -9,7 +9,6 @@ use ort::environment::Environment;
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use plinth_core::inference::{Classification, LabelScore, Model, ModelStatistics, Task, TensorMetadata};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 use tokio::sync::oneshot;
 
 use crate::InferenceError;
@@ -260,7 +259,7 @@ impl Engine {
             },
         };
         let tokenizer = match (&files.tokenizer, files.task) {
-            (Some(path), _) => Some(Arc::new(load_tokenizer(path, self.settings.max_tokens)?)),
+            (Some(path), _) => Some(Arc::new(crate::tokenizer::load(path, self.settings.max_tokens)?)),
             (None, Task::Raw) => None,
             (None, _) => {
                 return Err(InferenceError::InvalidModel(
@@ -411,7 +410,7 @@ impl Engine {
         };
         let session = single.session(files, ExecutionProvider::Cpu)?;
         let tokenizer = match &files.tokenizer {
-            Some(path) => load_tokenizer(path, self.settings.max_tokens)?,
+            Some(path) => crate::tokenizer::load(path, self.settings.max_tokens)?,
             None => {
                 return Err(InferenceError::InvalidModel(
                     "text models need a tokenizer.json".into(),
@@ -453,39 +452,6 @@ impl Embedder {
             &self.options,
         )?;
         Ok(output.rows().map(<[f32]>::to_vec).collect())
-    }
-}
-
-fn load_tokenizer(path: &std::path::Path, max_tokens: usize) -> Result<Tokenizer, InferenceError> {
-    let mut tokenizer = Tokenizer::from_file(path)
-        .map_err(|err| InferenceError::InvalidModel(format!("tokenizer.json is not usable: {err}")))?;
-    // Pad to the longest text in each batch, not to a fixed length: short texts stay cheap.
-    tokenizer.with_padding(Some(PaddingParams {
-        strategy: PaddingStrategy::BatchLongest,
-        ..PaddingParams::default()
-    }));
-    tokenizer
-        .with_truncation(Some(TruncationParams {
-            max_length: max_tokens,
-            ..TruncationParams::default()
-        }))
-        .map_err(|err| InferenceError::InvalidModel(format!("tokenizer truncation: {err}")))?;
-    bound_word_splitting(&mut tokenizer);
-    Ok(tokenizer)
-}
-
-/// Longest word a WordPiece tokenizer splits into pieces (longer ones are one unknown token), as in
-/// BERT's own: splitting tries every piece of a word, so the work grows with the cube of its length,
-/// and an uploaded `tokenizer.json` could set a limit that makes one text take minutes.
-const MAX_WORDPIECE_CHARS: usize = 100;
-
-fn bound_word_splitting(tokenizer: &mut Tokenizer) {
-    if let tokenizers::ModelWrapper::WordPiece(model) = tokenizer.get_model()
-        && model.max_input_chars_per_word > MAX_WORDPIECE_CHARS
-    {
-        let mut bounded = model.clone();
-        bounded.max_input_chars_per_word = MAX_WORDPIECE_CHARS;
-        tokenizer.with_model(bounded);
     }
 }
 
@@ -847,29 +813,6 @@ mod tests {
     use std::sync::atomic::Ordering::Relaxed;
 
     use super::*;
-
-    #[test]
-    fn an_uploaded_tokenizer_cannot_make_splitting_a_word_unbounded() {
-        let vocab =
-            [("[UNK]", 0), ("q", 1), ("##x", 2), ("##q", 3)].map(|(piece, id)| (piece.to_owned(), id));
-        let model = tokenizers::models::wordpiece::WordPiece::builder()
-            .vocab(vocab)
-            .max_input_chars_per_word(1_000_000)
-            .build()
-            .unwrap();
-        let mut tokenizer = Tokenizer::new(model);
-        bound_word_splitting(&mut tokenizer);
-        let word = "qx".repeat(60);
-        let tokens = tokenizer.encode(word.as_str(), false).unwrap();
-        assert_eq!(
-            tokens.get_tokens(),
-            ["[UNK]"],
-            "a word of 120 characters is not split"
-        );
-        let word = "qx".repeat(50);
-        let tokens = tokenizer.encode(word.as_str(), false).unwrap();
-        assert_eq!(tokens.len(), 100, "one of 100 still is");
-    }
 
     /// Where `scripts/setup.sh` put ONNX Runtime and the built-in models (the server's defaults).
     fn cache_dir() -> PathBuf {

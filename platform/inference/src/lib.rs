@@ -10,6 +10,7 @@ mod engine;
 mod external_data;
 mod scheduler;
 mod tensor;
+mod tokenizer;
 
 pub use catalog::{BASE_MODEL, Catalog, builtin_embedding_files, load_builtin};
 pub use engine::{
