@@ -25,9 +25,9 @@ fixtures="$cache/test-models"
 venv="$cache/venv-models"
 stamp=$(sha256sum tests/fixtures/make_models.py | cut -d' ' -f1)
 if [ "$(cat "$fixtures/.inputs" 2>/dev/null)" != "$stamp" ]; then
-  if ! "$venv/bin/python" -c 'import onnx, numpy' 2>/dev/null; then
+  if ! "$venv/bin/python" -c 'import onnx, numpy, sentencepiece' 2>/dev/null; then
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q "onnx==1.23.2" "numpy>=2,<3"
+    "$venv/bin/pip" install -q "onnx==1.23.2" "numpy>=2,<3" "sentencepiece==0.2.*" "protobuf>=5"
   fi
   "$venv/bin/python" tests/fixtures/make_models.py "$fixtures"
   echo "$stamp" > "$fixtures/.inputs"

@@ -545,15 +545,8 @@ async fn tokenizers_that_would_stall_or_exhaust_a_serving_thread_are_refused_at_
         tokenizer
     };
     let double_every_a = json!({ "type": "Replace", "pattern": { "String": "a" }, "content": "aa" });
-    let cls = json!({ "SpecialToken": { "id": "[CLS]", "type_id": 0 } });
     let mut template = published["post_processor"].clone();
-    template["single"] = json!(
-        [
-            vec![cls; 300],
-            vec![json!({ "Sequence": { "id": "A", "type_id": 0 } })]
-        ]
-        .concat()
-    );
+    template["single"] = json!(vec![json!({ "Sequence": { "id": "A", "type_id": 0 } }); 60]);
     for (tokenizer, reason) in [
         // 2^20 times longer: one text of 32 KiB of "a" would ask for 32 GiB.
         (
@@ -563,8 +556,18 @@ async fn tokenizers_that_would_stall_or_exhaust_a_serving_thread_are_refused_at_
             ),
             "normalizers can make a text",
         ),
-        // Truncation subtracts the added tokens from the length the model reads: 300 would wrap around.
-        (with("post_processor", template), "adds 300 tokens"),
+        // The text again and again, after truncation: 60 times the tokens the model reads.
+        (with("post_processor", template), "names the text 60 times"),
+        // Every byte becomes a character of up to two bytes, sixteen times over.
+        (
+            with(
+                "pre_tokenizer",
+                json!({ "type": "Sequence", "pretokenizers": vec![json!({
+                    "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false
+                }); 16] }),
+            ),
+            "pre-tokenizers can make a text",
+        ),
         // Backtracking: quadratic in the text.
         (
             with(

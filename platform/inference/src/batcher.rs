@@ -58,9 +58,13 @@ fn encode(
     // tokenized at all. The same tokens for any text whose words each leave something after
     // normalizing (a word of only zero-width characters leaves nothing), for a fraction of the work
     // on a long text, and no 32 KiB of words crafted to be slow to split.
-    let words = match tokenizer.get_truncation() {
-        Some(truncation) if splits_at_whitespace(tokenizer) => truncation.max_length,
-        _ => usize::MAX,
+    let most = tokenizer
+        .get_truncation()
+        .map_or(usize::MAX, |truncation| truncation.max_length);
+    let words = if splits_at_whitespace(tokenizer) {
+        most
+    } else {
+        usize::MAX
     };
     texts
         .iter()
@@ -73,6 +77,14 @@ fn encode(
                 .map_err(|err| InferenceError::InvalidInput(format!("tokenization failed: {err}")))?;
             // What truncation cut off is kept beside the encoding; the run has no use for it.
             drop(encoding.take_overflowing());
+            // Loading refuses post-processors that could do this (see `tokenizer`); should one get
+            // through, its text is not run.
+            if encoding.len() > most {
+                return Err(InferenceError::InvalidModel(format!(
+                    "the tokenizer made {} tokens of a text cut at {most}",
+                    encoding.len()
+                )));
+            }
             Ok(encoding)
         })
         .collect()
@@ -394,10 +406,6 @@ impl Worker {
             let Some(last_arrival) = batch.iter().map(|c| c.queued_at).max() else {
                 continue;
             };
-            for call in &batch {
-                metrics::histogram!("plinth_inference_queue_wait_seconds", "plan" => call.share.plan.to_string())
-                    .record(started.duration_since(call.queued_at).as_secs_f64());
-            }
             let options = match RunOptions::new() {
                 Ok(options) => Arc::new(options),
                 Err(err) => {
@@ -446,8 +454,11 @@ impl Worker {
                             tokenizer.as_deref(),
                             text.as_ref(),
                             batch,
-                            &label,
-                            &stats,
+                            &Answered {
+                                stats: &stats,
+                                label: &label,
+                                started,
+                            },
                             Run {
                                 options: &options,
                                 terminated: &terminated,
@@ -529,10 +540,10 @@ fn process(
     tokenizer: Option<&Tokenizer>,
     plan: Option<&TextPlan>,
     batch: Vec<Queued>,
-    label: &str,
-    stats: &Stats,
+    answered: &Answered<'_>,
     run: Run<'_>,
 ) {
+    let Answered { stats, label, .. } = *answered;
     let options = run.options;
     let mut slot = Some(run.slot);
     let started = Instant::now();
@@ -541,14 +552,12 @@ fn process(
     let mut text_calls = Vec::new();
     // Counted before any caller is answered: statistics read right after an answer include it.
     stats.executions.fetch_add(1, Ordering::Relaxed);
-    let answered = Answered { stats, label };
     for call in batch {
-        metrics::counter!("nv_inference_queue_duration_us", "model" => label.to_owned())
-            .increment(u64::try_from(started.duration_since(call.queued_at).as_micros()).unwrap_or(u64::MAX));
         if matches!(call.work, Work::Text { .. }) {
             text_calls.push(call);
             continue;
         }
+        answered.waited(&call);
         let Work::Raw {
             inputs,
             outputs,
@@ -580,7 +589,7 @@ fn process(
                 sends_back_for: run.sends_back_for,
                 slot: slot.take(),
             },
-            &answered,
+            answered,
         );
         items -= sent_back;
         if let Err(runtime) = outcome {
@@ -602,14 +611,27 @@ fn process(
     metrics::histogram!("plinth_inference_batch_size", "model" => label.to_owned()).record(items as f64);
 }
 
-/// Counts calls as they are answered (requests, items, outcome), in the model's statistics and
-/// metrics.
+/// Counts calls as they are answered (requests, items, outcome, time in the queue), in the model's
+/// statistics and metrics.
+#[derive(Clone, Copy)]
 struct Answered<'a> {
     stats: &'a Stats,
     label: &'a str,
+    /// When the worker took the run's calls from the queue.
+    started: Instant,
 }
 
 impl Answered<'_> {
+    /// Records how long a call waited to be taken, once: when it runs or is refused, not when it is
+    /// sent back to the queue (it waits on).
+    fn waited(&self, call: &Queued) {
+        let waited = self.started.duration_since(call.queued_at);
+        metrics::histogram!("plinth_inference_queue_wait_seconds", "plan" => call.share.plan.to_string())
+            .record(waited.as_secs_f64());
+        metrics::counter!("nv_inference_queue_duration_us", "model" => self.label.to_owned())
+            .increment(u64::try_from(waited.as_micros()).unwrap_or(u64::MAX));
+    }
+
     fn count(&self, requests: u64, items: usize, succeeded: bool) {
         let (counter, outcome) = if succeeded {
             (&self.stats.success, "nv_inference_request_success")
@@ -651,6 +673,7 @@ fn answer_text_calls(
     let (Some(tokenizer), Some(plan)) = (tokenizer, plan) else {
         drop(slot);
         for call in calls {
+            answered.waited(&call);
             answered.count(1, call.items, false);
             if let Some(reply) = reply_of(call) {
                 let _ = reply.send(Err(InferenceError::WrongTask(
@@ -670,6 +693,7 @@ fn answer_text_calls(
             Ok(encodings) => tokenized.push((call, encodings)),
             Err(err) => {
                 refused = true;
+                answered.waited(&call);
                 answered.count(1, call.items, false);
                 if let Some(reply) = reply_of(call) {
                     let _ = reply.send(Err(err));
@@ -705,6 +729,7 @@ fn answer_text_calls(
     let mut replies = Vec::with_capacity(tokenized.len());
     let mut all = Vec::with_capacity(counts.iter().sum());
     for (call, encodings) in tokenized {
+        answered.waited(&call);
         all.extend(encodings);
         replies.extend(reply_of(call));
     }
@@ -982,6 +1007,18 @@ mod tests {
         assert_eq!(ids(&tokenizer), [4]);
         tokenizer.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace));
         assert_eq!(ids(&tokenizer), [1, 2]);
+        // A post-processor that adds the text again after truncation (loading refuses it) is not run.
+        let template = tokenizers::processors::template::TemplateProcessing::builder()
+            .try_single("$A $A $A")
+            .unwrap()
+            .build()
+            .unwrap();
+        let mut repeating = tokenizer.clone();
+        repeating.with_post_processor(Some(template));
+        assert!(matches!(
+            encode(&repeating, &["a b c".to_owned()], &AtomicBool::new(false)),
+            Err(InferenceError::InvalidModel(_))
+        ));
         // Past the run's deadline, no further text is tokenized.
         let texts = vec!["a b".to_owned(); 3];
         assert!(matches!(

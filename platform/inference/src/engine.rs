@@ -823,18 +823,22 @@ mod tests {
     }
 
     fn sentiment(sessions: usize) -> Arc<LoadedModel> {
+        sentiment_with(|settings| settings.sessions_per_model = sessions)
+    }
+
+    fn sentiment_with(settings: impl FnOnce(&mut EngineSettings)) -> Arc<LoadedModel> {
         let ort_dylib = std::env::var_os("PLINTH_ORT_DYLIB").map_or_else(
             || cache_dir().join("onnxruntime/libonnxruntime.so.1.31.1"),
             PathBuf::from,
         );
         let models =
             std::env::var_os("PLINTH_MODELS_DIR").map_or_else(|| cache_dir().join("models"), PathBuf::from);
-        let engine = Engine::new(EngineSettings {
+        let mut chosen = EngineSettings {
             ort_dylib,
-            sessions_per_model: sessions,
             ..EngineSettings::default()
-        })
-        .expect("ONNX Runtime (scripts/setup.sh fetches it)");
+        };
+        settings(&mut chosen);
+        let engine = Engine::new(chosen).expect("ONNX Runtime (scripts/setup.sh fetches it)");
         engine
             .load(&ModelFiles {
                 name: "sentiment".into(),
@@ -950,6 +954,57 @@ mod tests {
             model.stats.background_runs.load(Relaxed) > 0,
             "calls beyond one run's worth go at low priority"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_sent_back_counts_its_wait_in_the_queue_once() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder.install().expect("the only recorder of these tests");
+        // One session whose runs wait half a second for company, so that calls sent apart meet.
+        let model = sentiment_with(|settings| {
+            settings.sessions_per_model = 1;
+            settings.max_queue_delay = Duration::from_millis(500);
+        });
+        let share = |tenant: &str| Share {
+            tenant: Arc::from(tenant),
+            weight: 1,
+            plan: Arc::from(format!("{tenant}-plan")),
+        };
+        let leading = {
+            let model = model.clone();
+            tokio::spawn(async move { model.classify(share("light"), vec!["Shares rose".into()]).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Longer than the light tenant's text: sent back from its run, to run on its own.
+        let long = format!("{} and the outlook was raised", "word ".repeat(60));
+        model
+            .classify(share("heavy"), vec![long])
+            .await
+            .expect("the long call");
+        leading.await.expect("task").expect("the short call");
+        assert_eq!(
+            model.stats.executions.load(Relaxed),
+            2,
+            "the long call ran on its own"
+        );
+        // A snapshot drains histograms: one for both.
+        let snapshot = snapshotter.snapshot().into_vec();
+        let samples = |plan: &str| {
+            snapshot
+                .iter()
+                .filter(|(key, ..)| {
+                    key.key().name() == "plinth_inference_queue_wait_seconds"
+                        && key.key().labels().any(|label| label.value() == plan)
+                })
+                .map(|(.., value)| match value {
+                    DebugValue::Histogram(samples) => samples.len(),
+                    other => panic!("not a histogram: {other:?}"),
+                })
+                .sum::<usize>()
+        };
+        assert_eq!((samples("light-plan"), samples("heavy-plan")), (1, 1));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
