@@ -67,7 +67,8 @@ fn flood_text() -> String {
     }
 }
 
-async fn classify(http: &reqwest::Client, url: &str, key: &str, text: &str) {
+/// One call: the server's `Server-Timing` for it (stage, ms).
+async fn classify(http: &reqwest::Client, url: &str, key: &str, text: &str) -> Vec<(String, f64)> {
     let response = http
         .post(url)
         .bearer_auth(key)
@@ -76,11 +77,59 @@ async fn classify(http: &reqwest::Client, url: &str, key: &str, text: &str) {
         .await
         .expect("request");
     assert!(response.status().is_success(), "status {}", response.status());
+    let timing = response
+        .headers()
+        .get("server-timing")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .split(", ")
+        .filter_map(|stage| {
+            let (name, ms) = stage.split_once(";dur=")?;
+            Some((name.to_owned(), ms.parse().ok()?))
+        })
+        .collect();
     response.bytes().await.expect("body");
+    timing
 }
 
-/// The quiet tenant's calls, one at a time: their latencies.
-fn quiet(url: String, key: String) -> std::thread::JoinHandle<Vec<Duration>> {
+/// A quiet call: how long it took the client, and the server's stages.
+struct Sample {
+    latency: Duration,
+    stages: Vec<(String, f64)>,
+}
+
+/// Where the slowest `share` of the calls spent their time, on average (ms): each stage the server
+/// timed, and what the server's total leaves of the client's (HTTP, connection, the client itself).
+fn slowest_stages(samples: &mut [Sample], share: f64) -> String {
+    samples.sort_by_key(|sample| std::cmp::Reverse(sample.latency));
+    let slowest = &samples[..((samples.len() as f64 * share).ceil() as usize).max(1)];
+    let mean = |value: &dyn Fn(&Sample) -> f64| slowest.iter().map(value).sum::<f64>() / slowest.len() as f64;
+    let stage = |name: &'static str| {
+        move |sample: &Sample| {
+            sample
+                .stages
+                .iter()
+                .find(|(stage, _)| stage == name)
+                .map_or(0.0, |(_, ms)| *ms)
+        }
+    };
+    let mut parts: Vec<String> = ["queue", "run", "model", "ledger", "total"]
+        .into_iter()
+        .map(|name| format!("{name} {:.1}", mean(&stage(name))))
+        .collect();
+    parts.push(format!(
+        "outside the server {:.1}",
+        mean(&|sample: &Sample| sample.latency.as_secs_f64() * 1e3 - stage("total")(sample))
+    ));
+    format!(
+        "client {:.1} = {}",
+        mean(&|sample: &Sample| sample.latency.as_secs_f64() * 1e3),
+        parts.join(", ")
+    )
+}
+
+/// The quiet tenant's calls, one at a time.
+fn quiet(url: String, key: String) -> std::thread::JoinHandle<Vec<Sample>> {
     client(move |http| {
         Box::pin(async move {
             for _ in 0..20 {
@@ -89,8 +138,11 @@ fn quiet(url: String, key: String) -> std::thread::JoinHandle<Vec<Duration>> {
             let mut samples = Vec::with_capacity(quiet_calls());
             for _ in 0..quiet_calls() {
                 let started = Instant::now();
-                classify(&http, &url, &key, TEXT).await;
-                samples.push(started.elapsed());
+                let stages = classify(&http, &url, &key, TEXT).await;
+                samples.push(Sample {
+                    latency: started.elapsed(),
+                    stages,
+                });
             }
             samples
         })
@@ -134,9 +186,12 @@ fn flood(
         .collect()
 }
 
-fn percentile(samples: &mut [Duration], p: f64) -> f64 {
-    samples.sort();
-    samples[((samples.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3
+fn percentile(samples: &mut [Sample], p: f64) -> f64 {
+    samples.sort_by_key(|sample| sample.latency);
+    samples[((samples.len() - 1) as f64 * p).round() as usize]
+        .latency
+        .as_secs_f64()
+        * 1e3
 }
 
 struct Run {
@@ -150,6 +205,8 @@ struct Run {
     throughput: f64,
     /// Texts per run of the model under the flood.
     items_per_run: f64,
+    /// Where the quiet tenant's slowest 1% of calls under the flood spent their time.
+    slowest: String,
 }
 
 /// The cumulative buckets of a histogram, (upper bound in s, count), over the series whose labels
@@ -282,6 +339,7 @@ async fn measure(scheduling: &'static str) -> Run {
         // The quiet tenant's warm-up calls fall in the window too: count them.
         throughput: (noisy_calls as f64 + (quiet_calls() + 20) as f64) / elapsed,
         items_per_run: items / runs.max(1.0),
+        slowest: slowest_stages(&mut flooded, 0.01),
     }
 }
 
@@ -330,5 +388,9 @@ fn main() {
             "  fair throughput under the flood vs fifo: {:.2}x",
             fair.throughput / fifo.throughput
         );
+        println!("  the quiet tenant's slowest 1% under the flood, mean ms (Server-Timing; ledger overlaps model):");
+        for (name, run) in [("fifo", &fifo), ("fair", &fair)] {
+            println!("  {name:<10} {}", run.slowest);
+        }
     });
 }

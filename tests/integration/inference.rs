@@ -426,6 +426,66 @@ async fn a_longer_call_of_another_tenant_does_not_ride_in_a_light_tenants_run() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_calls_say_where_their_time_went_in_server_timing() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    let call = |path: &str| {
+        app.http()
+            .post(app.url(path))
+            .bearer_auth(&tenant.key.secret)
+            .json(&json!({ "inputs": ["Shares rose after the results"] }))
+            .send()
+    };
+    let stages = |response: &reqwest::Response| -> Vec<(String, f64)> {
+        let header = response
+            .headers()
+            .get("server-timing")
+            .map(|value| value.to_str().unwrap().to_owned());
+        header
+            .unwrap_or_default()
+            .split(", ")
+            .filter(|stage| !stage.is_empty())
+            .map(|stage| {
+                let (name, duration) = stage.split_once(";dur=").unwrap_or_else(|| panic!("{stage}"));
+                (
+                    name.to_owned(),
+                    duration.parse().unwrap_or_else(|_| panic!("{stage}")),
+                )
+            })
+            .collect()
+    };
+    for path in ["/v1/models/sentiment/classify", "/v1/models/minilm-embed/embed"] {
+        let response = call(path).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let timed = stages(&response);
+        let names: Vec<&str> = timed.iter().map(|(name, _)| name.as_str()).collect();
+        for stage in ["queue", "run", "model", "ledger", "total"] {
+            assert!(names.contains(&stage), "{path}: {names:?}");
+        }
+        let took = |stage: &str| timed.iter().find(|(name, _)| name == stage).unwrap().1;
+        // The model's stages are parts of its call, and the call a part of the request.
+        assert!(
+            took("run") > 0.0 && took("queue") + took("run") <= took("model"),
+            "{timed:?}"
+        );
+        assert!(
+            took("model") <= took("total") && took("ledger") <= took("total"),
+            "{timed:?}"
+        );
+    }
+    // Requests that time nothing say nothing.
+    let listed = app
+        .http()
+        .get(app.url("/v1/models"))
+        .bearer_auth(&tenant.key.secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
+    assert!(listed.headers().get("server-timing").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_text_scores_as_the_words_the_model_reads() {
     let app = TestApp::spawn().await;
     let tenant = app.tenant().await;

@@ -26,6 +26,7 @@ use std::task::Poll;
 use futures_util::StreamExt;
 use futures_util::future::{Ready, ready};
 use plinth_core::{ErrorCode, Micros, Scope};
+use plinth_inference::timing;
 use plinth_store::auth::{Actor, Principal};
 use plinth_store::cache::{Quota, RateDecision};
 use plinth_store::idempotency::{Attempt, Claim, StoredResponse};
@@ -525,20 +526,18 @@ pub(crate) async fn record_usage(
     request_id: RequestId,
     billable: Billable<'_>,
 ) -> Result<plinth_store::ledger::Recorded, ApiError> {
-    Ok(state
-        .meter
-        .record(UsageRecord {
-            tenant_id: auth.tenant_id.clone(),
-            api_key_id: auth.api_key_id().cloned(),
-            resource_kind: billable.kind.to_owned(),
-            resource_id: billable.resource.to_owned(),
-            units: i64::try_from(billable.units).unwrap_or(i64::MAX),
-            unit_price: billable.unit_price,
-            author_share: billable.author_share,
-            idempotency_key: idempotency.call,
-            request_id: request_id.0,
-        })
-        .await?)
+    let record = state.meter.record(UsageRecord {
+        tenant_id: auth.tenant_id.clone(),
+        api_key_id: auth.api_key_id().cloned(),
+        resource_kind: billable.kind.to_owned(),
+        resource_id: billable.resource.to_owned(),
+        units: i64::try_from(billable.units).unwrap_or(i64::MAX),
+        unit_price: billable.unit_price,
+        author_share: billable.author_share,
+        idempotency_key: idempotency.call,
+        request_id: request_id.0,
+    });
+    Ok(timing::time("ledger", record).await?)
 }
 
 /// Runs `work` and records its usage; returns when both are done, so the answer still waits for a
@@ -558,6 +557,7 @@ pub(crate) async fn metered<T>(
     work: impl Future<Output = Result<T, ApiError>>,
 ) -> Result<(T, plinth_store::ledger::Recorded), ApiError> {
     let idempotency_inherited = idempotency.inherited;
+    let work = timing::time("model", work);
     let mut work = std::pin::pin!(work);
     // One poll: does the work finish (or fail) without waiting?
     let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;

@@ -1,8 +1,11 @@
-//! Request ids, structured request logs and HTTP metrics, in one middleware at the outer edge.
+//! Request ids, structured request logs, HTTP metrics and `Server-Timing`, in one middleware at the
+//! outer edge.
 //!
 //! The id comes from a sane incoming `X-Request-Id` or is minted (`req_<ulid>`); it is echoed in the
 //! response header, attached to the tracing span, stored in the request's extensions for handlers, and
-//! visible to error bodies through a task-local.
+//! visible to error bodies through a task-local. A request whose stages were timed (a model call's
+//! wait in the queue and its run, the usage ledger's commit; see `plinth_inference::timing`) is
+//! answered with them in `Server-Timing`, in milliseconds, beside the whole request's `total`.
 
 use std::time::Instant;
 
@@ -27,6 +30,7 @@ struct RequestContext {
 }
 
 pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
+pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
 /// The current request's id, as seen by handlers.
 #[derive(Debug, Clone)]
@@ -81,12 +85,23 @@ pub(crate) async fn middleware(
         id: id.clone(),
         inference_protocol: req.path().starts_with("/v2/models"),
     };
-    let result = REQUEST_ID
-        .scope(context, next.call(req))
+    let (result, stages) = REQUEST_ID
+        .scope(context, plinth_inference::timing::collect(next.call(req)))
         .instrument(span.clone())
         .await;
     let mut response = result?;
     let elapsed = started.elapsed();
+    if !stages.is_empty() {
+        let timing = stages
+            .iter()
+            .chain([&("total", elapsed)])
+            .map(|(stage, took)| format!("{stage};dur={:.3}", took.as_secs_f64() * 1e3))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if let Ok(value) = HeaderValue::from_str(&timing) {
+            response.headers_mut().insert(SERVER_TIMING, value);
+        }
+    }
     let status = response.status().as_u16();
     let route = response
         .request()

@@ -126,6 +126,9 @@ fn leading_words(text: &str, words: usize) -> &str {
 pub(crate) struct TextOutput {
     width: usize,
     data: Vec<f32>,
+    /// How long the call waited in the queue, and how long its run took (tokenizing included).
+    pub(crate) waited: Duration,
+    pub(crate) ran: Duration,
 }
 
 impl TextOutput {
@@ -624,12 +627,13 @@ struct Answered<'a> {
 impl Answered<'_> {
     /// Records how long a call waited to be taken, once: when it runs or is refused, not when it is
     /// sent back to the queue (it waits on).
-    fn waited(&self, call: &Queued) {
+    fn waited(&self, call: &Queued) -> Duration {
         let waited = self.started.duration_since(call.queued_at);
         metrics::histogram!("plinth_inference_queue_wait_seconds", "plan" => call.share.plan.to_string())
             .record(waited.as_secs_f64());
         metrics::counter!("nv_inference_queue_duration_us", "model" => self.label.to_owned())
             .increment(u64::try_from(waited.as_micros()).unwrap_or(u64::MAX));
+        waited
     }
 
     fn count(&self, requests: u64, items: usize, succeeded: bool) {
@@ -729,9 +733,9 @@ fn answer_text_calls(
     let mut replies = Vec::with_capacity(tokenized.len());
     let mut all = Vec::with_capacity(counts.iter().sum());
     for (call, encodings) in tokenized {
-        answered.waited(&call);
+        let waited = answered.waited(&call);
         all.extend(encodings);
-        replies.extend(reply_of(call));
+        replies.extend(reply_of(call).map(|reply| (reply, waited)));
     }
     let result =
         run_encoded(session, tokenizer, plan, all, options).map_err(|err| timed_out_or(err, terminated));
@@ -739,21 +743,24 @@ fn answer_text_calls(
     answered.count(replies.len() as u64, counts.iter().sum(), result.is_ok());
     let outcome = match result {
         Ok(output) => {
+            let ran = answered.started.elapsed();
             let mut offset = 0;
-            for (texts, reply) in counts.into_iter().zip(replies) {
+            for (texts, (reply, waited)) in counts.into_iter().zip(replies) {
                 let rows = output.width * texts;
                 let data = output.data[offset..offset + rows].to_vec();
                 offset += rows;
                 let _ = reply.send(Ok(TextOutput {
                     width: output.width,
                     data,
+                    waited,
+                    ran,
                 }));
             }
             Ok(())
         }
         Err(err) => {
             let runtime = matches!(err, InferenceError::Runtime(_) | InferenceError::InvalidModel(_));
-            for reply in replies {
+            for (reply, _) in replies {
                 let _ = reply.send(Err(err.for_another_caller()));
             }
             Err(runtime)
@@ -890,7 +897,12 @@ fn run_encoded(
             row.iter_mut().for_each(|v| *v /= sum);
         }
     }
-    Ok(TextOutput { width, data })
+    Ok(TextOutput {
+        width,
+        data,
+        waited: Duration::ZERO,
+        ran: Duration::ZERO,
+    })
 }
 
 fn run_raw(

@@ -650,8 +650,12 @@ impl LoadedModel {
         }
         let (reply, response) = oneshot::channel();
         let items = texts.len();
-        self.submit(share, items, Work::Text { texts, reply }, response)
-            .await
+        let output = self
+            .submit(share, items, Work::Text { texts, reply }, response)
+            .await?;
+        crate::timing::record("queue", output.waited);
+        crate::timing::record("run", output.ran);
+        Ok(output)
     }
 
     /// Scores each text against the model's labels.

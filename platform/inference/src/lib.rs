@@ -10,6 +10,7 @@ mod engine;
 mod external_data;
 mod scheduler;
 mod tensor;
+pub mod timing;
 mod tokenizer;
 
 pub use catalog::{BASE_MODEL, Catalog, builtin_embedding_files, load_builtin};
