@@ -113,7 +113,7 @@ fn slowest_stages(samples: &mut [Sample], share: f64) -> String {
                 .map_or(0.0, |(_, ms)| *ms)
         }
     };
-    let mut parts: Vec<String> = ["queue", "run", "model", "ledger", "total"]
+    let mut parts: Vec<String> = ["admit", "queue", "run", "model", "ledger", "total"]
         .into_iter()
         .map(|name| format!("{name} {:.1}", mean(&stage(name))))
         .collect();

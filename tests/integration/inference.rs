@@ -459,7 +459,7 @@ async fn model_calls_say_where_their_time_went_in_server_timing() {
         assert_eq!(response.status(), 200);
         let timed = stages(&response);
         let names: Vec<&str> = timed.iter().map(|(name, _)| name.as_str()).collect();
-        for stage in ["queue", "run", "model", "ledger", "total"] {
+        for stage in ["admit", "queue", "run", "model", "ledger", "total"] {
             assert!(names.contains(&stage), "{path}: {names:?}");
         }
         let took = |stage: &str| timed.iter().find(|(name, _)| name == stage).unwrap().1;

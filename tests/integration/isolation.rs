@@ -554,7 +554,7 @@ async fn tokenizers_that_would_stall_or_exhaust_a_serving_thread_are_refused_at_
                 "normalizer",
                 json!({ "type": "Sequence", "normalizers": vec![double_every_a; 20] }),
             ),
-            "normalizers can make a text",
+            "pre-tokenizers can make a text",
         ),
         // The text again and again, after truncation: 60 times the tokens the model reads.
         (with("post_processor", template), "names the text 60 times"),

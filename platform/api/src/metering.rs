@@ -394,7 +394,7 @@ pub(crate) async fn middleware(
         .cloned()
         .ok_or_else(|| ApiError::internal("application state is not registered"))?;
     // A refusal is answered here, inside the request's scope, so its body carries the request id.
-    let (admission, decision) = match admit(&state, &mut req, scope, max_body).await {
+    let (admission, decision) = match timing::time("admit", admit(&state, &mut req, scope, max_body)).await {
         Ok(admitted) => admitted,
         Err(refused) => {
             let response = req.into_response(refused.error_response());

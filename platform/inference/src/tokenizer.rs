@@ -1,13 +1,18 @@
 //! Loading a model's `tokenizer.json` within bounds.
 //!
 //! A tenant's tokenizer runs on a serving thread, inside its model's run but outside what ONNX Runtime
-//! can terminate, and its file says how much work a text costs. The file is read by the tokenizers
-//! library, written back in the library's own form (every part tagged with its type, whatever the
-//! upload's spelling), and that form is checked for what would make a text of at most `MAX_TEXT_BYTES`
-//! take seconds or gigabytes: steps that multiply a text's length one after another, words split by
-//! trying every piece of every length, long strings copied into every token, regular expressions that
-//! backtrack, random (dropout) merges, templates that repeat the text or add more tokens than the model
-//! reads. Published tokenizers (BERT's, SentencePiece's, byte-level BPE's) stay well inside every bound.
+//! can terminate, and its file says how much work a text costs. Reading the file is itself work the
+//! file chooses, so it happens in stages: the raw JSON is bounded first (no string long enough to make
+//! the library's structures deep), then the tokenizers library reads it without its added tokens
+//! (adding one normalizes it with the file's own normalizers), the vocabulary's ids are checked (the
+//! library writes a vocabulary back by walking every id up to the largest), and the tokenizer is
+//! written back in the library's own form (every part tagged with its type, whatever the upload's
+//! spelling). That form is checked for what would make a text of at most `MAX_TEXT_BYTES` take seconds
+//! or gigabytes: steps that multiply a text's length one after another, words split by trying every
+//! piece of every length, long strings copied into every token, regular expressions that backtrack,
+//! random (dropout) merges, templates that repeat the text or add more tokens than the model reads.
+//! Only then are the added tokens added. Published tokenizers (BERT's, SentencePiece's, byte-level
+//! BPE's) stay inside every bound.
 
 use std::path::Path;
 
@@ -19,23 +24,28 @@ use crate::engine::MAX_TEXT_BYTES;
 
 /// Most steps in a `Sequence` of normalizers, pre-tokenizers or post-processors.
 const MAX_SEQUENCE_STEPS: usize = 32;
-/// How many times longer normalizing may make a text, at worst. Published normalizers: BERT's 3x,
-/// Llama 2's 12x, SentencePiece's NFKC map 11x (one character becomes 33 bytes).
-const MAX_NORMALIZED_GROWTH: usize = 16;
-/// How many times longer pre-tokenizing may make a normalized text, at worst (byte-level: 2x;
-/// SentencePiece's "▁" for spaces, and before each piece: 6x).
-const MAX_PRE_TOKENIZED_GROWTH: usize = 8;
+/// How many times longer normalizing and pre-tokenizing may make a text, at worst, in bytes (and so
+/// in the tokens a model splits it into). Published: BERT's 3x, byte-level BPE's 4x, Llama 2's 12x,
+/// T5's and XLM-R's 66x (SentencePiece's NFKC map, one character of 3 bytes becoming 33, then "▁"
+/// for spaces and before each piece).
+const MAX_GROWTH: usize = 72;
 /// Longest piece of a Unigram (SentencePiece) vocabulary, in characters: at every character of a
 /// text, tokenizing looks up each piece starting there, so the work grows with the longest piece.
 /// SentencePiece's trainer keeps pieces to 16 characters by default.
-const MAX_UNIGRAM_PIECE_CHARS: usize = 64;
-/// Longest token, special token or other string a tokenizer copies into the tokens it makes.
-const MAX_TOKEN_BYTES: usize = 256;
+const MAX_UNIGRAM_PIECE_CHARS: usize = 32;
+/// Longest string anywhere in the file but a SentencePiece map, checked before the library reads it:
+/// it builds a Unigram piece into a trie a level per character, and frees it recursively.
+const MAX_RAW_STRING_BYTES: usize = 4096;
+/// Longest token of a vocabulary, or added token.
+const MAX_TOKEN_BYTES: usize = 1024;
+/// Longest unknown token, or special token of a post-processor: copied into every token it stands for.
+const MAX_COPIED_TOKEN_BYTES: usize = 64;
 /// Longest prefix (BERT's "##") or suffix (BPE's "</w>") of word pieces: it is copied for every piece
 /// tried, and with byte fallback becomes tokens of its own.
 const MAX_AFFIX_BYTES: usize = 8;
-/// Added tokens are matched in every text by one automaton, built as the file is read.
+/// Added tokens are matched in every text by one automaton.
 const MAX_ADDED_TOKENS: usize = 16_384;
+const MAX_ADDED_TOKEN_BYTES: usize = 1 << 20;
 /// Most items in any list of a post-processor (template pieces, a special token's ids).
 const MAX_TEMPLATE_ITEMS: usize = 64;
 /// Longest regular expression (of a `Split` pre-tokenizer or a `Replace` normalizer).
@@ -64,25 +74,31 @@ const PUBLISHED_LOOKAHEAD_PATTERNS: [&str; 3] = [
 pub(crate) fn load(path: &Path, max_tokens: usize) -> Result<Tokenizer, InferenceError> {
     let invalid = |reason: String| InferenceError::InvalidModel(format!("tokenizer.json: {reason}"));
     let bytes = std::fs::read(path).map_err(|err| invalid(format!("cannot be read: {err}")))?;
-    // Added tokens are built into their matcher while the library reads the file: bounded first (the
-    // library reads them as a plain list, so the upload's spelling is its own).
-    let raw: Value = serde_json::from_slice(&bytes).map_err(|err| invalid(format!("is not JSON: {err}")))?;
-    if let Some(added) = raw["added_tokens"].as_array()
-        && added.len() > MAX_ADDED_TOKENS
-    {
-        return Err(invalid(format!(
-            "{} added tokens; at most {MAX_ADDED_TOKENS}",
-            added.len()
-        )));
-    }
-    drop(raw);
+    let mut raw: Value =
+        serde_json::from_slice(&bytes).map_err(|err| invalid(format!("is not JSON: {err}")))?;
+    drop(bytes);
+    check_raw_strings(&raw).map_err(invalid)?;
+    let added = raw
+        .as_object_mut()
+        .and_then(|parts| parts.remove("added_tokens"))
+        .unwrap_or(Value::Null);
+    let added: Vec<tokenizers::AddedToken> = if added.is_null() {
+        Vec::new()
+    } else {
+        serde_json::from_value(added).map_err(|err| invalid(format!("added_tokens: {err}")))?
+    };
+    check_added_tokens(&added).map_err(invalid)?;
     // The library panics on some malformed parts (a SentencePiece map that is not UTF-8).
-    let mut tokenizer = std::panic::catch_unwind(|| Tokenizer::from_bytes(&bytes))
+    let mut tokenizer = std::panic::catch_unwind(|| serde_json::from_value::<Tokenizer>(raw))
         .map_err(|_| invalid("cannot be read".into()))?
         .map_err(|err| invalid(format!("is not usable: {err}")))?;
+    check_vocabulary_ids(&tokenizer).map_err(invalid)?;
     let read =
         serde_json::to_value(&tokenizer).map_err(|err| invalid(format!("cannot be written back: {err}")))?;
     check_bounds(&read).map_err(invalid)?;
+    tokenizer
+        .add_tokens(added)
+        .map_err(|err| invalid(format!("added_tokens: {err}")))?;
     // Checked before truncation is set: the library subtracts these from the length without checking.
     let added = tokenizer.get_post_processor().map_or(0, |processor| {
         tokenizers::PostProcessor::added_tokens(processor, false)
@@ -118,39 +134,84 @@ fn bound_word_splitting(tokenizer: &mut Tokenizer) {
     }
 }
 
+/// No string (or key) in the raw file longer than `MAX_RAW_STRING_BYTES`, but a SentencePiece map.
+fn check_raw_strings(value: &Value) -> Result<(), String> {
+    let too_long = |text: &str| {
+        Err(format!(
+            "a string of {} bytes; at most {MAX_RAW_STRING_BYTES}",
+            text.len()
+        ))
+    };
+    match value {
+        Value::String(text) if text.len() > MAX_RAW_STRING_BYTES => too_long(text),
+        Value::Array(items) => items.iter().try_for_each(check_raw_strings),
+        Value::Object(fields) => fields.iter().try_for_each(|(key, value)| {
+            if key.len() > MAX_RAW_STRING_BYTES {
+                too_long(key)
+            } else if key == "precompiled_charsmap" {
+                Ok(())
+            } else {
+                check_raw_strings(value)
+            }
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn check_added_tokens(added: &[tokenizers::AddedToken]) -> Result<(), String> {
+    let bytes: usize = added.iter().map(|token| token.content.len()).sum();
+    if added.len() > MAX_ADDED_TOKENS || bytes > MAX_ADDED_TOKEN_BYTES {
+        return Err(format!(
+            "{} added tokens of {bytes} bytes; at most {MAX_ADDED_TOKENS} of {MAX_ADDED_TOKEN_BYTES} bytes",
+            added.len()
+        ));
+    }
+    added
+        .iter()
+        .try_for_each(|token| token_string(&token.content, "an added token", MAX_TOKEN_BYTES))
+}
+
+/// Every id of the vocabulary below its size, once: the library writes a vocabulary back by walking
+/// every id up to the largest.
+fn check_vocabulary_ids(tokenizer: &Tokenizer) -> Result<(), String> {
+    use tokenizers::Model as _;
+    let vocabulary = tokenizer.get_model().get_vocab();
+    let mut seen = vec![false; vocabulary.len()];
+    for id in vocabulary.into_values() {
+        match seen.get_mut(id as usize) {
+            Some(seen) if !*seen => *seen = true,
+            _ => {
+                return Err(format!(
+                    "the vocabulary's ids must be 0 to {} once each",
+                    seen.len().saturating_sub(1)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Everything in a tokenizer, as the library writes it, that sets how much work a text costs.
 fn check_bounds(tokenizer: &Value) -> Result<(), String> {
     for part in ["normalizer", "pre_tokenizer", "post_processor"] {
         check_steps(&tokenizer[part])?;
     }
-    let normalized = normalizer_growth(&tokenizer["normalizer"])?;
-    if normalized.of(MAX_TEXT_BYTES) > MAX_NORMALIZED_GROWTH * MAX_TEXT_BYTES {
+    let growth =
+        normalizer_growth(&tokenizer["normalizer"])?.then(pre_tokenizer_growth(&tokenizer["pre_tokenizer"])?);
+    if growth.of(MAX_TEXT_BYTES) > MAX_GROWTH * MAX_TEXT_BYTES {
         return Err(format!(
-            "its normalizers can make a text of {MAX_TEXT_BYTES} bytes {} bytes long; at most {MAX_NORMALIZED_GROWTH} times",
-            normalized.of(MAX_TEXT_BYTES)
+            "its normalizers and pre-tokenizers can make a text of {MAX_TEXT_BYTES} bytes {} bytes long; at most {MAX_GROWTH} times",
+            growth.of(MAX_TEXT_BYTES)
         ));
-    }
-    let pre_tokenized = pre_tokenizer_growth(&tokenizer["pre_tokenizer"])?;
-    if pre_tokenized.of(MAX_TEXT_BYTES) > MAX_PRE_TOKENIZED_GROWTH * MAX_TEXT_BYTES {
-        return Err(format!(
-            "its pre-tokenizers can make a text of {MAX_TEXT_BYTES} bytes {} bytes long; at most {MAX_PRE_TOKENIZED_GROWTH} times",
-            pre_tokenized.of(MAX_TEXT_BYTES)
-        ));
-    }
-    for token in tokenizer["added_tokens"].as_array().into_iter().flatten() {
-        token_string(token["content"].as_str().unwrap_or_default(), "an added token")?;
     }
     check_model(&tokenizer["model"])?;
     check_post_processor(&tokenizer["post_processor"])
 }
 
-/// A token-like string short enough to copy into every token.
-fn token_string(text: &str, what: &str) -> Result<(), String> {
-    if text.len() > MAX_TOKEN_BYTES {
-        return Err(format!(
-            "{what} of {} bytes; at most {MAX_TOKEN_BYTES}",
-            text.len()
-        ));
+/// A token-like string of at most `most` bytes.
+fn token_string(text: &str, what: &str, most: usize) -> Result<(), String> {
+    if text.len() > most {
+        return Err(format!("{what} of {} bytes; at most {most}", text.len()));
     }
     Ok(())
 }
@@ -161,7 +222,7 @@ fn check_model(model: &Value) -> Result<(), String> {
     match &model["vocab"] {
         Value::Object(vocab) => vocab
             .keys()
-            .try_for_each(|token| token_string(token, "a token"))?,
+            .try_for_each(|token| token_string(token, "a token", MAX_TOKEN_BYTES))?,
         Value::Array(pieces) => {
             let longest = pieces
                 .iter()
@@ -178,7 +239,7 @@ fn check_model(model: &Value) -> Result<(), String> {
         _ => {}
     }
     if let Some(unknown) = model["unk_token"].as_str() {
-        token_string(unknown, "the unknown token")?;
+        token_string(unknown, "the unknown token", MAX_COPIED_TOKEN_BYTES)?;
     }
     let mut affixed = false;
     for affix in ["continuing_subword_prefix", "end_of_word_suffix"] {
@@ -229,7 +290,7 @@ fn check_post_processor(processor: &Value) -> Result<(), String> {
             items.len()
         )),
         Value::Array(items) => items.iter().try_for_each(check_post_processor),
-        Value::String(text) => token_string(text, "a special token"),
+        Value::String(text) => token_string(text, "a special token", MAX_COPIED_TOKEN_BYTES),
         _ => Ok(()),
     }
 }
@@ -333,12 +394,12 @@ fn normalizer_growth(step: &Value) -> Result<Growth, String> {
     Ok(match step["type"].as_str().unwrap_or_default() {
         "Sequence" => sequence_growth(&step["normalizers"], normalizer_growth)?,
         "Strip" | "StripAccents" | "Nmt" => Growth::NONE,
-        // Lowercase letters take at most 1.5x the bytes of capitals ('İ' → "i̇"); BERT's normalizer also
-        // puts spaces around CJK characters (3 bytes → 5) and splits Hangul syllables.
+        // Lowercase letters take at most 1.5x the bytes of capitals ('İ' → "i̇").
         "Lowercase" | "ByteLevel" => Growth::times(2),
-        "BertNormalizer" => Growth::times(3),
-        // Unicode's bound for any normalization form: 18 code points from one.
-        "NFC" | "NFD" | "NFKC" | "NFKD" => Growth::times(18),
+        // Unicode's bounds in UTF-8 bytes (UAX #15); BERT's normalizer also puts spaces around CJK
+        // characters (3 bytes → 5) and splits Hangul syllables (3 bytes → 9).
+        "BertNormalizer" | "NFC" | "NFD" => Growth::times(3),
+        "NFKC" | "NFKD" => Growth::times(11),
         "Prepend" => Growth::per_piece(text("prepend").len()),
         "Replace" => {
             let content = text("content").len();
@@ -366,7 +427,10 @@ fn pre_tokenizer_growth(step: &Value) -> Result<Growth, String> {
     }
     Ok(match step["type"].as_str().unwrap_or_default() {
         "Sequence" => sequence_growth(&step["pretokenizers"], pre_tokenizer_growth)?,
-        // Every byte becomes a character of one or two bytes.
+        // Every byte becomes a character of one or two bytes, after a space before each piece.
+        "ByteLevel" if step["add_prefix_space"].as_bool() == Some(true) => {
+            Growth::per_piece(1).then(Growth::times(2))
+        }
         "ByteLevel" => Growth::times(2),
         // Spaces become the replacement, and it may go before every piece.
         "Metaspace" => {
@@ -518,12 +582,14 @@ mod tests {
     fn published_tokenizers_load() {
         let bert = load_json(&built_in()).expect("BERT's tokenizer");
         assert_eq!(bert.encode("Hello world", true).unwrap().len(), 4);
-        // Byte-level BPE as GPT-2, Llama 3 and Qwen2 split text, with a lookahead.
+        // Byte-level BPE as GPT-2, Llama 3 and Qwen2 split text, with a lookahead (Qwen2's after NFC).
         let mut split = built_in();
+        split["normalizer"] = json!({ "type": "NFC" });
         for pattern in PUBLISHED_LOOKAHEAD_PATTERNS {
-            split["pre_tokenizer"] = json!({
-                "type": "Split", "behavior": "Isolated", "invert": false, "pattern": { "Regex": pattern }
-            });
+            split["pre_tokenizer"] = json!({ "type": "Sequence", "pretokenizers": [
+                { "type": "Split", "behavior": "Isolated", "invert": false, "pattern": { "Regex": pattern } },
+                { "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false }
+            ]});
             load_json(&split).expect(pattern);
         }
         // Llama 2's normalizer: a prefix, and spaces as "▁".
@@ -552,19 +618,21 @@ mod tests {
 
     #[test]
     fn what_a_tokenizer_copies_into_every_token_is_short() {
-        let long = "x".repeat(MAX_TOKEN_BYTES + 1);
         let mut json = built_in();
-        json["model"]["unk_token"] = json!(long);
-        assert!(refusal(&json).contains("the unknown token of 257 bytes"));
+        json["model"]["unk_token"] = json!("x".repeat(65));
+        assert!(refusal(&json).contains("the unknown token of 65 bytes"));
         let mut json = built_in();
-        json["model"]["vocab"][&long] = json!(30_522);
-        assert!(refusal(&json).contains("a token of 257 bytes"));
+        json["model"]["vocab"]["x".repeat(1025)] = json!(30_522);
+        assert!(refusal(&json).contains("a token of 1025 bytes"));
         let mut json = built_in();
         json["model"]["continuing_subword_prefix"] = json!("#".repeat(MAX_AFFIX_BYTES + 1));
         assert!(refusal(&json).contains("prefix or suffix of 9 bytes"));
         let mut json = built_in();
-        json["post_processor"]["special_tokens"]["[CLS]"]["tokens"] = json!([long]);
-        assert!(refusal(&json).contains("a special token of 257 bytes"));
+        json["post_processor"]["special_tokens"]["[CLS]"]["tokens"] = json!(["x".repeat(65)]);
+        assert!(refusal(&json).contains("a special token of 65 bytes"));
+        let mut json = built_in();
+        json["added_tokens"][0]["content"] = json!("x".repeat(1025));
+        assert!(refusal(&json).contains("an added token of 1025 bytes"));
         // Byte fallback makes a token of every byte of a piece, prefix included.
         let bpe = |prefix: Value| {
             json!({
@@ -607,10 +675,40 @@ mod tests {
         let double = json!({ "type": "Replace", "pattern": { "String": "a" }, "content": "aa" });
         let mut json = built_in();
         json["normalizer"] = json!({ "type": { "Sequence": null }, "normalizers": vec![double; 10] });
-        assert!(refusal(&json).contains("normalizers can make a text"));
+        assert!(refusal(&json).contains("pre-tokenizers can make a text"));
         let mut json = unigram(&["a".repeat(1000)], &Value::Null);
         json["model"].as_object_mut().unwrap().remove("type");
         assert!(refusal(&json).contains("a Unigram piece of 1000 characters"));
+    }
+
+    #[test]
+    fn reading_the_file_does_no_unbounded_work_before_its_checks() {
+        // A piece of 50,000 characters is a trie 50,000 levels deep, freed recursively: a thread's
+        // stack overflows, and the process with it.
+        let reason = refusal(&unigram(&["a".repeat(50_000)], &Value::Null));
+        assert!(reason.contains("a string of 50000 bytes"), "{reason}");
+        // Adding a token normalizes it with the file's normalizers: 2^28 copies of "a" unchecked.
+        let double = json!({ "type": "Replace", "pattern": { "String": "a" }, "content": "aa" });
+        let mut json = built_in();
+        json["normalizer"] = json!({ "type": "Sequence", "normalizers": vec![double; 28] });
+        json["added_tokens"] = json!([{ "id": 30_522, "content": "a", "single_word": false, "lstrip": false,
+                                        "rstrip": false, "normalized": true, "special": false }]);
+        let started = Instant::now();
+        assert!(refusal(&json).contains("can make a text"));
+        assert!(started.elapsed().as_secs() < 5, "{:?}", started.elapsed());
+        // Writing a vocabulary back walks every id up to the largest (and wraps past 2^32 - 1).
+        let mut json = built_in();
+        json["model"]["vocab"]["zzz"] = json!(u32::MAX);
+        assert!(refusal(&json).contains("the vocabulary's ids"));
+        let mut json = built_in();
+        json["model"]["vocab"]["zzz"] = json!(0);
+        assert!(refusal(&json).contains("the vocabulary's ids"));
+        // The added tokens are added once the rest is checked, as the file has them.
+        let bert = load_json(&built_in()).unwrap();
+        assert_eq!(
+            bert.encode("[CLS] hi [SEP]", false).unwrap().get_ids(),
+            [101, 7632, 102]
+        );
     }
 
     #[test]
@@ -650,12 +748,12 @@ mod tests {
         let mut json = built_in();
         json["normalizer"] = json!({ "type": "Sequence", "normalizers": vec![double.clone(); 32] });
         let reason = refusal(&json);
-        assert!(reason.contains("normalizers can make a text"), "{reason}");
+        assert!(reason.contains("pre-tokenizers can make a text"), "{reason}");
         // A pattern that matches nothing puts its content between every two characters.
         json["normalizer"] =
             json!({ "type": "Replace", "pattern": { "Regex": "x*" }, "content": "y".repeat(100) });
         let reason = refusal(&json);
-        assert!(reason.contains("normalizers can make a text"), "{reason}");
+        assert!(reason.contains("pre-tokenizers can make a text"), "{reason}");
         // Four doublings (16x) are within bounds, and a long sequence of steps is refused as such.
         json["normalizer"] = json!({ "type": "Sequence", "normalizers": vec![double.clone(); 4] });
         load_json(&json).expect("16x");
@@ -692,7 +790,7 @@ mod tests {
         let reason = refusal(&unigram(&pieces, &Value::Null));
         assert!(reason.contains("a Unigram piece of 2000 characters"), "{reason}");
         let pieces: Vec<String> = (1..=MAX_UNIGRAM_PIECE_CHARS).map(|n| "a".repeat(n)).collect();
-        let tokenizer = load_json(&unigram(&pieces, &Value::Null)).expect("pieces of 64");
+        let tokenizer = load_json(&unigram(&pieces, &Value::Null)).expect("pieces of 32");
         let started = Instant::now();
         tokenizer.encode("a".repeat(MAX_TEXT_BYTES), false).unwrap();
         // Timed by hand in a debug build: 8 KiB of "a" took 0.15 s to tokenize with pieces of up to 64
@@ -730,6 +828,13 @@ mod tests {
         assert_eq!(twice.then(prefix), Growth { factor: 8, extra: 3 });
         assert_eq!(prefix.then(twice), Growth { factor: 8, extra: 6 });
         assert_eq!(Growth::times(usize::MAX).then(twice).of(10), usize::MAX);
+        // Byte-level pre-tokenizing with a space before each piece: "a" becomes "Ġa" (3 bytes).
+        let byte_level =
+            json!({ "type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true });
+        assert_eq!(
+            pre_tokenizer_growth(&byte_level),
+            Ok(Growth { factor: 4, extra: 2 })
+        );
     }
 
     #[test]
