@@ -72,8 +72,10 @@ fn encode(
             if stop.load(Ordering::Relaxed) {
                 return Err(InferenceError::Timeout);
             }
+            let text = leading_words(text, words);
+            check_normalized_length(tokenizer, text)?;
             let mut encoding = tokenizer
-                .encode(leading_words(text, words), true)
+                .encode(text, true)
                 .map_err(|err| InferenceError::InvalidInput(format!("tokenization failed: {err}")))?;
             // What truncation cut off is kept beside the encoding; the run has no use for it.
             drop(encoding.take_overflowing());
@@ -88,6 +90,30 @@ fn encode(
             Ok(encoding)
         })
         .collect()
+}
+
+/// Longest a text may become once normalized: the library makes every token of it before cutting
+/// at the model's length, and loading bounds a tokenizer's growth only in the worst case over all
+/// texts (up to 72 times, see `tokenizer`), which few texts come near.
+const MAX_NORMALIZED_BYTES: usize = 4 * crate::engine::MAX_TEXT_BYTES;
+
+/// Refuses a text its tokenizer's normalizers make longer than `MAX_NORMALIZED_BYTES`.
+fn check_normalized_length(tokenizer: &Tokenizer, text: &str) -> Result<(), InferenceError> {
+    use tokenizers::Normalizer as _;
+    let Some(normalizer) = tokenizer.get_normalizer() else {
+        return Ok(());
+    };
+    let mut normalized = tokenizers::NormalizedString::from(text);
+    normalizer
+        .normalize(&mut normalized)
+        .map_err(|err| InferenceError::InvalidInput(format!("tokenization failed: {err}")))?;
+    if normalized.len() > MAX_NORMALIZED_BYTES {
+        return Err(InferenceError::InvalidInput(format!(
+            "a text becomes {} bytes once normalized by this model's tokenizer; at most {MAX_NORMALIZED_BYTES}",
+            normalized.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Whether the tokenizer's pre-tokenizer splits text at whitespace, so that no token spans two words.
@@ -1031,6 +1057,19 @@ mod tests {
             encode(&repeating, &["a b c".to_owned()], &AtomicBool::new(false)),
             Err(InferenceError::InvalidModel(_))
         ));
+        // A text its normalizer makes more than 4 times as long as the longest text is refused.
+        let mut expanding = tokenizer.clone();
+        expanding
+            .with_normalizer(Some(
+                tokenizers::normalizers::replace::Replace::new("a", "a".repeat(8)).unwrap(),
+            ))
+            .unwrap();
+        let long = "a".repeat(crate::engine::MAX_TEXT_BYTES);
+        assert!(matches!(
+            encode(&expanding, &[long], &AtomicBool::new(false)),
+            Err(InferenceError::InvalidInput(reason)) if reason.contains("once normalized")
+        ));
+        assert!(encode(&expanding, &["a b".to_owned()], &AtomicBool::new(false)).is_ok());
         // Past the run's deadline, no further text is tokenized.
         let texts = vec!["a b".to_owned(); 3];
         assert!(matches!(

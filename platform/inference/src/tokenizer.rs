@@ -36,6 +36,12 @@ const MAX_UNIGRAM_PIECE_CHARS: usize = 32;
 /// Longest string anywhere in the file but a SentencePiece map, checked before the library reads it:
 /// it builds a Unigram piece into a trie a level per character, and frees it recursively.
 const MAX_RAW_STRING_BYTES: usize = 4096;
+/// Longest SentencePiece character map, in base64 (published ones are about 320 KB).
+const MAX_CHARSMAP_BASE64_BYTES: usize = 1 << 20;
+/// Most objects (steps, and their patterns) among the normalizers and pre-tokenizers, however nested.
+const MAX_STEP_OBJECTS: usize = 64;
+/// Most regular expressions in a file: each compiles to up to megabytes as the file is read.
+const MAX_PATTERNS: usize = 8;
 /// Longest token of a vocabulary, or added token.
 const MAX_TOKEN_BYTES: usize = 1024;
 /// Longest unknown token, or special token of a post-processor: copied into every token it stands for.
@@ -77,7 +83,7 @@ pub(crate) fn load(path: &Path, max_tokens: usize) -> Result<Tokenizer, Inferenc
     let mut raw: Value =
         serde_json::from_slice(&bytes).map_err(|err| invalid(format!("is not JSON: {err}")))?;
     drop(bytes);
-    check_raw_strings(&raw).map_err(invalid)?;
+    check_raw(&raw).map_err(invalid)?;
     let added = raw
         .as_object_mut()
         .and_then(|parts| parts.remove("added_tokens"))
@@ -95,7 +101,18 @@ pub(crate) fn load(path: &Path, max_tokens: usize) -> Result<Tokenizer, Inferenc
     check_vocabulary_ids(&tokenizer).map_err(invalid)?;
     let read =
         serde_json::to_value(&tokenizer).map_err(|err| invalid(format!("cannot be written back: {err}")))?;
-    check_bounds(&read).map_err(invalid)?;
+    let normalizing = check_bounds(&read).map_err(invalid)?;
+    // Added tokens marked `normalized` are matched as the normalizers make them.
+    let normalized: usize = added
+        .iter()
+        .filter(|token| token.normalized)
+        .map(|token| normalizing.of(token.content.len()))
+        .fold(0, usize::saturating_add);
+    if normalized > MAX_ADDED_TOKEN_BYTES {
+        return Err(invalid(format!(
+            "its normalizers can make its added tokens {normalized} bytes; at most {MAX_ADDED_TOKEN_BYTES}"
+        )));
+    }
     tokenizer
         .add_tokens(added)
         .map_err(|err| invalid(format!("added_tokens: {err}")))?;
@@ -134,7 +151,70 @@ fn bound_word_splitting(tokenizer: &mut Tokenizer) {
     }
 }
 
-/// No string (or key) in the raw file longer than `MAX_RAW_STRING_BYTES`, but a SentencePiece map.
+/// What the library builds as it reads the file, bounded before it does: no string long enough to
+/// make its structures deep, vocabulary tokens as long as the later checks allow, few steps and
+/// regular expressions.
+fn check_raw(raw: &Value) -> Result<(), String> {
+    check_raw_strings(raw)?;
+    match &raw["model"]["vocab"] {
+        Value::Array(pieces) => check_unigram_pieces(pieces)?,
+        Value::Object(tokens) => tokens
+            .keys()
+            .try_for_each(|token| token_string(token, "a token", MAX_TOKEN_BYTES))?,
+        _ => {}
+    }
+    let steps = objects(&raw["normalizer"]) + objects(&raw["pre_tokenizer"]);
+    if steps > MAX_STEP_OBJECTS {
+        return Err(format!(
+            "{steps} normalizer and pre-tokenizer steps and patterns; at most {MAX_STEP_OBJECTS}"
+        ));
+    }
+    let patterns = regular_expressions(raw);
+    if patterns > MAX_PATTERNS {
+        return Err(format!("{patterns} regular expressions; at most {MAX_PATTERNS}"));
+    }
+    Ok(())
+}
+
+/// The objects in `value`, however nested.
+fn objects(value: &Value) -> usize {
+    match value {
+        Value::Object(fields) => 1 + fields.values().map(objects).sum::<usize>(),
+        Value::Array(items) => items.iter().map(objects).sum(),
+        _ => 0,
+    }
+}
+
+/// The regular expressions (`{"Regex": …}`) in `value`, however nested.
+fn regular_expressions(value: &Value) -> usize {
+    match value {
+        Value::Object(fields) => {
+            usize::from(fields.get("Regex").is_some_and(Value::is_string))
+                + fields.values().map(regular_expressions).sum::<usize>()
+        }
+        Value::Array(items) => items.iter().map(regular_expressions).sum(),
+        _ => 0,
+    }
+}
+
+/// Unigram pieces (`[piece, score]`) of at most `MAX_UNIGRAM_PIECE_CHARS`.
+fn check_unigram_pieces(pieces: &[Value]) -> Result<(), String> {
+    let longest = pieces
+        .iter()
+        .filter_map(|entry| entry[0].as_str())
+        .map(|piece| piece.chars().count())
+        .max()
+        .unwrap_or(0);
+    if longest > MAX_UNIGRAM_PIECE_CHARS {
+        return Err(format!(
+            "a Unigram piece of {longest} characters; at most {MAX_UNIGRAM_PIECE_CHARS}"
+        ));
+    }
+    Ok(())
+}
+
+/// No string (or key) in the raw file longer than `MAX_RAW_STRING_BYTES`, but a SentencePiece map
+/// (`MAX_CHARSMAP_BASE64_BYTES`).
 fn check_raw_strings(value: &Value) -> Result<(), String> {
     let too_long = |text: &str| {
         Err(format!(
@@ -149,7 +229,13 @@ fn check_raw_strings(value: &Value) -> Result<(), String> {
             if key.len() > MAX_RAW_STRING_BYTES {
                 too_long(key)
             } else if key == "precompiled_charsmap" {
-                Ok(())
+                match value {
+                    Value::String(map) if map.len() > MAX_CHARSMAP_BASE64_BYTES => Err(format!(
+                        "a precompiled_charsmap of {} bytes; at most {MAX_CHARSMAP_BASE64_BYTES}",
+                        map.len()
+                    )),
+                    _ => Ok(()),
+                }
             } else {
                 check_raw_strings(value)
             }
@@ -191,13 +277,14 @@ fn check_vocabulary_ids(tokenizer: &Tokenizer) -> Result<(), String> {
     Ok(())
 }
 
-/// Everything in a tokenizer, as the library writes it, that sets how much work a text costs.
-fn check_bounds(tokenizer: &Value) -> Result<(), String> {
+/// Everything in a tokenizer, as the library writes it, that sets how much work a text costs. What
+/// its normalizers may make of a text.
+fn check_bounds(tokenizer: &Value) -> Result<Growth, String> {
     for part in ["normalizer", "pre_tokenizer", "post_processor"] {
         check_steps(&tokenizer[part])?;
     }
-    let growth =
-        normalizer_growth(&tokenizer["normalizer"])?.then(pre_tokenizer_growth(&tokenizer["pre_tokenizer"])?);
+    let normalizing = normalizer_growth(&tokenizer["normalizer"])?;
+    let growth = normalizing.then(pre_tokenizer_growth(&tokenizer["pre_tokenizer"])?);
     if growth.of(MAX_TEXT_BYTES) > MAX_GROWTH * MAX_TEXT_BYTES {
         return Err(format!(
             "its normalizers and pre-tokenizers can make a text of {MAX_TEXT_BYTES} bytes {} bytes long; at most {MAX_GROWTH} times",
@@ -205,7 +292,8 @@ fn check_bounds(tokenizer: &Value) -> Result<(), String> {
         ));
     }
     check_model(&tokenizer["model"])?;
-    check_post_processor(&tokenizer["post_processor"])
+    check_post_processor(&tokenizer["post_processor"])?;
+    Ok(normalizing)
 }
 
 /// A token-like string of at most `most` bytes.
@@ -223,19 +311,7 @@ fn check_model(model: &Value) -> Result<(), String> {
         Value::Object(vocab) => vocab
             .keys()
             .try_for_each(|token| token_string(token, "a token", MAX_TOKEN_BYTES))?,
-        Value::Array(pieces) => {
-            let longest = pieces
-                .iter()
-                .filter_map(|entry| entry[0].as_str())
-                .map(|piece| piece.chars().count())
-                .max()
-                .unwrap_or(0);
-            if longest > MAX_UNIGRAM_PIECE_CHARS {
-                return Err(format!(
-                    "a Unigram piece of {longest} characters; at most {MAX_UNIGRAM_PIECE_CHARS}"
-                ));
-            }
-        }
+        Value::Array(pieces) => check_unigram_pieces(pieces)?,
         _ => {}
     }
     if let Some(unknown) = model["unk_token"].as_str() {
@@ -499,8 +575,9 @@ fn precompiled_growth(charsmap: &str) -> Result<usize, String> {
             if label(unit) != byte {
                 continue;
             }
+            // A trie's lookups reach each unit once.
             visited += 1;
-            if visited > units.len() * LOOKUP_BYTES {
+            if visited > units.len() {
                 return Err(unreadable("not a trie"));
             }
             let next = child ^ offset(unit);
@@ -712,6 +789,37 @@ mod tests {
     }
 
     #[test]
+    fn what_reading_builds_is_bounded_before_it_is_built() {
+        // Each `\w{200}` compiles to megabytes: sixteen Sequences of sixteen would hold gigabytes.
+        let split = json!({ "type": "Split", "behavior": "Isolated", "invert": false,
+                            "pattern": { "Regex": "\\w{200}" } });
+        let nested = json!({ "type": "Sequence", "pretokenizers": vec![split.clone(); 16] });
+        let mut json = built_in();
+        json["pre_tokenizer"] = json!({ "type": "Sequence", "pretokenizers": vec![nested; 16] });
+        assert!(refusal(&json).contains("steps and patterns; at most 64"));
+        json["pre_tokenizer"] = json!({ "type": "Sequence", "pretokenizers": vec![split; 9] });
+        assert!(refusal(&json).contains("9 regular expressions; at most 8"));
+        // Unigram pieces are bounded before the library builds its trie of them.
+        let reason = refusal(&unigram(&["a".repeat(4000)], &Value::Null));
+        assert!(reason.contains("a Unigram piece of 4000 characters"), "{reason}");
+        // Added tokens matched as the normalizers make them: 16x of 1 MiB.
+        let mut json = built_in();
+        json["normalizer"] =
+            json!({ "type": "Replace", "pattern": { "String": "a" }, "content": "a".repeat(16) });
+        json["added_tokens"] = (0..MAX_ADDED_TOKEN_BYTES / 64)
+            .map(|n| {
+                json!({ "id": 30_522 + n, "content": format!("{n:a>64}"), "single_word": false,
+                             "lstrip": false, "rstrip": false, "normalized": true, "special": false })
+            })
+            .collect();
+        assert!(refusal(&json).contains("its normalizers can make its added tokens"));
+        // A SentencePiece map far beyond a published one's size.
+        let mut json = sentencepiece();
+        json["normalizer"]["normalizers"][0]["precompiled_charsmap"] = json!("A".repeat(2 << 20));
+        assert!(refusal(&json).contains("a precompiled_charsmap of"));
+    }
+
+    #[test]
     fn malformed_sentencepiece_maps_are_refused() {
         use base64::Engine as _;
         let map = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
@@ -743,10 +851,10 @@ mod tests {
 
     #[test]
     fn normalizers_that_multiply_a_texts_length_are_refused() {
-        // Each step doubles every "a": 32 of them would make 32 KiB into 128 TiB.
+        // Each step doubles every "a": 20 of them would make 32 KiB into 32 GiB.
         let double = json!({ "type": "Replace", "pattern": { "String": "a" }, "content": "aa" });
         let mut json = built_in();
-        json["normalizer"] = json!({ "type": "Sequence", "normalizers": vec![double.clone(); 32] });
+        json["normalizer"] = json!({ "type": "Sequence", "normalizers": vec![double.clone(); 20] });
         let reason = refusal(&json);
         assert!(reason.contains("pre-tokenizers can make a text"), "{reason}");
         // A pattern that matches nothing puts its content between every two characters.
