@@ -97,20 +97,24 @@ fn encode(
 /// texts (up to 72 times, see `tokenizer`), which few texts come near.
 const MAX_NORMALIZED_BYTES: usize = 4 * crate::engine::MAX_TEXT_BYTES;
 
-/// Refuses a text its tokenizer's normalizers make longer than `MAX_NORMALIZED_BYTES`.
+/// Refuses a text its tokenizer's normalizers make longer than `MAX_NORMALIZED_BYTES`, normalized as
+/// the library does: piece by piece between added tokens.
 fn check_normalized_length(tokenizer: &Tokenizer, text: &str) -> Result<(), InferenceError> {
-    use tokenizers::Normalizer as _;
+    use tokenizers::{OffsetReferential, OffsetType};
     let Some(normalizer) = tokenizer.get_normalizer() else {
         return Ok(());
     };
-    let mut normalized = tokenizers::NormalizedString::from(text);
-    normalizer
-        .normalize(&mut normalized)
-        .map_err(|err| InferenceError::InvalidInput(format!("tokenization failed: {err}")))?;
-    if normalized.len() > MAX_NORMALIZED_BYTES {
+    let pieces = tokenizer
+        .get_added_vocabulary()
+        .extract_and_normalize(Some(normalizer), text);
+    let normalized: usize = pieces
+        .get_splits(OffsetReferential::Normalized, OffsetType::Byte)
+        .iter()
+        .map(|(piece, ..)| piece.len())
+        .sum();
+    if normalized > MAX_NORMALIZED_BYTES {
         return Err(InferenceError::InvalidInput(format!(
-            "a text becomes {} bytes once normalized by this model's tokenizer; at most {MAX_NORMALIZED_BYTES}",
-            normalized.len()
+            "a text becomes {normalized} bytes once normalized by this model's tokenizer; at most {MAX_NORMALIZED_BYTES}"
         )));
     }
     Ok(())
@@ -1070,6 +1074,22 @@ mod tests {
             Err(InferenceError::InvalidInput(reason)) if reason.contains("once normalized")
         ));
         assert!(encode(&expanding, &["a b".to_owned()], &AtomicBool::new(false)).is_ok());
+        // Normalized as the library does, piece by piece between (special) added tokens: a prefix
+        // for each.
+        let mut prefixing = tokenizer.clone();
+        prefixing
+            .with_normalizer(Some(tokenizers::normalizers::prepend::Prepend::new(
+                "x".repeat(70),
+            )))
+            .unwrap();
+        prefixing
+            .add_tokens([tokenizers::AddedToken::from("b", true)])
+            .unwrap();
+        let pieces = "ab".repeat(crate::engine::MAX_TEXT_BYTES / 2);
+        assert!(matches!(
+            encode(&prefixing, &[pieces], &AtomicBool::new(false)),
+            Err(InferenceError::InvalidInput(reason)) if reason.contains("once normalized")
+        ));
         // Past the run's deadline, no further text is tokenized.
         let texts = vec!["a b".to_owned(); 3];
         assert!(matches!(

@@ -38,7 +38,8 @@ const MAX_UNIGRAM_PIECE_CHARS: usize = 32;
 const MAX_RAW_STRING_BYTES: usize = 4096;
 /// Longest SentencePiece character map, in base64 (published ones are about 320 KB).
 const MAX_CHARSMAP_BASE64_BYTES: usize = 1 << 20;
-/// Most objects (steps, and their patterns) among the normalizers and pre-tokenizers, however nested.
+/// Most objects and lists (steps, their patterns and sequences) among the normalizers and
+/// pre-tokenizers, however nested, in the file and once read.
 const MAX_STEP_OBJECTS: usize = 64;
 /// Most regular expressions in a file: each compiles to up to megabytes as the file is read.
 const MAX_PATTERNS: usize = 8;
@@ -176,11 +177,11 @@ fn check_raw(raw: &Value) -> Result<(), String> {
     Ok(())
 }
 
-/// The objects in `value`, however nested.
+/// The objects and lists in `value`, however nested (the library also reads a step written as a list).
 fn objects(value: &Value) -> usize {
     match value {
         Value::Object(fields) => 1 + fields.values().map(objects).sum::<usize>(),
-        Value::Array(items) => items.iter().map(objects).sum(),
+        Value::Array(items) => 1 + items.iter().map(objects).sum::<usize>(),
         _ => 0,
     }
 }
@@ -282,6 +283,12 @@ fn check_vocabulary_ids(tokenizer: &Tokenizer) -> Result<(), String> {
 fn check_bounds(tokenizer: &Value) -> Result<Growth, String> {
     for part in ["normalizer", "pre_tokenizer", "post_processor"] {
         check_steps(&tokenizer[part])?;
+    }
+    let steps = objects(&tokenizer["normalizer"]) + objects(&tokenizer["pre_tokenizer"]);
+    if steps > MAX_STEP_OBJECTS {
+        return Err(format!(
+            "{steps} normalizer and pre-tokenizer steps and patterns; at most {MAX_STEP_OBJECTS}"
+        ));
     }
     let normalizing = normalizer_growth(&tokenizer["normalizer"])?;
     let growth = normalizing.then(pre_tokenizer_growth(&tokenizer["pre_tokenizer"])?);
@@ -550,11 +557,17 @@ fn precompiled_growth(charsmap: &str) -> Result<usize, String> {
     let has_leaf = |unit: usize| (unit >> 8) & 1 == 1;
     let label = |unit: usize| unit & ((1 << 31) | 0xFF);
     let offset = |unit: usize| (unit >> 10) << ((unit & (1 << 9)) >> 6);
+    // Longer replacements would be refused anyway: the scan for one's end stops there.
+    let longest = LOOKUP_BYTES * MAX_GROWTH;
     let replacement = |value: usize| -> Result<usize, String> {
         let rest = replacements
             .get(value..)
             .ok_or_else(|| unreadable("a replacement outside the map"))?;
-        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        let end = match rest.iter().take(longest + 1).position(|&b| b == 0) {
+            Some(end) => end,
+            None if rest.len() <= longest => rest.len(),
+            None => return Err(unreadable(&format!("a replacement of more than {longest} bytes"))),
+        };
         std::str::from_utf8(&rest[..end]).map_err(|_| unreadable("a replacement that is not UTF-8"))?;
         Ok(end)
     };
@@ -799,6 +812,10 @@ mod tests {
         assert!(refusal(&json).contains("steps and patterns; at most 64"));
         json["pre_tokenizer"] = json!({ "type": "Sequence", "pretokenizers": vec![split; 9] });
         assert!(refusal(&json).contains("9 regular expressions; at most 8"));
+        // The library also reads steps written as lists: they count too.
+        let mut json = built_in();
+        json["normalizer"] = json!([vec![json!(["Nmt"]); 70]]);
+        assert!(refusal(&json).contains("steps and patterns; at most 64"));
         // Unigram pieces are bounded before the library builds its trie of them.
         let reason = refusal(&unigram(&["a".repeat(4000)], &Value::Null));
         assert!(reason.contains("a Unigram piece of 4000 characters"), "{reason}");
@@ -826,9 +843,17 @@ mod tests {
         let mut json = sentencepiece();
         // An empty trie (the first lookup would index it), and replacements that are not UTF-8 (the
         // library panics reading them).
+        // A trie of one key, "a", whose replacement runs on without an end: the scan for its end
+        // stops at the longest replacement the growth bound allows.
+        let mut units = vec![0u32; 2048];
+        units[usize::from(b'a')] = (1 << 10) | (1 << 8) | u32::from(b'a');
+        let mut unending = u32::try_from(units.len() * 4).unwrap().to_le_bytes().to_vec();
+        unending.extend(units.iter().flat_map(|unit| unit.to_le_bytes()));
+        unending.extend([b'x'; 100_000]);
         for (charsmap, why) in [
             (map(&[0, 0, 0, 0, b'x']), "an empty trie"),
             (map(&[0, 0, 0, 0, 0xff]), "cannot be read"),
+            (map(&unending), "a replacement of more than 360 bytes"),
         ] {
             json["normalizer"]["normalizers"][0]["precompiled_charsmap"] = json!(charsmap);
             let reason = refusal(&json);
