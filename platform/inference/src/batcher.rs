@@ -73,7 +73,7 @@ fn encode(
                 return Err(InferenceError::Timeout);
             }
             let text = leading_words(text, words);
-            check_normalized_length(tokenizer, text)?;
+            check_pre_tokenized_length(tokenizer, text)?;
             let mut encoding = tokenizer
                 .encode(text, true)
                 .map_err(|err| InferenceError::InvalidInput(format!("tokenization failed: {err}")))?;
@@ -92,29 +92,31 @@ fn encode(
         .collect()
 }
 
-/// Longest a text may become once normalized: the library makes every token of it before cutting
-/// at the model's length, and loading bounds a tokenizer's growth only in the worst case over all
-/// texts (up to 72 times, see `tokenizer`), which few texts come near.
-const MAX_NORMALIZED_BYTES: usize = 4 * crate::engine::MAX_TEXT_BYTES;
+/// Longest a text may become once normalized and pre-tokenized: the library makes every token of it
+/// before cutting at the model's length, and loading bounds a tokenizer's growth only in the worst
+/// case over all texts (up to 72 times, see `tokenizer`), which few texts come near.
+const MAX_PRE_TOKENIZED_BYTES: usize = 4 * crate::engine::MAX_TEXT_BYTES;
 
-/// Refuses a text its tokenizer's normalizers make longer than `MAX_NORMALIZED_BYTES`, normalized as
-/// the library does: piece by piece between added tokens.
-fn check_normalized_length(tokenizer: &Tokenizer, text: &str) -> Result<(), InferenceError> {
-    use tokenizers::{OffsetReferential, OffsetType};
-    let Some(normalizer) = tokenizer.get_normalizer() else {
-        return Ok(());
-    };
-    let pieces = tokenizer
+/// Refuses a text its tokenizer's normalizers and pre-tokenizers make longer than
+/// `MAX_PRE_TOKENIZED_BYTES`, made as the library makes it: piece by piece between added tokens.
+fn check_pre_tokenized_length(tokenizer: &Tokenizer, text: &str) -> Result<(), InferenceError> {
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizer as _};
+    let refused =
+        |err: tokenizers::Error| InferenceError::InvalidInput(format!("tokenization failed: {err}"));
+    let mut pieces = tokenizer
         .get_added_vocabulary()
-        .extract_and_normalize(Some(normalizer), text);
-    let normalized: usize = pieces
+        .extract_and_normalize(tokenizer.get_normalizer(), text);
+    if let Some(pre_tokenizer) = tokenizer.get_pre_tokenizer() {
+        pre_tokenizer.pre_tokenize(&mut pieces).map_err(refused)?;
+    }
+    let made: usize = pieces
         .get_splits(OffsetReferential::Normalized, OffsetType::Byte)
         .iter()
         .map(|(piece, ..)| piece.len())
         .sum();
-    if normalized > MAX_NORMALIZED_BYTES {
+    if made > MAX_PRE_TOKENIZED_BYTES {
         return Err(InferenceError::InvalidInput(format!(
-            "a text becomes {normalized} bytes once normalized by this model's tokenizer; at most {MAX_NORMALIZED_BYTES}"
+            "this model's tokenizer makes the text {made} bytes long before splitting it into tokens; at most {MAX_PRE_TOKENIZED_BYTES}"
         )));
     }
     Ok(())
@@ -1071,7 +1073,7 @@ mod tests {
         let long = "a".repeat(crate::engine::MAX_TEXT_BYTES);
         assert!(matches!(
             encode(&expanding, &[long], &AtomicBool::new(false)),
-            Err(InferenceError::InvalidInput(reason)) if reason.contains("once normalized")
+            Err(InferenceError::InvalidInput(reason)) if reason.contains("before splitting it into tokens")
         ));
         assert!(encode(&expanding, &["a b".to_owned()], &AtomicBool::new(false)).is_ok());
         // Normalized as the library does, piece by piece between (special) added tokens: a prefix
@@ -1088,8 +1090,21 @@ mod tests {
         let pieces = "ab".repeat(crate::engine::MAX_TEXT_BYTES / 2);
         assert!(matches!(
             encode(&prefixing, &[pieces], &AtomicBool::new(false)),
-            Err(InferenceError::InvalidInput(reason)) if reason.contains("once normalized")
+            Err(InferenceError::InvalidInput(reason)) if reason.contains("before splitting it into tokens")
         ));
+        // Pre-tokenizers grow it too: three byte-level steps make each "ÿ" (2 bytes) 16.
+        let mut byte_level = tokenizer.clone();
+        let step = tokenizers::PreTokenizerWrapper::from(
+            tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, false, false),
+        );
+        byte_level.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::sequence::Sequence::new(
+            vec![step; 3],
+        )));
+        assert!(matches!(
+            encode(&byte_level, &["ÿ".repeat(crate::engine::MAX_TEXT_BYTES / 2)], &AtomicBool::new(false)),
+            Err(InferenceError::InvalidInput(reason)) if reason.contains("before splitting it into tokens")
+        ));
+        assert!(encode(&byte_level, &["ÿ".repeat(1000)], &AtomicBool::new(false)).is_ok());
         // Past the run's deadline, no further text is tokenized.
         let texts = vec!["a b".to_owned(); 3];
         assert!(matches!(

@@ -29,6 +29,8 @@ const MAX_SEQUENCE_STEPS: usize = 32;
 /// T5's and XLM-R's 66x (SentencePiece's NFKC map, one character of 3 bytes becoming 33, then "▁"
 /// for spaces and before each piece).
 const MAX_GROWTH: usize = 72;
+/// How many times longer pre-tokenizing alone may make a text (published: byte-level 4x, "▁" 6x).
+const MAX_PRE_TOKENIZER_GROWTH: usize = 8;
 /// Longest piece of a Unigram (SentencePiece) vocabulary, in characters: at every character of a
 /// text, tokenizing looks up each piece starting there, so the work grows with the longest piece.
 /// SentencePiece's trainer keeps pieces to 16 characters by default.
@@ -291,7 +293,14 @@ fn check_bounds(tokenizer: &Value) -> Result<Growth, String> {
         ));
     }
     let normalizing = normalizer_growth(&tokenizer["normalizer"])?;
-    let growth = normalizing.then(pre_tokenizer_growth(&tokenizer["pre_tokenizer"])?);
+    let pre_tokenizing = pre_tokenizer_growth(&tokenizer["pre_tokenizer"])?;
+    if pre_tokenizing.of(MAX_TEXT_BYTES) > MAX_PRE_TOKENIZER_GROWTH * MAX_TEXT_BYTES {
+        return Err(format!(
+            "its pre-tokenizers can make a text of {MAX_TEXT_BYTES} bytes {} bytes long; at most {MAX_PRE_TOKENIZER_GROWTH} times",
+            pre_tokenizing.of(MAX_TEXT_BYTES)
+        ));
+    }
+    let growth = normalizing.then(pre_tokenizing);
     if growth.of(MAX_TEXT_BYTES) > MAX_GROWTH * MAX_TEXT_BYTES {
         return Err(format!(
             "its normalizers and pre-tokenizers can make a text of {MAX_TEXT_BYTES} bytes {} bytes long; at most {MAX_GROWTH} times",
@@ -752,6 +761,8 @@ mod tests {
         let mut json = built_in();
         json["pre_tokenizer"] = json!({ "type": "Sequence", "pretokenizers": vec![byte_level.clone(); 16] });
         assert!(refusal(&json).contains("pre-tokenizers can make a text"));
+        json["pre_tokenizer"] = json!({ "type": "Sequence", "pretokenizers": vec![byte_level.clone(); 4] });
+        assert!(refusal(&json).contains("its pre-tokenizers can make a text"));
         json["pre_tokenizer"] = json!({ "type": "Sequence", "pretokenizers": vec![byte_level; 3] });
         load_json(&json).expect("8x");
         json["pre_tokenizer"] = json!({ "type": "FixedLength", "length": 0 });
