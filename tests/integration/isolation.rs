@@ -566,7 +566,7 @@ async fn tokenizers_that_would_stall_or_exhaust_a_serving_thread_are_refused_at_
                     "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false
                 }); 16] }),
             ),
-            "pre-tokenizers can make a text",
+            "16 pre-tokenizer steps",
         ),
         // Backtracking: quadratic in the text.
         (

@@ -97,27 +97,38 @@ fn encode(
 /// case over all texts (up to 72 times, see `tokenizer`), which few texts come near.
 const MAX_PRE_TOKENIZED_BYTES: usize = 4 * crate::engine::MAX_TEXT_BYTES;
 
-/// Refuses a text its tokenizer's normalizers and pre-tokenizers make longer than
-/// `MAX_PRE_TOKENIZED_BYTES`, made as the library makes it: piece by piece between added tokens.
+/// Refuses a text its tokenizer's normalizers, then its pre-tokenizers, make longer than
+/// `MAX_PRE_TOKENIZED_BYTES`, made as the library makes it: piece by piece between added tokens. The
+/// normalized text is measured before it is split, so no more than that is split to measure it.
 fn check_pre_tokenized_length(tokenizer: &Tokenizer, text: &str) -> Result<(), InferenceError> {
-    use tokenizers::{OffsetReferential, OffsetType, PreTokenizer as _};
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer as _};
     let refused =
         |err: tokenizers::Error| InferenceError::InvalidInput(format!("tokenization failed: {err}"));
+    let made = |pieces: &PreTokenizedString| -> usize {
+        pieces
+            .get_splits(OffsetReferential::Normalized, OffsetType::Byte)
+            .iter()
+            .map(|(piece, ..)| piece.len())
+            .sum()
+    };
+    let too_long = |made: usize| {
+        InferenceError::InvalidInput(format!(
+            "this model's tokenizer makes the text {made} bytes long before splitting it into tokens; at most {MAX_PRE_TOKENIZED_BYTES}"
+        ))
+    };
     let mut pieces = tokenizer
         .get_added_vocabulary()
         .extract_and_normalize(tokenizer.get_normalizer(), text);
+    let normalized = made(&pieces);
+    if normalized > MAX_PRE_TOKENIZED_BYTES {
+        return Err(too_long(normalized));
+    }
     if let Some(pre_tokenizer) = tokenizer.get_pre_tokenizer() {
         pre_tokenizer.pre_tokenize(&mut pieces).map_err(refused)?;
-    }
-    let made: usize = pieces
-        .get_splits(OffsetReferential::Normalized, OffsetType::Byte)
-        .iter()
-        .map(|(piece, ..)| piece.len())
-        .sum();
-    if made > MAX_PRE_TOKENIZED_BYTES {
-        return Err(InferenceError::InvalidInput(format!(
-            "this model's tokenizer makes the text {made} bytes long before splitting it into tokens; at most {MAX_PRE_TOKENIZED_BYTES}"
-        )));
+        let pre_tokenized = made(&pieces);
+        if pre_tokenized > MAX_PRE_TOKENIZED_BYTES {
+            return Err(too_long(pre_tokenized));
+        }
     }
     Ok(())
 }
@@ -1071,10 +1082,20 @@ mod tests {
             ))
             .unwrap();
         let long = "a".repeat(crate::engine::MAX_TEXT_BYTES);
+        // Refused before it is split into pieces (a piece a character would be 256 Ki pieces).
+        expanding.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::fixed_length::FixedLength::new(
+            1,
+        )));
+        let started = Instant::now();
         assert!(matches!(
             encode(&expanding, &[long], &AtomicBool::new(false)),
             Err(InferenceError::InvalidInput(reason)) if reason.contains("before splitting it into tokens")
         ));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
         assert!(encode(&expanding, &["a b".to_owned()], &AtomicBool::new(false)).is_ok());
         // Normalized as the library does, piece by piece between (special) added tokens: a prefix
         // for each.

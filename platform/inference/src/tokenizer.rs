@@ -31,6 +31,8 @@ const MAX_SEQUENCE_STEPS: usize = 32;
 const MAX_GROWTH: usize = 72;
 /// How many times longer pre-tokenizing alone may make a text (published: byte-level 4x, "▁" 6x).
 const MAX_PRE_TOKENIZER_GROWTH: usize = 8;
+/// Most pre-tokenizer steps: each goes over every piece of the text (published: one to three).
+const MAX_PRE_TOKENIZER_STEPS: usize = 4;
 /// Longest piece of a Unigram (SentencePiece) vocabulary, in characters: at every character of a
 /// text, tokenizing looks up each piece starting there, so the work grows with the longest piece.
 /// SentencePiece's trainer keeps pieces to 16 characters by default.
@@ -188,6 +190,22 @@ fn objects(value: &Value) -> usize {
     }
 }
 
+/// The steps in a part as the library writes it back (objects with a type, but sequences), however
+/// nested.
+fn typed_steps(value: &Value) -> usize {
+    match value {
+        Value::Object(fields) => {
+            let step = fields
+                .get("type")
+                .and_then(Value::as_str)
+                .is_some_and(|kind| kind != "Sequence");
+            usize::from(step) + fields.values().map(typed_steps).sum::<usize>()
+        }
+        Value::Array(items) => items.iter().map(typed_steps).sum(),
+        _ => 0,
+    }
+}
+
 /// The regular expressions (`{"Regex": …}`) in `value`, however nested.
 fn regular_expressions(value: &Value) -> usize {
     match value {
@@ -290,6 +308,12 @@ fn check_bounds(tokenizer: &Value) -> Result<Growth, String> {
     if steps > MAX_STEP_OBJECTS {
         return Err(format!(
             "{steps} normalizer and pre-tokenizer steps and patterns; at most {MAX_STEP_OBJECTS}"
+        ));
+    }
+    let pre_tokenizer_steps = typed_steps(&tokenizer["pre_tokenizer"]);
+    if pre_tokenizer_steps > MAX_PRE_TOKENIZER_STEPS {
+        return Err(format!(
+            "{pre_tokenizer_steps} pre-tokenizer steps; at most {MAX_PRE_TOKENIZER_STEPS}"
         ));
     }
     let normalizing = normalizer_growth(&tokenizer["normalizer"])?;
@@ -760,7 +784,7 @@ mod tests {
         let byte_level = json!({ "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false });
         let mut json = built_in();
         json["pre_tokenizer"] = json!({ "type": "Sequence", "pretokenizers": vec![byte_level.clone(); 16] });
-        assert!(refusal(&json).contains("pre-tokenizers can make a text"));
+        assert!(refusal(&json).contains("16 pre-tokenizer steps; at most 4"));
         json["pre_tokenizer"] = json!({ "type": "Sequence", "pretokenizers": vec![byte_level.clone(); 4] });
         assert!(refusal(&json).contains("its pre-tokenizers can make a text"));
         json["pre_tokenizer"] = json!({ "type": "Sequence", "pretokenizers": vec![byte_level; 3] });
