@@ -9,9 +9,9 @@
 //! written back in the library's own form (every part tagged with its type, whatever the upload's
 //! spelling). That form is checked for what would make a text of at most `MAX_TEXT_BYTES` take seconds
 //! or gigabytes: steps that multiply a text's length one after another, words split by trying every
-//! piece of every length, long strings copied into every token, regular expressions that backtrack,
-//! random (dropout) merges, templates that repeat the text or add more tokens than the model reads.
-//! Only then are the added tokens added. Published tokenizers (BERT's, SentencePiece's, byte-level
+//! piece of every length, long strings copied into every token, regular expressions (only published
+//! ones are taken), random (dropout) merges, templates that repeat the text or add more tokens than
+//! the model reads. Only then are the added tokens added. Published tokenizers (BERT's, SentencePiece's, byte-level
 //! BPE's) stay inside every bound.
 
 use std::path::Path;
@@ -59,22 +59,35 @@ const MAX_ADDED_TOKENS: usize = 16_384;
 const MAX_ADDED_TOKEN_BYTES: usize = 1 << 20;
 /// Most items in any list of a post-processor (template pieces, a special token's ids).
 const MAX_TEMPLATE_ITEMS: usize = 64;
-/// Longest regular expression (of a `Split` pre-tokenizer or a `Replace` normalizer).
-const MAX_PATTERN_BYTES: usize = 4096;
 /// Longest word a WordPiece tokenizer splits into pieces (longer ones are one unknown token), as in
 /// BERT's own: splitting tries every piece of a word, so the work grows with the cube of its length,
 /// and an uploaded `tokenizer.json` could set a limit that makes one text take minutes.
 const MAX_WORDPIECE_CHARS: usize = 100;
-/// Regular expressions of published pre-tokenizers that look ahead (GPT-2's, Llama 3's, Qwen2's):
-/// a lookahead makes the whole expression run on a backtracking engine, where a crafted one can take
-/// time quadratic in the text (`a+b|\s+(?!\S)`: 32 KiB of "a" took 19 s to split in a debug build).
-/// These were timed on texts crafted against them (runs of spaces, newlines, quotes, digits,
-/// punctuation) and stay linear. Any other must be a regular expression of the linear-time `regex`
-/// crate.
-const PUBLISHED_LOOKAHEAD_PATTERNS: [&str; 3] = [
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+/// The regular expressions a tokenizer may use (in a `Split` pre-tokenizer or a `Replace` normalizer),
+/// with the fewest bytes a match of each spans: published ones, timed on texts crafted against them
+/// (runs of spaces, newlines, tabs, quotes, digits, punctuation, letters), where they stay linear.
+/// Any other is refused. With a lookahead, an expression runs on a backtracking engine, where a
+/// crafted one takes time quadratic in the text or worse (`a+b|\s+(?!\S)`: 32 KiB of "a" took 19 s to
+/// split in a debug build); without, finding every match still can (`a*b|a` scans to the end of a
+/// run of "a" for each one: 2 s for 32 KiB). Literal `String` patterns are always linear.
+const PUBLISHED_PATTERNS: [(&str, usize); 4] = [
+    // GPT-2's pre-tokenizer.
+    (
+        r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+        1,
+    ),
+    // Llama 3's.
+    (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        1,
+    ),
+    // Qwen2's.
+    (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        1,
+    ),
+    // T5's and XLM-R's normalizer: runs of spaces become one.
+    (r" {2,}", 2),
 ];
 
 /// Reads a model's tokenizer, checks its bounds, and sets it to pad each run to its longest text and
@@ -437,24 +450,17 @@ fn check_steps(part: &Value) -> Result<(), String> {
     }
 }
 
-/// The fewest bytes a match of `pattern` spans, once it is known to run in linear time: a regular
-/// expression of the `regex` crate (no lookaround, no backreferences), or a published one.
+/// The fewest bytes a match of `pattern` spans, for a published pattern (`PUBLISHED_PATTERNS`).
 fn shortest_match(pattern: &str) -> Result<usize, String> {
-    if PUBLISHED_LOOKAHEAD_PATTERNS.contains(&pattern) {
-        return Ok(1);
-    }
-    if pattern.len() > MAX_PATTERN_BYTES {
-        return Err(format!(
-            "a regular expression of {} bytes; at most {MAX_PATTERN_BYTES}",
-            pattern.len()
-        ));
-    }
-    let hir = regex_syntax::Parser::new().parse(pattern).map_err(|err| {
-        format!(
-            "the regular expression `{pattern}` is not one that matches in linear time (no lookaround or backreferences, or one of the published tokenizers'): {err}"
-        )
-    })?;
-    Ok(hir.properties().minimum_len().unwrap_or(0))
+    PUBLISHED_PATTERNS
+        .iter()
+        .find(|(published, _)| *published == pattern)
+        .map(|(_, shortest)| *shortest)
+        .ok_or_else(|| {
+            format!(
+                "the regular expression `{pattern}` is not one of the published patterns taken (GPT-2's, Llama 3's, Qwen2's pre-tokenizers, SentencePiece's ` {{2,}}`): a regular expression can take time quadratic in a text or worse; use a String pattern"
+            )
+        })
 }
 
 /// At worst, a step makes a text of `n` bytes `factor * n + extra` bytes long.
@@ -708,7 +714,7 @@ mod tests {
         // Byte-level BPE as GPT-2, Llama 3 and Qwen2 split text, with a lookahead (Qwen2's after NFC).
         let mut split = built_in();
         split["normalizer"] = json!({ "type": "NFC" });
-        for pattern in PUBLISHED_LOOKAHEAD_PATTERNS {
+        for (pattern, _) in &PUBLISHED_PATTERNS[..3] {
             split["pre_tokenizer"] = json!({ "type": "Sequence", "pretokenizers": [
                 { "type": "Split", "behavior": "Isolated", "invert": false, "pattern": { "Regex": pattern } },
                 { "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false }
@@ -917,9 +923,9 @@ mod tests {
         json["normalizer"] = json!({ "type": "Sequence", "normalizers": vec![double.clone(); 20] });
         let reason = refusal(&json);
         assert!(reason.contains("pre-tokenizers can make a text"), "{reason}");
-        // A pattern that matches nothing puts its content between every two characters.
+        // An empty pattern matches between every two characters, and puts its content there.
         json["normalizer"] =
-            json!({ "type": "Replace", "pattern": { "Regex": "x*" }, "content": "y".repeat(100) });
+            json!({ "type": "Replace", "pattern": { "String": "" }, "content": "y".repeat(100) });
         let reason = refusal(&json);
         assert!(reason.contains("pre-tokenizers can make a text"), "{reason}");
         // Four doublings (16x) are within bounds, and a long sequence of steps is refused as such.
@@ -932,23 +938,30 @@ mod tests {
     }
 
     #[test]
-    fn regular_expressions_must_match_in_linear_time() {
+    fn only_published_regular_expressions_are_taken() {
         let mut json = built_in();
-        for pattern in [r"(a+)+\1", r"(?=a)b", r"a+b|\s+(?!\S)", r"(?>a+)b"] {
+        for pattern in [
+            r"(a+)+\1",
+            r"(?=a)b",
+            r"a+b|\s+(?!\S)",
+            r"(?>a+)b",
+            r"a*b|a",
+            r"\s+",
+        ] {
             json["pre_tokenizer"] = json!({
                 "type": "Split", "behavior": "Isolated", "invert": false, "pattern": { "Regex": pattern }
             });
             let reason = refusal(&json);
-            assert!(reason.contains("regular expression"), "{pattern}: {reason}");
+            assert!(
+                reason.contains("not one of the published patterns"),
+                "{pattern}: {reason}"
+            );
         }
-        json["pre_tokenizer"] = json!({ "type": "Sequence", "pretokenizers": [
-            { "type": "WhitespaceSplit" },
-            { "type": "Split", "behavior": "Isolated", "invert": false, "pattern": { "Regex": "a".repeat(5000) } }
-        ]});
-        let reason = refusal(&json);
-        assert!(reason.contains("5000 bytes"), "{reason}");
-        assert_eq!(shortest_match(r"ab|abc").unwrap(), 2);
-        assert_eq!(shortest_match(r"x*").unwrap(), 0);
+        json["pre_tokenizer"] = json!({
+            "type": "Split", "behavior": "Isolated", "invert": false, "pattern": { "String": "a" }
+        });
+        load_json(&json).expect("a literal pattern");
+        assert_eq!(shortest_match(" {2,}"), Ok(2));
     }
 
     #[test]
