@@ -98,10 +98,10 @@ fn encode(
 const MAX_PRE_TOKENIZED_BYTES: usize = 4 * crate::engine::MAX_TEXT_BYTES;
 
 /// Refuses a text its tokenizer's normalizers, then its pre-tokenizers, make longer than
-/// `MAX_PRE_TOKENIZED_BYTES`, made as the library makes it: piece by piece between added tokens. The
-/// normalized text is measured before it is split, so no more than that is split to measure it.
+/// `MAX_PRE_TOKENIZED_BYTES`, made as the library makes it: piece by piece between added tokens. Each
+/// stage is measured before the next, so no more than that is split to measure it.
 fn check_pre_tokenized_length(tokenizer: &Tokenizer, text: &str) -> Result<(), InferenceError> {
-    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer as _};
+    use tokenizers::{Normalizer as _, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer as _};
     let refused =
         |err: tokenizers::Error| InferenceError::InvalidInput(format!("tokenization failed: {err}"));
     let made = |pieces: &PreTokenizedString| -> usize {
@@ -116,6 +116,15 @@ fn check_pre_tokenized_length(tokenizer: &Tokenizer, text: &str) -> Result<(), I
             "this model's tokenizer makes the text {made} bytes long before splitting it into tokens; at most {MAX_PRE_TOKENIZED_BYTES}"
         ))
     };
+    // Whole first: added tokens matched in the normalized text would split a long one into as many
+    // pieces as it has matches.
+    if let Some(normalizer) = tokenizer.get_normalizer() {
+        let mut whole = tokenizers::NormalizedString::from(text);
+        normalizer.normalize(&mut whole).map_err(refused)?;
+        if whole.len() > MAX_PRE_TOKENIZED_BYTES {
+            return Err(too_long(whole.len()));
+        }
+    }
     let mut pieces = tokenizer
         .get_added_vocabulary()
         .extract_and_normalize(tokenizer.get_normalizer(), text);
@@ -1082,10 +1091,14 @@ mod tests {
             ))
             .unwrap();
         let long = "a".repeat(crate::engine::MAX_TEXT_BYTES);
-        // Refused before it is split into pieces (a piece a character would be 256 Ki pieces).
+        // Refused before it is split into pieces (a piece a character, or an added token matched in
+        // the normalized text, would make 256 Ki pieces).
         expanding.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::fixed_length::FixedLength::new(
             1,
         )));
+        expanding
+            .add_tokens([tokenizers::AddedToken::from("a", false)])
+            .unwrap();
         let started = Instant::now();
         assert!(matches!(
             encode(&expanding, &[long], &AtomicBool::new(false)),

@@ -286,9 +286,22 @@ fn check_added_tokens(added: &[tokenizers::AddedToken]) -> Result<(), String> {
             added.len()
         ));
     }
-    added
-        .iter()
-        .try_for_each(|token| token_string(&token.content, "an added token", MAX_TOKEN_BYTES))
+    for token in added {
+        token_string(&token.content, "an added token", MAX_TOKEN_BYTES)?;
+        // The library stretches a match over the whitespace beside it and looks for the next match one
+        // character on: a token that starts or ends with whitespace matches again inside the stretch,
+        // and a run of spaces becomes pieces quadratic in its length (an abort, for 32 KiB of spaces).
+        let edged = |c: Option<char>| c.is_some_and(char::is_whitespace);
+        if (token.lstrip || token.rstrip)
+            && (edged(token.content.chars().next()) || edged(token.content.chars().next_back()))
+        {
+            return Err(format!(
+                "the added token {:?} strips whitespace beside it but starts or ends with whitespace",
+                token.content
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Every id of the vocabulary below its size, once: the library writes a vocabulary back by walking
@@ -762,6 +775,20 @@ mod tests {
         let mut json = built_in();
         json["added_tokens"][0]["content"] = json!("x".repeat(1025));
         assert!(refusal(&json).contains("an added token of 1025 bytes"));
+        // Stretched over the whitespace beside it, a token of whitespace would match inside the stretch.
+        for (content, side) in [(" ", "rstrip"), ("\t<x>", "lstrip"), ("<x> ", "rstrip")] {
+            let mut json = built_in();
+            json["added_tokens"][0]["content"] = json!(content);
+            json["added_tokens"][0][side] = json!(true);
+            assert!(
+                refusal(&json).contains("strips whitespace beside it"),
+                "{content:?}"
+            );
+        }
+        let mut json = built_in();
+        json["added_tokens"][0]["content"] = json!("<mask>");
+        json["added_tokens"][0]["lstrip"] = json!(true);
+        load_json(&json).expect("RoBERTa's <mask>");
         // Byte fallback makes a token of every byte of a piece, prefix included.
         let bpe = |prefix: Value| {
             json!({
