@@ -57,6 +57,10 @@ const MAX_AFFIX_BYTES: usize = 8;
 /// Added tokens are matched in every text by one automaton.
 const MAX_ADDED_TOKENS: usize = 16_384;
 const MAX_ADDED_TOKEN_BYTES: usize = 1 << 20;
+/// Longest literal pattern (of a `Split` or a `Replace`): the library matches it as a regular
+/// expression, which slows to seconds a pass over a long text past about 3,000 bytes. Published
+/// tokenizers use a character or two (" ", "▁", "\n").
+const MAX_LITERAL_PATTERN_BYTES: usize = 64;
 /// Most items in any list of a post-processor (template pieces, a special token's ids).
 const MAX_TEMPLATE_ITEMS: usize = 64;
 /// Longest word a WordPiece tokenizer splits into pieces (longer ones are one unknown token), as in
@@ -437,7 +441,7 @@ fn check_post_processor(processor: &Value) -> Result<(), String> {
     }
 }
 
-/// Sequences short enough, and every regular expression in `part` linear.
+/// Sequences short enough, only published regular expressions, and short literal patterns.
 fn check_steps(part: &Value) -> Result<(), String> {
     match part {
         Value::Object(fields) => {
@@ -455,6 +459,14 @@ fn check_steps(part: &Value) -> Result<(), String> {
             }
             if let Some(Value::String(pattern)) = fields.get("Regex") {
                 shortest_match(pattern)?;
+            }
+            if let Some(Value::String(literal)) = fields.get("String")
+                && literal.len() > MAX_LITERAL_PATTERN_BYTES
+            {
+                return Err(format!(
+                    "a literal pattern of {} bytes; at most {MAX_LITERAL_PATTERN_BYTES}",
+                    literal.len()
+                ));
             }
             fields.values().try_for_each(check_steps)
         }
@@ -988,6 +1000,10 @@ mod tests {
             "type": "Split", "behavior": "Isolated", "invert": false, "pattern": { "String": "a" }
         });
         load_json(&json).expect("a literal pattern");
+        // A long literal is matched as a regular expression too, slowly: 4 KiB took seconds a text.
+        json["normalizer"] =
+            json!({ "type": "Replace", "pattern": { "String": "a".repeat(4095) + "b" }, "content": "" });
+        assert!(refusal(&json).contains("a literal pattern of 4096 bytes; at most 64"));
         assert_eq!(shortest_match(" {2,}"), Ok(2));
     }
 
