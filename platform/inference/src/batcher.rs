@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 use ort::session::{RunOptions, Session};
 use ort::value::DynValue;
 use plinth_core::inference::{Task, TensorMetadata};
-use tokenizers::{Encoding, Tokenizer};
+use tokenizers::Encoding;
 use tokio::sync::oneshot;
 
 use crate::InferenceError;
 use crate::scheduler::{FairQueue, GUEST_SLACK, Queued, most_guests};
 use crate::tensor::Tensor;
+use crate::tokenizer::TextTokenizer;
 
 pub(crate) enum Work {
     Text {
@@ -49,7 +50,7 @@ impl Work {
 /// # Errors
 /// `InvalidInput` when the tokenizer refuses a text; `Timeout` once `stop` is set.
 fn encode(
-    tokenizer: &Tokenizer,
+    tokenizer: &TextTokenizer,
     texts: &[String],
     stop: &AtomicBool,
 ) -> Result<Vec<Encoding>, InferenceError> {
@@ -73,7 +74,9 @@ fn encode(
                 return Err(InferenceError::Timeout);
             }
             let text = leading_words(text, words);
-            check_pre_tokenized_length(tokenizer, text)?;
+            if tokenizer.may_make_longer_than(text.len(), MAX_PRE_TOKENIZED_BYTES) {
+                check_pre_tokenized_length(tokenizer, text)?;
+            }
             let mut encoding = tokenizer
                 .encode(text, true)
                 .map_err(|err| InferenceError::InvalidInput(format!("tokenization failed: {err}")))?;
@@ -100,7 +103,7 @@ const MAX_PRE_TOKENIZED_BYTES: usize = 4 * crate::engine::MAX_TEXT_BYTES;
 /// Refuses a text its tokenizer's normalizers, then its pre-tokenizers, make longer than
 /// `MAX_PRE_TOKENIZED_BYTES`, made as the library makes it: piece by piece between added tokens. Each
 /// stage is measured before the next, so no more than that is split to measure it.
-fn check_pre_tokenized_length(tokenizer: &Tokenizer, text: &str) -> Result<(), InferenceError> {
+fn check_pre_tokenized_length(tokenizer: &TextTokenizer, text: &str) -> Result<(), InferenceError> {
     use tokenizers::{Normalizer as _, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer as _};
     let refused =
         |err: tokenizers::Error| InferenceError::InvalidInput(format!("tokenization failed: {err}"));
@@ -143,7 +146,7 @@ fn check_pre_tokenized_length(tokenizer: &Tokenizer, text: &str) -> Result<(), I
 }
 
 /// Whether the tokenizer's pre-tokenizer splits text at whitespace, so that no token spans two words.
-fn splits_at_whitespace(tokenizer: &Tokenizer) -> bool {
+fn splits_at_whitespace(tokenizer: &TextTokenizer) -> bool {
     use tokenizers::pre_tokenizers::PreTokenizerWrapper;
     matches!(
         tokenizer.get_pre_tokenizer(),
@@ -272,7 +275,7 @@ fn no_output(what: &str) -> InferenceError {
 #[derive(Clone)]
 pub(crate) struct WorkerSetup {
     pub(crate) queue: Arc<FairQueue>,
-    pub(crate) tokenizer: Option<Arc<Tokenizer>>,
+    pub(crate) tokenizer: Option<Arc<TextTokenizer>>,
     pub(crate) text: Option<TextPlan>,
     pub(crate) max_batch: usize,
     pub(crate) max_delay: Duration,
@@ -592,7 +595,7 @@ fn timed_out_or(err: InferenceError, terminated: &AtomicBool) -> InferenceError 
 
 fn process(
     session: &mut Session,
-    tokenizer: Option<&Tokenizer>,
+    tokenizer: Option<&TextTokenizer>,
     plan: Option<&TextPlan>,
     batch: Vec<Queued>,
     answered: &Answered<'_>,
@@ -710,7 +713,7 @@ impl Answered<'_> {
 /// a run is padded to the longest, and it would make each of that tenant's texts as costly as its own.
 fn answer_text_calls(
     session: &mut Session,
-    tokenizer: Option<&Tokenizer>,
+    tokenizer: Option<&TextTokenizer>,
     plan: Option<&TextPlan>,
     calls: Vec<Queued>,
     run: Run<'_, Option<RunSlot>>,
@@ -848,7 +851,7 @@ fn int64_tensor(shape: &[i64], values: Vec<i64>) -> Result<DynValue, InferenceEr
 /// Tokenizes, runs, and reads the plan's output as `[texts, width]`.
 pub(crate) fn run_text(
     session: &mut Session,
-    tokenizer: &Tokenizer,
+    tokenizer: &TextTokenizer,
     plan: &TextPlan,
     texts: &[String],
     options: &RunOptions,
@@ -861,7 +864,7 @@ pub(crate) fn run_text(
 /// output as `[texts, width]`.
 fn run_encoded(
     session: &mut Session,
-    tokenizer: &Tokenizer,
+    tokenizer: &TextTokenizer,
     plan: &TextPlan,
     mut encodings: Vec<Encoding>,
     options: &RunOptions,
@@ -1055,14 +1058,14 @@ mod tests {
             .unk_token("[UNK]".to_owned())
             .build()
             .unwrap();
-        let mut tokenizer = Tokenizer::new(model);
+        let mut tokenizer = TextTokenizer::unbounded(tokenizers::Tokenizer::new(model));
         tokenizer
             .with_truncation(Some(tokenizers::TruncationParams {
                 max_length: 2,
                 ..tokenizers::TruncationParams::default()
             }))
             .unwrap();
-        let ids = |tokenizer: &Tokenizer| {
+        let ids = |tokenizer: &TextTokenizer| {
             encode(tokenizer, &["a b c".to_owned()], &AtomicBool::new(false)).unwrap()[0]
                 .get_ids()
                 .to_vec()

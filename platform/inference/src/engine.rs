@@ -384,7 +384,7 @@ impl Engine {
 /// serve calls.
 pub struct Embedder {
     session: Session,
-    tokenizer: tokenizers::Tokenizer,
+    tokenizer: crate::tokenizer::TextTokenizer,
     plan: batcher::TextPlan,
     options: ort::session::RunOptions,
 }

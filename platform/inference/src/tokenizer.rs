@@ -94,12 +94,50 @@ const PUBLISHED_PATTERNS: [(&str, usize); 4] = [
     (r" {2,}", 2),
 ];
 
+/// A model's tokenizer, with how much longer it may make a text, at worst, before splitting it into
+/// tokens (its normalizers' and pre-tokenizers' growth, as checked at load).
+#[derive(Clone)]
+pub(crate) struct TextTokenizer {
+    tokenizer: Tokenizer,
+    growth: Growth,
+}
+
+impl TextTokenizer {
+    /// A tokenizer whose growth is not known: every text is measured.
+    #[cfg(test)]
+    pub(crate) fn unbounded(tokenizer: Tokenizer) -> Self {
+        Self {
+            tokenizer,
+            growth: Growth::times(usize::MAX),
+        }
+    }
+
+    /// Whether a text of `bytes` may become longer than `most` before it is split into tokens.
+    pub(crate) fn may_make_longer_than(&self, bytes: usize, most: usize) -> bool {
+        self.growth.of(bytes) > most
+    }
+}
+
+impl std::ops::Deref for TextTokenizer {
+    type Target = Tokenizer;
+
+    fn deref(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+}
+
+impl std::ops::DerefMut for TextTokenizer {
+    fn deref_mut(&mut self) -> &mut Tokenizer {
+        &mut self.tokenizer
+    }
+}
+
 /// Reads a model's tokenizer, checks its bounds, and sets it to pad each run to its longest text and
 /// to cut texts at `max_tokens`.
 ///
 /// # Errors
 /// `InvalidModel` with the reason, for a file that is unreadable or out of bounds.
-pub(crate) fn load(path: &Path, max_tokens: usize) -> Result<Tokenizer, InferenceError> {
+pub(crate) fn load(path: &Path, max_tokens: usize) -> Result<TextTokenizer, InferenceError> {
     let invalid = |reason: String| InferenceError::InvalidModel(format!("tokenizer.json: {reason}"));
     let bytes = std::fs::read(path).map_err(|err| invalid(format!("cannot be read: {err}")))?;
     let mut raw: Value =
@@ -123,7 +161,7 @@ pub(crate) fn load(path: &Path, max_tokens: usize) -> Result<Tokenizer, Inferenc
     check_vocabulary_ids(&tokenizer).map_err(invalid)?;
     let read =
         serde_json::to_value(&tokenizer).map_err(|err| invalid(format!("cannot be written back: {err}")))?;
-    let normalizing = check_bounds(&read).map_err(invalid)?;
+    let Bounds { normalizing, growth } = check_bounds(&read).map_err(invalid)?;
     // Added tokens marked `normalized` are matched as the normalizers make them.
     let normalized: usize = added
         .iter()
@@ -159,7 +197,7 @@ pub(crate) fn load(path: &Path, max_tokens: usize) -> Result<Tokenizer, Inferenc
         }))
         .map_err(|err| invalid(format!("truncation: {err}")))?;
     bound_word_splitting(&mut tokenizer);
-    Ok(tokenizer)
+    Ok(TextTokenizer { tokenizer, growth })
 }
 
 /// Caps a WordPiece model's `max_input_chars_per_word` at `MAX_WORDPIECE_CHARS`.
@@ -328,9 +366,14 @@ fn check_vocabulary_ids(tokenizer: &Tokenizer) -> Result<(), String> {
     Ok(())
 }
 
-/// Everything in a tokenizer, as the library writes it, that sets how much work a text costs. What
-/// its normalizers may make of a text.
-fn check_bounds(tokenizer: &Value) -> Result<Growth, String> {
+/// How much longer a tokenizer may make a text: by its normalizers, and before splitting it into tokens.
+struct Bounds {
+    normalizing: Growth,
+    growth: Growth,
+}
+
+/// Everything in a tokenizer, as the library writes it, that sets how much work a text costs.
+fn check_bounds(tokenizer: &Value) -> Result<Bounds, String> {
     for part in ["normalizer", "pre_tokenizer", "post_processor"] {
         check_steps(&tokenizer[part])?;
     }
@@ -363,7 +406,7 @@ fn check_bounds(tokenizer: &Value) -> Result<Growth, String> {
     }
     check_model(&tokenizer["model"])?;
     check_post_processor(&tokenizer["post_processor"])?;
-    Ok(normalizing)
+    Ok(Bounds { normalizing, growth })
 }
 
 /// A token-like string of at most `most` bytes.
@@ -490,7 +533,7 @@ fn shortest_match(pattern: &str) -> Result<usize, String> {
 
 /// At worst, a step makes a text of `n` bytes `factor * n + extra` bytes long.
 #[derive(Clone, Copy, Debug, PartialEq)]
-struct Growth {
+pub(crate) struct Growth {
     factor: usize,
     extra: usize,
 }
@@ -692,7 +735,7 @@ mod tests {
         serde_json::from_slice(&bytes).unwrap()
     }
 
-    fn load_json(json: &Value) -> Result<Tokenizer, InferenceError> {
+    fn load_json(json: &Value) -> Result<TextTokenizer, InferenceError> {
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), serde_json::to_vec(json).unwrap()).unwrap();
         load(file.path(), MAX_TOKENS)
@@ -735,6 +778,9 @@ mod tests {
     #[test]
     fn published_tokenizers_load() {
         let bert = load_json(&built_in()).expect("BERT's tokenizer");
+        // Nothing BERT's tokenizer makes of a text needs measuring: at most 3 times as long.
+        assert_eq!(bert.growth, Growth::times(3));
+        assert!(!bert.may_make_longer_than(MAX_TEXT_BYTES, 4 * MAX_TEXT_BYTES));
         assert_eq!(bert.encode("Hello world", true).unwrap().len(), 4);
         // Byte-level BPE as GPT-2, Llama 3 and Qwen2 split text, with a lookahead (Qwen2's after NFC).
         let mut split = built_in();
