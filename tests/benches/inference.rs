@@ -1,5 +1,6 @@
 //! Sentiment throughput and latency, in one run on this machine:
-//! (a) the engine in-process (tokenize + ONNX Runtime, no HTTP) at batch 1 and 32;
+//! (a) the engine in-process (tokenize + ONNX Runtime, no HTTP) at batch 1 and 32, as served on a CPU
+//!     (integer products) and with the base model's float products (its GPU graph);
 //! (b) `POST /v1/models/sentiment/classify` with one text per request at concurrency 1, 16 and 64,
 //!     batching on (max batch 32) and off (max batch 1); auth, rate limit and metering included;
 //! (c) FastAPI + onnxruntime serving the same model (the baseline), when its virtualenv exists
@@ -34,12 +35,28 @@ fn cache_dir() -> PathBuf {
     plinth_server::config::cache_dir()
 }
 
-async fn in_process(batch: usize) -> Measured {
+/// The engine alone: the built-in `sentiment` as served on a CPU (integer products), or with
+/// `float_products` its GPU graph run on the CPU (the base model's own float products), for comparison.
+async fn in_process(batch: usize, float_products: bool) -> Measured {
     let config = plinth_server::Config::default();
     let engine = Engine::new(config.engine_settings()).expect("engine");
     let catalog = Catalog::default();
     load_builtin(&engine, &config.models_dir, &catalog).expect("models");
-    let model = catalog.find(&TenantId::new(), "sentiment").expect("sentiment");
+    let mut model = catalog.find(&TenantId::new(), "sentiment").expect("sentiment");
+    if float_products {
+        let info = model.info();
+        model = engine
+            .load(&plinth_inference::ModelFiles {
+                name: info.name.clone(),
+                version: 1,
+                task: info.task,
+                labels: info.labels.clone(),
+                model: config.models_dir.join("sentiment.gpu.onnx"),
+                tokenizer: Some(config.models_dir.join("tokenizer.json")),
+                platform: true,
+            })
+            .expect("the float graph loads");
+    }
     let rounds = (REQUESTS / batch).max(50);
     let mut samples = Vec::with_capacity(rounds);
     let started = Instant::now();
@@ -201,10 +218,14 @@ fn main() {
             std::thread::available_parallelism().map_or(0, usize::from)
         );
         println!("  {:<44} {:>9} {:>9} {:>9}", "", "texts/s", "p50 µs", "p99 µs");
-        let raw1 = in_process(1).await;
+        let raw1 = in_process(1, false).await;
         row("(a) engine in-process, batch 1", &raw1);
-        let raw32 = in_process(32).await;
+        let raw32 = in_process(32, false).await;
         row("(a) engine in-process, batch 32", &raw32);
+        let float1 = in_process(1, true).await;
+        row("(a) the same, float products, batch 1", &float1);
+        let float32 = in_process(32, true).await;
+        row("(a) the same, float products, batch 32", &float32);
 
         let concurrencies = [1, 16, 64];
         let mut best_api: f64 = 0.0;
@@ -236,6 +257,11 @@ fn main() {
                 (p50.as_secs_f64() - raw1.p50.as_secs_f64()) * 1e6
             );
         }
+        println!(
+            "  integer products / float products, in-process texts/s: batch 1 {:.2}x, batch 32 {:.2}x",
+            raw1.per_second / float1.per_second,
+            raw32.per_second / float32.per_second
+        );
         println!(
             "  best API throughput / in-process batch-32 throughput: {:.2}",
             best_api / raw32.per_second

@@ -463,7 +463,7 @@ fn main() {
     let tweets = sample(read_corpus(&corpus), largest);
     let engine = Engine::new(config.engine_settings()).expect("engine");
     let mut embedder = engine
-        .embedder(&plinth_inference::builtin_embedding_files(&models))
+        .embedder(&plinth_inference::builtin_embedding_files(&models, &engine))
         .expect("embedder");
 
     println!(

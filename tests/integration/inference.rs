@@ -430,10 +430,15 @@ async fn model_calls_say_where_their_time_went_in_server_timing() {
     let app = TestApp::spawn().await;
     let tenant = app.tenant().await;
     let call = |path: &str| {
+        let body = if path.starts_with("/v2/") {
+            json!({ "inputs": token_inputs() })
+        } else {
+            json!({ "inputs": ["Shares rose after the results"] })
+        };
         app.http()
             .post(app.url(path))
             .bearer_auth(&tenant.key.secret)
-            .json(&json!({ "inputs": ["Shares rose after the results"] }))
+            .json(&body)
             .send()
     };
     let stages = |response: &reqwest::Response| -> Vec<(String, f64)> {
@@ -454,18 +459,22 @@ async fn model_calls_say_where_their_time_went_in_server_timing() {
             })
             .collect()
     };
-    for path in ["/v1/models/sentiment/classify", "/v1/models/minilm-embed/embed"] {
+    for path in [
+        "/v1/models/sentiment/classify",
+        "/v1/models/minilm-embed/embed",
+        "/v2/models/sentiment/infer",
+    ] {
         let response = call(path).await.unwrap();
         assert_eq!(response.status(), 200);
         let timed = stages(&response);
         let names: Vec<&str> = timed.iter().map(|(name, _)| name.as_str()).collect();
-        for stage in ["admit", "queue", "run", "model", "ledger", "total"] {
+        for stage in ["admit", "queue", "run", "wake", "model", "ledger", "total"] {
             assert!(names.contains(&stage), "{path}: {names:?}");
         }
         let took = |stage: &str| timed.iter().find(|(name, _)| name == stage).unwrap().1;
         // The model's stages are parts of its call, and the call a part of the request.
         assert!(
-            took("run") > 0.0 && took("queue") + took("run") <= took("model"),
+            took("run") > 0.0 && took("queue") + took("run") + took("wake") <= took("model") + 0.002,
             "{timed:?}"
         );
         assert!(

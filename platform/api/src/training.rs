@@ -340,7 +340,8 @@ async fn trained_head(state: &AppState, tenant: &TenantId, job: &TrainingJob) ->
 async fn assembled(state: &AppState, tenant: &TenantId, job: &TrainingJob) -> ApiResult<Vec<u8>> {
     let head = trained_head(state, tenant, job).await?;
     let _turn = turn(&ASSEMBLING).await?;
-    let files = plinth_inference::builtin_embedding_files(&state.settings.training.base_models_dir);
+    let files =
+        plinth_inference::builtin_embedding_files(&state.settings.training.base_models_dir, &state.engine);
     let base = tokio::fs::read(&files.model).await.map_err(ApiError::internal)?;
     tokio::task::spawn_blocking(move || plinth_training::onnx::with_head(&base, &head))
         .await
@@ -421,7 +422,8 @@ async fn install_trained(
     job: &TrainingJob,
 ) -> ApiResult<Model> {
     let model = assembled(state, &auth.tenant_id, job).await?;
-    let files = plinth_inference::builtin_embedding_files(&state.settings.training.base_models_dir);
+    let files =
+        plinth_inference::builtin_embedding_files(&state.settings.training.base_models_dir, &state.engine);
     let tokenizer_path = files
         .tokenizer
         .ok_or_else(|| ApiError::internal("the base model has no tokenizer"))?;
@@ -650,7 +652,10 @@ async fn train_job(
     let (reports, mut reported) = mpsc::channel(16);
     let work = Work {
         engine: state.engine.clone(),
-        base: plinth_inference::builtin_embedding_files(&state.settings.training.base_models_dir),
+        base: plinth_inference::builtin_embedding_files(
+            &state.settings.training.base_models_dir,
+            &state.engine,
+        ),
         labels: job.labels.clone(),
         examples,
         settings,

@@ -5,6 +5,12 @@
 - sentiment.onnx: the same, plus the head (MatMul + Add + Softmax).
   Outputs `sentence_embedding` [batch, 384] and `probs` [batch, 3] (negative, neutral, positive).
 
+The base model stores its weights as int8 but multiplies in float: each weight matrix is cast and
+scaled, which ONNX Runtime folds into float32 matrices when it loads the model. On a CPU these two
+multiply by the weights' int8 directly instead (`integer_matmuls`): each token is quantized to 8 bits
+and multiplied in integers, a quarter of the weight bytes per run and about 1.7x faster. ONNX
+Runtime's CUDA provider has no kernels for that, so `*.gpu.onnx` keep the float products for GPUs.
+
 Usage: python assemble.py BASE.onnx HEAD.json OUT_DIR
 The output is byte-for-byte reproducible from the same inputs.
 """
@@ -66,17 +72,100 @@ def with_head(embed_model, head):
     return model
 
 
+def integer_matmuls(model):
+    """Rewrites each MatMul by a weight stored as int8 with a scale per output column,
+    `X @ (float(Wq) * s)`, to multiply in integers: each row of X (a token) is quantized to 8 bits
+    with a scale of its own, `r = max|row| / 127`, `Xq = round(X / r) + 128`, and
+    `Y = float(MatMulInteger(Xq, Wq, 128)) * s * r`. Exact up to rounding each token to 8 bits.
+
+    Per token rather than per tensor (as `DynamicQuantizeLinear` does): with one scale for the
+    whole batch, a text's answer would depend on the other texts of its run, another tenant's
+    among them. The two scales are applied one after the other: ONNX Runtime fuses a single
+    scale into the product as if it were one number for all rows."""
+    graph = model.graph
+    initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producer = {output: node for node in graph.node for output in node.output}
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+
+    def int8_weight(name):
+        """(Mul, Cast, scale) of `Mul(Cast(int8 matrix), scale per column)` read only by one MatMul."""
+        mul = producer.get(name)
+        if mul is None or mul.op_type != "Mul" or readers.get(name) != 1:
+            return None
+        for cast_out, scale in (mul.input, mul.input[::-1]):
+            cast = producer.get(cast_out)
+            if (
+                cast is not None
+                and cast.op_type == "Cast"
+                and readers.get(cast_out) == 1
+                and cast.input[0] in initializers
+                and initializers[cast.input[0]].dtype == np.int8
+                and scale in initializers
+            ):
+                weight, factor = initializers[cast.input[0]], initializers[scale]
+                columns = weight.shape[-1]
+                if weight.ndim == 2 and factor.size in (1, columns) and factor.shape[-1:] in ((), (1,), (columns,)):
+                    return mul, cast, scale
+        return None
+
+    constants = {
+        "int8_tiny": np.array(1e-12, np.float32),
+        "int8_127": np.array(127.0, np.float32),
+        "int8_128": np.array(128.0, np.float32),
+        "int8_0": np.array(0.0, np.float32),
+        "int8_255": np.array(255.0, np.float32),
+        "int8_zero_point": np.array(128, np.uint8),
+    }
+    nodes, dropped, rewritten = [], set(), 0
+    for node in graph.node:
+        found = int8_weight(node.input[1]) if node.op_type == "MatMul" else None
+        if found is None:
+            nodes.append(node)
+            continue
+        mul, cast, scale = found
+        dropped.update({id(mul), id(cast)})
+        x, p = node.input[0], f"{node.output[0]}_int8_"
+        nodes += [
+            helper.make_node("Abs", [x], [p + "abs"]),
+            helper.make_node("ReduceMax", [p + "abs"], [p + "max"], axes=[-1], keepdims=1),
+            helper.make_node("Max", [p + "max", "int8_tiny"], [p + "max_nonzero"]),
+            helper.make_node("Div", [p + "max_nonzero", "int8_127"], [p + "row_scale"]),
+            helper.make_node("Div", [x, p + "row_scale"], [p + "scaled"]),
+            helper.make_node("Round", [p + "scaled"], [p + "rounded"]),
+            helper.make_node("Add", [p + "rounded", "int8_128"], [p + "shifted"]),
+            helper.make_node("Clip", [p + "shifted", "int8_0", "int8_255"], [p + "clipped"]),
+            helper.make_node("Cast", [p + "clipped"], [p + "x"], to=TensorProto.UINT8),
+            helper.make_node("MatMulInteger", [p + "x", cast.input[0], "int8_zero_point"], [p + "product"]),
+            helper.make_node("Cast", [p + "product"], [p + "product_f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [p + "product_f", scale], [p + "by_column"]),
+            helper.make_node("Mul", [p + "by_column", p + "row_scale"], [node.output[0]]),
+        ]
+        rewritten += 1
+    if rewritten == 0:
+        raise SystemExit("no int8 weight matrices found: is this the expected base model?")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(node for node in nodes if id(node) not in dropped)
+    out.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in constants.items())
+    return out
+
+
 def main(base_path, head_path, out_dir):
     base = onnx.load(base_path)
     with open(head_path) as f:
         head = json.load(f)
     os.makedirs(out_dir, exist_ok=True)
-    embed_model = pooled(base)
-    onnx.checker.check_model(embed_model)
-    onnx.save(embed_model, os.path.join(out_dir, "minilm-embed.onnx"))
-    sentiment = with_head(embed_model, head)
-    onnx.checker.check_model(sentiment)
-    onnx.save(sentiment, os.path.join(out_dir, "sentiment.onnx"))
+    float_products = pooled(base)
+    for suffix, embed_model in ((".onnx", integer_matmuls(float_products)), (".gpu.onnx", float_products)):
+        onnx.checker.check_model(embed_model)
+        onnx.save(embed_model, os.path.join(out_dir, "minilm-embed" + suffix))
+        sentiment = with_head(embed_model, head)
+        onnx.checker.check_model(sentiment)
+        onnx.save(sentiment, os.path.join(out_dir, "sentiment" + suffix))
 
 
 if __name__ == "__main__":

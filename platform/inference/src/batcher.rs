@@ -30,7 +30,7 @@ pub(crate) enum Work {
     Raw {
         inputs: Vec<Tensor>,
         outputs: Option<Vec<String>>,
-        reply: oneshot::Sender<Result<Vec<Tensor>, InferenceError>>,
+        reply: oneshot::Sender<Result<RawOutput, InferenceError>>,
     },
 }
 
@@ -184,6 +184,17 @@ pub(crate) struct TextOutput {
     /// How long the call waited in the queue, and how long its run took (tokenizing included).
     pub(crate) waited: Duration,
     pub(crate) ran: Duration,
+    /// When the run answered: what follows until the caller's task resumes is its wait for a thread.
+    pub(crate) answered: Instant,
+}
+
+/// A protocol call's output tensors, timed as [`TextOutput`]'s rows are.
+#[derive(Debug)]
+pub(crate) struct RawOutput {
+    pub(crate) tensors: Vec<Tensor>,
+    pub(crate) waited: Duration,
+    pub(crate) ran: Duration,
+    pub(crate) answered: Instant,
 }
 
 impl TextOutput {
@@ -615,7 +626,7 @@ fn process(
             text_calls.push(call);
             continue;
         }
-        answered.waited(&call);
+        let waited = answered.waited(&call);
         let Work::Raw {
             inputs,
             outputs,
@@ -625,6 +636,12 @@ fn process(
             continue;
         };
         let result = run_raw(session, &inputs, outputs.as_deref(), options)
+            .map(|tensors| RawOutput {
+                tensors,
+                waited,
+                ran: answered.started.elapsed(),
+                answered: Instant::now(),
+            })
             .map_err(|err| timed_out_or(err, run.terminated));
         if let Err(err) = &result {
             // The caller's input is the caller's problem; anything else is the runtime's.
@@ -809,6 +826,7 @@ fn answer_text_calls(
                     data,
                     waited,
                     ran,
+                    answered: Instant::now(),
                 }));
             }
             Ok(())
@@ -957,6 +975,7 @@ fn run_encoded(
         data,
         waited: Duration::ZERO,
         ran: Duration::ZERO,
+        answered: Instant::now(),
     })
 }
 

@@ -154,6 +154,19 @@ impl Engine {
         &self.settings
     }
 
+    /// Whether models are meant to run on a GPU: with `cuda`, or `auto` where ONNX Runtime was built
+    /// with CUDA (the built-in models come as a graph for each; see `catalog::builtin_graph`).
+    #[must_use]
+    pub fn prefers_gpu(&self) -> bool {
+        match self.settings.provider {
+            ExecutionProvider::Cpu => false,
+            ExecutionProvider::Cuda => true,
+            ExecutionProvider::Auto => {
+                <ort::ep::CUDA as ort::ep::ExecutionProvider>::is_available().unwrap_or(false)
+            }
+        }
+    }
+
     fn session(&self, files: &ModelFiles, provider: ExecutionProvider) -> Result<Session, InferenceError> {
         let mut builder = Session::builder(&self.environment)?
             .with_optimization_level(GraphOptimizationLevel::Level3)
@@ -481,6 +494,14 @@ pub struct LoadedModel {
     workers: Vec<Arc<CurrentWorker>>,
 }
 
+/// Records a model call's stages for the request's `Server-Timing`: its wait in the queue, its run,
+/// and the wait from the run's answer until the caller's task ran again.
+fn record_stages(waited: Duration, ran: Duration, answered: std::time::Instant) {
+    crate::timing::record("queue", waited);
+    crate::timing::record("run", ran);
+    crate::timing::record("wake", answered.elapsed());
+}
+
 /// Makes one more session of a loaded model.
 type NewSession = dyn Fn() -> Result<ort::session::Session, InferenceError> + Send + Sync;
 
@@ -653,8 +674,7 @@ impl LoadedModel {
         let output = self
             .submit(share, items, Work::Text { texts, reply }, response)
             .await?;
-        crate::timing::record("queue", output.waited);
-        crate::timing::record("run", output.ran);
+        record_stages(output.waited, output.ran, output.answered);
         Ok(output)
     }
 
@@ -763,17 +783,20 @@ impl LoadedModel {
         // Queued at the cost of its batch: a tenant's share counts items, not calls.
         let items = usize::try_from(Self::batch_size(&inputs)?).unwrap_or(1);
         let (reply, response) = oneshot::channel();
-        self.submit(
-            share,
-            items,
-            Work::Raw {
-                inputs,
-                outputs,
-                reply,
-            },
-            response,
-        )
-        .await
+        let output = self
+            .submit(
+                share,
+                items,
+                Work::Raw {
+                    inputs,
+                    outputs,
+                    reply,
+                },
+                response,
+            )
+            .await?;
+        record_stages(output.waited, output.ran, output.answered);
+        Ok(output.tensors)
     }
 
     /// Items in a protocol request, for metering: the batch dimension (the first) that every input
@@ -826,15 +849,34 @@ mod tests {
         )
     }
 
+    #[test]
+    fn the_built_in_graphs_follow_where_models_run() {
+        let engine = |provider| {
+            Engine::new(EngineSettings {
+                ort_dylib: ort_dylib(),
+                provider,
+                ..EngineSettings::default()
+            })
+            .expect("ONNX Runtime (scripts/setup.sh fetches it)")
+        };
+        // The CPU serves the integer products; CUDA, which has no kernels for them, the float ones.
+        assert!(!engine(ExecutionProvider::Cpu).prefers_gpu());
+        assert!(engine(ExecutionProvider::Cuda).prefers_gpu());
+    }
+
+    fn ort_dylib() -> PathBuf {
+        std::env::var_os("PLINTH_ORT_DYLIB").map_or_else(
+            || cache_dir().join("onnxruntime/libonnxruntime.so.1.31.1"),
+            PathBuf::from,
+        )
+    }
+
     fn sentiment(sessions: usize) -> Arc<LoadedModel> {
         sentiment_with(|settings| settings.sessions_per_model = sessions)
     }
 
     fn sentiment_with(settings: impl FnOnce(&mut EngineSettings)) -> Arc<LoadedModel> {
-        let ort_dylib = std::env::var_os("PLINTH_ORT_DYLIB").map_or_else(
-            || cache_dir().join("onnxruntime/libonnxruntime.so.1.31.1"),
-            PathBuf::from,
-        );
+        let ort_dylib = ort_dylib();
         let models =
             std::env::var_os("PLINTH_MODELS_DIR").map_or_else(|| cache_dir().join("models"), PathBuf::from);
         let mut chosen = EngineSettings {
