@@ -293,7 +293,7 @@ fn sentiment_head(path: &Path) -> Result<plinth_training::Head, InferenceError> 
 
 /// The file of a built-in graph (`minilm-embed`, `sentiment`) for where `engine` runs. The base model
 /// stores its weights as int8: on a CPU each token is quantized to 8 bits and multiplied by them in
-/// integers (`NAME.onnx`, 1.6-2.6x faster), on a GPU in float (`NAME.gpu.onnx`: ONNX Runtime's CUDA
+/// integers (`NAME.onnx`, 1.6-2.4x faster), on a GPU in float (`NAME.gpu.onnx`: ONNX Runtime's CUDA
 /// provider has no kernels for the integer products). Both are made by `builtin/assemble.py`.
 fn builtin_graph(stem: &str, engine: &Engine) -> String {
     if engine.prefers_gpu() {
