@@ -337,11 +337,15 @@ async fn trained_head(state: &AppState, tenant: &TenantId, job: &TrainingJob) ->
 }
 
 /// The base graph with a job's head: one self-contained ONNX model.
+/// The files of the embedding model that training adapts, as this platform serves it.
+fn base_model_files(state: &AppState) -> plinth_inference::ModelFiles {
+    plinth_inference::builtin_embedding_files(&state.settings.training.base_models_dir, &state.engine)
+}
+
 async fn assembled(state: &AppState, tenant: &TenantId, job: &TrainingJob) -> ApiResult<Vec<u8>> {
     let head = trained_head(state, tenant, job).await?;
     let _turn = turn(&ASSEMBLING).await?;
-    let files =
-        plinth_inference::builtin_embedding_files(&state.settings.training.base_models_dir, &state.engine);
+    let files = base_model_files(state);
     let base = tokio::fs::read(&files.model).await.map_err(ApiError::internal)?;
     tokio::task::spawn_blocking(move || plinth_training::onnx::with_head(&base, &head))
         .await
@@ -422,8 +426,7 @@ async fn install_trained(
     job: &TrainingJob,
 ) -> ApiResult<Model> {
     let model = assembled(state, &auth.tenant_id, job).await?;
-    let files =
-        plinth_inference::builtin_embedding_files(&state.settings.training.base_models_dir, &state.engine);
+    let files = base_model_files(state);
     let tokenizer_path = files
         .tokenizer
         .ok_or_else(|| ApiError::internal("the base model has no tokenizer"))?;
@@ -652,10 +655,7 @@ async fn train_job(
     let (reports, mut reported) = mpsc::channel(16);
     let work = Work {
         engine: state.engine.clone(),
-        base: plinth_inference::builtin_embedding_files(
-            &state.settings.training.base_models_dir,
-            &state.engine,
-        ),
+        base: base_model_files(state),
         labels: job.labels.clone(),
         examples,
         settings,
