@@ -87,28 +87,59 @@ fn summarise(mut samples: Vec<Duration>, per_second: f64) -> Measured {
 
 /// Drives `url` from a thread and runtime of its own, as an external client would: running the client
 /// on the server's runtime would charge the client's work to the server.
-async fn over_http(url: &str, key: Option<&str>, concurrency: usize) -> Measured {
+async fn over_http(
+    url: &str,
+    key: Option<&str>,
+    concurrency: usize,
+    body: fn(usize) -> serde_json::Value,
+) -> Measured {
     let (url, key) = (url.to_owned(), key.map(ToOwned::to_owned));
     tokio::task::spawn_blocking(move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("client runtime")
-            .block_on(load(&url, key.as_deref(), concurrency))
+            .block_on(load(&url, key.as_deref(), concurrency, body))
     })
     .await
     .expect("client thread")
 }
 
-async fn load(url: &str, key: Option<&str>, concurrency: usize) -> Measured {
+/// A task request: one of the short texts.
+fn text_body(i: usize) -> serde_json::Value {
+    serde_json::json!({ "inputs": [TEXTS[i % TEXTS.len()]] })
+}
+
+/// An Open Inference Protocol request: one text's tokens (seven, the ids varying), for `probs`.
+fn tensor_body(i: usize) -> serde_json::Value {
+    let ids = [
+        101,
+        2_000 + i64::try_from(i % 500).unwrap_or(0),
+        2_023,
+        2_003,
+        1_037,
+        2_204,
+        102,
+    ];
+    let input = |name: &str, data: &[i64]| serde_json::json!({ "name": name, "shape": [1, data.len()], "datatype": "INT64", "data": data });
+    serde_json::json!({
+        "inputs": [input("input_ids", &ids), input("attention_mask", &[1; 7]), input("token_type_ids", &[0; 7])],
+        "outputs": [{ "name": "probs" }],
+    })
+}
+
+async fn load(
+    url: &str,
+    key: Option<&str>,
+    concurrency: usize,
+    body: fn(usize) -> serde_json::Value,
+) -> Measured {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(128)
         .build()
         .expect("client");
     let request = |i: usize| {
-        let mut request = http
-            .post(url)
-            .json(&serde_json::json!({ "inputs": [TEXTS[i % TEXTS.len()]] }));
+        let mut request = http.post(url).json(&body(i));
         if let Some(key) = key {
             request = request.bearer_auth(key);
         }
@@ -199,7 +230,10 @@ async fn fastapi(concurrencies: &[usize]) -> Vec<(usize, Measured)> {
     }
     let mut results = Vec::new();
     for &c in concurrencies {
-        results.push((c, over_http(&format!("{base}/classify"), None, c).await));
+        results.push((
+            c,
+            over_http(&format!("{base}/classify"), None, c, text_body).await,
+        ));
     }
     let _ = child.kill().await;
     results
@@ -230,17 +264,26 @@ fn main() {
         let concurrencies = [1, 16, 64];
         let mut best_api: f64 = 0.0;
         let mut api_c1 = None;
+        let mut tensors_at_64 = Vec::new();
         for (label, max_batch) in [("batching on", 32), ("batching off", 1)] {
             let (app, key) = plinth_api(max_batch).await;
             let url = app.url("/v1/models/sentiment/classify");
             for &c in &concurrencies {
-                let m = over_http(&url, Some(&key), c).await;
+                let m = over_http(&url, Some(&key), c, text_body).await;
                 row(&format!("(b) Plinth API, {label}, concurrency {c}"), &m);
                 if max_batch > 1 {
                     best_api = best_api.max(m.per_second);
                     if c == 1 {
                         api_c1 = Some(m.p50);
                     }
+                }
+            }
+            let url = app.url("/v2/models/sentiment/infer");
+            for c in [16, 64] {
+                let m = over_http(&url, Some(&key), c, tensor_body).await;
+                row(&format!("(b) /v2 tensors, {label}, concurrency {c}"), &m);
+                if c == 64 {
+                    tensors_at_64.push(m.per_second);
                 }
             }
             app.stop().await;
@@ -262,6 +305,12 @@ fn main() {
             raw1.per_second / float1.per_second,
             raw32.per_second / float32.per_second
         );
+        if let [on, off] = tensors_at_64[..] {
+            println!(
+                "  /v2 tensor calls at concurrency 64, batching on / off: {:.2}x",
+                on / off
+            );
+        }
         println!(
             "  best API throughput / in-process batch-32 throughput: {:.2}",
             best_api / raw32.per_second

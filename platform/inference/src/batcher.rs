@@ -1,6 +1,7 @@
 //! The batcher: each session of a model has a worker that takes calls from the model's fair queue,
-//! joins text calls into one run (up to `max_batch` items, from any tenants, waiting at most `max_delay`
-//! for company), runs it on a blocking thread, and hands each caller its rows.
+//! joins text calls, or protocol calls of the same shapes, into one run (up to `max_batch` items, from
+//! any tenants, waiting at most `max_delay` for company), runs it on a blocking thread, and hands each
+//! caller its rows.
 //!
 //! A worker outlives whatever a batch does: a panic is contained to the batch (its callers get an
 //! error, the worker keeps its session and goes on), and a run still going when its last caller has
@@ -290,6 +291,9 @@ pub(crate) struct WorkerSetup {
     pub(crate) text: Option<TextPlan>,
     pub(crate) max_batch: usize,
     pub(crate) max_delay: Duration,
+    /// Protocol calls whose tensors differ only in their first dimension share a run (see
+    /// [`tensors_share_a_run`]).
+    pub(crate) batch_tensors: bool,
     /// How long a caller waits: a run past its last caller's wait is terminated.
     pub(crate) timeout: Duration,
     pub(crate) model: String,
@@ -451,12 +455,17 @@ impl Worker {
     }
 
     async fn serve(mut self) {
-        let max_batch = self.setup.max_batch;
+        let (max_batch, batch_tensors) = (self.setup.max_batch, self.setup.batch_tensors);
         let fits = move |batch: &[Queued], next: &Queued| {
-            let texts = |c: &Queued| matches!(c.work, Work::Text { .. });
-            texts(next)
-                && batch.iter().all(texts)
-                && batch.iter().map(|c| c.items).sum::<usize>() + next.items <= max_batch
+            // Every call of a run joined its first: comparing with the first compares with all.
+            let joins = match (&batch[0].work, &next.work) {
+                (Work::Text { .. }, Work::Text { .. }) => true,
+                (Work::Raw { .. }, Work::Raw { .. }) => {
+                    batch_tensors && tensors_share_a_run(batch, &next.work)
+                }
+                _ => false,
+            };
+            joins && batch.iter().map(|c| c.items).sum::<usize>() + next.items <= max_batch
         };
         while let Some(batch) = self.setup.queue.next_batch(self.setup.max_delay, &fits).await {
             // However this run ends, its tenants' run slots are given back: once its results are
@@ -618,39 +627,35 @@ fn process(
     let started = Instant::now();
     let mut items: usize = batch.iter().map(|c| c.items).sum();
     let mut failure: Option<bool> = None;
-    let mut text_calls = Vec::new();
     // Counted before any caller is answered: statistics read right after an answer include it.
     stats.executions.fetch_add(1, Ordering::Relaxed);
-    for call in batch {
-        if matches!(call.work, Work::Text { .. }) {
-            text_calls.push(call);
-            continue;
-        }
-        let waited = answered.waited(&call);
-        let Work::Raw {
-            inputs,
-            outputs,
-            reply,
-        } = call.work
-        else {
-            continue;
-        };
-        let result = run_raw(session, &inputs, outputs.as_deref(), options)
-            .map(|tensors| RawOutput {
-                tensors,
-                waited,
-                ran: answered.started.elapsed(),
-                answered: Instant::now(),
-            })
-            .map_err(|err| timed_out_or(err, run.terminated));
-        if let Err(err) = &result {
-            // The caller's input is the caller's problem; anything else is the runtime's.
-            let runtime = !matches!(err, InferenceError::InvalidInput(_));
-            failure = Some(failure.unwrap_or(false) || runtime);
-        }
+    let (text_calls, tensor_calls): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .partition(|call| matches!(call.work, Work::Text { .. }));
+    if !tensor_calls.is_empty() {
+        let results = run_tensor_calls(session, &tensor_calls, options, run.terminated);
         drop(slot.take());
-        answered.count(1, call.items, result.is_ok());
-        let _ = reply.send(result);
+        for (call, result) in tensor_calls.into_iter().zip(results) {
+            let waited = answered.waited(&call);
+            let Work::Raw { reply, .. } = call.work else {
+                continue;
+            };
+            let result = result
+                .map(|tensors| RawOutput {
+                    tensors,
+                    waited,
+                    ran: answered.started.elapsed(),
+                    answered: Instant::now(),
+                })
+                .map_err(|err| timed_out_or(err, run.terminated));
+            if let Err(err) = &result {
+                // The caller's input is the caller's problem; anything else is the runtime's.
+                let runtime = !matches!(err, InferenceError::InvalidInput(_));
+                failure = Some(failure.unwrap_or(false) || runtime);
+            }
+            answered.count(1, call.items, result.is_ok());
+            let _ = reply.send(result);
+        }
     }
     if !text_calls.is_empty() {
         let (sent_back, outcome) = answer_text_calls(
@@ -977,6 +982,111 @@ fn run_encoded(
         ran: Duration::ZERO,
         answered: Instant::now(),
     })
+}
+
+/// Whether protocol call `next` may join `run`: its inputs have the same names, datatypes and every
+/// dimension but the first (the batch's) as the run's first call's, it asks for the same outputs, and
+/// the run stays within [`crate::tensor::MAX_ELEMENTS`] per input, as one call must.
+///
+/// Only on models whose rows are independent (see `engine`): the platform's, whose graphs are built
+/// so (each token quantized on its own), and text models, whose texts are batched anyway. A tenant's
+/// tensor model may compute across its batch, so each of its calls runs alone.
+fn tensors_share_a_run(run: &[Queued], next: &Work) -> bool {
+    fn inputs_of(work: &Work) -> Option<(&[Tensor], &Option<Vec<String>>)> {
+        match work {
+            Work::Raw { inputs, outputs, .. } => Some((inputs, outputs)),
+            Work::Text { .. } => None,
+        }
+    }
+    let (Some((first, wanted)), Some((inputs, asked))) = (inputs_of(&run[0].work), inputs_of(next)) else {
+        return false;
+    };
+    let same = wanted == asked
+        && first.len() == inputs.len()
+        && inputs.iter().all(|input| {
+            first.iter().any(|other| {
+                other.name == input.name
+                    && other.data.datatype() == input.data.datatype()
+                    && other.shape.len() == input.shape.len()
+                    && !input.shape.is_empty()
+                    && other.shape[1..] == input.shape[1..]
+            })
+        });
+    same && inputs.iter().all(|input| {
+        let joined: usize = run
+            .iter()
+            .filter_map(|call| inputs_of(&call.work))
+            .filter_map(|(inputs, _)| inputs.iter().find(|t| t.name == input.name))
+            .map(|t| t.data.len())
+            .sum();
+        joined + input.data.len() <= crate::tensor::MAX_ELEMENTS
+    })
+}
+
+/// Each protocol call's outputs. Calls in one run (see [`tensors_share_a_run`]) run together, each
+/// getting its rows of every output; if that run fails, or an output has not one row per input row,
+/// each runs again alone, so one caller's bad input fails only its own call.
+fn run_tensor_calls(
+    session: &mut Session,
+    calls: &[Queued],
+    options: &RunOptions,
+    terminated: &AtomicBool,
+) -> Vec<Result<Vec<Tensor>, InferenceError>> {
+    let work: Vec<(&[Tensor], Option<&[String]>)> = calls
+        .iter()
+        .filter_map(|call| match &call.work {
+            Work::Raw { inputs, outputs, .. } => Some((inputs.as_slice(), outputs.as_deref())),
+            Work::Text { .. } => None,
+        })
+        .collect();
+    if work.len() > 1 {
+        let rows: Vec<usize> = calls.iter().map(|call| call.items).collect();
+        match run_together(session, &work, &rows, options) {
+            Some(Ok(answers)) => return answers.into_iter().map(Ok).collect(),
+            // Past the deadline every caller's time is up: nothing is run again.
+            Some(Err(_)) if terminated.load(Ordering::Relaxed) => {
+                return work.iter().map(|_| Err(InferenceError::Timeout)).collect();
+            }
+            Some(Err(_)) | None => {
+                metrics::counter!("plinth_inference_tensor_runs_split_total").increment(1);
+            }
+        }
+    }
+    work.iter()
+        .map(|(inputs, outputs)| run_raw(session, inputs, *outputs, options))
+        .collect()
+}
+
+/// One run of several calls' tensors joined along the first dimension, its outputs cut into each
+/// call's `rows`. `None` when the inputs do not join or an output does not split.
+fn run_together(
+    session: &mut Session,
+    work: &[(&[Tensor], Option<&[String]>)],
+    rows: &[usize],
+    options: &RunOptions,
+) -> Option<Result<Vec<Vec<Tensor>>, InferenceError>> {
+    let (first, wanted) = work[0];
+    let joined = first
+        .iter()
+        .map(|input| {
+            let parts: Option<Vec<&Tensor>> = work
+                .iter()
+                .map(|(inputs, _)| inputs.iter().find(|t| t.name == input.name))
+                .collect();
+            Tensor::concat_rows(&parts?)
+        })
+        .collect::<Option<Vec<Tensor>>>()?;
+    let outputs = match run_raw(session, &joined, wanted, options) {
+        Ok(outputs) => outputs,
+        Err(err) => return Some(Err(err)),
+    };
+    let mut answers: Vec<Vec<Tensor>> = work.iter().map(|_| Vec::with_capacity(outputs.len())).collect();
+    for output in outputs {
+        for (answer, piece) in answers.iter_mut().zip(output.split_rows(rows)?) {
+            answer.push(piece);
+        }
+    }
+    Some(Ok(answers))
 }
 
 fn run_raw(

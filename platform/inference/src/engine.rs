@@ -338,6 +338,7 @@ impl Engine {
             text,
             max_batch: self.settings.max_batch.max(1),
             max_delay: self.settings.max_queue_delay,
+            batch_tensors: batches_tensors(&info, files.platform),
             timeout: self.settings.timeout,
             model: files.name.clone(),
             metrics_label,
@@ -440,6 +441,17 @@ impl Engine {
             options: ort::session::RunOptions::new()?,
         })
     }
+}
+
+/// Whether protocol calls of `model` may share a run, joined along their first dimension: where every
+/// input and output has a free first (batch) dimension, on models whose rows are independent: the
+/// platform's (built so) and text models (whose texts are batched on that ground anyway). A tenant's
+/// tensor model is another matter: its graph may compute across the batch, and a call's answer must
+/// not depend on the call beside it.
+fn batches_tensors(model: &Model, platform: bool) -> bool {
+    let free_batch =
+        |tensors: &[TensorMetadata]| tensors.iter().all(|t| t.shape.first().is_some_and(|d| *d < 0));
+    (platform || model.task != Task::Raw) && free_batch(&model.inputs) && free_batch(&model.outputs)
 }
 
 /// Lowers the calling thread to the lowest priority (Linux: niceness 19), for background work such
@@ -963,6 +975,92 @@ mod tests {
         })
         .await;
         assert_eq!(classify(&model).await.expect("a call after"), before);
+    }
+
+    /// A protocol call of one text's tokens (ids only vary), `[1, tokens.len()]`.
+    fn tokens_call(tokens: &[i64]) -> Vec<Tensor> {
+        let shape = vec![1, i64::try_from(tokens.len()).expect("length")];
+        let tensor = |name: &str, data: Vec<i64>| Tensor {
+            name: name.into(),
+            shape: shape.clone(),
+            data: crate::tensor::TensorData::Int64(data),
+        };
+        vec![
+            tensor("input_ids", tokens.to_vec()),
+            tensor("attention_mask", vec![1; tokens.len()]),
+            tensor("token_type_ids", vec![0; tokens.len()]),
+        ]
+    }
+
+    fn floats(outputs: &[Tensor]) -> Vec<f32> {
+        outputs
+            .iter()
+            .flat_map(|output| match &output.data {
+                crate::tensor::TensorData::Fp32(values) => values.clone(),
+                other => panic!("{} is not FP32: {other:?}", output.name),
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tensor_calls_share_runs_and_each_gets_its_own_rows() {
+        // One session, first come first served: calls queue behind the run in progress and join the
+        // next in order, whoever sends them.
+        let model = sentiment_with(|settings| {
+            settings.sessions_per_model = 1;
+            settings.scheduling = Scheduling::Fifo;
+        });
+        let texts: Vec<Vec<i64>> = (0..12)
+            .map(|i| vec![101, 2_000 + i * 37, 2_023, 3_000 + i, 102])
+            .collect();
+        let mut alone = Vec::new();
+        for tokens in &texts {
+            let outputs = model.infer(Share::platform(), tokens_call(tokens), None).await;
+            alone.push(floats(&outputs.expect("a call alone")));
+        }
+        let runs_before = model.stats.executions.load(Relaxed);
+        let tenant = |name: &str| Share {
+            tenant: Arc::from(name),
+            weight: 1,
+            plan: Arc::from("test"),
+        };
+        let call = |share: Share, inputs: Vec<Tensor>| {
+            let model = model.clone();
+            tokio::spawn(async move { model.infer(share, inputs, None).await })
+        };
+        // Each text from two tenants at once, beside a call whose token id is past the vocabulary
+        // (the runtime refuses it) and one of another length (which runs apart).
+        let together: Vec<_> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, tokens)| call(tenant(if i % 2 == 0 { "a" } else { "b" }), tokens_call(tokens)))
+            .collect();
+        let refused = call(
+            tenant("mallory"),
+            tokens_call(&[101, 1_000_000_000, 102, 102, 102]),
+        );
+        let longer = call(tenant("c"), tokens_call(&[101, 2_000, 2_023, 3_000, 3_001, 102]));
+        for (call, expected) in together.into_iter().zip(&alone) {
+            let got = floats(&call.await.expect("task").expect("a call beside others"));
+            assert_eq!(got.len(), expected.len());
+            for (got, expected) in got.iter().zip(expected) {
+                assert!(
+                    (got - expected).abs() < 1e-4,
+                    "{got} in a shared run, {expected} alone"
+                );
+            }
+        }
+        let err = refused
+            .await
+            .expect("task")
+            .expect_err("an id past the vocabulary");
+        assert!(matches!(err, InferenceError::InvalidInput(_)), "{err}");
+        longer.await.expect("task").expect("a call of another length");
+        let runs = model.stats.executions.load(Relaxed) - runs_before;
+        assert!(
+            runs < 14,
+            "14 calls in {runs} runs: tensor calls did not share runs"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

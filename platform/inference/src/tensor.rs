@@ -133,6 +133,32 @@ impl TensorData {
         }
     }
 
+    /// Appends `other`'s elements; `false`, appending nothing, when the datatypes differ.
+    fn append(&mut self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Fp32(a), Self::Fp32(b)) => a.extend_from_slice(b),
+            (Self::Fp16(a), Self::Fp16(b)) => a.extend_from_slice(b),
+            (Self::Int64(a), Self::Int64(b)) => a.extend_from_slice(b),
+            (Self::Int32(a), Self::Int32(b)) => a.extend_from_slice(b),
+            (Self::Bool(a), Self::Bool(b)) => a.extend_from_slice(b),
+            (Self::Bytes(a), Self::Bytes(b)) => a.extend_from_slice(b),
+            _ => return false,
+        }
+        true
+    }
+
+    /// The elements from `at` on, taken out (as [`Vec::split_off`]).
+    fn split_off(&mut self, at: usize) -> Self {
+        match self {
+            Self::Fp32(v) => Self::Fp32(v.split_off(at)),
+            Self::Fp16(v) => Self::Fp16(v.split_off(at)),
+            Self::Int64(v) => Self::Int64(v.split_off(at)),
+            Self::Int32(v) => Self::Int32(v.split_off(at)),
+            Self::Bool(v) => Self::Bool(v.split_off(at)),
+            Self::Bytes(v) => Self::Bytes(v.split_off(at)),
+        }
+    }
+
     /// As protocol JSON: a flat array.
     #[must_use]
     pub fn to_json(&self) -> Value {
@@ -211,6 +237,52 @@ fn element_count(name: &str, shape: &[i64]) -> Result<usize, InferenceError> {
 }
 
 impl Tensor {
+    /// The rows of `parts` in one tensor, in order: their first dimensions added up. `None` unless
+    /// they share name, datatype and every other dimension.
+    #[must_use]
+    pub fn concat_rows(parts: &[&Self]) -> Option<Self> {
+        let (first, rest) = parts.split_first()?;
+        let mut joined = (*first).clone();
+        for part in rest {
+            let same_rows = part.name == joined.name
+                && part.shape.len() == joined.shape.len()
+                && part.shape.get(1..) == joined.shape.get(1..);
+            let (Some(rows), Some(&more)) = (joined.shape.first_mut(), part.shape.first()) else {
+                return None;
+            };
+            if !same_rows || !joined.data.append(&part.data) {
+                return None;
+            }
+            *rows = rows.checked_add(more)?;
+        }
+        Some(joined)
+    }
+
+    /// This tensor cut into consecutive pieces of `rows` rows (first dimension) each. `None` unless
+    /// they add up to its first dimension and its data holds whole rows.
+    #[must_use]
+    pub fn split_rows(mut self, rows: &[usize]) -> Option<Vec<Self>> {
+        let total = usize::try_from(*self.shape.first()?).ok()?;
+        if total == 0 || rows.iter().sum::<usize>() != total || !self.data.len().is_multiple_of(total) {
+            return None;
+        }
+        let per_row = self.data.len() / total;
+        let mut pieces = Vec::with_capacity(rows.len());
+        let mut end = total;
+        for &count in rows.iter().rev() {
+            end -= count;
+            let mut shape = self.shape.clone();
+            shape[0] = i64::try_from(count).ok()?;
+            pieces.push(Self {
+                name: self.name.clone(),
+                shape,
+                data: self.data.split_off(end * per_row),
+            });
+        }
+        pieces.reverse();
+        Some(pieces)
+    }
+
     /// Builds a tensor from protocol JSON, checking that the data holds exactly `product(shape)`
     /// elements of `datatype`.
     ///
@@ -429,6 +501,32 @@ mod tests {
         let flat = Tensor::from_json("x", "INT64", &[2, 2], &json!([1, 2, 3, 4])).unwrap();
         assert_eq!(nested, flat);
         assert_eq!(nested.data, TensorData::Int64(vec![1, 2, 3, 4]));
+    }
+
+    #[test]
+    fn rows_of_several_calls_join_and_come_apart_as_they_were() {
+        let ids =
+            |shape: &[i64], data: serde_json::Value| Tensor::from_json("ids", "INT64", shape, &data).unwrap();
+        let (one, two) = (
+            ids(&[1, 3], json!([1, 2, 3])),
+            ids(&[2, 3], json!([4, 5, 6, 7, 8, 9])),
+        );
+        let joined = Tensor::concat_rows(&[&one, &two]).expect("same rows");
+        assert_eq!(joined.shape, [3, 3]);
+        assert_eq!(joined.data, TensorData::Int64((1..=9).collect()));
+        assert_eq!(joined.split_rows(&[1, 2]), Some(vec![one.clone(), two.clone()]));
+
+        // Rows of another width, name or datatype do not join.
+        assert_eq!(Tensor::concat_rows(&[&one, &ids(&[1, 2], json!([1, 2]))]), None);
+        let mask = Tensor::from_json("mask", "INT64", &[1, 3], &json!([1, 1, 1])).unwrap();
+        assert_eq!(Tensor::concat_rows(&[&one, &mask]), None);
+        let floats = Tensor::from_json("ids", "FP32", &[1, 3], &json!([1, 2, 3])).unwrap();
+        assert_eq!(Tensor::concat_rows(&[&one, &floats]), None);
+        // An output without one row per input row (a first dimension that is not the batch's) does
+        // not split.
+        assert_eq!(two.clone().split_rows(&[1, 2]), None);
+        assert_eq!(ids(&[3], json!([1, 2, 3])).split_rows(&[1, 1]), None);
+        assert_eq!(Tensor::concat_rows(&[]), None);
     }
 
     #[test]
