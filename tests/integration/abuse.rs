@@ -745,6 +745,46 @@ async fn a_login_flood_from_one_address_is_cut_off_while_others_still_log_in() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_a_password_from_one_network_does_not_lock_its_owner_out() {
+    let app = TestApp::spawn_with(|config| {
+        production_limits(config);
+        config.trusted_proxies = "127.0.0.1/32, ::1/128".into();
+    })
+    .await;
+    let victim = app.signup().await;
+    let email = victim.user.email.as_str();
+    // The guesser's network is cut off after ten attempts at this account...
+    let mut statuses = Vec::new();
+    for _ in 0..11 {
+        statuses.push(
+            login_from(&app, "198.51.100.66", email, "guess-guess")
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(statuses[..10], [401; 10], "{statuses:?}");
+    assert_eq!(statuses[10], 429, "{statuses:?}");
+    // ...and the owner, from theirs, logs in all the same.
+    let owner = login_from(&app, "203.0.113.7", email, PASSWORD).await;
+    assert_eq!(owner.status(), 200);
+    // Guessing spread over many networks still meets a limit on the account itself.
+    let mut refused_at = None;
+    for n in 0..60 {
+        let response = login_from(&app, &format!("192.0.2.{n}"), email, "guess-guess").await;
+        if response.status() == 429 {
+            refused_at = Some(n);
+            break;
+        }
+        assert_eq!(response.status(), 401);
+    }
+    assert!(
+        refused_at.is_some_and(|n| n < 40),
+        "one guess from each of {refused_at:?} networks before the account's own limit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_flooding_unmetered_routes_is_throttled_alone() {
     let app = TestApp::spawn_with(|config| config.unmetered_per_tenant_per_minute = 20).await;
     let flooder = app.tenant().await;

@@ -20,10 +20,17 @@ use crate::{Result, Store, StoreError, row_security, secret};
 
 /// How long a login session lasts.
 pub const SESSION_LIFETIME: chrono::Duration = chrono::Duration::days(30);
-/// Login attempts per email: 10 at once, then one every 6 seconds.
+/// Login attempts per email from one client network: 10 at once, then one every 6 seconds.
 const LOGIN_QUOTA: Quota = Quota {
     per_minute: 10,
     burst: 10,
+};
+/// Login attempts per email from everywhere: bounds guessing spread over many networks, and takes
+/// more than a handful of them to lock someone out (one network cannot: its attempts stop at
+/// [`LOGIN_QUOTA`] and spend nothing here).
+const LOGIN_EMAIL_QUOTA: Quota = Quota {
+    per_minute: 60,
+    burst: 30,
 };
 
 /// Lower-cases and checks an email address. Deliberately loose: the only real check is a confirmation
@@ -173,18 +180,31 @@ impl Store {
     }
 
     /// Checks a password and opens a session in the requested tenant (or the user's oldest membership).
-    /// Attempts per email are rate limited through the shared cache, so guessing holds across replicas
-    /// (the HTTP edge also limits attempts per client address). Every attempt is audited: a success in
+    /// Attempts per email are rate limited through the shared cache, so guessing holds across replicas:
+    /// per email from the client's network (`network`, as the per-address limits count it), then per
+    /// email from everywhere, more loosely. Someone guessing from one network does not lock the
+    /// account's owner out of theirs (the HTTP edge also limits attempts per client address). Every attempt is audited: a success in
     /// the session's tenant; a failure in the user's own (oldest) tenant, or the platform's log for an
     /// unknown email. Not in every tenant the user belongs to: a tenant that added someone as a member
     /// must not learn where that person's failed logins come from.
-    pub async fn login(&self, cache: &dyn Cache, request: &LoginRequest, who: &Who) -> Result<Session> {
+    pub async fn login(
+        &self,
+        cache: &dyn Cache,
+        request: &LoginRequest,
+        who: &Who,
+        network: &str,
+    ) -> Result<Session> {
         let email = normalise_email(&request.email).map_err(|_| StoreError::InvalidLogin)?;
-        let decision = cache.rate_limit(&format!("login:{email}"), LOGIN_QUOTA).await?;
-        if !decision.allowed {
-            return Err(StoreError::TooManyAttempts(
-                decision.retry_after.max(Duration::from_secs(1)),
-            ));
+        for (key, quota) in [
+            (format!("login:{email}:{network}"), LOGIN_QUOTA),
+            (format!("login:{email}"), LOGIN_EMAIL_QUOTA),
+        ] {
+            let decision = cache.rate_limit(&key, quota).await?;
+            if !decision.allowed {
+                return Err(StoreError::TooManyAttempts(
+                    decision.retry_after.max(Duration::from_secs(1)),
+                ));
+            }
         }
         let user = users::Entity::find()
             .filter(users::Column::Email.eq(&email))

@@ -4,8 +4,8 @@
 use chrono::Utc;
 use plinth_core::Scope;
 use plinth_core::api::{ApiKey, CreateApiKeyRequest, CreatedApiKey};
-use plinth_core::id::{KeyId, TenantId};
-use sea_orm::{ActiveModelTrait, ColumnTrait, QueryFilter, QueryOrder, Set};
+use plinth_core::id::{KeyId, TenantId, UserId};
+use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, QueryFilter, QueryOrder, Set};
 
 use crate::accounts::{parse_id, validate_name};
 use crate::audit::Who;
@@ -153,4 +153,59 @@ impl Store {
         self.credentials.forget(&hash).await;
         to_api_key(row)
     }
+}
+
+/// Revokes, in `conn`'s transaction, the tenant's active keys that `user` made (directly, or through
+/// a key of theirs that made it) holding any scope outside `kept`: every one when the user leaves the
+/// tenant, those beyond the new role's scopes when their role changes. A key acts with the authority
+/// of whoever made it, so it cannot outlast that authority. Each revocation is audited with `reason`.
+/// Returns the revoked keys' token hashes, for the credential cache to forget once committed.
+pub(crate) async fn revoke_keys_beyond(
+    conn: &impl ConnectionTrait,
+    tenant: &TenantId,
+    user: &UserId,
+    kept: &[Scope],
+    who: &Who,
+    reason: &str,
+) -> Result<Vec<String>> {
+    let active = api_keys::Entity::find_in(tenant)
+        .filter(api_keys::Column::RevokedAt.is_null())
+        .all(conn)
+        .await?;
+    // The user's keys, then the keys those made, until no key is added.
+    let mut makers = vec![user.to_string()];
+    let mut theirs: Vec<&api_keys::Model> = Vec::new();
+    while let Some(maker) = makers.pop() {
+        for key in &active {
+            if key.created_by.as_deref() == Some(maker.as_str()) && !theirs.iter().any(|k| k.id == key.id) {
+                theirs.push(key);
+                makers.push(key.id.clone());
+            }
+        }
+    }
+    let mut forgotten = Vec::new();
+    let now = Utc::now();
+    for key in theirs {
+        let beyond = key
+            .scopes
+            .split_whitespace()
+            .any(|scope| !kept.iter().any(|kept| kept.as_str() == scope));
+        if !beyond {
+            continue;
+        }
+        let mut model: api_keys::ActiveModel = key.clone().into();
+        model.revoked_at = Set(Some(now));
+        model.update(conn).await?;
+        crate::audit::record(
+            conn,
+            Some(tenant),
+            who,
+            "api_key.revoke",
+            Some(&key.id),
+            serde_json::json!({ "reason": reason, "made_by": user.as_str() }),
+        )
+        .await?;
+        forgotten.push(key.token_hash.clone());
+    }
+    Ok(forgotten)
 }

@@ -156,9 +156,19 @@ impl Store {
             serde_json::json!({ "from": current, "to": role }),
         )
         .await?;
+        let revoked = crate::api_keys::revoke_keys_beyond(
+            &txn,
+            &caller.tenant_id,
+            user,
+            role.scopes(),
+            who,
+            "its maker's role no longer grants its scopes",
+        )
+        .await?;
         let member = to_member(&txn, &row).await?;
         txn.commit().await?;
         self.credentials.forget_in_tenant(&caller.tenant_id, Some(user));
+        self.forget_keys(&revoked).await;
         Ok(member)
     }
 
@@ -180,8 +190,25 @@ impl Store {
             serde_json::Value::Null,
         )
         .await?;
+        let revoked = crate::api_keys::revoke_keys_beyond(
+            &txn,
+            &caller.tenant_id,
+            user,
+            &[],
+            who,
+            "its maker left the tenant",
+        )
+        .await?;
         txn.commit().await?;
         self.credentials.forget_in_tenant(&caller.tenant_id, Some(user));
+        self.forget_keys(&revoked).await;
         Ok(())
+    }
+
+    /// Drops revoked keys from the credential cache (this replica at once, others within its TTL).
+    async fn forget_keys(&self, token_hashes: &[String]) {
+        for hash in token_hashes {
+            self.credentials.forget(hash).await;
+        }
     }
 }

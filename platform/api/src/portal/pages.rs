@@ -126,8 +126,13 @@ pub(crate) async fn login(
         password: form.password,
         tenant_id: None,
     };
-    let who = origin(&req).who("anonymous");
-    match state.store.login(state.cache.as_ref(), &request, &who).await {
+    let client = origin(&req);
+    let who = client.who("anonymous");
+    match state
+        .store
+        .login(state.cache.as_ref(), &request, &who, &client.limit_key())
+        .await
+    {
         Ok(session) => session::open(&state, &session.token, &local_next(form.next.as_deref())).await,
         Err(err) => {
             let err = shown(err)?;

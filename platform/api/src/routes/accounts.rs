@@ -43,7 +43,12 @@ pub async fn login(
     Ok(web::Json(
         state
             .store
-            .login(state.cache.as_ref(), &body, &origin.who("anonymous"))
+            .login(
+                state.cache.as_ref(),
+                &body,
+                &origin.who("anonymous"),
+                &origin.limit_key(),
+            )
             .await?,
     ))
 }
