@@ -488,6 +488,65 @@ async fn a_payout_whose_answer_was_lost_is_found_not_paid_again_a_day_later() {
     assert_eq!(actions, ["payout.paid", "payout.open"]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_the_customers_bank_takes_back_pays_no_author() {
+    let double = StripeDouble::start(stripe_prices()).await;
+    let app = stripe_app(&double).await;
+    let author = app.tenant().await;
+    let customer = app.tenant().await;
+    let installed = {
+        let (mut manifest, component) = built_plugin("hello");
+        manifest.name = "disputed-hello".into();
+        manifest.price_per_call_micros = 125_000;
+        app.install_manifest(&author, &customer, manifest, component, json!({}))
+            .await
+    };
+    let (_, subscription) = subscribe(&app, &double, &customer, "metered").await;
+    for _ in 0..10 {
+        customer
+            .client
+            .invoke(&installed.id, &json!({ "name": "Ada" }))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    app.platform_admin().await.sync_usage().await.unwrap();
+    double.invoice_period(&app.url(""), &subscription, true).await;
+    let onboarding = author.owner.connect_payouts().await.unwrap();
+    double.enable_payouts(&app.url(""), &onboarding.account_id).await;
+    let earned = author.owner.author_earnings().await.unwrap();
+    assert_eq!(
+        earned.payable,
+        Micros(1_000_000),
+        "80% of ten calls at $0.125, collected"
+    );
+
+    // The card's bank disputes the payment and takes the money back; Stripe sends no refund, only a
+    // dispute naming the charge and payment.
+    double.dispute_last_invoice(&app.url("")).await;
+    let earnings = author.owner.author_earnings().await.unwrap();
+    assert_eq!((earnings.payable, earnings.balance), (Micros(0), Micros(0)));
+    let next = Utc::now() + chrono::Duration::days(40);
+    let period = format!("{:04}-{:02}", Utc::now().year(), Utc::now().month());
+    let billing = plinth_server::billing(&app.config, app.store().clone()).unwrap();
+    let run = billing.run_payouts(&period, next, &operator()).await.unwrap();
+    assert!(run.payouts.is_empty(), "{:?}", run.payouts);
+    assert!(double.transfers().is_empty());
+    let log = customer
+        .owner
+        .audit_log(&plinth_sdk::AuditQuery {
+            action: Some("invoice.".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        log.entries.iter().any(|e| e.action == "invoice.disputed"),
+        "{:?}",
+        log.entries
+    );
+}
+
 #[tokio::test]
 async fn plugin_fees_stripe_never_invoiced_are_never_paid_out() {
     let double = StripeDouble::start(stripe_prices()).await;

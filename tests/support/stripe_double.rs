@@ -338,6 +338,26 @@ impl State {
                     json!({ "id": id, "object": "transfer", "amount": amount, "currency": form.get("currency"), "destination": destination, "transfer_group": form.get("transfer_group"), "created": created, "livemode": false }),
                 )
             }
+            // Each invoice here is paid by the PaymentIntent `pi_<invoice id>`.
+            ("GET", "/v1/invoice_payments") => {
+                let paid_by = form.get("payment[payment_intent]");
+                let known = form
+                    .get("payment[type]")
+                    .is_some_and(|kind| kind == "payment_intent");
+                let data: Vec<Value> = self
+                    .invoices
+                    .iter()
+                    .filter(|invoice| known && paid_by == Some(&format!("pi_{invoice}")))
+                    .map(|invoice| {
+                        json!({ "id": format!("inpay_{invoice}"), "object": "invoice_payment", "invoice": invoice,
+                            "payment": { "type": "payment_intent", "payment_intent": format!("pi_{invoice}") } })
+                    })
+                    .collect();
+                (
+                    200,
+                    json!({ "object": "list", "url": "/v1/invoice_payments", "has_more": false, "data": data }),
+                )
+            }
             ("GET", "/v1/transfers") => {
                 let group = form.get("transfer_group");
                 let data: Vec<Value> = self
@@ -655,6 +675,26 @@ impl StripeDouble {
             now(),
             json!({ "id": format!("ch_{invoice}"), "object": "charge", "invoice": invoice,
                     "refunded": true, "amount_refunded": 1 }),
+        );
+        assert!(self.deliver(platform, &event).await.status().is_success());
+    }
+
+    /// The customer's bank disputes the payment of the last invoice and takes the money back: Stripe
+    /// says so with a dispute, which names the charge and PaymentIntent, not the invoice.
+    pub async fn dispute_last_invoice(&self, platform: &str) {
+        let invoice = self
+            .state()
+            .invoices
+            .last()
+            .cloned()
+            .expect("an invoice to dispute");
+        let id = self.state().id("du");
+        let event = self.event(
+            "charge.dispute.created",
+            now(),
+            json!({ "id": id, "object": "dispute", "charge": format!("ch_{invoice}"),
+                    "payment_intent": format!("pi_{invoice}"), "amount": 1, "currency": "usd",
+                    "reason": "fraudulent", "status": "needs_response" }),
         );
         assert!(self.deliver(platform, &event).await.status().is_success());
     }

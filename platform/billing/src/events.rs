@@ -183,13 +183,11 @@ pub fn parse(body: &[u8], settings: &StripeSettings) -> Result<ProviderEvent, St
             Some(invoice) => ProviderChange::Refunded {
                 invoice,
                 customer: text(object, "customer"),
+                disputed: false,
             },
-            None => {
-                // API versions from 2025-03-31 no longer name the invoice on a charge: the refund
-                // cannot be tied to an invoice here. Issue refunds of invoices as credit notes.
-                tracing::warn!(event = %envelope.id, kind = %envelope.kind, "a refund that names no invoice");
-                ProviderChange::Ignored
-            }
+            // API versions from 2025-03-31 no longer name the invoice on a charge: the caller ties
+            // the refund to its invoice through the payment (see `taken_back_payment`).
+            None => ProviderChange::Ignored,
         },
         "account.updated" => ProviderChange::Account {
             account: required(object, "id")?,
@@ -206,6 +204,37 @@ pub fn parse(body: &[u8], settings: &StripeSettings) -> Result<ProviderEvent, St
         created: envelope.created,
         change,
     })
+}
+
+/// Money taken back from a payment that names no invoice: the payment (a PaymentIntent), and whether
+/// the customer's bank took it (a dispute) rather than the platform giving it (a refund). Disputes
+/// (`charge.dispute.created`, `charge.dispute.funds_withdrawn`: Stripe sends no refund for them) name
+/// their charge and payment, never an invoice, and so do refunds (`charge.refunded`) in API versions
+/// from 2025-03-31: the caller looks the invoice up. `None` for any other event, and for a refund that
+/// names its invoice ([`parse`] ties it).
+///
+/// # Errors
+/// A body that is not a Stripe event.
+pub fn taken_back_payment(body: &[u8]) -> Result<Option<(String, bool)>, StoreError> {
+    let event: Value = serde_json::from_slice(body).map_err(|err| malformed(&err.to_string()))?;
+    let kind = event.get("type").and_then(Value::as_str).unwrap_or_default();
+    let object = event.pointer("/data/object");
+    let disputed = match kind {
+        "charge.dispute.created" | "charge.dispute.funds_withdrawn" => true,
+        "charge.refunded" if object.and_then(|o| o.get("invoice")).is_none_or(Value::is_null) => false,
+        _ => return Ok(None),
+    };
+    let payment = object
+        .and_then(|o| o.get("payment_intent"))
+        .and_then(Value::as_str)
+        .map(|payment| (payment.to_owned(), disputed));
+    if payment.is_none() {
+        tracing::warn!(
+            kind,
+            "money taken back from a payment without a PaymentIntent: no invoice to tie it to"
+        );
+    }
+    Ok(payment)
 }
 
 #[cfg(test)]
@@ -266,7 +295,44 @@ mod tests {
             ProviderChange::Refunded {
                 invoice: "in_1".into(),
                 customer: None,
+                disputed: false,
             }
+        );
+    }
+
+    #[test]
+    fn disputes_and_refunds_without_an_invoice_name_the_payment_to_look_it_up_by() {
+        let taken = |kind: &str, object: serde_json::Value| {
+            let body = serde_json::json!({ "id": "evt_3", "type": kind, "created": 1, "data": { "object": object } });
+            taken_back_payment(body.to_string().as_bytes()).unwrap()
+        };
+        let dispute = serde_json::json!({ "id": "du_1", "object": "dispute", "charge": "ch_1", "payment_intent": "pi_1" });
+        assert_eq!(
+            taken("charge.dispute.created", dispute.clone()),
+            Some(("pi_1".into(), true))
+        );
+        assert_eq!(
+            taken("charge.dispute.funds_withdrawn", dispute.clone()),
+            Some(("pi_1".into(), true))
+        );
+        // Closing a dispute takes nothing more.
+        assert_eq!(taken("charge.dispute.closed", dispute), None);
+        // A refund names its invoice (older API versions: `parse` ties it) or only its payment.
+        let refund = serde_json::json!({ "id": "ch_1", "object": "charge", "payment_intent": "pi_1", "refunded": true });
+        assert_eq!(
+            taken("charge.refunded", refund.clone()),
+            Some(("pi_1".into(), false))
+        );
+        let mut named = refund;
+        named["invoice"] = "in_1".into();
+        assert_eq!(taken("charge.refunded", named), None);
+        // A payment made without a PaymentIntent (no invoice behind it) names none.
+        assert_eq!(
+            taken(
+                "charge.dispute.created",
+                serde_json::json!({ "id": "du_2", "charge": "ch_2" })
+            ),
+            None
         );
     }
 }

@@ -26,7 +26,7 @@ use plinth_core::billing::{
 };
 use plinth_core::id::TenantId;
 use plinth_store::audit::Who;
-use plinth_store::payments::{METER_CALLS, MODEL_KIND, PayoutClaim};
+use plinth_store::payments::{METER_CALLS, MODEL_KIND, PayoutClaim, ProviderChange};
 use plinth_store::plans::{FREE_PLAN, monthly_periods};
 use plinth_store::{Store, StoreError};
 use tokio::task::JoinHandle;
@@ -372,7 +372,21 @@ impl Billing {
             metrics::counter!("plinth_stripe_webhooks_refused_total").increment(1);
             refused(ErrorCode::InvalidSignature, err.to_string())
         })?;
-        let event = events::parse(body, &stripe.settings)?;
+        let mut event = events::parse(body, &stripe.settings)?;
+        if let Some((payment, disputed)) = events::taken_back_payment(body)? {
+            // Stripe unreachable: the delivery fails and Stripe sends it again.
+            event.change = match stripe.invoice_of_payment(&payment).await? {
+                Some(invoice) => ProviderChange::Refunded {
+                    invoice,
+                    customer: None,
+                    disputed,
+                },
+                None => {
+                    tracing::warn!(event = %event.id, %payment, "money taken back from a payment that paid no invoice");
+                    ProviderChange::Ignored
+                }
+            };
+        }
         let new = self.store.apply_provider_event(&event).await?;
         metrics::counter!("plinth_stripe_webhooks_total", "new" => new.to_string()).increment(1);
         tracing::info!(event = %event.id, kind = %event.kind, new, "Stripe event received");

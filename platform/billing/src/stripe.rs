@@ -640,6 +640,39 @@ impl StripeGateway {
         }
     }
 
+    /// The invoice a payment (a PaymentIntent) paid, if any, from Stripe's invoice payments.
+    pub async fn invoice_of_payment(&self, payment_intent: &str) -> Result<Option<String>, StoreError> {
+        #[derive(Serialize)]
+        struct Query<'a> {
+            #[serde(rename = "payment[type]")]
+            kind: &'a str,
+            #[serde(rename = "payment[payment_intent]")]
+            payment_intent: &'a str,
+            limit: u32,
+        }
+        #[derive(Deserialize)]
+        struct InvoicePayment {
+            invoice: String,
+        }
+        #[derive(Deserialize)]
+        struct List {
+            data: Vec<InvoicePayment>,
+        }
+        let page: List = self
+            .call(
+                StripeMethod::Get,
+                "/invoice_payments",
+                Some(&Query {
+                    kind: "payment_intent",
+                    payment_intent,
+                    limit: 1,
+                }),
+                None,
+            )
+            .await?;
+        Ok(page.data.into_iter().next().map(|payment| payment.invoice))
+    }
+
     /// The transfer made for the payout `payout`, if any: what a payout whose last attempt's outcome
     /// is unknown looks up before trying again, at any age. Transfers are found by their
     /// `transfer_group` (the payout's id; `payouts-<period>` for payouts made before that) and told

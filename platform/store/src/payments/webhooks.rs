@@ -73,6 +73,10 @@ pub enum ProviderChange {
         invoice: String,
         /// The customer, when the event names it: a refund of an invoice not seen yet is kept for it.
         customer: Option<String>,
+        /// Taken back by the customer's bank (a dispute) rather than given back by the platform. Final
+        /// either way: a dispute the platform later wins does not make the period collected again
+        /// (its authors' shares stay unpaid rather than risk paying out money that was not kept).
+        disputed: bool,
     },
     /// A connected account's capabilities changed.
     Account { account: String, payouts_enabled: bool },
@@ -398,7 +402,11 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
             model.update(conn).await?;
             Ok(Some(tenant))
         }
-        ProviderChange::Refunded { invoice, customer } => {
+        ProviderChange::Refunded {
+            invoice,
+            customer,
+            disputed,
+        } => {
             let Some(row) = invoices::Entity::find_by_id(invoice.as_str()).one(conn).await? else {
                 // Not seen yet (events arrive in any order): keep the refund, so the invoice is
                 // refunded whenever its own events come.
@@ -435,7 +443,11 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
                 conn,
                 &tenant,
                 event,
-                "invoice.refunded",
+                if *disputed {
+                    "invoice.disputed"
+                } else {
+                    "invoice.refunded"
+                },
                 serde_json::json!({ "invoice": invoice, "was": row.status }),
             )
             .await?;
@@ -626,6 +638,7 @@ mod tests {
                 ProviderChange::Refunded {
                     invoice: "in_1".into(),
                     customer: None,
+                    disputed: false,
                 },
             ))
             .await
@@ -693,6 +706,7 @@ mod tests {
                 ProviderChange::Refunded {
                     invoice: "in_2".into(),
                     customer: Some("cus_1".into()),
+                    disputed: false,
                 },
             ))
             .await
