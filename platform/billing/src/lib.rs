@@ -393,6 +393,16 @@ impl Billing {
         Ok(new)
     }
 
+    /// [`Self::sync_once`] now on the database's clock, the one usage events are stamped on (see
+    /// `plinth_store::ledger`): a replica whose own clock runs ahead cannot close buckets that
+    /// events are still landing in.
+    pub async fn sync_now(&self) -> Result<SyncReport> {
+        let now_us = self.store.database_now_us().await?;
+        let now = DateTime::<Utc>::from_timestamp_micros(now_us)
+            .ok_or_else(|| StoreError::Internal(format!("the database's clock reads {now_us} µs")))?;
+        self.sync_once(now).await
+    }
+
     /// One usage sync: closes every metered tenant's settled buckets up to `now - settle`, then sends
     /// every closed bucket Stripe has not acknowledged (including ones a crashed run left behind).
     pub async fn sync_once(&self, now: DateTime<Utc>) -> Result<SyncReport> {
@@ -475,7 +485,7 @@ impl Billing {
                 // Each run in a task of its own: one that panics is counted and the next runs anyway.
                 let run = tokio::spawn({
                     let billing = billing.clone();
-                    async move { billing.sync_once(Utc::now()).await }
+                    async move { billing.sync_now().await }
                 });
                 match run.await {
                     Ok(Ok(report)) => {

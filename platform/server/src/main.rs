@@ -234,7 +234,7 @@ async fn billing(config: &Config, command: BillingCommand) -> anyhow::Result<()>
     let billing = plinth_server::billing(config, store.clone())?;
     match command {
         BillingCommand::Sync => {
-            let report = billing.sync_once(chrono::Utc::now()).await?;
+            let report = billing.sync_now().await?;
             store
                 .audit(
                     None,

@@ -9,9 +9,14 @@
 //! flight and stores them with a single multi-row `INSERT … ON CONFLICT DO NOTHING`, so the database sees
 //! one transaction per batch rather than one per call. On Postgres a few batch commits may overlap, so
 //! the commit round trip does not leave the next batch waiting.
+//!
+//! Events are stamped on the database's clock, as the writer reads it (its own clock corrected by the
+//! offset it measures every few seconds): the usage sync closes meter buckets on that clock too, so a
+//! replica whose clock lags cannot stamp events into a bucket already sent to Stripe (billed to
+//! nobody, yet counted as collected).
 
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use plinth_core::Micros;
@@ -66,6 +71,9 @@ pub struct LedgerSettings {
     /// Batches whose commit may overlap. `None` picks per backend: 1 for SQLite (one writer at a
     /// time anyway), 4 for Postgres (so a commit's round trip does not stall the next batch).
     pub in_flight: Option<usize>,
+    /// This replica's own clock, which the database's clock corrects (a setting so that a test can
+    /// play a replica whose clock is wrong).
+    pub local_clock: fn() -> DateTime<Utc>,
 }
 
 impl Default for LedgerSettings {
@@ -74,14 +82,48 @@ impl Default for LedgerSettings {
             max_batch: 1_000,
             queue_capacity: 65_536,
             in_flight: None,
+            local_clock: Utc::now,
         }
     }
 }
 
 struct Pending {
     record: UsageRecord,
+    /// Stamped by the writer, on the database's clock, as the batch goes to the database.
     occurred_at_us: i64,
     reply: oneshot::Sender<Result<Recorded>>,
+}
+
+/// How often the writer measures its clock against the database's.
+const CLOCK_CHECK: Duration = Duration::from_secs(5);
+
+/// The database's clock as the writer reads it: `local` corrected by the offset last measured.
+struct DatabaseClock {
+    local: fn() -> DateTime<Utc>,
+    offset_us: i64,
+    measured: Option<Instant>,
+}
+
+impl DatabaseClock {
+    /// Now on the database's clock, measuring the offset again when it is older than [`CLOCK_CHECK`]
+    /// (a failed measurement keeps the last offset and is tried again on the next batch).
+    async fn now_us(&mut self, store: &Store) -> i64 {
+        if self.measured.is_none_or(|at| at.elapsed() >= CLOCK_CHECK) {
+            let before = (self.local)().timestamp_micros();
+            match store.database_now_us().await {
+                Ok(database) => {
+                    let after = (self.local)().timestamp_micros();
+                    self.offset_us = database - before.midpoint(after);
+                    self.measured = Some(Instant::now());
+                    metrics::gauge!("plinth_ledger_clock_offset_seconds").set(self.offset_us as f64 / 1e6);
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot read the database's clock; usage keeps the last offset");
+                }
+            }
+        }
+        (self.local)().timestamp_micros() + self.offset_us
+    }
 }
 
 /// The handle handlers record usage through; cheap to clone.
@@ -135,10 +177,6 @@ fn validate(record: &UsageRecord) -> Result<()> {
     Ok(())
 }
 
-fn now_us() -> i64 {
-    Utc::now().timestamp_micros()
-}
-
 impl Meter {
     /// Starts the writer task. It runs until every `Meter` clone is dropped, then drains and stops.
     #[must_use]
@@ -148,7 +186,18 @@ impl Meter {
             sea_orm::DbBackend::Sqlite => 1,
             _ => 4,
         });
-        let writer = tokio::spawn(write_loop(store, receiver, settings.max_batch.max(1), in_flight));
+        let clock = DatabaseClock {
+            local: settings.local_clock,
+            offset_us: 0,
+            measured: None,
+        };
+        let writer = tokio::spawn(write_loop(
+            store,
+            receiver,
+            settings.max_batch.max(1),
+            in_flight,
+            clock,
+        ));
         (Self { queue }, writer)
     }
 
@@ -162,7 +211,7 @@ impl Meter {
         let (reply, response) = oneshot::channel();
         let pending = Pending {
             record,
-            occurred_at_us: now_us(),
+            occurred_at_us: 0,
             reply,
         };
         self.queue
@@ -178,7 +227,13 @@ impl Meter {
 /// Gathers batches and writes them, with up to `in_flight` commits overlapping: while one batch waits
 /// for its commit, the next gathers every event that arrived meanwhile. On Postgres this keeps batches
 /// large under load (and the database merges concurrent WAL flushes); SQLite has one writer anyway.
-async fn write_loop(store: Store, mut receiver: mpsc::Receiver<Pending>, max_batch: usize, in_flight: usize) {
+async fn write_loop(
+    store: Store,
+    mut receiver: mpsc::Receiver<Pending>,
+    max_batch: usize,
+    in_flight: usize,
+    mut clock: DatabaseClock,
+) {
     let permits = Arc::new(Semaphore::new(in_flight.max(1)));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -187,6 +242,10 @@ async fn write_loop(store: Store, mut receiver: mpsc::Receiver<Pending>, max_bat
         let mut batch = Vec::with_capacity(max_batch);
         if receiver.recv_many(&mut batch, max_batch).await == 0 {
             break;
+        }
+        let now = clock.now_us(&store).await;
+        for pending in &mut batch {
+            pending.occurred_at_us = now;
         }
         let store = store.clone();
         tokio::spawn(async move {
@@ -429,6 +488,52 @@ fn day_label(day: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn events_are_stamped_on_the_databases_clock_whatever_the_replicas_says() {
+        let (store, _dir) = crate::testing::test_store().await;
+        let tenant = crate::testing::tenant_with_customer(&store, "cus_1").await;
+        // A replica whose clock is ten minutes slow would stamp its calls into meter buckets the
+        // usage sync (on another replica) has already closed and sent.
+        fn ten_minutes_slow() -> DateTime<Utc> {
+            Utc::now() - chrono::Duration::minutes(10)
+        }
+        let (meter, writer) = Meter::start(
+            store.clone(),
+            LedgerSettings {
+                local_clock: ten_minutes_slow,
+                ..LedgerSettings::default()
+            },
+        );
+        let before = store.database_now_us().await.unwrap();
+        let recorded = meter
+            .record(UsageRecord {
+                tenant_id: tenant.clone(),
+                api_key_id: None,
+                resource_kind: "model".into(),
+                resource_id: "sentiment".into(),
+                units: 1,
+                unit_price: Micros(400),
+                author_share: Micros(0),
+                idempotency_key: automatic_key(),
+                request_id: "req_1".into(),
+            })
+            .await
+            .unwrap();
+        let after = store.database_now_us().await.unwrap();
+        let event = usage_events::Entity::find_by_id(recorded.event_id.to_string())
+            .one(store.db())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            (before..=after).contains(&event.occurred_at_us),
+            "stamped {} µs from the database's clock",
+            event.occurred_at_us - before
+        );
+        drop(meter);
+        writer.await.unwrap();
+    }
 
     #[test]
     fn days_are_labelled_in_utc() {

@@ -1424,7 +1424,7 @@ pub(crate) async fn billing_ops(
 pub(crate) async fn sync(state: web::Data<AppState>, posted: Posted<Empty>) -> PageResult {
     let visitor = posted.visitor;
     require_platform_admin(&visitor.principal, "run the usage sync")?;
-    let report = state.billing.sync_once(chrono::Utc::now()).await?;
+    let report = state.billing.sync_now().await?;
     state
         .store
         .audit(

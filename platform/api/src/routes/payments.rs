@@ -101,7 +101,7 @@ pub async fn mark_paid(
     responses((status = 200, body = SyncReport), (status = 403, body = plinth_core::error::ErrorBody)))]
 pub async fn sync(state: web::Data<AppState>, auth: Auth) -> ApiResult<web::Json<SyncReport>> {
     require_platform_admin(&auth, "run the usage sync")?;
-    let report = state.billing.sync_once(Utc::now()).await?;
+    let report = state.billing.sync_now().await?;
     state
         .store
         .audit(None, &auth.who(), "billing.sync", None, serde_json::json!(report))
