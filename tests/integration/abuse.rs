@@ -488,10 +488,10 @@ async fn a_payout_whose_answer_was_lost_is_found_not_paid_again_a_day_later() {
     assert_eq!(actions, ["payout.paid", "payout.open"]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_payment_the_customers_bank_takes_back_pays_no_author() {
-    let double = StripeDouble::start(stripe_prices()).await;
-    let app = stripe_app(&double).await;
+/// An author whose plugin a customer on a metered Stripe plan called ten times at $0.125 (the
+/// author's share: $1.00), the usage pushed to Stripe and the author onboarded for payouts; the
+/// period's invoice not issued yet. Returns (author, customer, subscription).
+async fn ten_paid_plugin_calls(app: &TestApp, double: &StripeDouble) -> (TestTenant, TestTenant, String) {
     let author = app.tenant().await;
     let customer = app.tenant().await;
     let installed = {
@@ -501,7 +501,7 @@ async fn a_payment_the_customers_bank_takes_back_pays_no_author() {
         app.install_manifest(&author, &customer, manifest, component, json!({}))
             .await
     };
-    let (_, subscription) = subscribe(&app, &double, &customer, "metered").await;
+    let (_, subscription) = subscribe(app, double, &customer, "metered").await;
     for _ in 0..10 {
         customer
             .client
@@ -511,9 +511,17 @@ async fn a_payment_the_customers_bank_takes_back_pays_no_author() {
     }
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     app.platform_admin().await.sync_usage().await.unwrap();
-    double.invoice_period(&app.url(""), &subscription, true).await;
     let onboarding = author.owner.connect_payouts().await.unwrap();
     double.enable_payouts(&app.url(""), &onboarding.account_id).await;
+    (author, customer, subscription)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_the_customers_bank_takes_back_pays_no_author() {
+    let double = StripeDouble::start(stripe_prices()).await;
+    let app = stripe_app(&double).await;
+    let (author, customer, subscription) = ten_paid_plugin_calls(&app, &double).await;
+    double.invoice_period(&app.url(""), &subscription, true).await;
     let earned = author.owner.author_earnings().await.unwrap();
     assert_eq!(
         earned.payable,
@@ -545,6 +553,19 @@ async fn a_payment_the_customers_bank_takes_back_pays_no_author() {
         "{:?}",
         log.entries
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispute_that_arrives_before_its_invoice_is_kept_for_it() {
+    let double = StripeDouble::start(stripe_prices()).await;
+    let app = stripe_app(&double).await;
+    let (author, _customer, subscription) = ten_paid_plugin_calls(&app, &double).await;
+    // Stripe's events come in any order: the dispute first, then the invoice it took money from.
+    let paid = double.issue_invoice(&subscription, true);
+    double.dispute_last_invoice(&app.url("")).await;
+    assert!(double.deliver(&app.url(""), &paid).await.status().is_success());
+    let earnings = author.owner.author_earnings().await.unwrap();
+    assert_eq!((earnings.payable, earnings.balance), (Micros(0), Micros(0)));
 }
 
 #[tokio::test]
@@ -841,6 +862,22 @@ async fn guessing_a_password_from_one_network_does_not_lock_its_owner_out() {
         refused_at.is_some_and(|n| n < 40),
         "one guess from each of {refused_at:?} networks before the account's own limit"
     );
+    // That limit holds only for networks the account never logged in from: the owner's still works.
+    let owner = login_from(&app, "203.0.113.7", email, PASSWORD).await;
+    assert_eq!(owner.status(), 200);
+    // An IPv6 guesser is one network per /48, however many /64s it spreads over.
+    let other = app.signup().await;
+    let mut statuses = Vec::new();
+    for n in 0..11 {
+        let address = format!("2001:db8:77:{n}::1");
+        statuses.push(
+            login_from(&app, &address, &other.user.email, "guess-guess")
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(statuses[10], 429, "{statuses:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

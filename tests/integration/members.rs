@@ -124,7 +124,7 @@ async fn a_members_keys_do_not_outlast_their_role_or_their_membership() {
     };
     // Bea, an admin, makes an admin key, an inference key, and through the admin key one more.
     let admin_key = bea_in_acme
-        .create_api_key(&key("ops", vec![Scope::Admin]))
+        .create_api_key(&key("ops", vec![Scope::Admin, Scope::Inference]))
         .await
         .unwrap();
     let inference_key = bea_in_acme
@@ -135,6 +135,14 @@ async fn a_members_keys_do_not_outlast_their_role_or_their_membership() {
         .client()
         .with_token(&admin_key.secret)
         .create_api_key(&key("spare", vec![Scope::Admin]))
+        .await
+        .unwrap();
+    // And through the admin key, a key within a developer's scopes: it outlives the demotion that
+    // revokes the key that made it, but not Bea's leaving.
+    let inference_by_key = app
+        .client()
+        .with_token(&admin_key.secret)
+        .create_api_key(&key("spare-backend", vec![Scope::Inference]))
         .await
         .unwrap();
     let works = |secret: &str| {
@@ -152,13 +160,20 @@ async fn a_members_keys_do_not_outlast_their_role_or_their_membership() {
         assert_eq!(works(secret).await, Err(Some(ErrorCode::ApiKeyRevoked)));
     }
     works(&inference_key.secret).await.unwrap();
+    works(&inference_by_key.secret).await.unwrap();
+    // Nor can she, or a key of hers, make an admin key any more.
+    assert!(
+        bea_in_acme
+            .create_api_key(&key("again", vec![Scope::Admin]))
+            .await
+            .is_err()
+    );
 
     // Removed: none of her keys works, and the log says why each was revoked.
     acme.owner.remove_member(&bea.user.id).await.unwrap();
-    assert_eq!(
-        works(&inference_key.secret).await,
-        Err(Some(ErrorCode::ApiKeyRevoked))
-    );
+    for secret in [&inference_key.secret, &inference_by_key.secret] {
+        assert_eq!(works(secret).await, Err(Some(ErrorCode::ApiKeyRevoked)));
+    }
     let log = acme
         .owner
         .audit_log(&AuditQuery {
@@ -189,6 +204,10 @@ async fn a_members_keys_do_not_outlast_their_role_or_their_membership() {
         ),
         (
             inference_key.key.id.to_string(),
+            "its maker left the tenant".to_owned(),
+        ),
+        (
+            inference_by_key.key.id.to_string(),
             "its maker left the tenant".to_owned(),
         ),
     ];

@@ -96,6 +96,8 @@ struct State {
     accounts: BTreeMap<String, bool>,
     transfers: Vec<Transfer>,
     invoices: Vec<String>,
+    /// Each invoice's customer.
+    invoice_customers: BTreeMap<String, String>,
     failure: Failure,
     transfer_failure: Failure,
 }
@@ -349,7 +351,13 @@ impl State {
                     .iter()
                     .filter(|invoice| known && paid_by == Some(&format!("pi_{invoice}")))
                     .map(|invoice| {
-                        json!({ "id": format!("inpay_{invoice}"), "object": "invoice_payment", "invoice": invoice,
+                        let expanded = form.get("expand[]").is_some_and(|e| e == "data.invoice");
+                        let invoice_json = if expanded {
+                            json!({ "id": invoice, "object": "invoice", "customer": self.invoice_customers.get(invoice) })
+                        } else {
+                            json!(invoice)
+                        };
+                        json!({ "id": format!("inpay_{invoice}"), "object": "invoice_payment", "invoice": invoice_json,
                             "payment": { "type": "payment_intent", "payment_intent": format!("pi_{invoice}") } })
                     })
                     .collect();
@@ -557,6 +565,7 @@ impl StripeDouble {
             accounts: BTreeMap::new(),
             transfers: Vec::new(),
             invoices: Vec::new(),
+            invoice_customers: BTreeMap::new(),
             failure: Failure::None,
             transfer_failure: Failure::None,
         }));
@@ -824,25 +833,34 @@ impl StripeDouble {
     /// Returns the invoice's total in cents.
     pub async fn invoice_period(&self, platform: &str, subscription: &str, paid: bool) -> i64 {
         let total = self.invoice_total(subscription);
+        let event = self.issue_invoice(subscription, paid);
+        let response = self.deliver(platform, &event).await;
+        assert!(response.status().is_success());
+        total
+    }
+
+    /// Closes the current period's invoice, paid or not, and returns the event that says so, not yet
+    /// delivered (events reach the platform in any order).
+    pub fn issue_invoice(&self, subscription: &str, paid: bool) -> Value {
+        let total = self.invoice_total(subscription);
         let (id, sub) = {
             let mut state = self.state();
             let id = state.id("in");
             state.invoices.push(id.clone());
-            (
-                id,
-                state
-                    .subscriptions
-                    .get(subscription)
-                    .cloned()
-                    .expect("subscription"),
-            )
+            let sub = state
+                .subscriptions
+                .get(subscription)
+                .cloned()
+                .expect("subscription");
+            state.invoice_customers.insert(id.clone(), sub.customer.clone());
+            (id, sub)
         };
         let kind = if paid {
             "invoice.paid"
         } else {
             "invoice.payment_failed"
         };
-        let event = self.event(
+        self.event(
             kind,
             now(),
             json!({
@@ -853,10 +871,7 @@ impl StripeDouble {
                 "status_transitions": { "finalized_at": now(), "paid_at": if paid { Some(now()) } else { None } },
                 "hosted_invoice_url": format!("https://invoice.stripe.test/{id}"),
             }),
-        );
-        let response = self.deliver(platform, &event).await;
-        assert!(response.status().is_success());
-        total
+        )
     }
 
     /// The author finished onboarding: payouts are enabled and Stripe says so.

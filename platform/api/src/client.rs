@@ -65,6 +65,13 @@ impl Origin {
             _ => None,
         }
     }
+
+    /// The network login attempts at one account are counted under: the address (IPv4), or its /48
+    /// (IPv6: anyone can get a /48 of /64s).
+    #[must_use]
+    pub fn login_network(&self) -> String {
+        self.site_limit_key().unwrap_or_else(|| self.limit_key())
+    }
 }
 
 /// The client's address, given the peer's and the proxies trusted to report it.

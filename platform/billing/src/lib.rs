@@ -376,9 +376,10 @@ impl Billing {
         if let Some((payment, disputed)) = events::taken_back_payment(body)? {
             // Stripe unreachable: the delivery fails and Stripe sends it again.
             event.change = match stripe.invoice_of_payment(&payment).await? {
-                Some(invoice) => ProviderChange::Refunded {
+                // The customer too: money taken back from an invoice not seen yet is kept for it.
+                Some((invoice, customer)) => ProviderChange::Refunded {
                     invoice,
-                    customer: None,
+                    customer,
                     disputed,
                 },
                 None => {

@@ -640,8 +640,12 @@ impl StripeGateway {
         }
     }
 
-    /// The invoice a payment (a PaymentIntent) paid, if any, from Stripe's invoice payments.
-    pub async fn invoice_of_payment(&self, payment_intent: &str) -> Result<Option<String>, StoreError> {
+    /// The invoice a payment (a PaymentIntent) paid, if any, and its customer, from Stripe's invoice
+    /// payments.
+    pub async fn invoice_of_payment(
+        &self,
+        payment_intent: &str,
+    ) -> Result<Option<(String, Option<String>)>, StoreError> {
         #[derive(Serialize)]
         struct Query<'a> {
             #[serde(rename = "payment[type]")]
@@ -649,10 +653,23 @@ impl StripeGateway {
             #[serde(rename = "payment[payment_intent]")]
             payment_intent: &'a str,
             limit: u32,
+            #[serde(rename = "expand[]")]
+            expand: &'a str,
+        }
+        #[derive(Deserialize)]
+        struct Invoice {
+            id: String,
+            customer: Option<String>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Expandable {
+            Object(Invoice),
+            Id(String),
         }
         #[derive(Deserialize)]
         struct InvoicePayment {
-            invoice: String,
+            invoice: Expandable,
         }
         #[derive(Deserialize)]
         struct List {
@@ -666,11 +683,15 @@ impl StripeGateway {
                     kind: "payment_intent",
                     payment_intent,
                     limit: 1,
+                    expand: "data.invoice",
                 }),
                 None,
             )
             .await?;
-        Ok(page.data.into_iter().next().map(|payment| payment.invoice))
+        Ok(page.data.into_iter().next().map(|payment| match payment.invoice {
+            Expandable::Object(invoice) => (invoice.id, invoice.customer),
+            Expandable::Id(id) => (id, None),
+        }))
     }
 
     /// The transfer made for the payout `payout`, if any: what a payout whose last attempt's outcome

@@ -324,6 +324,8 @@ pub(crate) struct Stats {
     pub(crate) restarts: AtomicU64,
     /// Runs that went at low priority (see `FairQueue::runs_in_background`).
     pub(crate) background_runs: AtomicU64,
+    /// Shared runs of protocol calls that failed, or did not split, and were run again in parts.
+    pub(crate) split_runs: AtomicU64,
 }
 
 /// Runs failing in a row after which a model reports not ready.
@@ -633,7 +635,7 @@ fn process(
         .into_iter()
         .partition(|call| matches!(call.work, Work::Text { .. }));
     if !tensor_calls.is_empty() {
-        let results = run_tensor_calls(session, &tensor_calls, options, run.terminated);
+        let results = run_tensor_calls(session, &tensor_calls, options, run.terminated, stats);
         drop(slot.take());
         for (call, result) in tensor_calls.into_iter().zip(results) {
             let waited = answered.waited(&call);
@@ -1024,13 +1026,16 @@ fn tensors_share_a_run(run: &[Queued], next: &Work) -> bool {
 }
 
 /// Each protocol call's outputs. Calls in one run (see [`tensors_share_a_run`]) run together, each
-/// getting its rows of every output; if that run fails, or an output has not one row per input row,
-/// each runs again alone, so one caller's bad input fails only its own call.
+/// getting its rows of every output. A shared run that fails is split in halves, each run again
+/// (and split again while it fails), so one caller's bad input fails only its own call, at the cost
+/// of a few runs that fail at once rather than a run per call. One whose outputs do not have a row
+/// per input row runs each call alone.
 fn run_tensor_calls(
     session: &mut Session,
     calls: &[Queued],
     options: &RunOptions,
     terminated: &AtomicBool,
+    stats: &Stats,
 ) -> Vec<Result<Vec<Tensor>, InferenceError>> {
     let work: Vec<(&[Tensor], Option<&[String]>)> = calls
         .iter()
@@ -1039,22 +1044,64 @@ fn run_tensor_calls(
             Work::Text { .. } => None,
         })
         .collect();
-    if work.len() > 1 {
-        let rows: Vec<usize> = calls.iter().map(|call| call.items).collect();
-        match run_together(session, &work, &rows, options) {
-            Some(Ok(answers)) => return answers.into_iter().map(Ok).collect(),
-            // Past the deadline every caller's time is up: nothing is run again.
-            Some(Err(_)) if terminated.load(Ordering::Relaxed) => {
-                return work.iter().map(|_| Err(InferenceError::Timeout)).collect();
-            }
-            Some(Err(_)) | None => {
-                metrics::counter!("plinth_inference_tensor_runs_split_total").increment(1);
-            }
+    let rows: Vec<usize> = calls.iter().map(|call| call.items).collect();
+    let mut answers = Vec::with_capacity(work.len());
+    answer_in_halves(session, &work, &rows, options, terminated, stats, &mut answers);
+    answers
+}
+
+/// Answers `work` (appending to `answers`, in order): together, or in halves while that fails.
+fn answer_in_halves(
+    session: &mut Session,
+    work: &[(&[Tensor], Option<&[String]>)],
+    rows: &[usize],
+    options: &RunOptions,
+    terminated: &AtomicBool,
+    stats: &Stats,
+    answers: &mut Vec<Result<Vec<Tensor>, InferenceError>>,
+) {
+    if let [(inputs, outputs)] = work {
+        answers.push(run_raw(session, inputs, *outputs, options));
+        return;
+    }
+    match run_together(session, work, rows, options) {
+        Some(Ok(together)) => answers.extend(together.into_iter().map(Ok)),
+        // Past the deadline every caller's time is up: nothing is run again.
+        Some(Err(_)) if terminated.load(Ordering::Relaxed) => {
+            answers.extend(work.iter().map(|_| Err(InferenceError::Timeout)));
+        }
+        Some(Err(_)) => {
+            stats.split_runs.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("plinth_inference_tensor_runs_split_total").increment(1);
+            let half = work.len() / 2;
+            answer_in_halves(
+                session,
+                &work[..half],
+                &rows[..half],
+                options,
+                terminated,
+                stats,
+                answers,
+            );
+            answer_in_halves(
+                session,
+                &work[half..],
+                &rows[half..],
+                options,
+                terminated,
+                stats,
+                answers,
+            );
+        }
+        None => {
+            stats.split_runs.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("plinth_inference_tensor_runs_split_total").increment(1);
+            answers.extend(
+                work.iter()
+                    .map(|(inputs, outputs)| run_raw(session, inputs, *outputs, options)),
+            );
         }
     }
-    work.iter()
-        .map(|(inputs, outputs)| run_raw(session, inputs, *outputs, options))
-        .collect()
 }
 
 /// One run of several calls' tensors joined along the first dimension, its outputs cut into each

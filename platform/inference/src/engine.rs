@@ -1004,11 +1004,12 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn tensor_calls_share_runs_and_each_gets_its_own_rows() {
-        // One session, first come first served: calls queue behind the run in progress and join the
-        // next in order, whoever sends them.
+        // One session, first come first served, a run waiting a moment for company: calls sent at
+        // once share a run in the order they came, whoever sends them.
         let model = sentiment_with(|settings| {
             settings.sessions_per_model = 1;
             settings.scheduling = Scheduling::Fifo;
+            settings.max_queue_delay = Duration::from_millis(100);
         });
         let texts: Vec<Vec<i64>> = (0..12)
             .map(|i| vec![101, 2_000 + i * 37, 2_023, 3_000 + i, 102])
@@ -1018,7 +1019,6 @@ mod tests {
             let outputs = model.infer(Share::platform(), tokens_call(tokens), None).await;
             alone.push(floats(&outputs.expect("a call alone")));
         }
-        let runs_before = model.stats.executions.load(Relaxed);
         let tenant = |name: &str| Share {
             tenant: Arc::from(name),
             weight: 1,
@@ -1028,20 +1028,7 @@ mod tests {
             let model = model.clone();
             tokio::spawn(async move { model.infer(share, inputs, None).await })
         };
-        // Each text from two tenants at once, beside a call whose token id is past the vocabulary
-        // (the runtime refuses it) and one of another length (which runs apart).
-        let together: Vec<_> = texts
-            .iter()
-            .enumerate()
-            .map(|(i, tokens)| call(tenant(if i % 2 == 0 { "a" } else { "b" }), tokens_call(tokens)))
-            .collect();
-        let refused = call(
-            tenant("mallory"),
-            tokens_call(&[101, 1_000_000_000, 102, 102, 102]),
-        );
-        let longer = call(tenant("c"), tokens_call(&[101, 2_000, 2_023, 3_000, 3_001, 102]));
-        for (call, expected) in together.into_iter().zip(&alone) {
-            let got = floats(&call.await.expect("task").expect("a call beside others"));
+        let same_as_alone = |got: &[f32], expected: &[f32]| {
             assert_eq!(got.len(), expected.len());
             for (got, expected) in got.iter().zip(expected) {
                 assert!(
@@ -1049,6 +1036,43 @@ mod tests {
                     "{got} in a shared run, {expected} alone"
                 );
             }
+        };
+        let from_two_tenants = || -> Vec<_> {
+            texts
+                .iter()
+                .enumerate()
+                .map(|(i, tokens)| call(tenant(if i % 2 == 0 { "a" } else { "b" }), tokens_call(tokens)))
+                .collect()
+        };
+
+        // Each text from two tenants at once: fewer runs than calls, none split, each caller its rows.
+        let runs_before = model.stats.executions.load(Relaxed);
+        for (call, expected) in from_two_tenants().into_iter().zip(&alone) {
+            same_as_alone(
+                &floats(&call.await.expect("task").expect("a call beside others")),
+                expected,
+            );
+        }
+        let runs = model.stats.executions.load(Relaxed) - runs_before;
+        assert!(
+            runs < 12,
+            "12 calls in {runs} runs: tensor calls did not share runs"
+        );
+        assert_eq!(model.stats.split_runs.load(Relaxed), 0, "a shared run was split");
+
+        // Again beside a call whose token id is past the vocabulary (the runtime refuses it) and one of
+        // another length (which runs apart): the shared run fails, is split, and only the bad call fails.
+        let together = from_two_tenants();
+        let refused = call(
+            tenant("mallory"),
+            tokens_call(&[101, 1_000_000_000, 102, 102, 102]),
+        );
+        let longer = call(tenant("c"), tokens_call(&[101, 2_000, 2_023, 3_000, 3_001, 102]));
+        for (call, expected) in together.into_iter().zip(&alone) {
+            same_as_alone(
+                &floats(&call.await.expect("task").expect("a call beside a bad one")),
+                expected,
+            );
         }
         let err = refused
             .await
@@ -1056,10 +1080,9 @@ mod tests {
             .expect_err("an id past the vocabulary");
         assert!(matches!(err, InferenceError::InvalidInput(_)), "{err}");
         longer.await.expect("task").expect("a call of another length");
-        let runs = model.stats.executions.load(Relaxed) - runs_before;
         assert!(
-            runs < 14,
-            "14 calls in {runs} runs: tensor calls did not share runs"
+            model.stats.split_runs.load(Relaxed) > 0,
+            "the bad call never shared a run"
         );
     }
 

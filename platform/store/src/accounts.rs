@@ -25,13 +25,16 @@ const LOGIN_QUOTA: Quota = Quota {
     per_minute: 10,
     burst: 10,
 };
-/// Login attempts per email from everywhere: bounds guessing spread over many networks, and takes
-/// more than a handful of them to lock someone out (one network cannot: its attempts stop at
+/// Login attempts per email from networks it has not logged in from: bounds guessing spread over
+/// many networks. Networks the account logged in from before are not held to it, so guessing from
+/// elsewhere cannot lock the owner out of their usual ones (one network's attempts stop at
 /// [`LOGIN_QUOTA`] and spend nothing here).
 const LOGIN_EMAIL_QUOTA: Quota = Quota {
-    per_minute: 60,
-    burst: 30,
+    per_minute: 20,
+    burst: 20,
 };
+/// How long a network an account logged in from stays known to it.
+const KNOWN_NETWORK_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 
 /// Lower-cases and checks an email address. Deliberately loose: the only real check is a confirmation
 /// mail, which comes with invitations.
@@ -181,9 +184,10 @@ impl Store {
 
     /// Checks a password and opens a session in the requested tenant (or the user's oldest membership).
     /// Attempts per email are rate limited through the shared cache, so guessing holds across replicas:
-    /// per email from the client's network (`network`, as the per-address limits count it), then per
-    /// email from everywhere, more loosely. Someone guessing from one network does not lock the
-    /// account's owner out of theirs (the HTTP edge also limits attempts per client address). Every attempt is audited: a success in
+    /// per email from the client's network (`network`: an IPv4 address or an IPv6 /48), then per
+    /// email from every network it has not logged in from before. Someone guessing from elsewhere
+    /// locks the owner out of neither their network nor those they used before (the HTTP edge also
+    /// limits attempts per client address). Every attempt is audited: a success in
     /// the session's tenant; a failure in the user's own (oldest) tenant, or the platform's log for an
     /// unknown email. Not in every tenant the user belongs to: a tenant that added someone as a member
     /// must not learn where that person's failed logins come from.
@@ -195,10 +199,14 @@ impl Store {
         network: &str,
     ) -> Result<Session> {
         let email = normalise_email(&request.email).map_err(|_| StoreError::InvalidLogin)?;
-        for (key, quota) in [
-            (format!("login:{email}:{network}"), LOGIN_QUOTA),
-            (format!("login:{email}"), LOGIN_EMAIL_QUOTA),
-        ] {
+        let known_key = format!("login-known:{email}:{network}");
+        // Unknown when the cache cannot say: the stricter limits apply.
+        let known = cache.get(&known_key).await.ok().flatten().is_some();
+        let mut limits = vec![(format!("login:{email}:{network}"), LOGIN_QUOTA)];
+        if !known {
+            limits.push((format!("login:{email}"), LOGIN_EMAIL_QUOTA));
+        }
+        for (key, quota) in limits {
             let decision = cache.rate_limit(&key, quota).await?;
             if !decision.allowed {
                 return Err(StoreError::TooManyAttempts(
@@ -240,6 +248,9 @@ impl Store {
         )
         .await?;
         txn.commit().await?;
+        if let Err(err) = cache.set(&known_key, b"1", KNOWN_NETWORK_TTL).await {
+            tracing::warn!(error = %err, "cannot remember the network a login came from");
+        }
         self.session_view(token, &user_id, &tenant_id).await
     }
 

@@ -5,12 +5,14 @@ use chrono::Utc;
 use plinth_core::Scope;
 use plinth_core::api::{ApiKey, CreateApiKeyRequest, CreatedApiKey};
 use plinth_core::id::{KeyId, TenantId, UserId};
-use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, QueryFilter, QueryOrder, Set};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+};
 
-use crate::accounts::{parse_id, validate_name};
+use crate::accounts::{parse_id, parse_role, validate_name};
 use crate::audit::Who;
-use crate::auth::Principal;
-use crate::entity::{TenantScoped, api_keys};
+use crate::auth::{Actor, Principal};
+use crate::entity::{TenantScoped, api_keys, memberships, tenants};
 use crate::{Result, Store, StoreError, secret};
 
 const MAX_KEYS_PER_TENANT: u64 = 500;
@@ -64,6 +66,8 @@ impl Store {
         }
 
         let txn = self.write_transaction().await?;
+        lock_tenant_keys(&txn, &caller.tenant_id).await?;
+        still_holds(&txn, caller, &scopes).await?;
         let count = sea_orm::PaginatorTrait::count(
             api_keys::Entity::find_in(&caller.tenant_id).filter(api_keys::Column::RevokedAt.is_null()),
             &txn,
@@ -155,6 +159,51 @@ impl Store {
     }
 }
 
+/// Takes the tenant's turn at managing keys: making a key and revoking a member's keys both lock the
+/// tenant's row first, so neither misses the other (a key made while its maker is removed or demoted
+/// is either refused or seen and revoked). SQLite's write transactions take turns anyway.
+pub(crate) async fn lock_tenant_keys(conn: &impl ConnectionTrait, tenant: &TenantId) -> Result<()> {
+    tenants::Entity::find_by_id(tenant.as_str())
+        .lock_exclusive()
+        .one(conn)
+        .await?
+        .ok_or(StoreError::NotFound("tenant"))?;
+    Ok(())
+}
+
+/// Whether `caller` still holds `scopes` now, within the key-management turn: its credentials were
+/// checked a moment ago (through a cache), and its membership or role may have changed since.
+async fn still_holds(conn: &impl ConnectionTrait, caller: &Principal, scopes: &[Scope]) -> Result<()> {
+    match &caller.actor {
+        Actor::User { id, .. } => {
+            let membership = memberships::Entity::find_in(&caller.tenant_id)
+                .filter(memberships::Column::UserId.eq(id.as_str()))
+                .one(conn)
+                .await?
+                .ok_or_else(|| StoreError::Forbidden("you are no longer a member of this tenant".into()))?;
+            let role = parse_role(&membership.role)?;
+            if let Some(missing) = scopes.iter().find(|scope| !role.scopes().contains(scope)) {
+                return Err(StoreError::Forbidden(format!(
+                    "your role no longer grants the `{missing}` scope"
+                )));
+            }
+        }
+        Actor::ApiKey { id, .. } => {
+            let active = api_keys::Entity::find_in(&caller.tenant_id)
+                .filter(api_keys::Column::Id.eq(id.as_str()))
+                .filter(api_keys::Column::RevokedAt.is_null())
+                .one(conn)
+                .await?;
+            if active.is_none() {
+                return Err(StoreError::Forbidden(
+                    "the key making this one was revoked".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Revokes, in `conn`'s transaction, the tenant's active keys that `user` made (directly, or through
 /// a key of theirs that made it) holding any scope outside `kept`: every one when the user leaves the
 /// tenant, those beyond the new role's scopes when their role changes. A key acts with the authority
@@ -168,15 +217,13 @@ pub(crate) async fn revoke_keys_beyond(
     who: &Who,
     reason: &str,
 ) -> Result<Vec<String>> {
-    let active = api_keys::Entity::find_in(tenant)
-        .filter(api_keys::Column::RevokedAt.is_null())
-        .all(conn)
-        .await?;
+    // Revoked keys too: a key made by one revoked earlier is still the user's.
+    let keys = api_keys::Entity::find_in(tenant).all(conn).await?;
     // The user's keys, then the keys those made, until no key is added.
     let mut makers = vec![user.to_string()];
     let mut theirs: Vec<&api_keys::Model> = Vec::new();
     while let Some(maker) = makers.pop() {
-        for key in &active {
+        for key in &keys {
             if key.created_by.as_deref() == Some(maker.as_str()) && !theirs.iter().any(|k| k.id == key.id) {
                 theirs.push(key);
                 makers.push(key.id.clone());
@@ -185,7 +232,7 @@ pub(crate) async fn revoke_keys_beyond(
     }
     let mut forgotten = Vec::new();
     let now = Utc::now();
-    for key in theirs {
+    for key in theirs.into_iter().filter(|key| key.revoked_at.is_none()) {
         let beyond = key
             .scopes
             .split_whitespace()

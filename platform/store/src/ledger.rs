@@ -10,10 +10,10 @@
 //! one transaction per batch rather than one per call. On Postgres a few batch commits may overlap, so
 //! the commit round trip does not leave the next batch waiting.
 //!
-//! Events are stamped on the database's clock, as the writer reads it (its own clock corrected by the
-//! offset it measures every few seconds): the usage sync closes meter buckets on that clock too, so a
-//! replica whose clock lags cannot stamp events into a bucket already sent to Stripe (billed to
-//! nobody, yet counted as collected).
+//! Events are stamped on the database's clock, as the writer reads it (its own clock, corrected when a
+//! reading every few seconds finds it off by more than a second): the usage sync closes meter buckets
+//! on that clock too, so a replica whose clock lags cannot stamp events into a bucket already sent to
+//! Stripe (billed to nobody, yet counted as collected).
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -96,8 +96,31 @@ struct Pending {
 
 /// How often the writer measures its clock against the database's.
 const CLOCK_CHECK: Duration = Duration::from_secs(5);
+/// How old the last measurement may be before events are refused rather than stamped on a clock
+/// nobody checked.
+const CLOCK_TRUSTED_FOR: Duration = Duration::from_secs(60);
 
-/// The database's clock as the writer reads it: `local` corrected by the offset last measured.
+/// How far this replica's clock may be from the database's and still be used as it is: far less than
+/// the usage sync's settle time (minutes), far more than a reading's uncertainty on a busy machine.
+const CLOCK_TOLERANCE_US: i64 = 1_000_000;
+
+/// The offset to apply for a reading: the database said `database` between `before` and `after` on
+/// this replica's clock, so the true offset lies within half the round trip of the midpoint's. Zero
+/// when that range allows a clock within [`CLOCK_TOLERANCE_US`]: the replica's own clock is used as
+/// it is, without a reading's noise (a query that waited for a connection reads late by up to its
+/// whole wait, and a call stamped even milliseconds ahead is missing from a report made at once).
+fn clock_correction(before: i64, database: i64, after: i64) -> i64 {
+    let measured = database - before.midpoint(after);
+    let uncertainty = (after - before).abs() / 2;
+    if measured.abs() <= CLOCK_TOLERANCE_US + uncertainty {
+        0
+    } else {
+        measured
+    }
+}
+
+/// The database's clock as the writer reads it: `local`, corrected when it is off by more than
+/// [`CLOCK_TOLERANCE_US`].
 struct DatabaseClock {
     local: fn() -> DateTime<Utc>,
     offset_us: i64,
@@ -105,15 +128,16 @@ struct DatabaseClock {
 }
 
 impl DatabaseClock {
-    /// Now on the database's clock, measuring the offset again when it is older than [`CLOCK_CHECK`]
-    /// (a failed measurement keeps the last offset and is tried again on the next batch).
-    async fn now_us(&mut self, store: &Store) -> i64 {
+    /// Now on the database's clock, measuring the offset again when it is older than [`CLOCK_CHECK`].
+    /// A failed measurement keeps the last offset and is tried again on the next batch, for up to
+    /// [`CLOCK_TRUSTED_FOR`]; with no offset that recent (none yet, say) the batch is refused.
+    async fn now_us(&mut self, store: &Store) -> Result<i64> {
         if self.measured.is_none_or(|at| at.elapsed() >= CLOCK_CHECK) {
             let before = (self.local)().timestamp_micros();
             match store.database_now_us().await {
                 Ok(database) => {
                     let after = (self.local)().timestamp_micros();
-                    self.offset_us = database - before.midpoint(after);
+                    self.offset_us = clock_correction(before, database, after);
                     self.measured = Some(Instant::now());
                     metrics::gauge!("plinth_ledger_clock_offset_seconds").set(self.offset_us as f64 / 1e6);
                 }
@@ -122,7 +146,14 @@ impl DatabaseClock {
                 }
             }
         }
-        (self.local)().timestamp_micros() + self.offset_us
+        match self.measured {
+            Some(at) if at.elapsed() < CLOCK_TRUSTED_FOR => {
+                Ok((self.local)().timestamp_micros() + self.offset_us)
+            }
+            _ => Err(StoreError::Unavailable(
+                "the database's clock cannot be read: usage is not recorded".into(),
+            )),
+        }
     }
 }
 
@@ -243,7 +274,18 @@ async fn write_loop(
         if receiver.recv_many(&mut batch, max_batch).await == 0 {
             break;
         }
-        let now = clock.now_us(&store).await;
+        let now = match clock.now_us(&store).await {
+            Ok(now) => now,
+            Err(err) => {
+                tracing::error!(error = %err, events = batch.len(), "usage events refused");
+                for pending in batch {
+                    let _ = pending.reply.send(Err(StoreError::Unavailable(
+                        "the usage ledger could not be written".into(),
+                    )));
+                }
+                continue;
+            }
+        };
         for pending in &mut batch {
             pending.occurred_at_us = now;
         }
@@ -488,6 +530,18 @@ fn day_label(day: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replicas_clock_is_corrected_only_when_it_is_surely_off() {
+        let second = 1_000_000;
+        // A clock ten minutes slow, read in a millisecond: corrected.
+        assert_eq!(clock_correction(0, 600 * second + 500, 1_000), 600 * second);
+        // A clock that agrees, read after a long wait for a connection: used as it is.
+        assert_eq!(clock_correction(0, 1_900_000, 2_000_000), 0);
+        // Within the tolerance: used as it is; past it, corrected.
+        assert_eq!(clock_correction(0, -900_000, 1_000), 0);
+        assert_eq!(clock_correction(0, 1_200_000, 1_000), 1_199_500);
+    }
 
     #[tokio::test]
     async fn events_are_stamped_on_the_databases_clock_whatever_the_replicas_says() {

@@ -138,6 +138,7 @@ impl Store {
     ) -> Result<Member> {
         require_owner_for(caller, role)?;
         let txn = self.write_transaction().await?;
+        crate::api_keys::lock_tenant_keys(&txn, &caller.tenant_id).await?;
         let row = find_membership(&txn, &caller.tenant_id, user).await?;
         let current = parse_role(&row.role)?;
         require_owner_for(caller, current)?;
@@ -174,6 +175,7 @@ impl Store {
 
     pub async fn remove_member(&self, caller: &Principal, who: &Who, user: &UserId) -> Result<()> {
         let txn = self.write_transaction().await?;
+        crate::api_keys::lock_tenant_keys(&txn, &caller.tenant_id).await?;
         let row = find_membership(&txn, &caller.tenant_id, user).await?;
         let current = parse_role(&row.role)?;
         require_owner_for(caller, current)?;

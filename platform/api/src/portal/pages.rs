@@ -130,7 +130,7 @@ pub(crate) async fn login(
     let who = client.who("anonymous");
     match state
         .store
-        .login(state.cache.as_ref(), &request, &who, &client.limit_key())
+        .login(state.cache.as_ref(), &request, &who, &client.login_network())
         .await
     {
         Ok(session) => session::open(&state, &session.token, &local_next(form.next.as_deref())).await,

@@ -47,7 +47,7 @@ pub async fn login(
                 state.cache.as_ref(),
                 &body,
                 &origin.who("anonymous"),
-                &origin.limit_key(),
+                &origin.login_network(),
             )
             .await?,
     ))
