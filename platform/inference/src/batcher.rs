@@ -36,6 +36,14 @@ pub(crate) enum Work {
 }
 
 impl Work {
+    /// A protocol call's input tensors and the outputs it asks for (all when `None`).
+    fn tensors(&self) -> Option<(&[Tensor], Option<&[String]>)> {
+        match self {
+            Self::Raw { inputs, outputs, .. } => Some((inputs, outputs.as_deref())),
+            Self::Text { .. } => None,
+        }
+    }
+
     /// The caller stopped waiting (it timed out, or its client hung up).
     pub(crate) fn abandoned(&self) -> bool {
         match self {
@@ -994,13 +1002,7 @@ fn run_encoded(
 /// so (each token quantized on its own), and text models, whose texts are batched anyway. A tenant's
 /// tensor model may compute across its batch, so each of its calls runs alone.
 fn tensors_share_a_run(run: &[Queued], next: &Work) -> bool {
-    fn inputs_of(work: &Work) -> Option<(&[Tensor], &Option<Vec<String>>)> {
-        match work {
-            Work::Raw { inputs, outputs, .. } => Some((inputs, outputs)),
-            Work::Text { .. } => None,
-        }
-    }
-    let (Some((first, wanted)), Some((inputs, asked))) = (inputs_of(&run[0].work), inputs_of(next)) else {
+    let (Some((first, wanted)), Some((inputs, asked))) = (run[0].work.tensors(), next.tensors()) else {
         return false;
     };
     let same = wanted == asked
@@ -1017,7 +1019,7 @@ fn tensors_share_a_run(run: &[Queued], next: &Work) -> bool {
     same && inputs.iter().all(|input| {
         let joined: usize = run
             .iter()
-            .filter_map(|call| inputs_of(&call.work))
+            .filter_map(|call| call.work.tensors())
             .filter_map(|(inputs, _)| inputs.iter().find(|t| t.name == input.name))
             .map(|t| t.data.len())
             .sum();
@@ -1037,13 +1039,8 @@ fn run_tensor_calls(
     terminated: &AtomicBool,
     stats: &Stats,
 ) -> Vec<Result<Vec<Tensor>, InferenceError>> {
-    let work: Vec<(&[Tensor], Option<&[String]>)> = calls
-        .iter()
-        .filter_map(|call| match &call.work {
-            Work::Raw { inputs, outputs, .. } => Some((inputs.as_slice(), outputs.as_deref())),
-            Work::Text { .. } => None,
-        })
-        .collect();
+    let work: Vec<(&[Tensor], Option<&[String]>)> =
+        calls.iter().filter_map(|call| call.work.tensors()).collect();
     let rows: Vec<usize> = calls.iter().map(|call| call.items).collect();
     let mut answers = Vec::with_capacity(work.len());
     answer_in_halves(session, &work, &rows, options, terminated, stats, &mut answers);
