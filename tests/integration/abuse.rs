@@ -880,6 +880,63 @@ async fn guessing_a_password_from_one_network_does_not_lock_its_owner_out() {
     assert_eq!(statuses[10], 429, "{statuses:?}");
 }
 
+/// Sign-ups and logins from networks new to their account share one limit, all addresses together. An
+/// attacker spending it from many addresses keeps out only other newcomers: returning users log in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_many_addresses_keeps_no_returning_user_out() {
+    let app = TestApp::spawn_with(|config| {
+        production_limits(config);
+        config.unauthenticated_per_minute = 12;
+        config.trusted_proxies = "127.0.0.1/32, ::1/128".into();
+    })
+    .await;
+    let owner = app.signup().await;
+    let email = owner.user.email.as_str();
+    assert_eq!(
+        login_from(&app, "203.0.113.7", email, PASSWORD).await.status(),
+        200
+    );
+    // Each attempt from an address of its own: no per-address or per-account limit comes into play.
+    let mut refused_at = None;
+    for n in 0..30 {
+        let response = login_from(
+            &app,
+            &format!("198.51.100.{n}"),
+            "nobody@example.com",
+            "guess-guess",
+        )
+        .await;
+        if response.status() == 429 {
+            refused_at = Some(n);
+            break;
+        }
+        assert_eq!(response.status(), 401);
+    }
+    assert!(
+        refused_at.is_some_and(|n| n <= 12),
+        "refused after {refused_at:?} addresses"
+    );
+    let signup = app
+        .http()
+        .post(app.url("/v1/signup"))
+        .header("X-Forwarded-For", "198.51.100.200")
+        .json(&json!({ "email": "newcomer@example.com", "password": PASSWORD, "tenant_name": "Newcomer" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signup.status(), 429, "sign-ups share the spent limit");
+    assert_eq!(
+        login_from(&app, "192.0.2.9", email, PASSWORD).await.status(),
+        429,
+        "so do logins from networks new to the account"
+    );
+    // The owner, from the network they used before, is not held to it.
+    assert_eq!(
+        login_from(&app, "203.0.113.7", email, PASSWORD).await.status(),
+        200
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_flooding_unmetered_routes_is_throttled_alone() {
     let app = TestApp::spawn_with(|config| config.unmetered_per_tenant_per_minute = 20).await;

@@ -1,12 +1,15 @@
 //! Limits on the routes anyone can call without credentials. Sign-up and login are where an attacker
 //! pushes (free accounts, password guessing, and each attempt costs an argon2 hash), so each is
-//! limited per client address, and both together globally; public reads are limited per address.
+//! limited per client address, and sign-ups and logins from networks new to their account together
+//! globally (the store applies that one to logins, which knows the account); public reads are limited
+//! per address.
 //! Limits live in the shared cache (Redis in production), so they hold across replicas.
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
 use actix_web::{ResponseError, web};
+use plinth_store::accounts::UNAUTHENTICATED_KEY;
 use plinth_store::cache::Quota;
 
 use crate::client::{Origin, origin};
@@ -76,8 +79,10 @@ async fn admit(state: &AppState, door: Door, client: &Origin) -> Result<(), ApiE
         };
         check(state, &format!("site-{}:{site}", door.name()), per_site).await?;
     }
-    if door != Door::Public {
-        check(state, "global:unauthenticated", limits.unauthenticated_global).await?;
+    // Logins meet the global limit in the store, and only from networks new to their account: a flood
+    // from many addresses must not keep returning users out.
+    if door == Door::Signup {
+        check(state, UNAUTHENTICATED_KEY, limits.unauthenticated_global).await?;
     }
     Ok(())
 }

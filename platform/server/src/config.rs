@@ -168,7 +168,8 @@ pub struct Config {
     pub signups_per_address_per_minute: u32,
     /// `PLINTH_LOGINS_PER_ADDRESS_PER_MINUTE`: login attempts one client address may make in a minute.
     pub logins_per_address_per_minute: u32,
-    /// `PLINTH_UNAUTHENTICATED_PER_MINUTE`: sign-ups and logins from all addresses together per minute.
+    /// `PLINTH_UNAUTHENTICATED_PER_MINUTE`: sign-ups, and logins from networks new to their account,
+    /// from all addresses together per minute.
     pub unauthenticated_per_minute: u32,
     /// `PLINTH_UNMETERED_PER_TENANT_PER_MINUTE`: calls one tenant may make per minute to authenticated
     /// routes that are not metered (keys, members, models, installations, usage...).

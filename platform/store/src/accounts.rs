@@ -16,6 +16,7 @@ use sea_orm::{
 use crate::audit::Who;
 use crate::cache::{Cache, Quota};
 use crate::entity::{TenantScoped, memberships, sessions, tenants, users};
+use crate::passwords::Lane;
 use crate::{Result, Store, StoreError, row_security, secret};
 
 /// How long a login session lasts.
@@ -33,6 +34,9 @@ const LOGIN_EMAIL_QUOTA: Quota = Quota {
     per_minute: 20,
     burst: 20,
 };
+/// The shared-cache key of the limit on sign-ups and logins from networks new to their account, all
+/// addresses together.
+pub const UNAUTHENTICATED_KEY: &str = "global:unauthenticated";
 /// How long a network an account logged in from stays known to it.
 const KNOWN_NETWORK_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 
@@ -101,18 +105,18 @@ pub(crate) fn parse_role(raw: &str) -> Result<Role> {
 }
 
 async fn hash_password(password: String) -> Result<String> {
-    crate::passwords::run(move || secret::hash_password(&password))
+    crate::passwords::run(Lane::Open, move || secret::hash_password(&password))
         .await?
         .map_err(StoreError::Internal)
 }
 
-async fn verify_password(password: String, phc: Option<String>) -> Result<bool> {
+async fn verify_password(lane: Lane, password: String, phc: Option<String>) -> Result<bool> {
     // An unknown email still costs one full verification, against a real hash made once, so response
     // time does not reveal which emails have accounts.
     static DUMMY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         secret::hash_password("no account has this password").unwrap_or_default()
     });
-    crate::passwords::run(move || {
+    crate::passwords::run(lane, move || {
         let matched = secret::verify_password(&password, phc.as_deref().unwrap_or(DUMMY.as_str()));
         matched && phc.is_some()
     })
@@ -184,10 +188,12 @@ impl Store {
 
     /// Checks a password and opens a session in the requested tenant (or the user's oldest membership).
     /// Attempts per email are rate limited through the shared cache, so guessing holds across replicas:
-    /// per email from the client's network (`network`: an IPv4 address or an IPv6 /48), then per
-    /// email from every network it has not logged in from before. Someone guessing from elsewhere
-    /// locks the owner out of neither their network nor those they used before (the HTTP edge also
-    /// limits attempts per client address). Every attempt is audited: a success in
+    /// per email from the client's network (`network`: an IPv4 address or an IPv6 /48), then, from
+    /// networks the account has not logged in from before, per email and within `everyone_new`, the
+    /// limit sign-ups share with every such attempt (key [`UNAUTHENTICATED_KEY`]). Someone guessing
+    /// from elsewhere, or flooding from many addresses, locks the owner out of neither their network
+    /// nor those they used before, whose password checks also go first (the HTTP edge also limits
+    /// attempts per client address). Every attempt is audited: a success in
     /// the session's tenant; a failure in the user's own (oldest) tenant, or the platform's log for an
     /// unknown email. Not in every tenant the user belongs to: a tenant that added someone as a member
     /// must not learn where that person's failed logins come from.
@@ -197,6 +203,7 @@ impl Store {
         request: &LoginRequest,
         who: &Who,
         network: &str,
+        everyone_new: Quota,
     ) -> Result<Session> {
         let email = normalise_email(&request.email).map_err(|_| StoreError::InvalidLogin)?;
         let known_key = format!("login-known:{email}:{network}");
@@ -205,6 +212,7 @@ impl Store {
         let mut limits = vec![(format!("login:{email}:{network}"), LOGIN_QUOTA)];
         if !known {
             limits.push((format!("login:{email}"), LOGIN_EMAIL_QUOTA));
+            limits.push((UNAUTHENTICATED_KEY.to_owned(), everyone_new));
         }
         for (key, quota) in limits {
             let decision = cache.rate_limit(&key, quota).await?;
@@ -219,7 +227,8 @@ impl Store {
             .one(self.db())
             .await?;
         let phc = user.as_ref().map(|user| user.password_hash.clone());
-        if !verify_password(request.password.clone(), phc).await? {
+        let lane = if known { Lane::Known } else { Lane::Open };
+        if !verify_password(lane, request.password.clone(), phc).await? {
             self.audit_failed_login(user.as_ref(), &email, who).await?;
             return Err(StoreError::InvalidLogin);
         }
@@ -477,7 +486,8 @@ impl Store {
                 ));
             }
             Some(user) => {
-                if !verify_password(password.to_owned(), Some(user.password_hash.clone())).await? {
+                if !verify_password(Lane::Open, password.to_owned(), Some(user.password_hash.clone())).await?
+                {
                     self.audit(
                         None,
                         who,

@@ -130,7 +130,13 @@ pub(crate) async fn login(
     let who = client.who("anonymous");
     match state
         .store
-        .login(state.cache.as_ref(), &request, &who, &client.login_network())
+        .login(
+            state.cache.as_ref(),
+            &request,
+            &who,
+            &client.login_network(),
+            state.settings.limits.unauthenticated_global,
+        )
         .await
     {
         Ok(session) => session::open(&state, &session.token, &local_next(form.next.as_deref())).await,

@@ -48,6 +48,7 @@ pub async fn login(
                 &body,
                 &origin.who("anonymous"),
                 &origin.login_network(),
+                state.settings.limits.unauthenticated_global,
             )
             .await?,
     ))
