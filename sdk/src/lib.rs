@@ -1758,13 +1758,14 @@ impl Client {
             .await
     }
 
-    /// How the author's plugin did per version and day: calls and failures, for days on which at
-    /// least three tenants called it.
+    /// How often the author's plugin was called per version and day, for days on which at least three
+    /// tenants besides the author's own called it (counts only: failures are in each tenant's own
+    /// invocation records, never shown to the author).
     ///
     /// ```no_run
     /// # async fn run(client: plinth_sdk::Client) -> plinth_sdk::Result<()> {
     /// for day in client.invocation_summary("customer-service").await? {
-    ///     println!("{} {}: {} calls, {} failed", day.day, day.version, day.calls, day.failed);
+    ///     println!("{} {}: {} calls", day.day, day.version, day.calls);
     /// }
     /// # Ok(()) }
     /// ```

@@ -241,10 +241,13 @@ pub struct InvocationLog {
     pub message: String,
 }
 
-/// How one version of the author's plugin did on one day (UTC), across the tenants that called it:
-/// counts only, and only for days on which several tenants called it. Never who called, with what,
-/// what it logged, nor a single call's duration or cost (values the plugin controls, which could carry
-/// a tenant's data out to its author).
+/// How often one version of the author's plugin was called on one day (UTC), across the tenants that
+/// called it, and only for days on which several tenants besides the author's own did. Never who
+/// called, with what, what it logged, whether a call failed, nor a single call's duration or cost:
+/// the plugin controls those, and could carry a tenant's data out to its author through them (a
+/// plugin failing on purpose on one tenant's calls would spell out that tenant's secrets in the
+/// author's daily failure counts). Authors see failures of their own tenant's calls in its invocation
+/// records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InvocationSummary {
@@ -252,8 +255,6 @@ pub struct InvocationSummary {
     pub day: String,
     pub version: String,
     pub calls: u64,
-    /// Calls that did not end `ok`.
-    pub failed: u64,
 }
 
 /// One plugin's invocations and the author's share, in a period.

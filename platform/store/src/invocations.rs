@@ -26,7 +26,8 @@ pub const MAX_LISTED: u64 = 200;
 /// The longest error message a record keeps (the rest is cut, marked).
 pub const MAX_MESSAGE_BYTES: usize = 4 << 10;
 
-/// Tenants that must have called a plugin on a day before its author sees that day's counts.
+/// Tenants besides the author's own that must have called a plugin on a day before its author sees
+/// that day's count.
 pub const MIN_TENANTS_SHOWN: i64 = 3;
 
 /// The largest full record kept (its JSON): a bigger one is not kept, and the summary says so.
@@ -282,9 +283,9 @@ impl Store {
         serde_json::from_str(&record).map_err(|err| StoreError::Internal(format!("invocation record: {err}")))
     }
 
-    /// Daily counts of the author's plugin `name` per version, newest day first: calls and failures,
-    /// only for days on which at least [`MIN_TENANTS_SHOWN`] tenants called it. Another author's
-    /// plugin is not found.
+    /// Daily calls of the author's plugin `name` per version, newest day first, only for days on
+    /// which at least [`MIN_TENANTS_SHOWN`] tenants other than the author's own called it. Another
+    /// author's plugin is not found.
     pub async fn invocation_summary(&self, author: &TenantId, name: &str) -> Result<Vec<InvocationSummary>> {
         let plugin = plugins::Entity::find()
             .filter(plugins::Column::Name.eq(name))
@@ -293,21 +294,30 @@ impl Store {
             .await?
             .ok_or(StoreError::NotFound("plugin"))?;
         let backend = self.backend();
-        let (day, plugin_param) = match backend {
-            DbBackend::Postgres => ("to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')", "$1"),
+        let (day, author_param, plugin_param) = match backend {
+            DbBackend::Postgres => (
+                "to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+                "$1",
+                "$2",
+            ),
             // Stored as text, UTC, date first.
-            _ => ("substr(occurred_at, 1, 10)", "?"),
+            _ => ("substr(occurred_at, 1, 10)", "?", "?"),
         };
+        // The author's own calls are counted, but do not make a day busy: they would be no other
+        // tenant's.
         let sql = format!(
             "SELECT {day} AS day, version_id, COUNT(*) AS calls, \
-             SUM(CASE WHEN outcome = 'ok' THEN 0 ELSE 1 END) AS failed, COUNT(DISTINCT tenant_id) AS tenants \
+             COUNT(DISTINCT CASE WHEN tenant_id <> {author_param} THEN tenant_id END) AS tenants \
              FROM plugin_invocations WHERE plugin_id = {plugin_param} GROUP BY 1, 2 ORDER BY 1 DESC, 2"
         );
         // Other tenants' calls by purpose; only counts of busy days leave this function.
-        let rows = row_security::across_tenants(self.db().query_all_raw(
-            sea_orm::Statement::from_sql_and_values(backend, sql, [plugin.id.as_str().into()]),
-        ))
-        .await?;
+        let rows =
+            row_security::across_tenants(self.db().query_all_raw(sea_orm::Statement::from_sql_and_values(
+                backend,
+                sql,
+                [author.as_str().into(), plugin.id.as_str().into()],
+            )))
+            .await?;
         let mut busy = Vec::new();
         for row in rows {
             let tenants: i64 = row.try_get("", "tenants")?;
@@ -316,7 +326,6 @@ impl Store {
                     row.try_get::<String>("", "day")?,
                     row.try_get::<String>("", "version_id")?,
                     row.try_get::<i64>("", "calls")?,
-                    row.try_get::<i64>("", "failed")?,
                 ));
             }
         }
@@ -329,11 +338,10 @@ impl Store {
             .collect();
         Ok(busy
             .into_iter()
-            .map(|(day, version_id, calls, failed)| InvocationSummary {
+            .map(|(day, version_id, calls)| InvocationSummary {
                 day,
                 version: versions.get(&version_id).cloned().unwrap_or_default(),
                 calls: u64::try_from(calls).unwrap_or(0),
-                failed: u64::try_from(failed).unwrap_or(0),
             })
             .collect())
     }

@@ -192,7 +192,8 @@ enum PluginCommand {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
-    /// How the author's plugin did per version and day across tenants (days with several tenants).
+    /// How often the author's plugin was called per version and day across tenants (days with several
+    /// tenants besides the author's own).
     Calls { plugin: String },
     /// Save an invocation recorded in full (its request, settings and every host call with its
     /// answer), to replay it or hand it to the plugin's author.
@@ -964,14 +965,9 @@ async fn plugin(context: &Shell, command: PluginCommand) -> Outcome {
         PluginCommand::Calls { plugin } => {
             let summary = client.invocation_summary(&plugin).await?;
             context.print(&summary, |days| {
-                let mut out = table(&["day", "version", "calls", "failed"]);
+                let mut out = table(&["day", "version", "calls"]);
                 for day in days {
-                    out.add_row(vec![
-                        day.day.clone(),
-                        day.version.clone(),
-                        day.calls.to_string(),
-                        day.failed.to_string(),
-                    ]);
+                    out.add_row(vec![day.day.clone(), day.version.clone(), day.calls.to_string()]);
                 }
                 out
             })

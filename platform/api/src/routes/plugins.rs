@@ -213,10 +213,10 @@ pub async fn invocation_record(
     ))
 }
 
-/// How the author's plugin did, per version and UTC day, across the tenants that called it: calls and
-/// failures, for days on which at least three tenants called it. Never who called, with what, what it
-/// logged, nor a single call's duration or cost: values the plugin controls could carry a tenant's data
-/// out to its author.
+/// How often the author's plugin was called, per version and UTC day, across the tenants that called
+/// it, for days on which at least three tenants besides the author's own did. Never who called, with
+/// what, what it logged, whether a call failed, nor a single call's duration or cost: values the plugin
+/// controls could carry a tenant's data out to its author.
 #[utoipa::path(get, path = "/v1/plugins/{name}/invocations", operation_id = "invocation_summary", tag = "plugins",
     security(("bearer" = ["admin"])),
     params(("name" = String, Path)),
