@@ -666,3 +666,29 @@ test("a member of two organisations switches between them, and the session they 
   await owner.context.close();
   await colleague.context.close();
 });
+
+test("the API reference renders and works under its content security policy, and an injected script does not run", async () => {
+  // No bypassCSP here: the page must work under the policy it is served with.
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  const violations = [];
+  page.on("console", (message) => {
+    if (/Content Security Policy/i.test(message.text())) violations.push(message.text());
+  });
+  const response = await page.goto(`${BASE}/docs/`);
+  assert.match(response.headers()["content-security-policy"], /script-src 'self'/);
+  // Swagger UI built the operations from /openapi.json, and one opens.
+  const signup = page.locator(".opblock-summary-path", { hasText: "/v1/signup" }).first();
+  await signup.waitFor();
+  await signup.click();
+  await page.getByRole("button", { name: "Try it out" }).waitFor();
+  assert.deepEqual(violations, [], "the reference's own scripts and styles are allowed");
+  // What an injection into the page would do: an inline script, refused by the policy.
+  await page.evaluate(() => {
+    const script = document.createElement("script");
+    script.textContent = "window.injected = true";
+    document.body.appendChild(script);
+  });
+  assert.equal(await page.evaluate(() => window.injected), undefined, "an inline script ran");
+  await context.close();
+});

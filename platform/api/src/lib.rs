@@ -231,8 +231,39 @@ pub fn app(
         .service(web::redirect("/docs", "/docs/"))
         .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", openapi::ApiDoc::openapi()))
         .default_service(web::to(error::route_not_found))
+        .wrap(from_fn(reference_headers))
         .wrap(from_fn(row_scope))
         .wrap(from_fn(request_id::middleware))
+}
+
+/// What the API reference (`/docs/`) may load and do in a browser. It shares the portal's origin, and
+/// so its session cookie: whatever got into the page could act as the signed-in user, so only its own
+/// scripts run (Swagger UI styles its elements inline, and draws icons as data URLs), it talks only to
+/// this server, and no other site may frame it.
+const REFERENCE_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+     img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; \
+     object-src 'none'";
+
+/// Sets [`REFERENCE_POLICY`] and its companions on the API reference's pages.
+async fn reference_headers(
+    req: ServiceRequest,
+    next: actix_web::middleware::Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let reference = req.path() == "/docs" || req.path().starts_with("/docs/");
+    let mut response = next.call(req).await?;
+    if reference {
+        use actix_web::http::header::{self, HeaderValue};
+        let headers = response.headers_mut();
+        for (name, value) in [
+            (header::CONTENT_SECURITY_POLICY, REFERENCE_POLICY),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "same-origin"),
+        ] {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+    }
+    Ok(response)
 }
 
 /// Handles each request in a row-security scope of its own: every tenant's rows until its caller is
