@@ -124,7 +124,8 @@ fn clock_correction(before: i64, database: i64, after: i64) -> i64 {
 struct DatabaseClock {
     local: fn() -> DateTime<Utc>,
     offset_us: i64,
-    measured: Option<Instant>,
+    /// When the offset was last measured (tokio's clock, which tests can move on).
+    measured: Option<tokio::time::Instant>,
 }
 
 impl DatabaseClock {
@@ -132,13 +133,21 @@ impl DatabaseClock {
     /// A failed measurement keeps the last offset and is tried again on the next batch, for up to
     /// [`CLOCK_TRUSTED_FOR`]; with no offset that recent (none yet, say) the batch is refused.
     async fn now_us(&mut self, store: &Store) -> Result<i64> {
+        self.now_us_reading(|| store.database_now_us()).await
+    }
+
+    /// [`Self::now_us`], reading the database's clock with `read`.
+    async fn now_us_reading<F: Future<Output = Result<i64>>>(
+        &mut self,
+        read: impl FnOnce() -> F,
+    ) -> Result<i64> {
         if self.measured.is_none_or(|at| at.elapsed() >= CLOCK_CHECK) {
             let before = (self.local)().timestamp_micros();
-            match store.database_now_us().await {
+            match read().await {
                 Ok(database) => {
                     let after = (self.local)().timestamp_micros();
                     self.offset_us = clock_correction(before, database, after);
-                    self.measured = Some(Instant::now());
+                    self.measured = Some(tokio::time::Instant::now());
                     metrics::gauge!("plinth_ledger_clock_offset_seconds").set(self.offset_us as f64 / 1e6);
                 }
                 Err(err) => {
@@ -541,6 +550,41 @@ mod tests {
         // Within the tolerance: used as it is; past it, corrected.
         assert_eq!(clock_correction(0, -900_000, 1_000), 0);
         assert_eq!(clock_correction(0, 1_200_000, 1_000), 1_199_500);
+    }
+
+    /// A replica that cannot read the database's clock keeps stamping with the offset it last measured
+    /// for a minute, then refuses usage (and so metered calls) rather than stamp on an unchecked
+    /// clock, and stamps again as soon as a reading succeeds.
+    #[tokio::test(start_paused = true)]
+    async fn usage_is_refused_once_the_databases_clock_has_gone_unread_for_a_minute() {
+        fn an_hour_slow() -> DateTime<Utc> {
+            Utc::now() - chrono::Duration::hours(1)
+        }
+        let mut clock = DatabaseClock {
+            local: an_hour_slow,
+            offset_us: 0,
+            measured: None,
+        };
+        let database = || async { Ok(Utc::now().timestamp_micros()) };
+        let unreachable = || async { Err(StoreError::Unavailable("connection refused".into())) };
+        let near_now = |stamp: i64| (stamp - Utc::now().timestamp_micros()).abs() < 5_000_000;
+        // Never measured: refused.
+        assert!(matches!(
+            clock.now_us_reading(unreachable).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(near_now(clock.now_us_reading(database).await.unwrap()));
+        // Readings fail from now on: the last offset holds for the minute...
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(near_now(clock.now_us_reading(unreachable).await.unwrap()));
+        // ...and no longer.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(matches!(
+            clock.now_us_reading(unreachable).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        // The database answers again: stamped at once, on its clock.
+        assert!(near_now(clock.now_us_reading(database).await.unwrap()));
     }
 
     #[tokio::test]
