@@ -708,31 +708,6 @@ impl StripeDouble {
         assert!(self.deliver(platform, &event).await.status().is_success());
     }
 
-    /// Ends the dispute over the last invoice's payment in the platform's favour, as Stripe tells it:
-    /// the funds come back (`charge.dispute.funds_reinstated`), then the dispute closes as `won`.
-    pub async fn win_dispute_of_last_invoice(&self, platform: &str) {
-        let invoice = self
-            .state()
-            .invoices
-            .last()
-            .cloned()
-            .expect("an invoice whose dispute is won");
-        let id = self.state().id("du");
-        for (kind, status) in [
-            ("charge.dispute.funds_reinstated", "under_review"),
-            ("charge.dispute.closed", "won"),
-        ] {
-            let event = self.event(
-                kind,
-                now(),
-                json!({ "id": id, "object": "dispute", "charge": format!("ch_{invoice}"),
-                        "payment_intent": format!("pi_{invoice}"), "amount": 1, "currency": "usd",
-                        "reason": "fraudulent", "status": status }),
-            );
-            assert!(self.deliver(platform, &event).await.status().is_success());
-        }
-    }
-
     /// Signs and posts an event to the platform's webhook endpoint, as Stripe does.
     pub async fn deliver(&self, platform: &str, event: &Value) -> reqwest::Response {
         let body = event.to_string();

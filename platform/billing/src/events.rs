@@ -186,7 +186,7 @@ pub fn parse(body: &[u8], settings: &StripeSettings) -> Result<ProviderEvent, St
                 disputed: false,
             },
             // API versions from 2025-03-31 no longer name the invoice on a charge: the caller ties
-            // the refund to its invoice through the payment (see `payment_change`).
+            // the refund to its invoice through the payment (see `taken_back_payment`).
             None => ProviderChange::Ignored,
         },
         "account.updated" => ProviderChange::Account {
@@ -206,51 +206,32 @@ pub fn parse(body: &[u8], settings: &StripeSettings) -> Result<ProviderEvent, St
     })
 }
 
-/// What happened to the money a payment collected, told by an event that names the payment, not its
-/// invoice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PaymentChange {
-    /// The platform gave it back (a refund): final.
-    Refunded,
-    /// The customer's bank took it back, or is asking to (a dispute, an inquiry).
-    Disputed,
-    /// The dispute ended in the platform's favour: the money is back (`charge.dispute.funds_reinstated`,
-    /// or `charge.dispute.closed` as `won`, or as `warning_closed` for an inquiry, which took none).
-    DisputeWon,
-}
-
-/// A change to the money of a payment that names no invoice: the payment (a PaymentIntent) and what
-/// happened. Disputes (`charge.dispute.*`: Stripe sends no refund for them) name their charge and
-/// payment, never an invoice, and so do refunds (`charge.refunded`) in API versions from 2025-03-31:
-/// the caller looks the invoice up. `None` for any other event, and for a refund that names its
-/// invoice ([`parse`] ties it).
+/// Money taken back from a payment that names no invoice: the payment (a PaymentIntent), and whether
+/// the customer's bank took it (a dispute) rather than the platform giving it (a refund). Disputes
+/// (`charge.dispute.created`, `charge.dispute.funds_withdrawn`: Stripe sends no refund for them) name
+/// their charge and payment, never an invoice, and so do refunds (`charge.refunded`) in API versions
+/// from 2025-03-31: the caller looks the invoice up. `None` for any other event, and for a refund that
+/// names its invoice ([`parse`] ties it).
 ///
 /// # Errors
 /// A body that is not a Stripe event.
-pub fn payment_change(body: &[u8]) -> Result<Option<(String, PaymentChange)>, StoreError> {
+pub fn taken_back_payment(body: &[u8]) -> Result<Option<(String, bool)>, StoreError> {
     let event: Value = serde_json::from_slice(body).map_err(|err| malformed(&err.to_string()))?;
     let kind = event.get("type").and_then(Value::as_str).unwrap_or_default();
     let object = event.pointer("/data/object");
-    let dispute_status = object.and_then(|o| o.get("status")).and_then(Value::as_str);
-    let change = match kind {
-        "charge.dispute.created" | "charge.dispute.funds_withdrawn" => PaymentChange::Disputed,
-        "charge.dispute.funds_reinstated" => PaymentChange::DisputeWon,
-        "charge.dispute.closed" if matches!(dispute_status, Some("won" | "warning_closed")) => {
-            PaymentChange::DisputeWon
-        }
-        "charge.refunded" if object.and_then(|o| o.get("invoice")).is_none_or(Value::is_null) => {
-            PaymentChange::Refunded
-        }
+    let disputed = match kind {
+        "charge.dispute.created" | "charge.dispute.funds_withdrawn" => true,
+        "charge.refunded" if object.and_then(|o| o.get("invoice")).is_none_or(Value::is_null) => false,
         _ => return Ok(None),
     };
     let payment = object
         .and_then(|o| o.get("payment_intent"))
         .and_then(Value::as_str)
-        .map(|payment| (payment.to_owned(), change));
+        .map(|payment| (payment.to_owned(), disputed));
     if payment.is_none() {
         tracing::warn!(
             kind,
-            "a payment's money changed without a PaymentIntent: no invoice to tie it to"
+            "money taken back from a payment without a PaymentIntent: no invoice to tie it to"
         );
     }
     Ok(payment)
@@ -323,30 +304,24 @@ mod tests {
     fn disputes_and_refunds_without_an_invoice_name_the_payment_to_look_it_up_by() {
         let taken = |kind: &str, object: serde_json::Value| {
             let body = serde_json::json!({ "id": "evt_3", "type": kind, "created": 1, "data": { "object": object } });
-            payment_change(body.to_string().as_bytes()).unwrap()
+            taken_back_payment(body.to_string().as_bytes()).unwrap()
         };
         let dispute = serde_json::json!({ "id": "du_1", "object": "dispute", "charge": "ch_1", "payment_intent": "pi_1" });
-        let disputed = Some(("pi_1".to_owned(), PaymentChange::Disputed));
-        let won = Some(("pi_1".to_owned(), PaymentChange::DisputeWon));
-        assert_eq!(taken("charge.dispute.created", dispute.clone()), disputed);
-        assert_eq!(taken("charge.dispute.funds_withdrawn", dispute.clone()), disputed);
-        assert_eq!(taken("charge.dispute.funds_reinstated", dispute.clone()), won);
-        // Closing a dispute gives the money back only when the platform won it (or it was an
-        // inquiry, which took none).
-        let closed = |status: &str| {
-            let mut closed = dispute.clone();
-            closed["status"] = status.into();
-            taken("charge.dispute.closed", closed)
-        };
-        assert_eq!(closed("won"), won);
-        assert_eq!(closed("warning_closed"), won);
-        assert_eq!(closed("lost"), None);
+        assert_eq!(
+            taken("charge.dispute.created", dispute.clone()),
+            Some(("pi_1".into(), true))
+        );
+        assert_eq!(
+            taken("charge.dispute.funds_withdrawn", dispute.clone()),
+            Some(("pi_1".into(), true))
+        );
+        // Closing a dispute takes nothing more.
         assert_eq!(taken("charge.dispute.closed", dispute), None);
         // A refund names its invoice (older API versions: `parse` ties it) or only its payment.
         let refund = serde_json::json!({ "id": "ch_1", "object": "charge", "payment_intent": "pi_1", "refunded": true });
         assert_eq!(
             taken("charge.refunded", refund.clone()),
-            Some(("pi_1".into(), PaymentChange::Refunded))
+            Some(("pi_1".into(), false))
         );
         let mut named = refund;
         named["invoice"] = "in_1".into();

@@ -373,17 +373,14 @@ impl Billing {
             refused(ErrorCode::InvalidSignature, err.to_string())
         })?;
         let mut event = events::parse(body, &stripe.settings)?;
-        if let Some((payment, change)) = events::payment_change(body)? {
+        if let Some((payment, disputed)) = events::taken_back_payment(body)? {
             // Stripe unreachable: the delivery fails and Stripe sends it again.
             event.change = match stripe.invoice_of_payment(&payment).await? {
-                Some((invoice, _)) if change == events::PaymentChange::DisputeWon => {
-                    ProviderChange::DisputeWon { invoice }
-                }
                 // The customer too: money taken back from an invoice not seen yet is kept for it.
                 Some((invoice, customer)) => ProviderChange::Refunded {
                     invoice,
                     customer,
-                    disputed: change == events::PaymentChange::Disputed,
+                    disputed,
                 },
                 None => {
                     tracing::warn!(event = %event.id, %payment, "money taken back from a payment that paid no invoice");

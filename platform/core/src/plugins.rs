@@ -269,8 +269,8 @@ pub struct EarningsRow {
     pub earnings: Micros,
     /// The part whose invoice was paid: it can be paid out.
     pub payable: Micros,
-    /// The part still waiting for its invoice to be paid, or whose invoice is disputed (paid out only
-    /// if the dispute is won), or was refunded, voided or not paid (never paid out).
+    /// The part still waiting for its invoice to be paid (or whose invoice was refunded, voided or
+    /// not paid: it is never paid out).
     pub pending: Micros,
 }
 

@@ -73,14 +73,11 @@ pub enum ProviderChange {
         invoice: String,
         /// The customer, when the event names it: a refund of an invoice not seen yet is kept for it.
         customer: Option<String>,
-        /// Taken back by the customer's bank (a dispute) rather than given back by the platform. A
-        /// refund is final; a dispute holds until the platform wins it ([`Self::DisputeWon`]), and
-        /// until then its authors' shares stay unpaid rather than risk paying out money not kept.
+        /// Taken back by the customer's bank (a dispute) rather than given back by the platform. Final
+        /// either way: a dispute the platform later wins does not make the period collected again
+        /// (its authors' shares stay unpaid rather than risk paying out money that was not kept).
         disputed: bool,
     },
-    /// A dispute over an invoice's payment ended in the platform's favour: the money is back, and a
-    /// disputed invoice counts as collected again (a refunded one stays refunded).
-    DisputeWon { invoice: String },
     /// A connected account's capabilities changed.
     Account { account: String, payouts_enabled: bool },
     /// An event this platform does not act on; recorded so it is not reprocessed.
@@ -89,8 +86,6 @@ pub enum ProviderChange {
 
 /// The invoice status a refund leaves.
 pub const REFUNDED: &str = "refunded";
-/// The invoice status a dispute leaves until it is won.
-pub const DISPUTED: &str = "disputed";
 
 fn status_text(status: SubscriptionStatus) -> String {
     status.as_str().to_owned()
@@ -331,9 +326,6 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
                 .await?;
             // A refund is final: a late event about the same invoice does not make it collected again.
             let refunded = existing.as_ref().is_some_and(|e| e.status == REFUNDED);
-            // Nor does one about a disputed invoice, though it fills in what the invoice is, for the
-            // day the dispute is won.
-            let disputed = existing.as_ref().is_some_and(|e| e.status == DISPUTED);
             if !refunded
                 && existing
                     .as_ref()
@@ -342,10 +334,7 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
                 // Paid stays paid: an `invoice.finalized` (open) stamped in the same second as the
                 // payment, delivered after it, does not make it unpaid again.
                 let status = match &existing {
-                    Some(e)
-                        if matches!(e.status.as_str(), PAID | DISPUTED)
-                            && matches!(invoice.status.as_str(), "draft" | "open") =>
-                    {
+                    Some(e) if e.status == PAID && matches!(invoice.status.as_str(), "draft" | "open") => {
                         PAID.to_owned()
                     }
                     _ => invoice.status.clone(),
@@ -366,7 +355,7 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
                     tenant_id: Set(tenant.to_string()),
                     period_start_us: Set(period_start.timestamp_micros()),
                     period_end_us: Set(period_end.timestamp_micros()),
-                    status: Set(if disputed { DISPUTED.to_owned() } else { status }),
+                    status: Set(status),
                     currency: Set(currency.to_ascii_lowercase()),
                     total_cents: Set(invoice.total_cents),
                     amount_paid_cents: Set(invoice.amount_paid_cents),
@@ -434,13 +423,12 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
                     tenant_id: Set(owner.tenant_id.clone()),
                     period_start_us: Set(0),
                     period_end_us: Set(0),
-                    status: Set(if *disputed { DISPUTED } else { REFUNDED }.to_owned()),
+                    status: Set(REFUNDED.to_owned()),
                     currency: Set(String::new()),
                     total_cents: Set(0),
                     amount_paid_cents: Set(0),
                     hosted_url: Set(None),
-                    // A disputed invoice's own events, whenever they were sent, still say what it is.
-                    stripe_event_at: Set(if *disputed { 0 } else { event.created }),
+                    stripe_event_at: Set(event.created),
                     updated_at: Set(now),
                     finalized_at_us: Set(None),
                     local: Set(false),
@@ -463,40 +451,9 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
                 serde_json::json!({ "invoice": invoice, "was": row.status }),
             )
             .await?;
-            // A refund outlasts any dispute.
-            let status = if *disputed && row.status != REFUNDED {
-                DISPUTED
-            } else {
-                REFUNDED
-            };
             let mut model: invoices::ActiveModel = row.into();
-            model.status = Set(status.to_owned());
+            model.status = Set(REFUNDED.to_owned());
             model.stripe_event_at = Set(event.created);
-            model.updated_at = Set(now);
-            model.update(conn).await?;
-            Ok(None)
-        }
-        ProviderChange::DisputeWon { invoice } => {
-            let Some(row) = invoices::Entity::find_by_id(invoice.as_str()).one(conn).await? else {
-                tracing::warn!(event = %event.id, %invoice, "a dispute won over an invoice never seen");
-                return Ok(None);
-            };
-            if row.status != DISPUTED {
-                return Ok(None);
-            }
-            let tenant: TenantId = crate::accounts::parse_id(&row.tenant_id)?;
-            audit_change(
-                conn,
-                &tenant,
-                event,
-                "invoice.dispute_won",
-                serde_json::json!({ "invoice": invoice }),
-            )
-            .await?;
-            // Collected again if it had been paid; else as open as its next event says.
-            let status = if row.paid_at_us.is_some() { PAID } else { "open" };
-            let mut model: invoices::ActiveModel = row.into();
-            model.status = Set(status.to_owned());
             model.updated_at = Set(now);
             model.update(conn).await?;
             Ok(None)
@@ -759,85 +716,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(invoice_status(&store, "in_2").await, REFUNDED);
-    }
-
-    #[tokio::test]
-    async fn a_disputed_invoice_is_uncollected_until_the_dispute_is_won_and_a_refund_stays_final() {
-        let (store, _dir) = test_store().await;
-        let tenant = tenant_with_customer(&store, "cus_1").await;
-        let mut at = 100;
-        let mut apply = async |change: ProviderChange| {
-            at += 100;
-            store
-                .apply_provider_event(&event(&format!("evt_{at}"), at, change))
-                .await
-                .unwrap();
-        };
-        let dispute = |invoice: &str| ProviderChange::Refunded {
-            invoice: invoice.into(),
-            customer: Some("cus_1".into()),
-            disputed: true,
-        };
-        let won = |invoice: &str| ProviderChange::DisputeWon {
-            invoice: invoice.into(),
-        };
-        // Paid, disputed (a redelivered `invoice.paid` changes nothing), won: collected again.
-        apply(invoice("in_1", "paid", Some(true))).await;
-        apply(dispute("in_1")).await;
-        apply(invoice("in_1", "paid", Some(true))).await;
-        assert_eq!(invoice_status(&store, "in_1").await, DISPUTED);
-        apply(won("in_1")).await;
-        assert_eq!(invoice_status(&store, "in_1").await, PAID);
-
-        // The dispute before its invoice: the invoice's events still say what it is, and winning
-        // makes it the paid invoice Stripe described.
-        apply(dispute("in_2")).await;
-        store
-            .apply_provider_event(&event("evt_early", 50, invoice("in_2", "paid", Some(true))))
-            .await
-            .unwrap();
-        assert_eq!(invoice_status(&store, "in_2").await, DISPUTED);
-        apply(won("in_2")).await;
-        let row = invoices::Entity::find_by_id("in_2")
-            .one(store.db())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(row.status, PAID);
-        assert_eq!((row.paid_at_us, row.total_cents), (Some(50_000_000), 4_900));
-
-        // A refund outlasts a dispute, before or after it, and a win changes neither.
-        apply(invoice("in_3", "paid", Some(true))).await;
-        apply(dispute("in_3")).await;
-        apply(ProviderChange::Refunded {
-            invoice: "in_3".into(),
-            customer: None,
-            disputed: false,
-        })
-        .await;
-        apply(dispute("in_3")).await;
-        apply(won("in_3")).await;
-        assert_eq!(invoice_status(&store, "in_3").await, REFUNDED);
-
-        let audited = |action: &'static str| {
-            let store = store.clone();
-            let tenant = tenant.clone();
-            async move {
-                store
-                    .audit_log(&crate::audit::AuditQuery {
-                        tenant: Some(tenant),
-                        action_prefix: Some(action.into()),
-                        limit: 10,
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap()
-                    .entries
-                    .len()
-            }
-        };
-        assert_eq!(audited("invoice.dispute_won").await, 2);
-        assert_eq!(audited("invoice.disputed").await, 3);
     }
 
     #[tokio::test]
