@@ -42,6 +42,24 @@ async fn the_served_spec_and_reference_ui_work() {
     let docs = http.get(app.url("/docs")).send().await.unwrap();
     assert_eq!(docs.status(), 200);
     assert!(docs.text().await.unwrap().contains("swagger-ui"));
+    // However the path is spelt, the page and its scripts carry the policy (the browser test checks
+    // that the page works under it).
+    for path in [
+        "/docs/",
+        "/%64ocs/",
+        "/docs/swagger-initializer.js",
+        "/%64ocs/swagger-initializer.js",
+    ] {
+        let response = http.get(app.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let policy = response
+            .headers()
+            .get("content-security-policy")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default();
+        assert!(policy.contains("script-src 'self'"), "{path}: {policy:?}");
+        assert!(response.headers().contains_key("x-frame-options"), "{path}");
+    }
 }
 
 /// Every route the server registers is documented, and everything documented is served; each operation

@@ -236,23 +236,29 @@ pub fn app(
         .wrap(from_fn(request_id::middleware))
 }
 
-/// What the API reference (`/docs/`) may load and do in a browser. It shares the portal's origin, and
-/// so its session cookie: whatever got into the page could act as the signed-in user, so only its own
-/// scripts run (Swagger UI styles its elements inline, and draws icons as data URLs), it talks only to
-/// this server, and no other site may frame it.
+/// What the API reference (`/docs/`), and any other page outside the portal, may load and do in a
+/// browser. It shares the portal's origin, and so its session cookie: whatever got into the page
+/// could act as the signed-in user, so only its own scripts run (Swagger UI styles its elements
+/// inline, and draws icons as data URLs), it talks only to this server, and no other site may frame it.
 const REFERENCE_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
      img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; \
      object-src 'none'";
 
-/// Sets [`REFERENCE_POLICY`] and its companions on the API reference's pages.
+/// Sets [`REFERENCE_POLICY`] and its companions on every HTML page and script that has no policy of
+/// its own (the portal sets a stricter one). Decided by what the response is, not by its path: a
+/// path spelt differently (`/%64ocs/`) routes to the same page.
 async fn reference_headers(
     req: ServiceRequest,
     next: actix_web::middleware::Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let reference = req.path() == "/docs" || req.path().starts_with("/docs/");
+    use actix_web::http::header::{self, HeaderValue};
     let mut response = next.call(req).await?;
-    if reference {
-        use actix_web::http::header::{self, HeaderValue};
+    let page = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("text/html") || value.contains("javascript"));
+    if page && !response.headers().contains_key(header::CONTENT_SECURITY_POLICY) {
         let headers = response.headers_mut();
         for (name, value) in [
             (header::CONTENT_SECURITY_POLICY, REFERENCE_POLICY),
