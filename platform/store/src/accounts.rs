@@ -37,6 +37,12 @@ const LOGIN_EMAIL_QUOTA: Quota = Quota {
 /// The shared-cache key of the limit on sign-ups and logins from networks new to their account, all
 /// addresses together.
 pub const UNAUTHENTICATED_KEY: &str = "global:unauthenticated";
+/// The shared-cache key of the limit on logins from networks their account used before, all addresses
+/// together: [`RETURNING_MULTIPLE`] times the newcomers' limit. Anyone can make networks known to
+/// accounts of their own; this bounds the password checks such logins can ask for.
+pub const RETURNING_KEY: &str = "global:returning";
+/// How many times the newcomers' limit returning users' logins share.
+const RETURNING_MULTIPLE: u32 = 4;
 /// How long a network an account logged in from stays known to it.
 const KNOWN_NETWORK_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 
@@ -190,10 +196,11 @@ impl Store {
     /// Attempts per email are rate limited through the shared cache, so guessing holds across replicas:
     /// per email from the client's network (`network`: an IPv4 address or an IPv6 /48), then, from
     /// networks the account has not logged in from before, per email and within `everyone_new`, the
-    /// limit sign-ups share with every such attempt (key [`UNAUTHENTICATED_KEY`]). Someone guessing
-    /// from elsewhere, or flooding from many addresses, locks the owner out of neither their network
-    /// nor those they used before, whose password checks also go first (the HTTP edge also limits
-    /// attempts per client address). Every attempt is audited: a success in
+    /// limit sign-ups share with every such attempt (key [`UNAUTHENTICATED_KEY`]); from networks it
+    /// used before, within a limit four times that, shared by all such logins ([`RETURNING_KEY`]).
+    /// Someone guessing from elsewhere, or flooding newcomers' attempts from many addresses, locks the
+    /// owner out of neither their network nor those they used before, whose password checks also go
+    /// first (the HTTP edge also limits attempts per client address). Every attempt is audited: a success in
     /// the session's tenant; a failure in the user's own (oldest) tenant, or the platform's log for an
     /// unknown email. Not in every tenant the user belongs to: a tenant that added someone as a member
     /// must not learn where that person's failed logins come from.
@@ -210,7 +217,13 @@ impl Store {
         // Unknown when the cache cannot say: the stricter limits apply.
         let known = cache.get(&known_key).await.ok().flatten().is_some();
         let mut limits = vec![(format!("login:{email}:{network}"), LOGIN_QUOTA)];
-        if !known {
+        if known {
+            let returning = Quota {
+                per_minute: everyone_new.per_minute.saturating_mul(RETURNING_MULTIPLE),
+                burst: everyone_new.burst.saturating_mul(RETURNING_MULTIPLE),
+            };
+            limits.push((RETURNING_KEY.to_owned(), returning));
+        } else {
             limits.push((format!("login:{email}"), LOGIN_EMAIL_QUOTA));
             limits.push((UNAUTHENTICATED_KEY.to_owned(), everyone_new));
         }
