@@ -46,11 +46,10 @@ struct Queues {
 
 impl Queues {
     fn next(&mut self) -> Option<Job> {
-        if self.open.is_empty() || (!self.known.is_empty() && self.known_in_a_row + 1 < OPEN_EVERY) {
-            if let Some(job) = self.known.pop_front() {
-                self.known_in_a_row += u32::from(!self.open.is_empty());
-                return Some(job);
-            }
+        let known_turn = self.open.is_empty() || self.known_in_a_row + 1 < OPEN_EVERY;
+        if known_turn && let Some(job) = self.known.pop_front() {
+            self.known_in_a_row += u32::from(!self.open.is_empty());
+            return Some(job);
         }
         self.known_in_a_row = 0;
         self.open.pop_front()
