@@ -645,13 +645,15 @@ async fn invocations_leave_records_for_the_tenant_and_a_redacted_view_for_the_au
     let mut summary = Vec::new();
     for _ in 0..100 {
         summary = author.owner.invocation_summary("hostile").await.unwrap();
-        if summary.first().is_some_and(|day| day.calls == 5) {
+        if summary.first().is_some_and(|day| day.calls == 4) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(summary.len(), 1, "{summary:?}");
-    assert_eq!(summary[0].calls, 5, "{summary:?}");
+    // The tenant's two calls (one failed), the author's, the sybil's and the last tenant's: the four
+    // answered ones.
+    assert_eq!(summary[0].calls, 4, "{summary:?}");
     assert_eq!(summary[0].version, newest.version);
     // Counts of calls only: whether a call failed is the plugin's to decide, so it could spell out a
     // tenant's secret to its author, one deliberate failure at a time.

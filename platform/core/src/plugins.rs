@@ -241,8 +241,8 @@ pub struct InvocationLog {
     pub message: String,
 }
 
-/// How often one version of the author's plugin was called on one day (UTC), across the tenants that
-/// called it, and only for days on which several tenants besides the author's own did. Never who
+/// How often one version of the author's plugin answered a call on one day (UTC), across the tenants
+/// that called it, and only for days on which several tenants besides the author's own did. Never who
 /// called, with what, what it logged, whether a call failed, nor a single call's duration or cost:
 /// the plugin controls those, and could carry a tenant's data out to its author through them (a
 /// plugin failing on purpose on one tenant's calls would spell out that tenant's secrets in the
@@ -254,6 +254,7 @@ pub struct InvocationSummary {
     /// `YYYY-MM-DD`.
     pub day: String,
     pub version: String,
+    /// Calls it answered (the billed ones; failures are not counted).
     pub calls: u64,
 }
 

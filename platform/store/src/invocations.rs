@@ -283,9 +283,10 @@ impl Store {
         serde_json::from_str(&record).map_err(|err| StoreError::Internal(format!("invocation record: {err}")))
     }
 
-    /// Daily calls of the author's plugin `name` per version, newest day first, only for days on
-    /// which at least [`MIN_TENANTS_SHOWN`] tenants other than the author's own called it. Another
-    /// author's plugin is not found.
+    /// Daily calls of the author's plugin `name` that it answered (those billed), per version, newest
+    /// day first, only for days on which at least [`MIN_TENANTS_SHOWN`] tenants other than the
+    /// author's own had one. Failed calls are not counted: the author's earnings count the billed
+    /// ones, and the difference would tell failures apart. Another author's plugin is not found.
     pub async fn invocation_summary(&self, author: &TenantId, name: &str) -> Result<Vec<InvocationSummary>> {
         let plugin = plugins::Entity::find()
             .filter(plugins::Column::Name.eq(name))
@@ -308,7 +309,8 @@ impl Store {
         let sql = format!(
             "SELECT {day} AS day, version_id, COUNT(*) AS calls, \
              COUNT(DISTINCT CASE WHEN tenant_id <> {author_param} THEN tenant_id END) AS tenants \
-             FROM plugin_invocations WHERE plugin_id = {plugin_param} GROUP BY 1, 2 ORDER BY 1 DESC, 2"
+             FROM plugin_invocations WHERE plugin_id = {plugin_param} AND outcome = 'ok' \
+             GROUP BY 1, 2 ORDER BY 1 DESC, 2"
         );
         // Other tenants' calls by purpose; only counts of busy days leave this function.
         let rows =
