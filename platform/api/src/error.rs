@@ -179,6 +179,26 @@ impl From<AuthError> for ApiError {
     }
 }
 
+impl From<plinth_hosting::HostingError> for ApiError {
+    #[track_caller]
+    fn from(err: plinth_hosting::HostingError) -> Self {
+        use plinth_hosting::HostingError as E;
+        match err {
+            E::Refused {
+                code,
+                message,
+                retry_after,
+            } => Self {
+                retry_after,
+                ..Self::new(code, message)
+            },
+            E::Store(err) => err.into(),
+            E::Inference(err) => err.into(),
+            E::Internal(detail) => Self::internal(detail),
+        }
+    }
+}
+
 impl From<plinth_inference::InferenceError> for ApiError {
     #[track_caller]
     fn from(err: plinth_inference::InferenceError) -> Self {

@@ -19,15 +19,12 @@ pub struct AppState {
     pub claims: Claims,
     /// Stores keyed requests' answers off the request path.
     pub completions: Completions,
+    /// The models served here (the catalogue `hosting` keeps).
     pub models: Arc<Catalog>,
-    /// Loads uploaded models.
+    /// Loads models (the engine `hosting` loads uploads with).
     pub engine: Engine,
-    /// Where uploaded model files live, named by their SHA-256.
-    pub model_files: plinth_store::blobs::Blobs,
-    /// Held while files in `model_files` are added or removed (see `uploads`).
-    pub model_files_lock: Arc<tokio::sync::Mutex<()>>,
-    /// Turns for loading models on demand (see `uploads::load`).
-    pub model_loading: Arc<tokio::sync::Semaphore>,
+    /// Tenants' uploaded models: stored, loaded on demand, kept in step across replicas.
+    pub hosting: plinth_hosting::Hosting,
     pub settings: ApiSettings,
     /// Compiles and runs plugins.
     pub plugins: Arc<PluginHost>,
@@ -39,9 +36,6 @@ pub struct AppState {
     pub billing: Billing,
     /// Each tenant's last failed calls, for the portal.
     pub recent_errors: crate::recent_errors::RecentErrors,
-    /// Models being uploaded through this replica (tenant, name): the catalogue sync leaves them to
-    /// the upload, which loads and serves them itself.
-    pub uploading: Arc<std::sync::Mutex<std::collections::HashSet<(plinth_core::id::TenantId, String)>>>,
     /// Set when the server is asked to stop: readiness answers 503 from then on, so that load
     /// balancers stop sending before the listener closes.
     pub draining: Arc<std::sync::atomic::AtomicBool>,

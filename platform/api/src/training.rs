@@ -152,7 +152,7 @@ pub(crate) async fn upload_dataset(
         .training
         .max_dataset_bytes
         .min(auth.isolation.max_dataset_bytes);
-    let staging = state.model_files.dir().join("staging");
+    let staging = state.hosting.staging_dir();
     tokio::fs::create_dir_all(&staging)
         .await
         .map_err(ApiError::internal)?;
@@ -204,7 +204,7 @@ pub(crate) async fn upload_dataset(
         return Err(invalid("name: 1-100 characters, no control characters"));
     }
     let _turn = turn(&CHECKING_DATASETS).await?;
-    let bytes = tokio::fs::read(&staged.path).await.map_err(ApiError::internal)?;
+    let bytes = tokio::fs::read(staged.path()).await.map_err(ApiError::internal)?;
     drop(staged);
     let secrets = state.secrets.clone();
     let (summary, sealed) = tokio::task::spawn_blocking(move || {
@@ -236,7 +236,7 @@ pub(crate) async fn create_job(
     who: &Who,
     request: NewTrainingJob,
 ) -> ApiResult<TrainingJob> {
-    crate::uploads::check_model_name(state, "model", &request.model)?;
+    state.hosting.check_model_name("model", &request.model)?;
     let account = state.store.billing_account(&auth.tenant_id).await?;
     let price = account.plan.training_price_micros;
     if price.0 > 0 && !state.billing.collects_training() {
@@ -433,15 +433,25 @@ async fn install_trained(
     let tokenizer = tokio::fs::read(tokenizer_path)
         .await
         .map_err(ApiError::internal)?;
-    let manifest = crate::uploads::Manifest {
+    let version = plinth_hosting::NewVersion {
         name: job.model.clone(),
         task: Task::TextClassification,
         labels: job.labels.clone(),
     };
-    let staged_model = crate::uploads::stage_bytes(state, &model).await?;
+    let staged_model = state.hosting.stage_bytes(&model).await?;
     drop(model);
-    let staged_tokenizer = crate::uploads::stage_bytes(state, &tokenizer).await?;
-    crate::uploads::install(state, auth, who, manifest, staged_model, Some(staged_tokenizer)).await
+    let staged_tokenizer = state.hosting.stage_bytes(&tokenizer).await?;
+    Ok(state
+        .hosting
+        .install(
+            &auth.tenant_id,
+            who,
+            &auth.isolation,
+            version,
+            staged_model,
+            Some(staged_tokenizer),
+        )
+        .await?)
 }
 
 /// Starts this replica's runner: it claims queued jobs (up to `concurrent_jobs` at once) and runs

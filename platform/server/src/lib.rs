@@ -234,11 +234,9 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         meter,
         claims,
         completions,
+        hosting: plinth_hosting::Hosting::new(store.clone(), models.clone(), engine.clone(), model_files),
         models,
         engine,
-        model_files,
-        model_files_lock: Arc::default(),
-        model_loading: Arc::new(tokio::sync::Semaphore::new(plinth_api::CONCURRENT_MODEL_LOADS)),
         settings: config.api_settings(),
         plugins: Arc::new(plugins),
         plugin_files,
@@ -246,7 +244,6 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         billing: billing(config, store.clone())?,
         recent_errors: plinth_api::RecentErrors::default(),
         draining: Arc::default(),
-        uploading: Arc::default(),
     };
     let draining = state.draining.clone();
     if !state.billing.collects_plugin_fees() {
@@ -258,15 +255,16 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let retention = spawn_retention(store.clone(), config);
     state.billing.spawn_price_check();
     // Before any request can stage or store a file: what a crash left behind goes.
-    plinth_api::sweep_model_files(&state)
+    state
+        .hosting
+        .sweep_files()
         .await
         .context("cannot clean up the model store")?;
-    let model_loading = plinth_api::spawn_tenant_model_loading(state.clone());
+    let model_loading = state.hosting.spawn_loading();
     let training = plinth_api::spawn_training(state.clone());
-    let catalog_sync = plinth_api::spawn_catalog_sync(
-        state.clone(),
-        std::time::Duration::from_millis(config.catalog_sync_ms),
-    );
+    let catalog_sync = state
+        .hosting
+        .spawn_catalog_sync(std::time::Duration::from_millis(config.catalog_sync_ms));
     let workers = if config.workers == 0 {
         std::thread::available_parallelism().map_or(2, usize::from)
     } else {

@@ -715,7 +715,11 @@ pub(crate) async fn delete_model(
 ) -> PageResult {
     let visitor = posted.visitor;
     visitor.require(Scope::Admin)?;
-    crate::uploads::delete_model(&state, &visitor.principal, &visitor.who(), &name).await?;
+    state
+        .hosting
+        .delete_model(&visitor.principal.tenant_id, &visitor.who(), &name)
+        .await
+        .map_err(ApiError::from)?;
     Ok(see_other("/portal/models"))
 }
 

@@ -44,35 +44,11 @@ async fn versioned(
     if latest.info().platform {
         return Err(no_such_version());
     }
-    if let Some(model) = state.models.find_version(&auth.tenant_id, &path.name, version) {
-        return Ok(model);
-    }
-    let record = match state
-        .store
-        .model_version(&auth.tenant_id, &path.name, version)
-        .await
-    {
-        Err(plinth_store::StoreError::NotFound(_)) => return Err(no_such_version()),
-        other => other?,
-    };
-    let files = crate::uploads::fetch_files(state, &record).await?;
-    // Loads take turns (see `uploads::load`); one that waited may find the version loaded by now.
-    let model = crate::uploads::load(state, files, crate::uploads::Loading::Accepted).await?;
-    if let Some(loaded) = state.models.find_version(&auth.tenant_id, &path.name, version) {
-        return Ok(loaded);
-    }
-    // Kept only if the version was not deleted while it loaded.
-    let _files = state.model_files_lock.lock().await;
-    match state
-        .store
-        .model_version(&auth.tenant_id, &path.name, version)
-        .await
-    {
-        Err(plinth_store::StoreError::NotFound(_)) => return Err(no_such_version()),
-        other => other?,
-    };
-    state.models.add_pinned(&auth.tenant_id, model.clone());
-    Ok(model)
+    state
+        .hosting
+        .pinned_version(&auth.tenant_id, &path.name, version)
+        .await?
+        .ok_or_else(no_such_version)
 }
 
 /// Model metadata: versions, inputs and outputs with datatypes and shapes (-1 = dynamic).

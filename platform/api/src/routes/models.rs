@@ -33,7 +33,7 @@ pub(crate) async fn find_model(
     }
     if state.models.serves(&auth.tenant_id, name) {
         // Let go of to bound memory: loaded again for this call.
-        return crate::uploads::reload(state, &auth.tenant_id, name).await;
+        return Ok(state.hosting.reload(&auth.tenant_id, name).await?);
     }
     if !state.models.tenant_models_loaded() {
         // Just started: tenants' models load in the background, and this one may be among them.
@@ -161,7 +161,10 @@ pub async fn delete(
     auth: Auth<scope::Admin>,
     name: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
-    crate::uploads::delete_model(&state, &auth, &auth.who(), &name).await?;
+    state
+        .hosting
+        .delete_model(&auth.tenant_id, &auth.who(), &name)
+        .await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -180,15 +183,9 @@ pub async fn delete_version(
     path: web::Path<(String, u32)>,
 ) -> ApiResult<HttpResponse> {
     let (name, version) = path.into_inner();
-    let _files = state.model_files_lock.lock().await;
-    let record = state
-        .store
-        .delete_model_version(&auth.tenant_id, &auth.who(), &name, version)
+    state
+        .hosting
+        .delete_version(&auth.tenant_id, &auth.who(), &name, version)
         .await?;
-    state.models.remove_version(&auth.tenant_id, &name, version);
-    let files: Vec<String> = std::iter::once(record.sha256)
-        .chain(record.tokenizer_sha256)
-        .collect();
-    crate::uploads::remove_unused_files(&state, files.iter(), crate::uploads::Shared::Remove).await;
     Ok(HttpResponse::NoContent().finish())
 }

@@ -1,0 +1,632 @@
+//! The models tenants upload, hosted. An upload is checked against its plan's quota and proven to load
+//! and fit its task before anything is stored; its files are stored by SHA-256 and shared between
+//! replicas; versions load on demand one at a time; a version serves only while it is its model's
+//! newest live one; files go once no live version uses them; and each replica's catalogue follows the
+//! registry every replica shares. Nothing here speaks HTTP: the API reads a request and calls these,
+//! and so can a test.
+
+mod files;
+mod sync;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use plinth_core::ErrorCode;
+use plinth_core::api::PlanIsolation;
+use plinth_core::id::TenantId;
+use plinth_core::inference::{Model, Task};
+use plinth_inference::{Catalog, Engine, InferenceError, LoadedModel, ModelFiles};
+use plinth_store::audit::Who;
+use plinth_store::blobs::Blobs;
+use plinth_store::models::{ModelRecord, NewModel};
+use plinth_store::{Store, StoreError};
+
+pub use crate::files::{Shared, Staged};
+
+/// Models loaded on demand (uploads, older versions) at once, across tenants: each load builds
+/// sessions and may take a core for seconds.
+pub const CONCURRENT_LOADS: usize = 1;
+
+/// How long a load waits for its turn before the caller is told to come back.
+const LOAD_WAIT: Duration = Duration::from_secs(30);
+
+/// Why hosting refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HostingError {
+    /// The caller's request cannot be done as asked: `code` says why.
+    #[error("{message}")]
+    Refused {
+        code: ErrorCode,
+        message: String,
+        /// When trying again may succeed.
+        retry_after: Option<Duration>,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Inference(#[from] InferenceError),
+    /// A fault of the platform's (disk, a task that panicked).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl HostingError {
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::Refused {
+            code: ErrorCode::ValidationFailed,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn internal(err: impl std::fmt::Display) -> Self {
+        Self::Internal(err.to_string())
+    }
+}
+
+pub type Result<T, E = HostingError> = std::result::Result<T, E>;
+
+/// A new version of a tenant model, as its uploader describes it.
+#[derive(Debug, Clone)]
+pub struct NewVersion {
+    pub name: String,
+    pub task: Task,
+    /// Class labels in output order (text classification).
+    pub labels: Vec<String>,
+}
+
+/// How a model is loaded on demand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loading {
+    /// A new upload: its warm-up must answer within the inference timeout.
+    Validate,
+    /// A version that was accepted before.
+    Accepted,
+}
+
+/// The hosted models of every tenant on this replica; cheap to clone (handles to the same state).
+#[derive(Debug, Clone)]
+pub struct Hosting {
+    store: Store,
+    catalog: Arc<Catalog>,
+    engine: Engine,
+    /// Where model files live, named by their SHA-256 (shared between replicas).
+    files: Blobs,
+    /// Held while files are added or removed, and while a version is checked to be current.
+    files_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Turns for loading models on demand (see [`Hosting::load`]).
+    loading: Arc<tokio::sync::Semaphore>,
+    /// Models being uploaded through this replica (tenant, name): the catalogue sync leaves them to
+    /// the upload, which loads and serves them itself.
+    uploading: Arc<Mutex<HashSet<(TenantId, String)>>>,
+}
+
+impl Hosting {
+    #[must_use]
+    pub fn new(store: Store, catalog: Arc<Catalog>, engine: Engine, files: Blobs) -> Self {
+        Self {
+            store,
+            catalog,
+            engine,
+            files,
+            files_lock: Arc::default(),
+            loading: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_LOADS)),
+            uploading: Arc::default(),
+        }
+    }
+
+    /// Where uploads and other files on their way in are written before they are stored.
+    #[must_use]
+    pub fn staging_dir(&self) -> PathBuf {
+        self.files.dir().join("staging")
+    }
+
+    /// Whether `name` may name a tenant model; `field` is what the refusal calls it.
+    ///
+    /// # Errors
+    /// `validation_failed` for a malformed name or a platform model's.
+    pub fn check_model_name(&self, field: &str, name: &str) -> Result<()> {
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+        if !name_ok {
+            return Err(HostingError::invalid(format!(
+                "{field}: 1-64 lower-case letters, digits, `-`, `_` or `.`"
+            )));
+        }
+        if self.catalog.is_platform(name) {
+            return Err(HostingError::invalid(format!(
+                "{field}: `{name}` is a platform model's name"
+            )));
+        }
+        Ok(())
+    }
+
+    fn validate(&self, version: &NewVersion, has_tokenizer: bool) -> Result<()> {
+        self.check_model_name("manifest.name", &version.name)?;
+        match version.task {
+            Task::TextClassification if version.labels.len() < 2 => Err(HostingError::invalid(
+                "manifest.labels: a text-classification model needs at least two labels",
+            )),
+            Task::TextClassification | Task::Embedding if !has_tokenizer => Err(HostingError::invalid(
+                "a text model needs its tokenizer.json in a `tokenizer` part",
+            )),
+            _ if version.labels.iter().any(|l| l.is_empty() || l.len() > 100) => Err(HostingError::invalid(
+                "manifest.labels: each label must be 1-100 characters",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Loads a model on a blocking thread, one at a time (see [`CONCURRENT_LOADS`]). The turn is held
+    /// until the load really ends, even when the caller stops waiting for it.
+    ///
+    /// # Errors
+    /// `unavailable` (retry) when other loads hold the turn too long; the engine's refusal of the
+    /// model.
+    pub async fn load(&self, files: ModelFiles, loading: Loading) -> Result<Arc<LoadedModel>> {
+        let turn = tokio::time::timeout(LOAD_WAIT, self.loading.clone().acquire_owned())
+            .await
+            .map_err(|_| HostingError::Refused {
+                code: ErrorCode::Unavailable,
+                message: "other models are loading; retry shortly".into(),
+                retry_after: Some(Duration::from_secs(5)),
+            })?
+            .map_err(HostingError::internal)?;
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            match loading {
+                Loading::Validate => engine.validate(&files),
+                Loading::Accepted => engine.load(&files),
+            }
+        })
+        .await
+        .map_err(HostingError::internal)?
+        .map_err(HostingError::from)
+    }
+
+    /// Checks a staged model against its description and the plan's quota, proves it loads and fits
+    /// its task, stores it by SHA-256, records the version and starts serving it.
+    ///
+    /// # Errors
+    /// `validation_failed` for a description that does not fit, the quota's refusal, the engine's
+    /// refusal of the model.
+    pub async fn install(
+        &self,
+        tenant: &TenantId,
+        who: &Who,
+        quota: &PlanIsolation,
+        version: NewVersion,
+        model: Staged,
+        tokenizer: Option<Staged>,
+    ) -> Result<Model> {
+        self.validate(&version, tokenizer.is_some())?;
+        self.store
+            .check_model_quota(tenant, &version.name, model.size(), quota)
+            .await?;
+
+        // Loading is the validation, from the staged files, before anything is stored: ONNX Runtime
+        // parses the graph, the inputs and outputs must fit the task, and a warm-up must answer in time.
+        let staged_files = ModelFiles {
+            name: version.name.clone(),
+            version: 0,
+            task: version.task,
+            labels: version.labels.clone(),
+            model: model.path().to_path_buf(),
+            tokenizer: tokenizer.as_ref().map(|t| t.path().to_path_buf()),
+            platform: false,
+        };
+        self.load(staged_files.clone(), Loading::Validate).await?;
+
+        // From registering to serving, this replica's catalogue sync leaves the model to this upload.
+        let _uploading = Uploading::mark(self, tenant, &version.name);
+        // Into the shared content-addressed store and the registry: uploads and deletes take turns
+        // here, so a delete never removes a file an upload is about to register.
+        let (record, model_path, tokenizer_path) = {
+            let _files = self.files_lock.lock().await;
+            let registered = async {
+                let model_path = self.store_file(&model, "onnx").await?;
+                let tokenizer_path = match &tokenizer {
+                    Some(staged) => Some(self.store_file(staged, "json").await?),
+                    None => None,
+                };
+                let record = self
+                    .store
+                    .register_model(
+                        tenant,
+                        who,
+                        &NewModel {
+                            name: version.name.clone(),
+                            task: task_name(version.task).to_owned(),
+                            labels: version.labels.clone(),
+                            sha256: model.sha256().to_owned(),
+                            size_bytes: model.size(),
+                            tokenizer_sha256: tokenizer.as_ref().map(|t| t.sha256().to_owned()),
+                        },
+                        quota,
+                    )
+                    .await?;
+                // A delete of identical bytes through another replica may have removed the shared
+                // copies between publishing and registering: now that the registry names them, they
+                // stay.
+                let stored = [
+                    Some(format!("{}.onnx", model.sha256())),
+                    tokenizer.as_ref().map(|t| format!("{}.json", t.sha256())),
+                ];
+                for name in stored.iter().flatten() {
+                    // Registered already: a failure here is logged rather than undoing the upload.
+                    if let Err(err) = self.files.ensure_published(name).await {
+                        tracing::error!(file = %name, error = %err, "cannot check a model file is in shared storage");
+                    }
+                }
+                Ok::<_, HostingError>((record, model_path, tokenizer_path))
+            }
+            .await;
+            match registered {
+                Ok(registered) => registered,
+                Err(err) => {
+                    let stored = [
+                        Some(model.sha256().to_owned()),
+                        tokenizer.as_ref().map(|t| t.sha256().to_owned()),
+                    ];
+                    self.remove_unused_files(stored.iter().flatten(), Shared::Remove)
+                        .await;
+                    return Err(err);
+                }
+            }
+        };
+        let served = self
+            .load(
+                ModelFiles {
+                    version: record.version,
+                    model: model_path,
+                    tokenizer: tokenizer_path,
+                    ..staged_files
+                },
+                Loading::Accepted,
+            )
+            .await?;
+        self.serve_if_current(tenant, served.clone()).await?;
+        Ok(served.info().clone())
+    }
+
+    /// Deletes a tenant model, every version: it stops serving at once, and its files go once no live
+    /// version of any tenant uses them. Usage history keeps its name.
+    ///
+    /// # Errors
+    /// `insufficient_scope` for a platform model; the registry's `not_found`.
+    pub async fn delete_model(&self, tenant: &TenantId, who: &Who, name: &str) -> Result<()> {
+        if self.catalog.is_platform(name) {
+            return Err(HostingError::Refused {
+                code: ErrorCode::InsufficientScope,
+                message: "platform models cannot be deleted by tenants".into(),
+                retry_after: None,
+            });
+        }
+        let _files = self.files_lock.lock().await;
+        self.store.delete_model(tenant, who, name).await?;
+        self.catalog.remove_tenant(tenant, name);
+        let files = self.store.model_files(tenant, name).await?;
+        self.remove_unused_files(files.iter(), Shared::Remove).await;
+        Ok(())
+    }
+
+    /// Deletes one version of a tenant model (not its newest): it stops serving at once, and its files
+    /// go once nothing uses them.
+    ///
+    /// # Errors
+    /// The registry's refusal: `not_found`, or `validation_failed` for the newest version.
+    pub async fn delete_version(&self, tenant: &TenantId, who: &Who, name: &str, version: u32) -> Result<()> {
+        let _files = self.files_lock.lock().await;
+        let record = self
+            .store
+            .delete_model_version(tenant, who, name, version)
+            .await?;
+        self.catalog.remove_version(tenant, name, version);
+        let files: Vec<String> = std::iter::once(record.sha256)
+            .chain(record.tokenizer_sha256)
+            .collect();
+        self.remove_unused_files(files.iter(), Shared::Remove).await;
+        Ok(())
+    }
+
+    /// Loads again a tenant's newest version of `name` that was let go to bound memory, and serves it.
+    ///
+    /// # Errors
+    /// `not_found` once the model is gone; a load's failure.
+    pub async fn reload(&self, tenant: &TenantId, name: &str) -> Result<Arc<LoadedModel>> {
+        let gone = || HostingError::Refused {
+            code: ErrorCode::NotFound,
+            message: format!("no model named `{name}`"),
+            retry_after: None,
+        };
+        let versions = self.store.model_versions(tenant, name).await?;
+        let Some(&version) = versions.last() else {
+            return Err(gone());
+        };
+        let record = self.store.model_version(tenant, name, version).await?;
+        let files = self.fetch_files(&record).await?;
+        let model = self.load(files, Loading::Accepted).await?;
+        // Another call may have loaded it while this one waited for its turn: one copy is served.
+        if let Some(loaded) = self.catalog.find(tenant, name) {
+            return Ok(loaded);
+        }
+        if !self.serve_if_current(tenant, model.clone()).await? {
+            return Err(gone());
+        }
+        metrics::counter!("plinth_tenant_models_reloaded_total").increment(1);
+        Ok(model)
+    }
+
+    /// An older version of a tenant model, loaded and kept beside the newest (pinned); `None` when the
+    /// registry has no such version, or it was deleted while it loaded.
+    ///
+    /// # Errors
+    /// A load's failure; the registry unreadable.
+    pub async fn pinned_version(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<Arc<LoadedModel>>> {
+        if let Some(model) = self.catalog.find_version(tenant, name, version) {
+            return Ok(Some(model));
+        }
+        let record = match self.store.model_version(tenant, name, version).await {
+            Err(StoreError::NotFound(_)) => return Ok(None),
+            other => other?,
+        };
+        let files = self.fetch_files(&record).await?;
+        // Loads take turns; one that waited may find the version loaded by now.
+        let model = self.load(files, Loading::Accepted).await?;
+        if let Some(loaded) = self.catalog.find_version(tenant, name, version) {
+            return Ok(Some(loaded));
+        }
+        // Kept only if the version was not deleted while it loaded.
+        let _files = self.files_lock.lock().await;
+        match self.store.model_version(tenant, name, version).await {
+            Err(StoreError::NotFound(_)) => return Ok(None),
+            other => other?,
+        };
+        self.catalog.add_pinned(tenant, model.clone());
+        Ok(Some(model))
+    }
+
+    /// Serves a loaded tenant model if it is still its model's newest live version: a delete or a
+    /// newer upload may have come while it loaded, and must not be undone by it.
+    async fn serve_if_current(&self, tenant: &TenantId, model: Arc<LoadedModel>) -> Result<bool> {
+        let _files = self.files_lock.lock().await;
+        let versions = self.store.model_versions(tenant, &model.info().name).await?;
+        if versions.last() != Some(&model.info().version) {
+            return Ok(false);
+        }
+        self.catalog.add_tenant(tenant, model);
+        Ok(true)
+    }
+
+    /// The files of a registered model version, fetched from the replicas' shared storage if this
+    /// replica does not have them yet (their hashes checked).
+    async fn fetch_files(&self, record: &ModelRecord) -> Result<ModelFiles> {
+        let task = serde_json::from_value(serde_json::Value::String(record.task.clone()))
+            .map_err(|_| HostingError::internal("unknown task in the model registry"))?;
+        let fetch = |sha256: String, extension: &'static str| async move {
+            self.files
+                .fetch(&format!("{sha256}.{extension}"), &sha256)
+                .await
+                .map_err(HostingError::internal)
+        };
+        let tokenizer = match &record.tokenizer_sha256 {
+            Some(sha256) => Some(fetch(sha256.clone(), "json").await?),
+            None => None,
+        };
+        Ok(ModelFiles {
+            name: record.name.clone(),
+            version: record.version,
+            task,
+            labels: record.labels.clone(),
+            model: fetch(record.sha256.clone(), "onnx").await?,
+            tokenizer,
+            platform: false,
+        })
+    }
+}
+
+/// The registry's name of a task.
+#[must_use]
+pub fn task_name(task: Task) -> &'static str {
+    match task {
+        Task::TextClassification => "text-classification",
+        Task::Embedding => "embedding",
+        Task::Raw => "raw",
+    }
+}
+
+/// Marks a model as being uploaded through this replica for as long as it lives.
+struct Uploading {
+    set: Arc<Mutex<HashSet<(TenantId, String)>>>,
+    key: (TenantId, String),
+}
+
+impl Uploading {
+    fn mark(hosting: &Hosting, tenant: &TenantId, name: &str) -> Self {
+        let key = (tenant.clone(), name.to_owned());
+        hosting
+            .uploading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.clone());
+        Self {
+            set: hosting.uploading.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for Uploading {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::path::PathBuf;
+
+    use plinth_core::api::SignupRequest;
+    use plinth_inference::EngineSettings;
+    use plinth_store::DatabaseSettings;
+
+    use super::*;
+
+    fn cache_dir() -> PathBuf {
+        std::env::var_os("PLINTH_CACHE_DIR").map_or_else(
+            || PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/plinth"),
+            PathBuf::from,
+        )
+    }
+
+    /// A graph that answers one row (made by `tests/fixtures/make_models.py`, which `scripts/test.sh`
+    /// runs).
+    fn model_bytes() -> Vec<u8> {
+        std::fs::read(cache_dir().join("test-models/one-row.onnx"))
+            .expect("tests/fixtures/make_models.py's models (scripts/test.sh makes them)")
+    }
+
+    async fn hosting(dir: &std::path::Path) -> (Hosting, TenantId) {
+        let store = Store::connect(&DatabaseSettings::sqlite_in(dir)).await.unwrap();
+        store.migrate().await.unwrap();
+        let session = store
+            .signup(
+                &SignupRequest {
+                    email: "owner@example.com".into(),
+                    password: "correct horse battery".into(),
+                    tenant_name: "Acme".into(),
+                },
+                &Who::internal(Who::OPERATOR),
+            )
+            .await
+            .unwrap();
+        let engine = Engine::new(EngineSettings {
+            ort_dylib: std::env::var_os("PLINTH_ORT_DYLIB").map_or_else(
+                || cache_dir().join("onnxruntime/libonnxruntime.so.1.31.1"),
+                PathBuf::from,
+            ),
+            ..EngineSettings::default()
+        })
+        .expect("ONNX Runtime (scripts/setup.sh fetches it)");
+        let files = dir.join("models");
+        std::fs::create_dir_all(&files).unwrap();
+        let catalog = Arc::new(Catalog::with_loaded_tenant_models(usize::MAX));
+        (
+            Hosting::new(store, catalog, engine, Blobs::local(files)),
+            session.tenant.id,
+        )
+    }
+
+    fn version(name: &str) -> NewVersion {
+        NewVersion {
+            name: name.into(),
+            task: Task::Raw,
+            labels: Vec::new(),
+        }
+    }
+
+    /// Without any HTTP: an upload is checked, stored by its hash, served, held to its plan's quota,
+    /// and gone with its files once deleted; a refused one leaves nothing behind.
+    #[tokio::test]
+    async fn an_upload_is_served_held_to_its_quota_and_leaves_no_files_once_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hosting, tenant) = hosting(dir.path()).await;
+        let who = Who::internal(Who::OPERATOR);
+        let bytes = model_bytes();
+        let quota = PlanIsolation {
+            max_models: 1,
+            ..PlanIsolation::FREE
+        };
+
+        let refused = hosting
+            .install(
+                &tenant,
+                &who,
+                &quota,
+                version("Not A Name"),
+                hosting.stage_bytes(&bytes).await.unwrap(),
+                None,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                HostingError::Refused {
+                    code: ErrorCode::ValidationFailed,
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+        let staged: Vec<_> = std::fs::read_dir(hosting.staging_dir()).unwrap().collect();
+        assert!(staged.is_empty(), "a refused upload left {staged:?}");
+
+        let model = hosting
+            .install(
+                &tenant,
+                &who,
+                &quota,
+                version("scorer"),
+                hosting.stage_bytes(&bytes).await.unwrap(),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!((model.name.as_str(), model.version), ("scorer", 1));
+        assert!(hosting.catalog.find(&tenant, "scorer").is_some());
+        let stored = dir.path().join("models").join(format!(
+            "{}.onnx",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
+        ));
+        assert!(stored.exists());
+
+        // A second model is past this plan's quota: refused before it is loaded or stored.
+        let over = hosting
+            .install(
+                &tenant,
+                &who,
+                &quota,
+                version("another"),
+                hosting.stage_bytes(&bytes).await.unwrap(),
+                None,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&over, HostingError::Store(err) if err.code() == ErrorCode::ModelQuotaExceeded),
+            "{over:?}"
+        );
+
+        hosting.delete_model(&tenant, &who, "scorer").await.unwrap();
+        assert!(hosting.catalog.find(&tenant, "scorer").is_none());
+        assert!(!stored.exists(), "the deleted model's file stayed");
+        let gone = hosting.reload(&tenant, "scorer").await.unwrap_err();
+        assert!(
+            matches!(
+                gone,
+                HostingError::Refused {
+                    code: ErrorCode::NotFound,
+                    ..
+                }
+            ),
+            "{gone:?}"
+        );
+    }
+}

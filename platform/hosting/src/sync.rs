@@ -1,0 +1,184 @@
+//! Each replica's catalogue of tenant models, loaded at start-up in the background and kept in step
+//! with the registry every replica shares.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use plinth_core::id::TenantId;
+use plinth_store::StoreError;
+use plinth_store::models::ModelRecord;
+use tokio::task::JoinHandle;
+
+use crate::Hosting;
+
+type ModelVersionKey = (TenantId, String, u32);
+
+impl Hosting {
+    /// Starts serving every tenant's newest model versions, in the background after start-up: the
+    /// server answers at once (readiness waits for this), and a model that fails to load is logged,
+    /// counted and skipped rather than keeping the platform down. A registry that cannot be read is
+    /// tried again.
+    #[must_use]
+    pub fn spawn_loading(&self) -> JoinHandle<()> {
+        let hosting = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match hosting.load_tenant_models().await {
+                    Ok(()) => break,
+                    Err(err) => {
+                        tracing::error!(error = %err, "cannot read the model registry; trying again");
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                }
+            }
+            hosting.catalog.finished_loading_tenant_models();
+        })
+    }
+
+    async fn load_tenant_models(&self) -> Result<(), StoreError> {
+        for record in self.store.live_models().await? {
+            self.load_record(&record).await;
+        }
+        Ok(())
+    }
+
+    /// Loads a registered model version and serves it, unless a delete or a newer upload came
+    /// meanwhile. Returns whether it loaded (a failure is logged and counted).
+    async fn load_record(&self, record: &ModelRecord) -> bool {
+        let files = match self.fetch_files(record).await {
+            Ok(files) => files,
+            Err(err) => {
+                metrics::counter!("plinth_model_load_failures_total").increment(1);
+                tracing::error!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot fetch a tenant model's files");
+                return false;
+            }
+        };
+        let engine = self.engine.clone();
+        match tokio::task::spawn_blocking(move || engine.load(&files)).await {
+            // A delete or a newer upload since the registry was read wins.
+            Ok(Ok(model)) => {
+                if let Err(err) = self.serve_if_current(&record.tenant_id, model).await {
+                    tracing::error!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot check a tenant model is current");
+                }
+                true
+            }
+            Ok(Err(err)) => {
+                metrics::counter!("plinth_model_load_failures_total").increment(1);
+                tracing::error!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot load a tenant model");
+                false
+            }
+            Err(err) => {
+                metrics::counter!("plinth_model_load_failures_total").increment(1);
+                tracing::error!(error = %err, "model loading panicked");
+                false
+            }
+        }
+    }
+
+    /// Keeps this replica's model catalogue in step with the registry every replica shares: a model
+    /// uploaded through another replica starts serving here, and one deleted there stops here, within
+    /// `every`. A version that fails to load is not tried again by this loop (it is logged and
+    /// counted; its first call tries once more).
+    #[must_use]
+    pub fn spawn_catalog_sync(&self, every: Duration) -> JoinHandle<()> {
+        let hosting = self.clone();
+        tokio::spawn(async move {
+            let mut failed = HashSet::new();
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Postgres announces each change: compared at once rather than at the next tick.
+            let mut changes = match hosting.store.catalog_changes().await {
+                Ok(changes) => changes,
+                Err(err) => {
+                    tracing::warn!(error = %err, "catalogue changes are followed by polling only");
+                    None
+                }
+            };
+            loop {
+                let announced = async {
+                    match changes.as_mut() {
+                        Some(changes) => changes.next().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    heard = announced => {
+                        if let Err(err) = heard {
+                            tracing::warn!(error = %err, "lost the catalogue change listener; polling meanwhile");
+                            tokio::time::sleep(every).await;
+                        }
+                    }
+                }
+                if !hosting.catalog.tenant_models_loaded() {
+                    continue;
+                }
+                if let Err(err) = hosting.sync_catalog(&mut failed).await {
+                    tracing::warn!(error = %err, "cannot read the model registry to sync the catalogue");
+                }
+            }
+        })
+    }
+
+    async fn sync_catalog(&self, failed: &mut HashSet<ModelVersionKey>) -> Result<(), StoreError> {
+        let records = self.store.live_models().await?;
+        let live: HashMap<(&TenantId, &str), u32> = records
+            .iter()
+            .map(|r| ((&r.tenant_id, r.name.as_str()), r.version))
+            .collect();
+        let served: HashMap<(TenantId, String), u32> = self
+            .catalog
+            .tenant_models()
+            .into_iter()
+            .map(|(tenant, name, version)| ((tenant, name), version))
+            .collect();
+        let mut removed = false;
+        for (tenant, name) in served.keys() {
+            if !live.contains_key(&(tenant, name.as_str())) {
+                // Deleted through another replica. Checked again under the files lock, as a delete
+                // here would hold it: an upload through this replica may have just registered it.
+                let _files = self.files_lock.lock().await;
+                if self.store.model_versions(tenant, name).await?.is_empty() {
+                    self.catalog.remove_tenant(tenant, name);
+                    removed = true;
+                    metrics::counter!("plinth_catalog_changes_total", "change" => "removed").increment(1);
+                    tracing::info!(%tenant, model = %name, "a model deleted elsewhere stopped serving here");
+                }
+            }
+        }
+        // Older versions pinned here and deleted elsewhere (one version, or the whole model) stop too.
+        for (tenant, name, version) in self.catalog.pinned_versions() {
+            if let Err(StoreError::NotFound(_)) = self.store.model_version(&tenant, &name, version).await {
+                self.catalog.remove_version(&tenant, &name, version);
+                removed = true;
+                metrics::counter!("plinth_catalog_changes_total", "change" => "removed").increment(1);
+            }
+        }
+        if removed {
+            // This replica's copies of the deleted model's files go too.
+            let _files = self.files_lock.lock().await;
+            self.remove_local_unused_files().await?;
+        }
+        for record in &records {
+            let key = (record.tenant_id.clone(), record.name.clone());
+            // A different version than the registry's newest: a newer upload, or the newest deleted.
+            let current = served.get(&key).is_some_and(|v| *v == record.version);
+            let version_key = (record.tenant_id.clone(), record.name.clone(), record.version);
+            let uploading_here = self
+                .uploading
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(&key);
+            if current || uploading_here || failed.contains(&version_key) {
+                continue;
+            }
+            if self.load_record(record).await {
+                metrics::counter!("plinth_catalog_changes_total", "change" => "loaded").increment(1);
+                tracing::info!(tenant = %record.tenant_id, model = %record.name, version = record.version, "a model uploaded elsewhere serves here");
+            } else {
+                failed.insert(version_key);
+            }
+        }
+        Ok(())
+    }
+}
