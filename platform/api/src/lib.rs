@@ -87,6 +87,11 @@ async fn reference_headers(
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| value.starts_with("text/html") || value.contains("javascript"));
+    // Whatever the response, a browser takes it for what it says it is.
+    response.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     if page && !response.headers().contains_key(header::CONTENT_SECURITY_POLICY) {
         let headers = response.headers_mut();
         for (name, value) in [

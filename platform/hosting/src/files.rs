@@ -17,7 +17,8 @@ pub struct Staged {
 }
 
 impl Staged {
-    /// A file written to the staging directory, with the SHA-256 (hex) and size of what was written.
+    /// A file written to [`Hosting::staging_dir`], with the SHA-256 (hex) and size of what was
+    /// written. Dropping it removes the file: only for files staged for an upload.
     #[must_use]
     pub fn written(path: PathBuf, sha256: String, size: u64) -> Self {
         Self { path, sha256, size }

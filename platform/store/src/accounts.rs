@@ -197,10 +197,11 @@ impl Store {
     /// per email from the client's network (`network`: an IPv4 address or an IPv6 /48), then, from
     /// networks the account has not logged in from before, per email and within `everyone_new`, the
     /// limit sign-ups share with every such attempt (key [`UNAUTHENTICATED_KEY`]); from networks it
-    /// used before, within a limit four times that, shared by all such logins ([`RETURNING_KEY`]).
-    /// Someone guessing from elsewhere, or flooding newcomers' attempts from many addresses, locks the
-    /// owner out of neither their network nor those they used before, whose password checks also go
-    /// first (the HTTP edge also limits attempts per client address). Every attempt is audited: a success in
+    /// used before, within a limit four times that, shared by all such logins ([`RETURNING_KEY`]),
+    /// and past that as a newcomer's. Someone guessing from elsewhere, or flooding from many
+    /// addresses, locks the owner out of neither their network nor those they used before unless
+    /// both shared limits are spent, and returning users' password checks go first (the HTTP edge also
+    /// limits attempts per client address). Every attempt is audited: a success in
     /// the session's tenant; a failure in the user's own (oldest) tenant, or the platform's log for an
     /// unknown email. Not in every tenant the user belongs to: a tenant that added someone as a member
     /// must not learn where that person's failed logins come from.
@@ -214,25 +215,35 @@ impl Store {
     ) -> Result<Session> {
         let email = normalise_email(&request.email).map_err(|_| StoreError::InvalidLogin)?;
         let known_key = format!("login-known:{email}:{network}");
+        let refused = |decision: crate::cache::RateDecision| {
+            StoreError::TooManyAttempts(decision.retry_after.max(Duration::from_secs(1)))
+        };
+        let this_network = cache
+            .rate_limit(&format!("login:{email}:{network}"), LOGIN_QUOTA)
+            .await?;
+        if !this_network.allowed {
+            return Err(refused(this_network));
+        }
         // Unknown when the cache cannot say: the stricter limits apply.
-        let known = cache.get(&known_key).await.ok().flatten().is_some();
-        let mut limits = vec![(format!("login:{email}:{network}"), LOGIN_QUOTA)];
+        let mut known = cache.get(&known_key).await.ok().flatten().is_some();
         if known {
             let returning = Quota {
                 per_minute: everyone_new.per_minute.saturating_mul(RETURNING_MULTIPLE),
                 burst: everyone_new.burst.saturating_mul(RETURNING_MULTIPLE),
             };
-            limits.push((RETURNING_KEY.to_owned(), returning));
-        } else {
-            limits.push((format!("login:{email}"), LOGIN_EMAIL_QUOTA));
-            limits.push((UNAUTHENTICATED_KEY.to_owned(), everyone_new));
+            // Spent (by logins to accounts an attacker made its networks known to): this one is
+            // treated as a newcomer's, not refused, so draining this limit alone keeps nobody out.
+            known = cache.rate_limit(RETURNING_KEY, returning).await?.allowed;
         }
-        for (key, quota) in limits {
-            let decision = cache.rate_limit(&key, quota).await?;
-            if !decision.allowed {
-                return Err(StoreError::TooManyAttempts(
-                    decision.retry_after.max(Duration::from_secs(1)),
-                ));
+        if !known {
+            for (key, quota) in [
+                (format!("login:{email}"), LOGIN_EMAIL_QUOTA),
+                (UNAUTHENTICATED_KEY.to_owned(), everyone_new),
+            ] {
+                let decision = cache.rate_limit(&key, quota).await?;
+                if !decision.allowed {
+                    return Err(refused(decision));
+                }
             }
         }
         let user = users::Entity::find()
@@ -633,5 +644,49 @@ mod tests {
     fn passwords_need_ten_characters() {
         assert!(validate_password("short").is_err());
         assert!(validate_password("long enough").is_ok());
+    }
+
+    /// Anyone can make networks known to accounts of their own and spend the returning users' shared
+    /// limit: a returning login then counts as a newcomer's rather than being refused, so only both
+    /// limits spent keep an owner out.
+    #[tokio::test]
+    async fn a_spent_returning_limit_makes_a_returning_login_a_newcomers_not_a_refusal() {
+        let (store, _dir) = crate::testing::test_store().await;
+        let cache = crate::cache::MemoryCache::new();
+        let who = Who::internal(Who::OPERATOR);
+        store
+            .signup(
+                &SignupRequest {
+                    email: "owner@example.com".into(),
+                    password: "correct horse battery".into(),
+                    tenant_name: "Acme".into(),
+                },
+                &who,
+            )
+            .await
+            .unwrap();
+        let everyone_new = Quota {
+            per_minute: 3,
+            burst: 3,
+        };
+        let request = LoginRequest {
+            email: "owner@example.com".into(),
+            password: "correct horse battery".into(),
+            tenant_id: None,
+        };
+        let login = || store.login(&cache, &request, &who, "203.0.113.7", everyone_new);
+        // The first login from the owner's network makes it known.
+        login().await.unwrap();
+        let spend = async |key: &str, quota: Quota| {
+            while cache.rate_limit(key, quota).await.unwrap().allowed {}
+        };
+        let returning = Quota {
+            per_minute: everyone_new.per_minute * RETURNING_MULTIPLE,
+            burst: everyone_new.burst * RETURNING_MULTIPLE,
+        };
+        spend(RETURNING_KEY, returning).await;
+        login().await.unwrap();
+        spend(UNAUTHENTICATED_KEY, everyone_new).await;
+        assert!(matches!(login().await, Err(StoreError::TooManyAttempts(_))));
     }
 }
