@@ -97,7 +97,6 @@ async fn reference_headers(
         for (name, value) in [
             (header::CONTENT_SECURITY_POLICY, REFERENCE_POLICY),
             (header::X_FRAME_OPTIONS, "DENY"),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
             (header::REFERRER_POLICY, "same-origin"),
         ] {
             headers.insert(name, HeaderValue::from_static(value));

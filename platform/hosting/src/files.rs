@@ -48,7 +48,7 @@ impl Drop for Staged {
 
 /// Whether removing unused files removes them from the replicas' shared storage too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shared {
+pub(crate) enum Shared {
     Remove,
     Keep,
 }

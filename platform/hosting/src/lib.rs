@@ -23,11 +23,12 @@ use plinth_store::blobs::Blobs;
 use plinth_store::models::{ModelRecord, NewModel};
 use plinth_store::{Store, StoreError};
 
-pub use crate::files::{Shared, Staged};
+use crate::files::Shared;
+pub use crate::files::Staged;
 
 /// Models loaded on demand (uploads, older versions) at once, across tenants: each load builds
 /// sessions and may take a core for seconds.
-pub const CONCURRENT_LOADS: usize = 1;
+const CONCURRENT_LOADS: usize = 1;
 
 /// How long a load waits for its turn before the caller is told to come back.
 const LOAD_WAIT: Duration = Duration::from_secs(30);
@@ -79,7 +80,7 @@ pub struct NewVersion {
 
 /// How a model is loaded on demand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Loading {
+enum Loading {
     /// A new upload: its warm-up must answer within the inference timeout.
     Validate,
     /// A version that was accepted before.
@@ -168,7 +169,7 @@ impl Hosting {
     /// # Errors
     /// `unavailable` (retry) when other loads hold the turn too long; the engine's refusal of the
     /// model.
-    pub async fn load(&self, files: ModelFiles, loading: Loading) -> Result<Arc<LoadedModel>> {
+    async fn load(&self, files: ModelFiles, loading: Loading) -> Result<Arc<LoadedModel>> {
         let turn = tokio::time::timeout(LOAD_WAIT, self.loading.clone().acquire_owned())
             .await
             .map_err(|_| HostingError::Refused {
@@ -437,8 +438,7 @@ impl Hosting {
 }
 
 /// The registry's name of a task.
-#[must_use]
-pub fn task_name(task: Task) -> &'static str {
+fn task_name(task: Task) -> &'static str {
     match task {
         Task::TextClassification => "text-classification",
         Task::Embedding => "embedding",
@@ -554,17 +554,13 @@ mod tests {
             ..PlanIsolation::FREE
         };
 
-        let refused = hosting
-            .install(
-                &tenant,
-                &who,
-                &quota,
-                version("Not A Name"),
-                hosting.stage_bytes(&bytes).await.unwrap(),
-                None,
-            )
-            .await
-            .unwrap_err();
+        let upload = async |name: &str| {
+            let staged = hosting.stage_bytes(&bytes).await.unwrap();
+            hosting
+                .install(&tenant, &who, &quota, version(name), staged, None)
+                .await
+        };
+        let refused = upload("Not A Name").await.unwrap_err();
         assert!(
             matches!(
                 refused,
@@ -578,17 +574,7 @@ mod tests {
         let staged: Vec<_> = std::fs::read_dir(hosting.staging_dir()).unwrap().collect();
         assert!(staged.is_empty(), "a refused upload left {staged:?}");
 
-        let model = hosting
-            .install(
-                &tenant,
-                &who,
-                &quota,
-                version("scorer"),
-                hosting.stage_bytes(&bytes).await.unwrap(),
-                None,
-            )
-            .await
-            .unwrap();
+        let model = upload("scorer").await.unwrap();
         assert_eq!((model.name.as_str(), model.version), ("scorer", 1));
         assert!(hosting.catalog.find(&tenant, "scorer").is_some());
         let stored = dir.path().join("models").join(format!(
@@ -598,17 +584,7 @@ mod tests {
         assert!(stored.exists());
 
         // A second model is past this plan's quota: refused before it is loaded or stored.
-        let over = hosting
-            .install(
-                &tenant,
-                &who,
-                &quota,
-                version("another"),
-                hosting.stage_bytes(&bytes).await.unwrap(),
-                None,
-            )
-            .await
-            .unwrap_err();
+        let over = upload("another").await.unwrap_err();
         assert!(
             matches!(&over, HostingError::Store(err) if err.code() == ErrorCode::ModelQuotaExceeded),
             "{over:?}"
