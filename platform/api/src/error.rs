@@ -199,19 +199,34 @@ impl From<plinth_hosting::HostingError> for ApiError {
     }
 }
 
+impl From<plinth_marketplace::MarketError> for ApiError {
+    #[track_caller]
+    fn from(err: plinth_marketplace::MarketError) -> Self {
+        use plinth_marketplace::MarketError as E;
+        match err {
+            E::Refused {
+                code,
+                message,
+                retry_after,
+            } => Self {
+                retry_after,
+                ..Self::new(code, message)
+            },
+            E::Store(err) => err.into(),
+            E::Hosting(err) => err.into(),
+            E::Inference(err) => err.into(),
+            E::Internal(detail) => Self::internal(detail),
+        }
+    }
+}
+
 impl From<plinth_inference::InferenceError> for ApiError {
     #[track_caller]
     fn from(err: plinth_inference::InferenceError) -> Self {
-        use plinth_inference::InferenceError as E;
-        let code = match &err {
-            E::InvalidInput(_) => ErrorCode::InvalidInput,
-            E::WrongTask(_) => ErrorCode::UnsupportedTask,
-            E::InvalidModel(_) => ErrorCode::InvalidModel,
-            E::Overloaded => ErrorCode::Overloaded,
-            E::TenantQueueFull(_) => ErrorCode::TenantQueueFull,
-            E::Timeout => ErrorCode::InferenceTimeout,
-            E::Runtime(_) => return Self::internal(err),
-        };
+        let code = err.code();
+        if code == ErrorCode::Internal {
+            return Self::internal(err);
+        }
         let retry_after = matches!(code, ErrorCode::Overloaded | ErrorCode::TenantQueueFull)
             .then_some(Duration::from_secs(1));
         Self {
@@ -221,7 +236,6 @@ impl From<plinth_inference::InferenceError> for ApiError {
     }
 }
 
-/// Malformed, oversized or mistyped JSON bodies.
 #[allow(clippy::needless_pass_by_value)] // actix's error-handler signature
 pub(crate) fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error {
     let api = match &err {

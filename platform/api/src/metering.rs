@@ -21,16 +21,16 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{FromRequest, HttpMessage, HttpRequest, HttpResponse, ResponseError, web};
-use std::task::Poll;
 
 use futures_util::StreamExt;
 use futures_util::future::{Ready, ready};
-use plinth_core::{ErrorCode, Micros, Scope};
+use plinth_core::{ErrorCode, Scope};
 use plinth_inference::timing;
 use plinth_store::auth::{Actor, Principal};
 use plinth_store::cache::{Quota, RateDecision};
 use plinth_store::idempotency::{Attempt, Claim, StoredResponse};
-use plinth_store::ledger::{MAX_IDEMPOTENCY_KEY_LEN, UsageRecord, automatic_key};
+use plinth_store::ledger::MAX_IDEMPOTENCY_KEY_LEN;
+use plinth_store::metering::CallKeys;
 use sha2::{Digest, Sha256};
 
 use crate::auth::{RateCounted, authenticate, check_scope};
@@ -372,12 +372,7 @@ pub(crate) async fn admit_interactive(
     if let Some(cap) = principal.call_cap {
         enforce_cap(state, &principal.tenant_id, cap).await?;
     }
-    let key = automatic_key();
-    Ok(IdempotencyKey {
-        attempt: key.clone(),
-        call: key,
-        inherited: false,
-    })
+    Ok(IdempotencyKey(CallKeys::unkeyed()))
 }
 
 /// Middleware of a metered route. `scope` is what the route requires of the caller; `max_body` the
@@ -404,21 +399,16 @@ pub(crate) async fn middleware(
     };
     let mut response = match admission {
         Admission::Unkeyed => {
-            let key = automatic_key();
-            req.extensions_mut().insert(IdempotencyKey {
-                attempt: key.clone(),
-                call: key,
-                inherited: false,
-            });
+            req.extensions_mut().insert(IdempotencyKey(CallKeys::unkeyed()));
             next.call(req).await?.map_into_boxed_body()
         }
         Admission::Replay(stored) => req.into_response(replay(stored)),
         Admission::Claimed(claim) => {
-            req.extensions_mut().insert(IdempotencyKey {
+            req.extensions_mut().insert(IdempotencyKey(CallKeys {
                 call: claim.ledger_key(),
                 attempt: claim.attempt_key(),
                 inherited: claim.inherited(),
-            });
+            }));
             run_claimed(&state, claim, req, next).await?
         }
     };
@@ -494,29 +484,7 @@ async fn enforce_cap(state: &AppState, tenant: &plinth_core::id::TenantId, cap: 
     Ok(())
 }
 
-/// What one call bills: `units` of a resource at `unit_price` each.
-#[derive(Debug, Clone)]
-pub(crate) struct Billable<'a> {
-    pub kind: &'a str,
-    pub resource: &'a str,
-    pub units: usize,
-    pub unit_price: Micros,
-    /// What of the amount accrues to a plugin's author.
-    pub author_share: Micros,
-}
-
-impl<'a> Billable<'a> {
-    /// A model call: one unit per item, at the plan's per-call price.
-    pub(crate) fn model(auth: &Principal, name: &'a str, units: usize) -> Self {
-        Self {
-            kind: "model",
-            resource: name,
-            units,
-            unit_price: auth.price_per_call,
-            author_share: Micros::ZERO,
-        }
-    }
-}
+pub(crate) use plinth_store::metering::Billable;
 
 /// Records one billable call and returns once it is durable.
 pub(crate) async fn record_usage(
@@ -526,28 +494,13 @@ pub(crate) async fn record_usage(
     request_id: RequestId,
     billable: Billable<'_>,
 ) -> Result<plinth_store::ledger::Recorded, ApiError> {
-    let record = state.meter.record(UsageRecord {
-        tenant_id: auth.tenant_id.clone(),
-        api_key_id: auth.api_key_id().cloned(),
-        resource_kind: billable.kind.to_owned(),
-        resource_id: billable.resource.to_owned(),
-        units: i64::try_from(billable.units).unwrap_or(i64::MAX),
-        unit_price: billable.unit_price,
-        author_share: billable.author_share,
-        idempotency_key: idempotency.call,
-        request_id: request_id.0,
-    });
-    Ok(timing::time("ledger", record).await?)
+    Ok(state
+        .meter
+        .charge(auth, idempotency.0, request_id.0, billable)
+        .await?)
 }
 
-/// Runs `work` and records its usage; returns when both are done, so the answer still waits for a
-/// durable event, but the event's commit (an fsync) overlaps the work instead of following it.
-///
-/// Work that fails before it waits for anything (bad input, a full queue) is refused without touching
-/// the ledger. Work that fails later has its event withdrawn, so only served calls are billed. A replay
-/// (the event was already there) withdraws it only when this attempt inherited the call from one that
-/// stopped unanswered: attempts at one keyed request run one at a time (see the middleware), so then
-/// nobody was served.
+/// Runs `work` and records its usage (see [`plinth_store::ledger::Meter::metered`]).
 pub(crate) async fn metered<T>(
     state: &AppState,
     auth: &Principal,
@@ -556,34 +509,10 @@ pub(crate) async fn metered<T>(
     billable: Billable<'_>,
     work: impl Future<Output = Result<T, ApiError>>,
 ) -> Result<(T, plinth_store::ledger::Recorded), ApiError> {
-    let idempotency_inherited = idempotency.inherited;
-    let work = timing::time("model", work);
-    let mut work = std::pin::pin!(work);
-    // One poll: does the work finish (or fail) without waiting?
-    let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
-    if let Poll::Ready(outcome) = first {
-        let value = outcome?;
-        let recorded = record_usage(state, auth, idempotency, request_id, billable).await?;
-        return Ok((value, recorded));
-    }
-    let (outcome, recorded) =
-        tokio::join!(work, record_usage(state, auth, idempotency, request_id, billable));
-    match (outcome, recorded) {
-        (Ok(value), Ok(recorded)) => Ok((value, recorded)),
-        (Err(err), Ok(recorded)) => {
-            if (!recorded.replayed || idempotency_inherited)
-                && let Err(withdraw) = state
-                    .store
-                    .withdraw_usage_event(&auth.tenant_id, &recorded.event_id)
-                    .await
-            {
-                tracing::error!(error = %withdraw, event = %recorded.event_id,
-                    "a failed call's usage event could not be withdrawn");
-            }
-            Err(err)
-        }
-        (_, Err(err)) => Err(err),
-    }
+    state
+        .meter
+        .metered(auth, idempotency.0, request_id.0, billable, work)
+        .await
 }
 
 /// Answers a metered call with `body`. `Idempotent-Replayed` says whether the ledger already held the
@@ -599,17 +528,7 @@ pub(crate) fn billed_json(
 
 /// The ledger keys of this call, chosen by the metering middleware, never by the client.
 #[derive(Debug, Clone)]
-pub struct IdempotencyKey {
-    /// The call's own event: the same for every attempt at a keyed request, so it is billed once.
-    pub call: String,
-    /// This attempt: what the call's own sub-calls (a plugin's model calls) are keyed under. Each
-    /// attempt's sub-calls are work of their own, billed as such: were they keyed like the call, an
-    /// attempt that fails on purpose would let the next one run different sub-calls as "replays".
-    pub attempt: String,
-    /// This attempt took the call over from one that stopped unanswered: the call's event may be that
-    /// attempt's, and this one withdraws it if it fails too (nobody was answered).
-    pub inherited: bool,
-}
+pub struct IdempotencyKey(pub CallKeys);
 
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 

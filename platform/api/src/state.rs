@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use plinth_billing::Billing;
 use plinth_inference::{Catalog, Engine};
-use plinth_plugin_host::PluginHost;
 use plinth_store::cache::{Quota, SharedCache};
 use plinth_store::idempotency::{Claims, Completions, IdempotencySettings};
 use plinth_store::ledger::Meter;
@@ -26,10 +25,8 @@ pub struct AppState {
     /// Tenants' uploaded models: stored, loaded on demand, kept in step across replicas.
     pub hosting: plinth_hosting::Hosting,
     pub settings: ApiSettings,
-    /// Compiles and runs plugins.
-    pub plugins: Arc<PluginHost>,
-    /// Where published plugin components live, named by their SHA-256.
-    pub plugin_files: plinth_store::blobs::Blobs,
+    /// Plugins: published, installed, invoked.
+    pub marketplace: plinth_marketplace::Marketplace,
     /// Seals installation secrets at rest.
     pub secrets: SecretBox,
     /// Statements, plan changes, Stripe.
@@ -48,8 +45,6 @@ pub struct ApiSettings {
     pub max_body_bytes: usize,
     /// The largest model file a tenant may upload.
     pub max_model_bytes: u64,
-    /// Plugin authors' share of their plugins' revenue, in basis points (8000 = 80%).
-    pub author_share_bps: u32,
     /// How keyed requests are held and how long their answers are kept.
     pub idempotency: IdempotencySettings,
     /// Proxies whose `X-Forwarded-For` is believed (see [`crate::client`]).
@@ -59,8 +54,6 @@ pub struct ApiSettings {
     pub metrics_token: Option<crate::metrics::MetricsToken>,
     /// A portal session unused this long must log in again.
     pub portal_idle: std::time::Duration,
-    /// Plugin invocation records kept per installation (the newest).
-    pub invocation_records: u64,
     pub limits: AbuseLimits,
     /// Datasets and training jobs.
     pub training: crate::training::TrainingSettings,
@@ -102,12 +95,10 @@ impl Default for ApiSettings {
         Self {
             max_body_bytes: 1024 * 1024,
             max_model_bytes: 256 * 1024 * 1024,
-            author_share_bps: 8_000,
             idempotency: IdempotencySettings::default(),
             trusted_proxies: Vec::new(),
             metrics_token: None,
             portal_idle: std::time::Duration::from_secs(30 * 60),
-            invocation_records: 100,
             limits: AbuseLimits::default(),
             training: crate::training::TrainingSettings {
                 base_models_dir: std::path::PathBuf::from("models"),

@@ -10,6 +10,7 @@ pub mod inference;
 pub mod money;
 pub mod plugins;
 pub mod scope;
+pub mod timing;
 pub mod training;
 
 pub use error::ErrorCode;

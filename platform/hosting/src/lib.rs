@@ -33,6 +33,16 @@ const CONCURRENT_LOADS: usize = 1;
 /// How long a load waits for its turn before the caller is told to come back.
 const LOAD_WAIT: Duration = Duration::from_secs(30);
 
+/// Who a model call is for, in the model's fair queue: the caller's tenant, with its plan's weight.
+#[must_use]
+pub fn share(auth: &plinth_store::auth::Principal) -> plinth_inference::Share {
+    plinth_inference::Share {
+        tenant: Arc::from(auth.tenant_id.as_str()),
+        weight: auth.isolation.scheduling_weight,
+        plan: Arc::from(auth.plan.as_str()),
+    }
+}
+
 /// Why hosting refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HostingError {
@@ -54,6 +64,17 @@ pub enum HostingError {
 }
 
 impl HostingError {
+    /// The API's code for this failure.
+    #[must_use]
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Refused { code, .. } => *code,
+            Self::Store(err) => err.code(),
+            Self::Inference(err) => err.code(),
+            Self::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
     fn invalid(message: impl Into<String>) -> Self {
         Self::Refused {
             code: ErrorCode::ValidationFailed,
@@ -334,6 +355,40 @@ impl Hosting {
             .collect();
         self.remove_unused_files(files.iter(), Shared::Remove).await;
         Ok(())
+    }
+
+    /// The model `name` as `tenant` sees it: the platform's or its own, loaded again if it was let go.
+    ///
+    /// # Errors
+    /// `not_found` when there is no such model; `unavailable` (retry shortly) while the server has
+    /// just started and tenants' models are still loading; a reload's failure.
+    pub async fn find(&self, tenant: &TenantId, name: &str) -> Result<Arc<LoadedModel>> {
+        if let Some(model) = self.catalog.find(tenant, name) {
+            return Ok(model);
+        }
+        if self.catalog.serves(tenant, name) {
+            // Let go of to bound memory: loaded again for this call.
+            return self.reload(tenant, name).await;
+        }
+        if !self.catalog.tenant_models_loaded() {
+            // Just started: tenants' models load in the background, and this one may be among them.
+            return Err(HostingError::Refused {
+                code: ErrorCode::Unavailable,
+                message: "the server has just started and is still loading models; retry shortly".into(),
+                retry_after: Some(Duration::from_secs(2)),
+            });
+        }
+        Err(HostingError::Refused {
+            code: ErrorCode::NotFound,
+            message: format!("no model named `{name}`"),
+            retry_after: None,
+        })
+    }
+
+    /// Whether `name` is one of the platform's own models (what plugins may call).
+    #[must_use]
+    pub fn is_platform(&self, name: &str) -> bool {
+        self.catalog.is_platform(name)
     }
 
     /// Loads again a tenant's newest version of `name` that was let go to bound memory, and serves it.

@@ -10,7 +10,8 @@ mod engine;
 mod external_data;
 mod scheduler;
 mod tensor;
-pub mod timing;
+/// Where a request's time went (shared with the ledger, which times itself too).
+pub use plinth_core::timing;
 mod tokenizer;
 
 pub use catalog::{BASE_MODEL, Catalog, builtin_embedding_files, load_builtin};
@@ -48,6 +49,21 @@ pub enum InferenceError {
 }
 
 impl InferenceError {
+    /// The API's code for this failure.
+    #[must_use]
+    pub fn code(&self) -> plinth_core::ErrorCode {
+        use plinth_core::ErrorCode;
+        match self {
+            Self::InvalidInput(_) => ErrorCode::InvalidInput,
+            Self::WrongTask(_) => ErrorCode::UnsupportedTask,
+            Self::InvalidModel(_) => ErrorCode::InvalidModel,
+            Self::Overloaded => ErrorCode::Overloaded,
+            Self::TenantQueueFull(_) => ErrorCode::TenantQueueFull,
+            Self::Timeout => ErrorCode::InferenceTimeout,
+            Self::Runtime(_) => ErrorCode::Internal,
+        }
+    }
+
     /// The same failure for another caller of the same batch.
     pub(crate) fn for_another_caller(&self) -> Self {
         match self {

@@ -537,6 +537,17 @@ impl Config {
             .collect()
     }
 
+    /// How plugins are run and paid for; `billing` says how bills are collected.
+    #[must_use]
+    pub fn market_settings(&self, billing: &plinth_billing::Billing) -> plinth_marketplace::MarketSettings {
+        plinth_marketplace::MarketSettings {
+            author_share_bps: self.plugin_author_share_bps,
+            invocation_records: self.invocation_records,
+            payment_mode: billing.mode(),
+            collects_plugin_fees: billing.collects_plugin_fees(),
+        }
+    }
+
     /// The HTTP edge's settings.
     #[must_use]
     pub fn api_settings(&self) -> plinth_api::ApiSettings {
@@ -547,7 +558,6 @@ impl Config {
         plinth_api::ApiSettings {
             max_body_bytes: self.max_body_bytes,
             max_model_bytes: self.max_model_bytes,
-            author_share_bps: self.plugin_author_share_bps,
             idempotency: plinth_store::idempotency::IdempotencySettings {
                 retention: Duration::from_secs(self.idempotency_retention_secs),
                 ..plinth_store::idempotency::IdempotencySettings::default()
@@ -555,7 +565,6 @@ impl Config {
             trusted_proxies: self.trusted_proxy_ranges().unwrap_or_default(),
             metrics_token: self.metrics_token.as_deref().map(plinth_api::MetricsToken::new),
             portal_idle: Duration::from_secs(self.portal_idle_secs),
-            invocation_records: self.invocation_records,
             limits: plinth_api::AbuseLimits {
                 signups_per_address: per_minute(self.signups_per_address_per_minute),
                 logins_per_address: per_minute(self.logins_per_address_per_minute),

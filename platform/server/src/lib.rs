@@ -228,20 +228,31 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     .context("cannot start the plugin host")?;
     let (claims, claims_writer) = plinth_store::idempotency::Claims::start(store.clone());
     let (completions, completions_writer) = plinth_store::idempotency::Completions::start(store.clone());
+    let hosting = plinth_hosting::Hosting::new(store.clone(), models.clone(), engine.clone(), model_files);
+    let secrets = checked_secret_box(config, &store).await?;
+    let billing = billing(config, store.clone())?;
+    let marketplace = plinth_marketplace::Marketplace::new(
+        store.clone(),
+        meter.clone(),
+        hosting.clone(),
+        Arc::new(plugins),
+        plugin_files,
+        secrets.clone(),
+        config.market_settings(&billing),
+    );
     let state = AppState {
         store: store.clone(),
         cache,
         meter,
         claims,
         completions,
-        hosting: plinth_hosting::Hosting::new(store.clone(), models.clone(), engine.clone(), model_files),
+        hosting,
         models,
         engine,
         settings: config.api_settings(),
-        plugins: Arc::new(plugins),
-        plugin_files,
-        secrets: checked_secret_box(config, &store).await?,
-        billing: billing(config, store.clone())?,
+        marketplace,
+        secrets,
+        billing,
         recent_errors: plinth_api::RecentErrors::default(),
         draining: Arc::default(),
     };

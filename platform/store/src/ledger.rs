@@ -170,6 +170,8 @@ impl DatabaseClock {
 #[derive(Debug, Clone)]
 pub struct Meter {
     queue: mpsc::Sender<Pending>,
+    /// Where events are withdrawn (see [`Meter::metered`]).
+    store: Store,
 }
 
 /// The most units one event may carry: far beyond any real call (a 16 MiB request holds fewer items),
@@ -232,13 +234,17 @@ impl Meter {
             measured: None,
         };
         let writer = tokio::spawn(write_loop(
-            store,
+            store.clone(),
             receiver,
             settings.max_batch.max(1),
             in_flight,
             clock,
         ));
-        (Self { queue }, writer)
+        (Self { queue, store }, writer)
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Records one billable call and returns once it is durable (or was already recorded).

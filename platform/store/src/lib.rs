@@ -16,6 +16,7 @@ pub mod idempotency;
 pub mod invocations;
 pub mod ledger;
 pub mod members;
+pub mod metering;
 pub mod models;
 mod passwords;
 pub mod payments;

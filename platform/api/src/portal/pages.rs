@@ -921,7 +921,11 @@ pub(crate) async fn install(
         secrets,
         record_failures: false,
     };
-    match crate::plugins::install(&state, &visitor.principal, &visitor.who(), &request).await {
+    match state
+        .marketplace
+        .install(&visitor.principal, &visitor.who(), &request)
+        .await
+    {
         Ok(_) => Ok(see_other("/portal/plugins")),
         Err(err) => refused(shown(err)?.message().to_owned()).await,
     }
@@ -972,7 +976,7 @@ pub(crate) async fn author(
     let (from, to) = crate::routes::billing::period(None, None)?;
     let earnings = state
         .store
-        .author_earnings(tenant, from, to, state.settings.author_share_bps)
+        .author_earnings(tenant, from, to, state.marketplace.settings().author_share_bps)
         .await?;
     let payouts = state.billing.payouts(tenant).await?;
     let (rows, payout_lines) = view::AuthorPage::lines(&earnings, &payouts);
@@ -1164,11 +1168,18 @@ pub(crate) async fn try_plugin(
     };
     let invoked = async {
         let key = crate::metering::admit_interactive(&state, &visitor.principal, Scope::Plugins).await?;
-        crate::plugins::invoke(&state, &visitor.principal, key, request_id, &id, &request, false).await
+        let invocation = plinth_marketplace::Invocation {
+            installation: &id,
+            keys: key.0,
+            request_id: request_id.0,
+            request: &request,
+            record: false,
+        };
+        Ok::<_, ApiError>(state.marketplace.invoke(&visitor.principal, invocation).await?)
     }
     .await;
     match invoked {
-        Ok((crate::plugins::Invoked { outcome, .. }, _)) => {
+        Ok((plinth_marketplace::Invoked { outcome, .. }, _)) => {
             let body = serde_json::from_str::<serde_json::Value>(&outcome.response)
                 .and_then(|answer| serde_json::to_string_pretty(&answer))
                 .unwrap_or(outcome.response);
@@ -1211,7 +1222,10 @@ pub(crate) async fn upgrade(
         approve_models: Some(models),
         ..Default::default()
     };
-    match crate::plugins::update_installation(&state, &visitor.principal, &visitor.who(), &id, &request).await
+    match state
+        .marketplace
+        .update_installation(&visitor.principal, &visitor.who(), &id, &request)
+        .await
     {
         Ok(_) => Ok(see_other(&format!("/portal/plugins/{id}"))),
         Err(err) => installation_refusal(&state, &visitor, &id, shown(err)?, None).await,
@@ -1243,7 +1257,10 @@ pub(crate) async fn installation_settings(
         // A checkbox: sent only when ticked.
         record_failures: Some(form.contains_key("record_failures")),
     };
-    match crate::plugins::update_installation(&state, &visitor.principal, &visitor.who(), &id, &request).await
+    match state
+        .marketplace
+        .update_installation(&visitor.principal, &visitor.who(), &id, &request)
+        .await
     {
         Ok(_) => Ok(see_other(&format!("/portal/plugins/{id}"))),
         Err(err) => installation_refusal(&state, &visitor, &id, shown(err)?, None).await,

@@ -3,24 +3,17 @@
 use std::sync::Arc;
 
 use actix_web::{HttpResponse, web};
-use plinth_core::ErrorCode;
 use plinth_core::inference::{ClassifyResponse, EmbedResponse, Model, TextRequest};
 use plinth_inference::LoadedModel;
 
 use crate::auth::{Auth, scope};
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::metering::{Billable, IdempotencyKey, billed_json, metered};
 use crate::request_id::RequestId;
 use crate::state::AppState;
 
 /// The caller's share of a contended model: its tenant, and its plan's weight.
-pub(crate) fn share(auth: &plinth_store::auth::Principal) -> plinth_inference::Share {
-    plinth_inference::Share {
-        tenant: std::sync::Arc::from(auth.tenant_id.as_str()),
-        weight: auth.isolation.scheduling_weight,
-        plan: std::sync::Arc::from(auth.plan.as_str()),
-    }
-}
+pub(crate) use plinth_hosting::share;
 
 /// The model `name` as the caller's tenant sees it (loaded again if it was let go), or 404.
 pub(crate) async fn find_model(
@@ -28,25 +21,7 @@ pub(crate) async fn find_model(
     auth: &plinth_store::auth::Principal,
     name: &str,
 ) -> ApiResult<Arc<LoadedModel>> {
-    if let Some(model) = state.models.find(&auth.tenant_id, name) {
-        return Ok(model);
-    }
-    if state.models.serves(&auth.tenant_id, name) {
-        // Let go of to bound memory: loaded again for this call.
-        return Ok(state.hosting.reload(&auth.tenant_id, name).await?);
-    }
-    if !state.models.tenant_models_loaded() {
-        // Just started: tenants' models load in the background, and this one may be among them.
-        return Err(ApiError::new(
-            ErrorCode::Unavailable,
-            "the server has just started and is still loading models; retry shortly",
-        )
-        .retry_after(std::time::Duration::from_secs(2)));
-    }
-    Err(ApiError::new(
-        ErrorCode::NotFound,
-        format!("no model named `{name}`"),
-    ))
+    Ok(state.hosting.find(&auth.tenant_id, name).await?)
 }
 
 /// Models the caller can use: the platform's and the tenant's own.

@@ -132,7 +132,7 @@ pub async fn revoke(
 ) -> ApiResult<web::Json<PluginVersion>> {
     require_platform_admin(&auth, "revoke plugins")?;
     let version = state.store.revoke_version(&auth.who(), &id, &body.reason).await?;
-    state.plugins.forget(&version.sha256).await;
+    state.marketplace.host().forget(&version.sha256).await;
     Ok(web::Json(version))
 }
 
@@ -149,7 +149,7 @@ pub async fn install(
     auth: Auth<scope::Admin>,
     body: web::Json<InstallRequest>,
 ) -> ApiResult<HttpResponse> {
-    let installation = crate::plugins::install(&state, &auth, &auth.who(), &body).await?;
+    let installation = state.marketplace.install(&auth, &auth.who(), &body).await?;
     Ok(HttpResponse::Created().json(installation))
 }
 
@@ -243,7 +243,10 @@ pub async fn update(
     body: web::Json<UpdateInstallationRequest>,
 ) -> ApiResult<web::Json<Installation>> {
     Ok(web::Json(
-        crate::plugins::update_installation(&state, &auth, &auth.who(), &id, &body).await?,
+        state
+            .marketplace
+            .update_installation(&auth, &auth.who(), &id, &body)
+            .await?,
     ))
 }
 
@@ -297,8 +300,14 @@ pub async fn invoke(
             ));
         }
     };
-    let (invoked, recorded) =
-        crate::plugins::invoke(&state, &auth, idempotency, request_id, &id, &body, record).await?;
+    let invocation = plinth_marketplace::Invocation {
+        installation: &id,
+        keys: idempotency.0,
+        request_id: request_id.0,
+        request: &body,
+        record,
+    };
+    let (invoked, recorded) = state.marketplace.invoke(&auth, invocation).await?;
     let mut response = HttpResponse::Ok();
     response
         .insert_header(("Idempotent-Replayed", recorded.replayed.to_string()))
@@ -332,7 +341,12 @@ pub async fn earnings(
     Ok(web::Json(
         state
             .store
-            .author_earnings(&auth.tenant_id, from, to, state.settings.author_share_bps)
+            .author_earnings(
+                &auth.tenant_id,
+                from,
+                to,
+                state.marketplace.settings().author_share_bps,
+            )
             .await?,
     ))
 }
