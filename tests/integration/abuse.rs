@@ -302,6 +302,7 @@ async fn free_tenants_cannot_fund_an_author_and_authors_cannot_pay_themselves() 
         })
         .await
         .unwrap();
+    let before = chrono::Utc::now();
     for _ in 0..3 {
         author
             .client
@@ -311,6 +312,32 @@ async fn free_tenants_cannot_fund_an_author_and_authors_cannot_pay_themselves() 
     }
     let earnings = author.owner.author_earnings().await.unwrap();
     assert_eq!((earnings.rows[0].calls, earnings.total), (3, Micros(0)));
+    // Counted over whole UTC days: a window of a second after the calls still holds the day's calls
+    // (a window of the author's choosing would time other tenants' calls).
+    let now = chrono::Utc::now();
+    let window: plinth_sdk::Earnings = reqwest::Client::new()
+        .get(app.url("/v1/author/earnings"))
+        .query(&[
+            ("from", now.to_rfc3339()),
+            ("to", (now + chrono::Duration::seconds(1)).to_rfc3339()),
+        ])
+        .bearer_auth(&author.session.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let midnight = now.date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc();
+    assert_eq!(window.from, midnight);
+    assert!(
+        window.to > now && (window.to - window.from).num_hours() % 24 == 0,
+        "{window:?}"
+    );
+    if window.from <= before {
+        // (Unless the day turned since the calls.)
+        assert_eq!(window.rows[0].calls, 3, "{window:?}");
+    }
     let statement = author.owner.upcoming_invoice().await.unwrap();
     assert_eq!(statement.plugin_fees_micros, Micros(0));
 }

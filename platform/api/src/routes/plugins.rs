@@ -322,13 +322,16 @@ pub async fn invoke(
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct EarningsParams {
-    /// Start (RFC 3339 or YYYY-MM-DD); 30 days before `to` by default.
+    /// Start (RFC 3339 or YYYY-MM-DD), moved back to the start of its UTC day; 30 days before `to` by
+    /// default.
     from: Option<String>,
-    /// End, exclusive; now by default.
+    /// End, exclusive, moved on to the end of its UTC day; now by default.
     to: Option<String>,
 }
 
-/// What the caller's plugins earned: invocations, what tenants paid, and the author's share.
+/// What the caller's plugins earned: invocations, what tenants paid, and the author's share. Counted
+/// over whole UTC days (`from` and `to` in the answer say which): the calls are other tenants', and a
+/// shorter window would tell when a particular tenant called.
 #[utoipa::path(get, path = "/v1/author/earnings", operation_id = "author_earnings", tag = "plugins", security(("bearer" = ["billing:read"])),
     params(EarningsParams),
     responses((status = 200, body = Earnings)))]

@@ -266,8 +266,12 @@ impl Store {
         Ok(balances)
     }
 
-    /// What the author's plugins earned in `[from, to)`: the shares the ledger recorded per call, and
-    /// how much of them tenants have paid for; with the author's balance, all time.
+    /// What the author's plugins earned in `[from, to)` widened to whole UTC days: the shares the
+    /// ledger recorded per call, and how much of them tenants have paid for; with the author's
+    /// balance, all time.
+    ///
+    /// Whole days because the calls counted are other tenants': in a window of the author's choosing
+    /// (a minute, a second) the counts would tell it when a particular tenant called.
     pub async fn author_earnings(
         &self,
         author: &TenantId,
@@ -275,6 +279,7 @@ impl Store {
         to: DateTime<Utc>,
         share_bps: u32,
     ) -> Result<Earnings> {
+        let (from, to) = (start_of_day(from)?, end_of_day(to)?);
         // An author's earnings are the calls other tenants made to its plugins.
         crate::row_security::across_tenants(self.earnings_of(author, from, to, share_bps)).await
     }
@@ -546,4 +551,23 @@ impl Store {
             .map(to_payout)
             .collect())
     }
+}
+
+const DAY_US: i64 = 86_400_000_000;
+
+/// The start of `at`'s UTC day.
+fn start_of_day(at: DateTime<Utc>) -> Result<DateTime<Utc>> {
+    let day = at.timestamp_micros().div_euclid(DAY_US) * DAY_US;
+    DateTime::from_timestamp_micros(day).ok_or_else(|| StoreError::invalid("the period is out of range"))
+}
+
+/// The end of `at`'s UTC day (the next midnight), or `at` itself at midnight.
+fn end_of_day(at: DateTime<Utc>) -> Result<DateTime<Utc>> {
+    let start = start_of_day(at)?;
+    if start == at {
+        return Ok(at);
+    }
+    start
+        .checked_add_signed(chrono::Duration::days(1))
+        .ok_or_else(|| StoreError::invalid("the period is out of range"))
 }
