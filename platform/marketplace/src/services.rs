@@ -251,3 +251,55 @@ impl Services for TenantServices {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use plinth_hosting::HostingError;
+
+    use super::*;
+
+    /// A guest is third-party code: it learns what went wrong with its own call, and only the kind of
+    /// a platform fault, never the fault's text (a database's address, a file's path).
+    #[test]
+    fn a_guest_is_told_its_own_mistakes_in_full_and_only_the_kind_of_a_platform_fault() {
+        let secret = "connection to 10.0.0.5:5432 refused; /var/lib/plinth/models/x.onnx";
+        let faults = [
+            MarketError::Store(StoreError::Unavailable(secret.into())),
+            MarketError::Store(StoreError::Internal(secret.into())),
+            MarketError::Hosting(HostingError::Store(StoreError::Unavailable(secret.into()))),
+            MarketError::Hosting(HostingError::Internal(secret.into())),
+            MarketError::Internal(secret.into()),
+        ];
+        for fault in &faults {
+            let told = service_error(fault);
+            assert!(
+                matches!(told, ServiceError::Unavailable(_)),
+                "{fault:?} -> {told:?}"
+            );
+            assert!(!told.to_string().contains("10.0.0.5"), "{fault:?} -> {told:?}");
+        }
+
+        let loading = MarketError::Hosting(HostingError::Refused {
+            code: ErrorCode::Unavailable,
+            message: "the server has just started and is still loading models; retry shortly".into(),
+            retry_after: Some(Duration::from_secs(2)),
+        });
+        assert!(
+            service_error(&loading)
+                .to_string()
+                .contains("still loading models")
+        );
+        let missing = MarketError::Hosting(HostingError::Refused {
+            code: ErrorCode::NotFound,
+            message: "no model named `nope`".into(),
+            retry_after: None,
+        });
+        assert!(matches!(service_error(&missing), ServiceError::InvalidInput(m) if m.contains("nope")));
+        let bad = MarketError::Inference(plinth_inference::InferenceError::InvalidInput(
+            "shape [2] is not [1]".into(),
+        ));
+        assert!(matches!(service_error(&bad), ServiceError::InvalidInput(m) if m.contains("shape")));
+    }
+}
