@@ -543,17 +543,10 @@ mod tests {
 
     use super::*;
 
-    fn cache_dir() -> PathBuf {
-        std::env::var_os("PLINTH_CACHE_DIR").map_or_else(
-            || PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/plinth"),
-            PathBuf::from,
-        )
-    }
-
     /// A graph that answers one row (made by `tests/fixtures/make_models.py`, which `scripts/test.sh`
     /// runs).
     fn model_bytes() -> Vec<u8> {
-        std::fs::read(cache_dir().join("test-models/one-row.onnx"))
+        std::fs::read(plinth_inference::cache_dir().join("test-models/one-row.onnx"))
             .expect("tests/fixtures/make_models.py's models (scripts/test.sh makes them)")
     }
 
@@ -572,10 +565,8 @@ mod tests {
             .await
             .unwrap();
         let engine = Engine::new(EngineSettings {
-            ort_dylib: std::env::var_os("PLINTH_ORT_DYLIB").map_or_else(
-                || cache_dir().join("onnxruntime/libonnxruntime.so.1.31.1"),
-                PathBuf::from,
-            ),
+            ort_dylib: std::env::var_os("PLINTH_ORT_DYLIB")
+                .map_or_else(plinth_inference::fetched_ort_dylib, PathBuf::from),
             ..EngineSettings::default()
         })
         .expect("ONNX Runtime (scripts/setup.sh fetches it)");

@@ -393,6 +393,25 @@ impl Engine {
     }
 }
 
+/// Where `scripts/fetch-models.sh` puts ONNX Runtime and the built-in models: `PLINTH_CACHE_DIR`, else
+/// `~/.cache/plinth`.
+#[must_use]
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PLINTH_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    std::env::var_os("HOME").map_or_else(
+        || PathBuf::from(".cache/plinth"),
+        |home| PathBuf::from(home).join(".cache/plinth"),
+    )
+}
+
+/// The ONNX Runtime library `scripts/fetch-models.sh` fetches into [`cache_dir`].
+#[must_use]
+pub fn fetched_ort_dylib() -> PathBuf {
+    cache_dir().join("onnxruntime/libonnxruntime.so.1.31.1")
+}
+
 /// An embedding model's own session for background work (training): on the CPU, one intra-op thread,
 /// running on the caller's thread (so that thread's priority is the work's), outside the batchers that
 /// serve calls.
@@ -853,14 +872,6 @@ mod tests {
 
     use super::*;
 
-    /// Where `scripts/setup.sh` put ONNX Runtime and the built-in models (the server's defaults).
-    fn cache_dir() -> PathBuf {
-        std::env::var_os("PLINTH_CACHE_DIR").map_or_else(
-            || PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/plinth"),
-            PathBuf::from,
-        )
-    }
-
     #[test]
     fn the_built_in_graphs_follow_where_models_run() {
         let engine = |provider| {
@@ -877,10 +888,7 @@ mod tests {
     }
 
     fn ort_dylib() -> PathBuf {
-        std::env::var_os("PLINTH_ORT_DYLIB").map_or_else(
-            || cache_dir().join("onnxruntime/libonnxruntime.so.1.31.1"),
-            PathBuf::from,
-        )
+        std::env::var_os("PLINTH_ORT_DYLIB").map_or_else(fetched_ort_dylib, PathBuf::from)
     }
 
     fn sentiment(sessions: usize) -> Arc<LoadedModel> {

@@ -651,17 +651,10 @@ mod tests {
 
     use super::*;
 
-    fn cache_dir() -> PathBuf {
-        std::env::var_os("PLINTH_CACHE_DIR").map_or_else(
-            || PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/plinth"),
-            PathBuf::from,
-        )
-    }
-
     /// A plugin built by `scripts/build-plugins.sh` (which `scripts/test.sh` runs): manifest, component.
     fn built_plugin(name: &str) -> (Vec<u8>, Vec<u8>) {
         let read = |file: String| {
-            let path = cache_dir().join("plugins").join(file);
+            let path = plinth_inference::cache_dir().join("plugins").join(file);
             std::fs::read(&path)
                 .unwrap_or_else(|err| panic!("{}: {err} (scripts/build-plugins.sh)", path.display()))
         };
@@ -689,15 +682,13 @@ mod tests {
         store.migrate().await.unwrap();
         let (meter, _writer) = Meter::start(store.clone(), LedgerSettings::default());
         let engine = Engine::new(EngineSettings {
-            ort_dylib: std::env::var_os("PLINTH_ORT_DYLIB").map_or_else(
-                || cache_dir().join("onnxruntime/libonnxruntime.so.1.31.1"),
-                PathBuf::from,
-            ),
+            ort_dylib: std::env::var_os("PLINTH_ORT_DYLIB")
+                .map_or_else(plinth_inference::fetched_ort_dylib, PathBuf::from),
             ..EngineSettings::default()
         })
         .expect("ONNX Runtime (scripts/setup.sh fetches it)");
         let catalog = Arc::new(Catalog::with_loaded_tenant_models(usize::MAX));
-        plinth_inference::load_builtin(&engine, &cache_dir().join("models"), &catalog)
+        plinth_inference::load_builtin(&engine, &plinth_inference::cache_dir().join("models"), &catalog)
             .expect("the built-in models (scripts/setup.sh prepares them)");
         let blobs = |name: &str| {
             let path = dir.join(name);

@@ -230,7 +230,7 @@ impl Default for Config {
             s3_region: "us-east-1".to_owned(),
             s3_access_key_id: None,
             s3_secret_access_key: None,
-            ort_dylib: cache_dir().join("onnxruntime/libonnxruntime.so.1.31.1"),
+            ort_dylib: plinth_inference::fetched_ort_dylib(),
             models_dir: cache_dir().join("models"),
             execution_provider: "cpu".to_owned(),
             inference_threads: 1,
@@ -276,18 +276,7 @@ impl Default for Config {
     }
 }
 
-/// Where `scripts/fetch-models.sh` puts ONNX Runtime and the built-in models: `PLINTH_CACHE_DIR`, else
-/// `~/.cache/plinth`.
-#[must_use]
-pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("PLINTH_CACHE_DIR") {
-        return PathBuf::from(dir);
-    }
-    std::env::var_os("HOME").map_or_else(
-        || PathBuf::from(".cache/plinth"),
-        |home| PathBuf::from(home).join(".cache/plinth"),
-    )
-}
+pub use plinth_inference::cache_dir;
 
 /// A configuration problem, worded for the operator.
 #[derive(Debug, thiserror::Error)]
