@@ -4,15 +4,16 @@
 //! flood runs. Goals for `fair`: quiet p99 under the flood within 2x its solo p99, and total throughput
 //! at least 95% of `fifo`'s.
 //!
-//! What the two goals ask of each other: a run of one text costs most of what a run of several does
-//! (on a 2-core CPU `sentiment` takes about 0.7 ms a run plus 0.8 ms a text), and the quiet tenant at
-//! concurrency 1 sends its next call as soon as the last is answered. Served at once, in runs of its
-//! own, it spends up to its whole fair share of the machine on runs of one or two texts, where first
-//! come, first served packs its calls into the flood's big runs (and answers them several times
-//! slower). The smaller the machine, the larger that share: on two cores about half, and the total
-//! falls by a tenth or more; on sixteen cores both goals were met (README). Where texts are cheap
-//! beside a run (a GPU), the quiet tenant's runs carry more of the flood's texts (see
-//! `scheduler::most_guests`).
+//! What the two goals ask of each other: a run costs about as much as a text beside the texts it
+//! carries (on a 2-core CPU, by the run thread's CPU clock, about 1.9 ms a run and 2.2 ms a text:
+//! 4.1 ms for one text, 6.3 ms for two; on other days and machines of the same kind 0.7 ms and
+//! 0.8 ms), and the quiet tenant at concurrency 1 sends its next call as soon as the last is
+//! answered. Served at once, in runs of its own, it spends up to its whole fair share of the machine
+//! on runs of one or two texts, where first come, first served packs its calls into the flood's big
+//! runs (and answers them several times slower). The smaller the machine, the larger that share: on
+//! two cores a quarter to a half (the bench prints it), and the total falls by a tenth or so; on
+//! sixteen cores both goals were met (README). Where texts are cheap beside a run (a GPU), the quiet
+//! tenant's runs carry more of the flood's texts (see `scheduler::most_guests`).
 //!
 //! Run: `cargo bench -p plinth-tests --bench fairness` (`PLINTH_EXECUTION_PROVIDER=cuda` on a GPU;
 //! `-- long` for a flood of the longest texts).
@@ -186,6 +187,21 @@ fn flood(
         .collect()
 }
 
+/// The mean of a stage the server timed, in ms.
+fn mean_stage(samples: &[Sample], name: &str) -> f64 {
+    samples
+        .iter()
+        .map(|sample| {
+            sample
+                .stages
+                .iter()
+                .find(|(stage, _)| stage == name)
+                .map_or(0.0, |(_, ms)| *ms)
+        })
+        .sum::<f64>()
+        / samples.len().max(1) as f64
+}
+
 fn percentile(samples: &mut [Sample], p: f64) -> f64 {
     samples.sort_by_key(|sample| sample.latency);
     samples[((samples.len() - 1) as f64 * p).round() as usize]
@@ -207,6 +223,10 @@ struct Run {
     items_per_run: f64,
     /// Where the quiet tenant's slowest 1% of calls under the flood spent their time.
     slowest: String,
+    /// The share of the machine's cores the quiet tenant's calls would take under the flood if each
+    /// ran alone, as long as its run took with the machine to itself: what runs of its own cost (see
+    /// the header).
+    quiet_share: f64,
 }
 
 /// The cumulative buckets of a histogram, (upper bound in s, count), over the series whose labels
@@ -325,6 +345,8 @@ async fn measure(scheduling: &'static str) -> Run {
     .await
     .expect("flood");
     app.stop().await;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let quiet_share = quiet_calls() as f64 / elapsed * mean_stage(&alone, "run") / 1e3 / cores;
     Run {
         alone: (percentile(&mut alone, 0.5), percentile(&mut alone, 0.99)),
         flooded: (percentile(&mut flooded, 0.5), percentile(&mut flooded, 0.99)),
@@ -340,6 +362,7 @@ async fn measure(scheduling: &'static str) -> Run {
         throughput: (noisy_calls as f64 + (quiet_calls() + 20) as f64) / elapsed,
         items_per_run: items / runs.max(1.0),
         slowest: slowest_stages(&mut flooded, 0.01),
+        quiet_share,
     }
 }
 
@@ -387,6 +410,10 @@ fn main() {
         println!(
             "  fair throughput under the flood vs fifo: {:.2}x",
             fair.throughput / fifo.throughput
+        );
+        println!(
+            "  fair: the quiet tenant's runs of its own under the flood, each as long as one alone, take {:.0}% of the cores (its share by weight: 50%)",
+            fair.quiet_share * 100.0
         );
         println!("  the quiet tenant's slowest 1% under the flood, mean ms (Server-Timing; ledger overlaps model):");
         for (name, run) in [("fifo", &fifo), ("fair", &fair)] {
