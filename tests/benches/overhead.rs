@@ -324,29 +324,46 @@ async fn ledger_throughput(app: &TestApp, tenant: &plinth_sdk::TenantId) {
     }
     let one_by_one = sequential as f64 / started.elapsed().as_secs_f64();
 
-    // Group commit: many recorders at once, as under load.
+    // Group commit: many recorders at once, as under load. Each recorder's wait is timed too: a slow
+    // commit (a WAL checkpoint, say) is one commit of many but holds every call waiting on it.
     let per_recorder = LEDGER_EVENTS / LEDGER_RECORDERS;
     let started = Instant::now();
-    join_all((0..LEDGER_RECORDERS).map(|r| {
+    let waits = join_all((0..LEDGER_RECORDERS).map(|r| {
         let meter = meter.clone();
         let tenant = tenant.clone();
         tokio::spawn(async move {
+            let mut waits = Vec::with_capacity(per_recorder);
             for i in 0..per_recorder {
+                let recording = Instant::now();
                 meter
                     .record(event(&tenant, r * per_recorder + i))
                     .await
                     .expect("record");
+                waits.push(recording.elapsed());
             }
+            waits
         })
     }))
     .await;
     let grouped = (per_recorder * LEDGER_RECORDERS) as f64 / started.elapsed().as_secs_f64();
+    let mut waits: Vec<Duration> = waits
+        .into_iter()
+        .flat_map(|recorder| recorder.expect("recorder"))
+        .collect();
+    waits.sort();
     drop(meter);
     writer.await.expect("writer");
     println!("  ledger, one event at a time:          {one_by_one:>9.0} events/s");
     println!(
         "  ledger, {LEDGER_RECORDERS} concurrent recorders:     {grouped:>9.0} events/s  ({:.1}x)",
         grouped / one_by_one
+    );
+    println!(
+        "  ledger, each of those events' wait:   p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms",
+        us(percentile(&waits, 0.5)) / 1e3,
+        us(percentile(&waits, 0.99)) / 1e3,
+        us(percentile(&waits, 0.999)) / 1e3,
+        us(percentile(&waits, 1.0)) / 1e3
     );
 }
 
