@@ -870,6 +870,8 @@ mod tests {
     use std::path::PathBuf;
     use std::sync::atomic::Ordering::Relaxed;
 
+    use futures_util::future::join_all;
+
     use super::*;
 
     #[test]
@@ -1032,9 +1034,11 @@ mod tests {
             weight: 1,
             plan: Arc::from("test"),
         };
+        // Calls are joined in this task rather than spawned: each is queued on its first poll, so all of
+        // them are queued together, however late a busy machine would have run spawned tasks.
         let call = |share: Share, inputs: Vec<Tensor>| {
             let model = model.clone();
-            tokio::spawn(async move { model.infer(share, inputs, None).await })
+            async move { model.infer(share, inputs, None).await }
         };
         let same_as_alone = |got: &[f32], expected: &[f32]| {
             assert_eq!(got.len(), expected.len());
@@ -1055,11 +1059,8 @@ mod tests {
 
         // Each text from two tenants at once: fewer runs than calls, none split, each caller its rows.
         let runs_before = model.stats.executions.load(Relaxed);
-        for (call, expected) in from_two_tenants().into_iter().zip(&alone) {
-            same_as_alone(
-                &floats(&call.await.expect("task").expect("a call beside others")),
-                expected,
-            );
+        for (answer, expected) in join_all(from_two_tenants()).await.into_iter().zip(&alone) {
+            same_as_alone(&floats(&answer.expect("a call beside others")), expected);
         }
         let runs = model.stats.executions.load(Relaxed) - runs_before;
         assert!(
@@ -1070,24 +1071,20 @@ mod tests {
 
         // Again beside a call whose token id is past the vocabulary (the runtime refuses it) and one of
         // another length (which runs apart): the shared run fails, is split, and only the bad call fails.
-        let together = from_two_tenants();
-        let refused = call(
-            tenant("mallory"),
-            tokens_call(&[101, 1_000_000_000, 102, 102, 102]),
+        let (together, refused, longer) = tokio::join!(
+            join_all(from_two_tenants()),
+            call(
+                tenant("mallory"),
+                tokens_call(&[101, 1_000_000_000, 102, 102, 102]),
+            ),
+            call(tenant("c"), tokens_call(&[101, 2_000, 2_023, 3_000, 3_001, 102])),
         );
-        let longer = call(tenant("c"), tokens_call(&[101, 2_000, 2_023, 3_000, 3_001, 102]));
-        for (call, expected) in together.into_iter().zip(&alone) {
-            same_as_alone(
-                &floats(&call.await.expect("task").expect("a call beside a bad one")),
-                expected,
-            );
+        for (answer, expected) in together.into_iter().zip(&alone) {
+            same_as_alone(&floats(&answer.expect("a call beside a bad one")), expected);
         }
-        let err = refused
-            .await
-            .expect("task")
-            .expect_err("an id past the vocabulary");
+        let err = refused.expect_err("an id past the vocabulary");
         assert!(matches!(err, InferenceError::InvalidInput(_)), "{err}");
-        longer.await.expect("task").expect("a call of another length");
+        longer.expect("a call of another length");
         assert!(
             model.stats.split_runs.load(Relaxed) > 0,
             "the bad call never shared a run"
