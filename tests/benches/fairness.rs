@@ -99,28 +99,29 @@ struct Sample {
     stages: Vec<(String, f64)>,
 }
 
+impl Sample {
+    /// A stage the server timed, in ms (0 when it was not timed).
+    fn stage(&self, name: &str) -> f64 {
+        self.stages
+            .iter()
+            .find(|(stage, _)| stage == name)
+            .map_or(0.0, |(_, ms)| *ms)
+    }
+}
+
 /// Where the slowest `share` of the calls spent their time, on average (ms): each stage the server
 /// timed, and what the server's total leaves of the client's (HTTP, connection, the client itself).
 fn slowest_stages(samples: &mut [Sample], share: f64) -> String {
     samples.sort_by_key(|sample| std::cmp::Reverse(sample.latency));
     let slowest = &samples[..((samples.len() as f64 * share).ceil() as usize).max(1)];
     let mean = |value: &dyn Fn(&Sample) -> f64| slowest.iter().map(value).sum::<f64>() / slowest.len() as f64;
-    let stage = |name: &'static str| {
-        move |sample: &Sample| {
-            sample
-                .stages
-                .iter()
-                .find(|(stage, _)| stage == name)
-                .map_or(0.0, |(_, ms)| *ms)
-        }
-    };
     let mut parts: Vec<String> = ["admit", "queue", "run", "wake", "model", "ledger", "total"]
         .into_iter()
-        .map(|name| format!("{name} {:.1}", mean(&stage(name))))
+        .map(|name| format!("{name} {:.1}", mean(&|sample: &Sample| sample.stage(name))))
         .collect();
     parts.push(format!(
         "outside the server {:.1}",
-        mean(&|sample: &Sample| sample.latency.as_secs_f64() * 1e3 - stage("total")(sample))
+        mean(&|sample: &Sample| sample.latency.as_secs_f64() * 1e3 - sample.stage("total"))
     ));
     format!(
         "client {:.1} = {}",
@@ -189,17 +190,7 @@ fn flood(
 
 /// The mean of a stage the server timed, in ms.
 fn mean_stage(samples: &[Sample], name: &str) -> f64 {
-    samples
-        .iter()
-        .map(|sample| {
-            sample
-                .stages
-                .iter()
-                .find(|(stage, _)| stage == name)
-                .map_or(0.0, |(_, ms)| *ms)
-        })
-        .sum::<f64>()
-        / samples.len().max(1) as f64
+    samples.iter().map(|sample| sample.stage(name)).sum::<f64>() / samples.len().max(1) as f64
 }
 
 fn percentile(samples: &mut [Sample], p: f64) -> f64 {
