@@ -5,15 +5,18 @@
 //! at least 95% of `fifo`'s.
 //!
 //! What the two goals ask of each other: a run costs about as much as a text beside the texts it
-//! carries (on a 2-core CPU, by the run thread's CPU clock, about 1.9 ms a run and 2.2 ms a text:
-//! 4.1 ms for one text, 6.3 ms for two; on other days and machines of the same kind 0.7 ms and
-//! 0.8 ms), and the quiet tenant at concurrency 1 sends its next call as soon as the last is
-//! answered. Served at once, in runs of its own, it spends up to its whole fair share of the machine
-//! on runs of one or two texts, where first come, first served packs its calls into the flood's big
-//! runs (and answers them several times slower). The smaller the machine, the larger that share: on
-//! two cores a quarter to a half (the bench prints it), and the total falls by a tenth or so; on
-//! sixteen cores both goals were met (README). Where texts are cheap beside a run (a GPU), the quiet
-//! tenant's runs carry more of the flood's texts (see `scheduler::most_guests`).
+//! carries, or more (every run reads all the weights and steps through every node of the graph: on
+//! a 2-core CPU a run of one short text took 2.2 ms where a run of sixteen took 0.8 ms a text; by
+//! the run thread's CPU clock on another day, 4.1 ms for one text and 6.3 ms for two), and the quiet
+//! tenant at concurrency 1 sends its next call as soon as the last is answered. Served at once, in
+//! runs of its own, it spends up to its whole fair share of the machine on runs of one or two texts,
+//! where first come, first served packs its calls into the flood's runs (and answers them several
+//! times slower). The smaller the machine, the larger that share: on two cores a quarter to a half
+//! (the bench prints it), and the total falls by a tenth or so; on sixteen cores both goals were
+//! met (README). Where texts are cheap beside a run (a GPU), the quiet tenant's runs carry more of
+//! the flood's texts (see `scheduler::most_guests`). The bench also prints where the cores went
+//! under each policy, by thread, from `/proc` (in the README's runs the two spent the same CPU, in
+//! different numbers of runs).
 //!
 //! Run: `cargo bench -p plinth-tests --bench fairness` (`PLINTH_EXECUTION_PROVIDER=cuda` on a GPU;
 //! `-- long` for a flood of the longest texts).
@@ -37,21 +40,25 @@ const TEXT: &str = "Shares plunged after the profit warning";
 
 /// Runs `load` on a thread and runtime of its own.
 fn client<T: Send + 'static>(
+    name: &str,
     load: impl FnOnce(reqwest::Client) -> std::pin::Pin<Box<dyn Future<Output = T> + Send>> + Send + 'static,
 ) -> std::thread::JoinHandle<T> {
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("client runtime")
-            .block_on(async move {
-                let http = reqwest::Client::builder()
-                    .pool_max_idle_per_host(128)
-                    .build()
-                    .expect("client");
-                load(http).await
-            })
-    })
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("client runtime")
+                .block_on(async move {
+                    let http = reqwest::Client::builder()
+                        .pool_max_idle_per_host(128)
+                        .build()
+                        .expect("client");
+                    load(http).await
+                })
+        })
+        .expect("client thread")
 }
 
 fn long_flood() -> bool {
@@ -132,7 +139,7 @@ fn slowest_stages(samples: &mut [Sample], share: f64) -> String {
 
 /// The quiet tenant's calls, one at a time.
 fn quiet(url: String, key: String) -> std::thread::JoinHandle<Vec<Sample>> {
-    client(move |http| {
+    client("bench-quiet", move |http| {
         Box::pin(async move {
             for _ in 0..20 {
                 classify(&http, &url, &key, TEXT).await;
@@ -164,7 +171,7 @@ fn flood(
     (0..threads)
         .map(|_| {
             let (url, key, stop, done) = (url.to_owned(), key.to_owned(), stop.clone(), done.clone());
-            client(move |http| {
+            client("bench-flood", move |http| {
                 Box::pin(async move {
                     // The load generator shares this machine's cores with the server it measures: at
                     // the lowest priority it takes only what the server leaves (as a client elsewhere
@@ -218,6 +225,91 @@ struct Run {
     /// ran alone, as long as its run took with the machine to itself: what runs of its own cost (see
     /// the header).
     quiet_share: f64,
+    /// Where the cores went under the flood (empty where `/proc` cannot be read).
+    cpu: String,
+}
+
+/// CPU time of each thread of this process (the server and its clients) and of the whole machine,
+/// from Linux's `/proc`, in clock ticks.
+struct CpuClocks {
+    /// Thread id: (name, user + system ticks).
+    threads: std::collections::HashMap<u64, (String, u64)>,
+    /// The machine's (idle, all) ticks, over all cores.
+    machine: (u64, u64),
+}
+
+impl CpuClocks {
+    fn read() -> Self {
+        let mut threads = std::collections::HashMap::new();
+        for entry in std::fs::read_dir("/proc/self/task")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // `tid (name) state ...`: the name may hold spaces and parentheses, the fields after the
+            // last `)` do not; utime and stime are the 14th and 15th fields.
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+            if let Ok(tid) = stat[..open].trim().parse() {
+                threads.insert(tid, (stat[open + 1..close].to_owned(), ticks(11) + ticks(12)));
+            }
+        }
+        let machine = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|stat| {
+                let cpu: Vec<u64> = stat
+                    .lines()
+                    .next()?
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|f| f.parse().ok())
+                    .collect();
+                // idle and iowait of user, nice, system, idle, iowait, irq, softirq, steal.
+                Some((cpu.get(3)? + cpu.get(4)?, cpu.iter().take(8).sum()))
+            })
+            .unwrap_or((0, 0));
+        Self { threads, machine }
+    }
+
+    /// The share of all cores each kind of thread took since `before` (threads named alike, their
+    /// numbers and pool suffixes dropped, count as one), the rest of the machine, and idle.
+    fn since(&self, before: &Self) -> String {
+        let all = self.machine.1.saturating_sub(before.machine.1);
+        if all == 0 {
+            return String::new();
+        }
+        let mut kinds: Vec<(String, u64)> = Vec::new();
+        for (tid, (name, ticks)) in &self.threads {
+            let used = ticks - before.threads.get(tid).map_or(0, |(_, t)| *t).min(*ticks);
+            let kind =
+                name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '-' || c == ':' || c == ' ');
+            match kinds.iter_mut().find(|(k, _)| k == kind) {
+                Some((_, total)) => *total += used,
+                None => kinds.push((kind.to_owned(), used)),
+            }
+        }
+        let process: u64 = kinds.iter().map(|(_, t)| t).sum();
+        let idle = self.machine.0.saturating_sub(before.machine.0);
+        kinds.retain(|(_, t)| *t * 100 >= all);
+        kinds.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
+        let share = |ticks: u64| ticks as f64 * 100.0 / all as f64;
+        let mut parts: Vec<String> = kinds
+            .iter()
+            .map(|(k, t)| format!("{k} {:.0}%", share(*t)))
+            .collect();
+        parts.push(format!(
+            "other processes {:.0}%",
+            share(all.saturating_sub(idle + process))
+        ));
+        parts.push(format!("idle {:.0}%", share(idle)));
+        parts.join(", ")
+    }
 }
 
 /// The cumulative buckets of a histogram, (upper bound in s, count), over the series whose labels
@@ -315,6 +407,7 @@ async fn measure(scheduling: &'static str) -> Run {
     let waits_before = waits(&app).await;
     let runs_before = model_counter(&app, "nv_inference_exec_count").await;
     let items_before = model_counter(&app, "nv_inference_count").await;
+    let cpu_before = CpuClocks::read();
     let (before, started) = (done.load(Ordering::Relaxed), Instant::now());
     let mut flooded = tokio::task::spawn_blocking({
         let (url, key) = (url.clone(), calm.key.secret.clone());
@@ -323,6 +416,7 @@ async fn measure(scheduling: &'static str) -> Run {
     .await
     .expect("quiet");
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = CpuClocks::read().since(&cpu_before);
     let noisy_calls = done.load(Ordering::Relaxed) - before;
     let waits_after = waits(&app).await;
     let runs = model_counter(&app, "nv_inference_exec_count").await - runs_before;
@@ -354,6 +448,7 @@ async fn measure(scheduling: &'static str) -> Run {
         items_per_run: items / runs.max(1.0),
         slowest: slowest_stages(&mut flooded, 0.01),
         quiet_share,
+        cpu,
     }
 }
 
@@ -406,6 +501,10 @@ fn main() {
             "  fair: the quiet tenant's runs of its own under the flood, each as long as one alone, take {:.0}% of the cores (its share by weight: 50%)",
             fair.quiet_share * 100.0
         );
+        println!("  the cores under the flood, by thread (the server, its clients on this machine, the rest):");
+        for (name, run) in [("fifo", &fifo), ("fair", &fair)] {
+            println!("  {name:<10} {}", run.cpu);
+        }
         println!("  the quiet tenant's slowest 1% under the flood, mean ms (Server-Timing; ledger overlaps model):");
         for (name, run) in [("fifo", &fifo), ("fair", &fair)] {
             println!("  {name:<10} {}", run.slowest);

