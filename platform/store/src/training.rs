@@ -638,28 +638,30 @@ impl Store {
             }
             txn.commit().await?;
         }
-        loop {
-            let running: Vec<String> = training_jobs::Entity::find()
-                .select_only()
-                .column(training_jobs::Column::TenantId)
-                .filter(training_jobs::Column::Status.eq(TrainingStatus::Running.as_str()))
-                .into_tuple()
-                .all(self.db())
-                .await?;
-            let queued = training_jobs::Entity::find()
+        let oldest_queued = || {
+            training_jobs::Entity::find()
                 .filter(training_jobs::Column::Status.eq(TrainingStatus::Queued.as_str()))
                 .order_by_asc(training_jobs::Column::CreatedAt)
                 .order_by_asc(training_jobs::Column::Id)
-                .limit(100)
-                .all(self.db())
+        };
+        loop {
+            // Asked of the database rather than picked from the oldest few: however many jobs the
+            // tenants with runs hold queued, a tenant with none is found.
+            let running_tenants = sea_orm::sea_query::Query::select()
+                .column(training_jobs::Column::TenantId)
+                .from(training_jobs::Entity)
+                .and_where(training_jobs::Column::Status.eq(TrainingStatus::Running.as_str()))
+                .to_owned();
+            let first_of_an_idle_tenant = oldest_queued()
+                .filter(training_jobs::Column::TenantId.not_in_subquery(running_tenants))
+                .one(self.db())
                 .await?;
-            let Some(row) = queued
-                .iter()
-                .find(|job| !running.contains(&job.tenant_id))
-                .or_else(|| queued.first())
-                .cloned()
-            else {
-                return Ok(None);
+            let row = match first_of_an_idle_tenant {
+                Some(row) => row,
+                None => match oldest_queued().one(self.db()).await? {
+                    Some(row) => row,
+                    None => return Ok(None),
+                },
             };
             let now = Utc::now();
             let txn = self.write_transaction().await?;
@@ -932,4 +934,101 @@ async fn stop(
         format!("stopping: {why}")
     };
     add_event(conn, tenant, &job.id, "info", &message).await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use plinth_core::training::LabelCount;
+
+    use super::*;
+
+    /// A dataset of `tenant`'s, and a job for it queued `jobs` times over.
+    async fn queue_jobs(store: &Store, tenant: &TenantId, jobs: usize) -> Vec<TrainingJob> {
+        let quota = PlanIsolation {
+            training_jobs: 1_000,
+            ..PlanIsolation::FREE
+        };
+        let who = Who::internal(Who::OPERATOR);
+        let dataset = store
+            .create_dataset(
+                tenant,
+                &who,
+                NewDataset {
+                    name: "tickets".into(),
+                    format: "csv".into(),
+                    size_bytes: 10,
+                    summary: DatasetSummary {
+                        examples: 2,
+                        labels: vec![LabelCount {
+                            label: "urgent".into(),
+                            examples: 2,
+                        }],
+                        min_chars: 5,
+                        mean_chars: 5,
+                        max_chars: 5,
+                    },
+                    sealed_examples: String::new(),
+                },
+                &quota,
+            )
+            .await
+            .unwrap();
+        let mut queued = Vec::with_capacity(jobs);
+        for _ in 0..jobs {
+            let new = NewTrainingJob {
+                price: Micros(0),
+                dataset: dataset.id.parse().unwrap(),
+                model: "triage".into(),
+                base_model: "minilm-embed".into(),
+                hyperparameters: Hyperparameters::default(),
+                labels: vec!["urgent".into()],
+                split: SplitSizes {
+                    train: 2,
+                    validation: 0,
+                    test: 0,
+                },
+            };
+            queued.push(
+                store
+                    .create_training_job(tenant, &who, new, &quota)
+                    .await
+                    .unwrap(),
+            );
+        }
+        queued
+    }
+
+    #[tokio::test]
+    async fn a_tenant_with_nothing_running_is_served_before_a_long_queue_of_another_tenants() {
+        let (store, _dir) = crate::testing::test_store().await;
+        let stale = std::time::Duration::from_secs(60);
+        let busy = crate::testing::tenant_with_customer(&store, "cus_busy").await;
+        let busy_jobs = queue_jobs(&store, &busy, 151).await;
+        let running = store
+            .claim_training_job("runner-1", stale)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(running.job.id, busy_jobs[0].id);
+        // Queued after 150 of the busy tenant's.
+        let quiet = crate::testing::tenant_with_customer(&store, "cus_quiet").await;
+        let quiet_job = queue_jobs(&store, &quiet, 1).await.remove(0);
+
+        let next = store
+            .claim_training_job("runner-2", stale)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.tenant_id, quiet);
+        assert_eq!(next.job.id, quiet_job.id);
+        // With every tenant running something, the oldest job goes next.
+        let after = store
+            .claim_training_job("runner-3", stale)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(after.job.id, busy_jobs[1].id);
+    }
 }
