@@ -229,13 +229,25 @@ struct Run {
     cpu: String,
 }
 
-/// CPU time of each thread of this process (the server and its clients) and of the whole machine,
-/// from Linux's `/proc`, in clock ticks.
+/// CPU time of each thread of this process (the server and its clients), of the process, and of the
+/// whole machine, from Linux's `/proc`, in clock ticks.
 struct CpuClocks {
     /// Thread id: (name, user + system ticks).
     threads: std::collections::HashMap<u64, (String, u64)>,
-    /// The machine's (idle, all) ticks, over all cores.
+    /// The process's user + system ticks, threads that have ended included.
+    process: u64,
+    /// The machine's (idle, all) ticks, over all its cores.
     machine: (u64, u64),
+}
+
+/// The id, name and user + system ticks in a `/proc/.../stat` line.
+fn stat_ticks(stat: &str) -> Option<(&str, &str, u64)> {
+    // `id (name) state ...`: the name may hold spaces and parentheses, the fields after the last `)`
+    // do not; utime and stime are the 14th and 15th fields.
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    Some((stat[..open].trim(), &stat[open + 1..close], ticks(11) + ticks(12)))
 }
 
 impl CpuClocks {
@@ -249,17 +261,16 @@ impl CpuClocks {
             let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
                 continue;
             };
-            // `tid (name) state ...`: the name may hold spaces and parentheses, the fields after the
-            // last `)` do not; utime and stime are the 14th and 15th fields.
-            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-                continue;
-            };
-            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-            let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-            if let Ok(tid) = stat[..open].trim().parse() {
-                threads.insert(tid, (stat[open + 1..close].to_owned(), ticks(11) + ticks(12)));
+            if let Some((id, name, ticks)) = stat_ticks(&stat)
+                && let Ok(tid) = id.parse()
+            {
+                threads.insert(tid, (name.to_owned(), ticks));
             }
         }
+        let process = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|stat| stat_ticks(&stat).map(|(_, _, ticks)| ticks))
+            .unwrap_or(0);
         let machine = std::fs::read_to_string("/proc/stat")
             .ok()
             .and_then(|stat| {
@@ -274,11 +285,16 @@ impl CpuClocks {
                 Some((cpu.get(3)? + cpu.get(4)?, cpu.iter().take(8).sum()))
             })
             .unwrap_or((0, 0));
-        Self { threads, machine }
+        Self {
+            threads,
+            process,
+            machine,
+        }
     }
 
-    /// The share of all cores each kind of thread took since `before` (threads named alike, their
-    /// numbers and pool suffixes dropped, count as one), the rest of the machine, and idle.
+    /// The share of all the machine's cores each kind of thread took since `before` (threads named
+    /// alike, their numbers and pool suffixes dropped, count as one; threads that ended, such as the
+    /// quiet tenant's client, as one), the rest of the machine, and idle.
     fn since(&self, before: &Self) -> String {
         let all = self.machine.1.saturating_sub(before.machine.1);
         if all == 0 {
@@ -294,7 +310,9 @@ impl CpuClocks {
                 None => kinds.push((kind.to_owned(), used)),
             }
         }
-        let process: u64 = kinds.iter().map(|(_, t)| t).sum();
+        let live: u64 = kinds.iter().map(|(_, t)| t).sum();
+        let process = self.process.saturating_sub(before.process).max(live);
+        kinds.push(("threads that ended".to_owned(), process - live));
         let idle = self.machine.0.saturating_sub(before.machine.0);
         kinds.retain(|(_, t)| *t * 100 >= all);
         kinds.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
@@ -501,7 +519,7 @@ fn main() {
             "  fair: the quiet tenant's runs of its own under the flood, each as long as one alone, take {:.0}% of the cores (its share by weight: 50%)",
             fair.quiet_share * 100.0
         );
-        println!("  the cores under the flood, by thread (the server, its clients on this machine, the rest):");
+        println!("  the machine's cores under the flood, by thread (the server, its clients, the rest of the machine):");
         for (name, run) in [("fifo", &fifo), ("fair", &fair)] {
             println!("  {name:<10} {}", run.cpu);
         }
