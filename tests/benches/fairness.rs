@@ -19,7 +19,8 @@
 //! different numbers of runs).
 //!
 //! Run: `cargo bench -p plinth-tests --bench fairness` (`PLINTH_EXECUTION_PROVIDER=cuda` on a GPU;
-//! `-- long` for a flood of the longest texts).
+//! `-- long` for a flood of the longest texts; on Postgres + Redis with `PLINTH_TEST_DATABASE_URL`
+//! and `PLINTH_TEST_REDIS_URL` set, as for the tests).
 //! Clients run on threads and runtimes of their own, as external clients would; the numbers are for
 //! comparing within one run.
 
@@ -390,7 +391,9 @@ fn bucket_percentile(before: &[(f64, u64)], after: &[(f64, u64)], p: f64) -> f64
 }
 
 async fn measure(scheduling: &'static str) -> Run {
-    let app = TestApp::spawn_on(plinth_tests::Backend::SqliteMemory, |config| {
+    // SQLite + memory, or Postgres + Redis where `PLINTH_TEST_DATABASE_URL` and `PLINTH_TEST_REDIS_URL`
+    // are set (production mode: the ledger's commits overlap there).
+    let app = TestApp::spawn_with(|config| {
         config.inference_scheduling = scheduling.to_owned();
         // The defaults: a session per core plus one, an HTTP worker per core.
         config.inference_sessions = std::thread::available_parallelism().map_or(2, usize::from) + 1;
@@ -478,9 +481,14 @@ fn main() {
         .expect("runtime");
     runtime.block_on(async {
         println!(
-            "sentiment, one text per call; quiet tenant c=1 beside a noisy one at c={FLOOD_CONNECTIONS} sending {} texts, same weight ({} cores)",
+            "sentiment, one text per call; quiet tenant c=1 beside a noisy one at c={FLOOD_CONNECTIONS} sending {} texts, same weight ({} cores, {})",
             if flood_text() == TEXT { "short" } else { "the longest" },
-            std::thread::available_parallelism().map_or(0, usize::from)
+            std::thread::available_parallelism().map_or(0, usize::from),
+            if plinth_tests::postgres_and_redis().is_some() {
+                "Postgres + Redis"
+            } else {
+                "SQLite + memory"
+            }
         );
         println!(
             "  {:<10} {:>15} {:>15} {:>15} {:>12} {:>10} {:>22} {:>22}",
