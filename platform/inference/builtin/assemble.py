@@ -141,18 +141,17 @@ def integer_matmuls(model):
         constants[p + "weight"] = weight
         constants[p + "column_scale"] = (initializers[scale] * 2).astype(np.float32)
         if x not in quantized:
-            q = p  # named after the first product that reads it
-            quantized[x] = (q + "x", q + "row_scale")
+            quantized[x] = (p + "x", p + "row_scale")  # named after its first reader
             nodes += [
-                helper.make_node("Abs", [x], [q + "abs"]),
-                helper.make_node("ReduceMax", [q + "abs"], [q + "max"], axes=[-1], keepdims=1),
-                helper.make_node("Max", [q + "max", "int8_tiny"], [q + "max_nonzero"]),
-                helper.make_node("Div", [q + "max_nonzero", "int8_127"], [q + "row_scale"]),
-                helper.make_node("Div", [x, q + "row_scale"], [q + "scaled"]),
-                helper.make_node("Round", [q + "scaled"], [q + "rounded"]),
-                helper.make_node("Add", [q + "rounded", "int8_128"], [q + "shifted"]),
-                helper.make_node("Clip", [q + "shifted", "int8_0", "int8_255"], [q + "clipped"]),
-                helper.make_node("Cast", [q + "clipped"], [q + "x"], to=TensorProto.UINT8),
+                helper.make_node("Abs", [x], [p + "abs"]),
+                helper.make_node("ReduceMax", [p + "abs"], [p + "max"], axes=[-1], keepdims=1),
+                helper.make_node("Max", [p + "max", "int8_tiny"], [p + "max_nonzero"]),
+                helper.make_node("Div", [p + "max_nonzero", "int8_127"], [p + "row_scale"]),
+                helper.make_node("Div", [x, p + "row_scale"], [p + "scaled"]),
+                helper.make_node("Round", [p + "scaled"], [p + "rounded"]),
+                helper.make_node("Add", [p + "rounded", "int8_128"], [p + "shifted"]),
+                helper.make_node("Clip", [p + "shifted", "int8_0", "int8_255"], [p + "clipped"]),
+                helper.make_node("Cast", [p + "clipped"], [p + "x"], to=TensorProto.UINT8),
             ]
         x_int8, row_scale = quantized[x]
         nodes += [

@@ -1004,31 +1004,20 @@ mod tests {
     async fn a_tenant_with_nothing_running_is_served_before_a_long_queue_of_another_tenants() {
         let (store, _dir) = crate::testing::test_store().await;
         let stale = std::time::Duration::from_secs(60);
+        let claim = async |runner: &str| store.claim_training_job(runner, stale).await.unwrap().unwrap();
         let busy = crate::testing::tenant_with_customer(&store, "cus_busy").await;
         let busy_jobs = queue_jobs(&store, &busy, 151).await;
-        let running = store
-            .claim_training_job("runner-1", stale)
-            .await
-            .unwrap()
-            .unwrap();
+        let running = claim("runner-1").await;
         assert_eq!(running.job.id, busy_jobs[0].id);
         // Queued after 150 of the busy tenant's.
         let quiet = crate::testing::tenant_with_customer(&store, "cus_quiet").await;
         let quiet_job = queue_jobs(&store, &quiet, 1).await.remove(0);
 
-        let next = store
-            .claim_training_job("runner-2", stale)
-            .await
-            .unwrap()
-            .unwrap();
+        let next = claim("runner-2").await;
         assert_eq!(next.tenant_id, quiet);
         assert_eq!(next.job.id, quiet_job.id);
         // With every tenant running something, the oldest job goes next.
-        let after = store
-            .claim_training_job("runner-3", stale)
-            .await
-            .unwrap()
-            .unwrap();
+        let after = claim("runner-3").await;
         assert_eq!(after.job.id, busy_jobs[1].id);
     }
 }
