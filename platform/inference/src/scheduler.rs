@@ -375,10 +375,11 @@ impl FairQueue {
     /// Whether a run that `tenant`'s call leads goes at a lower priority (see `batcher`): the tenant
     /// holds other runs besides this one, on this model or any other, or has more calls queued behind
     /// it. A tenant whose calls fit in one run at a time keeps normal priority; one sending more than
-    /// that still gets every core nobody else wants, but another tenant's run takes the CPU from it at
-    /// once rather than sharing it.
+    /// that still gets every core nobody else wants, but where another tenant's run wants the same
+    /// core, that run gets nine tenths of it (see `batcher::BACKGROUND_NICENESS`). First come, first
+    /// served does not tell tenants apart: every run keeps normal priority.
     pub(crate) fn runs_in_background(&self, tenant: &Arc<str>) -> bool {
-        self.all_runs.count(tenant) > 1 || self.lock().tenants.contains_key(tenant)
+        self.is_fair() && (self.all_runs.count(tenant) > 1 || self.lock().tenants.contains_key(tenant))
     }
 
     /// A run of `batch` has ended: its tenants may start other runs.
@@ -788,6 +789,10 @@ mod tests {
             queue.push(call(1), share("flood", 1), 1).unwrap();
         }
         queue.push(call(1), share("quiet", 1), 1).unwrap();
+        assert!(
+            !queue.runs_in_background(&Arc::from("flood")),
+            "every run at normal priority, whoever sent more"
+        );
         assert_eq!(order(&queue, 4).await, ["flood", "flood", "flood", "quiet"]);
     }
 
