@@ -10,6 +10,7 @@ scaled, which ONNX Runtime folds into float32 matrices when it loads the model. 
 multiply in integers instead (`integer_matmuls`): each token is quantized to 8 bits, the weights to
 7, a quarter of the weight bytes per run and 1.6-2.4x faster. ONNX
 Runtime's CUDA provider has no kernels for that, so `*.gpu.onnx` keep the float products for GPUs.
+The CPU graphs also transpose each layer's keys in one node (`transposed_keys`).
 
 Usage: python assemble.py BASE.onnx HEAD.json OUT_DIR
 The output is byte-for-byte reproducible from the same inputs.
@@ -179,13 +180,60 @@ def integer_matmuls(model):
     return out
 
 
+def transposed_keys(model):
+    """Turns each attention layer's keys, `[batch, tokens, heads, size]`, into `[batch, heads, size,
+    tokens]` with one `Transpose`, where the exported graph transposes, reshapes to three dimensions,
+    transposes again and reshapes back, reading the shapes it needs on the way (nine nodes more a
+    layer). The same numbers in the same places: 54 fewer nodes, nothing else changed."""
+    graph = model.graph
+    producer = {output: node for node in graph.node for output in node.output}
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+
+    def perm(node):
+        return [list(a.ints) for a in node.attribute if a.name == "perm"]
+
+    def step(name, op):
+        """The node that makes `name`, if it is `op` and `name` has no other reader."""
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op and readers.get(name) == 1 else None
+
+    replaced = {}
+    for node in graph.node:
+        if node.op_type != "Reshape":
+            continue
+        inner = step(node.input[0], "Transpose")
+        flat = inner and perm(inner) == [[0, 2, 1]] and step(inner.input[0], "Reshape")
+        heads = flat and producer.get(flat.input[0])
+        if not heads or heads.op_type != "Transpose" or perm(heads) != [[0, 2, 1, 3]]:
+            continue
+        replaced[id(node)] = helper.make_node("Transpose", [heads.input[0]], [node.output[0]], perm=[0, 2, 3, 1])
+    if not replaced:
+        raise SystemExit("no transposed keys found: is this the expected base model?")
+    nodes = [replaced.get(id(node), node) for node in graph.node]
+    # What only the old steps read (the shapes, the first transpose) goes with them.
+    outputs = {output.name for output in graph.output}
+    while True:
+        read = outputs | {name for node in nodes for name in node.input}
+        kept = [node for node in nodes if any(output in read for output in node.output)]
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
 def main(base_path, head_path, out_dir):
     base = onnx.load(base_path)
     with open(head_path) as f:
         head = json.load(f)
     os.makedirs(out_dir, exist_ok=True)
     float_products = pooled(base)
-    for suffix, embed_model in ((".onnx", integer_matmuls(float_products)), (".gpu.onnx", float_products)):
+    cpu = transposed_keys(integer_matmuls(float_products))
+    for suffix, embed_model in ((".onnx", cpu), (".gpu.onnx", float_products)):
         onnx.checker.check_model(embed_model)
         onnx.save(embed_model, os.path.join(out_dir, "minilm-embed" + suffix))
         sentiment = with_head(embed_model, head)
