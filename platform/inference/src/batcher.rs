@@ -580,9 +580,8 @@ impl Worker {
 }
 
 /// The niceness of the threads for the runs of tenants sending more than one run's worth at a time:
-/// on a core both want, a run at normal priority gets 1024 parts to their 110. (Linux's idle class,
-/// `SCHED_IDLE`, which yields the core at once, did no better: a quiet tenant's p99 under a flood on
-/// 2 cores was 10.9-11.3 ms against 9.3-10.7 ms at this niceness, four runs each, alternated.)
+/// on a core both want, a run at normal priority gets 1024 parts to their 110. (Linux's idle class
+/// did no better: README, "Tests and benchmarks".)
 const BACKGROUND_NICENESS: i32 = 10;
 
 /// The blocking threads for runs in the background (`FairQueue::runs_in_background`), at a lower
