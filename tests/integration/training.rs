@@ -105,6 +105,43 @@ fn finished(job: &Value) -> bool {
     ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or_default())
 }
 
+/// The `probs` of an exported model for one text's tokens, as ONNX's reference implementation
+/// computes them (in the virtual environment that assembles the built-in models).
+fn reference_probs(app: &TestApp, onnx: &[u8], tokens: &[i64]) -> Vec<f64> {
+    let python = app
+        .config
+        .models_dir
+        .parent()
+        .expect("the cache directory")
+        .join("venv-models/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: scripts/fetch-models.sh installs it",
+        python.display()
+    );
+    let file = tempfile::NamedTempFile::new().expect("a temporary file");
+    std::fs::write(file.path(), onnx).expect("the exported model");
+    let script = "import json, sys\n\
+        import numpy as np\n\
+        from onnx.reference import ReferenceEvaluator\n\
+        ids = np.array([json.loads(sys.argv[2])], dtype=np.int64)\n\
+        feeds = {'input_ids': ids, 'attention_mask': np.ones_like(ids), 'token_type_ids': np.zeros_like(ids)}\n\
+        (probs,) = ReferenceEvaluator(sys.argv[1]).run(['probs'], feeds)\n\
+        print(json.dumps(probs[0].tolist()))\n";
+    let output = std::process::Command::new(&python)
+        .args(["-c", script])
+        .arg(file.path())
+        .arg(serde_json::to_string(tokens).expect("tokens"))
+        .output()
+        .expect("python");
+    assert!(
+        output.status.success(),
+        "the reference implementation refused the export: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("probabilities")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_trains_evaluates_deploys_exports_and_pays_for_a_private_classifier() {
     let app = TestApp::spawn().await;
@@ -267,6 +304,13 @@ async fn a_tenant_trains_evaluates_deploys_exports_and_pays_for_a_private_classi
         .unwrap();
     assert_eq!(exported.status(), 200);
     let onnx = exported.bytes().await.unwrap().to_vec();
+    // Standard operators only: ONNX's reference implementation (numpy) runs the file and gives the
+    // probabilities Plinth served for the same tokens.
+    let referenced = reference_probs(&app, &onnx, &[101, 2293, 2023, 102]);
+    assert_eq!(referenced.len(), probs.len());
+    for (p, r) in probs.iter().zip(&referenced) {
+        assert!((p - r).abs() < 1e-4, "{probs:?} vs {referenced:?}");
+    }
     let tokenizer = std::fs::read(app.config.models_dir.join("tokenizer.json")).unwrap();
     let form = Form::new()
         .part(

@@ -73,6 +73,16 @@ def with_head(embed_model, head):
     return model
 
 
+def producers_and_readers(graph):
+    """The node that makes each value, and how many nodes read each."""
+    producer = {output: node for node in graph.node for output in node.output}
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    return producer, readers
+
+
 def integer_matmuls(model):
     """Rewrites each MatMul by a weight stored as int8 with a scale per output column,
     `X @ (float(Wq) * s)`, to multiply in integers: each row of X (a token) is quantized to 8 bits
@@ -94,11 +104,7 @@ def integer_matmuls(model):
     numbers. Only standard ONNX operators, so that a tenant's exported model runs anywhere."""
     graph = model.graph
     initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    producer = {output: node for node in graph.node for output in node.output}
-    readers = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    producer, readers = producers_and_readers(graph)
 
     def int8_weight(name):
         """(Mul, Cast, scale) of `Mul(Cast(int8 matrix), scale per column)` read only by one MatMul."""
@@ -181,11 +187,7 @@ def transposed_keys(model):
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    producer = {output: node for node in graph.node for output in node.output}
-    readers = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    producer, readers = producers_and_readers(graph)
 
     def perm(node):
         return [list(a.ints) for a in node.attribute if a.name == "perm"]
