@@ -204,11 +204,7 @@ async fn fastapi(concurrencies: &[usize]) -> Vec<(usize, Measured)> {
         println!("  (FastAPI baseline skipped: run `make bench` to create its virtualenv)");
         return Vec::new();
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = plinth_tests::unshared_port();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/baseline/fastapi_server.py");
     let mut child = tokio::process::Command::new(python)
         .args([

@@ -3,7 +3,6 @@
 //! Afterwards the ledger holds exactly one event per logical call, and Stripe's meters hold exactly the
 //! ledger's totals.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -103,11 +102,7 @@ async fn killed_and_restarted_under_load_it_bills_each_call_once_and_stripe_gets
 
     let double = StripeDouble::start(stripe_prices()).await;
     let data = tempfile::tempdir().unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = plinth_tests::unshared_port();
     let base = format!("http://127.0.0.1:{port}");
     let mut config = Config {
         data_dir: data.path().to_path_buf(),
@@ -274,11 +269,7 @@ async fn killed_and_restarted_under_load_it_bills_each_call_once_and_stripe_gets
 async fn sigterm_turns_readiness_off_first_then_drains_without_losing_a_billed_call() {
     const CLIENTS: usize = 4;
     let data = tempfile::tempdir().unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = plinth_tests::unshared_port();
     let base = format!("http://127.0.0.1:{port}");
     let mut config = Config {
         data_dir: data.path().to_path_buf(),
@@ -348,7 +339,12 @@ async fn sigterm_turns_readiness_off_first_then_drains_without_losing_a_billed_c
                     .await;
                 match sent {
                     Ok(response) if response.status().is_success() => answered += 1,
-                    Ok(response) => refused.push(response.status().as_u16()),
+                    // The status and the body's error code, so a refusal says which limit it was.
+                    Ok(response) => refused.push(format!(
+                        "{} {}",
+                        response.status().as_u16(),
+                        response.text().await.unwrap_or_default()
+                    )),
                     // The listener closed: this client is done.
                     Err(_) => return (answered, refused),
                 }
@@ -421,13 +417,7 @@ async fn with_two_replicas_killing_one_under_load_bills_each_call_once() {
 
     let shared = tempfile::tempdir().unwrap();
     let ports: Vec<u16> = (0..2)
-        .map(|_| {
-            TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
+        .map(|_| plinth_tests::unshared_port())
         .collect();
     let bases: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
     let key = plinth_tests::sealing_key();

@@ -50,11 +50,7 @@ async fn metrics_are_exposed_for_prometheus_to_the_token_holder_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_token_metrics_are_only_on_their_own_listener() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = plinth_tests::unshared_port();
     let app = TestApp::spawn_with(|config| {
         config.metrics_token = None;
         config.metrics_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));

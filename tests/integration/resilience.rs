@@ -2,7 +2,6 @@
 //! of the test's own). The documented policy: nothing answers 5xx for it, rate limits hold per replica
 //! while Redis is away, readiness stays green, and the shared limits resume without a restart.
 
-use std::net::TcpListener;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -18,11 +17,7 @@ struct OwnRedis {
 
 impl OwnRedis {
     async fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = plinth_tests::unshared_port();
         let mut redis = Self { port, child: None };
         redis.restart().await;
         redis

@@ -79,12 +79,8 @@ async fn api_errors_arrive_typed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_servers_are_retried_then_reported() {
-    // Bind and drop a listener to find a port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A port nobody listens on.
+    let port = plinth_tests::unshared_port();
     let client = Client::new(&format!("http://127.0.0.1:{port}"))
         .unwrap()
         .with_retry(RetryPolicy {

@@ -76,6 +76,34 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}{}", ulid::Ulid::new().to_string().to_ascii_lowercase())
 }
 
+/// A port on 127.0.0.1 free now, for a listener started later (a child process, a server started
+/// again on the same address), or for one nobody listens on. It lies below the kernel's range for
+/// `bind(0)` and outgoing connections, so no other test is handed it meanwhile, nor once the listener
+/// has closed (a client still calling would reach that test's server instead).
+///
+/// # Panics
+/// If no such port is free.
+#[must_use]
+pub fn unshared_port() -> u16 {
+    const LOWEST: u16 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral <= LOWEST {
+        // No range to keep apart: the kernel's choice is the best there is.
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+    }
+    let span = u128::from(ephemeral - LOWEST);
+    (0..1_000)
+        .map(|_| LOWEST + u16::try_from(ulid::Ulid::new().random() % span).expect("within the span"))
+        .find(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .expect("a free port below the ephemeral range")
+}
+
 impl TestApp {
     /// Starts a server with the default test configuration.
     pub async fn spawn() -> Self {
@@ -524,10 +552,7 @@ impl ObjectStorage {
             "{} is missing: run `make test` (scripts/test.sh installs moto)",
             moto.display()
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = unshared_port();
         let server = tokio::process::Command::new(&moto)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(std::process::Stdio::null())
