@@ -416,9 +416,7 @@ async fn with_two_replicas_killing_one_under_load_bills_each_call_once() {
     const KILLS: usize = 4;
 
     let shared = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..2)
-        .map(|_| plinth_tests::unshared_port())
-        .collect();
+    let ports: Vec<u16> = (0..2).map(|_| plinth_tests::unshared_port()).collect();
     let bases: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
     let key = plinth_tests::sealing_key();
     let mut config = Config {

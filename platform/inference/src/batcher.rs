@@ -480,7 +480,8 @@ impl Worker {
         while let Some(batch) = self.setup.queue.next_batch(self.setup.max_delay, &fits).await {
             // However this run ends, its tenants' run slots are given back: once its results are
             // ready, before they are sent (a caller's next call must not find its last run still
-            // held), or when it fails, panics or is skipped.
+            // held), or for a run in the background once its worker is back (below), or when it
+            // fails, panics or is skipped.
             let slot = RunSlot {
                 queue: self.setup.queue.clone(),
                 tenants: batch.iter().map(|c| c.share.tenant.clone()).collect(),
@@ -524,6 +525,16 @@ impl Worker {
             if background {
                 self.setup.stats.background_runs.fetch_add(1, Ordering::Relaxed);
             }
+            // A run in the background gives its tenants' slots back only once this worker has its
+            // session back. Its thread waits for a core behind every thread at normal priority, so
+            // between its results and its return it can hold the session for milliseconds; were the
+            // slot free meanwhile, its tenant could take the session kept free for others, and the
+            // next light call would find none.
+            let (slot, held_until_back) = if background {
+                (None, Some(slot))
+            } else {
+                (Some(slot), None)
+            };
             let pool = if background {
                 background_runs().handle().clone()
             } else {
@@ -558,6 +569,7 @@ impl Worker {
                     (session, outcome)
                 })
                 .await;
+            drop(held_until_back);
             watchdog.abort();
             match joined {
                 Ok((session, outcome)) => {
@@ -607,14 +619,15 @@ fn background_runs() -> &'static tokio::runtime::Runtime {
 }
 
 /// One run's options, whether the watchdog terminated it, and its tenants' run slots.
-struct Run<'a, Slot = RunSlot> {
+struct Run<'a> {
     options: &'a RunOptions,
     terminated: &'a AtomicBool,
     /// The tenant the run is for, when calls of other tenants with longer texts than its own go back
     /// to the queue (see `answer_text_calls`).
     sends_back_for: Option<Arc<str>>,
-    /// Given back once the results are ready, before they are sent.
-    slot: Slot,
+    /// Given back once the results are ready, before they are sent; `None` where the worker keeps
+    /// the slots until it has its session back (a run in the background).
+    slot: Option<RunSlot>,
 }
 
 /// A run the watchdog stopped failed because its callers' time ran out, whatever the runtime says.
@@ -636,7 +649,7 @@ fn process(
 ) {
     let Answered { stats, label, .. } = *answered;
     let options = run.options;
-    let mut slot = Some(run.slot);
+    let mut slot = run.slot;
     let started = Instant::now();
     let mut items: usize = batch.iter().map(|c| c.items).sum();
     let mut failure: Option<bool> = None;
@@ -751,7 +764,7 @@ fn answer_text_calls(
     tokenizer: Option<&TextTokenizer>,
     plan: Option<&TextPlan>,
     calls: Vec<Queued>,
-    run: Run<'_, Option<RunSlot>>,
+    run: Run<'_>,
     answered: &Answered<'_>,
 ) -> (usize, Result<(), bool>) {
     let Run {

@@ -1128,6 +1128,56 @@ mod tests {
         );
     }
 
+    /// A run in the background finishes on a thread that waits for a core behind everyone else's; until
+    /// its worker has the session back, the session is not free, and neither is its tenant's slot: the
+    /// tenant cannot take the session kept free for other tenants meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_run_in_the_background_holds_its_slot_until_its_worker_is_back() {
+        // Two sessions: a tenant may hold one run, the other is kept free for other tenants.
+        let model = sentiment_with(|settings| {
+            settings.sessions_per_model = 2;
+            settings.max_batch = 1;
+        });
+        // A plan of its own: another test counts the queue waits of its plans.
+        let heavy = Share {
+            tenant: Arc::from("flooding"),
+            weight: 1,
+            plan: Arc::from("flooding-plan"),
+        };
+        // As many tokens as the model reads: a run of tens of milliseconds.
+        let long = vec!["word ".repeat(600)];
+        let mut first = Box::pin(model.classify(heavy.clone(), long.clone()));
+        let mut second = Box::pin(model.classify(heavy.clone(), long));
+        // Polled once each, both are queued: the first runs in the background, the second behind it.
+        std::future::poll_fn(|cx| {
+            assert!(first.as_mut().poll(cx).is_pending());
+            assert!(second.as_mut().poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        })
+        .await;
+        // Counted as its run is handed to its thread.
+        while model.stats.background_runs.load(Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The runtime's one worker thread, which the model's workers run on, is held: the first run's
+        // worker cannot get its session back, as when its thread waits for a core.
+        let (held, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+        tokio::spawn(async move {
+            held.0.send(()).expect("the test waits");
+            let _ = release.1.recv();
+        });
+        held.1.recv().expect("the worker thread is held");
+        first.await.expect("the first call");
+        assert_eq!(
+            model.queue.runs_of("flooding"),
+            1,
+            "answered, but its worker is not back: the run still holds the tenant's slot"
+        );
+        release.0.send(()).expect("the held task waits");
+        second.await.expect("the second call");
+        assert_eq!(model.queue.runs_of("flooding"), 0);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_call_sent_back_counts_its_wait_in_the_queue_once() {
         use metrics_util::debugging::{DebugValue, DebuggingRecorder};

@@ -504,6 +504,12 @@ impl FairQueue {
     fn len(&self) -> usize {
         self.lock().calls.len()
     }
+
+    /// Runs that hold calls of `tenant` now.
+    #[cfg(test)]
+    pub(crate) fn runs_of(&self, tenant: &str) -> usize {
+        self.lock().running.get(tenant).copied().unwrap_or(0)
+    }
 }
 
 #[cfg(test)]
