@@ -79,18 +79,22 @@ fn unique(prefix: &str) -> String {
 /// A port on 127.0.0.1 free now, for a listener started later (a child process, a server started
 /// again on the same address), or for one nobody listens on. It lies below the kernel's range for
 /// `bind(0)` and outgoing connections, so no other test is handed it meanwhile, nor once the listener
-/// has closed (a client still calling would reach that test's server instead).
+/// has closed (a client still calling would reach that test's server instead); and this process hands
+/// it out once.
 ///
 /// # Panics
 /// If no such port is free.
 #[must_use]
 pub fn unshared_port() -> u16 {
     const LOWEST: u16 = 10_000;
+    /// Fewer ports than this below the kernel's range: too few to draw from without meeting.
+    const FEWEST: u16 = 1_000;
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32_768);
-    if ephemeral <= LOWEST {
+    if ephemeral < LOWEST + FEWEST {
         // No range to keep apart: the kernel's choice is the best there is.
         return std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
@@ -98,10 +102,15 @@ pub fn unshared_port() -> u16 {
             .port();
     }
     let span = u128::from(ephemeral - LOWEST);
-    (0..1_000)
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let port = (0..1_000)
         .map(|_| LOWEST + u16::try_from(ulid::Ulid::new().random() % span).expect("within the span"))
-        .find(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
-        .expect("a free port below the ephemeral range")
+        .find(|port| !handed_out.contains(port) && std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .expect("a free port below the ephemeral range");
+    handed_out.push(port);
+    port
 }
 
 impl TestApp {

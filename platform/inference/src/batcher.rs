@@ -19,7 +19,7 @@ use tokenizers::Encoding;
 use tokio::sync::oneshot;
 
 use crate::InferenceError;
-use crate::scheduler::{FairQueue, GUEST_SLACK, Queued, most_guests};
+use crate::scheduler::{FairQueue, GUEST_SLACK, Queued, Release, most_guests};
 use crate::tensor::Tensor;
 use crate::tokenizer::TextTokenizer;
 
@@ -343,9 +343,26 @@ pub(crate) const FAILING_RUNS_NOT_READY: u64 = 3;
 struct RunSlot {
     queue: Arc<FairQueue>,
     tenants: Vec<Arc<str>>,
+    /// What it gives back when dropped.
+    release: Release,
 }
 
 impl RunSlot {
+    /// What the run gives back with its results (its count among its tenants' runs), and what its
+    /// worker gives back once it has the session back (the session).
+    fn split(mut self) -> (Self, Self) {
+        let tenants = std::mem::take(&mut self.tenants);
+        let part = |tenants, release| Self {
+            queue: self.queue.clone(),
+            tenants,
+            release,
+        };
+        (
+            part(tenants.clone(), Release::Activity),
+            part(tenants, Release::Session),
+        )
+    }
+
     /// One call of `tenant` left the run before it started: with no other call in it, the tenant's
     /// run slot is given back at once.
     fn leave(&mut self, tenant: &Arc<str>) {
@@ -353,14 +370,14 @@ impl RunSlot {
             self.tenants.swap_remove(index);
         }
         if !self.tenants.contains(tenant) {
-            self.queue.finished(std::slice::from_ref(tenant));
+            self.queue.given_back(std::slice::from_ref(tenant), self.release);
         }
     }
 }
 
 impl Drop for RunSlot {
     fn drop(&mut self) {
-        self.queue.finished(&self.tenants);
+        self.queue.given_back(&self.tenants, self.release);
     }
 }
 
@@ -485,6 +502,7 @@ impl Worker {
             let slot = RunSlot {
                 queue: self.setup.queue.clone(),
                 tenants: batch.iter().map(|c| c.share.tenant.clone()).collect(),
+                release: Release::Both,
             };
             let started = Instant::now();
             // The queue drops calls abandoned before they were taken; these went while the batch lingered.
@@ -525,15 +543,17 @@ impl Worker {
             if background {
                 self.setup.stats.background_runs.fetch_add(1, Ordering::Relaxed);
             }
-            // A run in the background gives its tenants' slots back only once this worker has its
+            // A run in the background gives its tenants' sessions back only once this worker has its
             // session back. Its thread waits for a core behind every thread at normal priority, so
             // between its results and its return it can hold the session for milliseconds; were the
-            // slot free meanwhile, its tenant could take the session kept free for others, and the
-            // next light call would find none.
+            // session counted free meanwhile, its tenant could take the one kept free for others, and
+            // the next light call would find none. It stops counting among its tenants' runs with
+            // its results, as any run does: a tenant's next call is judged by what it has in hand.
             let (slot, held_until_back) = if background {
-                (None, Some(slot))
+                let (activity, session) = slot.split();
+                (activity, Some(session))
             } else {
-                (Some(slot), None)
+                (slot, None)
             };
             let pool = if background {
                 background_runs().handle().clone()
@@ -619,15 +639,15 @@ fn background_runs() -> &'static tokio::runtime::Runtime {
 }
 
 /// One run's options, whether the watchdog terminated it, and its tenants' run slots.
-struct Run<'a> {
+struct Run<'a, Slot = RunSlot> {
     options: &'a RunOptions,
     terminated: &'a AtomicBool,
     /// The tenant the run is for, when calls of other tenants with longer texts than its own go back
     /// to the queue (see `answer_text_calls`).
     sends_back_for: Option<Arc<str>>,
-    /// Given back once the results are ready, before they are sent; `None` where the worker keeps
-    /// the slots until it has its session back (a run in the background).
-    slot: Option<RunSlot>,
+    /// Given back once the results are ready, before they are sent (a run in the background: all
+    /// but the sessions, which its worker gives back once it has its own back).
+    slot: Slot,
 }
 
 /// A run the watchdog stopped failed because its callers' time ran out, whatever the runtime says.
@@ -649,7 +669,7 @@ fn process(
 ) {
     let Answered { stats, label, .. } = *answered;
     let options = run.options;
-    let mut slot = run.slot;
+    let mut slot = Some(run.slot);
     let started = Instant::now();
     let mut items: usize = batch.iter().map(|c| c.items).sum();
     let mut failure: Option<bool> = None;
@@ -764,7 +784,7 @@ fn answer_text_calls(
     tokenizer: Option<&TextTokenizer>,
     plan: Option<&TextPlan>,
     calls: Vec<Queued>,
-    run: Run<'_>,
+    run: Run<'_, Option<RunSlot>>,
     answered: &Answered<'_>,
 ) -> (usize, Result<(), bool>) {
     let Run {
@@ -1212,6 +1232,7 @@ mod tests {
         let mut slot = RunSlot {
             queue: queue.clone(),
             tenants: run.iter().map(|call| call.share.tenant.clone()).collect(),
+            release: Release::Both,
         };
         let long = run.pop().unwrap();
         slot.leave(&long.share.tenant);

@@ -1129,53 +1129,68 @@ mod tests {
     }
 
     /// A run in the background finishes on a thread that waits for a core behind everyone else's; until
-    /// its worker has the session back, the session is not free, and neither is its tenant's slot: the
-    /// tenant cannot take the session kept free for other tenants meanwhile.
+    /// its worker has the session back, the session is not free, and its tenant cannot take the one
+    /// kept free for other tenants meanwhile. With its results the run no longer counts among the
+    /// tenant's runs, so that its next call is judged by what it has in hand.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-    async fn a_run_in_the_background_holds_its_slot_until_its_worker_is_back() {
+    async fn a_run_in_the_background_holds_its_session_until_its_worker_is_back() {
+        use std::sync::mpsc::channel;
+        const WAIT: Duration = Duration::from_secs(60);
         // Two sessions: a tenant may hold one run, the other is kept free for other tenants.
         let model = sentiment_with(|settings| {
             settings.sessions_per_model = 2;
             settings.max_batch = 1;
         });
-        // A plan of its own: another test counts the queue waits of its plans.
         let heavy = Share {
+            // A plan of its own: another test counts the queue waits of its plans.
             tenant: Arc::from("flooding"),
             weight: 1,
             plan: Arc::from("flooding-plan"),
         };
+        // The runtime's one worker thread, which the model's workers run on, is held by a task: first
+        // while both calls are queued, so the first runs in the background with the second behind
+        // it; then, from the moment that run is handed to its thread, so that the run's worker cannot
+        // get its session back, as when its thread waits for a core.
+        let (held, go, release) = (channel(), channel::<()>(), channel::<()>());
+        let stats = model.stats.clone();
+        tokio::spawn(async move {
+            held.0.send(()).expect("the test waits");
+            go.1.recv().expect("the calls are queued");
+            for _ in 0..1_000_000 {
+                if stats.background_runs.load(Relaxed) > 0 {
+                    held.0.send(()).expect("the test waits");
+                    let _ = release.1.recv();
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+        held.1.recv_timeout(WAIT).expect("the worker thread is held");
         // As many tokens as the model reads: a run of tens of milliseconds.
         let long = vec!["word ".repeat(600)];
         let mut first = Box::pin(model.classify(heavy.clone(), long.clone()));
         let mut second = Box::pin(model.classify(heavy.clone(), long));
-        // Polled once each, both are queued: the first runs in the background, the second behind it.
+        // Polled once each, both are queued.
         std::future::poll_fn(|cx| {
             assert!(first.as_mut().poll(cx).is_pending());
             assert!(second.as_mut().poll(cx).is_pending());
             std::task::Poll::Ready(())
         })
         .await;
-        // Counted as its run is handed to its thread.
-        while model.stats.background_runs.load(Relaxed) == 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        // The runtime's one worker thread, which the model's workers run on, is held: the first run's
-        // worker cannot get its session back, as when its thread waits for a core.
-        let (held, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
-        tokio::spawn(async move {
-            held.0.send(()).expect("the test waits");
-            let _ = release.1.recv();
-        });
-        held.1.recv().expect("the worker thread is held");
+        go.0.send(()).expect("the holding task waits");
+        held.1
+            .recv_timeout(WAIT)
+            .expect("the first call runs in the background, and the worker thread is held again");
+        // The answer comes from the run's thread, not from the model's workers.
         first.await.expect("the first call");
         assert_eq!(
             model.queue.runs_of("flooding"),
-            1,
-            "answered, but its worker is not back: the run still holds the tenant's slot"
+            (1, 0),
+            "answered, but its worker is not back: the run holds its session, and only that"
         );
-        release.0.send(()).expect("the held task waits");
+        release.0.send(()).expect("the holding task waits");
         second.await.expect("the second call");
-        assert_eq!(model.queue.runs_of("flooding"), 0);
+        assert_eq!(model.queue.runs_of("flooding"), (0, 0));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -161,6 +161,19 @@ fn release_queued(inner: &mut Inner, tenant: &Arc<str>) {
     }
 }
 
+/// What a run holds for each of its tenants, given back when it ends: given back in two parts by a
+/// run whose results are ready before its worker has the session back (see `batcher`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Release {
+    /// Both parts.
+    Both,
+    /// The run no longer counts among the tenant's runs on every model (`runs_in_background`), so the
+    /// tenant's next call is judged by what it has in hand now.
+    Activity,
+    /// The session: one of the runs the tenant may hold on this model at once.
+    Session,
+}
+
 /// Runs each tenant holds on every model of the engine together: a tenant's run is its only one if it
 /// runs nothing else anywhere (see `runs_in_background`).
 #[derive(Debug, Default)]
@@ -383,21 +396,37 @@ impl FairQueue {
     }
 
     /// A run of `batch` has ended: its tenants may start other runs.
+    #[cfg(test)]
     pub(crate) fn finished(&self, batch: &[Arc<str>]) {
+        self.given_back(batch, Release::Both);
+    }
+
+    /// Gives back what a run of `batch` held for its tenants (see [`Release`]).
+    pub(crate) fn given_back(&self, batch: &[Arc<str>], release: Release) {
+        if batch.is_empty() {
+            return;
+        }
         let mut tenants: Vec<&Arc<str>> = batch.iter().collect();
         tenants.sort();
         tenants.dedup();
         let mut inner = self.lock();
         for tenant in tenants {
-            if let Some(runs) = inner.running.get_mut(tenant) {
+            if !inner.running.contains_key(tenant) {
+                continue;
+            }
+            if release != Release::Session {
+                self.all_runs.ended(tenant);
+            }
+            if release != Release::Activity
+                && let Some(runs) = inner.running.get_mut(tenant)
+            {
                 *runs -= 1;
                 if *runs == 0 {
                     inner.running.remove(tenant);
                 }
-                self.all_runs.ended(tenant);
             }
         }
-        let waiting = !inner.calls.is_empty();
+        let waiting = release != Release::Activity && !inner.calls.is_empty();
         drop(inner);
         if waiting {
             self.ready.notify_one();
@@ -505,10 +534,12 @@ impl FairQueue {
         self.lock().calls.len()
     }
 
-    /// Runs that hold calls of `tenant` now.
+    /// Runs that hold calls of `tenant` now: sessions of this model, and runs on every model as
+    /// `runs_in_background` counts them.
     #[cfg(test)]
-    pub(crate) fn runs_of(&self, tenant: &str) -> usize {
-        self.lock().running.get(tenant).copied().unwrap_or(0)
+    pub(crate) fn runs_of(&self, tenant: &str) -> (usize, usize) {
+        let sessions = self.lock().running.get(tenant).copied().unwrap_or(0);
+        (sessions, self.all_runs.count(&Arc::from(tenant)))
     }
 }
 
