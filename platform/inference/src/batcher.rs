@@ -497,8 +497,8 @@ impl Worker {
         while let Some(batch) = self.setup.queue.next_batch(self.setup.max_delay, &fits).await {
             // However this run ends, its tenants' run slots are given back: once its results are
             // ready, before they are sent (a caller's next call must not find its last run still
-            // held), or for a run in the background once its worker is back (below), or when it
-            // fails, panics or is skipped.
+            // held), or when it fails, panics or is skipped; a run in the background gives its
+            // session back only once its worker is back (below).
             let slot = RunSlot {
                 queue: self.setup.queue.clone(),
                 tenants: batch.iter().map(|c| c.share.tenant.clone()).collect(),

@@ -411,10 +411,10 @@ impl FairQueue {
         tenants.dedup();
         let mut inner = self.lock();
         for tenant in tenants {
-            if !inner.running.contains_key(tenant) {
-                continue;
-            }
-            if release != Release::Session {
+            // A run's two parts may come back in either order (a worker's task that is stopped drops
+            // the session it kept while the run's thread still holds the rest).
+            let holds_session = inner.running.contains_key(tenant);
+            if release == Release::Activity || (release == Release::Both && holds_session) {
                 self.all_runs.ended(tenant);
             }
             if release != Release::Activity
@@ -603,6 +603,27 @@ mod tests {
         // Calls queued behind its run: more than one run's worth.
         second.push(call(1), share("busy", 1), 1).unwrap();
         assert!(second.runs_in_background(&tenant), "a call queued behind its run");
+    }
+
+    #[tokio::test]
+    async fn a_runs_two_parts_come_back_in_either_order() {
+        let tenant: Arc<str> = Arc::from("busy");
+        for order in [
+            [Release::Activity, Release::Session],
+            [Release::Session, Release::Activity],
+        ] {
+            let queue = FairQueue::new(100, 100, 3, Scheduling::Fair);
+            queue.push(call(1), share("busy", 1), 1).unwrap();
+            queue
+                .next_batch(std::time::Duration::ZERO, &one_at_a_time)
+                .await
+                .unwrap();
+            assert_eq!(queue.runs_of("busy"), (1, 1));
+            for release in order {
+                queue.given_back(std::slice::from_ref(&tenant), release);
+            }
+            assert_eq!(queue.runs_of("busy"), (0, 0), "{order:?}");
+        }
     }
 
     #[tokio::test]
