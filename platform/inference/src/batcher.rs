@@ -185,25 +185,45 @@ fn leading_words(text: &str, words: usize) -> &str {
     text
 }
 
-/// Rows of one output for one call: `width` floats per text.
-#[derive(Debug)]
-pub(crate) struct TextOutput {
-    width: usize,
-    data: Vec<f32>,
-    /// How long the call waited in the queue, and how long its run took (tokenizing included).
+/// Where a call's time went in its model, for its `Server-Timing`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stages {
+    /// In the queue, until a worker took it.
     pub(crate) waited: Duration,
+    /// From then until its run's thread started on it: setting the run up, and the wait for a
+    /// thread (on a busy machine, for a core).
+    pub(crate) thread: Duration,
+    /// The run on that thread, tokenizing included.
     pub(crate) ran: Duration,
     /// When the run answered: what follows until the caller's task resumes is its wait for a thread.
     pub(crate) answered: Instant,
 }
 
-/// A protocol call's output tensors, timed as [`TextOutput`]'s rows are.
+impl Stages {
+    /// A call run where it was made, untimed.
+    fn direct() -> Self {
+        Self {
+            waited: Duration::ZERO,
+            thread: Duration::ZERO,
+            ran: Duration::ZERO,
+            answered: Instant::now(),
+        }
+    }
+}
+
+/// Rows of one output for one call: `width` floats per text.
+#[derive(Debug)]
+pub(crate) struct TextOutput {
+    width: usize,
+    data: Vec<f32>,
+    pub(crate) stages: Stages,
+}
+
+/// A protocol call's output tensors.
 #[derive(Debug)]
 pub(crate) struct RawOutput {
     pub(crate) tensors: Vec<Tensor>,
-    pub(crate) waited: Duration,
-    pub(crate) ran: Duration,
-    pub(crate) answered: Instant,
+    pub(crate) stages: Stages,
 }
 
 impl TextOutput {
@@ -567,6 +587,7 @@ impl Worker {
                 .map(|call| call.share.tenant.clone());
             let joined = pool
                 .spawn_blocking(move || {
+                    let on_thread = Instant::now();
                     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
                         process(
                             &mut session,
@@ -577,6 +598,7 @@ impl Worker {
                                 stats: &stats,
                                 label: &label,
                                 started,
+                                on_thread,
                             },
                             Run {
                                 options: &options,
@@ -689,9 +711,7 @@ fn process(
             let result = result
                 .map(|tensors| RawOutput {
                     tensors,
-                    waited,
-                    ran: answered.started.elapsed(),
-                    answered: Instant::now(),
+                    stages: answered.stages(waited),
                 })
                 .map_err(|err| timed_out_or(err, run.terminated));
             if let Err(err) = &result {
@@ -745,6 +765,8 @@ struct Answered<'a> {
     label: &'a str,
     /// When the worker took the run's calls from the queue.
     started: Instant,
+    /// When the run's thread started on them.
+    on_thread: Instant,
 }
 
 impl Answered<'_> {
@@ -757,6 +779,16 @@ impl Answered<'_> {
         metrics::counter!("nv_inference_queue_duration_us", "model" => self.label.to_owned())
             .increment(u64::try_from(waited.as_micros()).unwrap_or(u64::MAX));
         waited
+    }
+
+    /// A call's stages, as it is answered.
+    fn stages(&self, waited: Duration) -> Stages {
+        Stages {
+            waited,
+            thread: self.on_thread.duration_since(self.started),
+            ran: self.on_thread.elapsed(),
+            answered: Instant::now(),
+        }
     }
 
     fn count(&self, requests: u64, items: usize, succeeded: bool) {
@@ -866,7 +898,7 @@ fn answer_text_calls(
     answered.count(replies.len() as u64, counts.iter().sum(), result.is_ok());
     let outcome = match result {
         Ok(output) => {
-            let ran = answered.started.elapsed();
+            let done = answered.stages(Duration::ZERO);
             let mut offset = 0;
             for (texts, (reply, waited)) in counts.into_iter().zip(replies) {
                 let rows = output.width * texts;
@@ -875,9 +907,11 @@ fn answer_text_calls(
                 let _ = reply.send(Ok(TextOutput {
                     width: output.width,
                     data,
-                    waited,
-                    ran,
-                    answered: Instant::now(),
+                    stages: Stages {
+                        waited,
+                        answered: Instant::now(),
+                        ..done
+                    },
                 }));
             }
             Ok(())
@@ -1024,9 +1058,7 @@ fn run_encoded(
     Ok(TextOutput {
         width,
         data,
-        waited: Duration::ZERO,
-        ran: Duration::ZERO,
-        answered: Instant::now(),
+        stages: Stages::direct(),
     })
 }
 

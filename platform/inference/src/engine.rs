@@ -525,12 +525,13 @@ pub struct LoadedModel {
     workers: Vec<Arc<CurrentWorker>>,
 }
 
-/// Records a model call's stages for the request's `Server-Timing`: its wait in the queue, its run,
-/// and the wait from the run's answer until the caller's task ran again.
-fn record_stages(waited: Duration, ran: Duration, answered: std::time::Instant) {
-    crate::timing::record("queue", waited);
-    crate::timing::record("run", ran);
-    crate::timing::record("wake", answered.elapsed());
+/// Records a model call's stages for the request's `Server-Timing`: its wait in the queue, for its
+/// run's thread, its run, and from the run's answer until the caller's task ran again.
+fn record_stages(stages: &batcher::Stages) {
+    crate::timing::record("queue", stages.waited);
+    crate::timing::record("thread", stages.thread);
+    crate::timing::record("run", stages.ran);
+    crate::timing::record("wake", stages.answered.elapsed());
 }
 
 /// Makes one more session of a loaded model.
@@ -705,7 +706,7 @@ impl LoadedModel {
         let output = self
             .submit(share, items, Work::Text { texts, reply }, response)
             .await?;
-        record_stages(output.waited, output.ran, output.answered);
+        record_stages(&output.stages);
         Ok(output)
     }
 
@@ -826,7 +827,7 @@ impl LoadedModel {
                 response,
             )
             .await?;
-        record_stages(output.waited, output.ran, output.answered);
+        record_stages(&output.stages);
         Ok(output.tensors)
     }
 
