@@ -230,7 +230,7 @@ async fn components(app: &TestApp, key: &str, tenant: &plinth_sdk::TenantId) {
         .await
         .expect("cache");
     let quota = plinth_store::cache::Quota {
-        per_minute: 100_000_000,
+        per_minute: plinth_store::cache::MAX_PER_MINUTE,
         burst: 1_000_000,
     };
     let limit = median_of(2_000, |_| async {

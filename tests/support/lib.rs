@@ -512,7 +512,7 @@ pub async fn lift_rate_limits(store: &plinth_store::Store, tenant: &plinth_sdk::
         price_per_call_micros: plinth_sdk::Micros(0),
         hard_cap: false,
         training_price_micros: plinth_sdk::Micros(0),
-        rate_limit_per_minute: 100_000_000,
+        rate_limit_per_minute: plinth_store::cache::MAX_PER_MINUTE,
         burst: 1_000_000,
         isolation: plinth_sdk::PlanIsolation {
             plugin_instances: 64,

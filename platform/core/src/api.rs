@@ -153,7 +153,7 @@ pub struct Plan {
     /// Price of training: per 1,000 examples × epochs, in micro-units.
     #[serde(default)]
     pub training_price_micros: Micros,
-    /// Sustained request rate per tenant.
+    /// Sustained request rate per tenant: at most 60,000,000 a minute (one a microsecond).
     pub rate_limit_per_minute: u32,
     /// Requests that may arrive at once on top of the sustained rate.
     pub burst: u32,

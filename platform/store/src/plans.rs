@@ -182,6 +182,12 @@ fn validate_plan(plan: &Plan) -> Result<()> {
             "rate_limit_per_minute and burst must be positive",
         ));
     }
+    if plan.rate_limit_per_minute > crate::cache::MAX_PER_MINUTE {
+        return Err(StoreError::invalid(format!(
+            "rate_limit_per_minute: at most {} (one a microsecond)",
+            crate::cache::MAX_PER_MINUTE
+        )));
+    }
     if plan.isolation.plugin_instances == 0 || plan.isolation.scheduling_weight == 0 {
         return Err(StoreError::invalid(
             "plugin_instances and scheduling_weight must be positive",
@@ -583,6 +589,15 @@ mod tests {
             ..row
         };
         assert_eq!(row_eras(&stripe, at("2026-03-01T00:00:00Z")).len(), 1);
+    }
+
+    #[test]
+    fn a_plans_rate_is_at_most_one_a_microsecond() {
+        let mut plan = default_plans().remove(1);
+        plan.rate_limit_per_minute = crate::cache::MAX_PER_MINUTE;
+        assert!(validate_plan(&plan).is_ok());
+        plan.rate_limit_per_minute += 1;
+        assert!(validate_plan(&plan).is_err());
     }
 
     #[test]

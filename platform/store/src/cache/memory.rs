@@ -153,6 +153,22 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn a_burst_holds_at_the_highest_rate() {
+        let quota = Quota {
+            per_minute: u32::MAX,
+            burst: 1_000_000,
+        };
+        // A million requests ahead of the sustained rate are a second of it: a request whose thread
+        // read the clock milliseconds before another's is still inside the burst.
+        assert!(governor_quota(quota).burst_size_replenished_in() >= Duration::from_secs(1));
+        let cache = MemoryCache::new();
+        let first = cache.rate_limit("tenant", quota).await.unwrap();
+        assert!(first.allowed);
+        assert_eq!(first.remaining, 999_999);
+        assert_eq!(first.reset_after, Duration::from_micros(1));
+    }
+
+    #[tokio::test]
     async fn setting_a_key_again_restarts_its_time_to_live() {
         let cache = MemoryCache::default();
         let ttl = Duration::from_millis(300);

@@ -23,11 +23,18 @@ pub struct Quota {
     pub burst: u32,
 }
 
+/// The most requests a minute a limit can hold apart: one a microsecond, the resolution both
+/// limiters count in (Redis's clock). A plan may not ask for more.
+pub const MAX_PER_MINUTE: u32 = 60_000_000;
+
 impl Quota {
-    /// The time one request "costs": a minute divided by the sustained rate.
+    /// The time one request "costs": a minute divided by the sustained rate, and at least a
+    /// microsecond. Never zero: a burst is what the limiter tolerates of requests ahead of the
+    /// sustained rate, the interval times the burst, and with a zero interval a request whose thread
+    /// read the clock a moment before another's would be refused at any rate.
     #[must_use]
     pub fn emission_interval(self) -> Duration {
-        Duration::from_micros(60_000_000 / u64::from(self.per_minute.max(1)))
+        Duration::from_micros((60_000_000 / u64::from(self.per_minute.max(1))).max(1))
     }
 }
 
@@ -90,5 +97,17 @@ mod tests {
             .emission_interval(),
             Duration::from_millis(10)
         );
+    }
+
+    #[test]
+    fn no_rate_makes_the_interval_zero() {
+        for per_minute in [MAX_PER_MINUTE, MAX_PER_MINUTE + 1, u32::MAX] {
+            let quota = Quota { per_minute, burst: 1 };
+            assert_eq!(
+                quota.emission_interval(),
+                Duration::from_micros(1),
+                "{per_minute}"
+            );
+        }
     }
 }
