@@ -270,8 +270,15 @@ async fn malformed_tensors_are_refused_clearly() {
         }
     };
     type Mutation = fn(&mut Vec<InferInput>);
-    let cases: [(Mutation, &str); 6] = [
+    let cases: [(Mutation, &str); 7] = [
         (|i| i[0].shape = vec![1, 5], "5 elements"),
+        (
+            |i| {
+                let twice = i[0].clone();
+                i.push(twice);
+            },
+            "given more than once",
+        ),
         (|i| i[0].datatype = "FP32".into(), "datatype FP32"),
         (|i| i[0].datatype = "STRINGS".into(), "STRINGS"),
         (|i| i[0].data = json!(["a", "b", "c", "d"]), "integers"),
@@ -319,6 +326,28 @@ async fn malformed_tensors_are_refused_clearly() {
         .await
         .unwrap_err();
     assert_eq!(unknown_output.code(), Some(ErrorCode::InvalidInput));
+    // An output asked for again and again would be copied out as often: refused, whatever the count.
+    let repeated = tenant
+        .client
+        .infer(
+            "sentiment",
+            &InferRequest {
+                id: None,
+                parameters: None,
+                inputs: token_inputs(),
+                outputs: Some(vec![
+                    RequestedOutput {
+                        name: "probs".into(),
+                        parameters: None,
+                    };
+                    10_000
+                ]),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(repeated.code(), Some(ErrorCode::InvalidInput), "{repeated:?}");
+    assert!(repeated.to_string().contains("more than once"), "{repeated}");
     assert_eq!(
         tenant
             .client

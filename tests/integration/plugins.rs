@@ -246,11 +246,24 @@ async fn hostile_plugins_are_contained_and_the_host_keeps_serving() {
         "{err:?}"
     );
 
+    // A prefix lists the keys that start with it, byte for byte: `%` and `_` are not wildcards, and
+    // case counts (on SQLite as on Postgres).
+    let listed = victim
+        .client
+        .invoke(&hostile.id, &json!({ "do": "kv-list-wildcards" }))
+        .await
+        .unwrap();
+    assert_eq!(listed["percent"], json!(["a%b"]), "{listed}");
+    assert_eq!(listed["underscore"], json!(["a_c"]), "{listed}");
+    assert_eq!(listed["lower"], json!(["a%b", "a_c", "axb"]), "{listed}");
+
     let cases = [
         ("alloc", ErrorCode::PluginLimitExceeded, "memory"),
         // Rust keeps its stack in linear memory: runaway recursion runs off its end and traps.
         ("recurse", ErrorCode::PluginFailed, "the plugin trapped"),
-        ("big-output", ErrorCode::PluginLimitExceeded, "answered"),
+        // Past what the guest may hand the host at once: refused as it leaves the guest.
+        ("big-output", ErrorCode::PluginLimitExceeded, "at once"),
+        ("huge-error", ErrorCode::PluginLimitExceeded, "at once"),
         ("panic", ErrorCode::PluginFailed, "the plugin gave up"),
         ("log-flood", ErrorCode::PluginLimitExceeded, "logged more than"),
         ("kv-flood", ErrorCode::PluginFailed, "holds 20 keys"),
@@ -265,12 +278,30 @@ async fn hostile_plugins_are_contained_and_the_host_keeps_serving() {
             ErrorCode::PluginFailed,
             "8 model calls per invocation",
         ),
+        // Each key-value call is a database round trip: a hundred an invocation.
+        (
+            "kv-calls",
+            ErrorCode::PluginFailed,
+            "100 key-value calls per invocation",
+        ),
+        // Refused by its size before it is parsed (parsed, it would take many times that).
+        (
+            "huge-model-request",
+            ErrorCode::PluginRejectedRequest,
+            "a model request is at most 1024 KiB",
+        ),
     ];
     for (mode, code, says) in cases {
         let err = invoke(mode).await;
         assert_eq!(err.code(), Some(code), "{mode}: {err:?}");
         assert!(err.to_string().contains(says), "{mode}: {err}");
     }
+
+    // A plugin's own error reaches the caller cut short.
+    let long = invoke("long-error").await;
+    assert_eq!(long.code(), Some(ErrorCode::PluginRejectedRequest), "{long:?}");
+    assert!(long.to_string().contains("… (cut)"), "{long}");
+    assert!(long.to_string().len() < 5_000, "{} bytes", long.to_string().len());
 
     // Nothing leaked: the same installation and its neighbour still answer.
     let echoed = victim
@@ -298,7 +329,8 @@ async fn hostile_plugins_are_contained_and_the_host_keeps_serving() {
         .iter()
         .find(|r| r.key.starts_with("plugin:"))
         .map(|r| r.calls);
-    assert_eq!(plugin_calls, Some(1), "{usage:?}");
+    // The key listing and the last echo.
+    assert_eq!(plugin_calls, Some(2), "{usage:?}");
     let model_calls = usage
         .rows
         .iter()

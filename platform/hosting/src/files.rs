@@ -62,7 +62,7 @@ impl Hosting {
         let staging = self.staging_dir();
         tokio::fs::create_dir_all(&staging)
             .await
-            .map_err(HostingError::internal)?;
+            .map_err(|err| HostingError::internal(err))?;
         let staged = Staged {
             path: staging.join(format!("{}.part", ulid::Ulid::new())),
             sha256: hex::encode(Sha256::digest(bytes)),
@@ -70,7 +70,7 @@ impl Hosting {
         };
         tokio::fs::write(&staged.path, bytes)
             .await
-            .map_err(HostingError::internal)?;
+            .map_err(|err| HostingError::internal(err))?;
         Ok(staged)
     }
 
@@ -85,9 +85,9 @@ impl Hosting {
         } else {
             tokio::fs::rename(&staged.path, &target)
                 .await
-                .map_err(HostingError::internal)?;
+                .map_err(|err| HostingError::internal(err))?;
         }
-        self.files.publish(&name).await.map_err(HostingError::internal)?;
+        self.files.publish(&name).await.map_err(|err| HostingError::internal(err))?;
         Ok(target)
     }
 

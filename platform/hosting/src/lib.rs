@@ -83,8 +83,11 @@ impl HostingError {
         }
     }
 
+    /// A fault of the platform's, with where it was met (the API logs it; the client sees a code).
+    /// Called from a closure, not as a function pointer, so the location is the caller's.
+    #[track_caller]
     fn internal(err: impl std::fmt::Display) -> Self {
-        Self::Internal(err.to_string())
+        Self::Internal(format!("{err} (at {})", std::panic::Location::caller()))
     }
 }
 
@@ -198,7 +201,7 @@ impl Hosting {
                 message: "other models are loading; retry shortly".into(),
                 retry_after: Some(Duration::from_secs(5)),
             })?
-            .map_err(HostingError::internal)?;
+            .map_err(|err| HostingError::internal(err))?;
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
@@ -208,7 +211,7 @@ impl Hosting {
             }
         })
         .await
-        .map_err(HostingError::internal)?
+        .map_err(|err| HostingError::internal(err))?
         .map_err(HostingError::from)
     }
 
@@ -474,7 +477,7 @@ impl Hosting {
             self.files
                 .fetch(&format!("{sha256}.{extension}"), &sha256)
                 .await
-                .map_err(HostingError::internal)
+                .map_err(|err| HostingError::internal(err))
         };
         let tokenizer = match &record.tokenizer_sha256 {
             Some(sha256) => Some(fetch(sha256.clone(), "json").await?),
@@ -542,6 +545,18 @@ mod tests {
     use plinth_store::DatabaseSettings;
 
     use super::*;
+
+    #[test]
+    fn an_internal_fault_says_where_it_was_met() {
+        let fault = std::fs::read("/nonexistent/plinth")
+            .map_err(|err| HostingError::internal(err))
+            .unwrap_err();
+        let line = line!() - 2;
+        assert!(
+            fault.to_string().ends_with(&format!("(at {}:{line}:28)", file!())),
+            "{fault}"
+        );
+    }
 
     /// A graph that answers one row (made by `tests/fixtures/make_models.py`, which `scripts/test.sh`
     /// runs).

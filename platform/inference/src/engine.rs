@@ -812,6 +812,18 @@ impl LoadedModel {
                 "the model has no output `{unknown}`"
             )));
         }
+        // Each name once: an output asked for a million times would be copied out a million times,
+        // and an input given twice leaves which one runs to chance.
+        if let Some(twice) = repeated(inputs.iter().map(|t| t.name.as_str())) {
+            return Err(InferenceError::InvalidInput(format!(
+                "input `{twice}` is given more than once"
+            )));
+        }
+        if let Some(twice) = repeated(outputs.iter().flatten().map(String::as_str)) {
+            return Err(InferenceError::InvalidInput(format!(
+                "output `{twice}` is asked for more than once"
+            )));
+        }
         // Queued at the cost of its batch: a tenant's share counts items, not calls.
         let items = usize::try_from(Self::batch_size(&inputs)?).unwrap_or(1);
         let (reply, response) = oneshot::channel();
@@ -864,6 +876,12 @@ impl LoadedModel {
         }
         Ok(batch.map_or(1, |(_, size)| size).max(1))
     }
+}
+
+/// The first name that comes again in `names`, if any.
+fn repeated<'a>(names: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let mut seen = std::collections::HashSet::new();
+    names.into_iter().find(|name| !seen.insert(*name))
 }
 
 #[cfg(test)]

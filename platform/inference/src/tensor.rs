@@ -198,6 +198,15 @@ pub const MAX_ELEMENTS: usize = 16 << 20;
 /// The most dimensions a tensor may have (ONNX Runtime's kernels handle far fewer in practice).
 pub const MAX_RANK: usize = 16;
 
+/// ONNX Runtime hands strings to the graph as C strings: one with a NUL in it cannot be passed, and
+/// would fail the run as the model's fault rather than the caller's.
+fn refuse_nul(name: &str, strings: &[String]) -> Result<(), InferenceError> {
+    if strings.iter().any(|s| s.contains('\0')) {
+        return Err(invalid(name, "BYTES elements may not contain a NUL character"));
+    }
+    Ok(())
+}
+
 /// The number of elements `shape` describes, checked: non-negative dimensions, a bounded rank, and
 /// no dimension (and no product) above [`MAX_ELEMENTS`]. Dimensions are bounded one by one too, so a
 /// zero elsewhere in the shape cannot smuggle an absurd dimension through to the runtime.
@@ -346,12 +355,15 @@ impl Tensor {
                     .collect::<Option<_>>()
                     .ok_or_else(|| wrong("booleans"))?,
             ),
-            DataType::Bytes => TensorData::Bytes(
-                flat.iter()
+            DataType::Bytes => {
+                let strings: Vec<String> = flat
+                    .iter()
                     .map(|v| v.as_str().map(ToOwned::to_owned))
                     .collect::<Option<_>>()
-                    .ok_or_else(|| wrong("strings"))?,
-            ),
+                    .ok_or_else(|| wrong("strings"))?;
+                refuse_nul(name, &strings)?;
+                TensorData::Bytes(strings)
+            }
         };
         Ok(Self {
             name: name.to_owned(),
@@ -437,6 +449,7 @@ impl Tensor {
                         &format!("shape {shape:?} needs {count} BYTES elements"),
                     ));
                 }
+                refuse_nul(name, &strings)?;
                 TensorData::Bytes(strings)
             }
         };
@@ -562,5 +575,20 @@ mod tests {
             .to_string();
         assert!(err.contains("COMPLEX"), "{err}");
         assert!(Tensor::from_json("x", "FP32", &[-1], &json!([])).is_err());
+    }
+
+    #[test]
+    fn strings_with_a_nul_are_the_callers_mistake() {
+        let err = Tensor::from_json("text", "BYTES", &[2], &json!(["fine", "a\0b"])).unwrap_err();
+        assert!(matches!(err, InferenceError::InvalidInput(_)), "{err}");
+        assert!(err.to_string().contains("NUL"), "{err}");
+        let mut bytes = Vec::new();
+        for item in [&b"fine"[..], b"a\0b"] {
+            bytes.extend_from_slice(&u32::try_from(item.len()).unwrap().to_le_bytes());
+            bytes.extend_from_slice(item);
+        }
+        let err = Tensor::from_binary("text", "BYTES", &[2], &bytes).unwrap_err();
+        assert!(err.to_string().contains("NUL"), "{err}");
+        assert!(Tensor::from_json("text", "BYTES", &[2], &json!(["fine", "ab"])).is_ok());
     }
 }

@@ -80,8 +80,11 @@ impl MarketError {
         Self::refused(ErrorCode::InvalidPlugin, message)
     }
 
+    /// A fault of the platform's, with where it was met (the API logs it; the client sees a code).
+    /// Called from a closure, not as a function pointer, so the location is the caller's.
+    #[track_caller]
     fn internal(detail: impl std::fmt::Display) -> Self {
-        Self::Internal(detail.to_string())
+        Self::Internal(format!("{detail} (at {})", std::panic::Location::caller()))
     }
 
     /// The API's code for this failure.
@@ -285,12 +288,12 @@ impl Marketplace {
             let partial = self.files.path(&format!(".{name}.{}.part", ulid::Ulid::new()));
             tokio::fs::write(&partial, &component)
                 .await
-                .map_err(MarketError::internal)?;
+                .map_err(|err| MarketError::internal(err))?;
             tokio::fs::rename(&partial, &path)
                 .await
-                .map_err(MarketError::internal)?;
+                .map_err(|err| MarketError::internal(err))?;
         }
-        self.files.publish(&name).await.map_err(MarketError::internal)
+        self.files.publish(&name).await.map_err(|err| MarketError::internal(err))
     }
 
     /// Runs the new component once, with an empty request, no grants and no state, as one of the
@@ -434,7 +437,7 @@ impl Marketplace {
         if secrets.is_empty() {
             return Ok(SealedSecrets::default());
         }
-        let plain = serde_json::to_vec(secrets).map_err(MarketError::internal)?;
+        let plain = serde_json::to_vec(secrets).map_err(|err| MarketError::internal(err))?;
         Ok(SealedSecrets {
             sealed: self.secrets.seal(&plain)?,
             names: secrets.keys().cloned().collect(),
@@ -446,7 +449,7 @@ impl Marketplace {
             return Ok(BTreeMap::new());
         }
         let plain = self.secrets.open(sealed)?;
-        serde_json::from_slice(&plain).map_err(MarketError::internal)
+        serde_json::from_slice(&plain).map_err(|err| MarketError::internal(err))
     }
 
     /// Whether the tenant has a bill that a priced call can go on: a paid plan in good standing (in

@@ -32,6 +32,24 @@ impl Invocation {
         Ok(self.inference_calls)
     }
 
+    /// Counts a key-value call against the per-invocation limit.
+    fn admit_kv_call(&mut self) -> Result<(), kv::KvError> {
+        if self.kv_calls >= self.limits.kv_calls {
+            return Err(kv::KvError::QuotaExceeded(format!(
+                "a plugin may make {} key-value calls per invocation",
+                self.limits.kv_calls
+            )));
+        }
+        self.kv_calls += 1;
+        Ok(())
+    }
+
+    /// Counts a key-value call and checks its key.
+    fn admit_key(&mut self, key: &str) -> Result<(), kv::KvError> {
+        self.admit_kv_call()?;
+        self.check_key(key)
+    }
+
     fn check_key(&self, key: &str) -> Result<(), kv::KvError> {
         if key.is_empty() || key.len() > self.limits.kv_key_bytes {
             return Err(kv::KvError::InvalidKey(format!(
@@ -116,6 +134,13 @@ impl inference::Host for Invocation {
             Ok(sequence) => sequence,
             Err(err) => return Ok(Err(err)),
         };
+        // Bounded before it is parsed: a JSON tensor takes many times its bytes once parsed.
+        if request.len() > self.limits.input_bytes {
+            return Ok(Err(inference::InferenceError::InvalidInput(format!(
+                "a model request is at most {} KiB",
+                self.limits.input_bytes >> 10
+            ))));
+        }
         Ok(self
             .services
             .infer(&self.call, sequence, &model, request)
@@ -126,14 +151,14 @@ impl inference::Host for Invocation {
 
 impl kv::Host for Invocation {
     async fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, kv::KvError>> {
-        if let Err(err) = self.check_key(&key) {
+        if let Err(err) = self.admit_key(&key) {
             return Ok(Err(err));
         }
         Ok(self.services.kv_get(&self.call, &key).await.map_err(kv_error))
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), kv::KvError>> {
-        if let Err(err) = self.check_key(&key) {
+        if let Err(err) = self.admit_key(&key) {
             return Ok(Err(err));
         }
         if value.len() > self.limits.kv_value_bytes {
@@ -151,13 +176,20 @@ impl kv::Host for Invocation {
     }
 
     async fn delete(&mut self, key: String) -> wasmtime::Result<Result<bool, kv::KvError>> {
-        if let Err(err) = self.check_key(&key) {
+        if let Err(err) = self.admit_key(&key) {
             return Ok(Err(err));
         }
         Ok(self.services.kv_delete(&self.call, &key).await.map_err(kv_error))
     }
 
     async fn list_keys(&mut self, prefix: String) -> wasmtime::Result<Result<Vec<String>, kv::KvError>> {
+        if let Err(err) = self.admit_kv_call() {
+            return Ok(Err(err));
+        }
+        // No key is longer than a key may be: a longer prefix would only make the database work.
+        if prefix.len() > self.limits.kv_key_bytes {
+            return Ok(Ok(Vec::new()));
+        }
         Ok(self.services.kv_list(&self.call, &prefix).await.map_err(kv_error))
     }
 }

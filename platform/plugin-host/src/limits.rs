@@ -23,6 +23,9 @@ pub struct Limits {
     pub log_bytes: usize,
     pub kv_key_bytes: usize,
     pub kv_value_bytes: usize,
+    /// Key-value calls per invocation: each is a round trip to the database (a set, a durable
+    /// commit), shared with every tenant's requests.
+    pub kv_calls: u32,
     /// Keys per installation.
     pub kv_keys: u64,
     /// Instances running at once across all plugins (the pooling allocator's size).
@@ -55,6 +58,7 @@ impl Default for Limits {
             log_bytes: 64 << 10,
             kv_key_bytes: 256,
             kv_value_bytes: 256 << 10,
+            kv_calls: 100,
             kv_keys: 1_000,
             concurrent_instances: 64,
             threads: std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),

@@ -73,6 +73,7 @@ pub struct Invocation {
     pub(crate) services: Arc<dyn Services>,
     pub(crate) limits: Limits,
     pub(crate) inference_calls: u32,
+    pub(crate) kv_calls: u32,
     pub(crate) logs: Vec<LogLine>,
     pub(crate) log_bytes: usize,
     /// The limit the plugin broke, when a host call or the limiter stopped it.
@@ -99,28 +100,37 @@ impl WasiView for Invocation {
     }
 }
 
-/// Caps linear memory and tables, remembering a refusal so the trap that follows is explained.
+/// Caps linear memory, all of an instance's memories together, and tables, remembering a refusal so
+/// the trap that follows is explained.
 struct MemoryCap {
     memory_bytes: usize,
+    /// The bytes of every memory the invocation has created, as they grew.
+    in_use: usize,
     table_elements: usize,
     refused: Option<String>,
 }
 
 impl ResourceLimiter for MemoryCap {
+    /// Asked for each memory as it is created (from 0) and each time it grows.
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.memory_bytes {
+        let total = self
+            .in_use
+            .saturating_sub(current)
+            .saturating_add(desired);
+        if total > self.memory_bytes {
             self.refused = Some(format!(
                 "the plugin asked for {} MiB of memory; the limit is {} MiB",
-                desired >> 20,
+                total >> 20,
                 self.memory_bytes >> 20
             ));
             return Ok(false);
         }
+        self.in_use = total;
         Ok(true)
     }
 
@@ -449,6 +459,37 @@ fn check(engine: &Engine, linker: &Linker<Invocation>, bytes: &[u8]) -> Result<C
     })
 }
 
+/// The most random bytes one WASI call may ask for.
+const MAX_RANDOM_BYTES: u64 = 64 << 10;
+
+/// The longest error message a plugin's own error keeps (it reaches the caller, the publishing
+/// checks and the portal).
+const MAX_ERROR_BYTES: usize = 4 << 10;
+
+/// What the guest may hand the host in one call (or its handler's answer): the largest request or
+/// answer it may make, twice over for a list's per-item overhead, and a MiB more. The host copies
+/// what the guest passes before it can check it; beyond this the call traps instead.
+fn hostcall_bytes(limits: &Limits) -> usize {
+    limits
+        .input_bytes
+        .max(limits.output_bytes)
+        .saturating_mul(2)
+        .saturating_add(1 << 20)
+}
+
+/// `message` cut to [`MAX_ERROR_BYTES`] at a character boundary.
+fn cut(mut message: String) -> String {
+    if message.len() > MAX_ERROR_BYTES {
+        let mut end = MAX_ERROR_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("… (cut)");
+    }
+    message
+}
+
 /// One invocation, from instantiation to answer, under one wall-clock deadline.
 async fn run(
     engine: Engine,
@@ -463,6 +504,7 @@ async fn run(
     let stderr = MemoryOutputPipe::new(STDERR_BYTES);
     let wasi = WasiCtxBuilder::new()
         .stderr(stderr.clone())
+        .max_random_size(MAX_RANDOM_BYTES)
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
@@ -476,17 +518,20 @@ async fn run(
             services,
             limits,
             inference_calls: 0,
+            kv_calls: 0,
             logs: Vec::new(),
             log_bytes: 0,
             breach: None,
             memory: MemoryCap {
                 memory_bytes: limits.memory_bytes,
+                in_use: 0,
                 table_elements: 100_000,
                 refused: None,
             },
         },
     );
     store.limiter(|state| &mut state.memory);
+    store.set_hostcall_fuel(hostcall_bytes(&limits));
     store
         .set_fuel(limits.fuel)
         .map_err(|err| InvokeError::Unavailable(err.to_string()))?;
@@ -544,10 +589,10 @@ async fn run(
             duration,
         }),
         Ok(Err(v0_1_0::exports::plinth::plugin::handler::Error::InvalidRequest(message))) => {
-            Err(InvokeError::Rejected(message))
+            Err(InvokeError::Rejected(cut(message)))
         }
         Ok(Err(v0_1_0::exports::plinth::plugin::handler::Error::Failed(message))) => {
-            Err(InvokeError::Failed(message))
+            Err(InvokeError::Failed(cut(message)))
         }
         Err(err) => Err(explain_trap(&err, &state, &stderr, limits)),
     }
@@ -594,9 +639,49 @@ fn explain_trap(
                 InvokeError::Trapped(format!("the plugin trapped: {trap}: {said}"))
             }
         }
+        // wasmtime's words for a call past `hostcall_bytes` (its error type is not public).
+        None if format!("{err:#}").contains("fuel allocated for hostcalls has been exhausted") => {
+            InvokeError::LimitExceeded(format!(
+                "the plugin handed the host more than {} KiB at once (in a call or its answer)",
+                hostcall_bytes(&limits) >> 10
+            ))
+        }
         None if err.to_string().contains("instance") && err.to_string().contains("limit") => {
             InvokeError::Unavailable("every plugin instance slot is busy; retry shortly".to_owned())
         }
         None => InvokeError::Trapped(format!("the plugin could not run: {err:#}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_limit_holds_for_all_of_an_instances_memories_together() {
+        let mut cap = MemoryCap {
+            memory_bytes: 64 << 20,
+            in_use: 0,
+            table_elements: 100,
+            refused: None,
+        };
+        // Two memories created at 16 MiB, one grown to 40 MiB: 56 MiB in all.
+        assert!(cap.memory_growing(0, 16 << 20, None).unwrap());
+        assert!(cap.memory_growing(0, 16 << 20, None).unwrap());
+        assert!(cap.memory_growing(16 << 20, 40 << 20, None).unwrap());
+        // A third of 16 MiB would make 72: refused, though it is far below the limit on its own.
+        assert!(!cap.memory_growing(0, 16 << 20, None).unwrap());
+        assert!(cap.refused.as_deref().unwrap_or_default().contains("72 MiB"), "{:?}", cap.refused);
+        // The rest still fits.
+        assert!(cap.memory_growing(0, 8 << 20, None).unwrap());
+    }
+
+    #[test]
+    fn a_plugins_error_is_cut_at_a_character_boundary() {
+        let long = "é".repeat(MAX_ERROR_BYTES);
+        let cut = cut(long);
+        assert!(cut.len() <= MAX_ERROR_BYTES + "… (cut)".len());
+        assert!(cut.ends_with("… (cut)"));
+        assert_eq!(super::cut("short".to_owned()), "short");
     }
 }

@@ -7,7 +7,7 @@ use plinth_core::ErrorCode;
 use plinth_core::Micros;
 use plinth_core::id::{InstallationId, PluginId, PluginVersionId, TenantId};
 use plinth_core::plugins::{Capability, Installation, Plugin, PluginManifest, PluginVersion, ReviewStatus};
-use sea_orm::sea_query::{Expr, ExprTrait, Func, OnConflict};
+use sea_orm::sea_query::{Expr, ExprTrait, Func, LikeExpr, OnConflict};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter,
     QueryOrder, QuerySelect, Set,
@@ -788,15 +788,30 @@ impl Store {
         Ok(deleted.rows_affected > 0)
     }
 
+    /// An installation's keys that start with `prefix`, byte for byte (the first 1,000 in order).
     pub async fn kv_list(&self, installation: &str, prefix: &str) -> Result<Vec<String>> {
+        // `%` and `_` in a prefix are themselves, not wildcards; SQLite's LIKE ignores ASCII case, so
+        // what it matches is checked again here.
+        let mut pattern = String::with_capacity(prefix.len() + 1);
+        for c in prefix.chars() {
+            if matches!(c, '%' | '_' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('%');
         let rows = plugin_kv::Entity::find()
             .filter(plugin_kv::Column::InstallationId.eq(installation))
-            .filter(plugin_kv::Column::Key.starts_with(prefix))
+            .filter(plugin_kv::Column::Key.like(LikeExpr::new(pattern).escape('\\')))
             .order_by_asc(plugin_kv::Column::Key)
             .limit(1_000)
             .all(self.db())
             .await?;
-        Ok(rows.into_iter().map(|row| row.key).collect())
+        Ok(rows
+            .into_iter()
+            .map(|row| row.key)
+            .filter(|key| key.starts_with(prefix))
+            .collect())
     }
 }
 

@@ -59,7 +59,7 @@ impl Plugin for Hostile {
                 Ok(json!("flooded"))
             }
             "kv-huge-value" => {
-                kv::set("huge", &vec![0; 4 << 20])?;
+                kv::set("huge", &vec![0; 1 << 20])?;
                 Ok(json!("stored"))
             }
             "model" => {
@@ -83,6 +83,33 @@ impl Plugin for Hostile {
                     verdict[0].label
                 )))
             }
+            "kv-calls" => {
+                for _ in 0..1_000 {
+                    kv::get("missing")?;
+                }
+                Ok(json!("read"))
+            }
+            "kv-list-wildcards" => {
+                kv::set("a%b", b"1")?;
+                kv::set("axb", b"2")?;
+                kv::set("a_c", b"3")?;
+                kv::set("ABC", b"4")?;
+                Ok(json!({
+                    "percent": kv::list("a%")?,
+                    "underscore": kv::list("a_")?,
+                    "lower": kv::list("a")?,
+                }))
+            }
+            // A request to a model far past what a plugin may send, parsed or not.
+            "huge-model-request" => {
+                let data = vec![0; 600_000];
+                let request = json!({ "inputs": [{ "name": "x", "datatype": "INT64", "shape": [1, 600_000], "data": data }] });
+                Ok(inference::infer("sentiment", &request)?)
+            }
+            // Its own error, long: cut before it reaches the caller (2 MiB), or refused on its way
+            // out of the guest (8 MiB).
+            "long-error" => Err(Error::invalid("e".repeat(2 << 20))),
+            "huge-error" => Err(Error::invalid("e".repeat(8 << 20))),
             "many-calls" => {
                 for _ in 0..100 {
                     inference::classify("sentiment", &["again"])?;
