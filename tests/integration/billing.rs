@@ -433,6 +433,19 @@ async fn webhooks_are_verified_applied_once_and_in_order() {
     let (status, body) = post_webhook(&app, Some(header), &failed).await;
     assert_eq!((status, body["duplicate"].as_bool()), (200, Some(true)));
 
+    // A change of plan does not pay what is past due: still past due, on the free plan's limits.
+    tenant.owner.change_plan("pro").await.unwrap();
+    let moved = tenant.owner.subscription().await.unwrap();
+    assert_eq!(
+        (moved.plan.id.as_str(), moved.status),
+        ("pro", SubscriptionStatus::PastDue)
+    );
+    assert_eq!(
+        policy(&echo(tenant.key.secret.clone()).await.unwrap()),
+        free_policy
+    );
+    tenant.owner.change_plan("metered").await.unwrap();
+
     // Out of order: payment succeeds (newer), then a stale failure arrives late: still active.
     let paid = invoice("invoice.paid", base + 30, "in_b");
     assert!(double.deliver(&app.url(""), &paid).await.status().is_success());
@@ -776,6 +789,20 @@ async fn the_free_plan_stops_at_its_included_calls_until_the_tenant_upgrades() {
         3,
         "refused calls are not billed"
     );
+    // Choosing the free plan again does not start a new period, nor the count over.
+    let period = tenant.owner.subscription().await.unwrap().current_period_start;
+    tenant.owner.change_plan("free").await.unwrap();
+    assert_eq!(
+        tenant.owner.subscription().await.unwrap().current_period_start,
+        period
+    );
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    let still = tenant
+        .client
+        .classify("sentiment", &["again for free?"])
+        .await
+        .unwrap_err();
+    assert_eq!(api_code(&still), Some(ErrorCode::QuotaExceeded));
 
     tenant.owner.change_plan("metered").await.unwrap();
     tenant.client.classify("sentiment", &["paid for"]).await.unwrap();

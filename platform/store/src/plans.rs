@@ -315,6 +315,12 @@ impl Store {
             .await?
             .ok_or(StoreError::NotFound("tenant"))?;
         let previous = row.plan_id.clone();
+        // Choosing the plan the tenant is on, with no cancellation to undo, changes nothing: a new
+        // period would start the plan's call cap over (free calls without end, on the free plan).
+        if previous == plan_id && !row.cancel_at_period_end {
+            drop(txn);
+            return self.subscription(tenant).await;
+        }
         let now = Utc::now();
         let mut model: subscriptions::ActiveModel = row.clone().into();
         reanchor(
@@ -325,7 +331,11 @@ impl Store {
             period.unwrap_or((now, month_after(now))),
         )
         .await?;
-        model.status = Set(SubscriptionStatus::Active.as_str().to_owned());
+        // A payment past due stays so until the payment provider says it was paid: a change of plan
+        // does not pay it.
+        if row.status != SubscriptionStatus::PastDue.as_str() {
+            model.status = Set(SubscriptionStatus::Active.as_str().to_owned());
+        }
         model.cancel_at_period_end = Set(false);
         model.updated_at = Set(now);
         model.update(&txn).await?;
