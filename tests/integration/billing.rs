@@ -772,6 +772,25 @@ async fn the_free_plan_stops_at_its_included_calls_until_the_tenant_upgrades() {
     app.store().upsert_plan(&free).await.unwrap();
     app.store().upsert_plan(&metered_plan()).await.unwrap();
     let tenant = app.tenant().await;
+    // A call of more units than the cap leaves is refused whole, through the API or a plugin.
+    let batch = tenant
+        .client
+        .classify("sentiment", &["a", "b", "c", "d"])
+        .await
+        .unwrap_err();
+    assert_eq!(api_code(&batch), Some(ErrorCode::QuotaExceeded), "{batch:?}");
+    let author = app.tenant().await;
+    let hostile = app.install_plugin(&author, &tenant, "hostile", json!({})).await;
+    let through_plugin = tenant
+        .client
+        .invoke(&hostile.id, &json!({ "do": "model-batch", "n": 4 }))
+        .await
+        .unwrap_err();
+    assert!(
+        through_plugin.to_string().contains("included calls"),
+        "{through_plugin:?}"
+    );
+    assert_eq!(tenant.owner.upcoming_invoice().await.unwrap().calls, 0);
     for _ in 0..3 {
         tenant.client.classify("sentiment", &["fine"]).await.unwrap();
     }

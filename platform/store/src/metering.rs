@@ -4,7 +4,7 @@
 
 use std::task::Poll;
 
-use plinth_core::Micros;
+use plinth_core::{ErrorCode, Micros};
 use plinth_core::timing;
 
 use crate::StoreError;
@@ -83,6 +83,40 @@ impl Meter {
         request_id: String,
         billable: Billable<'_>,
     ) -> Result<Recorded, StoreError> {
+        self.within_cap(auth, billable.units).await?;
+        self.record_charge(auth, keys, request_id, billable).await
+    }
+
+    /// Refuses a call of several units that would take a capped plan past its included calls. A call
+    /// of one is refused at admission once the cap is reached (from a count cached briefly); a call
+    /// of many (a batch, a plugin's model call) could otherwise take any number past it at once.
+    async fn within_cap(&self, auth: &Principal, units: usize) -> Result<(), StoreError> {
+        let Some(cap) = auth.call_cap else {
+            return Ok(());
+        };
+        if units <= 1 {
+            return Ok(());
+        }
+        let units = i64::try_from(units).unwrap_or(i64::MAX);
+        let used = self.store().units_this_period(&auth.tenant_id).await?;
+        if used.saturating_add(units) > cap {
+            return Err(StoreError::Refused(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "this call's {units} units would pass the plan's {cap} included calls for this period ({used} used); send fewer, or upgrade the plan (POST /v1/subscription)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn record_charge(
+        &self,
+        auth: &Principal,
+        keys: CallKeys,
+        request_id: String,
+        billable: Billable<'_>,
+    ) -> Result<Recorded, StoreError> {
         let record = self.record(UsageRecord {
             tenant_id: auth.tenant_id.clone(),
             api_key_id: auth.api_key_id().cloned(),
@@ -113,6 +147,7 @@ impl Meter {
         billable: Billable<'_>,
         work: impl Future<Output = Result<T, E>>,
     ) -> Result<(T, Recorded), E> {
+        self.within_cap(auth, billable.units).await?;
         let inherited = keys.inherited;
         let work = timing::time("model", work);
         let mut work = std::pin::pin!(work);
@@ -120,10 +155,10 @@ impl Meter {
         let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
         if let Poll::Ready(outcome) = first {
             let value = outcome?;
-            let recorded = self.charge(auth, keys, request_id, billable).await?;
+            let recorded = self.record_charge(auth, keys, request_id, billable).await?;
             return Ok((value, recorded));
         }
-        let (outcome, recorded) = tokio::join!(work, self.charge(auth, keys, request_id, billable));
+        let (outcome, recorded) = tokio::join!(work, self.record_charge(auth, keys, request_id, billable));
         match (outcome, recorded) {
             (Ok(value), Ok(recorded)) => Ok((value, recorded)),
             (Err(err), Ok(recorded)) => {

@@ -110,6 +110,12 @@ impl Plugin for Hostile {
             // out of the guest (8 MiB).
             "long-error" => Err(Error::invalid("e".repeat(2 << 20))),
             "huge-error" => Err(Error::invalid("e".repeat(8 << 20))),
+            // One model call of `n` texts.
+            "model-batch" => {
+                let n = usize::try_from(request["n"].as_u64().unwrap_or(1)).unwrap_or(1);
+                let texts = vec!["again"; n];
+                Ok(json!(inference::classify("sentiment", &texts)?.len()))
+            }
             "many-calls" => {
                 for _ in 0..100 {
                     inference::classify("sentiment", &["again"])?;
