@@ -163,15 +163,15 @@ impl Store {
     }
 
     /// Records that Stripe acknowledged a bucket's meter event (once: a later acknowledgement of the
-    /// same identifier keeps the first time, which is when the usage reached Stripe).
+    /// same identifier keeps the first time, which is when the usage reached Stripe). Stamped on the
+    /// database's clock, as usage is: a replica whose own clock lags would date the acknowledgement
+    /// before an invoice that Stripe finalized without it, and the fees it never charged would count
+    /// as collected (and be paid out).
     pub async fn mark_meter_push_sent(&self, identifier: &str) -> Result<()> {
-        let now = Utc::now();
+        let now_us = self.database_now_us().await?;
         meter_pushes::Entity::update_many()
-            .col_expr(meter_pushes::Column::SentAt, Expr::value(now))
-            .col_expr(
-                meter_pushes::Column::SentAtUs,
-                Expr::value(now.timestamp_micros()),
-            )
+            .col_expr(meter_pushes::Column::SentAt, Expr::value(time_us(now_us)))
+            .col_expr(meter_pushes::Column::SentAtUs, Expr::value(now_us))
             .filter(meter_pushes::Column::SentAt.is_null())
             .filter(meter_pushes::Column::Identifier.eq(identifier))
             .exec(self.db())
