@@ -208,6 +208,14 @@ fn keep_claimed(state: &AppState, claim: &Claim) -> Renewal {
     }))
 }
 
+/// Keeps renewing a claim's lease until its answer is written.
+fn keep_until_stored(renewal: Renewal, written: tokio::sync::oneshot::Receiver<bool>) {
+    tokio::spawn(async move {
+        let _ = written.await;
+        drop(renewal);
+    });
+}
+
 /// Runs the handler for a claimed request; stores its answer if it succeeded, gives the claim up if
 /// it did not.
 async fn run_claimed<B: MessageBody + 'static>(
@@ -231,10 +239,10 @@ async fn run_claimed<B: MessageBody + 'static>(
             .into());
         }
     };
-    drop(renewal);
     let response = match outcome {
         Ok(response) if response.status().is_success() => response.map_into_boxed_body(),
         other => {
+            drop(renewal);
             if let Err(err) = state.store.release_request(&claim).await {
                 tracing::warn!(error = %err, "cannot release an idempotent request; its lease will lapse");
             }
@@ -246,6 +254,7 @@ async fn run_claimed<B: MessageBody + 'static>(
     let body = match actix_web::body::to_bytes(body).await {
         Ok(body) => body,
         Err(err) => {
+            drop(renewal);
             let _ = state.store.release_request(&claim).await;
             return Err(ApiError::internal(format!("cannot read the response: {err}")).into());
         }
@@ -253,7 +262,7 @@ async fn run_claimed<B: MessageBody + 'static>(
     if body.len() > MAX_STORED_ANSWER {
         // Too large to keep: the key is spent (running it again under it would be free work).
         metrics::counter!("plinth_idempotent_answers_not_kept_total").increment(1);
-        state.completions.complete(claim, None).await;
+        keep_until_stored(renewal, state.completions.complete(claim, None).await);
         return Ok(ServiceResponse::new(
             request,
             response.set_body(BoxBody::new(body)),
@@ -270,8 +279,9 @@ async fn run_claimed<B: MessageBody + 'static>(
             .collect(),
         body: body.to_vec(),
     };
-    // Stored off the request path; until it is, a retry is told the request is still in flight.
-    state.completions.complete(claim, Some(stored)).await;
+    // Stored off the request path; until it is, a retry is told the request is still in flight, and
+    // the lease is kept: lapsing meanwhile, it would let a retry run the answered request again.
+    keep_until_stored(renewal, state.completions.complete(claim, Some(stored)).await);
     Ok(ServiceResponse::new(
         request,
         response.set_body(BoxBody::new(body)),

@@ -190,8 +190,11 @@ fn completion(
 /// again under the same ledger key (billed once).
 #[derive(Debug, Clone)]
 pub struct Completions {
-    queue: tokio::sync::mpsc::Sender<(Claim, Option<StoredResponse>)>,
+    queue: tokio::sync::mpsc::Sender<Completion>,
 }
+
+/// An answer to store, and who waits for it to be stored.
+type Completion = (Claim, Option<StoredResponse>, tokio::sync::oneshot::Sender<bool>);
 
 /// Answers one write stores at most.
 const COMPLETIONS_PER_WRITE: usize = 256;
@@ -200,25 +203,48 @@ impl Completions {
     /// Starts the writer; it drains and stops when every handle is dropped.
     #[must_use]
     pub fn start(store: Store) -> (Self, tokio::task::JoinHandle<()>) {
-        let (queue, mut receiver) = tokio::sync::mpsc::channel(4_096);
+        let (queue, mut receiver) = tokio::sync::mpsc::channel::<Completion>(4_096);
         let writer = tokio::spawn(async move {
             let mut batch = Vec::with_capacity(COMPLETIONS_PER_WRITE);
             while receiver.recv_many(&mut batch, COMPLETIONS_PER_WRITE).await > 0 {
-                if let Err(err) = store.complete_many(&batch).await {
-                    metrics::counter!("plinth_idempotent_answers_lost_total").increment(batch.len() as u64);
-                    tracing::error!(error = %err, answers = batch.len(), "cannot store idempotent answers");
+                let (answers, waiting): (Vec<_>, Vec<_>) = batch
+                    .drain(..)
+                    .map(|(claim, response, stored)| ((claim, response), stored))
+                    .unzip();
+                let stored = match store.complete_many(&answers).await {
+                    Ok(stored) => stored,
+                    Err(err) => {
+                        tracing::error!(error = %err, answers = answers.len(), "cannot store idempotent answers");
+                        vec![false; answers.len()]
+                    }
+                };
+                let lost = stored.iter().filter(|stored| !**stored).count();
+                if lost > 0 {
+                    // Each a request whose retry will run it again: loud, not silent.
+                    metrics::counter!("plinth_idempotent_answers_lost_total").increment(lost as u64);
+                    tracing::error!(answers = lost, "idempotent answers not stored: their leases were lost");
                 }
-                batch.clear();
+                for (wait, stored) in waiting.into_iter().zip(stored) {
+                    let _ = wait.send(stored);
+                }
             }
         });
         (Self { queue }, writer)
     }
 
-    /// Queues an answer (waiting only while the queue is full).
-    pub async fn complete(&self, claim: Claim, response: Option<StoredResponse>) {
-        if self.queue.send((claim, response)).await.is_err() {
+    /// Queues an answer (waiting only while the queue is full); the receiver says, once it was
+    /// written, whether it was stored (`false`: the claim's lease had gone to another attempt, or
+    /// the write failed). Keep the claim's lease until then.
+    pub async fn complete(
+        &self,
+        claim: Claim,
+        response: Option<StoredResponse>,
+    ) -> tokio::sync::oneshot::Receiver<bool> {
+        let (stored, written) = tokio::sync::oneshot::channel();
+        if self.queue.send((claim, response, stored)).await.is_err() {
             tracing::error!("the idempotent answers writer stopped; an answer is not stored");
         }
+        written
     }
 }
 
@@ -587,17 +613,22 @@ impl Store {
     /// was answered but the answer is not kept (too large); the key is spent. Tried once more on the
     /// durable connections if the relaxed ones fail: a request left in flight would run again, free,
     /// once its lease lapsed.
-    pub async fn complete_request(&self, claim: &Claim, response: Option<&StoredResponse>) -> Result<()> {
+    /// Returns whether it was stored: not when the claim's lease had gone to another attempt.
+    pub async fn complete_request(&self, claim: &Claim, response: Option<&StoredResponse>) -> Result<bool> {
         let _turn = self.write_turn().await;
-        if let Err(err) = completion(claim, response)?.exec(self.relaxed()).await {
-            tracing::warn!(error = %err, "cannot store an answer on the relaxed connections; trying the others");
-            completion(claim, response)?.exec(self.db()).await?;
-        }
-        Ok(())
+        let result = match completion(claim, response)?.exec(self.relaxed()).await {
+            Ok(result) => result,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot store an answer on the relaxed connections; trying the others");
+                completion(claim, response)?.exec(self.db()).await?
+            }
+        };
+        Ok(result.rows_affected == 1)
     }
 
-    /// Stores many answers in one write (see [`Completions`]); on failure, each on its own.
-    async fn complete_many(&self, batch: &[(Claim, Option<StoredResponse>)]) -> Result<()> {
+    /// Stores many answers in one write (see [`Completions`]); on failure, each on its own. Returns,
+    /// for each, whether it was stored.
+    async fn complete_many(&self, batch: &[(Claim, Option<StoredResponse>)]) -> Result<Vec<bool>> {
         let written = async {
             let _turn = self.write_turn().await;
             let txn = self
@@ -607,20 +638,26 @@ impl Store {
                     ..sea_orm::TransactionOptions::default()
                 })
                 .await?;
+            let mut stored = Vec::with_capacity(batch.len());
             for (claim, answer) in batch {
-                completion(claim, answer.as_ref())?.exec(&txn).await?;
+                let result = completion(claim, answer.as_ref())?.exec(&txn).await?;
+                stored.push(result.rows_affected == 1);
             }
             txn.commit().await?;
-            Ok::<_, StoreError>(())
+            Ok::<_, StoreError>(stored)
         }
         .await;
-        if let Err(err) = written {
-            tracing::warn!(error = %err, answers = batch.len(), "cannot store answers together; storing them one by one");
-            for (claim, answer) in batch {
-                self.complete_request(claim, answer.as_ref()).await?;
+        match written {
+            Ok(stored) => Ok(stored),
+            Err(err) => {
+                tracing::warn!(error = %err, answers = batch.len(), "cannot store answers together; storing them one by one");
+                let mut stored = Vec::with_capacity(batch.len());
+                for (claim, answer) in batch {
+                    stored.push(self.complete_request(claim, answer.as_ref()).await?);
+                }
+                Ok(stored)
             }
         }
-        Ok(())
     }
 
     /// Gives the claim up without an answer (the request failed): a retry of the same request may run
@@ -731,10 +768,12 @@ mod tests {
                 .unwrap(),
             Attempt::Mismatch
         );
-        store
-            .complete_request(&claim, Some(&answer("{\"n\":1}")))
-            .await
-            .unwrap();
+        assert!(
+            store
+                .complete_request(&claim, Some(&answer("{\"n\":1}")))
+                .await
+                .unwrap()
+        );
         assert_eq!(
             store
                 .attempt_request_at(&tenant, "k", "fp-a", settings(), now + SECOND)
@@ -758,6 +797,35 @@ mod tests {
                 .unwrap(),
             Attempt::Run(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn the_answers_writer_says_which_answers_it_stored() {
+        let (store, _dir) = test_store().await;
+        let tenant = tenant_with_customer(&store, "cus_1").await;
+        let now = 1_000 * SECOND;
+        let run = |key: &'static str, at: i64| {
+            let (store, tenant) = (store.clone(), tenant.clone());
+            async move {
+                match store.attempt_request_at(&tenant, key, "fp", settings(), at).await.unwrap() {
+                    Attempt::Run(claim) => claim,
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        let kept = run("kept", now).await;
+        // This one's lease lapsed and a retry took it over before its answer was written.
+        let lost = run("lost", now).await;
+        let retry = run("lost", now + 6 * SECOND).await;
+        let (completions, writer) = Completions::start(store.clone());
+        let kept = completions.complete(kept, Some(answer("1"))).await;
+        let lost = completions.complete(lost, Some(answer("2"))).await;
+        assert!(kept.await.unwrap());
+        assert!(!lost.await.unwrap());
+        // The retry holds the request still, and stores its own answer.
+        assert!(completions.complete(retry, Some(answer("3"))).await.await.unwrap());
+        drop(completions);
+        writer.await.unwrap();
     }
 
     #[tokio::test]
@@ -791,10 +859,13 @@ mod tests {
                 .await
                 .unwrap()
         );
-        store
-            .complete_request(&first, Some(&answer("stale")))
-            .await
-            .unwrap();
+        // Its late answer is not stored, and it is told so.
+        assert!(
+            !store
+                .complete_request(&first, Some(&answer("stale")))
+                .await
+                .unwrap()
+        );
         assert_eq!(
             store
                 .attempt_request_at(&tenant, "k", "fp", settings(), later)
