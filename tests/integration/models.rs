@@ -291,6 +291,60 @@ async fn older_versions_stay_callable_by_number_until_deleted() {
     assert_eq!(status, 404);
 }
 
+/// Asking for older versions in turn cannot keep the loads every tenant shares busy: a tenant loads
+/// one version at a time (the calls for that version wait for it and share it), and is told to retry
+/// for another meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_loads_one_older_version_at_a_time() {
+    let app = TestApp::spawn().await;
+    let acme = app.tenant().await;
+    for labels in [["bad", "meh", "good"], ["neg", "neu", "pos"], ["-", "0", "+"]] {
+        let manifest = json!({ "name": "tone", "task": "text-classification", "labels": labels });
+        let (status, model) = upload(
+            &app,
+            &acme,
+            form(built_in("sentiment.onnx"), &manifest, true),
+        )
+        .await;
+        assert_eq!(status, 201, "{model}");
+    }
+    let get = |version: u32| {
+        let request = app
+            .http()
+            .get(app.url(&format!("/v2/models/tone/versions/{version}")))
+            .bearer_auth(&acme.key.secret);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let retry_after = response.headers().contains_key("retry-after");
+            let body: Value = response.json().await.unwrap();
+            (version, status, retry_after, body)
+        }
+    };
+    // Versions 1 and 2 are not loaded: three calls for each at once.
+    let answers =
+        futures_util::future::join_all([1, 2, 1, 2, 1, 2].into_iter().map(get)).await;
+    let loaded: Vec<u32> = answers
+        .iter()
+        .filter(|(_, status, _, _)| *status == 200)
+        .map(|(version, ..)| *version)
+        .collect();
+    assert_eq!(loaded.len(), 3, "{answers:?}");
+    assert!(loaded.iter().all(|v| *v == loaded[0]), "{answers:?}");
+    for (version, status, retry_after, body) in &answers {
+        if *version != loaded[0] {
+            assert_eq!(*status, 429, "{body}");
+            assert_eq!(body["code"], "tenant_queue_full", "{body}");
+            assert!(retry_after, "{body}");
+        }
+    }
+    // Once it is loaded, the other loads in its turn.
+    let other = 3 - loaded[0];
+    let (_, status, _, body) = get(other).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["versions"], json!(["1", "2", "3"]), "{body}");
+}
+
 /// Replicas share one registry: a model uploaded through one serves on the other within seconds,
 /// without a restart, and a delete through one stops it on the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

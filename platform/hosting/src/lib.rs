@@ -6,6 +6,7 @@
 //! and so can a test.
 
 mod files;
+mod gate;
 mod sync;
 
 use std::collections::HashSet;
@@ -93,6 +94,15 @@ impl HostingError {
 
 pub type Result<T, E = HostingError> = std::result::Result<T, E>;
 
+/// A tenant asked for a model to be loaded while another of its own loads: one at a time per tenant.
+fn loading_another() -> HostingError {
+    HostingError::Refused {
+        code: ErrorCode::TenantQueueFull,
+        message: "another of your models is being loaded (one at a time per tenant); retry shortly".into(),
+        retry_after: Some(Duration::from_secs(1)),
+    }
+}
+
 /// A new version of a tenant model, as its uploader describes it.
 #[derive(Debug, Clone)]
 pub struct NewVersion {
@@ -123,6 +133,8 @@ pub struct Hosting {
     files_lock: Arc<tokio::sync::Mutex<()>>,
     /// Turns for loading models on demand (see [`Hosting::load`]).
     loading: Arc<tokio::sync::Semaphore>,
+    /// Each tenant's place in line for those turns.
+    load_gate: Arc<gate::LoadGate>,
     /// Models being uploaded through this replica (tenant, name): the catalogue sync leaves them to
     /// the upload, which loads and serves them itself.
     uploading: Arc<Mutex<HashSet<(TenantId, String)>>>,
@@ -138,6 +150,7 @@ impl Hosting {
             files,
             files_lock: Arc::default(),
             loading: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_LOADS)),
+            load_gate: Arc::default(),
             uploading: Arc::default(),
         }
     }
@@ -408,6 +421,12 @@ impl Hosting {
         let Some(&version) = versions.last() else {
             return Err(gone());
         };
+        let place = self.load_gate.enter(tenant, name, version).ok_or_else(loading_another)?;
+        let _turn = place.turn().await;
+        // Loaded by the call this one waited for.
+        if let Some(loaded) = self.catalog.find(tenant, name) {
+            return Ok(loaded);
+        }
         let record = self.store.model_version(tenant, name, version).await?;
         let files = self.fetch_files(&record).await?;
         let model = self.load(files, Loading::Accepted).await?;
@@ -433,6 +452,12 @@ impl Hosting {
         name: &str,
         version: u32,
     ) -> Result<Option<Arc<LoadedModel>>> {
+        if let Some(model) = self.catalog.find_version(tenant, name, version) {
+            return Ok(Some(model));
+        }
+        let place = self.load_gate.enter(tenant, name, version).ok_or_else(loading_another)?;
+        let _turn = place.turn().await;
+        // Loaded by the call this one waited for.
         if let Some(model) = self.catalog.find_version(tenant, name, version) {
             return Ok(Some(model));
         }
