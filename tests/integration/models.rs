@@ -345,6 +345,73 @@ async fn a_tenant_loads_one_older_version_at_a_time() {
     assert_eq!(body["versions"], json!(["1", "2", "3"]), "{body}");
 }
 
+/// Each upload is staged on disk before its quota can be checked: a tenant sends one at a time, and
+/// one cut short leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_sends_one_upload_at_a_time_and_one_cut_short_leaves_nothing() {
+    let app = TestApp::spawn().await;
+    let acme = app.tenant().await;
+    let other = app.tenant().await;
+    let staging = app.config.data_dir.join("models").join("staging");
+    let parts = || {
+        std::fs::read_dir(&staging)
+            .map(|dir| dir.flatten().filter(|f| f.path().extension().is_some_and(|e| e == "part")).count())
+            .unwrap_or(0)
+    };
+    // An upload whose model never finishes arriving.
+    let (chunks, receiver) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    chunks.send(Ok(vec![0; 64 << 10])).await.unwrap();
+    let trickle = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|chunk| (chunk, receiver))
+    });
+    let slow = Form::new()
+        .part(
+            "manifest",
+            Part::text(sentiment_manifest("slow").to_string())
+                .mime_str("application/json")
+                .unwrap(),
+        )
+        .part(
+            "model",
+            Part::stream(reqwest::Body::wrap_stream(trickle)).file_name("model.onnx"),
+        );
+    let sending = tokio::spawn(
+        app.http()
+            .post(app.url("/v1/models"))
+            .bearer_auth(&acme.key.secret)
+            .multipart(slow)
+            .send(),
+    );
+    let started = std::time::Instant::now();
+    while parts() == 0 {
+        assert!(started.elapsed().as_secs() < 10, "the upload never reached staging");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let (status, body) = upload(&app, &acme, form(built_in("sentiment.onnx"), &sentiment_manifest("tone"), true)).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("tenant_queue_full")), "{body}");
+    // Another tenant is not held up.
+    assert_eq!(upload_sentiment_copy(&app, &other, "tone").await, 201);
+
+    // The slow client hangs up: its part goes, and the tenant may upload again.
+    sending.abort();
+    drop(chunks);
+    let hung_up = std::time::Instant::now();
+    while parts() > 0 {
+        assert!(hung_up.elapsed().as_secs() < 10, "a staged part was left behind");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut status = 0;
+    for _ in 0..50 {
+        status = upload_sentiment_copy(&app, &acme, "tone").await;
+        if status != 429 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 201);
+}
+
 /// Replicas share one registry: a model uploaded through one serves on the other within seconds,
 /// without a restart, and a delete through one stops it on the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -51,8 +51,10 @@ pub(crate) fn multipart_error(err: impl std::fmt::Display) -> ApiError {
 
 /// Streams a part to a staging file, hashing it, refusing it past `limit` bytes.
 pub(crate) async fn stage(mut field: Field, dir: &Path, limit: u64, what: &str) -> ApiResult<Staged> {
-    let path = dir.join(format!("{}.part", ulid::Ulid::new()));
-    let mut file = tokio::fs::File::create(&path).await.map_err(ApiError::internal)?;
+    let staged = Staged::begun(dir.join(format!("{}.part", ulid::Ulid::new())));
+    let mut file = tokio::fs::File::create(staged.path())
+        .await
+        .map_err(ApiError::internal)?;
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let result = async {
@@ -70,11 +72,8 @@ pub(crate) async fn stage(mut field: Field, dir: &Path, limit: u64, what: &str) 
         file.flush().await.map_err(ApiError::internal)
     }
     .await;
-    if let Err(err) = result {
-        let _ = tokio::fs::remove_file(&path).await;
-        return Err(err);
-    }
-    Ok(Staged::written(path, hex::encode(hasher.finalize()), size))
+    result?;
+    Ok(staged.finished(hex::encode(hasher.finalize()), size))
 }
 
 async fn read_manifest(mut field: Field) -> ApiResult<Manifest> {
@@ -99,6 +98,7 @@ pub(crate) async fn upload(
     mut form: Multipart,
 ) -> ApiResult<Model> {
     let quota = &auth.isolation;
+    let _receiving = state.hosting.receive_upload(&auth.tenant_id)?;
     let staging = state.hosting.staging_dir();
     tokio::fs::create_dir_all(&staging)
         .await

@@ -135,9 +135,9 @@ error_codes! {
     /// The tenant (or this installation) already runs as many plugin instances at once as its plan
     /// allows; retry after `Retry-After`.
     PluginConcurrencyExceeded = 429,
-    /// The tenant already has as many calls waiting on this model as its share allows, or another of
-    /// its models is being loaded (one at a time per tenant); retry after `Retry-After`. Other
-    /// tenants' calls are not held up by them.
+    /// The tenant already has as much on its way as its share allows: as many calls waiting on this
+    /// model as its share allows, or another of its models being loaded, or another upload (one at
+    /// a time per tenant); retry after `Retry-After`. Other tenants are not held up by them.
     TenantQueueFull = 429,
     /// Something failed on our side; the request id helps support find it.
     Internal = 500,

@@ -24,6 +24,21 @@ impl Staged {
         Self { path, sha256, size }
     }
 
+    /// A file about to be written at `path`: removed on drop from the start, so a write cut short
+    /// (an error, or a client that hangs up and drops the request) leaves nothing behind.
+    #[must_use]
+    pub fn begun(path: PathBuf) -> Self {
+        Self::written(path, String::new(), 0)
+    }
+
+    /// The file is written: what it holds.
+    #[must_use]
+    pub fn finished(mut self, sha256: String, size: u64) -> Self {
+        self.sha256 = sha256;
+        self.size = size;
+        self
+    }
+
     #[must_use]
     pub fn path(&self) -> &Path {
         &self.path

@@ -138,6 +138,8 @@ pub struct Hosting {
     /// Models being uploaded through this replica (tenant, name): the catalogue sync leaves them to
     /// the upload, which loads and serves them itself.
     uploading: Arc<Mutex<HashSet<(TenantId, String)>>>,
+    /// Tenants whose upload this replica is receiving (one at a time each).
+    receiving: Arc<Mutex<HashSet<TenantId>>>,
 }
 
 impl Hosting {
@@ -152,7 +154,28 @@ impl Hosting {
             loading: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_LOADS)),
             load_gate: Arc::default(),
             uploading: Arc::default(),
+            receiving: Arc::default(),
         }
+    }
+
+    /// A tenant's turn to send an upload: one at a time per tenant, as each is staged on disk (up to
+    /// the plan's largest model) before it can be checked against its quota.
+    ///
+    /// # Errors
+    /// `tenant_queue_full` (retry shortly) while another upload of the tenant's is on its way.
+    pub fn receive_upload(&self, tenant: &TenantId) -> Result<Receiving> {
+        let mut receiving = self.receiving.lock().unwrap_or_else(PoisonError::into_inner);
+        if !receiving.insert(tenant.clone()) {
+            return Err(HostingError::Refused {
+                code: ErrorCode::TenantQueueFull,
+                message: "another of your uploads is on its way (one at a time per tenant); retry when it is done".into(),
+                retry_after: Some(Duration::from_secs(5)),
+            });
+        }
+        Ok(Receiving {
+            set: self.receiving.clone(),
+            tenant: tenant.clone(),
+        })
     }
 
     /// Where uploads and other files on their way in are written before they are stored.
@@ -526,6 +549,22 @@ fn task_name(task: Task) -> &'static str {
         Task::TextClassification => "text-classification",
         Task::Embedding => "embedding",
         Task::Raw => "raw",
+    }
+}
+
+/// A tenant's upload being received, for as long as it lives (see [`Hosting::receive_upload`]).
+#[derive(Debug)]
+pub struct Receiving {
+    set: Arc<Mutex<HashSet<TenantId>>>,
+    tenant: TenantId,
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.tenant);
     }
 }
 
