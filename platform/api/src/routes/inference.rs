@@ -129,7 +129,8 @@ pub async fn server_metadata() -> web::Json<ServerMetadata> {
 #[utoipa::path(get, path = "/v2/models/{name}/versions/{version}", operation_id = "model_version_metadata",
     tag = "inference protocol", security(("bearer" = [])),
     params(("name" = String, Path), ("version" = String, Path)),
-    responses((status = 200, body = ModelMetadata), (status = 404, body = plinth_core::error::ProtocolErrorBody)))]
+    responses((status = 200, body = ModelMetadata), (status = 404, body = plinth_core::error::ProtocolErrorBody),
+        (status = 429, description = "`tenant_queue_full`: another of the tenant's models is being loaded (one at a time), with `Retry-After`", body = plinth_core::error::ProtocolErrorBody)))]
 pub async fn version_metadata(
     state: web::Data<AppState>,
     auth: Auth,

@@ -117,6 +117,7 @@ pub async fn embed(
         (status = 409, description = "`model_quota_exceeded`: the plan's models, versions or bytes", body = plinth_core::error::ErrorBody),
         (status = 413, description = "`payload_too_large`", body = plinth_core::error::ErrorBody),
         (status = 422, description = "`invalid_model` or `validation_failed`", body = plinth_core::error::ErrorBody),
+        (status = 429, description = "`tenant_queue_full`: another upload of the tenant's is on its way (one at a time), with `Retry-After`", body = plinth_core::error::ErrorBody),
     ))]
 pub async fn upload(
     state: web::Data<AppState>,
