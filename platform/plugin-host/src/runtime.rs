@@ -222,14 +222,16 @@ impl PluginHost {
             .max_wasm_stack(512 << 10);
         let slots = limits.concurrent_instances.max(1);
         let mut pool = PoolingAllocationConfig::default();
+        // A component may take no more of the pool's parts than a slot's share of them: a tenant's
+        // instances then hold at most their share of the pool, whatever their components are made of.
         pool.total_component_instances(slots)
             .total_stacks(slots)
-            .total_core_instances(slots * 16)
-            .max_core_instances_per_component(64)
-            .total_memories(slots * 4)
-            .max_memories_per_component(8)
-            .total_tables(slots * 8)
-            .max_tables_per_component(16)
+            .total_core_instances(slots * CORE_INSTANCES_PER_SLOT)
+            .max_core_instances_per_component(CORE_INSTANCES_PER_SLOT)
+            .total_memories(slots * MEMORIES_PER_SLOT)
+            .max_memories_per_component(MEMORIES_PER_SLOT)
+            .total_tables(slots * TABLES_PER_SLOT)
+            .max_tables_per_component(TABLES_PER_SLOT)
             .max_memory_size(limits.memory_bytes)
             .max_unused_warm_slots(slots / 4);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
@@ -458,6 +460,13 @@ fn check(engine: &Engine, linker: &Linker<Invocation>, bytes: &[u8]) -> Result<C
         size: bytes.len(),
     })
 }
+
+/// Core instances, memories and tables one instance slot holds, and so the most one component may
+/// have (a Python component, the largest kind built here, instantiates 14 core modules and defines
+/// one memory and two tables; Rust and JavaScript ones 4).
+const CORE_INSTANCES_PER_SLOT: u32 = 32;
+const MEMORIES_PER_SLOT: u32 = 4;
+const TABLES_PER_SLOT: u32 = 8;
 
 /// The most random bytes one WASI call may ask for.
 const MAX_RANDOM_BYTES: u64 = 64 << 10;
