@@ -100,7 +100,8 @@ proptest! {
 
     fn well_formed_tensors_round_trip(
         values in prop::collection::vec(any::<i32>(), 1..64),
-        strings in prop::collection::vec(".{0,6}", 1..16),
+        // Any text but a NUL, which ONNX Runtime's strings cannot hold (refused, tested in `tensor`).
+        strings in prop::collection::vec("[^\\x00]{0,6}", 1..16),
     ) {
         let shape = [1, i64::try_from(values.len()).unwrap()];
         let ints = TensorData::Int32(values);
