@@ -300,12 +300,7 @@ async fn a_tenant_loads_one_older_version_at_a_time() {
     let acme = app.tenant().await;
     for labels in [["bad", "meh", "good"], ["neg", "neu", "pos"], ["-", "0", "+"]] {
         let manifest = json!({ "name": "tone", "task": "text-classification", "labels": labels });
-        let (status, model) = upload(
-            &app,
-            &acme,
-            form(built_in("sentiment.onnx"), &manifest, true),
-        )
-        .await;
+        let (status, model) = upload(&app, &acme, form(built_in("sentiment.onnx"), &manifest, true)).await;
         assert_eq!(status, 201, "{model}");
     }
     let get = |version: u32| {
@@ -322,8 +317,7 @@ async fn a_tenant_loads_one_older_version_at_a_time() {
         }
     };
     // Versions 1 and 2 are not loaded: three calls for each at once.
-    let answers =
-        futures_util::future::join_all([1, 2, 1, 2, 1, 2].into_iter().map(get)).await;
+    let answers = futures_util::future::join_all([1, 2, 1, 2, 1, 2].into_iter().map(get)).await;
     let loaded: Vec<u32> = answers
         .iter()
         .filter(|(_, status, _, _)| *status == 200)
@@ -354,9 +348,11 @@ async fn a_tenant_sends_one_upload_at_a_time_and_one_cut_short_leaves_nothing() 
     let other = app.tenant().await;
     let staging = app.config.data_dir.join("models").join("staging");
     let parts = || {
-        std::fs::read_dir(&staging)
-            .map(|dir| dir.flatten().filter(|f| f.path().extension().is_some_and(|e| e == "part")).count())
-            .unwrap_or(0)
+        std::fs::read_dir(&staging).map_or(0, |dir| {
+            dir.flatten()
+                .filter(|f| f.path().extension().is_some_and(|e| e == "part"))
+                .count()
+        })
     };
     // An upload whose model never finishes arriving.
     let (chunks, receiver) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
@@ -384,12 +380,24 @@ async fn a_tenant_sends_one_upload_at_a_time_and_one_cut_short_leaves_nothing() 
     );
     let started = std::time::Instant::now();
     while parts() == 0 {
-        assert!(started.elapsed().as_secs() < 10, "the upload never reached staging");
+        assert!(
+            started.elapsed().as_secs() < 10,
+            "the upload never reached staging"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 
-    let (status, body) = upload(&app, &acme, form(built_in("sentiment.onnx"), &sentiment_manifest("tone"), true)).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("tenant_queue_full")), "{body}");
+    let (status, body) = upload(
+        &app,
+        &acme,
+        form(built_in("sentiment.onnx"), &sentiment_manifest("tone"), true),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("tenant_queue_full")),
+        "{body}"
+    );
     // Another tenant is not held up.
     assert_eq!(upload_sentiment_copy(&app, &other, "tone").await, 201);
 

@@ -102,7 +102,10 @@ impl Hosting {
                 .await
                 .map_err(|err| HostingError::internal(err))?;
         }
-        self.files.publish(&name).await.map_err(|err| HostingError::internal(err))?;
+        self.files
+            .publish(&name)
+            .await
+            .map_err(|err| HostingError::internal(err))?;
         Ok(target)
     }
 

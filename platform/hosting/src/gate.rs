@@ -74,12 +74,23 @@ mod tests {
         let gate = LoadGate::default();
         let (a, b) = (TenantId::new(), TenantId::new());
         let first = gate.enter(&a, "tone", 1).expect("a place");
-        let same = gate.enter(&a, "tone", 1).expect("the same version shares the place");
-        assert!(gate.enter(&a, "tone", 2).is_none(), "another version waits its turn");
+        let same = gate
+            .enter(&a, "tone", 1)
+            .expect("the same version shares the place");
+        assert!(
+            gate.enter(&a, "tone", 2).is_none(),
+            "another version waits its turn"
+        );
         assert!(gate.enter(&a, "other", 1).is_none(), "another model too");
-        assert!(gate.enter(&b, "tone", 1).is_some(), "other tenants are not held up");
+        assert!(
+            gate.enter(&b, "tone", 1).is_some(),
+            "other tenants are not held up"
+        );
         drop(first);
-        assert!(gate.enter(&a, "tone", 2).is_none(), "one is still waiting for version 1");
+        assert!(
+            gate.enter(&a, "tone", 2).is_none(),
+            "one is still waiting for version 1"
+        );
         drop(same);
         assert!(gate.enter(&a, "tone", 2).is_some(), "free once everyone left");
     }

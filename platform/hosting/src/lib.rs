@@ -168,7 +168,9 @@ impl Hosting {
         if !receiving.insert(tenant.clone()) {
             return Err(HostingError::Refused {
                 code: ErrorCode::TenantQueueFull,
-                message: "another of your uploads is on its way (one at a time per tenant); retry when it is done".into(),
+                message:
+                    "another of your uploads is on its way (one at a time per tenant); retry when it is done"
+                        .into(),
                 retry_after: Some(Duration::from_secs(5)),
             });
         }
@@ -444,7 +446,10 @@ impl Hosting {
         let Some(&version) = versions.last() else {
             return Err(gone());
         };
-        let place = self.load_gate.enter(tenant, name, version).ok_or_else(loading_another)?;
+        let place = self
+            .load_gate
+            .enter(tenant, name, version)
+            .ok_or_else(loading_another)?;
         let _turn = place.turn().await;
         // Loaded by the call this one waited for.
         if let Some(loaded) = self.catalog.find(tenant, name) {
@@ -478,7 +483,10 @@ impl Hosting {
         if let Some(model) = self.catalog.find_version(tenant, name, version) {
             return Ok(Some(model));
         }
-        let place = self.load_gate.enter(tenant, name, version).ok_or_else(loading_another)?;
+        let place = self
+            .load_gate
+            .enter(tenant, name, version)
+            .ok_or_else(loading_another)?;
         let _turn = place.turn().await;
         // Loaded by the call this one waited for.
         if let Some(model) = self.catalog.find_version(tenant, name, version) {
@@ -617,7 +625,9 @@ mod tests {
             .unwrap_err();
         let line = line!() - 2;
         assert!(
-            fault.to_string().ends_with(&format!("(at {}:{line}:28)", file!())),
+            fault
+                .to_string()
+                .ends_with(&format!("(at {}:{line}:28)", file!())),
             "{fault}"
         );
     }

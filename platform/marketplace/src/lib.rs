@@ -264,8 +264,9 @@ impl Marketplace {
             "smoke_run": smoke,
             "size_bytes": size_bytes,
         });
-        // Only a component that passed every check is kept compiled.
-        self.host.remember(&sha256, compiled).await;
+        // Not kept compiled: the version waits for approval, and is compiled again (from the disk
+        // cache) when it is first invoked.
+        drop(compiled);
         Ok(self
             .store
             .publish_version(
@@ -293,7 +294,10 @@ impl Marketplace {
                 .await
                 .map_err(|err| MarketError::internal(err))?;
         }
-        self.files.publish(&name).await.map_err(|err| MarketError::internal(err))
+        self.files
+            .publish(&name)
+            .await
+            .map_err(|err| MarketError::internal(err))
     }
 
     /// Runs the new component once, with an empty request, no grants and no state, as one of the

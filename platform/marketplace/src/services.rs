@@ -31,7 +31,9 @@ fn service_error(err: &MarketError) -> ServiceError {
         ErrorCode::InvalidInput | ErrorCode::UnsupportedTask | ErrorCode::NotFound => {
             ServiceError::InvalidInput(err.to_string())
         }
-        ErrorCode::PluginLimitExceeded | ErrorCode::QuotaExceeded => ServiceError::QuotaExceeded(err.to_string()),
+        ErrorCode::PluginLimitExceeded | ErrorCode::QuotaExceeded => {
+            ServiceError::QuotaExceeded(err.to_string())
+        }
         ErrorCode::Internal => {
             tracing::error!(error = %err, "a plugin's host call failed");
             ServiceError::Unavailable("an internal error occurred".to_owned())

@@ -118,10 +118,7 @@ impl ResourceLimiter for MemoryCap {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let total = self
-            .in_use
-            .saturating_sub(current)
-            .saturating_add(desired);
+        let total = self.in_use.saturating_sub(current).saturating_add(desired);
         if total > self.memory_bytes {
             self.refused = Some(format!(
                 "the plugin asked for {} MiB of memory; the limit is {} MiB",
@@ -343,13 +340,10 @@ impl PluginHost {
             .map(Arc::new)
     }
 
-    /// Keeps a component that passed the checks for the next invocations of its SHA-256.
-    pub async fn remember(&self, sha256: &str, compiled: Arc<Compiled>) {
-        self.compiled.insert(sha256.to_owned(), compiled).await;
-    }
-
-    /// A component kept by [`Self::remember`], or compiled from `read()` and kept; concurrent callers
-    /// for the same component share one compilation.
+    /// A component kept compiled, or compiled from `read()` and kept (the components of versions
+    /// being invoked: a version published and not yet approved is not kept, so an author publishing
+    /// many cannot push approved plugins out); concurrent callers for the same component share one
+    /// compilation.
     ///
     /// # Errors
     /// As [`Self::compile`], or when the bytes cannot be read.
@@ -680,7 +674,11 @@ mod tests {
         assert!(cap.memory_growing(16 << 20, 40 << 20, None).unwrap());
         // A third of 16 MiB would make 72: refused, though it is far below the limit on its own.
         assert!(!cap.memory_growing(0, 16 << 20, None).unwrap());
-        assert!(cap.refused.as_deref().unwrap_or_default().contains("72 MiB"), "{:?}", cap.refused);
+        assert!(
+            cap.refused.as_deref().unwrap_or_default().contains("72 MiB"),
+            "{:?}",
+            cap.refused
+        );
         // The rest still fits.
         assert!(cap.memory_growing(0, 8 << 20, None).unwrap());
     }

@@ -222,7 +222,10 @@ impl Completions {
                 if lost > 0 {
                     // Each a request whose retry will run it again: loud, not silent.
                     metrics::counter!("plinth_idempotent_answers_lost_total").increment(lost as u64);
-                    tracing::error!(answers = lost, "idempotent answers not stored: their leases were lost");
+                    tracing::error!(
+                        answers = lost,
+                        "idempotent answers not stored: their leases were lost"
+                    );
                 }
                 for (wait, stored) in waiting.into_iter().zip(stored) {
                     let _ = wait.send(stored);
@@ -807,7 +810,11 @@ mod tests {
         let run = |key: &'static str, at: i64| {
             let (store, tenant) = (store.clone(), tenant.clone());
             async move {
-                match store.attempt_request_at(&tenant, key, "fp", settings(), at).await.unwrap() {
+                match store
+                    .attempt_request_at(&tenant, key, "fp", settings(), at)
+                    .await
+                    .unwrap()
+                {
                     Attempt::Run(claim) => claim,
                     other => panic!("{other:?}"),
                 }
@@ -823,7 +830,13 @@ mod tests {
         assert!(kept.await.unwrap());
         assert!(!lost.await.unwrap());
         // The retry holds the request still, and stores its own answer.
-        assert!(completions.complete(retry, Some(answer("3"))).await.await.unwrap());
+        assert!(
+            completions
+                .complete(retry, Some(answer("3")))
+                .await
+                .await
+                .unwrap()
+        );
         drop(completions);
         writer.await.unwrap();
     }

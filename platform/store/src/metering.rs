@@ -4,8 +4,8 @@
 
 use std::task::Poll;
 
-use plinth_core::{ErrorCode, Micros};
 use plinth_core::timing;
+use plinth_core::{ErrorCode, Micros};
 
 use crate::StoreError;
 use crate::auth::Principal;

@@ -212,25 +212,31 @@ pub async fn infer(
 ) -> ApiResult<HttpResponse> {
     let model = versioned(&state, &auth, &path).await?;
     let body = read_body(payload, TENSOR_BODY_LIMIT).await?;
-    let (request, mut binary) = split_binary(&req, &body)?;
-    let inputs = request
-        .inputs
-        .iter()
-        .map(|input| match binary_size(input.parameters.as_ref()) {
-            Some(size) => {
-                let bytes = take(&mut binary, size, &input.name)?;
-                Tensor::from_binary(&input.name, &input.datatype, &input.shape, bytes).map_err(ApiError::from)
-            }
-            None => Tensor::from_json(&input.name, &input.datatype, &input.shape, &input.data)
-                .map_err(ApiError::from),
-        })
-        .collect::<ApiResult<Vec<_>>>()?;
-    if !binary.is_empty() {
-        return Err(ApiError::new(
-            ErrorCode::InvalidInput,
-            "the body has binary data that no input claims",
-        ));
-    }
+    let json_length = json_length(&req, &body)?;
+    let (request, inputs) = {
+        // The parsed JSON is let go of before the call waits for the model.
+        let _turn = json_turn(&JSON_DECODING, json_length).await?;
+        let (mut request, mut binary) = split_binary(&body, json_length)?;
+        let inputs = std::mem::take(&mut request.inputs)
+            .iter()
+            .map(|input| match binary_size(input.parameters.as_ref()) {
+                Some(size) => {
+                    let bytes = take(&mut binary, size, &input.name)?;
+                    Tensor::from_binary(&input.name, &input.datatype, &input.shape, bytes)
+                        .map_err(ApiError::from)
+                }
+                None => Tensor::from_json(&input.name, &input.datatype, &input.shape, &input.data)
+                    .map_err(ApiError::from),
+            })
+            .collect::<ApiResult<Vec<_>>>()?;
+        if !binary.is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidInput,
+                "the body has binary data that no input claims",
+            ));
+        }
+        (request, inputs)
+    };
     let units = usize::try_from(LoadedModel::batch_size(&inputs)?).unwrap_or(1);
     // Outputs go back in binary when the request asks for it, per output or for all.
     let all_binary = flag(request.parameters.as_ref(), "binary_data_output");
@@ -321,10 +327,40 @@ async fn read_body(mut payload: web::Payload, limit: usize) -> ApiResult<web::By
     Ok(body)
 }
 
-/// Splits a body into the JSON request and the binary tensor data after it (if any).
-fn split_binary<'b>(req: &HttpRequest, body: &'b [u8]) -> ApiResult<(InferRequest, &'b [u8])> {
-    let json_length = match req.headers().get(HEADER_LENGTH) {
-        None => body.len(),
+/// JSON text of tensor requests parsed at once, across requests, in bytes: parsed, such JSON takes
+/// up to thirty times its size (each number a `serde_json::Value`) until it becomes tensors, so many
+/// large requests at once could take the process's memory. Requests of at most [`SMALL_JSON`] bytes
+/// do not wait.
+const JSON_DECODE_BUDGET: usize = 16 << 20;
+const SMALL_JSON: usize = 64 << 10;
+/// How long a large JSON request waits for its turn before it is told to retry.
+const JSON_TURN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+static JSON_DECODING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(JSON_DECODE_BUDGET);
+
+/// A turn to parse `length` bytes of JSON from `budget`: none needed for a small request.
+async fn json_turn(
+    budget: &tokio::sync::Semaphore,
+    length: usize,
+) -> ApiResult<Option<tokio::sync::SemaphorePermit<'_>>> {
+    if length <= SMALL_JSON {
+        return Ok(None);
+    }
+    let permits = u32::try_from(length.min(JSON_DECODE_BUDGET)).unwrap_or(u32::MAX);
+    match tokio::time::timeout(JSON_TURN_WAIT, budget.acquire_many(permits)).await {
+        Ok(Ok(permit)) => Ok(Some(permit)),
+        _ => Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "many large JSON tensor requests are being decoded; retry shortly, or send tensors in binary",
+        )
+        .retry_after(std::time::Duration::from_secs(1))),
+    }
+}
+
+/// How much of the body is the JSON request (the rest, if any, is binary tensor data).
+fn json_length(req: &HttpRequest, body: &[u8]) -> ApiResult<usize> {
+    match req.headers().get(HEADER_LENGTH) {
+        None => Ok(body.len()),
         Some(value) => value
             .to_str()
             .ok()
@@ -335,8 +371,12 @@ fn split_binary<'b>(req: &HttpRequest, body: &'b [u8]) -> ApiResult<(InferReques
                     ErrorCode::InvalidHeader,
                     format!("{HEADER_LENGTH} must be a length within the body"),
                 )
-            })?,
-    };
+            }),
+    }
+}
+
+/// Splits a body into the JSON request and the binary tensor data after it (if any).
+fn split_binary(body: &[u8], json_length: usize) -> ApiResult<(InferRequest, &[u8])> {
     let (json, binary) = body.split_at(json_length);
     let request = serde_json::from_slice(json).map_err(|err| {
         let code = if err.is_data() {
@@ -371,4 +411,24 @@ fn take<'b>(binary: &mut &'b [u8], size: u64, name: &str) -> ApiResult<&'b [u8]>
     let (head, rest) = binary.split_at(size);
     *binary = rest;
     Ok(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn large_json_requests_share_a_budget_of_bytes_being_parsed() {
+        let budget = tokio::sync::Semaphore::new(JSON_DECODE_BUDGET);
+        assert!(json_turn(&budget, SMALL_JSON).await.unwrap().is_none());
+        let half = json_turn(&budget, JSON_DECODE_BUDGET / 2).await.unwrap();
+        assert_eq!(budget.available_permits(), JSON_DECODE_BUDGET / 2);
+        drop(half);
+        // A request larger than the whole budget takes all of it, and runs alone.
+        let all = json_turn(&budget, JSON_DECODE_BUDGET * 4).await.unwrap();
+        assert!(all.is_some());
+        assert_eq!(budget.available_permits(), 0);
+        drop(all);
+        assert_eq!(budget.available_permits(), JSON_DECODE_BUDGET);
+    }
 }
