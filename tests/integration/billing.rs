@@ -764,6 +764,31 @@ async fn authors_are_paid_their_collected_share_once_through_connect() {
     );
 }
 
+/// Batches sent at once are counted against the cap together: each is checked with the others that
+/// are on their way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_sent_at_once_cannot_pass_the_cap_together() {
+    let app = TestApp::spawn().await;
+    let mut free = app.store().plan("free").await.unwrap();
+    free.included_calls = 3;
+    app.store().upsert_plan(&free).await.unwrap();
+    let tenant = app.tenant().await;
+    let batches =
+        futures_util::future::join_all((0..4).map(|_| tenant.client.classify("sentiment", &["a", "b"])))
+            .await;
+    let served = batches.iter().filter(|batch| batch.is_ok()).count();
+    assert_eq!(served, 1, "{batches:?}");
+    for refused in batches.iter().filter_map(|batch| batch.as_ref().err()) {
+        assert_eq!(api_code(refused), Some(ErrorCode::QuotaExceeded), "{refused:?}");
+    }
+    let usage = tenant
+        .client
+        .usage(&plinth_sdk::UsageQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(usage.total.units, 2, "{usage:?}");
+}
+
 #[tokio::test]
 async fn the_free_plan_stops_at_its_included_calls_until_the_tenant_upgrades() {
     let app = TestApp::spawn().await;

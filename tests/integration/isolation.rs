@@ -376,20 +376,21 @@ async fn model_quotas_refuse_the_upload_past_the_plan_and_deleting_makes_room() 
     // Another tenant cannot delete this tenant's versions.
     assert_eq!(delete(&app, &other, "/v1/models/a/versions/3").await, 404);
 
-    // Concurrent uploads cannot pass the quota together: one slot, four attempts (a tenant sends one
-    // upload at a time through a replica; the quota holds across replicas too).
+    // Concurrent uploads cannot pass the quota together: one slot, four attempts, through four
+    // replicas (a replica takes one upload of a tenant's at a time).
     assert_eq!(delete(&app, &tenant, "/v1/models/b").await, 204);
+    let replicas = [app.replica().await, app.replica().await, app.replica().await];
     let attempts = futures_util::future::join_all(
-        ["d", "e", "f", "g"].map(|name| upload(&app, &tenant, file.clone(), manifest(name))),
+        [&app, &replicas[0], &replicas[1], &replicas[2]]
+            .into_iter()
+            .zip(["d", "e", "f", "g"])
+            .map(|(through, name)| upload(through, &tenant, file.clone(), manifest(name))),
     )
     .await;
     let created = attempts.iter().filter(|(status, _)| *status == 201).count();
     let refused = attempts
         .iter()
-        .filter(|(status, body)| {
-            (*status == 409 && code(body) == "model_quota_exceeded")
-                || (*status == 429 && code(body) == "tenant_queue_full")
-        })
+        .filter(|(status, body)| *status == 409 && code(body) == "model_quota_exceeded")
         .count();
     assert_eq!((created, refused), (1, 3), "{attempts:?}");
 }

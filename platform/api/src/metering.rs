@@ -208,10 +208,13 @@ fn keep_claimed(state: &AppState, claim: &Claim) -> Renewal {
     }))
 }
 
-/// Keeps renewing a claim's lease until its answer is written.
-fn keep_until_stored(renewal: Renewal, written: tokio::sync::oneshot::Receiver<bool>) {
+/// Stores a claim's answer off the request path, renewing its lease until the answer is written:
+/// neither a lease that lapses meanwhile nor a client that hangs up first lets a retry run the
+/// answered request again.
+fn store_answer(state: &AppState, renewal: Renewal, claim: Claim, answer: Option<StoredResponse>) {
+    let completions = state.completions.clone();
     tokio::spawn(async move {
-        let _ = written.await;
+        let _ = completions.complete(claim, answer).await.await;
         drop(renewal);
     });
 }
@@ -262,7 +265,7 @@ async fn run_claimed<B: MessageBody + 'static>(
     if body.len() > MAX_STORED_ANSWER {
         // Too large to keep: the key is spent (running it again under it would be free work).
         metrics::counter!("plinth_idempotent_answers_not_kept_total").increment(1);
-        keep_until_stored(renewal, state.completions.complete(claim, None).await);
+        store_answer(state, renewal, claim, None);
         return Ok(ServiceResponse::new(
             request,
             response.set_body(BoxBody::new(body)),
@@ -281,7 +284,7 @@ async fn run_claimed<B: MessageBody + 'static>(
     };
     // Stored off the request path; until it is, a retry is told the request is still in flight, and
     // the lease is kept: lapsing meanwhile, it would let a retry run the answered request again.
-    keep_until_stored(renewal, state.completions.complete(claim, Some(stored)).await);
+    store_answer(state, renewal, claim, Some(stored));
     Ok(ServiceResponse::new(
         request,
         response.set_body(BoxBody::new(body)),

@@ -152,6 +152,8 @@ pub(crate) async fn upload_dataset(
         .training
         .max_dataset_bytes
         .min(auth.isolation.max_dataset_bytes);
+    // One upload at a time per tenant, models and datasets alike: each is staged on disk first.
+    let _receiving = state.hosting.receive_upload(&auth.tenant_id)?;
     let staging = state.hosting.staging_dir();
     tokio::fs::create_dir_all(&staging)
         .await

@@ -94,12 +94,12 @@ impl HostingError {
 
 pub type Result<T, E = HostingError> = std::result::Result<T, E>;
 
-/// A tenant asked for a model to be loaded while another of its own loads: one at a time per tenant.
-fn loading_another() -> HostingError {
+/// A tenant's load waited too long behind its own other loads (one at a time per tenant).
+fn loading_others() -> HostingError {
     HostingError::Refused {
         code: ErrorCode::TenantQueueFull,
-        message: "another of your models is being loaded (one at a time per tenant); retry shortly".into(),
-        retry_after: Some(Duration::from_secs(1)),
+        message: "other models of yours are being loaded (one at a time per tenant); retry shortly".into(),
+        retry_after: Some(Duration::from_secs(5)),
     }
 }
 
@@ -232,6 +232,17 @@ impl Hosting {
     /// `unavailable` (retry) when other loads hold the turn too long; the engine's refusal of the
     /// model.
     async fn load(&self, files: ModelFiles, loading: Loading) -> Result<Arc<LoadedModel>> {
+        self.load_holding(files, loading, ()).await
+    }
+
+    /// [`Self::load`], holding `held` (a tenant's turn) until the load has finished, even if the caller
+    /// has gone.
+    async fn load_holding(
+        &self,
+        files: ModelFiles,
+        loading: Loading,
+        held: impl Send + 'static,
+    ) -> Result<Arc<LoadedModel>> {
         let turn = tokio::time::timeout(LOAD_WAIT, self.loading.clone().acquire_owned())
             .await
             .map_err(|_| HostingError::Refused {
@@ -243,6 +254,7 @@ impl Hosting {
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
+            let _held = held;
             match loading {
                 Loading::Validate => engine.validate(&files),
                 Loading::Accepted => engine.load(&files),
@@ -432,6 +444,23 @@ impl Hosting {
         self.catalog.is_platform(name)
     }
 
+    /// Waits for a turn to load a version: behind a load of the same version (the caller then
+    /// usually finds it loaded), then behind the tenant's other loads (see [`gate`]).
+    async fn turns_to_load(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        version: u32,
+    ) -> Result<(gate::Turn<gate::Version>, gate::Turn<TenantId>)> {
+        let key = (tenant.clone(), name.to_owned(), version);
+        tokio::time::timeout(LOAD_WAIT, async {
+            let version_turn = self.load_gate.versions.turn(key).await;
+            (version_turn, self.load_gate.tenants.turn(tenant.clone()).await)
+        })
+        .await
+        .map_err(|_| loading_others())
+    }
+
     /// Loads again a tenant's newest version of `name` that was let go to bound memory, and serves it.
     ///
     /// # Errors
@@ -446,18 +475,14 @@ impl Hosting {
         let Some(&version) = versions.last() else {
             return Err(gone());
         };
-        let place = self
-            .load_gate
-            .enter(tenant, name, version)
-            .ok_or_else(loading_another)?;
-        let _turn = place.turn().await;
-        // Loaded by the call this one waited for.
+        let (_version_turn, tenant_turn) = self.turns_to_load(tenant, name, version).await?;
+        // Loaded by a call this one waited for.
         if let Some(loaded) = self.catalog.find(tenant, name) {
             return Ok(loaded);
         }
         let record = self.store.model_version(tenant, name, version).await?;
         let files = self.fetch_files(&record).await?;
-        let model = self.load(files, Loading::Accepted).await?;
+        let model = self.load_holding(files, Loading::Accepted, tenant_turn).await?;
         // Another call may have loaded it while this one waited for its turn: one copy is served.
         if let Some(loaded) = self.catalog.find(tenant, name) {
             return Ok(loaded);
@@ -483,12 +508,8 @@ impl Hosting {
         if let Some(model) = self.catalog.find_version(tenant, name, version) {
             return Ok(Some(model));
         }
-        let place = self
-            .load_gate
-            .enter(tenant, name, version)
-            .ok_or_else(loading_another)?;
-        let _turn = place.turn().await;
-        // Loaded by the call this one waited for.
+        let (_version_turn, tenant_turn) = self.turns_to_load(tenant, name, version).await?;
+        // Loaded by a call this one waited for.
         if let Some(model) = self.catalog.find_version(tenant, name, version) {
             return Ok(Some(model));
         }
@@ -498,7 +519,7 @@ impl Hosting {
         };
         let files = self.fetch_files(&record).await?;
         // Loads take turns; one that waited may find the version loaded by now.
-        let model = self.load(files, Loading::Accepted).await?;
+        let model = self.load_holding(files, Loading::Accepted, tenant_turn).await?;
         if let Some(loaded) = self.catalog.find_version(tenant, name, version) {
             return Ok(Some(loaded));
         }

@@ -302,7 +302,7 @@ impl PluginHost {
 
     /// Compiles a component and checks that it fits the world: it must export the handler and import
     /// nothing but sandboxed WASI and the world's interfaces. Compilation takes its turn (a bounded
-    /// number at once) on the plugin threads; nothing is cached (see [`Self::remember`]).
+    /// number at once) on the plugin threads; nothing is cached (see [`Self::load`]).
     ///
     /// # Errors
     /// An invalid or oversized component, one the world cannot satisfy, or [`PluginError::Busy`] when

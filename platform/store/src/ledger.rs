@@ -172,6 +172,8 @@ pub struct Meter {
     queue: mpsc::Sender<Pending>,
     /// Where events are withdrawn (see [`Meter::metered`]).
     store: Store,
+    /// Units of capped plans' calls admitted and not yet in the ledger (see `Meter::within_cap`).
+    pub(crate) reserved: Arc<std::sync::Mutex<crate::metering::Reserved>>,
 }
 
 /// The most units one event may carry: far beyond any real call (a 16 MiB request holds fewer items),
@@ -240,7 +242,14 @@ impl Meter {
             in_flight,
             clock,
         ));
-        (Self { queue, store }, writer)
+        (
+            Self {
+                queue,
+                store,
+                reserved: Arc::default(),
+            },
+            writer,
+        )
     }
 
     pub(crate) fn store(&self) -> &Store {

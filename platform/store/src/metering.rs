@@ -2,8 +2,11 @@
 //! fails, so that only served calls are billed and a retried call is billed once. What the HTTP API's
 //! metered routes and a plugin's model calls share.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 
+use plinth_core::id::TenantId;
 use plinth_core::timing;
 use plinth_core::{ErrorCode, Micros};
 
@@ -83,31 +86,61 @@ impl Meter {
         request_id: String,
         billable: Billable<'_>,
     ) -> Result<Recorded, StoreError> {
-        self.within_cap(auth, billable.units).await?;
+        let _reserved = self.within_cap(auth, &keys, billable.units).await?;
         self.record_charge(auth, keys, request_id, billable).await
     }
 
-    /// Refuses a call of several units that would take a capped plan past its included calls. A call
-    /// of one is refused at admission once the cap is reached (from a count cached briefly); a call
-    /// of many (a batch, a plugin's model call) could otherwise take any number past it at once.
-    async fn within_cap(&self, auth: &Principal, units: usize) -> Result<(), StoreError> {
+    /// Refuses a call of several units that would take a capped plan past its included calls, and
+    /// reserves its units until its event is in the ledger, so calls admitted together cannot pass
+    /// the cap together (on this replica: replicas do not share reservations). A call of one is
+    /// refused at admission once the cap is reached (from a count cached briefly); a call of many (a
+    /// batch, a plugin's model call) could otherwise take any number past it at once. A retry that
+    /// takes over an attempt that stopped unanswered is not checked again: its event was counted.
+    async fn within_cap(
+        &self,
+        auth: &Principal,
+        keys: &CallKeys,
+        units: usize,
+    ) -> Result<Option<Reservation>, StoreError> {
         let Some(cap) = auth.call_cap else {
-            return Ok(());
+            return Ok(None);
         };
-        if units <= 1 {
-            return Ok(());
+        if units <= 1 || keys.inherited {
+            return Ok(None);
         }
         let units = i64::try_from(units).unwrap_or(i64::MAX);
-        let used = self.store().units_this_period(&auth.tenant_id).await?;
-        if used.saturating_add(units) > cap {
-            return Err(StoreError::Refused(
-                ErrorCode::QuotaExceeded,
-                format!(
-                    "this call's {units} units would pass the plan's {cap} included calls for this period ({used} used); send fewer, or upgrade the plan (POST /v1/subscription)"
-                ),
-            ));
+        let mut tries = 0;
+        loop {
+            let releases = self
+                .reserved
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .releases;
+            let used = self.store().units_this_period(&auth.tenant_id).await?;
+            let mut reserved = self.reserved.lock().unwrap_or_else(PoisonError::into_inner);
+            // A reservation given back while the count was read may or may not be in it (its event
+            // was written just before): read again.
+            tries += 1;
+            if reserved.releases != releases && tries < 5 {
+                continue;
+            }
+            let in_flight = reserved.units.get(&auth.tenant_id).copied().unwrap_or(0);
+            if used.saturating_add(in_flight).saturating_add(units) > cap {
+                return Err(StoreError::Refused(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "this call's {units} units would pass the plan's {cap} included calls for this period ({used} used, {in_flight} on their way); send fewer, or upgrade the plan (POST /v1/subscription)"
+                    ),
+                ));
+            }
+            *reserved.units.entry(auth.tenant_id.clone()).or_default() += units;
+            break;
         }
-        Ok(())
+        Ok(Some(Reservation {
+            reserved: Arc::clone(&self.reserved),
+            tenant: auth.tenant_id.clone(),
+            units,
+        }))
     }
 
     async fn record_charge(
@@ -147,7 +180,7 @@ impl Meter {
         billable: Billable<'_>,
         work: impl Future<Output = Result<T, E>>,
     ) -> Result<(T, Recorded), E> {
-        self.within_cap(auth, billable.units).await?;
+        let _reserved = self.within_cap(auth, &keys, billable.units).await?;
         let inherited = keys.inherited;
         let work = timing::time("model", work);
         let mut work = std::pin::pin!(work);
@@ -174,6 +207,34 @@ impl Meter {
                 Err(err)
             }
             (_, Err(err)) => Err(err.into()),
+        }
+    }
+}
+
+/// Units of capped plans' calls admitted and not yet in the ledger, by tenant, and how many
+/// reservations were given back (each after its call's event was written, or its call failed).
+#[derive(Debug, Default)]
+pub(crate) struct Reserved {
+    units: HashMap<TenantId, i64>,
+    releases: u64,
+}
+
+/// Units reserved under a capped plan until the call's event is in the ledger (or the call failed).
+struct Reservation {
+    reserved: Arc<Mutex<Reserved>>,
+    tenant: TenantId,
+    units: i64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut reserved = self.reserved.lock().unwrap_or_else(PoisonError::into_inner);
+        reserved.releases += 1;
+        if let Some(held) = reserved.units.get_mut(&self.tenant) {
+            *held -= self.units;
+            if *held <= 0 {
+                reserved.units.remove(&self.tenant);
+            }
         }
     }
 }

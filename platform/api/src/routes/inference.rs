@@ -3,6 +3,7 @@
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use plinth_core::ErrorCode;
+use plinth_core::id::TenantId;
 use plinth_core::inference::{
     InferOutput, InferRequest, InferResponse, ModelMetadata, ModelReady, ModelStatistics, ServerMetadata,
 };
@@ -213,9 +214,10 @@ pub async fn infer(
     let model = versioned(&state, &auth, &path).await?;
     let body = read_body(payload, TENSOR_BODY_LIMIT).await?;
     let json_length = json_length(&req, &body)?;
-    let (request, inputs) = {
-        // The parsed JSON is let go of before the call waits for the model.
-        let _turn = json_turn(&JSON_DECODING, json_length).await?;
+    // The parsed request is let go of before the call waits for the model: only its tensors, its id
+    // and which outputs it wants are kept.
+    let (id, wanted, inputs) = {
+        let _turn = json_turn(&JSON_DECODING, &auth.tenant_id, json_length).await?;
         let (mut request, mut binary) = split_binary(&body, json_length)?;
         let inputs = std::mem::take(&mut request.inputs)
             .iter()
@@ -235,17 +237,19 @@ pub async fn infer(
                 "the body has binary data that no input claims",
             ));
         }
-        (request, inputs)
+        // Outputs go back in binary when the request asks for it, per output or for all.
+        let all_binary = flag(request.parameters.as_ref(), "binary_data_output");
+        let wanted: Option<Vec<(String, bool)>> = request.outputs.map(|outputs| {
+            outputs
+                .into_iter()
+                .map(|o| (o.name, flag(o.parameters.as_ref(), "binary_data") || all_binary))
+                .collect()
+        });
+        (request.id, (all_binary, wanted), inputs)
     };
+    drop(body);
+    let (all_binary, wanted) = wanted;
     let units = usize::try_from(LoadedModel::batch_size(&inputs)?).unwrap_or(1);
-    // Outputs go back in binary when the request asks for it, per output or for all.
-    let all_binary = flag(request.parameters.as_ref(), "binary_data_output");
-    let wanted: Option<Vec<(String, bool)>> = request.outputs.map(|outputs| {
-        outputs
-            .into_iter()
-            .map(|o| (o.name, flag(o.parameters.as_ref(), "binary_data") || all_binary))
-            .collect()
-    });
     let names = wanted
         .as_ref()
         .map(|w| w.iter().map(|(name, _)| name.clone()).collect());
@@ -292,7 +296,7 @@ pub async fn infer(
     let response = InferResponse {
         model_name: info.name.clone(),
         model_version: info.version.to_string(),
-        id: request.id,
+        id,
         outputs,
     };
     let mut reply = HttpResponse::Ok();
@@ -330,31 +334,104 @@ async fn read_body(mut payload: web::Payload, limit: usize) -> ApiResult<web::By
 /// JSON text of tensor requests parsed at once, across requests, in bytes: parsed, such JSON takes
 /// up to thirty times its size (each number a `serde_json::Value`) until it becomes tensors, so many
 /// large requests at once could take the process's memory. Requests of at most [`SMALL_JSON`] bytes
-/// do not wait.
+/// do not count. One tenant's requests hold at most a quarter of it at once (one request alone may
+/// hold more), so one tenant cannot keep everyone else's large requests waiting.
 const JSON_DECODE_BUDGET: usize = 16 << 20;
 const SMALL_JSON: usize = 64 << 10;
 /// How long a large JSON request waits for its turn before it is told to retry.
 const JSON_TURN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-static JSON_DECODING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(JSON_DECODE_BUDGET);
+static JSON_DECODING: JsonBudget = JsonBudget::new(JSON_DECODE_BUDGET);
 
-/// A turn to parse `length` bytes of JSON from `budget`: none needed for a small request.
-async fn json_turn(
-    budget: &tokio::sync::Semaphore,
+/// Bytes of JSON being parsed: in all, and by tenant.
+struct JsonBudget {
+    bytes: tokio::sync::Semaphore,
+    by_tenant: std::sync::Mutex<std::collections::BTreeMap<TenantId, usize>>,
+    size: usize,
+}
+
+/// A request's share of the budget while it is parsed.
+struct JsonTurn<'a> {
+    budget: &'a JsonBudget,
+    tenant: TenantId,
+    bytes: usize,
+    _permit: Option<tokio::sync::SemaphorePermit<'a>>,
+}
+
+impl JsonBudget {
+    const fn new(size: usize) -> Self {
+        Self {
+            bytes: tokio::sync::Semaphore::const_new(size),
+            by_tenant: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            size,
+        }
+    }
+
+    /// A turn to parse `length` bytes of the tenant's JSON: none needed for a small request.
+    async fn turn(&self, tenant: &TenantId, length: usize) -> ApiResult<Option<JsonTurn<'_>>> {
+        if length <= SMALL_JSON {
+            return Ok(None);
+        }
+        let bytes = length.min(self.size);
+        {
+            let mut by_tenant = self
+                .by_tenant
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let held = by_tenant.entry(tenant.clone()).or_default();
+            if *held > 0 && *held + bytes > self.size / 4 {
+                return Err(ApiError::new(
+                    ErrorCode::TenantQueueFull,
+                    "much of your JSON is being parsed already; retry shortly, or send tensors in binary",
+                )
+                .retry_after(std::time::Duration::from_secs(1)));
+            }
+            *held += bytes;
+        }
+        // From here the share is given back on drop, whatever happens.
+        let mut turn = JsonTurn {
+            budget: self,
+            tenant: tenant.clone(),
+            bytes,
+            _permit: None,
+        };
+        let permits = u32::try_from(bytes).unwrap_or(u32::MAX);
+        match tokio::time::timeout(JSON_TURN_WAIT, self.bytes.acquire_many(permits)).await {
+            Ok(Ok(permit)) => {
+                turn._permit = Some(permit);
+                Ok(Some(turn))
+            }
+            _ => Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "many large JSON tensor requests are being parsed; retry shortly, or send tensors in binary",
+            )
+            .retry_after(std::time::Duration::from_secs(1))),
+        }
+    }
+}
+
+impl Drop for JsonTurn<'_> {
+    fn drop(&mut self) {
+        let mut by_tenant = self
+            .budget
+            .by_tenant
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(held) = by_tenant.get_mut(&self.tenant) {
+            *held = held.saturating_sub(self.bytes);
+            if *held == 0 {
+                by_tenant.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+async fn json_turn<'a>(
+    budget: &'a JsonBudget,
+    tenant: &TenantId,
     length: usize,
-) -> ApiResult<Option<tokio::sync::SemaphorePermit<'_>>> {
-    if length <= SMALL_JSON {
-        return Ok(None);
-    }
-    let permits = u32::try_from(length.min(JSON_DECODE_BUDGET)).unwrap_or(u32::MAX);
-    match tokio::time::timeout(JSON_TURN_WAIT, budget.acquire_many(permits)).await {
-        Ok(Ok(permit)) => Ok(Some(permit)),
-        _ => Err(ApiError::new(
-            ErrorCode::Unavailable,
-            "many large JSON tensor requests are being decoded; retry shortly, or send tensors in binary",
-        )
-        .retry_after(std::time::Duration::from_secs(1))),
-    }
+) -> ApiResult<Option<JsonTurn<'a>>> {
+    budget.turn(tenant, length).await
 }
 
 /// How much of the body is the JSON request (the rest, if any, is binary tensor data).
@@ -419,16 +496,25 @@ mod tests {
 
     #[tokio::test]
     async fn large_json_requests_share_a_budget_of_bytes_being_parsed() {
-        let budget = tokio::sync::Semaphore::new(JSON_DECODE_BUDGET);
-        assert!(json_turn(&budget, SMALL_JSON).await.unwrap().is_none());
-        let half = json_turn(&budget, JSON_DECODE_BUDGET / 2).await.unwrap();
-        assert_eq!(budget.available_permits(), JSON_DECODE_BUDGET / 2);
-        drop(half);
+        let budget = JsonBudget::new(JSON_DECODE_BUDGET);
+        let (a, b) = (TenantId::new(), TenantId::new());
+        assert!(json_turn(&budget, &a, SMALL_JSON).await.unwrap().is_none());
         // A request larger than the whole budget takes all of it, and runs alone.
-        let all = json_turn(&budget, JSON_DECODE_BUDGET * 4).await.unwrap();
-        assert!(all.is_some());
-        assert_eq!(budget.available_permits(), 0);
+        let all = json_turn(&budget, &a, JSON_DECODE_BUDGET * 4).await.unwrap();
+        assert_eq!(budget.bytes.available_permits(), 0);
         drop(all);
-        assert_eq!(budget.available_permits(), JSON_DECODE_BUDGET);
+        assert_eq!(budget.bytes.available_permits(), JSON_DECODE_BUDGET);
+        // One tenant holds at most a quarter at once; others still get their turns.
+        let quarter = json_turn(&budget, &a, JSON_DECODE_BUDGET / 4).await.unwrap();
+        let more = json_turn(&budget, &a, SMALL_JSON + 1)
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(more.code(), ErrorCode::TenantQueueFull);
+        let other = json_turn(&budget, &b, JSON_DECODE_BUDGET / 2).await.unwrap();
+        assert!(other.is_some());
+        drop((quarter, other));
+        assert_eq!(budget.bytes.available_permits(), JSON_DECODE_BUDGET);
+        assert!(json_turn(&budget, &a, SMALL_JSON + 1).await.unwrap().is_some());
     }
 }

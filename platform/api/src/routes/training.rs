@@ -18,6 +18,7 @@ use crate::state::AppState;
         (status = 409, description = "`dataset_quota_exceeded`: the plan's datasets or bytes", body = plinth_core::error::ErrorBody),
         (status = 413, description = "`payload_too_large`", body = plinth_core::error::ErrorBody),
         (status = 422, description = "`invalid_dataset` (the message names the line) or `validation_failed`", body = plinth_core::error::ErrorBody),
+        (status = 429, description = "`tenant_queue_full`: another upload of the tenant's is on its way (one at a time), with `Retry-After`", body = plinth_core::error::ErrorBody),
     ))]
 pub async fn upload_dataset(
     state: web::Data<AppState>,
