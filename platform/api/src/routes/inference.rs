@@ -131,7 +131,7 @@ pub async fn server_metadata() -> web::Json<ServerMetadata> {
     tag = "inference protocol", security(("bearer" = [])),
     params(("name" = String, Path), ("version" = String, Path)),
     responses((status = 200, body = ModelMetadata), (status = 404, body = plinth_core::error::ProtocolErrorBody),
-        (status = 429, description = "`tenant_queue_full`: another of the tenant's models is being loaded (one at a time), with `Retry-After`", body = plinth_core::error::ProtocolErrorBody)))]
+        (status = 429, description = "`tenant_queue_full`: the tenant's other models took too long to load (its loads take turns), with `Retry-After`", body = plinth_core::error::ProtocolErrorBody)))]
 pub async fn version_metadata(
     state: web::Data<AppState>,
     auth: Auth,
