@@ -499,6 +499,31 @@ async fn webhooks_are_verified_applied_once_and_in_order() {
         (now.plan.id.as_str(), now.status),
         ("metered", SubscriptionStatus::Active)
     );
+
+    // Stripe says the subscription is past due: the change is Stripe's, and in the audit log.
+    let mut unpaid = double.subscription_json(&subscription);
+    unpaid["status"] = json!("past_due");
+    let overdue = double.event("customer.subscription.updated", base + 80, unpaid);
+    assert!(double.deliver(&app.url(""), &overdue).await.status().is_success());
+    assert_eq!(
+        tenant.owner.subscription().await.unwrap().status,
+        SubscriptionStatus::PastDue
+    );
+    let log = tenant
+        .owner
+        .audit_log(&plinth_sdk::AuditQuery {
+            action: Some("subscription.status".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let latest = &log.entries[0];
+    assert_eq!(latest.actor, "stripe", "{latest:?}");
+    assert_eq!(
+        (latest.detail["from"].as_str(), latest.detail["to"].as_str()),
+        (Some("active"), Some("past_due")),
+        "{latest:?}"
+    );
 }
 
 #[tokio::test]

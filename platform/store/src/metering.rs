@@ -201,6 +201,7 @@ impl Meter {
                         .withdraw_usage_event(&auth.tenant_id, &recorded.event_id)
                         .await
                 {
+                    metrics::counter!("plinth_usage_withdrawals_failed_total").increment(1);
                     tracing::error!(error = %withdraw, event = %recorded.event_id,
                         "a failed call's usage event could not be withdrawn");
                 }

@@ -271,6 +271,18 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
                 };
                 crate::plans::reanchor(conn, &row, &mut model, &plan_id, period).await?;
                 if fresh(row.status_event_at) {
+                    // Payment status turns priced calls and the plan's limits on or off: audited as
+                    // an invoice's is.
+                    if row.status != status.as_str() {
+                        audit_change(
+                            conn,
+                            &tenant,
+                            event,
+                            "subscription.status",
+                            serde_json::json!({ "from": row.status, "to": status.as_str(), "subscription": subscription }),
+                        )
+                        .await?;
+                    }
                     model.status = Set(status_text(*status));
                     model.status_event_at = Set(Some(event.created));
                 }
