@@ -217,7 +217,7 @@ pub async fn infer(
     // The parsed request is let go of before the call waits for the model: only its tensors, its id
     // and which outputs it wants are kept.
     let (id, wanted, inputs) = {
-        let _turn = json_turn(&JSON_DECODING, &auth.tenant_id, json_length).await?;
+        let _turn = JSON_DECODING.turn(&auth.tenant_id, json_length).await?;
         let (mut request, mut binary) = split_binary(&body, json_length)?;
         let inputs = std::mem::take(&mut request.inputs)
             .iter()
@@ -426,14 +426,6 @@ impl Drop for JsonTurn<'_> {
     }
 }
 
-async fn json_turn<'a>(
-    budget: &'a JsonBudget,
-    tenant: &TenantId,
-    length: usize,
-) -> ApiResult<Option<JsonTurn<'a>>> {
-    budget.turn(tenant, length).await
-}
-
 /// How much of the body is the JSON request (the rest, if any, is binary tensor data).
 fn json_length(req: &HttpRequest, body: &[u8]) -> ApiResult<usize> {
     match req.headers().get(HEADER_LENGTH) {
@@ -498,23 +490,20 @@ mod tests {
     async fn large_json_requests_share_a_budget_of_bytes_being_parsed() {
         let budget = JsonBudget::new(JSON_DECODE_BUDGET);
         let (a, b) = (TenantId::new(), TenantId::new());
-        assert!(json_turn(&budget, &a, SMALL_JSON).await.unwrap().is_none());
+        assert!(budget.turn(&a, SMALL_JSON).await.unwrap().is_none());
         // A request larger than the whole budget takes all of it, and runs alone.
-        let all = json_turn(&budget, &a, JSON_DECODE_BUDGET * 4).await.unwrap();
+        let all = budget.turn(&a, JSON_DECODE_BUDGET * 4).await.unwrap();
         assert_eq!(budget.bytes.available_permits(), 0);
         drop(all);
         assert_eq!(budget.bytes.available_permits(), JSON_DECODE_BUDGET);
         // One tenant holds at most a quarter at once; others still get their turns.
-        let quarter = json_turn(&budget, &a, JSON_DECODE_BUDGET / 4).await.unwrap();
-        let more = json_turn(&budget, &a, SMALL_JSON + 1)
-            .await
-            .map(|_| ())
-            .unwrap_err();
+        let quarter = budget.turn(&a, JSON_DECODE_BUDGET / 4).await.unwrap();
+        let more = budget.turn(&a, SMALL_JSON + 1).await.map(|_| ()).unwrap_err();
         assert_eq!(more.code(), ErrorCode::TenantQueueFull);
-        let other = json_turn(&budget, &b, JSON_DECODE_BUDGET / 2).await.unwrap();
+        let other = budget.turn(&b, JSON_DECODE_BUDGET / 2).await.unwrap();
         assert!(other.is_some());
         drop((quarter, other));
         assert_eq!(budget.bytes.available_permits(), JSON_DECODE_BUDGET);
-        assert!(json_turn(&budget, &a, SMALL_JSON + 1).await.unwrap().is_some());
+        assert!(budget.turn(&a, SMALL_JSON + 1).await.unwrap().is_some());
     }
 }

@@ -161,6 +161,24 @@ async fn audit_change(
     .await
 }
 
+/// Records a payment status change Stripe made (`from` to `to`, `about` the object that said so);
+/// nothing when the status stays.
+async fn audit_status(
+    conn: &impl ConnectionTrait,
+    tenant: &TenantId,
+    event: &ProviderEvent,
+    from: &str,
+    to: SubscriptionStatus,
+    about: (&str, &str),
+) -> Result<()> {
+    if from == to.as_str() {
+        return Ok(());
+    }
+    let mut detail = serde_json::json!({ "from": from, "to": to.as_str() });
+    detail[about.0] = serde_json::Value::String(about.1.to_owned());
+    audit_change(conn, tenant, event, "subscription.status", detail).await
+}
+
 /// Applies one event's change inside the caller's transaction; returns the tenant whose limits may
 /// have changed.
 async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Result<Option<TenantId>> {
@@ -273,16 +291,8 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
                 if fresh(row.status_event_at) {
                     // Payment status turns priced calls and the plan's limits on or off: audited as
                     // an invoice's is.
-                    if row.status != status.as_str() {
-                        audit_change(
-                            conn,
-                            &tenant,
-                            event,
-                            "subscription.status",
-                            serde_json::json!({ "from": row.status, "to": status.as_str(), "subscription": subscription }),
-                        )
-                        .await?;
-                    }
+                    let about = ("subscription", subscription.as_str());
+                    audit_status(conn, &tenant, event, &row.status, *status, about).await?;
                     model.status = Set(status_text(*status));
                     model.status_event_at = Set(Some(event.created));
                 }
@@ -397,16 +407,15 @@ async fn apply_change(conn: &impl ConnectionTrait, event: &ProviderEvent) -> Res
             } else {
                 SubscriptionStatus::PastDue
             };
-            if row.status != status.as_str() {
-                audit_change(
-                    conn,
-                    &tenant,
-                    event,
-                    "subscription.status",
-                    serde_json::json!({ "from": row.status, "to": status.as_str(), "invoice": invoice.id }),
-                )
-                .await?;
-            }
+            audit_status(
+                conn,
+                &tenant,
+                event,
+                &row.status,
+                status,
+                ("invoice", &invoice.id),
+            )
+            .await?;
             let mut model: subscriptions::ActiveModel = row.into();
             model.status = Set(status_text(status));
             model.status_event_at = Set(Some(event.created));
