@@ -303,6 +303,81 @@ async fn a_run_that_times_out_is_terminated_and_the_model_serves_the_next_call()
     );
 }
 
+/// The hungry model's sum of ones over a tensor of `shape`, which its graph allocates: the status and body.
+async fn run_hungry(app: &TestApp, tenant: &TestTenant, shape: [i64; 2]) -> (u16, Value) {
+    let response = app
+        .http()
+        .post(app.url("/v2/models/hungry/infer"))
+        .bearer_auth(&tenant.key.secret)
+        .json(&json!({ "inputs": [{ "name": "shape", "datatype": "INT64", "shape": [2], "data": shape }] }))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graph_asking_for_more_memory_than_tenants_may_use_fails_its_call_and_the_server_keeps_serving() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    let other = app.tenant().await;
+    let (status, body) = upload(
+        &app,
+        &tenant,
+        fixture("hungry.onnx"),
+        json!({ "name": "hungry", "task": "raw" }),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = run_hungry(&app, &tenant, [1_000, 1_000]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["outputs"][0]["data"], json!([1_000_000.0]), "{body}");
+
+    // 8 GiB of ones, twice what tenants' graphs may take at once (the default): refused before it is
+    // allocated. Without the bound the run takes the 8 GiB; a little more than the machine has and
+    // the kernel kills the server.
+    let (status, body) = run_hungry(&app, &tenant, [65_536, 32_768]).await;
+    // The protocol's error shape: the message under `error`, the code beside it.
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("invalid_input")),
+        "{body}"
+    );
+    let message = body["error"].as_str().unwrap();
+    assert!(message.contains("more memory than"), "{body}");
+    assert!(
+        !message.contains("onnxruntime"),
+        "the runtime's source paths are not the caller's business: {body}"
+    );
+
+    // The model still serves, 256 MiB is still there to take, and so does everything else.
+    let (status, body) = run_hungry(&app, &tenant, [8_192, 8_192]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["outputs"][0]["data"], json!([67_108_864.0]), "{body}");
+    let answer = other.client.classify("sentiment", &["still here"]).await.unwrap();
+    assert_eq!(answer.results.len(), 1);
+    // Strings' characters are outside that bound: a graph that could repeat a long one is refused.
+    let (status, body) = upload(
+        &app,
+        &tenant,
+        fixture("repeats-text.onnx"),
+        json!({ "name": "repeats-text", "task": "raw" }),
+    )
+    .await;
+    assert_eq!((status, code(&body)), (422, "invalid_model"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("text"),
+        "{body}"
+    );
+    // Only the served calls are billed.
+    let usage = tenant
+        .client
+        .usage(&plinth_sdk::UsageQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(usage.total.calls, 2);
+}
+
 /// A plan with room for two models, two versions each, and two and a half copies of `file`.
 async fn small_quota_plan(app: &TestApp, tenant: &TestTenant, file_bytes: u64) {
     let plan = plinth_sdk::Plan {

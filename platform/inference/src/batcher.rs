@@ -328,7 +328,21 @@ pub(crate) struct WorkerSetup {
     /// The `model` label of its metrics: the name of a platform model; `tenant` for every tenant's
     /// model (their names are private, and there is no bound on them).
     pub(crate) metrics_label: String,
+    /// A tenant's graph: its runs allocate from the bounded arena and give back what they freed.
+    pub(crate) tenant_graph: bool,
     pub(crate) stats: Arc<Stats>,
+}
+
+impl WorkerSetup {
+    /// Options for one run of this model (see `arena`).
+    fn run_options(&self) -> Result<RunOptions, InferenceError> {
+        let mut options = RunOptions::new()?;
+        if self.tenant_graph {
+            let (key, value) = crate::arena::SHRINK_AFTER_RUN;
+            options.set(key, value)?;
+        }
+        Ok(options)
+    }
 }
 
 pub(crate) struct Worker {
@@ -421,7 +435,7 @@ impl Worker {
             return Ok(());
         };
         let warm_up = ["warm up".to_owned()];
-        let options = Arc::new(RunOptions::new()?);
+        let options = Arc::new(self.setup.run_options()?);
         let Some(timeout) = limit else {
             return run_text(&mut self.session, tokenizer, plan, &warm_up, &options).map(drop);
         };
@@ -533,7 +547,7 @@ impl Worker {
             let Some(last_arrival) = batch.iter().map(|c| c.queued_at).max() else {
                 continue;
             };
-            let options = match RunOptions::new() {
+            let options = match self.setup.run_options() {
                 Ok(options) => Arc::new(options),
                 Err(err) => {
                     tracing::error!(model = %self.setup.model, error = %err, "cannot create run options");
@@ -1215,9 +1229,17 @@ fn run_raw(
         .iter()
         .map(|t| Ok((t.name.as_str(), t.to_ort()?)))
         .collect::<Result<Vec<_>, InferenceError>>()?;
-    let outputs = session
-        .run_with_options(values, options)
-        .map_err(|err| InferenceError::InvalidInput(format!("the model rejected the inputs: {err}")))?;
+    let outputs = session.run_with_options(values, options).map_err(|err| {
+        let message = err.to_string();
+        if crate::arena::exhausted(&message) {
+            InferenceError::InvalidInput(
+                "the model asked for more memory than tenants' models may use at once; send smaller inputs"
+                    .into(),
+            )
+        } else {
+            InferenceError::InvalidInput(format!("the model rejected the inputs: {message}"))
+        }
+    })?;
     names
         .iter()
         .map(|name| {

@@ -69,6 +69,11 @@ pub struct EngineSettings {
     pub timeout: Duration,
     /// Longest text, in tokens; longer inputs are truncated.
     pub max_tokens: usize,
+    /// Most bytes tenants' graphs may allocate at once while they run (weights aside), all of them
+    /// together: past it a run fails with `400` instead of the process being killed for memory. Set
+    /// by the first engine of the process (ONNX Runtime has one environment). On a GPU, also each
+    /// tenant session's device memory.
+    pub tenant_run_memory: usize,
 }
 
 impl Default for EngineSettings {
@@ -85,6 +90,7 @@ impl Default for EngineSettings {
             scheduling: Scheduling::Fair,
             timeout: Duration::from_secs(30),
             max_tokens: 128,
+            tenant_run_memory: 4 << 30,
         }
     }
 }
@@ -138,6 +144,8 @@ impl Engine {
                     .with_name("plinth")
                     .build()
                     .map_err(|err| format!("cannot create the ONNX Runtime environment: {err}"))?;
+                crate::arena::register(&environment, settings.tenant_run_memory)
+                    .map_err(|err| format!("cannot set up the memory tenants' graphs run in: {err}"))?;
                 Ok(Arc::new(environment))
             })
             .clone()
@@ -176,8 +184,12 @@ impl Engine {
             .with_intra_op_spinning(false)
             .map_err(|err| runtime_error("session options", err))?;
         if provider == ExecutionProvider::Cuda {
+            let mut cuda = ort::ep::CUDA::default();
+            if !files.platform {
+                cuda = cuda.with_memory_limit(self.settings.tenant_run_memory);
+            }
             builder = builder
-                .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+                .with_execution_providers([cuda.build().error_on_failure()])
                 .map_err(|err| runtime_error("the CUDA execution provider did not register", err))?;
         }
         let invalid = |err: ort::Error| {
@@ -187,15 +199,22 @@ impl Engine {
             return builder.commit_from_file(&files.model).map_err(invalid);
         }
         // A tenant's model must carry all its data: "external data" would have ONNX Runtime read files
-        // beside it (another tenant's model) or, for its in-memory tag, raw process memory. Refused here,
+        // beside it (another tenant's model) or, for its in-memory tag, raw process memory. And it may
+        // not hold text, whose characters are outside the bound on what a run allocates. Refused here,
         // before the runtime parses anything; and the runtime gets the bytes with an empty directory
         // for external data besides.
         let bytes = std::fs::read(&files.model).map_err(|err| runtime_error("reading the model", err))?;
-        match crate::external_data::refers_to_external_data(&bytes) {
-            Ok(false) => {}
-            Ok(true) => {
+        match crate::screen::screen(&bytes) {
+            Ok(None) => {}
+            Ok(Some(crate::screen::Refusal::ExternalData)) => {
                 return Err(InferenceError::InvalidModel(
                     "the model refers to external data; an uploaded model must contain all its tensors"
+                        .into(),
+                ));
+            }
+            Ok(Some(crate::screen::Refusal::Text)) => {
+                return Err(InferenceError::InvalidModel(
+                    "the model takes, holds or makes text (STRING tensors); an uploaded model works on numbers (a text model gets token ids from its tokenizer)"
                         .into(),
                 ));
             }
@@ -231,6 +250,9 @@ impl Engine {
                 "session.model_external_initializers_file_folder_path",
                 no_external_data.to_string_lossy(),
             )
+            .map_err(|err| runtime_error("session options", err))?
+            // What the graph allocates comes from the bounded arena (see `arena`).
+            .with_env_allocators()
             .map_err(|err| runtime_error("session options", err))?
             .commit_from_memory(&bytes)
             .map_err(invalid)
@@ -342,6 +364,7 @@ impl Engine {
             timeout: self.settings.timeout,
             model: files.name.clone(),
             metrics_label,
+            tenant_graph: !files.platform,
             stats: stats.clone(),
         };
         let mut workers = Vec::with_capacity(sessions.len());

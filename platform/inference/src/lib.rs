@@ -4,11 +4,12 @@
 //!
 //! Only this crate knows ort.
 
+mod arena;
 mod batcher;
 mod catalog;
 mod engine;
-mod external_data;
 mod scheduler;
+mod screen;
 mod tensor;
 /// Where a request's time went (shared with the ledger, which times itself too).
 pub use plinth_core::timing;

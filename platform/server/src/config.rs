@@ -185,6 +185,9 @@ pub struct Config {
     /// `PLINTH_TENANT_MODELS_LOADED`: tenants' models kept loaded at once, least recently used let go
     /// first (and loaded again on their next call); 0 keeps every one loaded.
     pub tenant_models_loaded: usize,
+    /// `PLINTH_TENANT_RUN_MEMORY_MIB`: memory tenants' models may allocate at once while they run, all
+    /// of them together (weights aside); a run asking for more fails with `400`.
+    pub tenant_run_memory_mib: usize,
     /// `PLINTH_METRICS_TOKEN`: `GET /metrics` on the API listener answers only with
     /// `Authorization: Bearer <this>`; unset, the API listener does not serve metrics at all.
     pub metrics_token: Option<String>,
@@ -268,6 +271,7 @@ impl Default for Config {
             publishes_per_author_per_minute: 2,
             plugin_threads: 0,
             tenant_models_loaded: 32,
+            tenant_run_memory_mib: 4_096,
             metrics_token: None,
             metrics_addr: None,
             log: "info".to_owned(),
@@ -377,6 +381,9 @@ impl Config {
         }
         if !(10..=60_000).contains(&self.plugin_deadline_ms) {
             return fail("PLINTH_PLUGIN_DEADLINE_MS must be between 10 and 60000");
+        }
+        if !(64..=1 << 20).contains(&self.tenant_run_memory_mib) {
+            return fail("PLINTH_TENANT_RUN_MEMORY_MIB must be between 64 and 1048576");
         }
         if !(1..=4_096).contains(&self.plugin_memory_mib) {
             return fail("PLINTH_PLUGIN_MEMORY_MIB must be between 1 and 4096");
@@ -588,6 +595,7 @@ impl Config {
             tenant_queue_capacity: self.inference_tenant_queue,
             scheduling: self.inference_scheduling.parse().unwrap_or_default(),
             timeout: Duration::from_millis(self.inference_timeout_ms),
+            tenant_run_memory: self.tenant_run_memory_mib << 20,
             ..plinth_inference::EngineSettings::default()
         }
     }
