@@ -2,6 +2,8 @@
 //! Applied by `plinth migrate` and at the start of `plinth serve`. A released migration is never edited:
 //! add a new one.
 
+#![forbid(unsafe_code)]
+
 pub use sea_orm_migration::prelude::*;
 
 mod m0001_accounts;

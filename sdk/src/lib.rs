@@ -12,6 +12,8 @@
 //! (connection errors, 429 with `Retry-After`, 5xx, and `409 idempotency_in_flight` while a first
 //! attempt still runs) without ever being billed twice: a retry gets the first answer back.
 
+#![forbid(unsafe_code)]
+
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -303,13 +303,17 @@ async fn a_run_that_times_out_is_terminated_and_the_model_serves_the_next_call()
     );
 }
 
-/// The hungry model's sum of ones over a tensor of `shape`, which its graph allocates: the status and body.
-async fn run_hungry(app: &TestApp, tenant: &TestTenant, shape: [i64; 2]) -> (u16, Value) {
+/// The hungry model's `output` for a tensor of ones of `shape`, which its graph allocates: the status
+/// and body.
+async fn run_hungry(app: &TestApp, tenant: &TestTenant, shape: [i64; 2], output: &str) -> (u16, Value) {
     let response = app
         .http()
         .post(app.url("/v2/models/hungry/infer"))
         .bearer_auth(&tenant.key.secret)
-        .json(&json!({ "inputs": [{ "name": "shape", "datatype": "INT64", "shape": [2], "data": shape }] }))
+        .json(&json!({
+            "inputs": [{ "name": "shape", "datatype": "INT64", "shape": [2], "data": shape }],
+            "outputs": [{ "name": output }],
+        }))
         .send()
         .await
         .unwrap();
@@ -321,6 +325,8 @@ async fn a_graph_asking_for_more_memory_than_tenants_may_use_fails_its_call_and_
     let app = TestApp::spawn().await;
     let tenant = app.tenant().await;
     let other = app.tenant().await;
+    // Room for the three models below.
+    app.set_plan(&tenant.session.tenant.id, "enterprise").await;
     let (status, body) = upload(
         &app,
         &tenant,
@@ -329,14 +335,15 @@ async fn a_graph_asking_for_more_memory_than_tenants_may_use_fails_its_call_and_
     )
     .await;
     assert_eq!(status, 201, "{body}");
-    let (status, body) = run_hungry(&app, &tenant, [1_000, 1_000]).await;
+    let (status, body) = run_hungry(&app, &tenant, [1_000, 1_000], "total").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["outputs"][0]["data"], json!([1_000_000.0]), "{body}");
 
-    // 8 GiB of ones, twice what tenants' graphs may take at once (the default): refused before it is
-    // allocated. Without the bound the run takes the 8 GiB; a little more than the machine has and
-    // the kernel kills the server.
-    let (status, body) = run_hungry(&app, &tenant, [65_536, 32_768]).await;
+    // 1 GiB of ones, twice what tenants' graphs may take at once in the test servers: refused by
+    // that bound (any machine could allocate it). Without one, a graph takes whatever it asks for,
+    // and a little more than the machine has gets the server killed.
+    let asked = 2 * i64::try_from(plinth_tests::TENANT_RUN_MEMORY_MIB).unwrap();
+    let (status, body) = run_hungry(&app, &tenant, [asked, 256 * 1024], "total").await;
     // The protocol's error shape: the message under `error`, the code beside it.
     assert_eq!(
         (status, body["code"].as_str()),
@@ -351,11 +358,52 @@ async fn a_graph_asking_for_more_memory_than_tenants_may_use_fails_its_call_and_
     );
 
     // The model still serves, 256 MiB is still there to take, and so does everything else.
-    let (status, body) = run_hungry(&app, &tenant, [8_192, 8_192]).await;
+    let (status, body) = run_hungry(&app, &tenant, [8_192, 8_192], "total").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["outputs"][0]["data"], json!([67_108_864.0]), "{body}");
+    // 32 Mi ones (128 MiB) fit the bound, but copied out and written as JSON each takes tens of
+    // bytes: a graph answers no more elements than a call may send.
+    let (status, body) = run_hungry(&app, &tenant, [4_096, 8_192], "ones").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("invalid_input")),
+        "{body}"
+    );
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("at most 16777216 are sent back"),
+        "{body}"
+    );
     let answer = other.client.classify("sentiment", &["still here"]).await.unwrap();
     assert_eq!(answer.results.len(), 1);
+    // Constant folding would compute a constant part of the graph while the session is built, with
+    // the runtime's own allocator: for this one, 576 MB at upload. Not folded, it is computed in the
+    // run, within the bound.
+    let (status, body) = upload(
+        &app,
+        &tenant,
+        fixture("folds.onnx"),
+        json!({ "name": "folds", "task": "raw" }),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let folded = app
+        .http()
+        .post(app.url("/v2/models/folds/infer"))
+        .bearer_auth(&tenant.key.secret)
+        .json(&json!({ "inputs": [{ "name": "x", "datatype": "FP32", "shape": [1], "data": [1.0] }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(folded.status(), 400);
+    let body: Value = folded.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("more memory than"),
+        "{body}"
+    );
+
     // Strings' characters are outside that bound: a graph that could repeat a long one is refused.
     let (status, body) = upload(
         &app,

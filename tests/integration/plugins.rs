@@ -246,6 +246,24 @@ async fn hostile_plugins_are_contained_and_the_host_keeps_serving() {
         "{err:?}"
     );
 
+    // New keys written at once, as invocations on several replicas would write them, stop at the
+    // limit together (on Postgres each write once counted room for itself).
+    let installation = neighbour.id.to_string();
+    let keys: Vec<String> = (0..32).map(|i| format!("race-{i}")).collect();
+    let writes = keys
+        .iter()
+        .map(|key| app.store().kv_set(&installation, key, vec![1], 20));
+    let stored = futures_util::future::join_all(writes)
+        .await
+        .into_iter()
+        .filter(Result::is_ok)
+        .count();
+    assert_eq!(stored, 20);
+    assert_eq!(
+        app.store().kv_list(&installation, "race-").await.unwrap().len(),
+        20
+    );
+
     // A prefix lists the keys that start with it, byte for byte: `%` and `_` are not wildcards, and
     // case counts (on SQLite as on Postgres).
     let listed = victim

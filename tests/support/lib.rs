@@ -20,6 +20,10 @@ pub enum Backend {
 
 pub const PASSWORD: &str = "correct horse battery staple";
 
+/// What tenants' graphs may allocate at once in the test servers (one bound per process: every test
+/// server shares it): small enough that asking for more is something any machine could allocate.
+pub const TENANT_RUN_MEMORY_MIB: usize = 512;
+
 /// The metrics token of every test server (`PLINTH_METRICS_TOKEN`).
 pub const METRICS_TOKEN: &str = "metrics-token-for-tests";
 
@@ -148,6 +152,7 @@ impl TestApp {
             logins_per_address_per_minute: 1_000,
             publishes_per_author_per_minute: 1_000,
             metrics_token: Some(METRICS_TOKEN.to_owned()),
+            tenant_run_memory_mib: TENANT_RUN_MEMORY_MIB,
             ..Config::default()
         };
         if backend == Backend::PostgresRedis {

@@ -2,6 +2,8 @@
 //! `plinth-store`, one error type, authentication extractors, rate limiting and the OpenAPI document.
 //! Only this crate knows actix.
 
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod client;
 pub mod error;

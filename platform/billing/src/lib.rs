@@ -8,6 +8,8 @@
 //!   default) by [`Billing::sync_once`]; webhooks update subscription state; authors are paid through
 //!   Connect. Statements are computed the same way, so both modes show the same numbers.
 
+#![forbid(unsafe_code)]
+
 pub mod events;
 pub mod prices;
 pub mod signature;

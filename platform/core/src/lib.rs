@@ -2,6 +2,8 @@
 //! response shapes of the public API. The server and the SDK both depend on it, so the wire format has
 //! one definition. No I/O lives here.
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod billing;
 pub mod error;

@@ -5,6 +5,8 @@
 //! registry every replica shares. Nothing here speaks HTTP: the API reads a request and calls these,
 //! and so can a test.
 
+#![forbid(unsafe_code)]
+
 mod files;
 mod gate;
 mod sync;

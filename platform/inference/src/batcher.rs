@@ -1240,14 +1240,30 @@ fn run_raw(
             InferenceError::InvalidInput(format!("the model rejected the inputs: {message}"))
         }
     })?;
-    names
+    let values = names
         .iter()
         .map(|name| {
-            let value = outputs
+            outputs
                 .get(name)
-                .ok_or_else(|| InferenceError::Runtime(format!("no output `{name}`")))?;
-            Tensor::from_ort(name, value)
+                .map(|value| (name, value))
+                .ok_or_else(|| InferenceError::Runtime(format!("no output `{name}`")))
         })
+        .collect::<Result<Vec<_>, InferenceError>>()?;
+    // Copied out and written as JSON, an element takes tens of bytes: a graph may answer no more than
+    // a call may send.
+    let elements = values
+        .iter()
+        .map(|(_, value)| Tensor::elements_of(value))
+        .fold(0_usize, usize::saturating_add);
+    if elements > crate::tensor::MAX_ELEMENTS {
+        return Err(InferenceError::InvalidInput(format!(
+            "the model answered {elements} elements for these inputs; at most {} are sent back",
+            crate::tensor::MAX_ELEMENTS
+        )));
+    }
+    values
+        .into_iter()
+        .map(|(name, value)| Tensor::from_ort(name, value))
         .collect()
 }
 

@@ -136,7 +136,7 @@ impl Engine {
         // workers would take cores from ONNX Runtime on small machines.
         tokenizers::utils::parallelism::set_parallelism(false);
         // ONNX Runtime has one environment per process; the first engine's library wins.
-        static ENVIRONMENT: OnceLock<Result<Arc<Environment>, String>> = OnceLock::new();
+        static ENVIRONMENT: OnceLock<Result<(Arc<Environment>, usize), String>> = OnceLock::new();
         let environment = ENVIRONMENT
             .get_or_init(|| {
                 let environment = ort::init_from(&settings.ort_dylib)
@@ -146,10 +146,18 @@ impl Engine {
                     .map_err(|err| format!("cannot create the ONNX Runtime environment: {err}"))?;
                 crate::arena::register(&environment, settings.tenant_run_memory)
                     .map_err(|err| format!("cannot set up the memory tenants' graphs run in: {err}"))?;
-                Ok(Arc::new(environment))
+                Ok((Arc::new(environment), settings.tenant_run_memory))
             })
             .clone()
             .map_err(InferenceError::Runtime)?;
+        let (environment, tenant_run_memory) = environment;
+        if tenant_run_memory != settings.tenant_run_memory {
+            tracing::warn!(
+                set = tenant_run_memory,
+                asked = settings.tenant_run_memory,
+                "tenants' graphs keep the memory bound of the process's first engine"
+            );
+        }
         Ok(Self {
             environment,
             settings,
@@ -218,6 +226,16 @@ impl Engine {
                         .into(),
                 ));
             }
+            Ok(Some(crate::screen::Refusal::Operator(operator))) => {
+                return Err(InferenceError::InvalidModel(format!(
+                    "the model uses `{operator}`, which uploaded models may not: it makes or takes text, or keeps what it makes outside the memory a run may use"
+                )));
+            }
+            Ok(Some(crate::screen::Refusal::OrtFormat)) => {
+                return Err(InferenceError::InvalidModel(
+                    "not an ONNX model: ONNX Runtime's own format is not taken from uploads".into(),
+                ));
+            }
             Err(err) => return Err(InferenceError::InvalidModel(format!("not an ONNX model: {err}"))),
         }
         let no_external_data = files
@@ -251,8 +269,16 @@ impl Engine {
                 no_external_data.to_string_lossy(),
             )
             .map_err(|err| runtime_error("session options", err))?
-            // What the graph allocates comes from the bounded arena (see `arena`).
+            // Read as ONNX only, never as the runtime's own format (which `screen` does not read).
+            .with_config_entry("session.load_model_format", "ONNX")
+            .map_err(|err| runtime_error("session options", err))?
+            // What the graph allocates comes from the bounded arena (see `arena`)...
             .with_env_allocators()
+            .map_err(|err| runtime_error("session options", err))?
+            // ...but constant folding computes parts of the graph while the session is built, with
+            // the runtime's own allocator: a `ConstantOfShape` of a constant shape would take what it
+            // asks at upload (1.8 GB for one node, measured). Those parts are computed in each run.
+            .with_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
             .map_err(|err| runtime_error("session options", err))?
             .commit_from_memory(&bytes)
             .map_err(invalid)

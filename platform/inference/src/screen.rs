@@ -10,6 +10,15 @@
 //!   and no attribute holding strings for an operator to emit (`value_string(s)`, the ML domain's
 //!   `*_strings`, `default_string`). Text models get their tokens from the platform's tokenizer.
 //!
+//! - **Operators** that make text from numbers (`CastMap`), work on text, or keep what they make on
+//!   the heap rather than in the arena, in maps (`ZipMap`, `DictVectorizer`, `Unique`): see
+//!   [`REFUSED_OPERATORS`].
+//! - **ONNX Runtime's own format** (a flatbuffer, which this walk does not read): tenants' sessions are
+//!   also told to read ONNX only.
+//!
+//! Integer fields are compared as the runtime reads them: an `int32` field keeps the low 32 bits of
+//! its varint, and ONNX Runtime narrows a `Cast`'s `to` to 32 bits, so `1 << 32 | 8` is a string too.
+//!
 //! A walk over the protobuf wire format, through every place a tensor or a type can sit (initializers,
 //! sparse initializers, attributes, inputs, outputs and value infos, subgraphs of `If`/`Loop`/`Scan`,
 //! functions). Written here rather than generating the ONNX schema with a protobuf compiler: only these
@@ -20,7 +29,27 @@
 pub(crate) enum Refusal {
     ExternalData,
     Text,
+    /// One of [`REFUSED_OPERATORS`].
+    Operator(&'static str),
+    /// ONNX Runtime's flatbuffer format.
+    OrtFormat,
 }
+
+/// Operators a tenant's graph may not use, whatever their domain: they make text from numbers
+/// (`CastMap`), take or make text (the string operators, the `com.microsoft` `Tokenizer`), or build
+/// maps on the heap, tens of bytes per element of a tensor the arena bounds (`ZipMap`,
+/// `DictVectorizer`, `Unique`).
+pub(crate) const REFUSED_OPERATORS: [&str; 9] = [
+    "CastMap",
+    "ZipMap",
+    "DictVectorizer",
+    "Unique",
+    "StringConcat",
+    "StringSplit",
+    "StringNormalizer",
+    "RegexFullMatch",
+    "Tokenizer",
+];
 
 /// ONNX's `TensorProto.DataType.STRING`.
 const STRING: u64 = 8;
@@ -80,7 +109,16 @@ const MAX_DEPTH: usize = 64;
 /// # Errors
 /// When the bytes are not a well-formed protobuf message (or nest past [`MAX_DEPTH`]).
 pub(crate) fn screen(model: &[u8]) -> Result<Option<Refusal>, String> {
+    // ONNX Runtime takes bytes whose file identifier (bytes 4 to 8) says "ORTM" for its own format.
+    if model.get(4..8) == Some(b"ORTM".as_slice()) {
+        return Ok(Some(Refusal::OrtFormat));
+    }
     walk(model, Message::Model, 0)
+}
+
+/// A varint as an `int32` field (or ONNX Runtime's narrowed element type) reads it.
+fn low_32_bits(value: u64) -> u64 {
+    value & u64::from(u32::MAX)
 }
 
 /// An attribute's name and integer, as far as the walk has read it.
@@ -95,7 +133,7 @@ struct AttributeSeen<'a> {
 impl AttributeSeen<'_> {
     fn makes_text(&self) -> bool {
         let element_type = matches!(self.name, b"to" | b"dtype");
-        (element_type && (self.int == Some(STRING) || self.referenced))
+        (element_type && (self.int.map(low_32_bits) == Some(STRING) || self.referenced))
             || self.name.ends_with(b"_string")
             || self.name.ends_with(b"_strings")
     }
@@ -106,6 +144,7 @@ fn walk(mut bytes: &[u8], message: Message, depth: usize) -> Result<Option<Refus
         return Err(format!("the model nests graphs more than {MAX_DEPTH} deep"));
     }
     let mut attribute = AttributeSeen::default();
+    let mut operator: &[u8] = &[];
     while !bytes.is_empty() {
         let key = varint(&mut bytes)?;
         let (field, wire_type) = (key >> 3, key & 7);
@@ -114,9 +153,13 @@ fn walk(mut bytes: &[u8], message: Message, depth: usize) -> Result<Option<Refus
                 let value = varint(&mut bytes)?;
                 match (message, field) {
                     // TensorProto.data_location = EXTERNAL (1).
-                    (Message::Tensor, 14) if value == 1 => return Ok(Some(Refusal::ExternalData)),
+                    (Message::Tensor, 14) if low_32_bits(value) == 1 => {
+                        return Ok(Some(Refusal::ExternalData));
+                    }
                     // TensorProto.data_type, an element type, a map's key type.
-                    (Message::Tensor, 2) | (Message::TensorType | Message::Map, 1) if value == STRING => {
+                    (Message::Tensor, 2) | (Message::TensorType | Message::Map, 1)
+                        if low_32_bits(value) == STRING =>
+                    {
                         return Ok(Some(Refusal::Text));
                     }
                     (Message::Attribute, 3) => attribute.int = Some(value),
@@ -135,6 +178,8 @@ fn walk(mut bytes: &[u8], message: Message, depth: usize) -> Result<Option<Refus
                     // TensorProto.string_data.
                     (Message::Tensor, 6) => return Ok(Some(Refusal::Text)),
                     (Message::Attribute, 1) => attribute.name = inner,
+                    // NodeProto.op_type.
+                    (Message::Node, 4) => operator = inner,
                     (Message::Attribute, 21) => attribute.referenced = true,
                     _ => {}
                 }
@@ -149,6 +194,9 @@ fn walk(mut bytes: &[u8], message: Message, depth: usize) -> Result<Option<Refus
     }
     if matches!(message, Message::Attribute) && attribute.makes_text() {
         return Ok(Some(Refusal::Text));
+    }
+    if let Some(refused) = REFUSED_OPERATORS.iter().find(|name| name.as_bytes() == operator) {
+        return Ok(Some(Refusal::Operator(refused)));
     }
     Ok(None)
 }
@@ -285,8 +333,42 @@ mod tests {
             node_with(&field(1, b"default_string")),
             // In a subgraph.
             field(7, &field(1, &field(5, &field(6, &field(5, &string_tensor))))),
+            // A string type in a varint past 32 bits, as the runtime reads it (its low 32 bits).
+            field(7, &field(5, &int_field(2, 1 << 32 | STRING))),
+            field(
+                7,
+                &field(11, &field(2, &field(1, &int_field(1, 1 << 32 | STRING)))),
+            ),
+            node_with(&[field(1, b"to"), int_field(3, 7 << 32 | STRING)].concat()),
         ] {
             assert_eq!(screen(&model), Ok(Some(Refusal::Text)), "{model:?}");
+        }
+    }
+
+    #[test]
+    fn operators_that_make_text_or_heap_maps_and_the_runtimes_own_format_are_refused() {
+        // A ZipMap in the main graph; a CastMap inside a function; Unique in a subgraph.
+        let zip_map = field(7, &field(1, &field(4, b"ZipMap")));
+        assert_eq!(screen(&zip_map), Ok(Some(Refusal::Operator("ZipMap"))));
+        let cast_map = field(25, &field(7, &field(4, b"CastMap")));
+        assert_eq!(screen(&cast_map), Ok(Some(Refusal::Operator("CastMap"))));
+        let unique = field(
+            7,
+            &field(1, &field(5, &field(6, &field(1, &field(4, b"Unique"))))),
+        );
+        assert_eq!(screen(&unique), Ok(Some(Refusal::Operator("Unique"))));
+        // Bytes that read as a protobuf message (a varint, a fixed64 whose bytes hold "ORTM" where
+        // the runtime looks for its format's identifier, a doc string) and as the runtime's format:
+        // the walk alone finds nothing in them.
+        let mut both = vec![0x08, 0x00, 0x09, 0x00];
+        both.extend_from_slice(b"ORTM");
+        both.extend_from_slice(&[0, 0, 0]);
+        both.extend(field(6, b"the rest of a flatbuffer"));
+        assert_eq!(walk(&both, Message::Model, 0), Ok(None));
+        assert_eq!(screen(&both), Ok(Some(Refusal::OrtFormat)));
+        // Unique's name as another operator's prefix, an ordinary operator: fine.
+        for name in [&b"UniqueConsecutive"[..], b"MatMul", b"Cast"] {
+            assert_eq!(screen(&field(7, &field(1, &field(4, name)))), Ok(None));
         }
     }
 

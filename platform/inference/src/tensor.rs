@@ -472,6 +472,17 @@ impl Tensor {
         })
     }
 
+    /// How many elements an output of the runtime holds (0 for what is not a tensor).
+    pub(crate) fn elements_of(value: &DynValue) -> usize {
+        let ValueType::Tensor { shape, .. } = value.dtype() else {
+            return 0;
+        };
+        shape
+            .iter()
+            .map(|&dimension| usize::try_from(dimension).unwrap_or(0))
+            .fold(1_usize, usize::saturating_mul)
+    }
+
     pub(crate) fn from_ort(name: &str, value: &DynValue) -> Result<Self, InferenceError> {
         let ValueType::Tensor { ty, shape, .. } = value.dtype() else {
             return Err(InferenceError::Runtime(format!(

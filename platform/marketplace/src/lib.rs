@@ -6,6 +6,8 @@
 //!
 //! The HTTP API reads requests (multipart parts, JSON) and turns [`MarketError`] into its error body.
 
+#![forbid(unsafe_code)]
+
 mod records;
 mod services;
 

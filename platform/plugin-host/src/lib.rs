@@ -6,6 +6,8 @@
 //! in the invocation. Every limit breach ends the invocation with an [`InvokeError`] that names the
 //! limit; nothing a plugin does outlives its call or reaches another tenant.
 
+#![forbid(unsafe_code)]
+
 mod host;
 mod limits;
 mod occupancy;

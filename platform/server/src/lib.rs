@@ -1,6 +1,8 @@
 //! Wiring: configuration in, a running platform out. The `plinth` binary and the end-to-end tests both
 //! start the platform through [`start`], so the tests exercise exactly what operators run.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 
 use std::net::SocketAddr;

@@ -5,6 +5,8 @@
 //! [`entity::TenantScoped::find_in`]; functions that touch tenant data take the caller's tenant id and
 //! answer [`StoreError::NotFound`] for another tenant's rows, never "forbidden".
 
+#![forbid(unsafe_code)]
+
 pub mod accounts;
 pub mod api_keys;
 pub mod audit;

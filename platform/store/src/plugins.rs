@@ -748,11 +748,20 @@ impl Store {
     /// Stores a value, refusing a new key once the installation holds `max_keys`.
     pub async fn kv_set(&self, installation: &str, key: &str, value: Vec<u8>, max_keys: u64) -> Result<()> {
         let txn = self.write_transaction().await?;
-        let exists = plugin_kv::Entity::find_by_id((installation.to_owned(), key.to_owned()))
-            .count(&txn)
-            .await?
-            > 0;
-        if !exists {
+        let stored = || plugin_kv::Entity::find_by_id((installation.to_owned(), key.to_owned())).count(&txn);
+        let mut new_key = stored().await? == 0;
+        if new_key {
+            // New keys of one installation take turns from here to the commit, so that concurrent
+            // invocations (on any replica) cannot each count room for one more and pass the limit
+            // together; SQLite's write transaction already serialises them. Asked again once it is
+            // our turn: the key may have been stored meanwhile.
+            installations::Entity::find_by_id(installation.to_owned())
+                .lock_exclusive()
+                .one(&txn)
+                .await?;
+            new_key = stored().await? == 0;
+        }
+        if new_key {
             let held = plugin_kv::Entity::find()
                 .filter(plugin_kv::Column::InstallationId.eq(installation))
                 .count(&txn)

@@ -2,6 +2,8 @@
 //! splits, a classification head trained over a base model's embeddings, its evaluation, and the
 //! head appended to the base ONNX graph as one exportable model.
 
+#![forbid(unsafe_code)]
+
 pub mod dataset;
 pub mod evaluate;
 pub mod head;
