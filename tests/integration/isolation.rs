@@ -404,6 +404,24 @@ async fn a_graph_asking_for_more_memory_than_tenants_may_use_fails_its_call_and_
         "{body}"
     );
 
+    // A text model's answer is copied out for each text too: one 20 million numbers wide for each is
+    // refused at its warm-up.
+    let (status, body) = upload(
+        &app,
+        &tenant,
+        fixture("wide.onnx"),
+        json!({ "name": "wide", "task": "text-classification", "labels": ["no", "yes"] }),
+    )
+    .await;
+    assert_eq!((status, code(&body)), (422, "invalid_model"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("are sent back"),
+        "{body}"
+    );
+
     // Strings' characters are outside that bound: a graph that could repeat a long one is refused.
     let (status, body) = upload(
         &app,

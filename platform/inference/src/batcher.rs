@@ -436,8 +436,18 @@ impl Worker {
         };
         let warm_up = ["warm up".to_owned()];
         let options = Arc::new(self.setup.run_options()?);
+        // Alone at load, a run that finds no memory for one short text asks for too much.
+        let too_much = |err| match err {
+            InferenceError::Overloaded => InferenceError::InvalidModel(
+                "the model asks for more memory for one short text than tenants' models may use at once"
+                    .into(),
+            ),
+            other => other,
+        };
         let Some(timeout) = limit else {
-            return run_text(&mut self.session, tokenizer, plan, &warm_up, &options).map(drop);
+            return run_text(&mut self.session, tokenizer, plan, &warm_up, &options)
+                .map(drop)
+                .map_err(too_much);
         };
         let (finished, finishing) = std::sync::mpsc::channel::<()>();
         let watchdog = {
@@ -462,7 +472,7 @@ impl Worker {
                 timeout.as_secs_f64()
             )));
         }
-        outcome.map(drop)
+        outcome.map(drop).map_err(too_much)
     }
 
     /// How many texts of heavy tenants a light tenant's run may carry on this model, on this machine
@@ -1013,7 +1023,15 @@ fn run_encoded(
             int64_tensor(&shape, column(tokenizers::Encoding::get_type_ids))?,
         ));
     }
-    let outputs = session.run_with_options(inputs, options)?;
+    let outputs = session.run_with_options(inputs, options).map_err(|err| {
+        // Texts are bounded: a run that finds the tenants' arena full found it full of other runs.
+        // Not the model's failure; the caller may retry.
+        if crate::arena::exhausted(&err.to_string()) {
+            InferenceError::Overloaded
+        } else {
+            err.into()
+        }
+    })?;
     let value = outputs
         .get(&plan.output)
         .ok_or_else(|| InferenceError::Runtime(format!("the model returned no `{}`", plan.output)))?;
@@ -1031,6 +1049,15 @@ fn run_encoded(
             "the model answered `{}` with shape {:?} for {rows} texts of {tokens} tokens",
             plan.output,
             &out_shape[..]
+        )));
+    }
+    // What is copied out and answered, a few numbers per text for most models: no more than a call
+    // may send, whatever width a tenant's graph answers.
+    let answered = rows.saturating_mul(usize::try_from(out_shape[out_shape.len() - 1]).unwrap_or(0));
+    if answered > crate::tensor::MAX_ELEMENTS {
+        return Err(InferenceError::InvalidModel(format!(
+            "the model answered {answered} numbers for {rows} texts; at most {} are sent back",
+            crate::tensor::MAX_ELEMENTS
         )));
     }
     let (width, mut data) = if plan.pool {

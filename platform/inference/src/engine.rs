@@ -227,9 +227,26 @@ impl Engine {
                 ));
             }
             Ok(Some(crate::screen::Refusal::Operator(operator))) => {
+                let hint = if operator == "ZipMap" {
+                    " (scikit-learn classifiers: convert with skl2onnx's options={'zipmap': False})"
+                } else {
+                    ""
+                };
                 return Err(InferenceError::InvalidModel(format!(
-                    "the model uses `{operator}`, which uploaded models may not: it makes or takes text, or keeps what it makes outside the memory a run may use"
+                    "the model uses `{operator}`, which uploaded models may not: it makes or takes text, or keeps what it makes outside the memory a run may use{hint}"
                 )));
+            }
+            Ok(Some(crate::screen::Refusal::CollectingLoop)) => {
+                return Err(InferenceError::InvalidModel(
+                    "the model has a Loop that collects an output from each iteration, which ONNX Runtime keeps outside the memory a run may use; carry the values instead"
+                        .into(),
+                ));
+            }
+            Ok(Some(crate::screen::Refusal::Sparse)) => {
+                return Err(InferenceError::InvalidModel(
+                    "the model holds sparse tensors, which ONNX Runtime makes dense as it loads them; store them dense"
+                        .into(),
+                ));
             }
             Ok(Some(crate::screen::Refusal::OrtFormat)) => {
                 return Err(InferenceError::InvalidModel(

@@ -13,6 +13,11 @@
 //! - **Operators** that make text from numbers (`CastMap`), work on text, or keep what they make on
 //!   the heap rather than in the arena, in maps (`ZipMap`, `DictVectorizer`, `Unique`): see
 //!   [`REFUSED_OPERATORS`].
+//! - **A `Loop` that collects outputs** from each iteration (an object per iteration on the heap,
+//!   millions before the run's deadline); one that only carries values from one iteration to the next
+//!   keeps nothing per iteration.
+//! - **Sparse tensors**: ONNX Runtime makes them dense as it loads the graph, outside the arena, so a
+//!   few bytes declaring a 65,536 x 65,536 one would take 16 GiB.
 //! - **ONNX Runtime's own format** (a flatbuffer, which this walk does not read): tenants' sessions are
 //!   also told to read ONNX only.
 //!
@@ -20,7 +25,7 @@
 //! its varint, and ONNX Runtime narrows a `Cast`'s `to` to 32 bits, so `1 << 32 | 8` is a string too.
 //!
 //! A walk over the protobuf wire format, through every place a tensor or a type can sit (initializers,
-//! sparse initializers, attributes, inputs, outputs and value infos, subgraphs of `If`/`Loop`/`Scan`,
+//! attributes, inputs, outputs and value infos, subgraphs of `If`/`Loop`/`Scan`,
 //! functions). Written here rather than generating the ONNX schema with a protobuf compiler: only these
 //! few field numbers matter, and the walk allocates nothing.
 
@@ -33,17 +38,34 @@ pub(crate) enum Refusal {
     Operator(&'static str),
     /// ONNX Runtime's flatbuffer format.
     OrtFormat,
+    /// A sparse tensor: the runtime makes it dense, zeros and all, as it loads the graph.
+    Sparse,
+    /// A `Loop` that collects outputs from each iteration: the runtime keeps an object per iteration
+    /// on the heap, as many as the loop runs before its deadline.
+    CollectingLoop,
 }
 
 /// Operators a tenant's graph may not use, whatever their domain: they make text from numbers
 /// (`CastMap`), take or make text (the string operators, the `com.microsoft` `Tokenizer`), or build
-/// maps on the heap, tens of bytes per element of a tensor the arena bounds (`ZipMap`,
-/// `DictVectorizer`, `Unique`).
-pub(crate) const REFUSED_OPERATORS: [&str; 9] = [
+/// on the heap what their inputs size, tens of bytes per element of a tensor the arena bounds: maps
+/// (`ZipMap`, `DictVectorizer`, `Unique`), a tensor object per entry of a sequence (the sequence
+/// operators: `SplitToSequence` of an empty tensor makes one per zero it is given), `RoiAlign`'s
+/// table of sampling points for boxes as large as the caller sends.
+pub(crate) const REFUSED_OPERATORS: [&str; 19] = [
     "CastMap",
     "ZipMap",
     "DictVectorizer",
     "Unique",
+    "SplitToSequence",
+    "ConcatFromSequence",
+    "SequenceAt",
+    "SequenceConstruct",
+    "SequenceEmpty",
+    "SequenceErase",
+    "SequenceInsert",
+    "SequenceLength",
+    "SequenceMap",
+    "RoiAlign",
     "StringConcat",
     "StringSplit",
     "StringNormalizer",
@@ -63,7 +85,6 @@ enum Message {
     Graph,
     Node,
     Attribute,
-    SparseTensor,
     Tensor,
     ValueInfo,
     Type,
@@ -80,16 +101,15 @@ impl Message {
     /// a type.
     fn child(self, field: u64) -> Option<Self> {
         use Message::{
-            Attribute, Function, Graph, Map, Model, Node, SparseTensor, Tensor, TensorType, TrainingInfo,
-            Type, ValueInfo, Wrapper,
+            Attribute, Function, Graph, Map, Model, Node, Tensor, TensorType, TrainingInfo, Type, ValueInfo,
+            Wrapper,
         };
         match (self, field) {
             (Model, 7) | (TrainingInfo, 1 | 2) | (Attribute, 6 | 11) => Some(Graph),
             (Model, 20) => Some(TrainingInfo),
             (Model, 25) => Some(Function),
             (Function, 7) | (Graph, 1) => Some(Node),
-            (Graph, 5) | (Attribute, 5 | 10) | (SparseTensor, 1 | 2) => Some(Tensor),
-            (Graph, 15) | (Attribute, 22 | 23) => Some(SparseTensor),
+            (Graph, 5) | (Attribute, 5 | 10) => Some(Tensor),
             (Node, 5) | (Function, 11) => Some(Attribute),
             (Graph, 11..=13) | (Function, 12) => Some(ValueInfo),
             (ValueInfo, 2) | (Attribute, 14 | 15) | (Wrapper, 1) | (Map, 2) => Some(Type),
@@ -145,6 +165,8 @@ fn walk(mut bytes: &[u8], message: Message, depth: usize) -> Result<Option<Refus
     }
     let mut attribute = AttributeSeen::default();
     let mut operator: &[u8] = &[];
+    // A node's inputs and outputs (NodeProto fields 1 and 2), counted.
+    let (mut inputs, mut outputs) = (0_usize, 0_usize);
     while !bytes.is_empty() {
         let key = varint(&mut bytes)?;
         let (field, wire_type) = (key >> 3, key & 7);
@@ -177,9 +199,15 @@ fn walk(mut bytes: &[u8], message: Message, depth: usize) -> Result<Option<Refus
                     (Message::Tensor, 13) => return Ok(Some(Refusal::ExternalData)),
                     // TensorProto.string_data.
                     (Message::Tensor, 6) => return Ok(Some(Refusal::Text)),
+                    // Sparse initializers, a `Constant`'s sparse value, sparse tensors as attributes.
+                    (Message::Graph, 15) | (Message::Attribute, 22 | 23) => {
+                        return Ok(Some(Refusal::Sparse));
+                    }
                     (Message::Attribute, 1) => attribute.name = inner,
-                    // NodeProto.op_type.
+                    // NodeProto.op_type, input, output.
                     (Message::Node, 4) => operator = inner,
+                    (Message::Node, 1) => inputs += 1,
+                    (Message::Node, 2) => outputs += 1,
                     (Message::Attribute, 21) => attribute.referenced = true,
                     _ => {}
                 }
@@ -197,6 +225,11 @@ fn walk(mut bytes: &[u8], message: Message, depth: usize) -> Result<Option<Refus
     }
     if let Some(refused) = REFUSED_OPERATORS.iter().find(|name| name.as_bytes() == operator) {
         return Ok(Some(Refusal::Operator(refused)));
+    }
+    // A Loop's inputs are its trip count, its condition and the values it carries; its outputs are
+    // the values it carries and then what it collects from each iteration.
+    if operator == b"Loop" && outputs > inputs.saturating_sub(2) {
+        return Ok(Some(Refusal::CollectingLoop));
     }
     Ok(None)
 }
@@ -250,10 +283,9 @@ mod tests {
         let tensor = location_external();
         let initializer = field(7, &field(5, &tensor));
         let in_subgraph = field(7, &field(1, &field(5, &field(6, &field(5, &tensor)))));
-        let sparse = field(7, &field(15, &field(1, &tensor)));
         let named = field(7, &field(5, &field(13, &field(1, b"location"))));
         let in_function = field(25, &field(7, &field(5, &field(5, &tensor))));
-        for model in [initializer, in_subgraph, sparse, named, in_function] {
+        for model in [initializer, in_subgraph, named, in_function] {
             assert_eq!(screen(&model), Ok(Some(Refusal::ExternalData)));
         }
     }
@@ -369,6 +401,41 @@ mod tests {
         // Unique's name as another operator's prefix, an ordinary operator: fine.
         for name in [&b"UniqueConsecutive"[..], b"MatMul", b"Cast"] {
             assert_eq!(screen(&field(7, &field(1, &field(4, name)))), Ok(None));
+        }
+    }
+
+    #[test]
+    fn sparse_tensors_are_refused_wherever_they_can_be() {
+        let sparse = field(1, &int_field(2, 1));
+        for model in [
+            field(7, &field(15, &sparse)),
+            node_with(&[field(1, b"sparse_value"), field(22, &sparse)].concat()),
+            node_with(&field(23, &sparse)),
+            field(7, &field(1, &field(5, &field(6, &field(15, &sparse))))),
+        ] {
+            assert_eq!(screen(&model), Ok(Some(Refusal::Sparse)), "{model:?}");
+        }
+        // A Loop (trip count, condition, one carried value) that collects a second output; one that
+        // only carries its value passes.
+        let names = |field_number: u64, count: usize| -> Vec<u8> {
+            (0..count)
+                .flat_map(|i| field(field_number, format!("v{i}").as_bytes()))
+                .collect()
+        };
+        let collecting = [field(4, b"Loop"), names(1, 3), names(2, 2)].concat();
+        assert_eq!(
+            screen(&field(7, &field(1, &collecting))),
+            Ok(Some(Refusal::CollectingLoop))
+        );
+        let carrying = [field(4, b"Loop"), names(1, 3), names(2, 1)].concat();
+        assert_eq!(screen(&field(7, &field(1, &carrying))), Ok(None));
+        for operator in ["SplitToSequence", "SequenceInsert", "RoiAlign"] {
+            let model = field(7, &field(1, &field(4, operator.as_bytes())));
+            assert_eq!(
+                screen(&model),
+                Ok(Some(Refusal::Operator(operator))),
+                "{operator}"
+            );
         }
     }
 

@@ -7,10 +7,10 @@ use plinth_core::ErrorCode;
 use plinth_core::Micros;
 use plinth_core::id::{InstallationId, PluginId, PluginVersionId, TenantId};
 use plinth_core::plugins::{Capability, Installation, Plugin, PluginManifest, PluginVersion, ReviewStatus};
-use sea_orm::sea_query::{Expr, ExprTrait, Func, LikeExpr, OnConflict};
+use sea_orm::sea_query::{Expr, ExprTrait, Func, LikeExpr, LockType, OnConflict};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter,
-    QueryOrder, QuerySelect, Set,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, EntityTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set,
 };
 
 use crate::accounts::parse_id;
@@ -748,20 +748,12 @@ impl Store {
     /// Stores a value, refusing a new key once the installation holds `max_keys`.
     pub async fn kv_set(&self, installation: &str, key: &str, value: Vec<u8>, max_keys: u64) -> Result<()> {
         let txn = self.write_transaction().await?;
-        let stored = || plugin_kv::Entity::find_by_id((installation.to_owned(), key.to_owned())).count(&txn);
-        let mut new_key = stored().await? == 0;
-        if new_key {
-            // New keys of one installation take turns from here to the commit, so that concurrent
-            // invocations (on any replica) cannot each count room for one more and pass the limit
-            // together; SQLite's write transaction already serialises them. Asked again once it is
-            // our turn: the key may have been stored meanwhile.
-            installations::Entity::find_by_id(installation.to_owned())
-                .lock_exclusive()
-                .one(&txn)
-                .await?;
-            new_key = stored().await? == 0;
-        }
-        if new_key {
+        kv_turn(&txn, installation).await?;
+        let exists = plugin_kv::Entity::find_by_id((installation.to_owned(), key.to_owned()))
+            .count(&txn)
+            .await?
+            > 0;
+        if !exists {
             let held = plugin_kv::Entity::find()
                 .filter(plugin_kv::Column::InstallationId.eq(installation))
                 .count(&txn)
@@ -791,9 +783,12 @@ impl Store {
     }
 
     pub async fn kv_delete(&self, installation: &str, key: &str) -> Result<bool> {
+        let txn = self.write_transaction().await?;
+        kv_turn(&txn, installation).await?;
         let deleted = plugin_kv::Entity::delete_by_id((installation.to_owned(), key.to_owned()))
-            .exec(self.db())
+            .exec(&txn)
             .await?;
+        txn.commit().await?;
         Ok(deleted.rows_affected > 0)
     }
 
@@ -822,6 +817,21 @@ impl Store {
             .filter(|key| key.starts_with(prefix))
             .collect())
     }
+}
+
+/// Waits for the installation's turn to write its key-value store, held until `txn` ends: its writes
+/// take turns, so concurrent invocations (on any replica) cannot each count room for one more key and
+/// pass the limit together, nor a delete free a key between a write's look and its insert. (SQLite's
+/// write transaction already serialises them; the lock also lets the inserts' foreign-key checks
+/// through.) An uninstalled installation writes nothing.
+async fn kv_turn(txn: &DatabaseTransaction, installation: &str) -> Result<()> {
+    installations::Entity::find_by_id(installation.to_owned())
+        .filter(installations::Column::DeletedAt.is_null())
+        .lock(LockType::NoKeyUpdate)
+        .one(txn)
+        .await?
+        .ok_or(StoreError::NotFound("installation"))?;
+    Ok(())
 }
 
 /// Checks a manifest's own fields (the component is checked by the host).
