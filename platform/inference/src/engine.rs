@@ -206,53 +206,13 @@ impl Engine {
         if files.platform {
             return builder.commit_from_file(&files.model).map_err(invalid);
         }
-        // A tenant's model must carry all its data: "external data" would have ONNX Runtime read files
-        // beside it (another tenant's model) or, for its in-memory tag, raw process memory. And it may
-        // not hold text, whose characters are outside the bound on what a run allocates. Refused here,
-        // before the runtime parses anything; and the runtime gets the bytes with an empty directory
-        // for external data besides.
+        // What a tenant's model may not contain (external data, text, what would allocate outside the
+        // arena: see `screen`) is refused here, before the runtime parses anything; and the runtime
+        // gets the bytes with an empty directory for external data besides.
         let bytes = std::fs::read(&files.model).map_err(|err| runtime_error("reading the model", err))?;
         match crate::screen::screen(&bytes) {
             Ok(None) => {}
-            Ok(Some(crate::screen::Refusal::ExternalData)) => {
-                return Err(InferenceError::InvalidModel(
-                    "the model refers to external data; an uploaded model must contain all its tensors"
-                        .into(),
-                ));
-            }
-            Ok(Some(crate::screen::Refusal::Text)) => {
-                return Err(InferenceError::InvalidModel(
-                    "the model takes, holds or makes text (STRING tensors); an uploaded model works on numbers (a text model gets token ids from its tokenizer)"
-                        .into(),
-                ));
-            }
-            Ok(Some(crate::screen::Refusal::Operator(operator))) => {
-                let hint = if operator == "ZipMap" {
-                    " (scikit-learn classifiers: convert with skl2onnx's options={'zipmap': False})"
-                } else {
-                    ""
-                };
-                return Err(InferenceError::InvalidModel(format!(
-                    "the model uses `{operator}`, which uploaded models may not: it makes or takes text, or keeps what it makes outside the memory a run may use{hint}"
-                )));
-            }
-            Ok(Some(crate::screen::Refusal::CollectingLoop)) => {
-                return Err(InferenceError::InvalidModel(
-                    "the model has a Loop that collects an output from each iteration, which ONNX Runtime keeps outside the memory a run may use; carry the values instead"
-                        .into(),
-                ));
-            }
-            Ok(Some(crate::screen::Refusal::Sparse)) => {
-                return Err(InferenceError::InvalidModel(
-                    "the model holds sparse tensors, which ONNX Runtime makes dense as it loads them; store them dense"
-                        .into(),
-                ));
-            }
-            Ok(Some(crate::screen::Refusal::OrtFormat)) => {
-                return Err(InferenceError::InvalidModel(
-                    "not an ONNX model: ONNX Runtime's own format is not taken from uploads".into(),
-                ));
-            }
+            Ok(Some(refusal)) => return Err(InferenceError::InvalidModel(refusal.to_string())),
             Err(err) => return Err(InferenceError::InvalidModel(format!("not an ONNX model: {err}"))),
         }
         let no_external_data = files

@@ -45,6 +45,46 @@ pub(crate) enum Refusal {
     CollectingLoop,
 }
 
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ExternalData => write!(
+                f,
+                "the model refers to external data; an uploaded model must contain all its tensors"
+            ),
+            Self::Text => write!(
+                f,
+                "the model takes, holds or makes text (STRING tensors); an uploaded model works on numbers (a text model gets token ids from its tokenizer)"
+            ),
+            Self::Operator(operator) => {
+                write!(
+                    f,
+                    "the model uses `{operator}`, which uploaded models may not: it makes or takes text, or keeps what it makes outside the memory a run may use"
+                )?;
+                if *operator == "ZipMap" {
+                    write!(
+                        f,
+                        " (scikit-learn classifiers: convert with skl2onnx's options={{'zipmap': False}})"
+                    )?;
+                }
+                Ok(())
+            }
+            Self::OrtFormat => write!(
+                f,
+                "not an ONNX model: ONNX Runtime's own format is not taken from uploads"
+            ),
+            Self::Sparse => write!(
+                f,
+                "the model holds sparse tensors, which ONNX Runtime makes dense as it loads them; store them dense"
+            ),
+            Self::CollectingLoop => write!(
+                f,
+                "the model has a Loop that collects an output from each iteration, which ONNX Runtime keeps outside the memory a run may use; carry the values instead"
+            ),
+        }
+    }
+}
+
 /// Operators a tenant's graph may not use, whatever their domain: they make text from numbers
 /// (`CastMap`), take or make text (the string operators, the `com.microsoft` `Tokenizer`), or build
 /// on the heap what their inputs size, tens of bytes per element of a tensor the arena bounds: maps
