@@ -281,14 +281,13 @@ async fn a_run_that_times_out_is_terminated_and_the_model_serves_the_next_call()
     let tenant = app.tenant().await;
     // A batch of 1,024 rows is 1,024 units: past the free plan's included calls.
     app.set_plan(&tenant.session.tenant.id, "enterprise").await;
-    let (status, body) = upload(
+    accepted(
         &app,
         &tenant,
-        fixture("slow.onnx"),
+        "slow.onnx",
         json!({ "name": "slow", "task": "raw" }),
     )
     .await;
-    assert_eq!(status, 201, "{body}");
     // 400 multiplications of 1024 x 1024 matrices: far longer than the second the caller waits.
     let (status, body) = run_slow(&app, &tenant, 1_024).await;
     assert_eq!(status, 504, "{body}");
@@ -303,21 +302,41 @@ async fn a_run_that_times_out_is_terminated_and_the_model_serves_the_next_call()
     );
 }
 
-/// The hungry model's `output` for a tensor of ones of `shape`, which its graph allocates: the status
-/// and body.
-async fn run_hungry(app: &TestApp, tenant: &TestTenant, shape: [i64; 2], output: &str) -> (u16, Value) {
+/// `POST /v2/models/{model}/infer` with a JSON `request`: the status and body.
+async fn infer(app: &TestApp, tenant: &TestTenant, model: &str, request: Value) -> (u16, Value) {
     let response = app
         .http()
-        .post(app.url("/v2/models/hungry/infer"))
+        .post(app.url(&format!("/v2/models/{model}/infer")))
         .bearer_auth(&tenant.key.secret)
-        .json(&json!({
-            "inputs": [{ "name": "shape", "datatype": "INT64", "shape": [2], "data": shape }],
-            "outputs": [{ "name": output }],
-        }))
+        .json(&request)
         .send()
         .await
         .unwrap();
     (response.status().as_u16(), response.json().await.unwrap())
+}
+
+/// The hungry model's `output` for a tensor of ones of `shape`, which its graph allocates: the status
+/// and body.
+async fn run_hungry(app: &TestApp, tenant: &TestTenant, shape: [i64; 2], output: &str) -> (u16, Value) {
+    let request = json!({
+        "inputs": [{ "name": "shape", "datatype": "INT64", "shape": [2], "data": shape }],
+        "outputs": [{ "name": output }],
+    });
+    infer(app, tenant, "hungry", request).await
+}
+
+/// Uploads `file` as the model `manifest` describes, which must be accepted.
+async fn accepted(app: &TestApp, tenant: &TestTenant, file: &str, manifest: Value) {
+    let (status, body) = upload(app, tenant, fixture(file), manifest).await;
+    assert_eq!(status, 201, "{body}");
+}
+
+/// Uploads `file` as the model `manifest` describes, which must be refused as an invalid model: the
+/// message.
+async fn refused(app: &TestApp, tenant: &TestTenant, file: &str, manifest: Value) -> String {
+    let (status, body) = upload(app, tenant, fixture(file), manifest).await;
+    assert_eq!((status, code(&body)), (422, "invalid_model"), "{body}");
+    body["error"]["message"].as_str().unwrap().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,14 +346,13 @@ async fn a_graph_asking_for_more_memory_than_tenants_may_use_fails_its_call_and_
     let other = app.tenant().await;
     // Room for the three models below.
     app.set_plan(&tenant.session.tenant.id, "enterprise").await;
-    let (status, body) = upload(
+    accepted(
         &app,
         &tenant,
-        fixture("hungry.onnx"),
+        "hungry.onnx",
         json!({ "name": "hungry", "task": "raw" }),
     )
     .await;
-    assert_eq!(status, 201, "{body}");
     let (status, body) = run_hungry(&app, &tenant, [1_000, 1_000], "total").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["outputs"][0]["data"], json!([1_000_000.0]), "{body}");
@@ -381,24 +399,16 @@ async fn a_graph_asking_for_more_memory_than_tenants_may_use_fails_its_call_and_
     // Constant folding would compute a constant part of the graph while the session is built, with
     // the runtime's own allocator: for this one, 576 MB at upload. Not folded, it is computed in the
     // run, within the bound.
-    let (status, body) = upload(
+    accepted(
         &app,
         &tenant,
-        fixture("folds.onnx"),
+        "folds.onnx",
         json!({ "name": "folds", "task": "raw" }),
     )
     .await;
-    assert_eq!(status, 201, "{body}");
-    let folded = app
-        .http()
-        .post(app.url("/v2/models/folds/infer"))
-        .bearer_auth(&tenant.key.secret)
-        .json(&json!({ "inputs": [{ "name": "x", "datatype": "FP32", "shape": [1], "data": [1.0] }] }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(folded.status(), 400);
-    let body: Value = folded.json().await.unwrap();
+    let x = json!({ "inputs": [{ "name": "x", "datatype": "FP32", "shape": [1], "data": [1.0] }] });
+    let (status, body) = infer(&app, &tenant, "folds", x).await;
+    assert_eq!(status, 400);
     assert!(
         body["error"].as_str().unwrap().contains("more memory than"),
         "{body}"
@@ -406,35 +416,14 @@ async fn a_graph_asking_for_more_memory_than_tenants_may_use_fails_its_call_and_
 
     // A text model's answer is copied out for each text too: one 20 million numbers wide for each is
     // refused at its warm-up.
-    let (status, body) = upload(
-        &app,
-        &tenant,
-        fixture("wide.onnx"),
-        json!({ "name": "wide", "task": "text-classification", "labels": ["no", "yes"] }),
-    )
-    .await;
-    assert_eq!((status, code(&body)), (422, "invalid_model"), "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("are sent back"),
-        "{body}"
-    );
+    let manifest = json!({ "name": "wide", "task": "text-classification", "labels": ["no", "yes"] });
+    let message = refused(&app, &tenant, "wide.onnx", manifest).await;
+    assert!(message.contains("are sent back"), "{message}");
 
     // Strings' characters are outside that bound: a graph that could repeat a long one is refused.
-    let (status, body) = upload(
-        &app,
-        &tenant,
-        fixture("repeats-text.onnx"),
-        json!({ "name": "repeats-text", "task": "raw" }),
-    )
-    .await;
-    assert_eq!((status, code(&body)), (422, "invalid_model"), "{body}");
-    assert!(
-        body["error"]["message"].as_str().unwrap().contains("text"),
-        "{body}"
-    );
+    let manifest = json!({ "name": "repeats-text", "task": "raw" });
+    let message = refused(&app, &tenant, "repeats-text.onnx", manifest).await;
+    assert!(message.contains("text"), "{message}");
     // Only the served calls are billed.
     let usage = tenant
         .client

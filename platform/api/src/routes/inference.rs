@@ -216,7 +216,7 @@ pub async fn infer(
     let json_length = json_length(&req, &body)?;
     // The parsed request is let go of before the call waits for the model: only its tensors, its id
     // and which outputs it wants are kept.
-    let (id, wanted, inputs) = {
+    let (id, all_binary, wanted, inputs) = {
         let _turn = JSON_DECODING.turn(&auth.tenant_id, json_length).await?;
         let (mut request, mut binary) = split_binary(&body, json_length)?;
         let inputs = std::mem::take(&mut request.inputs)
@@ -245,10 +245,9 @@ pub async fn infer(
                 .map(|o| (o.name, flag(o.parameters.as_ref(), "binary_data") || all_binary))
                 .collect()
         });
-        (request.id, (all_binary, wanted), inputs)
+        (request.id, all_binary, wanted, inputs)
     };
     drop(body);
-    let (all_binary, wanted) = wanted;
     let units = usize::try_from(LoadedModel::batch_size(&inputs)?).unwrap_or(1);
     let names = wanted
         .as_ref()
