@@ -17,6 +17,7 @@ mod m0008_row_security;
 mod m0009_invocations;
 mod m0010_replay;
 mod m0011_training;
+mod m0012_model_signatures;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -36,6 +37,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0009_invocations::Migration),
             Box::new(m0010_replay::Migration),
             Box::new(m0011_training::Migration),
+            Box::new(m0012_model_signatures::Migration),
         ]
     }
 }

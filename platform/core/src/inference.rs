@@ -85,6 +85,14 @@ pub struct TensorMetadata {
     pub shape: Vec<i64>,
 }
 
+/// What a model's graph takes and gives: kept in the registry with each version, so a replica can
+/// describe a tenant's model without loading it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signature {
+    pub inputs: Vec<TensorMetadata>,
+    pub outputs: Vec<TensorMetadata>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModelMetadata {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use plinth_core::ErrorCode;
 use plinth_core::api::PlanIsolation;
 use plinth_core::id::TenantId;
-use plinth_core::inference::{Model, Task};
+use plinth_core::inference::{Model, Signature, Task};
 use plinth_inference::{Catalog, Engine, InferenceError, LoadedModel, ModelFiles};
 use plinth_store::audit::Who;
 use plinth_store::blobs::Blobs;
@@ -298,7 +298,14 @@ impl Hosting {
             tokenizer: tokenizer.as_ref().map(|t| t.path().to_path_buf()),
             platform: false,
         };
-        self.load(staged_files.clone(), Loading::Validate).await?;
+        let signature = {
+            let validated = self.load(staged_files.clone(), Loading::Validate).await?;
+            let info = validated.info();
+            Signature {
+                inputs: info.inputs.clone(),
+                outputs: info.outputs.clone(),
+            }
+        };
 
         // From registering to serving, this replica's catalogue sync leaves the model to this upload.
         let _uploading = Uploading::mark(self, tenant, &version.name);
@@ -324,6 +331,7 @@ impl Hosting {
                             sha256: model.sha256().to_owned(),
                             size_bytes: model.size(),
                             tokenizer_sha256: tokenizer.as_ref().map(|t| t.sha256().to_owned()),
+                            signature,
                         },
                         quota,
                     )
@@ -416,20 +424,20 @@ impl Hosting {
     ///
     /// # Errors
     /// `not_found` when there is no such model; `unavailable` (retry shortly) while the server has
-    /// just started and tenants' models are still loading; a reload's failure.
+    /// just started and is still reading tenants' models; a load's failure.
     pub async fn find(&self, tenant: &TenantId, name: &str) -> Result<Arc<LoadedModel>> {
         if let Some(model) = self.catalog.find(tenant, name) {
             return Ok(model);
         }
         if self.catalog.serves(tenant, name) {
-            // Let go of to bound memory: loaded again for this call.
+            // Not loaded since start-up, or let go of to bound memory: loaded for this call.
             return self.reload(tenant, name).await;
         }
-        if !self.catalog.tenant_models_loaded() {
-            // Just started: tenants' models load in the background, and this one may be among them.
+        if !self.catalog.knows_tenant_models() {
+            // Just started: tenants' models are read in the background, and this one may be among them.
             return Err(HostingError::Refused {
                 code: ErrorCode::Unavailable,
-                message: "the server has just started and is still loading models; retry shortly".into(),
+                message: "the server has just started and is still reading models; retry shortly".into(),
                 retry_after: Some(Duration::from_secs(2)),
             });
         }
@@ -463,7 +471,8 @@ impl Hosting {
         .map_err(|_| loading_others())
     }
 
-    /// Loads again a tenant's newest version of `name` that was let go to bound memory, and serves it.
+    /// Loads a tenant's newest version of `name` that is not loaded (not called since start-up, or let
+    /// go to bound memory), and serves it.
     ///
     /// # Errors
     /// `not_found` once the model is gone; a load's failure.
@@ -697,6 +706,56 @@ mod tests {
             task: Task::Raw,
             labels: Vec::new(),
         }
+    }
+
+    /// A replica starting up lists every tenant model with its inputs and outputs, read from the
+    /// registry, and loads none until it is called: start-up does not grow with the models tenants
+    /// keep. A version registered before signatures were kept is loaded once, and its signature kept.
+    #[tokio::test]
+    async fn a_replica_starting_up_describes_tenant_models_and_loads_each_on_its_first_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hosting, tenant) = hosting(dir.path()).await;
+        let who = Who::internal(Who::OPERATOR);
+        let bytes = model_bytes();
+        for name in ["first", "second"] {
+            let staged = hosting.stage_bytes(&bytes).await.unwrap();
+            hosting
+                .install(&tenant, &who, &PlanIsolation::FREE, version(name), staged, None)
+                .await
+                .unwrap();
+        }
+        let uploaded = hosting.catalog.visible_to(&tenant);
+        let replica = async || {
+            let replica = Hosting::new(
+                hosting.store.clone(),
+                Arc::new(Catalog::with_loaded_tenant_models(usize::MAX)),
+                hosting.engine.clone(),
+                Blobs::local(dir.path().join("models")),
+            );
+            replica.spawn_loading().await.unwrap();
+            assert!(replica.catalog.knows_tenant_models());
+            assert_eq!(replica.catalog.visible_to(&tenant), uploaded);
+            replica
+        };
+
+        let started = replica().await;
+        assert_eq!(started.catalog.loaded_tenant_models(), 0);
+        let first = started.find(&tenant, "first").await.unwrap();
+        assert_eq!(first.info(), &uploaded[0]);
+        assert_eq!(started.catalog.loaded_tenant_models(), 1);
+
+        // As if `second` had been registered before signatures were kept.
+        let db = sea_orm::Database::connect(format!("sqlite://{}", dir.path().join("plinth.db").display()))
+            .await
+            .unwrap();
+        sea_orm::ConnectionTrait::execute_unprepared(
+            &db,
+            "UPDATE models SET signature = NULL WHERE name = 'second'",
+        )
+        .await
+        .unwrap();
+        assert_eq!(replica().await.catalog.loaded_tenant_models(), 1);
+        assert_eq!(replica().await.catalog.loaded_tenant_models(), 0);
     }
 
     /// Without any HTTP: an upload is checked, stored by its hash, served, held to its plan's quota,

@@ -1,29 +1,31 @@
-//! Each replica's catalogue of tenant models, loaded at start-up in the background and kept in step
-//! with the registry every replica shares.
+//! Each replica's catalogue of tenant models, read from the registry at start-up in the background
+//! and kept in step with it. A model is described from the registry and loaded on its first call.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use plinth_core::id::TenantId;
+use plinth_core::inference::Model;
 use plinth_store::StoreError;
 use plinth_store::models::ModelRecord;
 use tokio::task::JoinHandle;
 
-use crate::Hosting;
+use crate::{Hosting, Signature};
 
 type ModelVersionKey = (TenantId, String, u32);
 
 impl Hosting {
     /// Starts serving every tenant's newest model versions, in the background after start-up: the
-    /// server answers at once (readiness waits for this), and a model that fails to load is logged,
-    /// counted and skipped rather than keeping the platform down. A registry that cannot be read is
-    /// tried again.
+    /// server answers at once (readiness waits for this). Models are described from the registry, not
+    /// loaded; only a version registered before signatures were kept is loaded (once: its signature is
+    /// then stored), and one that fails to is logged, counted and skipped rather than keeping the
+    /// platform down. A registry that cannot be read is tried again.
     #[must_use]
     pub fn spawn_loading(&self) -> JoinHandle<()> {
         let hosting = self.clone();
         tokio::spawn(async move {
             loop {
-                match hosting.load_tenant_models().await {
+                match hosting.read_tenant_models().await {
                     Ok(()) => break,
                     Err(err) => {
                         tracing::error!(error = %err, "cannot read the model registry; trying again");
@@ -31,19 +33,42 @@ impl Hosting {
                     }
                 }
             }
-            hosting.catalog.finished_loading_tenant_models();
+            hosting.catalog.finished_reading_tenant_models();
         })
     }
 
-    async fn load_tenant_models(&self) -> Result<(), StoreError> {
+    async fn read_tenant_models(&self) -> Result<(), StoreError> {
+        let runs_on = self.runs_on();
         for record in self.store.live_models().await? {
-            self.load_record(&record).await;
+            match describe(&record, runs_on) {
+                Some(info) => self.catalog.know(&record.tenant_id, info),
+                None => {
+                    self.load_record(&record).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The execution provider tenants' models will run on once loaded.
+    fn runs_on(&self) -> &'static str {
+        if self.engine.prefers_gpu() { "cuda" } else { "cpu" }
+    }
+
+    /// Serves a registered version, described rather than loaded, unless a delete or a newer upload
+    /// came meanwhile.
+    async fn know_if_current(&self, record: &ModelRecord, info: Model) -> Result<(), StoreError> {
+        let _files = self.files_lock.lock().await;
+        let versions = self.store.model_versions(&record.tenant_id, &record.name).await?;
+        if versions.last() == Some(&record.version) {
+            self.catalog.know(&record.tenant_id, info);
         }
         Ok(())
     }
 
     /// Loads a registered model version and serves it, unless a delete or a newer upload came
-    /// meanwhile. Returns whether it loaded (a failure is logged and counted).
+    /// meanwhile, and stores the signature it was registered without. Returns whether it loaded (a
+    /// failure is logged and counted).
     async fn load_record(&self, record: &ModelRecord) -> bool {
         let files = match self.fetch_files(record).await {
             Ok(files) => files,
@@ -57,6 +82,15 @@ impl Hosting {
         match tokio::task::spawn_blocking(move || engine.load(&files)).await {
             // A delete or a newer upload since the registry was read wins.
             Ok(Ok(model)) => {
+                let signature = Signature {
+                    inputs: model.info().inputs.clone(),
+                    outputs: model.info().outputs.clone(),
+                };
+                if record.signature.as_ref() != Some(&signature)
+                    && let Err(err) = self.store.record_model_signature(&record.id, &signature).await
+                {
+                    tracing::warn!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot store a tenant model's signature");
+                }
                 if let Err(err) = self.serve_if_current(&record.tenant_id, model).await {
                     tracing::error!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot check a tenant model is current");
                 }
@@ -76,9 +110,10 @@ impl Hosting {
     }
 
     /// Keeps this replica's model catalogue in step with the registry every replica shares: a model
-    /// uploaded through another replica starts serving here, and one deleted there stops here, within
-    /// `every`. A version that fails to load is not tried again by this loop (it is logged and
-    /// counted; its first call tries once more).
+    /// uploaded through another replica starts serving here (described, and loaded on its first call
+    /// here), and one deleted there stops here, within `every`. A version without a signature that
+    /// fails to load is not tried again by this loop (it is logged and counted; its first call tries
+    /// once more).
     #[must_use]
     pub fn spawn_catalog_sync(&self, every: Duration) -> JoinHandle<()> {
         let hosting = self.clone();
@@ -110,7 +145,7 @@ impl Hosting {
                         }
                     }
                 }
-                if !hosting.catalog.tenant_models_loaded() {
+                if !hosting.catalog.knows_tenant_models() {
                     continue;
                 }
                 if let Err(err) = hosting.sync_catalog(&mut failed).await {
@@ -132,6 +167,7 @@ impl Hosting {
             .into_iter()
             .map(|(tenant, name, version)| ((tenant, name), version))
             .collect();
+        let runs_on = self.runs_on();
         let mut removed = false;
         for (tenant, name) in served.keys() {
             if !live.contains_key(&(tenant, name.as_str())) {
@@ -172,7 +208,11 @@ impl Hosting {
             if current || uploading_here || failed.contains(&version_key) {
                 continue;
             }
-            if self.load_record(record).await {
+            if let Some(info) = describe(record, runs_on) {
+                self.know_if_current(record, info).await?;
+                metrics::counter!("plinth_catalog_changes_total", "change" => "added").increment(1);
+                tracing::info!(tenant = %record.tenant_id, model = %record.name, version = record.version, "a model uploaded elsewhere serves here");
+            } else if self.load_record(record).await {
                 metrics::counter!("plinth_catalog_changes_total", "change" => "loaded").increment(1);
                 tracing::info!(tenant = %record.tenant_id, model = %record.name, version = record.version, "a model uploaded elsewhere serves here");
             } else {
@@ -181,4 +221,21 @@ impl Hosting {
         }
         Ok(())
     }
+}
+
+/// A registered version as the catalogue lists it before it is loaded: `None` when the registry has
+/// no signature for it (it must be loaded to be described).
+fn describe(record: &ModelRecord, runs_on: &str) -> Option<Model> {
+    let signature = record.signature.clone()?;
+    let task = serde_json::from_value(serde_json::Value::String(record.task.clone())).ok()?;
+    Some(Model {
+        name: record.name.clone(),
+        task,
+        labels: record.labels.clone(),
+        version: record.version,
+        platform: false,
+        execution_provider: runs_on.to_owned(),
+        inputs: signature.inputs,
+        outputs: signature.outputs,
+    })
 }

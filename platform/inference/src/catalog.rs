@@ -3,8 +3,9 @@
 //! versions that clients pin (`/v2/models/{m}/versions/{v}`) are loaded on first use and kept here,
 //! the [`PINNED_LOADED`] most recently used of them, at most [`PINNED_PER_TENANT`] of one tenant's
 //! (the others are loaded again when asked for). Newest versions are kept loaded up to a bound too
-//! (least recently used first out); the catalog still knows an evicted model's description, and the
-//! API loads it again on its next call.
+//! (least recently used first out). The catalog knows every tenant model's description whether it is
+//! loaded or not (a replica starting up reads them from the registry and loads none): the API loads
+//! one on its first call, and again on the next call after it was let go.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -39,8 +40,8 @@ pub struct Catalog {
     /// Pinned versions with when each was last used (a counter), for least-recently-used eviction.
     pinned: RwLock<BTreeMap<PinnedKey, (Arc<LoadedModel>, AtomicU64)>>,
     uses: AtomicU64,
-    /// Whether the tenants' models have all been loaded (or failed to) since start-up.
-    tenant_models_loaded: AtomicBool,
+    /// Whether start-up has read every tenant model's description from the registry.
+    knows_tenant_models: AtomicBool,
 }
 
 impl Catalog {
@@ -85,6 +86,36 @@ impl Catalog {
                 metrics::counter!("plinth_tenant_models_evicted_total").increment(1);
             }
         }
+    }
+
+    /// Serves `info` as the tenant's newest version of its name without loading it: its first call
+    /// loads it. A loaded older version stops serving.
+    pub fn know(&self, tenant: &TenantId, info: Model) {
+        let key = (tenant.clone(), info.name.clone());
+        let version = info.version;
+        self.known
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.clone(), info);
+        let mut loaded = self
+            .tenants
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if loaded
+            .get(&key)
+            .is_some_and(|(model, _)| model.info().version != version)
+        {
+            loaded.remove(&key);
+        }
+    }
+
+    /// How many tenants' models (newest versions) are loaded now.
+    #[must_use]
+    pub fn loaded_tenant_models(&self) -> usize {
+        self.tenants
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
     }
 
     /// Whether the tenant has a model of this name being served (loaded now or not).
@@ -147,16 +178,16 @@ impl Catalog {
             .collect()
     }
 
-    /// Whether start-up has loaded every tenant model it will (until then, a model missing from the
-    /// catalog may only be late).
+    /// Whether start-up has read every tenant model's description (until then, a model missing from
+    /// the catalog may only be late).
     #[must_use]
-    pub fn tenant_models_loaded(&self) -> bool {
-        self.tenant_models_loaded.load(Ordering::Acquire)
+    pub fn knows_tenant_models(&self) -> bool {
+        self.knows_tenant_models.load(Ordering::Acquire)
     }
 
-    /// Start-up has loaded the tenants' models.
-    pub fn finished_loading_tenant_models(&self) {
-        self.tenant_models_loaded.store(true, Ordering::Release);
+    /// Start-up has read the tenants' models.
+    pub fn finished_reading_tenant_models(&self) {
+        self.knows_tenant_models.store(true, Ordering::Release);
     }
 
     /// Stops serving one older version of a tenant's model.

@@ -33,7 +33,8 @@ pub struct Limits {
     /// Threads that run guest code and compile components, at a lower scheduling priority than the
     /// threads that serve HTTP and run models, so plugin compute cannot starve them.
     pub threads: usize,
-    /// Components compiled at once.
+    /// Components compiled at once, for publishing and again for invoking (each has turns of its own,
+    /// so publishing cannot hold up the plugins tenants call).
     pub compile_concurrency: usize,
     /// How long a compilation (waiting for its turn included) may take before the request is answered
     /// with an error; the compiler finishes in the background, still holding its turn.

@@ -155,7 +155,13 @@ pub struct PluginHost {
     limits: Limits,
     /// Components that passed the publishing checks, by SHA-256, least recently used dropped first.
     compiled: moka::future::Cache<String, Arc<Compiled>>,
-    compiling: Arc<Semaphore>,
+    /// Turns to compile new versions being published (unreviewed code, as large and slow to compile
+    /// as an author makes it).
+    publishing: Arc<Semaphore>,
+    /// Turns to compile versions being invoked: apart from publishing's, so that authors publishing
+    /// cannot hold up a tenant's plugin that must be compiled again (first call on a replica, or let
+    /// go from the cache).
+    loading: Arc<Semaphore>,
     occupancy: Arc<Occupancy>,
     /// Where guest code and compilation run: threads of their own, at a lower priority.
     pool: tokio::runtime::Handle,
@@ -271,7 +277,8 @@ impl PluginHost {
 
         let pool = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(limits.threads.max(1))
-            .max_blocking_threads(limits.compile_concurrency.max(1) + 2)
+            // Both kinds of compilation at their limits, and a little room.
+            .max_blocking_threads(2 * limits.compile_concurrency.max(1) + 2)
             .thread_name("plugin")
             .on_thread_start(lower_priority)
             .enable_all()
@@ -287,7 +294,8 @@ impl PluginHost {
             linker: Arc::new(linker),
             limits,
             compiled,
-            compiling: Arc::new(Semaphore::new(limits.compile_concurrency.max(1))),
+            publishing: Arc::new(Semaphore::new(limits.compile_concurrency.max(1))),
+            loading: Arc::new(Semaphore::new(limits.compile_concurrency.max(1))),
             occupancy: Arc::default(),
             pool: pool.handle().clone(),
             threads: Some(pool),
@@ -300,14 +308,23 @@ impl PluginHost {
         &self.limits
     }
 
-    /// Compiles a component and checks that it fits the world: it must export the handler and import
-    /// nothing but sandboxed WASI and the world's interfaces. Compilation takes its turn (a bounded
-    /// number at once) on the plugin threads; nothing is cached (see [`Self::load`]).
+    /// Compiles a component being published and checks that it fits the world: it must export the
+    /// handler and import nothing but sandboxed WASI and the world's interfaces. Compilation takes its
+    /// turn among publishing's (a bounded number at once) on the plugin threads; nothing is cached
+    /// (see [`Self::load`]).
     ///
     /// # Errors
     /// An invalid or oversized component, one the world cannot satisfy, or [`PluginError::Busy`] when
     /// compiling (waiting for a turn included) takes longer than the limit.
     pub async fn compile(&self, bytes: Vec<u8>) -> Result<Arc<Compiled>, PluginError> {
+        self.compile_in_turn(&self.publishing, bytes).await
+    }
+
+    async fn compile_in_turn(
+        &self,
+        turns: &Arc<Semaphore>,
+        bytes: Vec<u8>,
+    ) -> Result<Arc<Compiled>, PluginError> {
         if bytes.len() > self.limits.component_bytes {
             return Err(PluginError::Invalid(format!(
                 "the component is {} bytes; the limit is {} MiB",
@@ -323,7 +340,7 @@ impl PluginHost {
             ))
         };
         let deadline = tokio::time::Instant::now() + timeout;
-        let turn = tokio::time::timeout_at(deadline, self.compiling.clone().acquire_owned())
+        let turn = tokio::time::timeout_at(deadline, turns.clone().acquire_owned())
             .await
             .map_err(|_| too_slow())?
             .map_err(|_| PluginError::Engine("the compiler was shut down".to_owned()))?;
@@ -343,7 +360,7 @@ impl PluginHost {
     /// A component kept compiled, or compiled from `read()` and kept (the components of versions
     /// being invoked: a version published and not yet approved is not kept, so an author publishing
     /// many cannot push approved plugins out); concurrent callers for the same component share one
-    /// compilation.
+    /// compilation, which takes its turn apart from publishing's.
     ///
     /// # Errors
     /// As [`Self::compile`], or when the bytes cannot be read.
@@ -352,7 +369,9 @@ impl PluginHost {
         F: Future<Output = Result<Vec<u8>, PluginError>>,
     {
         self.compiled
-            .try_get_with(sha256.to_owned(), async { self.compile(read.await?).await })
+            .try_get_with(sha256.to_owned(), async {
+                self.compile_in_turn(&self.loading, read.await?).await
+            })
             .await
     }
 
@@ -681,6 +700,29 @@ mod tests {
         );
         // The rest still fits.
         assert!(cap.memory_growing(0, 8 << 20, None).unwrap());
+    }
+
+    /// Authors publishing (their compilations holding every publishing turn) do not hold up a
+    /// component that must be compiled to be invoked.
+    #[tokio::test]
+    async fn publishing_and_invoked_components_compile_in_turns_of_their_own() {
+        let host = PluginHost::new(&HostSettings {
+            limits: Limits {
+                compile_timeout: Duration::from_millis(500),
+                ..Limits::default()
+            },
+            cache_dir: None,
+        })
+        .unwrap();
+        let _publishing = host.publishing.clone().acquire_owned().await.unwrap();
+        let not_a_component = || b"\0asm not a component".to_vec();
+        let loaded = host
+            .load("0123", async { Ok(not_a_component()) })
+            .await
+            .unwrap_err();
+        assert!(matches!(*loaded, PluginError::Invalid(_)), "{loaded:?}");
+        let published = host.compile(not_a_component()).await.unwrap_err();
+        assert!(matches!(published, PluginError::Busy(_)), "{published:?}");
     }
 
     #[test]

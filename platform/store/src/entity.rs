@@ -296,6 +296,8 @@ pub mod models {
         pub tokenizer_sha256: Option<String>,
         pub created_at: DateTimeUtc,
         pub deleted_at: Option<DateTimeUtc>,
+        /// JSON `Signature` (null for versions registered before signatures were kept).
+        pub signature: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -4,6 +4,7 @@ use chrono::Utc;
 use plinth_core::ErrorCode;
 use plinth_core::api::PlanIsolation;
 use plinth_core::id::{ModelId, TenantId};
+use plinth_core::inference::Signature;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
 };
@@ -26,6 +27,9 @@ pub struct ModelRecord {
     pub sha256: String,
     pub size_bytes: u64,
     pub tokenizer_sha256: Option<String>,
+    /// The graph's inputs and outputs; `None` for a version registered before signatures were kept
+    /// (or one whose stored signature cannot be read): loading it finds them.
+    pub signature: Option<Signature>,
 }
 
 /// What an upload registers.
@@ -37,6 +41,7 @@ pub struct NewModel {
     pub sha256: String,
     pub size_bytes: u64,
     pub tokenizer_sha256: Option<String>,
+    pub signature: Signature,
 }
 
 fn to_record(row: models::Model) -> Result<ModelRecord> {
@@ -51,7 +56,14 @@ fn to_record(row: models::Model) -> Result<ModelRecord> {
         task: row.task,
         sha256: row.sha256,
         tokenizer_sha256: row.tokenizer_sha256,
+        // Unreadable is as good as missing: the version is loaded to find it, rather than one row
+        // keeping the registry from being read.
+        signature: row.signature.and_then(|json| serde_json::from_str(&json).ok()),
     })
+}
+
+fn signature_json(signature: &Signature) -> String {
+    serde_json::to_string(signature).unwrap_or_else(|_| "null".to_owned())
 }
 
 fn quota_exceeded(message: String) -> StoreError {
@@ -153,6 +165,7 @@ impl Store {
             tokenizer_sha256: Set(model.tokenizer_sha256.clone()),
             created_at: Set(Utc::now()),
             deleted_at: Set(None),
+            signature: Set(Some(signature_json(&model.signature))),
         }
         .insert(&txn)
         .await;
@@ -178,7 +191,20 @@ impl Store {
         to_record(row)
     }
 
-    /// The newest live version of every tenant model, to load at start-up.
+    /// Keeps the signature found by loading a version registered without one.
+    pub async fn record_model_signature(&self, model: &ModelId, signature: &Signature) -> Result<()> {
+        models::Entity::update_many()
+            .col_expr(
+                models::Column::Signature,
+                sea_orm::sea_query::Expr::value(signature_json(signature)),
+            )
+            .filter(models::Column::Id.eq(model.to_string()))
+            .exec(self.db())
+            .await?;
+        Ok(())
+    }
+
+    /// The newest live version of every tenant model, for a replica's catalogue.
     pub async fn live_models(&self) -> Result<Vec<ModelRecord>> {
         let rows = crate::row_security::across_tenants(
             models::Entity::find()

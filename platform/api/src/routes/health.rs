@@ -17,8 +17,8 @@ pub async fn live() -> web::Json<ServerLive> {
     web::Json(ServerLive { live: true })
 }
 
-/// The database answers, the platform's models serve and the tenants' models have been loaded since
-/// start-up; 503 otherwise. The cache (Redis) is not
+/// The database answers, the platform's models serve and the tenants' models have been read from the
+/// registry since start-up (each loads on its first call); 503 otherwise. The cache (Redis) is not
 /// part of it: without the cache a replica still serves (rate limits fall back to each replica's own,
 /// see the README), so pulling every replica out of rotation for it would only turn a degraded
 /// service into an outage. A tenant's own model failing is that model's readiness, not the server's.
@@ -36,8 +36,8 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     if !failing.is_empty() {
         tracing::warn!(models = ?failing, "readiness: platform models cannot serve");
     }
-    let loaded = state.models.tenant_models_loaded();
-    let ready = database.is_ok() && failing.is_empty() && loaded;
+    let known = state.models.knows_tenant_models();
+    let ready = database.is_ok() && failing.is_empty() && known;
     let mut response = if ready {
         HttpResponse::Ok()
     } else {
