@@ -11,10 +11,10 @@ mod files;
 mod gate;
 mod sync;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use plinth_core::ErrorCode;
 use plinth_core::api::PlanIsolation;
@@ -35,6 +35,14 @@ const CONCURRENT_LOADS: usize = 1;
 
 /// How long a load waits for its turn before the caller is told to come back.
 const LOAD_WAIT: Duration = Duration::from_secs(30);
+
+/// How long a version that failed to load answers its calls with that failure before it is tried
+/// again: each try reads and screens the whole file in the turn every tenant's loads share.
+const FAILED_LOAD_KEPT: Duration = Duration::from_secs(60);
+
+/// The most a version's signature (its inputs and outputs, as JSON) may take: the registry keeps it
+/// and every replica reads it at start-up. Real graphs take a few hundred bytes.
+const MAX_SIGNATURE_BYTES: usize = 16 << 10;
 
 /// Who a model call is for, in the model's fair queue: the caller's tenant, with its plan's weight.
 #[must_use]
@@ -142,6 +150,8 @@ pub struct Hosting {
     uploading: Arc<Mutex<HashSet<(TenantId, String)>>>,
     /// Tenants whose upload this replica is receiving (one at a time each).
     receiving: Arc<Mutex<HashSet<TenantId>>>,
+    /// Versions whose load failed as a model (not for want of a turn), with when and why.
+    failed_loads: Arc<Mutex<HashMap<gate::Version, (Instant, String)>>>,
 }
 
 impl Hosting {
@@ -157,6 +167,7 @@ impl Hosting {
             load_gate: Arc::default(),
             uploading: Arc::default(),
             receiving: Arc::default(),
+            failed_loads: Arc::default(),
         }
     }
 
@@ -306,6 +317,20 @@ impl Hosting {
                 outputs: info.outputs.clone(),
             }
         };
+        let described = serde_json::to_vec(&signature).map_or(usize::MAX, |json| json.len());
+        if described > MAX_SIGNATURE_BYTES {
+            return Err(HostingError::Refused {
+                code: ErrorCode::InvalidModel,
+                message: format!(
+                    "the graph's {} inputs and {} outputs take {} KiB to describe; at most {} KiB",
+                    signature.inputs.len(),
+                    signature.outputs.len(),
+                    described.div_ceil(1024),
+                    MAX_SIGNATURE_BYTES >> 10
+                ),
+                retry_after: None,
+            });
+        }
 
         // From registering to serving, this replica's catalogue sync leaves the model to this upload.
         let _uploading = Uploading::mark(self, tenant, &version.name);
@@ -475,7 +500,8 @@ impl Hosting {
     /// go to bound memory), and serves it.
     ///
     /// # Errors
-    /// `not_found` once the model is gone; a load's failure.
+    /// `not_found` once the model is gone; `unavailable` (retry) when a newer version came while this
+    /// one loaded; a load's failure (kept for [`FAILED_LOAD_KEPT`] and answered without trying again).
     pub async fn reload(&self, tenant: &TenantId, name: &str) -> Result<Arc<LoadedModel>> {
         let gone = || HostingError::Refused {
             code: ErrorCode::NotFound,
@@ -486,23 +512,59 @@ impl Hosting {
         let Some(&version) = versions.last() else {
             return Err(gone());
         };
+        let key = (tenant.clone(), name.to_owned(), version);
+        self.failed_recently(&key)?;
         let (_version_turn, tenant_turn) = self.turns_to_load(tenant, name, version).await?;
-        // Loaded by a call this one waited for.
+        // Loaded, or found not to load, by a call this one waited for.
         if let Some(loaded) = self.catalog.find(tenant, name) {
             return Ok(loaded);
         }
+        self.failed_recently(&key)?;
         let record = self.store.model_version(tenant, name, version).await?;
         let files = self.fetch_files(&record).await?;
-        let model = self.load_holding(files, Loading::Accepted, tenant_turn).await?;
+        let model = self
+            .load_holding(files, Loading::Accepted, tenant_turn)
+            .await
+            .inspect_err(|err| {
+                if err.code() == ErrorCode::InvalidModel {
+                    self.remember_failure(key, err);
+                }
+            })?;
         // Another call may have loaded it while this one waited for its turn: one copy is served.
         if let Some(loaded) = self.catalog.find(tenant, name) {
             return Ok(loaded);
         }
         if !self.serve_if_current(tenant, model.clone()).await? {
-            return Err(gone());
+            if self.store.model_versions(tenant, name).await?.is_empty() {
+                return Err(gone());
+            }
+            return Err(HostingError::Refused {
+                code: ErrorCode::Unavailable,
+                message: format!("a newer version of `{name}` was uploaded while this one loaded; retry"),
+                retry_after: Some(Duration::from_secs(1)),
+            });
         }
         metrics::counter!("plinth_tenant_models_reloaded_total").increment(1);
         Ok(model)
+    }
+
+    /// The failure of this version's last load, if it was recent: answered again rather than tried.
+    fn failed_recently(&self, version: &gate::Version) -> Result<()> {
+        let failed = self.failed_loads.lock().unwrap_or_else(PoisonError::into_inner);
+        match failed.get(version) {
+            Some((at, reason)) if at.elapsed() < FAILED_LOAD_KEPT => Err(HostingError::Refused {
+                code: ErrorCode::InvalidModel,
+                message: format!("this version failed to load: {reason}"),
+                retry_after: Some(FAILED_LOAD_KEPT.saturating_sub(at.elapsed())),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn remember_failure(&self, version: gate::Version, err: &HostingError) {
+        let mut failed = self.failed_loads.lock().unwrap_or_else(PoisonError::into_inner);
+        failed.retain(|_, (at, _)| at.elapsed() < FAILED_LOAD_KEPT);
+        failed.insert(version, (Instant::now(), err.to_string()));
     }
 
     /// An older version of a tenant model, loaded and kept beside the newest (pinned); `None` when the
@@ -740,6 +802,10 @@ mod tests {
 
         let started = replica().await;
         assert_eq!(started.catalog.loaded_tenant_models(), 0);
+        assert_eq!(
+            started.catalog.describe(&tenant, "second").as_ref(),
+            uploaded.get(1)
+        );
         let first = started.find(&tenant, "first").await.unwrap();
         assert_eq!(first.info(), &uploaded[0]);
         assert_eq!(started.catalog.loaded_tenant_models(), 1);
@@ -756,6 +822,69 @@ mod tests {
         .unwrap();
         assert_eq!(replica().await.catalog.loaded_tenant_models(), 1);
         assert_eq!(replica().await.catalog.loaded_tenant_models(), 0);
+    }
+
+    /// One tenant loading many models lets its own go past a quarter of the bound, not other
+    /// tenants'; a version that failed to load is answered with that failure for a while rather than
+    /// loaded again at every call.
+    #[tokio::test]
+    async fn a_tenant_with_many_models_lets_its_own_go_and_a_failed_load_is_not_retried_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (unbounded, tenant) = hosting(dir.path()).await;
+        let hosting = Hosting::new(
+            unbounded.store.clone(),
+            Arc::new(Catalog::with_loaded_tenant_models(4)),
+            unbounded.engine.clone(),
+            Blobs::local(dir.path().join("models")),
+        );
+        let who = Who::internal(Who::OPERATOR);
+        let other = hosting
+            .store
+            .signup(
+                &SignupRequest {
+                    email: "other@example.com".into(),
+                    password: "correct horse battery".into(),
+                    tenant_name: "Other".into(),
+                },
+                &who,
+            )
+            .await
+            .unwrap()
+            .tenant
+            .id;
+        let quota = PlanIsolation {
+            max_models: 10,
+            ..PlanIsolation::FREE
+        };
+        let bytes = model_bytes();
+        let upload = async |tenant: &TenantId, name: &str| {
+            let staged = hosting.stage_bytes(&bytes).await.unwrap();
+            hosting
+                .install(tenant, &who, &quota, version(name), staged, None)
+                .await
+                .unwrap();
+        };
+        upload(&other, "theirs").await;
+        for name in ["a", "b", "c", "d", "e"] {
+            upload(&tenant, name).await;
+        }
+        assert!(hosting.catalog.find(&other, "theirs").is_some());
+        assert_eq!(hosting.catalog.loaded_tenant_models(), 2);
+        // Its first model, let go, loads again on call, and its other one goes.
+        hosting.find(&tenant, "a").await.unwrap();
+        assert!(hosting.catalog.find(&tenant, "e").is_none());
+
+        let key = (tenant.clone(), "e".to_owned(), 1);
+        hosting.remember_failure(
+            key.clone(),
+            &HostingError::Inference(InferenceError::InvalidModel("no kernel for an operator".into())),
+        );
+        let refused = hosting.find(&tenant, "e").await.unwrap_err();
+        assert_eq!(refused.code(), ErrorCode::InvalidModel);
+        assert!(refused.to_string().contains("no kernel"), "{refused}");
+        assert!(hosting.catalog.find(&tenant, "e").is_none());
+        hosting.failed_loads.lock().unwrap().get_mut(&key).unwrap().0 -= FAILED_LOAD_KEPT;
+        hosting.find(&tenant, "e").await.unwrap();
     }
 
     /// Without any HTTP: an upload is checked, stored by its hash, served, held to its plan's quota,

@@ -39,13 +39,21 @@ impl Hosting {
 
     async fn read_tenant_models(&self) -> Result<(), StoreError> {
         let runs_on = self.runs_on();
-        for record in self.store.live_models().await? {
-            match describe(&record, runs_on) {
-                Some(info) => self.catalog.know(&record.tenant_id, info),
-                None => {
-                    self.load_record(&record).await;
+        // Read and described under the files lock, which uploads and deletes hold while they register:
+        // one that comes meanwhile waits for this, then wins.
+        let unsigned = {
+            let _files = self.files_lock.lock().await;
+            let mut unsigned = Vec::new();
+            for record in self.store.live_models().await? {
+                match describe(&record, runs_on) {
+                    Some(info) => self.catalog.know(&record.tenant_id, info),
+                    None => unsigned.push(record),
                 }
             }
+            unsigned
+        };
+        for record in &unsigned {
+            self.load_record(record).await;
         }
         Ok(())
     }
@@ -56,14 +64,15 @@ impl Hosting {
     }
 
     /// Serves a registered version, described rather than loaded, unless a delete or a newer upload
-    /// came meanwhile.
-    async fn know_if_current(&self, record: &ModelRecord, info: Model) -> Result<(), StoreError> {
+    /// came meanwhile. Returns whether it serves.
+    async fn know_if_current(&self, record: &ModelRecord, info: Model) -> Result<bool, StoreError> {
         let _files = self.files_lock.lock().await;
         let versions = self.store.model_versions(&record.tenant_id, &record.name).await?;
-        if versions.last() == Some(&record.version) {
+        let current = versions.last() == Some(&record.version);
+        if current {
             self.catalog.know(&record.tenant_id, info);
         }
-        Ok(())
+        Ok(current)
     }
 
     /// Loads a registered model version and serves it, unless a delete or a newer upload came
@@ -87,7 +96,10 @@ impl Hosting {
                     outputs: model.info().outputs.clone(),
                 };
                 if record.signature.as_ref() != Some(&signature)
-                    && let Err(err) = self.store.record_model_signature(&record.id, &signature).await
+                    && let Err(err) = self
+                        .store
+                        .record_model_signature(&record.tenant_id, &record.id, &signature)
+                        .await
                 {
                     tracing::warn!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot store a tenant model's signature");
                 }
@@ -156,10 +168,11 @@ impl Hosting {
     }
 
     async fn sync_catalog(&self, failed: &mut HashSet<ModelVersionKey>) -> Result<(), StoreError> {
-        let records = self.store.live_models().await?;
-        let live: HashMap<(&TenantId, &str), u32> = records
+        // Names and versions only: a version's record (its signature) is read once it is new here.
+        let newest = self.store.live_model_versions().await?;
+        let live: HashMap<(&TenantId, &str), u32> = newest
             .iter()
-            .map(|r| ((&r.tenant_id, r.name.as_str()), r.version))
+            .map(|(tenant, name, version)| ((tenant, name.as_str()), *version))
             .collect();
         let served: HashMap<(TenantId, String), u32> = self
             .catalog
@@ -195,11 +208,11 @@ impl Hosting {
             let _files = self.files_lock.lock().await;
             self.remove_local_unused_files().await?;
         }
-        for record in &records {
-            let key = (record.tenant_id.clone(), record.name.clone());
+        for (tenant, name, version) in &newest {
+            let key = (tenant.clone(), name.clone());
             // A different version than the registry's newest: a newer upload, or the newest deleted.
-            let current = served.get(&key).is_some_and(|v| *v == record.version);
-            let version_key = (record.tenant_id.clone(), record.name.clone(), record.version);
+            let current = served.get(&key).is_some_and(|v| v == version);
+            let version_key = (tenant.clone(), name.clone(), *version);
             let uploading_here = self
                 .uploading
                 .lock()
@@ -208,11 +221,17 @@ impl Hosting {
             if current || uploading_here || failed.contains(&version_key) {
                 continue;
             }
-            if let Some(info) = describe(record, runs_on) {
-                self.know_if_current(record, info).await?;
-                metrics::counter!("plinth_catalog_changes_total", "change" => "added").increment(1);
-                tracing::info!(tenant = %record.tenant_id, model = %record.name, version = record.version, "a model uploaded elsewhere serves here");
-            } else if self.load_record(record).await {
+            let record = match self.store.model_version(tenant, name, *version).await {
+                // Deleted since the registry was read.
+                Err(StoreError::NotFound(_)) => continue,
+                other => other?,
+            };
+            if let Some(info) = describe(&record, runs_on) {
+                if self.know_if_current(&record, info).await? {
+                    metrics::counter!("plinth_catalog_changes_total", "change" => "added").increment(1);
+                    tracing::info!(tenant = %record.tenant_id, model = %record.name, version = record.version, "a model uploaded elsewhere serves here");
+                }
+            } else if self.load_record(&record).await {
                 metrics::counter!("plinth_catalog_changes_total", "change" => "loaded").increment(1);
                 tracing::info!(tenant = %record.tenant_id, model = %record.name, version = record.version, "a model uploaded elsewhere serves here");
             } else {

@@ -63,7 +63,9 @@ impl Catalog {
     }
 
     /// Serves `model` as the tenant's newest version of its name, letting go of the least recently
-    /// used tenant model past the bound (it stays known, and is loaded again when called).
+    /// used tenant model past the bound (it stays known, and is loaded again when called). A tenant
+    /// keeps at most a quarter of the bound loaded: past that, its own least recently used goes, so
+    /// one tenant calling many models in turn cannot push every other tenant's out.
     pub fn add_tenant(&self, tenant: &TenantId, model: Arc<LoadedModel>) {
         let key = (tenant.clone(), model.info().name.clone());
         self.known
@@ -76,6 +78,20 @@ impl Catalog {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         loaded.insert(key, (model, used));
+        let own_share = (self.loaded_tenant_models / 4).max(1);
+        while self.loaded_tenant_models > 0
+            && loaded.keys().filter(|(owner, _)| owner == tenant).count() > own_share
+        {
+            let oldest = loaded
+                .iter()
+                .filter(|((owner, _), _)| owner == tenant)
+                .min_by_key(|(_, (_, used))| used.load(Ordering::Relaxed))
+                .map(|(key, _)| key.clone());
+            if let Some(oldest) = oldest {
+                loaded.remove(&oldest);
+                metrics::counter!("plinth_tenant_models_evicted_total").increment(1);
+            }
+        }
         while self.loaded_tenant_models > 0 && loaded.len() > self.loaded_tenant_models {
             let oldest = loaded
                 .iter()
@@ -89,14 +105,18 @@ impl Catalog {
     }
 
     /// Serves `info` as the tenant's newest version of its name without loading it: its first call
-    /// loads it. A loaded older version stops serving.
+    /// loads it. A loaded older version stops serving; a newer one known already stays.
     pub fn know(&self, tenant: &TenantId, info: Model) {
         let key = (tenant.clone(), info.name.clone());
         let version = info.version;
-        self.known
+        let mut known = self
+            .known
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key.clone(), info);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if known.get(&key).is_some_and(|newest| newest.version > version) {
+            return;
+        }
+        known.insert(key.clone(), info);
         let mut loaded = self
             .tenants
             .write()
@@ -269,6 +289,25 @@ impl Catalog {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .get(name)
                 .cloned()
+        })
+    }
+
+    /// The model `name` as `tenant` sees it, described whether it is loaded or not: its own model of
+    /// that name, else the platform's.
+    #[must_use]
+    pub fn describe(&self, tenant: &TenantId, name: &str) -> Option<Model> {
+        let own = self
+            .known
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(tenant.clone(), name.to_owned()))
+            .cloned();
+        own.or_else(|| {
+            self.platform
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(name)
+                .map(|model| model.info().clone())
         })
     }
 

@@ -182,8 +182,9 @@ pub struct Config {
     /// `PLINTH_PLUGIN_THREADS`: threads that run plugin code and compile components, at a lower
     /// priority than request handling; 0 picks half the cores.
     pub plugin_threads: usize,
-    /// `PLINTH_TENANT_MODELS_LOADED`: tenants' models kept loaded at once, least recently used let go
-    /// first (and loaded again on their next call); 0 keeps every one loaded.
+    /// `PLINTH_TENANT_MODELS_LOADED`: tenants' models kept loaded at once (a quarter of them per
+    /// tenant), least recently used let go first (and loaded again on their next call); 0 keeps every
+    /// one loaded.
     pub tenant_models_loaded: usize,
     /// `PLINTH_TENANT_RUN_MEMORY_MIB`: memory tenants' models may allocate at once while they run, all
     /// of them together (weights aside); a run asking for more fails with `400`.

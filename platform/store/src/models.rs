@@ -192,16 +192,52 @@ impl Store {
     }
 
     /// Keeps the signature found by loading a version registered without one.
-    pub async fn record_model_signature(&self, model: &ModelId, signature: &Signature) -> Result<()> {
-        models::Entity::update_many()
+    pub async fn record_model_signature(
+        &self,
+        tenant: &TenantId,
+        model: &ModelId,
+        signature: &Signature,
+    ) -> Result<()> {
+        let updated = models::Entity::update_many()
             .col_expr(
                 models::Column::Signature,
                 sea_orm::sea_query::Expr::value(signature_json(signature)),
             )
+            .filter(models::Column::TenantId.eq(tenant.to_string()))
             .filter(models::Column::Id.eq(model.to_string()))
             .exec(self.db())
             .await?;
+        if updated.rows_affected == 0 {
+            return Err(StoreError::NotFound("model version"));
+        }
         Ok(())
+    }
+
+    /// The newest live version number of every tenant model: tenant, name, version (what a replica
+    /// compares its catalogue with, often; the records themselves are read only for what changed).
+    pub async fn live_model_versions(&self) -> Result<Vec<(TenantId, String, u32)>> {
+        let rows: Vec<(String, String, Option<i32>)> = crate::row_security::across_tenants(
+            models::Entity::find()
+                .select_only()
+                .column(models::Column::TenantId)
+                .column(models::Column::Name)
+                .column_as(models::Column::Version.max(), "version")
+                .filter(models::Column::DeletedAt.is_null())
+                .group_by(models::Column::TenantId)
+                .group_by(models::Column::Name)
+                .into_tuple()
+                .all(self.db()),
+        )
+        .await?;
+        rows.into_iter()
+            .map(|(tenant, name, version)| {
+                Ok((
+                    parse_id(&tenant)?,
+                    name,
+                    version.and_then(|v| u32::try_from(v).ok()).unwrap_or(0),
+                ))
+            })
+            .collect()
     }
 
     /// The newest live version of every tenant model, for a replica's catalogue.

@@ -52,7 +52,8 @@ async fn versioned(
         .ok_or_else(no_such_version)
 }
 
-/// Model metadata: versions, inputs and outputs with datatypes and shapes (-1 = dynamic).
+/// Model metadata: versions, inputs and outputs with datatypes and shapes (-1 = dynamic). The newest
+/// version is described without loading it.
 #[utoipa::path(get, path = "/v2/models/{name}", operation_id = "model_metadata", tag = "inference protocol", security(("bearer" = [])),
     params(("name" = String, Path)),
     responses((status = 200, body = ModelMetadata), (status = 404, body = plinth_core::error::ProtocolErrorBody)))]
@@ -61,8 +62,10 @@ pub async fn metadata(
     auth: Auth,
     path: web::Path<ModelPath>,
 ) -> ApiResult<web::Json<ModelMetadata>> {
-    let model = versioned(&state, &auth, &path).await?;
-    let info = model.info();
+    let info = match (&path.version, state.models.describe(&auth.tenant_id, &path.name)) {
+        (None, Some(info)) => info,
+        _ => versioned(&state, &auth, &path).await?.info().clone(),
+    };
     let versions = if info.platform {
         vec![info.version.to_string()]
     } else {
@@ -78,8 +81,9 @@ pub async fn metadata(
     }))
 }
 
-/// Whether the model is loaded and serving: `503` with `ready: false` while it cannot (its runs keep
-/// failing on the runtime's side).
+/// Whether the model can serve: `503` with `ready: false` while it cannot (its runs keep failing on
+/// the runtime's side). A tenant's newest version not loaded since start-up is ready (its first call
+/// loads it); asking does not load it.
 #[utoipa::path(get, path = "/v2/models/{name}/ready", operation_id = "model_ready", tag = "inference protocol", security(("bearer" = [])),
     params(("name" = String, Path)),
     responses((status = 200, body = ModelReady), (status = 503, body = ModelReady), (status = 404, body = plinth_core::error::ProtocolErrorBody)))]
@@ -88,17 +92,22 @@ pub async fn ready(
     auth: Auth,
     path: web::Path<ModelPath>,
 ) -> ApiResult<HttpResponse> {
-    let model = versioned(&state, &auth, &path).await?;
-    let ready = model.serving();
+    let loaded = state.models.find(&auth.tenant_id, &path.name);
+    let described = state.models.describe(&auth.tenant_id, &path.name);
+    let (name, ready) = match (&path.version, loaded, described) {
+        (None, Some(model), _) => (model.info().name.clone(), model.serving()),
+        (None, None, Some(info)) => (info.name, true),
+        _ => {
+            let model = versioned(&state, &auth, &path).await?;
+            (model.info().name.clone(), model.serving())
+        }
+    };
     let mut response = if ready {
         HttpResponse::Ok()
     } else {
         HttpResponse::ServiceUnavailable()
     };
-    Ok(response.json(ModelReady {
-        name: model.info().name.clone(),
-        ready,
-    }))
+    Ok(response.json(ModelReady { name, ready }))
 }
 
 /// Counters since the model was loaded: calls, items, and executions (fewer than calls when batched).

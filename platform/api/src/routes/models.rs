@@ -31,7 +31,8 @@ pub async fn list(state: web::Data<AppState>, auth: Auth) -> web::Json<Vec<Model
     web::Json(state.models.visible_to(&auth.tenant_id))
 }
 
-/// One model: task, labels, tensors and the execution provider serving it.
+/// One model: task, labels, tensors and the execution provider serving it. Described without
+/// loading it, so asking does not push other tenants' models out of memory.
 #[utoipa::path(get, path = "/v1/models/{name}", operation_id = "get_model", tag = "models", security(("bearer" = [])),
     params(("name" = String, Path)),
     responses((status = 200, body = Model), (status = 404, body = plinth_core::error::ErrorBody)))]
@@ -40,6 +41,9 @@ pub async fn get(
     auth: Auth,
     name: web::Path<String>,
 ) -> ApiResult<web::Json<Model>> {
+    if let Some(model) = state.models.describe(&auth.tenant_id, &name) {
+        return Ok(web::Json(model));
+    }
     Ok(web::Json(find_model(&state, &auth, &name).await?.info().clone()))
 }
 
