@@ -548,6 +548,14 @@ impl Hosting {
         Ok(model)
     }
 
+    /// Whether this version's load failed recently, so that its calls are answered with the failure
+    /// (a model's `ready` is then false).
+    #[must_use]
+    pub fn load_failed(&self, tenant: &TenantId, name: &str, version: u32) -> bool {
+        self.failed_recently(&(tenant.clone(), name.to_owned(), version))
+            .is_err()
+    }
+
     /// The failure of this version's last load, if it was recent: answered again rather than tried.
     fn failed_recently(&self, version: &gate::Version) -> Result<()> {
         let failed = self.failed_loads.lock().unwrap_or_else(PoisonError::into_inner);
@@ -581,18 +589,28 @@ impl Hosting {
         if let Some(model) = self.catalog.find_version(tenant, name, version) {
             return Ok(Some(model));
         }
+        let key = (tenant.clone(), name.to_owned(), version);
+        self.failed_recently(&key)?;
         let (_version_turn, tenant_turn) = self.turns_to_load(tenant, name, version).await?;
-        // Loaded by a call this one waited for.
+        // Loaded, or found not to load, by a call this one waited for.
         if let Some(model) = self.catalog.find_version(tenant, name, version) {
             return Ok(Some(model));
         }
+        self.failed_recently(&key)?;
         let record = match self.store.model_version(tenant, name, version).await {
             Err(StoreError::NotFound(_)) => return Ok(None),
             other => other?,
         };
         let files = self.fetch_files(&record).await?;
         // Loads take turns; one that waited may find the version loaded by now.
-        let model = self.load_holding(files, Loading::Accepted, tenant_turn).await?;
+        let model = self
+            .load_holding(files, Loading::Accepted, tenant_turn)
+            .await
+            .inspect_err(|err| {
+                if err.code() == ErrorCode::InvalidModel {
+                    self.remember_failure(key, err);
+                }
+            })?;
         if let Some(loaded) = self.catalog.find_version(tenant, name, version) {
             return Ok(Some(loaded));
         }
@@ -879,11 +897,13 @@ mod tests {
             key.clone(),
             &HostingError::Inference(InferenceError::InvalidModel("no kernel for an operator".into())),
         );
+        assert!(hosting.load_failed(&tenant, "e", 1));
         let refused = hosting.find(&tenant, "e").await.unwrap_err();
         assert_eq!(refused.code(), ErrorCode::InvalidModel);
         assert!(refused.to_string().contains("no kernel"), "{refused}");
         assert!(hosting.catalog.find(&tenant, "e").is_none());
         hosting.failed_loads.lock().unwrap().get_mut(&key).unwrap().0 -= FAILED_LOAD_KEPT;
+        assert!(!hosting.load_failed(&tenant, "e", 1));
         hosting.find(&tenant, "e").await.unwrap();
     }
 

@@ -124,8 +124,8 @@ impl Hosting {
     /// Keeps this replica's model catalogue in step with the registry every replica shares: a model
     /// uploaded through another replica starts serving here (described, and loaded on its first call
     /// here), and one deleted there stops here, within `every`. A version without a signature that
-    /// fails to load is not tried again by this loop (it is logged and counted; its first call tries
-    /// once more).
+    /// fails to load is not tried again by this loop (it is logged and counted, and not served here
+    /// until the next start-up tries it again).
     #[must_use]
     pub fn spawn_catalog_sync(&self, every: Duration) -> JoinHandle<()> {
         let hosting = self.clone();

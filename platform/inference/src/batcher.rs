@@ -444,10 +444,10 @@ impl Worker {
             ),
             other => other,
         };
+        // A version accepted before, loaded again: a full arena is other tenants' runs (`503`, retry),
+        // not the model's failure.
         let Some(timeout) = limit else {
-            return run_text(&mut self.session, tokenizer, plan, &warm_up, &options)
-                .map(drop)
-                .map_err(too_much);
+            return run_text(&mut self.session, tokenizer, plan, &warm_up, &options).map(drop);
         };
         let (finished, finishing) = std::sync::mpsc::channel::<()>();
         let watchdog = {

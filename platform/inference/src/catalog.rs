@@ -72,11 +72,12 @@ impl Catalog {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(key.clone(), model.info().clone());
-        let used = AtomicU64::new(self.uses.fetch_add(1, Ordering::Relaxed));
         let mut loaded = self
             .tenants
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Stamped under the lock: the model just added is the most recently used.
+        let used = AtomicU64::new(self.uses.fetch_add(1, Ordering::Relaxed));
         loaded.insert(key, (model, used));
         let own_share = (self.loaded_tenant_models / 4).max(1);
         while self.loaded_tenant_models > 0

@@ -28,9 +28,8 @@ async fn versioned(
     auth: &plinth_store::auth::Principal,
     path: &ModelPath,
 ) -> ApiResult<std::sync::Arc<LoadedModel>> {
-    let latest = find_model(state, auth, &path.name).await?;
     let Some(asked) = &path.version else {
-        return Ok(latest);
+        return find_model(state, auth, &path.name).await;
     };
     let no_such_version = || {
         ApiError::new(
@@ -39,10 +38,15 @@ async fn versioned(
         )
     };
     let version: u32 = asked.parse().map_err(|_| no_such_version())?;
-    if latest.info().version == version {
-        return Ok(latest);
+    // The newest version's number from its description: an older version loads without the newest.
+    let newest = match state.models.describe(&auth.tenant_id, &path.name) {
+        Some(info) => info,
+        None => find_model(state, auth, &path.name).await?.info().clone(),
+    };
+    if newest.version == version {
+        return find_model(state, auth, &path.name).await;
     }
-    if latest.info().platform {
+    if newest.platform {
         return Err(no_such_version());
     }
     state
@@ -50,6 +54,19 @@ async fn versioned(
         .pinned_version(&auth.tenant_id, &path.name, version)
         .await?
         .ok_or_else(no_such_version)
+}
+
+/// The model's newest version as described (loaded or not), when the path names it (no version, or
+/// the newest's number).
+fn newest_described(
+    state: &AppState,
+    auth: &plinth_store::auth::Principal,
+    path: &ModelPath,
+) -> Option<plinth_core::inference::Model> {
+    state
+        .models
+        .describe(&auth.tenant_id, &path.name)
+        .filter(|info| path.version.is_none() || path.version == Some(info.version.to_string()))
 }
 
 /// Model metadata: versions, inputs and outputs with datatypes and shapes (-1 = dynamic). The newest
@@ -62,9 +79,9 @@ pub async fn metadata(
     auth: Auth,
     path: web::Path<ModelPath>,
 ) -> ApiResult<web::Json<ModelMetadata>> {
-    let info = match (&path.version, state.models.describe(&auth.tenant_id, &path.name)) {
-        (None, Some(info)) => info,
-        _ => versioned(&state, &auth, &path).await?.info().clone(),
+    let info = match newest_described(&state, &auth, &path) {
+        Some(info) => info,
+        None => versioned(&state, &auth, &path).await?.info().clone(),
     };
     let versions = if info.platform {
         vec![info.version.to_string()]
@@ -92,12 +109,19 @@ pub async fn ready(
     auth: Auth,
     path: web::Path<ModelPath>,
 ) -> ApiResult<HttpResponse> {
-    let loaded = state.models.find(&auth.tenant_id, &path.name);
-    let described = state.models.describe(&auth.tenant_id, &path.name);
-    let (name, ready) = match (&path.version, loaded, described) {
-        (None, Some(model), _) => (model.info().name.clone(), model.serving()),
-        (None, None, Some(info)) => (info.name, true),
-        _ => {
+    let loaded = state
+        .models
+        .find(&auth.tenant_id, &path.name)
+        .filter(|model| path.version.is_none() || path.version == Some(model.info().version.to_string()));
+    let (name, ready) = match (loaded, newest_described(&state, &auth, &path)) {
+        (Some(model), _) => (model.info().name.clone(), model.serving()),
+        (None, Some(info)) => {
+            let failed = state
+                .hosting
+                .load_failed(&auth.tenant_id, &info.name, info.version);
+            (info.name, !failed)
+        }
+        (None, None) => {
             let model = versioned(&state, &auth, &path).await?;
             (model.info().name.clone(), model.serving())
         }
