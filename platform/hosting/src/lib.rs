@@ -521,15 +521,7 @@ impl Hosting {
         }
         self.failed_recently(&key)?;
         let record = self.store.model_version(tenant, name, version).await?;
-        let files = self.fetch_files(&record).await?;
-        let model = self
-            .load_holding(files, Loading::Accepted, tenant_turn)
-            .await
-            .inspect_err(|err| {
-                if err.code() == ErrorCode::InvalidModel {
-                    self.remember_failure(key, err);
-                }
-            })?;
+        let model = self.load_accepted(key, &record, tenant_turn).await?;
         // Another call may have loaded it while this one waited for its turn: one copy is served.
         if let Some(loaded) = self.catalog.find(tenant, name) {
             return Ok(loaded);
@@ -569,6 +561,24 @@ impl Hosting {
         }
     }
 
+    /// Loads a version accepted before, holding the tenant's turn; a failure as a model is remembered
+    /// (see [`FAILED_LOAD_KEPT`]).
+    async fn load_accepted(
+        &self,
+        version: gate::Version,
+        record: &ModelRecord,
+        tenant_turn: gate::Turn<TenantId>,
+    ) -> Result<Arc<LoadedModel>> {
+        let files = self.fetch_files(record).await?;
+        self.load_holding(files, Loading::Accepted, tenant_turn)
+            .await
+            .inspect_err(|err| {
+                if err.code() == ErrorCode::InvalidModel {
+                    self.remember_failure(version, err);
+                }
+            })
+    }
+
     fn remember_failure(&self, version: gate::Version, err: &HostingError) {
         let mut failed = self.failed_loads.lock().unwrap_or_else(PoisonError::into_inner);
         failed.retain(|_, (at, _)| at.elapsed() < FAILED_LOAD_KEPT);
@@ -601,16 +611,8 @@ impl Hosting {
             Err(StoreError::NotFound(_)) => return Ok(None),
             other => other?,
         };
-        let files = self.fetch_files(&record).await?;
         // Loads take turns; one that waited may find the version loaded by now.
-        let model = self
-            .load_holding(files, Loading::Accepted, tenant_turn)
-            .await
-            .inspect_err(|err| {
-                if err.code() == ErrorCode::InvalidModel {
-                    self.remember_failure(key, err);
-                }
-            })?;
+        let model = self.load_accepted(key, &record, tenant_turn).await?;
         if let Some(loaded) = self.catalog.find_version(tenant, name, version) {
             return Ok(Some(loaded));
         }
