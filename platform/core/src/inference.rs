@@ -34,6 +34,17 @@ pub struct Model {
     pub outputs: Vec<TensorMetadata>,
 }
 
+impl Model {
+    /// Its graph's inputs and outputs, as the registry keeps them.
+    #[must_use]
+    pub fn signature(&self) -> Signature {
+        Signature {
+            inputs: self.inputs.clone(),
+            outputs: self.outputs.clone(),
+        }
+    }
+}
+
 /// Text inputs for a task endpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use plinth_core::ErrorCode;
 use plinth_core::api::PlanIsolation;
 use plinth_core::id::TenantId;
-use plinth_core::inference::{Model, Signature, Task};
+use plinth_core::inference::{Model, Task};
 use plinth_inference::{Catalog, Engine, InferenceError, LoadedModel, ModelFiles};
 use plinth_store::audit::Who;
 use plinth_store::blobs::Blobs;
@@ -309,14 +309,11 @@ impl Hosting {
             tokenizer: tokenizer.as_ref().map(|t| t.path().to_path_buf()),
             platform: false,
         };
-        let signature = {
-            let validated = self.load(staged_files.clone(), Loading::Validate).await?;
-            let info = validated.info();
-            Signature {
-                inputs: info.inputs.clone(),
-                outputs: info.outputs.clone(),
-            }
-        };
+        let signature = self
+            .load(staged_files.clone(), Loading::Validate)
+            .await?
+            .info()
+            .signature();
         let described = serde_json::to_vec(&signature).map_or(usize::MAX, |json| json.len());
         if described > MAX_SIGNATURE_BYTES {
             return Err(HostingError::Refused {
@@ -641,8 +638,8 @@ impl Hosting {
     /// The files of a registered model version, fetched from the replicas' shared storage if this
     /// replica does not have them yet (their hashes checked).
     async fn fetch_files(&self, record: &ModelRecord) -> Result<ModelFiles> {
-        let task = serde_json::from_value(serde_json::Value::String(record.task.clone()))
-            .map_err(|_| HostingError::internal("unknown task in the model registry"))?;
+        let task = registry_task(&record.task)
+            .ok_or_else(|| HostingError::internal("unknown task in the model registry"))?;
         let fetch = |sha256: String, extension: &'static str| async move {
             self.files
                 .fetch(&format!("{sha256}.{extension}"), &sha256)
@@ -672,6 +669,13 @@ fn task_name(task: Task) -> &'static str {
         Task::Embedding => "embedding",
         Task::Raw => "raw",
     }
+}
+
+/// The task the registry names (see [`task_name`]); `None` for a name this build does not know.
+fn registry_task(name: &str) -> Option<Task> {
+    [Task::TextClassification, Task::Embedding, Task::Raw]
+        .into_iter()
+        .find(|task| task_name(*task) == name)
 }
 
 /// A tenant's upload being received, for as long as it lives (see [`Hosting::receive_upload`]).

@@ -10,7 +10,7 @@ use plinth_store::StoreError;
 use plinth_store::models::ModelRecord;
 use tokio::task::JoinHandle;
 
-use crate::{Hosting, Signature};
+use crate::Hosting;
 
 type ModelVersionKey = (TenantId, String, u32);
 
@@ -91,10 +91,7 @@ impl Hosting {
         match tokio::task::spawn_blocking(move || engine.load(&files)).await {
             // A delete or a newer upload since the registry was read wins.
             Ok(Ok(model)) => {
-                let signature = Signature {
-                    inputs: model.info().inputs.clone(),
-                    outputs: model.info().outputs.clone(),
-                };
+                let signature = model.info().signature();
                 if record.signature.as_ref() != Some(&signature)
                     && let Err(err) = self
                         .store
@@ -246,7 +243,7 @@ impl Hosting {
 /// no signature for it (it must be loaded to be described).
 fn describe(record: &ModelRecord, runs_on: &str) -> Option<Model> {
     let signature = record.signature.clone()?;
-    let task = serde_json::from_value(serde_json::Value::String(record.task.clone())).ok()?;
+    let task = crate::registry_task(&record.task)?;
     Some(Model {
         name: record.name.clone(),
         task,

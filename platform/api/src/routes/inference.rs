@@ -23,6 +23,15 @@ pub struct ModelPath {
     version: Option<String>,
 }
 
+impl ModelPath {
+    /// Whether the path names `version`: it names none (the newest), or that one.
+    fn names(&self, version: u32) -> bool {
+        self.version
+            .as_ref()
+            .is_none_or(|asked| *asked == version.to_string())
+    }
+}
+
 async fn versioned(
     state: &AppState,
     auth: &plinth_store::auth::Principal,
@@ -66,7 +75,7 @@ fn newest_described(
     state
         .models
         .describe(&auth.tenant_id, &path.name)
-        .filter(|info| path.version.is_none() || path.version == Some(info.version.to_string()))
+        .filter(|info| path.names(info.version))
 }
 
 /// Model metadata: versions, inputs and outputs with datatypes and shapes (-1 = dynamic). The newest
@@ -112,7 +121,7 @@ pub async fn ready(
     let loaded = state
         .models
         .find(&auth.tenant_id, &path.name)
-        .filter(|model| path.version.is_none() || path.version == Some(model.info().version.to_string()));
+        .filter(|model| path.names(model.info().version));
     let (name, ready) = match (loaded, newest_described(&state, &auth, &path)) {
         (Some(model), _) => (model.info().name.clone(), model.serving()),
         (None, Some(info)) => {
