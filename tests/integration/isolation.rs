@@ -796,3 +796,111 @@ async fn tenant_models_past_the_loaded_bound_are_let_go_and_loaded_again_when_ca
     let err = tenant.client.classify("first", &["x"]).await.unwrap_err();
     assert_eq!(err.code(), Some(plinth_sdk::ErrorCode::NotFound));
 }
+
+/// Asking about a model that is not loaded (its metadata, readiness or counters, of any version), or
+/// sending it a call that does not parse, loads nothing: a tenant cannot make a server load models,
+/// pushing out the ones being called, without calls that run (and are billed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asking_about_a_model_or_sending_it_garbage_loads_nothing() {
+    let app = TestApp::spawn_with(|config| config.tenant_models_loaded = 1).await;
+    let tenant = app.tenant().await;
+    app.set_plan(&tenant.session.tenant.id, "enterprise").await;
+    let manifest =
+        |name: &str| json!({ "name": name, "task": "text-classification", "labels": ["no", "yes"] });
+    let get = async |path: &str| {
+        let response = app
+            .http()
+            .get(app.url(path))
+            .bearer_auth(&tenant.key.secret)
+            .send()
+            .await
+            .unwrap();
+        (
+            response.status().as_u16(),
+            response.json::<Value>().await.unwrap(),
+        )
+    };
+    let calls = async |path: &str| {
+        let (status, stats) = get(path).await;
+        assert_eq!(status, 200, "{path}: {stats}");
+        stats["success_count"].as_u64().unwrap()
+    };
+    // One of the tenant's models loaded at a time: `second`, called twice, has pushed `first` out.
+    for name in ["first", "second"] {
+        assert_eq!(
+            upload(&app, &tenant, fixture("one-row.onnx"), manifest(name))
+                .await
+                .0,
+            201
+        );
+    }
+    for _ in 0..2 {
+        tenant.client.classify("second", &["x"]).await.unwrap();
+    }
+    assert_eq!(calls("/v2/models/second/stats").await, 2);
+
+    assert_eq!(get("/v2/models/first").await.0, 200);
+    assert_eq!(get("/v2/models/first/ready").await.0, 200);
+    let (status, stats) = get("/v2/models/first/stats").await;
+    assert_eq!(
+        (status, stats["success_count"].as_u64()),
+        (200, Some(0)),
+        "{stats}"
+    );
+    let absurd = json!({ "inputs": [
+        { "name": "input_ids", "shape": [1, 1_099_511_627_776_u64], "datatype": "INT64", "data": [] },
+    ]});
+    for (garbage, refused) in [(json!({ "inputs": "none" }), 422), (absurd, 400)] {
+        let (status, body) = infer(&app, &tenant, "first", garbage).await;
+        assert_eq!(status, refused, "{body}");
+    }
+    // Had any of these loaded `first`, `second` would have been let go, its counters with it.
+    assert_eq!(calls("/v2/models/second/stats").await, 2);
+    tenant.client.classify("first", &["x"]).await.unwrap();
+    assert_eq!(calls("/v2/models/first/stats").await, 1);
+    assert_eq!(calls("/v2/models/second/stats").await, 0);
+
+    // Older versions: one called by number is kept beside the newest, up to four of a tenant's.
+    for _ in 0..5 {
+        assert_eq!(
+            upload(&app, &tenant, fixture("one-row.onnx"), manifest("second"))
+                .await
+                .0,
+            201
+        );
+    }
+    let tokens = json!({ "inputs": [
+        { "name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [101, 102] },
+        { "name": "attention_mask", "shape": [1, 2], "datatype": "INT64", "data": [1, 1] },
+    ]});
+    let (status, body) = app
+        .http()
+        .post(app.url("/v2/models/second/versions/1/infer"))
+        .bearer_auth(&tenant.key.secret)
+        .json(&tokens)
+        .send()
+        .await
+        .map(|response| (response.status().as_u16(), response))
+        .unwrap();
+    assert_eq!(status, 200, "{:?}", body.text().await);
+    assert_eq!(calls("/v2/models/second/versions/1/stats").await, 1);
+    // Four more older versions asked about: had they loaded, version 1 would have been let go.
+    for version in 2..=5 {
+        assert_eq!(
+            calls(&format!("/v2/models/second/versions/{version}/stats")).await,
+            0
+        );
+        assert_eq!(
+            get(&format!("/v2/models/second/versions/{version}/ready"))
+                .await
+                .0,
+            200
+        );
+    }
+    assert_eq!(calls("/v2/models/second/versions/1/stats").await, 1);
+    for missing in ["7", "0", "one"] {
+        let (status, body) = get(&format!("/v2/models/second/versions/{missing}/stats")).await;
+        assert_eq!(status, 404, "{missing}: {body}");
+    }
+    assert_eq!(get("/v2/models/nothing/stats").await.0, 404);
+}

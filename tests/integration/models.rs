@@ -291,7 +291,7 @@ async fn older_versions_stay_callable_by_number_until_deleted() {
     assert_eq!(status, 404);
 }
 
-/// Asking for many older versions at once cannot keep the loads every tenant shares busy: a tenant's
+/// Calling many older versions at once cannot keep the loads every tenant shares busy: a tenant's
 /// loads wait behind each other (calls for the same version share one), so another tenant's load
 /// waits for at most one of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,19 +311,26 @@ async fn a_tenant_asking_for_many_versions_waits_behind_itself_not_others() {
         }
     }
     let started = std::time::Instant::now();
+    let tokens = json!({ "inputs": [
+        { "name": "input_ids", "shape": [1, 4], "datatype": "INT64", "data": [101, 2293, 2023, 102] },
+        { "name": "attention_mask", "shape": [1, 4], "datatype": "INT64", "data": [1, 1, 1, 1] },
+        { "name": "token_type_ids", "shape": [1, 4], "datatype": "INT64", "data": [0, 0, 0, 0] },
+    ]});
+    // A call to a version by number loads it (asking for its metadata does not).
     let get = |tenant: &TestTenant, name: &str, version: u32| {
         let request = app
             .http()
-            .get(app.url(&format!("/v2/models/{name}/versions/{version}")))
-            .bearer_auth(&tenant.key.secret);
+            .post(app.url(&format!("/v2/models/{name}/versions/{version}/infer")))
+            .bearer_auth(&tenant.key.secret)
+            .json(&tokens);
         async move {
             let response = request.send().await.unwrap();
             let status = response.status().as_u16();
             (status, started.elapsed())
         }
     };
-    // Acme asks for its versions 1 and 2 (neither loaded), twice each; a moment later the other
-    // tenant asks for its version 1.
+    // Acme calls its versions 1 and 2 (neither loaded), twice each; a moment later the other tenant
+    // calls its version 1.
     let acme_calls = futures_util::future::join_all([1, 2, 1, 2].map(|v| get(&acme, "tone", v)));
     let other_call = async {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;

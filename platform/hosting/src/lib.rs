@@ -620,7 +620,36 @@ impl Hosting {
             other => other?,
         };
         self.catalog.add_pinned(tenant, model.clone());
+        metrics::counter!("plinth_tenant_models_reloaded_total").increment(1);
         Ok(Some(model))
+    }
+
+    /// A version of a tenant's model as the registry describes it, loaded or not; `None` when the
+    /// registry keeps no such version. Only a version registered before signatures were kept is
+    /// loaded to describe it.
+    ///
+    /// # Errors
+    /// The registry unreadable; that load's failure.
+    pub async fn describe_version(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<Model>> {
+        if let Some(model) = self.catalog.find_version(tenant, name, version) {
+            return Ok(Some(model.info().clone()));
+        }
+        let record = match self.store.model_version(tenant, name, version).await {
+            Err(StoreError::NotFound(_)) => return Ok(None),
+            other => other?,
+        };
+        match sync::describe(&record, self.runs_on()) {
+            Some(info) => Ok(Some(info)),
+            None => Ok(self
+                .pinned_version(tenant, name, version)
+                .await?
+                .map(|model| model.info().clone())),
+        }
     }
 
     /// Serves a loaded tenant model if it is still its model's newest live version: a delete or a
@@ -846,6 +875,44 @@ mod tests {
         .unwrap();
         assert_eq!(replica().await.catalog.loaded_tenant_models(), 1);
         assert_eq!(replica().await.catalog.loaded_tenant_models(), 0);
+    }
+
+    /// A replica starting up reads the registry only once an upload or delete in progress through it
+    /// has finished: a model deleted meanwhile is not brought back by an older reading.
+    #[tokio::test]
+    async fn a_replica_starting_up_lets_a_delete_in_progress_finish_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hosting, tenant) = hosting(dir.path()).await;
+        let who = Who::internal(Who::OPERATOR);
+        for name in ["kept", "deleted"] {
+            let staged = hosting.stage_bytes(&model_bytes()).await.unwrap();
+            hosting
+                .install(&tenant, &who, &PlanIsolation::FREE, version(name), staged, None)
+                .await
+                .unwrap();
+        }
+        let replica = Hosting::new(
+            hosting.store.clone(),
+            Arc::new(Catalog::with_loaded_tenant_models(usize::MAX)),
+            hosting.engine.clone(),
+            Blobs::local(dir.path().join("models")),
+        );
+        // A delete through the replica, in progress as it starts (`delete_model`, step by step).
+        let delete = replica.files_lock.lock().await;
+        let starting = replica.spawn_loading();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!replica.catalog.knows_tenant_models());
+        replica
+            .store
+            .delete_model(&tenant, &who, "deleted")
+            .await
+            .unwrap();
+        replica.catalog.remove_tenant(&tenant, "deleted");
+        drop(delete);
+        starting.await.unwrap();
+        assert!(replica.catalog.knows_tenant_models());
+        assert!(replica.catalog.describe(&tenant, "kept").is_some());
+        assert_eq!(replica.catalog.describe(&tenant, "deleted"), None);
     }
 
     /// One tenant loading many models lets its own go past a quarter of the bound, not other

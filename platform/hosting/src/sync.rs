@@ -59,7 +59,7 @@ impl Hosting {
     }
 
     /// The execution provider tenants' models will run on once loaded.
-    fn runs_on(&self) -> &'static str {
+    pub(crate) fn runs_on(&self) -> &'static str {
         if self.engine.prefers_gpu() { "cuda" } else { "cpu" }
     }
 
@@ -241,7 +241,7 @@ impl Hosting {
 
 /// A registered version as the catalogue lists it before it is loaded: `None` when the registry has
 /// no signature for it (it must be loaded to be described).
-fn describe(record: &ModelRecord, runs_on: &str) -> Option<Model> {
+pub(crate) fn describe(record: &ModelRecord, runs_on: &str) -> Option<Model> {
     let signature = record.signature.clone()?;
     let task = crate::registry_task(&record.task)?;
     Some(Model {

@@ -23,15 +23,6 @@ pub struct ModelPath {
     version: Option<String>,
 }
 
-impl ModelPath {
-    /// Whether the path names `version`: it names none (the newest), or that one.
-    fn names(&self, version: u32) -> bool {
-        self.version
-            .as_ref()
-            .is_none_or(|asked| *asked == version.to_string())
-    }
-}
-
 async fn versioned(
     state: &AppState,
     auth: &plinth_store::auth::Principal,
@@ -65,21 +56,54 @@ async fn versioned(
         .ok_or_else(no_such_version)
 }
 
-/// The model's newest version as described (loaded or not), when the path names it (no version, or
-/// the newest's number).
-fn newest_described(
+/// The version the path names as this server describes it, loaded or not: nothing is loaded to
+/// describe it (but an older version registered before signatures were kept). `None` when there is
+/// no such version, or while the server is still reading tenants' models (`versioned` then says
+/// which).
+async fn described(
     state: &AppState,
     auth: &plinth_store::auth::Principal,
     path: &ModelPath,
-) -> Option<plinth_core::inference::Model> {
-    state
-        .models
-        .describe(&auth.tenant_id, &path.name)
-        .filter(|info| path.names(info.version))
+) -> ApiResult<Option<plinth_core::inference::Model>> {
+    let Some(newest) = state.models.describe(&auth.tenant_id, &path.name) else {
+        return Ok(None);
+    };
+    let Some(asked) = &path.version else {
+        return Ok(Some(newest));
+    };
+    let Ok(version) = asked.parse::<u32>() else {
+        return Ok(None);
+    };
+    if newest.version == version {
+        return Ok(Some(newest));
+    }
+    if newest.platform {
+        return Ok(None);
+    }
+    Ok(state
+        .hosting
+        .describe_version(&auth.tenant_id, &path.name, version)
+        .await?)
 }
 
-/// Model metadata: versions, inputs and outputs with datatypes and shapes (-1 = dynamic). The newest
-/// version is described without loading it.
+/// The version the path names, if this replica has it loaded (nothing is loaded to find out).
+fn loaded(
+    state: &AppState,
+    auth: &plinth_store::auth::Principal,
+    path: &ModelPath,
+) -> Option<std::sync::Arc<LoadedModel>> {
+    let newest = state.models.find(&auth.tenant_id, &path.name);
+    let Some(asked) = &path.version else {
+        return newest;
+    };
+    let version: u32 = asked.parse().ok()?;
+    newest
+        .filter(|model| model.info().version == version)
+        .or_else(|| state.models.find_version(&auth.tenant_id, &path.name, version))
+}
+
+/// Model metadata: versions, inputs and outputs with datatypes and shapes (-1 = dynamic), described
+/// without loading the model.
 #[utoipa::path(get, path = "/v2/models/{name}", operation_id = "model_metadata", tag = "inference protocol", security(("bearer" = [])),
     params(("name" = String, Path)),
     responses((status = 200, body = ModelMetadata), (status = 404, body = plinth_core::error::ProtocolErrorBody)))]
@@ -88,7 +112,7 @@ pub async fn metadata(
     auth: Auth,
     path: web::Path<ModelPath>,
 ) -> ApiResult<web::Json<ModelMetadata>> {
-    let info = match newest_described(&state, &auth, &path) {
+    let info = match described(&state, &auth, &path).await? {
         Some(info) => info,
         None => versioned(&state, &auth, &path).await?.info().clone(),
     };
@@ -108,8 +132,8 @@ pub async fn metadata(
 }
 
 /// Whether the model can serve: `503` with `ready: false` while it cannot (its runs keep failing on
-/// the runtime's side). A tenant's newest version not loaded since start-up is ready (its first call
-/// loads it); asking does not load it.
+/// the runtime's side, or its load failed within the last minute). A tenant's version not loaded
+/// here is ready (its first call loads it); asking does not load it.
 #[utoipa::path(get, path = "/v2/models/{name}/ready", operation_id = "model_ready", tag = "inference protocol", security(("bearer" = [])),
     params(("name" = String, Path)),
     responses((status = 200, body = ModelReady), (status = 503, body = ModelReady), (status = 404, body = plinth_core::error::ProtocolErrorBody)))]
@@ -118,11 +142,12 @@ pub async fn ready(
     auth: Auth,
     path: web::Path<ModelPath>,
 ) -> ApiResult<HttpResponse> {
-    let loaded = state
-        .models
-        .find(&auth.tenant_id, &path.name)
-        .filter(|model| path.names(model.info().version));
-    let (name, ready) = match (loaded, newest_described(&state, &auth, &path)) {
+    let loaded = loaded(&state, &auth, &path);
+    let described = match loaded {
+        Some(_) => None,
+        None => described(&state, &auth, &path).await?,
+    };
+    let (name, ready) = match (loaded, described) {
         (Some(model), _) => (model.info().name.clone(), model.serving()),
         (None, Some(info)) => {
             let failed = state
@@ -143,7 +168,8 @@ pub async fn ready(
     Ok(response.json(ModelReady { name, ready }))
 }
 
-/// Counters since the model was loaded: calls, items, and executions (fewer than calls when batched).
+/// Counters since the model was loaded on this server: calls, items, and executions (fewer than
+/// calls when batched). A version not loaded here counts nothing, and asking does not load it.
 #[utoipa::path(get, path = "/v2/models/{name}/stats", operation_id = "model_statistics", tag = "inference protocol", security(("bearer" = [])),
     params(("name" = String, Path)),
     responses((status = 200, body = ModelStatistics), (status = 404, body = plinth_core::error::ProtocolErrorBody)))]
@@ -152,6 +178,19 @@ pub async fn statistics(
     auth: Auth,
     path: web::Path<ModelPath>,
 ) -> ApiResult<web::Json<ModelStatistics>> {
+    if let Some(model) = loaded(&state, &auth, &path) {
+        return Ok(web::Json(model.statistics()));
+    }
+    if let Some(info) = described(&state, &auth, &path).await? {
+        return Ok(web::Json(ModelStatistics {
+            name: info.name,
+            version: info.version.to_string(),
+            success_count: 0,
+            failure_count: 0,
+            inference_count: 0,
+            execution_count: 0,
+        }));
+    }
     Ok(web::Json(versioned(&state, &auth, &path).await?.statistics()))
 }
 
@@ -253,7 +292,13 @@ pub async fn infer(
     req: HttpRequest,
     payload: web::Payload,
 ) -> ApiResult<HttpResponse> {
-    let model = versioned(&state, &auth, &path).await?;
+    // A model this server does not describe is answered (`404`; `503` while it starts) before the
+    // body is read; one it describes is loaded (when it is not) only once the body has parsed, so a
+    // malformed call loads nothing.
+    let found = match state.models.describe(&auth.tenant_id, &path.name) {
+        Some(_) => None,
+        None => Some(versioned(&state, &auth, &path).await?),
+    };
     let body = read_body(payload, TENSOR_BODY_LIMIT).await?;
     let json_length = json_length(&req, &body)?;
     // The parsed request is let go of before the call waits for the model: only its tensors, its id
@@ -291,6 +336,10 @@ pub async fn infer(
     };
     drop(body);
     let units = usize::try_from(LoadedModel::batch_size(&inputs)?).unwrap_or(1);
+    let model = match found {
+        Some(model) => model,
+        None => versioned(&state, &auth, &path).await?,
+    };
     let names = wanted
         .as_ref()
         .map(|w| w.iter().map(|(name, _)| name.clone()).collect());
