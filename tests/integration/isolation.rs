@@ -850,10 +850,28 @@ async fn asking_about_a_model_or_sending_it_garbage_loads_nothing() {
     let absurd = json!({ "inputs": [
         { "name": "input_ids", "shape": [1, 1_099_511_627_776_u64], "datatype": "INT64", "data": [] },
     ]});
-    for (garbage, refused) in [(json!({ "inputs": "none" }), 422), (absurd, 400)] {
-        let (status, body) = infer(&app, &tenant, "first", garbage).await;
-        assert_eq!(status, refused, "{body}");
+    let tensor = |name: &str, datatype: &str| json!({ "name": name, "shape": [1, 2], "datatype": datatype, "data": [1, 2] });
+    let misfits = [
+        json!({ "inputs": [tensor("input_ids", "INT64"), tensor("attention_mask", "INT64"), tensor("extra", "INT64")] }),
+        json!({ "inputs": [tensor("input_ids", "INT32"), tensor("attention_mask", "INT64")] }),
+        json!({ "inputs": [tensor("input_ids", "INT64"), tensor("attention_mask", "INT64")], "outputs": [{ "name": "nothing" }] }),
+    ];
+    let garbage = [(json!({ "inputs": "none" }), 422), (absurd, 400)]
+        .into_iter()
+        .chain(misfits.into_iter().map(|misfit| (misfit, 400)));
+    for (garbage, refused) in garbage {
+        let (status, body) = infer(&app, &tenant, "first", garbage.clone()).await;
+        assert_eq!(status, refused, "{garbage}: {body}");
     }
+    // Nor texts the model cannot run: none, or an embedding asked of a classifier.
+    let err = tenant.client.classify("first", &[]).await.unwrap_err();
+    assert_eq!(err.code(), Some(plinth_sdk::ErrorCode::InvalidInput), "{err:?}");
+    let err = tenant.client.embed("first", &["x"]).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(plinth_sdk::ErrorCode::UnsupportedTask),
+        "{err:?}"
+    );
     // Had any of these loaded `first`, `second` would have been let go, its counters with it.
     assert_eq!(calls("/v2/models/second/stats").await, 2);
     tenant.client.classify("first", &["x"]).await.unwrap();

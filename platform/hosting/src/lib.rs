@@ -455,19 +455,36 @@ impl Hosting {
             // Not loaded since start-up, or let go of to bound memory: loaded for this call.
             return self.reload(tenant, name).await;
         }
+        Err(self.unknown(name))
+    }
+
+    /// The model `name` as `tenant` sees it (the platform's or its own), described whether it is
+    /// loaded or not: nothing is loaded to describe it.
+    ///
+    /// # Errors
+    /// As [`Self::find`]: `not_found`, or `unavailable` while the server is still reading tenants'
+    /// models.
+    pub fn describe(&self, tenant: &TenantId, name: &str) -> Result<Model> {
+        self.catalog
+            .describe(tenant, name)
+            .ok_or_else(|| self.unknown(name))
+    }
+
+    /// Why a model this replica neither serves nor describes is not found.
+    fn unknown(&self, name: &str) -> HostingError {
         if !self.catalog.knows_tenant_models() {
             // Just started: tenants' models are read in the background, and this one may be among them.
-            return Err(HostingError::Refused {
+            return HostingError::Refused {
                 code: ErrorCode::Unavailable,
                 message: "the server has just started and is still reading models; retry shortly".into(),
                 retry_after: Some(Duration::from_secs(2)),
-            });
+            };
         }
-        Err(HostingError::Refused {
+        HostingError::Refused {
             code: ErrorCode::NotFound,
             message: format!("no model named `{name}`"),
             retry_after: None,
-        })
+        }
     }
 
     /// Whether `name` is one of the platform's own models (what plugins may call).
@@ -567,13 +584,19 @@ impl Hosting {
         tenant_turn: gate::Turn<TenantId>,
     ) -> Result<Arc<LoadedModel>> {
         let files = self.fetch_files(record).await?;
-        self.load_holding(files, Loading::Accepted, tenant_turn)
+        let model = self
+            .load_holding(files, Loading::Accepted, tenant_turn)
             .await
             .inspect_err(|err| {
                 if err.code() == ErrorCode::InvalidModel {
                     self.remember_failure(version, err);
                 }
-            })
+            })?;
+        // Registered before signatures were kept: described without loading from now on.
+        if record.signature.is_none() {
+            self.store_signature(record, &model).await;
+        }
+        Ok(model)
     }
 
     fn remember_failure(&self, version: gate::Version, err: &HostingError) {
@@ -620,7 +643,6 @@ impl Hosting {
             other => other?,
         };
         self.catalog.add_pinned(tenant, model.clone());
-        metrics::counter!("plinth_tenant_models_reloaded_total").increment(1);
         Ok(Some(model))
     }
 
@@ -902,12 +924,13 @@ mod tests {
         let starting = replica.spawn_loading();
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!replica.catalog.knows_tenant_models());
+        // (Its catalogue has nothing to remove yet: had start-up read the registry before the delete,
+        // nothing would take `deleted` out of it again.)
         replica
             .store
             .delete_model(&tenant, &who, "deleted")
             .await
             .unwrap();
-        replica.catalog.remove_tenant(&tenant, "deleted");
         drop(delete);
         starting.await.unwrap();
         assert!(replica.catalog.knows_tenant_models());

@@ -91,15 +91,7 @@ impl Hosting {
         match tokio::task::spawn_blocking(move || engine.load(&files)).await {
             // A delete or a newer upload since the registry was read wins.
             Ok(Ok(model)) => {
-                let signature = model.info().signature();
-                if record.signature.as_ref() != Some(&signature)
-                    && let Err(err) = self
-                        .store
-                        .record_model_signature(&record.tenant_id, &record.id, &signature)
-                        .await
-                {
-                    tracing::warn!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot store a tenant model's signature");
-                }
+                self.store_signature(record, &model).await;
                 if let Err(err) = self.serve_if_current(&record.tenant_id, model).await {
                     tracing::error!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot check a tenant model is current");
                 }
@@ -115,6 +107,20 @@ impl Hosting {
                 tracing::error!(error = %err, "model loading panicked");
                 false
             }
+        }
+    }
+
+    /// Stores the signature of a loaded version in the registry, where it was kept without one (a
+    /// failure is logged: the version is loaded to be described until it is stored).
+    pub(crate) async fn store_signature(&self, record: &ModelRecord, model: &plinth_inference::LoadedModel) {
+        let signature = model.info().signature();
+        if record.signature.as_ref() != Some(&signature)
+            && let Err(err) = self
+                .store
+                .record_model_signature(&record.tenant_id, &record.id, &signature)
+                .await
+        {
+            tracing::warn!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot store a tenant model's signature");
         }
     }
 

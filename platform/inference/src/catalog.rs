@@ -272,7 +272,8 @@ impl Catalog {
             .contains_key(name)
     }
 
-    /// The model `name` as `tenant` sees it: its own model of that name, else the platform's.
+    /// The model `name` as `tenant` sees it, if it is loaded: its own model of that name (a platform
+    /// model never stands in for one not loaded), else the platform's.
     #[must_use]
     pub fn find(&self, tenant: &TenantId, name: &str) -> Option<Arc<LoadedModel>> {
         let own = self
@@ -284,6 +285,9 @@ impl Catalog {
                 used.store(self.uses.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
                 model.clone()
             });
+        if own.is_some() || self.serves(tenant, name) {
+            return own;
+        }
         own.or_else(|| {
             self.platform
                 .read()

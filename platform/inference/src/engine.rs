@@ -711,22 +711,7 @@ impl LoadedModel {
         texts: Vec<String>,
         want: Task,
     ) -> Result<TextOutput, InferenceError> {
-        if self.info.task != want {
-            return Err(InferenceError::WrongTask(format!(
-                "model `{}` is a {:?} model and cannot serve this task",
-                self.info.name, self.info.task
-            )));
-        }
-        if texts.is_empty() || texts.len() > MAX_TEXTS {
-            return Err(InferenceError::InvalidInput(format!(
-                "inputs: give 1 to {MAX_TEXTS} texts"
-            )));
-        }
-        if let Some(i) = texts.iter().position(|t| t.len() > MAX_TEXT_BYTES) {
-            return Err(InferenceError::InvalidInput(format!(
-                "inputs[{i}]: longer than {MAX_TEXT_BYTES} bytes"
-            )));
-        }
+        check_texts(&self.info, &texts, want)?;
         let (reply, response) = oneshot::channel();
         let items = texts.len();
         let output = self
@@ -792,64 +777,7 @@ impl LoadedModel {
         inputs: Vec<Tensor>,
         outputs: Option<Vec<String>>,
     ) -> Result<Vec<Tensor>, InferenceError> {
-        for expected in &self.info.inputs {
-            let Some(given) = inputs.iter().find(|t| t.name == expected.name) else {
-                return Err(InferenceError::InvalidInput(format!(
-                    "missing input `{}`",
-                    expected.name
-                )));
-            };
-            if given.data.datatype().as_str() != expected.datatype {
-                return Err(InferenceError::InvalidInput(format!(
-                    "input `{}`: datatype {} given, the model expects {}",
-                    expected.name,
-                    given.data.datatype().as_str(),
-                    expected.datatype
-                )));
-            }
-            let fits = given.shape.len() == expected.shape.len()
-                && given
-                    .shape
-                    .iter()
-                    .zip(&expected.shape)
-                    .all(|(g, e)| *e < 0 || g == e);
-            if !fits {
-                return Err(InferenceError::InvalidInput(format!(
-                    "input `{}`: shape {:?} does not fit the model's {:?}",
-                    expected.name, given.shape, expected.shape
-                )));
-            }
-        }
-        if let Some(extra) = inputs
-            .iter()
-            .find(|t| !self.info.inputs.iter().any(|e| e.name == t.name))
-        {
-            return Err(InferenceError::InvalidInput(format!(
-                "the model has no input `{}`",
-                extra.name
-            )));
-        }
-        if let Some(unknown) = outputs
-            .iter()
-            .flatten()
-            .find(|o| !self.info.outputs.iter().any(|e| &e.name == *o))
-        {
-            return Err(InferenceError::InvalidInput(format!(
-                "the model has no output `{unknown}`"
-            )));
-        }
-        // Each name once: an output asked for a million times would be copied out a million times,
-        // and an input given twice leaves which one runs to chance.
-        if let Some(twice) = repeated(inputs.iter().map(|t| t.name.as_str())) {
-            return Err(InferenceError::InvalidInput(format!(
-                "input `{twice}` is given more than once"
-            )));
-        }
-        if let Some(twice) = repeated(outputs.iter().flatten().map(String::as_str)) {
-            return Err(InferenceError::InvalidInput(format!(
-                "output `{twice}` is asked for more than once"
-            )));
-        }
+        check_tensors(&self.info, &inputs, outputs.as_deref())?;
         // Queued at the cost of its batch: a tenant's share counts items, not calls.
         let items = usize::try_from(Self::batch_size(&inputs)?).unwrap_or(1);
         let (reply, response) = oneshot::channel();
@@ -902,6 +830,103 @@ impl LoadedModel {
         }
         Ok(batch.map_or(1, |(_, size)| size).max(1))
     }
+}
+
+/// Refuses texts a model described by `info` cannot run for `want`: another task, none or too many,
+/// one too long. Checked again by the model; a caller may check first, before loading it.
+///
+/// # Errors
+/// `WrongTask` or `InvalidInput`, saying which.
+pub fn check_texts(info: &Model, texts: &[String], want: Task) -> Result<(), InferenceError> {
+    if info.task != want {
+        return Err(InferenceError::WrongTask(format!(
+            "model `{}` is a {:?} model and cannot serve this task",
+            info.name, info.task
+        )));
+    }
+    if texts.is_empty() || texts.len() > MAX_TEXTS {
+        return Err(InferenceError::InvalidInput(format!(
+            "inputs: give 1 to {MAX_TEXTS} texts"
+        )));
+    }
+    if let Some(i) = texts.iter().position(|t| t.len() > MAX_TEXT_BYTES) {
+        return Err(InferenceError::InvalidInput(format!(
+            "inputs[{i}]: longer than {MAX_TEXT_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses protocol inputs that do not fit the signature in `info` (names, datatypes, ranks and fixed
+/// dimensions, each name once), or outputs it does not have. Checked again by the model; a caller may
+/// check first, before loading it.
+///
+/// # Errors
+/// `InvalidInput`, saying which.
+pub fn check_tensors(
+    info: &Model,
+    inputs: &[Tensor],
+    outputs: Option<&[String]>,
+) -> Result<(), InferenceError> {
+    for expected in &info.inputs {
+        let Some(given) = inputs.iter().find(|t| t.name == expected.name) else {
+            return Err(InferenceError::InvalidInput(format!(
+                "missing input `{}`",
+                expected.name
+            )));
+        };
+        if given.data.datatype().as_str() != expected.datatype {
+            return Err(InferenceError::InvalidInput(format!(
+                "input `{}`: datatype {} given, the model expects {}",
+                expected.name,
+                given.data.datatype().as_str(),
+                expected.datatype
+            )));
+        }
+        let fits = given.shape.len() == expected.shape.len()
+            && given
+                .shape
+                .iter()
+                .zip(&expected.shape)
+                .all(|(g, e)| *e < 0 || g == e);
+        if !fits {
+            return Err(InferenceError::InvalidInput(format!(
+                "input `{}`: shape {:?} does not fit the model's {:?}",
+                expected.name, given.shape, expected.shape
+            )));
+        }
+    }
+    if let Some(extra) = inputs
+        .iter()
+        .find(|t| !info.inputs.iter().any(|e| e.name == t.name))
+    {
+        return Err(InferenceError::InvalidInput(format!(
+            "the model has no input `{}`",
+            extra.name
+        )));
+    }
+    if let Some(unknown) = outputs
+        .into_iter()
+        .flatten()
+        .find(|o| !info.outputs.iter().any(|e| &e.name == *o))
+    {
+        return Err(InferenceError::InvalidInput(format!(
+            "the model has no output `{unknown}`"
+        )));
+    }
+    // Each name once: an output asked for a million times would be copied out a million times,
+    // and an input given twice leaves which one runs to chance.
+    if let Some(twice) = repeated(inputs.iter().map(|t| t.name.as_str())) {
+        return Err(InferenceError::InvalidInput(format!(
+            "input `{twice}` is given more than once"
+        )));
+    }
+    if let Some(twice) = repeated(outputs.into_iter().flatten().map(String::as_str)) {
+        return Err(InferenceError::InvalidInput(format!(
+            "output `{twice}` is asked for more than once"
+        )));
+    }
+    Ok(())
 }
 
 /// The first name that comes again in `names`, if any.

@@ -18,7 +18,7 @@ mod tokenizer;
 pub use catalog::{BASE_MODEL, Catalog, builtin_embedding_files, load_builtin};
 pub use engine::{
     Embedder, Engine, EngineSettings, ExecutionProvider, LoadedModel, MAX_TEXTS, ModelFiles, cache_dir,
-    fetched_ort_dylib, lower_this_thread_priority,
+    check_tensors, check_texts, fetched_ort_dylib, lower_this_thread_priority,
 };
 pub use scheduler::{Scheduling, Share};
 pub use tensor::{DataType, Tensor, TensorData};

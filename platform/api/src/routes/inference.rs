@@ -57,33 +57,38 @@ async fn versioned(
 }
 
 /// The version the path names as this server describes it, loaded or not: nothing is loaded to
-/// describe it (but an older version registered before signatures were kept). `None` when there is
-/// no such version, or while the server is still reading tenants' models (`versioned` then says
-/// which).
+/// describe it (but an older version registered before signatures were kept, once).
+///
+/// # Errors
+/// `not_found` for no such model or version; `unavailable` while the server is still reading
+/// tenants' models.
 async fn described(
     state: &AppState,
     auth: &plinth_store::auth::Principal,
     path: &ModelPath,
-) -> ApiResult<Option<plinth_core::inference::Model>> {
-    let Some(newest) = state.models.describe(&auth.tenant_id, &path.name) else {
-        return Ok(None);
-    };
+) -> ApiResult<plinth_core::inference::Model> {
+    let newest = state.hosting.describe(&auth.tenant_id, &path.name)?;
     let Some(asked) = &path.version else {
-        return Ok(Some(newest));
+        return Ok(newest);
     };
-    let Ok(version) = asked.parse::<u32>() else {
-        return Ok(None);
+    let no_such_version = || {
+        ApiError::new(
+            ErrorCode::NotFound,
+            format!("model `{}` has no version {asked}", path.name),
+        )
     };
+    let version: u32 = asked.parse().map_err(|_| no_such_version())?;
     if newest.version == version {
-        return Ok(Some(newest));
+        return Ok(newest);
     }
     if newest.platform {
-        return Ok(None);
+        return Err(no_such_version());
     }
-    Ok(state
+    state
         .hosting
         .describe_version(&auth.tenant_id, &path.name, version)
-        .await?)
+        .await?
+        .ok_or_else(no_such_version)
 }
 
 /// The version the path names, if this replica has it loaded (nothing is loaded to find out).
@@ -112,14 +117,18 @@ pub async fn metadata(
     auth: Auth,
     path: web::Path<ModelPath>,
 ) -> ApiResult<web::Json<ModelMetadata>> {
-    let info = match described(&state, &auth, &path).await? {
-        Some(info) => info,
-        None => versioned(&state, &auth, &path).await?.info().clone(),
-    };
+    let info = described(&state, &auth, &path).await?;
     let versions = if info.platform {
         vec![info.version.to_string()]
     } else {
         let live = state.store.model_versions(&auth.tenant_id, &info.name).await?;
+        // Deleted since it was described.
+        if !live.contains(&info.version) {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("no model named `{}`", info.name),
+            ));
+        }
         live.iter().map(ToString::to_string).collect()
     };
     Ok(web::Json(ModelMetadata {
@@ -142,22 +151,14 @@ pub async fn ready(
     auth: Auth,
     path: web::Path<ModelPath>,
 ) -> ApiResult<HttpResponse> {
-    let loaded = loaded(&state, &auth, &path);
-    let described = match loaded {
-        Some(_) => None,
-        None => described(&state, &auth, &path).await?,
-    };
-    let (name, ready) = match (loaded, described) {
-        (Some(model), _) => (model.info().name.clone(), model.serving()),
-        (None, Some(info)) => {
+    let (name, ready) = match loaded(&state, &auth, &path) {
+        Some(model) => (model.info().name.clone(), model.serving()),
+        None => {
+            let info = described(&state, &auth, &path).await?;
             let failed = state
                 .hosting
                 .load_failed(&auth.tenant_id, &info.name, info.version);
             (info.name, !failed)
-        }
-        (None, None) => {
-            let model = versioned(&state, &auth, &path).await?;
-            (model.info().name.clone(), model.serving())
         }
     };
     let mut response = if ready {
@@ -181,17 +182,15 @@ pub async fn statistics(
     if let Some(model) = loaded(&state, &auth, &path) {
         return Ok(web::Json(model.statistics()));
     }
-    if let Some(info) = described(&state, &auth, &path).await? {
-        return Ok(web::Json(ModelStatistics {
-            name: info.name,
-            version: info.version.to_string(),
-            success_count: 0,
-            failure_count: 0,
-            inference_count: 0,
-            execution_count: 0,
-        }));
-    }
-    Ok(web::Json(versioned(&state, &auth, &path).await?.statistics()))
+    let info = described(&state, &auth, &path).await?;
+    Ok(web::Json(ModelStatistics {
+        name: info.name,
+        version: info.version.to_string(),
+        success_count: 0,
+        failure_count: 0,
+        inference_count: 0,
+        execution_count: 0,
+    }))
 }
 
 /// The server's name, version and protocol extensions (`get_server_metadata()` in Triton's clients).
@@ -292,13 +291,10 @@ pub async fn infer(
     req: HttpRequest,
     payload: web::Payload,
 ) -> ApiResult<HttpResponse> {
-    // A model this server does not describe is answered (`404`; `503` while it starts) before the
-    // body is read; one it describes is loaded (when it is not) only once the body has parsed, so a
-    // malformed call loads nothing.
-    let found = match state.models.describe(&auth.tenant_id, &path.name) {
-        Some(_) => None,
-        None => Some(versioned(&state, &auth, &path).await?),
-    };
+    // No such model or version is answered (`404`; `503` while the server starts) before the body is
+    // read; the model is loaded (when it is not) only for inputs that fit its description, so a call
+    // that cannot run loads nothing.
+    let info = described(&state, &auth, &path).await?;
     let body = read_body(payload, TENSOR_BODY_LIMIT).await?;
     let json_length = json_length(&req, &body)?;
     // The parsed request is let go of before the call waits for the model: only its tensors, its id
@@ -336,13 +332,11 @@ pub async fn infer(
     };
     drop(body);
     let units = usize::try_from(LoadedModel::batch_size(&inputs)?).unwrap_or(1);
-    let model = match found {
-        Some(model) => model,
-        None => versioned(&state, &auth, &path).await?,
-    };
-    let names = wanted
+    let names: Option<Vec<String>> = wanted
         .as_ref()
         .map(|w| w.iter().map(|(name, _)| name.clone()).collect());
+    plinth_inference::check_tensors(&info, &inputs, names.as_deref())?;
+    let model = versioned(&state, &auth, &path).await?;
     let billable = Billable::model(&auth, &path.name, units);
     let work = async {
         Ok(model

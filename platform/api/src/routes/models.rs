@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use actix_web::{HttpResponse, web};
-use plinth_core::inference::{ClassifyResponse, EmbedResponse, Model, TextRequest};
+use plinth_core::inference::{ClassifyResponse, EmbedResponse, Model, Task, TextRequest};
 use plinth_inference::LoadedModel;
 
 use crate::auth::{Auth, scope};
@@ -24,6 +24,19 @@ pub(crate) async fn find_model(
     Ok(state.hosting.find(&auth.tenant_id, name).await?)
 }
 
+/// The model `name` for texts it can run for `task`: they are checked against its description first,
+/// so a call that cannot run loads nothing (a model is loaded only for calls that run, and are billed).
+async fn text_model(
+    state: &AppState,
+    auth: &plinth_store::auth::Principal,
+    name: &str,
+    texts: &[String],
+    task: Task,
+) -> ApiResult<Arc<LoadedModel>> {
+    plinth_inference::check_texts(&state.hosting.describe(&auth.tenant_id, name)?, texts, task)?;
+    find_model(state, auth, name).await
+}
+
 /// Models the caller can use: the platform's and the tenant's own.
 #[utoipa::path(get, path = "/v1/models", operation_id = "list_models", tag = "models", security(("bearer" = [])),
     responses((status = 200, body = Vec<Model>)))]
@@ -41,10 +54,7 @@ pub async fn get(
     auth: Auth,
     name: web::Path<String>,
 ) -> ApiResult<web::Json<Model>> {
-    if let Some(model) = state.models.describe(&auth.tenant_id, &name) {
-        return Ok(web::Json(model));
-    }
-    Ok(web::Json(find_model(&state, &auth, &name).await?.info().clone()))
+    Ok(web::Json(state.hosting.describe(&auth.tenant_id, &name)?))
 }
 
 /// Classify texts: each gets every label's probability and the most likely label. Billed per text.
@@ -66,8 +76,8 @@ pub async fn classify(
     name: web::Path<String>,
     body: web::Json<TextRequest>,
 ) -> ApiResult<HttpResponse> {
-    let model = find_model(&state, &auth, &name).await?;
     let TextRequest { inputs } = body.into_inner();
+    let model = text_model(&state, &auth, &name, &inputs, Task::TextClassification).await?;
     let units = inputs.len();
     let billable = Billable::model(&auth, &name, units);
     let work = async { Ok(model.classify(share(&auth), inputs).await?) };
@@ -97,8 +107,8 @@ pub async fn embed(
     name: web::Path<String>,
     body: web::Json<TextRequest>,
 ) -> ApiResult<HttpResponse> {
-    let model = find_model(&state, &auth, &name).await?;
     let TextRequest { inputs } = body.into_inner();
+    let model = text_model(&state, &auth, &name, &inputs, Task::Embedding).await?;
     let units = inputs.len();
     let billable = Billable::model(&auth, &name, units);
     let work = async { Ok(model.embed(share(&auth), inputs).await?) };
