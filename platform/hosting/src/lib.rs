@@ -592,10 +592,9 @@ impl Hosting {
                     self.remember_failure(version, err);
                 }
             })?;
-        // Registered before signatures were kept: described without loading from now on.
-        if record.signature.is_none() {
-            self.store_signature(record, &model).await;
-        }
+        // Registered before signatures were kept (or with one this runtime reads otherwise): described
+        // as loaded from now on.
+        self.store_signature(record, &model).await;
         Ok(model)
     }
 

@@ -110,8 +110,9 @@ impl Hosting {
         }
     }
 
-    /// Stores the signature of a loaded version in the registry, where it was kept without one (a
-    /// failure is logged: the version is loaded to be described until it is stored).
+    /// Stores the signature of a loaded version in the registry where it was kept without one, or
+    /// with another (a failure is logged: a version kept without one is loaded to be described until
+    /// it is stored).
     pub(crate) async fn store_signature(&self, record: &ModelRecord, model: &plinth_inference::LoadedModel) {
         let signature = model.info().signature();
         if record.signature.as_ref() != Some(&signature)
