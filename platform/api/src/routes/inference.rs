@@ -23,37 +23,30 @@ pub struct ModelPath {
     version: Option<String>,
 }
 
-async fn versioned(
+/// The version `described` found, loaded if it is not: the newest through the catalogue, an older
+/// one kept beside it.
+///
+/// # Errors
+/// `not_found` once the version is gone; a load's failure.
+async fn load_described(
     state: &AppState,
     auth: &plinth_store::auth::Principal,
-    path: &ModelPath,
+    info: &plinth_core::inference::Model,
 ) -> ApiResult<std::sync::Arc<LoadedModel>> {
-    let Some(asked) = &path.version else {
-        return find_model(state, auth, &path.name).await;
-    };
-    let no_such_version = || {
-        ApiError::new(
-            ErrorCode::NotFound,
-            format!("model `{}` has no version {asked}", path.name),
-        )
-    };
-    let version: u32 = asked.parse().map_err(|_| no_such_version())?;
-    // The newest version's number from its description: an older version loads without the newest.
-    let newest = match state.models.describe(&auth.tenant_id, &path.name) {
-        Some(info) => info,
-        None => find_model(state, auth, &path.name).await?.info().clone(),
-    };
-    if newest.version == version {
-        return find_model(state, auth, &path.name).await;
-    }
-    if newest.platform {
-        return Err(no_such_version());
+    let newest = state.hosting.describe(&auth.tenant_id, &info.name)?;
+    if newest.version == info.version {
+        return find_model(state, auth, &info.name).await;
     }
     state
         .hosting
-        .pinned_version(&auth.tenant_id, &path.name, version)
+        .pinned_version(&auth.tenant_id, &info.name, info.version)
         .await?
-        .ok_or_else(no_such_version)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!("model `{}` has no version {}", info.name, info.version),
+            )
+        })
 }
 
 /// The version the path names as this server describes it, loaded or not: nothing is loaded to
@@ -336,7 +329,7 @@ pub async fn infer(
         .as_ref()
         .map(|w| w.iter().map(|(name, _)| name.clone()).collect());
     plinth_inference::check_tensors(&info, &inputs, names.as_deref())?;
-    let model = versioned(&state, &auth, &path).await?;
+    let model = load_described(&state, &auth, &info).await?;
     let billable = Billable::model(&auth, &path.name, units);
     let work = async {
         Ok(model
