@@ -394,6 +394,48 @@ async fn a_graph_asking_for_more_memory_than_tenants_may_use_fails_its_call_and_
             .contains("at most 16777216 are sent back"),
         "{body}"
     );
+    // As JSON an element takes tens of bytes more while the answer is built: past a million, an
+    // answer goes back only in binary (four bytes an element here), and the call is not billed.
+    let billed = async || {
+        app.store()
+            .usage_event_count(&tenant.session.tenant.id)
+            .await
+            .unwrap()
+    };
+    let calls = billed().await;
+    let (status, body) = run_hungry(&app, &tenant, [1_024, 1_025], "ones").await;
+    // (Not the body: answered, it is a million numbers.)
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("invalid_input")),
+        "{}",
+        body["error"]
+    );
+    assert!(
+        body["error"].as_str().unwrap().contains("binary_data_output"),
+        "{body}"
+    );
+    assert_eq!(billed().await, calls);
+    let request = json!({
+        "inputs": [{ "name": "shape", "datatype": "INT64", "shape": [2], "data": [1_024, 1_025] }],
+        "outputs": [{ "name": "ones" }],
+        "parameters": { "binary_data_output": true },
+    });
+    let response = app
+        .http()
+        .post(app.url("/v2/models/hungry/infer"))
+        .bearer_auth(&tenant.key.secret)
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let header: usize = response.headers()["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(response.bytes().await.unwrap().len() - header, 1_024 * 1_025 * 4);
     let answer = other.client.classify("sentiment", &["still here"]).await.unwrap();
     assert_eq!(answer.results.len(), 1);
     // Constant folding would compute a constant part of the graph while the session is built, with
@@ -424,13 +466,13 @@ async fn a_graph_asking_for_more_memory_than_tenants_may_use_fails_its_call_and_
     let manifest = json!({ "name": "repeats-text", "task": "raw" });
     let message = refused(&app, &tenant, "repeats-text.onnx", manifest).await;
     assert!(message.contains("text"), "{message}");
-    // Only the served calls are billed.
+    // Only the served calls are billed: two sums, and the answer sent back in binary.
     let usage = tenant
         .client
         .usage(&plinth_sdk::UsageQuery::default())
         .await
         .unwrap();
-    assert_eq!(usage.total.calls, 2);
+    assert_eq!(usage.total.calls, 3);
 }
 
 /// A plan with room for two models, two versions each, and two and a half copies of `file`.
@@ -795,6 +837,69 @@ async fn tenant_models_past_the_loaded_bound_are_let_go_and_loaded_again_when_ca
     tenant.owner.delete_model("first").await.unwrap();
     let err = tenant.client.classify("first", &["x"]).await.unwrap_err();
     assert_eq!(err.code(), Some(plinth_sdk::ErrorCode::NotFound));
+}
+
+/// Loads take a core from every tenant: a replica spends only so much time loading one tenant's
+/// models, and what would load past that (an upload, a call to a model that was let go) is refused
+/// with when to retry, while the tenant's loaded models and other tenants' loads go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_making_the_server_load_its_models_back_to_back_is_held_to_its_load_budget() {
+    let app = TestApp::spawn_with(|config| {
+        config.tenant_models_loaded = 1;
+        // A millisecond of loading a minute: a load of more than a millisecond owes over a minute,
+        // and whatever would load next waits for it.
+        config.tenant_load_ms_per_minute = 1;
+    })
+    .await;
+    let tenant = app.tenant().await;
+    let other = app.tenant().await;
+    let manifest =
+        |name: &str| json!({ "name": name, "task": "text-classification", "labels": ["no", "yes"] });
+    let classify = async |who: &plinth_tests::TestTenant, name: &str| {
+        let response = app
+            .http()
+            .post(app.url(&format!("/v1/models/{name}/classify")))
+            .bearer_auth(&who.key.secret)
+            .json(&json!({ "inputs": ["alone"] }))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+        let body: Value = response.json().await.unwrap();
+        (status, retry_after, body)
+    };
+    // Owing nothing, the tenant's upload loads (twice: checked, then served), and owes for it.
+    let (status, body) = upload(&app, &tenant, fixture("one-row.onnx"), manifest("first")).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = upload(&app, &tenant, fixture("one-row.onnx"), manifest("second")).await;
+    assert_eq!((status, code(&body)), (429, "rate_limited"), "{body}");
+    // Its loaded model answers as before.
+    let (status, _, body) = classify(&tenant, "first").await;
+    assert_eq!(status, 200, "{body}");
+    // Another tenant's budget is its own: its upload loads (and lets the tenant's model go)...
+    let (status, body) = upload(&app, &other, fixture("one-row.onnx"), manifest("third")).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, _, body) = classify(&other, "third").await;
+    assert_eq!(status, 200, "{body}");
+    // ... and the tenant's call that would load it again waits for its budget.
+    let (status, retry_after, body) = classify(&tenant, "first").await;
+    assert_eq!((status, code(&body)), (429, "rate_limited"), "{body}");
+    assert!(retry_after.is_some_and(|seconds| seconds >= 1), "{retry_after:?}");
+    assert!(counter(&app, "plinth_tenant_model_loads_refused_total").await >= 2.0);
+}
+
+/// The value of an unlabelled counter on `/metrics` (0 before it first counts).
+async fn counter(app: &TestApp, name: &str) -> f64 {
+    let metrics = app.metrics().await;
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Asking about a model that is not loaded (its metadata, readiness or counters, of any version), or

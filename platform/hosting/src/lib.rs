@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod budget;
 mod files;
 mod gate;
 mod sync;
@@ -35,6 +36,10 @@ const CONCURRENT_LOADS: usize = 1;
 
 /// How long a load waits for its turn before the caller is told to come back.
 const LOAD_WAIT: Duration = Duration::from_secs(30);
+
+/// The time a replica spends loading one tenant's models a minute, by default (see
+/// [`Hosting::with_tenant_load_time`]): a quarter of the one turn loads take.
+pub const TENANT_LOAD_TIME_PER_MINUTE: Duration = Duration::from_secs(15);
 
 /// How long a version that failed to load answers its calls with that failure before it is tried
 /// again: each try reads and screens the whole file in the turn every tenant's loads share.
@@ -108,7 +113,9 @@ pub type Result<T, E = HostingError> = std::result::Result<T, E>;
 fn loading_others() -> HostingError {
     HostingError::Refused {
         code: ErrorCode::TenantQueueFull,
-        message: "other models of yours are being loaded (one at a time per tenant); retry shortly".into(),
+        message: "models of yours are being loaded (one at a time per tenant; calls for the same version \
+                  wait for its load); retry shortly"
+            .into(),
         retry_after: Some(Duration::from_secs(5)),
     }
 }
@@ -152,6 +159,8 @@ pub struct Hosting {
     receiving: Arc<Mutex<HashSet<TenantId>>>,
     /// Versions whose load failed as a model (not for want of a turn), with when and why.
     failed_loads: Arc<Mutex<HashMap<gate::Version, (Instant, String)>>>,
+    /// Each tenant's time loading models on this replica (see [`Hosting::with_tenant_load_time`]).
+    load_budget: Arc<budget::LoadBudget>,
 }
 
 impl Hosting {
@@ -168,7 +177,24 @@ impl Hosting {
             uploading: Arc::default(),
             receiving: Arc::default(),
             failed_loads: Arc::default(),
+            load_budget: Arc::new(budget::LoadBudget::new(TENANT_LOAD_TIME_PER_MINUTE)),
         }
+    }
+
+    /// Holds each tenant's loads on this replica (uploads' and calls') to `per_minute` of loading
+    /// time a minute, and a minute's worth in a row; past it, what would load (a call, an upload) is
+    /// answered `rate_limited` with when to retry. Calls to loaded models are not held up.
+    ///
+    /// Every load reads and screens a whole model file, builds its sessions and warms them up: most
+    /// of a core, in the one turn every tenant's loads take. Calls that run, are billed and are rate
+    /// limited could still make loads back to back: calls spread over more models than stay loaded,
+    /// each letting another go; calls that fit a model's description but fail inside its graph
+    /// (refunded); a version uploaded between a call's check and its load; uploads that fail their
+    /// checks. The budget bounds what all of those take, per replica, as the cores are.
+    #[must_use]
+    pub fn with_tenant_load_time(mut self, per_minute: Duration) -> Self {
+        self.load_budget = Arc::new(budget::LoadBudget::new(per_minute));
+        self
     }
 
     /// A tenant's turn to send an upload: one at a time per tenant, as each is staged on disk (up to
@@ -244,14 +270,16 @@ impl Hosting {
     /// # Errors
     /// `unavailable` (retry) when other loads hold the turn too long; the engine's refusal of the
     /// model.
-    async fn load(&self, files: ModelFiles, loading: Loading) -> Result<Arc<LoadedModel>> {
-        self.load_holding(files, loading, ()).await
+    async fn load(&self, tenant: &TenantId, files: ModelFiles, loading: Loading) -> Result<Arc<LoadedModel>> {
+        self.load_holding(tenant, files, loading, ()).await
     }
 
     /// [`Self::load`], holding `held` (a tenant's turn) until the load has finished, even if the caller
-    /// has gone.
+    /// has gone. The load's time is charged to `tenant` (see [`Self::with_tenant_load_time`]): what
+    /// starts it is [`Self::admit_load`]ed first.
     async fn load_holding(
         &self,
+        tenant: &TenantId,
         files: ModelFiles,
         loading: Loading,
         held: impl Send + 'static,
@@ -264,14 +292,18 @@ impl Hosting {
                 retry_after: Some(Duration::from_secs(5)),
             })?
             .map_err(|err| HostingError::internal(err))?;
-        let engine = self.engine.clone();
+        let (engine, budget, tenant) = (self.engine.clone(), self.load_budget.clone(), tenant.clone());
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
             let _held = held;
-            match loading {
+            let started = Instant::now();
+            let loaded = match loading {
                 Loading::Validate => engine.validate(&files),
-                Loading::Accepted => engine.load(&files),
-            }
+                Loading::Accepted => engine.reload(&files),
+            };
+            let now = Instant::now();
+            budget.charge(&tenant, now - started, now);
+            loaded
         })
         .await
         .map_err(|err| HostingError::internal(err))?
@@ -297,6 +329,8 @@ impl Hosting {
         self.store
             .check_model_quota(tenant, &version.name, model.size(), quota)
             .await?;
+        // Both of an upload's loads (checked, then served) are charged; once admitted, it finishes.
+        self.admit_load(tenant)?;
 
         // Loading is the validation, from the staged files, before anything is stored: ONNX Runtime
         // parses the graph, the inputs and outputs must fit the task, and a warm-up must answer in time.
@@ -310,7 +344,7 @@ impl Hosting {
             platform: false,
         };
         let signature = self
-            .load(staged_files.clone(), Loading::Validate)
+            .load(tenant, staged_files.clone(), Loading::Validate)
             .await?
             .info()
             .signature();
@@ -389,6 +423,7 @@ impl Hosting {
         };
         let served = self
             .load(
+                tenant,
                 ModelFiles {
                     version: record.version,
                     model: model_path,
@@ -583,19 +618,54 @@ impl Hosting {
         record: &ModelRecord,
         tenant_turn: gate::Turn<TenantId>,
     ) -> Result<Arc<LoadedModel>> {
-        let files = self.fetch_files(record).await?;
-        let model = self
-            .load_holding(files, Loading::Accepted, tenant_turn)
-            .await
-            .inspect_err(|err| {
-                if err.code() == ErrorCode::InvalidModel {
-                    self.remember_failure(version, err);
-                }
-            })?;
+        self.admit_load(&version.0)?;
+        let loaded = async {
+            let files = self.fetch_files(record).await?;
+            self.load_holding(&version.0, files, Loading::Accepted, tenant_turn)
+                .await
+        };
+        let model = match loaded.await {
+            Ok(model) => model,
+            Err(err) if err.code() == ErrorCode::InvalidModel => {
+                self.remember_failure(version, &err);
+                return Err(err);
+            }
+            // Deleted while it loaded (here or through another replica), its files with it.
+            Err(err) if err.code() == ErrorCode::Internal => {
+                let (tenant, name, number) = &version;
+                return match self.store.model_version(tenant, name, *number).await {
+                    Err(StoreError::NotFound(_)) => Err(HostingError::Refused {
+                        code: ErrorCode::NotFound,
+                        message: format!("no version {number} of a model named `{name}`"),
+                        retry_after: None,
+                    }),
+                    _ => Err(err),
+                };
+            }
+            Err(err) => return Err(err),
+        };
         // Registered before signatures were kept (or with one this runtime reads otherwise): described
         // as loaded from now on.
         self.store_signature(record, &model).await;
         Ok(model)
+    }
+
+    /// Whether `tenant` may load now, within its budget of loading time on this replica.
+    fn admit_load(&self, tenant: &TenantId) -> Result<()> {
+        self.load_budget.admit(tenant, Instant::now()).map_err(|wait| {
+            metrics::counter!("plinth_tenant_model_loads_refused_total").increment(1);
+            let wait = wait.max(Duration::from_secs(1));
+            HostingError::Refused {
+                code: ErrorCode::RateLimited,
+                message: format!(
+                    "this server has spent as much time loading your models as it spends on one tenant's \
+                     (models not called for a while are let go, and loaded again when called); retry in \
+                     {} s",
+                    wait.as_secs()
+                ),
+                retry_after: Some(wait),
+            }
+        })
     }
 
     fn remember_failure(&self, version: gate::Version, err: &HostingError) {

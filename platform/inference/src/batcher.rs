@@ -428,9 +428,16 @@ impl Worker {
     /// One run before serving, so the first caller does not pay for lazy initialisation (and a GPU
     /// that cannot run the model fails at load, not on a customer's call).
     ///
-    /// With a `limit` (uploads: like a caller's run), a graph that would run for ever (a huge loop)
-    /// is terminated there and refused.
-    pub(crate) fn warm_up(&mut self, limit: Option<Duration>) -> Result<(), InferenceError> {
+    /// With a `deadline` (a tenant's model), a graph that would run past it (a huge loop) is
+    /// terminated there and refused, as taking longer than `limit` (the whole load's) to warm up.
+    /// A `new` model (an upload) that finds no memory for one short text is refused too; a version
+    /// accepted before that finds the tenants' run memory full is `Overloaded` (other tenants' runs
+    /// hold it: retry).
+    pub(crate) fn warm_up(
+        &mut self,
+        deadline: Option<(Instant, Duration)>,
+        new: bool,
+    ) -> Result<(), InferenceError> {
         let (Some(plan), Some(tokenizer)) = (&self.setup.text, &self.setup.tokenizer) else {
             return Ok(());
         };
@@ -438,24 +445,32 @@ impl Worker {
         let options = Arc::new(self.setup.run_options()?);
         // Alone at load, a run that finds no memory for one short text asks for too much.
         let too_much = |err| match err {
-            InferenceError::Overloaded => InferenceError::InvalidModel(
+            InferenceError::Overloaded if new => InferenceError::InvalidModel(
                 "the model asks for more memory for one short text than tenants' models may use at once"
                     .into(),
             ),
             other => other,
         };
-        // A version accepted before, loaded again: a full arena is other tenants' runs (`503`, retry),
-        // not the model's failure.
-        let Some(timeout) = limit else {
+        let Some((deadline, limit)) = deadline else {
             return run_text(&mut self.session, tokenizer, plan, &warm_up, &options).map(drop);
         };
+        let too_slow = || {
+            InferenceError::InvalidModel(format!(
+                "the model did not answer one short text in each of its sessions within {:.1} s",
+                limit.as_secs_f64()
+            ))
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(too_slow());
+        }
         let (finished, finishing) = std::sync::mpsc::channel::<()>();
         let watchdog = {
             let options = options.clone();
             std::thread::spawn(move || {
                 // Not when the run finished, nor when it panicked (the sender is gone).
                 let stopped = matches!(
-                    finishing.recv_timeout(timeout),
+                    finishing.recv_timeout(left),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout)
                 );
                 if stopped {
@@ -467,10 +482,7 @@ impl Worker {
         let outcome = run_text(&mut self.session, tokenizer, plan, &warm_up, &options);
         let _ = finished.send(());
         if watchdog.join().unwrap_or(true) {
-            return Err(InferenceError::InvalidModel(format!(
-                "the model did not answer one short text within {:.1} s",
-                timeout.as_secs_f64()
-            )));
+            return Err(too_slow());
         }
         outcome.map(drop).map_err(too_much)
     }

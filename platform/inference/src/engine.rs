@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ort::environment::Environment;
 use ort::session::Session;
@@ -271,19 +271,30 @@ impl Engine {
         self.load_with(files, None)
     }
 
-    /// Loads a model that is being uploaded: as [`Self::load`], with the warm-up bounded by the
-    /// inference timeout (a graph that would run for ever is terminated and refused).
+    /// Loads a tenant's model that is being uploaded: as [`Self::load`], with the warm-ups of all its
+    /// sessions together bounded (see [`TENANT_WARM_UP`]; a graph that would run for ever is
+    /// terminated and refused), and a model that finds no run memory for one short text refused.
     ///
     /// # Errors
     /// As [`Self::load`].
     pub fn validate(&self, files: &ModelFiles) -> Result<Arc<LoadedModel>, InferenceError> {
-        self.load_with(files, Some(self.settings.timeout))
+        self.load_with(files, Some(true))
     }
 
+    /// Loads a tenant's model accepted before: as [`Self::validate`], except that a run memory full
+    /// of other runs is [`InferenceError::Overloaded`] (retry), not the model's failure.
+    ///
+    /// # Errors
+    /// As [`Self::load`].
+    pub fn reload(&self, files: &ModelFiles) -> Result<Arc<LoadedModel>, InferenceError> {
+        self.load_with(files, Some(false))
+    }
+
+    /// `tenant`: for a tenant's model, whether it is new (see [`batcher::Worker::warm_up`]).
     fn load_with(
         &self,
         files: &ModelFiles,
-        warm_up_limit: Option<Duration>,
+        tenant: Option<bool>,
     ) -> Result<Arc<LoadedModel>, InferenceError> {
         let (mut sessions, provider) = match self.settings.provider {
             ExecutionProvider::Cpu => (vec![self.session(files, ExecutionProvider::Cpu)?], "cpu"),
@@ -371,12 +382,18 @@ impl Engine {
             stats: stats.clone(),
         };
         let mut workers = Vec::with_capacity(sessions.len());
+        // One deadline for every session's warm-up: a load holds the turn all tenants' loads share.
+        let limit = self.settings.timeout.min(TENANT_WARM_UP);
+        let deadline = tenant.map(|new| ((Instant::now() + limit, limit), new));
         for session in sessions {
             let mut worker = batcher::Worker {
                 session,
                 setup: setup.clone(),
             };
-            worker.warm_up(warm_up_limit)?;
+            worker.warm_up(
+                deadline.map(|(deadline, _)| deadline),
+                deadline.is_some_and(|(_, new)| new),
+            )?;
             workers.push(worker);
         }
         // How many of heavy tenants' texts a light tenant's run may carry depends on what a text costs
@@ -567,6 +584,11 @@ type NewSession = dyn Fn() -> Result<ort::session::Session, InferenceError> + Se
 #[derive(Debug, Default)]
 struct CurrentWorker(std::sync::Mutex<Option<tokio::task::AbortHandle>>);
 
+/// The most the warm-ups of a tenant's model may take together, in a load (the inference timeout if
+/// it is shorter). A load holds the one turn every tenant's loads take, and a real graph answers one
+/// short text in milliseconds, in seconds on a cold GPU; a graph that loops for longer is refused.
+pub const TENANT_WARM_UP: Duration = Duration::from_secs(10);
+
 /// Longest wait between attempts to replace a dead worker whose new session fails.
 const MOST_RESTART_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -624,7 +646,8 @@ async fn replacement(setup: &batcher::WorkerSetup, new_session: &Arc<NewSession>
                     session: new_session()?,
                     setup,
                 };
-                worker.warm_up(Some(worker.setup.timeout))?;
+                let limit = worker.setup.timeout;
+                worker.warm_up(Some((Instant::now() + limit, limit)), false)?;
                 Ok::<_, InferenceError>(worker)
             }
         })

@@ -186,6 +186,9 @@ pub struct Config {
     /// tenant), least recently used let go first (and loaded again on their next call); 0 keeps every
     /// one loaded.
     pub tenant_models_loaded: usize,
+    /// `PLINTH_TENANT_LOAD_MS_PER_MINUTE`: the time this replica spends loading one tenant's models
+    /// (uploads' and calls') a minute, and a minute's worth in a row; what would load past it is `429`.
+    pub tenant_load_ms_per_minute: u64,
     /// `PLINTH_TENANT_RUN_MEMORY_MIB`: memory tenants' models may allocate at once while they run, all
     /// of them together (weights aside); a run asking for more fails with `400`.
     pub tenant_run_memory_mib: usize,
@@ -272,6 +275,7 @@ impl Default for Config {
             publishes_per_author_per_minute: 2,
             plugin_threads: 0,
             tenant_models_loaded: 32,
+            tenant_load_ms_per_minute: 15_000,
             tenant_run_memory_mib: 4_096,
             metrics_token: None,
             metrics_addr: None,
@@ -382,6 +386,9 @@ impl Config {
         }
         if !(10..=60_000).contains(&self.plugin_deadline_ms) {
             return fail("PLINTH_PLUGIN_DEADLINE_MS must be between 10 and 60000");
+        }
+        if !(1..=60_000).contains(&self.tenant_load_ms_per_minute) {
+            return fail("PLINTH_TENANT_LOAD_MS_PER_MINUTE must be between 1 and 60000");
         }
         if !(64..=1 << 20).contains(&self.tenant_run_memory_mib) {
             return fail("PLINTH_TENANT_RUN_MEMORY_MIB must be between 64 and 1048576");

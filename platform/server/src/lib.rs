@@ -230,7 +230,8 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     .context("cannot start the plugin host")?;
     let (claims, claims_writer) = plinth_store::idempotency::Claims::start(store.clone());
     let (completions, completions_writer) = plinth_store::idempotency::Completions::start(store.clone());
-    let hosting = plinth_hosting::Hosting::new(store.clone(), models.clone(), engine.clone(), model_files);
+    let hosting = plinth_hosting::Hosting::new(store.clone(), models.clone(), engine.clone(), model_files)
+        .with_tenant_load_time(std::time::Duration::from_millis(config.tenant_load_ms_per_minute));
     let secrets = checked_secret_box(config, &store).await?;
     let billing = billing(config, store.clone())?;
     let marketplace = plinth_marketplace::Marketplace::new(

@@ -331,10 +331,31 @@ pub async fn infer(
     plinth_inference::check_tensors(&info, &inputs, names.as_deref())?;
     let model = load_described(&state, &auth, &info).await?;
     let billable = Billable::model(&auth, &path.name, units);
+    let as_binary = |output: &str| {
+        wanted
+            .as_ref()
+            .map_or(all_binary, |w| w.iter().any(|(name, b)| name == output && *b))
+    };
     let work = async {
-        Ok(model
+        let outputs = model
             .infer(crate::routes::models::share(&auth), inputs, names)
-            .await?)
+            .await?;
+        // Checked before the call counts: an answer that cannot go back as asked is not billed.
+        let in_json: usize = outputs
+            .iter()
+            .filter(|t| !as_binary(&t.name))
+            .map(|t| t.data.len())
+            .sum();
+        if in_json > JSON_ANSWER_ELEMENTS {
+            return Err(ApiError::new(
+                ErrorCode::InvalidInput,
+                format!(
+                    "the model answered {in_json} elements to send back as JSON, where at most \
+                     {JSON_ANSWER_ELEMENTS} are; ask for them in binary (`binary_data_output`)"
+                ),
+            ));
+        }
+        Ok(outputs)
     };
     let (outputs, recorded) = metered(&state, &auth, idempotency, request_id, billable, work).await?;
 
@@ -342,9 +363,7 @@ pub async fn infer(
     let outputs = outputs
         .into_iter()
         .map(|t| {
-            let as_binary = wanted
-                .as_ref()
-                .map_or(all_binary, |w| w.iter().any(|(name, b)| *name == t.name && *b));
+            let as_binary = as_binary(&t.name);
             let datatype = t.data.datatype().as_str().to_owned();
             if as_binary {
                 let bytes = t.data.to_binary();
@@ -386,6 +405,12 @@ pub async fn infer(
     bytes.extend_from_slice(&blobs);
     Ok(reply.content_type("application/octet-stream").body(bytes))
 }
+
+/// Elements of an answer sent back as JSON, all outputs together. As JSON an element takes up to
+/// tens of bytes of text, and a `serde_json::Value` (32 bytes) while the answer is built: a run's
+/// largest answer (16 Mi elements) would take about a gigabyte, and a few such calls at once the
+/// process's memory. Larger answers go back in binary, four bytes an element or so.
+const JSON_ANSWER_ELEMENTS: usize = 1 << 20;
 
 /// The binary extension's header: how many leading bytes of the body are the JSON request.
 const HEADER_LENGTH: &str = "Inference-Header-Content-Length";
