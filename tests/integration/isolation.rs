@@ -461,18 +461,35 @@ async fn a_graph_asking_for_more_memory_than_tenants_may_use_fails_its_call_and_
     let manifest = json!({ "name": "wide", "task": "text-classification", "labels": ["no", "yes"] });
     let message = refused(&app, &tenant, "wide.onnx", manifest).await;
     assert!(message.contains("are sent back"), "{message}");
+    // An embedding model 8,192 numbers wide: 100 texts' embeddings (819,200 numbers) go back as
+    // JSON, 200 texts' (1,638,400) do not, and that call is not billed.
+    accepted(
+        &app,
+        &tenant,
+        "broad.onnx",
+        json!({ "name": "broad", "task": "embedding" }),
+    )
+    .await;
+    let texts = vec!["x"; 200];
+    let calls = billed().await;
+    let err = tenant.client.embed("broad", &texts).await.unwrap_err();
+    assert_eq!(err.code(), Some(plinth_sdk::ErrorCode::InvalidInput), "{err:?}");
+    assert!(err.to_string().contains("send fewer texts"), "{err}");
+    assert_eq!(billed().await, calls);
+    let answer = tenant.client.embed("broad", &texts[..100]).await.unwrap();
+    assert_eq!((answer.embeddings.len(), answer.dimensions), (100, 8_192));
 
     // Strings' characters are outside that bound: a graph that could repeat a long one is refused.
     let manifest = json!({ "name": "repeats-text", "task": "raw" });
     let message = refused(&app, &tenant, "repeats-text.onnx", manifest).await;
     assert!(message.contains("text"), "{message}");
-    // Only the served calls are billed: two sums, and the answer sent back in binary.
+    // Only the served calls are billed: two sums, the answer sent back in binary, and the embeddings.
     let usage = tenant
         .client
         .usage(&plinth_sdk::UsageQuery::default())
         .await
         .unwrap();
-    assert_eq!(usage.total.calls, 3);
+    assert_eq!(usage.total.calls, 4);
 }
 
 /// A plan with room for two models, two versions each, and two and a half copies of `file`.
@@ -877,6 +894,10 @@ async fn a_tenant_making_the_server_load_its_models_back_to_back_is_held_to_its_
     assert_eq!(status, 201, "{body}");
     let (status, body) = upload(&app, &tenant, fixture("one-row.onnx"), manifest("second")).await;
     assert_eq!((status, code(&body)), (429, "rate_limited"), "{body}");
+    // Refused before anything was registered (a registered model would be known, and its call
+    // refused for the budget, not unknown).
+    let err = tenant.client.classify("second", &["x"]).await.unwrap_err();
+    assert_eq!(err.code(), Some(plinth_sdk::ErrorCode::NotFound), "{err:?}");
     // Its loaded model answers as before.
     let (status, _, body) = classify(&tenant, "first").await;
     assert_eq!(status, 200, "{body}");

@@ -9,12 +9,12 @@
 //! is let in while the tenant owes no more than the burst, and its time is charged when it ends.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use plinth_core::id::TenantId;
 
-/// Loading time each tenant may take in a row, as wall time owed: a minute.
+/// Wall time a tenant may owe and still load: a minute, that is `per_minute` of loading in a row.
 const BURST: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
@@ -56,8 +56,33 @@ impl LoadBudget {
         *until = (*until).max(now) + owed;
     }
 
+    /// Charges `tenant` for a load starting now, when the returned guard drops (however the load
+    /// ends: a load that panics is charged too).
+    pub(crate) fn charge_on_drop(self: &Arc<Self>, tenant: TenantId) -> Charge {
+        Charge {
+            budget: self.clone(),
+            tenant,
+            started: Instant::now(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, Instant>> {
         self.owed_until.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A load in progress, charged to its tenant when dropped.
+#[derive(Debug)]
+pub(crate) struct Charge {
+    budget: Arc<LoadBudget>,
+    tenant: TenantId,
+    started: Instant,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        self.budget.charge(&self.tenant, now - self.started, now);
     }
 }
 
@@ -82,6 +107,21 @@ mod tests {
         assert_eq!(budget.admit(&tenant, at(11)), Ok(()));
         // Another tenant owes nothing.
         assert_eq!(budget.admit(&other, at(7)), Ok(()));
+    }
+
+    #[test]
+    fn a_load_is_charged_however_it_ends() {
+        // A millisecond a minute: a load of 2 ms owes two minutes.
+        let budget = Arc::new(LoadBudget::new(Duration::from_millis(1)));
+        let tenant = TenantId::new();
+        let panicked = std::panic::catch_unwind(|| {
+            let _charge = budget.charge_on_drop(tenant.clone());
+            std::thread::sleep(Duration::from_millis(2));
+            panic!("the load panicked");
+        });
+        assert!(panicked.is_err());
+        let wait = budget.admit(&tenant, Instant::now()).expect_err("charged");
+        assert!(wait >= Duration::from_secs(59), "{wait:?}");
     }
 
     #[test]

@@ -296,14 +296,11 @@ impl Hosting {
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
             let _held = held;
-            let started = Instant::now();
-            let loaded = match loading {
+            let _charge = budget.charge_on_drop(tenant);
+            match loading {
                 Loading::Validate => engine.validate(&files),
                 Loading::Accepted => engine.reload(&files),
-            };
-            let now = Instant::now();
-            budget.charge(&tenant, now - started, now);
-            loaded
+            }
         })
         .await
         .map_err(|err| HostingError::internal(err))?
@@ -570,7 +567,20 @@ impl Hosting {
         }
         self.failed_recently(&key)?;
         let record = self.store.model_version(tenant, name, version).await?;
-        let model = self.load_accepted(key, &record, tenant_turn).await?;
+        let model = match self.load_accepted(key, &record, tenant_turn).await {
+            // The version being loaded was deleted meanwhile: the model is gone, or has another newest.
+            Err(err) if err.code() == ErrorCode::NotFound => {
+                if self.store.model_versions(tenant, name).await?.is_empty() {
+                    return Err(gone());
+                }
+                return Err(HostingError::Refused {
+                    code: ErrorCode::Unavailable,
+                    message: format!("the version of `{name}` being loaded was deleted meanwhile; retry"),
+                    retry_after: Some(Duration::from_secs(1)),
+                });
+            }
+            loaded => loaded?,
+        };
         // Another call may have loaded it while this one waited for its turn: one copy is served.
         if let Some(loaded) = self.catalog.find(tenant, name) {
             return Ok(loaded);
@@ -654,7 +664,9 @@ impl Hosting {
     fn admit_load(&self, tenant: &TenantId) -> Result<()> {
         self.load_budget.admit(tenant, Instant::now()).map_err(|wait| {
             metrics::counter!("plinth_tenant_model_loads_refused_total").increment(1);
-            let wait = wait.max(Duration::from_secs(1));
+            // In whole seconds, rounded up: a client that waits as told is let in.
+            let wait = Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+                .max(Duration::from_secs(1));
             HostingError::Refused {
                 code: ErrorCode::RateLimited,
                 message: format!(

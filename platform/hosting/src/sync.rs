@@ -87,24 +87,22 @@ impl Hosting {
                 return false;
             }
         };
-        let engine = self.engine.clone();
-        match tokio::task::spawn_blocking(move || engine.load(&files)).await {
+        // In the turn every load takes, charged to the tenant, within the warm-up deadline.
+        match self
+            .load_holding(&record.tenant_id, files, crate::Loading::Accepted, ())
+            .await
+        {
             // A delete or a newer upload since the registry was read wins.
-            Ok(Ok(model)) => {
+            Ok(model) => {
                 self.store_signature(record, &model).await;
                 if let Err(err) = self.serve_if_current(&record.tenant_id, model).await {
                     tracing::error!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot check a tenant model is current");
                 }
                 true
             }
-            Ok(Err(err)) => {
-                metrics::counter!("plinth_model_load_failures_total").increment(1);
-                tracing::error!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot load a tenant model");
-                false
-            }
             Err(err) => {
                 metrics::counter!("plinth_model_load_failures_total").increment(1);
-                tracing::error!(error = %err, "model loading panicked");
+                tracing::error!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot load a tenant model");
                 false
             }
         }

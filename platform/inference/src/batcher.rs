@@ -429,10 +429,10 @@ impl Worker {
     /// that cannot run the model fails at load, not on a customer's call).
     ///
     /// With a `deadline` (a tenant's model), a graph that would run past it (a huge loop) is
-    /// terminated there and refused, as taking longer than `limit` (the whole load's) to warm up.
-    /// A `new` model (an upload) that finds no memory for one short text is refused too; a version
-    /// accepted before that finds the tenants' run memory full is `Overloaded` (other tenants' runs
-    /// hold it: retry).
+    /// terminated there. A `new` model (an upload) is then refused, as taking longer than `limit`
+    /// (the whole load's) to warm up, and so is one that finds no memory for one short text. A
+    /// version accepted before is not judged by one slow load (a busy machine, a cold GPU): it is
+    /// `Timeout`, and a run memory full of other tenants' runs `Overloaded`, both to retry.
     pub(crate) fn warm_up(
         &mut self,
         deadline: Option<(Instant, Duration)>,
@@ -455,6 +455,9 @@ impl Worker {
             return run_text(&mut self.session, tokenizer, plan, &warm_up, &options).map(drop);
         };
         let too_slow = || {
+            if !new {
+                return InferenceError::Timeout;
+            }
             InferenceError::InvalidModel(format!(
                 "the model did not answer one short text in each of its sessions within {:.1} s",
                 limit.as_secs_f64()

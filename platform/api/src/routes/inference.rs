@@ -406,11 +406,12 @@ pub async fn infer(
     Ok(reply.content_type("application/octet-stream").body(bytes))
 }
 
-/// Elements of an answer sent back as JSON, all outputs together. As JSON an element takes up to
-/// tens of bytes of text, and a `serde_json::Value` (32 bytes) while the answer is built: a run's
-/// largest answer (16 Mi elements) would take about a gigabyte, and a few such calls at once the
-/// process's memory. Larger answers go back in binary, four bytes an element or so.
-const JSON_ANSWER_ELEMENTS: usize = 1 << 20;
+/// Numbers of an answer sent back as JSON, all outputs (or embeddings) together. As JSON a number
+/// takes up to tens of bytes of text, and a `serde_json::Value` (32 bytes) while a protocol answer
+/// is built: a run's largest answer (16 Mi elements) would take about a gigabyte, and a few such
+/// calls at once the process's memory. Larger protocol answers go back in binary, four bytes an
+/// element or so; larger embeddings, in calls of fewer texts.
+pub(crate) const JSON_ANSWER_ELEMENTS: usize = 1 << 20;
 
 /// The binary extension's header: how many leading bytes of the body are the JSON request.
 const HEADER_LENGTH: &str = "Inference-Header-Content-Length";

@@ -3,13 +3,15 @@
 use std::sync::Arc;
 
 use actix_web::{HttpResponse, web};
+use plinth_core::ErrorCode;
 use plinth_core::inference::{ClassifyResponse, EmbedResponse, Model, Task, TextRequest};
 use plinth_inference::LoadedModel;
 
 use crate::auth::{Auth, scope};
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 use crate::metering::{Billable, IdempotencyKey, billed_json, metered};
 use crate::request_id::RequestId;
+use crate::routes::inference::JSON_ANSWER_ELEMENTS;
 use crate::state::AppState;
 
 /// The caller's share of a contended model: its tenant, and its plan's weight.
@@ -111,7 +113,21 @@ pub async fn embed(
     let model = text_model(&state, &auth, &name, &inputs, Task::Embedding).await?;
     let units = inputs.len();
     let billable = Billable::model(&auth, &name, units);
-    let work = async { Ok(model.embed(share(&auth), inputs).await?) };
+    let work = async {
+        let embeddings = model.embed(share(&auth), inputs).await?;
+        // Checked before the call counts: an answer that cannot go back is not billed.
+        let numbers: usize = embeddings.iter().map(Vec::len).sum();
+        if numbers > JSON_ANSWER_ELEMENTS {
+            return Err(ApiError::new(
+                ErrorCode::InvalidInput,
+                format!(
+                    "the embeddings of these texts take {numbers} numbers, where an answer takes at most \
+                     {JSON_ANSWER_ELEMENTS}; send fewer texts at once"
+                ),
+            ));
+        }
+        Ok(embeddings)
+    };
     let (embeddings, recorded) = metered(&state, &auth, idempotency, request_id, billable, work).await?;
     let reply = EmbedResponse {
         model: model.info().name.clone(),
