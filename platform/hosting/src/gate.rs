@@ -1,7 +1,7 @@
 //! Tenants' models loaded on demand take turns twice before the turns every tenant shares: calls for
 //! the same version line up behind one load and find it done, and a tenant's loads line up behind
-//! each other. Asking for many versions at once then queues only the tenant's own calls: another
-//! tenant waits for at most one of its loads.
+//! each other. Asking for many versions at once then queues only the tenant's own calls: it has one
+//! load at a time in the line every tenant shares (see `budget`).
 
 use std::collections::HashMap;
 use std::hash::Hash;

@@ -31,7 +31,8 @@ use crate::files::Shared;
 pub use crate::files::Staged;
 
 /// Models loaded on demand (uploads, older versions) at once, across tenants: each load builds
-/// sessions and may take a core for seconds.
+/// sessions and may take a core for seconds. A freed turn goes to the heaviest plan's load, then the
+/// tenant's owing least loading time (see [`budget`]).
 const CONCURRENT_LOADS: usize = 1;
 
 /// How long a load waits for its turn before the caller is told to come back.
@@ -148,8 +149,6 @@ pub struct Hosting {
     files: Blobs,
     /// Held while files are added or removed, and while a version is checked to be current.
     files_lock: Arc<tokio::sync::Mutex<()>>,
-    /// Turns for loading models on demand (see [`Hosting::load`]).
-    loading: Arc<tokio::sync::Semaphore>,
     /// Each tenant's place in line for those turns.
     load_gate: Arc<gate::LoadGate>,
     /// Models being uploaded through this replica (tenant, name): the catalogue sync leaves them to
@@ -159,7 +158,8 @@ pub struct Hosting {
     receiving: Arc<Mutex<HashSet<TenantId>>>,
     /// Versions whose load failed as a model (not for want of a turn), with when and why.
     failed_loads: Arc<Mutex<HashMap<gate::Version, (Instant, String)>>>,
-    /// Each tenant's time loading models on this replica (see [`Hosting::with_tenant_load_time`]).
+    /// Each tenant's time loading models on this replica (see [`Hosting::with_tenant_load_time`]),
+    /// and the turns loads take (see [`Hosting::load`]).
     load_budget: Arc<budget::LoadBudget>,
 }
 
@@ -172,12 +172,14 @@ impl Hosting {
             engine,
             files,
             files_lock: Arc::default(),
-            loading: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_LOADS)),
             load_gate: Arc::default(),
             uploading: Arc::default(),
             receiving: Arc::default(),
             failed_loads: Arc::default(),
-            load_budget: Arc::new(budget::LoadBudget::new(TENANT_LOAD_TIME_PER_MINUTE)),
+            load_budget: Arc::new(budget::LoadBudget::new(
+                TENANT_LOAD_TIME_PER_MINUTE,
+                CONCURRENT_LOADS,
+            )),
         }
     }
 
@@ -193,7 +195,7 @@ impl Hosting {
     /// checks. The budget bounds what all of those take, per replica, as the cores are.
     #[must_use]
     pub fn with_tenant_load_time(mut self, per_minute: Duration) -> Self {
-        self.load_budget = Arc::new(budget::LoadBudget::new(per_minute));
+        self.load_budget = Arc::new(budget::LoadBudget::new(per_minute, CONCURRENT_LOADS));
         self
     }
 
@@ -264,39 +266,46 @@ impl Hosting {
         }
     }
 
-    /// Loads a model on a blocking thread, one at a time (see [`CONCURRENT_LOADS`]). The turn is held
-    /// until the load really ends, even when the caller stops waiting for it.
+    /// Loads a model on a blocking thread, one at a time (see [`CONCURRENT_LOADS`]), for `tenant`
+    /// whose plan weighs `weight` in the turn. The turn is held until the load really ends, even when
+    /// the caller stops waiting for it.
     ///
     /// # Errors
     /// `unavailable` (retry) when other loads hold the turn too long; the engine's refusal of the
     /// model.
-    async fn load(&self, tenant: &TenantId, files: ModelFiles, loading: Loading) -> Result<Arc<LoadedModel>> {
-        self.load_holding(tenant, files, loading, ()).await
+    async fn load(
+        &self,
+        tenant: &TenantId,
+        weight: u32,
+        files: ModelFiles,
+        loading: Loading,
+    ) -> Result<Arc<LoadedModel>> {
+        self.load_holding(tenant, weight, files, loading, ()).await
     }
 
     /// [`Self::load`], holding `held` (a tenant's turn) until the load has finished, even if the caller
-    /// has gone. The load's time is charged to `tenant` (see [`Self::with_tenant_load_time`]): what
-    /// starts it is [`Self::admit_load`]ed first.
+    /// has gone. The time the load holds its turn is charged to `tenant` (see
+    /// [`Self::with_tenant_load_time`]): what starts it is [`Self::admit_load`]ed first.
     async fn load_holding(
         &self,
         tenant: &TenantId,
+        weight: u32,
         files: ModelFiles,
         loading: Loading,
         held: impl Send + 'static,
     ) -> Result<Arc<LoadedModel>> {
-        let turn = tokio::time::timeout(LOAD_WAIT, self.loading.clone().acquire_owned())
+        let turn = tokio::time::timeout(LOAD_WAIT, self.load_budget.turn(tenant, weight))
             .await
             .map_err(|_| HostingError::Refused {
                 code: ErrorCode::Unavailable,
                 message: "other models are loading; retry shortly".into(),
                 retry_after: Some(Duration::from_secs(5)),
             })?
-            .map_err(|err| HostingError::internal(err))?;
-        let (engine, budget, tenant) = (self.engine.clone(), self.load_budget.clone(), tenant.clone());
+            .ok_or_else(|| HostingError::internal("the turn to load was never handed on"))?;
+        let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
             let _held = held;
-            let _charge = budget.charge_on_drop(tenant);
             match loading {
                 Loading::Validate => engine.validate(&files),
                 Loading::Accepted => engine.reload(&files),
@@ -340,11 +349,17 @@ impl Hosting {
             tokenizer: tokenizer.as_ref().map(|t| t.path().to_path_buf()),
             platform: false,
         };
-        let signature = self
-            .load(tenant, staged_files.clone(), Loading::Validate)
+        let validated = self
+            .load(
+                tenant,
+                quota.scheduling_weight,
+                staged_files.clone(),
+                Loading::Validate,
+            )
             .await?
             .info()
-            .signature();
+            .clone();
+        let signature = validated.signature();
         let described = serde_json::to_vec(&signature).map_or(usize::MAX, |json| json.len());
         if described > MAX_SIGNATURE_BYTES {
             return Err(HostingError::Refused {
@@ -418,9 +433,14 @@ impl Hosting {
                 }
             }
         };
+        // Registered: the upload is kept whatever happens next, so it answers as uploaded (a failure
+        // now would be sent again, as another version). Served at once if it loads from where it is
+        // stored; if that load fails (a busy machine past the warm-up deadline, no turn in time), it
+        // is described from the registry and loaded on its first call, as after a restart.
         let served = self
             .load(
                 tenant,
+                quota.scheduling_weight,
                 ModelFiles {
                     version: record.version,
                     model: model_path,
@@ -429,9 +449,31 @@ impl Hosting {
                 },
                 Loading::Accepted,
             )
-            .await?;
-        self.serve_if_current(tenant, served.clone()).await?;
-        Ok(served.info().clone())
+            .await;
+        let uploaded = match served {
+            Ok(served) => {
+                let info = served.info().clone();
+                if let Err(err) = self.serve_if_current(tenant, served).await {
+                    // The catalogue sync serves it here once the registry answers again.
+                    tracing::warn!(%tenant, model = %record.name, error = %err, "cannot check an uploaded model is current");
+                }
+                info
+            }
+            Err(err) => {
+                metrics::counter!("plinth_model_load_failures_total").increment(1);
+                tracing::warn!(%tenant, model = %record.name, version = record.version, error = %err, "an uploaded model did not load to serve; it loads on its first call");
+                // As its check loaded it, numbered.
+                let info = Model {
+                    version: record.version,
+                    ..validated
+                };
+                if let Err(err) = self.know_if_current(&record, info.clone()).await {
+                    tracing::warn!(%tenant, model = %record.name, error = %err, "cannot check an uploaded model is current");
+                }
+                info
+            }
+        };
+        Ok(uploaded)
     }
 
     /// Deletes a tenant model, every version: it stops serving at once, and its files go once no live
@@ -474,18 +516,24 @@ impl Hosting {
         Ok(())
     }
 
-    /// The model `name` as `tenant` sees it: the platform's or its own, loaded again if it was let go.
+    /// The model `name` as `tenant` sees it: the platform's or its own, loaded again if it was let go
+    /// (in a turn its `plan` weighs in).
     ///
     /// # Errors
     /// `not_found` when there is no such model; `unavailable` (retry shortly) while the server has
     /// just started and is still reading tenants' models; a load's failure.
-    pub async fn find(&self, tenant: &TenantId, name: &str) -> Result<Arc<LoadedModel>> {
+    pub async fn find(
+        &self,
+        tenant: &TenantId,
+        plan: &PlanIsolation,
+        name: &str,
+    ) -> Result<Arc<LoadedModel>> {
         if let Some(model) = self.catalog.find(tenant, name) {
             return Ok(model);
         }
         if self.catalog.serves(tenant, name) {
             // Not loaded since start-up, or let go of to bound memory: loaded for this call.
-            return self.reload(tenant, name).await;
+            return self.reload(tenant, plan, name).await;
         }
         Err(self.unknown(name))
     }
@@ -548,15 +596,15 @@ impl Hosting {
     /// # Errors
     /// `not_found` once the model is gone; `unavailable` (retry) when a newer version came while this
     /// one loaded; a load's failure (kept for [`FAILED_LOAD_KEPT`] and answered without trying again).
-    pub async fn reload(&self, tenant: &TenantId, name: &str) -> Result<Arc<LoadedModel>> {
-        let gone = || HostingError::Refused {
-            code: ErrorCode::NotFound,
-            message: format!("no model named `{name}`"),
-            retry_after: None,
-        };
+    pub async fn reload(
+        &self,
+        tenant: &TenantId,
+        plan: &PlanIsolation,
+        name: &str,
+    ) -> Result<Arc<LoadedModel>> {
         let versions = self.store.model_versions(tenant, name).await?;
         let Some(&version) = versions.last() else {
-            return Err(gone());
+            return Err(no_model(name));
         };
         let key = (tenant.clone(), name.to_owned(), version);
         self.failed_recently(&key)?;
@@ -567,17 +615,14 @@ impl Hosting {
         }
         self.failed_recently(&key)?;
         let record = self.store.model_version(tenant, name, version).await?;
-        let model = match self.load_accepted(key, &record, tenant_turn).await {
-            // The version being loaded was deleted meanwhile: the model is gone, or has another newest.
+        let model = match self
+            .load_accepted(key, plan.scheduling_weight, &record, tenant_turn)
+            .await
+        {
             Err(err) if err.code() == ErrorCode::NotFound => {
-                if self.store.model_versions(tenant, name).await?.is_empty() {
-                    return Err(gone());
-                }
-                return Err(HostingError::Refused {
-                    code: ErrorCode::Unavailable,
-                    message: format!("the version of `{name}` being loaded was deleted meanwhile; retry"),
-                    retry_after: Some(Duration::from_secs(1)),
-                });
+                return Err(self
+                    .newest_moved(tenant, name, "the version being loaded was deleted meanwhile")
+                    .await);
             }
             loaded => loaded?,
         };
@@ -586,17 +631,26 @@ impl Hosting {
             return Ok(loaded);
         }
         if !self.serve_if_current(tenant, model.clone()).await? {
-            if self.store.model_versions(tenant, name).await?.is_empty() {
-                return Err(gone());
-            }
-            return Err(HostingError::Refused {
-                code: ErrorCode::Unavailable,
-                message: format!("a newer version of `{name}` was uploaded while this one loaded; retry"),
-                retry_after: Some(Duration::from_secs(1)),
-            });
+            return Err(self
+                .newest_moved(tenant, name, "a newer version was uploaded while this one loaded")
+                .await);
         }
         metrics::counter!("plinth_tenant_models_reloaded_total").increment(1);
         Ok(model)
+    }
+
+    /// Why a load of `name`'s newest version does not serve, when its newest version changed while it
+    /// loaded (`why`): the model is gone (`not_found`), or has another newest version to retry for.
+    async fn newest_moved(&self, tenant: &TenantId, name: &str, why: &str) -> HostingError {
+        match self.store.model_versions(tenant, name).await {
+            Ok(versions) if versions.is_empty() => no_model(name),
+            Ok(_) => HostingError::Refused {
+                code: ErrorCode::Unavailable,
+                message: format!("{why} (model `{name}`); retry"),
+                retry_after: Some(Duration::from_secs(1)),
+            },
+            Err(err) => err.into(),
+        }
     }
 
     /// Whether this version's load failed recently, so that its calls are answered with the failure
@@ -625,13 +679,14 @@ impl Hosting {
     async fn load_accepted(
         &self,
         version: gate::Version,
+        weight: u32,
         record: &ModelRecord,
         tenant_turn: gate::Turn<TenantId>,
     ) -> Result<Arc<LoadedModel>> {
         self.admit_load(&version.0)?;
         let loaded = async {
             let files = self.fetch_files(record).await?;
-            self.load_holding(&version.0, files, Loading::Accepted, tenant_turn)
+            self.load_holding(&version.0, weight, files, Loading::Accepted, tenant_turn)
                 .await
         };
         let model = match loaded.await {
@@ -694,6 +749,7 @@ impl Hosting {
     pub async fn pinned_version(
         &self,
         tenant: &TenantId,
+        plan: &PlanIsolation,
         name: &str,
         version: u32,
     ) -> Result<Option<Arc<LoadedModel>>> {
@@ -713,7 +769,9 @@ impl Hosting {
             other => other?,
         };
         // Loads take turns; one that waited may find the version loaded by now.
-        let model = self.load_accepted(key, &record, tenant_turn).await?;
+        let model = self
+            .load_accepted(key, plan.scheduling_weight, &record, tenant_turn)
+            .await?;
         if let Some(loaded) = self.catalog.find_version(tenant, name, version) {
             return Ok(Some(loaded));
         }
@@ -736,6 +794,7 @@ impl Hosting {
     pub async fn describe_version(
         &self,
         tenant: &TenantId,
+        plan: &PlanIsolation,
         name: &str,
         version: u32,
     ) -> Result<Option<Model>> {
@@ -749,7 +808,7 @@ impl Hosting {
         match sync::describe(&record, self.runs_on()) {
             Some(info) => Ok(Some(info)),
             None => Ok(self
-                .pinned_version(tenant, name, version)
+                .pinned_version(tenant, plan, name, version)
                 .await?
                 .map(|model| model.info().clone())),
         }
@@ -791,6 +850,15 @@ impl Hosting {
             tokenizer,
             platform: false,
         })
+    }
+}
+
+/// The refusal of a call to a tenant model that no longer exists.
+fn no_model(name: &str) -> HostingError {
+    HostingError::Refused {
+        code: ErrorCode::NotFound,
+        message: format!("no model named `{name}`"),
+        retry_after: None,
     }
 }
 
@@ -926,6 +994,98 @@ mod tests {
         }
     }
 
+    /// Signups are free: loads queued by any number of fresh accounts, each within its own budget
+    /// and owing nothing, do not go ahead of a paying tenant's load, even one that has just loaded;
+    /// and every load queued gets its turn in the end.
+    #[tokio::test]
+    async fn fresh_free_accounts_queuing_loads_do_not_go_ahead_of_a_paying_tenants() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hosting, paying) = hosting(dir.path()).await;
+        let staged = hosting.stage_bytes(&model_bytes()).await.unwrap();
+        let files = ModelFiles {
+            name: "queued".into(),
+            version: 1,
+            task: Task::Raw,
+            labels: Vec::new(),
+            model: staged.path().to_path_buf(),
+            tokenizer: None,
+            platform: false,
+        };
+        // The paying tenant has just loaded for 5 s; a load of someone else's holds the turn.
+        hosting
+            .load_budget
+            .charge(&paying, Duration::from_secs(5), Instant::now());
+        let held = hosting.load_budget.turn(&TenantId::new(), 1).await.unwrap();
+        let (done, mut finished) = tokio::sync::mpsc::unbounded_channel();
+        let queue = |tenant: TenantId, weight: u32| {
+            let (hosting, files, done) = (hosting.clone(), files.clone(), done.clone());
+            tokio::spawn(async move {
+                let loaded = hosting.load(&tenant, weight, files, Loading::Accepted).await;
+                done.send((tenant, loaded.is_ok())).unwrap();
+            });
+        };
+        let waiting = || hosting.load_budget.waiting();
+        let sybils: Vec<TenantId> = (0..8).map(|_| TenantId::new()).collect();
+        for (tenant, weight) in sybils
+            .iter()
+            .map(|sybil| (sybil, PlanIsolation::FREE.scheduling_weight))
+            .chain([(&paying, 4)])
+        {
+            let before = waiting();
+            queue(tenant.clone(), weight);
+            while waiting() == before {
+                tokio::task::yield_now().await;
+            }
+        }
+
+        drop(held);
+        assert_eq!(finished.recv().await, Some((paying.clone(), true)));
+        let mut rest = Vec::new();
+        for _ in &sybils {
+            let (tenant, loaded) = finished.recv().await.unwrap();
+            assert!(loaded);
+            rest.push(tenant);
+        }
+        // Free accounts owing nothing, in the order they asked.
+        assert_eq!(rest, sybils);
+    }
+
+    /// An upload is kept once registered, so it answers as uploaded whatever its serving load does:
+    /// a load that fails then (past the warm-up deadline on a busy machine, no turn in time) leaves
+    /// the model described and loaded on its first call, where a failure would have the client send
+    /// it again as another version of its quota.
+    #[tokio::test]
+    async fn an_upload_whose_serving_load_fails_is_kept_and_loads_on_its_first_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hosting, tenant) = hosting(dir.path()).await;
+        let who = Who::internal(Who::OPERATOR);
+        let bytes = model_bytes();
+        let staged = hosting.stage_bytes(&bytes).await.unwrap();
+        // The copy the serving load reads (the check reads the staged one) is not a graph.
+        let stored = dir
+            .path()
+            .join("models")
+            .join(format!("{}.onnx", staged.sha256()));
+        std::fs::write(&stored, b"not a graph").unwrap();
+
+        let uploaded = hosting
+            .install(&tenant, &who, &PlanIsolation::FREE, version("kept"), staged, None)
+            .await
+            .expect("registered, so uploaded");
+        assert_eq!(uploaded.version, 1);
+        assert_eq!(hosting.store.model_versions(&tenant, "kept").await.unwrap(), [1]);
+        assert_eq!(
+            hosting.catalog.describe(&tenant, "kept").as_ref(),
+            Some(&uploaded)
+        );
+        assert_eq!(hosting.catalog.loaded_tenant_models(), 0);
+
+        std::fs::write(&stored, &bytes).unwrap();
+        let loaded = hosting.find(&tenant, &PlanIsolation::FREE, "kept").await.unwrap();
+        assert_eq!(loaded.info(), &uploaded);
+        assert_eq!(hosting.catalog.loaded_tenant_models(), 1);
+    }
+
     /// A replica starting up lists every tenant model with its inputs and outputs, read from the
     /// registry, and loads none until it is called: start-up does not grow with the models tenants
     /// keep. A version registered before signatures were kept is loaded once, and its signature kept.
@@ -962,7 +1122,10 @@ mod tests {
             started.catalog.describe(&tenant, "second").as_ref(),
             uploaded.get(1)
         );
-        let first = started.find(&tenant, "first").await.unwrap();
+        let first = started
+            .find(&tenant, &PlanIsolation::FREE, "first")
+            .await
+            .unwrap();
         assert_eq!(first.info(), &uploaded[0]);
         assert_eq!(started.catalog.loaded_tenant_models(), 1);
 
@@ -1066,7 +1229,7 @@ mod tests {
         assert!(hosting.catalog.find(&other, "theirs").is_some());
         assert_eq!(hosting.catalog.loaded_tenant_models(), 2);
         // Its first model, let go, loads again on call, and its other one goes.
-        hosting.find(&tenant, "a").await.unwrap();
+        hosting.find(&tenant, &PlanIsolation::FREE, "a").await.unwrap();
         assert!(hosting.catalog.find(&tenant, "e").is_none());
 
         let key = (tenant.clone(), "e".to_owned(), 1);
@@ -1075,13 +1238,16 @@ mod tests {
             &HostingError::Inference(InferenceError::InvalidModel("no kernel for an operator".into())),
         );
         assert!(hosting.load_failed(&tenant, "e", 1));
-        let refused = hosting.find(&tenant, "e").await.unwrap_err();
+        let refused = hosting
+            .find(&tenant, &PlanIsolation::FREE, "e")
+            .await
+            .unwrap_err();
         assert_eq!(refused.code(), ErrorCode::InvalidModel);
         assert!(refused.to_string().contains("no kernel"), "{refused}");
         assert!(hosting.catalog.find(&tenant, "e").is_none());
         hosting.failed_loads.lock().unwrap().get_mut(&key).unwrap().0 -= FAILED_LOAD_KEPT;
         assert!(!hosting.load_failed(&tenant, "e", 1));
-        hosting.find(&tenant, "e").await.unwrap();
+        hosting.find(&tenant, &PlanIsolation::FREE, "e").await.unwrap();
     }
 
     /// Without any HTTP: an upload is checked, stored by its hash, served, held to its plan's quota,
@@ -1136,7 +1302,10 @@ mod tests {
         hosting.delete_model(&tenant, &who, "scorer").await.unwrap();
         assert!(hosting.catalog.find(&tenant, "scorer").is_none());
         assert!(!stored.exists(), "the deleted model's file stayed");
-        let gone = hosting.reload(&tenant, "scorer").await.unwrap_err();
+        let gone = hosting
+            .reload(&tenant, &PlanIsolation::FREE, "scorer")
+            .await
+            .unwrap_err();
         assert!(
             matches!(
                 gone,

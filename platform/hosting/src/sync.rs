@@ -65,7 +65,11 @@ impl Hosting {
 
     /// Serves a registered version, described rather than loaded, unless a delete or a newer upload
     /// came meanwhile. Returns whether it serves.
-    async fn know_if_current(&self, record: &ModelRecord, info: Model) -> Result<bool, StoreError> {
+    pub(crate) async fn know_if_current(
+        &self,
+        record: &ModelRecord,
+        info: Model,
+    ) -> Result<bool, StoreError> {
         let _files = self.files_lock.lock().await;
         let versions = self.store.model_versions(&record.tenant_id, &record.name).await?;
         let current = versions.last() == Some(&record.version);
@@ -87,9 +91,11 @@ impl Hosting {
                 return false;
             }
         };
-        // In the turn every load takes, charged to the tenant, within the warm-up deadline.
+        // In the turn every load takes (at the lightest plan's weight: the registry does not say the
+        // tenant's plan, and these loads serve no waiting call), charged to the tenant, within the
+        // warm-up deadline.
         match self
-            .load_holding(&record.tenant_id, files, crate::Loading::Accepted, ())
+            .load_holding(&record.tenant_id, 1, files, crate::Loading::Accepted, ())
             .await
         {
             // A delete or a newer upload since the registry was read wins.

@@ -85,7 +85,7 @@ impl TenantServices {
     async fn model(&self, name: &str) -> Result<std::sync::Arc<LoadedModel>, ServiceError> {
         self.market
             .hosting
-            .find(&self.auth.tenant_id, name)
+            .find(&self.auth.tenant_id, &self.auth.isolation, name)
             .await
             .map_err(|err| service_error(&err.into()))
     }

@@ -39,7 +39,7 @@ async fn load_described(
     }
     state
         .hosting
-        .pinned_version(&auth.tenant_id, &info.name, info.version)
+        .pinned_version(&auth.tenant_id, &auth.isolation, &info.name, info.version)
         .await?
         .ok_or_else(|| {
             ApiError::new(
@@ -79,7 +79,7 @@ async fn described(
     }
     state
         .hosting
-        .describe_version(&auth.tenant_id, &path.name, version)
+        .describe_version(&auth.tenant_id, &auth.isolation, &path.name, version)
         .await?
         .ok_or_else(no_such_version)
 }

@@ -23,7 +23,7 @@ pub(crate) async fn find_model(
     auth: &plinth_store::auth::Principal,
     name: &str,
 ) -> ApiResult<Arc<LoadedModel>> {
-    Ok(state.hosting.find(&auth.tenant_id, name).await?)
+    Ok(state.hosting.find(&auth.tenant_id, &auth.isolation, name).await?)
 }
 
 /// The model `name` for texts it can run for `task`: they are checked against its description first,
