@@ -166,6 +166,86 @@ async fn a_plugin_waiting_in_the_host_is_stopped_at_its_deadline_and_its_tenant_
     assert_eq!(status, 200, "{body}");
 }
 
+/// Signups are free: a crowd of free accounts, each within its own plugin limit, could hold every
+/// instance of the server until the deadline, again and again. The tenants on one plan run at most
+/// three quarters of the instances, so a paying tenant's plugin still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_accounts_together_leave_a_quarter_of_the_plugin_instances_to_other_plans() {
+    let app = TestApp::spawn_with(|config| {
+        config.plugin_deadline_ms = 3_000;
+        config.plugin_instances = 4;
+    })
+    .await;
+    let author = app.tenant().await;
+    let (manifest, _) = plinth_tests::built_plugin("hostile");
+    let install = async |tenant: &TestTenant| {
+        tenant
+            .owner
+            .install_plugin(&plinth_sdk::InstallRequest {
+                plugin: "hostile".into(),
+                version: None,
+                approve_capabilities: manifest.capabilities.clone(),
+                approve_models: manifest.models.clone(),
+                settings: serde_json::Map::default(),
+                secrets: std::collections::BTreeMap::default(),
+                record_failures: false,
+            })
+            .await
+            .unwrap()
+    };
+    // Four free accounts, each with an installation of its own (one instance each, within its limit).
+    let first = app.tenant().await;
+    let mut crowd = vec![(
+        app.install_plugin(&author, &first, "hostile", json!({})).await,
+        first,
+    )];
+    for _ in 0..3 {
+        let tenant = app.tenant().await;
+        crowd.push((install(&tenant).await, tenant));
+    }
+    let paying = app.tenant().await;
+    app.set_plan(&paying.session.tenant.id, "pro").await;
+    let paid = install(&paying).await;
+
+    // Three of them sleep in the host: three quarters of the server's four instances.
+    let started = std::time::Instant::now();
+    let sleep = |n: usize| invoke_raw(&app, &crowd[n].1, &crowd[n].0.id, json!({ "do": "sleep" }));
+    let sleepers = async { tokio::join!(sleep(0), sleep(1), sleep(2)) };
+    let meanwhile = async {
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        // The fourth, within its own limit, is refused: its plan's share is taken...
+        let (installed, tenant) = &crowd[3];
+        let (status, body) = invoke_raw(&app, tenant, &installed.id, json!({ "do": "echo" })).await;
+        assert_eq!(
+            (status, code(&body)),
+            (429, "plugin_concurrency_exceeded"),
+            "{body}"
+        );
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("the tenants on your plan together"),
+            "{body}"
+        );
+        // ...while a paying tenant's plugin runs.
+        let (status, body) = invoke_raw(&app, &paying, &paid.id, json!({ "do": "echo", "n": 7 })).await;
+        assert_eq!((status, &body["n"]), (200, &json!(7)), "{body}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(2_900),
+            "checked only once the sleepers had gone"
+        );
+    };
+    let (slept, ()) = tokio::join!(sleepers, meanwhile);
+    for (status, body) in [slept.0, slept.1, slept.2] {
+        assert_eq!((status, code(&body)), (504, "plugin_timeout"), "{body}");
+    }
+    // Their instances came back with the deadline.
+    let (installed, tenant) = &crowd[3];
+    let (status, body) = invoke_raw(&app, tenant, &installed.id, json!({ "do": "echo" })).await;
+    assert_eq!(status, 200, "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_refuses_a_component_that_crashes_on_every_request_and_limits_submissions() {
     let app = TestApp::spawn_with(plinth_tests::production_limits).await;

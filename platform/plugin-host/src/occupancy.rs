@@ -10,6 +10,19 @@ pub(crate) struct Occupancy {
     held: Mutex<HashMap<String, u32>>,
 }
 
+/// A refusal: the key at its limit, and what to tell the caller.
+#[derive(Debug)]
+pub(crate) struct Full {
+    pub(crate) key: String,
+    message: String,
+}
+
+impl std::fmt::Display for Full {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// Instances taken for one invocation; given back on drop, whatever ends the invocation.
 #[derive(Debug)]
 pub(crate) struct Seat {
@@ -18,17 +31,18 @@ pub(crate) struct Seat {
 }
 
 impl Occupancy {
-    /// Takes one instance under every key at once, or none when any key is at its limit (and returns
-    /// that key's description).
-    pub(crate) fn take(self: &Arc<Self>, claims: &[(String, u32, &str)]) -> Result<Seat, String> {
+    /// Takes one instance under every key at once, or none when any key is at its limit (and says
+    /// which, with its description).
+    pub(crate) fn take(self: &Arc<Self>, claims: &[(String, u32, &str)]) -> Result<Seat, Full> {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, limit, what)) = claims
+        if let Some((key, limit, what)) = claims
             .iter()
             .find(|(key, limit, _)| held.get(key).copied().unwrap_or(0) >= *limit)
         {
-            return Err(format!(
-                "{what} already runs {limit} plugin instances at once, its limit"
-            ));
+            return Err(Full {
+                key: key.clone(),
+                message: format!("{what} may run {limit} plugin instances at once, and {limit} are running"),
+            });
         }
         for (key, _, _) in claims {
             *held.entry(key.clone()).or_default() += 1;
@@ -81,12 +95,14 @@ mod tests {
         let refused = occupancy
             .take(&claims("x"))
             .expect_err("installation at its limit");
-        assert!(refused.contains("installation"), "{refused}");
+        assert_eq!(refused.key, "installation:x");
+        assert!(refused.to_string().contains("the installation"), "{refused}");
         // The refusal took nothing.
         assert_eq!(occupancy.held("tenant:a"), 1);
         let second = occupancy.take(&claims("y")).expect("another installation");
         let refused = occupancy.take(&claims("z")).expect_err("tenant at its limit");
-        assert!(refused.contains("tenant"), "{refused}");
+        assert_eq!(refused.key, "tenant:a");
+        assert!(refused.to_string().contains("the tenant"), "{refused}");
         drop((first, second));
         assert_eq!(occupancy.held("tenant:a"), 0);
         assert!(

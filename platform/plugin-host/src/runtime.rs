@@ -388,7 +388,11 @@ impl PluginHost {
 
     /// Runs one invocation in a fresh instance under every limit, on the plugin threads. The tenant
     /// and the installation must each have an instance to spare (`instances`, the tenant's plan; an
-    /// installation may use three quarters of it, so one stuck installation leaves the others room).
+    /// installation may use three quarters of it, so one stuck installation leaves the others room),
+    /// and so must the tenant's plan: the tenants on one plan together run at most three quarters of
+    /// the pool. Signups are free, so a crowd of free accounts could otherwise hold every instance
+    /// (each within its own limit) until the deadline, again and again; this way it leaves a quarter
+    /// to the other plans' tenants.
     ///
     /// # Errors
     /// See [`InvokeError`]: each limit breach, trap or plugin error has its own variant.
@@ -411,6 +415,11 @@ impl PluginHost {
         let seat = self
             .occupancy
             .take(&[
+                (
+                    format!("plan:{}", call.plan),
+                    plan_share(&limits),
+                    "the tenants on your plan together",
+                ),
                 (format!("tenant:{}", call.tenant_id), tenant_limit, "this tenant"),
                 (
                     format!("installation:{}", call.installation_id),
@@ -418,9 +427,14 @@ impl PluginHost {
                     "this installation",
                 ),
             ])
-            .map_err(|refusal| {
-                metrics::counter!("plinth_plugin_refused_total", "reason" => "tenant_instances").increment(1);
-                InvokeError::Busy(format!("{refusal}; retry when one of them has finished"))
+            .map_err(|refused| {
+                let reason = if refused.key.starts_with("plan:") {
+                    "plan_instances"
+                } else {
+                    "tenant_instances"
+                };
+                metrics::counter!("plinth_plugin_refused_total", "reason" => reason).increment(1);
+                InvokeError::Busy(format!("{refused}; retry when one of them has finished"))
             })?;
         let engine = self.engine.clone();
         let running = self
@@ -431,6 +445,11 @@ impl PluginHost {
             InvokeError::Unavailable(format!("the plugin host stopped the invocation: {err}"))
         })?
     }
+}
+
+/// The instances the tenants on one plan may run at once, together: three quarters of the pool.
+fn plan_share(limits: &Limits) -> u32 {
+    (limits.concurrent_instances.max(1) * 3 / 4).max(1)
 }
 
 /// Compiles `bytes` and checks the component against the world.

@@ -14,6 +14,9 @@ pub struct CallContext {
     pub installation_id: String,
     /// Plugin instances the tenant may run at once (its plan's).
     pub instances: u32,
+    /// The tenant's plan: the tenants on one plan together run at most three quarters of the
+    /// instance pool, so accounts that cost nothing to open cannot take all of it.
+    pub plan: String,
     /// The plugin's name, for logs and metrics.
     pub plugin: String,
     /// Models the manifest declared and the tenant approved.

@@ -182,6 +182,10 @@ pub struct Config {
     /// `PLINTH_PLUGIN_THREADS`: threads that run plugin code and compile components, at a lower
     /// priority than request handling; 0 picks half the cores.
     pub plugin_threads: usize,
+    /// `PLINTH_PLUGIN_INSTANCES`: plugin instances this replica runs at once, every tenant's together
+    /// (each takes up to `PLINTH_PLUGIN_MEMORY_MIB`); the tenants on one plan run at most three
+    /// quarters of them.
+    pub plugin_instances: u32,
     /// `PLINTH_TENANT_MODELS_LOADED`: tenants' models kept loaded at once (a quarter of them per
     /// tenant), least recently used let go first (and loaded again on their next call); 0 keeps every
     /// one loaded.
@@ -274,6 +278,7 @@ impl Default for Config {
             portal_idle_secs: 1_800,
             publishes_per_author_per_minute: 2,
             plugin_threads: 0,
+            plugin_instances: 64,
             tenant_models_loaded: 32,
             tenant_load_ms_per_minute: 15_000,
             tenant_run_memory_mib: 4_096,
@@ -482,6 +487,11 @@ impl Config {
         }
         if self.plugin_threads > 256 {
             return fail("PLINTH_PLUGIN_THREADS must be at most 256");
+        }
+        // At least 4, so that a plan's three quarters leaves the other plans one; at most 1,024, as
+        // each instance's memories reserve address space (4 GiB each, four an instance).
+        if !(4..=1_024).contains(&self.plugin_instances) {
+            return fail("PLINTH_PLUGIN_INSTANCES must be between 4 and 1024");
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log).is_err() {
             return fail("PLINTH_LOG is not a valid filter (e.g. `info` or `plinth_api=debug,info`)");

@@ -219,6 +219,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             deadline: std::time::Duration::from_millis(config.plugin_deadline_ms),
             memory_bytes: config.plugin_memory_mib << 20,
             kv_keys: config.plugin_kv_keys,
+            concurrent_instances: config.plugin_instances,
             threads: match config.plugin_threads {
                 0 => plinth_plugin_host::Limits::default().threads,
                 threads => threads,
