@@ -52,7 +52,7 @@ async fn in_host() {
         tenant_id: plinth_core::id::TenantId::new(),
         installation_id: "bench".into(),
         instances: 64,
-        plan: "bench".into(),
+        paying: true,
         plugin: "hello".into(),
         granted_models: Vec::new(),
         settings: serde_json::Map::new(),

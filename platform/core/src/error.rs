@@ -133,7 +133,7 @@ error_codes! {
     /// Too many requests; wait for `Retry-After` seconds.
     RateLimited = 429,
     /// The tenant (or this installation) already runs as many plugin instances at once as its plan
-    /// allows, or the tenants on its plan together run their share of the server's; retry after
+    /// allows, or the tenants without a paid plan together run their share of the server's; retry after
     /// `Retry-After`.
     PluginConcurrencyExceeded = 429,
     /// The tenant already has as much on its way as its share allows: as many calls waiting on this

@@ -389,10 +389,10 @@ impl PluginHost {
     /// Runs one invocation in a fresh instance under every limit, on the plugin threads. The tenant
     /// and the installation must each have an instance to spare (`instances`, the tenant's plan; an
     /// installation may use three quarters of it, so one stuck installation leaves the others room),
-    /// and so must the tenant's plan: the tenants on one plan together run at most three quarters of
-    /// the pool. Signups are free, so a crowd of free accounts could otherwise hold every instance
-    /// (each within its own limit) until the deadline, again and again; this way it leaves a quarter
-    /// to the other plans' tenants.
+    /// and a tenant that does not pay must find its share open: the tenants without a paid plan
+    /// together run at most three quarters of the pool. Signups are free, so a crowd of free accounts
+    /// could otherwise hold every instance (each within its own limit) until the deadline, again and
+    /// again; this way it leaves a quarter to paying tenants.
     ///
     /// # Errors
     /// See [`InvokeError`]: each limit breach, trap or plugin error has its own variant.
@@ -412,30 +412,30 @@ impl PluginHost {
             )));
         }
         let tenant_limit = call.instances.max(1);
-        let seat = self
-            .occupancy
-            .take(&[
-                (
-                    format!("plan:{}", call.plan),
-                    plan_share(&limits),
-                    "the tenants on your plan together",
-                ),
-                (format!("tenant:{}", call.tenant_id), tenant_limit, "this tenant"),
-                (
-                    format!("installation:{}", call.installation_id),
-                    (tenant_limit * 3 / 4).max(1),
-                    "this installation",
-                ),
-            ])
-            .map_err(|refused| {
-                let reason = if refused.key.starts_with("plan:") {
-                    "plan_instances"
-                } else {
-                    "tenant_instances"
-                };
-                metrics::counter!("plinth_plugin_refused_total", "reason" => reason).increment(1);
-                InvokeError::Busy(format!("{refused}; retry when one of them has finished"))
-            })?;
+        let mut claims = vec![
+            (format!("tenant:{}", call.tenant_id), tenant_limit, "this tenant"),
+            (
+                format!("installation:{}", call.installation_id),
+                (tenant_limit * 3 / 4).max(1),
+                "this installation",
+            ),
+        ];
+        if !call.paying {
+            claims.push((
+                UNPAID.to_owned(),
+                unpaid_share(&limits),
+                "the tenants without a paid plan together",
+            ));
+        }
+        let seat = self.occupancy.take(&claims).map_err(|refused| {
+            let reason = if refused.key == UNPAID {
+                "unpaid_instances"
+            } else {
+                "tenant_instances"
+            };
+            metrics::counter!("plinth_plugin_refused_total", "reason" => reason).increment(1);
+            InvokeError::Busy(format!("{refused}; retry when one of them has finished"))
+        })?;
         let engine = self.engine.clone();
         let running = self
             .pool
@@ -447,8 +447,12 @@ impl PluginHost {
     }
 }
 
-/// The instances the tenants on one plan may run at once, together: three quarters of the pool.
-fn plan_share(limits: &Limits) -> u32 {
+/// The occupancy key of the tenants without a paid plan, together.
+const UNPAID: &str = "unpaid";
+
+/// The instances the tenants without a paid plan may run at once, together: three quarters of the
+/// pool.
+fn unpaid_share(limits: &Limits) -> u32 {
     (limits.concurrent_instances.max(1) * 3 / 4).max(1)
 }
 

@@ -14,9 +14,10 @@ pub struct CallContext {
     pub installation_id: String,
     /// Plugin instances the tenant may run at once (its plan's).
     pub instances: u32,
-    /// The tenant's plan: the tenants on one plan together run at most three quarters of the
-    /// instance pool, so accounts that cost nothing to open cannot take all of it.
-    pub plan: String,
+    /// The tenant pays for its plan (a paid plan in good standing). The tenants that do not together
+    /// run at most three quarters of the instance pool: accounts that cost nothing to open cannot
+    /// take all of it.
+    pub paying: bool,
     /// The plugin's name, for logs and metrics.
     pub plugin: String,
     /// Models the manifest declared and the tenant approved.

@@ -183,7 +183,7 @@ pub struct Config {
     /// priority than request handling; 0 picks half the cores.
     pub plugin_threads: usize,
     /// `PLINTH_PLUGIN_INSTANCES`: plugin instances this replica runs at once, every tenant's together
-    /// (each takes up to `PLINTH_PLUGIN_MEMORY_MIB`); the tenants on one plan run at most three
+    /// (each takes up to `PLINTH_PLUGIN_MEMORY_MIB`); the tenants without a paid plan run at most three
     /// quarters of them.
     pub plugin_instances: u32,
     /// `PLINTH_TENANT_MODELS_LOADED`: tenants' models kept loaded at once (a quarter of them per
@@ -488,7 +488,7 @@ impl Config {
         if self.plugin_threads > 256 {
             return fail("PLINTH_PLUGIN_THREADS must be at most 256");
         }
-        // At least 4, so that a plan's three quarters leaves the other plans one; at most 1,024, as
+        // At least 4, so that the unpaying tenants' three quarters leave paying ones one; at most 1,024, as
         // each instance's memories reserve address space (4 GiB each, four an instance).
         if !(4..=1_024).contains(&self.plugin_instances) {
             return fail("PLINTH_PLUGIN_INSTANCES must be between 4 and 1024");
