@@ -100,6 +100,24 @@ async fn invoke_raw(
     (status, body)
 }
 
+/// Installs the `hostile` plugin, published already, for `tenant`, approving what it asks for.
+async fn install_hostile(tenant: &TestTenant) -> plinth_sdk::Installation {
+    let (manifest, _) = plinth_tests::built_plugin("hostile");
+    tenant
+        .owner
+        .install_plugin(&plinth_sdk::InstallRequest {
+            plugin: "hostile".into(),
+            version: None,
+            approve_capabilities: manifest.capabilities,
+            approve_models: manifest.models,
+            settings: serde_json::Map::default(),
+            secrets: std::collections::BTreeMap::default(),
+            record_failures: false,
+        })
+        .await
+        .unwrap()
+}
+
 fn code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or_default()
 }
@@ -112,20 +130,7 @@ async fn a_plugin_waiting_in_the_host_is_stopped_at_its_deadline_and_its_tenant_
     let hoarder = app.tenant().await;
     let neighbour = app.tenant().await;
     let hoarded = app.install_plugin(&author, &hoarder, "hostile", json!({})).await;
-    let (manifest, _) = plinth_tests::built_plugin("hostile");
-    let served = neighbour
-        .owner
-        .install_plugin(&plinth_sdk::InstallRequest {
-            plugin: "hostile".into(),
-            version: None,
-            approve_capabilities: manifest.capabilities.clone(),
-            approve_models: manifest.models.clone(),
-            settings: serde_json::Map::default(),
-            secrets: std::collections::BTreeMap::default(),
-            record_failures: false,
-        })
-        .await
-        .unwrap();
+    let served = install_hostile(&neighbour).await;
 
     // The guest sleeps for a minute in a WASI poll: the deadline still holds.
     let started = std::time::Instant::now();
@@ -177,22 +182,6 @@ async fn free_accounts_together_leave_a_quarter_of_the_plugin_instances_to_payin
     })
     .await;
     let author = app.tenant().await;
-    let (manifest, _) = plinth_tests::built_plugin("hostile");
-    let install = async |tenant: &TestTenant| {
-        tenant
-            .owner
-            .install_plugin(&plinth_sdk::InstallRequest {
-                plugin: "hostile".into(),
-                version: None,
-                approve_capabilities: manifest.capabilities.clone(),
-                approve_models: manifest.models.clone(),
-                settings: serde_json::Map::default(),
-                secrets: std::collections::BTreeMap::default(),
-                record_failures: false,
-            })
-            .await
-            .unwrap()
-    };
     // Four free accounts, each with an installation of its own (one instance each, within its limit).
     let first = app.tenant().await;
     let mut crowd = vec![(
@@ -201,11 +190,11 @@ async fn free_accounts_together_leave_a_quarter_of_the_plugin_instances_to_payin
     )];
     for _ in 0..3 {
         let tenant = app.tenant().await;
-        crowd.push((install(&tenant).await, tenant));
+        crowd.push((install_hostile(&tenant).await, tenant));
     }
     let paying = app.tenant().await;
     app.set_plan(&paying.session.tenant.id, "pro").await;
-    let paid = install(&paying).await;
+    let paid = install_hostile(&paying).await;
 
     // Three of them sleep in the host: three quarters of the server's four instances.
     let started = std::time::Instant::now();
