@@ -304,8 +304,11 @@ impl Hosting {
             .ok_or_else(|| HostingError::internal("the turn to load was never handed on"))?;
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || {
-            let _turn = turn;
+            // Dropped in reverse, however the load ends: the turn every tenant shares is handed on
+            // before `held` (the tenant's own line) lets the tenant's next load ask for it, so a load
+            // of another tenant's already waiting is never outranked by the load that follows.
             let _held = held;
+            let _turn = turn;
             match loading {
                 Loading::Validate => engine.validate(&files),
                 Loading::Accepted => engine.reload(&files),
@@ -560,11 +563,7 @@ impl Hosting {
                 retry_after: Some(Duration::from_secs(2)),
             };
         }
-        HostingError::Refused {
-            code: ErrorCode::NotFound,
-            message: format!("no model named `{name}`"),
-            retry_after: None,
-        }
+        no_model(name)
     }
 
     /// Whether `name` is one of the platform's own models (what plugins may call).
@@ -1048,6 +1047,67 @@ mod tests {
         }
         // Free accounts owing nothing, in the order they asked.
         assert_eq!(rest, sybils);
+    }
+
+    /// A tenant loading version after version has one load at a time in the turn every tenant
+    /// shares: when its load ends, the turn goes to another tenant's load already waiting before the
+    /// tenant's next load may ask for it, even when the tenant would rank first (it owes less).
+    #[tokio::test]
+    async fn a_tenants_next_load_does_not_ask_for_the_turn_before_its_last_one_hands_it_on() {
+        /// Counts the loads still waiting for a turn when the tenant's line is let go.
+        struct LineLetGo(Hosting, Arc<Mutex<Option<usize>>>);
+        impl Drop for LineLetGo {
+            fn drop(&mut self) {
+                *self.1.lock().unwrap() = Some(self.0.load_budget.waiting());
+            }
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let (hosting, tenant) = hosting(dir.path()).await;
+        let staged = hosting.stage_bytes(&model_bytes()).await.unwrap();
+        let files = ModelFiles {
+            name: "versions".into(),
+            version: 1,
+            task: Task::Raw,
+            labels: Vec::new(),
+            model: staged.path().to_path_buf(),
+            tokenizer: None,
+            platform: false,
+        };
+        // Another tenant, owing a minute of loading, waits behind a load holding the turn; then the
+        // tenant's load, holding its line.
+        let other = TenantId::new();
+        hosting
+            .load_budget
+            .charge(&other, Duration::from_secs(15), Instant::now());
+        let held = hosting.load_budget.turn(&TenantId::new(), 1).await.unwrap();
+        let others_load = tokio::spawn({
+            let (hosting, files) = (hosting.clone(), files.clone());
+            async move { hosting.load(&other, 1, files, Loading::Accepted).await }
+        });
+        while hosting.load_budget.waiting() < 1 {
+            tokio::task::yield_now().await;
+        }
+        let let_go = Arc::new(Mutex::new(None));
+        let line = LineLetGo(hosting.clone(), let_go.clone());
+        let tenants_load = tokio::spawn({
+            let hosting = hosting.clone();
+            async move {
+                hosting
+                    .load_holding(&tenant, 1, files, Loading::Accepted, line)
+                    .await
+            }
+        });
+        while hosting.load_budget.waiting() < 2 {
+            tokio::task::yield_now().await;
+        }
+
+        // Owing nothing, the tenant's load goes first; when it ends, the other's has the turn before
+        // the tenant's line is let go.
+        drop(held);
+        tenants_load.await.unwrap().unwrap();
+        assert_eq!(*let_go.lock().unwrap(), Some(0));
+        others_load.await.unwrap().unwrap();
     }
 
     /// An upload is kept once registered, so it answers as uploaded whatever its serving load does:
