@@ -18,6 +18,7 @@ mod m0009_invocations;
 mod m0010_replay;
 mod m0011_training;
 mod m0012_model_signatures;
+mod m0013_training_weight;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -38,6 +39,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0010_replay::Migration),
             Box::new(m0011_training::Migration),
             Box::new(m0012_model_signatures::Migration),
+            Box::new(m0013_training_weight::Migration),
         ]
     }
 }

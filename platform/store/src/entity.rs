@@ -665,6 +665,8 @@ pub mod training_jobs {
         pub price_micros: i64,
         pub runner: Option<String>,
         pub heartbeat_us: Option<i64>,
+        /// The plan's scheduling weight when the job was created: heavier plans' jobs are claimed first.
+        pub weight: i32,
         pub created_at: DateTimeUtc,
         pub started_at: Option<DateTimeUtc>,
         pub finished_at: Option<DateTimeUtc>,

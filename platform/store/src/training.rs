@@ -397,6 +397,7 @@ impl Store {
             price_micros: Set(new.price.0),
             runner: Set(None),
             heartbeat_us: Set(None),
+            weight: Set(i32::try_from(quota.scheduling_weight).unwrap_or(i32::MAX)),
             created_at: Set(Utc::now()),
             started_at: Set(None),
             finished_at: Set(None),
@@ -576,8 +577,10 @@ impl Store {
         Ok(())
     }
 
-    /// Claims a queued job for `runner`: the oldest of a tenant with none running, else the oldest
-    /// (so one tenant's queue of jobs does not hold everyone else's back). First, jobs whose runner
+    /// Claims a queued job for `runner`: the first of a tenant with none running, else the first (so
+    /// one tenant's queue of jobs does not hold everyone else's back); first by the weight of the plan
+    /// it was queued under, then oldest (signups are free: a crowd of free accounts, each with a job
+    /// queued, does not hold back a paying tenant's). First, jobs whose runner
     /// has not been heard from since `stale_before` are queued again (or failed, after
     /// [`MAX_ATTEMPTS`] runs).
     pub async fn claim_training_job(
@@ -638,9 +641,10 @@ impl Store {
             }
             txn.commit().await?;
         }
-        let oldest_queued = || {
+        let first_queued = || {
             training_jobs::Entity::find()
                 .filter(training_jobs::Column::Status.eq(TrainingStatus::Queued.as_str()))
+                .order_by_desc(training_jobs::Column::Weight)
                 .order_by_asc(training_jobs::Column::CreatedAt)
                 .order_by_asc(training_jobs::Column::Id)
         };
@@ -652,13 +656,13 @@ impl Store {
                 .from(training_jobs::Entity)
                 .and_where(training_jobs::Column::Status.eq(TrainingStatus::Running.as_str()))
                 .to_owned();
-            let first_of_an_idle_tenant = oldest_queued()
+            let first_of_an_idle_tenant = first_queued()
                 .filter(training_jobs::Column::TenantId.not_in_subquery(running_tenants))
                 .one(self.db())
                 .await?;
             let row = match first_of_an_idle_tenant {
                 Some(row) => row,
-                None => match oldest_queued().one(self.db()).await? {
+                None => match first_queued().one(self.db()).await? {
                     Some(row) => row,
                     None => return Ok(None),
                 },
@@ -944,10 +948,21 @@ mod tests {
 
     use super::*;
 
-    /// A dataset of `tenant`'s, and a job for it queued `jobs` times over.
+    /// A dataset of `tenant`'s, and a job for it queued `jobs` times over, on the free plan.
     async fn queue_jobs(store: &Store, tenant: &TenantId, jobs: usize) -> Vec<TrainingJob> {
+        queue_weighed_jobs(store, tenant, jobs, PlanIsolation::FREE.scheduling_weight).await
+    }
+
+    /// [`queue_jobs`] on a plan of scheduling weight `weight`.
+    async fn queue_weighed_jobs(
+        store: &Store,
+        tenant: &TenantId,
+        jobs: usize,
+        weight: u32,
+    ) -> Vec<TrainingJob> {
         let quota = PlanIsolation {
             training_jobs: 1_000,
+            scheduling_weight: weight,
             ..PlanIsolation::FREE
         };
         let who = Who::internal(Who::OPERATOR);
@@ -1019,5 +1034,33 @@ mod tests {
         // With every tenant running something, the oldest job goes next.
         let after = claim("runner-3").await;
         assert_eq!(after.job.id, busy_jobs[1].id);
+    }
+
+    /// Signups are free: jobs queued by a crowd of free accounts, one each (all the free plan allows),
+    /// do not hold back a job a paying tenant queues after them; theirs then go oldest first.
+    #[tokio::test]
+    async fn a_paying_tenants_job_is_claimed_before_a_crowd_of_free_accounts_queued_earlier() {
+        let (store, _dir) = crate::testing::test_store().await;
+        let stale = std::time::Duration::from_secs(60);
+        let claim = async |runner: &str| store.claim_training_job(runner, stale).await.unwrap().unwrap();
+        let mut crowd = Vec::new();
+        for at in 0..5 {
+            let free = crate::testing::tenant_with_customer(&store, &format!("cus_free_{at}")).await;
+            crowd.push(queue_jobs(&store, &free, 1).await.remove(0).id);
+        }
+        let paying = crate::testing::tenant_with_customer(&store, "cus_paying").await;
+        let paying_jobs = queue_weighed_jobs(&store, &paying, 2, 4).await;
+
+        let first = claim("runner-1").await;
+        assert_eq!(first.tenant_id, paying);
+        assert_eq!(first.job.id, paying_jobs[0].id);
+        // The paying tenant now runs a job: the free accounts' go next, in the order they were queued,
+        // and its second job once every tenant with jobs queued runs one.
+        let mut claimed = Vec::new();
+        for runner in 2..=6 {
+            claimed.push(claim(&format!("runner-{runner}")).await.job.id);
+        }
+        assert_eq!(claimed, crowd);
+        assert_eq!(claim("runner-7").await.job.id, paying_jobs[1].id);
     }
 }
