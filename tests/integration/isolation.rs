@@ -2,6 +2,7 @@
 //! tensors, plugins that hold on to their slot, floods of work. Each test is the attack of THREATS.md;
 //! it passes when every other tenant is still served.
 
+use futures_util::StreamExt;
 use plinth_tests::{TestApp, TestTenant};
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
@@ -122,9 +123,17 @@ fn code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or_default()
 }
 
+/// The deadline of the calls below: long beside what answering takes on a busy machine, so that
+/// what must happen while sleepers hold their instances does.
+const SLEEPERS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(6);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_waiting_in_the_host_is_stopped_at_its_deadline_and_its_tenant_cannot_hold_every_instance() {
-    let app = TestApp::spawn_with(|config| config.plugin_deadline_ms = 1_500).await;
+    let deadline = SLEEPERS_DEADLINE;
+    let app = TestApp::spawn_with(|config| {
+        config.plugin_deadline_ms = u64::try_from(deadline.as_millis()).unwrap();
+    })
+    .await;
     let author = app.tenant().await;
     // Both on the free plan: two plugin instances at once, one per installation.
     let hoarder = app.tenant().await;
@@ -132,39 +141,40 @@ async fn a_plugin_waiting_in_the_host_is_stopped_at_its_deadline_and_its_tenant_
     let hoarded = app.install_plugin(&author, &hoarder, "hostile", json!({})).await;
     let served = install_hostile(&neighbour).await;
 
-    // The guest sleeps for a minute in a WASI poll: the deadline still holds.
+    // Two calls of the installation whose guest sleeps for a minute in a WASI poll, sent together:
+    // whichever comes first takes the installation's one instance, and the deadline still holds; the
+    // other is refused at once...
     let started = std::time::Instant::now();
-    let sleeper = {
-        let (app, hoarder, id) = (&app, &hoarder, hoarded.id.clone());
-        async move { invoke_raw(app, hoarder, &id, json!({ "do": "sleep" })).await }
-    };
-    let hoarding = async {
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        // The installation's one instance is taken: the next call is refused at once...
-        let (status, body) = invoke_raw(&app, &hoarder, &hoarded.id, json!({ "do": "echo" })).await;
-        assert_eq!(
-            (status, code(&body)),
-            (429, "plugin_concurrency_exceeded"),
-            "{body}"
-        );
-        assert!(
-            started.elapsed() < std::time::Duration::from_millis(1_400),
-            "refused only after waiting"
-        );
-        // ...while another tenant's plugin calls go through.
-        for n in 0..3 {
-            let (status, body) =
-                invoke_raw(&app, &neighbour, &served.id, json!({ "do": "echo", "n": n })).await;
-            assert_eq!(status, 200, "{body}");
-            assert_eq!(body["n"], n);
+    let sleep = {
+        let (app, hoarder, id) = (&app, &hoarder, &hoarded.id);
+        move || async move {
+            let (status, body) = invoke_raw(app, hoarder, id, json!({ "do": "sleep" })).await;
+            (status, body, started.elapsed())
         }
     };
-    let ((status, body), ()) = tokio::join!(sleeper, hoarding);
-    let waited = started.elapsed();
+    let mut sleepers = futures_util::stream::FuturesUnordered::from_iter([sleep(), sleep()]);
+    let (status, body, refused_at) = sleepers.next().await.unwrap();
+    assert_eq!(
+        (status, code(&body)),
+        (429, "plugin_concurrency_exceeded"),
+        "{body}"
+    );
+    assert!(refused_at < deadline, "refused only after {refused_at:?}");
+    // ...while another tenant's plugin calls go through.
+    for n in 0..3 {
+        let (status, body) = invoke_raw(&app, &neighbour, &served.id, json!({ "do": "echo", "n": n })).await;
+        assert_eq!((status, &body["n"]), (200, &json!(n)), "{body}");
+    }
+    assert!(
+        started.elapsed() < deadline,
+        "another tenant's calls were served only after {:?}",
+        started.elapsed()
+    );
+    let (status, body, stopped_at) = sleepers.next().await.unwrap();
     assert_eq!((status, code(&body)), (504, "plugin_timeout"), "{body}");
     assert!(
-        waited >= std::time::Duration::from_millis(1_400) && waited < std::time::Duration::from_secs(4),
-        "stopped after {waited:?}"
+        stopped_at >= deadline && stopped_at < deadline + std::time::Duration::from_secs(6),
+        "stopped after {stopped_at:?}"
     );
     // The slot came back with the deadline.
     let (status, body) = invoke_raw(&app, &hoarder, &hoarded.id, json!({ "do": "echo" })).await;
@@ -176,8 +186,9 @@ async fn a_plugin_waiting_in_the_host_is_stopped_at_its_deadline_and_its_tenant_
 /// most three quarters of the instances together, so a paying tenant's plugin still runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn free_accounts_together_leave_a_quarter_of_the_plugin_instances_to_paying_tenants() {
+    let deadline = SLEEPERS_DEADLINE;
     let app = TestApp::spawn_with(|config| {
-        config.plugin_deadline_ms = 3_000;
+        config.plugin_deadline_ms = u64::try_from(deadline.as_millis()).unwrap();
         config.plugin_instances = 4;
     })
     .await;
@@ -196,51 +207,49 @@ async fn free_accounts_together_leave_a_quarter_of_the_plugin_instances_to_payin
     app.set_plan(&paying.session.tenant.id, "pro").await;
     let paid = install_hostile(&paying).await;
 
-    // Three of them sleep in the host: three quarters of the server's four instances.
+    // All four sleep in the host, sent together: three take three quarters of the server's four
+    // instances, the share of the tenants without a paid plan, and the fourth, within its own
+    // limit, is refused at once...
     let started = std::time::Instant::now();
-    let sleep = |n: usize| invoke_raw(&app, &crowd[n].1, &crowd[n].0.id, json!({ "do": "sleep" }));
-    let sleepers = async { tokio::join!(sleep(0), sleep(1), sleep(2)) };
-    let meanwhile = async {
-        // The fourth, within its own limit, is refused once the three hold their instances: the
-        // share of the tenants without a paid plan is taken...
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        let (installed, tenant) = &crowd[3];
-        let body = loop {
-            let (status, body) = invoke_raw(&app, tenant, &installed.id, json!({ "do": "echo" })).await;
-            if status == 429 {
-                break body;
-            }
-            assert_eq!(status, 200, "{body}");
-            assert!(
-                started.elapsed() < std::time::Duration::from_millis(2_000),
-                "never refused while the three slept"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        };
-        assert_eq!(code(&body), "plugin_concurrency_exceeded", "{body}");
-        assert!(
-            body["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("the tenants without a paid plan together"),
-            "{body}"
-        );
-        // ...while a paying tenant's plugin runs.
-        let (status, body) = invoke_raw(&app, &paying, &paid.id, json!({ "do": "echo", "n": 7 })).await;
-        assert_eq!((status, &body["n"]), (200, &json!(7)), "{body}");
-        assert!(
-            started.elapsed() < std::time::Duration::from_millis(2_900),
-            "checked only once the sleepers had gone"
-        );
-    };
-    let (slept, ()) = tokio::join!(sleepers, meanwhile);
-    for (status, body) in [slept.0, slept.1, slept.2] {
+    let app = &app;
+    let mut sleepers = crowd
+        .iter()
+        .map(|(installed, tenant)| async move {
+            let (status, body) = invoke_raw(app, tenant, &installed.id, json!({ "do": "sleep" })).await;
+            (status, body, started.elapsed())
+        })
+        .collect::<futures_util::stream::FuturesUnordered<_>>();
+    let (status, body, refused_at) = sleepers.next().await.unwrap();
+    assert_eq!(
+        (status, code(&body)),
+        (429, "plugin_concurrency_exceeded"),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the tenants without a paid plan together"),
+        "{body}"
+    );
+    assert!(refused_at < deadline, "refused only after {refused_at:?}");
+    // ...while a paying tenant's plugin runs.
+    let (status, body) = invoke_raw(app, &paying, &paid.id, json!({ "do": "echo", "n": 7 })).await;
+    assert_eq!((status, &body["n"]), (200, &json!(7)), "{body}");
+    assert!(
+        started.elapsed() < deadline,
+        "served only after {:?}, once the sleepers had gone",
+        started.elapsed()
+    );
+    for _ in 0..3 {
+        let (status, body, _) = sleepers.next().await.unwrap();
         assert_eq!((status, code(&body)), (504, "plugin_timeout"), "{body}");
     }
-    // Their instances came back with the deadline.
-    let (installed, tenant) = &crowd[3];
-    let (status, body) = invoke_raw(&app, tenant, &installed.id, json!({ "do": "echo" })).await;
-    assert_eq!(status, 200, "{body}");
+    // Their instances came back with the deadline: every one of the crowd runs again.
+    for (installed, tenant) in &crowd {
+        let (status, body) = invoke_raw(app, tenant, &installed.id, json!({ "do": "echo" })).await;
+        assert_eq!(status, 200, "{body}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,7 +363,7 @@ async fn run_slow(app: &TestApp, tenant: &TestTenant, n: usize) -> (u16, String)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_that_times_out_is_terminated_and_the_model_serves_the_next_call() {
-    let app = TestApp::spawn_with(|config| config.inference_timeout_ms = 1_000).await;
+    let app = TestApp::spawn_with(|config| config.inference_timeout_ms = 2_000).await;
     let tenant = app.tenant().await;
     // A batch of 1,024 rows is 1,024 units: past the free plan's included calls.
     app.set_plan(&tenant.session.tenant.id, "enterprise").await;
@@ -365,18 +374,13 @@ async fn a_run_that_times_out_is_terminated_and_the_model_serves_the_next_call()
         json!({ "name": "slow", "task": "raw" }),
     )
     .await;
-    // 400 multiplications of 1024 x 1024 matrices: far longer than the second the caller waits.
+    // 400 multiplications of 1024 x 1024 matrices: far longer than the two seconds the caller waits.
     let (status, body) = run_slow(&app, &tenant, 1_024).await;
     assert_eq!(status, 504, "{body}");
-    // The model has one session: the next call is served only if the abandoned run was stopped.
-    let started = std::time::Instant::now();
+    // The model has one session: the next call is served within its own two seconds only if the
+    // abandoned run was stopped (it would have tens of seconds left).
     let (status, body) = run_slow(&app, &tenant, 4).await;
     assert_eq!(status, 200, "{body}");
-    assert!(
-        started.elapsed() < std::time::Duration::from_secs(1),
-        "{:?}",
-        started.elapsed()
-    );
 }
 
 /// `POST /v2/models/{model}/infer` with a JSON `request`: the status and body.
