@@ -410,9 +410,9 @@ async fn concurrent_calls_share_batches_and_get_their_own_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_longer_call_of_another_tenant_does_not_ride_in_a_light_tenants_run() {
-    // One session whose runs wait three seconds for company, so that calls sent half a second apart
-    // meet in one run, in the order sent, on a busy machine too.
-    let app = TestApp::spawn_with(|config| config.max_queue_delay_us = 3_000_000).await;
+    // One session whose runs wait four seconds for company, so that calls sent a second apart meet
+    // in one run, in the order sent, on a busy machine too.
+    let app = TestApp::spawn_with(|config| config.max_queue_delay_us = 4_000_000).await;
     let (light, other) = (app.tenant().await, app.tenant().await);
     let short = "Shares rose after the results";
     let long = format!("{} and the outlook was raised again", "word ".repeat(100));
@@ -421,7 +421,7 @@ async fn a_longer_call_of_another_tenant_does_not_ride_in_a_light_tenants_run() 
                 second: plinth_sdk::Client,
                 second_text: String| async move {
         let leading = tokio::spawn(async move { first.classify("sentiment", &[first_text.as_str()]).await });
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         let joining = second
             .classify("sentiment", &[second_text.as_str()])
             .await

@@ -169,7 +169,9 @@ pub struct PlanIsolation {
     /// Plugin instances the tenant may run at once; more at the same time are answered `429`.
     pub plugin_instances: u32,
     /// The tenant's share of a model that several tenants are waiting on, relative to theirs: a tenant
-    /// with weight 4 is served four items for each one of a tenant with weight 1.
+    /// with weight 4 is served four items for each one of a tenant with weight 1. Also its priority,
+    /// heaviest first, for a replica's turn to load models and for queued training jobs; the tenants
+    /// on plans weighing 1 keep at most three quarters of a replica's loaded models together.
     pub scheduling_weight: u32,
     /// Uploaded models the tenant may keep.
     pub max_models: u32,

@@ -21,7 +21,7 @@ use plinth_core::ErrorCode;
 use plinth_core::api::PlanIsolation;
 use plinth_core::id::TenantId;
 use plinth_core::inference::{Model, Task};
-use plinth_inference::{Catalog, Engine, InferenceError, LoadedModel, ModelFiles};
+use plinth_inference::{Catalog, Engine, InferenceError, LoadedModel, ModelFiles, Tier};
 use plinth_store::audit::Who;
 use plinth_store::blobs::Blobs;
 use plinth_store::models::{ModelRecord, NewModel};
@@ -303,12 +303,13 @@ impl Hosting {
             })?
             .ok_or_else(|| HostingError::internal("the turn to load was never handed on"))?;
         let engine = self.engine.clone();
+        // A tuple's fields drop in order, however the load ends (the closure dropped unrun too): the
+        // turn every tenant shares is handed on before `held` (the tenant's own line) lets the
+        // tenant's next load ask for it, so a load of another tenant's already waiting is never
+        // outranked by the load that follows.
+        let turn_then_line = (turn, held);
         tokio::task::spawn_blocking(move || {
-            // Dropped in reverse, however the load ends: the turn every tenant shares is handed on
-            // before `held` (the tenant's own line) lets the tenant's next load ask for it, so a load
-            // of another tenant's already waiting is never outranked by the load that follows.
-            let _held = held;
-            let _turn = turn;
+            let _turn_then_line = turn_then_line;
             match loading {
                 Loading::Validate => engine.validate(&files),
                 Loading::Accepted => engine.reload(&files),
@@ -456,7 +457,7 @@ impl Hosting {
         let uploaded = match served {
             Ok(served) => {
                 let info = served.info().clone();
-                if let Err(err) = self.serve_if_current(tenant, served).await {
+                if let Err(err) = self.serve_if_current(tenant, tier(quota), served).await {
                     // The catalogue sync serves it here once the registry answers again.
                     tracing::warn!(%tenant, model = %record.name, error = %err, "cannot check an uploaded model is current");
                 }
@@ -629,7 +630,7 @@ impl Hosting {
         if let Some(loaded) = self.catalog.find(tenant, name) {
             return Ok(loaded);
         }
-        if !self.serve_if_current(tenant, model.clone()).await? {
+        if !self.serve_if_current(tenant, tier(plan), model.clone()).await? {
             return Err(self
                 .newest_moved(tenant, name, "a newer version was uploaded while this one loaded")
                 .await);
@@ -780,7 +781,7 @@ impl Hosting {
             Err(StoreError::NotFound(_)) => return Ok(None),
             other => other?,
         };
-        self.catalog.add_pinned(tenant, model.clone());
+        self.catalog.add_pinned(tenant, model.clone(), tier(plan));
         Ok(Some(model))
     }
 
@@ -814,14 +815,15 @@ impl Hosting {
     }
 
     /// Serves a loaded tenant model if it is still its model's newest live version: a delete or a
-    /// newer upload may have come while it loaded, and must not be undone by it.
-    async fn serve_if_current(&self, tenant: &TenantId, model: Arc<LoadedModel>) -> Result<bool> {
+    /// newer upload may have come while it loaded, and must not be undone by it. It is kept loaded
+    /// as the model of a tenant of `tier`.
+    async fn serve_if_current(&self, tenant: &TenantId, tier: Tier, model: Arc<LoadedModel>) -> Result<bool> {
         let _files = self.files_lock.lock().await;
         let versions = self.store.model_versions(tenant, &model.info().name).await?;
         if versions.last() != Some(&model.info().version) {
             return Ok(false);
         }
-        self.catalog.add_tenant(tenant, model);
+        self.catalog.add_tenant(tenant, model, tier);
         Ok(true)
     }
 
@@ -853,6 +855,17 @@ impl Hosting {
 }
 
 /// The refusal of a call to a tenant model that no longer exists.
+/// The tier whose share of the loaded models a tenant on `plan` takes (see [`Catalog`]): heavier
+/// plans than the free one are kept before it. Keyed by weight, as the turn to load is: a plan an
+/// operator weighs like the free one is kept like it.
+fn tier(plan: &PlanIsolation) -> Tier {
+    if plan.scheduling_weight > PlanIsolation::FREE.scheduling_weight {
+        Tier::Paid
+    } else {
+        Tier::Free
+    }
+}
+
 fn no_model(name: &str) -> HostingError {
     HostingError::Refused {
         code: ErrorCode::NotFound,
@@ -1308,6 +1321,63 @@ mod tests {
         hosting.failed_loads.lock().unwrap().get_mut(&key).unwrap().0 -= FAILED_LOAD_KEPT;
         assert!(!hosting.load_failed(&tenant, "e", 1));
         hosting.find(&tenant, &PlanIsolation::FREE, "e").await.unwrap();
+    }
+
+    /// Signups are free: a crowd of free accounts calling their models in turn lets go of each
+    /// other's, newest versions and pinned ones alike, not a paying tenant's, which would otherwise be
+    /// the least recently used; paying tenants' models still take the place of the least recently
+    /// used.
+    #[tokio::test]
+    async fn a_crowd_of_free_accounts_calling_models_in_turn_keeps_a_paying_tenants_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hosting, _) = hosting(dir.path()).await;
+        let staged = hosting.stage_bytes(&model_bytes()).await.unwrap();
+        let model = hosting
+            .engine
+            .load(&ModelFiles {
+                name: "m".into(),
+                version: 1,
+                task: Task::Raw,
+                labels: Vec::new(),
+                model: staged.path().to_path_buf(),
+                tokenizer: None,
+                platform: false,
+            })
+            .unwrap();
+        // Four loaded at most: three for the free tier together.
+        let catalog = Catalog::with_loaded_tenant_models(4);
+        let paying = TenantId::new();
+        catalog.add_tenant(&paying, model.clone(), Tier::Paid);
+        catalog.add_pinned(&paying, model.clone(), Tier::Paid);
+        let crowd: Vec<TenantId> = (0..20).map(|_| TenantId::new()).collect();
+        for free in crowd.iter().chain(&crowd) {
+            catalog.add_tenant(free, model.clone(), Tier::Free);
+            catalog.add_pinned(free, model.clone(), Tier::Free);
+        }
+        assert!(catalog.find(&paying, "m").is_some());
+        assert!(catalog.find_version(&paying, "m", 1).is_some());
+        assert_eq!(catalog.loaded_tenant_models(), 4);
+        // The crowd's most recent three newest versions (and twelve pinned ones, of sixteen) are kept.
+        let kept = |tenants: &[TenantId]| {
+            tenants
+                .iter()
+                .filter(|free| catalog.find(free, "m").is_some())
+                .count()
+        };
+        assert_eq!((kept(&crowd[17..]), kept(&crowd[..17])), (3, 0));
+        let pinned = catalog.pinned_versions();
+        assert_eq!(pinned.len(), 1 + 12);
+        assert!(pinned.iter().any(|(tenant, _, _)| *tenant == paying));
+
+        // Paying tenants' models take the place of the least recently used, paying or free: the
+        // first paying tenant's (used before the crowd's last three), then the crowd's.
+        let heavier: Vec<TenantId> = (0..4).map(|_| TenantId::new()).collect();
+        for tenant in &heavier {
+            catalog.add_tenant(tenant, model.clone(), Tier::Paid);
+        }
+        assert!(catalog.find(&paying, "m").is_none());
+        assert_eq!(kept(&crowd), 0);
+        assert_eq!(kept(&heavier), 4);
     }
 
     /// Without any HTTP: an upload is checked, stored by its hash, served, held to its plan's quota,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use plinth_core::id::TenantId;
 use plinth_core::inference::Model;
+use plinth_inference::Tier;
 use plinth_store::StoreError;
 use plinth_store::models::ModelRecord;
 use tokio::task::JoinHandle;
@@ -93,7 +94,8 @@ impl Hosting {
         };
         // In the turn every load takes (at the lightest plan's weight: the registry does not say the
         // tenant's plan, and these loads serve no waiting call), charged to the tenant, within the
-        // warm-up deadline.
+        // warm-up deadline; kept loaded in the free tier's share for the same reason (a paying
+        // tenant's model let go from there is loaded again, into its own, on its next call).
         match self
             .load_holding(&record.tenant_id, 1, files, crate::Loading::Accepted, ())
             .await
@@ -101,7 +103,7 @@ impl Hosting {
             // A delete or a newer upload since the registry was read wins.
             Ok(model) => {
                 self.store_signature(record, &model).await;
-                if let Err(err) = self.serve_if_current(&record.tenant_id, model).await {
+                if let Err(err) = self.serve_if_current(&record.tenant_id, Tier::Free, model).await {
                     tracing::error!(model = %record.name, tenant = %record.tenant_id, error = %err, "cannot check a tenant model is current");
                 }
                 true

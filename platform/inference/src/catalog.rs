@@ -6,6 +6,12 @@
 //! (least recently used first out). The catalog knows every tenant model's description whether it is
 //! loaded or not (a replica starting up reads them from the registry and loads none): the API loads
 //! one on its first call, and again on the next call after it was let go.
+//!
+//! Signups are free, so both bounds also keep a quarter for tenants on heavier plans than the free
+//! one: a crowd of free accounts, each within its own share, calling their models in turn would
+//! otherwise push every paying tenant's out, and each of their calls would wait for a load (charged
+//! to their loading budget). The tenants on the lightest plan together keep at most three quarters
+//! of each bound loaded; past that, their own least recently used goes.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -28,17 +34,65 @@ type PinnedKey = (TenantId, String, u32);
 
 type TenantKey = (TenantId, String);
 
+/// Whose model is kept loaded: a tenant on the lightest plan (the free plan's scheduling weight) or on
+/// a heavier one. See the module's doc.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Free,
+    Paid,
+}
+
+/// A loaded tenant model: when it was last used (a counter), and its tenant's tier.
+#[derive(Debug)]
+struct Kept {
+    model: Arc<LoadedModel>,
+    used: AtomicU64,
+    tier: Tier,
+}
+
+impl Kept {
+    fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// Lets go of the least recently used models that `chosen` picks until at most `bound` of them are
+/// left; how many went.
+fn let_go<K: Ord + Clone>(
+    kept: &mut BTreeMap<K, Kept>,
+    chosen: impl Fn(&K, &Kept) -> bool,
+    bound: usize,
+) -> usize {
+    let mut gone = 0;
+    while kept.iter().filter(|(key, model)| chosen(key, model)).count() > bound {
+        let oldest = kept
+            .iter()
+            .filter(|(key, model)| chosen(key, model))
+            .min_by_key(|(_, model)| model.used())
+            .map(|(key, _)| key.clone());
+        let Some(oldest) = oldest else { break };
+        kept.remove(&oldest);
+        gone += 1;
+    }
+    gone
+}
+
+/// Three quarters of `bound` (at least one): what the tenants on the lightest plan keep together.
+fn free_share(bound: usize) -> usize {
+    (bound / 4 * 3).max(1)
+}
+
 #[derive(Debug, Default)]
 pub struct Catalog {
     platform: RwLock<BTreeMap<String, Arc<LoadedModel>>>,
-    /// Tenants' newest versions that are loaded, with when each was last used.
-    tenants: RwLock<BTreeMap<TenantKey, (Arc<LoadedModel>, AtomicU64)>>,
+    /// Tenants' newest versions that are loaded.
+    tenants: RwLock<BTreeMap<TenantKey, Kept>>,
     /// Every tenant model being served, loaded or not: its description.
     known: RwLock<BTreeMap<TenantKey, Model>>,
     /// How many tenant models stay loaded at most (0: no bound).
     loaded_tenant_models: usize,
-    /// Pinned versions with when each was last used (a counter), for least-recently-used eviction.
-    pinned: RwLock<BTreeMap<PinnedKey, (Arc<LoadedModel>, AtomicU64)>>,
+    /// Pinned versions that are loaded.
+    pinned: RwLock<BTreeMap<PinnedKey, Kept>>,
     uses: AtomicU64,
     /// Whether start-up has read every tenant model's description from the registry.
     knows_tenant_models: AtomicBool,
@@ -65,8 +119,9 @@ impl Catalog {
     /// Serves `model` as the tenant's newest version of its name, letting go of the least recently
     /// used tenant model past the bound (it stays known, and is loaded again when called). A tenant
     /// keeps at most a quarter of the bound loaded: past that, its own least recently used goes, so
-    /// one tenant calling many models in turn cannot push every other tenant's out.
-    pub fn add_tenant(&self, tenant: &TenantId, model: Arc<LoadedModel>) {
+    /// one tenant calling many models in turn cannot push every other tenant's out; the tenants of
+    /// `tier` [`Tier::Free`] keep three quarters together (see the module's doc).
+    pub fn add_tenant(&self, tenant: &TenantId, model: Arc<LoadedModel>, tier: Tier) {
         let key = (tenant.clone(), model.info().name.clone());
         self.known
             .write()
@@ -78,31 +133,15 @@ impl Catalog {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Stamped under the lock: the model just added is the most recently used.
         let used = AtomicU64::new(self.uses.fetch_add(1, Ordering::Relaxed));
-        loaded.insert(key, (model, used));
-        let own_share = (self.loaded_tenant_models / 4).max(1);
-        while self.loaded_tenant_models > 0
-            && loaded.keys().filter(|(owner, _)| owner == tenant).count() > own_share
-        {
-            let oldest = loaded
-                .iter()
-                .filter(|((owner, _), _)| owner == tenant)
-                .min_by_key(|(_, (_, used))| used.load(Ordering::Relaxed))
-                .map(|(key, _)| key.clone());
-            if let Some(oldest) = oldest {
-                loaded.remove(&oldest);
-                metrics::counter!("plinth_tenant_models_evicted_total").increment(1);
-            }
+        loaded.insert(key, Kept { model, used, tier });
+        let bound = self.loaded_tenant_models;
+        if bound == 0 {
+            return;
         }
-        while self.loaded_tenant_models > 0 && loaded.len() > self.loaded_tenant_models {
-            let oldest = loaded
-                .iter()
-                .min_by_key(|(_, (_, used))| used.load(Ordering::Relaxed))
-                .map(|(key, _)| key.clone());
-            if let Some(oldest) = oldest {
-                loaded.remove(&oldest);
-                metrics::counter!("plinth_tenant_models_evicted_total").increment(1);
-            }
-        }
+        let gone = let_go(&mut loaded, |(owner, _), _| owner == tenant, (bound / 4).max(1))
+            + let_go(&mut loaded, |_, kept| kept.tier == Tier::Free, free_share(bound))
+            + let_go(&mut loaded, |_, _| true, bound);
+        metrics::counter!("plinth_tenant_models_evicted_total").increment(gone as u64);
     }
 
     /// Serves `info` as the tenant's newest version of its name without loading it: its first call
@@ -124,7 +163,7 @@ impl Catalog {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if loaded
             .get(&key)
-            .is_some_and(|(model, _)| model.info().version != version)
+            .is_some_and(|kept| kept.model.info().version != version)
         {
             loaded.remove(&key);
         }
@@ -149,32 +188,23 @@ impl Catalog {
     }
 
     /// Keeps an older version of a tenant's model that a client asked for by number, letting go of
-    /// the least recently used one past [`PINNED_LOADED`].
-    pub fn add_pinned(&self, tenant: &TenantId, model: Arc<LoadedModel>) {
+    /// the least recently used one past [`PINNED_LOADED`] (past [`PINNED_PER_TENANT`] of the tenant's,
+    /// past three quarters of [`PINNED_LOADED`] of `tier` [`Tier::Free`]'s).
+    pub fn add_pinned(&self, tenant: &TenantId, model: Arc<LoadedModel>, tier: Tier) {
         let key = (tenant.clone(), model.info().name.clone(), model.info().version);
         let used = AtomicU64::new(self.uses.fetch_add(1, Ordering::Relaxed));
         let mut pinned = self
             .pinned
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        pinned.insert(key, (model, used));
-        let least_recent = |pinned: &BTreeMap<PinnedKey, (Arc<LoadedModel>, AtomicU64)>, own: bool| {
-            pinned
-                .iter()
-                .filter(|((owner, _, _), _)| !own || owner == tenant)
-                .min_by_key(|(_, (_, used))| used.load(Ordering::Relaxed))
-                .map(|(key, _)| key.clone())
-        };
-        while pinned.keys().filter(|(owner, _, _)| owner == tenant).count() > PINNED_PER_TENANT {
-            if let Some(oldest) = least_recent(&pinned, true) {
-                pinned.remove(&oldest);
-            }
-        }
-        while pinned.len() > PINNED_LOADED {
-            if let Some(oldest) = least_recent(&pinned, false) {
-                pinned.remove(&oldest);
-            }
-        }
+        pinned.insert(key, Kept { model, used, tier });
+        let_go(&mut pinned, |(owner, _, _), _| owner == tenant, PINNED_PER_TENANT);
+        let_go(
+            &mut pinned,
+            |_, kept| kept.tier == Tier::Free,
+            free_share(PINNED_LOADED),
+        );
+        let_go(&mut pinned, |_, _| true, PINNED_LOADED);
     }
 
     /// Every tenant model being served (loaded now or not): its tenant, name and version.
@@ -229,9 +259,10 @@ impl Catalog {
                     .pinned
                     .read()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                let (model, used) = pinned.get(&(tenant.clone(), name.to_owned(), version))?;
-                used.store(self.uses.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
-                Some(model.clone())
+                let kept = pinned.get(&(tenant.clone(), name.to_owned(), version))?;
+                kept.used
+                    .store(self.uses.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+                Some(kept.model.clone())
             })
     }
 
@@ -281,9 +312,10 @@ impl Catalog {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&(tenant.clone(), name.to_owned()))
-            .map(|(model, used)| {
-                used.store(self.uses.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
-                model.clone()
+            .map(|kept| {
+                kept.used
+                    .store(self.uses.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+                kept.model.clone()
             });
         if own.is_some() || self.serves(tenant, name) {
             return own;

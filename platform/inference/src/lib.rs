@@ -15,7 +15,7 @@ mod tensor;
 pub use plinth_core::timing;
 mod tokenizer;
 
-pub use catalog::{BASE_MODEL, Catalog, builtin_embedding_files, load_builtin};
+pub use catalog::{BASE_MODEL, Catalog, Tier, builtin_embedding_files, load_builtin};
 pub use engine::{
     Embedder, Engine, EngineSettings, ExecutionProvider, LoadedModel, MAX_TEXTS, ModelFiles, cache_dir,
     check_tensors, check_texts, fetched_ort_dylib, lower_this_thread_priority,

@@ -187,8 +187,8 @@ pub struct Config {
     /// quarters of them.
     pub plugin_instances: u32,
     /// `PLINTH_TENANT_MODELS_LOADED`: tenants' models kept loaded at once (a quarter of them per
-    /// tenant), least recently used let go first (and loaded again on their next call); 0 keeps every
-    /// one loaded.
+    /// tenant, three quarters for the free plan's tenants together), least recently used let go first
+    /// (and loaded again on their next call); 0 keeps every one loaded.
     pub tenant_models_loaded: usize,
     /// `PLINTH_TENANT_LOAD_MS_PER_MINUTE`: the time this replica spends loading one tenant's models
     /// (uploads' and calls') a minute, and a minute's worth in a row; what would load past it is `429`.
