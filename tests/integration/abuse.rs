@@ -229,9 +229,10 @@ async fn a_duplicate_sent_while_the_first_attempt_runs_is_told_to_retry_and_runs
             .json(&body)
             .send()
     };
-    // The first attempt loops until its deadline; copies keep arriving meanwhile.
+    // The first attempt loops until its deadline; copies keep arriving meanwhile (from a second on,
+    // when the first has claimed the key, on a busy machine too).
     let first = tokio::spawn(invoke(json!({ "do": "loop" })));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let mut refused = 0;
     while !first.is_finished() {
         let copy = invoke(json!({ "do": "loop" })).await.unwrap();

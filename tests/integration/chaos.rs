@@ -281,7 +281,8 @@ async fn sigterm_turns_readiness_off_first_then_drains_without_losing_a_billed_c
         ("PLINTH_WORKERS".into(), "2".into()),
         ("PLINTH_INFERENCE_SESSIONS".into(), "1".into()),
         ("PLINTH_LOG".into(), "warn".into()),
-        ("PLINTH_SHUTDOWN_DELAY_SECS".into(), "2".into()),
+        // Long beside answering a probe while clients keep the server busy.
+        ("PLINTH_SHUTDOWN_DELAY_SECS".into(), "6".into()),
     ];
     if production_backend("drain", &mut config, &mut env) {
         let key = plinth_tests::sealing_key();
@@ -361,7 +362,7 @@ async fn sigterm_turns_readiness_off_first_then_drains_without_losing_a_billed_c
     .unwrap();
     // Readiness is off well before the delay ends, while calls are still answered.
     let mut not_ready_after = None;
-    while signalled.elapsed() < Duration::from_millis(1_500) {
+    while signalled.elapsed() < Duration::from_secs(4) {
         let ready = http.get(format!("{base}/v2/health/ready")).send().await.unwrap();
         if ready.status() == 503 {
             not_ready_after = Some(signalled.elapsed());
@@ -369,7 +370,7 @@ async fn sigterm_turns_readiness_off_first_then_drains_without_losing_a_billed_c
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let not_ready_after = not_ready_after.expect("readiness answered 503 within 1.5 s of SIGTERM");
+    let not_ready_after = not_ready_after.expect("readiness answered 503 within 4 s of SIGTERM");
     let live = http.get(format!("{base}/v2/health/live")).send().await.unwrap();
     assert_eq!(live.status(), 200, "still serving during the delay");
 
@@ -394,7 +395,7 @@ async fn sigterm_turns_readiness_off_first_then_drains_without_losing_a_billed_c
     );
     assert!(status.success(), "exit status {status}");
     assert!(
-        stopped_after >= Duration::from_secs(2),
+        stopped_after >= Duration::from_secs(6),
         "it served on through the delay"
     );
     assert!(

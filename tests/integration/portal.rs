@@ -148,16 +148,17 @@ async fn portal_get(app: &TestApp, cookie: &str, path: &str) -> reqwest::Respons
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_portal_session_must_log_in_again_and_is_not_revoked_by_it() {
-    let app = TestApp::spawn_with(|config| config.portal_idle_secs = 2).await;
+    // Six seconds idle: long beside a page's answer on a busy machine.
+    let app = TestApp::spawn_with(|config| config.portal_idle_secs = 6).await;
     let cookie = portal_signup(&app).await;
     assert_eq!(portal_get(&app, &cookie, "/portal").await.status(), 200);
-    // Used within the expiry, it stays.
-    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
-    assert_eq!(portal_get(&app, &cookie, "/portal").await.status(), 200);
-    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
-    assert_eq!(portal_get(&app, &cookie, "/portal").await.status(), 200);
+    // Used within the expiry, it stays (the two pauses together outlast it).
+    for _ in 0..2 {
+        tokio::time::sleep(std::time::Duration::from_millis(3_500)).await;
+        assert_eq!(portal_get(&app, &cookie, "/portal").await.status(), 200);
+    }
     // Left alone past it: log in again.
-    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(7_000)).await;
     let response = portal_get(&app, &cookie, "/portal/keys").await;
     assert_eq!(response.status(), 303);
     assert_eq!(
