@@ -171,7 +171,8 @@ pub struct PlanIsolation {
     /// The tenant's share of a model that several tenants are waiting on, relative to theirs: a tenant
     /// with weight 4 is served four items for each one of a tenant with weight 1. Also its priority,
     /// heaviest first, for a replica's turn to load models and for queued training jobs; the tenants
-    /// on plans weighing 1 keep at most three quarters of a replica's loaded models together.
+    /// on plans weighing 1 (when their models were loaded) keep at most three quarters of a replica's
+    /// loaded models together.
     pub scheduling_weight: u32,
     /// Uploaded models the tenant may keep.
     pub max_models: u32,

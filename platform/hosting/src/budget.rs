@@ -37,6 +37,9 @@ pub(crate) struct LoadBudget {
     /// Wall time owed for each second of loading (a minute over the share of it a tenant may load).
     cost: f64,
     state: Mutex<State>,
+    /// The tenants turns went to, in order.
+    #[cfg(test)]
+    started: Mutex<Vec<TenantId>>,
 }
 
 #[derive(Debug)]
@@ -71,6 +74,8 @@ impl LoadBudget {
                 waiting: Vec::new(),
                 next_seq: 0,
             }),
+            #[cfg(test)]
+            started: Mutex::default(),
         }
     }
 
@@ -155,6 +160,15 @@ impl LoadBudget {
         }
     }
 
+    /// The tenants turns went to, in order.
+    #[cfg(test)]
+    pub(crate) fn started(&self) -> Vec<TenantId> {
+        self.started
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Loads waiting for a turn (that have not stopped waiting).
     #[cfg(test)]
     pub(crate) fn waiting(&self) -> usize {
@@ -190,6 +204,12 @@ pub(crate) struct Turn {
 
 impl Turn {
     fn start(budget: &Arc<LoadBudget>, tenant: TenantId) -> Self {
+        #[cfg(test)]
+        budget
+            .started
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(tenant.clone());
         Self {
             budget: Some(budget.clone()),
             tenant,

@@ -854,7 +854,6 @@ impl Hosting {
     }
 }
 
-/// The refusal of a call to a tenant model that no longer exists.
 /// The tier whose share of the loaded models a tenant on `plan` takes (see [`Catalog`]): heavier
 /// plans than the free one are kept before it. Keyed by weight, as the turn to load is: a plan an
 /// operator weighs like the free one is kept like it.
@@ -866,6 +865,7 @@ fn tier(plan: &PlanIsolation) -> Tier {
     }
 }
 
+/// The refusal of a call to a tenant model that no longer exists.
 fn no_model(name: &str) -> HostingError {
     HostingError::Refused {
         code: ErrorCode::NotFound,
@@ -1028,13 +1028,15 @@ mod tests {
             .load_budget
             .charge(&paying, Duration::from_secs(5), Instant::now());
         let held = hosting.load_budget.turn(&TenantId::new(), 1).await.unwrap();
-        let (done, mut finished) = tokio::sync::mpsc::unbounded_channel();
-        let queue = |tenant: TenantId, weight: u32| {
-            let (hosting, files, done) = (hosting.clone(), files.clone(), done.clone());
-            tokio::spawn(async move {
-                let loaded = hosting.load(&tenant, weight, files, Loading::Accepted).await;
-                done.send((tenant, loaded.is_ok())).unwrap();
-            });
+        let mut loads = Vec::new();
+        let mut queue = |tenant: TenantId, weight: u32| {
+            let (hosting, files) = (hosting.clone(), files.clone());
+            loads.push(tokio::spawn(async move {
+                hosting
+                    .load(&tenant, weight, files, Loading::Accepted)
+                    .await
+                    .is_ok()
+            }));
         };
         let waiting = || hosting.load_budget.waiting();
         let sybils: Vec<TenantId> = (0..8).map(|_| TenantId::new()).collect();
@@ -1051,15 +1053,15 @@ mod tests {
         }
 
         drop(held);
-        assert_eq!(finished.recv().await, Some((paying.clone(), true)));
-        let mut rest = Vec::new();
-        for _ in &sybils {
-            let (tenant, loaded) = finished.recv().await.unwrap();
-            assert!(loaded);
-            rest.push(tenant);
+        for load in loads {
+            assert!(load.await.unwrap(), "every load queued got its turn");
         }
-        // Free accounts owing nothing, in the order they asked.
-        assert_eq!(rest, sybils);
+        // After the load holding it, the turn went to the paying tenant's, then to the free accounts
+        // owing nothing, in the order they asked (the order loads were answered in may differ: the
+        // next load starts as the last hands the turn on, before its caller hears of it).
+        let started = hosting.load_budget.started();
+        assert_eq!(started[1], paying);
+        assert_eq!(started[2..], sybils);
     }
 
     /// A tenant loading version after version has one load at a time in the turn every tenant
@@ -1332,30 +1334,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (hosting, _) = hosting(dir.path()).await;
         let staged = hosting.stage_bytes(&model_bytes()).await.unwrap();
-        let model = hosting
-            .engine
-            .load(&ModelFiles {
-                name: "m".into(),
-                version: 1,
-                task: Task::Raw,
-                labels: Vec::new(),
-                model: staged.path().to_path_buf(),
-                tokenizer: None,
-                platform: false,
-            })
-            .unwrap();
+        // The newest version, and an older one called by number.
+        let [model, older] = [1, 2].map(|version| {
+            hosting
+                .engine
+                .load(&ModelFiles {
+                    name: "m".into(),
+                    version,
+                    task: Task::Raw,
+                    labels: Vec::new(),
+                    model: staged.path().to_path_buf(),
+                    tokenizer: None,
+                    platform: false,
+                })
+                .unwrap()
+        });
         // Four loaded at most: three for the free tier together.
         let catalog = Catalog::with_loaded_tenant_models(4);
         let paying = TenantId::new();
         catalog.add_tenant(&paying, model.clone(), Tier::Paid);
-        catalog.add_pinned(&paying, model.clone(), Tier::Paid);
+        catalog.add_pinned(&paying, older.clone(), Tier::Paid);
         let crowd: Vec<TenantId> = (0..20).map(|_| TenantId::new()).collect();
         for free in crowd.iter().chain(&crowd) {
             catalog.add_tenant(free, model.clone(), Tier::Free);
-            catalog.add_pinned(free, model.clone(), Tier::Free);
+            catalog.add_pinned(free, older.clone(), Tier::Free);
         }
         assert!(catalog.find(&paying, "m").is_some());
-        assert!(catalog.find_version(&paying, "m", 1).is_some());
+        assert!(catalog.find_version(&paying, "m", 2).is_some());
         assert_eq!(catalog.loaded_tenant_models(), 4);
         // The crowd's most recent three newest versions (and twelve pinned ones, of sixteen) are kept.
         let kept = |tenants: &[TenantId]| {
@@ -1378,6 +1383,53 @@ mod tests {
         assert!(catalog.find(&paying, "m").is_none());
         assert_eq!(kept(&crowd), 0);
         assert_eq!(kept(&heavier), 4);
+    }
+
+    /// A paying tenant's upload stays loaded while free accounts upload theirs past the bound: each
+    /// upload is kept in the tier of its tenant's plan.
+    #[tokio::test]
+    async fn uploads_are_kept_loaded_in_the_tier_of_their_tenants_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let (unbounded, paying) = hosting(dir.path()).await;
+        let hosting = Hosting::new(
+            unbounded.store.clone(),
+            Arc::new(Catalog::with_loaded_tenant_models(4)),
+            unbounded.engine.clone(),
+            Blobs::local(dir.path().join("models")),
+        );
+        let who = Who::internal(Who::OPERATOR);
+        let bytes = model_bytes();
+        let upload = async |tenant: &TenantId, plan: &PlanIsolation| {
+            let staged = hosting.stage_bytes(&bytes).await.unwrap();
+            hosting
+                .install(tenant, &who, plan, version("m"), staged, None)
+                .await
+                .unwrap();
+        };
+        let pro = PlanIsolation {
+            scheduling_weight: 4,
+            ..PlanIsolation::FREE
+        };
+        upload(&paying, &pro).await;
+        for at in 0..5 {
+            let free = hosting
+                .store
+                .signup(
+                    &SignupRequest {
+                        email: format!("free-{at}@example.com"),
+                        password: "correct horse battery".into(),
+                        tenant_name: "Free".into(),
+                    },
+                    &who,
+                )
+                .await
+                .unwrap()
+                .tenant
+                .id;
+            upload(&free, &PlanIsolation::FREE).await;
+        }
+        assert_eq!(hosting.catalog.loaded_tenant_models(), 4);
+        assert!(hosting.catalog.find(&paying, "m").is_some());
     }
 
     /// Without any HTTP: an upload is checked, stored by its hash, served, held to its plan's quota,

@@ -11,7 +11,10 @@
 //! one: a crowd of free accounts, each within its own share, calling their models in turn would
 //! otherwise push every paying tenant's out, and each of their calls would wait for a load (charged
 //! to their loading budget). The tenants on the lightest plan together keep at most three quarters
-//! of each bound loaded; past that, their own least recently used goes.
+//! of each bound loaded; past that, their own least recently used goes. Paying tenants' models keep
+//! at least the other quarter against any crowd, shared among them least recently used first (one
+//! paying tenant's quarter can take it all). A model's tier is its tenant's plan when it was loaded:
+//! a tenant that changes plan keeps its loaded models' until they are let go.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -56,25 +59,26 @@ impl Kept {
     }
 }
 
-/// Lets go of the least recently used models that `chosen` picks until at most `bound` of them are
-/// left; how many went.
+/// Takes out the least recently used models that `chosen` picks until at most `bound` of them are
+/// left, into `gone` (dropped once the lock is let go: dropping the last handle to a model frees its
+/// sessions, which takes a while).
 fn let_go<K: Ord + Clone>(
     kept: &mut BTreeMap<K, Kept>,
     chosen: impl Fn(&K, &Kept) -> bool,
     bound: usize,
-) -> usize {
-    let mut gone = 0;
+    gone: &mut Vec<Kept>,
+) {
     while kept.iter().filter(|(key, model)| chosen(key, model)).count() > bound {
         let oldest = kept
             .iter()
             .filter(|(key, model)| chosen(key, model))
             .min_by_key(|(_, model)| model.used())
             .map(|(key, _)| key.clone());
-        let Some(oldest) = oldest else { break };
-        kept.remove(&oldest);
-        gone += 1;
+        let Some(model) = oldest.and_then(|oldest| kept.remove(&oldest)) else {
+            break;
+        };
+        gone.push(model);
     }
-    gone
 }
 
 /// Three quarters of `bound` (at least one): what the tenants on the lightest plan keep together.
@@ -138,10 +142,22 @@ impl Catalog {
         if bound == 0 {
             return;
         }
-        let gone = let_go(&mut loaded, |(owner, _), _| owner == tenant, (bound / 4).max(1))
-            + let_go(&mut loaded, |_, kept| kept.tier == Tier::Free, free_share(bound))
-            + let_go(&mut loaded, |_, _| true, bound);
-        metrics::counter!("plinth_tenant_models_evicted_total").increment(gone as u64);
+        let mut gone = Vec::new();
+        let_go(
+            &mut loaded,
+            |(owner, _), _| owner == tenant,
+            (bound / 4).max(1),
+            &mut gone,
+        );
+        let_go(
+            &mut loaded,
+            |_, kept| kept.tier == Tier::Free,
+            free_share(bound),
+            &mut gone,
+        );
+        let_go(&mut loaded, |_, _| true, bound, &mut gone);
+        drop(loaded);
+        metrics::counter!("plinth_tenant_models_evicted_total").increment(gone.len() as u64);
     }
 
     /// Serves `info` as the tenant's newest version of its name without loading it: its first call
@@ -192,19 +208,29 @@ impl Catalog {
     /// past three quarters of [`PINNED_LOADED`] of `tier` [`Tier::Free`]'s).
     pub fn add_pinned(&self, tenant: &TenantId, model: Arc<LoadedModel>, tier: Tier) {
         let key = (tenant.clone(), model.info().name.clone(), model.info().version);
-        let used = AtomicU64::new(self.uses.fetch_add(1, Ordering::Relaxed));
         let mut pinned = self
             .pinned
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Stamped under the lock: the version just added is the most recently used.
+        let used = AtomicU64::new(self.uses.fetch_add(1, Ordering::Relaxed));
         pinned.insert(key, Kept { model, used, tier });
-        let_go(&mut pinned, |(owner, _, _), _| owner == tenant, PINNED_PER_TENANT);
+        let mut gone = Vec::new();
+        let_go(
+            &mut pinned,
+            |(owner, _, _), _| owner == tenant,
+            PINNED_PER_TENANT,
+            &mut gone,
+        );
         let_go(
             &mut pinned,
             |_, kept| kept.tier == Tier::Free,
             free_share(PINNED_LOADED),
+            &mut gone,
         );
-        let_go(&mut pinned, |_, _| true, PINNED_LOADED);
+        let_go(&mut pinned, |_, _| true, PINNED_LOADED, &mut gone);
+        drop(pinned);
+        drop(gone);
     }
 
     /// Every tenant model being served (loaded now or not): its tenant, name and version.
