@@ -1006,6 +1006,19 @@ mod tests {
         }
     }
 
+    /// The files of a model version called `name` served as a raw graph from `model`.
+    fn raw_files(name: &str, version: u32, model: &std::path::Path) -> ModelFiles {
+        ModelFiles {
+            name: name.into(),
+            version,
+            task: Task::Raw,
+            labels: Vec::new(),
+            model: model.to_path_buf(),
+            tokenizer: None,
+            platform: false,
+        }
+    }
+
     /// Signups are free: loads queued by any number of fresh accounts, each within its own budget
     /// and owing nothing, do not go ahead of a paying tenant's load, even one that has just loaded;
     /// and every load queued gets its turn in the end.
@@ -1014,15 +1027,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (hosting, paying) = hosting(dir.path()).await;
         let staged = hosting.stage_bytes(&model_bytes()).await.unwrap();
-        let files = ModelFiles {
-            name: "queued".into(),
-            version: 1,
-            task: Task::Raw,
-            labels: Vec::new(),
-            model: staged.path().to_path_buf(),
-            tokenizer: None,
-            platform: false,
-        };
+        let files = raw_files("queued", 1, staged.path());
         // The paying tenant has just loaded for 5 s; a load of someone else's holds the turn.
         hosting
             .load_budget
@@ -1080,15 +1085,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (hosting, tenant) = hosting(dir.path()).await;
         let staged = hosting.stage_bytes(&model_bytes()).await.unwrap();
-        let files = ModelFiles {
-            name: "versions".into(),
-            version: 1,
-            task: Task::Raw,
-            labels: Vec::new(),
-            model: staged.path().to_path_buf(),
-            tokenizer: None,
-            platform: false,
-        };
+        let files = raw_files("versions", 1, staged.path());
         // Another tenant, owing a minute of loading, waits behind a load holding the turn; then the
         // tenant's load, holding its line.
         let other = TenantId::new();
@@ -1338,15 +1335,7 @@ mod tests {
         let [model, older] = [1, 2].map(|version| {
             hosting
                 .engine
-                .load(&ModelFiles {
-                    name: "m".into(),
-                    version,
-                    task: Task::Raw,
-                    labels: Vec::new(),
-                    model: staged.path().to_path_buf(),
-                    tokenizer: None,
-                    platform: false,
-                })
+                .load(&raw_files("m", version, staged.path()))
                 .unwrap()
         });
         // Four loaded at most: three for the free tier together.
