@@ -998,6 +998,18 @@ mod tests {
         )
     }
 
+    /// [`hosting`] keeping at most `bound` tenant models loaded.
+    async fn bounded_hosting(dir: &std::path::Path, bound: usize) -> (TenantId, Hosting) {
+        let (unbounded, tenant) = hosting(dir).await;
+        let bounded = Hosting::new(
+            unbounded.store.clone(),
+            Arc::new(Catalog::with_loaded_tenant_models(bound)),
+            unbounded.engine.clone(),
+            Blobs::local(dir.join("models")),
+        );
+        (tenant, bounded)
+    }
+
     fn version(name: &str) -> NewVersion {
         NewVersion {
             name: name.into(),
@@ -1260,13 +1272,7 @@ mod tests {
     #[tokio::test]
     async fn a_tenant_with_many_models_lets_its_own_go_and_a_failed_load_is_not_retried_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let (unbounded, tenant) = hosting(dir.path()).await;
-        let hosting = Hosting::new(
-            unbounded.store.clone(),
-            Arc::new(Catalog::with_loaded_tenant_models(4)),
-            unbounded.engine.clone(),
-            Blobs::local(dir.path().join("models")),
-        );
+        let (tenant, hosting) = bounded_hosting(dir.path(), 4).await;
         let who = Who::internal(Who::OPERATOR);
         let other = hosting
             .store
@@ -1379,13 +1385,7 @@ mod tests {
     #[tokio::test]
     async fn uploads_are_kept_loaded_in_the_tier_of_their_tenants_plan() {
         let dir = tempfile::tempdir().unwrap();
-        let (unbounded, paying) = hosting(dir.path()).await;
-        let hosting = Hosting::new(
-            unbounded.store.clone(),
-            Arc::new(Catalog::with_loaded_tenant_models(4)),
-            unbounded.engine.clone(),
-            Blobs::local(dir.path().join("models")),
-        );
+        let (paying, hosting) = bounded_hosting(dir.path(), 4).await;
         let who = Who::internal(Who::OPERATOR);
         let bytes = model_bytes();
         let upload = async |tenant: &TenantId, plan: &PlanIsolation| {

@@ -59,26 +59,35 @@ impl Kept {
     }
 }
 
-/// Takes out the least recently used models that `chosen` picks until at most `bound` of them are
-/// left, into `gone` (dropped once the lock is let go: dropping the last handle to a model frees its
-/// sessions, which takes a while).
-fn let_go<K: Ord + Clone>(
+/// Lets go of the least recently used models past each bound in turn: `tenant`'s past `own`, the
+/// free tier's past three quarters of `bound`, any past `bound` (see the module's doc). Returns them,
+/// to be dropped once the lock is let go: dropping the last handle to a model frees its sessions,
+/// which takes a while.
+fn keep_within<K: Ord + Clone>(
     kept: &mut BTreeMap<K, Kept>,
-    chosen: impl Fn(&K, &Kept) -> bool,
+    owner: impl Fn(&K) -> &TenantId,
+    tenant: &TenantId,
+    own: usize,
     bound: usize,
-    gone: &mut Vec<Kept>,
-) {
-    while kept.iter().filter(|(key, model)| chosen(key, model)).count() > bound {
-        let oldest = kept
-            .iter()
-            .filter(|(key, model)| chosen(key, model))
-            .min_by_key(|(_, model)| model.used())
-            .map(|(key, _)| key.clone());
-        let Some(model) = oldest.and_then(|oldest| kept.remove(&oldest)) else {
-            break;
-        };
-        gone.push(model);
-    }
+) -> Vec<Kept> {
+    let mut gone = Vec::new();
+    let mut let_go = |chosen: &dyn Fn(&K, &Kept) -> bool, bound: usize| {
+        while kept.iter().filter(|(key, model)| chosen(key, model)).count() > bound {
+            let oldest = kept
+                .iter()
+                .filter(|(key, model)| chosen(key, model))
+                .min_by_key(|(_, model)| model.used())
+                .map(|(key, _)| key.clone());
+            let Some(model) = oldest.and_then(|oldest| kept.remove(&oldest)) else {
+                break;
+            };
+            gone.push(model);
+        }
+    };
+    let_go(&|key, _| owner(key) == tenant, own);
+    let_go(&|_, model| model.tier == Tier::Free, free_share(bound));
+    let_go(&|_, _| true, bound);
+    gone
 }
 
 /// Three quarters of `bound` (at least one): what the tenants on the lightest plan keep together.
@@ -142,20 +151,7 @@ impl Catalog {
         if bound == 0 {
             return;
         }
-        let mut gone = Vec::new();
-        let_go(
-            &mut loaded,
-            |(owner, _), _| owner == tenant,
-            (bound / 4).max(1),
-            &mut gone,
-        );
-        let_go(
-            &mut loaded,
-            |_, kept| kept.tier == Tier::Free,
-            free_share(bound),
-            &mut gone,
-        );
-        let_go(&mut loaded, |_, _| true, bound, &mut gone);
+        let gone = keep_within(&mut loaded, |(owner, _)| owner, tenant, (bound / 4).max(1), bound);
         drop(loaded);
         metrics::counter!("plinth_tenant_models_evicted_total").increment(gone.len() as u64);
     }
@@ -215,20 +211,13 @@ impl Catalog {
         // Stamped under the lock: the version just added is the most recently used.
         let used = AtomicU64::new(self.uses.fetch_add(1, Ordering::Relaxed));
         pinned.insert(key, Kept { model, used, tier });
-        let mut gone = Vec::new();
-        let_go(
+        let gone = keep_within(
             &mut pinned,
-            |(owner, _, _), _| owner == tenant,
+            |(owner, _, _)| owner,
+            tenant,
             PINNED_PER_TENANT,
-            &mut gone,
+            PINNED_LOADED,
         );
-        let_go(
-            &mut pinned,
-            |_, kept| kept.tier == Tier::Free,
-            free_share(PINNED_LOADED),
-            &mut gone,
-        );
-        let_go(&mut pinned, |_, _| true, PINNED_LOADED, &mut gone);
         drop(pinned);
         drop(gone);
     }
