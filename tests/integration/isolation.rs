@@ -293,9 +293,20 @@ fn fixture(file: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|err| panic!("{}: {err} (scripts/test.sh builds it)", path.display()))
 }
 
+/// Uploads `model` as `manifest` describes: the status and body. Retries while the answer is `503
+/// overloaded`, as a client should: tests beside this one may hold the run memory tenants' models
+/// share, and an upload's warm-up does not wait for it.
 async fn upload(app: &TestApp, tenant: &TestTenant, model: Vec<u8>, manifest: Value) -> (u16, Value) {
     let tokenizer = manifest["task"] != "raw";
-    crate::models::upload(app, tenant, crate::models::form(model, &manifest, tokenizer)).await
+    for _ in 0..20 {
+        let form = crate::models::form(model.clone(), &manifest, tokenizer);
+        let (status, body) = crate::models::upload(app, tenant, form).await;
+        if (status, code(&body)) != (503, "overloaded") {
+            return (status, body);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    panic!("the upload of {manifest} was overloaded for ten seconds");
 }
 
 /// `DELETE path` as `who`: the status.
@@ -420,8 +431,13 @@ async fn refused(app: &TestApp, tenant: &TestTenant, file: &str, manifest: Value
     body["error"]["message"].as_str().unwrap().to_owned()
 }
 
+/// The tests that take most of the run memory tenants' models share, one at a time: the arena is
+/// one per process, and each of them asserts what a run finds in it.
+static MOST_OF_THE_RUN_MEMORY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graph_asking_for_more_memory_than_tenants_may_use_fails_its_call_and_the_server_keeps_serving() {
+    let _alone = MOST_OF_THE_RUN_MEMORY.lock().await;
     let app = TestApp::spawn().await;
     let tenant = app.tenant().await;
     let other = app.tenant().await;
@@ -571,6 +587,94 @@ async fn a_graph_asking_for_more_memory_than_tenants_may_use_fails_its_call_and_
         .await
         .unwrap();
     assert_eq!(usage.total.calls, 4);
+}
+
+/// Sums the holds model makes of its tensor in the run that holds most of the run memory: a few
+/// seconds (a sum of 400 MiB takes tens of milliseconds).
+const HOLDING_SUMS: i64 = 100;
+
+/// The holds model's sum of a tensor of ones of `shape`, summed `times` over while its graph holds
+/// the tensor: the status and body.
+async fn run_holds(app: &TestApp, tenant: &TestTenant, shape: [i64; 2], times: i64) -> (u16, Value) {
+    let request = json!({
+        "inputs": [
+            { "name": "shape", "datatype": "INT64", "shape": [2], "data": shape },
+            { "name": "times", "datatype": "INT64", "shape": [], "data": [times] },
+        ],
+    });
+    infer(app, tenant, "holds", request).await
+}
+
+/// Tenants' graphs share the run memory. One tenant's run holding most of it makes another tenant's
+/// run that needs more than is left wait for it to end, then run: it does not fail that tenant's call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graph_holding_most_of_the_run_memory_delays_another_tenants_run_but_does_not_fail_it() {
+    let _alone = MOST_OF_THE_RUN_MEMORY.lock().await;
+    let app = TestApp::spawn().await;
+    let (holder, other) = (app.tenant().await, app.tenant().await);
+    for tenant in [&holder, &other] {
+        accepted(
+            &app,
+            tenant,
+            "holds.onnx",
+            json!({ "name": "holds", "task": "raw" }),
+        )
+        .await;
+    }
+    let mib = |n: i64| [n * 256, 1_024];
+    let memory = i64::try_from(plinth_tests::TENANT_RUN_MEMORY_MIB).unwrap();
+    // Four fifths of the run memory, held for many sums of it (seconds).
+    let held = mib(memory * 4 / 5);
+    let waits = counter(&app, "plinth_inference_arena_waits_total").await;
+    let holding = async {
+        let answer = run_holds(&app, &holder, held, HOLDING_SUMS).await;
+        (answer, std::time::Instant::now())
+    };
+    let started = async {
+        // The holder's run is counted as it starts, before its graph allocates anything.
+        let executions = async || {
+            let response = app
+                .http()
+                .get(app.url("/v2/models/holds/stats"))
+                .bearer_auth(&holder.key.secret)
+                .send()
+                .await
+                .unwrap();
+            response.json::<Value>().await.unwrap()["execution_count"]
+                .as_u64()
+                .unwrap()
+        };
+        let waiting = std::time::Instant::now();
+        while executions().await == 0 {
+            assert!(
+                waiting.elapsed() < std::time::Duration::from_secs(20),
+                "the holder's run never started"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // Time for its `ConstantOfShape` (about what one sum takes).
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        // Two fifths: room alone, not beside the holder's run.
+        let answer = run_holds(&app, &other, mib(memory * 2 / 5), 1).await;
+        (answer, std::time::Instant::now())
+    };
+    let (((status, body), held_until), ((other_status, other_body), answered)) =
+        tokio::join!(holding, started);
+    let sum = |body: &Value| body["outputs"][0]["data"][0].as_f64();
+    let ones = |[rows, columns]: [i64; 2]| Some(f64::from(u32::try_from(rows * columns).unwrap()));
+    assert_eq!(other_status, 200, "{other_body}");
+    assert_eq!(sum(&other_body), ones(mib(memory * 2 / 5)), "{other_body}");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(sum(&body), ones(held), "{body}");
+    // The other tenant's run met the holder's, and waited for it to end: its answer (a run of 200
+    // MiB, a tenth of a second or more) came after the holder's, give or take the two answers'
+    // ways back.
+    assert!(counter(&app, "plinth_inference_arena_waits_total").await > waits);
+    assert!(
+        answered + std::time::Duration::from_millis(100) >= held_until,
+        "answered {:?} before the holder",
+        held_until.saturating_duration_since(answered)
+    );
 }
 
 /// A plan with room for two models, two versions each, and two and a half copies of `file`.

@@ -1350,10 +1350,32 @@ mod tests {
         catalog.add_tenant(&paying, model.clone(), Tier::Paid);
         catalog.add_pinned(&paying, older.clone(), Tier::Paid);
         let crowd: Vec<TenantId> = (0..20).map(|_| TenantId::new()).collect();
-        for free in crowd.iter().chain(&crowd) {
-            catalog.add_tenant(free, model.clone(), Tier::Free);
-            catalog.add_pinned(free, older.clone(), Tier::Free);
-        }
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let evicted = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            for free in crowd.iter().chain(&crowd) {
+                catalog.add_tenant(free, model.clone(), Tier::Free);
+                catalog.add_pinned(free, older.clone(), Tier::Free);
+            }
+        });
+        // Each of the crowd's 40 newest and 40 pinned versions was let go in turn but the last
+        // three and twelve, every one counted.
+        let evicted: Vec<(String, u64)> = evicted
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, ..)| key.key().name() == "plinth_tenant_models_evicted_total")
+            .map(|(key, _, _, value)| {
+                let version = key.key().labels().map(|l| l.value().to_owned()).collect();
+                let metrics_util::debugging::DebugValue::Counter(count) = value else {
+                    panic!("a counter");
+                };
+                (version, count)
+            })
+            .collect();
+        assert_eq!(evicted.len(), 2, "{evicted:?}");
+        assert!(evicted.contains(&("newest".to_owned(), 37)), "{evicted:?}");
+        assert!(evicted.contains(&("pinned".to_owned(), 28)), "{evicted:?}");
         assert!(catalog.find(&paying, "m").is_some());
         assert!(catalog.find_version(&paying, "m", 2).is_some());
         assert_eq!(catalog.loaded_tenant_models(), 4);

@@ -19,6 +19,7 @@ use tokenizers::Encoding;
 use tokio::sync::oneshot;
 
 use crate::InferenceError;
+use crate::arena::Failed;
 use crate::scheduler::{FairQueue, GUEST_SLACK, Queued, Release, most_guests};
 use crate::tensor::Tensor;
 use crate::tokenizer::TextTokenizer;
@@ -328,20 +329,80 @@ pub(crate) struct WorkerSetup {
     /// The `model` label of its metrics: the name of a platform model; `tenant` for every tenant's
     /// model (their names are private, and there is no bound on them).
     pub(crate) metrics_label: String,
-    /// A tenant's graph: its runs allocate from the bounded arena and give back what they freed.
-    pub(crate) tenant_graph: bool,
+    /// Where its runs allocate.
+    pub(crate) memory: Memory,
     pub(crate) stats: Arc<Stats>,
 }
 
 impl WorkerSetup {
-    /// Options for one run of this model (see `arena`).
-    fn run_options(&self) -> Result<RunOptions, InferenceError> {
+    /// Options for one run of this model.
+    fn run_options(&self) -> Result<RunSettings, InferenceError> {
+        RunSettings::new(self.memory)
+    }
+}
+
+/// Where a graph's runs allocate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Memory {
+    /// The platform's graphs: the runtime's own allocators.
+    Platform,
+    /// A tenant's graph on the CPU: the arena every tenant's graph shares (see `arena`).
+    SharedArena,
+    /// A tenant's graph on a GPU: device memory bounded for its session alone, which no other
+    /// tenant's run can take or give back.
+    OwnDevice,
+}
+
+/// One run's options, where its graph allocates, and until when its callers wait.
+pub(crate) struct RunSettings {
+    options: RunOptions,
+    memory: Memory,
+    /// A run that finds the arena full of other runs waits for room until then (see
+    /// `arena::Arena::share`); without one, it does not wait.
+    deadline: Option<Instant>,
+}
+
+impl RunSettings {
+    /// Options for a run of a graph allocating from `memory`: a tenant's run gives back what it
+    /// freed of the CPU arena as it ends.
+    pub(crate) fn new(memory: Memory) -> Result<Self, InferenceError> {
         let mut options = RunOptions::new()?;
-        if self.tenant_graph {
+        if memory != Memory::Platform {
             let (key, value) = crate::arena::SHRINK_AFTER_RUN;
             options.set(key, value)?;
         }
-        Ok(options)
+        Ok(Self {
+            options,
+            memory,
+            deadline: None,
+        })
+    }
+
+    /// The same, for callers who wait until `deadline`.
+    fn until(self, deadline: Instant) -> Self {
+        Self {
+            deadline: Some(deadline),
+            ..self
+        }
+    }
+
+    /// Stops the runs using these options, and any started with them later.
+    fn terminate(&self) {
+        let _ = self.options.terminate();
+    }
+
+    /// One run with these options: in the arena beside other tenants' runs (see
+    /// `arena::Arena::share`), in a session's own device memory (what it cannot get there, no wait
+    /// would give it), or on the platform's own allocators.
+    fn run<T>(&self, mut run: impl FnMut(&RunOptions) -> Result<T, Failed>) -> Result<T, Failed> {
+        match self.memory {
+            Memory::SharedArena => crate::arena::TENANTS.share(self.deadline, || run(&self.options)),
+            Memory::OwnDevice => run(&self.options).map_err(|failed| match failed {
+                Failed::Full => Failed::Beyond,
+                other => other,
+            }),
+            Memory::Platform => run(&self.options),
+        }
     }
 }
 
@@ -430,9 +491,12 @@ impl Worker {
     ///
     /// With a `deadline` (a tenant's model), a graph that would run past it (a huge loop) is
     /// terminated there. A `new` model (an upload) is then refused, as taking longer than `limit`
-    /// (the whole load's) to warm up, and so is one that finds no memory for one short text. A
+    /// (the whole load's) to warm up, and so is one that finds no memory for one short text with no
+    /// other run in the arena; one that finds it full of other tenants' runs is `Overloaded`, to
+    /// retry (a load holds the turn every tenant's loads share, so it does not wait for room). A
     /// version accepted before is not judged by one slow load (a busy machine, a cold GPU): it is
-    /// `Timeout`, and a run memory full of other tenants' runs `Overloaded`, both to retry.
+    /// `Timeout`, to retry, and one that no longer finds the memory (the bound lowered since)
+    /// `Overloaded`.
     pub(crate) fn warm_up(
         &mut self,
         deadline: Option<(Instant, Duration)>,
@@ -442,18 +506,22 @@ impl Worker {
             return Ok(());
         };
         let warm_up = ["warm up".to_owned()];
-        let options = Arc::new(self.setup.run_options()?);
-        // Alone at load, a run that finds no memory for one short text asks for too much.
+        // A run that finds no memory for one short text with no other run in the arena asks for too
+        // much (one that finds it full of other runs is `Overloaded`: retry).
         let too_much = |err| match err {
-            InferenceError::Overloaded if new => InferenceError::InvalidModel(
+            InferenceError::InvalidInput(_) if new => InferenceError::InvalidModel(
                 "the model asks for more memory for one short text than tenants' models may use at once"
                     .into(),
             ),
+            InferenceError::InvalidInput(_) => InferenceError::Overloaded,
             other => other,
         };
         let Some((deadline, limit)) = deadline else {
+            let options = self.setup.run_options()?;
             return run_text(&mut self.session, tokenizer, plan, &warm_up, &options).map(drop);
         };
+        // A load holds the turn every tenant's loads share: it does not wait for run memory.
+        let options = Arc::new(self.setup.run_options()?);
         let too_slow = || {
             if !new {
                 return InferenceError::Timeout;
@@ -477,7 +545,7 @@ impl Worker {
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout)
                 );
                 if stopped {
-                    let _ = options.terminate();
+                    options.terminate();
                 }
                 stopped
             })
@@ -500,7 +568,7 @@ impl Worker {
         let (Some(plan), Some(tokenizer)) = (&self.setup.text, &self.setup.tokenizer) else {
             return Ok(None);
         };
-        let options = RunOptions::new()?;
+        let options = RunSettings::new(self.setup.memory)?;
         let session = &mut self.session;
         let mut timed = |texts: &[String]| -> Result<Duration, InferenceError> {
             let started = Instant::now();
@@ -573,7 +641,7 @@ impl Worker {
                 continue;
             };
             let options = match self.setup.run_options() {
-                Ok(options) => Arc::new(options),
+                Ok(options) => Arc::new(options.until(last_arrival + self.setup.timeout)),
                 Err(err) => {
                     tracing::error!(model = %self.setup.model, error = %err, "cannot create run options");
                     continue;
@@ -588,7 +656,7 @@ impl Worker {
                     tokio::time::sleep_until(deadline).await;
                     metrics::counter!("plinth_inference_terminated_total").increment(1);
                     terminated.store(true, Ordering::Relaxed);
-                    let _ = options.terminate();
+                    options.terminate();
                 })
             };
             let tokenizer = self.setup.tokenizer.clone();
@@ -701,7 +769,7 @@ fn background_runs() -> &'static tokio::runtime::Runtime {
 
 /// One run's options, whether the watchdog terminated it, and its tenants' run slots.
 struct Run<'a, Slot = RunSlot> {
-    options: &'a RunOptions,
+    options: &'a RunSettings,
     terminated: &'a AtomicBool,
     /// The tenant the run is for, when calls of other tenants with longer texts than its own go back
     /// to the queue (see `answer_text_calls`).
@@ -755,7 +823,8 @@ fn process(
                 .map_err(|err| timed_out_or(err, run.terminated));
             if let Err(err) = &result {
                 // The caller's input is the caller's problem; anything else is the runtime's.
-                let runtime = !matches!(err, InferenceError::InvalidInput(_));
+                // (Or of other tenants' runs holding the run memory: not the model's.)
+                let runtime = !matches!(err, InferenceError::InvalidInput(_) | InferenceError::Overloaded);
                 failure = Some(failure.unwrap_or(false) || runtime);
             }
             answered.count(1, call.items, result.is_ok());
@@ -931,8 +1000,16 @@ fn answer_text_calls(
         all.extend(encodings);
         replies.extend(reply_of(call).map(|reply| (reply, waited)));
     }
-    let result =
-        run_encoded(session, tokenizer, plan, all, options).map_err(|err| timed_out_or(err, terminated));
+    let calls = replies.len();
+    let result = run_encoded(session, tokenizer, plan, all, options).map_err(|failed| {
+        let err = match failed {
+            // Together these calls asked for more than tenants' models may use; each alone may
+            // not: they go back to their callers to retry, in other runs.
+            Failed::Beyond if calls > 1 => InferenceError::Overloaded,
+            failed => failed.into_error(TEXTS_BEYOND),
+        };
+        timed_out_or(err, terminated)
+    });
     drop(slot);
     answered.count(replies.len() as u64, counts.iter().sum(), result.is_ok());
     let outcome = match result {
@@ -996,10 +1073,11 @@ pub(crate) fn run_text(
     tokenizer: &TextTokenizer,
     plan: &TextPlan,
     texts: &[String],
-    options: &RunOptions,
+    options: &RunSettings,
 ) -> Result<TextOutput, InferenceError> {
     let encodings = encode(tokenizer, texts, &AtomicBool::new(false))?;
     run_encoded(session, tokenizer, plan, encodings, options)
+        .map_err(|failed| failed.into_error(TEXTS_BEYOND))
 }
 
 /// Pads tokenized texts (of one call or several) to the longest, runs them, and reads the plan's
@@ -1009,11 +1087,24 @@ fn run_encoded(
     tokenizer: &TextTokenizer,
     plan: &TextPlan,
     mut encodings: Vec<Encoding>,
-    options: &RunOptions,
-) -> Result<TextOutput, InferenceError> {
+    options: &RunSettings,
+) -> Result<TextOutput, Failed> {
     let padding = tokenizer.get_padding().cloned().unwrap_or_default();
     tokenizers::utils::padding::pad_encodings(&mut encodings, &padding)
         .map_err(|err| InferenceError::Runtime(format!("padding failed: {err}")))?;
+    options.run(|options| run_padded(session, plan, &encodings, options))
+}
+
+/// What the callers of a text run that asked for more memory than tenants' models may use are told.
+const TEXTS_BEYOND: &str = "the model asked for more memory for these texts than tenants' models may use at once; send fewer or shorter texts";
+
+/// One run of texts padded to the same length.
+fn run_padded(
+    session: &mut Session,
+    plan: &TextPlan,
+    encodings: &[Encoding],
+    options: &RunOptions,
+) -> Result<TextOutput, Failed> {
     let rows = encodings.len();
     let tokens = encodings.first().map_or(0, tokenizers::Encoding::len);
     let column = |f: fn(&tokenizers::Encoding) -> &[u32]| -> Vec<i64> {
@@ -1038,15 +1129,9 @@ fn run_encoded(
             int64_tensor(&shape, column(tokenizers::Encoding::get_type_ids))?,
         ));
     }
-    let outputs = session.run_with_options(inputs, options).map_err(|err| {
-        // Texts are bounded: a run that finds the tenants' arena full found it full of other runs.
-        // Not the model's failure; the caller may retry.
-        if crate::arena::exhausted(&err.to_string()) {
-            InferenceError::Overloaded
-        } else {
-            err.into()
-        }
-    })?;
+    let outputs = session
+        .run_with_options(inputs, options)
+        .map_err(|err| crate::arena::no_room(&err.to_string()).unwrap_or_else(|| err.into()))?;
     let value = outputs
         .get(&plan.output)
         .ok_or_else(|| InferenceError::Runtime(format!("the model returned no `{}`", plan.output)))?;
@@ -1060,20 +1145,20 @@ fn run_encoded(
             .all(|(given, wanted)| usize::try_from(*given).ok() == Some(*wanted))
         && usize::try_from(out_shape.iter().product::<i64>()).ok() == Some(data.len());
     if !fits {
-        return Err(InferenceError::InvalidModel(format!(
+        return Err(Failed::Other(InferenceError::InvalidModel(format!(
             "the model answered `{}` with shape {:?} for {rows} texts of {tokens} tokens",
             plan.output,
             &out_shape[..]
-        )));
+        ))));
     }
     // What is copied out and answered, a few numbers per text for most models: no more than a call
     // may send, whatever width a tenant's graph answers.
     let answered = rows.saturating_mul(usize::try_from(out_shape[out_shape.len() - 1]).unwrap_or(0));
     if answered > crate::tensor::MAX_ELEMENTS {
-        return Err(InferenceError::InvalidModel(format!(
+        return Err(Failed::Other(InferenceError::InvalidModel(format!(
             "the model answered {answered} numbers for {rows} texts; at most {} are sent back",
             crate::tensor::MAX_ELEMENTS
-        )));
+        ))));
     }
     let (width, mut data) = if plan.pool {
         let dim = usize::try_from(out_shape[2]).unwrap_or(0);
@@ -1159,7 +1244,7 @@ fn tensors_share_a_run(run: &[Queued], next: &Work) -> bool {
 fn run_tensor_calls(
     session: &mut Session,
     calls: &[Queued],
-    options: &RunOptions,
+    options: &RunSettings,
     terminated: &AtomicBool,
     stats: &Stats,
 ) -> Vec<Result<Vec<Tensor>, InferenceError>> {
@@ -1176,7 +1261,7 @@ fn answer_in_halves(
     session: &mut Session,
     work: &[(&[Tensor], Option<&[String]>)],
     rows: &[usize],
-    options: &RunOptions,
+    options: &RunSettings,
     terminated: &AtomicBool,
     stats: &Stats,
     answers: &mut Vec<Result<Vec<Tensor>, InferenceError>>,
@@ -1231,7 +1316,7 @@ fn run_together(
     session: &mut Session,
     work: &[(&[Tensor], Option<&[String]>)],
     rows: &[usize],
-    options: &RunOptions,
+    options: &RunSettings,
 ) -> Option<Result<Vec<Vec<Tensor>>, InferenceError>> {
     let (first, wanted) = work[0];
     let joined = first
@@ -1261,8 +1346,28 @@ fn run_raw(
     session: &mut Session,
     inputs: &[Tensor],
     wanted: Option<&[String]>,
-    options: &RunOptions,
+    options: &RunSettings,
 ) -> Result<Vec<Tensor>, InferenceError> {
+    options
+        .run(|options| run_raw_once(session, inputs, wanted, options))
+        .map_err(|failed| match failed {
+            // The platform's graphs share no arena: memory they cannot get, the input asked for.
+            Failed::Full if options.memory == Memory::Platform => Failed::Beyond,
+            failed => failed,
+        })
+        .map_err(|failed| {
+            failed.into_error(
+                "the model asked for more memory than tenants' models may use at once; send smaller inputs",
+            )
+        })
+}
+
+fn run_raw_once(
+    session: &mut Session,
+    inputs: &[Tensor],
+    wanted: Option<&[String]>,
+    options: &RunOptions,
+) -> Result<Vec<Tensor>, Failed> {
     let names: Vec<String> = match wanted {
         Some(names) => names.to_vec(),
         None => session.outputs().iter().map(|o| o.name().to_owned()).collect(),
@@ -1273,14 +1378,9 @@ fn run_raw(
         .collect::<Result<Vec<_>, InferenceError>>()?;
     let outputs = session.run_with_options(values, options).map_err(|err| {
         let message = err.to_string();
-        if crate::arena::exhausted(&message) {
-            InferenceError::InvalidInput(
-                "the model asked for more memory than tenants' models may use at once; send smaller inputs"
-                    .into(),
-            )
-        } else {
-            InferenceError::InvalidInput(format!("the model rejected the inputs: {message}"))
-        }
+        crate::arena::no_room(&message).unwrap_or_else(|| {
+            InferenceError::InvalidInput(format!("the model rejected the inputs: {message}")).into()
+        })
     })?;
     let values = names
         .iter()
@@ -1298,15 +1398,16 @@ fn run_raw(
         .map(|(_, value)| Tensor::elements_of(value))
         .fold(0_usize, usize::saturating_add);
     if elements > crate::tensor::MAX_ELEMENTS {
-        return Err(InferenceError::InvalidInput(format!(
+        return Err(Failed::Other(InferenceError::InvalidInput(format!(
             "the model answered {elements} elements for these inputs; at most {} are sent back",
             crate::tensor::MAX_ELEMENTS
-        )));
+        ))));
     }
     values
         .into_iter()
         .map(|(name, value)| Tensor::from_ort(name, value))
-        .collect()
+        .collect::<Result<_, InferenceError>>()
+        .map_err(Failed::Other)
 }
 
 #[cfg(test)]

@@ -153,7 +153,8 @@ impl Catalog {
         }
         let gone = keep_within(&mut loaded, |(owner, _)| owner, tenant, (bound / 4).max(1), bound);
         drop(loaded);
-        metrics::counter!("plinth_tenant_models_evicted_total").increment(gone.len() as u64);
+        metrics::counter!("plinth_tenant_models_evicted_total", "version" => "newest")
+            .increment(gone.len() as u64);
     }
 
     /// Serves `info` as the tenant's newest version of its name without loading it: its first call
@@ -219,7 +220,8 @@ impl Catalog {
             PINNED_LOADED,
         );
         drop(pinned);
-        drop(gone);
+        metrics::counter!("plinth_tenant_models_evicted_total", "version" => "pinned")
+            .increment(gone.len() as u64);
     }
 
     /// Every tenant model being served (loaded now or not): its tenant, name and version.

@@ -273,7 +273,9 @@ impl Engine {
 
     /// Loads a tenant's model that is being uploaded: as [`Self::load`], with the warm-ups of all its
     /// sessions together bounded (see [`TENANT_WARM_UP`]; a graph that would run for ever is
-    /// terminated and refused), and a model that finds no run memory for one short text refused.
+    /// terminated and refused), and a model that finds no run memory for one short text with no
+    /// other run in the arena refused (one that finds it full of other tenants' runs is
+    /// [`InferenceError::Overloaded`], to retry).
     ///
     /// # Errors
     /// As [`Self::load`].
@@ -281,8 +283,10 @@ impl Engine {
         self.load_with(files, Some(true))
     }
 
-    /// Loads a tenant's model accepted before: as [`Self::validate`], except that a run memory full
-    /// of other runs is [`InferenceError::Overloaded`] (retry), not the model's failure.
+    /// Loads a tenant's model accepted before: as [`Self::validate`], except that the model is not
+    /// refused for its warm-up: one past the limit (a busy machine) is [`InferenceError::Timeout`],
+    /// and one that finds no run memory for a short text (the bound lowered since the model was
+    /// accepted, or other runs holding it) [`InferenceError::Overloaded`].
     ///
     /// # Errors
     /// As [`Self::load`].
@@ -378,7 +382,13 @@ impl Engine {
             timeout: self.settings.timeout,
             model: files.name.clone(),
             metrics_label,
-            tenant_graph: !files.platform,
+            memory: if files.platform {
+                batcher::Memory::Platform
+            } else if provider == "cuda" {
+                batcher::Memory::OwnDevice
+            } else {
+                batcher::Memory::SharedArena
+            },
             stats: stats.clone(),
         };
         let mut workers = Vec::with_capacity(sessions.len());
@@ -462,7 +472,7 @@ pub struct Embedder {
     session: Session,
     tokenizer: crate::tokenizer::TextTokenizer,
     plan: batcher::TextPlan,
-    options: ort::session::RunOptions,
+    options: batcher::RunSettings,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -500,7 +510,11 @@ impl Engine {
             session,
             tokenizer,
             plan,
-            options: ort::session::RunOptions::new()?,
+            options: batcher::RunSettings::new(if files.platform {
+                batcher::Memory::Platform
+            } else {
+                batcher::Memory::SharedArena
+            })?,
         })
     }
 }

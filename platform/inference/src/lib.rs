@@ -32,8 +32,9 @@ pub enum InferenceError {
     /// The model cannot do what was asked (e.g. classify with an embedding model).
     #[error("{0}")]
     WrongTask(String),
-    /// Too many calls queued for this model; retry shortly.
-    #[error("the model's queue is full; retry shortly")]
+    /// Too many calls queued for this model, or other tenants' models held the run memory for as long
+    /// as the caller waits; retry shortly.
+    #[error("the model cannot take the call now; retry shortly")]
     Overloaded,
     /// The tenant has this many calls queued for the model already, its most; retry shortly.
     #[error("this tenant already has {0} calls waiting for the model, its most; retry shortly")]

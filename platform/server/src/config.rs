@@ -618,6 +618,17 @@ impl Config {
         }
     }
 
+    /// The most memory, in MiB, that the bounded pools of what tenants run may take at once: every
+    /// plugin instance at its memory limit, and tenants' models' run memory (weights, the platform's
+    /// models and requests in flight aside).
+    #[must_use]
+    pub fn bounded_memory_mib(&self) -> u64 {
+        let mib = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        u64::from(self.plugin_instances)
+            .saturating_mul(mib(self.plugin_memory_mib))
+            .saturating_add(mib(self.tenant_run_memory_mib))
+    }
+
     fn plan_prices(&self) -> Result<BTreeMap<String, PlanPrices>, ConfigError> {
         let mut plans = BTreeMap::new();
         for entry in self
@@ -712,10 +723,44 @@ impl Config {
     }
 }
 
+/// The memory this process may use, in MiB: its cgroup's limit (a container's), or else the
+/// machine's; `None` where neither can be read.
+#[must_use]
+pub fn memory_available_mib() -> Option<u64> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    read("/sys/fs/cgroup/memory.max")
+        .as_deref()
+        .and_then(cgroup_limit_mib)
+        .or_else(|| read("/proc/meminfo").as_deref().and_then(mem_total_mib))
+}
+
+/// A cgroup's `memory.max`: bytes, or `max` (no limit).
+fn cgroup_limit_mib(text: &str) -> Option<u64> {
+    text.trim().parse::<u64>().ok().map(|bytes| bytes >> 20)
+}
+
+/// `MemTotal` of `/proc/meminfo` (in kB).
+fn mem_total_mib(text: &str) -> Option<u64> {
+    let line = text.lines().find_map(|line| line.strip_prefix("MemTotal:"))?;
+    let kib: u64 = line.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib >> 10)
+}
+
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment's test jail returns its own large error type
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_memory_available_is_the_containers_limit_or_the_machines() {
+        assert_eq!(cgroup_limit_mib("8589934592\n"), Some(8_192));
+        assert_eq!(cgroup_limit_mib("max\n"), None);
+        let meminfo = "MemTotal:       24567920 kB\nMemFree:        20000000 kB\n";
+        assert_eq!(mem_total_mib(meminfo), Some(23_992));
+        assert_eq!(mem_total_mib("MemFree: 1 kB\n"), None);
+        // The defaults: 64 instances of 64 MiB, and 4 GiB for tenants' runs.
+        assert_eq!(Config::default().bounded_memory_mib(), 8_192);
+    }
 
     #[test]
     fn environment_overrides_file_which_overrides_defaults() {

@@ -211,6 +211,20 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     ));
     plinth_inference::load_builtin(&engine, &config.models_dir, &models)
         .context("cannot load the built-in models")?;
+    let bounded = config.bounded_memory_mib();
+    if let Some(available) = config::memory_available_mib()
+        && bounded > available
+    {
+        // Not refused: a replica rarely has every instance at its limit. But the operator should know
+        // that it could, and what to lower.
+        tracing::warn!(
+            bounded_mib = bounded,
+            available_mib = available,
+            "plugin instances at their memory limit and tenants' run memory could together take more \
+             memory than this replica has: lower PLINTH_PLUGIN_INSTANCES, PLINTH_PLUGIN_MEMORY_MIB or \
+             PLINTH_TENANT_RUN_MEMORY_MIB"
+        );
+    }
     let (model_files, plugin_files) = file_stores(config)?;
     model_files.remove_partial_downloads().await;
     plugin_files.remove_partial_downloads().await;
