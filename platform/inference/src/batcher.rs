@@ -506,6 +506,8 @@ impl Worker {
             return Ok(());
         };
         let warm_up = ["warm up".to_owned()];
+        // A load holds the turn every tenant's loads share: it does not wait for run memory.
+        let options = Arc::new(self.setup.run_options()?);
         // A run that finds no memory for one short text with no other run in the arena asks for too
         // much (one that finds it full of other runs is `Overloaded`: retry).
         let too_much = |err| match err {
@@ -517,11 +519,8 @@ impl Worker {
             other => other,
         };
         let Some((deadline, limit)) = deadline else {
-            let options = self.setup.run_options()?;
             return run_text(&mut self.session, tokenizer, plan, &warm_up, &options).map(drop);
         };
-        // A load holds the turn every tenant's loads share: it does not wait for run memory.
-        let options = Arc::new(self.setup.run_options()?);
         let too_slow = || {
             if !new {
                 return InferenceError::Timeout;
@@ -1350,12 +1349,12 @@ fn run_raw(
 ) -> Result<Vec<Tensor>, InferenceError> {
     options
         .run(|options| run_raw_once(session, inputs, wanted, options))
-        .map_err(|failed| match failed {
-            // The platform's graphs share no arena: memory they cannot get, the input asked for.
-            Failed::Full if options.memory == Memory::Platform => Failed::Beyond,
-            failed => failed,
-        })
         .map_err(|failed| {
+            let failed = match failed {
+                // The platform's graphs share no arena: memory they cannot get, the input asked for.
+                Failed::Full if options.memory == Memory::Platform => Failed::Beyond,
+                failed => failed,
+            };
             failed.into_error(
                 "the model asked for more memory than tenants' models may use at once; send smaller inputs",
             )
