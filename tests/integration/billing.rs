@@ -814,6 +814,51 @@ async fn batches_sent_at_once_cannot_pass_the_cap_together() {
     assert_eq!(usage.total.units, 2, "{usage:?}");
 }
 
+/// A call the cap refused, sent again under its `Idempotency-Key`, is checked again: a refusal is not
+/// a pass for the key's next attempt (which takes over the released request as if it had stopped
+/// unanswered, with an event already counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_the_cap_refused_is_refused_again_under_the_same_key() {
+    let app = TestApp::spawn().await;
+    let mut free = app.store().plan("free").await.unwrap();
+    free.included_calls = 3;
+    app.store().upsert_plan(&free).await.unwrap();
+    let tenant = app.tenant().await;
+    let keyed = tenant.client.idempotent("four-texts-past-the-cap");
+    for attempt in 0..3 {
+        let refused = keyed
+            .classify("sentiment", &["a", "b", "c", "d"])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            api_code(&refused),
+            Some(ErrorCode::QuotaExceeded),
+            "attempt {attempt}: {refused:?}"
+        );
+    }
+    // Several retries at once, too.
+    let retries =
+        futures_util::future::join_all((0..4).map(|_| keyed.classify("sentiment", &["a", "b", "c", "d"])))
+            .await;
+    assert!(retries.iter().all(Result::is_err), "{retries:?}");
+    let usage = tenant
+        .client
+        .usage(&plinth_sdk::UsageQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(usage.total.units, 0, "{usage:?}");
+    // Within the cap, the same request under a key of its own runs and is billed once.
+    let within = tenant.client.idempotent("three-texts");
+    within.classify("sentiment", &["a", "b", "c"]).await.unwrap();
+    within.classify("sentiment", &["a", "b", "c"]).await.unwrap();
+    let usage = tenant
+        .client
+        .usage(&plinth_sdk::UsageQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(usage.total.units, 3, "{usage:?}");
+}
+
 #[tokio::test]
 async fn the_free_plan_stops_at_its_included_calls_until_the_tenant_upgrades() {
     let app = TestApp::spawn().await;

@@ -537,6 +537,13 @@ impl Store {
         Ok(())
     }
 
+    /// Whether the ledger holds the event billed under `key` for `tenant`.
+    pub async fn usage_event_recorded(&self, tenant: &TenantId, key: &str) -> Result<bool> {
+        let events =
+            usage_events::Entity::find_in(tenant).filter(usage_events::Column::IdempotencyKey.eq(key));
+        Ok(sea_orm::PaginatorTrait::count(events, self.db()).await? > 0)
+    }
+
     /// How many ledger events a tenant has in total; for tests and reconciliation.
     pub async fn usage_event_count(&self, tenant: &TenantId) -> Result<u64> {
         Ok(sea_orm::PaginatorTrait::count(usage_events::Entity::find_in(tenant), self.db()).await?)

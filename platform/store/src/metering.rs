@@ -95,7 +95,9 @@ impl Meter {
     /// the cap together (on this replica: replicas do not share reservations). A call of one is
     /// refused at admission once the cap is reached (from a count cached briefly); a call of many (a
     /// batch, a plugin's model call) could otherwise take any number past it at once. A retry that
-    /// takes over an attempt that stopped unanswered is not checked again: its event was counted.
+    /// takes over an attempt whose event is in the ledger is not checked again: its units are counted.
+    /// One taking over an attempt that left no event (refused here, or failed and withdrawn) is
+    /// checked as any call: a refusal is not a pass for the key's next attempt.
     async fn within_cap(
         &self,
         auth: &Principal,
@@ -105,7 +107,13 @@ impl Meter {
         let Some(cap) = auth.call_cap else {
             return Ok(None);
         };
-        if units <= 1 || keys.inherited {
+        if units <= 1
+            || keys.inherited
+                && self
+                    .store()
+                    .usage_event_recorded(&auth.tenant_id, &keys.call)
+                    .await?
+        {
             return Ok(None);
         }
         let units = i64::try_from(units).unwrap_or(i64::MAX);
