@@ -48,6 +48,18 @@ const KNOWN_NETWORK_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 
 /// Lower-cases and checks an email address. Deliberately loose: the only real check is a confirmation
 /// mail, which comes with invitations.
+/// The limit on logins to `email` from one network. Its prefix is its own: an email is the
+/// client's to choose (`owner@example.com:v4:192.0.2.1` is one), and a key that another limit's could
+/// spell would let anyone spend the owner's limit on their own network.
+fn login_network_key(email: &str, network: &str) -> String {
+    format!("login-network:{network}:{email}")
+}
+
+/// The limit on logins to `email` from networks new to it.
+fn login_email_key(email: &str) -> String {
+    format!("login-email:{email}")
+}
+
 pub(crate) fn normalise_email(email: &str) -> Result<String> {
     let email = email.trim().to_lowercase();
     let valid = email.len() <= 254
@@ -219,7 +231,7 @@ impl Store {
             StoreError::TooManyAttempts(decision.retry_after.max(Duration::from_secs(1)))
         };
         let this_network = cache
-            .rate_limit(&format!("login:{email}:{network}"), LOGIN_QUOTA)
+            .rate_limit(&login_network_key(&email, network), LOGIN_QUOTA)
             .await?;
         if !this_network.allowed {
             return Err(refused(this_network));
@@ -237,7 +249,7 @@ impl Store {
         }
         if !known {
             for (key, quota) in [
-                (format!("login:{email}"), LOGIN_EMAIL_QUOTA),
+                (login_email_key(&email), LOGIN_EMAIL_QUOTA),
                 (UNAUTHENTICATED_KEY.to_owned(), everyone_new),
             ] {
                 let decision = cache.rate_limit(&key, quota).await?;
@@ -644,6 +656,80 @@ mod tests {
     fn passwords_need_ten_characters() {
         assert!(validate_password("short").is_err());
         assert!(validate_password("long enough").is_ok());
+    }
+
+    /// The rate-limit keys a login spends, recorded.
+    #[derive(Debug, Default)]
+    struct Spent {
+        cache: crate::cache::MemoryCache,
+        keys: std::sync::Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Cache for Spent {
+        async fn rate_limit(
+            &self,
+            key: &str,
+            quota: Quota,
+        ) -> std::result::Result<crate::cache::RateDecision, crate::cache::CacheError> {
+            self.keys.lock().unwrap().push(key.to_owned());
+            self.cache.rate_limit(key, quota).await
+        }
+        async fn get(&self, key: &str) -> std::result::Result<Option<Vec<u8>>, crate::cache::CacheError> {
+            self.cache.get(key).await
+        }
+        async fn set(
+            &self,
+            key: &str,
+            value: &[u8],
+            ttl: Duration,
+        ) -> std::result::Result<(), crate::cache::CacheError> {
+            self.cache.set(key, value, ttl).await
+        }
+        async fn delete(&self, key: &str) -> std::result::Result<(), crate::cache::CacheError> {
+            self.cache.delete(key).await
+        }
+        async fn ping(&self) -> std::result::Result<(), crate::cache::CacheError> {
+            self.cache.ping().await
+        }
+    }
+
+    /// An email is the client's to choose: one spelled like the owner's email and network must not
+    /// spend the owner's limit on that network (on Redis a key is one bucket, whatever its quota).
+    #[tokio::test]
+    async fn an_email_spelled_like_another_limits_key_spends_only_its_own_limits() {
+        let (store, _dir) = crate::testing::test_store().await;
+        let who = Who::internal(Who::OPERATOR);
+        let everyone_new = Quota {
+            per_minute: 1_000,
+            burst: 1_000,
+        };
+        let login = async |email: &str, network: &str| {
+            let cache = Spent::default();
+            let request = LoginRequest {
+                email: email.into(),
+                password: "not the password".into(),
+                tenant_id: None,
+            };
+            let refused = store.login(&cache, &request, &who, network, everyone_new).await;
+            assert!(matches!(refused, Err(StoreError::InvalidLogin)), "{refused:?}");
+            cache.keys.into_inner().unwrap()
+        };
+        let owners = login("owner@example.com", "v4:192.0.2.1").await;
+        for crafted in [
+            "owner@example.com:v4:192.0.2.1",
+            "owner@example.com:v4:192.0.2.1:v4:198.51.100.9",
+        ] {
+            for network in ["v4:198.51.100.9", "v4:192.0.2.1"] {
+                let spent = login(crafted, network).await;
+                assert!(
+                    !spent
+                        .iter()
+                        .any(|key| owners.contains(key) && !key.starts_with("global:")),
+                    "{crafted} from {network} spent {spent:?}; the owner's are {owners:?}"
+                );
+            }
+        }
     }
 
     /// Anyone can make networks known to accounts of their own and spend the returning users' shared
