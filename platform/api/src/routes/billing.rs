@@ -38,16 +38,20 @@ pub struct UsageParams {
     group_by: Option<UsageGrouping>,
 }
 
+/// A time from 1970 to 9999: chrono's dates reach back to year -262143, where a period's default
+/// start (30 days earlier) would overflow.
 fn parse_time(field: &str, value: &str) -> ApiResult<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(value)
         .map(|t| t.with_timezone(&Utc))
         .or_else(|_| {
             NaiveDate::parse_from_str(value, "%Y-%m-%d").map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc())
         })
-        .map_err(|_| {
+        .ok()
+        .filter(|t| (1970..=9999).contains(&chrono::Datelike::year(t)))
+        .ok_or_else(|| {
             ApiError::new(
                 ErrorCode::InvalidQuery,
-                format!("{field}: expected an RFC 3339 time or YYYY-MM-DD"),
+                format!("{field}: expected an RFC 3339 time or YYYY-MM-DD, from 1970 to 9999"),
             )
         })
 }
