@@ -43,6 +43,10 @@ impl std::error::Error for SignatureError {}
 /// [`SignatureError`] naming what is wrong; the caller answers 400 and stores nothing.
 pub fn verify(secret: &str, header: Option<&str>, body: &[u8], now: i64) -> Result<(), SignatureError> {
     let header = header.ok_or(SignatureError::Missing)?;
+    // Anyone can sign with an empty key.
+    if secret.trim().is_empty() {
+        return Err(SignatureError::Mismatch);
+    }
     let mut timestamp = None;
     let mut candidates = Vec::new();
     for part in header.split(',') {
@@ -119,6 +123,12 @@ mod tests {
             Err(SignatureError::OutsideTolerance { age_secs: 301 })
         );
         assert_eq!(verify("whsec_a", None, body, 1_000), Err(SignatureError::Missing));
+        // Signed with an empty secret, as anyone could: refused whatever the configured one is.
+        let blank = format!("t=1000,v1={}", sign("", 1_000, body));
+        assert_eq!(
+            verify("", Some(&blank), body, 1_000),
+            Err(SignatureError::Mismatch)
+        );
         assert_eq!(
             verify("whsec_a", Some("v1=zz"), body, 1_000),
             Err(SignatureError::Malformed)

@@ -447,6 +447,27 @@ impl Config {
                 "PLINTH_STRIPE_SECRET_KEY and PLINTH_STRIPE_WEBHOOK_SECRET go together: set both for Stripe, neither for local billing",
             );
         }
+        // A blank secret (an empty variable left to fill in later) would sign with an empty key,
+        // which anyone can: a forged `checkout.session.completed` would then buy any plan.
+        let named = |secret: &Option<String>, prefixes: &[&str]| {
+            secret.as_deref().is_none_or(|secret| {
+                prefixes.iter().any(|prefix| {
+                    secret
+                        .strip_prefix(prefix)
+                        .is_some_and(|rest| !rest.trim().is_empty())
+                })
+            })
+        };
+        if !named(&self.stripe_secret_key, &["sk_", "rk_"]) {
+            return fail(
+                "PLINTH_STRIPE_SECRET_KEY must be a Stripe secret or restricted key (sk_… or rk_…); unset both Stripe settings for local billing",
+            );
+        }
+        if !named(&self.stripe_webhook_secret, &["whsec_"]) {
+            return fail(
+                "PLINTH_STRIPE_WEBHOOK_SECRET must be the endpoint's signing secret (whsec_…); unset both Stripe settings for local billing",
+            );
+        }
         self.plan_prices()?;
         if !(1..=86_400).contains(&self.billing_sync_bucket_secs) || self.billing_sync_interval_secs == 0 {
             return fail(
@@ -492,6 +513,10 @@ impl Config {
         // each instance's memories reserve address space (4 GiB each, four an instance).
         if !(4..=1_024).contains(&self.plugin_instances) {
             return fail("PLINTH_PLUGIN_INSTANCES must be between 4 and 1024");
+        }
+        // One would be the free plan's tenants' to fill, leaving paying ones none (see the catalog).
+        if self.tenant_models_loaded == 1 {
+            return fail("PLINTH_TENANT_MODELS_LOADED must be 0 (no bound) or at least 2");
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log).is_err() {
             return fail("PLINTH_LOG is not a valid filter (e.g. `info` or `plinth_api=debug,info`)");
@@ -723,18 +748,23 @@ impl Config {
     }
 }
 
-/// The memory this process may use, in MiB: its cgroup's limit (a container's), or else the
-/// machine's; `None` where neither can be read.
+/// The memory this process may use, in MiB: the lower of its cgroup's limit (a container's; cgroup
+/// v2, else v1) and the machine's; `None` where neither can be read.
 #[must_use]
 pub fn memory_available_mib() -> Option<u64> {
     let read = |path: &str| std::fs::read_to_string(path).ok();
-    read("/sys/fs/cgroup/memory.max")
-        .as_deref()
-        .and_then(cgroup_limit_mib)
-        .or_else(|| read("/proc/meminfo").as_deref().and_then(mem_total_mib))
+    let container = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .into_iter()
+    .find_map(|path| read(path).as_deref().and_then(cgroup_limit_mib));
+    let machine = read("/proc/meminfo").as_deref().and_then(mem_total_mib);
+    // cgroup v1 says "no limit" with a number near `i64::MAX`: the machine's memory is then lower.
+    container.into_iter().chain(machine).min()
 }
 
-/// A cgroup's `memory.max`: bytes, or `max` (no limit).
+/// A cgroup's `memory.max` (v2) or `memory.limit_in_bytes` (v1): bytes, or `max` (no limit).
 fn cgroup_limit_mib(text: &str) -> Option<u64> {
     text.trim().parse::<u64>().ok().map(|bytes| bytes >> 20)
 }
@@ -755,6 +785,8 @@ mod tests {
     fn the_memory_available_is_the_containers_limit_or_the_machines() {
         assert_eq!(cgroup_limit_mib("8589934592\n"), Some(8_192));
         assert_eq!(cgroup_limit_mib("max\n"), None);
+        // cgroup v1 without a limit: larger than any machine's memory, which is then the bound.
+        assert_eq!(cgroup_limit_mib("9223372036854771712\n"), Some(8_796_093_022_207));
         let meminfo = "MemTotal:       24567920 kB\nMemFree:        20000000 kB\n";
         assert_eq!(mem_total_mib(meminfo), Some(23_992));
         assert_eq!(mem_total_mib("MemFree: 1 kB\n"), None);
@@ -808,6 +840,17 @@ mod tests {
             jail.set_env("PLINTH_STRIPE_PLAN_PRICES", "pro=price_a");
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("PLINTH_STRIPE_PLAN_PRICES"), "{err}");
+            jail.set_env("PLINTH_STRIPE_PLAN_PRICES", "pro=price_a/price_b");
+            // Left blank to fill in later: anyone could sign webhooks with an empty secret.
+            for blank in ["", " ", "whsec_"] {
+                jail.set_env("PLINTH_STRIPE_WEBHOOK_SECRET", blank);
+                let err = Config::load(None).unwrap_err().to_string();
+                assert!(err.contains("PLINTH_STRIPE_WEBHOOK_SECRET"), "{blank:?}: {err}");
+            }
+            jail.set_env("PLINTH_STRIPE_WEBHOOK_SECRET", "whsec_1");
+            jail.set_env("PLINTH_STRIPE_SECRET_KEY", "");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("PLINTH_STRIPE_SECRET_KEY"), "{err}");
             Ok(())
         });
     }
@@ -845,6 +888,24 @@ mod tests {
             assert!(err.contains("proxy.internal"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn a_bound_on_tenants_models_leaves_paying_tenants_room() {
+        let one = Config {
+            tenant_models_loaded: 1,
+            ..Config::default()
+        };
+        let refused = one.validate().unwrap_err().to_string();
+        assert!(refused.contains("PLINTH_TENANT_MODELS_LOADED"), "{refused}");
+        for allowed in [0, 2, 32] {
+            Config {
+                tenant_models_loaded: allowed,
+                ..Config::default()
+            }
+            .validate()
+            .unwrap();
+        }
     }
 
     #[test]
