@@ -77,6 +77,89 @@ async fn absurd_tensor_shapes_are_refused_and_the_server_keeps_serving() {
     assert_eq!(usage.total.calls, 1);
 }
 
+/// Token ids of `shape` (zeros, with a mask of ones) for every input of the platform's sentiment
+/// model, in the binary extension: the status and body.
+async fn infer_token_ids(app: &TestApp, tenant: &TestTenant, shape: [i64; 2]) -> (u16, Value) {
+    let described: Value = app
+        .http()
+        .get(app.url("/v2/models/sentiment"))
+        .bearer_auth(&tenant.key.secret)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let elements = usize::try_from(shape[0] * shape[1]).unwrap();
+    let mut inputs = Vec::new();
+    let mut bytes = Vec::new();
+    for input in described["inputs"].as_array().unwrap() {
+        let name = input["name"].as_str().unwrap();
+        let value: i64 = i64::from(name == "attention_mask");
+        inputs.push(json!({
+            "name": name, "datatype": "INT64", "shape": shape,
+            "parameters": { "binary_data_size": elements * 8 },
+        }));
+        bytes.extend(std::iter::repeat_n(value.to_le_bytes(), elements).flatten());
+    }
+    let header = json!({ "inputs": inputs }).to_string();
+    let header_length = header.len();
+    let mut body = header.into_bytes();
+    body.extend(bytes);
+    let response = app
+        .http()
+        .post(app.url("/v2/models/sentiment/infer"))
+        .bearer_auth(&tenant.key.secret)
+        .header("Inference-Header-Content-Length", header_length.to_string())
+        .header("Content-Type", "application/octet-stream")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response.bytes().await.unwrap();
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+/// The platform's graphs run outside the tenants' bounded run memory, and a transformer's attention
+/// grows with the square of a row's length: token ids of `[1000, 512]` (12 MB, within the body limit)
+/// would ask ONNX Runtime for tens of gigabytes in each layer. A protocol call may run what a text call
+/// may, no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_call_to_a_platform_model_runs_no_more_rows_or_tokens_than_its_text_calls() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant().await;
+    app.lift_rate_limits(&tenant.session.tenant.id).await;
+    // The smallest calls past either bound first: cheap to run, were they not refused.
+    for shape in [[1, 129], [257, 4], [1_000, 512]] {
+        let (status, body) = infer_token_ids(&app, &tenant, shape).await;
+        assert_eq!(
+            (status, &body["code"]),
+            (400, &json!("invalid_input")),
+            "{shape:?}: {body}"
+        );
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("at most 256 rows of 128 tokens"),
+            "{body}"
+        );
+    }
+    let (status, body) = infer_token_ids(&app, &tenant, [256, 128]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["outputs"][0]["shape"][0], 256, "{body}");
+    let usage = tenant
+        .client
+        .usage(&plinth_sdk::UsageQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        usage.total.units, 256,
+        "only the call that ran is billed: {usage:?}"
+    );
+}
+
 /// A raw plugin invocation (the SDK would retry a `429` by itself).
 async fn invoke_raw(
     app: &TestApp,
@@ -249,6 +332,71 @@ async fn free_accounts_together_leave_a_quarter_of_the_plugin_instances_to_payin
     for (installed, tenant) in &crowd {
         let (status, body) = invoke_raw(app, tenant, &installed.id, json!({ "do": "echo" })).await;
         assert_eq!(status, 200, "{body}");
+    }
+}
+
+/// Busy guests on one set of threads take turns every epoch tick: a crowd of free accounts looping
+/// until their deadline, each within its limits, would leave a paying tenant's plugin a sliver of
+/// those threads and push its compute past the deadline. Paying tenants' guest code has threads of
+/// its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_of_free_accounts_looping_leaves_a_paying_tenants_plugin_its_threads() {
+    const CROWD: usize = 16;
+    let deadline = SLEEPERS_DEADLINE;
+    let app = TestApp::spawn_with(|config| {
+        config.plugin_deadline_ms = u64::try_from(deadline.as_millis()).unwrap();
+        config.plugin_instances = 24;
+        config.plugin_threads = 1;
+    })
+    .await;
+    let author = app.tenant().await;
+    let first = app.tenant().await;
+    let mut crowd = vec![(
+        app.install_plugin(&author, &first, "hostile", json!({})).await,
+        first,
+    )];
+    for _ in 1..CROWD {
+        let tenant = app.tenant().await;
+        crowd.push((install_hostile(&tenant).await, tenant));
+    }
+    let paying = app.tenant().await;
+    app.set_plan(&paying.session.tenant.id, "pro").await;
+    let paid = install_hostile(&paying).await;
+
+    // Compute that takes about a sixth of the deadline alone: a seventeenth of a thread, its turn
+    // among the crowd's loops, would need well past the deadline for it.
+    let count = async |n: u64| {
+        let started = std::time::Instant::now();
+        let (status, body) = invoke_raw(&app, &paying, &paid.id, json!({ "do": "count", "n": n })).await;
+        assert_eq!((status, &body["counted"]), (200, &json!(n)), "{body}");
+        started.elapsed()
+    };
+    let probe: u64 = 100_000_000;
+    let took = count(probe).await;
+    let n = u64::try_from(u128::from(probe) * (deadline / 6).as_nanos() / took.as_nanos().max(1)).unwrap();
+    let alone = count(n).await;
+
+    let app = &app;
+    let loops = futures_util::future::join_all(
+        crowd
+            .iter()
+            .map(|(installed, tenant)| invoke_raw(app, tenant, &installed.id, json!({ "do": "loop" }))),
+    );
+    let beside_the_crowd = async {
+        // Under way: every loop holds its instance until the deadline.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let started = std::time::Instant::now();
+        let answer = invoke_raw(app, &paying, &paid.id, json!({ "do": "count", "n": n })).await;
+        (answer, started.elapsed())
+    };
+    let (loops, ((status, body), took)) = tokio::join!(loops, beside_the_crowd);
+    assert_eq!(
+        (status, &body["counted"]),
+        (200, &json!(n)),
+        "{body} after {took:?} (alone {alone:?})"
+    );
+    for (status, body) in loops {
+        assert_eq!((status, code(&body)), (504, "plugin_timeout"), "{body}");
     }
 }
 

@@ -199,6 +199,12 @@ async fn broken_uploads_are_refused_with_a_reason() {
         ),
         (json!({ "name": "no-tokenizer", "task": "embedding" }), false),
         (json!({ "name": "x", "task": "translation" }), true),
+        // Every text's answer scores every label.
+        (
+            json!({ "name": "many-labels", "task": "text-classification",
+                    "labels": (0..1_001).map(|i| i.to_string()).collect::<Vec<_>>() }),
+            true,
+        ),
     ] {
         let (status, body) = upload(
             &app,

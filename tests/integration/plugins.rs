@@ -432,10 +432,28 @@ async fn publishing_refuses_components_that_fail_the_checks() {
         .await
         .unwrap();
     refused(
-        publish(manifest.clone(), component).await,
+        publish(manifest.clone(), component.clone()).await,
         ErrorCode::ValidationFailed,
         "immutable",
     );
+    // Refused before it is compiled, run or stored: other bytes under a published version (here not
+    // even a component) are not kept, not compiled.
+    let stored = || {
+        std::fs::read_dir(app.config.data_dir.join("plugins"))
+            .unwrap()
+            .flatten()
+            .filter(|entry| entry.file_name().to_string_lossy().ends_with(".wasm"))
+            .count()
+    };
+    let before = stored();
+    let mut other_bytes = component;
+    other_bytes.extend_from_slice(b"one byte more");
+    refused(
+        publish(manifest.clone(), other_bytes).await,
+        ErrorCode::ValidationFailed,
+        "immutable",
+    );
+    assert_eq!(stored(), before);
     let listing = author.owner.plugin("hostile").await.unwrap();
     assert_eq!(listing.versions.len(), 1);
 }

@@ -46,6 +46,9 @@ pub const TENANT_LOAD_TIME_PER_MINUTE: Duration = Duration::from_secs(15);
 /// again: each try reads and screens the whole file in the turn every tenant's loads share.
 const FAILED_LOAD_KEPT: Duration = Duration::from_secs(60);
 
+/// The most labels a text-classification model may have.
+pub const MAX_LABELS: usize = 1_000;
+
 /// The most a version's signature (its inputs and outputs, as JSON) may take: the registry keeps it
 /// and every replica reads it at start-up. Real graphs take a few hundred bytes.
 const MAX_SIGNATURE_BYTES: usize = 16 << 10;
@@ -262,6 +265,11 @@ impl Hosting {
             _ if version.labels.iter().any(|l| l.is_empty() || l.len() > 100) => Err(HostingError::invalid(
                 "manifest.labels: each label must be 1-100 characters",
             )),
+            // Each text's answer scores every label: 256 texts of 16,000 one-letter labels (a 64 KiB
+            // manifest) would answer four million scores, each with its label copied.
+            _ if version.labels.len() > MAX_LABELS => Err(HostingError::invalid(format!(
+                "manifest.labels: at most {MAX_LABELS} labels"
+            ))),
             _ => Ok(()),
         }
     }

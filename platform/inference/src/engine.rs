@@ -89,7 +89,7 @@ impl Default for EngineSettings {
             tenant_queue_capacity: 256,
             scheduling: Scheduling::Fair,
             timeout: Duration::from_secs(30),
-            max_tokens: 128,
+            max_tokens: MAX_TOKENS,
             tenant_run_memory: 4 << 30,
         }
     }
@@ -692,6 +692,8 @@ impl Drop for LoadedModel {
 pub const MAX_TEXTS: usize = 256;
 /// Longest text accepted, in bytes (longer token sequences are truncated anyway).
 pub const MAX_TEXT_BYTES: usize = 32 * 1024;
+/// Tokens a text is cut to, by default ([`EngineSettings::max_tokens`]).
+pub const MAX_TOKENS: usize = 128;
 
 impl LoadedModel {
     #[must_use]
@@ -962,6 +964,29 @@ pub fn check_tensors(
         return Err(InferenceError::InvalidInput(format!(
             "output `{twice}` is asked for more than once"
         )));
+    }
+    if info.platform {
+        within_text_bounds(inputs)?;
+    }
+    Ok(())
+}
+
+/// A protocol call to a platform model may run no more than its text calls do: [`MAX_TEXTS`] rows of
+/// [`MAX_TOKENS`] tokens. Those graphs run outside the tenants' bounded run memory, and their
+/// attention grows with the square of a row's length: token ids of `[1000, 512]`, 12 MB sent, would
+/// ask for tens of gigabytes in each layer.
+fn within_text_bounds(inputs: &[Tensor]) -> Result<(), InferenceError> {
+    let within = |dim: i64, most: usize| usize::try_from(dim).is_ok_and(|dim| dim <= most);
+    for tensor in inputs {
+        let mut dims = tensor.shape.iter();
+        let rows_fit = dims.next().is_none_or(|&rows| within(rows, MAX_TEXTS));
+        if !rows_fit || !dims.all(|&length| within(length, MAX_TOKENS)) {
+            return Err(InferenceError::InvalidInput(format!(
+                "input `{}`: shape {:?} is larger than this model runs: at most {MAX_TEXTS} rows of \
+                 {MAX_TOKENS} tokens",
+                tensor.name, tensor.shape
+            )));
+        }
     }
     Ok(())
 }

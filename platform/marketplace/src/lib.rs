@@ -233,8 +233,19 @@ impl Marketplace {
                 WIT_VERSIONS.join(", ")
             )));
         }
-        // The author must own the listing before anything expensive happens.
-        self.store.authored_plugin(&author.tenant_id, plugin).await?;
+        // The author must own the listing, and the version be new, before anything expensive happens:
+        // a version already published would be compiled, run and stored only to be refused.
+        let listing = self.store.authored_plugin(&author.tenant_id, plugin).await?;
+        if listing.versions.iter().any(|v| v.version == manifest.version) {
+            return Err(StoreError::Refused(
+                ErrorCode::ValidationFailed,
+                format!(
+                    "version: {plugin} {} is already published; versions are immutable",
+                    manifest.version
+                ),
+            )
+            .into());
+        }
         if let Some(unknown) = manifest.models.iter().find(|m| !self.hosting.is_platform(m)) {
             return Err(MarketError::invalid_plugin(format!(
                 "manifest.models: `{unknown}` is not a platform model; plugins may call platform models"

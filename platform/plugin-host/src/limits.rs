@@ -30,8 +30,9 @@ pub struct Limits {
     pub kv_keys: u64,
     /// Instances running at once across all plugins (the pooling allocator's size).
     pub concurrent_instances: u32,
-    /// Threads that run guest code and compile components, at a lower scheduling priority than the
-    /// threads that serve HTTP and run models, so plugin compute cannot starve them.
+    /// Threads that run paying tenants' guest code, at a lower scheduling priority than the threads
+    /// that serve HTTP and run models, so plugin compute cannot starve them; three quarters as many
+    /// more (at least one) run other tenants' guest code and compile components.
     pub threads: usize,
     /// Components compiled at once, for publishing and again for invoking (each has turns of its own,
     /// so publishing cannot hold up the plugins tenants call).

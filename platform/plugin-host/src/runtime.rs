@@ -163,10 +163,17 @@ pub struct PluginHost {
     /// go from the cache).
     loading: Arc<Semaphore>,
     occupancy: Arc<Occupancy>,
-    /// Where guest code and compilation run: threads of their own, at a lower priority.
+    /// Where compilation and the guest code of tenants without a paid plan run: threads of their
+    /// own, at a lower priority, three quarters as many as `Limits::threads`.
     pool: tokio::runtime::Handle,
-    /// Owns those threads; taken only on drop.
+    /// Where paying tenants' guest code runs: as many threads again, at the same priority. Busy
+    /// guests on one set of threads only take turns with each other (every epoch tick), so a crowd
+    /// of free accounts looping on the shared threads would leave a paying tenant's plugin a sliver
+    /// of them; on threads of its own it gets the cores' share the kernel gives every thread.
+    paying_pool: tokio::runtime::Handle,
+    /// Own those threads; taken only on drop.
     threads: Option<tokio::runtime::Runtime>,
+    paying_threads: Option<tokio::runtime::Runtime>,
     ticking: Arc<AtomicBool>,
 }
 
@@ -181,8 +188,11 @@ impl std::fmt::Debug for PluginHost {
 impl Drop for PluginHost {
     fn drop(&mut self) {
         self.ticking.store(false, Ordering::Relaxed);
-        if let Some(pool) = self.threads.take() {
-            // Running invocations are cancelled with it; nothing of theirs outlives the host.
+        // Running invocations are cancelled with them; nothing of theirs outlives the host.
+        for pool in [self.threads.take(), self.paying_threads.take()]
+            .into_iter()
+            .flatten()
+        {
             pool.shutdown_background();
         }
     }
@@ -275,15 +285,23 @@ impl PluginHost {
             })
             .map_err(|err| PluginError::Engine(err.to_string()))?;
 
-        let pool = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(limits.threads.max(1))
-            // Both kinds of compilation at their limits, and a little room.
-            .max_blocking_threads(2 * limits.compile_concurrency.max(1) + 2)
-            .thread_name("plugin")
-            .on_thread_start(lower_priority)
-            .enable_all()
-            .build()
-            .map_err(|err| PluginError::Engine(format!("plugin threads: {err}")))?;
+        let threads = |name: &str, workers: usize, blocking: usize| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .max_blocking_threads(blocking)
+                .thread_name(name)
+                .on_thread_start(lower_priority)
+                .enable_all()
+                .build()
+                .map_err(|err| PluginError::Engine(format!("plugin threads: {err}")))
+        };
+        // Both kinds of compilation at their limits, and a little room.
+        let pool = threads(
+            "plugin",
+            unpaid_threads(&limits),
+            2 * limits.compile_concurrency.max(1) + 2,
+        )?;
+        let paying_pool = threads("plugin-paying", limits.threads.max(1), 1)?;
         let compiled = moka::future::Cache::builder()
             .max_capacity(limits.compiled_cache_bytes)
             .weigher(|_, compiled: &Arc<Compiled>| u32::try_from(compiled.size).unwrap_or(u32::MAX))
@@ -298,7 +316,9 @@ impl PluginHost {
             loading: Arc::new(Semaphore::new(limits.compile_concurrency.max(1))),
             occupancy: Arc::default(),
             pool: pool.handle().clone(),
+            paying_pool: paying_pool.handle().clone(),
             threads: Some(pool),
+            paying_threads: Some(paying_pool),
             ticking,
         })
     }
@@ -437,14 +457,23 @@ impl PluginHost {
             InvokeError::Busy(format!("{refused}; retry when one of them has finished"))
         })?;
         let engine = self.engine.clone();
-        let running = self
-            .pool
-            .spawn(run(engine, compiled, call, services, request, limits, seat));
+        let pool = if call.paying {
+            &self.paying_pool
+        } else {
+            &self.pool
+        };
+        let running = pool.spawn(run(engine, compiled, call, services, request, limits, seat));
         let _abort = AbortOnDrop(running.abort_handle());
         running.await.map_err(|err| {
             InvokeError::Unavailable(format!("the plugin host stopped the invocation: {err}"))
         })?
     }
+}
+
+/// The threads the guest code of tenants without a paid plan runs on, together: three quarters of
+/// the plugin threads (at least one), as they hold three quarters of the instances.
+fn unpaid_threads(limits: &Limits) -> usize {
+    (limits.threads.max(1) * 3 / 4).max(1)
 }
 
 /// The occupancy key of the tenants without a paid plan, together.

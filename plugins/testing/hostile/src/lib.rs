@@ -24,6 +24,15 @@ impl Plugin for Hostile {
                     n = std::hint::black_box(n.wrapping_add(1));
                 }
             }
+            // Compute that ends: counts to `n`.
+            "count" => {
+                let until = request["n"].as_u64().unwrap_or_default();
+                let mut n: u64 = 0;
+                while n < until {
+                    n = std::hint::black_box(n + 1);
+                }
+                Ok(json!({ "counted": n }))
+            }
             "alloc" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
