@@ -401,23 +401,31 @@ pub(crate) async fn deploy(state: &AppState, auth: &Principal, who: &Who, id: &s
         };
         return Err(ApiError::new(ErrorCode::TrainingJobState, why));
     }
-    let deployed = install_trained(state, auth, who, &job).await;
-    match deployed {
-        Ok(model) => {
-            state
-                .store
-                .mark_training_job_deployed(&auth.tenant_id, who, &job.id, model.version)
-                .await?;
-            Ok(model)
+    // Claimed: from here to marking the job deployed or releasing it runs on a task of its own,
+    // whether or not the caller waits. Stopped in between (a client hanging up), the claim would
+    // stay, and every later deploy of the job would answer "being deployed".
+    let (state, auth, who) = (state.clone(), auth.clone(), who.clone());
+    tokio::spawn(async move {
+        let deployed = install_trained(&state, &auth, &who, &job).await;
+        match deployed {
+            Ok(model) => {
+                state
+                    .store
+                    .mark_training_job_deployed(&auth.tenant_id, &who, &job.id, model.version)
+                    .await?;
+                Ok(model)
+            }
+            Err(err) => {
+                state
+                    .store
+                    .release_training_deployment(&auth.tenant_id, &job.id)
+                    .await?;
+                Err(err)
+            }
         }
-        Err(err) => {
-            state
-                .store
-                .release_training_deployment(&auth.tenant_id, &job.id)
-                .await?;
-            Err(err)
-        }
-    }
+    })
+    .await
+    .map_err(ApiError::internal)?
 }
 
 /// The trained model and the base tokenizer, through the path of an upload.

@@ -331,10 +331,33 @@ impl Hosting {
     /// Checks a staged model against its description and the plan's quota, proves it loads and fits
     /// its task, stores it by SHA-256, records the version and starts serving it.
     ///
+    /// Runs to its end on a task of its own, whether or not its caller waits: an upload stopped
+    /// between storing its files and registering them (a client hanging up, the handler dropped)
+    /// would leave files that no version names and no quota counts.
+    ///
     /// # Errors
     /// `validation_failed` for a description that does not fit, the quota's refusal, the engine's
     /// refusal of the model.
     pub async fn install(
+        &self,
+        tenant: &TenantId,
+        who: &Who,
+        quota: &PlanIsolation,
+        version: NewVersion,
+        model: Staged,
+        tokenizer: Option<Staged>,
+    ) -> Result<Model> {
+        let (hosting, tenant, who, quota) = (self.clone(), tenant.clone(), who.clone(), *quota);
+        tokio::spawn(async move {
+            hosting
+                .install_to_the_end(&tenant, &who, &quota, version, model, tokenizer)
+                .await
+        })
+        .await
+        .map_err(HostingError::internal)?
+    }
+
+    async fn install_to_the_end(
         &self,
         tenant: &TenantId,
         who: &Who,
@@ -1453,6 +1476,54 @@ mod tests {
 
     /// Without any HTTP: an upload is checked, stored by its hash, served, held to its plan's quota,
     /// and gone with its files once deleted; a refused one leaves nothing behind.
+    /// A client that hangs up does not stop its upload halfway: stopped between storing its files and
+    /// registering them, it would leave files no version names and no quota counts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_whose_caller_stops_waiting_runs_to_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hosting, tenant) = hosting(dir.path()).await;
+        let who = Who::internal(Who::OPERATOR);
+        let staged = hosting.stage_bytes(&model_bytes()).await.unwrap();
+        // Held here: the upload, checked and loaded, waits to store its files.
+        let files = hosting.files_lock.clone().lock_owned().await;
+        let mut upload = Box::pin(hosting.install(
+            &tenant,
+            &who,
+            &PlanIsolation::FREE,
+            version("scorer"),
+            staged,
+            None,
+        ));
+        let waiting_for_the_files = async {
+            while !hosting
+                .uploading
+                .lock()
+                .unwrap()
+                .contains(&(tenant.clone(), "scorer".to_owned()))
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::select! {
+            outcome = &mut upload => panic!("the upload ended before it stored its files: {outcome:?}"),
+            () = waiting_for_the_files => {}
+        }
+        // The caller stops waiting; the files are then free to store.
+        drop(upload);
+        drop(files);
+        let registered = async {
+            while hosting.catalog.find(&tenant, "scorer").is_none() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), registered)
+            .await
+            .expect("the upload stopped with its caller");
+        let record = hosting.store.model_version(&tenant, "scorer", 1).await.unwrap();
+        let stored = dir.path().join("models").join(format!("{}.onnx", record.sha256));
+        assert!(stored.exists());
+    }
+
     #[tokio::test]
     async fn an_upload_is_served_held_to_its_quota_and_leaves_no_files_once_deleted() {
         let dir = tempfile::tempdir().unwrap();
