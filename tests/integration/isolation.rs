@@ -433,6 +433,41 @@ async fn publishing_refuses_a_component_that_crashes_on_every_request_and_limits
     let limited = submit().await.unwrap();
     assert_eq!(limited.status(), 429);
     assert!(limited.headers().contains_key("retry-after"));
+
+    // Each submission is held in memory while it is checked: one of an author's at a time, the
+    // other refused at once, before its body is read.
+    let other = app.tenant().await;
+    other.owner.create_plugin("crasher-two", "").await.unwrap();
+    let mut renamed = manifest.clone();
+    renamed.name = "crasher-two".into();
+    let submit = || {
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "manifest",
+                reqwest::multipart::Part::bytes(serde_json::to_vec(&renamed).unwrap()),
+            )
+            .part("component", reqwest::multipart::Part::bytes(component.clone()));
+        app.http()
+            .post(app.url("/v1/plugins/crasher-two/versions"))
+            .bearer_auth(&other.session.token)
+            .multipart(form)
+            .send()
+    };
+    let (first, second) = tokio::join!(submit(), submit());
+    let mut answers = [first.unwrap(), second.unwrap()];
+    answers.sort_by_key(reqwest::Response::status);
+    let [checked, refused] = answers;
+    assert_eq!(checked.status(), 422, "the crasher fails its checks");
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("another of your submissions"),
+        "{body}"
+    );
 }
 
 /// A model file from `tests/fixtures/make_models.py` (scripts/test.sh builds them).

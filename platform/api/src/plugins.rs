@@ -53,6 +53,8 @@ pub(crate) async fn publish(
         state.settings.limits.publishes_per_author,
     )
     .await?;
+    // And the submissions a replica holds in memory at once are bounded, also before any is read.
+    let _turn = state.marketplace.publish_turn(auth)?;
     let limit = state.marketplace.host().limits().component_bytes;
     let (mut manifest, mut component) = (None, None);
     while let Some(mut field) = form

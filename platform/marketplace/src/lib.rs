@@ -8,8 +8,11 @@
 
 #![forbid(unsafe_code)]
 
+mod publishing;
 mod records;
 mod services;
+
+pub use publishing::{PUBLISHES_AT_ONCE, PublishTurn};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -139,6 +142,7 @@ pub struct Marketplace {
     /// Seals installations' secrets at rest.
     secrets: SecretBox,
     settings: MarketSettings,
+    publishing: Arc<publishing::Publishing>,
 }
 
 impl std::fmt::Debug for Marketplace {
@@ -189,7 +193,18 @@ impl Marketplace {
             files,
             secrets,
             settings,
+            publishing: Arc::default(),
         }
+    }
+
+    /// Admits one of `author`'s submissions before its body is read (see [`publishing`]): hold the
+    /// turn until [`Self::publish`] returns.
+    ///
+    /// # Errors
+    /// `rate_limited` while another of the author's is under way, `unavailable` while the replica
+    /// checks as many as it takes at once.
+    pub fn publish_turn(&self, author: &Principal) -> Result<PublishTurn> {
+        self.publishing.admit(&author.tenant_id)
     }
 
     /// Compiles and runs plugins.
