@@ -458,6 +458,53 @@ async fn publishing_refuses_components_that_fail_the_checks() {
     assert_eq!(listing.versions.len(), 1);
 }
 
+/// Each version awaiting review keeps its component stored: an author may have ten waiting, every
+/// listing's together, and publishes more as they are reviewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_author_may_have_ten_versions_awaiting_review() {
+    let app = TestApp::spawn().await;
+    let author = app.tenant().await;
+    let (manifest, component) = built_plugin("hostile");
+    let mut first = None;
+    for listing in ["hostile", "hostile-two"] {
+        author.owner.create_plugin(listing, "").await.unwrap();
+        for patch in 0..5 {
+            let mut version = manifest.clone();
+            version.name = listing.into();
+            version.version = format!("1.0.{patch}");
+            let published = author
+                .owner
+                .publish_plugin_version(&version, component.clone())
+                .await
+                .unwrap();
+            first.get_or_insert(published.id);
+        }
+    }
+    let mut eleventh = manifest.clone();
+    eleventh.version = "1.1.0".into();
+    let refused = author
+        .owner
+        .publish_plugin_version(&eleventh, component.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(ErrorCode::PluginVersionsPending),
+        "{refused:?}"
+    );
+    assert_eq!(author.owner.plugin("hostile").await.unwrap().versions.len(), 5);
+    app.platform_admin()
+        .await
+        .review_plugin_version(&first.unwrap(), false, Some("not this one"))
+        .await
+        .unwrap();
+    author
+        .owner
+        .publish_plugin_version(&eleventh, component)
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_plugin_runs_under_the_same_contract() {
     let app = TestApp::spawn().await;

@@ -97,6 +97,9 @@ error_codes! {
     InvalidPlugin = 422,
     /// The plugin version is not approved for installation (pending review or rejected).
     PluginNotApproved = 409,
+    /// The author already has as many plugin versions awaiting review as it may (each keeps its
+    /// component stored); publish more once some are reviewed.
+    PluginVersionsPending = 409,
     /// The plugin refused the request as malformed; the message is the plugin's.
     PluginRejectedRequest = 400,
     /// The plugin failed: it trapped (a panic, a stack overflow) or reported an error.

@@ -41,6 +41,10 @@ use sha2::{Digest, Sha256};
 
 use crate::services::TenantServices;
 
+/// Versions one author may have awaiting review, every listing's together: each keeps its component
+/// (up to the component limit) stored until it is reviewed.
+pub const MAX_PENDING_VERSIONS: usize = 10;
+
 /// Most secrets an installation holds.
 const MAX_SECRETS: usize = 32;
 /// Longest secret name, in bytes (letters, digits, `_`, `-`, `.`).
@@ -251,6 +255,22 @@ impl Marketplace {
         // The author must own the listing, and the version be new, before anything expensive happens:
         // a version already published would be compiled, run and stored only to be refused.
         let listing = self.store.authored_plugin(&author.tenant_id, plugin).await?;
+        let pending = self
+            .store
+            .authored_plugins(&author.tenant_id)
+            .await?
+            .iter()
+            .flat_map(|plugin| &plugin.versions)
+            .filter(|version| version.status == ReviewStatus::Pending)
+            .count();
+        if pending >= MAX_PENDING_VERSIONS {
+            return Err(MarketError::refused(
+                ErrorCode::PluginVersionsPending,
+                format!(
+                    "{pending} of your versions await review, the most an author may have; publish more once some are reviewed"
+                ),
+            ));
+        }
         if listing.versions.iter().any(|v| v.version == manifest.version) {
             return Err(StoreError::Refused(
                 ErrorCode::ValidationFailed,
