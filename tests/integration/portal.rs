@@ -377,3 +377,25 @@ async fn the_installation_page_lists_recent_invocations_with_their_logs() {
     let elsewhere = link.replace(installed.id.as_str(), theirs[0].id.as_str());
     assert_eq!(portal_get(&app, &cookie, &elsewhere).await.status(), 404);
 }
+
+/// Dates chrono parses but no range can reach (the default start two weeks before, or the end's next
+/// day, would overflow) are refused like any other bad date, not a panicking page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_usage_page_refuses_dates_no_range_can_reach() {
+    let app = TestApp::spawn().await;
+    let cookie = portal_signup(&app).await;
+    for query in [
+        "to=-262143-01-01",
+        "to=%2B262142-12-31",
+        "from=0001-01-01&to=0001-01-02",
+    ] {
+        let response = portal_get(&app, &cookie, &format!("/portal/usage?{query}")).await;
+        assert_eq!(response.status(), 400, "{query}");
+    }
+    assert_eq!(
+        portal_get(&app, &cookie, "/portal/usage?from=2026-01-01&to=2026-01-31")
+            .await
+            .status(),
+        200
+    );
+}

@@ -381,6 +381,17 @@ pub(crate) async fn export(
 /// job's model, through the same checks, quota, storage and serving as an upload.
 pub(crate) async fn deploy(state: &AppState, auth: &Principal, who: &Who, id: &str) -> ApiResult<Model> {
     let job = state.store.training_job(&auth.tenant_id, id).await?;
+    // From claiming the job to marking it deployed or releasing it runs on a task of its own, whether
+    // or not the caller waits: stopped in between (a client hanging up), the claim would stay, and
+    // every later deploy of the job would answer "being deployed".
+    let (state, auth, who) = (state.clone(), auth.clone(), who.clone());
+    tokio::spawn(async move { deploy_claimed(&state, &auth, &who, job).await })
+        .await
+        .map_err(ApiError::internal)?
+}
+
+/// Claims `job` for deploying, installs its model and marks it deployed, or releases the claim.
+async fn deploy_claimed(state: &AppState, auth: &Principal, who: &Who, job: TrainingJob) -> ApiResult<Model> {
     if !state
         .store
         .claim_training_deployment(&auth.tenant_id, &job.id)
@@ -401,31 +412,22 @@ pub(crate) async fn deploy(state: &AppState, auth: &Principal, who: &Who, id: &s
         };
         return Err(ApiError::new(ErrorCode::TrainingJobState, why));
     }
-    // Claimed: from here to marking the job deployed or releasing it runs on a task of its own,
-    // whether or not the caller waits. Stopped in between (a client hanging up), the claim would
-    // stay, and every later deploy of the job would answer "being deployed".
-    let (state, auth, who) = (state.clone(), auth.clone(), who.clone());
-    tokio::spawn(async move {
-        let deployed = install_trained(&state, &auth, &who, &job).await;
-        match deployed {
-            Ok(model) => {
-                state
-                    .store
-                    .mark_training_job_deployed(&auth.tenant_id, &who, &job.id, model.version)
-                    .await?;
-                Ok(model)
-            }
-            Err(err) => {
-                state
-                    .store
-                    .release_training_deployment(&auth.tenant_id, &job.id)
-                    .await?;
-                Err(err)
-            }
+    match install_trained(state, auth, who, &job).await {
+        Ok(model) => {
+            state
+                .store
+                .mark_training_job_deployed(&auth.tenant_id, who, &job.id, model.version)
+                .await?;
+            Ok(model)
         }
-    })
-    .await
-    .map_err(ApiError::internal)?
+        Err(err) => {
+            state
+                .store
+                .release_training_deployment(&auth.tenant_id, &job.id)
+                .await?;
+            Err(err)
+        }
+    }
 }
 
 /// The trained model and the base tokenizer, through the path of an upload.

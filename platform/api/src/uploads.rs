@@ -98,7 +98,7 @@ pub(crate) async fn upload(
     mut form: Multipart,
 ) -> ApiResult<Model> {
     let quota = &auth.isolation;
-    let _receiving = state.hosting.receive_upload(&auth.tenant_id)?;
+    let receiving = state.hosting.receive_upload(&auth.tenant_id)?;
     let staging = state.hosting.staging_dir();
     tokio::fs::create_dir_all(&staging)
         .await
@@ -149,7 +149,15 @@ pub(crate) async fn upload(
     match (manifest, model) {
         (Some(manifest), Some(model)) => Ok(state
             .hosting
-            .install(&auth.tenant_id, who, quota, manifest.into(), model, tokenizer)
+            .install_holding(
+                &auth.tenant_id,
+                who,
+                quota,
+                manifest.into(),
+                model,
+                tokenizer,
+                receiving,
+            )
             .await?),
         (None, _) => Err(invalid("the `manifest` part is missing")),
         (_, None) => Err(invalid("the `model` part (the .onnx file) is missing")),

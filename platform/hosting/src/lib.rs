@@ -156,7 +156,7 @@ pub struct Hosting {
     load_gate: Arc<gate::LoadGate>,
     /// Models being uploaded through this replica (tenant, name): the catalogue sync leaves them to
     /// the upload, which loads and serves them itself.
-    uploading: Arc<Mutex<HashSet<(TenantId, String)>>>,
+    uploading: Arc<Mutex<HashMap<(TenantId, String), usize>>>,
     /// Tenants whose upload this replica is receiving (one at a time each).
     receiving: Arc<Mutex<HashSet<TenantId>>>,
     /// Versions whose load failed as a model (not for want of a turn), with when and why.
@@ -347,8 +347,30 @@ impl Hosting {
         model: Staged,
         tokenizer: Option<Staged>,
     ) -> Result<Model> {
+        self.install_holding(tenant, who, quota, version, model, tokenizer, ())
+            .await
+    }
+
+    /// [`Self::install`], keeping `held` (the tenant's turn to upload, see [`Self::receive_upload`])
+    /// until the install ends rather than until its caller stops waiting: a client hanging up again
+    /// and again must not start one install after another.
+    ///
+    /// # Errors
+    /// As [`Self::install`].
+    #[expect(clippy::too_many_arguments, reason = "install's, and what it holds")]
+    pub async fn install_holding(
+        &self,
+        tenant: &TenantId,
+        who: &Who,
+        quota: &PlanIsolation,
+        version: NewVersion,
+        model: Staged,
+        tokenizer: Option<Staged>,
+        held: impl Send + 'static,
+    ) -> Result<Model> {
         let (hosting, tenant, who, quota) = (self.clone(), tenant.clone(), who.clone(), *quota);
         tokio::spawn(async move {
+            let _held = held;
             hosting
                 .install_to_the_end(&tenant, &who, &quota, version, model, tokenizer)
                 .await
@@ -939,20 +961,23 @@ impl Drop for Receiving {
 
 /// Marks a model as being uploaded through this replica for as long as it lives.
 struct Uploading {
-    set: Arc<Mutex<HashSet<(TenantId, String)>>>,
+    /// Uploads of each model under way here: two of one name (an upload and a deploy, say) may
+    /// overlap, and the first to end must not unmark the other.
+    counts: Arc<Mutex<HashMap<(TenantId, String), usize>>>,
     key: (TenantId, String),
 }
 
 impl Uploading {
     fn mark(hosting: &Hosting, tenant: &TenantId, name: &str) -> Self {
         let key = (tenant.clone(), name.to_owned());
-        hosting
+        *hosting
             .uploading
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(key.clone());
+            .entry(key.clone())
+            .or_default() += 1;
         Self {
-            set: hosting.uploading.clone(),
+            counts: hosting.uploading.clone(),
             key,
         }
     }
@@ -960,10 +985,13 @@ impl Uploading {
 
 impl Drop for Uploading {
     fn drop(&mut self) {
-        self.set
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.key);
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -1474,10 +1502,9 @@ mod tests {
         assert!(hosting.catalog.find(&paying, "m").is_some());
     }
 
-    /// Without any HTTP: an upload is checked, stored by its hash, served, held to its plan's quota,
-    /// and gone with its files once deleted; a refused one leaves nothing behind.
     /// A client that hangs up does not stop its upload halfway: stopped between storing its files and
-    /// registering them, it would leave files no version names and no quota counts.
+    /// registering them, it would leave files no version names and no quota counts. Nor does it get
+    /// its turn to upload back before the upload ends.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_upload_whose_caller_stops_waiting_runs_to_its_end() {
         let dir = tempfile::tempdir().unwrap();
@@ -1486,20 +1513,22 @@ mod tests {
         let staged = hosting.stage_bytes(&model_bytes()).await.unwrap();
         // Held here: the upload, checked and loaded, waits to store its files.
         let files = hosting.files_lock.clone().lock_owned().await;
-        let mut upload = Box::pin(hosting.install(
+        let receiving = hosting.receive_upload(&tenant).unwrap();
+        let mut upload = Box::pin(hosting.install_holding(
             &tenant,
             &who,
             &PlanIsolation::FREE,
             version("scorer"),
             staged,
             None,
+            receiving,
         ));
         let waiting_for_the_files = async {
             while !hosting
                 .uploading
                 .lock()
                 .unwrap()
-                .contains(&(tenant.clone(), "scorer".to_owned()))
+                .contains_key(&(tenant.clone(), "scorer".to_owned()))
             {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -1508,22 +1537,36 @@ mod tests {
             outcome = &mut upload => panic!("the upload ended before it stored its files: {outcome:?}"),
             () = waiting_for_the_files => {}
         }
-        // The caller stops waiting; the files are then free to store.
+        // The caller stops waiting; the tenant's turn to upload stays with the upload, which then
+        // stores its files.
         drop(upload);
+        assert!(hosting.receive_upload(&tenant).is_err());
         drop(files);
         let registered = async {
-            while hosting.catalog.find(&tenant, "scorer").is_none() {
+            loop {
+                if let Ok(record) = hosting.store.model_version(&tenant, "scorer", 1).await {
+                    return record;
+                }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
-        tokio::time::timeout(Duration::from_secs(20), registered)
+        let record = tokio::time::timeout(Duration::from_secs(20), registered)
             .await
             .expect("the upload stopped with its caller");
-        let record = hosting.store.model_version(&tenant, "scorer", 1).await.unwrap();
         let stored = dir.path().join("models").join(format!("{}.onnx", record.sha256));
         assert!(stored.exists());
+        let turn_back = async {
+            while hosting.receive_upload(&tenant).is_err() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), turn_back)
+            .await
+            .expect("the tenant's turn to upload came back when the upload ended");
     }
 
+    /// Without any HTTP: an upload is checked, stored by its hash, served, held to its plan's quota,
+    /// and gone with its files once deleted; a refused one leaves nothing behind.
     #[tokio::test]
     async fn an_upload_is_served_held_to_its_quota_and_leaves_no_files_once_deleted() {
         let dir = tempfile::tempdir().unwrap();

@@ -227,7 +227,7 @@ impl Hosting {
                 .uploading
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .contains(&key);
+                .contains_key(&key);
             if current || uploading_here || failed.contains(&version_key) {
                 continue;
             }

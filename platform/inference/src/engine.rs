@@ -694,6 +694,8 @@ pub const MAX_TEXTS: usize = 256;
 pub const MAX_TEXT_BYTES: usize = 32 * 1024;
 /// Tokens a text is cut to, by default ([`EngineSettings::max_tokens`]).
 pub const MAX_TOKENS: usize = 128;
+/// Tokens a row of the platform's text graphs can hold (their position embeddings).
+pub const MAX_POSITIONS: usize = 512;
 
 impl LoadedModel {
     #[must_use]
@@ -971,19 +973,27 @@ pub fn check_tensors(
     Ok(())
 }
 
-/// A protocol call to a platform model may run no more than its text calls do: [`MAX_TEXTS`] rows of
-/// [`MAX_TOKENS`] tokens. Those graphs run outside the tenants' bounded run memory, and their
-/// attention grows with the square of a row's length: token ids of `[1000, 512]`, 12 MB sent, would
-/// ask for tens of gigabytes in each layer.
+/// A protocol call to a platform model may cost no more than its text calls may: at most
+/// [`MAX_TEXTS`] rows of at most [`MAX_POSITIONS`] tokens, and rows × tokens² (what a transformer's
+/// attention takes, in each layer) at most what [`MAX_TEXTS`] texts of [`MAX_TOKENS`] take. Those graphs
+/// run outside the tenants' bounded run memory: token ids of `[1000, 512]`, 12 MB sent, would ask for
+/// tens of gigabytes in each layer.
 fn within_text_bounds(inputs: &[Tensor]) -> Result<(), InferenceError> {
-    let within = |dim: i64, most: usize| usize::try_from(dim).is_ok_and(|dim| dim <= most);
+    let most_attention = MAX_TEXTS * MAX_TOKENS * MAX_TOKENS;
     for tensor in inputs {
-        let mut dims = tensor.shape.iter();
-        let rows_fit = dims.next().is_none_or(|&rows| within(rows, MAX_TEXTS));
-        if !rows_fit || !dims.all(|&length| within(length, MAX_TOKENS)) {
+        let mut dims = tensor
+            .shape
+            .iter()
+            .map(|&dim| usize::try_from(dim).unwrap_or(usize::MAX));
+        let rows = dims.next().unwrap_or(1);
+        let length = dims.try_fold(1_usize, usize::checked_mul).unwrap_or(usize::MAX);
+        let attention = length
+            .checked_mul(length)
+            .and_then(|square| square.checked_mul(rows));
+        if rows > MAX_TEXTS || length > MAX_POSITIONS || attention.is_none_or(|a| a > most_attention) {
             return Err(InferenceError::InvalidInput(format!(
-                "input `{}`: shape {:?} is larger than this model runs: at most {MAX_TEXTS} rows of \
-                 {MAX_TOKENS} tokens",
+                "input `{}`: shape {:?} is larger than this model runs: at most {MAX_TEXTS} rows of at \
+                 most {MAX_POSITIONS} tokens, and rows × tokens² at most {MAX_TEXTS} × {MAX_TOKENS}²",
                 tensor.name, tensor.shape
             )));
         }

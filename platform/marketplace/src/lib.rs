@@ -12,7 +12,7 @@ mod publishing;
 mod records;
 mod services;
 
-pub use publishing::{PUBLISHES_AT_ONCE, PublishTurn};
+pub use publishing::{AuthorTurn, PUBLISHES_AT_ONCE};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -201,14 +201,13 @@ impl Marketplace {
         }
     }
 
-    /// Admits one of `author`'s submissions before its body is read (see [`publishing`]): hold the
-    /// turn until [`Self::publish`] returns.
+    /// `author`'s turn to submit, taken before its body is read (see [`publishing`]): hold it until
+    /// [`Self::publish`] returns.
     ///
     /// # Errors
-    /// `rate_limited` while another of the author's is under way, `unavailable` while the replica
-    /// checks as many as it takes at once.
-    pub fn publish_turn(&self, author: &Principal) -> Result<PublishTurn> {
-        self.publishing.admit(&author.tenant_id)
+    /// `rate_limited` while another of the author's submissions is under way.
+    pub fn publish_turn(&self, author: &Principal) -> Result<AuthorTurn> {
+        self.publishing.author_turn(&author.tenant_id)
     }
 
     /// Compiles and runs plugins.
@@ -227,7 +226,8 @@ impl Marketplace {
     ///
     /// # Errors
     /// `invalid_plugin` with the check that failed; `not_found` when the author does not own the
-    /// listing; `unavailable` while the compiler is busy.
+    /// listing; `unavailable` while the replica checks as many submissions as it takes at once, or
+    /// the compiler is busy.
     pub async fn publish(
         &self,
         author: &Principal,
@@ -252,6 +252,8 @@ impl Marketplace {
                 WIT_VERSIONS.join(", ")
             )));
         }
+        // One of the replica's few slots: the component stays in memory until it is checked.
+        let _slot = self.publishing.slot()?;
         // The author must own the listing, and the version be new, before anything expensive happens:
         // a version already published would be compiled, run and stored only to be refused.
         let listing = self.store.authored_plugin(&author.tenant_id, plugin).await?;

@@ -1,8 +1,9 @@
 //! Admission to publishing: each submission's component is held in memory (up to the component
 //! limit, and again while it compiles) until it is compiled, run and stored, and compilation takes
 //! one turn at a time. Unbounded, a crowd of authors each within the per-minute limit could hold
-//! gigabytes of waiting components; so a replica takes a few at once, one per author, and answers
-//! the rest at once, before their bodies are read.
+//! gigabytes of components waiting for that turn. So an author sends one submission at a time (the
+//! next is refused before its body is read), and a replica checks a few at once, refusing the rest
+//! once their bodies are in (a slow sender holds no slot while it sends).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -14,7 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::MarketError;
 
-/// Submissions a replica takes at once, every author's together.
+/// Submissions a replica checks at once, every author's together.
 pub const PUBLISHES_AT_ONCE: usize = 4;
 
 /// The submissions under way on this replica.
@@ -33,15 +34,14 @@ impl Default for Publishing {
     }
 }
 
-/// One admitted submission: its slot and its author's turn, given back on drop.
+/// An author's one submission under way, from before its body is read; given back on drop.
 #[derive(Debug)]
-pub struct PublishTurn {
-    _slot: OwnedSemaphorePermit,
+pub struct AuthorTurn {
     author: TenantId,
     authors: Arc<Mutex<HashSet<TenantId>>>,
 }
 
-impl Drop for PublishTurn {
+impl Drop for AuthorTurn {
     fn drop(&mut self) {
         self.authors
             .lock()
@@ -51,30 +51,31 @@ impl Drop for PublishTurn {
 }
 
 impl Publishing {
-    /// Admits `author`'s submission, or refuses it: `429 rate_limited` while another of the author's
-    /// is under way, `503 unavailable` while the replica's slots are taken.
-    pub(crate) fn admit(&self, author: &TenantId) -> Result<PublishTurn, MarketError> {
+    /// `author`'s turn to submit, or `429 rate_limited` while another of its submissions is under way.
+    pub(crate) fn author_turn(&self, author: &TenantId) -> Result<AuthorTurn, MarketError> {
         let mut authors = self.authors.lock().unwrap_or_else(PoisonError::into_inner);
-        if authors.contains(author) {
+        if !authors.insert(author.clone()) {
             return Err(MarketError::Refused {
                 code: ErrorCode::RateLimited,
                 message: "another of your submissions is being checked; send this one when it is done".into(),
                 retry_after: Some(Duration::from_secs(5)),
             });
         }
-        let slot = Arc::clone(&self.slots).try_acquire_owned().map_err(|_| {
+        Ok(AuthorTurn {
+            author: author.clone(),
+            authors: Arc::clone(&self.authors),
+        })
+    }
+
+    /// One of the replica's slots to check a submission in, or `503 unavailable` while all are taken.
+    pub(crate) fn slot(&self) -> Result<OwnedSemaphorePermit, MarketError> {
+        Arc::clone(&self.slots).try_acquire_owned().map_err(|_| {
             metrics::counter!("plinth_plugin_publishes_refused_total").increment(1);
             MarketError::Refused {
                 code: ErrorCode::Unavailable,
                 message: "other submissions are being checked; retry shortly".into(),
                 retry_after: Some(Duration::from_secs(10)),
             }
-        })?;
-        authors.insert(author.clone());
-        Ok(PublishTurn {
-            _slot: slot,
-            author: author.clone(),
-            authors: Arc::clone(&self.authors),
         })
     }
 }
@@ -86,24 +87,21 @@ mod tests {
     #[test]
     fn a_replica_checks_a_few_submissions_at_once_one_per_author() {
         let publishing = Publishing::default();
-        let authors: Vec<TenantId> = (0..=PUBLISHES_AT_ONCE).map(|_| TenantId::new()).collect();
-        let first = publishing.admit(&authors[0]).unwrap();
-        let again = publishing.admit(&authors[0]).unwrap_err();
+        let author = TenantId::new();
+        let turn = publishing.author_turn(&author).unwrap();
+        let again = publishing.author_turn(&author).unwrap_err();
         assert_eq!(again.code(), ErrorCode::RateLimited);
-        let turns: Vec<_> = authors[1..PUBLISHES_AT_ONCE]
-            .iter()
-            .map(|author| publishing.admit(author).unwrap())
+        // Others' turns are theirs.
+        let _other = publishing.author_turn(&TenantId::new()).unwrap();
+        drop(turn);
+        let _next = publishing.author_turn(&author).unwrap();
+
+        let slots: Vec<_> = (0..PUBLISHES_AT_ONCE)
+            .map(|_| publishing.slot().unwrap())
             .collect();
-        let last = &authors[PUBLISHES_AT_ONCE];
-        assert_eq!(publishing.admit(last).unwrap_err().code(), ErrorCode::Unavailable);
+        assert_eq!(publishing.slot().unwrap_err().code(), ErrorCode::Unavailable);
         // A refused submission took nothing: once one ends, the next is admitted.
-        drop(first);
-        let _last = publishing.admit(last).unwrap();
-        assert_eq!(
-            publishing.admit(&authors[0]).unwrap_err().code(),
-            ErrorCode::Unavailable
-        );
-        drop(turns);
-        publishing.admit(&authors[0]).unwrap();
+        drop(slots);
+        let _slot = publishing.slot().unwrap();
     }
 }

@@ -179,8 +179,9 @@ pub struct Config {
     /// `PLINTH_PUBLISHES_PER_AUTHOR_PER_MINUTE`: plugin versions one author may submit per minute (each
     /// is compiled and run once, checked or not).
     pub publishes_per_author_per_minute: u32,
-    /// `PLINTH_PLUGIN_THREADS`: threads that run plugin code and compile components, at a lower
-    /// priority than request handling; 0 picks half the cores.
+    /// `PLINTH_PLUGIN_THREADS`: threads that run paying tenants' plugin code, at a lower priority
+    /// than request handling; three quarters as many more (at least one) run the other tenants'
+    /// plugin code and compile components. 0 picks half the cores.
     pub plugin_threads: usize,
     /// `PLINTH_PLUGIN_INSTANCES`: plugin instances this replica runs at once, every tenant's together
     /// (each takes up to `PLINTH_PLUGIN_MEMORY_MIB`); the tenants without a paid plan run at most three

@@ -46,8 +46,6 @@ const RETURNING_MULTIPLE: u32 = 4;
 /// How long a network an account logged in from stays known to it.
 const KNOWN_NETWORK_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 
-/// Lower-cases and checks an email address. Deliberately loose: the only real check is a confirmation
-/// mail, which comes with invitations.
 /// The limit on logins to `email` from one network. Its prefix is its own: an email is the
 /// client's to choose (`owner@example.com:v4:192.0.2.1` is one), and a key that another limit's could
 /// spell would let anyone spend the owner's limit on their own network.
@@ -60,6 +58,8 @@ fn login_email_key(email: &str) -> String {
     format!("login-email:{email}")
 }
 
+/// Lower-cases and checks an email address. Deliberately loose: the only real check is a confirmation
+/// mail, which comes with invitations.
 pub(crate) fn normalise_email(email: &str) -> Result<String> {
     let email = email.trim().to_lowercase();
     let valid = email.len() <= 254

@@ -357,16 +357,19 @@ pub(crate) struct RangeQuery {
     to: Option<String>,
 }
 
-/// A day from a date field (`YYYY-MM-DD`), or the default.
+/// A day from a date field (`YYYY-MM-DD`, from 1970 to 9999: chrono's dates reach years where a
+/// range's default start or its end's next day would overflow), or the default.
 fn day(field: &str, value: Option<&str>) -> Result<Option<chrono::NaiveDate>, PageError> {
     match value.filter(|v| !v.is_empty()) {
         None => Ok(None),
         Some(value) => chrono::NaiveDate::parse_from_str(value, "%Y-%m-%d")
+            .ok()
+            .filter(|day| (1970..=9999).contains(&chrono::Datelike::year(day)))
             .map(Some)
-            .map_err(|_| {
+            .ok_or_else(|| {
                 ApiError::new(
                     plinth_core::ErrorCode::InvalidQuery,
-                    format!("{field}: pick a date (YYYY-MM-DD)"),
+                    format!("{field}: pick a date (YYYY-MM-DD) from 1970 to 9999"),
                 )
                 .into()
             }),

@@ -30,9 +30,10 @@ pub async fn subscription(
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct UsageParams {
-    /// Start, inclusive: RFC 3339 time or `YYYY-MM-DD` (UTC midnight). Default: 30 days before `to`.
+    /// Start, inclusive: RFC 3339 time or `YYYY-MM-DD` (UTC midnight), from 1970 to 9999. Default: 30
+    /// days before `to`.
     from: Option<String>,
-    /// End, exclusive: RFC 3339 time or `YYYY-MM-DD`. Default: now.
+    /// End, exclusive: RFC 3339 time or `YYYY-MM-DD`, from 1970 to 9999. Default: now.
     to: Option<String>,
     /// `day` (default) or `resource`.
     group_by: Option<UsageGrouping>,
