@@ -385,9 +385,13 @@ pub(crate) async fn deploy(state: &AppState, auth: &Principal, who: &Who, id: &s
     // or not the caller waits: stopped in between (a client hanging up), the claim would stay, and
     // every later deploy of the job would answer "being deployed".
     let (state, auth, who) = (state.clone(), auth.clone(), who.clone());
-    tokio::spawn(async move { deploy_claimed(&state, &auth, &who, job).await })
-        .await
-        .map_err(ApiError::internal)?
+    // A task does not inherit the request's row-security scope: it names the tenant again.
+    tokio::spawn(async move {
+        let deploy = deploy_claimed(&state, &auth, &who, job);
+        plinth_store::row_security::within_tenant(&auth.tenant_id, deploy).await
+    })
+    .await
+    .map_err(ApiError::internal)?
 }
 
 /// Claims `job` for deploying, installs its model and marks it deployed, or releases the claim.

@@ -111,6 +111,8 @@ error_codes! {
     /// The platform revoked the plugin version this installation runs (a kill switch for a harmful
     /// plugin); move the installation to another approved version, or uninstall it.
     PluginRevoked = 410,
+    /// The body did not arrive in time (it paused too long, or took too long in all).
+    RequestTimeout = 408,
     /// The body is larger than the route accepts.
     PayloadTooLarge = 413,
     /// The body is not `application/json` where JSON is required.

@@ -369,11 +369,11 @@ impl Hosting {
         held: impl Send + 'static,
     ) -> Result<Model> {
         let (hosting, tenant, who, quota) = (self.clone(), tenant.clone(), who.clone(), *quota);
+        // A task does not inherit the request's row-security scope: it names the tenant again.
         tokio::spawn(async move {
             let _held = held;
-            hosting
-                .install_to_the_end(&tenant, &who, &quota, version, model, tokenizer)
-                .await
+            let install = hosting.install_to_the_end(&tenant, &who, &quota, version, model, tokenizer);
+            plinth_store::row_security::within_tenant(&tenant, install).await
         })
         .await
         .map_err(HostingError::internal)?

@@ -609,12 +609,15 @@ impl Worker {
 
     async fn serve(mut self) {
         let (max_batch, batch_tensors) = (self.setup.max_batch, self.setup.batch_tensors);
+        let platform = self.setup.memory == Memory::Platform;
         let fits = move |batch: &[Queued], next: &Queued| {
             // Every call of a run joined its first: comparing with the first compares with all.
             let joins = match (&batch[0].work, &next.work) {
                 (Work::Text { .. }, Work::Text { .. }) => true,
                 (Work::Raw { .. }, Work::Raw { .. }) => {
-                    batch_tensors && tensors_share_a_run(batch, &next.work)
+                    batch_tensors
+                        && tensors_share_a_run(batch, &next.work)
+                        && (!platform || joined_text_cost_fits(batch, &next.work))
                 }
                 _ => false,
             };
@@ -1235,6 +1238,30 @@ fn tensors_share_a_run(run: &[Queued], next: &Work) -> bool {
     })
 }
 
+/// Whether the calls of `run` and `next` (which share a run, see [`tensors_share_a_run`]) cost together
+/// no more than one text call to a platform model may: each is checked alone as it arrives, and a run
+/// of many at the limit would take many times the memory.
+fn joined_text_cost_fits(run: &[Queued], next: &Work) -> bool {
+    let Some((inputs, _)) = next.tensors() else {
+        return false;
+    };
+    inputs.iter().all(|input| {
+        let rows = |tensor: &Tensor| {
+            tensor
+                .shape
+                .first()
+                .map_or(1, |&rows| usize::try_from(rows).unwrap_or(usize::MAX))
+        };
+        let joined = run
+            .iter()
+            .filter_map(|call| call.work.tensors())
+            .filter_map(|(inputs, _)| inputs.iter().find(|t| t.name == input.name))
+            .map(rows)
+            .fold(rows(input), usize::saturating_add);
+        crate::engine::text_cost_fits(joined, input.shape.get(1..).unwrap_or_default())
+    })
+}
+
 /// Each protocol call's outputs. Calls in one run (see [`tensors_share_a_run`]) run together, each
 /// getting its rows of every output. A shared run that fails is split in halves, each run again
 /// (and split again while it fails), so one caller's bad input fails only its own call, at the cost
@@ -1458,6 +1485,48 @@ mod tests {
         assert_eq!(next[0].share.tenant.as_ref(), "long");
         assert!(!queue.runs_in_background(&next[0].share.tenant));
         drop(slot);
+    }
+
+    /// Token ids of `rows` rows of `length` for `tenant`.
+    fn token_ids(tenant: &str, rows: i64, length: i64) -> (Work, Share) {
+        let (reply, waiting) = oneshot::channel();
+        std::mem::forget(waiting);
+        let elements = usize::try_from(rows * length).unwrap();
+        let ids = Tensor::from_json(
+            "input_ids",
+            "INT64",
+            &[rows, length],
+            &serde_json::json!(vec![0; elements]),
+        )
+        .unwrap();
+        let (_, share) = call_of(tenant);
+        (
+            Work::Raw {
+                inputs: vec![ids],
+                outputs: None,
+                reply,
+            },
+            share,
+        )
+    }
+
+    /// Each call to a platform model is held to what a text call may cost as it arrives; calls joined
+    /// into one run are held to it together, or a run of many at the limit would take many times the
+    /// memory.
+    #[tokio::test]
+    async fn calls_to_a_platform_model_join_a_run_only_within_what_one_text_call_may_cost() {
+        let queue = FairQueue::new(100, 100, 4, Scheduling::Fifo);
+        for (tenant, rows) in [("a", 8), ("b", 8), ("c", 1)] {
+            let (work, share) = token_ids(tenant, rows, 512);
+            queue.push(work, share, usize::try_from(rows).unwrap()).unwrap();
+        }
+        let all = |_: &[Queued], _: &Queued| true;
+        let run = queue.next_batch(Duration::ZERO, &all).await.unwrap();
+        let rows: Vec<_> = run.iter().map(|call| call.items).collect();
+        assert_eq!(rows, [8, 8, 1]);
+        // 16 rows of 512 tokens cost what 256 of 128 do; 17 cost more.
+        assert!(joined_text_cost_fits(&run[..1], &run[1].work));
+        assert!(!joined_text_cost_fits(&run[..2], &run[2].work));
     }
 
     #[test]

@@ -979,18 +979,12 @@ pub fn check_tensors(
 /// run outside the tenants' bounded run memory: token ids of `[1000, 512]`, 12 MB sent, would ask for
 /// tens of gigabytes in each layer.
 fn within_text_bounds(inputs: &[Tensor]) -> Result<(), InferenceError> {
-    let most_attention = MAX_TEXTS * MAX_TOKENS * MAX_TOKENS;
     for tensor in inputs {
-        let mut dims = tensor
+        let rows = tensor
             .shape
-            .iter()
-            .map(|&dim| usize::try_from(dim).unwrap_or(usize::MAX));
-        let rows = dims.next().unwrap_or(1);
-        let length = dims.try_fold(1_usize, usize::checked_mul).unwrap_or(usize::MAX);
-        let attention = length
-            .checked_mul(length)
-            .and_then(|square| square.checked_mul(rows));
-        if rows > MAX_TEXTS || length > MAX_POSITIONS || attention.is_none_or(|a| a > most_attention) {
+            .first()
+            .map_or(1, |&rows| usize::try_from(rows).unwrap_or(usize::MAX));
+        if !text_cost_fits(rows, tensor.shape.get(1..).unwrap_or_default()) {
             return Err(InferenceError::InvalidInput(format!(
                 "input `{}`: shape {:?} is larger than this model runs: at most {MAX_TEXTS} rows of at \
                  most {MAX_POSITIONS} tokens, and rows × tokens² at most {MAX_TEXTS} × {MAX_TOKENS}²",
@@ -999,6 +993,22 @@ fn within_text_bounds(inputs: &[Tensor]) -> Result<(), InferenceError> {
         }
     }
     Ok(())
+}
+
+/// Whether `rows` rows of `row_shape` (a row's length is its elements) are within what a text call
+/// may cost (see [`within_text_bounds`]): also checked for calls joined into one run.
+pub(crate) fn text_cost_fits(rows: usize, row_shape: &[i64]) -> bool {
+    let length = row_shape
+        .iter()
+        .map(|&dim| usize::try_from(dim).unwrap_or(usize::MAX))
+        .try_fold(1_usize, usize::checked_mul)
+        .unwrap_or(usize::MAX);
+    let attention = length
+        .checked_mul(length)
+        .and_then(|square| square.checked_mul(rows));
+    rows <= MAX_TEXTS
+        && length <= MAX_POSITIONS
+        && attention.is_some_and(|attention| attention <= MAX_TEXTS * MAX_TOKENS * MAX_TOKENS)
 }
 
 /// The first name that comes again in `names`, if any.

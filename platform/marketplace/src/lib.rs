@@ -12,7 +12,7 @@ mod publishing;
 mod records;
 mod services;
 
-pub use publishing::{AuthorTurn, PUBLISHES_AT_ONCE};
+pub use publishing::{AuthorTurn, PUBLISH_MEMORY, PUBLISHES_AT_ONCE};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -210,6 +210,24 @@ impl Marketplace {
         self.publishing.author_turn(&author.tenant_id)
     }
 
+    /// Room for `bytes` more of a submission's body as it arrives (see [`publishing`]): hold it until
+    /// [`Self::publish`] returns.
+    ///
+    /// # Errors
+    /// `unavailable` while the bodies arriving on this replica take all the room they may.
+    pub fn publish_memory(&self, bytes: usize) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        self.publishing.memory(bytes)
+    }
+
+    /// One of the replica's slots to check a submission in, taken once its body is in (see
+    /// [`publishing`]): hold it until [`Self::publish`] returns.
+    ///
+    /// # Errors
+    /// `unavailable` while the replica checks as many submissions as it takes at once.
+    pub fn publish_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        self.publishing.slot()
+    }
+
     /// Compiles and runs plugins.
     #[must_use]
     pub fn host(&self) -> &PluginHost {
@@ -226,8 +244,7 @@ impl Marketplace {
     ///
     /// # Errors
     /// `invalid_plugin` with the check that failed; `not_found` when the author does not own the
-    /// listing; `unavailable` while the replica checks as many submissions as it takes at once, or
-    /// the compiler is busy.
+    /// listing; `unavailable` while the compiler is busy.
     pub async fn publish(
         &self,
         author: &Principal,
@@ -252,8 +269,6 @@ impl Marketplace {
                 WIT_VERSIONS.join(", ")
             )));
         }
-        // One of the replica's few slots: the component stays in memory until it is checked.
-        let _slot = self.publishing.slot()?;
         // The author must own the listing, and the version be new, before anything expensive happens:
         // a version already published would be compiled, run and stored only to be refused.
         let listing = self.store.authored_plugin(&author.tenant_id, plugin).await?;

@@ -1,9 +1,11 @@
-//! Admission to publishing: each submission's component is held in memory (up to the component
+//! Admission to publishing. Each submission's component is held in memory (up to the component
 //! limit, and again while it compiles) until it is compiled, run and stored, and compilation takes
 //! one turn at a time. Unbounded, a crowd of authors each within the per-minute limit could hold
-//! gigabytes of components waiting for that turn. So an author sends one submission at a time (the
-//! next is refused before its body is read), and a replica checks a few at once, refusing the rest
-//! once their bodies are in (a slow sender holds no slot while it sends).
+//! gigabytes of components, arriving or waiting for that turn. So:
+//! - an author sends one submission at a time (the next is refused before its body is read);
+//! - the bodies arriving on a replica take at most [`PUBLISH_MEMORY`] together (past it, `503`);
+//! - a replica checks [`PUBLISHES_AT_ONCE`] at once, taking the slot once a body is in (`503`), so a
+//!   slow sender holds none.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -18,11 +20,16 @@ use crate::MarketError;
 /// Submissions a replica checks at once, every author's together.
 pub const PUBLISHES_AT_ONCE: usize = 4;
 
+/// What the bodies of submissions arriving on a replica may take in memory together, in bytes.
+pub const PUBLISH_MEMORY: usize = 256 << 20;
+
 /// The submissions under way on this replica.
 #[derive(Debug)]
 pub(crate) struct Publishing {
     slots: Arc<Semaphore>,
     authors: Arc<Mutex<HashSet<TenantId>>>,
+    /// [`PUBLISH_MEMORY`], in KiB.
+    memory: Arc<Semaphore>,
 }
 
 impl Default for Publishing {
@@ -30,6 +37,7 @@ impl Default for Publishing {
         Self {
             slots: Arc::new(Semaphore::new(PUBLISHES_AT_ONCE)),
             authors: Arc::default(),
+            memory: Arc::new(Semaphore::new(PUBLISH_MEMORY >> 10)),
         }
     }
 }
@@ -64,6 +72,20 @@ impl Publishing {
         Ok(AuthorTurn {
             author: author.clone(),
             authors: Arc::clone(&self.authors),
+        })
+    }
+
+    /// Room for `bytes` more of a body arriving (rounded up to KiB), or `503 unavailable` while the
+    /// bodies arriving take [`PUBLISH_MEMORY`].
+    pub(crate) fn memory(&self, bytes: usize) -> Result<OwnedSemaphorePermit, MarketError> {
+        let kib = u32::try_from(bytes.div_ceil(1 << 10)).unwrap_or(u32::MAX);
+        Arc::clone(&self.memory).try_acquire_many_owned(kib).map_err(|_| {
+            metrics::counter!("plinth_plugin_publishes_refused_total").increment(1);
+            MarketError::Refused {
+                code: ErrorCode::Unavailable,
+                message: "too many submissions are arriving; retry shortly".into(),
+                retry_after: Some(Duration::from_secs(10)),
+            }
         })
     }
 
@@ -103,5 +125,17 @@ mod tests {
         // A refused submission took nothing: once one ends, the next is admitted.
         drop(slots);
         let _slot = publishing.slot().unwrap();
+
+        // Bodies arriving together take at most the budget; what a refused chunk asked for is not
+        // kept, and a body let go gives its room back.
+        let mut body = publishing.memory(1).unwrap();
+        body.merge(publishing.memory(PUBLISH_MEMORY - 2048).unwrap());
+        assert_eq!(
+            publishing.memory(2048).unwrap_err().code(),
+            ErrorCode::Unavailable
+        );
+        let _last = publishing.memory(1024).unwrap();
+        drop(body);
+        let _next = publishing.memory(PUBLISH_MEMORY - 1024).unwrap();
     }
 }

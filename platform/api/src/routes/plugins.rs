@@ -56,9 +56,10 @@ pub async fn get(
         (status = 201, body = PluginVersion),
         (status = 413, description = "`payload_too_large`", body = plinth_core::error::ErrorBody),
         (status = 422, description = "`invalid_plugin`: the checks failed; the message says which", body = plinth_core::error::ErrorBody),
+        (status = 408, description = "`request_timeout`: the body paused too long or took too long in all", body = plinth_core::error::ErrorBody),
         (status = 409, description = "`plugin_versions_pending`: the author has as many versions awaiting review as it may", body = plinth_core::error::ErrorBody),
         (status = 429, description = "`rate_limited`: the author's submissions per minute, or another of its submissions is still being checked; with `Retry-After`", body = plinth_core::error::ErrorBody),
-        (status = 503, description = "`unavailable`: the replica is checking as many submissions as it takes at once; with `Retry-After`", body = plinth_core::error::ErrorBody),
+        (status = 503, description = "`unavailable`: the replica is checking as many submissions as it takes at once, or its room for submissions arriving is taken; with `Retry-After`", body = plinth_core::error::ErrorBody),
     ))]
 pub async fn publish(
     state: web::Data<AppState>,
