@@ -267,6 +267,30 @@ async fn a_plugin_waiting_in_the_host_is_stopped_at_its_deadline_and_its_tenant_
     assert_eq!(status, 200, "{body}");
 }
 
+/// `size` free accounts with an installation of the hostile plugin each (a new author publishes it),
+/// and a tenant on the pro plan with one too.
+async fn free_crowd_and_a_paying_tenant(
+    app: &TestApp,
+    size: usize,
+) -> (
+    Vec<(plinth_sdk::Installation, TestTenant)>,
+    (plinth_sdk::Installation, TestTenant),
+) {
+    let author = app.tenant().await;
+    let first = app.tenant().await;
+    let mut crowd = vec![(
+        app.install_plugin(&author, &first, "hostile", json!({})).await,
+        first,
+    )];
+    for _ in 1..size {
+        let tenant = app.tenant().await;
+        crowd.push((install_hostile(&tenant).await, tenant));
+    }
+    let paying = app.tenant().await;
+    app.set_plan(&paying.session.tenant.id, "pro").await;
+    (crowd, (install_hostile(&paying).await, paying))
+}
+
 /// Signups are free: a crowd of free accounts, each within its own plugin limit, could hold every
 /// instance of the server until the deadline, again and again. The tenants without a paid plan run at
 /// most three quarters of the instances together, so a paying tenant's plugin still runs.
@@ -278,20 +302,8 @@ async fn free_accounts_together_leave_a_quarter_of_the_plugin_instances_to_payin
         config.plugin_instances = 4;
     })
     .await;
-    let author = app.tenant().await;
     // Four free accounts, each with an installation of its own (one instance each, within its limit).
-    let first = app.tenant().await;
-    let mut crowd = vec![(
-        app.install_plugin(&author, &first, "hostile", json!({})).await,
-        first,
-    )];
-    for _ in 0..3 {
-        let tenant = app.tenant().await;
-        crowd.push((install_hostile(&tenant).await, tenant));
-    }
-    let paying = app.tenant().await;
-    app.set_plan(&paying.session.tenant.id, "pro").await;
-    let paid = install_hostile(&paying).await;
+    let (crowd, (paid, paying)) = free_crowd_and_a_paying_tenant(&app, 4).await;
 
     // All four sleep in the host, sent together: three take three quarters of the server's four
     // instances, the share of the tenants without a paid plan, and the fourth, within its own
@@ -352,19 +364,7 @@ async fn a_crowd_of_free_accounts_looping_leaves_a_paying_tenants_plugin_its_thr
         config.plugin_threads = 1;
     })
     .await;
-    let author = app.tenant().await;
-    let first = app.tenant().await;
-    let mut crowd = vec![(
-        app.install_plugin(&author, &first, "hostile", json!({})).await,
-        first,
-    )];
-    for _ in 1..CROWD {
-        let tenant = app.tenant().await;
-        crowd.push((install_hostile(&tenant).await, tenant));
-    }
-    let paying = app.tenant().await;
-    app.set_plan(&paying.session.tenant.id, "pro").await;
-    let paid = install_hostile(&paying).await;
+    let (crowd, (paid, paying)) = free_crowd_and_a_paying_tenant(&app, CROWD).await;
 
     // Compute that takes about a sixth of the deadline alone: a seventeenth of a thread, its turn
     // among the crowd's loops, would need well past the deadline for it.
