@@ -442,6 +442,37 @@ async fn publishing_refuses_a_component_that_crashes_on_every_request_and_limits
     assert!(limited.headers().contains_key("retry-after"));
 }
 
+/// A component part that arrives slowly: 16 MiB at once (more than the sockets between client and
+/// server hold, so the server has begun reading the body once the stream is asked for more, and
+/// `began` says so), then a byte a second (within the pause allowed) until `released`.
+fn held_back(
+    began: tokio::sync::oneshot::Sender<()>,
+    released: tokio::sync::watch::Receiver<bool>,
+) -> reqwest::Body {
+    let stream = futures_util::stream::unfold(
+        (Some(began), released, true),
+        |(began, mut released, first)| async move {
+            if first {
+                return Some((
+                    Ok::<_, std::io::Error>(vec![0_u8; 16 << 20]),
+                    (began, released, false),
+                ));
+            }
+            if let Some(began) = began {
+                let _ = began.send(());
+            }
+            if *released.borrow() {
+                return None;
+            }
+            tokio::select! {
+                _ = released.changed() => None,
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => Some((Ok(vec![0_u8]), (None, released, false))),
+            }
+        },
+    );
+    reqwest::Body::wrap_stream(stream)
+}
+
 /// Each submission is held in memory while it is checked: one of an author's at a time, the next
 /// refused at once, before its body is read. And a body still arriving holds no slot of the
 /// replica's four to check submissions in, so slow senders cannot stop others publishing.
@@ -451,7 +482,6 @@ async fn one_submission_of_an_authors_at_a_time_and_a_body_still_arriving_holds_
     let (manifest, component) = plinth_tests::built_plugin("crasher");
     // Five authors, four of whose components are held back.
     let mut stalled = Vec::new();
-    let mut release = Vec::new();
     // One more author than the slots a replica checks submissions in (four).
     for n in 0..=4 {
         let other = app.tenant().await;
@@ -476,35 +506,23 @@ async fn one_submission_of_an_authors_at_a_time_and_a_body_still_arriving_holds_
             .multipart(form)
             .send()
     };
+    let (release, released) = tokio::sync::watch::channel(false);
     let mut arriving = Vec::new();
+    let mut begun = Vec::new();
     for author in &stalled[1..] {
-        let (arrive, arrived) = tokio::sync::oneshot::channel::<()>();
-        release.push(arrive);
-        let held_back = component.clone();
-        let rest = futures_util::stream::once(async move {
-            let _ = arrived.await;
-            Ok::<_, std::io::Error>(held_back)
-        });
-        let part = reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(rest));
+        let (began, has_begun) = tokio::sync::oneshot::channel();
+        begun.push(has_begun);
+        let part = reqwest::multipart::Part::stream(held_back(began, released.clone()));
         arriving.push(submit(author, Some(part)));
     }
     let arriving = futures_util::future::join_all(arriving);
     let meanwhile = async {
-        // Until the server has a held-back submission of the first of them, a submission of that
-        // author's (without a component, refused as such and spending nothing) is its own turn.
-        let started = std::time::Instant::now();
-        let refused = loop {
-            let response = submit(&stalled[1], None).await.unwrap();
-            if response.status() == 429 {
-                break response;
-            }
-            assert_eq!(response.status(), 422);
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(30),
-                "the held-back submission never began"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        };
+        for has_begun in begun {
+            has_begun.await.unwrap();
+        }
+        // The server reads each of the four: each holds its author's turn.
+        let refused = submit(&stalled[1], None).await.unwrap();
+        assert_eq!(refused.status(), 429);
         assert!(refused.headers().contains_key("retry-after"));
         let body: Value = refused.json().await.unwrap();
         assert!(
@@ -521,15 +539,37 @@ async fn one_submission_of_an_authors_at_a_time_and_a_body_still_arriving_holds_
         )
         .await
         .unwrap();
-        for arrive in release {
-            arrive.send(()).unwrap();
-        }
+        release.send(true).unwrap();
         checked
     };
     let (arrived, checked) = tokio::join!(arriving, meanwhile);
     assert_eq!(checked.status(), 422, "the crasher fails its checks");
     for answer in arrived {
-        assert_eq!(answer.unwrap().status(), 422, "the crasher fails its checks");
+        let answer = answer.unwrap();
+        assert_eq!(answer.status(), 422);
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(code(&body), "invalid_plugin", "{body}");
+    }
+    // A body the multipart parser cannot split (no boundary, no line) is held to the submission's
+    // bounds as it arrives, not buffered whole by the parser until it ends.
+    let (author, name, _) = &stalled[1];
+    let unsplittable = app
+        .http()
+        .post(app.url(&format!("/v1/plugins/{name}/versions")))
+        .bearer_auth(&author.session.token)
+        .header("Content-Type", "multipart/form-data; boundary=never-sent")
+        .body(vec![b'x'; 40 << 20])
+        .send()
+        .await;
+    // The server may answer before it has read the rest, and close the connection under it.
+    if let Ok(answer) = unsplittable {
+        let status = answer.status();
+        let body: Value = answer.json().await.unwrap_or_default();
+        assert_eq!(
+            (status.as_u16(), code(&body)),
+            (413, "payload_too_large"),
+            "{body}"
+        );
     }
 }
 

@@ -2,12 +2,16 @@
 //! `component` (.wasm). The checks, storage and everything after are the marketplace's
 //! ([`plinth_marketplace`]).
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use actix_multipart::Multipart;
-use futures_util::TryStreamExt;
+use actix_web::error::PayloadError;
+use actix_web::web::{self, Bytes};
+use futures_util::{Stream, StreamExt, TryStreamExt};
 use plinth_core::ErrorCode;
 use plinth_core::plugins::PluginVersion;
+use plinth_marketplace::Marketplace;
 use plinth_store::audit::Who;
 use plinth_store::auth::Principal;
 use tokio::sync::OwnedSemaphorePermit;
@@ -17,49 +21,17 @@ use crate::state::AppState;
 
 const MAX_MANIFEST_BYTES: usize = 64 << 10;
 
+/// What a multipart body may add to its parts (boundaries and part headers).
+const MULTIPART_OVERHEAD: usize = 64 << 10;
+
 fn invalid_plugin(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::InvalidPlugin, message)
 }
 
-/// How long a submission's body may take to arrive, and how long it may pause between chunks (a
-/// slow link sends 32 MiB in minutes, but keeps sending).
+/// How long a submission's body may take to arrive, and how long it may pause (a slow link sends
+/// 32 MiB in minutes, but keeps sending).
 const PUBLISH_BODY_TIME: Duration = Duration::from_secs(300);
 const PUBLISH_BODY_PAUSE: Duration = Duration::from_secs(15);
-
-/// Reads a multipart part into memory, refusing it past `limit` bytes, or when the replica's room for
-/// arriving submissions is taken (`room` grows with what is read, and is held with the bytes).
-async fn read_part(
-    state: &AppState,
-    field: &mut actix_multipart::Field,
-    limit: usize,
-    what: &str,
-    room: &mut Option<OwnedSemaphorePermit>,
-) -> ApiResult<Vec<u8>> {
-    let mut bytes = Vec::new();
-    loop {
-        let chunk = tokio::time::timeout(PUBLISH_BODY_PAUSE, field.try_next())
-            .await
-            .map_err(|_| body_too_slow())?
-            .map_err(|err| {
-                ApiError::new(ErrorCode::InvalidBody, format!("malformed multipart body: {err}"))
-            })?;
-        let Some(chunk) = chunk else {
-            return Ok(bytes);
-        };
-        if bytes.len() + chunk.len() > limit {
-            return Err(ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!("{what} is larger than {} KiB", limit >> 10),
-            ));
-        }
-        let more = state.marketplace.publish_memory(chunk.len())?;
-        match room {
-            Some(room) => room.merge(more),
-            None => *room = Some(more),
-        }
-        bytes.extend_from_slice(&chunk);
-    }
-}
 
 fn body_too_slow() -> ApiError {
     ApiError::new(
@@ -72,6 +44,80 @@ fn body_too_slow() -> ApiError {
     )
 }
 
+/// Why a body was cut off as it arrived: the multipart parser only sees that its stream failed.
+type Refusal = Arc<Mutex<Option<ApiError>>>;
+
+/// A submission's raw body, held to its bounds as it arrives, before the multipart parser buffers
+/// any of it (it keeps what it has not matched yet, without a bound of its own): at most `limit`
+/// bytes, pausing at most [`PUBLISH_BODY_PAUSE`], and each byte charged twice (parsed, then copied
+/// into its part) against the replica's room for arriving submissions, held in `room`.
+fn held_to_bounds(
+    payload: web::Payload,
+    limit: usize,
+    marketplace: Marketplace,
+    room: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    refusal: Refusal,
+) -> impl Stream<Item = Result<Bytes, PayloadError>> + 'static {
+    futures_util::stream::unfold(Some((payload, 0_usize)), move |state| {
+        let (marketplace, room, refusal) = (marketplace.clone(), room.clone(), refusal.clone());
+        async move {
+            let (mut payload, received) = state?;
+            let refused = match tokio::time::timeout(PUBLISH_BODY_PAUSE, payload.next()).await {
+                Err(_) => body_too_slow(),
+                Ok(None) => return None,
+                Ok(Some(Err(err))) => return Some((Err(err), None)),
+                Ok(Some(Ok(chunk))) => {
+                    let total = received + chunk.len();
+                    let charge = (2 * total).div_ceil(1 << 10) - (2 * received).div_ceil(1 << 10);
+                    if total > limit {
+                        ApiError::new(
+                            ErrorCode::PayloadTooLarge,
+                            format!("the submission is larger than {} KiB", limit >> 10),
+                        )
+                    } else {
+                        match marketplace.publish_memory(charge << 10) {
+                            Ok(more) => {
+                                let mut room = room.lock().unwrap_or_else(PoisonError::into_inner);
+                                match room.as_mut() {
+                                    Some(held) => held.merge(more),
+                                    None => *room = Some(more),
+                                }
+                                return Some((Ok(chunk), Some((payload, total))));
+                            }
+                            Err(err) => err.into(),
+                        }
+                    }
+                }
+            };
+            *refusal.lock().unwrap_or_else(PoisonError::into_inner) = Some(refused);
+            let cut = std::io::Error::other("the submission was refused as it arrived");
+            Some((Err(PayloadError::Io(cut)), None))
+        }
+    })
+    // The parser may ask again once the body has ended.
+    .fuse()
+}
+
+/// Reads a multipart part into memory, refusing it past `limit` bytes.
+async fn read_part(
+    field: &mut actix_multipart::Field,
+    limit: usize,
+    what: &str,
+    malformed: &impl Fn(actix_multipart::MultipartError) -> ApiError,
+) -> ApiResult<Vec<u8>> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = field.try_next().await.map_err(malformed)? {
+        if bytes.len() + chunk.len() > limit {
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("{what} is larger than {} KiB", limit >> 10),
+            ));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
 /// `POST /v1/plugins/{name}/versions`: reads the parts `manifest` and `component`, and publishes them
 /// (see [`plinth_marketplace::Marketplace::publish`]). In this order (see the marketplace's
 /// `publishing`): the author's one turn, refused before the body is read; the body, within the
@@ -82,15 +128,32 @@ pub(crate) async fn publish(
     auth: &Principal,
     who: &Who,
     plugin: &str,
-    mut form: Multipart,
+    req: &actix_web::HttpRequest,
+    payload: web::Payload,
 ) -> ApiResult<PluginVersion> {
     let _turn = state.marketplace.publish_turn(auth)?;
     let limit = state.marketplace.host().limits().component_bytes;
-    let (mut manifest, mut component, mut room) = (None, None, None);
+    let (room, refusal) = (Arc::default(), Refusal::default());
+    let body = held_to_bounds(
+        payload,
+        limit + MAX_MANIFEST_BYTES + MULTIPART_OVERHEAD,
+        state.marketplace.clone(),
+        Arc::clone(&room),
+        Arc::clone(&refusal),
+    );
+    let mut form = Multipart::new(req.headers(), body);
+    let malformed = |err: actix_multipart::MultipartError| {
+        refusal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .unwrap_or_else(|| {
+                ApiError::new(ErrorCode::InvalidBody, format!("malformed multipart body: {err}"))
+            })
+    };
+    let (mut manifest, mut component) = (None, None);
     let read = async {
-        while let Some(mut field) = form.try_next().await.map_err(|err| {
-            ApiError::new(ErrorCode::InvalidBody, format!("malformed multipart body: {err}"))
-        })? {
+        while let Some(mut field) = form.try_next().await.map_err(malformed)? {
             let name = field.name().unwrap_or_default().to_owned();
             let part = match name.as_str() {
                 "manifest" => &mut manifest,
@@ -109,7 +172,7 @@ pub(crate) async fn publish(
             } else {
                 limit
             };
-            *part = Some(read_part(state, &mut field, most, &format!("the {name}"), &mut room).await?);
+            *part = Some(read_part(&mut field, most, &format!("the {name}"), &malformed).await?);
         }
         Ok(())
     };
@@ -118,7 +181,7 @@ pub(crate) async fn publish(
         .map_err(|_| body_too_slow())??;
     let manifest = manifest.ok_or_else(|| invalid_plugin("the `manifest` part is missing"))?;
     let component = component.ok_or_else(|| invalid_plugin("the `component` part is missing"))?;
-    let _slot = state.marketplace.publish_slot()?;
+    let slot = state.marketplace.publish_slot()?;
     // Each submission checked is compiled and run: so many an author a minute.
     crate::limits::check(
         state,
@@ -128,7 +191,7 @@ pub(crate) async fn publish(
     .await?;
     let published = state
         .marketplace
-        .publish(auth, who, plugin, &manifest, component)
+        .publish(&slot, auth, who, plugin, &manifest, component)
         .await?;
     drop(room);
     Ok(published)

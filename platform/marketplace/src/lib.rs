@@ -12,7 +12,7 @@ mod publishing;
 mod records;
 mod services;
 
-pub use publishing::{AuthorTurn, PUBLISH_MEMORY, PUBLISHES_AT_ONCE};
+pub use publishing::{AuthorTurn, PUBLISH_MEMORY, PUBLISHES_AT_ONCE, PublishSlot};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -224,7 +224,7 @@ impl Marketplace {
     ///
     /// # Errors
     /// `unavailable` while the replica checks as many submissions as it takes at once.
-    pub fn publish_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+    pub fn publish_slot(&self) -> Result<PublishSlot> {
         self.publishing.slot()
     }
 
@@ -247,6 +247,7 @@ impl Marketplace {
     /// listing; `unavailable` while the compiler is busy.
     pub async fn publish(
         &self,
+        _slot: &PublishSlot,
         author: &Principal,
         who: &Who,
         plugin: &str,
@@ -811,8 +812,10 @@ mod tests {
         let (manifest, component) = built_plugin("sentiment-monitor");
 
         // Someone else's listing: refused before anything is compiled.
+        let slot = market.publish_slot().unwrap();
         let foreign = market
             .publish(
+                &slot,
                 &customer,
                 &operator,
                 "sentiment-monitor",
@@ -824,7 +827,14 @@ mod tests {
         assert_eq!(foreign.code(), ErrorCode::NotFound, "{foreign:?}");
 
         let version = market
-            .publish(&author, &operator, "sentiment-monitor", &manifest, component)
+            .publish(
+                &slot,
+                &author,
+                &operator,
+                "sentiment-monitor",
+                &manifest,
+                component,
+            )
             .await
             .unwrap();
         assert_eq!(version.status, ReviewStatus::Pending);

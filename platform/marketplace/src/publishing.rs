@@ -42,6 +42,10 @@ impl Default for Publishing {
     }
 }
 
+/// One of a replica's slots to check a submission in (see [`crate::Marketplace::publish_slot`]).
+#[derive(Debug)]
+pub struct PublishSlot(#[allow(dead_code, reason = "held, not read")] OwnedSemaphorePermit);
+
 /// An author's one submission under way, from before its body is read; given back on drop.
 #[derive(Debug)]
 pub struct AuthorTurn {
@@ -90,15 +94,18 @@ impl Publishing {
     }
 
     /// One of the replica's slots to check a submission in, or `503 unavailable` while all are taken.
-    pub(crate) fn slot(&self) -> Result<OwnedSemaphorePermit, MarketError> {
-        Arc::clone(&self.slots).try_acquire_owned().map_err(|_| {
-            metrics::counter!("plinth_plugin_publishes_refused_total").increment(1);
-            MarketError::Refused {
-                code: ErrorCode::Unavailable,
-                message: "other submissions are being checked; retry shortly".into(),
-                retry_after: Some(Duration::from_secs(10)),
-            }
-        })
+    pub(crate) fn slot(&self) -> Result<PublishSlot, MarketError> {
+        Arc::clone(&self.slots)
+            .try_acquire_owned()
+            .map(PublishSlot)
+            .map_err(|_| {
+                metrics::counter!("plinth_plugin_publishes_refused_total").increment(1);
+                MarketError::Refused {
+                    code: ErrorCode::Unavailable,
+                    message: "other submissions are being checked; retry shortly".into(),
+                    retry_after: Some(Duration::from_secs(10)),
+                }
+            })
     }
 }
 

@@ -1354,11 +1354,13 @@ pub(crate) async fn publish(
     visitor: Visitor,
     query: web::Query<CsrfQuery>,
     name: web::Path<String>,
-    form: actix_multipart::Multipart,
+    req: actix_web::HttpRequest,
+    body: web::Payload,
 ) -> PageResult {
     visitor.verify_csrf(query.csrf.as_deref())?;
     visitor.require(Scope::Admin)?;
-    match crate::plugins::publish(&state, &visitor.principal, &visitor.who(), &name, form).await {
+    let who = visitor.who();
+    match crate::plugins::publish(&state, &visitor.principal, &who, &name, &req, body).await {
         Ok(_) => Ok(see_other("/portal/author/plugins?published=1")),
         Err(err) => {
             let err = shown(err)?;

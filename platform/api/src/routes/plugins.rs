@@ -65,9 +65,10 @@ pub async fn publish(
     state: web::Data<AppState>,
     auth: Auth<scope::Admin>,
     name: web::Path<String>,
-    form: actix_multipart::Multipart,
+    req: actix_web::HttpRequest,
+    body: web::Payload,
 ) -> ApiResult<HttpResponse> {
-    let version = crate::plugins::publish(&state, &auth, &auth.who(), &name, form).await?;
+    let version = crate::plugins::publish(&state, &auth, &auth.who(), &name, &req, body).await?;
     Ok(HttpResponse::Created().json(version))
 }
 
