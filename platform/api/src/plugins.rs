@@ -11,10 +11,9 @@ use actix_web::web::{self, Bytes};
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use plinth_core::ErrorCode;
 use plinth_core::plugins::PluginVersion;
-use plinth_marketplace::Marketplace;
+use plinth_marketplace::BodyRoom;
 use plinth_store::audit::Who;
 use plinth_store::auth::Principal;
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
@@ -54,44 +53,39 @@ type Refusal = Arc<Mutex<Option<ApiError>>>;
 fn held_to_bounds(
     payload: web::Payload,
     limit: usize,
-    marketplace: Marketplace,
-    room: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    room: Arc<Mutex<BodyRoom>>,
     refusal: Refusal,
 ) -> impl Stream<Item = Result<Bytes, PayloadError>> + 'static {
     futures_util::stream::unfold(Some((payload, 0_usize)), move |state| {
-        let (marketplace, room, refusal) = (marketplace.clone(), room.clone(), refusal.clone());
+        let (room, refusal) = (room.clone(), refusal.clone());
         async move {
             let (mut payload, received) = state?;
-            let refused = match tokio::time::timeout(PUBLISH_BODY_PAUSE, payload.next()).await {
-                Err(_) => body_too_slow(),
+            let chunk = match tokio::time::timeout(PUBLISH_BODY_PAUSE, payload.next()).await {
+                Err(_) => Err(body_too_slow()),
                 Ok(None) => return None,
                 Ok(Some(Err(err))) => return Some((Err(err), None)),
-                Ok(Some(Ok(chunk))) => {
-                    let total = received + chunk.len();
-                    let charge = (2 * total).div_ceil(1 << 10) - (2 * received).div_ceil(1 << 10);
-                    if total > limit {
-                        ApiError::new(
-                            ErrorCode::PayloadTooLarge,
-                            format!("the submission is larger than {} KiB", limit >> 10),
-                        )
-                    } else {
-                        match marketplace.publish_memory(charge << 10) {
-                            Ok(more) => {
-                                let mut room = room.lock().unwrap_or_else(PoisonError::into_inner);
-                                match room.as_mut() {
-                                    Some(held) => held.merge(more),
-                                    None => *room = Some(more),
-                                }
-                                return Some((Ok(chunk), Some((payload, total))));
-                            }
-                            Err(err) => err.into(),
-                        }
-                    }
-                }
+                Ok(Some(Ok(chunk))) => Ok(chunk),
             };
-            *refusal.lock().unwrap_or_else(PoisonError::into_inner) = Some(refused);
-            let cut = std::io::Error::other("the submission was refused as it arrived");
-            Some((Err(PayloadError::Io(cut)), None))
+            let total = received + chunk.as_ref().map_or(0, Bytes::len);
+            let held = chunk.and_then(|chunk| {
+                if total > limit {
+                    return Err(ApiError::new(
+                        ErrorCode::PayloadTooLarge,
+                        format!("the submission is larger than {} KiB", limit >> 10),
+                    ));
+                }
+                let mut room = room.lock().unwrap_or_else(PoisonError::into_inner);
+                room.grow_to(2 * total)?;
+                Ok(chunk)
+            });
+            match held {
+                Ok(chunk) => Some((Ok(chunk), Some((payload, total)))),
+                Err(refused) => {
+                    *refusal.lock().unwrap_or_else(PoisonError::into_inner) = Some(refused);
+                    let cut = std::io::Error::other("the submission was refused as it arrived");
+                    Some((Err(PayloadError::Io(cut)), None))
+                }
+            }
         }
     })
     // The parser may ask again once the body has ended.
@@ -133,11 +127,13 @@ pub(crate) async fn publish(
 ) -> ApiResult<PluginVersion> {
     let _turn = state.marketplace.publish_turn(auth)?;
     let limit = state.marketplace.host().limits().component_bytes;
-    let (room, refusal) = (Arc::default(), Refusal::default());
+    let (room, refusal) = (
+        Arc::new(Mutex::new(state.marketplace.publish_room())),
+        Refusal::default(),
+    );
     let body = held_to_bounds(
         payload,
         limit + MAX_MANIFEST_BYTES + MULTIPART_OVERHEAD,
-        state.marketplace.clone(),
         Arc::clone(&room),
         Arc::clone(&refusal),
     );

@@ -1246,18 +1246,12 @@ fn joined_text_cost_fits(run: &[Queued], next: &Work) -> bool {
         return false;
     };
     inputs.iter().all(|input| {
-        let rows = |tensor: &Tensor| {
-            tensor
-                .shape
-                .first()
-                .map_or(1, |&rows| usize::try_from(rows).unwrap_or(usize::MAX))
-        };
         let joined = run
             .iter()
             .filter_map(|call| call.work.tensors())
             .filter_map(|(inputs, _)| inputs.iter().find(|t| t.name == input.name))
-            .map(rows)
-            .fold(rows(input), usize::saturating_add);
+            .map(crate::engine::rows)
+            .fold(crate::engine::rows(input), usize::saturating_add);
         crate::engine::text_cost_fits(joined, input.shape.get(1..).unwrap_or_default())
     })
 }

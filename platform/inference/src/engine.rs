@@ -980,11 +980,7 @@ pub fn check_tensors(
 /// tens of gigabytes in each layer.
 fn within_text_bounds(inputs: &[Tensor]) -> Result<(), InferenceError> {
     for tensor in inputs {
-        let rows = tensor
-            .shape
-            .first()
-            .map_or(1, |&rows| usize::try_from(rows).unwrap_or(usize::MAX));
-        if !text_cost_fits(rows, tensor.shape.get(1..).unwrap_or_default()) {
+        if !text_cost_fits(rows(tensor), tensor.shape.get(1..).unwrap_or_default()) {
             return Err(InferenceError::InvalidInput(format!(
                 "input `{}`: shape {:?} is larger than this model runs: at most {MAX_TEXTS} rows of at \
                  most {MAX_POSITIONS} tokens, and rows × tokens² at most {MAX_TEXTS} × {MAX_TOKENS}²",
@@ -993,6 +989,14 @@ fn within_text_bounds(inputs: &[Tensor]) -> Result<(), InferenceError> {
         }
     }
     Ok(())
+}
+
+/// A protocol input's rows: its first dimension (one for a scalar; beyond `usize`, the most).
+pub(crate) fn rows(tensor: &Tensor) -> usize {
+    tensor
+        .shape
+        .first()
+        .map_or(1, |&rows| usize::try_from(rows).unwrap_or(usize::MAX))
 }
 
 /// Whether `rows` rows of `row_shape` (a row's length is its elements) are within what a text call

@@ -12,7 +12,7 @@ mod publishing;
 mod records;
 mod services;
 
-pub use publishing::{AuthorTurn, PUBLISH_MEMORY, PUBLISHES_AT_ONCE, PublishSlot};
+pub use publishing::{AuthorTurn, BodyRoom, PUBLISH_MEMORY, PUBLISHES_AT_ONCE, PublishSlot};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -210,13 +210,11 @@ impl Marketplace {
         self.publishing.author_turn(&author.tenant_id)
     }
 
-    /// Room for `bytes` more of a submission's body as it arrives (see [`publishing`]): hold it until
-    /// [`Self::publish`] returns.
-    ///
-    /// # Errors
-    /// `unavailable` while the bodies arriving on this replica take all the room they may.
-    pub fn publish_memory(&self, bytes: usize) -> Result<tokio::sync::OwnedSemaphorePermit> {
-        self.publishing.memory(bytes)
+    /// Room for a submission's body in the replica's budget, grown as it arrives (see
+    /// [`publishing`]): hold it until [`Self::publish`] returns.
+    #[must_use]
+    pub fn publish_room(&self) -> BodyRoom {
+        publishing::Publishing::room(&self.publishing)
     }
 
     /// One of the replica's slots to check a submission in, taken once its body is in (see

@@ -42,6 +42,35 @@ impl Default for Publishing {
     }
 }
 
+/// The room one arriving body holds in the replica's budget, grown with it (see
+/// [`crate::Marketplace::publish_room`]); given back on drop.
+#[derive(Debug)]
+pub struct BodyRoom {
+    publishing: Arc<Publishing>,
+    held: Option<OwnedSemaphorePermit>,
+    /// What `held` covers, in bytes (whole KiB).
+    bytes: usize,
+}
+
+impl BodyRoom {
+    /// Holds room for `bytes` in all, taking only what is not held yet.
+    ///
+    /// # Errors
+    /// `unavailable` while the bodies arriving take [`PUBLISH_MEMORY`].
+    pub fn grow_to(&mut self, bytes: usize) -> Result<(), MarketError> {
+        if bytes <= self.bytes {
+            return Ok(());
+        }
+        let more = self.publishing.memory(bytes - self.bytes)?;
+        self.bytes += more.num_permits() << 10;
+        match &mut self.held {
+            Some(held) => held.merge(more),
+            None => self.held = Some(more),
+        }
+        Ok(())
+    }
+}
+
 /// One of a replica's slots to check a submission in (see [`crate::Marketplace::publish_slot`]).
 #[derive(Debug)]
 pub struct PublishSlot(#[allow(dead_code, reason = "held, not read")] OwnedSemaphorePermit);
@@ -91,6 +120,15 @@ impl Publishing {
                 retry_after: Some(Duration::from_secs(10)),
             }
         })
+    }
+
+    /// Room for one arriving body, none held yet.
+    pub(crate) fn room(publishing: &Arc<Self>) -> BodyRoom {
+        BodyRoom {
+            publishing: Arc::clone(publishing),
+            held: None,
+            bytes: 0,
+        }
     }
 
     /// One of the replica's slots to check a submission in, or `503 unavailable` while all are taken.
@@ -144,5 +182,20 @@ mod tests {
         let _last = publishing.memory(1024).unwrap();
         drop(body);
         let _next = publishing.memory(PUBLISH_MEMORY - 1024).unwrap();
+    }
+
+    #[test]
+    fn a_body_holds_room_for_what_has_arrived_charged_once() {
+        let publishing = Arc::new(Publishing::default());
+        let mut room = Publishing::room(&publishing);
+        // Tiny chunks take a KiB between them, not a KiB each.
+        for total in 1..=1024 {
+            room.grow_to(total).unwrap();
+        }
+        assert_eq!(room.bytes, 1024);
+        room.grow_to(PUBLISH_MEMORY).unwrap();
+        assert_eq!(publishing.memory(1).unwrap_err().code(), ErrorCode::Unavailable);
+        drop(room);
+        let _all = publishing.memory(PUBLISH_MEMORY).unwrap();
     }
 }

@@ -357,14 +357,14 @@ pub(crate) struct RangeQuery {
     to: Option<String>,
 }
 
-/// A day from a date field (`YYYY-MM-DD`, from 1970 to 9999: chrono's dates reach years where a
-/// range's default start or its end's next day would overflow), or the default.
+/// A day from a date field (`YYYY-MM-DD`, from 1970 to 9999: see
+/// [`crate::routes::billing::within_reach`]), or the default.
 fn day(field: &str, value: Option<&str>) -> Result<Option<chrono::NaiveDate>, PageError> {
     match value.filter(|v| !v.is_empty()) {
         None => Ok(None),
         Some(value) => chrono::NaiveDate::parse_from_str(value, "%Y-%m-%d")
             .ok()
-            .filter(|day| (1970..=9999).contains(&chrono::Datelike::year(day)))
+            .filter(crate::routes::billing::within_reach)
             .map(Some)
             .ok_or_else(|| {
                 ApiError::new(

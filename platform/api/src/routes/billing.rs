@@ -39,8 +39,13 @@ pub struct UsageParams {
     group_by: Option<UsageGrouping>,
 }
 
-/// A time from 1970 to 9999: chrono's dates reach back to year -262143, where a period's default
-/// start (30 days earlier) would overflow.
+/// Whether a reporting period may name `date`: from 1970 to 9999. chrono's dates reach years
+/// ±262143, where a period's default start (days earlier) or its end's next day would overflow.
+pub(crate) fn within_reach(date: &impl chrono::Datelike) -> bool {
+    (1970..=9999).contains(&date.year())
+}
+
+/// A time from 1970 to 9999 (see [`within_reach`]).
 fn parse_time(field: &str, value: &str) -> ApiResult<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(value)
         .map(|t| t.with_timezone(&Utc))
@@ -48,7 +53,7 @@ fn parse_time(field: &str, value: &str) -> ApiResult<DateTime<Utc>> {
             NaiveDate::parse_from_str(value, "%Y-%m-%d").map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc())
         })
         .ok()
-        .filter(|t| (1970..=9999).contains(&chrono::Datelike::year(t)))
+        .filter(within_reach)
         .ok_or_else(|| {
             ApiError::new(
                 ErrorCode::InvalidQuery,
