@@ -19,6 +19,7 @@ mod m0010_replay;
 mod m0011_training;
 mod m0012_model_signatures;
 mod m0013_training_weight;
+mod m0014_deploy_claims;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -40,6 +41,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0011_training::Migration),
             Box::new(m0012_model_signatures::Migration),
             Box::new(m0013_training_weight::Migration),
+            Box::new(m0014_deploy_claims::Migration),
         ]
     }
 }

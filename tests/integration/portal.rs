@@ -103,7 +103,7 @@ async fn the_portal_in_a_real_browser() {
 }
 
 /// Signs up through the portal's form, as a browser on the portal would; returns the session cookie.
-async fn portal_signup(app: &TestApp) -> String {
+pub(crate) async fn portal_signup(app: &TestApp) -> String {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -209,7 +209,7 @@ async fn flooding_the_api_does_not_lock_the_tenants_admins_out_of_the_portal() {
 }
 
 /// The CSRF token in a portal page's forms.
-async fn portal_csrf(app: &TestApp, cookie: &str) -> String {
+pub(crate) async fn portal_csrf(app: &TestApp, cookie: &str) -> String {
     let html = portal_get(app, cookie, "/portal/billing")
         .await
         .text()

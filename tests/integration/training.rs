@@ -229,6 +229,59 @@ async fn a_tenant_trains_evaluates_deploys_exports_and_pays_for_a_private_classi
     assert_eq!(messages[..2], ["queued", "started"]);
     assert!(messages.last().unwrap().starts_with("succeeded"), "{messages:?}");
 
+    // A replica that claimed the deployment and stopped (a crash) holds it only until the claim is
+    // old: then another takes it over, and only the claim's holder can mark or release it.
+    let tenant_id = &acme.session.tenant.id;
+    let ten_minutes = std::time::Duration::from_secs(600);
+    let stopped = app
+        .store()
+        .claim_training_deployment(tenant_id, &job_id, ten_minutes)
+        .await
+        .unwrap()
+        .expect("a succeeded job is claimed");
+    let deploy = format!("/v1/training-jobs/{job_id}/deploy");
+    let (status, refused) = post(&app, &acme, &deploy, &json!({})).await;
+    assert_eq!(status, 409, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("being deployed"),
+        "{refused}"
+    );
+    let store = app.store();
+    assert_eq!(
+        store
+            .claim_training_deployment(tenant_id, &job_id, ten_minutes)
+            .await
+            .unwrap(),
+        None,
+        "a fresh claim is not taken over"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let took_over = store
+        .claim_training_deployment(tenant_id, &job_id, std::time::Duration::from_millis(1))
+        .await
+        .unwrap()
+        .expect("an old claim is taken over");
+    store
+        .release_training_deployment(tenant_id, &job_id, stopped)
+        .await
+        .unwrap();
+    store
+        .mark_training_job_deployed(tenant_id, &plinth_tests::operator(), &job_id, stopped, 7)
+        .await
+        .unwrap();
+    assert_eq!(
+        post(&app, &acme, &deploy, &json!({})).await.0,
+        409,
+        "released, and marked, by its holder only"
+    );
+    store
+        .release_training_deployment(tenant_id, &job_id, took_over)
+        .await
+        .unwrap();
+
     // Deployed: a private model version, served like any model.
     let (status, model) = post(
         &app,

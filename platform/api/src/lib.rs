@@ -10,6 +10,7 @@ pub mod error;
 mod limits;
 mod metering;
 pub mod metrics;
+mod multipart;
 pub mod openapi;
 mod plugins;
 mod portal;

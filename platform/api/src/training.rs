@@ -14,8 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use actix_multipart::Multipart;
-use futures_util::TryStreamExt;
 use plinth_core::ErrorCode;
 use plinth_core::id::{DatasetId, TenantId};
 use plinth_core::inference::{Model, Task};
@@ -31,8 +29,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::error::{ApiError, ApiResult};
+use crate::multipart::{Bounds, Form};
 use crate::state::AppState;
-use crate::uploads::{invalid, multipart_error};
+use crate::uploads::invalid;
 
 /// Training's settings, from the server's configuration.
 #[derive(Debug, Clone)]
@@ -125,27 +124,16 @@ fn invalid_dataset(err: dataset::DatasetError) -> ApiError {
     ApiError::new(ErrorCode::InvalidDataset, err.0)
 }
 
-/// Reads a part into memory, refusing it past `limit` bytes.
-async fn read_part(field: &mut actix_multipart::Field, limit: u64, what: &str) -> ApiResult<Vec<u8>> {
-    let mut bytes = Vec::new();
-    while let Some(chunk) = field.try_next().await.map_err(multipart_error)? {
-        if (bytes.len() + chunk.len()) as u64 > limit {
-            return Err(ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!("{what} is larger than {limit} bytes"),
-            ));
-        }
-        bytes.extend_from_slice(&chunk);
-    }
-    Ok(bytes)
-}
+/// The most a dataset's `name` part may hold.
+const MAX_NAME_BYTES: u64 = 1024;
 
 /// Handles `POST /v1/datasets`: a `file` part (`.jsonl` or `.csv`) and an optional `name` part.
 pub(crate) async fn upload_dataset(
     state: &AppState,
     auth: &Principal,
     who: &Who,
-    mut form: Multipart,
+    req: &actix_web::HttpRequest,
+    payload: actix_web::web::Payload,
 ) -> ApiResult<Dataset> {
     let limit = state
         .settings
@@ -158,17 +146,21 @@ pub(crate) async fn upload_dataset(
     tokio::fs::create_dir_all(&staging)
         .await
         .map_err(ApiError::internal)?;
+    let mut form = Form::new(
+        req,
+        payload,
+        Bounds::total(limit.saturating_add(MAX_NAME_BYTES + crate::multipart::OVERHEAD)),
+    );
     let (mut name, mut file) = (None, None);
-    while let Some(mut field) = form.try_next().await.map_err(multipart_error)? {
-        match field.name().unwrap_or_default() {
+    while let Some(mut part) = form.next_part().await? {
+        match part.name() {
             "name" if name.is_none() => {
-                let bytes = read_part(&mut field, 1024, "the name").await?;
+                let bytes = part.read(MAX_NAME_BYTES, "the name").await?;
                 name = Some(String::from_utf8(bytes).map_err(|_| invalid("name: not UTF-8"))?);
             }
             "file" if file.is_none() => {
-                let disposition = field.content_disposition();
-                let file_name = disposition.and_then(|d| d.get_filename()).map(ToOwned::to_owned);
-                let media_type = field.content_type().map(ToString::to_string);
+                let file_name = part.file_name().map(ToOwned::to_owned);
+                let media_type = part.content_type();
                 let format =
                     Format::detect(file_name.as_deref(), media_type.as_deref()).ok_or_else(|| {
                         ApiError::new(
@@ -177,14 +169,11 @@ pub(crate) async fn upload_dataset(
                         )
                     })?;
                 // To disk first, as model uploads: a slow client holds a file, not memory or a turn.
-                let staged = crate::uploads::stage(field, &staging, limit, "the dataset").await?;
+                let staged = crate::uploads::stage(&mut part, &staging, limit, "the dataset").await?;
                 file = Some((file_name, format, staged));
             }
             "name" | "file" => {
-                return Err(invalid(format!(
-                    "the `{}` part is sent twice",
-                    field.name().unwrap_or_default()
-                )));
+                return Err(invalid(format!("the `{}` part is sent twice", part.name())));
             }
             other => {
                 return Err(invalid(format!(
@@ -394,13 +383,17 @@ pub(crate) async fn deploy(state: &AppState, auth: &Principal, who: &Who, id: &s
     .map_err(ApiError::internal)?
 }
 
+/// How old a deployment's claim is before another replica takes it over: the replica that took it
+/// stopped (a deployment takes seconds: the model assembled, loaded and checked once).
+const DEPLOY_CLAIM_STALE: Duration = Duration::from_secs(600);
+
 /// Claims `job` for deploying, installs its model and marks it deployed, or releases the claim.
 async fn deploy_claimed(state: &AppState, auth: &Principal, who: &Who, job: TrainingJob) -> ApiResult<Model> {
-    if !state
+    let Some(claim) = state
         .store
-        .claim_training_deployment(&auth.tenant_id, &job.id)
+        .claim_training_deployment(&auth.tenant_id, &job.id, DEPLOY_CLAIM_STALE)
         .await?
-    {
+    else {
         let why = match job.deployed_version {
             Some(version) => format!(
                 "the job is already deployed as version {version} of `{}`",
@@ -415,19 +408,19 @@ async fn deploy_claimed(state: &AppState, auth: &Principal, who: &Who, job: Trai
             ),
         };
         return Err(ApiError::new(ErrorCode::TrainingJobState, why));
-    }
+    };
     match install_trained(state, auth, who, &job).await {
         Ok(model) => {
             state
                 .store
-                .mark_training_job_deployed(&auth.tenant_id, who, &job.id, model.version)
+                .mark_training_job_deployed(&auth.tenant_id, who, &job.id, claim, model.version)
                 .await?;
             Ok(model)
         }
         Err(err) => {
             state
                 .store
-                .release_training_deployment(&auth.tenant_id, &job.id)
+                .release_training_deployment(&auth.tenant_id, &job.id, claim)
                 .await?;
             Err(err)
         }

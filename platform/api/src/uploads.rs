@@ -3,8 +3,6 @@
 
 use std::path::Path;
 
-use actix_multipart::{Field, Multipart};
-use futures_util::TryStreamExt;
 use plinth_core::ErrorCode;
 use plinth_core::inference::{Model, Task};
 use plinth_hosting::{NewVersion, Staged};
@@ -14,6 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::error::{ApiError, ApiResult};
+use crate::multipart::{Bounds, Form, Part};
 use crate::state::AppState;
 
 /// The `manifest` part of an upload.
@@ -45,20 +44,20 @@ pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::ValidationFailed, message)
 }
 
-pub(crate) fn multipart_error(err: impl std::fmt::Display) -> ApiError {
-    ApiError::new(ErrorCode::InvalidBody, format!("malformed multipart body: {err}"))
-}
-
 /// Streams a part to a staging file, hashing it, refusing it past `limit` bytes.
-pub(crate) async fn stage(mut field: Field, dir: &Path, limit: u64, what: &str) -> ApiResult<Staged> {
+pub(crate) async fn stage(part: &mut Part, dir: &Path, limit: u64, what: &str) -> ApiResult<Staged> {
     let staged = Staged::begun(dir.join(format!("{}.part", ulid::Ulid::new())));
-    let mut file = tokio::fs::File::create(staged.path())
-        .await
-        .map_err(ApiError::internal)?;
+    // Buffered: a part may arrive in pieces of a few bytes (its contents cut at each `\r--`).
+    let mut file = tokio::io::BufWriter::with_capacity(
+        1 << 20,
+        tokio::fs::File::create(staged.path())
+            .await
+            .map_err(ApiError::internal)?,
+    );
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let result = async {
-        while let Some(chunk) = field.try_next().await.map_err(multipart_error)? {
+        while let Some(chunk) = part.chunk().await? {
             size += chunk.len() as u64;
             if size > limit {
                 return Err(ApiError::new(
@@ -76,17 +75,8 @@ pub(crate) async fn stage(mut field: Field, dir: &Path, limit: u64, what: &str) 
     Ok(staged.finished(hex::encode(hasher.finalize()), size))
 }
 
-async fn read_manifest(mut field: Field) -> ApiResult<Manifest> {
-    let mut bytes = Vec::new();
-    while let Some(chunk) = field.try_next().await.map_err(multipart_error)? {
-        bytes.extend_from_slice(&chunk);
-        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
-            return Err(ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                "the manifest is larger than 64 KiB",
-            ));
-        }
-    }
+async fn read_manifest(part: &mut Part) -> ApiResult<Manifest> {
+    let bytes = part.read(MAX_MANIFEST_BYTES, "the manifest").await?;
     serde_json::from_slice(&bytes).map_err(|err| invalid(format!("manifest: {err}")))
 }
 
@@ -95,7 +85,8 @@ pub(crate) async fn upload(
     state: &AppState,
     auth: &Principal,
     who: &plinth_store::audit::Who,
-    mut form: Multipart,
+    req: &actix_web::HttpRequest,
+    payload: actix_web::web::Payload,
 ) -> ApiResult<Model> {
     let quota = &auth.isolation;
     let receiving = state.hosting.receive_upload(&auth.tenant_id)?;
@@ -103,17 +94,21 @@ pub(crate) async fn upload(
     tokio::fs::create_dir_all(&staging)
         .await
         .map_err(ApiError::internal)?;
+    let model_limit = state.settings.max_model_bytes.min(quota.max_model_bytes);
+    let mut form = Form::new(
+        req,
+        payload,
+        Bounds::total(
+            model_limit.saturating_add(MAX_TOKENIZER_BYTES + MAX_MANIFEST_BYTES + crate::multipart::OVERHEAD),
+        ),
+    );
     let (mut manifest, mut model, mut tokenizer) = (None, None, None);
     let outcome: ApiResult<()> = async {
-        while let Some(mut field) = form.try_next().await.map_err(multipart_error)? {
-            let name = field.name().unwrap_or_default().to_owned();
+        while let Some(mut part) = form.next_part().await? {
+            let name = part.name().to_owned();
             // A browser sends a file input left empty as a part with an empty file name: no file.
-            if field
-                .content_disposition()
-                .and_then(|disposition| disposition.get_filename())
-                == Some("")
-            {
-                while field.try_next().await.map_err(multipart_error)?.is_some() {}
+            if part.file_name() == Some("") {
+                part.skip().await?;
                 continue;
             }
             let repeated = match name.as_str() {
@@ -126,13 +121,10 @@ pub(crate) async fn upload(
                 return Err(invalid(format!("the `{name}` part is sent twice")));
             }
             match name.as_str() {
-                "manifest" => manifest = Some(read_manifest(field).await?),
-                "model" => {
-                    let limit = state.settings.max_model_bytes.min(quota.max_model_bytes);
-                    model = Some(stage(field, &staging, limit, "the model").await?);
-                }
+                "manifest" => manifest = Some(read_manifest(&mut part).await?),
+                "model" => model = Some(stage(&mut part, &staging, model_limit, "the model").await?),
                 "tokenizer" => {
-                    tokenizer = Some(stage(field, &staging, MAX_TOKENIZER_BYTES, "the tokenizer").await?);
+                    tokenizer = Some(stage(&mut part, &staging, MAX_TOKENIZER_BYTES, "the tokenizer").await?);
                 }
                 other => {
                     return Err(invalid(format!(

@@ -210,20 +210,21 @@ impl Marketplace {
         self.publishing.author_turn(&author.tenant_id)
     }
 
-    /// Room for a submission's body in the replica's budget, grown as it arrives (see
+    /// Room for `author`'s submission's body in the replica's budget, grown as it arrives (see
     /// [`publishing`]): hold it until [`Self::publish`] returns.
     #[must_use]
-    pub fn publish_room(&self) -> BodyRoom {
-        publishing::Publishing::room(&self.publishing)
+    pub fn publish_room(&self, author: &Principal) -> BodyRoom {
+        publishing::Publishing::room(&self.publishing, author.paid_subscription)
     }
 
     /// One of the replica's slots to check a submission in, taken once its body is in (see
     /// [`publishing`]): hold it until [`Self::publish`] returns.
     ///
     /// # Errors
-    /// `unavailable` while the replica checks as many submissions as it takes at once.
-    pub fn publish_slot(&self) -> Result<PublishSlot> {
-        self.publishing.slot()
+    /// `unavailable` while the replica checks as many submissions as it takes at once (authors
+    /// without a paid subscription, three quarters of them).
+    pub fn publish_slot(&self, author: &Principal) -> Result<PublishSlot> {
+        self.publishing.slot(author.paid_subscription)
     }
 
     /// Compiles and runs plugins.
@@ -810,7 +811,7 @@ mod tests {
         let (manifest, component) = built_plugin("sentiment-monitor");
 
         // Someone else's listing: refused before anything is compiled.
-        let slot = market.publish_slot().unwrap();
+        let slot = market.publish_slot(&customer).unwrap();
         let foreign = market
             .publish(
                 &slot,

@@ -6,6 +6,10 @@
 //! - the bodies arriving on a replica take at most [`PUBLISH_MEMORY`] together (past it, `503`);
 //! - a replica checks [`PUBLISHES_AT_ONCE`] at once, taking the slot once a body is in (`503`), so a
 //!   slow sender holds none.
+//!
+//! Signups are free, so authors without a paid subscription together take at most three quarters
+//! of the slots and of the memory: a crowd of free accounts, each within its limits, leaves paying
+//! authors a quarter (as with plugin instances).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,21 +27,66 @@ pub const PUBLISHES_AT_ONCE: usize = 4;
 /// What the bodies of submissions arriving on a replica may take in memory together, in bytes.
 pub const PUBLISH_MEMORY: usize = 256 << 20;
 
+/// Slots, or KiB of memory: every author's, and the share of those without a paid subscription.
+#[derive(Debug)]
+struct Shared {
+    all: Arc<Semaphore>,
+    unpaid: Arc<Semaphore>,
+}
+
+impl Shared {
+    fn new(all: usize) -> Self {
+        Self {
+            all: Arc::new(Semaphore::new(all)),
+            unpaid: Arc::new(Semaphore::new(all * 3 / 4)),
+        }
+    }
+
+    /// `n` of them, from the unpaid share too unless `paying`.
+    fn take(&self, n: u32, paying: bool) -> Option<Held> {
+        let unpaid = if paying {
+            None
+        } else {
+            Some(Arc::clone(&self.unpaid).try_acquire_many_owned(n).ok()?)
+        };
+        let all = Arc::clone(&self.all).try_acquire_many_owned(n).ok()?;
+        Some(Held { all, unpaid })
+    }
+}
+
+/// What [`Shared::take`] took; given back on drop.
+#[derive(Debug)]
+struct Held {
+    all: OwnedSemaphorePermit,
+    unpaid: Option<OwnedSemaphorePermit>,
+}
+
+impl Held {
+    fn merge(&mut self, more: Self) {
+        self.all.merge(more.all);
+        match (&mut self.unpaid, more.unpaid) {
+            (Some(unpaid), Some(more)) => unpaid.merge(more),
+            (None, more) => self.unpaid = more,
+            (Some(_), None) => {}
+        }
+    }
+}
+
 /// The submissions under way on this replica.
 #[derive(Debug)]
 pub(crate) struct Publishing {
-    slots: Arc<Semaphore>,
+    slots: Shared,
     authors: Arc<Mutex<HashSet<TenantId>>>,
     /// [`PUBLISH_MEMORY`], in KiB.
-    memory: Arc<Semaphore>,
+    memory: Shared,
 }
 
 impl Default for Publishing {
     fn default() -> Self {
         Self {
-            slots: Arc::new(Semaphore::new(PUBLISHES_AT_ONCE)),
+            slots: Shared::new(PUBLISHES_AT_ONCE),
             authors: Arc::default(),
-            memory: Arc::new(Semaphore::new(PUBLISH_MEMORY >> 10)),
+            memory: Shared::new(PUBLISH_MEMORY >> 10),
         }
     }
 }
@@ -47,7 +96,8 @@ impl Default for Publishing {
 #[derive(Debug)]
 pub struct BodyRoom {
     publishing: Arc<Publishing>,
-    held: Option<OwnedSemaphorePermit>,
+    paying: bool,
+    held: Option<Held>,
     /// What `held` covers, in bytes (whole KiB).
     bytes: usize,
 }
@@ -61,8 +111,8 @@ impl BodyRoom {
         if bytes <= self.bytes {
             return Ok(());
         }
-        let more = self.publishing.memory(bytes - self.bytes)?;
-        self.bytes += more.num_permits() << 10;
+        let more = self.publishing.memory(bytes - self.bytes, self.paying)?;
+        self.bytes += more.all.num_permits() << 10;
         match &mut self.held {
             Some(held) => held.merge(more),
             None => self.held = Some(more),
@@ -73,7 +123,7 @@ impl BodyRoom {
 
 /// One of a replica's slots to check a submission in (see [`crate::Marketplace::publish_slot`]).
 #[derive(Debug)]
-pub struct PublishSlot(#[allow(dead_code, reason = "held, not read")] OwnedSemaphorePermit);
+pub struct PublishSlot(#[allow(dead_code, reason = "held, not read")] Held);
 
 /// An author's one submission under way, from before its body is read; given back on drop.
 #[derive(Debug)]
@@ -109,10 +159,10 @@ impl Publishing {
     }
 
     /// Room for `bytes` more of a body arriving (rounded up to KiB), or `503 unavailable` while the
-    /// bodies arriving take [`PUBLISH_MEMORY`].
-    pub(crate) fn memory(&self, bytes: usize) -> Result<OwnedSemaphorePermit, MarketError> {
+    /// bodies arriving take [`PUBLISH_MEMORY`] (three quarters of it unless `paying`).
+    fn memory(&self, bytes: usize, paying: bool) -> Result<Held, MarketError> {
         let kib = u32::try_from(bytes.div_ceil(1 << 10)).unwrap_or(u32::MAX);
-        Arc::clone(&self.memory).try_acquire_many_owned(kib).map_err(|_| {
+        self.memory.take(kib, paying).ok_or_else(|| {
             metrics::counter!("plinth_plugin_publishes_refused_total").increment(1);
             MarketError::Refused {
                 code: ErrorCode::Unavailable,
@@ -123,27 +173,26 @@ impl Publishing {
     }
 
     /// Room for one arriving body, none held yet.
-    pub(crate) fn room(publishing: &Arc<Self>) -> BodyRoom {
+    pub(crate) fn room(publishing: &Arc<Self>, paying: bool) -> BodyRoom {
         BodyRoom {
             publishing: Arc::clone(publishing),
+            paying,
             held: None,
             bytes: 0,
         }
     }
 
-    /// One of the replica's slots to check a submission in, or `503 unavailable` while all are taken.
-    pub(crate) fn slot(&self) -> Result<PublishSlot, MarketError> {
-        Arc::clone(&self.slots)
-            .try_acquire_owned()
-            .map(PublishSlot)
-            .map_err(|_| {
-                metrics::counter!("plinth_plugin_publishes_refused_total").increment(1);
-                MarketError::Refused {
-                    code: ErrorCode::Unavailable,
-                    message: "other submissions are being checked; retry shortly".into(),
-                    retry_after: Some(Duration::from_secs(10)),
-                }
-            })
+    /// One of the replica's slots to check a submission in, or `503 unavailable` while all are taken
+    /// (three quarters of them unless `paying`).
+    pub(crate) fn slot(&self, paying: bool) -> Result<PublishSlot, MarketError> {
+        self.slots.take(1, paying).map(PublishSlot).ok_or_else(|| {
+            metrics::counter!("plinth_plugin_publishes_refused_total").increment(1);
+            MarketError::Refused {
+                code: ErrorCode::Unavailable,
+                message: "other submissions are being checked; retry shortly".into(),
+                retry_after: Some(Duration::from_secs(10)),
+            }
+        })
     }
 }
 
@@ -164,38 +213,73 @@ mod tests {
         let _next = publishing.author_turn(&author).unwrap();
 
         let slots: Vec<_> = (0..PUBLISHES_AT_ONCE)
-            .map(|_| publishing.slot().unwrap())
+            .map(|_| publishing.slot(true).unwrap())
             .collect();
-        assert_eq!(publishing.slot().unwrap_err().code(), ErrorCode::Unavailable);
+        assert_eq!(publishing.slot(true).unwrap_err().code(), ErrorCode::Unavailable);
         // A refused submission took nothing: once one ends, the next is admitted.
         drop(slots);
-        let _slot = publishing.slot().unwrap();
+        let _slot = publishing.slot(true).unwrap();
 
         // Bodies arriving together take at most the budget; what a refused chunk asked for is not
         // kept, and a body let go gives its room back.
-        let mut body = publishing.memory(1).unwrap();
-        body.merge(publishing.memory(PUBLISH_MEMORY - 2048).unwrap());
+        let mut body = publishing.memory(1, true).unwrap();
+        body.merge(publishing.memory(PUBLISH_MEMORY - 2048, true).unwrap());
         assert_eq!(
-            publishing.memory(2048).unwrap_err().code(),
+            publishing.memory(2048, true).unwrap_err().code(),
             ErrorCode::Unavailable
         );
-        let _last = publishing.memory(1024).unwrap();
+        let _last = publishing.memory(1024, true).unwrap();
         drop(body);
-        let _next = publishing.memory(PUBLISH_MEMORY - 1024).unwrap();
+        let _next = publishing.memory(PUBLISH_MEMORY - 1024, true).unwrap();
+    }
+
+    #[test]
+    fn authors_without_a_paid_subscription_leave_paying_ones_a_quarter() {
+        let publishing = Arc::new(Publishing::default());
+        let unpaid: Vec<_> = (0..PUBLISHES_AT_ONCE * 3 / 4)
+            .map(|_| publishing.slot(false).unwrap())
+            .collect();
+        assert_eq!(publishing.slot(false).unwrap_err().code(), ErrorCode::Unavailable);
+        let paying = publishing.slot(true).unwrap();
+        assert_eq!(publishing.slot(true).unwrap_err().code(), ErrorCode::Unavailable);
+        // Paying authors may take the whole, leaving the unpaid share only what is left of it.
+        drop(unpaid);
+        let _more_paying: Vec<_> = (1..PUBLISHES_AT_ONCE - 1)
+            .map(|_| publishing.slot(true).unwrap())
+            .collect();
+        let _unpaid = publishing.slot(false).unwrap();
+        assert_eq!(publishing.slot(false).unwrap_err().code(), ErrorCode::Unavailable);
+        drop(paying);
+
+        let mut crowd = Publishing::room(&publishing, false);
+        crowd.grow_to(PUBLISH_MEMORY * 3 / 4).unwrap();
+        let mut another = Publishing::room(&publishing, false);
+        assert_eq!(another.grow_to(1).unwrap_err().code(), ErrorCode::Unavailable);
+        let mut paying = Publishing::room(&publishing, true);
+        paying.grow_to(PUBLISH_MEMORY / 4).unwrap();
+        assert_eq!(
+            paying.grow_to(PUBLISH_MEMORY / 4 + 1).unwrap_err().code(),
+            ErrorCode::Unavailable
+        );
+        drop(crowd);
+        another.grow_to(PUBLISH_MEMORY / 2).unwrap();
     }
 
     #[test]
     fn a_body_holds_room_for_what_has_arrived_charged_once() {
         let publishing = Arc::new(Publishing::default());
-        let mut room = Publishing::room(&publishing);
+        let mut room = Publishing::room(&publishing, false);
         // Tiny chunks take a KiB between them, not a KiB each.
         for total in 1..=1024 {
             room.grow_to(total).unwrap();
         }
         assert_eq!(room.bytes, 1024);
-        room.grow_to(PUBLISH_MEMORY).unwrap();
-        assert_eq!(publishing.memory(1).unwrap_err().code(), ErrorCode::Unavailable);
+        room.grow_to(PUBLISH_MEMORY * 3 / 4).unwrap();
+        assert_eq!(
+            publishing.memory(1, false).unwrap_err().code(),
+            ErrorCode::Unavailable
+        );
         drop(room);
-        let _all = publishing.memory(PUBLISH_MEMORY).unwrap();
+        let _all = publishing.memory(PUBLISH_MEMORY * 3 / 4, false).unwrap();
     }
 }

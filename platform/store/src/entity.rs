@@ -667,6 +667,8 @@ pub mod training_jobs {
         pub heartbeat_us: Option<i64>,
         /// The plan's scheduling weight when the job was created: heavier plans' jobs are claimed first.
         pub weight: i32,
+        /// When the deployment under way was claimed (database clock, microseconds).
+        pub deploy_claimed_us: Option<i64>,
         pub created_at: DateTimeUtc,
         pub started_at: Option<DateTimeUtc>,
         pub finished_at: Option<DateTimeUtc>,

@@ -13,7 +13,7 @@ use plinth_core::training::{
 use plinth_core::{ErrorCode, Micros};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, PaginatorTrait,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, EntityTrait, FromQueryResult, PaginatorTrait,
     QueryFilter, QueryOrder, QuerySelect, Set,
 };
 
@@ -36,6 +36,22 @@ pub enum Heartbeat {
 
 /// `deployed_version` while a deployment is under way.
 const DEPLOYING: i32 = 0;
+
+/// A deployment under way, as [`Store::claim_training_deployment`] claimed it: only its holder
+/// marks the job deployed or releases it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeployClaim {
+    claimed_us: i64,
+}
+
+impl DeployClaim {
+    /// The job is still being deployed under this claim.
+    fn held(self) -> Condition {
+        Condition::all()
+            .add(training_jobs::Column::DeployedVersion.eq(DEPLOYING))
+            .add(training_jobs::Column::DeployClaimedUs.eq(self.claimed_us))
+    }
+}
 
 /// The ledger kind of training charges.
 pub const USAGE_KIND: &str = "training";
@@ -398,6 +414,7 @@ impl Store {
             runner: Set(None),
             heartbeat_us: Set(None),
             weight: Set(i32::try_from(quota.scheduling_weight).unwrap_or(i32::MAX)),
+            deploy_claimed_us: Set(None),
             created_at: Set(Utc::now()),
             started_at: Set(None),
             finished_at: Set(None),
@@ -535,12 +552,13 @@ impl Store {
         Ok(())
     }
 
-    /// Records that a job's model was deployed as `version`.
+    /// Records that a job's model was deployed as `version` under `claim`.
     pub async fn mark_training_job_deployed(
         &self,
         tenant: &TenantId,
         who: &Who,
         id: &str,
+        claim: DeployClaim,
         version: u32,
     ) -> Result<()> {
         let txn = self.write_transaction().await?;
@@ -549,11 +567,18 @@ impl Store {
                 training_jobs::Column::DeployedVersion,
                 Expr::value(i32::try_from(version).unwrap_or(i32::MAX)),
             )
+            .col_expr(
+                training_jobs::Column::DeployClaimedUs,
+                Expr::value(Option::<i64>::None),
+            )
             .filter(training_jobs::Column::TenantId.eq(tenant.as_str()))
             .filter(training_jobs::Column::Id.eq(id))
+            .filter(claim.held())
             .exec(&txn)
             .await?;
-        // A job deleted meanwhile gets no event; the deployment is audited all the same.
+        // A job deleted meanwhile, or whose claim was taken over (see
+        // [`Store::claim_training_deployment`]), gets no event; the version stays a version of its
+        // model, and the deployment is audited all the same.
         if marked.rows_affected == 1 {
             add_event(
                 &txn,
@@ -752,29 +777,77 @@ impl Store {
         })
     }
 
-    /// Marks a succeeded job as being deployed, once: `false` when it already is (or was).
-    pub async fn claim_training_deployment(&self, tenant: &TenantId, id: &str) -> Result<bool> {
+    /// Marks a succeeded job as being deployed, once: `None` when it already is (or was). A claim
+    /// older than `stale_after` is taken over: its replica stopped before it marked the job deployed
+    /// or released it (a deployment takes seconds). Measured on the database's clock.
+    pub async fn claim_training_deployment(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        stale_after: std::time::Duration,
+    ) -> Result<Option<DeployClaim>> {
+        let stale_us = i64::try_from(stale_after.as_micros()).unwrap_or(i64::MAX);
+        let unclaimed = Condition::any()
+            .add(training_jobs::Column::DeployedVersion.is_null())
+            .add(
+                Condition::all()
+                    .add(training_jobs::Column::DeployedVersion.eq(DEPLOYING))
+                    .add(
+                        Condition::any()
+                            .add(training_jobs::Column::DeployClaimedUs.is_null())
+                            .add(Expr::cust(format!(
+                                "deploy_claimed_us < {} - {stale_us}",
+                                self.clock_sql()
+                            ))),
+                    ),
+            );
+        let txn = self.write_transaction().await?;
         let claimed = training_jobs::Entity::update_many()
             .col_expr(training_jobs::Column::DeployedVersion, Expr::value(DEPLOYING))
+            .col_expr(
+                training_jobs::Column::DeployClaimedUs,
+                Expr::cust(self.clock_sql()),
+            )
             .filter(training_jobs::Column::TenantId.eq(tenant.as_str()))
             .filter(training_jobs::Column::Id.eq(id))
             .filter(training_jobs::Column::Status.eq(TrainingStatus::Succeeded.as_str()))
-            .filter(training_jobs::Column::DeployedVersion.is_null())
-            .exec(self.db())
+            .filter(unclaimed)
+            .exec(&txn)
             .await?;
-        Ok(claimed.rows_affected == 1)
+        if claimed.rows_affected != 1 {
+            return Ok(None);
+        }
+        let claimed_us: Option<i64> = training_jobs::Entity::find_in(tenant)
+            .select_only()
+            .column(training_jobs::Column::DeployClaimedUs)
+            .filter(training_jobs::Column::Id.eq(id))
+            .into_tuple()
+            .one(&txn)
+            .await?
+            .flatten();
+        txn.commit().await?;
+        Ok(claimed_us.map(|claimed_us| DeployClaim { claimed_us }))
     }
 
-    /// Gives up a deployment that failed, so it can be tried again.
-    pub async fn release_training_deployment(&self, tenant: &TenantId, id: &str) -> Result<()> {
+    /// Gives up a deployment that failed, so it can be tried again (unless the claim was taken over).
+    pub async fn release_training_deployment(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        claim: DeployClaim,
+    ) -> Result<()> {
         training_jobs::Entity::update_many()
             .col_expr(
                 training_jobs::Column::DeployedVersion,
                 Expr::value(Option::<i32>::None),
             )
+            .col_expr(
+                training_jobs::Column::DeployClaimedUs,
+                Expr::value(Option::<i64>::None),
+            )
             .filter(training_jobs::Column::TenantId.eq(tenant.as_str()))
             .filter(training_jobs::Column::Id.eq(id))
-            .filter(training_jobs::Column::DeployedVersion.eq(DEPLOYING))
+            .filter(claim.held())
             .exec(self.db())
             .await?;
         Ok(())

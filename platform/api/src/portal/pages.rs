@@ -693,11 +693,12 @@ pub(crate) async fn upload_model(
     state: web::Data<AppState>,
     visitor: Visitor,
     query: web::Query<CsrfQuery>,
-    form: actix_multipart::Multipart,
+    req: actix_web::HttpRequest,
+    body: web::Payload,
 ) -> PageResult {
     visitor.verify_csrf(query.csrf.as_deref())?;
     visitor.require(Scope::Admin)?;
-    match crate::uploads::upload(&state, &visitor.principal, &visitor.who(), form).await {
+    match crate::uploads::upload(&state, &visitor.principal, &visitor.who(), &req, body).await {
         Ok(model) => Ok(see_other(&format!(
             "/portal/models?{}",
             serde_urlencoded::to_string([("uploaded", &model.name)]).map_err(ApiError::internal)?

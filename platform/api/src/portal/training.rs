@@ -91,11 +91,12 @@ pub(crate) async fn upload_dataset(
     state: web::Data<AppState>,
     visitor: Visitor,
     query: web::Query<CsrfQuery>,
-    form: actix_multipart::Multipart,
+    req: actix_web::HttpRequest,
+    body: web::Payload,
 ) -> PageResult {
     visitor.verify_csrf(query.csrf.as_deref())?;
     visitor.require(Scope::Admin)?;
-    match crate::training::upload_dataset(&state, &visitor.principal, &visitor.who(), form).await {
+    match crate::training::upload_dataset(&state, &visitor.principal, &visitor.who(), &req, body).await {
         Ok(dataset) => Ok(see_other(&format!(
             "/portal/training?{}",
             serde_urlencoded::to_string([("uploaded", &dataset.name)]).map_err(ApiError::internal)?

@@ -145,16 +145,18 @@ pub async fn embed(
     responses(
         (status = 201, body = Model),
         (status = 409, description = "`model_quota_exceeded`: the plan's models, versions or bytes", body = plinth_core::error::ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = plinth_core::error::ErrorBody),
+        (status = 413, description = "`payload_too_large`: a part past its limit, or the body's boundaries and part headers past 64 KiB", body = plinth_core::error::ErrorBody),
+        (status = 408, description = "`request_timeout`: the body paused for more than 15 s, or averaged under 4 KiB/s after its first minute", body = plinth_core::error::ErrorBody),
         (status = 422, description = "`invalid_model` or `validation_failed`", body = plinth_core::error::ErrorBody),
         (status = 429, description = "`tenant_queue_full`: another upload of the tenant's is on its way (one at a time), with `Retry-After`", body = plinth_core::error::ErrorBody),
     ))]
 pub async fn upload(
     state: web::Data<AppState>,
     auth: Auth<scope::Admin>,
-    form: actix_multipart::Multipart,
+    req: actix_web::HttpRequest,
+    body: web::Payload,
 ) -> ApiResult<HttpResponse> {
-    let model = crate::uploads::upload(&state, &auth, &auth.who(), form).await?;
+    let model = crate::uploads::upload(&state, &auth, &auth.who(), &req, body).await?;
     Ok(HttpResponse::Created().json(model))
 }
 

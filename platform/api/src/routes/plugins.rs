@@ -54,12 +54,12 @@ pub async fn get(
     request_body(content_type = "multipart/form-data", description = "parts: manifest, component"),
     responses(
         (status = 201, body = PluginVersion),
-        (status = 413, description = "`payload_too_large`", body = plinth_core::error::ErrorBody),
+        (status = 413, description = "`payload_too_large`: a part past its limit, or the body's boundaries and part headers past 64 KiB", body = plinth_core::error::ErrorBody),
         (status = 422, description = "`invalid_plugin`: the checks failed; the message says which", body = plinth_core::error::ErrorBody),
         (status = 408, description = "`request_timeout`: the body paused too long or took too long in all", body = plinth_core::error::ErrorBody),
         (status = 409, description = "`plugin_versions_pending`: the author has as many versions awaiting review as it may", body = plinth_core::error::ErrorBody),
         (status = 429, description = "`rate_limited`: the author's submissions per minute, or another of its submissions is still being checked; with `Retry-After`", body = plinth_core::error::ErrorBody),
-        (status = 503, description = "`unavailable`: the replica is checking as many submissions as it takes at once, or its room for submissions arriving is taken; with `Retry-After`", body = plinth_core::error::ErrorBody),
+        (status = 503, description = "`unavailable`: the replica is checking as many submissions as it takes at once, or its room for submissions arriving is taken (authors without a paid subscription: three quarters of each); with `Retry-After`", body = plinth_core::error::ErrorBody),
     ))]
 pub async fn publish(
     state: web::Data<AppState>,

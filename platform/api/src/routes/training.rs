@@ -16,16 +16,18 @@ use crate::state::AppState;
     responses(
         (status = 201, body = Dataset),
         (status = 409, description = "`dataset_quota_exceeded`: the plan's datasets or bytes", body = plinth_core::error::ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = plinth_core::error::ErrorBody),
+        (status = 413, description = "`payload_too_large`: a part past its limit, or the body's boundaries and part headers past 64 KiB", body = plinth_core::error::ErrorBody),
+        (status = 408, description = "`request_timeout`: the body paused for more than 15 s, or averaged under 4 KiB/s after its first minute", body = plinth_core::error::ErrorBody),
         (status = 422, description = "`invalid_dataset` (the message names the line) or `validation_failed`", body = plinth_core::error::ErrorBody),
         (status = 429, description = "`tenant_queue_full`: another upload of the tenant's is on its way (one at a time), with `Retry-After`", body = plinth_core::error::ErrorBody),
     ))]
 pub async fn upload_dataset(
     state: web::Data<AppState>,
     auth: Auth<scope::Admin>,
-    form: actix_multipart::Multipart,
+    req: actix_web::HttpRequest,
+    body: web::Payload,
 ) -> ApiResult<HttpResponse> {
-    let dataset = crate::training::upload_dataset(&state, &auth, &auth.who(), form).await?;
+    let dataset = crate::training::upload_dataset(&state, &auth, &auth.who(), &req, body).await?;
     Ok(HttpResponse::Created().json(dataset))
 }
 
