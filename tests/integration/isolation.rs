@@ -431,36 +431,6 @@ async fn count_taking(
     (n, count(n).await)
 }
 
-/// Busy guests on one set of threads take turns every epoch tick, so left at that a tenant's share
-/// of the threads would be its share of the busy guests: a paying tenant looping in every instance
-/// its plan lets an installation run would leave another paying tenant's plugin a seventh of them,
-/// and push it past its deadline. Each tick, a tenant runs at most its share of the threads.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tenant_looping_in_many_instances_leaves_another_tenant_its_share_of_the_threads() {
-    // The pro plan's 8 instances, three quarters of them for one installation.
-    const LOOPS: usize = 6;
-    let deadline = SLEEPERS_DEADLINE;
-    let app = TestApp::spawn_with(|config| {
-        config.plugin_deadline_ms = u64::try_from(deadline.as_millis()).unwrap();
-        config.plugin_instances = 24;
-        config.plugin_threads = 1;
-    })
-    .await;
-    let (author, hog, other) = (app.tenant().await, app.tenant().await, app.tenant().await);
-    for tenant in [&hog, &other] {
-        app.set_plan(&tenant.session.tenant.id, "pro").await;
-        app.lift_rate_limits(&tenant.session.tenant.id).await;
-    }
-    let looping = app.install_plugin(&author, &hog, "hostile", json!({})).await;
-    let counting = install_hostile(&other).await;
-
-    // A quarter of the deadline alone: half the thread would take half of it, a seventh of it
-    // (beside the six loops, all ready every tick) well past it.
-    let counted = count_taking(&app, &other, &counting.id, deadline / 4).await;
-    let loops = (0..LOOPS).map(|_| (&hog, &looping.id)).collect();
-    counts_beside_loops(&app, (&other, &counting.id), counted, loops).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_refuses_a_component_that_crashes_on_every_request_and_limits_submissions() {
     let app = TestApp::spawn_with(plinth_tests::production_limits).await;

@@ -14,7 +14,6 @@ mod occupancy;
 mod record;
 mod runtime;
 mod services;
-mod shares;
 
 pub use limits::Limits;
 pub use record::{

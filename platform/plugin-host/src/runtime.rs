@@ -18,7 +18,6 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::host::v0_1_0;
 use crate::occupancy::{Occupancy, Seat};
-use crate::shares::{Clock, Shares};
 use crate::{CallContext, Capability, InvokeError, Limits, LogLine, PluginError, Services};
 
 /// The world versions this host runs, oldest first.
@@ -172,9 +171,6 @@ pub struct PluginHost {
     /// of free accounts looping on the shared threads would leave a paying tenant's plugin a sliver
     /// of them; on threads of its own it gets the cores' share the kernel gives every thread.
     paying_pool: tokio::runtime::Handle,
-    /// Each tenant's share of `pool`'s guest threads, and of `paying_pool`'s.
-    shares: Arc<Shares>,
-    paying_shares: Arc<Shares>,
     /// Own those threads; taken only on drop.
     threads: Option<tokio::runtime::Runtime>,
     paying_threads: Option<tokio::runtime::Runtime>,
@@ -274,16 +270,13 @@ impl PluginHost {
 
         // The epoch clock: a thread ticks every 10 ms while the host lives.
         let ticking = Arc::new(AtomicBool::new(true));
-        let clock = Arc::new(Clock::default());
         let weak = engine.weak();
-        let (alive, ticks) = (ticking.clone(), Arc::clone(&clock));
+        let alive = ticking.clone();
         std::thread::Builder::new()
             .name("plugin-epoch".into())
             .spawn(move || {
                 while alive.load(Ordering::Relaxed) {
                     std::thread::sleep(TICK);
-                    // The shares' tick first: the guests the epoch wakes take slices of the new one.
-                    ticks.advance();
                     match weak.upgrade() {
                         Some(engine) => engine.increment_epoch(),
                         None => return,
@@ -324,8 +317,6 @@ impl PluginHost {
             occupancy: Arc::default(),
             pool: pool.handle().clone(),
             paying_pool: paying_pool.handle().clone(),
-            shares: Arc::new(Shares::new(unpaid_threads(&limits), Arc::clone(&clock))),
-            paying_shares: Arc::new(Shares::new(limits.threads.max(1), clock)),
             threads: Some(pool),
             paying_threads: Some(paying_pool),
             ticking,
@@ -466,18 +457,12 @@ impl PluginHost {
             InvokeError::Busy(format!("{refused}; retry when one of them has finished"))
         })?;
         let engine = self.engine.clone();
-        let (pool, shares) = if call.paying {
-            (&self.paying_pool, &self.paying_shares)
+        let pool = if call.paying {
+            &self.paying_pool
         } else {
-            (&self.pool, &self.shares)
+            &self.pool
         };
-        let guest = Guest {
-            engine,
-            compiled,
-            call,
-            shares: Arc::clone(shares),
-        };
-        let running = pool.spawn(run(guest, services, request, limits, seat));
+        let running = pool.spawn(run(engine, compiled, call, services, request, limits, seat));
         let _abort = AbortOnDrop(running.abort_handle());
         running.await.map_err(|err| {
             InvokeError::Unavailable(format!("the plugin host stopped the invocation: {err}"))
@@ -580,28 +565,16 @@ fn cut(mut message: String) -> String {
 }
 
 /// One invocation, from instantiation to answer, under one wall-clock deadline.
-/// What one invocation runs, and on whose share of the threads.
-struct Guest {
+async fn run(
     engine: Engine,
     compiled: Arc<Compiled>,
     call: Arc<CallContext>,
-    shares: Arc<Shares>,
-}
-
-async fn run(
-    Guest {
-        engine,
-        compiled,
-        call,
-        shares,
-    }: Guest,
     services: Arc<dyn Services>,
     request: String,
     limits: Limits,
     _seat: Seat,
 ) -> Result<Outcome, InvokeError> {
     let started = Instant::now();
-    let (tenant, call_tenant) = (call.tenant_id.clone(), call.tenant_id.clone());
     let stderr = MemoryOutputPipe::new(STDERR_BYTES);
     let wasi = WasiCtxBuilder::new()
         .stderr(stderr.clone())
@@ -636,23 +609,19 @@ async fn run(
     store
         .set_fuel(limits.fuel)
         .map_err(|err| InvokeError::Unavailable(err.to_string()))?;
-    // Busy guest code yields to the other invocations every tick, and runs on only once it has a
-    // slice of the tick it resumes in, its tenant's share (see `shares`); it is interrupted at the
-    // deadline; the timeout below stops a guest that waits in the host instead (a sleep, a model call).
+    // Busy guest code yields to the other invocations every tick and is interrupted at the deadline;
+    // the timeout below stops a guest that waits in the host instead (a sleep, a model call).
     let deadline = started + limits.deadline;
-    let first_shares = Arc::clone(&shares);
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(move |_| {
-        Ok(if Instant::now() >= deadline {
-            UpdateDeadline::Interrupt
+        if Instant::now() >= deadline {
+            Ok(UpdateDeadline::Interrupt)
         } else {
-            UpdateDeadline::YieldCustom(1, Box::pin(Arc::clone(&shares).turn(tenant.clone())))
-        })
+            Ok(UpdateDeadline::Yield(1))
+        }
     });
 
     let outcome = tokio::time::timeout_at(deadline.into(), async {
-        // Counted as a slice: a call shorter than a tick would otherwise take none.
-        first_shares.start(&call_tenant);
         let plugin = compiled.pre.instantiate_async(&mut store).await?;
         plugin
             .plinth_plugin_handler()
