@@ -125,7 +125,8 @@ impl Form {
         }
     }
 
-    /// The next part, or `None` after the last.
+    /// The next part, or `None` after the last. Read each part to its end first (`read`, `skip`,
+    /// or `chunk` until `None`): the parser would drain what is left of it unseen, counted as held.
     ///
     /// # Errors
     /// The body's bounds, `invalid_body` for a malformed body or more than [`MAX_PARTS`] parts.
@@ -149,6 +150,7 @@ impl Form {
         Ok(Some(Part {
             field,
             counts: Rc::clone(&self.counts),
+            ended: false,
         }))
     }
 }
@@ -157,6 +159,8 @@ impl Form {
 pub(crate) struct Part {
     field: Field,
     counts: Rc<Counts>,
+    /// The parser must not be asked for a part's contents after their end.
+    ended: bool,
 }
 
 impl Part {
@@ -182,12 +186,16 @@ impl Part {
     /// # Errors
     /// As [`Form::next_part`].
     pub(crate) async fn chunk(&mut self) -> ApiResult<Option<Bytes>> {
+        if self.ended {
+            return Ok(None);
+        }
         let chunk = self
             .field
             .try_next()
             .await
             .map_err(|err| self.counts.error(&err))?;
         self.counts.progressed();
+        self.ended = chunk.is_none();
         if let Some(chunk) = &chunk {
             let given_back = &self.counts.given_back;
             given_back.set(given_back.get() + chunk.len() as u64);
