@@ -368,36 +368,35 @@ async fn a_crowd_of_free_accounts_looping_leaves_a_paying_tenants_plugin_its_thr
 
     // Compute that takes about a sixth of the deadline alone: a seventeenth of a thread, its turn
     // among the crowd's loops, would need well past the deadline for it.
-    let (n, alone) = count_taking(&app, &paying, &paid.id, deadline / 6).await;
+    let count = async |n: u64| {
+        let started = std::time::Instant::now();
+        let (status, body) = invoke_raw(&app, &paying, &paid.id, json!({ "do": "count", "n": n })).await;
+        assert_eq!((status, &body["counted"]), (200, &json!(n)), "{body}");
+        started.elapsed()
+    };
+    // Timed on calls after the first, which also compiles the component.
+    let (status, body) = invoke_raw(&app, &paying, &paid.id, json!({ "do": "echo" })).await;
+    assert_eq!(status, 200, "{body}");
+    let probe: u64 = 100_000_000;
+    // The quicker of two: a machine busy for one of them would make the count too small to tell.
+    let took = count(probe).await.min(count(probe).await);
+    let n = u64::try_from(u128::from(probe) * (deadline / 6).as_nanos() / took.as_nanos().max(1)).unwrap();
+    let alone = count(n).await;
 
-    let loops = crowd
-        .iter()
-        .map(|(installed, tenant)| (tenant, &installed.id))
-        .collect();
-    counts_beside_loops(&app, (&paying, &paid.id), (n, alone), loops).await;
-}
-
-/// Counts to `n` (about `alone` alone) as `counter`, beside `loops` looping until their deadline:
-/// the count must end in time, and every loop be stopped at its deadline.
-async fn counts_beside_loops(
-    app: &TestApp,
-    (tenant, installation): (&TestTenant, &plinth_sdk::InstallationId),
-    (n, alone): (u64, std::time::Duration),
-    loops: Vec<(&TestTenant, &plinth_sdk::InstallationId)>,
-) {
+    let app = &app;
     let loops = futures_util::future::join_all(
-        loops
-            .into_iter()
-            .map(|(looper, looping)| invoke_raw(app, looper, looping, json!({ "do": "loop" }))),
+        crowd
+            .iter()
+            .map(|(installed, tenant)| invoke_raw(app, tenant, &installed.id, json!({ "do": "loop" }))),
     );
-    let beside_the_loops = async {
+    let beside_the_crowd = async {
         // Under way: every loop holds its instance until the deadline.
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         let started = std::time::Instant::now();
-        let answer = invoke_raw(app, tenant, installation, json!({ "do": "count", "n": n })).await;
+        let answer = invoke_raw(app, &paying, &paid.id, json!({ "do": "count", "n": n })).await;
         (answer, started.elapsed())
     };
-    let (loops, ((status, body), took)) = tokio::join!(loops, beside_the_loops);
+    let (loops, ((status, body), took)) = tokio::join!(loops, beside_the_crowd);
     assert_eq!(
         (status, &body["counted"]),
         (200, &json!(n)),
@@ -406,29 +405,6 @@ async fn counts_beside_loops(
     for (status, body) in loops {
         assert_eq!((status, code(&body)), (504, "plugin_timeout"), "{body}");
     }
-}
-
-/// How far the hostile plugin counts in about `about` alone, and how long that took.
-async fn count_taking(
-    app: &TestApp,
-    tenant: &TestTenant,
-    installation: &plinth_sdk::InstallationId,
-    about: std::time::Duration,
-) -> (u64, std::time::Duration) {
-    let count = async |n: u64| {
-        let started = std::time::Instant::now();
-        let (status, body) = invoke_raw(app, tenant, installation, json!({ "do": "count", "n": n })).await;
-        assert_eq!((status, &body["counted"]), (200, &json!(n)), "{body}");
-        started.elapsed()
-    };
-    // Timed on calls after the first, which also compiles the component.
-    let (status, body) = invoke_raw(app, tenant, installation, json!({ "do": "echo" })).await;
-    assert_eq!(status, 200, "{body}");
-    let probe: u64 = 100_000_000;
-    // The quicker of two: a machine busy for one of them would make the count too small to tell.
-    let took = count(probe).await.min(count(probe).await);
-    let n = u64::try_from(u128::from(probe) * about.as_nanos() / took.as_nanos().max(1)).unwrap();
-    (n, count(n).await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
