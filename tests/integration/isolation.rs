@@ -350,10 +350,10 @@ async fn free_accounts_together_leave_a_quarter_of_the_plugin_instances_to_payin
     }
 }
 
-/// Busy guests on one set of threads take turns every epoch tick: a crowd of free accounts looping
-/// until their deadline, each within its limits, would leave a paying tenant's plugin a sliver of
-/// those threads and push its compute past the deadline. Paying tenants' guest code has threads of
-/// its own.
+/// The tenants computing on one set of threads take turns on it: a crowd of free accounts looping
+/// until their deadline, each within its limits, would leave a paying tenant's plugin a seventeenth
+/// of those threads and push its compute past the deadline. Paying tenants' guest code has threads
+/// of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crowd_of_free_accounts_looping_leaves_a_paying_tenants_plugin_its_threads() {
     const CROWD: usize = 16;
@@ -368,42 +368,102 @@ async fn a_crowd_of_free_accounts_looping_leaves_a_paying_tenants_plugin_its_thr
 
     // Compute that takes about a sixth of the deadline alone: a seventeenth of a thread, its turn
     // among the crowd's loops, would need well past the deadline for it.
+    let counted = count_taking(&app, &paying, &paid.id, deadline / 6).await;
+    let loops = crowd
+        .iter()
+        .map(|(installed, tenant)| (tenant, &installed.id, "loop"))
+        .collect();
+    count_beside(&app, (&paying, &paid.id), counted, loops).await;
+}
+
+/// Counts to `n` (about `alone` alone) as `counter`, beside `hogs` (each a tenant, its installation
+/// and what its guest does until the deadline): the count must end in time, and every hog be
+/// stopped at its deadline.
+async fn count_beside(
+    app: &TestApp,
+    (counter, counting): (&TestTenant, &plinth_sdk::InstallationId),
+    (n, alone): (u64, std::time::Duration),
+    hogs: Vec<(&TestTenant, &plinth_sdk::InstallationId, &str)>,
+) {
+    let hogging = futures_util::future::join_all(
+        hogs.iter()
+            .map(|(hog, installation, work)| invoke_raw(app, hog, installation, json!({ "do": work }))),
+    );
+    let beside = async {
+        // Under way: every one of them holds its instance until the deadline.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let started = std::time::Instant::now();
+        let answer = invoke_raw(app, counter, counting, json!({ "do": "count", "n": n })).await;
+        (answer, started.elapsed())
+    };
+    let (hogged, ((status, body), took)) = tokio::join!(hogging, beside);
+    let work = hogs.first().map_or("", |(_, _, work)| *work);
+    assert_eq!(
+        (status, &body["counted"]),
+        (200, &json!(n)),
+        "beside {} guests that {work}: {body} after {took:?} (alone {alone:?})",
+        hogs.len()
+    );
+    for (status, body) in hogged {
+        assert_eq!((status, code(&body)), (504, "plugin_timeout"), "{body}");
+    }
+}
+
+/// How far the hostile plugin counts in about `about` alone, and how long that took.
+async fn count_taking(
+    app: &TestApp,
+    tenant: &TestTenant,
+    installation: &plinth_sdk::InstallationId,
+    about: std::time::Duration,
+) -> (u64, std::time::Duration) {
     let count = async |n: u64| {
         let started = std::time::Instant::now();
-        let (status, body) = invoke_raw(&app, &paying, &paid.id, json!({ "do": "count", "n": n })).await;
+        let (status, body) = invoke_raw(app, tenant, installation, json!({ "do": "count", "n": n })).await;
         assert_eq!((status, &body["counted"]), (200, &json!(n)), "{body}");
         started.elapsed()
     };
     // Timed on calls after the first, which also compiles the component.
-    let (status, body) = invoke_raw(&app, &paying, &paid.id, json!({ "do": "echo" })).await;
+    let (status, body) = invoke_raw(app, tenant, installation, json!({ "do": "echo" })).await;
     assert_eq!(status, 200, "{body}");
     let probe: u64 = 100_000_000;
     // The quicker of two: a machine busy for one of them would make the count too small to tell.
     let took = count(probe).await.min(count(probe).await);
-    let n = u64::try_from(u128::from(probe) * (deadline / 6).as_nanos() / took.as_nanos().max(1)).unwrap();
-    let alone = count(n).await;
+    let n = u64::try_from(u128::from(probe) * about.as_nanos() / took.as_nanos().max(1)).unwrap();
+    (n, count(n).await)
+}
 
-    let app = &app;
-    let loops = futures_util::future::join_all(
-        crowd
-            .iter()
-            .map(|(installed, tenant)| invoke_raw(app, tenant, &installed.id, json!({ "do": "loop" }))),
-    );
-    let beside_the_crowd = async {
-        // Under way: every loop holds its instance until the deadline.
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        let started = std::time::Instant::now();
-        let answer = invoke_raw(app, &paying, &paid.id, json!({ "do": "count", "n": n })).await;
-        (answer, started.elapsed())
-    };
-    let (loops, ((status, body), took)) = tokio::join!(loops, beside_the_crowd);
-    assert_eq!(
-        (status, &body["counted"]),
-        (200, &json!(n)),
-        "{body} after {took:?} (alone {alone:?})"
-    );
-    for (status, body) in loops {
-        assert_eq!((status, code(&body)), (504, "plugin_timeout"), "{body}");
+/// Busy guests on one set of threads would take turns every epoch tick, so a tenant's share of the
+/// threads would be its share of the busy guests: a paying tenant looping in every instance its plan
+/// lets an installation run would leave another paying tenant's plugin a seventh of them and push
+/// it past its deadline. The tenants take turns instead, each with its share. And a tenant whose
+/// guests wait in the host, for long or a little under a tick again and again, holds no thread:
+/// they leave the other tenant's plugin all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_looping_or_sleeping_in_many_instances_leaves_another_tenant_its_share_of_the_threads() {
+    // The pro plan's 8 instances, three quarters of them for one installation.
+    const GUESTS: usize = 6;
+    let deadline = SLEEPERS_DEADLINE;
+    let app = TestApp::spawn_with(|config| {
+        config.plugin_deadline_ms = u64::try_from(deadline.as_millis()).unwrap();
+        config.plugin_instances = 24;
+        config.plugin_threads = 1;
+    })
+    .await;
+    let (author, hog, other) = (app.tenant().await, app.tenant().await, app.tenant().await);
+    for tenant in [&hog, &other] {
+        app.set_plan(&tenant.session.tenant.id, "pro").await;
+        app.lift_rate_limits(&tenant.session.tenant.id).await;
+    }
+    let hogging = app.install_plugin(&author, &hog, "hostile", json!({})).await;
+    let counting = install_hostile(&other).await;
+
+    // A quarter of the deadline alone: half the thread takes half of it, a seventh of it (beside
+    // six loops, all ready every tick) well past it, and none (beside six guests holding the thread
+    // while they sleep) all of it.
+    let counted = count_taking(&app, &other, &counting.id, deadline / 4).await;
+    for work in ["loop", "sleep", "naps"] {
+        let hogs = (0..GUESTS).map(|_| (&hog, &hogging.id, work)).collect();
+        count_beside(&app, (&other, &counting.id), counted, hogs).await;
     }
 }
 

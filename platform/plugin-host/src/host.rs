@@ -1,7 +1,10 @@
 //! The world's host interfaces, one binding module per released WIT version (frozen like the WIT).
 
-use crate::runtime::Invocation;
-use crate::{LogLine, ServiceError};
+use std::sync::Arc;
+use std::task::Poll;
+
+use crate::runtime::{AbortOnDrop, Invocation};
+use crate::{CallContext, LogLine, ServiceError, Services};
 
 pub mod v0_1_0 {
     wasmtime::component::bindgen!({
@@ -15,6 +18,38 @@ pub mod v0_1_0 {
 use v0_1_0::plinth::plugin::{config, inference, kv, log};
 
 impl Invocation {
+    /// Runs a call of the platform's services apart from the guest once it must wait: its first
+    /// step here (what it checks and writes down first), the rest as a task of its own on the same
+    /// threads, cancelled with the invocation. The guest waits for its answer, but the call's steps
+    /// (a transaction holding the database's writer lock, say) never wait for the guest's turn.
+    fn apart<T, F, S>(
+        &self,
+        service: S,
+    ) -> impl Future<Output = Result<T, ServiceError>> + Send + use<T, F, S>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, ServiceError>> + Send + 'static,
+        S: FnOnce(Arc<dyn Services>, Arc<CallContext>) -> F,
+    {
+        let mut call = Box::pin(service(self.services.clone(), self.call.clone()));
+        async move {
+            if let Poll::Ready(answer) = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await
+            {
+                return answer;
+            }
+            let task = tokio::spawn(call);
+            let _abort = AbortOnDrop(task.abort_handle());
+            match task.await {
+                Ok(answer) => answer,
+                // As if it had panicked here: the invocation fails, as it would have.
+                Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                Err(_) => Err(ServiceError::Unavailable(
+                    "the platform stopped the call; retry shortly".to_owned(),
+                )),
+            }
+        }
+    }
+
     /// Counts a model call against the per-invocation limit and checks the model was granted.
     fn admit_model_call(&mut self, model: &str) -> Result<u32, inference::InferenceError> {
         if !self.call.granted_models.iter().any(|m| m == model) {
@@ -87,7 +122,9 @@ impl inference::Host for Invocation {
             Ok(sequence) => sequence,
             Err(err) => return Ok(Err(err)),
         };
-        let results = self.services.classify(&self.call, sequence, &model, texts).await;
+        let results = self
+            .apart(|services, call| async move { services.classify(&call, sequence, &model, texts).await })
+            .await;
         Ok(results
             .map(|results| {
                 results
@@ -119,8 +156,7 @@ impl inference::Host for Invocation {
             Err(err) => return Ok(Err(err)),
         };
         Ok(self
-            .services
-            .embed(&self.call, sequence, &model, texts)
+            .apart(|services, call| async move { services.embed(&call, sequence, &model, texts).await })
             .await
             .map_err(inference_error))
     }
@@ -142,8 +178,7 @@ impl inference::Host for Invocation {
             ))));
         }
         Ok(self
-            .services
-            .infer(&self.call, sequence, &model, request)
+            .apart(|services, call| async move { services.infer(&call, sequence, &model, request).await })
             .await
             .map_err(inference_error))
     }
@@ -154,7 +189,10 @@ impl kv::Host for Invocation {
         if let Err(err) = self.admit_key(&key) {
             return Ok(Err(err));
         }
-        Ok(self.services.kv_get(&self.call, &key).await.map_err(kv_error))
+        Ok(self
+            .apart(|services, call| async move { services.kv_get(&call, &key).await })
+            .await
+            .map_err(kv_error))
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), kv::KvError>> {
@@ -169,8 +207,7 @@ impl kv::Host for Invocation {
         }
         let max_keys = self.limits.kv_keys;
         Ok(self
-            .services
-            .kv_set(&self.call, &key, value, max_keys)
+            .apart(|services, call| async move { services.kv_set(&call, &key, value, max_keys).await })
             .await
             .map_err(kv_error))
     }
@@ -179,7 +216,10 @@ impl kv::Host for Invocation {
         if let Err(err) = self.admit_key(&key) {
             return Ok(Err(err));
         }
-        Ok(self.services.kv_delete(&self.call, &key).await.map_err(kv_error))
+        Ok(self
+            .apart(|services, call| async move { services.kv_delete(&call, &key).await })
+            .await
+            .map_err(kv_error))
     }
 
     async fn list_keys(&mut self, prefix: String) -> wasmtime::Result<Result<Vec<String>, kv::KvError>> {
@@ -190,7 +230,10 @@ impl kv::Host for Invocation {
         if prefix.len() > self.limits.kv_key_bytes {
             return Ok(Ok(Vec::new()));
         }
-        Ok(self.services.kv_list(&self.call, &prefix).await.map_err(kv_error))
+        Ok(self
+            .apart(|services, call| async move { services.kv_list(&call, &prefix).await })
+            .await
+            .map_err(kv_error))
     }
 }
 

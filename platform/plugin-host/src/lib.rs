@@ -14,6 +14,7 @@ mod occupancy;
 mod record;
 mod runtime;
 mod services;
+mod turns;
 
 pub use limits::Limits;
 pub use record::{

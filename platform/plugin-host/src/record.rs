@@ -155,10 +155,13 @@ impl Recorder {
         if recording.overflowed || !self.spend(&mut recording, weight) {
             return result;
         }
-        recording.calls[at].answer = match &result {
-            Ok(value) => answer(value),
-            Err(err) => HostAnswer::Refused(refusal(err)),
-        };
+        // Gone when the record was taken before the call ended (it ends apart from its guest).
+        if let Some(call) = recording.calls.get_mut(at) {
+            call.answer = match &result {
+                Ok(value) => answer(value),
+                Err(err) => HostAnswer::Refused(refusal(err)),
+            };
+        }
         result
     }
 }

@@ -10,14 +10,15 @@ use tokio::sync::Semaphore;
 
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{
-    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter,
-    Store, Trap, UpdateDeadline,
+    Cache, CacheConfig, CallHook, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
+    ResourceLimiter, Store, Trap, UpdateDeadline,
 };
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::host::v0_1_0;
 use crate::occupancy::{Occupancy, Seat};
+use crate::turns::{Guest, Turns};
 use crate::{CallContext, Capability, InvokeError, Limits, LogLine, PluginError, Services};
 
 /// The world versions this host runs, oldest first.
@@ -79,6 +80,8 @@ pub struct Invocation {
     /// The limit the plugin broke, when a host call or the limiter stopped it.
     pub(crate) breach: Option<String>,
     memory: MemoryCap,
+    /// Its turn on the plugin threads, given back when the invocation ends.
+    turn: Guest,
 }
 
 impl std::fmt::Debug for Invocation {
@@ -166,11 +169,14 @@ pub struct PluginHost {
     /// Where compilation and the guest code of tenants without a paid plan run: threads of their
     /// own, at a lower priority, three quarters as many as `Limits::threads`.
     pool: tokio::runtime::Handle,
-    /// Where paying tenants' guest code runs: as many threads again, at the same priority. Busy
-    /// guests on one set of threads only take turns with each other (every epoch tick), so a crowd
-    /// of free accounts looping on the shared threads would leave a paying tenant's plugin a sliver
-    /// of them; on threads of its own it gets the cores' share the kernel gives every thread.
+    /// Where paying tenants' guest code runs: as many threads again, at the same priority. The
+    /// tenants on one set of threads share it by turns (see [`Turns`]), so a crowd of free accounts
+    /// would still leave each paying tenant only its share of the shared threads; on threads of its
+    /// own it shares them with the other paying tenants alone.
     paying_pool: tokio::runtime::Handle,
+    /// The turns of each set of threads.
+    turns: Arc<Turns>,
+    paying_turns: Arc<Turns>,
     /// Own those threads; taken only on drop.
     threads: Option<tokio::runtime::Runtime>,
     paying_threads: Option<tokio::runtime::Runtime>,
@@ -207,7 +213,7 @@ fn lower_priority() {
 }
 
 /// Aborts a spawned task when the caller stops waiting for it (a client that hung up).
-struct AbortOnDrop(tokio::task::AbortHandle);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::AbortHandle);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -317,6 +323,8 @@ impl PluginHost {
             occupancy: Arc::default(),
             pool: pool.handle().clone(),
             paying_pool: paying_pool.handle().clone(),
+            turns: Turns::new(unpaid_threads(&limits)),
+            paying_turns: Turns::new(limits.threads.max(1)),
             threads: Some(pool),
             paying_threads: Some(paying_pool),
             ticking,
@@ -457,12 +465,21 @@ impl PluginHost {
             InvokeError::Busy(format!("{refused}; retry when one of them has finished"))
         })?;
         let engine = self.engine.clone();
-        let pool = if call.paying {
-            &self.paying_pool
+        let (pool, turns) = if call.paying {
+            (&self.paying_pool, &self.paying_turns)
         } else {
-            &self.pool
+            (&self.pool, &self.turns)
         };
-        let running = pool.spawn(run(engine, compiled, call, services, request, limits, seat));
+        let guest = turns.guest(call.tenant_id.to_string());
+        let running = pool.spawn(run(
+            engine,
+            compiled,
+            (call, guest),
+            services,
+            request,
+            limits,
+            seat,
+        ));
         let _abort = AbortOnDrop(running.abort_handle());
         running.await.map_err(|err| {
             InvokeError::Unavailable(format!("the plugin host stopped the invocation: {err}"))
@@ -568,7 +585,7 @@ fn cut(mut message: String) -> String {
 async fn run(
     engine: Engine,
     compiled: Arc<Compiled>,
-    call: Arc<CallContext>,
+    (call, turn): (Arc<CallContext>, Guest),
     services: Arc<dyn Services>,
     request: String,
     limits: Limits,
@@ -602,6 +619,7 @@ async fn run(
                 table_elements: 100_000,
                 refused: None,
             },
+            turn,
         },
     );
     store.limiter(|state| &mut state.memory);
@@ -609,26 +627,42 @@ async fn run(
     store
         .set_fuel(limits.fuel)
         .map_err(|err| InvokeError::Unavailable(err.to_string()))?;
-    // Busy guest code yields to the other invocations every tick and is interrupted at the deadline;
-    // the timeout below stops a guest that waits in the host instead (a sleep, a model call).
+    // Guest code computes only with a turn on the plugin threads (see `Turns`): its host calls are
+    // marked, so that a turn held while the invocation is blocked in one can go to another guest,
+    // and at every tick the turn is passed on when another guest waits. Busy guest code also yields
+    // to the other tasks on its threads every tick, and is interrupted at the deadline; the timeout
+    // below stops a guest that waits in the host (a sleep, a model call) or for a turn.
+    let turn = store.data().turn.turn();
+    store.call_hook(move |_, hook| {
+        match hook {
+            CallHook::CallingHost => turn.calling_host(),
+            CallHook::ReturningFromHost => turn.returning_from_host(),
+            CallHook::CallingWasm | CallHook::ReturningFromWasm => {}
+        }
+        Ok(())
+    });
     let deadline = started + limits.deadline;
-    store.set_epoch_deadline(1);
+    let turn = store.data().turn.turn();
     store.epoch_deadline_callback(move |_| {
         if Instant::now() >= deadline {
-            Ok(UpdateDeadline::Interrupt)
-        } else {
-            Ok(UpdateDeadline::Yield(1))
+            return Ok(UpdateDeadline::Interrupt);
         }
+        Ok(match turn.at_tick() {
+            Some(turn) => UpdateDeadline::YieldCustom(1, turn),
+            None => UpdateDeadline::Yield(1),
+        })
     });
 
-    let outcome = tokio::time::timeout_at(deadline.into(), async {
+    let with_turns = store.data().turn.turn().run(async {
+        // Its first tick counts from its turn, not from before it waited for one.
+        store.set_epoch_deadline(1);
         let plugin = compiled.pre.instantiate_async(&mut store).await?;
         plugin
             .plinth_plugin_handler()
             .call_handle(&mut store, &request)
             .await
-    })
-    .await;
+    });
+    let outcome = tokio::time::timeout_at(deadline.into(), with_turns).await;
     let compute_units = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
     let duration = started.elapsed();
     let state = store.into_data();

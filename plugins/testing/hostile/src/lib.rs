@@ -46,6 +46,10 @@ impl Plugin for Hostile {
                 std::thread::sleep(std::time::Duration::from_secs(60));
                 Ok(json!("woke up"))
             }
+            // Waits in the host again and again, for a little under a tick each time.
+            "naps" => loop {
+                std::thread::sleep(std::time::Duration::from_millis(9));
+            },
             "big-output" => Ok(Value::String("x".repeat(8 << 20))),
             "panic" => panic!("the plugin gave up"),
             // A failure with a trail: what its invocation record must keep.
